@@ -1,0 +1,119 @@
+"""The domain-events endpoint (contract §3): domain systems push events here.
+
+A ROUTER socket. Each ``event`` is recorded by the store writer (once per
+``event_id``), and only after that commit is ``{type: ack, event_id}`` sent
+and the event handed to its order. A repeated ``event_id`` is acknowledged
+and ignored. An event for an order that does not exist, or is already
+finished, is acknowledged too (so the domain system stops resending it) and
+counted; ``docs/operations.md`` says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NamedTuple
+
+import zmq
+
+from actors.intake import MAX_SOCKET_MESSAGE
+from actors.loop import LoopActor
+from actors.store_writer import RecordEvent
+from oms import codec, errors
+from oms.messages import DomainEvent
+from oms.store import event_key
+
+logger = logging.getLogger(__name__)
+
+
+class SendAck(NamedTuple):
+    envelope: tuple[bytes, ...]
+    payload: dict[str, Any]
+
+
+def parse_event(msg: dict[str, Any]) -> tuple[DomainEvent, str] | str:
+    """The event and its order id, or what is wrong with it."""
+    if msg.get("type") != "event":
+        return f"unknown message type {msg.get('type')!r:.100}; expected 'event'"
+    for key in ("event_id", "system", "order_id", "name"):
+        value = msg.get(key)
+        if not isinstance(value, str) or not value or len(value) > 1000:
+            return f"{key} must be a non-empty string of at most 1000 characters"
+    data = msg.get("data", {})
+    if not isinstance(data, dict):
+        return "data must be a map"
+    return DomainEvent(msg["event_id"], msg["system"], msg["name"], data), msg["order_id"]
+
+
+class DomainEvents(LoopActor):
+    thread_name = "domain-events"
+
+    def __init__(self, zctx: zmq.Context, endpoint: str, octx: Any) -> None:
+        super().__init__()
+        self.zctx, self.endpoint, self.octx = zctx, endpoint, octx
+        self.metrics = octx.metrics
+        self.sock: zmq.Socket | None = None
+
+    def on_start(self) -> None:
+        sock = self.zctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_SOCKET_MESSAGE)
+        sock.bind(self.endpoint)
+        self.sock = sock
+
+    def on_stop(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+
+    def sockets(self) -> list[zmq.Socket]:
+        return [self.sock] if self.sock is not None else []
+
+    def on_receive(self, message: Any) -> None:
+        if isinstance(message, SendAck):
+            self._send(message.envelope, message.payload)
+
+    def _send(self, envelope: tuple[bytes, ...], payload: dict[str, Any]) -> None:
+        if self.sock is None:
+            return
+        try:
+            self.sock.send_multipart([*envelope, codec.pack(payload)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            self.metrics.reply_failures.labels("domain_events").inc()
+            logger.warning("domain event ack not delivered: %s", exc)
+
+    def on_readable(self, sock: zmq.Socket) -> None:
+        for _ in range(1000):
+            try:
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) >= 2:
+                self.on_event(tuple(frames[:-1]), frames[-1])
+
+    def on_event(self, envelope: tuple[bytes, ...], frame: bytes) -> None:
+        try:
+            parsed = parse_event(codec.decode_map(frame))
+        except codec.DecodeError as exc:
+            parsed = str(exc)
+        if isinstance(parsed, str):
+            self.metrics.domain_events.labels("unknown", "malformed").inc()
+            self._send(envelope, errors.error_reply(errors.MALFORMED, parsed))
+            return
+        event, order_id = parsed
+        ref = self.actor_ref
+        system = event.system if len(event.system) <= 32 else "other"
+
+        def done(outcome: str) -> None:  # in the store writer, after the commit
+            self.metrics.domain_events.labels(system, outcome).inc()
+            if outcome == "recorded":
+                key = event_key(order_id, event.system, event.event_id)
+                self.octx.router.deliver_event(key, order_id, event)
+            elif outcome != "duplicate":
+                logger.warning("domain event %s for %s order %s acknowledged and ignored",
+                               event.event_id, outcome.replace("_", " "), order_id)
+            ref.tell(SendAck(envelope, {"type": "ack", "event_id": event.event_id}))
+
+        self.octx.writer.tell(RecordEvent(order_id, event.system, event.event_id,
+                                          {"event_id": event.event_id, "system": event.system,
+                                           "order_id": order_id, "name": event.name,
+                                           "data": event.data}, done))

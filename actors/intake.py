@@ -1,0 +1,249 @@
+"""The channel intake endpoint (contract §1): a ROUTER socket, one thread.
+
+Serves DEALER clients (``[identity, payload]``) and REQ clients
+(``[identity, b"", payload]``): a reply goes back with every frame before the
+payload unchanged. Every request gets exactly one reply, and no request can
+take the endpoint down: anything unexpected becomes an ``internal`` error.
+
+``submit_order`` is answered only after the store writer has committed the
+order (the writer calls back, and the reply is queued to this actor, the
+only thread that may touch the socket).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import zmq
+
+from actors.loop import LoopActor
+from actors.store_writer import CreateOrder
+from oms import codec, errors
+from oms.engine import new_order
+from oms.messages import Cancel, Start
+from oms.states import OrderState
+from oms.store import CorruptRecord, Created
+from oms.validation import validate_order
+
+logger = logging.getLogger(__name__)
+
+MAX_SOCKET_MESSAGE = 4 * 1024 * 1024  # larger frames are cut off by ZeroMQ itself
+_STATES = {str(s) for s in OrderState}
+
+
+class SendReply(NamedTuple):
+    envelope: tuple[bytes, ...]
+    payload: dict[str, Any]
+
+
+class Intake(LoopActor):
+    thread_name = "intake"
+
+    def __init__(self, zctx: zmq.Context, endpoint: str, octx: Any, max_in_flight: int,
+                 hwm: int = 10_000) -> None:
+        super().__init__()
+        self.zctx, self.endpoint, self.octx = zctx, endpoint, octx
+        self.metrics = octx.metrics
+        self.max_in_flight = max_in_flight
+        self.hwm = hwm
+        self.sock: zmq.Socket | None = None
+        self.handlers: dict[str, Callable[[tuple[bytes, ...], dict[str, Any]], Any]] = {
+            "submit_order": self.submit_order,
+            "get_order": self.get_order,
+            "cancel_order": self.cancel_order,
+            "list_orders": self.list_orders,
+        }
+
+    # -- socket ------------------------------------------------------------
+
+    def on_start(self) -> None:
+        sock = self.zctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.SNDHWM, self.hwm)
+        sock.setsockopt(zmq.RCVHWM, self.hwm)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_SOCKET_MESSAGE)
+        sock.bind(self.endpoint)
+        self.sock = sock
+
+    def on_stop(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+
+    def sockets(self) -> list[zmq.Socket]:
+        return [self.sock] if self.sock is not None else []
+
+    def on_readable(self, sock: zmq.Socket) -> None:
+        for _ in range(1000):
+            try:
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) < 2:
+                continue  # no payload frame: nothing to answer
+            self.on_request(tuple(frames[:-1]), frames[-1])
+
+    def on_receive(self, message: Any) -> None:
+        if isinstance(message, SendReply):
+            self._send(message.envelope, message.payload)
+
+    def _send(self, envelope: tuple[bytes, ...], payload: dict[str, Any]) -> None:
+        if self.sock is None:
+            return
+        try:
+            self.sock.send_multipart([*envelope, codec.pack(payload)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or its queue full
+            self.metrics.reply_failures.labels("intake").inc()
+            logger.warning("intake reply not delivered: %s", exc)
+
+    def reply_later(self, envelope: tuple[bytes, ...], request_id: Any) -> Callable[[dict], None]:
+        """A thread-safe callable that sends the reply to this request."""
+        ref = self.actor_ref
+
+        def reply(payload: dict[str, Any]) -> None:
+            if request_id is not None:
+                payload = dict(payload, request_id=request_id)
+            ref.tell(SendReply(envelope, payload))
+
+        return reply
+
+    # -- requests ----------------------------------------------------------
+
+    def on_request(self, envelope: tuple[bytes, ...], frame: bytes) -> None:
+        request_id = None
+        rtype = "?"
+        try:
+            if len(frame) > codec.MAX_FRAME_BYTES:
+                reply = errors.error_reply(
+                    errors.TOO_LARGE, f"frame is {len(frame)} bytes; the limit is "
+                    f"{codec.MAX_FRAME_BYTES}")
+            else:
+                req = codec.decode_map(frame)
+                request_id = req.get("request_id")
+                if not isinstance(request_id, str | int) or isinstance(request_id, bool):
+                    request_id = None
+                rtype = req.get("type") if isinstance(req.get("type"), str) else "?"
+                handler = self.handlers.get(rtype)
+                if handler is None:
+                    reply = errors.error_reply(
+                        errors.UNKNOWN_TYPE, f"unknown request type {req.get('type')!r:.100}; "
+                        f"known: {', '.join(self.handlers)}")
+                    rtype = "unknown"
+                else:
+                    reply = handler(envelope, req)
+        except codec.DecodeError as exc:
+            reply = errors.error_reply(errors.MALFORMED, str(exc))
+        except Exception:
+            logger.exception("intake failed on a %s request", rtype)
+            reply = errors.error_reply(errors.INTERNAL, "internal error; see the service log")
+        if reply is None:
+            return  # answered later, after a commit or by the order
+        self.metrics.requests.labels(rtype, reply["type"]).inc()
+        if reply["type"] == "error":
+            self.metrics.intake_errors.labels(reply["code"]).inc()
+        if request_id is not None:
+            reply["request_id"] = request_id
+        self._send(envelope, reply)
+
+    def submit_order(self, envelope: tuple[bytes, ...], req: dict[str, Any]) -> Any:
+        engines = self.octx.engines
+        order, errs = validate_order(req.get("order"), engines.keys())
+        if order is None:
+            src = _source(req)
+            self.metrics.orders_received.labels(src, "rejected").inc()
+            return {"type": "rejected", "errors": [e.to_wire() for e in errs]}
+        if self.octx.router.in_flight >= self.max_in_flight:
+            self.metrics.orders_received.labels(order["source_system"], "busy").inc()
+            return errors.error_reply(
+                errors.BUSY, f"{self.max_in_flight} orders in flight; retry later")
+        proc = engines[order["order_type"]].proc
+        reply = self.reply_later(envelope, req.get("request_id"))
+
+        def build(order_id: str) -> Any:
+            return new_order(order_id, order, proc, time.time())
+
+        def done(created: Created) -> None:  # in the store writer, after the commit
+            self.created(created, order["source_system"], reply)
+
+        self.octx.writer.tell(CreateOrder(order["source_system"], order["external_id"],
+                                          codec.digest(order), build, done))
+        return None
+
+    def created(self, created: Created, source: str, reply: Callable[[dict], None]) -> None:
+        self.metrics.orders_received.labels(source, created.kind).inc()
+        if created.kind == "conflict":
+            reply(errors.error_reply(
+                errors.CONFLICT, f"this source_system and external_id were submitted as "
+                f"{created.order_id} with a different payload"))
+            return
+        reply({"type": "accepted", "order_id": created.order_id, "state": created.state,
+               "duplicate": created.kind == "duplicate"})
+        order = created.order
+        if order is not None:
+            self.octx.router.counted(order)
+            if order.seq_key:
+                self.octx.sequencer.request(order.seq_key, order.order_id, True)
+            self.octx.router.start(order, Start())
+
+    def _find(self, req: dict[str, Any]) -> tuple[Any, dict[str, Any] | None]:
+        store = self.octx.store
+        order_id = req.get("order_id")
+        if order_id is None and isinstance(req.get("source_system"), str) and isinstance(
+                req.get("external_id"), str):
+            order_id = store.find_external(req["source_system"], req["external_id"])
+            if order_id is None:
+                return None, errors.error_reply(errors.NOT_FOUND, "no order with that "
+                                                "source_system and external_id")
+        if not isinstance(order_id, str):
+            return None, errors.error_reply(
+                errors.MALFORMED, "give order_id, or source_system and external_id (strings)")
+        try:
+            order = store.get_order(order_id)
+        except CorruptRecord as exc:
+            logger.error("%s", exc)
+            return None, errors.error_reply(errors.INTERNAL, "order record is unreadable")
+        if order is None:
+            return None, errors.error_reply(errors.NOT_FOUND, f"no order {order_id!r:.100}")
+        return order, None
+
+    def get_order(self, envelope: tuple[bytes, ...], req: dict[str, Any]) -> Any:
+        order, err = self._find(req)
+        return err or {"type": "order", "order": order.view()}
+
+    def cancel_order(self, envelope: tuple[bytes, ...], req: dict[str, Any]) -> Any:
+        order, err = self._find({"order_id": req.get("order_id")})
+        if err:
+            return err
+        reason = req.get("reason") if isinstance(req.get("reason"), str) else None
+        if order.state.terminal:
+            return {"type": "cancel_rejected", "order_id": order.order_id,
+                    "reason": f"order is already {order.state}"}
+        reply = self.reply_later(envelope, req.get("request_id"))
+        if not self.octx.router.deliver(order.order_id, Cancel(reason, reply)):
+            return {"type": "cancel_rejected", "order_id": order.order_id,
+                    "reason": "order is already finished"}
+        return None
+
+    def list_orders(self, envelope: tuple[bytes, ...], req: dict[str, Any]) -> Any:
+        state, source = req.get("state"), req.get("source_system")
+        limit, after = req.get("limit", 100), req.get("after")
+        if state is not None and state not in _STATES:
+            return errors.error_reply(errors.MALFORMED, f"unknown state {state!r:.100}")
+        if source is not None and not isinstance(source, str):
+            return errors.error_reply(errors.MALFORMED, "source_system must be a string")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+            return errors.error_reply(errors.MALFORMED, "limit must be an integer 1 to 1000")
+        if after is not None and not isinstance(after, str):
+            return errors.error_reply(errors.MALFORMED, "after must be a cursor string")
+        orders, cursor = self.octx.store.list_orders(state, source, limit, after)
+        return {"type": "orders", "orders": [o.summary_view() for o in orders], "next": cursor}
+
+
+def _source(req: dict[str, Any]) -> str:
+    """A bounded label for a rejected order's source system."""
+    order = req.get("order")
+    src = order.get("source_system") if isinstance(order, dict) else None
+    return src if isinstance(src, str) and len(src) <= 64 else "invalid"

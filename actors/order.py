@@ -1,0 +1,157 @@
+"""The order actor: a thin shell that feeds its order's engine messages and
+carries out what the engine decides, strictly after persisting.
+
+Per slice of messages it runs the engine for each, then sends one
+``SaveOrder`` to the store writer whose ``after`` callbacks carry out the
+effects (send, publish, arm a timer, reply). The writer runs them only once
+the snapshot is durable. When the writer confirms a snapshot and the order is
+waiting (no reply outstanding), the actor passivates: the router drops it
+and the next message for the order reactivates it from the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from actors.pool import PooledActor
+from actors.store_writer import Barrier, SaveOrder
+from oms import codec
+from oms.engine import Engine
+from oms.errors import DomainError
+from oms.messages import CommandResult, DomainEvent, Publish, Reply, Send, Sequence, Timer
+from oms.model import Order
+from oms.states import StepStatus
+
+if TYPE_CHECKING:
+    from actors.router import OrderContext
+
+logger = logging.getLogger(__name__)
+
+
+class Flushed(NamedTuple):
+    """The snapshot with this version is durable."""
+
+    version: int
+
+
+class Inbound(NamedTuple):
+    """A recorded domain event; ``key`` is its inbox record to consume."""
+
+    key: bytes
+    event: DomainEvent
+
+
+def awaiting_reply(order: Order) -> bool:
+    """Whether a command of this order is out at a gateway right now."""
+    for step in order.steps.values():
+        if step.retry_at is None and (
+            (step.status == StepStatus.RUNNING and step.wait is None) or step.comp == "running"
+        ):
+            return True
+    return any(n.status == StepStatus.RUNNING and n.retry_at is None for n in order.notes)
+
+
+def _run_all(callbacks: tuple[Callable[[], None], ...]) -> Callable[[], None]:
+    def run() -> None:
+        for callback in callbacks:
+            callback()
+
+    return run
+
+
+class OrderActor(PooledActor):
+    def __init__(self, ctx: OrderContext, order: Order, engine: Engine) -> None:
+        super().__init__(ctx.dispatcher)
+        self.ctx = ctx
+        self.order = order
+        self.engine = engine
+        self._effects: list[Any] = []
+        self._consumed: list[bytes] = []
+        self._dirty = False
+        self._durable = order.version  # the newest version the store confirmed
+
+    def __str__(self) -> str:
+        return f"OrderActor({self.order.order_id})"
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Flushed):
+            self._on_flushed(message.version)
+            return None
+        if isinstance(message, Inbound):
+            self._consumed.append(message.key)
+            self._dirty = True
+            message = message.event
+        order = self.order
+        before = order.state
+        turning = self.engine.handle(order, message, time.time())
+        if turning.stale:
+            self.ctx.metrics.stale_messages.labels(type(message).__name__).inc()
+        self._dirty |= turning.changed
+        self._effects.extend(turning.effects)
+        if order.state != before:
+            self.ctx.router.state_changed(before, order.state)
+        return None
+
+    def on_slice_end(self) -> None:
+        if not self._dirty and not self._effects:
+            self._rest()
+            return
+        after = [self._effect(fx) for fx in self._effects]
+        if self._dirty:
+            order = self.order
+            version, ref = order.version, self.actor_ref
+            after.append(lambda: ref.tell(Flushed(version)))
+            self.ctx.writer.tell(SaveOrder(
+                order.order_id, codec.pack(order.to_record()), not order.finished,
+                tuple(self._consumed), tuple(after)))
+        else:
+            self.ctx.writer.tell(Barrier(_run_all(tuple(after))))
+        self._effects, self._consumed, self._dirty = [], [], False
+
+    def _effect(self, fx: Any) -> Callable[[], None]:
+        ctx, order_id = self.ctx, self.order.order_id
+        if isinstance(fx, Send):
+            gateway = ctx.gateways.get(fx.system)
+            if gateway is None:
+                error = DomainError("unknown_system", f"no gateway for {fx.system!r}", False)
+                result = CommandResult(fx.command_id, False, None, error)
+                return lambda: ctx.router.deliver(order_id, result)
+            return lambda: gateway.send(order_id, fx)
+        if isinstance(fx, Publish):
+            return self._publish(fx.payload)
+        if isinstance(fx, Timer):
+            return lambda: ctx.timers.schedule(fx.at, order_id, fx.token)
+        if isinstance(fx, Reply):
+            return lambda: fx.reply_to(fx.payload)
+        if isinstance(fx, Sequence):
+            return lambda: ctx.sequencer.request(fx.key, order_id, fx.enter)
+        raise TypeError(f"unknown effect {fx!r}")
+
+    def _publish(self, payload: dict[str, Any]) -> Callable[[], None]:
+        ctx, order = self.ctx, self.order
+        kind = payload["type"]
+        if kind == "order_state":
+            logger.info("order %s %s -> %s", order.order_id, payload["previous_state"],
+                        payload["state"], extra={"order_id": order.order_id})
+            ctx.metrics.transitions.labels(order.order_type, payload["state"]).inc()
+        elif kind == "order_summary":
+            ctx.metrics.completion.labels(order.order_type, payload["summary"]["state"]).observe(
+                max(0.0, payload["summary"]["completed_ts"] - order.created_ts))
+        topic = order.source_system
+        return lambda: ctx.publisher.publish(topic, payload)
+
+    def _on_flushed(self, version: int) -> None:
+        self._durable = max(self._durable, version)
+
+    def _rest(self) -> None:
+        """Leave memory if everything is durable and nothing is awaited."""
+        order = self.order
+        if self._durable != order.version or self.actor_inbox.queue:
+            return
+        if order.finished:
+            self.ctx.router.retire(self)
+        elif not awaiting_reply(order):
+            self.ctx.router.passivate(self)

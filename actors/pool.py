@@ -1,0 +1,203 @@
+"""Pooled actors: many cheap actors scheduled on a few shared worker threads.
+
+A pykka ``ThreadingActor`` costs one OS thread. Order actors are far too
+many for that, so ``PooledActor`` uses the hooks pykka documents for new
+actor types (``_create_actor_inbox``, ``_create_future``,
+``_start_actor_loop``): its inbox is a deque, and putting a message into an
+idle actor's inbox schedules the actor on a ``Dispatcher`` (a fixed pool of
+worker threads, as Akka's dispatchers do). A worker runs one actor for up to
+``throughput`` messages, then calls ``on_slice_end`` (where an order actor
+persists once for the whole slice), then moves on.
+
+An actor runs on at most one worker at a time, so its state needs no lock.
+Pooled actors are not put in pykka's ``ActorRegistry`` (its unregister is a
+list removal, O(n)); ``actors.router.OrderRouter`` indexes them instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sys
+import threading
+from collections import deque
+from typing import Any
+
+import pykka
+from pykka import messages as pykka_messages
+
+logger = logging.getLogger(__name__)
+
+
+class Dispatcher:
+    """A fixed pool of worker threads that run pooled actors' slices."""
+
+    def __init__(self, workers: int = 2, throughput: int = 64, name: str = "orders") -> None:
+        self.throughput = throughput
+        self._ready: queue.SimpleQueue[PooledActor | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def schedule(self, actor: PooledActor) -> None:
+        self._ready.put(actor)
+
+    def _work(self) -> None:
+        while True:
+            actor = self._ready.get()
+            if actor is None:
+                return
+            try:
+                actor._run_slice(self.throughput)
+            except Exception:
+                logger.exception("pooled actor slice crashed: %s", actor)
+
+    def backlog(self) -> int:
+        """Actors waiting for a worker (read at scrape time)."""
+        return self._ready.qsize()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Let the workers finish what is scheduled, then end them."""
+        for _ in self._threads:
+            self._ready.put(None)
+        for thread in self._threads:
+            thread.join(timeout)
+
+
+class PooledInbox:
+    """A deque that schedules its actor when a message lands in it idle."""
+
+    __slots__ = ("_actor", "_dispatcher", "_lock", "_scheduled", "queue")
+
+    def __init__(self) -> None:
+        self.queue: deque[Any] = deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+        self._actor: PooledActor | None = None
+        self._dispatcher: Dispatcher | None = None
+
+    def bind(self, actor: PooledActor, dispatcher: Dispatcher) -> None:
+        self._actor, self._dispatcher = actor, dispatcher
+
+    def put(self, envelope: Any) -> None:
+        with self._lock:
+            self.queue.append(envelope)
+            if self._scheduled or self._actor is None or self._dispatcher is None:
+                return
+            self._scheduled = True
+        self._dispatcher.schedule(self._actor)
+
+    def get(self) -> Any:
+        return self.queue.popleft()
+
+    def empty(self) -> bool:
+        return not self.queue
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+    def start(self) -> None:
+        """Schedule the first slice (which runs ``on_start``)."""
+        with self._lock:
+            if self._scheduled:
+                return
+            self._scheduled = True
+        assert self._dispatcher is not None and self._actor is not None
+        self._dispatcher.schedule(self._actor)
+
+    def finish_slice(self, stopped: bool) -> bool:
+        """After a slice: True if the actor must be scheduled again."""
+        with self._lock:
+            if self.queue and not stopped:
+                return True
+            self._scheduled = False
+            return False
+
+
+class PooledActor(pykka.Actor):
+    """A pykka actor without a thread of its own. Start it with ``spawn``."""
+
+    actor_inbox: PooledInbox  # type: ignore[assignment]
+
+    @staticmethod
+    def _create_actor_inbox() -> PooledInbox:  # type: ignore[override]
+        return PooledInbox()
+
+    @staticmethod
+    def _create_future() -> pykka.Future[Any]:
+        return pykka.ThreadingFuture()
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        super().__init__()
+        self._dispatcher = dispatcher
+        self._started = False
+        self.actor_inbox.bind(self, dispatcher)
+
+    @classmethod
+    def spawn(cls, *args: Any, **kwargs: Any) -> pykka.ActorRef[Any]:
+        """Create and start without registering in pykka's ActorRegistry."""
+        actor = cls(*args, **kwargs)
+        actor._start_actor_loop()
+        return actor.actor_ref
+
+    def _start_actor_loop(self) -> None:
+        self.actor_inbox.start()
+
+    def _stop(self) -> None:
+        self.actor_stopped.set()
+        try:
+            self.on_stop()
+        except Exception:
+            self._handle_failure(*sys.exc_info())
+
+    def _handle_failure(self, exc_type: Any, exc_value: Any, tb: Any) -> None:
+        logger.error("Unhandled exception in %s:", self, exc_info=(exc_type, exc_value, tb))
+        self.actor_stopped.set()
+
+    def _run_slice(self, budget: int) -> None:
+        if not self._started:
+            self._started = True
+            self._actor_loop_setup()
+        inbox = self.actor_inbox
+        for _ in range(budget):
+            if self.actor_stopped.is_set() or not inbox.queue:
+                break
+            self._handle_envelope(inbox.queue.popleft())
+        if not self.actor_stopped.is_set():
+            try:
+                self.on_slice_end()
+            except Exception:
+                self._handle_failure(*sys.exc_info())
+        stopped = self.actor_stopped.is_set()
+        if inbox.finish_slice(stopped):
+            self._dispatcher.schedule(self)
+        elif stopped:
+            self._actor_loop_teardown()
+
+    def _handle_envelope(self, envelope: Any) -> None:
+        try:
+            response = self._handle_receive(envelope.message)
+            if envelope.reply_to is not None:
+                envelope.reply_to.set(response)
+        except Exception:
+            if envelope.reply_to is not None:
+                envelope.reply_to.set_exception()
+            else:
+                self._handle_failure(*sys.exc_info())
+                try:
+                    self.on_failure(*sys.exc_info())
+                except Exception:
+                    self._handle_failure(*sys.exc_info())
+
+    def on_slice_end(self) -> None:  # noqa: B027 - optional hook
+        """Called after each slice of messages (not after a stop)."""
+
+    def stop_now(self) -> None:
+        """Stop from inside the actor's own slice (passivation, retirement)."""
+        self.actor_stopped.set()
+
+
+__all__ = ["Dispatcher", "PooledActor", "pykka_messages"]

@@ -1,0 +1,155 @@
+"""Where order actors live: live ones by id, passivated ones in the store.
+
+``deliver(order_id, message)`` is how anything reaches an order: the gateway
+with a reply, the domain-events endpoint with an event, the timer service,
+the intake with a cancel. A live actor gets the message at once; a
+passivated order is loaded from its snapshot and a new actor started. A
+finished order (not in the ``active`` index) takes no more messages.
+
+One short lock guards the live map, so an actor cannot passivate while a
+message is being put into its inbox.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from actors.order import Inbound, OrderActor
+from actors.pool import Dispatcher
+from oms.engine import Engine
+from oms.messages import DomainEvent
+from oms.metrics import Metrics
+from oms.model import Order
+from oms.states import OrderState
+from oms.store import CorruptRecord, Store
+
+if TYPE_CHECKING:
+    from pykka import ActorRef
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class OrderContext:
+    """What an order actor talks to. Filled in by ``actors.service``."""
+
+    dispatcher: Dispatcher
+    store: Store
+    metrics: Metrics
+    engines: dict[str, Engine]
+    writer: Any = None
+    publisher: Any = None
+    timers: Any = None
+    sequencer: Any = None
+    gateways: Any = None
+    router: OrderRouter | None = None  # type: ignore[assignment]
+
+
+class OrderRouter:
+    def __init__(self, ctx: OrderContext) -> None:
+        self.ctx = ctx
+        ctx.router = self
+        self._live: dict[str, ActorRef[OrderActor]] = {}
+        self._lock = threading.Lock()
+        self.in_flight = 0
+        self.states: Counter[str] = Counter()
+
+    # -- counts ------------------------------------------------------------
+
+    def counted(self, order: Order) -> None:
+        """Count an unfinished order found at recovery or just created."""
+        with self._lock:
+            self.in_flight += 1
+            self.states[str(order.state)] += 1
+
+    def state_changed(self, old: OrderState, new: OrderState) -> None:
+        with self._lock:
+            self.states[str(old)] -= 1
+            if not new.terminal:
+                self.states[str(new)] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            live = len(self._live)
+            return {
+                "live": live,
+                "passivated": max(0, self.in_flight - live),
+                "in_flight": self.in_flight,
+                "states": {k: v for k, v in self.states.items() if v > 0},
+            }
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self, order: Order, first: Any, reason: str = "new") -> None:
+        """Start an actor for an order in hand (just created or recovered)."""
+        with self._lock:
+            ref = self._live.get(order.order_id)
+            if ref is None:
+                ref = self._spawn(order, reason)
+            ref.tell(first)
+
+    def deliver(self, order_id: str, message: Any) -> bool:
+        """Hand a message to an order, reactivating it if passivated."""
+        with self._lock:
+            ref = self._live.get(order_id)
+            if ref is None:
+                order = self._load(order_id)
+                if order is None:
+                    self.ctx.metrics.stale_messages.labels("finished_order").inc()
+                    return False
+                ref = self._spawn(order, "message")
+            ref.tell(message)
+            return True
+
+    def deliver_event(self, key: bytes, order_id: str, event: DomainEvent) -> bool:
+        return self.deliver(order_id, Inbound(key, event))
+
+    def _spawn(self, order: Order, reason: str) -> ActorRef[OrderActor]:
+        engine = self.ctx.engines[order.order_type]
+        ref = OrderActor.spawn(self.ctx, order, engine)
+        self._live[order.order_id] = ref
+        self.ctx.metrics.activations.labels(reason).inc()
+        return ref
+
+    def _load(self, order_id: str) -> Order | None:
+        store = self.ctx.store
+        try:
+            with store.read() as txn:
+                if not store.is_active(txn, order_id):
+                    return None
+                order = store.load(txn, order_id)
+        except CorruptRecord as exc:
+            logger.error("%s", exc, extra={"order_id": order_id})
+            self.ctx.metrics.corrupt_records.inc()
+            return None
+        if order is not None and order.order_type not in self.ctx.engines:
+            logger.error("order %s has unknown order type %r", order_id, order.order_type)
+            return None
+        return order
+
+    def passivate(self, actor: OrderActor) -> bool:
+        """Drop a waiting actor whose state is durable; False if mail came in."""
+        with self._lock:
+            if actor.actor_inbox.queue:
+                return False
+            self._live.pop(actor.order.order_id, None)
+            actor.stop_now()
+        self.ctx.metrics.passivations.inc()
+        return True
+
+    def retire(self, actor: OrderActor) -> None:
+        """A finished order: drop its actor for good."""
+        with self._lock:
+            if actor.actor_inbox.queue:
+                return
+            if self._live.pop(actor.order.order_id, None) is not None:
+                self.in_flight -= 1
+            actor.stop_now()
+
+    def live_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._live)

@@ -1,0 +1,73 @@
+"""Sequencing: orders with the same sequencing key run one at a time, in
+acceptance order (contract §4, telecom: same ``customer.id``).
+
+An order enters its queue from the store writer's commit callback, so
+queues follow commit (acceptance) order. The queues live in memory and are
+rebuilt at start from the unfinished orders in the store, sorted by order id
+(which is acceptance order), before any order resumes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, NamedTuple
+
+from actors.loop import LoopActor
+from oms.messages import Turn
+
+
+class SeqRequest(NamedTuple):
+    key: str
+    order_id: str
+    enter: bool
+
+
+class SeqPreload(NamedTuple):
+    entries: list[tuple[str, str, bool]]
+
+
+class Sequencer(LoopActor):
+    thread_name = "sequencer"
+
+    def __init__(self, deliver: Any) -> None:
+        super().__init__()
+        self._deliver = deliver
+        self.queues: dict[str, list[str]] = defaultdict(list)
+
+    def on_receive(self, message: Any) -> None:
+        if isinstance(message, SeqPreload):
+            self._preload(message.entries)
+            return
+        if not isinstance(message, SeqRequest):
+            return
+        queue = self.queues[message.key]
+        if message.enter:
+            if message.order_id not in queue:
+                queue.append(message.order_id)
+            self._deliver(message.order_id, Turn(go=queue[0] == message.order_id))
+        elif message.order_id in queue:
+            was_first = queue[0] == message.order_id
+            queue.remove(message.order_id)
+            if was_first and queue:
+                self._deliver(queue[0], Turn(go=True))
+            if not queue:
+                del self.queues[message.key]
+
+    def _preload(self, entries: list[tuple[str, str, bool]]) -> None:
+        """Recovered orders (key, id, has_turn) in acceptance order; then
+        every queue head gets its turn and the others learn they wait."""
+        for key, order_id, _turn in entries:
+            if order_id not in self.queues[key]:
+                self.queues[key].append(order_id)
+        for key, order_id, turn in entries:
+            first = self.queues[key][0] == order_id
+            if first or not turn:
+                self._deliver(order_id, Turn(go=first))
+
+    def preload(self, entries: list[tuple[str, str, bool]]) -> None:
+        """Thread-safe: rebuild the queues from recovered orders."""
+        self.actor_ref.tell(SeqPreload(entries))
+
+    def request(self, key: str, order_id: str, enter: bool) -> None:
+        """Thread-safe: ask for the turn of ``key`` or give it back."""
+        self.actor_ref.tell(SeqRequest(key, order_id, enter))

@@ -1,0 +1,196 @@
+"""The whole service, started and stopped in one visible place.
+
+Start order (dependencies first): store, store writer, publisher, order
+dispatcher and router, timers, sequencer, gateways, domain-events endpoint,
+recovery, and only then the intake, so that no order is accepted before
+every earlier one is back under management. Stop runs the reverse, in
+``finally`` blocks: intake first (no new work), the store writer last (so
+every snapshot already handed to it is committed), then the store is closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import zmq
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import gc_collector, platform_collector, process_collector
+
+from actors.domain_events import DomainEvents
+from actors.intake import Intake
+from actors.order import awaiting_reply
+from actors.pool import Dispatcher
+from actors.publisher import Publisher
+from actors.router import OrderContext, OrderRouter
+from actors.sequencer import Sequencer
+from actors.store_writer import StoreWriter
+from actors.timers import TimerService
+from gateways.gateway import Gateway
+from oms.config import Config, ConfigError
+from oms.engine import Engine
+from oms.messages import DomainEvent, Resume
+from oms.metrics import Metrics, ServiceCollector
+from oms.process import load_processes
+from oms.states import OrderState
+from oms.store import CorruptRecord, Store
+
+logger = logging.getLogger(__name__)
+
+
+class Service:
+    def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.registry = registry or CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.ready = threading.Event()
+        self._stops: list[tuple[str, Any]] = []
+        self.http: Any = None
+
+    # -- start -------------------------------------------------------------
+
+    def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        cfg = self.config
+        procs = load_processes(cfg.processes)
+        missing = sorted({s for p in procs.values() for s in p.systems} - set(cfg.systems))
+        if missing:
+            raise ConfigError(f"no endpoint for domain system(s): {', '.join(missing)}; "
+                              "add --system NAME=ENDPOINT")
+        self.zctx = zmq.Context()
+        self._stops.append(("zmq context", lambda: self.zctx.term()))
+        self.store = Store(cfg.data, map_size=cfg.map_size_mb * 1024 * 1024)
+        self._stops.append(("store", self.store.close))
+        self.writer = StoreWriter.launch(self.store, self.metrics)
+        self._stops.append(("store writer", lambda: _stop_actor(self.writer)))
+        self.publisher = Publisher.launch(self.zctx, cfg.events, self.metrics)
+        self._stops.append(("publisher", lambda: _stop_actor(self.publisher)))
+        self.dispatcher = Dispatcher(workers=cfg.workers)
+        self._stops.append(("order workers", self.dispatcher.stop))
+        octx = OrderContext(self.dispatcher, self.store, self.metrics,
+                            {t: Engine(p) for t, p in procs.items()})
+        self.octx = octx
+        octx.writer = self.writer
+        octx.publisher = self.publisher
+        self.router = OrderRouter(octx)
+        self.timers = TimerService(self.router.deliver)
+        octx.timers = self.timers
+        self._stops.append(("timers", self.timers.stop))
+        self.sequencer = Sequencer.launch(self.router.deliver)
+        octx.sequencer = self.sequencer
+        self._stops.append(("sequencer", lambda: _stop_actor(self.sequencer)))
+        octx.gateways = {}
+        for system, endpoint in cfg.systems.items():
+            gateway = Gateway.launch(self.zctx, system, endpoint, self.router.deliver,
+                                     self.metrics)
+            octx.gateways[system] = gateway
+            self._stops.append((f"gateway {system}", lambda g=gateway: _stop_actor(g)))
+        self.domain_events = DomainEvents.launch(self.zctx, cfg.domain_events, octx)
+        self._stops.append(("domain events", lambda: _stop_actor(self.domain_events)))
+        self.registry.register(ServiceCollector(self.snapshot))
+        for collector in (process_collector.ProcessCollector, platform_collector.PlatformCollector,
+                          gc_collector.GCCollector):
+            collector(registry=self.registry)
+        if cfg.metrics_port:
+            self.http, _thread = start_http_server(cfg.metrics_port, cfg.metrics_host,
+                                                   registry=self.registry)
+            self._stops.append(("metrics http", self._stop_http))
+        self.recover()
+        self.intake = Intake.launch(self.zctx, cfg.intake, octx, cfg.max_in_flight)
+        self._stops.append(("intake", lambda: _stop_actor(self.intake)))
+        self.ready.set()
+        logger.info("service ready: intake %s, events %s, domain events %s", cfg.intake,
+                    cfg.events, cfg.domain_events)
+
+    def _stop_http(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+
+    def recover(self) -> None:
+        """Resume every unfinished order from its last persisted snapshot."""
+        started = time.monotonic()
+        resumed = waiting = corrupt = 0
+        seq_entries: list[tuple[str, str, bool]] = []
+        for order_id in self.store.active_ids():
+            try:
+                order = self.store.get_order(order_id)
+            except CorruptRecord as exc:
+                logger.error("recovery skips %s", exc, extra={"order_id": order_id})
+                self.metrics.corrupt_records.inc()
+                corrupt += 1
+                continue
+            if order is None or order.order_type not in self.octx.engines:
+                logger.error("recovery skips order %s: missing or unknown order type",
+                             order_id)
+                continue
+            self.router.counted(order)
+            if order.seq_key and not order.state.terminal:
+                seq_entries.append((order.seq_key, order.order_id, order.turn))
+            if _needs_resume(order):
+                self.router.start(order, Resume(), reason="recovery")
+                resumed += 1
+            else:
+                waiting += 1
+        if seq_entries:
+            self.sequencer.preload(seq_entries)
+        for key, ev in self.store.inbox():
+            event = DomainEvent(ev["event_id"], ev["system"], ev["name"], ev["data"])
+            self.router.deliver_event(key, ev["order_id"], event)
+        elapsed = time.monotonic() - started
+        self.metrics.recovery_seconds.set(elapsed)
+        self.metrics.recovered_orders.set(resumed + waiting)
+        logger.info("recovery: %d orders resumed, %d waiting (passivated), %d unreadable, "
+                    "in %.3f s", resumed, waiting, corrupt, elapsed)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Values read at scrape time."""
+        if not hasattr(self, "router"):
+            return {}
+        snap = self.router.snapshot()
+        snap.update(self.store.stats())
+        snap["ready"] = self.ready.is_set()
+        snap["mailboxes"] = {
+            "store_writer": len(self.writer.actor_inbox),
+            "publisher": len(self.publisher.actor_inbox),
+            "dispatcher_ready": self.dispatcher.backlog(),
+            **{f"gateway_{n}": len(g.actor_inbox) for n, g in self.octx.gateways.items()},
+        }
+        snap["pending"] = {n: len(g.pending) for n, g in self.octx.gateways.items()}
+        return snap
+
+    # -- stop --------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Reverse start order; each part is stopped even if another fails."""
+        self.ready.clear()
+        while self._stops:
+            name, stop = self._stops.pop()
+            try:
+                stop()
+            except Exception:
+                logger.exception("stopping %s failed", name)
+        logger.info("service stopped")
+
+
+def _needs_resume(order: Any) -> bool:
+    if order.state in (OrderState.ACKNOWLEDGED, OrderState.PENDING):
+        return True
+    if awaiting_reply(order):
+        return True
+    return any(s.retry_at is not None for s in order.steps.values()) or any(
+        n.retry_at is not None for n in order.notes)
+
+
+def _stop_actor(actor: Any, timeout: float = 10.0) -> None:
+    """Stop a loop actor after it has handled everything already queued."""
+    if actor.actor_ref.is_alive():
+        actor.actor_ref.stop(block=True, timeout=timeout)
+    actor.join(timeout)

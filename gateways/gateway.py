@@ -1,0 +1,156 @@
+"""A domain gateway: one long-lived actor per domain system (contract §3).
+
+It owns the DEALER socket connected to the system's ROUTER, sends
+``command`` maps, matches ``result`` replies to the waiting order by
+``command_id``, and turns a missing reply within the step's timeout into a
+retryable ``timeout`` failure. Retries and backoff are the order's business
+(they are persisted with it); the gateway only carries commands. A reply for
+a command no longer awaited (late after a timeout, or a duplicate) is
+counted and ignored.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+from typing import Any, NamedTuple
+
+import zmq
+
+from actors.loop import LoopActor
+from oms import codec
+from oms.errors import TIMEOUT, UNAVAILABLE, DomainError
+from oms.messages import CommandResult, Send
+from oms.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+
+class SendCommand(NamedTuple):
+    order_id: str
+    command: Send
+
+
+class _Pending(NamedTuple):
+    order_id: str
+    deadline: float
+    sent: float
+    op: str
+
+
+class Gateway(LoopActor):
+    def __init__(self, ctx: zmq.Context, system: str, endpoint: str, deliver: Any,
+                 metrics: Metrics, hwm: int = 100_000) -> None:
+        super().__init__()
+        self.thread_name = f"gw-{system}"
+        self.ctx, self.system, self.endpoint = ctx, system, endpoint
+        self.deliver, self.metrics, self.hwm = deliver, metrics, hwm
+        self.pending: dict[str, _Pending] = {}
+        self._deadlines: list[tuple[float, str]] = []
+        self.sock: zmq.Socket | None = None
+
+    def on_start(self) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.SNDHWM, self.hwm)
+        sock.setsockopt(zmq.RCVHWM, self.hwm)
+        sock.setsockopt(zmq.LINGER, 0)  # commands are idempotent and re-sent at restart
+        sock.connect(self.endpoint)
+        self.sock = sock
+
+    def on_stop(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+
+    def sockets(self) -> list[zmq.Socket]:
+        return [self.sock] if self.sock is not None else []
+
+    def send(self, order_id: str, command: Send) -> None:
+        """Thread-safe: carry a command to the domain system."""
+        self.actor_ref.tell(SendCommand(order_id, command))
+
+    def on_receive(self, message: Any) -> None:
+        if not isinstance(message, SendCommand) or self.sock is None:
+            return
+        cmd, order_id = message.command, message.order_id
+        payload = {"type": "command", "command_id": cmd.command_id, "order_id": order_id,
+                   "op": cmd.op, "args": cmd.args}
+        now = time.monotonic()
+        try:
+            self.sock.send(codec.pack(payload), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.metrics.gateway_send_failures.labels(self.system).inc()
+            error = DomainError(UNAVAILABLE, f"{self.system} send queue is full", True)
+            self.deliver(order_id, CommandResult(cmd.command_id, False, None, error))
+            return
+        self.metrics.gateway_requests.labels(self.system).inc()
+        if cmd.command_id in self.pending:
+            self.metrics.gateway_retries.labels(self.system).inc()
+        deadline = now + cmd.timeout_s
+        self.pending[cmd.command_id] = _Pending(order_id, deadline, now, cmd.op)
+        heapq.heappush(self._deadlines, (deadline, cmd.command_id))
+
+    def on_readable(self, sock: zmq.Socket) -> None:
+        for _ in range(1000):
+            try:
+                frame = sock.recv(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._on_reply(frame)
+
+    def _on_reply(self, frame: bytes) -> None:
+        try:
+            reply = codec.decode_map(frame)
+        except codec.DecodeError as exc:
+            logger.warning("%s sent an undecodable reply: %s", self.system, exc)
+            return
+        command_id = reply.get("command_id")
+        if reply.get("type") != "result" or not isinstance(command_id, str):
+            logger.warning("%s sent an unexpected message type %r", self.system,
+                           reply.get("type"))
+            return
+        waiting = self.pending.pop(command_id, None)
+        if waiting is None:
+            self.metrics.gateway_late.labels(self.system).inc()
+            return
+        ok = reply.get("ok") is True
+        data = reply.get("data") if isinstance(reply.get("data"), dict) else {}
+        error = None if ok else DomainError.from_wire(reply.get("error"))
+        outcome = "ok" if ok else (error.code if error else "error")
+        self.metrics.step_latency.labels(self.system, waiting.op, _bounded(outcome)).observe(
+            time.monotonic() - waiting.sent)
+        self.deliver(waiting.order_id, CommandResult(command_id, ok, data, error))
+
+    def poll_timeout(self) -> float | None:
+        while self._deadlines:
+            deadline, command_id = self._deadlines[0]
+            waiting = self.pending.get(command_id)
+            if waiting is None or waiting.deadline != deadline:
+                heapq.heappop(self._deadlines)  # answered or re-sent since
+                continue
+            return max(0.0, (deadline - time.monotonic()) * 1000)
+        return None
+
+    def on_tick(self) -> None:
+        now = time.monotonic()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, command_id = heapq.heappop(self._deadlines)
+            waiting = self.pending.get(command_id)
+            if waiting is None or waiting.deadline != deadline:
+                continue
+            del self.pending[command_id]
+            self.metrics.gateway_timeouts.labels(self.system).inc()
+            self.metrics.step_latency.labels(self.system, waiting.op, TIMEOUT).observe(
+                now - waiting.sent)
+            error = DomainError(TIMEOUT, f"no reply from {self.system} within the step timeout",
+                                True)
+            self.deliver(waiting.order_id, CommandResult(command_id, False, None, error))
+
+
+_KNOWN_OUTCOMES = {"ok", "timeout", "unavailable", "out_of_stock", "payment_declined",
+                   "invalid_address", "unknown_service"}
+
+
+def _bounded(code: str) -> str:
+    """Keep the outcome label set bounded whatever codes a system invents."""
+    return code if code in _KNOWN_OUTCOMES else "other"

@@ -1,0 +1,235 @@
+"""The ``oms`` command: serve, simulate, submit, status, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from oms import logs
+from oms.config import DEFAULT_SYSTEMS, Config, ConfigError, parse_systems
+from oms.process import ProcessError
+
+logger = logging.getLogger("oms")
+
+
+def _endpoint_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--intake", help="intake endpoint (env OMS_INTAKE)")
+    p.add_argument("--events", help="channel events PUB endpoint (env OMS_EVENTS)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="oms", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the order management service")
+    serve.add_argument("--config", help="TOML file with any of the settings below")
+    serve.add_argument("--data", help="data folder (env OMS_DATA; default ./oms-data)")
+    _endpoint_flags(serve)
+    serve.add_argument("--domain-events", help="domain events ROUTER endpoint")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = off")
+    serve.add_argument("--system", action="append", metavar="NAME=EP",
+                       help="domain system endpoint (repeatable)")
+    serve.add_argument("--processes", help="folder of process definitions (*.toml)")
+    serve.add_argument("--workers", type=int, help="order actor worker threads")
+    serve.add_argument("--max-in-flight", type=int, help="admission limit")
+    serve.add_argument("--log-level", help="debug, info, warning, error")
+    serve.add_argument("--log-format", choices=["json", "text"])
+
+    sim = sub.add_parser("simulate", help="run the reference domain systems")
+    sim.add_argument("--system", action="append", metavar="NAME=EP",
+                     help="system endpoint to bind (repeatable; default: all five)")
+    sim.add_argument("--only", action="append", help="simulate only these systems")
+    sim.add_argument("--service-events", default="tcp://127.0.0.1:5557",
+                     help="the service's domain events endpoint")
+    sim.add_argument("--latency-ms", type=float, default=0.0)
+    sim.add_argument("--stock", type=int, default=1_000_000, help="initial units per product")
+    sim.add_argument("--stock-of", action="append", default=[], metavar="PRODUCT=N",
+                     help="initial units of one product (repeatable)")
+    sim.add_argument("--scarce", type=int, default=None,
+                     help="initial units of the sample orders' scarce products (SKU-9xx)")
+    sim.add_argument("--restock-s", type=float, default=1.0)
+    sim.add_argument("--delivery-s", type=float, default=0.5)
+    sim.add_argument("--fail", action="append", default=[], metavar="OP=RATE[:CODE]",
+                     help="fail OP with probability RATE (code default: unavailable)")
+    sim.add_argument("--drop", action="append", default=[], metavar="OP=RATE",
+                     help="apply OP but drop the reply with probability RATE")
+    sim.add_argument("--seed", type=int)
+    sim.add_argument("--log-level", default="info")
+
+    submit = sub.add_parser("submit", help="submit orders from a file or samples")
+    _endpoint_flags(submit)
+    submit.add_argument("file", nargs="?", help="JSON file: one order or a list of orders")
+    submit.add_argument("--sample", type=int, help="submit N sample orders")
+    submit.add_argument("--telecom", type=float, default=0.0, help="share of telecom samples")
+    submit.add_argument("--json", action="store_true")
+
+    status = sub.add_parser("status", help="show one order")
+    _endpoint_flags(status)
+    status.add_argument("order_id")
+    status.add_argument("--json", action="store_true")
+
+    demo = sub.add_parser("demo", help="simulators + service + sample orders, end to end")
+    demo.add_argument("--orders", type=int, default=200)
+    demo.add_argument("--data", default=".oms-demo")
+    demo.add_argument("--timeout", type=float, default=120.0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(COMMANDS[args.command](args) or 0)
+    except (ConfigError, ProcessError) as exc:
+        print(f"oms {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from actors.service import Service
+    from oms.store import StoreLocked
+
+    systems = parse_systems(args.system, "--system") if args.system else None
+    cfg = Config.load(args.config, data=args.data, intake=args.intake, events=args.events,
+                      domain_events=args.domain_events, metrics_port=args.metrics_port,
+                      systems=systems, processes=args.processes, workers=args.workers,
+                      max_in_flight=args.max_in_flight, log_level=args.log_level,
+                      log_format=args.log_format)
+    logs.setup(cfg.log_level, cfg.log_format)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    service = Service(cfg)
+    try:
+        service.start()
+    except StoreLocked as exc:
+        print(f"oms serve: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"oms serve: cannot start: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if type(exc).__module__.startswith("zmq"):
+            print(f"oms serve: cannot open an endpoint: {exc}", file=sys.stderr)
+            return 2
+        raise
+    try:
+        while not stop.wait(1.0):
+            pass
+        logger.info("signal received: draining and stopping")
+    finally:
+        service.stop()
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from gateways.simulator import SimConfig, run_simulator
+
+    logs.setup(args.log_level, "json")
+    systems = dict(DEFAULT_SYSTEMS)
+    if args.system:
+        systems.update(parse_systems(args.system, "--system"))
+    if args.only:
+        systems = {k: v for k, v in systems.items() if k in args.only}
+    fail = {}
+    for spec in args.fail:
+        op, _, rest = spec.partition("=")
+        rate, _, code = rest.partition(":")
+        fail[op] = (float(rate), code or "unavailable")
+    drop = {op: float(rate) for op, _, rate in (s.partition("=") for s in args.drop)}
+    stock_of = {p: int(n) for p, _, n in (s.partition("=") for s in args.stock_of)}
+    if args.scarce is not None:
+        from oms.sample import SCARCE
+
+        stock_of.update(dict.fromkeys(SCARCE, args.scarce))
+    cfg = SimConfig(systems=systems, service_events=args.service_events,
+                    latency_ms=args.latency_ms, stock=args.stock, stock_of=stock_of,
+                    restock_s=args.restock_s,
+                    delivery_s=args.delivery_s, fail=fail, drop=drop, seed=args.seed)
+    run_simulator(cfg)
+    return 0
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from oms.client import Client
+
+    cfg = Config.load(None, intake=args.intake)
+    return Client(cfg.intake)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from oms.sample import sample_orders
+
+    if args.sample:
+        orders = list(sample_orders(args.sample, telecom_ratio=args.telecom,
+                                    prefix=f"CLI{threading.get_ident() % 10000:04d}-"))
+    elif args.file:
+        loaded = json.loads(Path(args.file).read_text(encoding="utf-8"))
+        orders = loaded if isinstance(loaded, list) else [loaded]
+    else:
+        print("oms submit: give a FILE or --sample N", file=sys.stderr)
+        return 2
+    failures = 0
+    with _client(args) as client:
+        reqs = ({"type": "submit_order", "order": o} for o in orders)
+        for req, reply in client.pipeline(reqs):
+            ext = req["order"].get("external_id")
+            if args.json:
+                print(json.dumps({"external_id": ext, "reply": reply}))
+            elif reply["type"] == "accepted":
+                dup = " (duplicate)" if reply.get("duplicate") else ""
+                print(f"{ext}: accepted as {reply['order_id']}{dup}")
+            else:
+                failures += 1
+                print(f"{ext}: {reply['type']} {reply.get('errors') or reply.get('message')}")
+    return 1 if failures else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        reply = client.get(args.order_id)
+    if args.json:
+        print(json.dumps(reply, indent=2))
+        return 0 if reply["type"] == "order" else 1
+    if reply["type"] != "order":
+        print(f"{reply.get('code')}: {reply.get('message')}", file=sys.stderr)
+        return 1
+    print(render_order(reply["order"]))
+    return 0
+
+
+def render_order(o: dict[str, Any]) -> str:
+    reason = f" ({o['state_reason']})" if o.get("state_reason") else ""
+    lines = [f"order {o['order_id']}  {o['source_system']}/{o['external_id']}  "
+             f"{o['order_type']}  {o['state']}{reason}", "", "steps:"]
+    lines += [f"  {s['name']:<28} {s['system']:<13} {s['op']:<22} {s['status']:<12} "
+              f"x{s['attempts']}  {json.dumps(s.get('result') or s.get('error') or {})}"
+              for s in o.get("steps", [])]
+    lines += ["", "items:"] + [f"  {i['id']:<12} {i['action']:<9} {i['product_id']:<14} "
+                               f"qty {i['quantity']:<4} {i['state']}" for i in o.get("items", [])]
+    lines += ["", "history:"] + [f"  {h['ts']:.3f}  {h['state']}"
+                                 f"{' (' + h['reason'] + ')' if h.get('reason') else ''}"
+                                 for h in o.get("history", [])]
+    if o.get("summary"):
+        lines += ["", f"summary: {json.dumps(o['summary'].get('results', {}))}"]
+    return "\n".join(lines)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from oms.demo import run_demo
+
+    return run_demo(args.orders, args.data, args.timeout)
+
+
+COMMANDS = {"serve": cmd_serve, "simulate": cmd_simulate, "submit": cmd_submit,
+            "status": cmd_status, "demo": cmd_demo}
+
+if __name__ == "__main__":
+    sys.exit(main())

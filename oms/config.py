@@ -1,0 +1,88 @@
+"""Service configuration: embedded defaults, then a TOML file, then
+environment variables (``OMS_*``), then command-line flags; later wins.
+``docs/operations.md`` lists every setting.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULT_SYSTEMS = {
+    "warehouse": "tcp://127.0.0.1:5561",
+    "billing": "tcp://127.0.0.1:5562",
+    "shipping": "tcp://127.0.0.1:5563",
+    "crm": "tcp://127.0.0.1:5564",
+    "provisioning": "tcp://127.0.0.1:5565",
+}
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used."""
+
+
+@dataclass
+class Config:
+    data: str = "oms-data"
+    intake: str = "tcp://127.0.0.1:5555"
+    events: str = "tcp://127.0.0.1:5556"
+    domain_events: str = "tcp://127.0.0.1:5557"
+    metrics_port: int = 9464
+    metrics_host: str = "127.0.0.1"
+    systems: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_SYSTEMS))
+    processes: str | None = None
+    workers: int = 2
+    max_in_flight: int = 200_000
+    map_size_mb: int = 256
+    log_level: str = "info"
+    log_format: str = "json"
+
+    @classmethod
+    def load(cls, file: str | None = None, env: dict[str, str] | None = None,
+             **flags: Any) -> Config:
+        cfg = cls()
+        if file:
+            try:
+                cfg.update(tomllib.loads(Path(file).read_text(encoding="utf-8")), file)
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(f"config file {file}: {exc}") from None
+        env = os.environ if env is None else env
+        from_env = {f.name: env[f"OMS_{f.name.upper()}"] for f in fields(cls)
+                    if f"OMS_{f.name.upper()}" in env}
+        cfg.update(from_env, "environment")
+        cfg.update({k: v for k, v in flags.items() if v is not None}, "flags")
+        return cfg
+
+    def update(self, values: dict[str, Any], origin: str) -> None:
+        known = {f.name: f for f in fields(self)}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"{origin}: unknown setting {key!r}")
+            current = getattr(self, name)
+            if name == "systems":
+                setattr(self, name, {**self.systems, **parse_systems(value, origin)})
+            elif isinstance(current, int) and not isinstance(current, bool):
+                try:
+                    setattr(self, name, int(value))
+                except (TypeError, ValueError):
+                    raise ConfigError(f"{origin}: {key} must be an integer") from None
+            else:
+                setattr(self, name, None if value is None else str(value))
+
+
+def parse_systems(value: Any, origin: str) -> dict[str, str]:
+    """``{"name": "ep"}``, ``["name=ep", ...]`` or ``"name=ep,name=ep"``."""
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out = {}
+    for item in items:
+        name, sep, endpoint = str(item).partition("=")
+        if not sep or not name or not endpoint:
+            raise ConfigError(f"{origin}: system {item!r} must be NAME=ENDPOINT")
+        out[name.strip()] = endpoint.strip()
+    return out

@@ -1,0 +1,161 @@
+"""``oms demo``: the simulated domain systems and the service as real
+processes, sample orders with a progress bar, and a summary of outcomes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from oms import codec
+from oms.client import Client
+from oms.config import DEFAULT_SYSTEMS, Config
+from oms.sample import sample_orders
+
+TERMINAL = {"completed", "partial", "failed", "cancelled"}
+MARKER = ".oms-demo-folder"
+
+
+def _bar(done: int, total: int, started: float, width: int = 32) -> str:
+    filled = int(width * done / max(total, 1))
+    rate = done / max(time.monotonic() - started, 1e-6)
+    return f"\r  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} finished  {rate:6.1f}/s"
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    out = log.open("wb")
+    return subprocess.Popen([sys.executable, "-m", "oms.cli", *args], stdout=out, stderr=out)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
+
+
+def _report(cfg: Config) -> dict[str, Any]:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(cfg.systems["warehouse"])
+    sock.send(codec.pack({"type": "report", "all": True}))
+    reply = codec.decode_map(sock.recv()) if sock.poll(3000) else {}
+    sock.close()
+    return reply
+
+
+def run_demo(count: int, folder: str, timeout: float) -> int:
+    base = Path(folder)
+    if base.exists():
+        if not (base / MARKER).exists():
+            print(f"{base} exists and was not made by oms demo; pass --data NEW_FOLDER")
+            return 2
+        shutil.rmtree(base)
+    base.mkdir(parents=True)
+    (base / MARKER).write_text("made by oms demo; deleted by the next oms demo\n")
+    cfg = Config(data=str(base / "data"))
+    print(f"oms demo: {count} sample orders through simulated warehouse, billing, shipping,"
+          f" crm and provisioning\n  data and logs in {base}/")
+    sim = _spawn(["simulate", "--scarce", "5", "--restock-s", "1.5", "--delivery-s", "1.0",
+                  "--latency-ms", "2", "--fail", "capture_payment=0.04:payment_declined",
+                  "--fail", "reserve_stock=0.05:unavailable", "--seed", "7"],
+                 base / "simulate.log")
+    svc = _spawn(["serve", "--data", cfg.data], base / "serve.log")
+    client = Client(cfg.intake)
+    try:
+        return _drive(client, cfg, count, timeout, base, svc)
+    finally:
+        client.close()
+        code = _stop(svc)
+        _stop(sim)
+        print(f"\nservice stopped (exit {code}); simulators stopped.")
+
+
+def _drive(client: Client, cfg: Config, count: int, timeout: float, base: Path,
+           svc: subprocess.Popen[bytes]) -> int:
+    try:
+        client.wait_ready(30)
+    except TimeoutError:
+        print(f"the service did not start; see {base}/serve.log (exit {svc.poll()})")
+        return 1
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"demo-shop")
+    sub.connect(cfg.events)
+    orders = list(sample_orders(count, seed=int(time.time()), prefix=f"D{os.getpid()}-",
+                                telecom_ratio=0.25, scarce_ratio=0.08))
+    started = time.monotonic()
+    ids = []
+    for _req, reply in client.pipeline({"type": "submit_order", "order": o} for o in orders):
+        if reply["type"] == "accepted":
+            ids.append(reply["order_id"])
+        else:
+            print(f"  not accepted: {reply}")
+    accept_s = time.monotonic() - started
+    print(f"  {len(ids)} orders accepted in {accept_s:.2f} s; following their events ...")
+    finished: dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    shown = -1
+    while len(finished) < len(ids) and time.monotonic() < deadline:
+        if sub.poll(250):
+            _topic, raw = sub.recv_multipart()
+            ev = codec.decode_map(raw)
+            if ev.get("type") == "order_summary":
+                finished[ev["order_id"]] = ev["summary"]["state"]
+        else:  # events are lossy by contract: confirm with get_order
+            for req, reply in client.pipeline({"type": "get_order", "order_id": i}
+                                              for i in ids if i not in finished):
+                state = (reply.get("order") or {}).get("state")
+                if state in TERMINAL:
+                    finished[req["order_id"]] = state
+        if len(finished) != shown:
+            shown = len(finished)
+            sys.stdout.write(_bar(shown, len(ids), started))
+            sys.stdout.flush()
+    sub.close()
+    elapsed = time.monotonic() - started
+    print()
+    _summary(client, cfg, ids, finished, elapsed, base)
+    return 0 if len(finished) == len(ids) else 1
+
+
+def _summary(client: Client, cfg: Config, ids: list[str], finished: dict[str, str],
+             elapsed: float, base: Path) -> None:
+    views = {req["order_id"]: reply.get("order", {}) for req, reply in
+             client.pipeline({"type": "get_order", "order_id": i} for i in ids)}
+    by_outcome = Counter((v.get("order_type"), v.get("state"), v.get("state_reason") or "")
+                         for v in views.values())
+    print(f"\n  {'order type':<10} {'outcome':<12} {'reason':<18} {'orders':>6}")
+    print(f"  {'-' * 10} {'-' * 12} {'-' * 18} {'-' * 6}")
+    for (otype, state, reason), n in sorted(by_outcome.items(), key=lambda kv: -kv[1]):
+        print(f"  {otype!s:<10} {state!s:<12} {reason:<18} {n:>6}")
+    held = sum(1 for v in views.values() if any(h.get("reason") == "awaiting_stock"
+                                                  for h in v.get("history", [])))
+    print(f"\n  {len(finished)}/{len(ids)} orders finished in {elapsed:.1f} s; "
+          f"{held} waited for back-ordered stock on the way.")
+    report = _report(cfg)
+    counts = report.get("counts", {})
+    if counts:
+        print("  domain operations applied: " + ", ".join(
+            f"{k}={v}" for k, v in sorted(counts.items())))
+        print(f"  applied twice for the same order and arguments: "
+              f"{len(report.get('applied_twice', []))}")
+    sample = next((i for i in ids if views.get(i, {}).get("state") == "completed"), None)
+    print("\nwhere to look next:")
+    if sample:
+        print(f"  oms status {sample}        one order's steps, results and history")
+    print(f"  {base}/serve.log           the service's JSON log")
+    print(f"  http://127.0.0.1:{cfg.metrics_port}/metrics  Prometheus metrics (while serving)")
+    print("  docs/architecture.md, docs/operations.md, docs/processes.md")
+    _ = DEFAULT_SYSTEMS

@@ -1,0 +1,675 @@
+"""The process engine: one order, one message, a list of effects. Pure.
+
+``Engine(proc).handle(order, message, now)`` mutates the order in place and
+returns the effects to carry out *after* the new snapshot is persisted
+(send a command, publish an event, arm a timer, reply). It never does I/O and
+never reads a clock: ``now`` comes in. Every order state change goes through
+``oms.states.next_state`` (the one transition table).
+
+Command ids are derived from persisted data only, so they are the same on
+every retry and after a restart (contract §3):
+``ORDER:STEP`` (``#GEN`` appended after an operator re-run),
+``ORDER:STEP:undo`` for its compensation, ``ORDER:notify:N`` for CRM.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+from oms.errors import DomainError
+from oms.messages import (
+    Cancel,
+    CommandResult,
+    DomainEvent,
+    Publish,
+    Reply,
+    Resume,
+    Send,
+    Sequence,
+    Start,
+    Timer,
+    TimerFired,
+    Turn,
+)
+from oms.model import Order, Step
+from oms.process import Action, ProcessDef, RetryPolicy, StepDef
+from oms.states import Ev, ItemState, OrderState, StepStatus, next_state
+from oms.templates import lookup, order_facts, resolve
+
+S = OrderState
+MAX_EARLY_EVENTS = 32
+
+
+def new_order(order_id: str, req: dict[str, Any], proc: ProcessDef, now: float) -> Order:
+    """The order as acknowledged: its items and its expanded step list."""
+    items = [dict(it, state=str(ItemState.ACKNOWLEDGED)) for it in req["items"]]
+    order = Order(
+        order_id=order_id,
+        source_system=req["source_system"],
+        external_id=req["external_id"],
+        order_type=req["order_type"],
+        customer=req["customer"],
+        customer_address=req["customer_address"],
+        delivery_address=req["delivery_address"],
+        currency=req["currency"],
+        items=items,
+        attributes=req["attributes"],
+        created_ts=now,
+        updated_ts=now,
+        history=[{"state": str(S.ACKNOWLEDGED), "ts": now}],
+    )
+    for sdef in proc.steps:
+        if sdef.per_item is not None:
+            for it in items:
+                action = sdef.per_item.get(it["action"])
+                key = f"{sdef.name}[{it['id']}]"
+                step = Step(key, sdef.name, action.system if action else "",
+                            action.op if action else "none", item_id=it["id"])
+                if action is None:
+                    step.status = StepStatus.SKIPPED
+                order.steps[key] = step
+        elif sdef.wait_event is not None:
+            order.steps[sdef.name] = Step(
+                sdef.name, sdef.name, sdef.wait_system or "", f"await:{sdef.wait_event}"
+            )
+        else:
+            assert sdef.action is not None
+            order.steps[sdef.name] = Step(sdef.name, sdef.name, sdef.action.system,
+                                          sdef.action.op)
+    if proc.sequencing_key:
+        key = lookup({"customer": order.customer, "attributes": order.attributes,
+                      "source_system": order.source_system}, proc.sequencing_key)
+        order.seq_key = f"{proc.order_type}/{key}" if key is not None else None
+    return order
+
+
+def _spread(command_id: str, attempt: int) -> float:
+    """Deterministic jitter in [0, 1): pure, yet different per command."""
+    return zlib.crc32(f"{command_id}/{attempt}".encode()) / 2**32
+
+
+class Engine:
+    """Runs orders of one process definition."""
+
+    def __init__(self, proc: ProcessDef) -> None:
+        self.proc = proc
+        self.defs = {s.name: s for s in proc.steps}
+
+    def handle(self, order: Order, msg: Any, now: float) -> Turning:
+        """Apply one message; the returned ``Turning`` holds the effects."""
+        turning = Turning(self, order, now)
+        turning.handle(msg)
+        return turning
+
+
+class Turning:
+    """One message's worth of work on one order.
+
+    effects: what to do once the new snapshot is durable.
+    changed: whether the order changed (and so must be persisted).
+    stale: the message matched nothing (a late or duplicate reply).
+    """
+
+    def __init__(self, engine: Engine, order: Order, now: float) -> None:
+        self.proc = engine.proc
+        self.defs = engine.defs
+        self.order = order
+        self.now = now
+        self.effects: list[Any] = []
+        self.changed = False
+        self.stale = False
+
+    # -- dispatch ----------------------------------------------------------
+
+    def handle(self, msg: Any) -> None:
+        if isinstance(msg, CommandResult):
+            self.on_result(msg)
+        elif isinstance(msg, DomainEvent):
+            self.on_event(msg)
+        elif isinstance(msg, TimerFired):
+            self.on_timer(msg.token)
+        elif isinstance(msg, Start):
+            self.on_start()
+        elif isinstance(msg, Turn):
+            self.on_turn(msg.go)
+        elif isinstance(msg, Cancel):
+            self.on_cancel(msg)
+        elif isinstance(msg, Resume):
+            self.on_resume()
+        else:
+            raise TypeError(f"an order cannot handle {type(msg).__name__}")
+        if self.changed:
+            self.order.updated_ts = self.now
+            self.order.version += 1
+
+    # -- helpers -----------------------------------------------------------
+
+    def emit(self, effect: Any) -> None:
+        self.effects.append(effect)
+
+    def transition(self, event: Ev, reason: str | None = None) -> None:
+        """The order's one state-change path: table, history, event, CRM."""
+        order = self.order
+        old = order.state
+        new = next_state(old, event)
+        order.state, order.state_reason = new, reason
+        entry: dict[str, Any] = {"state": str(new), "ts": self.now}
+        if reason:
+            entry["reason"] = reason
+        order.history.append(entry)
+        self.changed = True
+        payload: dict[str, Any] = {
+            "type": "order_state", "order_id": order.order_id,
+            "external_id": order.external_id, "state": str(new),
+            "previous_state": str(old), "ts": self.now,
+        }
+        if reason:
+            payload["state_reason"] = reason
+        self.emit(Publish(payload))
+        if new.terminal:
+            self.finish_items(new)
+            order.phase = "finish"
+            order.summary = self.summary()
+            self.emit(Publish({"type": "order_summary", "order_id": order.order_id,
+                               "external_id": order.external_id, "summary": order.summary}))
+            if order.seq_key and order.turn:
+                self.emit(Sequence(order.seq_key, enter=False))
+        if str(new) in self.proc.notify_states:
+            self.notify(new)
+
+    def set_status(self, step: Step, status: StepStatus) -> None:
+        step.status = status
+        self.changed = True
+        if step.name == "notify":
+            return
+        self.emit(Publish({"type": "order_progress", "order_id": self.order.order_id,
+                           "external_id": self.order.external_id, "step": step.key,
+                           "status": str(status), "ts": self.now}))
+
+    def command_id(self, step: Step) -> str:
+        base = f"{self.order.order_id}:{step.key}"
+        return f"{base}#{step.gen}" if step.gen else base
+
+    def item(self, step: Step) -> dict[str, Any] | None:
+        if step.item_id is None:
+            return None
+        return next(it for it in self.order.items if it["id"] == step.item_id)
+
+    def action(self, step: Step) -> Action | None:
+        sdef = self.defs[step.name]
+        if sdef.per_item is not None:
+            item = self.item(step)
+            return sdef.per_item.get(item["action"]) if item else None
+        return sdef.action
+
+    def scopes(self, step: Step | None = None) -> dict[str, Any]:
+        steps = {k: s.result for k, s in self.order.steps.items() if s.result is not None}
+        out: dict[str, Any] = {"order": order_facts(self.order), "steps": steps}
+        if step is not None:
+            out["item"] = self.item(step)
+            out["result"] = step.result or {}
+            out["args"] = step.args or {}
+        return out
+
+    def send(self, system: str, command_id: str, op: str, args: dict[str, Any],
+             timeout: float) -> None:
+        self.emit(Send(system, command_id, op, args, timeout))
+
+    def backoff(self, policy: RetryPolicy, command_id: str, attempt: int) -> float:
+        return self.now + policy.delay(attempt, _spread(command_id, attempt))
+
+    def steps_of(self, name: str) -> list[Step]:
+        return [s for s in self.order.steps.values() if s.name == name]
+
+    def settled(self, step: Step) -> bool:
+        if step.status in (StepStatus.DONE, StepStatus.SKIPPED):
+            return True
+        per_item = self.defs[step.name].per_item is not None
+        return step.status == StepStatus.FAILED and per_item and (
+            self.proc.item_failure == "partial"
+        )
+
+    def in_flight(self) -> bool:
+        """A forward command was sent whose outcome is not known yet."""
+        return any(s.status == StepStatus.RUNNING and s.wait is None
+                   for s in self.order.steps.values())
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def on_start(self) -> None:
+        order = self.order
+        if order.state != S.ACKNOWLEDGED:
+            self.stale = True
+            return
+        if order.seq_key and not order.turn:
+            return  # the sequencer sends Turn (the order entered its queue at commit)
+        self.begin()
+
+    def on_turn(self, go: bool) -> None:
+        order = self.order
+        if not go:
+            if order.state == S.ACKNOWLEDGED:
+                self.transition(Ev.WAIT_TURN)
+            return
+        if order.turn:
+            self.stale = True
+            return
+        order.turn = True
+        self.changed = True
+        if order.state in (S.ACKNOWLEDGED, S.PENDING):
+            self.begin()
+        elif order.state.terminal:
+            self.emit(Sequence(order.seq_key or "", enter=False))
+
+    def begin(self) -> None:
+        self.transition(Ev.START)
+        for it in self.order.items:
+            it["state"] = str(ItemState.IN_PROGRESS)
+        self.advance()
+
+    def on_resume(self) -> None:
+        """Re-send what was in flight and re-arm timers, from the snapshot."""
+        order = self.order
+        if order.state in (S.ACKNOWLEDGED, S.PENDING):
+            if order.seq_key and not order.turn:
+                return  # the sequencer, rebuilt at start, sends Turn
+            if order.state == S.ACKNOWLEDGED:
+                self.begin()
+                return
+        for step in order.steps.values():
+            sdef = self.defs[step.name]
+            if step.status == StepStatus.RUNNING and step.wait is None:
+                self.resend(step, sdef.retry, ("retry", step.key, step.attempts),
+                            lambda s=step: self.send_step(s))
+            if step.comp == "running":
+                self.resend(step, sdef.retry, ("comp", step.key, step.comp_attempts),
+                            lambda s=step: self.send_comp(s))
+        for idx, note in enumerate(order.notes):
+            if note.status == StepStatus.RUNNING:
+                self.resend(note, self.proc.notify_retry, ("note", idx, note.attempts),
+                            lambda n=note, i=idx: self.send_note(n, i))
+
+    def resend(self, step: Step, policy: RetryPolicy, token: tuple, send: Any) -> None:
+        if step.retry_at is not None:
+            self.emit(Timer(step.retry_at, token))
+        else:
+            send()
+
+    # -- moving forward ----------------------------------------------------
+
+    def advance(self) -> None:
+        order = self.order
+        if order.phase == "compensate":
+            self.compensate_next()
+            return
+        if order.phase != "run" or order.state not in (S.IN_PROGRESS, S.HELD):
+            return
+        for sdef in self.proc.steps:
+            ready = all(self.settled(s) for dep in sdef.after for s in self.steps_of(dep))
+            if not ready:
+                continue
+            for step in self.steps_of(sdef.name):
+                if step.status == StepStatus.PENDING:
+                    self.launch(step, sdef)
+        if order.phase == "run" and all(self.settled(s) for s in order.steps.values()):
+            self.complete()
+
+    def launch(self, step: Step, sdef: StepDef) -> None:
+        if sdef.wait_event is not None:
+            step.wait = sdef.wait_event
+            self.set_status(step, StepStatus.RUNNING)
+            self.take_early_event(step)
+            return
+        action = self.action(step)
+        assert action is not None
+        step.args = resolve(action.args, self.scopes(step))
+        step.attempts = 1
+        self.set_status(step, StepStatus.RUNNING)
+        self.send_step(step)
+
+    def send_step(self, step: Step) -> None:
+        sdef = self.defs[step.name]
+        assert step.args is not None
+        self.send(step.system, self.command_id(step), step.op, step.args, sdef.timeout_s)
+
+    def complete(self) -> None:
+        if any(it["state"] == ItemState.FAILED for it in self.order.items):
+            self.transition(Ev.PARTIAL)
+        else:
+            self.transition(Ev.COMPLETE)
+
+    def finish_items(self, state: OrderState) -> None:
+        for it in self.order.items:
+            if state == S.COMPLETED or (state == S.PARTIAL and it["state"] != ItemState.FAILED):
+                it["state"] = str(ItemState.COMPLETED)
+            elif state == S.CANCELLED:
+                it["state"] = str(ItemState.CANCELLED)
+            elif state == S.FAILED:
+                it["state"] = str(ItemState.FAILED)
+
+    def summary(self) -> dict[str, Any]:
+        order = self.order
+        return {
+            "state": str(order.state),
+            "completed_ts": self.now,
+            "total_minor": order.total_minor,
+            "currency": order.currency,
+            "items": [{"id": it["id"], "state": it["state"]} for it in order.items],
+            "results": order.results,
+        }
+
+    # -- results -----------------------------------------------------------
+
+    def find(self, command_id: str) -> tuple[str, Step | None, int]:
+        """Which command an id names: ("step"|"comp"|"note", step, index)."""
+        prefix = f"{self.order.order_id}:"
+        if not command_id.startswith(prefix):
+            return "none", None, -1
+        rest = command_id[len(prefix):]
+        if rest.startswith("notify:"):
+            idx = int(rest[7:]) if rest[7:].isdigit() else -1
+            ok = 0 <= idx < len(self.order.notes)
+            return ("note", self.order.notes[idx], idx) if ok else ("none", None, -1)
+        kind = "step"
+        if rest.endswith(":undo"):
+            kind, rest = "comp", rest[:-5]
+        key, _, gen = rest.partition("#")
+        step = self.order.steps.get(key)
+        if step is None or step.gen != (int(gen) if gen.isdigit() else 0):
+            return "none", None, -1
+        return kind, step, -1
+
+    def on_result(self, res: CommandResult) -> None:
+        kind, step, idx = self.find(res.command_id)
+        if step is None:
+            self.stale = True
+        elif kind == "note":
+            self.on_note_result(step, idx, res)
+        elif kind == "comp":
+            self.on_comp_result(step, res)
+        else:
+            self.on_step_result(step, res)
+
+    def on_step_result(self, step: Step, res: CommandResult) -> None:
+        busy = step.status != StepStatus.RUNNING or step.wait is not None or step.applied
+        if busy or (step.retry_at is not None and not res.ok):
+            self.stale = True
+            return
+        sdef = self.defs[step.name]
+        self.changed = True
+        step.retry_at = None
+        if res.ok:
+            self.applied(step, res.data or {})
+        else:
+            error = res.error or DomainError("unknown", "no error given", False)
+            step.error = error.to_wire()
+            if error.retryable and step.attempts < sdef.retry.max_attempts:
+                step.retry_at = self.backoff(sdef.retry, self.command_id(step), step.attempts)
+                self.emit(Timer(step.retry_at, ("retry", step.key, step.attempts)))
+                return
+            self.set_status(step, StepStatus.FAILED)
+            self.step_failed(step)
+        self.advance()
+
+    def applied(self, step: Step, data: dict[str, Any]) -> None:
+        order = self.order
+        step.result, step.error, step.applied = data, None, True
+        order.done_counter += 1
+        step.done_seq = order.done_counter
+        hold = self.defs[step.name].hold
+        if hold and order.phase == "run" and data.get(hold.field) == hold.equals:
+            step.wait = hold.until_event
+            if not self.take_early_event(step):
+                self.hold(hold.reason)
+            return
+        self.step_done(step)
+
+    def step_done(self, step: Step) -> None:
+        self.set_status(step, StepStatus.DONE)
+        action = self.action(step)
+        if action is not None and step.result is not None:
+            for key, field in action.collect.items():
+                value = step.result.get(field)
+                if step.item_id is not None:
+                    self.order.results.setdefault(key, []).append(value)
+                else:
+                    self.order.results[key] = value
+        item = self.item(step)
+        if item is not None and self.order.phase == "run":
+            mine = [s for s in self.order.steps.values() if s.item_id == step.item_id]
+            if all(s.status in (StepStatus.DONE, StepStatus.SKIPPED) for s in mine):
+                item["state"] = str(ItemState.COMPLETED)
+
+    def step_failed(self, step: Step) -> None:
+        order = self.order
+        if order.phase != "run":
+            return
+        failure = {"step": step.key, "error": step.error}
+        item = self.item(step)
+        if item is not None and self.proc.item_failure == "partial":
+            item["state"] = str(ItemState.FAILED)
+            working = {s.item_id for s in order.steps.values()
+                       if s.item_id is not None and s.status != StepStatus.SKIPPED}
+            if any(it["state"] != ItemState.FAILED for it in order.items if it["id"] in working):
+                return
+        order.failure = failure
+        if self.proc.failure_policy == "hold":
+            self.hold("fallout")
+        else:
+            self.fail(failure)
+
+    def hold(self, reason: str) -> None:
+        if self.order.state == S.HELD:
+            self.order.state_reason = reason
+            self.changed = True
+        else:
+            self.transition(Ev.HOLD, reason)
+
+    # -- domain events -----------------------------------------------------
+
+    def on_event(self, ev: DomainEvent) -> None:
+        for step in self.order.steps.values():
+            if self.event_matches(step, ev.name, ev.system):
+                self.consume(step, ev.data)
+                self.advance()
+                return
+        if self.order.state.terminal or self.order.phase != "run":
+            self.stale = True
+            return
+        early = self.order.early_events
+        early.append({"system": ev.system, "name": ev.name, "data": ev.data})
+        del early[:-MAX_EARLY_EVENTS]
+        self.changed = True
+
+    def event_matches(self, step: Step, name: str, system: str) -> bool:
+        if step.status != StepStatus.RUNNING or step.wait != name:
+            return False
+        sdef = self.defs[step.name]
+        return sdef.wait_system is None or sdef.wait_system == system
+
+    def take_early_event(self, step: Step) -> bool:
+        for i, ev in enumerate(self.order.early_events):
+            if self.event_matches(step, ev["name"], ev["system"]):
+                del self.order.early_events[i]
+                self.consume(step, ev["data"])
+                return True
+        return False
+
+    def consume(self, step: Step, data: dict[str, Any]) -> None:
+        step.wait = None
+        self.changed = True
+        if not step.applied:  # a wait step: the event is its result
+            step.result, step.applied = data, True
+        self.step_done(step)
+        holding = any(s.wait and s.applied for s in self.order.steps.values())
+        if self.order.state == S.HELD and self.order.state_reason != "fallout" and not holding:
+            self.transition(Ev.RESUME)
+
+    # -- timers ------------------------------------------------------------
+
+    def on_timer(self, token: tuple[Any, ...]) -> None:
+        kind, ref, attempt = token
+        if kind == "note":
+            note = self.order.notes[ref] if 0 <= ref < len(self.order.notes) else None
+            if note and note.status == StepStatus.RUNNING and note.attempts == attempt:
+                note.retry_at, note.attempts = None, note.attempts + 1
+                self.changed = True
+                self.send_note(note, ref)
+                return
+        step = self.order.steps.get(ref)
+        if step is not None and step.retry_at is not None:
+            if kind == "retry" and step.status == StepStatus.RUNNING and step.attempts == attempt:
+                step.retry_at, step.attempts = None, step.attempts + 1
+                self.changed = True
+                self.send_step(step)
+                return
+            if kind == "comp" and step.comp == "running" and step.comp_attempts == attempt:
+                step.retry_at, step.comp_attempts = None, step.comp_attempts + 1
+                self.changed = True
+                self.send_comp(step)
+                return
+        self.stale = True
+
+    # -- failure, cancellation, compensation ------------------------------
+
+    def fail(self, failure: dict[str, Any] | None) -> None:
+        if failure is not None:
+            self.order.failure = failure
+        self.begin_compensation("failed")
+
+    def on_cancel(self, msg: Cancel) -> None:
+        order = self.order
+
+        def reject(reason: str) -> None:
+            self.emit(Reply(msg.reply_to, {"type": "cancel_rejected",
+                                           "order_id": order.order_id, "reason": reason}))
+
+        if order.state.terminal:
+            reject(f"order is already {order.state}")
+            return
+        if order.phase != "run":
+            reject("order is already being cancelled or compensated")
+            return
+        ponr = self.proc.point_of_no_return
+        if ponr and any(s.status not in (StepStatus.PENDING, StepStatus.SKIPPED)
+                        for s in self.steps_of(ponr)):
+            reject("point_of_no_return")
+            return
+        order.cancel = {"reason": msg.reason, "ts": self.now}
+        self.transition(Ev.CANCEL, msg.reason)
+        self.emit(Reply(msg.reply_to, {"type": "cancel_accepted", "order_id": order.order_id,
+                                       "state": str(order.state)}))
+        self.begin_compensation("cancelled")
+
+    def begin_compensation(self, target: str) -> None:
+        order = self.order
+        order.phase, order.target = "compensate", target
+        self.changed = True
+        for step in order.steps.values():
+            if step.status == StepStatus.PENDING:
+                self.set_status(step, StepStatus.SKIPPED)
+            elif step.status == StepStatus.RUNNING and step.wait is not None:
+                step.wait = None
+                self.set_status(step, StepStatus.DONE if step.applied else StepStatus.SKIPPED)
+        if order.state == S.IN_PROGRESS and target == "failed":
+            order.state_reason = "compensating"
+        self.compensate_next()
+
+    def compensate_next(self) -> None:
+        order = self.order
+        if self.in_flight():
+            return  # outcomes of commands already sent decide what to undo
+        if order.state == S.ASSESSING_CANCELLATION:
+            self.transition(Ev.CANCEL_ACCEPT, order.state_reason)
+        if any(s.comp == "running" for s in order.steps.values()):
+            return
+        if any(s.comp == "failed" for s in order.steps.values()):
+            return  # held as fallout until an operator acts
+        todo = [s for s in order.steps.values()
+                if s.applied and s.status == StepStatus.DONE and s.comp is None]
+        for step in sorted(todo, key=lambda s: -s.done_seq):
+            action = self.action(step)
+            if action is not None and action.compensate is not None:
+                step.comp, step.comp_attempts = "running", 1
+                self.changed = True
+                self.send_comp(step)
+                return
+        self.finish_compensation()
+
+    def send_comp(self, step: Step) -> None:
+        action = self.action(step)
+        assert action is not None and action.compensate is not None
+        op, template = action.compensate
+        args = resolve(template, self.scopes(step))
+        timeout = self.defs[step.name].timeout_s
+        self.send(step.system, f"{self.command_id(step)}:undo", op, args, timeout)
+
+    def on_comp_result(self, step: Step, res: CommandResult) -> None:
+        if step.comp != "running" or (step.retry_at is not None and not res.ok):
+            self.stale = True
+            return
+        self.changed = True
+        step.retry_at = None
+        policy = self.defs[step.name].retry
+        if res.ok:
+            step.comp = "done"
+            self.set_status(step, StepStatus.COMPENSATED)
+            self.compensate_next()
+            return
+        error = res.error or DomainError("unknown", "no error given", False)
+        step.error = error.to_wire()
+        if error.retryable and step.comp_attempts < policy.max_attempts:
+            cid = f"{self.command_id(step)}:undo"
+            step.retry_at = self.backoff(policy, cid, step.comp_attempts)
+            self.emit(Timer(step.retry_at, ("comp", step.key, step.comp_attempts)))
+            return
+        step.comp = "failed"
+        self.order.failure = {"step": step.key, "error": step.error, "compensation": True}
+        self.hold("fallout")
+
+    def finish_compensation(self) -> None:
+        order = self.order
+        if order.target == "cancelled":
+            self.transition(Ev.CANCELLED, order.state_reason)
+        else:
+            error = (order.failure or {}).get("error") or {}
+            self.transition(Ev.FAIL, error.get("code"))
+
+    # -- CRM notifications -------------------------------------------------
+
+    def notify(self, state: OrderState) -> None:
+        order = self.order
+        note = Step(f"notify:{state}", "notify", self.proc.notify_system, self.proc.notify_op,
+                    status=StepStatus.RUNNING, attempts=1)
+        note.args = {
+            "customer_id": order.customer_id, "order_id": order.order_id,
+            "external_id": order.external_id, "state": str(state),
+            "message": f"Order {order.external_id} is {state}",
+        }
+        order.notes.append(note)
+        self.send_note(note, len(order.notes) - 1)
+
+    def send_note(self, note: Step, idx: int) -> None:
+        assert note.args is not None
+        self.send(note.system, f"{self.order.order_id}:notify:{idx}", note.op, note.args,
+                  self.proc.notify_timeout_s)
+
+    def on_note_result(self, note: Step, idx: int, res: CommandResult) -> None:
+        if note.status != StepStatus.RUNNING or (note.retry_at is not None and not res.ok):
+            self.stale = True
+            return
+        self.changed = True
+        note.retry_at = None
+        policy = self.proc.notify_retry
+        if res.ok:
+            note.status, note.result, note.applied = StepStatus.DONE, res.data or {}, True
+            return
+        error = res.error or DomainError("unknown", "no error given", False)
+        note.error = error.to_wire()
+        if error.retryable and note.attempts < policy.max_attempts:
+            cid = f"{self.order.order_id}:notify:{idx}"
+            note.retry_at = self.backoff(policy, cid, note.attempts)
+            self.emit(Timer(note.retry_at, ("note", idx, note.attempts)))
+            return
+        note.status = StepStatus.FAILED

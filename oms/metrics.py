@@ -1,0 +1,129 @@
+"""Prometheus metrics of the service, all ``oms_``-prefixed.
+
+One ``Metrics`` object per service, built on a registry passed in (tests use
+a fresh one). Labels are bounded sets (system, op, state, outcome, order type,
+source system); an order id is never a label. Values that change on every
+message (mailbox depth, live actors, orders per state) are read at scrape
+time by ``ServiceCollector``. ``docs/metrics.md`` lists them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+           300, 900, 3600)
+FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+BATCH = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        r = registry
+        self.orders_received = Counter(
+            "oms_orders_received", "submit_order requests by outcome",
+            ["source_system", "outcome"], registry=r)
+        self.requests = Counter(
+            "oms_intake_requests", "Intake requests by type and reply", ["type", "reply"],
+            registry=r)
+        self.intake_errors = Counter(
+            "oms_intake_errors", "Intake error replies by code", ["code"], registry=r)
+        self.reply_failures = Counter(
+            "oms_reply_send_failures", "Replies that could not be sent (peer gone or full)",
+            ["endpoint"], registry=r)
+        self.transitions = Counter(
+            "oms_order_transitions", "Order state changes", ["order_type", "state"],
+            registry=r)
+        self.completion = Histogram(
+            "oms_order_completion_seconds", "Acceptance to terminal state",
+            ["order_type", "state"], buckets=LATENCY, registry=r)
+        self.step_latency = Histogram(
+            "oms_step_seconds", "Command sent to result received", ["system", "op", "outcome"],
+            buckets=LATENCY, registry=r)
+        self.gateway_requests = Counter(
+            "oms_gateway_requests", "Commands sent to domain systems", ["system"], registry=r)
+        self.gateway_timeouts = Counter(
+            "oms_gateway_timeouts", "Commands with no reply within their timeout", ["system"],
+            registry=r)
+        self.gateway_retries = Counter(
+            "oms_gateway_retries", "Commands sent again (retries and resends)", ["system"],
+            registry=r)
+        self.gateway_late = Counter(
+            "oms_gateway_late_replies", "Replies for commands no longer awaited "
+            "(late or duplicate); ignored", ["system"], registry=r)
+        self.gateway_send_failures = Counter(
+            "oms_gateway_send_failures", "Commands that could not be queued to the socket",
+            ["system"], registry=r)
+        self.stale_messages = Counter(
+            "oms_order_stale_messages", "Messages an order ignored (late, duplicate, stale "
+            "timer)", ["kind"], registry=r)
+        self.domain_events = Counter(
+            "oms_domain_events", "Domain events received by outcome", ["system", "outcome"],
+            registry=r)
+        self.commit_latency = Histogram(
+            "oms_store_commit_seconds", "Group commit duration (write and sync)",
+            buckets=FAST, registry=r)
+        self.commit_batch = Histogram(
+            "oms_store_commit_batch_size", "Writes per group commit", buckets=BATCH,
+            registry=r)
+        self.store_grows = Counter(
+            "oms_store_map_grows", "Times the LMDB map was grown", registry=r)
+        self.corrupt_records = Counter(
+            "oms_store_corrupt_records", "Records that could not be decoded", registry=r)
+        self.activations = Counter(
+            "oms_order_activations", "Order actors started, by reason", ["reason"],
+            registry=r)
+        self.passivations = Counter(
+            "oms_order_passivations", "Waiting order actors passivated to the store",
+            registry=r)
+        self.recovery_seconds = Gauge(
+            "oms_recovery_duration_seconds", "Time the last start spent recovering",
+            registry=r)
+        self.recovered_orders = Gauge(
+            "oms_recovered_orders", "Orders resumed by the last start", registry=r)
+        self.published = Counter(
+            "oms_events_published", "Channel events published", ["type"], registry=r)
+
+
+class ServiceCollector(Collector):
+    """Gauges read at scrape time from the running service."""
+
+    def __init__(self, read: Callable[[], dict[str, Any]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        snap = self._read()
+        live = GaugeMetricFamily("oms_order_actors", "Order actors by kind", labels=["kind"])
+        live.add_metric(["live"], snap.get("live", 0))
+        live.add_metric(["passivated"], snap.get("passivated", 0))
+        yield live
+        states = GaugeMetricFamily("oms_orders_in_state", "Unfinished orders per state",
+                                   labels=["state"])
+        for state, count in sorted(snap.get("states", {}).items()):
+            states.add_metric([state], count)
+        yield states
+        mbox = GaugeMetricFamily("oms_actor_mailbox_depth", "Messages waiting in actor "
+                                 "inboxes", labels=["actor"])
+        for name, depth in sorted(snap.get("mailboxes", {}).items()):
+            mbox.add_metric([name], depth)
+        yield mbox
+        yield GaugeMetricFamily("oms_in_flight_orders", "Unfinished orders (admission count)",
+                                value=snap.get("in_flight", 0))
+        yield GaugeMetricFamily("oms_store_map_size_bytes", "LMDB map size",
+                                value=snap.get("map_size", 0))
+        yield GaugeMetricFamily("oms_store_used_bytes", "LMDB bytes in use",
+                                value=snap.get("used", 0))
+        breaker = GaugeMetricFamily("oms_gateway_pending_commands", "Commands awaiting a "
+                                    "reply", labels=["system"])
+        for system, n in sorted(snap.get("pending", {}).items()):
+            breaker.add_metric([system], n)
+        yield breaker
+        ready = GaugeMetricFamily("oms_ready", "1 when recovered and accepting orders",
+                                  value=1 if snap.get("ready") else 0)
+        yield ready

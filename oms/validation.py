@@ -1,0 +1,238 @@
+"""Intake validation of ``submit_order.order`` (contract §1, "The order").
+
+``validate_order`` reports every field error at once, each with a path such
+as ``items[0].quantity``, and returns the order normalised with its defaults
+filled in. Unknown fields are errors too: a typo in a field name must not be
+silently ignored. ``attributes`` maps are free-form but bounded.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection
+from typing import Any
+
+from oms.errors import FieldError
+
+MAX_STR = 1000
+MAX_ITEMS = 1000
+MAX_ATTR_DEPTH = 8
+ACTIONS = ("add", "modify", "delete", "noChange")
+
+_ORDER_FIELDS = {
+    "source_system", "external_id", "order_type", "customer", "customer_address",
+    "delivery_address", "currency", "items", "attributes",
+}
+_CUSTOMER_FIELDS = {"id", "name", "email", "phone"}
+_ADDRESS_FIELDS = {"line1", "line2", "city", "postal_code", "region", "country"}
+_ITEM_FIELDS = {
+    "id", "action", "product_id", "quantity", "unit_price_minor", "service_id", "attributes",
+}
+_CURRENCY = re.compile(r"[A-Z]{3}")
+_COUNTRY = re.compile(r"[A-Z]{2}")
+
+
+class _Errors(list[FieldError]):
+    def add(self, field: str, message: str) -> None:
+        self.append(FieldError(field, message))
+
+
+def _unknown(raw: dict[str, Any], allowed: set[str], path: str, errs: _Errors) -> None:
+    for key in raw:
+        if key not in allowed:
+            errs.add(f"{path}.{key}" if path else str(key), "unknown field")
+
+
+def _string(
+    raw: dict[str, Any], key: str, path: str, errs: _Errors, *, required: bool
+) -> str | None:
+    field = f"{path}.{key}" if path else key
+    value = raw.get(key)
+    if value is None:
+        if required:
+            errs.add(field, "required")
+        return None
+    if not isinstance(value, str):
+        errs.add(field, f"must be a string, got {type(value).__name__}")
+        return None
+    if required and not value.strip():
+        errs.add(field, "must not be empty")
+        return None
+    if len(value) > MAX_STR:
+        errs.add(field, f"at most {MAX_STR} characters")
+        return None
+    return value
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_free_map(value: Any, field: str, errs: list[FieldError], depth: int = 1) -> None:
+    """Check a free-form ``attributes`` map: depth and string lengths."""
+    if depth > MAX_ATTR_DEPTH:
+        errs.append(FieldError(field, f"nested deeper than {MAX_ATTR_DEPTH} levels"))
+        return
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            if len(key) > MAX_STR:
+                errs.append(FieldError(field, f"key longer than {MAX_STR} characters"))
+            else:
+                check_free_map(sub, f"{field}.{key}", errs, depth + 1)
+    elif isinstance(value, list):
+        for i, sub in enumerate(value):
+            check_free_map(sub, f"{field}[{i}]", errs, depth + 1)
+    elif isinstance(value, str | bytes) and len(value) > MAX_STR:
+        errs.append(FieldError(field, f"at most {MAX_STR} characters"))
+
+
+def _attributes(raw: dict[str, Any], path: str, errs: _Errors) -> dict[str, Any]:
+    field = f"{path}.attributes" if path else "attributes"
+    value = raw.get("attributes")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        errs.add(field, "must be a map")
+        return {}
+    check_free_map(value, field, errs)
+    return value
+
+
+def _map(raw: dict[str, Any], key: str, errs: _Errors, *, required: bool) -> dict | None:
+    value = raw.get(key)
+    if value is None:
+        if required:
+            errs.add(key, "required")
+        return None
+    if not isinstance(value, dict):
+        errs.add(key, f"must be a map, got {type(value).__name__}")
+        return None
+    return value
+
+
+def _address(raw: dict[str, Any], path: str, errs: _Errors) -> dict[str, Any]:
+    _unknown(raw, _ADDRESS_FIELDS, path, errs)
+    out: dict[str, Any] = {}
+    for key in ("line1", "city", "postal_code", "country"):
+        out[key] = _string(raw, key, path, errs, required=True)
+    for key in ("line2", "region"):
+        value = _string(raw, key, path, errs, required=False)
+        if value is not None:
+            out[key] = value
+    if out["country"] is not None and not _COUNTRY.fullmatch(out["country"]):
+        errs.add(f"{path}.country", "must be an ISO 3166-1 alpha-2 code such as DE")
+    return out
+
+
+def _customer(raw: dict[str, Any], errs: _Errors) -> dict[str, Any]:
+    _unknown(raw, _CUSTOMER_FIELDS, "customer", errs)
+    out: dict[str, Any] = {"id": _string(raw, "id", "customer", errs, required=True)}
+    for key in ("name", "email", "phone"):
+        value = _string(raw, key, "customer", errs, required=False)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def _item(raw: Any, path: str, errs: _Errors) -> dict[str, Any] | None:
+    if not isinstance(raw, dict):
+        errs.add(path, "must be a map")
+        return None
+    _unknown(raw, _ITEM_FIELDS, path, errs)
+    item: dict[str, Any] = {
+        "id": _string(raw, "id", path, errs, required=True),
+        "product_id": _string(raw, "product_id", path, errs, required=True),
+    }
+    action = raw.get("action", "add")
+    if action not in ACTIONS:
+        errs.add(f"{path}.action", f"must be one of {', '.join(ACTIONS)}")
+        action = "add"
+    item["action"] = action
+    quantity = raw.get("quantity")
+    if quantity is None:
+        if action in ("add", "modify"):
+            errs.add(f"{path}.quantity", f"required for action {action}")
+        item["quantity"] = 1
+    elif not _int(quantity) or quantity <= 0:
+        errs.add(f"{path}.quantity", "must be an integer greater than 0")
+    else:
+        item["quantity"] = quantity
+    price = raw.get("unit_price_minor")
+    if price is not None:
+        if not _int(price) or price < 0:
+            errs.add(f"{path}.unit_price_minor", "must be an integer >= 0")
+        else:
+            item["unit_price_minor"] = price
+    service_id = _string(raw, "service_id", path, errs, required=action in ("modify", "delete"))
+    if service_id is not None:
+        item["service_id"] = service_id
+    item["attributes"] = _attributes(raw, path, errs)
+    return item
+
+
+def _items(raw: Any, errs: _Errors) -> list[dict[str, Any]]:
+    if raw is None:
+        errs.add("items", "required")
+        return []
+    if not isinstance(raw, list):
+        errs.add("items", "must be a list")
+        return []
+    if not 1 <= len(raw) <= MAX_ITEMS:
+        errs.add("items", f"must hold 1 to {MAX_ITEMS} items")
+        return []
+    items, seen = [], set()
+    for i, entry in enumerate(raw):
+        item = _item(entry, f"items[{i}]", errs)
+        if item is None:
+            continue
+        if item["id"] is not None:
+            if item["id"] in seen:
+                errs.add(f"items[{i}].id", f"duplicate item id {item['id']!r}")
+            seen.add(item["id"])
+        items.append(item)
+    return items
+
+
+def validate_order(
+    raw: Any, order_types: Collection[str]
+) -> tuple[dict[str, Any] | None, list[FieldError]]:
+    """Validate and normalise an order map.
+
+    Returns ``(order, [])`` when valid, else ``(None, errors)`` with every
+    error found.
+    """
+    errs = _Errors()
+    if not isinstance(raw, dict):
+        errs.add("order", "required: a map")
+        return None, errs
+    _unknown(raw, _ORDER_FIELDS, "", errs)
+    order: dict[str, Any] = {
+        "source_system": _string(raw, "source_system", "", errs, required=True),
+        "external_id": _string(raw, "external_id", "", errs, required=True),
+    }
+    order_type = raw.get("order_type", "retail")
+    if not isinstance(order_type, str) or order_type not in order_types:
+        known = ", ".join(sorted(order_types))
+        errs.add("order_type", f"unknown order type {order_type!r:.100}; known: {known}")
+    order["order_type"] = order_type
+    customer = _map(raw, "customer", errs, required=True)
+    order["customer"] = _customer(customer, errs) if customer is not None else None
+    address = _map(raw, "customer_address", errs, required=True)
+    order["customer_address"] = (
+        _address(address, "customer_address", errs) if address is not None else None
+    )
+    delivery = _map(raw, "delivery_address", errs, required=False)
+    order["delivery_address"] = (
+        _address(delivery, "delivery_address", errs)
+        if delivery is not None
+        else order["customer_address"]
+    )
+    currency = raw.get("currency", "EUR")
+    if not isinstance(currency, str) or not _CURRENCY.fullmatch(currency):
+        errs.add("currency", "must be 3 upper-case letters (ISO 4217), e.g. EUR")
+    order["currency"] = currency
+    order["items"] = _items(raw.get("items"), errs)
+    order["attributes"] = _attributes(raw, "", errs)
+    if errs:
+        return None, list(errs)
+    return order, []

@@ -1,0 +1,110 @@
+"""Test helpers: sample orders and a tiny synchronous driver for the pure engine."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from oms.engine import Engine, new_order
+from oms.messages import CommandResult, DomainEvent, Send, Sequence, Start, Turn
+from oms.model import Order
+from oms.process import ProcessDef
+
+
+def retail_order(ext: str = "ext-1", **over: Any) -> dict[str, Any]:
+    order: dict[str, Any] = {
+        "source_system": "web",
+        "external_id": ext,
+        "customer": {"id": "c-1", "name": "Ada"},
+        "customer_address": {"line1": "1 Main St", "city": "Berlin",
+                             "postal_code": "10115", "country": "DE"},
+        "items": [
+            {"id": "i1", "product_id": "p-1", "quantity": 2, "unit_price_minor": 1000},
+            {"id": "i2", "product_id": "p-2", "quantity": 1, "unit_price_minor": 550},
+        ],
+    }
+    order.update(over)
+    return order
+
+
+def normalized(raw: dict[str, Any], types: tuple[str, ...] = ("retail", "telecom")) -> dict:
+    from oms.validation import validate_order
+
+    order, errors = validate_order(raw, types)
+    assert not errors, errors
+    assert order is not None
+    return order
+
+
+Domain = Callable[[Send], CommandResult | None]
+
+
+class Driver:
+    """Feeds an order's effects back into it, as the actors would."""
+
+    def __init__(self, proc: ProcessDef, raw: dict[str, Any], domain: Domain) -> None:
+        self.engine = Engine(proc)
+        self.order: Order = new_order("o-1", normalized(raw), proc, now=1000.0)
+        self.domain = domain
+        self.now = 1000.0
+        self.sent: list[Send] = []
+        self.effects: list[Any] = []
+        self.timers: list[Any] = []
+
+    def feed(self, msg: Any) -> None:
+        queue = [msg]
+        while queue:
+            turning = self.engine.handle(self.order, queue.pop(0), self.now)
+            self.now += 0.001
+            for fx in turning.effects:
+                self.effects.append(fx)
+                if isinstance(fx, Send):
+                    self.sent.append(fx)
+                    res = self.domain(fx)
+                    if res is not None:
+                        queue.append(res)
+                elif isinstance(fx, Sequence) and fx.enter:
+                    queue.append(Turn(go=True))
+                elif type(fx).__name__ == "Timer":
+                    self.timers.append(fx)
+
+    def fire_timers(self) -> None:
+        from oms.messages import TimerFired
+
+        while self.timers:
+            t = self.timers.pop(0)
+            self.now = max(self.now, t.at)
+            self.feed(TimerFired(t.token))
+
+    def start(self) -> None:
+        self.feed(Start())
+        if self.order.seq_key and not self.order.turn:
+            self.feed(Turn(go=True))
+
+    def event(self, name: str, data: dict[str, Any], system: str = "shipping") -> None:
+        self.feed(DomainEvent(f"ev-{len(self.effects)}", system, name, data))
+
+    def ops(self) -> list[str]:
+        return [s.op for s in self.sent]
+
+
+def ok_domain(overrides: dict[str, CommandResult | None] | None = None) -> Domain:
+    """Every op succeeds with plausible data; ``overrides`` by op replace that."""
+    counter = iter(range(1, 10**9))
+
+    def reply(cmd: Send) -> CommandResult | None:
+        if overrides and cmd.op in overrides:
+            res = overrides[cmd.op]
+            return None if res is None else res._replace(command_id=cmd.command_id)
+        data: dict[str, Any] = {
+            "reserve_stock": {"reservation_id": f"r{next(counter)}", "status": "reserved"},
+            "create_invoice": {"invoice_id": f"inv{next(counter)}"},
+            "capture_payment": {"payment_id": f"pay{next(counter)}"},
+            "create_shipment": {"shipment_id": f"s{next(counter)}", "tracking_number": "T1"},
+            "activate_service": {"service_id": f"svc{next(counter)}"},
+            "modify_service": {"previous_attributes": {"speed": "old"}},
+            "deactivate_service": {"product_id": "p-old", "attributes": {}},
+        }.get(cmd.op, {})
+        return CommandResult(cmd.command_id, True, data)
+
+    return reply
