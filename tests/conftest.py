@@ -1,0 +1,134 @@
+"""Fixtures: real sockets on 127.0.0.1 (random ports), real LMDB in tmp
+folders, the real simulators. No mocks of our own components."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from actors.service import Service  # noqa: E402
+from gateways.simulator import SimConfig, Simulator  # noqa: E402
+from oms import codec  # noqa: E402
+from oms.client import Client  # noqa: E402
+from oms.config import Config  # noqa: E402
+
+SYSTEMS = ("warehouse", "billing", "shipping", "crm", "provisioning")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def endpoint() -> str:
+    return f"tcp://127.0.0.1:{free_port()}"
+
+
+class Endpoints:
+    """A fresh set of loopback endpoints for one service and its simulators."""
+
+    def __init__(self) -> None:
+        self.intake, self.events, self.domain_events = endpoint(), endpoint(), endpoint()
+        self.systems = {s: endpoint() for s in SYSTEMS}
+
+    def serve_args(self, data: Path) -> list[str]:
+        args = ["serve", "--data", str(data), "--intake", self.intake, "--events", self.events,
+                "--domain-events", self.domain_events, "--metrics-port", "0"]
+        for name, ep in self.systems.items():
+            args += ["--system", f"{name}={ep}"]
+        return args
+
+    def simulate_args(self) -> list[str]:
+        args = ["simulate", "--service-events", self.domain_events]
+        for name, ep in self.systems.items():
+            args += ["--system", f"{name}={ep}"]
+        return args
+
+
+class SimThread:
+    """The real simulators, run in a thread of the test process."""
+
+    def __init__(self, cfg: SimConfig) -> None:
+        self.sim = Simulator(cfg, zmq.Context())
+        self.thread = threading.Thread(target=self.sim.run, name="simulator", daemon=True)
+        self.thread.start()
+        self.cfg = cfg
+
+    def report(self, system: str = "warehouse", **req: Any) -> dict[str, Any]:
+        return sim_report(self.cfg.systems[system], **req)
+
+    def stop(self) -> None:
+        self.sim.stop()
+        self.thread.join(5)
+        self.sim.ctx.term()
+
+
+def sim_report(ep: str, **req: Any) -> dict[str, Any]:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(ep)
+    try:
+        sock.send(codec.pack({"type": "report", **req}))
+        assert sock.poll(5000), "simulator did not answer its report"
+        return codec.decode_map(sock.recv())
+    finally:
+        sock.close()
+
+
+@pytest.fixture
+def eps() -> Endpoints:
+    return Endpoints()
+
+
+@pytest.fixture
+def sim_config(eps: Endpoints) -> SimConfig:
+    return SimConfig(systems=dict(eps.systems), service_events=eps.domain_events,
+                     delivery_s=0.05, restock_s=0.1, seed=1, event_resend_s=0.2)
+
+
+@pytest.fixture
+def sim(sim_config: SimConfig) -> Iterator[SimThread]:
+    thread = SimThread(sim_config)
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture
+def make_service(eps: Endpoints, tmp_path: Path) -> Iterator[Any]:
+    started: list[Service] = []
+
+    def make(**over: Any) -> Service:
+        cfg = Config(data=str(tmp_path / "data"), intake=eps.intake, events=eps.events,
+                     domain_events=eps.domain_events, metrics_port=0,
+                     systems=dict(eps.systems))
+        for key, value in over.items():
+            setattr(cfg, key, value)
+        svc = Service(cfg)
+        svc.start()
+        started.append(svc)
+        return svc
+
+    yield make
+    for svc in started:
+        svc.stop()
+
+
+@pytest.fixture
+def service(make_service: Any, sim: SimThread) -> Service:
+    return make_service()
+
+
+@pytest.fixture
+def client(eps: Endpoints) -> Iterator[Client]:
+    with Client(eps.intake, zmq.Context.instance(), timeout=10) as c:
+        yield c

@@ -1,0 +1,399 @@
+"""The process engine as a plain object: many cases, no threads, no sockets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from helpers import Driver, ok_domain, retail_order
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from oms.engine import Engine, new_order
+from oms.errors import DomainError
+from oms.messages import (
+    Cancel,
+    CommandResult,
+    Publish,
+    Reply,
+    Resume,
+    Send,
+    Start,
+    Timer,
+    TimerFired,
+)
+from oms.process import builtin_processes, parse_process
+from oms.states import OrderState, StepStatus
+
+PROCS = builtin_processes()
+RETAIL, TELECOM = PROCS["retail"], PROCS["telecom"]
+DECLINED = CommandResult("", False, None, DomainError("payment_declined", "no", False))
+UNAVAILABLE = CommandResult("", False, None, DomainError("unavailable", "down", True))
+BACKORDERED = CommandResult("", True, {"reservation_id": "r-9", "status": "backordered"})
+
+
+def retail(overrides: dict[str, Any] | None = None) -> Driver:
+    return Driver(RETAIL, retail_order(), ok_domain(overrides))
+
+
+def published(d: Driver, kind: str) -> list[dict[str, Any]]:
+    return [fx.payload for fx in d.effects if isinstance(fx, Publish)
+            and fx.payload["type"] == kind]
+
+
+def test_retail_happy_path() -> None:
+    d = retail()
+    d.start()
+    assert d.order.state == OrderState.IN_PROGRESS
+    assert [s.op for s in d.sent if s.system != "crm"] == [
+        "reserve_stock", "create_invoice", "capture_payment", "create_shipment"]
+    assert d.order.steps["await_delivery"].wait == "shipment_delivered"
+    d.event("shipment_delivered", {"shipment_id": "s"})
+    order = d.order
+    assert order.state == OrderState.COMPLETED
+    assert [h["state"] for h in order.history] == ["acknowledged", "inProgress", "completed"]
+    assert order.summary is not None
+    assert set(order.summary["results"]) == {"reservation_id", "invoice_id", "payment_id",
+                                             "shipment_id", "tracking_number"}
+    assert order.summary["total_minor"] == 2 * 1000 + 550
+    assert all(it["state"] == "completed" for it in order.items)
+    crm = [s.args["state"] for s in d.sent if s.system == "crm"]
+    assert crm == ["inProgress", "completed"]
+    assert len(published(d, "order_summary")) == 1
+    assert order.finished
+
+
+def test_arguments_come_from_order_and_earlier_results() -> None:
+    d = retail()
+    d.start()
+    by_op = {s.op: s for s in d.sent}
+    assert by_op["reserve_stock"].args["items"] == [
+        {"product_id": "p-1", "quantity": 2}, {"product_id": "p-2", "quantity": 1}]
+    invoice_id = d.order.steps["create_invoice"].result["invoice_id"]
+    assert by_op["capture_payment"].args == {"invoice_id": invoice_id, "amount_minor": 2550,
+                                             "currency": "EUR"}
+    reservation = d.order.steps["reserve_stock"].result["reservation_id"]
+    assert by_op["create_shipment"].args["reservation_id"] == reservation
+
+
+def test_command_ids_are_stable_and_distinct() -> None:
+    d = retail()
+    d.start()
+    ids = [s.command_id for s in d.sent]
+    assert len(ids) == len(set(ids))
+    assert "o-1:reserve_stock" in ids
+
+
+def test_backorder_holds_until_stock_reserved() -> None:
+    d = retail({"reserve_stock": BACKORDERED})
+    d.start()
+    assert (d.order.state, d.order.state_reason) == (OrderState.HELD, "awaiting_stock")
+    assert [s.op for s in d.sent if s.system != "crm"] == ["reserve_stock"]
+    d.event("stock_reserved", {"reservation_id": "r-9"}, system="warehouse")
+    assert d.order.state == OrderState.IN_PROGRESS
+    assert "create_shipment" in d.ops()
+    assert [s.args["state"] for s in d.sent if s.system == "crm"] == [
+        "inProgress", "held", "inProgress"]
+
+
+def test_event_arriving_before_the_wait_is_kept() -> None:
+    d = retail({"create_shipment": None})  # shipment reply not yet back
+    d.start()
+    d.event("shipment_delivered", {"shipment_id": "s"})
+    assert d.order.early_events
+    cid = next(s.command_id for s in d.sent if s.op == "create_shipment")
+    d.feed(CommandResult(cid, True, {"shipment_id": "s", "tracking_number": "t"}))
+    assert d.order.state == OrderState.COMPLETED
+
+
+def test_decline_compensates_completed_steps_in_reverse() -> None:
+    d = retail({"capture_payment": DECLINED})
+    d.start()
+    assert (d.order.state, d.order.state_reason) == (OrderState.FAILED, "payment_declined")
+    ops = [s.op for s in d.sent if s.system != "crm"]
+    assert ops == ["reserve_stock", "create_invoice", "capture_payment", "void_invoice",
+                   "release_stock"]
+    statuses = {k: s.status for k, s in d.order.steps.items()}
+    assert statuses == {"reserve_stock": StepStatus.COMPENSATED,
+                        "create_invoice": StepStatus.COMPENSATED,
+                        "capture_payment": StepStatus.FAILED,
+                        "create_shipment": StepStatus.SKIPPED,
+                        "await_delivery": StepStatus.SKIPPED}
+    assert d.order.failure["step"] == "capture_payment"
+    assert all(it["state"] == "failed" for it in d.order.items)
+
+
+def test_retryable_failure_backs_off_and_resends_same_command() -> None:
+    replies = iter([UNAVAILABLE, UNAVAILABLE])
+
+    def flaky(cmd: Send) -> CommandResult | None:
+        if cmd.op == "create_invoice":
+            res = next(replies, None)
+            if res is not None:
+                return res._replace(command_id=cmd.command_id)
+        return ok_domain()(cmd)
+
+    d = Driver(RETAIL, retail_order(), flaky)
+    d.start()
+    assert [t.token[0] for t in d.timers] == ["retry"]
+    first_retry_at = d.timers[0].at
+    d.fire_timers()
+    invoices = [s for s in d.sent if s.op == "create_invoice"]
+    assert len(invoices) == 3
+    assert len({s.command_id for s in invoices}) == 1
+    assert d.order.steps["create_invoice"].attempts == 3
+    assert first_retry_at > 1000.0
+    assert "create_shipment" in d.ops()
+
+
+def test_exhausted_retries_fail_the_order() -> None:
+    d = retail({"capture_payment": UNAVAILABLE})
+    d.start()
+    d.fire_timers()
+    assert d.order.state == OrderState.FAILED
+    assert sum(1 for s in d.sent if s.op == "capture_payment") == RETAIL.step(
+        "capture_payment").retry.max_attempts
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    policy = RETAIL.step("reserve_stock").retry
+    delays = [policy.delay(n, 0.5) for n in range(1, 12)]
+    assert delays == sorted(delays)
+    assert max(delays) <= policy.cap_s
+
+
+def test_late_and_duplicate_results_are_stale() -> None:
+    d = retail()
+    d.start()
+    engine = Engine(RETAIL)
+    cid = next(s.command_id for s in d.sent if s.op == "reserve_stock")
+    turning = engine.handle(d.order, CommandResult(cid, True, {"reservation_id": "x"}), 2000)
+    assert turning.stale and not turning.changed
+    turning = engine.handle(d.order, CommandResult("o-1:nope", True, {}), 2000)
+    assert turning.stale
+
+
+def test_resume_resends_in_flight_commands_with_same_ids() -> None:
+    d = retail({"create_invoice": None})
+    d.start()
+    sent = next(s for s in d.sent if s.op == "create_invoice")
+    turning = Engine(RETAIL).handle(d.order, Resume(), 3000)
+    resent = [fx for fx in turning.effects if isinstance(fx, Send)]
+    assert [(s.op, s.command_id, s.args) for s in resent] == [
+        (sent.op, sent.command_id, sent.args)]
+
+
+def test_resume_rearms_backoff_timers() -> None:
+    d = retail({"create_invoice": UNAVAILABLE})
+    d.start()
+    turning = Engine(RETAIL).handle(d.order, Resume(), 1000.5)
+    assert [type(fx) for fx in turning.effects] == [Timer]
+
+
+def test_cancel_before_point_of_no_return_compensates() -> None:
+    d = retail({"capture_payment": None})
+    d.start()
+    d.feed(Cancel("changed my mind", reply_to="r"))
+    replies = [fx for fx in d.effects if isinstance(fx, Reply)]
+    assert replies[0].payload["type"] == "cancel_accepted"
+    assert d.order.state == OrderState.ASSESSING_CANCELLATION  # payment outcome pending
+    cid = next(s.command_id for s in d.sent if s.op == "capture_payment")
+    d.feed(CommandResult(cid, True, {"payment_id": "pay-1"}))
+    assert d.order.state == OrderState.CANCELLED
+    undo = [s.op for s in d.sent if s.op in ("refund_payment", "void_invoice", "release_stock")]
+    assert undo == ["refund_payment", "void_invoice", "release_stock"]
+    assert [h["state"] for h in d.order.history][-3:] == [
+        "assessingCancellation", "pendingCancellation", "cancelled"]
+
+
+def test_cancel_after_point_of_no_return_is_rejected() -> None:
+    d = retail()
+    d.start()
+    d.feed(Cancel(None, reply_to="r"))
+    reply = [fx for fx in d.effects if isinstance(fx, Reply)][-1]
+    assert reply.payload == {"type": "cancel_rejected", "order_id": "o-1",
+                             "reason": "point_of_no_return"}
+    assert d.order.state == OrderState.IN_PROGRESS
+
+
+def test_cancel_of_held_order_releases_stock() -> None:
+    d = retail({"reserve_stock": BACKORDERED})
+    d.start()
+    d.feed(Cancel(None, reply_to="r"))
+    assert d.order.state == OrderState.CANCELLED
+    assert d.ops()[-2:] == ["release_stock", "notify"]
+
+
+def test_cancel_of_terminal_order_is_rejected() -> None:
+    d = retail({"capture_payment": DECLINED})
+    d.start()
+    d.feed(Cancel(None, reply_to="r"))
+    reply = [fx for fx in d.effects if isinstance(fx, Reply)][-1]
+    assert reply.payload["reason"] == "order is already failed"
+
+
+def test_hold_policy_sends_failed_order_to_fallout() -> None:
+    text = (RETAIL_TOML := _retail_text()).replace(
+        'failure_policy = "compensate"', 'failure_policy = "hold"')
+    assert text != RETAIL_TOML
+    proc = parse_process(text, "retail-hold.toml")
+    d = Driver(proc, retail_order(), ok_domain({"capture_payment": DECLINED}))
+    d.start()
+    assert (d.order.state, d.order.state_reason) == (OrderState.HELD, "fallout")
+    assert d.order.failure["step"] == "capture_payment"
+    assert "void_invoice" not in d.ops()
+
+
+def _retail_text() -> str:
+    from importlib import resources
+
+    return resources.files("oms.processes").joinpath("retail.toml").read_text()
+
+
+TELECOM_ORDER = {
+    "source_system": "crm-ui", "external_id": "t1", "order_type": "telecom",
+    "customer": {"id": "c9"},
+    "customer_address": {"line1": "x", "city": "y", "postal_code": "1", "country": "DE"},
+    "items": [
+        {"id": "a", "product_id": "fiber", "quantity": 1, "unit_price_minor": 3000},
+        {"id": "m", "action": "modify", "product_id": "tv", "quantity": 1,
+         "unit_price_minor": 500, "service_id": "svc-1"},
+        {"id": "d", "action": "delete", "product_id": "dsl", "service_id": "svc-2"},
+        {"id": "n", "action": "noChange", "product_id": "x"},
+    ],
+}
+UNKNOWN_SERVICE = CommandResult("", False, None, DomainError("unknown_service", "no", False))
+
+
+def test_telecom_provisions_items_in_parallel_then_invoices() -> None:
+    held: list[Send] = []
+
+    def later(cmd: Send) -> CommandResult | None:
+        if cmd.system == "provisioning":
+            held.append(cmd)
+            return None
+        return ok_domain()(cmd)
+
+    d = Driver(TELECOM, TELECOM_ORDER, later)
+    d.start()
+    assert sorted(s.op for s in held) == ["activate_service", "deactivate_service",
+                                          "modify_service"]
+    assert "create_invoice" not in d.ops()
+    assert d.order.steps["provision[n]"].status == StepStatus.SKIPPED
+    for cmd in held:
+        d.feed(ok_domain()(cmd))
+    assert d.order.state == OrderState.COMPLETED
+    assert d.order.summary["results"]["service_ids"]
+
+
+def test_telecom_partial_invoices_only_completed_items() -> None:
+    d = Driver(TELECOM, TELECOM_ORDER, ok_domain({"modify_service": UNKNOWN_SERVICE}))
+    d.start()
+    assert d.order.state == OrderState.PARTIAL
+    states = {it["id"]: it["state"] for it in d.order.items}
+    assert states == {"a": "completed", "m": "failed", "d": "completed", "n": "completed"}
+    invoice = next(s for s in d.sent if s.op == "create_invoice")
+    assert [i["id"] for i in invoice.args["items"]] == ["a"]
+    assert invoice.args["total_minor"] == 3000
+
+
+def test_telecom_all_items_failing_fails_and_compensates() -> None:
+    order = dict(TELECOM_ORDER, items=TELECOM_ORDER["items"][:2])
+    fail_all = {"activate_service": UNKNOWN_SERVICE, "modify_service": UNKNOWN_SERVICE}
+    d = Driver(TELECOM, order, ok_domain(fail_all))
+    d.start()
+    assert d.order.state == OrderState.FAILED
+    assert "create_invoice" not in d.ops()
+
+
+def test_telecom_sequencing_key_is_per_customer() -> None:
+    order = new_order("o-7", _normal(TELECOM_ORDER), TELECOM, 1.0)
+    assert order.seq_key == "telecom/c9"
+    turning = Engine(TELECOM).handle(order, Start(), 2.0)
+    assert turning.effects == [] and order.state == OrderState.ACKNOWLEDGED
+
+
+def _normal(raw: dict[str, Any]) -> dict[str, Any]:
+    from helpers import normalized
+
+    return normalized(raw)
+
+
+# -- property-based: random step graphs, random failures ------------------
+
+@st.composite
+def graphs(draw: Any) -> tuple[str, dict[str, str]]:
+    n = draw(st.integers(1, 6))
+    lines = ["[process]", 'order_type = "random"', "[defaults]",
+             "retry = { max_attempts = 2 }"]
+    outcomes = {}
+    for i in range(n):
+        deps = draw(st.lists(st.sampled_from(range(i)), unique=True, max_size=2)) if i else []
+        comp = draw(st.booleans())
+        lines += [f"[steps.s{i}]", f'system = "sys{i % 2}"', f'op = "op{i}"',
+                  f"after = [{', '.join(repr(f's{d}') for d in deps)}]".replace("'", '"')]
+        if comp:
+            lines.append(f'compensate = {{ op = "undo{i}" }}')
+        outcomes[f"op{i}"] = draw(st.sampled_from(["ok", "ok", "ok", "fail", "retry_ok"]))
+    return "\n".join(lines), outcomes
+
+
+@settings(max_examples=150, deadline=None)
+@given(graph=graphs())
+def test_random_graphs_keep_order_and_compensate_exactly_once(
+        graph: tuple[str, dict[str, str]]) -> None:
+    text, outcomes = graph
+    proc = parse_process(text, "random.toml")
+    seen_retry: set[str] = set()
+    done_order: list[str] = []
+
+    def domain(cmd: Send) -> CommandResult:
+        if cmd.op.startswith("op"):  # 1. every dependency is done before a step is sent
+            for dep in proc.step(f"s{cmd.op[2:]}").after:
+                assert dep[1:] in done_order, f"{cmd.op} sent before {dep} was done"
+        outcome = outcomes.get(cmd.op, "ok")
+        if outcome == "fail":
+            return CommandResult(cmd.command_id, False, None, DomainError("no", "no", False))
+        if outcome == "retry_ok" and cmd.op not in seen_retry:
+            seen_retry.add(cmd.op)
+            return CommandResult(cmd.command_id, False, None, DomainError("busy", "b", True))
+        if cmd.op.startswith("op"):
+            done_order.append(cmd.op[2:])
+        return CommandResult(cmd.command_id, True, {})
+
+    d = Driver(proc, retail_order(), domain)
+    d.start()
+    d.fire_timers()
+    order = d.order
+    # 2. final state matches the outcomes
+    failed = any(outcomes.get(f"op{s.name[1:]}") == "fail" and s.status == StepStatus.FAILED
+                 for s in order.steps.values())
+    assert order.state == (OrderState.FAILED if failed else OrderState.COMPLETED)
+    # 3. on failure every applied compensable step is undone exactly once, in reverse
+    undo = [s.op[4:] for s in d.sent if s.op.startswith("undo")]
+    assert len(undo) == len(set(undo))
+    if failed:
+        compensable = [n for n in done_order
+                       if proc.step(f"s{n}").action.compensate is not None]
+        assert undo == list(reversed(compensable))
+    else:
+        assert undo == []
+
+
+def test_timer_for_other_attempt_is_stale() -> None:
+    d = retail({"create_invoice": UNAVAILABLE})
+    d.start()
+    turning = Engine(RETAIL).handle(d.order, TimerFired(("retry", "create_invoice", 99)), 5000)
+    assert turning.stale and not turning.effects
+
+
+@pytest.mark.parametrize("proc_name", ["retail", "telecom"])
+def test_snapshot_round_trip(proc_name: str) -> None:
+    from oms.model import Order
+
+    raw = retail_order() if proc_name == "retail" else TELECOM_ORDER
+    d = Driver(PROCS[proc_name], raw, ok_domain())
+    d.start()
+    again = Order.from_record(d.order.to_record())
+    assert again.to_record() == d.order.to_record()
+    assert again.view() == d.order.view()

@@ -1,0 +1,151 @@
+"""Intake validation as a plain function: every rule of the order table."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+from helpers import retail_order
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from oms.validation import validate_order
+
+TYPES = ("retail", "telecom")
+
+
+def errors_of(order: Any) -> dict[str, str]:
+    result, errs = validate_order(order, TYPES)
+    assert (result is None) == bool(errs)
+    return {e.field: e.message for e in errs}
+
+
+def test_valid_order_gets_defaults() -> None:
+    order, errs = validate_order(retail_order(), TYPES)
+    assert errs == []
+    assert order is not None
+    assert order["order_type"] == "retail"
+    assert order["currency"] == "EUR"
+    assert order["delivery_address"] == order["customer_address"]
+    assert order["items"][0]["action"] == "add"
+    assert order["attributes"] == {}
+
+
+def test_every_error_is_reported_at_once_with_paths() -> None:
+    bad = retail_order(currency="eur", order_type="gift")
+    bad["items"][0]["quantity"] = 0
+    bad["items"][1]["unit_price_minor"] = -1
+    del bad["customer"]["id"]
+    del bad["customer_address"]["city"]
+    errs = errors_of(bad)
+    assert set(errs) == {
+        "currency", "order_type", "items[0].quantity", "items[1].unit_price_minor",
+        "customer.id", "customer_address.city",
+    }
+
+
+@pytest.mark.parametrize("field", ["source_system", "external_id", "customer",
+                                   "customer_address", "items"])
+def test_required_fields(field: str) -> None:
+    bad = retail_order()
+    del bad[field]
+    assert errors_of(bad)[field] == "required"
+
+
+@pytest.mark.parametrize(("item", "field", "fragment"), [
+    ({"id": "a", "product_id": "p"}, "items[0].quantity", "required for action add"),
+    ({"id": "a", "product_id": "p", "action": "modify", "quantity": 1},
+     "items[0].service_id", "required"),
+    ({"id": "a", "product_id": "p", "action": "delete"}, "items[0].service_id", "required"),
+    ({"id": "a", "product_id": "p", "action": "upgrade", "quantity": 1},
+     "items[0].action", "must be one of"),
+    ({"id": "a", "product_id": "p", "quantity": True}, "items[0].quantity", "integer"),
+    ({"id": "a", "product_id": "p", "quantity": 1.5}, "items[0].quantity", "integer"),
+    ({"id": "a", "product_id": 7, "quantity": 1}, "items[0].product_id", "string"),
+    ({"id": "a", "product_id": "p", "quantity": 1, "colour": "red"}, "items[0].colour",
+     "unknown field"),
+    ({"id": "a", "product_id": "p", "quantity": 1, "attributes": []},
+     "items[0].attributes", "map"),
+])
+def test_item_rules(item: dict, field: str, fragment: str) -> None:
+    assert fragment in errors_of(retail_order(items=[item]))[field]
+
+
+def test_delete_and_nochange_need_no_quantity() -> None:
+    items = [{"id": "a", "product_id": "p", "action": "delete", "service_id": "s"},
+             {"id": "b", "product_id": "q", "action": "noChange"}]
+    assert errors_of(retail_order(items=items, order_type="telecom")) == {}
+
+
+def test_item_ids_must_be_unique() -> None:
+    items = [{"id": "a", "product_id": "p", "quantity": 1}] * 2
+    assert "duplicate" in errors_of(retail_order(items=items))["items[1].id"]
+
+
+@pytest.mark.parametrize("items", [[], [{"id": str(i), "product_id": "p", "quantity": 1}
+                                        for i in range(1001)]])
+def test_item_count_limits(items: list) -> None:
+    assert "1 to 1000" in errors_of(retail_order(items=items))["items"]
+
+
+def test_string_length_limit() -> None:
+    assert "1000" in errors_of(retail_order(external_id="x" * 1001))["external_id"]
+
+
+def test_attributes_depth_limit() -> None:
+    deep: dict[str, Any] = {"v": 1}
+    for _ in range(8):
+        deep = {"n": deep}
+    errs = errors_of(retail_order(attributes=deep))
+    assert any("deeper than 8" in m for m in errs.values())
+    shallow: dict[str, Any] = {"v": 1}
+    for _ in range(6):
+        shallow = {"n": shallow}
+    assert errors_of(retail_order(attributes=shallow)) == {}
+
+
+def test_address_country_and_unknown_fields() -> None:
+    bad = retail_order(delivery_address={"line1": "x", "city": "y", "postal_code": "1",
+                                         "country": "Germany", "floor": 3})
+    errs = errors_of(bad)
+    assert "alpha-2" in errs["delivery_address.country"]
+    assert errs["delivery_address.floor"] == "unknown field"
+
+
+def test_unknown_top_level_field() -> None:
+    assert errors_of(retail_order(priority="high"))["priority"] == "unknown field"
+
+
+def test_not_a_map() -> None:
+    assert errors_of(["not", "a", "map"]) == {"order": "required: a map"}
+
+
+_values = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=5),
+                    st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3),
+                                                                         st.integers(),
+                                                                         max_size=2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(field=st.sampled_from(["source_system", "external_id", "order_type", "customer",
+                              "customer_address", "delivery_address", "currency", "items",
+                              "attributes"]), value=_values)
+def test_any_wrong_value_in_any_field_is_an_error_not_a_crash(field: str, value: Any) -> None:
+    order = retail_order()
+    order[field] = value
+    result, errs = validate_order(copy.deepcopy(order), TYPES)
+    assert (result is None) == bool(errs)
+    for e in errs:
+        assert e.field and e.message
+
+
+@settings(max_examples=200, deadline=None)
+@given(item_field=st.sampled_from(["id", "action", "product_id", "quantity",
+                                   "unit_price_minor", "service_id", "attributes"]),
+       value=_values)
+def test_any_wrong_item_value_names_its_path(item_field: str, value: Any) -> None:
+    order = retail_order()
+    order["items"][1][item_field] = value
+    _result, errs = validate_order(order, TYPES)
+    assert all(e.field.startswith(("items[1]", "items")) for e in errs)
