@@ -78,6 +78,7 @@ class Domain:
         self.counts: Counter[str] = Counter()
         self.repeats: Counter[str] = Counter()
         self.per_order: dict[str, Counter[str]] = defaultdict(Counter)
+        self.results: dict[str, dict[str, Any]] = defaultdict(dict)  # order -> op -> data
         self.fingerprints: Counter[tuple[str, str, bytes]] = Counter()
         self.events: list[tuple[float, dict[str, Any]]] = []  # (due, event) to push
 
@@ -109,6 +110,7 @@ class Domain:
                 reply = _error(command_id, exc.code, str(exc), False)
             else:
                 reply = {"type": "result", "command_id": command_id, "ok": True, "data": data}
+                self.results[order_id].setdefault(str(op), data)
         self.applied[command_id] = reply
         self.counts[f"{system}.{op}"] += 1
         self.per_order[order_id][str(op)] += 1
@@ -230,10 +232,12 @@ class Domain:
         }
         if order_id is not None:
             out["order"] = dict(self.per_order.get(order_id, {}))
+            out["results"] = self.results.get(order_id, {})
         return out
 
-    def per_order_report(self) -> dict[str, dict[str, int]]:
-        return {o: dict(c) for o, c in self.per_order.items()}
+    def per_order_report(self) -> dict[str, Any]:
+        return {o: {"ops": dict(c), "results": self.results.get(o, {})}
+                for o, c in self.per_order.items()}
 
 
 class SimError(Exception):

@@ -176,7 +176,7 @@ class Turning:
             if order.seq_key and order.turn:
                 self.emit(Sequence(order.seq_key, enter=False))
         if str(new) in self.proc.notify_states:
-            self.notify(new)
+            self.notify(new, old)
 
     def set_status(self, step: Step, status: StepStatus) -> None:
         step.status = status
@@ -638,14 +638,14 @@ class Turning:
 
     # -- CRM notifications -------------------------------------------------
 
-    def notify(self, state: OrderState) -> None:
+    def notify(self, state: OrderState, previous: OrderState) -> None:
         order = self.order
         note = Step(f"notify:{state}", "notify", self.proc.notify_system, self.proc.notify_op,
                     status=StepStatus.RUNNING, attempts=1)
         note.args = {
             "customer_id": order.customer_id, "order_id": order.order_id,
             "external_id": order.external_id, "state": str(state),
-            "message": f"Order {order.external_id} is {state}",
+            "message": f"Order {order.external_id} is {state} (was {previous})",
         }
         order.notes.append(note)
         self.send_note(note, len(order.notes) - 1)

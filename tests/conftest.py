@@ -132,3 +132,57 @@ def service(make_service: Any, sim: SimThread) -> Service:
 def client(eps: Endpoints) -> Iterator[Client]:
     with Client(eps.intake, zmq.Context.instance(), timeout=10) as c:
         yield c
+
+
+class Proc:
+    """An ``oms`` subprocess with its log in a file."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        import subprocess
+
+        self.log = log
+        self._out = log.open("ab")
+        self.p = subprocess.Popen([sys.executable, "-m", "oms.cli", *args],
+                                  stdout=self._out, stderr=self._out)
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        import signal
+
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+        code = self.p.wait(timeout)
+        self._out.close()
+        return code
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+        self.p.wait(10)
+        self._out.close()
+
+    def threads(self) -> int:
+        status = Path(f"/proc/{self.pid}/status").read_text()
+        return int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("Threads")))
+
+    def rss_mb(self) -> float:
+        status = Path(f"/proc/{self.pid}/status").read_text()
+        kb = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmRSS")))
+        return kb / 1024
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Any]:
+    started: list[Proc] = []
+
+    def start(args: list[str], name: str) -> Proc:
+        proc = Proc(args, tmp_path / f"{name}.log")
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()

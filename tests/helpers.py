@@ -108,3 +108,17 @@ def ok_domain(overrides: dict[str, CommandResult | None] | None = None) -> Domai
         return CommandResult(cmd.command_id, True, data)
 
     return reply
+
+
+def poll_until(check: Callable[[], Any], timeout: float = 20.0, every: float = 0.01) -> Any:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout``."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(every)

@@ -1,0 +1,227 @@
+"""Level 2: the actor types and the store writer, started in fixtures."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pykka
+import pytest
+from prometheus_client import CollectorRegistry
+
+from actors.loop import LoopActor
+from actors.pool import Dispatcher, PooledActor
+from actors.store_writer import Barrier, CreateOrder, SaveOrder, StoreWriter
+from oms import codec
+from oms.metrics import Metrics
+from oms.store import Store, StoreLocked
+
+
+class Recorder(PooledActor):
+    def __init__(self, dispatcher: Dispatcher, sink: list, done: threading.Event,
+                 expect: int) -> None:
+        super().__init__(dispatcher)
+        self.sink, self.done, self.expect = sink, done, expect
+        self.seen: list[int] = []
+
+    def on_receive(self, message: Any) -> Any:
+        if message == "boom":
+            raise ValueError("boom")
+        if message == "get":
+            return list(self.seen)
+        self.seen.append(message)
+        if len(self.seen) == self.expect:
+            self.sink.append(self.seen)
+            if len(self.sink) == self.expect_actors:
+                self.done.set()
+        return None
+
+
+@pytest.fixture
+def dispatcher() -> Any:
+    d = Dispatcher(workers=2)
+    yield d
+    d.stop()
+
+
+def test_ten_thousand_pooled_actors_share_two_threads(dispatcher: Dispatcher) -> None:
+    before = threading.active_count()
+    sink: list = []
+    done = threading.Event()
+    Recorder.expect_actors = 10_000  # type: ignore[attr-defined]
+    refs = [Recorder.spawn(dispatcher, sink, done, 5) for _ in range(10_000)]
+    for n in range(5):
+        for ref in refs:
+            ref.tell(n)
+    assert done.wait(30)
+    assert threading.active_count() == before
+    assert all(seen == [0, 1, 2, 3, 4] for seen in sink)  # per-actor order kept
+    assert pykka.ActorRegistry.get_all() == [] or all(
+        not isinstance(r, Recorder) for r in pykka.ActorRegistry.get_all())
+
+
+def test_pooled_actor_ask_and_failure(dispatcher: Dispatcher) -> None:
+    Recorder.expect_actors = 1  # type: ignore[attr-defined]
+    ref = Recorder.spawn(dispatcher, [], threading.Event(), 99)
+    ref.tell(1)
+    assert ref.ask("get", timeout=5) == [1]
+    with pytest.raises(ValueError, match="boom"):
+        ref.ask("boom", timeout=5)
+    assert ref.ask("get", timeout=5) == [1]  # an ask's exception goes to the asker only
+
+
+class Counting(LoopActor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.reached = threading.Event()
+        self.target = 0
+
+    def on_receive(self, message: Any) -> Any:
+        if message == "count":
+            return self.count
+        self.count += 1
+        if self.count == self.target:
+            self.reached.set()
+        return None
+
+
+def test_loop_actor_loses_no_wakeups_under_concurrent_tells() -> None:
+    actor = Counting.launch()
+    actor.target = 8 * 20_000
+    try:
+        def hammer() -> None:
+            for _ in range(20_000):
+                actor.tell(1)
+
+        threads = [threading.Thread(target=hammer) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert actor.reached.wait(20), f"only {actor.count} of {actor.target} handled"
+        assert actor.actor_ref.ask("count", timeout=5) == actor.target
+    finally:
+        actor.actor_ref.stop()
+
+
+class BadStart(LoopActor):
+    def on_start(self) -> None:
+        raise OSError("cannot bind")
+
+
+def test_launch_reports_a_failing_start() -> None:
+    with pytest.raises(OSError, match="cannot bind"):
+        BadStart.launch()
+
+
+# -- the store writer ------------------------------------------------------
+
+@pytest.fixture
+def store(tmp_path: Any) -> Any:
+    s = Store(tmp_path / "data", map_size=1 << 20)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def writer(store: Store) -> Any:
+    w = StoreWriter.launch(store, Metrics(CollectorRegistry()))
+    yield w
+    w.actor_ref.stop()
+
+
+def _record(order_id: str, size: int = 100) -> bytes:
+    from helpers import normalized, retail_order
+
+    from oms.engine import new_order
+    from oms.process import builtin_processes
+
+    order = new_order(order_id, normalized(retail_order(ext=order_id)),
+                      builtin_processes()["retail"], 1.0)
+    order.attributes = {"pad": "x" * size}
+    return codec.pack(order.to_record())
+
+
+def test_group_commit_reports_each_waiter_after_durable_write(
+        store: Store, writer: StoreWriter) -> None:
+    outcomes: list[str] = []
+    done = threading.Event()
+    n = 500
+
+    def cb(created: Any) -> None:
+        outcomes.append(created.kind)
+        if len(outcomes) == n:
+            done.set()
+
+    def build(oid: str) -> Any:
+        from oms.model import Order
+
+        return Order.from_record(codec.unpack(_record(oid)))
+
+    for i in range(n):
+        ext = f"e{i % 400}"  # 100 repeats of earlier ids, many within one batch
+        writer.tell(CreateOrder("web", ext, codec.digest({"e": ext}), build, cb))
+    assert done.wait(20)
+    assert outcomes.count("accepted") == 400
+    assert outcomes.count("duplicate") == 100
+    assert len(store.active_ids()) == 400
+    batches = writer.metrics.commit_batch.collect()[0].samples
+    count = next(s.value for s in batches if s.name.endswith("_count"))
+    assert count < n  # grouped: fewer commits than writes
+
+
+def test_conflicting_payload_is_a_conflict(store: Store, writer: StoreWriter) -> None:
+    results: list[str] = []
+    done = threading.Event()
+
+    def cb(created: Any) -> None:
+        results.append(created.kind)
+        if len(results) == 2:
+            done.set()
+
+    from oms.model import Order
+
+    def build(oid: str) -> Order:
+        return Order.from_record(codec.unpack(_record(oid)))
+
+    writer.tell(CreateOrder("web", "x", b"one", build, cb))
+    writer.tell(CreateOrder("web", "x", b"two", build, cb))
+    assert done.wait(5)
+    assert results == ["accepted", "conflict"]
+
+
+def test_map_grows_when_full_without_losing_writes(store: Store, writer: StoreWriter) -> None:
+    done = threading.Event()
+    n = 300
+    for i in range(n):
+        after = (done.set,) if i == n - 1 else ()
+        writer.tell(SaveOrder(f"O{i:012d}", _record(f"O{i:012d}", 20_000), True, (), after))
+    assert done.wait(30)
+    assert store.stats()["map_size"] > 1 << 20
+    assert len(store.active_ids()) == n
+    assert all(store.get_order(f"O{i:012d}") is not None for i in range(n))
+
+
+def test_barrier_runs_after_earlier_writes(store: Store, writer: StoreWriter) -> None:
+    seen: list[bool] = []
+    done = threading.Event()
+    writer.tell(SaveOrder("O000000000001", _record("O000000000001"), True, (), ()))
+    writer.tell(Barrier(lambda: (seen.append(store.get_order("O000000000001") is not None),
+                                 done.set())))
+    assert done.wait(5)
+    assert seen == [True]
+
+
+def test_second_store_on_same_folder_is_refused(store: Store) -> None:
+    with pytest.raises(StoreLocked, match="in use"):
+        Store(store.path)
+
+
+def test_corrupt_record_is_reported_with_its_key(store: Store) -> None:
+    from oms.store import CorruptRecord
+
+    with store.write() as txn:
+        txn.put(b"O000000000009", b"\xc1garbage", db=store.db["orders"])
+    with pytest.raises(CorruptRecord, match="O000000000009"):
+        store.get_order("O000000000009")

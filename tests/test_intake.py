@@ -1,0 +1,143 @@
+"""Level 3: the service in-process, the real simulators, real sockets and LMDB.
+
+Bad input of every kind gets the matching reply and the service keeps
+serving everyone else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+from helpers import poll_until, retail_order
+
+from oms import codec
+from oms.client import Client, wait_terminal
+
+
+def test_submit_then_get_by_id_and_by_external_id(service: Any, client: Client) -> None:
+    reply = client.submit(retail_order("ext-a"))
+    assert reply["type"] == "accepted" and reply["duplicate"] is False
+    assert reply["state"] == "acknowledged"
+    oid = reply["order_id"]
+    view = client.get(oid)["order"]
+    assert view["external_id"] == "ext-a" and view["customer_id"] == "c-1"
+    by_ext = client.request({"type": "get_order", "source_system": "web",
+                             "external_id": "ext-a"})
+    assert by_ext["order"]["order_id"] == oid
+    final = wait_terminal(client, [oid], timeout=20)[oid]
+    assert final["state"] == "completed"
+    assert {s["name"] for s in final["steps"]} >= {"reserve_stock", "capture_payment"}
+
+
+def test_resubmission_is_a_duplicate_and_a_changed_payload_a_conflict(
+        service: Any, client: Client) -> None:
+    first = client.submit(retail_order("ext-b"))
+    again = client.submit(retail_order("ext-b"))
+    assert again["order_id"] == first["order_id"] and again["duplicate"] is True
+    changed = client.submit(retail_order("ext-b", currency="USD"))
+    assert changed["type"] == "error" and changed["code"] == "conflict"
+
+
+def test_rejected_lists_all_field_errors(service: Any, client: Client) -> None:
+    bad = retail_order("ext-c")
+    bad["items"][0]["quantity"] = -1
+    del bad["customer_address"]["country"]
+    reply = client.submit(bad)
+    assert reply["type"] == "rejected"
+    assert {e["field"] for e in reply["errors"]} == {"items[0].quantity",
+                                                     "customer_address.country"}
+
+
+@pytest.mark.parametrize(("frame", "code"), [
+    (b"\xc1\xc1", "malformed"),
+    (codec.pack([1, 2, 3]), "malformed"),
+    (b"\x81\x01\x02", "malformed"),
+    (msgpack.packb({"type": msgpack.ExtType(1, b"x")}), "malformed"),
+    (codec.pack({"type": "launch_rockets"}), "unknown_type"),
+    (codec.pack({"no_type": 1}), "unknown_type"),
+    (codec.pack({"type": "get_order", "order_id": "O999"}), "not_found"),
+    (codec.pack({"type": "get_order", "order_id": 7}), "malformed"),
+    (codec.pack({"type": "list_orders", "limit": 5000}), "malformed"),
+    (codec.pack({"type": "list_orders", "state": "lost"}), "malformed"),
+    (codec.pack({"type": "cancel_order", "order_id": "O404"}), "not_found"),
+    (codec.pack({"type": "get_order", "source_system": "web", "external_id": "nope"}),
+     "not_found"),
+    (codec.pack({"type": "submit_order", "order": {"pad": "x" * (1024 * 1024)}}),
+     "too_large"),
+])
+def test_bad_frames_get_the_matching_error(service: Any, client: Client, frame: bytes,
+                                           code: str) -> None:
+    reply = client.send_raw(frame)
+    assert reply["type"] == "error" and reply["code"] == code, reply
+    assert reply["message"]
+    assert client.submit(retail_order(f"after-{code}"))["type"] == "accepted"
+
+
+def test_request_id_is_echoed(service: Any, client: Client) -> None:
+    reply = client.send_raw(codec.pack({"type": "nope", "request_id": "abc-1"}))
+    assert reply["request_id"] == "abc-1"
+
+
+def test_req_socket_clients_are_served(service: Any, eps: Any) -> None:
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(eps.intake)
+    try:
+        sock.send(codec.pack({"type": "submit_order", "order": retail_order("ext-req")}))
+        assert sock.poll(5000)
+        assert codec.decode_map(sock.recv())["type"] == "accepted"
+        sock.send(b"garbage")
+        assert sock.poll(5000)
+        assert codec.decode_map(sock.recv())["code"] == "malformed"
+    finally:
+        sock.close()
+
+
+def test_far_oversized_frame_is_cut_off_and_service_lives(service: Any, eps: Any,
+                                                          client: Client) -> None:
+    big = zmq.Context.instance().socket(zmq.DEALER)
+    big.setsockopt(zmq.LINGER, 0)
+    big.connect(eps.intake)
+    big.send(b"\x00" * (8 * 1024 * 1024))
+    assert not big.poll(500)  # dropped at the socket: no reply, no harm
+    big.close()
+    assert client.submit(retail_order("after-huge"))["type"] == "accepted"
+
+
+def test_list_orders_filters_and_pages(service: Any, client: Client) -> None:
+    ids = [client.submit(retail_order(f"list-{i}"))["order_id"] for i in range(7)]
+    other = client.submit(retail_order("list-x", source_system="store"))["order_id"]
+    seen, cursor = [], None
+    while True:
+        req: dict[str, Any] = {"type": "list_orders", "source_system": "web", "limit": 3}
+        if cursor:
+            req["after"] = cursor
+        page = client.request(req)
+        assert page["type"] == "orders" and len(page["orders"]) <= 3
+        seen += [o["order_id"] for o in page["orders"]]
+        cursor = page["next"]
+        if cursor is None:
+            break
+    assert seen == ids and other not in seen
+    wait_terminal(client, ids, timeout=20)
+    done = client.request({"type": "list_orders", "state": "completed", "limit": 1000})
+    assert set(ids) <= {o["order_id"] for o in done["orders"]}
+    assert "steps" not in done["orders"][0]
+
+
+def test_cancel_over_the_socket(service: Any, client: Client, sim: Any) -> None:
+    oid = client.submit(retail_order("cancel-me", items=[
+        {"id": "x", "product_id": "SKU-901", "quantity": 10**7}]))["order_id"]  # back-ordered
+    poll_until(lambda: client.get(oid)["order"]["state"] == "held")
+    assert client.get(oid)["order"]["state_reason"] == "awaiting_stock"
+    reply = client.cancel(oid, "customer asked")
+    assert reply["type"] == "cancel_accepted", reply
+    final = wait_terminal(client, [oid], timeout=20)[oid]
+    assert final["state"] == "cancelled"
+    assert client.cancel(oid)["type"] == "cancel_rejected"
+    ops = sim.report("warehouse", order_id=oid)["order"]
+    assert ops == {"reserve_stock": 1, "release_stock": 1, "notify": 3}  # inProgress, held,
+    # cancelled
