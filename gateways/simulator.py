@@ -158,6 +158,12 @@ class Domain:
         res["status"] = "released"
         return {}
 
+    def op_warehouse_receive_return(self, args: dict, order_id: str, now: float) -> dict:
+        return {"receipt_id": self.new_id("rcpt")}
+
+    def op_warehouse_restock(self, args: dict, order_id: str, now: float) -> dict:
+        return {}
+
     # -- billing -----------------------------------------------------------
 
     def op_billing_create_invoice(self, args: dict, order_id: str, now: float) -> dict:

@@ -74,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("order_id")
     status.add_argument("--json", action="store_true")
 
+    procs = sub.add_parser("processes", help="check or show process definitions")
+    psub = procs.add_subparsers(dest="action", required=True)
+    check = psub.add_parser("check", help="validate definitions without starting")
+    check.add_argument("dir", nargs="?", help="folder of *.toml (default: built-ins only)")
+    show = psub.add_parser("show", help="print an order type's step graph")
+    show.add_argument("order_type")
+    show.add_argument("--processes", help="folder of *.toml to load as well")
+
     demo = sub.add_parser("demo", help="simulators + service + sample orders, end to end")
     demo.add_argument("--orders", type=int, default=200)
     demo.add_argument("--data", default=".oms-demo")
@@ -222,6 +230,48 @@ def render_order(o: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cmd_processes(args: argparse.Namespace) -> int:
+    from oms.process import load_processes
+
+    if args.action == "check":
+        procs = load_processes(args.dir)
+        for name, proc in sorted(procs.items()):
+            print(f"ok  {name:<12} {len(proc.steps)} steps  ({proc.source})")
+        return 0
+    procs = load_processes(args.processes)
+    if args.order_type not in procs:
+        print(f"unknown order type {args.order_type!r}; known: {', '.join(sorted(procs))}",
+              file=sys.stderr)
+        return 2
+    print(render_process(procs[args.order_type]))
+    return 0
+
+
+def render_process(proc: Any) -> str:
+    lines = [f"{proc.order_type}: {proc.description}",
+             f"  failure policy: {proc.failure_policy}; item failure: {proc.item_failure}; "
+             f"point of no return: {proc.point_of_no_return or '-'}; "
+             f"sequencing: {proc.sequencing_key or '-'}",
+             f"  CRM notified of: {', '.join(sorted(proc.notify_states)) or '-'}", ""]
+    for step in proc.steps:
+        after = f"  after {', '.join(step.after)}" if step.after else "  (start)"
+        if step.wait_event:
+            what = f"wait for event {step.wait_event}"
+        elif step.per_item:
+            what = "per item: " + "; ".join(
+                f"{act} -> {a.system}.{a.op}" for act, a in step.per_item.items())
+        else:
+            a = step.action
+            comp = f", undo {a.compensate[0]}" if a.compensate else ""
+            what = f"{a.system}.{a.op}{comp}"
+        hold = (f"; hold '{step.hold.reason}' while {step.hold.field} == {step.hold.equals!r}"
+                f" until {step.hold.until_event}") if step.hold else ""
+        lines.append(f"  [{step.name}] {what}{hold}")
+        lines.append(f"      {after.strip()}; timeout {step.timeout_s:g} s; "
+                     f"retry x{step.retry.max_attempts}")
+    return "\n".join(lines)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from oms.demo import run_demo
 
@@ -229,7 +279,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"serve": cmd_serve, "simulate": cmd_simulate, "submit": cmd_submit,
-            "status": cmd_status, "demo": cmd_demo}
+            "status": cmd_status, "processes": cmd_processes, "demo": cmd_demo}
 
 if __name__ == "__main__":
     sys.exit(main())
