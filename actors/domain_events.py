@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import zmq
 
 from actors.intake import MAX_SOCKET_MESSAGE
-from actors.loop import LoopActor
+from actors.loop import LoopActor, open_socket
 from actors.store_writer import RecordEvent
 from oms import codec, errors
 from oms.messages import DomainEvent
@@ -54,12 +54,9 @@ class DomainEvents(LoopActor):
         self.sock: zmq.Socket | None = None
 
     def on_start(self) -> None:
-        sock = self.zctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.LINGER, 1000)
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_SOCKET_MESSAGE)
-        sock.bind(self.endpoint)
-        self.sock = sock
+        self.sock = open_socket(self.zctx, zmq.ROUTER, bind=self.endpoint, ROUTER_MANDATORY=1,
+                                SNDHWM=10_000, RCVHWM=10_000, LINGER=1000,
+                                MAXMSGSIZE=MAX_SOCKET_MESSAGE)
 
     def on_stop(self) -> None:
         if self.sock is not None:

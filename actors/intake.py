@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import zmq
 
-from actors.loop import LoopActor
+from actors.loop import LoopActor, open_socket
 from actors.store_writer import CreateOrder
 from oms import codec, errors
 from oms.engine import new_order
@@ -60,14 +60,9 @@ class Intake(LoopActor):
     # -- socket ------------------------------------------------------------
 
     def on_start(self) -> None:
-        sock = self.zctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.SNDHWM, self.hwm)
-        sock.setsockopt(zmq.RCVHWM, self.hwm)
-        sock.setsockopt(zmq.LINGER, 1000)
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_SOCKET_MESSAGE)
-        sock.bind(self.endpoint)
-        self.sock = sock
+        self.sock = open_socket(self.zctx, zmq.ROUTER, bind=self.endpoint, ROUTER_MANDATORY=1,
+                                SNDHWM=self.hwm, RCVHWM=self.hwm, LINGER=1000,
+                                MAXMSGSIZE=MAX_SOCKET_MESSAGE)
 
     def on_stop(self) -> None:
         if self.sock is not None:

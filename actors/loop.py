@@ -30,6 +30,24 @@ import zmq
 logger = logging.getLogger(__name__)
 
 
+def open_socket(ctx: zmq.Context, kind: int, *, bind: str | None = None,
+                connect: str | None = None, **options: int) -> zmq.Socket:
+    """A socket with options set (``SNDHWM=...``), bound or connected; closed
+    again if that fails, so a failed start leaves nothing open."""
+    sock = ctx.socket(kind)
+    try:
+        for name, value in options.items():
+            sock.setsockopt(getattr(zmq, name), value)
+        if bind:
+            sock.bind(bind)
+        if connect:
+            sock.connect(connect)
+    except BaseException:
+        sock.close(0)
+        raise
+    return sock
+
+
 class SignalInbox:
     """A deque plus an eventfd that is raised when the deque stops being empty."""
 

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 import zmq
 
-from actors.loop import LoopActor
+from actors.loop import LoopActor, open_socket
 from oms import codec
 from oms.metrics import Metrics
 
@@ -32,11 +32,8 @@ class Publisher(LoopActor):
         self.sock: zmq.Socket | None = None
 
     def on_start(self) -> None:
-        sock = self.ctx.socket(zmq.PUB)
-        sock.setsockopt(zmq.SNDHWM, self.hwm)
-        sock.setsockopt(zmq.LINGER, 500)
-        sock.bind(self.endpoint)
-        self.sock = sock
+        self.sock = open_socket(self.ctx, zmq.PUB, bind=self.endpoint, SNDHWM=self.hwm,
+                                LINGER=500)
 
     def on_receive(self, message: Any) -> None:
         if isinstance(message, PublishEvent) and self.sock is not None:

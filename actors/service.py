@@ -66,7 +66,7 @@ class Service:
             raise ConfigError(f"no endpoint for domain system(s): {', '.join(missing)}; "
                               "add --system NAME=ENDPOINT")
         self.zctx = zmq.Context()
-        self._stops.append(("zmq context", lambda: self.zctx.term()))
+        self._stops.append(("zmq context", lambda: self.zctx.destroy(linger=0)))
         self.store = Store(cfg.data, map_size=cfg.map_size_mb * 1024 * 1024)
         self._stops.append(("store", self.store.close))
         self.writer = StoreWriter.launch(self.store, self.metrics)

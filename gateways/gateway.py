@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import zmq
 
-from actors.loop import LoopActor
+from actors.loop import LoopActor, open_socket
 from oms import codec
 from oms.errors import TIMEOUT, UNAVAILABLE, DomainError
 from oms.messages import CommandResult, Send
@@ -51,12 +51,9 @@ class Gateway(LoopActor):
         self.sock: zmq.Socket | None = None
 
     def on_start(self) -> None:
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.SNDHWM, self.hwm)
-        sock.setsockopt(zmq.RCVHWM, self.hwm)
-        sock.setsockopt(zmq.LINGER, 0)  # commands are idempotent and re-sent at restart
-        sock.connect(self.endpoint)
-        self.sock = sock
+        # LINGER 0: commands are idempotent and re-sent after a restart
+        self.sock = open_socket(self.ctx, zmq.DEALER, connect=self.endpoint, SNDHWM=self.hwm,
+                                RCVHWM=self.hwm, LINGER=0)
 
     def on_stop(self) -> None:
         if self.sock is not None:

@@ -17,7 +17,7 @@ import zmq
 
 from oms import codec
 from oms.client import Client
-from oms.config import DEFAULT_SYSTEMS, Config
+from oms.config import Config
 from oms.sample import sample_orders
 
 TERMINAL = {"completed", "partial", "failed", "cancelled"}
@@ -152,10 +152,14 @@ def _summary(client: Client, cfg: Config, ids: list[str], finished: dict[str, st
         print(f"  applied twice for the same order and arguments: "
               f"{len(report.get('applied_twice', []))}")
     sample = next((i for i in ids if views.get(i, {}).get("state") == "completed"), None)
-    print("\nwhere to look next:")
     if sample:
-        print(f"  oms status {sample}        one order's steps, results and history")
-    print(f"  {base}/serve.log           the service's JSON log")
-    print(f"  http://127.0.0.1:{cfg.metrics_port}/metrics  Prometheus metrics (while serving)")
+        from oms.cli import render_order
+
+        print("\none of them, as `oms status` shows it:\n")
+        print("  " + render_order(views[sample]).replace("\n", "\n  "))
+    print("\nwhere to look next:")
+    print(f"  {base}/serve.log            the service's JSON log (one line per state change)")
+    print(f"  oms serve --data {cfg.data} &   browse the demo's orders afterwards, then")
+    print(f"  oms status {sample or 'ORDER_ID'}     or  oms submit --sample 5")
+    print(f"  http://127.0.0.1:{cfg.metrics_port}/metrics   Prometheus metrics while it serves")
     print("  docs/architecture.md, docs/operations.md, docs/processes.md")
-    _ = DEFAULT_SYSTEMS
