@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("order_type")
     show.add_argument("--processes", help="folder of *.toml to load as well")
 
+    from bench.cli import add_parser as add_bench
+
+    add_bench(sub)
+
     demo = sub.add_parser("demo", help="simulators + service + sample orders, end to end")
     demo.add_argument("--orders", type=int, default=200)
     demo.add_argument("--data", default=".oms-demo")
@@ -272,6 +276,12 @@ def render_process(proc: Any) -> str:
     return "\n".join(lines)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bench.cli import run_bench
+
+    return run_bench(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from oms.demo import run_demo
 
@@ -279,7 +289,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"serve": cmd_serve, "simulate": cmd_simulate, "submit": cmd_submit,
-            "status": cmd_status, "processes": cmd_processes, "demo": cmd_demo}
+            "status": cmd_status, "processes": cmd_processes, "demo": cmd_demo,
+            "bench": cmd_bench}
 
 if __name__ == "__main__":
     sys.exit(main())

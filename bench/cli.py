@@ -1,0 +1,197 @@
+"""``oms bench``: measure throughput, latency and scale of the service.
+
+Scenarios:
+  retail   the retail happy path, closed loop (or open loop with --rate)
+  mixed    back-orders, payment declines and telecom orders with partial outcomes
+  intake   accept and durably acknowledge only (orders then wait; no domain work)
+  waiting  N orders left waiting for delivery: memory and threads per waiting
+           order, and the time from restart to accepting orders with N in flight
+  soak     a fixed --rate for --duration seconds
+
+By default it starts its own simulators and service (in a temporary folder);
+``--intake``/``--events`` target a running service instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import tempfile
+import time
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+from bench.harness import Harness
+from bench.load import LoadGen, Run, percentiles
+from bench.report import write_reports
+from oms.sample import sample_orders
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("bench", help="load test: throughput, latency, scale",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenario", default="retail",
+                   choices=["retail", "mixed", "intake", "waiting", "soak"])
+    p.add_argument("--orders", type=int, default=20_000)
+    p.add_argument("--window", type=int, default=1024, help="closed loop: orders in flight")
+    p.add_argument("--rate", type=float, help="open loop: orders per second")
+    p.add_argument("--duration", type=float, default=60.0, help="soak: seconds")
+    p.add_argument("--warmup", type=float, default=0.1, help="share of orders not measured")
+    p.add_argument("--baseline", action="store_true", help="also run the no-actor baseline")
+    p.add_argument("--workers", type=int, default=2, help="service order worker threads")
+    p.add_argument("--intake", help="target a running service's intake instead")
+    p.add_argument("--events", help="... and its events endpoint")
+    p.add_argument("--out", default="bench-reports", help="folder for the reports")
+    p.add_argument("--smoke", action="store_true", help="tiny run that checks the bench works")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _orders(scenario: str, prefix: str) -> Any:
+    if scenario == "mixed":
+        return sample_orders(10**9, seed=3, source="bench", prefix=prefix, telecom_ratio=0.3,
+                             scarce_ratio=0.05)
+    if scenario == "intake":
+        return (dict(o, order_type="intake") for o in
+                sample_orders(10**9, seed=3, source="bench", prefix=prefix))
+    return sample_orders(10**9, seed=3, source="bench", prefix=prefix)
+
+
+SIM_ARGS = {
+    "retail": ["--delivery-s", "0"],
+    "soak": ["--delivery-s", "0"],
+    "intake": [],
+    "mixed": ["--delivery-s", "0", "--restock-s", "0.5", "--scarce", "200",
+              "--fail", "capture_payment=0.03:payment_declined"],
+    "waiting": ["--delivery-s", "100000"],
+}
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.smoke:
+        args.orders, args.window, args.duration = min(args.orders, 300), 64, 2.0
+    config = {k: v for k, v in vars(args).items() if k not in ("func",)}
+    workdir = Path(tempfile.mkdtemp(prefix="oms-bench-"))
+    result: dict[str, Any] = {"scenario": args.scenario, "config": config,
+                              "machine": machine(), "started": time.time()}
+    harness = None
+    try:
+        if args.intake:
+            intake, events = args.intake, args.events
+        else:
+            harness = Harness(workdir, SIM_ARGS[args.scenario], ["--workers",
+                                                                 str(args.workers)])
+            harness.start_simulators()
+            if args.baseline:
+                result["baseline"] = run_baseline(harness, args)
+            harness.start_service()
+            harness.wait_ready()
+            intake, events = harness.eps.intake, harness.eps.events
+        if args.scenario == "waiting":
+            result.update(run_waiting(harness, intake, events, args))
+        else:
+            result.update(run_load(harness, intake, events, args))
+    finally:
+        if harness is not None:
+            result.update(harness.stop())
+        shutil.rmtree(workdir, ignore_errors=True)
+    text = write_reports(result, Path(args.out))
+    print(text)
+    return 0
+
+
+def machine() -> dict[str, Any]:
+    from importlib.metadata import version
+
+    import lmdb
+    import msgpack
+    import zmq
+
+    mem = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")), 0)
+    return {"host": platform.node(), "cpus": os.cpu_count(), "mem_gb": round(mem / 2**20, 1),
+            "python": platform.python_version(), "platform": platform.platform(),
+            "versions": {"pykka": version("pykka"), "pyzmq": zmq.__version__,
+                         "libzmq": zmq.zmq_version(), "lmdb": lmdb.version(),
+                         "msgpack": ".".join(map(str, msgpack.version))}}
+
+
+def run_baseline(harness: Harness, args: argparse.Namespace) -> dict[str, Any]:
+    from bench.baseline import Baseline
+
+    base = Baseline(harness.eps.systems, harness.eps.domain_events, harness.workdir / "base")
+    try:
+        orders = list(sample_orders(args.orders, seed=3, source="bench", prefix="BASE-"))
+        rate = base.run(orders, args.window, args.quiet)
+    finally:
+        base.close()
+    return {"orders_per_s": rate, "orders": args.orders}
+
+
+def run_load(harness: Harness | None, intake: str, events: str,
+             args: argparse.Namespace) -> dict[str, Any]:
+    gen = LoadGen(intake, events, "bench")
+    prefix = f"{args.scenario[:3].upper()}{int(time.time()) % 100000}-"
+    total = args.orders
+    rate = args.rate
+    if args.scenario == "soak":
+        rate = rate or 500.0
+        total = int(rate * args.duration)
+    cpu0 = harness.svc.cpu_s() if harness and harness.svc else 0.0
+    try:
+        run = gen.run(_orders(args.scenario, prefix), total, window=args.window, rate=rate,
+                      warmup=int(total * args.warmup), complete=args.scenario != "intake",
+                      quiet=args.quiet)
+    finally:
+        gen.close()
+    out = summarize(run, args.scenario)
+    out["mode"] = f"open loop at {rate:g}/s" if rate else f"closed loop, window {args.window}"
+    if harness and harness.svc:
+        out["service"] = {"cpu_s": harness.svc.cpu_s() - cpu0,
+                          "peak_rss_mb": harness.svc.peak_rss_mb(),
+                          "threads": harness.svc.threads()}
+    return out
+
+
+def summarize(run: Run, scenario: str) -> dict[str, Any]:
+    what = "accepted" if scenario == "intake" else "finished"
+    return {
+        "orders": run.submitted, "accepted": run.accepted, "finished": run.finished,
+        "orders_per_s": run.rate(what), "seconds": run.ended - run.started,
+        "accept_latency_s": percentiles(run.accept_lat),
+        "completion_latency_s": percentiles(run.complete_lat),
+        "outcomes": dict(run.outcomes), "errors": dict(run.errors),
+        "timeline": run.timeline,
+    }
+
+
+def run_waiting(harness: Harness | None, intake: str, events: str,
+                args: argparse.Namespace) -> dict[str, Any]:
+    assert harness is not None and harness.svc is not None, "waiting needs its own service"
+    idle_rss, idle_threads = harness.svc.rss_mb(), harness.svc.threads()
+    gen = LoadGen(intake, events, "bench")
+    try:
+        run = gen.run(_orders("retail", f"WAIT{next(count())}-"), args.orders,
+                      window=args.window, until_step="await_delivery", quiet=args.quiet)
+    finally:
+        gen.close()
+    time.sleep(1.0)  # let the last snapshots flush and their actors passivate
+    rss, threads = harness.svc.rss_mb(), harness.svc.threads()
+    harness.svc.stop()
+    harness.start_service()
+    started = time.monotonic()
+    harness.wait_ready()
+    restart_s = time.monotonic() - started
+    out = summarize(run, "waiting")
+    out.update({
+        "mode": f"closed loop, window {args.window}",
+        "waiting_orders": run.finished,
+        "idle_rss_mb": idle_rss, "rss_mb": rss, "idle_threads": idle_threads,
+        "threads": threads,
+        "kb_per_waiting_order": (rss - idle_rss) * 1024 / max(run.finished, 1),
+        "restart_to_accepting_s": restart_s,
+        "rss_after_restart_mb": harness.svc.rss_mb(),
+    })
+    return out

@@ -1,0 +1,119 @@
+"""Start the simulators and the service as processes for a bench run, on
+free loopback ports, and read the service's CPU time, RSS and threads."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+SYSTEMS = ("warehouse", "billing", "shipping", "crm", "provisioning")
+
+WAIT_PROCESS = """
+[process]
+order_type = "intake"
+description = "Bench only: the order is acknowledged, started, and waits"
+[steps.wait]
+wait_event = { name = "never" }
+"""
+
+
+def free_endpoint() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+class Endpoints:
+    def __init__(self) -> None:
+        self.intake, self.events, self.domain_events = (free_endpoint() for _ in range(3))
+        self.systems = {s: free_endpoint() for s in SYSTEMS}
+
+
+class Proc:
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.log = log.open("ab")
+        self.p = subprocess.Popen([sys.executable, "-m", "oms.cli", *args],
+                                  stdout=self.log, stderr=self.log)
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+        try:
+            return self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            return self.p.wait()
+        finally:
+            self.log.close()
+
+    def _status(self, key: str) -> int:
+        for line in Path(f"/proc/{self.p.pid}/status").read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1])
+        return 0
+
+    def rss_mb(self) -> float:
+        return self._status("VmRSS:") / 1024
+
+    def peak_rss_mb(self) -> float:
+        return self._status("VmHWM:") / 1024
+
+    def threads(self) -> int:
+        return self._status("Threads:")
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Harness:
+    """Simulators + service for one bench run; everything under ``workdir``."""
+
+    def __init__(self, workdir: Path, sim_args: list[str], serve_args: list[str]) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.eps = Endpoints()
+        self.sim_args, self.serve_args = sim_args, serve_args
+        self.sim: Proc | None = None
+        self.svc: Proc | None = None
+
+    def start_simulators(self) -> None:
+        args = ["simulate", "--service-events", self.eps.domain_events, "--log-level",
+                "warning"]
+        for name, ep in self.eps.systems.items():
+            args += ["--system", f"{name}={ep}"]
+        self.sim = Proc(args + self.sim_args, self.workdir / "simulate.log")
+
+    def start_service(self) -> None:
+        procs = self.workdir / "processes"
+        procs.mkdir(exist_ok=True)
+        (procs / "intake.toml").write_text(WAIT_PROCESS)
+        args = ["serve", "--data", str(self.workdir / "data"), "--intake", self.eps.intake,
+                "--events", self.eps.events, "--domain-events", self.eps.domain_events,
+                "--metrics-port", "0", "--processes", str(procs), "--log-level", "warning"]
+        for name, ep in self.eps.systems.items():
+            args += ["--system", f"{name}={ep}"]
+        self.svc = Proc(args + self.serve_args, self.workdir / "serve.log")
+
+    def wait_ready(self, timeout: float = 600) -> float:
+        """Seconds until the intake answers."""
+        from oms.client import Client
+
+        started = time.monotonic()
+        with Client(self.eps.intake) as client:
+            client.wait_ready(timeout)
+        return time.monotonic() - started
+
+    def stop(self) -> dict[str, Any]:
+        out = {}
+        if self.svc is not None:
+            out["service_exit"] = self.svc.stop()
+        if self.sim is not None:
+            out["simulator_exit"] = self.sim.stop()
+        return out

@@ -1,0 +1,210 @@
+"""The load generator: one DEALER to the intake, one SUB to the events.
+
+Closed loop keeps ``window`` orders in flight (submitted, not yet finished)
+for maximum throughput. Open loop submits on a fixed schedule at ``rate``
+and measures each latency from the order's *intended* send time, so a stall
+in the service is charged to every order it delayed (no coordinated
+omission). Completion is seen on the ``order_summary`` event; the SUB socket
+has no high-water mark, so the generator does not drop events itself.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from oms import codec
+
+
+@dataclass
+class Run:
+    """What one load run saw. Times are ``time.monotonic()`` seconds."""
+
+    started: float = 0.0
+    ended: float = 0.0
+    measured_from: float = 0.0  # end of warm-up
+    submitted: int = 0
+    accepted: int = 0
+    finished: int = 0
+    accept_lat: list[float] = field(default_factory=list)
+    complete_lat: list[float] = field(default_factory=list)
+    timeline: list[tuple[float, float]] = field(default_factory=list)  # (t, completion lat)
+    outcomes: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    measured_finished: int = 0
+    measured_accepted: int = 0
+
+    def rate(self, what: str = "finished") -> float:
+        span = self.ended - self.measured_from
+        count = self.measured_finished if what == "finished" else self.measured_accepted
+        return count / span if span > 0 else 0.0
+
+
+class Progress:
+    def __init__(self, total: int, label: str, quiet: bool) -> None:
+        self.total, self.label, self.quiet = total, label, quiet
+        self.shown = 0.0
+        self.started = time.monotonic()
+
+    def show(self, done: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.quiet or (now - self.shown < 0.25 and not force):
+            return
+        self.shown = now
+        width = 30
+        filled = int(width * done / max(self.total, 1))
+        rate = done / max(now - self.started, 1e-9)
+        sys.stderr.write(f"\r  {self.label:<8} [{'#' * filled}{'.' * (width - filled)}] "
+                         f"{done}/{self.total}  {rate:8.0f}/s")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if not self.quiet:
+            sys.stderr.write("\n")
+
+
+class LoadGen:
+    def __init__(self, intake: str, events: str, source: str) -> None:
+        ctx = zmq.Context.instance()
+        self.dealer = ctx.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.LINGER, 0)
+        self.dealer.setsockopt(zmq.SNDHWM, 0)
+        self.dealer.setsockopt(zmq.RCVHWM, 0)
+        self.dealer.connect(intake)
+        self.sub = ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.RCVHWM, 0)
+        self.sub.setsockopt(zmq.SUBSCRIBE, source.encode())
+        self.sub.connect(events)
+        self.poller = zmq.Poller()
+        self.poller.register(self.dealer, zmq.POLLIN)
+        self.poller.register(self.sub, zmq.POLLIN)
+
+    def close(self) -> None:
+        self.dealer.close()
+        self.sub.close()
+
+    def run(self, orders: Iterator[dict[str, Any]], total: int, *, window: int = 1024,
+            rate: float | None = None, warmup: int = 0, complete: bool = True,
+            timeout: float = 600.0, quiet: bool = False,
+            until_step: str | None = None) -> Run:
+        """Submit ``total`` orders; wait for completion unless ``complete`` is
+        False (intake only). ``until_step``: count an order finished when that
+        step starts running (the waiting scenario)."""
+        run = Run()
+        sent_at: dict[str, float] = {}  # external_id -> (intended) send time
+        ext_of: dict[str, str] = {}  # order_id -> external_id
+        early: dict[str, tuple[float, str]] = {}  # summaries before their accept
+        in_flight = 0
+        progress = Progress(total, "orders", quiet)
+        run.started = run.measured_from = time.monotonic()
+        deadline = run.started + timeout
+        target = total
+
+        def finish(ext: str, now: float, outcome: str) -> None:
+            nonlocal in_flight
+            in_flight -= 1
+            run.finished += 1
+            latency = now - sent_at.pop(ext)
+            run.outcomes[outcome] += 1
+            if run.finished > warmup:
+                run.complete_lat.append(latency)
+                run.timeline.append((now - run.started, latency))
+                run.measured_finished += 1
+            if run.finished == warmup:
+                run.measured_from = now
+
+        while run.finished < target and time.monotonic() < deadline:
+            now = time.monotonic()
+            while run.submitted < total and (
+                    (rate is None and in_flight < window)
+                    or (rate is not None and run.started + run.submitted / rate <= now)):
+                order = next(orders)
+                ext = order["external_id"]
+                sent_at[ext] = now if rate is None else run.started + run.submitted / rate
+                self.dealer.send(codec.pack({"type": "submit_order", "order": order,
+                                             "request_id": ext}))
+                run.submitted += 1
+                in_flight += 1
+            wait = 100.0
+            if rate is not None and run.submitted < total:
+                wait = max(0.0, (run.started + run.submitted / rate - now) * 1000)
+            ready = dict(self.poller.poll(wait))
+            now = time.monotonic()
+            if self.dealer in ready:
+                self._replies(run, sent_at, ext_of, early, now, complete, finish, warmup)
+            if self.sub in ready:
+                self._events(run, sent_at, ext_of, early, now, finish, until_step)
+            in_flight = run.submitted - run.finished
+            progress.show(run.finished)
+        run.ended = time.monotonic()
+        progress.show(run.finished, force=True)
+        progress.close()
+        return run
+
+    def _replies(self, run: Run, sent_at: dict, ext_of: dict, early: dict, now: float,
+                 complete: bool, finish: Any, warmup: int) -> None:
+        while True:
+            try:
+                reply = codec.decode_map(self.dealer.recv(flags=zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            ext = str(reply.get("request_id"))
+            if ext not in sent_at:
+                continue
+            if reply.get("type") != "accepted":
+                run.errors[str(reply.get("code") or reply.get("type"))] += 1
+                finish(ext, now, "not accepted")
+                continue
+            run.accepted += 1
+            if run.accepted > warmup:
+                run.accept_lat.append(now - sent_at[ext])
+                run.measured_accepted += 1
+            if not complete:
+                finish(ext, now, "accepted")
+                continue
+            ext_of[reply["order_id"]] = ext
+            if reply["order_id"] in early:
+                t, outcome = early.pop(reply["order_id"])
+                finish(ext, t, outcome)
+
+    def _events(self, run: Run, sent_at: dict, ext_of: dict, early: dict, now: float,
+                finish: Any, until_step: str | None) -> None:
+        while True:
+            try:
+                _topic, raw = self.sub.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            ev = codec.decode_map(raw)
+            if until_step is not None:
+                done = (ev.get("type") == "order_progress" and ev.get("step") == until_step
+                        and ev.get("status") == "running")
+                outcome = "waiting"
+            else:
+                done = ev.get("type") == "order_summary"
+                outcome = ev.get("summary", {}).get("state", "?") if done else ""
+            if not done:
+                continue
+            ext = ext_of.pop(ev["order_id"], None)
+            if ext is None:
+                early[ev["order_id"]] = (now, outcome)
+            elif ext in sent_at:
+                finish(ext, now, outcome)
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {k: 0.0 for k in ("p50", "p90", "p99", "p99.9", "max")}
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "p99.9": at(0.999),
+            "max": ordered[-1]}

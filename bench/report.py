@@ -1,0 +1,113 @@
+"""Bench reports: a text table for people, JSON for machines, and a PNG of
+latency over time and its distribution (when matplotlib is installed:
+``pip install -e '.[bench]'``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+TARGETS = {
+    "retail": "target: >= 5,000 orders/s sustained and >= 0.25x the baseline",
+    "intake": "target: >= 20,000 orders/s durably acknowledged",
+    "waiting": "target: 100,000 waiting orders in < 500 MB RSS, < 64 threads; "
+               "restart to accepting < 5 s",
+    "soak": "target: p99 completion <= 100 ms at 2,500 orders/s offered",
+}
+
+
+def _ms(value: float) -> str:
+    return f"{value * 1000:9.1f}"
+
+
+def render(r: dict[str, Any]) -> str:
+    lines = [f"oms bench — scenario {r['scenario']} ({r.get('mode', '')})",
+             f"machine: {r['machine']['cpus']} cpus, {r['machine']['mem_gb']} GB, "
+             f"Python {r['machine']['python']}, " + ", ".join(
+                 f"{k} {v}" for k, v in r["machine"]["versions"].items()), ""]
+    what = "accepted" if r["scenario"] == "intake" else "finished"
+    lines.append(f"orders:       {r.get('orders', 0)} submitted, {r.get('accepted', 0)} "
+                 f"accepted, {r.get('finished', 0)} {what if what != 'accepted' else 'acked'}"
+                 f" in {r.get('seconds', 0):.1f} s")
+    lines.append(f"throughput:   {r.get('orders_per_s', 0):,.0f} orders/s {what} "
+                 "(after warm-up)")
+    if "baseline" in r:
+        base = r["baseline"]["orders_per_s"]
+        ratio = r.get("orders_per_s", 0) / base if base else 0
+        lines.append(f"baseline:     {base:,.0f} orders/s (same I/O, no actors) -> "
+                     f"service = {ratio:.2f}x baseline")
+    lines += ["", f"latency (ms)  {'p50':>9} {'p90':>9} {'p99':>9} {'p99.9':>9} {'max':>9}"]
+    for key, label in (("accept_latency_s", "accept"), ("completion_latency_s", "complete")):
+        p = r.get(key)
+        if p and p.get("max"):
+            lines.append(f"{label:<13}" + " ".join(_ms(p[q]) for q in
+                                                    ("p50", "p90", "p99", "p99.9", "max")))
+    svc = r.get("service")
+    if svc:
+        lines += ["", f"service:      {svc['cpu_s']:.1f} CPU s, peak RSS "
+                      f"{svc['peak_rss_mb']:.0f} MB, {svc['threads']} threads"]
+    if r["scenario"] == "waiting":
+        lines += ["", f"waiting:      {r['waiting_orders']} orders waiting for delivery: "
+                      f"RSS {r['rss_mb']:.0f} MB (idle {r['idle_rss_mb']:.0f} MB, "
+                      f"{r['kb_per_waiting_order']:.2f} KB per order), {r['threads']} threads",
+                  f"restart:      {r['restart_to_accepting_s']:.2f} s from start to accepting "
+                  f"orders with {r['waiting_orders']} in flight"]
+    if r.get("outcomes"):
+        lines.append("outcomes:     " + ", ".join(f"{k} {v}" for k, v in
+                                                   sorted(r["outcomes"].items())))
+    if r.get("errors"):
+        lines.append("errors:       " + ", ".join(f"{k} {v}" for k, v in r["errors"].items()))
+    if r["scenario"] in TARGETS:
+        lines.append(f"\n{TARGETS[r['scenario']]}")
+    return "\n".join(lines)
+
+
+def write_reports(result: dict[str, Any], out: Path) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = out / f"{result['scenario']}-{stamp}"
+    text = render(result)
+    base.with_suffix(".txt").write_text(text + "\n")
+    slim = {k: v for k, v in result.items() if k != "timeline"}
+    base.with_suffix(".json").write_text(json.dumps(slim, indent=2, default=str))
+    png = _plot(result, base.with_suffix(".png"))
+    return text + f"\n\nreports: {base}.txt, {base}.json" + (f", {png}" if png else
+                                                            " (no PNG: pip install "
+                                                            "-e '.[bench]' for one)")
+
+
+def _plot(result: dict[str, Any], path: Path) -> Path | None:
+    timeline = result.get("timeline") or []
+    if not timeline:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    ts = [t for t, _ in timeline]
+    lat = [v * 1000 for _, v in timeline]
+    left.plot(ts, lat, ",", alpha=0.6)
+    left.set_xlabel("seconds into the run")
+    left.set_ylabel("completion latency (ms)")
+    left.set_title("latency over time")
+    ordered = sorted(lat)
+    n = len(ordered)
+    qs = [i / n for i in range(n)]
+    right.plot([1 / (1 - q) for q in qs], ordered)
+    right.set_xscale("log")
+    right.set_xticks([1, 2, 10, 100, 1000, 10000])
+    right.set_xticklabels(["0%", "50%", "90%", "99%", "99.9%", "99.99%"])
+    right.set_ylabel("completion latency (ms)")
+    right.set_title("latency by percentile")
+    fig.suptitle(f"oms bench {result['scenario']}: {result.get('orders_per_s', 0):,.0f} "
+                 f"orders/s ({result.get('mode', '')})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
