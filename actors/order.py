@@ -37,6 +37,10 @@ class Flushed(NamedTuple):
     version: int
 
 
+class Rest(NamedTuple):
+    """From the router's sweep: you have been idle a while; passivate if you can."""
+
+
 class Inbound(NamedTuple):
     """A recorded domain event; ``key`` is its inbox record to consume."""
 
@@ -72,14 +76,19 @@ class OrderActor(PooledActor):
         self._consumed: list[bytes] = []
         self._dirty = False
         self._durable = order.version  # the newest version the store confirmed
+        self.idle_since: float | None = None  # when it last had nothing to do
 
     def __str__(self) -> str:
         return f"OrderActor({self.order.order_id})"
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, Flushed):
-            self._on_flushed(message.version)
+            self._durable = max(self._durable, message.version)
             return None
+        if isinstance(message, Rest):
+            self._rest(sweep=True)
+            return None
+        self._busy()
         if isinstance(message, Inbound):
             self._consumed.append(message.key)
             self._dirty = True
@@ -143,15 +152,25 @@ class OrderActor(PooledActor):
         topic = order.source_system
         return lambda: ctx.publisher.publish(topic, payload)
 
-    def _on_flushed(self, version: int) -> None:
-        self._durable = max(self._durable, version)
+    def _busy(self) -> None:
+        if self.idle_since is not None:
+            self.idle_since = None
+            self.ctx.router.idle.pop(self.order.order_id, None)
 
-    def _rest(self) -> None:
-        """Leave memory if everything is durable and nothing is awaited."""
+    def _rest(self, sweep: bool = False) -> None:
+        """Leave memory if everything is durable and nothing is awaited:
+        a finished order at once, a waiting one once idle long enough."""
         order = self.order
         if self._durable != order.version or self.actor_inbox.queue:
             return
+        router = self.ctx.router
         if order.finished:
-            self.ctx.router.retire(self)
-        elif not awaiting_reply(order):
-            self.ctx.router.passivate(self)
+            router.retire(self)
+        elif awaiting_reply(order):
+            return
+        elif sweep or router.passivate_after_s <= 0:
+            if self.idle_since is not None or router.passivate_after_s <= 0:
+                router.passivate(self)
+        elif self.idle_since is None:
+            self.idle_since = time.monotonic()
+            router.idle[order.order_id] = self

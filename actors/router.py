@@ -6,19 +6,27 @@ the intake with a cancel. A live actor gets the message at once; a
 passivated order is loaded from its snapshot and a new actor started. A
 finished order (not in the ``active`` index) takes no more messages.
 
-One short lock guards the live map, so an actor cannot passivate while a
-message is being put into its inbox.
+Locks are striped by order id: delivering to, activating or passivating one
+order holds only its stripe, so an activation (a store read) does not stall
+the others, and an actor cannot passivate while a message is being put into
+its inbox.
+
+Passivation waits for an idle period (``passivate_after_s``, as Akka's
+passivation timeout): an actor that has nothing to do registers as idle, a
+sweep nudges idle ones with ``Rest``, and the actor itself decides, in its
+own slice, whether it may leave.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from actors.order import Inbound, OrderActor
+from actors.order import Inbound, OrderActor, Rest
 from actors.pool import Dispatcher
 from oms.engine import Engine
 from oms.messages import DomainEvent
@@ -50,13 +58,24 @@ class OrderContext:
 
 
 class OrderRouter:
-    def __init__(self, ctx: OrderContext) -> None:
+    STRIPES = 64
+
+    def __init__(self, ctx: OrderContext, passivate_after_s: float = 1.0) -> None:
         self.ctx = ctx
         ctx.router = self
         self._live: dict[str, ActorRef[OrderActor]] = {}
-        self._lock = threading.Lock()
+        self._stripes = [threading.Lock() for _ in range(self.STRIPES)]
+        self._lock = threading.Lock()  # the counts below
         self.in_flight = 0
         self.states: Counter[str] = Counter()
+        self.passivate_after_s = passivate_after_s
+        self.idle: dict[str, OrderActor] = {}  # single dict ops are atomic under the GIL
+        self._stopped = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep, name="passivator", daemon=True)
+        self._sweeper.start()
+
+    def _stripe(self, order_id: str) -> threading.Lock:
+        return self._stripes[hash(order_id) % self.STRIPES]
 
     # -- counts ------------------------------------------------------------
 
@@ -73,8 +92,8 @@ class OrderRouter:
                 self.states[str(new)] += 1
 
     def snapshot(self) -> dict[str, Any]:
+        live = len(self._live)
         with self._lock:
-            live = len(self._live)
             return {
                 "live": live,
                 "passivated": max(0, self.in_flight - live),
@@ -86,7 +105,7 @@ class OrderRouter:
 
     def start(self, order: Order, first: Any, reason: str = "new") -> None:
         """Start an actor for an order in hand (just created or recovered)."""
-        with self._lock:
+        with self._stripe(order.order_id):
             ref = self._live.get(order.order_id)
             if ref is None:
                 ref = self._spawn(order, reason)
@@ -94,7 +113,7 @@ class OrderRouter:
 
     def deliver(self, order_id: str, message: Any) -> bool:
         """Hand a message to an order, reactivating it if passivated."""
-        with self._lock:
+        with self._stripe(order_id):
             ref = self._live.get(order_id)
             if ref is None:
                 order = self._load(order_id)
@@ -133,23 +152,44 @@ class OrderRouter:
 
     def passivate(self, actor: OrderActor) -> bool:
         """Drop a waiting actor whose state is durable; False if mail came in."""
-        with self._lock:
+        order_id = actor.order.order_id
+        with self._stripe(order_id):
             if actor.actor_inbox.queue:
                 return False
-            self._live.pop(actor.order.order_id, None)
+            self._live.pop(order_id, None)
+            self.idle.pop(order_id, None)
             actor.stop_now()
         self.ctx.metrics.passivations.inc()
         return True
 
     def retire(self, actor: OrderActor) -> None:
         """A finished order: drop its actor for good."""
-        with self._lock:
+        order_id = actor.order.order_id
+        with self._stripe(order_id):
             if actor.actor_inbox.queue:
                 return
-            if self._live.pop(actor.order.order_id, None) is not None:
-                self.in_flight -= 1
+            self.idle.pop(order_id, None)
+            retired = self._live.pop(order_id, None) is not None
             actor.stop_now()
+        if retired:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _sweep(self) -> None:
+        """Nudge actors idle for longer than ``passivate_after_s``."""
+        while not self._stopped.wait(max(0.05, self.passivate_after_s / 2)):
+            now = time.monotonic()
+            for actor in list(self.idle.copy().values()):
+                since = actor.idle_since
+                if since is not None and now - since >= self.passivate_after_s:
+                    try:
+                        actor.actor_ref.tell(Rest())
+                    except Exception:  # stopped meanwhile
+                        self.idle.pop(actor.order.order_id, None)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._sweeper.join(5)
 
     def live_ids(self) -> list[str]:
-        with self._lock:
-            return list(self._live)
+        return list(self._live)

@@ -80,7 +80,8 @@ class Service:
         self.octx = octx
         octx.writer = self.writer
         octx.publisher = self.publisher
-        self.router = OrderRouter(octx)
+        self.router = OrderRouter(octx, cfg.passivate_after_s)
+        self._stops.append(("passivator", self.router.stop))
         self.timers = TimerService(self.router.deliver)
         octx.timers = self.timers
         self._stops.append(("timers", self.timers.stop))

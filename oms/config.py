@@ -35,6 +35,7 @@ class Config:
     systems: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_SYSTEMS))
     processes: str | None = None
     workers: int = 2
+    passivate_after_s: float = 1.0
     max_in_flight: int = 200_000
     map_size_mb: int = 256
     log_level: str = "info"
@@ -65,11 +66,13 @@ class Config:
             current = getattr(self, name)
             if name == "systems":
                 setattr(self, name, {**self.systems, **parse_systems(value, origin)})
-            elif isinstance(current, int) and not isinstance(current, bool):
+            elif isinstance(current, int | float) and not isinstance(current, bool):
+                kind = type(current)
                 try:
-                    setattr(self, name, int(value))
+                    setattr(self, name, kind(value))
                 except (TypeError, ValueError):
-                    raise ConfigError(f"{origin}: {key} must be an integer") from None
+                    noun = "an integer" if kind is int else "a number"
+                    raise ConfigError(f"{origin}: {key} must be {noun}") from None
             else:
                 setattr(self, name, None if value is None else str(value))
 
