@@ -28,6 +28,7 @@ from actors.router import OrderContext, OrderRouter
 from actors.sequencer import Sequencer
 from actors.store_writer import StoreWriter
 from actors.timers import TimerService
+from gateways.breaker import LEVEL, Breaker
 from gateways.gateway import Gateway
 from oms.config import Config, ConfigError
 from oms.engine import Engine
@@ -91,7 +92,8 @@ class Service:
         octx.gateways = {}
         for system, endpoint in cfg.systems.items():
             gateway = Gateway.launch(self.zctx, system, endpoint, self.router.deliver,
-                                     self.metrics)
+                                     self.metrics, breaker=Breaker(cfg.breaker_failures,
+                                                                   cfg.breaker_cooldown_s))
             octx.gateways[system] = gateway
             self._stops.append((f"gateway {system}", lambda g=gateway: _stop_actor(g)))
         self.domain_events = DomainEvents.launch(self.zctx, cfg.domain_events, octx)
@@ -165,6 +167,7 @@ class Service:
             **{f"gateway_{n}": len(g.actor_inbox) for n, g in self.octx.gateways.items()},
         }
         snap["pending"] = {n: len(g.pending) for n, g in self.octx.gateways.items()}
+        snap["breakers"] = {n: LEVEL[g.breaker.state] for n, g in self.octx.gateways.items()}
         return snap
 
     # -- stop --------------------------------------------------------------

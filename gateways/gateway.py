@@ -19,8 +19,9 @@ from typing import Any, NamedTuple
 import zmq
 
 from actors.loop import LoopActor, open_socket
+from gateways.breaker import OPEN, Breaker
 from oms import codec
-from oms.errors import TIMEOUT, UNAVAILABLE, DomainError
+from oms.errors import CIRCUIT_OPEN, TIMEOUT, UNAVAILABLE, DomainError
 from oms.messages import CommandResult, Send
 from oms.metrics import Metrics
 
@@ -41,8 +42,9 @@ class _Pending(NamedTuple):
 
 class Gateway(LoopActor):
     def __init__(self, ctx: zmq.Context, system: str, endpoint: str, deliver: Any,
-                 metrics: Metrics, hwm: int = 100_000) -> None:
+                 metrics: Metrics, hwm: int = 100_000, breaker: Breaker | None = None) -> None:
         super().__init__()
+        self.breaker = breaker or Breaker()
         self.thread_name = f"gw-{system}"
         self.ctx, self.system, self.endpoint = ctx, system, endpoint
         self.deliver, self.metrics, self.hwm = deliver, metrics, hwm
@@ -70,13 +72,19 @@ class Gateway(LoopActor):
         if not isinstance(message, SendCommand) or self.sock is None:
             return
         cmd, order_id = message.command, message.order_id
+        now = time.monotonic()
+        if not self.breaker.allow(now):
+            error = DomainError(CIRCUIT_OPEN, f"{self.system} circuit breaker is open", True)
+            data = {"retry_after": self.breaker.retry_after(now)}
+            self.deliver(order_id, CommandResult(cmd.command_id, False, data, error))
+            return
         payload = {"type": "command", "command_id": cmd.command_id, "order_id": order_id,
                    "op": cmd.op, "args": cmd.args}
-        now = time.monotonic()
         try:
             self.sock.send(codec.pack(payload), flags=zmq.NOBLOCK)
         except zmq.Again:
             self.metrics.gateway_send_failures.labels(self.system).inc()
+            self._outcome(False, now)
             error = DomainError(UNAVAILABLE, f"{self.system} send queue is full", True)
             self.deliver(order_id, CommandResult(cmd.command_id, False, None, error))
             return
@@ -113,10 +121,18 @@ class Gateway(LoopActor):
         ok = reply.get("ok") is True
         data = reply.get("data") if isinstance(reply.get("data"), dict) else {}
         error = None if ok else DomainError.from_wire(reply.get("error"))
+        self._outcome(ok or not (error and error.retryable), time.monotonic())
         outcome = "ok" if ok else (error.code if error else "error")
         self.metrics.step_latency.labels(self.system, waiting.op, _bounded(outcome)).observe(
             time.monotonic() - waiting.sent)
         self.deliver(waiting.order_id, CommandResult(command_id, ok, data, error))
+
+    def _outcome(self, ok: bool, now: float) -> None:
+        changed = self.breaker.record(ok, now)
+        if changed is not None:
+            log = logger.warning if changed == OPEN else logger.info
+            log("circuit breaker of %s is now %s", self.system, changed,
+                extra={"system": self.system})
 
     def poll_timeout(self) -> float | None:
         while self._deadlines:
@@ -137,6 +153,7 @@ class Gateway(LoopActor):
                 continue
             del self.pending[command_id]
             self.metrics.gateway_timeouts.labels(self.system).inc()
+            self._outcome(False, now)
             self.metrics.step_latency.labels(self.system, waiting.op, TIMEOUT).observe(
                 now - waiting.sent)
             error = DomainError(TIMEOUT, f"no reply from {self.system} within the step timeout",
@@ -144,7 +161,7 @@ class Gateway(LoopActor):
             self.deliver(waiting.order_id, CommandResult(command_id, False, None, error))
 
 
-_KNOWN_OUTCOMES = {"ok", "timeout", "unavailable", "out_of_stock", "payment_declined",
+_KNOWN_OUTCOMES = {"ok", "timeout", "unavailable", "circuit_open", "out_of_stock", "payment_declined",
                    "invalid_address", "unknown_service"}
 
 

@@ -36,6 +36,8 @@ class Config:
     processes: str | None = None
     workers: int = 2
     passivate_after_s: float = 1.0
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 5.0
     max_in_flight: int = 200_000
     map_size_mb: int = 256
     log_level: str = "info"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
-from oms.errors import DomainError
+from oms.errors import CIRCUIT_OPEN, DomainError
 from oms.messages import (
     Cancel,
     CommandResult,
@@ -216,8 +216,35 @@ class Turning:
              timeout: float) -> None:
         self.emit(Send(system, command_id, op, args, timeout))
 
-    def backoff(self, policy: RetryPolicy, command_id: str, attempt: int) -> float:
-        return self.now + policy.delay(attempt, _spread(command_id, attempt))
+    def retry_later(self, step: Step, res: CommandResult, policy: RetryPolicy, command_id: str,
+                    kind: str, ref: Any) -> bool:
+        """Arm a retry timer if the error allows one; False: failed for good.
+
+        ``circuit_open`` (the gateway's breaker) waits for its ``retry_after``
+        and costs no attempt: an outage of a domain system makes orders wait.
+        """
+        error = res.error or DomainError("unknown", "no error given", False)
+        attr = "comp_attempts" if kind == "comp" else "attempts"
+        attempt = getattr(step, attr)
+        first_block = (step.error or {}).get("code") != CIRCUIT_OPEN
+        step.error = error.to_wire()
+        if error.code == CIRCUIT_OPEN:
+            wait = (res.data or {}).get("retry_after", 1.0)
+            wait = min(max(float(wait), 0.05), 60.0) if isinstance(wait, int | float) else 1.0
+            step.retry_at = self.now + wait * (1 + 0.2 * _spread(command_id, attempt))
+            attempt -= 1  # the re-send after the wait reuses this attempt's number
+            setattr(step, attr, attempt)
+            if first_block and kind == "retry":
+                self.emit(Publish({"type": "order_progress", "order_id": self.order.order_id,
+                                   "external_id": self.order.external_id, "step": step.key,
+                                   "status": str(step.status), "ts": self.now,
+                                   "breaker": "open", "system": step.system}))
+        elif error.retryable and attempt < policy.max_attempts:
+            step.retry_at = self.now + policy.delay(attempt, _spread(command_id, attempt))
+        else:
+            return False
+        self.emit(Timer(step.retry_at, (kind, ref, attempt)))
+        return True
 
     def steps_of(self, name: str) -> list[Step]:
         return [s for s in self.order.steps.values() if s.name == name]
@@ -402,11 +429,8 @@ class Turning:
         if res.ok:
             self.applied(step, res.data or {})
         else:
-            error = res.error or DomainError("unknown", "no error given", False)
-            step.error = error.to_wire()
-            if error.retryable and step.attempts < sdef.retry.max_attempts:
-                step.retry_at = self.backoff(sdef.retry, self.command_id(step), step.attempts)
-                self.emit(Timer(step.retry_at, ("retry", step.key, step.attempts)))
+            if self.retry_later(step, res, sdef.retry, self.command_id(step), "retry",
+                                step.key):
                 return
             self.set_status(step, StepStatus.FAILED)
             self.step_failed(step)
@@ -617,12 +641,8 @@ class Turning:
             self.set_status(step, StepStatus.COMPENSATED)
             self.compensate_next()
             return
-        error = res.error or DomainError("unknown", "no error given", False)
-        step.error = error.to_wire()
-        if error.retryable and step.comp_attempts < policy.max_attempts:
-            cid = f"{self.command_id(step)}:undo"
-            step.retry_at = self.backoff(policy, cid, step.comp_attempts)
-            self.emit(Timer(step.retry_at, ("comp", step.key, step.comp_attempts)))
+        if self.retry_later(step, res, policy, f"{self.command_id(step)}:undo", "comp",
+                            step.key):
             return
         step.comp = "failed"
         self.order.failure = {"step": step.key, "error": step.error, "compensation": True}
@@ -665,11 +685,7 @@ class Turning:
         if res.ok:
             note.status, note.result, note.applied = StepStatus.DONE, res.data or {}, True
             return
-        error = res.error or DomainError("unknown", "no error given", False)
-        note.error = error.to_wire()
-        if error.retryable and note.attempts < policy.max_attempts:
-            cid = f"{self.order.order_id}:notify:{idx}"
-            note.retry_at = self.backoff(policy, cid, note.attempts)
-            self.emit(Timer(note.retry_at, ("note", idx, note.attempts)))
+        if self.retry_later(note, res, policy, f"{self.order.order_id}:notify:{idx}", "note",
+                            idx):
             return
         note.status = StepStatus.FAILED

@@ -18,6 +18,7 @@ INTERNAL = "internal"
 # Domain error codes the service itself produces (contract §3).
 TIMEOUT = "timeout"
 UNAVAILABLE = "unavailable"
+CIRCUIT_OPEN = "circuit_open"  # the gateway's breaker is open: wait, do not spend attempts
 
 
 @dataclass(frozen=True, slots=True)

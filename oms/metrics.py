@@ -124,6 +124,11 @@ class ServiceCollector(Collector):
         for system, n in sorted(snap.get("pending", {}).items()):
             breaker.add_metric([system], n)
         yield breaker
+        breakers = GaugeMetricFamily("oms_gateway_breaker_state", "Circuit breaker: 0 closed, "
+                                     "1 half-open, 2 open", labels=["system"])
+        for system, level in sorted(snap.get("breakers", {}).items()):
+            breakers.add_metric([system], level)
+        yield breakers
         ready = GaugeMetricFamily("oms_ready", "1 when recovered and accepting orders",
                                   value=1 if snap.get("ready") else 0)
         yield ready

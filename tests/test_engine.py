@@ -397,3 +397,39 @@ def test_snapshot_round_trip(proc_name: str) -> None:
     again = Order.from_record(d.order.to_record())
     assert again.to_record() == d.order.to_record()
     assert again.view() == d.order.view()
+
+
+def test_open_breaker_makes_steps_wait_without_spending_attempts() -> None:
+    blocked = CommandResult("", False, {"retry_after": 2.0},
+                            DomainError("circuit_open", "billing circuit breaker is open", True))
+    replies = iter([blocked] * 20)  # far more than max_attempts
+
+    def breaker_open(cmd: Send) -> CommandResult | None:
+        if cmd.op == "create_invoice":
+            res = next(replies, None)
+            if res is not None:
+                return res._replace(command_id=cmd.command_id)
+        return ok_domain()(cmd)
+
+    d = Driver(RETAIL, retail_order(), breaker_open)
+    d.start()
+    step = d.order.steps["create_invoice"]
+    assert (step.attempts, step.error["code"]) == (0, "circuit_open")
+    assert d.timers[0].at >= d.now + 1.9
+    progress = [e for e in published(d, "order_progress") if e.get("breaker")]
+    assert progress == [dict(progress[0], breaker="open", system="billing")]
+    d.fire_timers()
+    assert d.order.steps["create_invoice"].attempts == 1  # only the real send counted
+    assert d.order.state == OrderState.IN_PROGRESS and "create_shipment" in d.ops()
+
+
+def test_breaker_opens_probes_and_closes() -> None:
+    from gateways.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
+
+    b = Breaker(threshold=3, cooldown_s=5)
+    assert [b.record(False, 0) for _ in range(3)] == [None, None, OPEN]
+    assert not b.allow(1.0) and b.retry_after(1.0) == pytest.approx(4.0)
+    assert b.allow(5.0) and b.state == HALF_OPEN
+    assert not b.allow(5.1)  # only one probe
+    assert b.record(False, 6.0) == OPEN and not b.allow(7.0)
+    assert b.allow(11.0) and b.record(True, 11.5) == CLOSED and b.allow(11.6)

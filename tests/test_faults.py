@@ -112,3 +112,30 @@ def test_snapshots_carry_a_format_version(make_service: Any, sim: Any, eps: Any,
     with svc.store.read() as txn:
         record = codec.unpack(txn.get(oid.encode(), db=svc.store.db["orders"]))
     assert record["v"] == 1
+
+
+def test_breaker_keeps_orders_waiting_through_a_long_outage(procs: Any, tmp_path: Path) -> None:
+    """The outage (14 s) outlasts a step's whole retry budget (about 11 s with
+    a 1 s timeout and 6 attempts): only the open breaker keeps orders from
+    failing."""
+    eps = Endpoints()
+    sim = procs(eps.simulate_args() + ["--delivery-s", "0.1"], "simulate")
+    port = free_port()
+    procs(eps.serve_args(tmp_path / "data") + [
+        "--processes", fast_retail(tmp_path / "procs"), "--metrics-port", str(port)], "serve")
+    with Client(eps.intake, timeout=20) as client:
+        client.wait_ready(30)
+        sim.p.send_signal(signal.SIGSTOP)
+        ids = [r["order_id"] for _q, r in client.pipeline(
+            {"type": "submit_order", "order": o}
+            for o in sample_orders(200, seed=4, source="web", prefix="BR-"))]
+        poll_until(lambda: metric(port, 'oms_gateway_breaker_state{system="warehouse"}') == 2,
+                   timeout=20)
+        blocked = client.get(ids[-1])["order"]
+        step = blocked["steps"][0]
+        assert step["status"] == "running"
+        time.sleep(14.0)  # the outage
+        sim.p.send_signal(signal.SIGCONT)
+        views = wait_terminal(client, ids, timeout=90)
+    assert {v["state"] for v in views.values()} == {"completed"}
+    assert metric(port, 'oms_gateway_breaker_state{system="warehouse"}') == 0
