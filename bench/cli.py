@@ -7,6 +7,7 @@ Scenarios:
   waiting  N orders left waiting for delivery: memory and threads per waiting
            order, and the time from restart to accepting orders with N in flight
   soak     a fixed --rate for --duration seconds
+  engine   the pure engine in-process: microseconds per step, no I/O
 
 By default it starts its own simulators and service (in a temporary folder);
 ``--intake``/``--events`` target a running service instead.
@@ -34,7 +35,7 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("bench", help="load test: throughput, latency, scale",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenario", default="retail",
-                   choices=["retail", "mixed", "intake", "waiting", "soak"])
+                   choices=["retail", "mixed", "intake", "waiting", "soak", "engine"])
     p.add_argument("--orders", type=int, default=20_000)
     p.add_argument("--window", type=int, default=1024, help="closed loop: orders in flight")
     p.add_argument("--rate", type=float, help="open loop: orders per second")
@@ -78,7 +79,11 @@ def run_bench(args: argparse.Namespace) -> int:
                               "machine": machine(), "started": time.time()}
     harness = None
     try:
-        if args.intake:
+        if args.scenario == "engine":
+            from bench.engine import run_engine
+
+            result.update(run_engine(args.orders))
+        elif args.intake:
             intake, events = args.intake, args.events
         else:
             harness = Harness(workdir, SIM_ARGS[args.scenario], ["--workers",
@@ -91,7 +96,7 @@ def run_bench(args: argparse.Namespace) -> int:
             intake, events = harness.eps.intake, harness.eps.events
         if args.scenario == "waiting":
             result.update(run_waiting(harness, intake, events, args))
-        else:
+        elif args.scenario != "engine":
             result.update(run_load(harness, intake, events, args))
     finally:
         if harness is not None:

@@ -54,6 +54,11 @@ def render(r: dict[str, Any]) -> str:
                       f"{r['kb_per_waiting_order']:.2f} KB per order), {r['threads']} threads",
                   f"restart:      {r['restart_to_accepting_s']:.2f} s from start to accepting "
                   f"orders with {r['waiting_orders']} in flight"]
+    if r["scenario"] == "engine":
+        lines += ["", f"engine:       {r['us_per_message']:.1f} us per message (one step "
+                      f"result, start or event), {r['us_per_order_engine']:.0f} us per retail "
+                      f"order ({r['messages'] / r['orders']:.0f} messages)",
+                  f"snapshot:     {r['us_per_snapshot_encode']:.1f} us to encode one"]
     if r.get("outcomes"):
         lines.append("outcomes:     " + ", ".join(f"{k} {v}" for k, v in
                                                    sorted(r["outcomes"].items())))

@@ -306,6 +306,8 @@ class Turning:
                 return
         for step in order.steps.values():
             sdef = self.defs[step.name]
+            if step.wait is not None and step.retry_at is not None:
+                self.emit(Timer(step.retry_at, ("wait", step.key, 0)))
             if step.status == StepStatus.RUNNING and step.wait is None:
                 self.resend(step, sdef.retry, ("retry", step.key, step.attempts),
                             lambda s=step: self.send_step(s))
@@ -346,7 +348,9 @@ class Turning:
         if sdef.wait_event is not None:
             step.wait = sdef.wait_event
             self.set_status(step, StepStatus.RUNNING)
-            self.take_early_event(step)
+            if not self.take_early_event(step) and sdef.wait_timeout_s:
+                step.retry_at = self.now + sdef.wait_timeout_s  # the wait's deadline
+                self.emit(Timer(step.retry_at, ("wait", step.key, 0)))
             return
         action = self.action(step)
         assert action is not None
@@ -521,7 +525,7 @@ class Turning:
         return False
 
     def consume(self, step: Step, data: dict[str, Any]) -> None:
-        step.wait = None
+        step.wait, step.retry_at = None, None
         self.changed = True
         if not step.applied:  # a wait step: the event is its result
             step.result, step.applied = data, True
@@ -542,6 +546,14 @@ class Turning:
                 self.send_note(note, ref)
                 return
         step = self.order.steps.get(ref)
+        if kind == "wait" and step is not None and step.wait and step.retry_at is not None:
+            step.wait, step.retry_at = None, None
+            step.error = {"code": "event_timeout", "retryable": False,
+                          "message": f"no {self.defs[step.name].wait_event} event in time"}
+            self.set_status(step, StepStatus.FAILED)
+            self.step_failed(step)
+            self.advance()
+            return
         if step is not None and step.retry_at is not None:
             if kind == "retry" and step.status == StepStatus.RUNNING and step.attempts == attempt:
                 step.retry_at, step.attempts = None, step.attempts + 1

@@ -74,6 +74,7 @@ class StepDef:
     per_item: dict[str, Action] | None
     wait_event: str | None
     wait_system: str | None
+    wait_timeout_s: float | None
     timeout_s: float
     retry: RetryPolicy
     hold: Hold | None
@@ -270,7 +271,7 @@ def _step(
     retry = _retry(c, c.table(raw, "retry", where), f"{where}.retry", defaults["retry"])
     timeout = c.number(raw, "timeout_s", where, defaults["timeout_s"])
     expected = raw.get("expected_s")
-    action = per_item = wait_event = wait_system = hold = None
+    action = per_item = wait_event = wait_system = hold = wait_timeout = None
     scopes = {"order", "steps"}
     kinds = [k for k in ("op", "per_item", "wait_event") if k in raw]
     if len(kinds) != 1:
@@ -289,8 +290,10 @@ def _step(
                     per_item[act] = a
     elif "wait_event" in raw:
         wraw = c.table(raw, "wait_event", where)
-        c.keys(wraw, {"name", "system"}, f"{where}.wait_event")
+        c.keys(wraw, {"name", "system", "timeout_s"}, f"{where}.wait_event")
         wait_event, wait_system = wraw.get("name"), wraw.get("system")
+        if "timeout_s" in wraw:
+            wait_timeout = c.number(wraw, "timeout_s", f"{where}.wait_event", 0.0) or None
         if not isinstance(wait_event, str):
             c.bad(f"{where}.wait_event.name", "required: the domain event's name")
     if "hold_when" in raw:
@@ -302,7 +305,8 @@ def _step(
         else:
             hold = Hold(hraw["field"], hraw["equals"], hraw["reason"], hraw["until_event"])
     return StepDef(
-        name, tuple(after), action, per_item, wait_event, wait_system, timeout, retry, hold,
+        name, tuple(after), action, per_item, wait_event, wait_system, wait_timeout, timeout,
+        retry, hold,
         float(expected) if isinstance(expected, int | float) else None,
     )
 

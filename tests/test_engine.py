@@ -433,3 +433,20 @@ def test_breaker_opens_probes_and_closes() -> None:
     assert not b.allow(5.1)  # only one probe
     assert b.record(False, 6.0) == OPEN and not b.allow(7.0)
     assert b.allow(11.0) and b.record(True, 11.5) == CLOSED and b.allow(11.6)
+
+
+def test_event_wait_with_timeout_fails_the_step_when_nothing_comes() -> None:
+    text = _retail_text().replace(
+        'wait_event = { name = "shipment_delivered", system = "shipping" }',
+        'wait_event = { name = "shipment_delivered", system = "shipping", timeout_s = 30 }')
+    proc = parse_process(text, "retail-wait.toml")
+    d = Driver(proc, retail_order(), ok_domain())
+    d.start()
+    wait = next(t for t in d.timers if t.token[0] == "wait")
+    assert wait.at == pytest.approx(d.order.steps["await_delivery"].retry_at)
+    resumed = Engine(proc).handle(d.order, Resume(), d.now)
+    assert [fx.token[0] for fx in resumed.effects if isinstance(fx, Timer)] == ["wait"]
+    d.fire_timers()
+    assert d.order.state == OrderState.FAILED
+    assert d.order.steps["await_delivery"].error["code"] == "event_timeout"
+    assert "cancel_shipment" in d.ops()  # shipped goods are called back
