@@ -48,6 +48,9 @@ class Intake(LoopActor):
         self.zctx, self.endpoint, self.octx = zctx, endpoint, octx
         self.metrics = octx.metrics
         self.max_in_flight = max_in_flight
+        for code in (errors.MALFORMED, errors.UNKNOWN_TYPE, errors.TOO_LARGE, errors.BUSY,
+                     errors.UNAUTHORIZED, errors.NOT_FOUND, errors.CONFLICT, errors.INTERNAL):
+            self.metrics.intake_errors.labels(code)
         self.hwm = hwm
         self.sock: zmq.Socket | None = None
         self.handlers: dict[str, Callable[[tuple[bytes, ...], dict[str, Any]], Any]] = {

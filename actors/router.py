@@ -85,6 +85,12 @@ class OrderRouter:
             self.in_flight += 1
             self.states[str(order.state)] += 1
 
+    def counted_raw(self, state: str) -> None:
+        """Count an unfinished order from its raw snapshot (recovery)."""
+        with self._lock:
+            self.in_flight += 1
+            self.states[state] += 1
+
     def state_changed(self, old: OrderState, new: OrderState) -> None:
         with self._lock:
             self.states[str(old)] -= 1

@@ -16,12 +16,12 @@ import time
 from typing import Any
 
 import zmq
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client import gc_collector, platform_collector, process_collector
 
 from actors.domain_events import DomainEvents
+from actors.http import HttpServer
 from actors.intake import Intake
-from actors.order import awaiting_reply
 from actors.pool import Dispatcher
 from actors.publisher import Publisher
 from actors.router import OrderContext, OrderRouter
@@ -35,7 +35,8 @@ from oms.engine import Engine
 from oms.messages import DomainEvent, Resume
 from oms.metrics import Metrics, ServiceCollector
 from oms.process import load_processes
-from oms.states import OrderState
+from oms.model import Order
+from oms.states import TERMINAL
 from oms.store import CorruptRecord, Store
 
 logger = logging.getLogger(__name__)
@@ -103,9 +104,9 @@ class Service:
                           gc_collector.GCCollector):
             collector(registry=self.registry)
         if cfg.metrics_port:
-            self.http, _thread = start_http_server(cfg.metrics_port, cfg.metrics_host,
-                                                   registry=self.registry)
-            self._stops.append(("metrics http", self._stop_http))
+            self.http = HttpServer(cfg.metrics_host, cfg.metrics_port, self.registry,
+                                   self.ready.is_set)
+            self._stops.append(("metrics http", self.http.stop))
         self.recover()
         self.intake = Intake.launch(self.zctx, cfg.intake, octx, cfg.max_in_flight)
         self._stops.append(("intake", lambda: _stop_actor(self.intake)))
@@ -113,31 +114,30 @@ class Service:
         logger.info("service ready: intake %s, events %s, domain events %s", cfg.intake,
                     cfg.events, cfg.domain_events)
 
-    def _stop_http(self) -> None:
-        self.http.shutdown()
-        self.http.server_close()
-
     def recover(self) -> None:
         """Resume every unfinished order from its last persisted snapshot."""
         started = time.monotonic()
         resumed = waiting = corrupt = 0
         seq_entries: list[tuple[str, str, bool]] = []
-        for order_id in self.store.active_ids():
-            try:
-                order = self.store.get_order(order_id)
-            except CorruptRecord as exc:
-                logger.error("recovery skips %s", exc, extra={"order_id": order_id})
+        for key, rec in self.store.scan_active():
+            order_id = key.decode()
+            if isinstance(rec, CorruptRecord) or rec.get("type") not in self.octx.engines:
+                why = rec if isinstance(rec, CorruptRecord) else "unknown order type"
+                logger.error("recovery skips order %s: %s", order_id, why,
+                             extra={"order_id": order_id})
                 self.metrics.corrupt_records.inc()
                 corrupt += 1
                 continue
-            if order is None or order.order_type not in self.octx.engines:
-                logger.error("recovery skips order %s: missing or unknown order type",
-                             order_id)
-                continue
-            self.router.counted(order)
-            if order.seq_key and not order.state.terminal:
-                seq_entries.append((order.seq_key, order.order_id, order.turn))
-            if _needs_resume(order):
+            self.router.counted_raw(rec["state"])
+            if rec["seq"] and rec["state"] not in TERMINAL_NAMES:
+                seq_entries.append((rec["seq"], order_id, rec["turn"]))
+            if _needs_resume(rec):
+                try:
+                    order = Order.from_record(rec)
+                except Exception as exc:
+                    logger.error("recovery skips order %s: %s", order_id, exc)
+                    corrupt += 1
+                    continue
                 self.router.start(order, Resume(), reason="recovery")
                 resumed += 1
             else:
@@ -184,13 +184,22 @@ class Service:
         logger.info("service stopped")
 
 
-def _needs_resume(order: Any) -> bool:
-    if order.state in (OrderState.ACKNOWLEDGED, OrderState.PENDING):
+# positions in a step record (oms.model.Step.to_record)
+_STATUS, _RETRY_AT, _WAIT, _COMP = 5, 13, 14, 15
+TERMINAL_NAMES = {str(s) for s in TERMINAL}
+
+
+def _needs_resume(rec: dict[str, Any]) -> bool:
+    """From the raw snapshot: does this order have anything to re-send or re-arm?
+    (Orders that only wait for an event, stock or their turn stay passivated.)"""
+    if rec["state"] in ("acknowledged", "pending"):
         return True
-    if awaiting_reply(order):
-        return True
-    return any(s.retry_at is not None for s in order.steps.values()) or any(
-        n.retry_at is not None for n in order.notes)
+    for step in rec["steps"]:
+        if step[_RETRY_AT] is not None or step[_COMP] == "running":
+            return True
+        if step[_STATUS] == "running" and step[_WAIT] is None:
+            return True
+    return any(n[_STATUS] == "running" for n in rec["notes"])
 
 
 def _stop_actor(actor: Any, timeout: float = 10.0) -> None:

@@ -49,6 +49,10 @@ class Gateway(LoopActor):
         self.ctx, self.system, self.endpoint = ctx, system, endpoint
         self.deliver, self.metrics, self.hwm = deliver, metrics, hwm
         self.pending: dict[str, _Pending] = {}
+        for counter in (metrics.gateway_requests, metrics.gateway_timeouts,
+                        metrics.gateway_retries, metrics.gateway_late,
+                        metrics.gateway_send_failures):
+            counter.labels(system)  # known label sets start at 0, visible to alerts
         self._deadlines: list[tuple[float, str]] = []
         self.sock: zmq.Socket | None = None
 

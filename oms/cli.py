@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("order_id")
     status.add_argument("--json", action="store_true")
 
+    health = sub.add_parser("health", help="is the service alive and ready? (exit 0 if so)")
+    health.add_argument("--url", default=None,
+                        help="metrics base URL (default http://127.0.0.1:<metrics_port>)")
+    health.add_argument("--json", action="store_true")
+
     procs = sub.add_parser("processes", help="check or show process definitions")
     psub = procs.add_subparsers(dest="action", required=True)
     check = psub.add_parser("check", help="validate definitions without starting")
@@ -234,6 +239,29 @@ def render_order(o: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    base = args.url or f"http://127.0.0.1:{Config.load(None).metrics_port}"
+    result = {}
+    for check in ("healthz", "readyz"):
+        try:
+            with urllib.request.urlopen(f"{base}/{check}", timeout=3) as resp:
+                result[check] = resp.status == 200
+        except urllib.error.HTTPError as exc:
+            result[check] = exc.code == 200
+        except OSError:
+            result[check] = False
+    if args.json:
+        print(json.dumps({"url": base, "live": result["healthz"], "ready": result["readyz"]}))
+    else:
+        live = "live" if result["healthz"] else "not answering"
+        ready = "ready" if result["readyz"] else "not ready"
+        print(f"{base}: {live}, {ready}")
+    return 0 if result["healthz"] and result["readyz"] else 1
+
+
 def cmd_processes(args: argparse.Namespace) -> int:
     from oms.process import load_processes
 
@@ -289,7 +317,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"serve": cmd_serve, "simulate": cmd_simulate, "submit": cmd_submit,
-            "status": cmd_status, "processes": cmd_processes, "demo": cmd_demo,
+            "status": cmd_status, "processes": cmd_processes, "demo": cmd_demo, "health": cmd_health,
             "bench": cmd_bench}
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+UNFINISHED = ("acknowledged", "pending", "inProgress", "held", "assessingCancellation",
+              "pendingCancellation")
 LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
            300, 900, 3600)
 FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
@@ -105,8 +107,9 @@ class ServiceCollector(Collector):
         yield live
         states = GaugeMetricFamily("oms_orders_in_state", "Unfinished orders per state",
                                    labels=["state"])
-        for state, count in sorted(snap.get("states", {}).items()):
-            states.add_metric([state], count)
+        counts = snap.get("states", {})
+        for state in UNFINISHED:
+            states.add_metric([state], counts.get(state, 0))
         yield states
         mbox = GaugeMetricFamily("oms_actor_mailbox_depth", "Messages waiting in actor "
                                  "inboxes", labels=["actor"])

@@ -179,6 +179,21 @@ class Store:
         with self.read() as txn:
             return [k.decode() for k in txn.cursor(db=self.db["active"]).iternext(values=False)]
 
+    def scan_active(self) -> Iterator[tuple[bytes, dict[str, Any] | CorruptRecord]]:
+        """Every unfinished order's raw record (or why it is unreadable), in id
+        order, from one read transaction."""
+        with self.read() as txn:
+            orders = txn.cursor(db=self.db["orders"])
+            for key in txn.cursor(db=self.db["active"]).iternext(values=False):
+                raw = orders.get(key)
+                if raw is None:
+                    yield key, CorruptRecord(key, "listed as active but missing")
+                    continue
+                try:
+                    yield key, codec.unpack(raw)
+                except Exception as exc:  # any decoding problem is reported with its key
+                    yield key, CorruptRecord(key, f"{type(exc).__name__}: {exc}")
+
     def inbox(self) -> list[tuple[bytes, dict[str, Any]]]:
         """Recorded domain events not yet consumed by their orders."""
         with self.read() as txn:
