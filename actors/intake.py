@@ -23,7 +23,7 @@ from actors.loop import LoopActor, open_socket
 from actors.store_writer import CreateOrder
 from oms import codec, errors
 from oms.engine import new_order
-from oms.messages import Cancel, Start
+from oms.messages import Cancel, Operate, Start
 from oms.states import OrderState
 from oms.store import CorruptRecord, Created
 from oms.validation import validate_order
@@ -58,6 +58,10 @@ class Intake(LoopActor):
             "get_order": self.get_order,
             "cancel_order": self.cancel_order,
             "list_orders": self.list_orders,
+            "order_counts": self.order_counts,
+            "retry_step": lambda env, req: self.operate(env, req, "retry"),
+            "skip_step": lambda env, req: self.operate(env, req, "skip"),
+            "abort_order": lambda env, req: self.operate(env, req, "abort"),
         }
 
     # -- socket ------------------------------------------------------------
@@ -225,9 +229,43 @@ class Intake(LoopActor):
                     "reason": "order is already finished"}
         return None
 
+    def operate(self, envelope: tuple[bytes, ...], req: dict[str, Any], action: str) -> Any:
+        """An operator's retry / skip / abort, answered by the order itself."""
+        operator, step = req.get("operator"), req.get("step")
+        if not isinstance(operator, str) or not operator or len(operator) > 100:
+            return errors.error_reply(errors.MALFORMED, "operator (your name) is required")
+        if step is not None and not isinstance(step, str):
+            return errors.error_reply(errors.MALFORMED, "step must be a string")
+        order, err = self._find({"order_id": req.get("order_id")})
+        if err:
+            return err
+        reason = req.get("reason") if isinstance(req.get("reason"), str) else None
+        if order.state.terminal:
+            return {"type": "operator_rejected", "order_id": order.order_id, "action": action,
+                    "reason": f"order is already {order.state}"}
+        reply = self.reply_later(envelope, req.get("request_id"))
+        msg = Operate(action, step, operator, reason, reply)
+        if not self.octx.router.deliver(order.order_id, msg):
+            return {"type": "operator_rejected", "order_id": order.order_id, "action": action,
+                    "reason": "order is already finished"}
+        logger.info("operator %s asks to %s order %s", operator, action, order.order_id,
+                    extra={"order_id": order.order_id})
+        return None
+
+    def order_counts(self, envelope: tuple[bytes, ...], req: dict[str, Any]) -> Any:
+        snap = self.octx.router.snapshot()
+        return {"type": "order_counts", "counts": snap["states"], "in_flight": snap["in_flight"],
+                "live_actors": snap["live"]}
+
     def list_orders(self, envelope: tuple[bytes, ...], req: dict[str, Any]) -> Any:
         state, source = req.get("state"), req.get("source_system")
         limit, after = req.get("limit", 100), req.get("after")
+        reason, min_age = req.get("state_reason"), req.get("min_age_s")
+        if reason is not None and not isinstance(reason, str):
+            return errors.error_reply(errors.MALFORMED, "state_reason must be a string")
+        if min_age is not None and (isinstance(min_age, bool)
+                                    or not isinstance(min_age, int | float)):
+            return errors.error_reply(errors.MALFORMED, "min_age_s must be a number")
         if state is not None and state not in _STATES:
             return errors.error_reply(errors.MALFORMED, f"unknown state {state!r:.100}")
         if source is not None and not isinstance(source, str):
@@ -236,7 +274,9 @@ class Intake(LoopActor):
             return errors.error_reply(errors.MALFORMED, "limit must be an integer 1 to 1000")
         if after is not None and not isinstance(after, str):
             return errors.error_reply(errors.MALFORMED, "after must be a cursor string")
-        orders, cursor = self.octx.store.list_orders(state, source, limit, after)
+        created_before = time.time() - min_age if min_age is not None else None
+        orders, cursor = self.octx.store.list_orders(state, source, limit, after, reason=reason,
+                                                     created_before=created_before)
         return {"type": "orders", "orders": [o.summary_view() for o in orders], "next": cursor}
 
 

@@ -142,6 +142,9 @@ class Service:
                 resumed += 1
             else:
                 waiting += 1
+                for key, (at, fired) in (rec.get("jep") or {}).items():
+                    if not fired:  # a passivated order's jeopardy deadline
+                        self.timers.schedule(at, order_id, ("jeopardy", key, 0))
         if seq_entries:
             self.sequencer.preload(seq_entries)
         for key, ev in self.store.inbox():

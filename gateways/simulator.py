@@ -8,7 +8,9 @@ Each ``command_id`` is applied at most once: a repeat is answered with the
 first answer. A *retryable* failure (``unavailable``) is not an answer in
 that sense: nothing was applied, so a retry may succeed.
 
-Besides commands, every system's ROUTER answers ``{type: "report"}`` with
+Besides commands, every system's ROUTER answers ``{type: "control", fail:
+{op: [rate, code]}}`` (change failure injection while running; rate 0 stops
+it) and ``{type: "report"}`` with
 what it applied: a count per op, the number of repeats answered from the
 cache, operations applied twice for the same order and arguments (there
 should be none), and, with ``order_id``, that order's operations.
@@ -321,6 +323,16 @@ class Simulator:
             except codec.DecodeError as exc:
                 self._send(sock, [*frames[:-1], codec.pack(
                     {"type": "error", "code": "malformed", "message": str(exc)})])
+                continue
+            if msg.get("type") == "control":  # change failure injection while running
+                fail = msg.get("fail") if isinstance(msg.get("fail"), dict) else {}
+                for op, spec in fail.items():
+                    rate, code = (spec + [None])[:2] if isinstance(spec, list) else (0, None)
+                    if rate:
+                        self.cfg.fail[op] = (float(rate), str(code or "unavailable"))
+                    else:
+                        self.cfg.fail.pop(op, None)
+                self._send(sock, [*frames[:-1], codec.pack({"type": "control_ok"})])
                 continue
             if msg.get("type") == "report":
                 order_id = msg.get("order_id") if isinstance(msg.get("order_id"), str) else None

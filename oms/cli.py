@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     _endpoint_flags(status)
     status.add_argument("order_id")
     status.add_argument("--json", action="store_true")
+
+    from oms.opscli import add_parsers as add_ops
+
+    add_ops(sub)
 
     health = sub.add_parser("health", help="is the service alive and ready? (exit 0 if so)")
     health.add_argument("--url", default=None,
@@ -222,6 +227,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _history_line(h: dict[str, Any]) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(h["ts"]))
+    if h.get("action"):
+        why = f": {h['reason']}" if h.get("reason") else ""
+        return f"  {when}  operator {h['operator']} asked to {h['action']}{why}"
+    return f"  {when}  {h['state']}" + (f" ({h['reason']})" if h.get("reason") else "")
+
+
 def render_order(o: dict[str, Any]) -> str:
     reason = f" ({o['state_reason']})" if o.get("state_reason") else ""
     lines = [f"order {o['order_id']}  {o['source_system']}/{o['external_id']}  "
@@ -231,9 +244,7 @@ def render_order(o: dict[str, Any]) -> str:
               for s in o.get("steps", [])]
     lines += ["", "items:"] + [f"  {i['id']:<12} {i['action']:<9} {i['product_id']:<14} "
                                f"qty {i['quantity']:<4} {i['state']}" for i in o.get("items", [])]
-    lines += ["", "history:"] + [f"  {h['ts']:.3f}  {h['state']}"
-                                 f"{' (' + h['reason'] + ')' if h.get('reason') else ''}"
-                                 for h in o.get("history", [])]
+    lines += ["", "history:"] + [_history_line(h) for h in o.get("history", [])]
     if o.get("summary"):
         lines += ["", f"summary: {json.dumps(o['summary'].get('results', {}))}"]
     return "\n".join(lines)
@@ -316,9 +327,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.orders, args.data, args.timeout)
 
 
+def _ops(name: str) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        from oms import opscli
+
+        return int(getattr(opscli, f"cmd_{name}")(args))
+
+    return run
+
+
 COMMANDS = {"serve": cmd_serve, "simulate": cmd_simulate, "submit": cmd_submit,
             "status": cmd_status, "processes": cmd_processes, "demo": cmd_demo, "health": cmd_health,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "orders": _ops("orders"), "order": _ops("order"),
+            "fallout": _ops("fallout")}
 
 if __name__ == "__main__":
     sys.exit(main())

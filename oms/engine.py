@@ -22,6 +22,7 @@ from oms.messages import (
     Cancel,
     CommandResult,
     DomainEvent,
+    Operate,
     Publish,
     Reply,
     Resume,
@@ -33,6 +34,7 @@ from oms.messages import (
     Turn,
 )
 from oms.model import Order, Step
+from oms.operator import OperatorMixin
 from oms.process import Action, ProcessDef, RetryPolicy, StepDef
 from oms.states import Ev, ItemState, OrderState, StepStatus, next_state
 from oms.templates import lookup, order_facts, resolve
@@ -103,7 +105,7 @@ class Engine:
         return turning
 
 
-class Turning:
+class Turning(OperatorMixin):
     """One message's worth of work on one order.
 
     effects: what to do once the new snapshot is durable.
@@ -135,6 +137,8 @@ class Turning:
             self.on_turn(msg.go)
         elif isinstance(msg, Cancel):
             self.on_cancel(msg)
+        elif isinstance(msg, Operate):
+            self.on_operate(msg)
         elif isinstance(msg, Resume):
             self.on_resume()
         else:
@@ -291,6 +295,7 @@ class Turning:
 
     def begin(self) -> None:
         self.transition(Ev.START)
+        self.expect("order", self.proc.expected_s)
         for it in self.order.items:
             it["state"] = str(ItemState.IN_PROGRESS)
         self.advance()
@@ -314,6 +319,7 @@ class Turning:
             if step.comp == "running":
                 self.resend(step, sdef.retry, ("comp", step.key, step.comp_attempts),
                             lambda s=step: self.send_comp(s))
+        self.rearm_jeopardy()
         for idx, note in enumerate(order.notes):
             if note.status == StepStatus.RUNNING:
                 self.resend(note, self.proc.notify_retry, ("note", idx, note.attempts),
@@ -346,12 +352,14 @@ class Turning:
 
     def launch(self, step: Step, sdef: StepDef) -> None:
         if sdef.wait_event is not None:
+            self.expect(step.key, sdef.expected_s)
             step.wait = sdef.wait_event
             self.set_status(step, StepStatus.RUNNING)
             if not self.take_early_event(step) and sdef.wait_timeout_s:
                 step.retry_at = self.now + sdef.wait_timeout_s  # the wait's deadline
                 self.emit(Timer(step.retry_at, ("wait", step.key, 0)))
             return
+        self.expect(step.key, sdef.expected_s)
         action = self.action(step)
         assert action is not None
         step.args = resolve(action.args, self.scopes(step))
@@ -538,6 +546,9 @@ class Turning:
 
     def on_timer(self, token: tuple[Any, ...]) -> None:
         kind, ref, attempt = token
+        if kind == "jeopardy":
+            self.on_jeopardy(ref)
+            return
         if kind == "note":
             note = self.order.notes[ref] if 0 <= ref < len(self.order.notes) else None
             if note and note.status == StepStatus.RUNNING and note.attempts == attempt:
@@ -671,14 +682,18 @@ class Turning:
     # -- CRM notifications -------------------------------------------------
 
     def notify(self, state: OrderState, previous: OrderState) -> None:
+        self.notify_crm(f"notify:{state}", str(state),
+                        f"Order {self.order.external_id} is {state} (was {previous})")
+
+    def notify_crm(self, key: str, state: str, message: str) -> None:
         order = self.order
-        note = Step(f"notify:{state}", "notify", self.proc.notify_system, self.proc.notify_op,
+        note = Step(key, "notify", self.proc.notify_system, self.proc.notify_op,
                     status=StepStatus.RUNNING, attempts=1)
         note.args = {
             "customer_id": order.customer_id, "order_id": order.order_id,
-            "external_id": order.external_id, "state": str(state),
-            "message": f"Order {order.external_id} is {state} (was {previous})",
+            "external_id": order.external_id, "state": state, "message": message,
         }
+        self.changed = True
         order.notes.append(note)
         self.send_note(note, len(order.notes) - 1)
 

@@ -72,6 +72,23 @@ class Cancel(NamedTuple):
     reply_to: Any = None
 
 
+class Operate(NamedTuple):
+    """An operator acts on an order.
+
+    action: "retry" (run the failed step again), "skip" (mark it done and go
+      on) or "abort" (compensate, then failed).
+    step: the step, for "skip" (default: the failed one).
+    operator: who, for the history.
+    reason: why, for the history.
+    """
+
+    action: str
+    step: str | None
+    operator: str
+    reason: str | None
+    reply_to: Any = None
+
+
 # --- effects an order asks for --------------------------------------------
 
 

@@ -119,6 +119,7 @@ class Order:
     notes: list[Step] = field(default_factory=list)
     done_counter: int = 0
     version: int = 0
+    jeopardy: dict[str, Any] = field(default_factory=dict)  # key -> [deadline, fired]
 
     @property
     def customer_id(self) -> str:
@@ -152,7 +153,7 @@ class Order:
             "phase": self.phase, "target": self.target, "fail": self.failure,
             "cancel": self.cancel, "seq": self.seq_key, "turn": self.turn,
             "early": self.early_events, "notes": [n.to_record() for n in self.notes],
-            "dc": self.done_counter, "ver": self.version,
+            "dc": self.done_counter, "ver": self.version, "jep": self.jeopardy,
         }
 
     @classmethod
@@ -170,7 +171,7 @@ class Order:
             summary=rec["sum"], phase=rec["phase"], target=rec["target"],
             failure=rec["fail"], cancel=rec["cancel"], seq_key=rec["seq"], turn=rec["turn"],
             early_events=rec["early"], notes=[Step.from_record(n) for n in rec["notes"]],
-            done_counter=rec["dc"], version=rec["ver"],
+            done_counter=rec["dc"], version=rec["ver"], jeopardy=rec.get("jep", {}),
         )
 
     def summary_view(self) -> dict[str, Any]:

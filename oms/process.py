@@ -270,7 +270,7 @@ def _step(
             c.bad(f"{where}.after", f"unknown step {dep!r}{tip}")
     retry = _retry(c, c.table(raw, "retry", where), f"{where}.retry", defaults["retry"])
     timeout = c.number(raw, "timeout_s", where, defaults["timeout_s"])
-    expected = raw.get("expected_s")
+    expected = c.number(raw, "expected_s", where, 0.0) if "expected_s" in raw else None
     action = per_item = wait_event = wait_system = hold = wait_timeout = None
     scopes = {"order", "steps"}
     kinds = [k for k in ("op", "per_item", "wait_event") if k in raw]
@@ -307,7 +307,7 @@ def _step(
     return StepDef(
         name, tuple(after), action, per_item, wait_event, wait_system, wait_timeout, timeout,
         retry, hold,
-        float(expected) if isinstance(expected, int | float) else None,
+        expected or None,
     )
 
 
@@ -389,7 +389,8 @@ def parse_process(text: str, source: str) -> ProcessDef:
             defaults["retry"],
         ),
         notify_timeout_s=c.number(notify, "timeout_s", "process.notify", defaults["timeout_s"]),
-        expected_s=proc.get("expected_s"),
+        expected_s=(c.number(proc, "expected_s", "process", 0.0) or None)
+        if "expected_s" in proc else None,
         source=source,
     )
     if c.problems:

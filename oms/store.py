@@ -200,7 +200,8 @@ class Store:
             return [(k, codec.unpack(v)) for k, v in txn.cursor(db=self.db["inbox"])]
 
     def list_orders(self, state: str | None, source_system: str | None, limit: int,
-                    after: str | None, scan_limit: int = 100_000) -> tuple[list[Order], str | None]:
+                    after: str | None, scan_limit: int = 100_000, reason: str | None = None,
+                    created_before: float | None = None) -> tuple[list[Order], str | None]:
         """Orders in id (acceptance) order after the cursor ``after``."""
         out: list[Order] = []
         last = None
@@ -219,6 +220,8 @@ class Store:
                 else:
                     if (state is None or order.state == state) and (
                         source_system is None or order.source_system == source_system
+                    ) and (reason is None or order.state_reason == reason) and (
+                        created_before is None or order.created_ts <= created_before
                     ):
                         out.append(order)
                 found = cur.next()

@@ -450,3 +450,81 @@ def test_event_wait_with_timeout_fails_the_step_when_nothing_comes() -> None:
     assert d.order.state == OrderState.FAILED
     assert d.order.steps["await_delivery"].error["code"] == "event_timeout"
     assert "cancel_shipment" in d.ops()  # shipped goods are called back
+
+
+# -- operator actions and jeopardy -----------------------------------------
+
+def fallout_driver(domain_overrides: dict[str, Any]) -> Driver:
+    proc = parse_process(_retail_text().replace('failure_policy = "compensate"',
+                                                'failure_policy = "hold"'), "hold.toml")
+    return Driver(proc, retail_order(), ok_domain(domain_overrides))
+
+
+def operate(d: Driver, action: str, step: str | None = None) -> dict[str, Any]:
+    from oms.messages import Operate
+
+    d.feed(Operate(action, step, "ann", "customer called", reply_to="r"))
+    return [fx for fx in d.effects if isinstance(fx, Reply)][-1].payload
+
+
+def test_operator_retry_runs_the_failed_step_as_a_new_command() -> None:
+    d = fallout_driver({"capture_payment": DECLINED})
+    d.start()
+    assert (d.order.state, d.order.state_reason) == (OrderState.HELD, "fallout")
+    d.domain = ok_domain()  # the customer fixed their card
+    reply = operate(d, "retry")
+    assert reply["type"] == "operator_accepted"
+    captures = [s.command_id for s in d.sent if s.op == "capture_payment"]
+    assert captures == ["o-1:capture_payment", "o-1:capture_payment#1"]
+    d.event("shipment_delivered", {})
+    assert d.order.state == OrderState.COMPLETED
+    entry = next(h for h in d.order.history if h.get("action") == "retry")
+    assert entry["operator"] == "ann" and entry["reason"] == "customer called"
+
+
+def test_operator_skip_marks_done_and_goes_on() -> None:
+    d = fallout_driver({"capture_payment": DECLINED})
+    d.start()
+    assert operate(d, "skip", "capture_payment")["type"] == "operator_accepted"
+    assert d.order.steps["capture_payment"].status == StepStatus.DONE
+    assert "create_shipment" in d.ops()
+
+
+def test_operator_abort_compensates_then_fails() -> None:
+    d = fallout_driver({"capture_payment": DECLINED})
+    d.start()
+    assert operate(d, "abort")["type"] == "operator_accepted"
+    assert d.order.state == OrderState.FAILED
+    assert d.ops()[-3:] == ["void_invoice", "release_stock", "notify"]
+
+
+def test_operator_actions_are_refused_when_they_make_no_sense() -> None:
+    d = retail()
+    d.start()
+    assert operate(d, "retry")["reason"].startswith("only an order held as fallout")
+    d.event("shipment_delivered", {})
+    assert operate(d, "abort")["reason"] == "order is already completed"
+    d2 = fallout_driver({"capture_payment": DECLINED})
+    d2.start()
+    assert "not the failed step" in operate(d2, "skip", "reserve_stock")["reason"]
+
+
+def test_jeopardy_fires_once_and_survives_a_restart() -> None:
+    text = _retail_text().replace("[steps.await_delivery]",
+                                  "[steps.await_delivery]\nexpected_s = 3600")
+    proc = parse_process(text, "jeopardy.toml")
+    d = Driver(proc, retail_order(), ok_domain())
+    d.start()
+    timer = next(t for t in d.timers if t.token[0] == "jeopardy")
+    resumed = Engine(proc).handle(d.order, Resume(), d.now)  # a restart re-arms it
+    assert [fx.token for fx in resumed.effects if isinstance(fx, Timer)] == [timer.token]
+    d.fire_timers()
+    events = published(d, "order_jeopardy")
+    assert len(events) == 1 and events[0]["step"] == "await_delivery"
+    assert d.order.state == OrderState.IN_PROGRESS  # not a state change
+    assert [s.args["message"] for s in d.sent if s.system == "crm"][-1].startswith(
+        "Order ext-1 is in jeopardy")
+    again = Engine(proc).handle(d.order, TimerFired(timer.token), d.now + 10)
+    assert again.stale and not again.effects
+    resumed = Engine(proc).handle(d.order, Resume(), d.now)
+    assert not [fx for fx in resumed.effects if isinstance(fx, Timer)]
