@@ -47,8 +47,10 @@ def parse_event(msg: dict[str, Any]) -> tuple[DomainEvent, str] | str:
 class DomainEvents(LoopActor):
     thread_name = "domain-events"
 
-    def __init__(self, zctx: zmq.Context, endpoint: str, octx: Any) -> None:
+    def __init__(self, zctx: zmq.Context, endpoint: str, octx: Any,
+                 curve: dict[str, Any] | None = None) -> None:
         super().__init__()
+        self.curve = curve or {}
         self.zctx, self.endpoint, self.octx = zctx, endpoint, octx
         self.metrics = octx.metrics
         self.sock: zmq.Socket | None = None
@@ -56,7 +58,7 @@ class DomainEvents(LoopActor):
     def on_start(self) -> None:
         self.sock = open_socket(self.zctx, zmq.ROUTER, bind=self.endpoint, ROUTER_MANDATORY=1,
                                 SNDHWM=10_000, RCVHWM=10_000, LINGER=1000,
-                                MAXMSGSIZE=MAX_SOCKET_MESSAGE)
+                                MAXMSGSIZE=MAX_SOCKET_MESSAGE, **self.curve)
 
     def on_stop(self) -> None:
         if self.sock is not None:
@@ -81,17 +83,26 @@ class DomainEvents(LoopActor):
     def on_readable(self, sock: zmq.Socket) -> None:
         for _ in range(1000):
             try:
-                frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+                parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            user = parts[-1].get("User-Id") if self.curve else None
+            frames = [p.bytes for p in parts]
             if len(frames) >= 2:
-                self.on_event(tuple(frames[:-1]), frames[-1])
+                self.on_event(tuple(frames[:-1]), frames[-1], user)
 
-    def on_event(self, envelope: tuple[bytes, ...], frame: bytes) -> None:
+    def on_event(self, envelope: tuple[bytes, ...], frame: bytes,
+                 user: str | None = None) -> None:
         try:
             parsed = parse_event(codec.decode_map(frame))
         except codec.DecodeError as exc:
             parsed = str(exc)
+        if (user is not None and user != "domains" and not isinstance(parsed, str)
+                and parsed[0].system != user):
+            self._send(envelope, errors.error_reply(
+                errors.UNAUTHORIZED, f"this key is {user!r}; it may not send "
+                f"{parsed[0].system!r:.50} events"))
+            return
         if isinstance(parsed, str):
             self.metrics.domain_events.labels("unknown", "malformed").inc()
             self._send(envelope, errors.error_reply(errors.MALFORMED, parsed))

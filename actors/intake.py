@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 MAX_SOCKET_MESSAGE = 4 * 1024 * 1024  # larger frames are cut off by ZeroMQ itself
 _STATES = {str(s) for s in OrderState}
+OPERATOR_ONLY = {"retry_step", "skip_step", "abort_order", "order_counts"}
 
 
 class SendReply(NamedTuple):
@@ -43,8 +44,10 @@ class Intake(LoopActor):
     thread_name = "intake"
 
     def __init__(self, zctx: zmq.Context, endpoint: str, octx: Any, max_in_flight: int,
-                 hwm: int = 10_000) -> None:
+                 hwm: int = 10_000, curve: dict[str, Any] | None = None) -> None:
         super().__init__()
+        self.curve = curve or {}
+        self.identity_required = bool(curve)
         self.zctx, self.endpoint, self.octx = zctx, endpoint, octx
         self.metrics = octx.metrics
         self.max_in_flight = max_in_flight
@@ -69,7 +72,7 @@ class Intake(LoopActor):
     def on_start(self) -> None:
         self.sock = open_socket(self.zctx, zmq.ROUTER, bind=self.endpoint, ROUTER_MANDATORY=1,
                                 SNDHWM=self.hwm, RCVHWM=self.hwm, LINGER=1000,
-                                MAXMSGSIZE=MAX_SOCKET_MESSAGE)
+                                MAXMSGSIZE=MAX_SOCKET_MESSAGE, **self.curve)
 
     def on_stop(self) -> None:
         if self.sock is not None:
@@ -81,12 +84,17 @@ class Intake(LoopActor):
     def on_readable(self, sock: zmq.Socket) -> None:
         for _ in range(1000):
             try:
-                frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+                if self.identity_required:
+                    parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                    user = parts[-1].get("User-Id")
+                    frames = [p.bytes for p in parts]
+                else:
+                    frames, user = sock.recv_multipart(flags=zmq.NOBLOCK), None
             except zmq.Again:
                 return
             if len(frames) < 2:
                 continue  # no payload frame: nothing to answer
-            self.on_request(tuple(frames[:-1]), frames[-1])
+            self.on_request(tuple(frames[:-1]), frames[-1], user)
 
     def on_receive(self, message: Any) -> None:
         if isinstance(message, SendReply):
@@ -114,7 +122,9 @@ class Intake(LoopActor):
 
     # -- requests ----------------------------------------------------------
 
-    def on_request(self, envelope: tuple[bytes, ...], frame: bytes) -> None:
+    def on_request(self, envelope: tuple[bytes, ...], frame: bytes,
+                   user: str | None = None) -> None:
+        self.user = user
         request_id = None
         rtype = "?"
         try:
@@ -129,7 +139,10 @@ class Intake(LoopActor):
                     request_id = None
                 rtype = req.get("type") if isinstance(req.get("type"), str) else "?"
                 handler = self.handlers.get(rtype)
-                if handler is None:
+                if handler is not None and rtype in OPERATOR_ONLY and not self.is_operator():
+                    reply = errors.error_reply(errors.UNAUTHORIZED,
+                                               f"{rtype} is for operators only")
+                elif handler is None:
                     reply = errors.error_reply(
                         errors.UNKNOWN_TYPE, f"unknown request type {req.get('type')!r:.100}; "
                         f"known: {', '.join(self.handlers)}")
@@ -157,6 +170,9 @@ class Intake(LoopActor):
             src = _source(req)
             self.metrics.orders_received.labels(src, "rejected").inc()
             return {"type": "rejected", "errors": [e.to_wire() for e in errs]}
+        denied = self.denied(order["source_system"])
+        if denied:
+            return denied
         if self.octx.router.in_flight >= self.max_in_flight:
             self.metrics.orders_received.labels(order["source_system"], "busy").inc()
             return errors.error_reply(
@@ -211,14 +227,30 @@ class Intake(LoopActor):
             return None, errors.error_reply(errors.NOT_FOUND, f"no order {order_id!r:.100}")
         return order, None
 
+    def is_operator(self) -> bool:
+        return not self.identity_required or str(self.user).startswith("operator")
+
+    def denied(self, source_system: str) -> dict[str, Any] | None:
+        """With CURVE on, a channel may touch only its own source_system's orders."""
+        if self.is_operator() or source_system == self.user:
+            return None
+        return errors.error_reply(errors.UNAUTHORIZED, f"this channel is {self.user!r}; "
+                                  f"it may not act on orders of {source_system!r:.100}")
+
     def get_order(self, envelope: tuple[bytes, ...], req: dict[str, Any]) -> Any:
+        if isinstance(req.get("source_system"), str) and (
+                denied := self.denied(req["source_system"])):
+            return denied
         order, err = self._find(req)
-        return err or {"type": "order", "order": order.view()}
+        return err or self.denied(order.source_system) or {"type": "order",
+                                                            "order": order.view()}
 
     def cancel_order(self, envelope: tuple[bytes, ...], req: dict[str, Any]) -> Any:
         order, err = self._find({"order_id": req.get("order_id")})
         if err:
             return err
+        if denied := self.denied(order.source_system):
+            return denied
         reason = req.get("reason") if isinstance(req.get("reason"), str) else None
         if order.state.terminal:
             return {"type": "cancel_rejected", "order_id": order.order_id,
@@ -270,6 +302,10 @@ class Intake(LoopActor):
             return errors.error_reply(errors.MALFORMED, f"unknown state {state!r:.100}")
         if source is not None and not isinstance(source, str):
             return errors.error_reply(errors.MALFORMED, "source_system must be a string")
+        if not self.is_operator():
+            if source is not None and (denied := self.denied(source)):
+                return denied
+            source = self.user
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
             return errors.error_reply(errors.MALFORMED, "limit must be an integer 1 to 1000")
         if after is not None and not isinstance(after, str):

@@ -26,14 +26,35 @@ class Publisher(LoopActor):
     thread_name = "events-pub"
 
     def __init__(self, ctx: zmq.Context, endpoint: str, metrics: Metrics,
-                 hwm: int = 100_000) -> None:
+                 hwm: int = 100_000, curve: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.ctx, self.endpoint, self.metrics, self.hwm = ctx, endpoint, metrics, hwm
+        self.curve = curve or {}
         self.sock: zmq.Socket | None = None
 
     def on_start(self) -> None:
-        self.sock = open_socket(self.ctx, zmq.PUB, bind=self.endpoint, SNDHWM=self.hwm,
-                                LINGER=500)
+        # XPUB: with CURVE on, subscriptions come to us (XPUB_MANUAL) and each
+        # subscriber is subscribed to its own source_system only, whatever it asked.
+        kind, manual = (zmq.XPUB, {"XPUB_MANUAL": 1}) if self.curve else (zmq.PUB, {})
+        self.sock = open_socket(self.ctx, kind, bind=self.endpoint, SNDHWM=self.hwm,
+                                LINGER=500, **manual, **self.curve)
+
+    def sockets(self) -> list[zmq.Socket]:
+        return [self.sock] if self.sock is not None and self.curve else []
+
+    def on_readable(self, sock: zmq.Socket) -> None:
+        for _ in range(1000):
+            try:
+                frame = sock.recv(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            data = frame.bytes
+            if data[:1] not in (b"\x00", b"\x01"):
+                continue
+            user = frame.get("User-Id")
+            topic = b"" if str(user).startswith("operator") else str(user).encode()
+            option = zmq.SUBSCRIBE if data[:1] == b"\x01" else zmq.UNSUBSCRIBE
+            sock.setsockopt(option, topic)
 
     def on_receive(self, message: Any) -> None:
         if isinstance(message, PublishEvent) and self.sock is not None:

@@ -25,6 +25,7 @@ from actors.intake import Intake
 from actors.pool import Dispatcher
 from actors.publisher import Publisher
 from actors.router import OrderContext, OrderRouter
+from actors.security import ChannelSecurity, SecurityError, client_options
 from actors.sequencer import Sequencer
 from actors.store_writer import StoreWriter
 from actors.timers import TimerService
@@ -69,11 +70,26 @@ class Service:
                               "add --system NAME=ENDPOINT")
         self.zctx = zmq.Context()
         self._stops.append(("zmq context", lambda: self.zctx.destroy(linger=0)))
+        self.security = None
+        channel_curve: dict[str, Any] = {}
+        domain_curve: dict[str, Any] = {}
+        if cfg.curve_server_key or cfg.curve_clients:
+            if not (cfg.curve_server_key and cfg.curve_clients):
+                raise SecurityError("CURVE needs both --curve-server-key and --curve-clients")
+            self.security = ChannelSecurity(self.zctx, cfg.curve_server_key, cfg.curve_clients)
+            self._stops.append(("authenticator", self.security.stop))
+            channel_curve = self.security.server_options()
+        if cfg.domain_server_key:
+            if not cfg.curve_server_key:
+                raise SecurityError("--domain-server-key needs --curve-server-key (the "
+                                    "service's own keypair)")
+            domain_curve = client_options(cfg.curve_server_key, cfg.domain_server_key)
         self.store = Store(cfg.data, map_size=cfg.map_size_mb * 1024 * 1024)
         self._stops.append(("store", self.store.close))
         self.writer = StoreWriter.launch(self.store, self.metrics)
         self._stops.append(("store writer", lambda: _stop_actor(self.writer)))
-        self.publisher = Publisher.launch(self.zctx, cfg.events, self.metrics)
+        self.publisher = Publisher.launch(self.zctx, cfg.events, self.metrics,
+                                          curve=channel_curve)
         self._stops.append(("publisher", lambda: _stop_actor(self.publisher)))
         self.dispatcher = Dispatcher(workers=cfg.workers)
         self._stops.append(("order workers", self.dispatcher.stop))
@@ -94,10 +110,12 @@ class Service:
         for system, endpoint in cfg.systems.items():
             gateway = Gateway.launch(self.zctx, system, endpoint, self.router.deliver,
                                      self.metrics, breaker=Breaker(cfg.breaker_failures,
-                                                                   cfg.breaker_cooldown_s))
+                                                                   cfg.breaker_cooldown_s),
+                                     curve=domain_curve)
             octx.gateways[system] = gateway
             self._stops.append((f"gateway {system}", lambda g=gateway: _stop_actor(g)))
-        self.domain_events = DomainEvents.launch(self.zctx, cfg.domain_events, octx)
+        self.domain_events = DomainEvents.launch(self.zctx, cfg.domain_events, octx,
+                                                 curve=channel_curve)
         self._stops.append(("domain events", lambda: _stop_actor(self.domain_events)))
         self.registry.register(ServiceCollector(self.snapshot))
         for collector in (process_collector.ProcessCollector, platform_collector.PlatformCollector,
@@ -108,11 +126,17 @@ class Service:
                                    self.ready.is_set)
             self._stops.append(("metrics http", self.http.stop))
         self.recover()
-        self.intake = Intake.launch(self.zctx, cfg.intake, octx, cfg.max_in_flight)
+        self.intake = Intake.launch(self.zctx, cfg.intake, octx, cfg.max_in_flight,
+                                    curve=channel_curve)
         self._stops.append(("intake", lambda: _stop_actor(self.intake)))
         self.ready.set()
         logger.info("service ready: intake %s, events %s, domain events %s", cfg.intake,
                     cfg.events, cfg.domain_events)
+
+    def reload_keys(self) -> None:
+        """SIGHUP: read the allowed client keys again."""
+        if self.security is not None:
+            self.security.reload()
 
     def recover(self) -> None:
         """Resume every unfinished order from its last persisted snapshot."""

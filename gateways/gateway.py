@@ -42,8 +42,10 @@ class _Pending(NamedTuple):
 
 class Gateway(LoopActor):
     def __init__(self, ctx: zmq.Context, system: str, endpoint: str, deliver: Any,
-                 metrics: Metrics, hwm: int = 100_000, breaker: Breaker | None = None) -> None:
+                 metrics: Metrics, hwm: int = 100_000, breaker: Breaker | None = None,
+                 curve: dict[str, Any] | None = None) -> None:
         super().__init__()
+        self.curve = curve or {}
         self.breaker = breaker or Breaker()
         self.thread_name = f"gw-{system}"
         self.ctx, self.system, self.endpoint = ctx, system, endpoint
@@ -59,7 +61,7 @@ class Gateway(LoopActor):
     def on_start(self) -> None:
         # LINGER 0: commands are idempotent and re-sent after a restart
         self.sock = open_socket(self.ctx, zmq.DEALER, connect=self.endpoint, SNDHWM=self.hwm,
-                                RCVHWM=self.hwm, LINGER=0)
+                                RCVHWM=self.hwm, LINGER=0, **self.curve)
 
     def on_stop(self) -> None:
         if self.sock is not None:

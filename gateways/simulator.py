@@ -63,6 +63,7 @@ class SimConfig:
     drop: dict[str, float] = field(default_factory=dict)
     seed: int | None = None
     event_resend_s: float = 1.0
+    curve: dict[str, Any] = field(default_factory=dict)  # see oms.cli cmd_simulate
 
 
 class Domain:
@@ -273,8 +274,18 @@ class Simulator:
         self.stopped = False
 
     def bind(self) -> None:
+        curve = self.cfg.curve
+        if curve.get("clients_dir"):
+            from zmq.auth.thread import ThreadAuthenticator
+
+            self.auth = ThreadAuthenticator(self.ctx)
+            self.auth.start()
+            self.auth.configure_curve(domain="*", location=curve["clients_dir"])
         for system, endpoint in self.cfg.systems.items():
             sock = self.ctx.socket(zmq.ROUTER)
+            if curve.get("server"):
+                sock.curve_server = True
+                sock.curve_secretkey, sock.curve_publickey = curve["secret"], curve["public"]
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             sock.setsockopt(zmq.SNDHWM, 100_000)
@@ -283,6 +294,10 @@ class Simulator:
             self.routers[sock] = system
         self.events = self.ctx.socket(zmq.DEALER)
         self.events.setsockopt(zmq.LINGER, 0)
+        if curve.get("service_key"):
+            self.events.curve_serverkey = curve["service_key"]
+            self.events.curve_secretkey, self.events.curve_publickey = (curve["secret"],
+                                                                       curve["public"])
         self.events.connect(self.cfg.service_events)
 
     def run(self) -> None:
@@ -304,6 +319,8 @@ class Simulator:
         finally:
             for sock in [*self.routers, self.events]:
                 sock.close(0)
+            if getattr(self, "auth", None) is not None:
+                self.auth.stop()
 
     def _timeout(self) -> float:
         due = [r[0] for r in self.replies[:1]] + [e[0] for e in self.domain.events[:1]]

@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--processes", help="folder of process definitions (*.toml)")
     serve.add_argument("--workers", type=int, help="order actor worker threads")
     serve.add_argument("--max-in-flight", type=int, help="admission limit")
+    serve.add_argument("--curve-server-key", metavar="FILE",
+                       help="the service's secret key file: turns CURVE on for channels")
+    serve.add_argument("--curve-clients", metavar="DIR",
+                       help="folder of allowed public keys; file name = identity")
+    serve.add_argument("--domain-server-key", metavar="FILE",
+                       help="domain systems' public key: CURVE toward them as well")
     serve.add_argument("--log-level", help="debug, info, warning, error")
     serve.add_argument("--log-format", choices=["json", "text"])
 
@@ -61,6 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--drop", action="append", default=[], metavar="OP=RATE",
                      help="apply OP but drop the reply with probability RATE")
     sim.add_argument("--seed", type=int)
+    sim.add_argument("--curve-server-key", metavar="FILE",
+                     help="the simulators' secret key file: CURVE on their sockets")
+    sim.add_argument("--curve-clients", metavar="DIR", help="allowed public keys")
+    sim.add_argument("--service-key", metavar="FILE",
+                     help="the service's public key, to push events over CURVE")
+
+    keys = sub.add_parser("keys", help="CURVE key pairs")
+    ksub = keys.add_subparsers(dest="action", required=True)
+    gen = ksub.add_parser("generate", help="write NAME.key and NAME.key_secret (0600)")
+    gen.add_argument("--out", required=True, help="folder to write into")
+    gen.add_argument("names", nargs="+", help="one key pair per name (the identity)")
     sim.add_argument("--log-level", default="info")
 
     submit = sub.add_parser("submit", help="submit orders from a file or samples")
@@ -115,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from actors.security import SecurityError
     from actors.service import Service
     from oms.store import StoreLocked
 
@@ -123,15 +141,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       domain_events=args.domain_events, metrics_port=args.metrics_port,
                       systems=systems, processes=args.processes, workers=args.workers,
                       max_in_flight=args.max_in_flight, log_level=args.log_level,
-                      log_format=args.log_format)
+                      log_format=args.log_format, curve_server_key=args.curve_server_key,
+                      curve_clients=args.curve_clients,
+                      domain_server_key=args.domain_server_key)
     logs.setup(cfg.log_level, cfg.log_format)
-    stop = threading.Event()
+    stop, reload = threading.Event(), threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())
     service = Service(cfg)
     try:
         service.start()
-    except StoreLocked as exc:
+    except (StoreLocked, SecurityError) as exc:
         print(f"oms serve: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
@@ -143,8 +164,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 2
         raise
     try:
-        while not stop.wait(1.0):
-            pass
+        while not stop.wait(0.2):
+            if reload.is_set():
+                reload.clear()
+                try:
+                    service.reload_keys()
+                except SecurityError as exc:
+                    logger.error("keys not reloaded: %s", exc)
         logger.info("signal received: draining and stopping")
     finally:
         service.stop()
@@ -171,7 +197,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         from oms.sample import SCARCE
 
         stock_of.update(dict.fromkeys(SCARCE, args.scarce))
-    cfg = SimConfig(systems=systems, service_events=args.service_events,
+    curve: dict[str, Any] = {}
+    if args.curve_server_key:
+        from actors.security import load_clients, read_keypair, read_public
+
+        public, secret = read_keypair(args.curve_server_key)
+        curve = {"server": True, "public": public, "secret": secret,
+                 "clients": args.curve_clients and list(load_clients(args.curve_clients)),
+                 "clients_dir": args.curve_clients,
+                 "service_key": args.service_key and read_public(args.service_key)}
+    elif args.service_key:
+        raise SystemExit("oms simulate: --service-key needs --curve-server-key (its keypair)")
+    cfg = SimConfig(systems=systems, service_events=args.service_events, curve=curve,
                     latency_ms=args.latency_ms, stock=args.stock, stock_of=stock_of,
                     restock_s=args.restock_s,
                     delivery_s=args.delivery_s, fail=fail, drop=drop, seed=args.seed)
@@ -212,6 +249,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 failures += 1
                 print(f"{ext}: {reply['type']} {reply.get('errors') or reply.get('message')}")
     return 1 if failures else 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from actors.security import generate
+
+    for path in generate(args.out, args.names):
+        print(path)
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -337,7 +382,7 @@ def _ops(name: str) -> Any:
 
 
 COMMANDS = {"serve": cmd_serve, "simulate": cmd_simulate, "submit": cmd_submit,
-            "status": cmd_status, "processes": cmd_processes, "demo": cmd_demo, "health": cmd_health,
+            "status": cmd_status, "keys": cmd_keys, "processes": cmd_processes, "demo": cmd_demo, "health": cmd_health,
             "bench": cmd_bench, "orders": _ops("orders"), "order": _ops("order"),
             "fallout": _ops("fallout")}
 

@@ -16,10 +16,13 @@ class Client:
     """Requests to the intake endpoint, one at a time or pipelined."""
 
     def __init__(self, endpoint: str, ctx: zmq.Context | None = None,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, curve: dict[str, Any] | None = None) -> None:
         self.ctx = ctx or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))  # no peer: fail, not hang
+        for name, value in (curve or {}).items():  # see actors.security.client_options
+            self.sock.setsockopt(getattr(zmq, name), value)
         self.sock.connect(endpoint)
         self.timeout = timeout
         self._ids = itertools.count(1)
@@ -33,10 +36,16 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _send(self, frame: bytes) -> None:
+        try:
+            self.sock.send(frame)
+        except zmq.Again:
+            raise TimeoutError("cannot send: no connection to the service") from None
+
     def request(self, payload: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """Send one request and wait for its reply (matched by request_id)."""
         rid = f"r{next(self._ids)}"
-        self.sock.send(codec.pack(dict(payload, request_id=rid)))
+        self._send(codec.pack(dict(payload, request_id=rid)))
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
             left = deadline - time.monotonic()
@@ -48,7 +57,7 @@ class Client:
 
     def send_raw(self, frame: bytes, timeout: float | None = None) -> dict[str, Any]:
         """Send any bytes as one frame; return the decoded reply."""
-        self.sock.send(frame)
+        self._send(frame)
         left = self.timeout if timeout is None else timeout
         if not self.sock.poll(left * 1000):
             raise TimeoutError("no reply")
@@ -70,7 +79,7 @@ class Client:
                     break
                 rid = f"p{next(self._ids)}"
                 waiting[rid] = payload
-                self.sock.send(codec.pack(dict(payload, request_id=rid)))
+                self._send(codec.pack(dict(payload, request_id=rid)))
             if not waiting:
                 break
             if not self.sock.poll(limit * 1000):

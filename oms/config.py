@@ -40,6 +40,9 @@ class Config:
     breaker_cooldown_s: float = 5.0
     max_in_flight: int = 200_000
     map_size_mb: int = 256
+    curve_server_key: str | None = None
+    curve_clients: str | None = None
+    domain_server_key: str | None = None
     log_level: str = "info"
     log_format: str = "json"
 

@@ -1,0 +1,126 @@
+"""CURVE on the channel-facing sockets, with a ZAP authenticator.
+
+Only the public keys in the clients folder get in. Each key's *file name*
+is its identity: ``web.key`` is the channel whose ``source_system`` is
+``web``; a name starting with ``operator`` is an operator; a domain system's
+key is named after the system (``warehouse.key``), or ``domains`` for a
+process that speaks for several. The authenticator reports
+that name as the connection's ``User-Id``, which the intake, the publisher
+and the domain-events endpoint read from every message. ``reload()`` (on
+SIGHUP) reads the folder again without a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
+
+logger = logging.getLogger(__name__)
+
+
+class SecurityError(RuntimeError):
+    """Security is asked for but cannot be set up safely."""
+
+
+def read_keypair(secret_file: str | Path) -> tuple[bytes, bytes]:
+    """(public, secret) from a ``.key_secret`` file that only its owner may read."""
+    path = Path(secret_file)
+    if not path.is_file():
+        raise SecurityError(f"{path}: no such secret key file")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise SecurityError(f"{path} is readable by others (mode {mode:o}); chmod 600 it")
+    public, secret = zmq.auth.load_certificate(str(path))
+    if not secret:
+        raise SecurityError(f"{path} holds no secret key")
+    return public, secret
+
+
+def read_public(file: str | Path) -> bytes:
+    public, _ = zmq.auth.load_certificate(str(file))
+    return public
+
+
+def load_clients(folder: str | Path) -> dict[bytes, str]:
+    """Public key (Z85) -> name, for every ``*.key`` in the folder."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise SecurityError(f"{path}: not a folder of client keys")
+    keys = {}
+    for file in sorted(path.glob("*.key")):
+        public, _ = zmq.auth.load_certificate(str(file))
+        keys[public] = file.stem
+    if not keys:
+        raise SecurityError(f"{path} holds no client keys (*.key): nobody could connect")
+    return keys
+
+
+class NamedAuthenticator(ThreadAuthenticator):
+    """Reports a client's key file name as its User-Id."""
+
+    names: dict[bytes, str]
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self.names.get(z85.encode(client_public_key), "unknown")
+
+
+class ChannelSecurity:
+    """The server keypair, the allowed clients, and the running authenticator."""
+
+    def __init__(self, ctx: zmq.Context, server_key: str, clients: str) -> None:
+        self.public, self.secret = read_keypair(server_key)
+        self.clients_dir = clients
+        names = load_clients(clients)
+        self.auth = NamedAuthenticator(ctx)
+        self.auth.names = names
+        try:
+            self.auth.start()
+            self.auth.configure_curve(domain="*", location=clients)
+        except Exception as exc:
+            raise SecurityError(f"the ZAP authenticator cannot run: {exc}") from exc
+        if not self.auth.is_alive():
+            raise SecurityError("the ZAP authenticator is not running")
+        logger.info("CURVE on: %d client keys allowed", len(names))
+
+    def server_options(self) -> dict[str, Any]:
+        """Socket options for a CURVE server socket."""
+        return {"CURVE_SERVER": 1, "CURVE_SECRETKEY": self.secret,
+                "CURVE_PUBLICKEY": self.public}
+
+    def reload(self) -> int:
+        """Read the clients folder again (SIGHUP); returns how many keys."""
+        names = load_clients(self.clients_dir)
+        self.auth.names = names
+        self.auth.configure_curve(domain="*", location=self.clients_dir)
+        logger.info("client keys reloaded: %d allowed", len(names))
+        return len(names)
+
+    def stop(self) -> None:
+        self.auth.stop()
+
+
+def client_options(own_secret_file: str, server_public_file: str) -> dict[str, Any]:
+    """Socket options for a CURVE client with its own keypair."""
+    public, secret = read_keypair(own_secret_file)
+    return {"CURVE_SERVERKEY": read_public(server_public_file), "CURVE_PUBLICKEY": public,
+            "CURVE_SECRETKEY": secret}
+
+
+def generate(folder: str | Path, names: list[str]) -> list[Path]:
+    """Write NAME.key (public) and NAME.key_secret (mode 0600) for each name."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in names:
+        public, secret = zmq.auth.create_certificates(str(out), name)
+        os.chmod(secret, 0o600)
+        written += [Path(public), Path(secret)]
+    return written
