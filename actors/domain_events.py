@@ -113,6 +113,10 @@ class DomainEvents(LoopActor):
 
         def done(outcome: str) -> None:  # in the store writer, after the commit
             self.metrics.domain_events.labels(system, outcome).inc()
+            if outcome == "error":
+                ref.tell(SendAck(envelope, errors.error_reply(
+                    errors.INTERNAL, "the event could not be recorded; send it again")))
+                return
             if outcome == "recorded":
                 key = event_key(order_id, event.system, event.event_id)
                 self.octx.router.deliver_event(key, order_id, event)

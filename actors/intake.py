@@ -191,6 +191,10 @@ class Intake(LoopActor):
         return None
 
     def created(self, created: Created, source: str, reply: Callable[[dict], None]) -> None:
+        if created.kind == "error":
+            reply(errors.error_reply(errors.INTERNAL, "the order could not be stored; "
+                                     "see the service log"))
+            return
         self.metrics.orders_received.labels(source, created.kind).inc()
         if created.kind == "conflict":
             reply(errors.error_reply(
@@ -298,7 +302,7 @@ class Intake(LoopActor):
         if min_age is not None and (isinstance(min_age, bool)
                                     or not isinstance(min_age, int | float)):
             return errors.error_reply(errors.MALFORMED, "min_age_s must be a number")
-        if state is not None and state not in _STATES:
+        if state is not None and (not isinstance(state, str) or state not in _STATES):
             return errors.error_reply(errors.MALFORMED, f"unknown state {state!r:.100}")
         if source is not None and not isinstance(source, str):
             return errors.error_reply(errors.MALFORMED, "source_system must be a string")

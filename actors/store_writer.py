@@ -108,21 +108,35 @@ class StoreWriter(LoopActor):
         outcomes: list[Any] = []
         with store.write() as txn:
             for msg in work:
-                if isinstance(msg, SaveOrder):
-                    store.put_order(txn, msg.order_id, msg.record, msg.active, msg.consumed)
-                    outcomes.append(None)
-                elif isinstance(msg, CreateOrder):
-                    outcomes.append(store.create_order(
-                        txn, msg.source_system, msg.external_id, msg.digest, msg.build))
-                elif isinstance(msg, RecordEvent):
-                    outcomes.append(store.record_event(
-                        txn, msg.order_id, msg.system, msg.event_id, msg.event))
-                else:
-                    outcomes.append(None)
+                try:
+                    outcomes.append(self._apply_one(txn, msg))
+                except lmdb.MapFullError:
+                    raise
+                except Exception as exc:  # one bad write must not fail the batch
+                    logger.exception("store write failed for %s", type(msg).__name__,
+                                     extra={"order_id": getattr(msg, "order_id", None)})
+                    outcomes.append(exc)
         return outcomes
+
+    def _apply_one(self, txn: lmdb.Transaction, msg: Any) -> Any:
+        store = self.store
+        if isinstance(msg, SaveOrder):
+            store.put_order(txn, msg.order_id, msg.record, msg.active, msg.consumed)
+        elif isinstance(msg, CreateOrder):
+            return store.create_order(txn, msg.source_system, msg.external_id, msg.digest,
+                                      msg.build)
+        elif isinstance(msg, RecordEvent):
+            return store.record_event(txn, msg.order_id, msg.system, msg.event_id, msg.event)
+        return None
 
     def _after(self, msg: Any, outcome: Any) -> None:
         try:
+            if isinstance(outcome, Exception):
+                if isinstance(msg, CreateOrder):
+                    msg.done(Created("error", "", ""))
+                elif isinstance(msg, RecordEvent):
+                    msg.done("error")
+                return  # a snapshot that was not stored: its effects must not happen
             if isinstance(msg, SaveOrder):
                 for callback in msg.after:
                     callback()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import threading
@@ -101,12 +102,25 @@ class Created:
     order: Order | None = None
 
 
+MAX_ORDER_ID = 64  # longer ids are not ours (ours are 13 characters)
+
+
+def _hash(*parts: str) -> bytes:
+    return hashlib.blake2b("\x00".join(parts).encode(), digest_size=20).digest()
+
+
 def ext_key(source_system: str, external_id: str) -> bytes:
-    return f"{source_system}\x00{external_id}".encode()
+    """Fixed size: LMDB keys are at most 511 bytes, ids up to 1,000 characters."""
+    return _hash(source_system, external_id)
 
 
 def event_key(order_id: str, system: str, event_id: str) -> bytes:
-    return f"{order_id}\x00{system}\x00{event_id}".encode()
+    """Order id first (so an order's events sort together), then a hash."""
+    return order_id.encode() + b"\x00" + _hash(system, event_id)
+
+
+def usable_order_id(order_id: object) -> bool:
+    return isinstance(order_id, str) and 0 < len(order_id) <= MAX_ORDER_ID
 
 
 def format_order_id(seq: int) -> str:
@@ -160,6 +174,8 @@ class Store:
             yield txn
 
     def load(self, txn: lmdb.Transaction, order_id: str) -> Order | None:
+        if not usable_order_id(order_id):
+            return None
         raw = txn.get(order_id.encode(), db=self.db["orders"])
         return None if raw is None else decode_order(order_id.encode(), raw)
 
@@ -173,7 +189,8 @@ class Store:
         return None if raw is None else codec.unpack(raw)[0]
 
     def is_active(self, txn: lmdb.Transaction, order_id: str) -> bool:
-        return txn.get(order_id.encode(), db=self.db["active"]) is not None
+        return usable_order_id(order_id) and txn.get(order_id.encode(),
+                                                     db=self.db["active"]) is not None
 
     def active_ids(self) -> list[str]:
         with self.read() as txn:
@@ -207,7 +224,8 @@ class Store:
         last = None
         with self.read() as txn:
             cur = txn.cursor(db=self.db["orders"])
-            found = cur.set_range(after.encode() + b"\x00") if after else cur.first()
+            start = after.encode()[:MAX_ORDER_ID] + b"\x00" if after else None
+            found = cur.set_range(start) if start else cur.first()
             scanned = 0
             while found and len(out) < limit and scanned < scan_limit:
                 key, raw = cur.item()
@@ -284,6 +302,8 @@ class Store:
     def record_event(self, txn: lmdb.Transaction, order_id: str, system: str,
                      event_id: str, event: dict[str, Any]) -> str:
         """Record a domain event once: "recorded", "duplicate" or "unknown_order"."""
+        if not usable_order_id(order_id):
+            return "unknown_order"
         key = event_key(order_id, system, event_id)
         if txn.get(key, db=self.db["events"]) is not None:
             return "duplicate"
