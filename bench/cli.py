@@ -43,6 +43,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--warmup", type=float, default=0.1, help="share of orders not measured")
     p.add_argument("--baseline", action="store_true", help="also run the no-actor baseline")
     p.add_argument("--workers", type=int, default=2, help="service order worker threads")
+    p.add_argument("--curve", action="store_true", help="CURVE on the channel sockets")
     p.add_argument("--intake", help="target a running service's intake instead")
     p.add_argument("--events", help="... and its events endpoint")
     p.add_argument("--out", default="bench-reports", help="folder for the reports")
@@ -87,7 +88,8 @@ def run_bench(args: argparse.Namespace) -> int:
             intake, events = args.intake, args.events
         else:
             harness = Harness(workdir, SIM_ARGS[args.scenario], ["--workers",
-                                                                 str(args.workers)])
+                                                                 str(args.workers)],
+                              curve=args.curve)
             harness.start_simulators()
             if args.baseline:
                 result["baseline"] = run_baseline(harness, args)
@@ -137,7 +139,7 @@ def run_baseline(harness: Harness, args: argparse.Namespace) -> dict[str, Any]:
 
 def run_load(harness: Harness | None, intake: str, events: str,
              args: argparse.Namespace) -> dict[str, Any]:
-    gen = LoadGen(intake, events, "bench")
+    gen = LoadGen(intake, events, "bench", harness.client_curve if harness else None)
     prefix = f"{args.scenario[:3].upper()}{int(time.time()) % 100000}-"
     total = args.orders
     rate = args.rate

@@ -75,11 +75,34 @@ class Proc:
 class Harness:
     """Simulators + service for one bench run; everything under ``workdir``."""
 
-    def __init__(self, workdir: Path, sim_args: list[str], serve_args: list[str]) -> None:
+    def __init__(self, workdir: Path, sim_args: list[str], serve_args: list[str],
+                 curve: bool = False) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.eps = Endpoints()
         self.sim_args, self.serve_args = sim_args, serve_args
+        self.client_curve: dict[str, Any] = {}
+        if curve:
+            self._make_keys()
+
+    def _make_keys(self) -> None:
+        """CURVE for channels: the load generator is channel "bench"."""
+        from actors.security import client_options, generate
+
+        keys = self.workdir / "keys"
+        generate(keys / "server", ["server"])
+        generate(keys / "own", ["bench", "domains"])
+        allowed = keys / "allowed"
+        allowed.mkdir()
+        for name in ("bench", "domains"):
+            (allowed / f"{name}.key").write_text((keys / "own" / f"{name}.key").read_text())
+        self.serve_args = [*self.serve_args, "--curve-server-key",
+                           str(keys / "server" / "server.key_secret"), "--curve-clients",
+                           str(allowed)]
+        self.client_curve = client_options(str(keys / "own" / "bench.key_secret"),
+                                           str(keys / "server" / "server.key"))
+        self.sim_events_curve = ["--curve-key", str(keys / "own" / "domains.key_secret"),
+                                 "--service-key", str(keys / "server" / "server.key")]
         self.sim: Proc | None = None
         self.svc: Proc | None = None
 
@@ -88,6 +111,7 @@ class Harness:
                 "warning"]
         for name, ep in self.eps.systems.items():
             args += ["--system", f"{name}={ep}"]
+        args += getattr(self, "sim_events_curve", [])
         self.sim = Proc(args + self.sim_args, self.workdir / "simulate.log")
 
     def start_service(self) -> None:
@@ -106,7 +130,7 @@ class Harness:
         from oms.client import Client
 
         started = time.monotonic()
-        with Client(self.eps.intake) as client:
+        with Client(self.eps.intake, curve=self.client_curve) as client:
             client.wait_ready(timeout)
         return time.monotonic() - started
 

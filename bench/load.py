@@ -70,17 +70,21 @@ class Progress:
 
 
 class LoadGen:
-    def __init__(self, intake: str, events: str, source: str) -> None:
+    def __init__(self, intake: str, events: str, source: str,
+                 curve: dict[str, Any] | None = None) -> None:
         ctx = zmq.Context.instance()
         self.dealer = ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.LINGER, 0)
         self.dealer.setsockopt(zmq.SNDHWM, 0)
         self.dealer.setsockopt(zmq.RCVHWM, 0)
-        self.dealer.connect(intake)
         self.sub = ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.RCVHWM, 0)
         self.sub.setsockopt(zmq.SUBSCRIBE, source.encode())
+        for sock in (self.dealer, self.sub):
+            for name, value in (curve or {}).items():
+                sock.setsockopt(getattr(zmq, name), value)
+        self.dealer.connect(intake)
         self.sub.connect(events)
         self.poller = zmq.Poller()
         self.poller.register(self.dealer, zmq.POLLIN)

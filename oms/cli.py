@@ -67,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--drop", action="append", default=[], metavar="OP=RATE",
                      help="apply OP but drop the reply with probability RATE")
     sim.add_argument("--seed", type=int)
-    sim.add_argument("--curve-server-key", metavar="FILE",
-                     help="the simulators' secret key file: CURVE on their sockets")
-    sim.add_argument("--curve-clients", metavar="DIR", help="allowed public keys")
+    sim.add_argument("--curve-key", metavar="FILE", help="the simulators' secret key file")
+    sim.add_argument("--curve-clients", metavar="DIR",
+                     help="allowed public keys: CURVE on the simulators' sockets")
     sim.add_argument("--service-key", metavar="FILE",
                      help="the service's public key, to push events over CURVE")
 
@@ -198,16 +198,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
         stock_of.update(dict.fromkeys(SCARCE, args.scarce))
     curve: dict[str, Any] = {}
-    if args.curve_server_key:
+    if args.curve_key:
         from actors.security import load_clients, read_keypair, read_public
 
-        public, secret = read_keypair(args.curve_server_key)
-        curve = {"server": True, "public": public, "secret": secret,
+        public, secret = read_keypair(args.curve_key)
+        curve = {"server": bool(args.curve_clients), "public": public, "secret": secret,
                  "clients": args.curve_clients and list(load_clients(args.curve_clients)),
                  "clients_dir": args.curve_clients,
                  "service_key": args.service_key and read_public(args.service_key)}
-    elif args.service_key:
-        raise SystemExit("oms simulate: --service-key needs --curve-server-key (its keypair)")
+    elif args.service_key or args.curve_clients:
+        raise SystemExit("oms simulate: --service-key and --curve-clients need --curve-key")
     cfg = SimConfig(systems=systems, service_events=args.service_events, curve=curve,
                     latency_ms=args.latency_ms, stock=args.stock, stock_of=stock_of,
                     restock_s=args.restock_s,
