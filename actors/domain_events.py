@@ -11,23 +11,17 @@ counted; ``docs/operations.md`` says so.
 from __future__ import annotations
 
 import logging
-from typing import Any, NamedTuple
+from typing import Any
 
 import zmq
 
-from actors.intake import MAX_SOCKET_MESSAGE
-from actors.loop import LoopActor, open_socket
+from actors.endpoint import RouterEndpoint
 from actors.store_writer import RecordEvent
 from oms import codec, errors
 from oms.messages import DomainEvent
 from oms.store import event_key
 
 logger = logging.getLogger(__name__)
-
-
-class SendAck(NamedTuple):
-    envelope: tuple[bytes, ...]
-    payload: dict[str, Any]
 
 
 def parse_event(msg: dict[str, Any]) -> tuple[DomainEvent, str] | str:
@@ -44,52 +38,17 @@ def parse_event(msg: dict[str, Any]) -> tuple[DomainEvent, str] | str:
     return DomainEvent(msg["event_id"], msg["system"], msg["name"], data), msg["order_id"]
 
 
-class DomainEvents(LoopActor):
+class DomainEvents(RouterEndpoint):
     thread_name = "domain-events"
+    label = "domain_events"
 
     def __init__(self, zctx: zmq.Context, endpoint: str, octx: Any,
                  curve: dict[str, Any] | None = None) -> None:
-        super().__init__()
-        self.curve = curve or {}
-        self.zctx, self.endpoint, self.octx = zctx, endpoint, octx
-        self.metrics = octx.metrics
-        self.sock: zmq.Socket | None = None
+        super().__init__(zctx, endpoint, octx.metrics, curve)
+        self.octx = octx
 
-    def on_start(self) -> None:
-        self.sock = open_socket(self.zctx, zmq.ROUTER, bind=self.endpoint, ROUTER_MANDATORY=1,
-                                SNDHWM=10_000, RCVHWM=10_000, LINGER=1000,
-                                MAXMSGSIZE=MAX_SOCKET_MESSAGE, **self.curve)
-
-    def on_stop(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-
-    def sockets(self) -> list[zmq.Socket]:
-        return [self.sock] if self.sock is not None else []
-
-    def on_receive(self, message: Any) -> None:
-        if isinstance(message, SendAck):
-            self._send(message.envelope, message.payload)
-
-    def _send(self, envelope: tuple[bytes, ...], payload: dict[str, Any]) -> None:
-        if self.sock is None:
-            return
-        try:
-            self.sock.send_multipart([*envelope, codec.pack(payload)], flags=zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            self.metrics.reply_failures.labels("domain_events").inc()
-            logger.warning("domain event ack not delivered: %s", exc)
-
-    def on_readable(self, sock: zmq.Socket) -> None:
-        for _ in range(1000):
-            try:
-                parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            user = parts[-1].get("User-Id") if self.curve else None
-            frames = [p.bytes for p in parts]
-            if len(frames) >= 2:
-                self.on_event(tuple(frames[:-1]), frames[-1], user)
+    def on_frame(self, envelope: tuple[bytes, ...], frame: bytes, user: str | None) -> None:
+        self.on_event(envelope, frame, user)
 
     def on_event(self, envelope: tuple[bytes, ...], frame: bytes,
                  user: str | None = None) -> None:
@@ -99,23 +58,22 @@ class DomainEvents(LoopActor):
             parsed = str(exc)
         if (user is not None and user != "domains" and not isinstance(parsed, str)
                 and parsed[0].system != user):
-            self._send(envelope, errors.error_reply(
+            self.send_reply(envelope, errors.error_reply(
                 errors.UNAUTHORIZED, f"this key is {user!r}; it may not send "
                 f"{parsed[0].system!r:.50} events"))
             return
         if isinstance(parsed, str):
             self.metrics.domain_events.labels("unknown", "malformed").inc()
-            self._send(envelope, errors.error_reply(errors.MALFORMED, parsed))
+            self.send_reply(envelope, errors.error_reply(errors.MALFORMED, parsed))
             return
         event, order_id = parsed
-        ref = self.actor_ref
         system = event.system if len(event.system) <= 32 else "other"
 
         def done(outcome: str) -> None:  # in the store writer, after the commit
             self.metrics.domain_events.labels(system, outcome).inc()
             if outcome == "error":
-                ref.tell(SendAck(envelope, errors.error_reply(
-                    errors.INTERNAL, "the event could not be recorded; send it again")))
+                self.reply_to(envelope, errors.error_reply(
+                    errors.INTERNAL, "the event could not be recorded; send it again"))
                 return
             if outcome == "recorded":
                 key = event_key(order_id, event.system, event.event_id)
@@ -123,7 +81,7 @@ class DomainEvents(LoopActor):
             elif outcome != "duplicate":
                 logger.warning("domain event %s for %s order %s acknowledged and ignored",
                                event.event_id, outcome.replace("_", " "), order_id)
-            ref.tell(SendAck(envelope, {"type": "ack", "event_id": event.event_id}))
+            self.reply_to(envelope, {"type": "ack", "event_id": event.event_id})
 
         self.octx.writer.tell(RecordEvent(order_id, event.system, event.event_id,
                                           {"event_id": event.event_id, "system": event.system,

@@ -15,11 +15,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import zmq
 
-from actors.loop import LoopActor, open_socket
+from actors.endpoint import RouterEndpoint
 from actors.store_writer import CreateOrder
 from oms import codec, errors
 from oms.engine import new_order
@@ -30,32 +30,23 @@ from oms.validation import validate_order
 
 logger = logging.getLogger(__name__)
 
-MAX_SOCKET_MESSAGE = 4 * 1024 * 1024  # larger frames are cut off by ZeroMQ itself
 _STATES = {str(s) for s in OrderState}
 OPERATOR_ONLY = {"retry_step", "skip_step", "abort_order", "order_counts"}
 
 
-class SendReply(NamedTuple):
-    envelope: tuple[bytes, ...]
-    payload: dict[str, Any]
-
-
-class Intake(LoopActor):
+class Intake(RouterEndpoint):
     thread_name = "intake"
+    label = "intake"
 
     def __init__(self, zctx: zmq.Context, endpoint: str, octx: Any, max_in_flight: int,
                  hwm: int = 10_000, curve: dict[str, Any] | None = None) -> None:
-        super().__init__()
-        self.curve = curve or {}
-        self.identity_required = bool(curve)
-        self.zctx, self.endpoint, self.octx = zctx, endpoint, octx
-        self.metrics = octx.metrics
+        super().__init__(zctx, endpoint, octx.metrics, curve, hwm)
+        self.octx = octx
         self.max_in_flight = max_in_flight
+        self.user: str | None = None
         for code in (errors.MALFORMED, errors.UNKNOWN_TYPE, errors.TOO_LARGE, errors.BUSY,
                      errors.UNAUTHORIZED, errors.NOT_FOUND, errors.CONFLICT, errors.INTERNAL):
             self.metrics.intake_errors.labels(code)
-        self.hwm = hwm
-        self.sock: zmq.Socket | None = None
         self.handlers: dict[str, Callable[[tuple[bytes, ...], dict[str, Any]], Any]] = {
             "submit_order": self.submit_order,
             "get_order": self.get_order,
@@ -67,63 +58,19 @@ class Intake(LoopActor):
             "abort_order": lambda env, req: self.operate(env, req, "abort"),
         }
 
-    # -- socket ------------------------------------------------------------
-
-    def on_start(self) -> None:
-        self.sock = open_socket(self.zctx, zmq.ROUTER, bind=self.endpoint, ROUTER_MANDATORY=1,
-                                SNDHWM=self.hwm, RCVHWM=self.hwm, LINGER=1000,
-                                MAXMSGSIZE=MAX_SOCKET_MESSAGE, **self.curve)
-
-    def on_stop(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-
-    def sockets(self) -> list[zmq.Socket]:
-        return [self.sock] if self.sock is not None else []
-
-    def on_readable(self, sock: zmq.Socket) -> None:
-        for _ in range(1000):
-            try:
-                if self.identity_required:
-                    parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-                    user = parts[-1].get("User-Id")
-                    frames = [p.bytes for p in parts]
-                else:
-                    frames, user = sock.recv_multipart(flags=zmq.NOBLOCK), None
-            except zmq.Again:
-                return
-            if len(frames) < 2:
-                continue  # no payload frame: nothing to answer
-            self.on_request(tuple(frames[:-1]), frames[-1], user)
-
-    def on_receive(self, message: Any) -> None:
-        if isinstance(message, SendReply):
-            self._send(message.envelope, message.payload)
-
-    def _send(self, envelope: tuple[bytes, ...], payload: dict[str, Any]) -> None:
-        if self.sock is None:
-            return
-        try:
-            self.sock.send_multipart([*envelope, codec.pack(payload)], flags=zmq.NOBLOCK)
-        except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or its queue full
-            self.metrics.reply_failures.labels("intake").inc()
-            logger.warning("intake reply not delivered: %s", exc)
-
     def reply_later(self, envelope: tuple[bytes, ...], request_id: Any) -> Callable[[dict], None]:
         """A thread-safe callable that sends the reply to this request."""
-        ref = self.actor_ref
-
         def reply(payload: dict[str, Any]) -> None:
             if request_id is not None:
                 payload = dict(payload, request_id=request_id)
-            ref.tell(SendReply(envelope, payload))
+            self.reply_to(envelope, payload)
 
         return reply
 
     # -- requests ----------------------------------------------------------
 
-    def on_request(self, envelope: tuple[bytes, ...], frame: bytes,
-                   user: str | None = None) -> None:
+    def on_frame(self, envelope: tuple[bytes, ...], frame: bytes,
+                 user: str | None = None) -> None:
         self.user = user
         request_id = None
         rtype = "?"
@@ -161,7 +108,7 @@ class Intake(LoopActor):
             self.metrics.intake_errors.labels(reply["code"]).inc()
         if request_id is not None:
             reply["request_id"] = request_id
-        self._send(envelope, reply)
+        self.send_reply(envelope, reply)
 
     def submit_order(self, envelope: tuple[bytes, ...], req: dict[str, Any]) -> Any:
         engines = self.octx.engines

@@ -48,21 +48,13 @@ def open_socket(ctx: zmq.Context, kind: int, *, bind: str | None = None,
     return sock
 
 
-class SignalInbox:
-    """A deque plus an eventfd that is raised when the deque stops being empty."""
+class DequeInbox:
+    """What pykka asks of an inbox, over a deque (``put`` is the subclass's)."""
 
-    __slots__ = ("_armed", "fd", "queue")
+    __slots__ = ("queue",)
 
     def __init__(self) -> None:
         self.queue: deque[Any] = deque()
-        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._armed = False
-
-    def put(self, envelope: Any) -> None:
-        self.queue.append(envelope)
-        if not self._armed:
-            self._armed = True
-            os.eventfd_write(self.fd, 1)
 
     def get(self) -> Any:
         return self.queue.popleft()
@@ -72,6 +64,23 @@ class SignalInbox:
 
     def __len__(self) -> int:
         return len(self.queue)
+
+
+class SignalInbox(DequeInbox):
+    """A deque plus an eventfd that is raised when the deque stops being empty."""
+
+    __slots__ = ("_armed", "fd")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._armed = False
+
+    def put(self, envelope: Any) -> None:
+        self.queue.append(envelope)
+        if not self._armed:
+            self._armed = True
+            os.eventfd_write(self.fd, 1)
 
     def clear_signal(self) -> None:
         """Called by the owner before it drains the deque.

@@ -20,11 +20,12 @@ import logging
 import queue
 import sys
 import threading
-from collections import deque
 from typing import Any
 
 import pykka
 from pykka import messages as pykka_messages
+
+from actors.loop import DequeInbox
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +68,13 @@ class Dispatcher:
             thread.join(timeout)
 
 
-class PooledInbox:
+class PooledInbox(DequeInbox):
     """A deque that schedules its actor when a message lands in it idle."""
 
-    __slots__ = ("_actor", "_dispatcher", "_lock", "_scheduled", "queue")
+    __slots__ = ("_actor", "_dispatcher", "_lock", "_scheduled")
 
     def __init__(self) -> None:
-        self.queue: deque[Any] = deque()
+        super().__init__()
         self._lock = threading.Lock()
         self._scheduled = False
         self._actor: PooledActor | None = None
@@ -89,15 +90,6 @@ class PooledInbox:
                 return
             self._scheduled = True
         self._dispatcher.schedule(self._actor)
-
-    def get(self) -> Any:
-        return self.queue.popleft()
-
-    def empty(self) -> bool:
-        return not self.queue
-
-    def __len__(self) -> int:
-        return len(self.queue)
 
     def start(self) -> None:
         """Schedule the first slice (which runs ``on_start``)."""

@@ -1,0 +1,87 @@
+"""A ROUTER server endpoint owned by one loop actor: the intake and the
+domain-events endpoint are both one.
+
+It receives ``[envelope..., payload]`` (with the CURVE ``User-Id`` of the
+sender when CURVE is on), hands each request to ``on_frame``, and sends
+replies queued from any thread with ``reply_to`` (only this actor's thread
+touches the socket). A reply to a peer that is gone or whose queue is full
+(``ROUTER_MANDATORY``) is counted and logged, never raised.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NamedTuple
+
+import zmq
+
+from actors.loop import LoopActor, open_socket
+from oms import codec
+
+logger = logging.getLogger(__name__)
+
+MAX_SOCKET_MESSAGE = 4 * 1024 * 1024  # larger frames are cut off by ZeroMQ itself
+
+
+class SendReply(NamedTuple):
+    envelope: tuple[bytes, ...]
+    payload: dict[str, Any]
+
+
+class RouterEndpoint(LoopActor):
+    label = "endpoint"  # for metrics and logs
+
+    def __init__(self, zctx: zmq.Context, endpoint: str, metrics: Any,
+                 curve: dict[str, Any] | None = None, hwm: int = 10_000) -> None:
+        super().__init__()
+        self.zctx, self.endpoint, self.metrics, self.hwm = zctx, endpoint, metrics, hwm
+        self.curve = curve or {}
+        self.identity_required = bool(curve)
+        self.sock: zmq.Socket | None = None
+
+    def on_start(self) -> None:
+        self.sock = open_socket(self.zctx, zmq.ROUTER, bind=self.endpoint, ROUTER_MANDATORY=1,
+                                SNDHWM=self.hwm, RCVHWM=self.hwm, LINGER=1000,
+                                MAXMSGSIZE=MAX_SOCKET_MESSAGE, **self.curve)
+
+    def on_stop(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+
+    def sockets(self) -> list[zmq.Socket]:
+        return [self.sock] if self.sock is not None else []
+
+    def on_readable(self, sock: zmq.Socket) -> None:
+        for _ in range(1000):
+            try:
+                if self.identity_required:
+                    parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                    user = parts[-1].get("User-Id")
+                    frames = [p.bytes for p in parts]
+                else:
+                    frames, user = sock.recv_multipart(flags=zmq.NOBLOCK), None
+            except zmq.Again:
+                return
+            if len(frames) >= 2:  # no payload frame: nothing to answer
+                self.on_frame(tuple(frames[:-1]), frames[-1], user)
+
+    def on_frame(self, envelope: tuple[bytes, ...], frame: bytes, user: str | None) -> None:
+        raise NotImplementedError
+
+    def on_receive(self, message: Any) -> None:
+        if isinstance(message, SendReply):
+            self.send_reply(message.envelope, message.payload)
+
+    def send_reply(self, envelope: tuple[bytes, ...], payload: dict[str, Any]) -> None:
+        """From this actor's own thread."""
+        if self.sock is None:
+            return
+        try:
+            self.sock.send_multipart([*envelope, codec.pack(payload)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or its queue full
+            self.metrics.reply_failures.labels(self.label).inc()
+            logger.warning("%s reply not delivered: %s", self.label, exc)
+
+    def reply_to(self, envelope: tuple[bytes, ...], payload: dict[str, Any]) -> None:
+        """From any thread: queue a reply to this peer."""
+        self.actor_ref.tell(SendReply(envelope, payload))
