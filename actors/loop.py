@@ -48,6 +48,21 @@ def open_socket(ctx: zmq.Context, kind: int, *, bind: str | None = None,
     return sock
 
 
+def handle_envelope(actor: pykka.Actor, envelope: Any) -> Any:
+    """pykka's handling of one envelope: the answer, or the exception, goes to
+    an asker. Returns the ``exc_info`` of a *told* message that failed (the
+    caller's actor type decides what that means), else None."""
+    try:
+        response = actor._handle_receive(envelope.message)
+        if envelope.reply_to is not None:
+            envelope.reply_to.set(response)
+    except Exception:
+        if envelope.reply_to is None:
+            return sys.exc_info()
+        envelope.reply_to.set_exception()
+    return None
+
+
 class DequeInbox:
     """What pykka asks of an inbox, over a deque (``put`` is the subclass's)."""
 
@@ -174,15 +189,10 @@ class LoopActor(pykka.Actor):
                 return
 
     def _handle_envelope(self, envelope: Any) -> None:
-        try:
-            response = self._handle_receive(envelope.message)
-            if envelope.reply_to is not None:
-                envelope.reply_to.set(response)
-        except Exception:
-            if envelope.reply_to is not None:
-                envelope.reply_to.set_exception()
-            else:
-                logger.exception("%s failed on %r", self, type(envelope.message).__name__)
+        failed = handle_envelope(self, envelope)
+        if failed is not None:
+            logger.error("%s failed on %r", self, type(envelope.message).__name__,
+                         exc_info=failed)
 
     def _actor_loop_running(self) -> None:
         inbox = self.actor_inbox

@@ -25,7 +25,7 @@ from typing import Any
 import pykka
 from pykka import messages as pykka_messages
 
-from actors.loop import DequeInbox
+from actors.loop import DequeInbox, handle_envelope
 
 logger = logging.getLogger(__name__)
 
@@ -170,19 +170,14 @@ class PooledActor(pykka.Actor):
             self._actor_loop_teardown()
 
     def _handle_envelope(self, envelope: Any) -> None:
+        exc_info = handle_envelope(self, envelope)
+        if exc_info is None:
+            return
+        self._handle_failure(*exc_info)
         try:
-            response = self._handle_receive(envelope.message)
-            if envelope.reply_to is not None:
-                envelope.reply_to.set(response)
+            self.on_failure(*exc_info)
         except Exception:
-            if envelope.reply_to is not None:
-                envelope.reply_to.set_exception()
-            else:
-                self._handle_failure(*sys.exc_info())
-                try:
-                    self.on_failure(*sys.exc_info())
-                except Exception:
-                    self._handle_failure(*sys.exc_info())
+            self._handle_failure(*sys.exc_info())
 
     def on_slice_end(self) -> None:  # noqa: B027 - optional hook
         """Called after each slice of messages (not after a stop)."""
