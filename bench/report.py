@@ -97,7 +97,7 @@ def _plot(result: dict[str, Any], path: Path) -> Path | None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     ts = [t for t, _ in timeline]
     lat = [v * 1000 for _, v in timeline]
-    left.plot(ts, lat, ",", alpha=0.6)
+    left.plot(ts, lat, ".", markersize=2, alpha=0.5)
     left.set_xlabel("seconds into the run")
     left.set_ylabel("completion latency (ms)")
     left.set_title("latency over time")

@@ -123,12 +123,19 @@ class Gateway(LoopActor):
         waiting = self.pending.pop(command_id, None)
         if waiting is None:
             self.metrics.gateway_late.labels(self.system).inc()
+            logger.debug("late or duplicate reply ignored", extra={
+                "command_id": command_id, "system": self.system})
             return
         ok = reply.get("ok") is True
         data = reply.get("data") if isinstance(reply.get("data"), dict) else {}
         error = None if ok else DomainError.from_wire(reply.get("error"))
         self._outcome(ok or not (error and error.retryable), time.monotonic())
         outcome = "ok" if ok else (error.code if error else "error")
+        if error is not None:  # an expected failure: a warning, with its context
+            logger.warning("%s refused %s: %s %s", self.system, waiting.op, error.code,
+                           error.message, extra={"order_id": waiting.order_id,
+                                                 "command_id": command_id,
+                                                 "system": self.system})
         self.metrics.step_latency.labels(self.system, waiting.op, _bounded(outcome)).observe(
             time.monotonic() - waiting.sent)
         self.deliver(waiting.order_id, CommandResult(command_id, ok, data, error))
@@ -160,6 +167,9 @@ class Gateway(LoopActor):
             del self.pending[command_id]
             self.metrics.gateway_timeouts.labels(self.system).inc()
             self._outcome(False, now)
+            logger.warning("no reply from %s to %s within its timeout", self.system,
+                           waiting.op, extra={"order_id": waiting.order_id,
+                                              "command_id": command_id, "system": self.system})
             self.metrics.step_latency.labels(self.system, waiting.op, TIMEOUT).observe(
                 now - waiting.sent)
             error = DomainError(TIMEOUT, f"no reply from {self.system} within the step timeout",

@@ -177,3 +177,26 @@ def test_domain_events_need_the_matching_key(secure: Any, eps: Any, keys: Path) 
     assert sock.poll(5000)
     assert codec.decode_map(sock.recv())["code"] == "unauthorized"
     sock.close()
+
+
+@pytest.mark.slow
+def test_curve_toward_the_domain_systems(keys: Path, procs: Any, tmp_path: Path) -> None:
+    """Gateways connect to the simulators over CURVE, and the simulators push
+    events back over CURVE, each side allowing only the other's key."""
+    service_allowed = tmp_path / "service-allowed"
+    service_allowed.mkdir()
+    (service_allowed / "server.key").write_text((keys / "server" / "server.key").read_text())
+    eps = Endpoints()
+    procs(eps.simulate_args() + [
+        "--curve-key", str(keys / "own" / "domains.key_secret"),
+        "--curve-clients", str(service_allowed),
+        "--service-key", str(keys / "server" / "server.key"), "--delivery-s", "0.05"],
+        "simulate")
+    procs(eps.serve_args(tmp_path / "data") + [
+        "--curve-server-key", str(keys / "server" / "server.key_secret"),
+        "--curve-clients", str(keys / "clients"),
+        "--domain-server-key", str(keys / "own" / "domains.key")], "serve")
+    with Client(eps.intake, curve=opts(keys, "web"), timeout=20) as web:
+        web.wait_ready(30)
+        oid = web.submit(retail_order("domain-curve"))["order_id"]
+        assert wait_terminal(web, [oid], timeout=30)[oid]["state"] == "completed"
