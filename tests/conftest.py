@@ -70,7 +70,7 @@ class SimThread:
     def stop(self) -> None:
         self.sim.stop()
         self.thread.join(5)
-        self.sim.ctx.term()
+        self.sim.ctx.destroy(linger=0)  # never blocks, unlike term()
 
 
 def sim_report(ep: str, **req: Any) -> dict[str, Any]:
