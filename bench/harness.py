@@ -24,9 +24,18 @@ wait_event = { name = "never" }
 
 
 def free_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    """A free loopback port below the ephemeral range (see tests/conftest.py)."""
+    import random
+
+    for _ in range(200):
+        port = random.randrange(15000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return f"tcp://127.0.0.1:{port}"
+    raise RuntimeError("no free port")
 
 
 class Endpoints:

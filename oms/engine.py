@@ -619,8 +619,8 @@ class Turning(OperatorMixin):
             elif step.status == StepStatus.RUNNING and step.wait is not None:
                 step.wait = None
                 self.set_status(step, StepStatus.DONE if step.applied else StepStatus.SKIPPED)
-        if order.state == S.IN_PROGRESS and target == "failed":
-            order.state_reason = "compensating"
+        if order.state in (S.IN_PROGRESS, S.HELD) and target == "failed":
+            order.state_reason = "compensating"  # not fallout any more: no operator needed
         self.compensate_next()
 
     def compensate_next(self) -> None:

@@ -69,10 +69,15 @@ class OperatorMixin:
         if order.state != S.HELD or order.state_reason != "fallout" or not order.failure:
             return "only an order held as fallout has a failed step to retry or skip"
         failed = order.steps.get(order.failure["step"])
-        if msg.action == "skip" and msg.step and msg.step != order.failure["step"]:
-            return f"step {msg.step!r} is not the failed step {order.failure['step']!r}"
         if failed is None:
             return "the failed step is unknown"
+        if order.failure.get("compensation"):
+            if failed.comp != "failed":
+                return "the failed compensation is already being retried"
+        elif order.phase != "run":
+            return "order is being compensated"
+        if msg.action == "skip" and msg.step and msg.step != order.failure["step"]:
+            return f"step {msg.step!r} is not the failed step {order.failure['step']!r}"
         return None
 
     def operate_on_failed(self, msg: Operate) -> None:

@@ -3,6 +3,7 @@ folders, the real simulators. No mocks of our own components."""
 
 from __future__ import annotations
 
+import random
 import socket
 import sys
 import threading
@@ -24,10 +25,30 @@ from oms.config import Config  # noqa: E402
 SYSTEMS = ("warehouse", "billing", "shipping", "crm", "provisioning")
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_PORTS = random.Random()
+_LOW = 15000
+_HIGH = max(_LOW + 1000, _ephemeral_low())
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port *below* the ephemeral range: a port from bind(0)
+    can be taken by some client's outgoing connection before we bind it."""
+    for _ in range(200):
+        port = _PORTS.randrange(_LOW, _HIGH)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def endpoint() -> str:

@@ -528,3 +528,12 @@ def test_jeopardy_fires_once_and_survives_a_restart() -> None:
     assert again.stale and not again.effects
     resumed = Engine(proc).handle(d.order, Resume(), d.now)
     assert not [fx for fx in resumed.effects if isinstance(fx, Timer)]
+
+
+def test_no_retry_or_skip_while_an_abort_is_compensating() -> None:
+    d = fallout_driver({"capture_payment": DECLINED, "void_invoice": None})  # undo in flight
+    d.start()
+    assert operate(d, "abort")["type"] == "operator_accepted"
+    assert (d.order.state, d.order.state_reason) == (OrderState.HELD, "compensating")
+    assert operate(d, "retry")["type"] == "operator_rejected"
+    assert operate(d, "skip")["type"] == "operator_rejected"
