@@ -81,9 +81,7 @@ class Intake(RouterEndpoint):
                     f"{codec.MAX_FRAME_BYTES}")
             else:
                 req = codec.decode_map(frame)
-                request_id = req.get("request_id")
-                if not isinstance(request_id, str | int) or isinstance(request_id, bool):
-                    request_id = None
+                request_id = _request_id(req)
                 rtype = req.get("type") if isinstance(req.get("type"), str) else "?"
                 handler = self.handlers.get(rtype)
                 if handler is not None and rtype in OPERATOR_ONLY and not self.is_operator():
@@ -125,7 +123,7 @@ class Intake(RouterEndpoint):
             return errors.error_reply(
                 errors.BUSY, f"{self.max_in_flight} orders in flight; retry later")
         proc = engines[order["order_type"]].proc
-        reply = self.reply_later(envelope, req.get("request_id"))
+        reply = self.reply_later(envelope, _request_id(req))
 
         def build(order_id: str) -> Any:
             return new_order(order_id, order, proc, time.time())
@@ -206,7 +204,7 @@ class Intake(RouterEndpoint):
         if order.state.terminal:
             return {"type": "cancel_rejected", "order_id": order.order_id,
                     "reason": f"order is already {order.state}"}
-        reply = self.reply_later(envelope, req.get("request_id"))
+        reply = self.reply_later(envelope, _request_id(req))
         if not self.octx.router.deliver(order.order_id, Cancel(reason, reply)):
             return {"type": "cancel_rejected", "order_id": order.order_id,
                     "reason": "order is already finished"}
@@ -226,7 +224,7 @@ class Intake(RouterEndpoint):
         if order.state.terminal:
             return {"type": "operator_rejected", "order_id": order.order_id, "action": action,
                     "reason": f"order is already {order.state}"}
-        reply = self.reply_later(envelope, req.get("request_id"))
+        reply = self.reply_later(envelope, _request_id(req))
         msg = Operate(action, step, operator, reason, reply)
         if not self.octx.router.deliver(order.order_id, msg):
             return {"type": "operator_rejected", "order_id": order.order_id, "action": action,
@@ -265,6 +263,12 @@ class Intake(RouterEndpoint):
         orders, cursor = self.octx.store.list_orders(state, source, limit, after, reason=reason,
                                                      created_before=created_before)
         return {"type": "orders", "orders": [o.summary_view() for o in orders], "next": cursor}
+
+
+def _request_id(req: dict[str, Any]) -> str | int | None:
+    """The client's request_id, echoed if it is a string or an integer."""
+    rid = req.get("request_id")
+    return rid if isinstance(rid, str | int) and not isinstance(rid, bool) else None
 
 
 def _source(req: dict[str, Any]) -> str:

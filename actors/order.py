@@ -140,17 +140,23 @@ class OrderActor(PooledActor):
         raise TypeError(f"unknown effect {fx!r}")
 
     def _publish(self, payload: dict[str, Any]) -> Callable[[], None]:
-        ctx, order = self.ctx, self.order
-        kind = payload["type"]
-        if kind == "order_state":
-            logger.info("order %s %s -> %s", order.order_id, payload["previous_state"],
-                        payload["state"], extra={"order_id": order.order_id})
-            ctx.metrics.transitions.labels(order.order_type, payload["state"]).inc()
-        elif kind == "order_summary":
-            ctx.metrics.completion.labels(order.order_type, payload["summary"]["state"]).observe(
-                max(0.0, payload["summary"]["completed_ts"] - order.created_ts))
-        topic = order.source_system
-        return lambda: ctx.publisher.publish(topic, payload)
+        """Publish, and log and count a state change, once it is durable."""
+        ctx, order_id, order_type = self.ctx, self.order.order_id, self.order.order_type
+        topic, created_ts = self.order.source_system, self.order.created_ts
+
+        def publish() -> None:
+            kind = payload["type"]
+            if kind == "order_state":
+                logger.info("order %s %s -> %s", order_id, payload["previous_state"],
+                            payload["state"], extra={"order_id": order_id})
+                ctx.metrics.transitions.labels(order_type, payload["state"]).inc()
+            elif kind == "order_summary":
+                summary = payload["summary"]
+                ctx.metrics.completion.labels(order_type, summary["state"]).observe(
+                    max(0.0, summary["completed_ts"] - created_ts))
+            ctx.publisher.publish(topic, payload)
+
+        return publish
 
     def _busy(self) -> None:
         if self.idle_since is not None:

@@ -80,10 +80,8 @@ class OrderRouter:
     # -- counts ------------------------------------------------------------
 
     def counted(self, order: Order) -> None:
-        """Count an unfinished order found at recovery or just created."""
-        with self._lock:
-            self.in_flight += 1
-            self.states[str(order.state)] += 1
+        """Count an unfinished order just created."""
+        self.counted_raw(str(order.state))
 
     def counted_raw(self, state: str) -> None:
         """Count an unfinished order from its raw snapshot (recovery)."""

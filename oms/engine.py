@@ -310,22 +310,21 @@ class Turning(OperatorMixin):
                 self.begin()
                 return
         for step in order.steps.values():
-            sdef = self.defs[step.name]
             if step.wait is not None and step.retry_at is not None:
                 self.emit(Timer(step.retry_at, ("wait", step.key, 0)))
             if step.status == StepStatus.RUNNING and step.wait is None:
-                self.resend(step, sdef.retry, ("retry", step.key, step.attempts),
+                self.resend(step, ("retry", step.key, step.attempts),
                             lambda s=step: self.send_step(s))
             if step.comp == "running":
-                self.resend(step, sdef.retry, ("comp", step.key, step.comp_attempts),
+                self.resend(step, ("comp", step.key, step.comp_attempts),
                             lambda s=step: self.send_comp(s))
         self.rearm_jeopardy()
         for idx, note in enumerate(order.notes):
             if note.status == StepStatus.RUNNING:
-                self.resend(note, self.proc.notify_retry, ("note", idx, note.attempts),
+                self.resend(note, ("note", idx, note.attempts),
                             lambda n=note, i=idx: self.send_note(n, i))
 
-    def resend(self, step: Step, policy: RetryPolicy, token: tuple, send: Any) -> None:
+    def resend(self, step: Step, token: tuple, send: Any) -> None:
         if step.retry_at is not None:
             self.emit(Timer(step.retry_at, token))
         else:

@@ -15,6 +15,15 @@ from oms.states import OrderState, StepStatus
 RECORD_VERSION = 1
 
 
+def charges(items: list[dict[str, Any]]) -> int:
+    """What items cost: unit price times quantity, over add and modify items."""
+    return sum(
+        it.get("unit_price_minor", 0) * it.get("quantity", 1)
+        for it in items
+        if it["action"] in ("add", "modify")
+    )
+
+
 class RecordVersionError(ValueError):
     """A snapshot written by a newer, unknown format."""
 
@@ -127,11 +136,7 @@ class Order:
 
     @property
     def total_minor(self) -> int:
-        return sum(
-            it.get("unit_price_minor", 0) * it.get("quantity", 1)
-            for it in self.items
-            if it["action"] in ("add", "modify")
-        )
+        return charges(self.items)
 
     @property
     def finished(self) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from oms.model import Order
+from oms.model import Order, charges
 
 
 def _item_view(it: dict[str, Any]) -> dict[str, Any]:
@@ -25,14 +25,6 @@ def _item_view(it: dict[str, Any]) -> dict[str, Any]:
     if it.get("attributes"):
         out["attributes"] = it["attributes"]
     return out
-
-
-def _charges(items: list[dict[str, Any]]) -> int:
-    return sum(
-        it.get("unit_price_minor", 0) * it.get("quantity", 1)
-        for it in items
-        if it["action"] in ("add", "modify")
-    )
 
 
 def order_facts(order: Order) -> dict[str, Any]:
@@ -55,7 +47,7 @@ def order_facts(order: Order) -> dict[str, Any]:
             {"product_id": it["product_id"], "quantity": it.get("quantity", 1)} for it in charged
         ],
         "completed_items": [_item_view(it) for it in completed],
-        "completed_total_minor": _charges(completed),
+        "completed_total_minor": charges(completed),
     }
 
 
