@@ -253,13 +253,23 @@ class Turning(OperatorMixin):
     def steps_of(self, name: str) -> list[Step]:
         return [s for s in self.order.steps.values() if s.name == name]
 
+    def by_name(self) -> dict[str, list[Step]]:
+        """The order's steps grouped by step name (one pass)."""
+        out: dict[str, list[Step]] = {}
+        for step in self.order.steps.values():
+            group = out.get(step.name)
+            if group is None:
+                out[step.name] = [step]
+            else:
+                group.append(step)
+        return out
+
     def settled(self, step: Step) -> bool:
-        if step.status in (StepStatus.DONE, StepStatus.SKIPPED):
+        status = step.status
+        if status is StepStatus.DONE or status is StepStatus.SKIPPED:
             return True
-        per_item = self.defs[step.name].per_item is not None
-        return step.status == StepStatus.FAILED and per_item and (
-            self.proc.item_failure == "partial"
-        )
+        return (status is StepStatus.FAILED and self.proc.item_failure == "partial"
+                and self.defs[step.name].per_item is not None)
 
     def in_flight(self) -> bool:
         """A forward command was sent whose outcome is not known yet."""
@@ -339,15 +349,31 @@ class Turning(OperatorMixin):
             return
         if order.phase != "run" or order.state not in (S.IN_PROGRESS, S.HELD):
             return
+        # plain loops: this runs for nearly every message, and generator
+        # expressions cost more than the comparisons they wrap
+        groups = self.by_name()  # the set of steps is fixed; their statuses are not
+        settled, pending = self.settled, StepStatus.PENDING
         for sdef in self.proc.steps:
-            ready = all(self.settled(s) for dep in sdef.after for s in self.steps_of(dep))
-            if not ready:
+            waiting = [s for s in groups.get(sdef.name, ()) if s.status is pending]
+            if not waiting or not self.deps_settled(sdef, groups):
                 continue
-            for step in self.steps_of(sdef.name):
-                if step.status == StepStatus.PENDING:
+            for step in waiting:
+                if step.status is pending:
                     self.launch(step, sdef)
-        if order.phase == "run" and all(self.settled(s) for s in order.steps.values()):
-            self.complete()
+        if order.phase != "run":
+            return
+        for step in order.steps.values():
+            if not settled(step):
+                return
+        self.complete()
+
+    def deps_settled(self, sdef: StepDef, groups: dict[str, list[Step]]) -> bool:
+        settled = self.settled
+        for dep in sdef.after:
+            for step in groups.get(dep, ()):
+                if not settled(step):
+                    return False
+        return True
 
     def launch(self, step: Step, sdef: StepDef) -> None:
         if sdef.wait_event is not None:
