@@ -16,6 +16,7 @@ list removal, O(n)); ``actors.router.OrderRouter`` indexes them instead.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import sys
@@ -28,6 +29,7 @@ from pykka import messages as pykka_messages
 from actors.loop import DequeInbox, handle_envelope
 
 logger = logging.getLogger(__name__)
+_serial = itertools.count(1)  # next() on a count is atomic under the GIL
 
 
 class Dispatcher:
@@ -91,6 +93,13 @@ class PooledInbox(DequeInbox):
             self._scheduled = True
         self._dispatcher.schedule(self._actor)
 
+    def unbind(self) -> None:
+        """Forget the actor once it has stopped. The actor and its inbox refer
+        to each other; without this the pair (and the order it holds) is
+        freed only by the cycle collector, whose full passes over a busy
+        heap stall every thread."""
+        self._actor = self._dispatcher = None
+
     def start(self) -> None:
         """Schedule the first slice (which runs ``on_start``)."""
         with self._lock:
@@ -109,8 +118,31 @@ class PooledInbox(DequeInbox):
             return False
 
 
+class StopFlag:
+    """``actor_stopped`` for a pooled actor: set and read from its own slice
+    and by ``ActorRef.is_alive``; nobody blocks on it, so it needs no
+    ``threading.Event`` (a Condition and a Lock per actor)."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
 class PooledActor(pykka.Actor):
-    """A pykka actor without a thread of its own. Start it with ``spawn``."""
+    """A pykka actor without a thread of its own. Start it with ``spawn``.
+
+    ``__init__`` fills in the fields pykka's does (``actor_urn``,
+    ``actor_inbox``, ``actor_stopped``, the ref) more cheaply: an order
+    actor is made for every order and every reactivation, and pykka's own
+    costs a ``uuid4`` and a ``threading.Event``.
+    """
 
     actor_inbox: PooledInbox  # type: ignore[assignment]
 
@@ -123,7 +155,10 @@ class PooledActor(pykka.Actor):
         return pykka.ThreadingFuture()
 
     def __init__(self, dispatcher: Dispatcher) -> None:
-        super().__init__()
+        self.actor_urn = f"urn:oms:{type(self).__name__}:{next(_serial)}"
+        self.actor_inbox = self._create_actor_inbox()
+        self.actor_stopped = StopFlag()  # type: ignore[assignment]
+        self._actor_ref = pykka.ActorRef(self)
         self._dispatcher = dispatcher
         self._started = False
         self.actor_inbox.bind(self, dispatcher)
@@ -168,6 +203,7 @@ class PooledActor(pykka.Actor):
             self._dispatcher.schedule(self)
         elif stopped:
             self._actor_loop_teardown()
+            inbox.unbind()
 
     def _handle_envelope(self, envelope: Any) -> None:
         exc_info = handle_envelope(self, envelope)

@@ -15,6 +15,7 @@ from typing import Any
 from oms import logs
 from oms.config import DEFAULT_SYSTEMS, Config, ConfigError, parse_systems
 from oms.process import ProcessError
+from oms.runtime import tune_gc
 
 logger = logging.getLogger("oms")
 
@@ -163,6 +164,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"oms serve: cannot open an endpoint: {exc}", file=sys.stderr)
             return 2
         raise
+    tune_gc()
     try:
         while not stop.wait(0.2):
             if reload.is_set():
@@ -212,6 +214,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                     latency_ms=args.latency_ms, stock=args.stock, stock_of=stock_of,
                     restock_s=args.restock_s,
                     delivery_s=args.delivery_s, fail=fail, drop=drop, seed=args.seed)
+    tune_gc()
     run_simulator(cfg)
     return 0
 
