@@ -84,4 +84,4 @@ class RouterEndpoint(LoopActor):
 
     def reply_to(self, envelope: tuple[bytes, ...], payload: dict[str, Any]) -> None:
         """From any thread: queue a reply to this peer."""
-        self.actor_ref.tell(SendReply(envelope, payload))
+        self.tell(SendReply(envelope, payload))

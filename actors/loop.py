@@ -22,7 +22,9 @@ import os
 import sys
 import threading
 from collections import deque
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, NamedTuple
 
 import pykka
 import zmq
@@ -61,6 +63,47 @@ def handle_envelope(actor: pykka.Actor, envelope: Any) -> Any:
             return sys.exc_info()
         envelope.reply_to.set_exception()
     return None
+
+
+class Bundle(NamedTuple):
+    """Several messages for one loop actor in one envelope (see ``burst``)."""
+
+    messages: list[Any]
+
+
+class Told(NamedTuple):
+    """A message out of a ``Bundle``, shaped like pykka's envelope."""
+
+    message: Any
+    reply_to: Any = None
+
+
+_bursts = threading.local()
+
+
+@contextmanager
+def burst() -> Iterator[None]:
+    """Gather this thread's tells to loop actors; tell each actor once, at the end.
+
+    The store writer runs one commit's callbacks inside a burst: the dozens of
+    commands, events and replies a commit releases reach each gateway, the
+    publisher and the endpoints as one ``Bundle`` apiece, so the writer pays
+    one tell (and at most one wake-up) per actor instead of one per message.
+    Order is kept per actor. A dead actor's bundle is logged and dropped, as
+    its tells would have failed.
+    """
+    outer = getattr(_bursts, "pending", None)
+    pending: dict[LoopActor, list[Any]] = {}
+    _bursts.pending = pending
+    try:
+        yield
+    finally:
+        _bursts.pending = outer
+        for actor, messages in pending.items():
+            try:
+                actor.actor_ref.tell(Bundle(messages))
+            except pykka.ActorDeadError:
+                logger.warning("%d messages for stopped %s dropped", len(messages), actor)
 
 
 class DequeInbox:
@@ -159,8 +202,16 @@ class LoopActor(pykka.Actor):
                 done.set()
 
     def tell(self, message: Any) -> None:
-        """Thread-safe: queue a message for this actor."""
-        self.actor_ref.tell(message)
+        """Thread-safe: queue a message for this actor (gathered in a ``burst``)."""
+        pending = getattr(_bursts, "pending", None)
+        if pending is None:
+            self.actor_ref.tell(message)
+            return
+        messages = pending.get(self)
+        if messages is None:
+            pending[self] = [message]
+        else:
+            messages.append(message)
 
     def _start_actor_loop(self) -> None:
         name = getattr(self, "thread_name", type(self).__name__)
@@ -212,7 +263,11 @@ class LoopActor(pykka.Actor):
             if inbox.queue:
                 batch = []
                 while inbox.queue and len(batch) < self.batch_limit:
-                    batch.append(inbox.queue.popleft())
+                    envelope = inbox.queue.popleft()
+                    if type(envelope.message) is Bundle:
+                        batch.extend(Told(m) for m in envelope.message.messages)
+                    else:
+                        batch.append(envelope)
                 if len(inbox.queue):
                     os.eventfd_write(inbox.fd, 1)  # more left: come round again
                 self.on_batch(batch)

@@ -68,4 +68,4 @@ class Publisher(LoopActor):
 
     def publish(self, topic: str, payload: dict[str, Any]) -> None:
         """Thread-safe: queue an event for publication."""
-        self.actor_ref.tell(PublishEvent(topic, payload))
+        self.tell(PublishEvent(topic, payload))

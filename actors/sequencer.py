@@ -70,4 +70,4 @@ class Sequencer(LoopActor):
 
     def request(self, key: str, order_id: str, enter: bool) -> None:
         """Thread-safe: ask for the turn of ``key`` or give it back."""
-        self.actor_ref.tell(SeqRequest(key, order_id, enter))
+        self.tell(SeqRequest(key, order_id, enter))

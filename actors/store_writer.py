@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import lmdb
 
-from actors.loop import LoopActor
+from actors.loop import LoopActor, burst
 from oms.metrics import Metrics
 from oms.store import Created, Store
 
@@ -100,8 +100,9 @@ class StoreWriter(LoopActor):
                 self.metrics.store_grows.inc()
         self.metrics.commit_latency.observe(time.perf_counter() - started)
         self.metrics.commit_batch.observe(len(work))
-        for msg, outcome in zip(work, outcomes, strict=True):
-            self._after(msg, outcome)
+        with burst():  # one Bundle per gateway, publisher and endpoint
+            for msg, outcome in zip(work, outcomes, strict=True):
+                self._after(msg, outcome)
 
     def _apply(self, work: list[Any]) -> list[Any]:
         store = self.store

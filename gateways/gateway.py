@@ -72,7 +72,7 @@ class Gateway(LoopActor):
 
     def send(self, order_id: str, command: Send) -> None:
         """Thread-safe: carry a command to the domain system."""
-        self.actor_ref.tell(SendCommand(order_id, command))
+        self.tell(SendCommand(order_id, command))
 
     def on_receive(self, message: Any) -> None:
         if not isinstance(message, SendCommand) or self.sock is None:

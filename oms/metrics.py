@@ -91,6 +91,28 @@ class Metrics:
             "oms_recovered_orders", "Orders resumed by the last start", registry=r)
         self.published = Counter(
             "oms_events_published", "Channel events published", ["type"], registry=r)
+        for metric in vars(self).values():
+            if getattr(metric, "_labelnames", None):
+                _cache_children(metric)
+
+
+def _cache_children(metric: Any) -> None:
+    """Make ``metric.labels(*values)`` a dict lookup once a child exists.
+
+    prometheus_client's ``labels`` validates and converts its arguments and
+    takes a lock on every call, and the service calls it for every message.
+    Children are never removed here, so a cached child stays the registry's.
+    """
+    children: dict[tuple[Any, ...], Any] = {}
+    make = metric.labels
+
+    def labels(*values: Any) -> Any:
+        child = children.get(values)
+        if child is None:
+            child = children[values] = make(*values)
+        return child
+
+    metric.labels = labels
 
 
 class ServiceCollector(Collector):
