@@ -57,6 +57,7 @@ class Dispatcher:
                 actor._run_slice(self.throughput)
             except Exception:
                 logger.exception("pooled actor slice crashed: %s", actor)
+            del actor  # a stopped actor is freed now, not when the next one comes
 
     def backlog(self) -> int:
         """Actors waiting for a worker (read at scrape time)."""

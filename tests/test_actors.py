@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 from typing import Any
 
 import pykka
 import pytest
 from prometheus_client import CollectorRegistry
 
-from actors.loop import LoopActor
+from helpers import poll_until
+
+from actors.loop import LoopActor, burst
 from actors.pool import Dispatcher, PooledActor
 from actors.store_writer import Barrier, CreateOrder, SaveOrder, StoreWriter
 from oms import codec
@@ -103,6 +107,60 @@ def test_loop_actor_loses_no_wakeups_under_concurrent_tells() -> None:
         assert actor.actor_ref.ask("count", timeout=5) == actor.target
     finally:
         actor.actor_ref.stop()
+
+
+class Listing(LoopActor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[Any] = []
+        self.batches = 0
+
+    def on_batch(self, envelopes: list[Any]) -> None:
+        self.batches += 1
+        super().on_batch(envelopes)
+
+    def on_receive(self, message: Any) -> Any:
+        if message == "seen":
+            return list(self.seen)
+        if message == "boom":
+            raise ValueError("boom")
+        self.seen.append(message)
+        return None
+
+
+def test_a_burst_delivers_each_actors_tells_once_in_order() -> None:
+    a, b, gone = Listing.launch(), Listing.launch(), Listing.launch()
+    gone.actor_ref.stop()
+    try:
+        with burst():
+            for n in range(100):
+                a.tell(n)
+                b.tell(-n)
+                if n == 50:
+                    a.tell("boom")  # one failing message does not lose the rest
+            gone.tell("lost")  # a stopped actor's bundle is dropped, not raised
+            assert a.seen == [] and b.seen == []  # nothing left before the burst ended
+        assert a.actor_ref.ask("seen", timeout=5) == list(range(100))
+        assert b.actor_ref.ask("seen", timeout=5) == [-n for n in range(100)]
+        a.tell("after")  # outside a burst: told at once
+        assert a.actor_ref.ask("seen", timeout=5)[-1] == "after"
+    finally:
+        a.actor_ref.stop()
+        b.actor_ref.stop()
+
+
+def test_a_stopped_pooled_actor_is_freed_without_the_cycle_collector(
+        dispatcher: Dispatcher) -> None:
+    Recorder.expect_actors = 1  # type: ignore[attr-defined]
+    ref = Recorder.spawn(dispatcher, [], threading.Event(), 99)
+    actor = weakref.ref(ref._actor_weakref())  # type: ignore[misc]
+    gc.disable()
+    try:
+        ref.stop(block=True, timeout=5)
+        del ref
+        assert poll_until(lambda: actor() is None, timeout=5)
+    finally:
+        gc.enable()
 
 
 class BadStart(LoopActor):
