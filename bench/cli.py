@@ -28,6 +28,7 @@ from typing import Any
 from bench.harness import Harness
 from bench.load import LoadGen, Run, percentiles
 from bench.report import write_reports
+from oms.runtime import tune_gc
 from oms.sample import sample_orders
 
 
@@ -72,6 +73,7 @@ SIM_ARGS = {
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    tune_gc()  # the load generator is a busy process too (see oms.runtime)
     if args.smoke:
         args.orders, args.window, args.duration = min(args.orders, 300), 64, 2.0
     config = {k: v for k, v in vars(args).items() if k not in ("func",)}
@@ -126,20 +128,23 @@ def machine() -> dict[str, Any]:
 
 
 def run_baseline(harness: Harness, args: argparse.Namespace) -> dict[str, Any]:
-    from bench.baseline import Baseline
-
-    base = Baseline(harness.eps.systems, harness.eps.domain_events, harness.workdir / "base")
+    """The same workload against the no-actor loop, measured the same way."""
+    harness.start_baseline()
     try:
-        orders = list(sample_orders(args.orders, seed=3, source="bench", prefix="BASE-"))
-        rate = base.run(orders, args.window, args.quiet)
+        harness.wait_ready()
+        out = run_load(harness, harness.eps.intake, harness.eps.events, args, label="baseline")
     finally:
-        base.close()
-    return {"orders_per_s": rate, "orders": args.orders}
+        assert harness.svc is not None
+        harness.svc.stop()
+        harness.svc = None
+    out.pop("timeline", None)
+    return out
 
 
 def run_load(harness: Harness | None, intake: str, events: str,
-             args: argparse.Namespace) -> dict[str, Any]:
-    gen = LoadGen(intake, events, "bench", harness.client_curve if harness else None)
+             args: argparse.Namespace, label: str = "orders") -> dict[str, Any]:
+    curve = harness.client_curve if harness and label != "baseline" else None
+    gen = LoadGen(intake, events, "bench", curve)
     prefix = f"{args.scenario[:3].upper()}{int(time.time()) % 100000}-"
     total = args.orders
     rate = args.rate
@@ -147,10 +152,12 @@ def run_load(harness: Harness | None, intake: str, events: str,
         rate = rate or 500.0
         total = int(rate * args.duration)
     cpu0 = harness.svc.cpu_s() if harness and harness.svc else 0.0
+    sim0 = harness.sim.cpu_s() if harness and harness.sim else 0.0
+    own0 = time.process_time()
     try:
         run = gen.run(_orders(args.scenario, prefix), total, window=args.window, rate=rate,
                       warmup=int(total * args.warmup), complete=args.scenario != "intake",
-                      quiet=args.quiet)
+                      quiet=args.quiet, label=label)
     finally:
         gen.close()
     out = summarize(run, args.scenario)
@@ -159,6 +166,9 @@ def run_load(harness: Harness | None, intake: str, events: str,
         out["service"] = {"cpu_s": harness.svc.cpu_s() - cpu0,
                           "peak_rss_mb": harness.svc.peak_rss_mb(),
                           "threads": harness.svc.threads()}
+    out["others_cpu_s"] = {"load_generator": time.process_time() - own0}
+    if harness and harness.sim:
+        out["others_cpu_s"]["simulators"] = harness.sim.cpu_s() - sim0
     return out
 
 

@@ -45,9 +45,9 @@ class Endpoints:
 
 
 class Proc:
-    def __init__(self, args: list[str], log: Path) -> None:
+    def __init__(self, args: list[str], log: Path, module: str = "oms.cli") -> None:
         self.log = log.open("ab")
-        self.p = subprocess.Popen([sys.executable, "-m", "oms.cli", *args],
+        self.p = subprocess.Popen([sys.executable, "-m", module, *args],
                                   stdout=self.log, stderr=self.log)
 
     def stop(self, timeout: float = 60) -> int:
@@ -122,6 +122,14 @@ class Harness:
             args += ["--system", f"{name}={ep}"]
         args += getattr(self, "sim_events_curve", [])
         self.sim = Proc(args + self.sim_args, self.workdir / "simulate.log")
+
+    def start_baseline(self) -> None:
+        """The no-actor baseline (``bench.baseline``) on the service's endpoints."""
+        args = ["--data", str(self.workdir / "base"), "--intake", self.eps.intake,
+                "--events", self.eps.events, "--domain-events", self.eps.domain_events]
+        for name, ep in self.eps.systems.items():
+            args += ["--system", f"{name}={ep}"]
+        self.svc = Proc(args, self.workdir / "baseline.log", module="bench.baseline")
 
     def start_service(self) -> None:
         procs = self.workdir / "processes"

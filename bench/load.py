@@ -97,7 +97,7 @@ class LoadGen:
     def run(self, orders: Iterator[dict[str, Any]], total: int, *, window: int = 1024,
             rate: float | None = None, warmup: int = 0, complete: bool = True,
             timeout: float = 600.0, quiet: bool = False,
-            until_step: str | None = None) -> Run:
+            until_step: str | None = None, label: str = "orders") -> Run:
         """Submit ``total`` orders; wait for completion unless ``complete`` is
         False (intake only). ``until_step``: count an order finished when that
         step starts running (the waiting scenario)."""
@@ -106,7 +106,7 @@ class LoadGen:
         ext_of: dict[str, str] = {}  # order_id -> external_id
         early: dict[str, tuple[float, str]] = {}  # summaries before their accept
         in_flight = 0
-        progress = Progress(total, "orders", quiet)
+        progress = Progress(total, label, quiet)
         run.started = run.measured_from = time.monotonic()
         deadline = run.started + timeout
         target = total
@@ -185,6 +185,8 @@ class LoadGen:
                 _topic, raw = self.sub.recv_multipart(flags=zmq.NOBLOCK)
             except zmq.Again:
                 return
+            if until_step is None and b"order_summary" not in raw:
+                continue  # most events are progress: skip decoding them
             ev = codec.decode_map(raw)
             if until_step is not None:
                 done = (ev.get("type") == "order_progress" and ev.get("step") == until_step

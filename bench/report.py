@@ -36,8 +36,8 @@ def render(r: dict[str, Any]) -> str:
     if "baseline" in r:
         base = r["baseline"]["orders_per_s"]
         ratio = r.get("orders_per_s", 0) / base if base else 0
-        lines.append(f"baseline:     {base:,.0f} orders/s (same I/O, no actors) -> "
-                     f"service = {ratio:.2f}x baseline")
+        lines.append(f"baseline:     {base:,.0f} orders/s (same workload and I/O, no actors)"
+                     f" -> service = {ratio:.2f}x baseline")
     lines += ["", f"latency (ms)  {'p50':>9} {'p90':>9} {'p99':>9} {'p99.9':>9} {'max':>9}"]
     for key, label in (("accept_latency_s", "accept"), ("completion_latency_s", "complete")):
         p = r.get(key)
@@ -48,6 +48,7 @@ def render(r: dict[str, Any]) -> str:
     if svc:
         lines += ["", f"service:      {svc['cpu_s']:.1f} CPU s, peak RSS "
                       f"{svc['peak_rss_mb']:.0f} MB, {svc['threads']} threads"]
+    lines += _cpu_lines(r)
     if r["scenario"] == "waiting":
         lines += ["", f"waiting:      {r['waiting_orders']} orders waiting for delivery: "
                       f"RSS {r['rss_mb']:.0f} MB (idle {r['idle_rss_mb']:.0f} MB, "
@@ -67,6 +68,21 @@ def render(r: dict[str, Any]) -> str:
     if r["scenario"] in TARGETS:
         lines.append(f"\n{TARGETS[r['scenario']]}")
     return "\n".join(lines)
+
+
+def _cpu_lines(r: dict[str, Any]) -> list[str]:
+    """CPU per finished order of each process: where the machine's cores went."""
+    out = []
+    for label, run in (("service", r), ("baseline", r.get("baseline"))):
+        if not run or not run.get("finished"):
+            continue
+        cpu = {"service" if label == "service" else "baseline loop":
+               (run.get("service") or {}).get("cpu_s", 0.0), **run.get("others_cpu_s", {})}
+        per = ", ".join(f"{k} {v * 1e6 / run['finished']:,.0f}" for k, v in cpu.items() if v)
+        span = run.get("seconds") or 0
+        cores = sum(cpu.values()) / span if span else 0
+        out.append(f"cpu/order:    {label} run: {per} us ({cores:.2f} cores busy)")
+    return out
 
 
 def write_reports(result: dict[str, Any], out: Path) -> str:

@@ -9,6 +9,7 @@ refused.
 from __future__ import annotations
 
 import hashlib
+import threading
 from typing import Any
 
 import msgpack
@@ -25,9 +26,20 @@ def _refuse_ext(code: int, data: bytes) -> Any:
     raise DecodeError(f"msgpack ext type {code} is not allowed")
 
 
+_local = threading.local()
+
+
 def pack(obj: Any) -> bytes:
-    """Encode a map (or any msgpack-able value) to bytes."""
-    return msgpack.packb(obj, use_bin_type=True)
+    """Encode a map (or any msgpack-able value) to bytes.
+
+    One ``Packer`` per thread, reused: ``msgpack.packb`` builds a new one
+    per call, a fifth of the cost of a snapshot. (A Packer resets its buffer
+    when ``pack`` fails, so a bad value does not spoil the next call.)
+    """
+    packer = getattr(_local, "packer", None)
+    if packer is None:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True)
+    return packer.pack(obj)
 
 
 def unpack(data: bytes) -> Any:

@@ -27,7 +27,10 @@ def bench(tmp_path: Path, *args: str) -> dict:
 def test_retail_smoke_with_baseline(tmp_path: Path) -> None:
     report = bench(tmp_path, "--scenario", "retail", "--baseline")
     assert report["finished"] == report["orders"] == 300
-    assert report["baseline"]["orders_per_s"] > 0
+    base = report["baseline"]  # the same workload through the same load generator
+    assert base["finished"] == base["orders"] == 300 and base["orders_per_s"] > 0
+    assert base["outcomes"] == {"completed": 300} and not base["errors"]
+    assert {"load_generator", "simulators"} <= set(report["others_cpu_s"])
     assert report["machine"]["cpus"] >= 1 and "pykka" in report["machine"]["versions"]
 
 
