@@ -138,7 +138,10 @@ class LoadGen:
                 in_flight += 1
             wait = 100.0
             if rate is not None and run.submitted < total:
-                wait = max(0.0, (run.started + run.submitted / rate - now) * 1000)
+                # at least 1 ms: zmq rounds a shorter timeout down to 0 and the
+                # generator would spin, taking a core from the service it measures
+                # (latency is from the intended send time, so this costs no accuracy)
+                wait = max(1.0, (run.started + run.submitted / rate - now) * 1000)
             ready = dict(self.poller.poll(wait))
             now = time.monotonic()
             if self.dealer in ready:

@@ -79,6 +79,8 @@ def _cpu_lines(r: dict[str, Any]) -> list[str]:
         cpu = {"service" if label == "service" else "baseline loop":
                (run.get("service") or {}).get("cpu_s", 0.0), **run.get("others_cpu_s", {})}
         per = ", ".join(f"{k} {v * 1e6 / run['finished']:,.0f}" for k, v in cpu.items() if v)
+        if not per:
+            continue
         span = run.get("seconds") or 0
         cores = sum(cpu.values()) / span if span else 0
         out.append(f"cpu/order:    {label} run: {per} us ({cores:.2f} cores busy)")
