@@ -35,30 +35,24 @@ from typing import Any
 import lmdb
 import zmq
 
+from actors.loop import open_socket
 from oms import codec
 from oms.runtime import tune_gc
 
 FLOW = [("warehouse", "reserve_stock"), ("billing", "create_invoice"),
         ("billing", "capture_payment"), ("shipping", "create_shipment")]
-STEPS = [op for _, op in FLOW] + ["await_delivery"]
 
 
 class Baseline:
     def __init__(self, data: Path, intake: str, events: str, domain_events: str,
                  systems: dict[str, str]) -> None:
         ctx = zmq.Context.instance()
-        self.intake = self._socket(ctx, zmq.ROUTER, intake)
-        self.pub = self._socket(ctx, zmq.PUB, events)
-        self.events = self._socket(ctx, zmq.ROUTER, domain_events)
-        self.socks: dict[str, zmq.Socket] = {}
-        for system in ("warehouse", "billing", "shipping", "crm"):
-            sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, 0)
-            sock.setsockopt(zmq.RCVHWM, 0)
-            sock.connect(systems[system])
-            self.socks[system] = sock
-        self.replies = {sock: system for system, sock in self.socks.items()}
+        unbounded = {"LINGER": 0, "SNDHWM": 0, "RCVHWM": 0}
+        self.intake = open_socket(ctx, zmq.ROUTER, bind=intake, **unbounded)
+        self.pub = open_socket(ctx, zmq.PUB, bind=events, **unbounded)
+        self.events = open_socket(ctx, zmq.ROUTER, bind=domain_events, **unbounded)
+        self.socks = {system: open_socket(ctx, zmq.DEALER, connect=systems[system], **unbounded)
+                      for system in ("warehouse", "billing", "shipping", "crm")}
         data.mkdir(parents=True, exist_ok=True)
         self.env = lmdb.open(str(data), map_size=1 << 32, sync=True, metasync=True)
         self.poller = zmq.Poller()
@@ -69,15 +63,6 @@ class Baseline:
         self.after: list[tuple[zmq.Socket, list[bytes]]] = []  # sent after the commit
         self.serial = 0
         self.stopped = False
-
-    @staticmethod
-    def _socket(ctx: zmq.Context, kind: int, endpoint: str) -> zmq.Socket:
-        sock = ctx.socket(kind)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.bind(endpoint)
-        return sock
 
     def close(self) -> None:
         for sock in [self.intake, self.pub, self.events, *self.socks.values()]:
@@ -189,7 +174,7 @@ class Baseline:
                     self.after.append((self.events, [*frames[:-1], codec.pack(
                         {"type": "ack", "event_id": ev["event_id"]})]))
                     self._event(ev["order_id"])
-            for sock in self.replies:
+            for sock in self.socks.values():
                 if sock in ready:
                     for frames in self._drain(sock):
                         msg = codec.decode_map(frames[-1])

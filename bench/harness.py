@@ -43,6 +43,10 @@ class Endpoints:
         self.intake, self.events, self.domain_events = (free_endpoint() for _ in range(3))
         self.systems = {s: free_endpoint() for s in SYSTEMS}
 
+    def system_args(self) -> list[str]:
+        """``--system NAME=ENDPOINT`` for each domain system."""
+        return [arg for name, ep in self.systems.items() for arg in ("--system", f"{name}={ep}")]
+
 
 class Proc:
     def __init__(self, args: list[str], log: Path, module: str = "oms.cli") -> None:
@@ -118,8 +122,7 @@ class Harness:
     def start_simulators(self) -> None:
         args = ["simulate", "--service-events", self.eps.domain_events, "--log-level",
                 "warning"]
-        for name, ep in self.eps.systems.items():
-            args += ["--system", f"{name}={ep}"]
+        args += self.eps.system_args()
         args += getattr(self, "sim_events_curve", [])
         self.sim = Proc(args + self.sim_args, self.workdir / "simulate.log")
 
@@ -127,8 +130,7 @@ class Harness:
         """The no-actor baseline (``bench.baseline``) on the service's endpoints."""
         args = ["--data", str(self.workdir / "base"), "--intake", self.eps.intake,
                 "--events", self.eps.events, "--domain-events", self.eps.domain_events]
-        for name, ep in self.eps.systems.items():
-            args += ["--system", f"{name}={ep}"]
+        args += self.eps.system_args()
         self.svc = Proc(args, self.workdir / "baseline.log", module="bench.baseline")
 
     def start_service(self) -> None:
@@ -138,8 +140,7 @@ class Harness:
         args = ["serve", "--data", str(self.workdir / "data"), "--intake", self.eps.intake,
                 "--events", self.eps.events, "--domain-events", self.eps.domain_events,
                 "--metrics-port", "0", "--processes", str(procs), "--log-level", "warning"]
-        for name, ep in self.eps.systems.items():
-            args += ["--system", f"{name}={ep}"]
+        args += self.eps.system_args()
         self.svc = Proc(args + self.serve_args, self.workdir / "serve.log")
 
     def wait_ready(self, timeout: float = 600) -> float:
