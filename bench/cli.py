@@ -25,7 +25,7 @@ from itertools import count
 from pathlib import Path
 from typing import Any
 
-from bench.harness import Harness
+from bench.harness import Harness, ProcessDied
 from bench.load import LoadGen, Run, percentiles
 from bench.report import write_reports
 from oms.runtime import tune_gc
@@ -48,6 +48,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--intake", help="target a running service's intake instead")
     p.add_argument("--events", help="... and its events endpoint")
     p.add_argument("--out", default="bench-reports", help="folder for the reports")
+    p.add_argument("--give-up", type=float, default=60.0, metavar="S",
+                   help="stop a run when no order has finished for S seconds (the report "
+                        "lists the unfinished ones and the exit code is 1)")
     p.add_argument("--smoke", action="store_true", help="tiny run that checks the bench works")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -76,6 +79,7 @@ def run_bench(args: argparse.Namespace) -> int:
     tune_gc()  # the load generator is a busy process too (see oms.runtime)
     if args.smoke:
         args.orders, args.window, args.duration = min(args.orders, 300), 64, 2.0
+        args.give_up = min(args.give_up, 30.0)
     config = {k: v for k, v in vars(args).items() if k not in ("func",)}
     workdir = Path(tempfile.mkdtemp(prefix="oms-bench-"))
     result: dict[str, Any] = {"scenario": args.scenario, "config": config,
@@ -102,13 +106,28 @@ def run_bench(args: argparse.Namespace) -> int:
             result.update(run_waiting(harness, intake, events, args))
         elif args.scenario != "engine":
             result.update(run_load(harness, intake, events, args))
+    except ProcessDied as exc:
+        result["error"] = str(exc)
     finally:
         if harness is not None:
             result.update(harness.stop())
+        failed = bool(result.get("error") or result.get("unfinished")
+                      or (result.get("baseline") or {}).get("unfinished"))
+        if failed:
+            result["logs"] = keep_logs(workdir, Path(args.out))
         shutil.rmtree(workdir, ignore_errors=True)
     text = write_reports(result, Path(args.out))
     print(text)
-    return 0
+    return 1 if failed else 0
+
+
+def keep_logs(workdir: Path, out: Path) -> str:
+    """A failed run's process logs, kept next to its reports."""
+    dest = out / f"logs-{time.strftime('%Y%m%d-%H%M%S')}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for log in workdir.glob("*.log"):
+        shutil.copy(log, dest / log.name)
+    return str(dest)
 
 
 def machine() -> dict[str, Any]:
@@ -157,7 +176,8 @@ def run_load(harness: Harness | None, intake: str, events: str,
     try:
         run = gen.run(_orders(args.scenario, prefix), total, window=args.window, rate=rate,
                       warmup=int(total * args.warmup), complete=args.scenario != "intake",
-                      quiet=args.quiet, label=label)
+                      quiet=args.quiet, label=label, give_up_s=args.give_up,
+                      check=harness.check_alive if harness else None)
     finally:
         gen.close()
     out = summarize(run, args.scenario)
@@ -180,6 +200,7 @@ def summarize(run: Run, scenario: str) -> dict[str, Any]:
         "accept_latency_s": percentiles(run.accept_lat),
         "completion_latency_s": percentiles(run.complete_lat),
         "outcomes": dict(run.outcomes), "errors": dict(run.errors),
+        "reconciled": run.reconciled, "unfinished": run.unfinished,
         "timeline": run.timeline,
     }
 
@@ -191,7 +212,8 @@ def run_waiting(harness: Harness | None, intake: str, events: str,
     gen = LoadGen(intake, events, "bench")
     try:
         run = gen.run(_orders("retail", f"WAIT{next(count())}-"), args.orders,
-                      window=args.window, until_step="await_delivery", quiet=args.quiet)
+                      window=args.window, until_step="await_delivery", quiet=args.quiet,
+                      give_up_s=args.give_up, check=harness.check_alive)
     finally:
         gen.close()
     time.sleep(1.0)  # let the last snapshots flush and their actors passivate

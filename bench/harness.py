@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.ports import free_endpoint
 
 SYSTEMS = ("warehouse", "billing", "shipping", "crm", "provisioning")
 
@@ -23,19 +24,8 @@ wait_event = { name = "never" }
 """
 
 
-def free_endpoint() -> str:
-    """A free loopback port below the ephemeral range (see tests/conftest.py)."""
-    import random
-
-    for _ in range(200):
-        port = random.randrange(15000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return f"tcp://127.0.0.1:{port}"
-    raise RuntimeError("no free port")
+class ProcessDied(RuntimeError):
+    """A simulator or the service ended while the bench needed it."""
 
 
 class Endpoints:
@@ -50,6 +40,8 @@ class Endpoints:
 
 class Proc:
     def __init__(self, args: list[str], log: Path, module: str = "oms.cli") -> None:
+        self.name = args[0] if module == "oms.cli" else module
+        self.log_path = log
         self.log = log.open("ab")
         self.p = subprocess.Popen([sys.executable, "-m", module, *args],
                                   stdout=self.log, stderr=self.log)
@@ -64,6 +56,18 @@ class Proc:
             return self.p.wait()
         finally:
             self.log.close()
+
+    def exited(self) -> int | None:
+        """The exit code if the process has ended, else None."""
+        return self.p.poll()
+
+    def tail(self, lines: int = 15) -> str:
+        """The end of its log, for a report that something went wrong."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
 
     def _status(self, key: str) -> int:
         for line in Path(f"/proc/{self.p.pid}/status").read_text().splitlines():
@@ -95,6 +99,9 @@ class Harness:
         self.eps = Endpoints()
         self.sim_args, self.serve_args = sim_args, serve_args
         self.client_curve: dict[str, Any] = {}
+        self.sim_events_curve: list[str] = []
+        self.sim: Proc | None = None
+        self.svc: Proc | None = None
         if curve:
             self._make_keys()
 
@@ -116,14 +123,12 @@ class Harness:
                                            str(keys / "server" / "server.key"))
         self.sim_events_curve = ["--curve-key", str(keys / "own" / "domains.key_secret"),
                                  "--service-key", str(keys / "server" / "server.key")]
-        self.sim: Proc | None = None
-        self.svc: Proc | None = None
 
     def start_simulators(self) -> None:
         args = ["simulate", "--service-events", self.eps.domain_events, "--log-level",
                 "warning"]
         args += self.eps.system_args()
-        args += getattr(self, "sim_events_curve", [])
+        args += self.sim_events_curve
         self.sim = Proc(args + self.sim_args, self.workdir / "simulate.log")
 
     def start_baseline(self) -> None:
@@ -143,13 +148,33 @@ class Harness:
         args += self.eps.system_args()
         self.svc = Proc(args + self.serve_args, self.workdir / "serve.log")
 
+    def procs(self) -> list[Proc]:
+        return [p for p in (self.sim, self.svc) if p is not None]
+
+    def check_alive(self) -> None:
+        """Raise ``ProcessDied`` (with the end of its log) if a process of
+        the run has ended: the run cannot finish without it."""
+        for proc in self.procs():
+            code = proc.exited()
+            if code is not None:
+                raise ProcessDied(f"{proc.name} exited with code {code} during the run; "
+                                  f"the end of its log:\n{proc.tail()}")
+
     def wait_ready(self, timeout: float = 600) -> float:
-        """Seconds until the intake answers."""
+        """Seconds until the intake answers (recovering many orders takes a while)."""
         from oms.client import Client
 
         started = time.monotonic()
         with Client(self.eps.intake, curve=self.client_curve) as client:
-            client.wait_ready(timeout)
+            while True:
+                self.check_alive()
+                try:
+                    client.wait_ready(1.0)
+                    break
+                except TimeoutError:
+                    if time.monotonic() - started > timeout:
+                        raise
+        self.check_alive()  # the simulators too: they start before the service
         return time.monotonic() - started
 
     def stop(self) -> dict[str, Any]:

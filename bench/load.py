@@ -13,13 +13,16 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 
 from oms import codec
+from oms.states import TERMINAL
+
+ASK = "?"  # request_id prefix of the generator's own get_order requests
 
 
 @dataclass
@@ -39,6 +42,8 @@ class Run:
     errors: Counter[str] = field(default_factory=Counter)
     measured_finished: int = 0
     measured_accepted: int = 0
+    reconciled: int = 0  # finished orders whose summary event was missed (get_order)
+    unfinished: dict[str, str] = field(default_factory=dict)  # given up: external_id -> state
 
     def rate(self, what: str = "finished") -> float:
         span = self.ended - self.measured_from
@@ -84,8 +89,17 @@ class LoadGen:
         for sock in (self.dealer, self.sub):
             for name, value in (curve or {}).items():
                 sock.setsockopt(getattr(zmq, name), value)
+        monitor = self.sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self.dealer.connect(intake)
         self.sub.connect(events)
+        # A PUB drops what it sends before a subscription reaches it: wait for
+        # the handshake (the subscription is the first thing sent after it)
+        if not monitor.poll(5000):
+            print(f"warning: no handshake with the events endpoint {events} in 5 s; "
+                  "missed results will be read with get_order", file=sys.stderr)
+        self.sub.disable_monitor()
+        monitor.close(0)
+        self.states: dict[str, str] = {}  # order_id -> state, from get_order
         self.poller = zmq.Poller()
         self.poller.register(self.dealer, zmq.POLLIN)
         self.poller.register(self.sub, zmq.POLLIN)
@@ -97,10 +111,21 @@ class LoadGen:
     def run(self, orders: Iterator[dict[str, Any]], total: int, *, window: int = 1024,
             rate: float | None = None, warmup: int = 0, complete: bool = True,
             timeout: float = 600.0, quiet: bool = False,
-            until_step: str | None = None, label: str = "orders") -> Run:
+            until_step: str | None = None, label: str = "orders",
+            stall_s: float = 5.0, give_up_s: float = 60.0,
+            check: Callable[[], None] | None = None) -> Run:
         """Submit ``total`` orders; wait for completion unless ``complete`` is
         False (intake only). ``until_step``: count an order finished when that
-        step starts running (the waiting scenario)."""
+        step starts running (the waiting scenario).
+
+        A run never hangs: after ``stall_s`` seconds without a finished order
+        it asks ``get_order`` about the orders in flight, as a channel that
+        must not miss a result does (the events socket drops for slow
+        subscribers, and a subscription takes a moment to reach the service);
+        after ``give_up_s`` it stops and lists what never finished in
+        ``Run.unfinished``. ``check`` is called about once a second and may
+        raise (the bench's check that its processes are still running).
+        """
         run = Run()
         sent_at: dict[str, float] = {}  # external_id -> (intended) send time
         ext_of: dict[str, str] = {}  # order_id -> external_id
@@ -110,6 +135,7 @@ class LoadGen:
         run.started = run.measured_from = time.monotonic()
         deadline = run.started + timeout
         target = total
+        last_progress = checked = asked = run.started
 
         def finish(ext: str, now: float, outcome: str) -> None:
             nonlocal in_flight
@@ -142,7 +168,8 @@ class LoadGen:
                 # generator would spin, taking a core from the service it measures
                 # (latency is from the intended send time, so this costs no accuracy)
                 wait = max(1.0, (run.started + run.submitted / rate - now) * 1000)
-            ready = dict(self.poller.poll(wait))
+            finished_before = run.finished
+            ready = dict(self.poller.poll(min(wait, 1000.0)))
             now = time.monotonic()
             if self.dealer in ready:
                 self._replies(run, sent_at, ext_of, early, now, complete, finish, warmup)
@@ -150,6 +177,20 @@ class LoadGen:
                 self._events(run, sent_at, ext_of, early, now, finish, until_step)
             in_flight = run.submitted - run.finished
             progress.show(run.finished)
+            if run.finished != finished_before or not in_flight:
+                last_progress = now
+            if check is not None and now - checked >= 1.0:
+                checked = now
+                check()
+            if until_step is None and complete and now - max(last_progress, asked) >= stall_s:
+                asked = now
+                self._ask(sent_at, ext_of)
+            if now - last_progress >= give_up_s:
+                break
+        run.unfinished = {ext: "not accepted" for ext in sent_at}
+        for order_id, ext in ext_of.items():
+            if ext in run.unfinished:
+                run.unfinished[ext] = self.states.get(order_id, "no summary event")
         run.ended = time.monotonic()
         progress.show(run.finished, force=True)
         progress.close()
@@ -163,6 +204,9 @@ class LoadGen:
             except zmq.Again:
                 return
             ext = str(reply.get("request_id"))
+            if ext.startswith(ASK):
+                self._answer(run, ext[len(ASK):], reply, sent_at, now, finish)
+                continue
             if ext not in sent_at:
                 continue
             if reply.get("type") != "accepted":
@@ -180,6 +224,24 @@ class LoadGen:
             if reply["order_id"] in early:
                 t, outcome = early.pop(reply["order_id"])
                 finish(ext, t, outcome)
+
+    def _ask(self, sent_at: dict, ext_of: dict) -> None:
+        """``get_order`` for every accepted order still in flight."""
+        for order_id, ext in ext_of.items():
+            if ext in sent_at:
+                self.dealer.send(codec.pack({"type": "get_order", "order_id": order_id,
+                                             "request_id": ASK + ext}))
+
+    def _answer(self, run: Run, ext: str, reply: dict, sent_at: dict, now: float,
+                finish: Any) -> None:
+        view = reply.get("order") if reply.get("type") == "order" else None
+        if not isinstance(view, dict) or ext not in sent_at:
+            return
+        state = str(view.get("state"))
+        self.states[str(view.get("order_id"))] = state
+        if state in TERMINAL:
+            run.reconciled += 1
+            finish(ext, now, state)
 
     def _events(self, run: Run, sent_at: dict, ext_of: dict, early: dict, now: float,
                 finish: Any, until_step: str | None) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +66,29 @@ def render(r: dict[str, Any]) -> str:
                                                    sorted(r["outcomes"].items())))
     if r.get("errors"):
         lines.append("errors:       " + ", ".join(f"{k} {v}" for k, v in r["errors"].items()))
+    lines += _trouble_lines(r)
     if r["scenario"] in TARGETS:
         lines.append(f"\n{TARGETS[r['scenario']]}")
     return "\n".join(lines)
+
+
+def _trouble_lines(r: dict[str, Any]) -> list[str]:
+    """What went wrong in a run (and the baseline's): said first, not buried."""
+    lines = []
+    for label, run in (("", r), ("baseline: ", r.get("baseline") or {})):
+        if run.get("reconciled"):
+            lines.append(f"{label}reconciled:   {run['reconciled']} orders finished without "
+                         "their summary event reaching the generator (read with get_order)")
+        unfinished = run.get("unfinished") or {}
+        if unfinished:
+            states = Counter(unfinished.values())
+            lines.append(f"{label}UNFINISHED:   {len(unfinished)} orders never finished: "
+                         + ", ".join(f"{k} {v}" for k, v in states.most_common()))
+    if r.get("error"):
+        lines.append(f"FAILED:       {r['error']}")
+    if r.get("logs"):
+        lines.append(f"logs:         {r['logs']} (the service's and simulators' logs of this run)")
+    return lines
 
 
 def _cpu_lines(r: dict[str, Any]) -> list[str]:

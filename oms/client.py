@@ -10,6 +10,7 @@ from typing import Any
 import zmq
 
 from oms import codec
+from oms.states import TERMINAL
 
 
 class Client:
@@ -119,7 +120,6 @@ class Client:
 def wait_terminal(client: Client, order_ids: Iterable[str], timeout: float = 60.0,
                   poll: float = 0.05) -> dict[str, dict[str, Any]]:
     """Poll get_order until every order is terminal; return their views."""
-    terminal = {"completed", "partial", "failed", "cancelled"}
     left = list(order_ids)
     views: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + timeout
@@ -128,7 +128,7 @@ def wait_terminal(client: Client, order_ids: Iterable[str], timeout: float = 60.
         still = []
         for req, reply in client.pipeline(reqs, window=512):
             view = reply.get("order") or {}
-            if view.get("state") in terminal:
+            if view.get("state") in TERMINAL:
                 views[req["order_id"]] = view
             else:
                 still.append(req["order_id"])

@@ -3,8 +3,6 @@ folders, the real simulators. No mocks of our own components."""
 
 from __future__ import annotations
 
-import random
-import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -17,6 +15,7 @@ import zmq
 sys.path.insert(0, str(Path(__file__).parent))
 
 from actors.service import Service  # noqa: E402
+from bench.ports import free_endpoint, free_port  # noqa: E402,F401 - tests import free_port from here
 from gateways.simulator import SimConfig, Simulator  # noqa: E402
 from oms import codec  # noqa: E402
 from oms.client import Client  # noqa: E402
@@ -25,34 +24,7 @@ from oms.config import Config  # noqa: E402
 SYSTEMS = ("warehouse", "billing", "shipping", "crm", "provisioning")
 
 
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-_PORTS = random.Random()
-_LOW = 15000
-_HIGH = max(_LOW + 1000, _ephemeral_low())
-
-
-def free_port() -> int:
-    """A free loopback port *below* the ephemeral range: a port from bind(0)
-    can be taken by some client's outgoing connection before we bind it."""
-    for _ in range(200):
-        port = _PORTS.randrange(_LOW, _HIGH)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port below the ephemeral range")
-
-
-def endpoint() -> str:
-    return f"tcp://127.0.0.1:{free_port()}"
+endpoint = free_endpoint
 
 
 class Endpoints:

@@ -6,8 +6,15 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import zmq
+from conftest import endpoint
+
+from bench.harness import Harness, ProcessDied
+from bench.load import LoadGen
+from oms.sample import sample_orders
 
 pytestmark = pytest.mark.slow
 
@@ -44,3 +51,44 @@ def test_open_loop_smoke(tmp_path: Path) -> None:
     report = bench(tmp_path, "--scenario", "retail", "--rate", "200")
     assert report["mode"].startswith("open loop")
     assert report["completion_latency_s"]["p99"] > 0
+
+
+def test_missed_summaries_are_read_with_get_order(eps: Any, service: Any) -> None:
+    """Events come from a PUB that publishes nothing: every result comes from
+    get_order, as for a channel whose subscription was late or whose events dropped."""
+    silent = zmq.Context.instance().socket(zmq.PUB)
+    silent.setsockopt(zmq.LINGER, 0)
+    silent.bind(endpoint())
+    gen = LoadGen(eps.intake, silent.getsockopt_string(zmq.LAST_ENDPOINT), "bench")
+    try:
+        run = gen.run(sample_orders(20, seed=5, source="bench", prefix="MISS-"), 20,
+                      window=8, stall_s=0.2, give_up_s=60, quiet=True)
+    finally:
+        gen.close()
+        silent.close()
+    assert run.finished == 20 and run.reconciled == 20 and not run.unfinished
+    assert run.outcomes == {"completed": 20}
+
+
+def test_orders_that_never_finish_are_listed_not_waited_for(make_service: Any,
+                                                            eps: Any) -> None:
+    make_service()  # no domain systems: every order waits on its first command
+    gen = LoadGen(eps.intake, eps.events, "bench")
+    try:
+        run = gen.run(sample_orders(5, seed=5, source="bench", prefix="STUCK-"), 5,
+                      window=5, stall_s=0.2, give_up_s=1.5, quiet=True)
+    finally:
+        gen.close()
+    assert run.finished == 0 and len(run.unfinished) == 5
+    assert set(run.unfinished.values()) <= {"acknowledged", "inProgress"}
+
+
+def test_a_process_that_dies_fails_the_run_with_its_log(tmp_path: Path) -> None:
+    harness = Harness(tmp_path, ["--no-such-option"], [])
+    try:
+        harness.start_simulators()
+        harness.start_service()
+        with pytest.raises(ProcessDied, match="simulate exited with code 2"):
+            harness.wait_ready(timeout=60)
+    finally:
+        harness.stop()
