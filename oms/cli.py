@@ -180,6 +180,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    import zmq
+
     from gateways.simulator import SimConfig, run_simulator
 
     logs.setup(args.log_level, "json")
@@ -215,7 +217,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                     restock_s=args.restock_s,
                     delivery_s=args.delivery_s, fail=fail, drop=drop, seed=args.seed)
     tune_gc()
-    run_simulator(cfg)
+    try:
+        run_simulator(cfg)
+    except zmq.ZMQError as exc:
+        print(f"oms simulate: cannot open an endpoint: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -19,9 +19,10 @@ from oms import codec
 from oms.client import Client
 from oms.config import Config
 from oms.sample import sample_orders
+from oms.states import TERMINAL
 
-TERMINAL = {"completed", "partial", "failed", "cancelled"}
 MARKER = ".oms-demo-folder"
+LOGS = {"service": "serve.log", "simulators": "simulate.log"}
 
 
 def _bar(done: int, total: int, started: float, width: int = 32) -> str:
@@ -74,7 +75,7 @@ def run_demo(count: int, folder: str, timeout: float) -> int:
     svc = _spawn(["serve", "--data", cfg.data], base / "serve.log")
     client = Client(cfg.intake)
     try:
-        return _drive(client, cfg, count, timeout, base, svc)
+        return _drive(client, cfg, count, timeout, base, {"service": svc, "simulators": sim})
     finally:
         client.close()
         code = _stop(svc)
@@ -82,13 +83,32 @@ def run_demo(count: int, folder: str, timeout: float) -> int:
         print(f"\nservice stopped (exit {code}); simulators stopped.")
 
 
+def _died(procs: dict[str, subprocess.Popen[bytes]], base: Path) -> bool:
+    """Say so if the service or the simulators have exited (a port in use, say)."""
+    for name, proc in procs.items():
+        code = proc.poll()
+        if code is not None:
+            log = base / LOGS[name]
+            tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+            print(f"\nthe {name} exited (code {code}); the end of {log}:")
+            print("  " + "\n  ".join(tail))
+            return True
+    return False
+
+
 def _drive(client: Client, cfg: Config, count: int, timeout: float, base: Path,
-           svc: subprocess.Popen[bytes]) -> int:
-    try:
-        client.wait_ready(30)
-    except TimeoutError:
-        print(f"the service did not start; see {base}/serve.log (exit {svc.poll()})")
-        return 1
+           procs: dict[str, subprocess.Popen[bytes]]) -> int:
+    deadline = time.monotonic() + 30
+    while True:
+        if _died(procs, base):
+            return 1
+        try:
+            client.wait_ready(1.0)
+            break
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                print(f"the service did not answer within 30 s; see {base}/serve.log")
+                return 1
     sub = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.SUBSCRIBE, b"demo-shop")
@@ -108,6 +128,8 @@ def _drive(client: Client, cfg: Config, count: int, timeout: float, base: Path,
     deadline = time.monotonic() + timeout
     shown = -1
     while len(finished) < len(ids) and time.monotonic() < deadline:
+        if _died(procs, base):
+            break
         if sub.poll(250):
             _topic, raw = sub.recv_multipart()
             ev = codec.decode_map(raw)
@@ -124,6 +146,8 @@ def _drive(client: Client, cfg: Config, count: int, timeout: float, base: Path,
             sys.stdout.write(_bar(shown, len(ids), started))
             sys.stdout.flush()
     sub.close()
+    if any(proc.poll() is not None for proc in procs.values()):
+        return 1
     elapsed = time.monotonic() - started
     print()
     _summary(client, cfg, ids, finished, elapsed, base)
