@@ -112,14 +112,17 @@ class Intake(RouterEndpoint):
         engines = self.octx.engines
         order, errs = validate_order(req.get("order"), engines.keys())
         if order is None:
-            src = _source(req)
+            raw = req.get("order")
+            src = self.metrics.source_label(
+                raw.get("source_system") if isinstance(raw, dict) else None)
             self.metrics.orders_received.labels(src, "rejected").inc()
             return {"type": "rejected", "errors": [e.to_wire() for e in errs]}
         denied = self.denied(order["source_system"])
         if denied:
             return denied
         if self.octx.router.in_flight >= self.max_in_flight:
-            self.metrics.orders_received.labels(order["source_system"], "busy").inc()
+            self.metrics.orders_received.labels(
+                self.metrics.source_label(order["source_system"]), "busy").inc()
             return errors.error_reply(
                 errors.BUSY, f"{self.max_in_flight} orders in flight; retry later")
         proc = engines[order["order_type"]].proc
@@ -140,7 +143,8 @@ class Intake(RouterEndpoint):
             reply(errors.error_reply(errors.INTERNAL, "the order could not be stored; "
                                      "see the service log"))
             return
-        self.metrics.orders_received.labels(source, created.kind).inc()
+        self.metrics.orders_received.labels(self.metrics.source_label(source),
+                                            created.kind).inc()
         if created.kind == "conflict":
             reply(errors.error_reply(
                 errors.CONFLICT, f"this source_system and external_id were submitted as "
@@ -270,9 +274,3 @@ def _request_id(req: dict[str, Any]) -> str | int | None:
     rid = req.get("request_id")
     return rid if isinstance(rid, str | int) and not isinstance(rid, bool) else None
 
-
-def _source(req: dict[str, Any]) -> str:
-    """A bounded label for a rejected order's source system."""
-    order = req.get("order")
-    src = order.get("source_system") if isinstance(order, dict) else None
-    return src if isinstance(src, str) and len(src) <= 64 else "invalid"

@@ -94,6 +94,35 @@ class Metrics:
         for metric in vars(self).values():
             if getattr(metric, "_labelnames", None):
                 _cache_children(metric)
+        self.source_label = BoundedLabel(SOURCE_LABELS)
+
+
+SOURCE_LABELS = 100
+
+
+class BoundedLabel:
+    """A label value a client chose (``source_system``), from a bounded set.
+
+    Each new value is a new time series in every scrape, for good. With CURVE
+    on, only listed channels get in; without it any client may name any
+    source system. So the first ``limit`` distinct values are kept as they
+    are and later ones count as ``other``; values that are not short strings
+    count as ``invalid``.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, value: object) -> str:
+        if not isinstance(value, str) or not value or len(value) > 64:
+            return "invalid"
+        if value in self._seen:
+            return value
+        if len(self._seen) >= self.limit:
+            return "other"
+        self._seen.add(value)  # two threads may race past the limit by one: harmless
+        return value
 
 
 def _cache_children(metric: Any) -> None:

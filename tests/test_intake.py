@@ -6,12 +6,14 @@ serving everyone else.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgpack
 import pytest
 import zmq
 from helpers import poll_until, retail_order
+from prometheus_client import generate_latest
 
 from oms import codec
 from oms.client import Client, wait_terminal
@@ -49,6 +51,22 @@ def test_rejected_lists_all_field_errors(service: Any, client: Client) -> None:
     assert reply["type"] == "rejected"
     assert {e["field"] for e in reply["errors"]} == {"items[0].quantity",
                                                      "customer_address.country"}
+
+
+def test_source_system_labels_are_bounded(service: Any, client: Client) -> None:
+    """Without CURVE a client names any source system: each name must not
+    become a time series for good."""
+    limit = service.metrics.source_label.limit
+    bad = retail_order("ext-label")
+    bad["items"] = []
+    for i in range(limit + 20):
+        assert client.submit(dict(bad, source_system=f"chan-{i}"))["type"] == "rejected"
+    assert client.submit(dict(bad, source_system="x" * 65))["type"] == "rejected"
+    text = generate_latest(service.registry).decode()
+    sources = set(re.findall(r'oms_orders_received_total\{outcome="rejected",'
+                             r'source_system="([^"]*)"\}', text))
+    assert len(sources) == limit + 2 and {"other", "invalid", "chan-0"} <= sources
+    assert f"chan-{limit}" not in sources
 
 
 @pytest.mark.parametrize(("frame", "code"), [
