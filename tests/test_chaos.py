@@ -107,3 +107,63 @@ def test_kill_9_loses_nothing_and_applies_nothing_twice(procs: Any, tmp_path: Pa
           f"{time.monotonic() - started:.1f} s, {report['repeats']} repeats answered from "
           f"the domain systems' caches")
     assert killer.service.terminate() == 0
+
+
+@pytest.mark.slow
+def test_a_passivated_orders_jeopardy_deadline_survives_kill_9(procs: Any, tmp_path: Path,
+                                                                monkeypatch: Any) -> None:
+    """The order waits for delivery, leaves memory, the service is killed, and
+    the restarted service (which leaves it passivated) still reports it late."""
+    import urllib.request
+
+    import zmq
+    from conftest import free_port
+    from helpers import poll_until, retail_order
+
+    from oms import codec
+
+    eps = Endpoints()
+    procs(eps.simulate_args() + ["--delivery-s", "3600"], "simulate")
+    folder = tmp_path / "p"
+    fast_retail(folder)
+    path = folder / "retail.toml"
+    path.write_text(path.read_text().replace("[steps.await_delivery]",
+                                             "[steps.await_delivery]\nexpected_s = 3.0"))
+    monkeypatch.setenv("OMS_PASSIVATE_AFTER_S", "0.1")
+    port = free_port()
+    args = eps.serve_args(tmp_path / "data") + ["--processes", str(folder),
+                                                "--metrics-port", str(port)]
+    svc = procs(args, "serve")
+
+    def passivated() -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            return 'oms_order_actors{kind="passivated"} 1.0' in resp.read().decode()
+
+    with Client(eps.intake) as client:
+        client.wait_ready(30)
+        oid = client.submit(retail_order("late-1"))["order_id"]
+        poll_until(lambda: any(s["name"] == "await_delivery" and s["status"] == "running"
+                               for s in client.get(oid)["order"]["steps"]))
+    poll_until(passivated)
+    svc.kill()
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"web")
+    sub.connect(eps.events)  # before the restart: subscribed when it binds
+    try:
+        again = procs(args, "serve-again")
+        seen: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 30
+        while not seen and time.monotonic() < deadline:
+            if sub.poll(500):
+                ev = codec.decode_map(sub.recv_multipart()[1])
+                if ev.get("type") == "order_jeopardy" and ev.get("order_id") == oid:
+                    seen.append(ev)
+    finally:
+        sub.close()
+    assert seen and seen[0]["step"] == "await_delivery"
+    assert "0 orders resumed, 1 waiting (passivated)" in again.log.read_text()
+    with Client(eps.intake) as client:
+        assert client.get(oid)["order"]["state"] == "inProgress"  # late, not failed
+    poll_until(lambda: sim_report(eps.systems["crm"], order_id=oid)["order"].get("notify")
+               == 2)  # inProgress, then the jeopardy notice
