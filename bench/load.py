@@ -110,7 +110,7 @@ class LoadGen:
 
     def run(self, orders: Iterator[dict[str, Any]], total: int, *, window: int = 1024,
             rate: float | None = None, warmup: int = 0, complete: bool = True,
-            timeout: float = 600.0, quiet: bool = False,
+            quiet: bool = False,
             until_step: str | None = None, label: str = "orders",
             stall_s: float = 5.0, give_up_s: float = 60.0,
             check: Callable[[], None] | None = None) -> Run:
@@ -118,12 +118,12 @@ class LoadGen:
         False (intake only). ``until_step``: count an order finished when that
         step starts running (the waiting scenario).
 
-        A run never hangs: after ``stall_s`` seconds without a finished order
-        it asks ``get_order`` about the orders in flight, as a channel that
-        must not miss a result does (the events socket drops for slow
-        subscribers, and a subscription takes a moment to reach the service);
-        after ``give_up_s`` it stops and lists what never finished in
-        ``Run.unfinished``. ``check`` is called about once a second and may
+        A run has no time limit but never hangs: after ``stall_s`` seconds
+        without a finished order it asks ``get_order`` about the orders in
+        flight, as a channel that must not miss a result does (the events
+        socket drops for slow subscribers, and a subscription takes a moment
+        to reach the service); after ``give_up_s`` it stops and lists what
+        never finished in ``Run.unfinished``. ``check`` is called about once a second and may
         raise (the bench's check that its processes are still running).
         """
         run = Run()
@@ -133,7 +133,6 @@ class LoadGen:
         in_flight = 0
         progress = Progress(total, label, quiet)
         run.started = run.measured_from = time.monotonic()
-        deadline = run.started + timeout
         target = total
         last_progress = checked = asked = run.started
 
@@ -150,7 +149,7 @@ class LoadGen:
             if run.finished == warmup:
                 run.measured_from = now
 
-        while run.finished < target and time.monotonic() < deadline:
+        while run.finished < target:
             now = time.monotonic()
             while run.submitted < total and (
                     (rate is None and in_flight < window)
