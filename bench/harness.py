@@ -41,10 +41,14 @@ class Endpoints:
 class Proc:
     def __init__(self, args: list[str], log: Path, module: str = "oms.cli") -> None:
         self.name = args[0] if module == "oms.cli" else module
-        self.log_path = log
-        self.log = log.open("ab")
+        self.log = log
+        self._out = log.open("ab")
         self.p = subprocess.Popen([sys.executable, "-m", module, *args],
-                                  stdout=self.log, stderr=self.log)
+                                  stdout=self._out, stderr=self._out)
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
 
     def stop(self, timeout: float = 60) -> int:
         if self.p.poll() is None:
@@ -55,7 +59,7 @@ class Proc:
             self.p.kill()
             return self.p.wait()
         finally:
-            self.log.close()
+            self._out.close()
 
     def exited(self) -> int | None:
         """The exit code if the process has ended, else None."""
@@ -64,7 +68,7 @@ class Proc:
     def tail(self, lines: int = 15) -> str:
         """The end of its log, for a report that something went wrong."""
         try:
-            text = self.log_path.read_text(errors="replace")
+            text = self.log.read_text(errors="replace")
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])

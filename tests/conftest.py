@@ -3,6 +3,7 @@ folders, the real simulators. No mocks of our own components."""
 
 from __future__ import annotations
 
+import signal
 import sys
 import threading
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import bench.harness  # noqa: E402
 from actors.service import Service  # noqa: E402
 from bench.ports import free_endpoint, free_port  # noqa: E402,F401 - tests import free_port from here
 from gateways.simulator import SimConfig, Simulator  # noqa: E402
@@ -127,24 +129,12 @@ def client(eps: Endpoints) -> Iterator[Client]:
         yield c
 
 
-class Proc:
-    """An ``oms`` subprocess with its log in a file."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        import subprocess
-
-        self.log = log
-        self._out = log.open("ab")
-        self.p = subprocess.Popen([sys.executable, "-m", "oms.cli", *args],
-                                  stdout=self._out, stderr=self._out)
-
-    @property
-    def pid(self) -> int:
-        return self.p.pid
+class Proc(bench.harness.Proc):
+    """An ``oms`` subprocess with its log in a file (the bench's, plus what
+    crash tests need: a stop that must succeed, and kill -9)."""
 
     def terminate(self, timeout: float = 20.0) -> int:
-        import signal
-
+        """SIGTERM; the test fails if it does not exit in time."""
         if self.p.poll() is None:
             self.p.send_signal(signal.SIGTERM)
         code = self.p.wait(timeout)
@@ -156,15 +146,6 @@ class Proc:
             self.p.kill()
         self.p.wait(10)
         self._out.close()
-
-    def threads(self) -> int:
-        status = Path(f"/proc/{self.pid}/status").read_text()
-        return int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("Threads")))
-
-    def rss_mb(self) -> float:
-        status = Path(f"/proc/{self.pid}/status").read_text()
-        kb = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmRSS")))
-        return kb / 1024
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -97,19 +96,13 @@ def hostile(rng: random.Random) -> bytes:
     return codec.pack({"type": "get_order", "order_id": rng.choice(["", "\x00", "O" * 999])})
 
 
-def rss_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(ln.split()[1] for ln in status.splitlines()
-                     if ln.startswith("VmRSS"))) / 1024
-
-
 def test_hostile_frames_all_answered_and_memory_flat(target: tuple[Endpoints, Any]) -> None:
     eps, svc = target
     rng = random.Random(7)
     assert blast(eps.intake, (hostile(rng) for _ in range(5_000))) == 5_000  # warm up
-    before = rss_mb(svc.pid)
+    before = svc.rss_mb()
     assert blast(eps.intake, (hostile(rng) for _ in range(100_000))) == 100_000
-    after = rss_mb(svc.pid)
+    after = svc.rss_mb()
     print(f"\n100,000 hostile frames answered; RSS {before:.1f} MB before, {after:.1f} MB after")
     assert after <= before * 1.10
 
