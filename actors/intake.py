@@ -199,7 +199,10 @@ class Intake(RouterEndpoint):
                                                             "order": order.view()}
 
     def cancel_order(self, envelope: tuple[bytes, ...], req: dict[str, Any]) -> Any:
-        order, err = self._find({"order_id": req.get("order_id")})
+        if isinstance(req.get("source_system"), str) and (
+                denied := self.denied(req["source_system"])):
+            return denied
+        order, err = self._find(req)  # by order_id, or source_system + external_id
         if err:
             return err
         if denied := self.denied(order.source_system):
