@@ -312,7 +312,8 @@ def _step(
 
 
 def _check_graph(c: _Checker, steps: list[StepDef]) -> None:
-    deps = {s.name: set(s.after) for s in steps}
+    known = {s.name for s in steps}
+    deps = {s.name: set(s.after) & known for s in steps}  # unknown names: reported already
     done: set[str] = set()
     while True:
         ready = [n for n, d in deps.items() if n not in done and d <= done]
