@@ -126,7 +126,8 @@ def list_page(client: Client, req: dict[str, Any], limit: int,
         page = _request_list(client, dict(req, limit=min(1000, limit - len(out)),
                                           **({"after": cursor} if cursor else {})))
         ids = [o["order_id"] for o in page["orders"]]
-        if len(ids) >= 2 and ids[0] < ids[-1]:  # oldest first: a 1.0 service
+        if (len(ids) >= 2 and ids[0] < ids[-1]) or (cursor and ids and ids[0] > cursor):
+            # oldest first, or newer than the cursor: a 1.0 service
             return _newest_first_locally(client, req, limit, after)
         out += page["orders"]
         cursor = page.get("next")
