@@ -14,6 +14,7 @@ from __future__ import annotations
 import heapq
 import logging
 import time
+from collections import OrderedDict
 from typing import Any, NamedTuple
 
 import zmq
@@ -56,6 +57,9 @@ class Gateway(LoopActor):
                         metrics.gateway_send_failures):
             counter.labels(system)  # known label sets start at 0, visible to alerts
         self._deadlines: list[tuple[float, str]] = []
+        # command ids sent and not yet settled (no reply, or a retryable error): a
+        # later send of one is a retry or resend (oms_gateway_retries_total)
+        self._unsettled: OrderedDict[str, None] = OrderedDict()
         self.sock: zmq.Socket | None = None
 
     def on_start(self) -> None:
@@ -95,8 +99,12 @@ class Gateway(LoopActor):
             self.deliver(order_id, CommandResult(cmd.command_id, False, None, error))
             return
         self.metrics.gateway_requests.labels(self.system).inc()
-        if cmd.command_id in self.pending:
+        if cmd.command_id in self.pending or cmd.command_id in self._unsettled:
             self.metrics.gateway_retries.labels(self.system).inc()
+        self._unsettled[cmd.command_id] = None
+        self._unsettled.move_to_end(cmd.command_id)
+        if len(self._unsettled) > UNSETTLED_KEPT:
+            self._unsettled.popitem(last=False)
         deadline = now + cmd.timeout_s
         self.pending[cmd.command_id] = _Pending(order_id, deadline, now, cmd.op)
         heapq.heappush(self._deadlines, (deadline, cmd.command_id))
@@ -129,6 +137,8 @@ class Gateway(LoopActor):
         ok = reply.get("ok") is True
         data = reply.get("data") if isinstance(reply.get("data"), dict) else {}
         error = None if ok else DomainError.from_wire(reply.get("error"))
+        if ok or not (error and error.retryable):
+            self._unsettled.pop(command_id, None)  # answered for good: no retry follows
         self._outcome(ok or not (error and error.retryable), time.monotonic())
         outcome = "ok" if ok else (error.code if error else "error")
         if error is not None:  # an expected failure: a warning, with its context
@@ -176,6 +186,8 @@ class Gateway(LoopActor):
                                 True)
             self.deliver(waiting.order_id, CommandResult(command_id, False, None, error))
 
+
+UNSETTLED_KEPT = 100_000  # command ids remembered for counting retries (bounded memory)
 
 _KNOWN_OUTCOMES = {"ok", "timeout", "unavailable", "circuit_open", "out_of_stock", "payment_declined",
                    "invalid_address", "unknown_service"}

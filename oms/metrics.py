@@ -167,6 +167,9 @@ class ServiceCollector(Collector):
         for name, depth in sorted(snap.get("mailboxes", {}).items()):
             mbox.add_metric([name], depth)
         yield mbox
+        yield GaugeMetricFamily("oms_oldest_held_order_age_seconds", "Seconds since the "
+                                "longest-held unfinished order became held (0: none held)",
+                                value=snap.get("oldest_held_s", 0))
         yield GaugeMetricFamily("oms_in_flight_orders", "Unfinished orders (admission count)",
                                 value=snap.get("in_flight", 0))
         yield GaugeMetricFamily("oms_store_map_size_bytes", "LMDB map size",
