@@ -220,8 +220,10 @@ class Intake(RouterEndpoint):
     def operate(self, envelope: tuple[bytes, ...], req: dict[str, Any], action: str) -> Any:
         """An operator's retry / skip / abort, answered by the order itself."""
         operator, step = req.get("operator"), req.get("step")
-        if not isinstance(operator, str) or not operator or len(operator) > 100:
-            return errors.error_reply(errors.MALFORMED, "operator (your name) is required")
+        if operator is not None and not (isinstance(operator, str) and 1 <= len(operator) <= 64):
+            return errors.error_reply(errors.MALFORMED, "operator must be a string of 1 to 64 "
+                                      "characters")
+        operator = operator or self.user or "anonymous"  # CURVE: the key's name
         if step is not None and not isinstance(step, str):
             return errors.error_reply(errors.MALFORMED, "step must be a string")
         order, err = self._find({"order_id": req.get("order_id")})

@@ -174,3 +174,15 @@ def test_cancel_by_source_system_and_external_id(service: Any, client: Client, s
     assert missing["type"] == "error" and missing["code"] == "not_found", missing
     half = client.request({"type": "cancel_order", "source_system": "web"})
     assert half["type"] == "error" and half["code"] == "malformed", half
+
+
+def test_operator_name_is_optional_and_bounded(service: Any, client: Client) -> None:
+    oid = client.submit(retail_order("op-name"))["order_id"]
+    wait_terminal(client, [oid], timeout=20)
+    for rtype in ("retry_step", "skip_step", "abort_order"):
+        unnamed = client.request({"type": rtype, "order_id": oid})
+        assert unnamed["type"] == "operator_rejected", unnamed  # refused for its state only
+        long = client.request({"type": rtype, "order_id": oid, "operator": "x" * 65})
+        assert long["type"] == "error" and long["code"] == "malformed", long
+        bad = client.request({"type": rtype, "order_id": oid, "operator": 7})
+        assert bad["type"] == "error" and bad["code"] == "malformed", bad
