@@ -263,9 +263,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     for spec in args.fail:
         op, _, rest = spec.partition("=")
         rate, _, code = rest.partition(":")
-        fail[op] = (float(rate), code or "unavailable")
-    drop = {op: float(rate) for op, _, rate in (s.partition("=") for s in args.drop)}
-    stock_of = {p: int(n) for p, _, n in (s.partition("=") for s in args.stock_of)}
+        fail[op] = (_rate(spec, "--fail", op, rate), code or "unavailable")
+    drop = {op: _rate(s, "--drop", op, rate)
+            for s, (op, _, rate) in ((s, s.partition("=")) for s in args.drop)}
+    stock_of = {}
+    for spec in args.stock_of:
+        product, _, n = spec.partition("=")
+        if not product or not n.isdigit():
+            raise ConfigError(f"--stock-of {spec!r}: give PRODUCT=N, N a whole number")
+        stock_of[product] = int(n)
     if args.scarce is not None:
         from oms.sample import SCARCE
 
@@ -292,6 +298,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"oms simulate: cannot open an endpoint: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _rate(spec: str, flag: str, op: str, rate: str) -> float:
+    """A probability from OP=RATE: 0 to 1, else a one-line error."""
+    try:
+        value = float(rate)
+    except ValueError:
+        value = -1.0
+    if not op or not 0.0 <= value <= 1.0:  # also refuses NaN
+        raise ConfigError(f"{flag} {spec!r}: give OP=RATE with RATE from 0 to 1")
+    return value
 
 
 def _client(args: argparse.Namespace) -> Any:

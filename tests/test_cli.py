@@ -206,3 +206,10 @@ def test_health_takes_the_endpoint_flags_and_variables(make_service: Any, sim: A
     assert down.returncode == 1 and "does not answer" in down.stdout
     assert oms("health", "--metrics-port", str(free_port()), "--timeout", "0.5"
                ).returncode == 1
+
+
+def test_simulate_refuses_bad_flag_values_in_one_line() -> None:
+    for flag in (["--fail", "reserve_stock=lots"], ["--fail", "x=1.5:unavailable"],
+                 ["--drop", "notify=nan"], ["--stock-of", "SKU-1=many"]):
+        line = one_line_error(oms("simulate", *flag))
+        assert line.startswith("oms simulate: " + flag[0]), line
