@@ -140,7 +140,7 @@ def test_fallout_list_and_show_say_what_failed_and_what_to_do(
     assert "error:   payment_declined" in out
     assert "can do:  retry, skip, abort" in out and f"oms order retry {oid}" in out
     shown = oms("order", "show", oid, "--intake", eps.intake).stdout
-    assert "held for an operator:" in shown and "step capture_payment" in shown
+    assert "held (fallout):" in shown and "step capture_payment" in shown
     as_json = json.loads(oms("fallout", "list", "--json", "--intake", eps.intake).stdout)
     assert as_json[0]["fallout"]["step"] == "capture_payment"
     assert as_json[0]["fallout"]["compensation"] is False
@@ -213,3 +213,25 @@ def test_simulate_refuses_bad_flag_values_in_one_line() -> None:
                  ["--drop", "notify=nan"], ["--stock-of", "SKU-1=many"]):
         line = one_line_error(oms("simulate", *flag))
         assert line.startswith("oms simulate: " + flag[0]), line
+
+
+def test_the_fallout_block_is_rendered_when_the_service_sends_it() -> None:
+    from oms.cli import render_order
+
+    view = {"order_id": "O000000000007", "source_system": "web", "external_id": "e",
+            "order_type": "retail", "state": "held", "state_reason": "fallout",
+            "steps": [], "items": [], "history": [],
+            "fallout": {"step": "release_stock", "item": None, "compensation": True,
+                        "error": {"code": "unavailable", "message": "warehouse down"},
+                        "reason": "fallout", "actions": ["retry", "skip"],
+                        "hint": "retry the undo, or undo it by hand and skip it"}}
+    text = render_order(view)
+    assert "failed:  undo (compensation) of step release_stock" in text
+    assert "error:   unavailable: warehouse down" in text
+    assert "can do:  retry, skip" in text and "next:    retry the undo" in text
+    del view["fallout"]  # a service without the block: derived from failure
+    view["failure"] = {"step": "release_stock", "compensation": True,
+                       "error": {"code": "unavailable", "message": "warehouse down"}}
+    derived = render_order(view)
+    assert "undo (compensation) of step release_stock" in derived
+    assert "can do:  retry, skip" in derived and "abort" not in derived.split("can do:")[1]
