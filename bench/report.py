@@ -123,7 +123,8 @@ def render(r: dict[str, Any]) -> str:
     if r.get("errors"):
         lines.append("errors:       " + ", ".join(f"{k} {v}" for k, v in r["errors"].items()))
     lines += _trouble_lines(r)
-    lines += _target_lines(r)
+    if not r.get("faults"):  # a fault soak has its own verdict (the chaos branch)
+        lines += _target_lines(r)
     return "\n".join(lines)
 
 
