@@ -22,6 +22,11 @@ PICK = ("from bench.ports import free_port\n"
         "    print(exc)\n")
 
 
+def py(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30, env=dict(os.environ, **env))
+
+
 def test_oms_test_ports_sets_the_range() -> None:
     low = random.Random().randrange(24000, 29000, 16)
     high = low + 15
