@@ -17,6 +17,7 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
+from oms import fallout
 from oms.errors import CIRCUIT_OPEN, DomainError
 from oms.messages import (
     Cancel,
@@ -41,6 +42,7 @@ from oms.templates import lookup, order_facts, resolve
 
 S = OrderState
 MAX_EARLY_EVENTS = 32
+MAX_REASON = 1000  # a cancel reason kept in the order, in characters
 
 
 def new_order(order_id: str, req: dict[str, Any], proc: ProcessDef, now: float) -> Order:
@@ -177,7 +179,7 @@ class Turning(OperatorMixin):
             order.summary = self.summary()
             self.emit(Publish({"type": "order_summary", "order_id": order.order_id,
                                "external_id": order.external_id, "summary": order.summary}))
-            if order.seq_key and order.turn:
+            if order.seq_key:  # with or without its turn: a pending order leaves too
                 self.emit(Sequence(order.seq_key, enter=False))
         if str(new) in self.proc.notify_states:
             self.notify(new, old)
@@ -617,19 +619,13 @@ class Turning(OperatorMixin):
             self.emit(Reply(msg.reply_to, {"type": "cancel_rejected",
                                            "order_id": order.order_id, "reason": reason}))
 
-        if order.state.terminal:
-            reject(f"order is already {order.state}")
+        problem = fallout.cancel_problem(order, self.proc.point_of_no_return)
+        if problem:
+            reject(problem)
             return
-        if order.phase != "run":
-            reject("order is already being cancelled or compensated")
-            return
-        ponr = self.proc.point_of_no_return
-        if ponr and any(s.status not in (StepStatus.PENDING, StepStatus.SKIPPED)
-                        for s in self.steps_of(ponr)):
-            reject("point_of_no_return")
-            return
-        order.cancel = {"reason": msg.reason, "ts": self.now}
-        self.transition(Ev.CANCEL, msg.reason)
+        reason = msg.reason[:MAX_REASON] if isinstance(msg.reason, str) else None
+        order.cancel = {"reason": reason, "ts": self.now}
+        self.transition(Ev.CANCEL, reason)
         self.emit(Reply(msg.reply_to, {"type": "cancel_accepted", "order_id": order.order_id,
                                        "state": str(order.state)}))
         self.begin_compensation("cancelled")
@@ -701,8 +697,9 @@ class Turning(OperatorMixin):
         if order.target == "cancelled":
             self.transition(Ev.CANCELLED, order.state_reason)
         else:
-            error = (order.failure or {}).get("error") or {}
-            self.transition(Ev.FAIL, error.get("code"))
+            failure = order.failure or {}
+            code = (failure.get("error") or {}).get("code")
+            self.transition(Ev.FAIL, code or ("aborted" if "aborted_by" in failure else None))
 
     # -- CRM notifications -------------------------------------------------
 
