@@ -14,10 +14,11 @@ every retry and after a restart (contract §3):
 
 from __future__ import annotations
 
+import logging
 import zlib
 from typing import Any
 
-from oms import fallout
+from oms import fallout, untrusted
 from oms.errors import CIRCUIT_OPEN, DomainError
 from oms.messages import (
     Cancel,
@@ -40,8 +41,11 @@ from oms.process import Action, ProcessDef, RetryPolicy, StepDef
 from oms.states import Ev, ItemState, OrderState, StepStatus, next_state
 from oms.templates import lookup, order_facts, resolve
 
+logger = logging.getLogger(__name__)
 S = OrderState
-MAX_EARLY_EVENTS = 32
+INVALID_REPLY = "invalid_reply"
+MAX_EARLY_EVENTS = 16
+MAX_EARLY_BYTES = 64 * 1024  # early events kept per order, encoded
 MAX_REASON = 1000  # a cancel reason kept in the order, in characters
 
 
@@ -99,6 +103,7 @@ class Engine:
     def __init__(self, proc: ProcessDef) -> None:
         self.proc = proc
         self.defs = {s.name: s for s in proc.steps}
+        self.hold_reasons = {s.hold.reason for s in proc.steps if s.hold is not None}
 
     def handle(self, order: Order, msg: Any, now: float) -> Turning:
         """Apply one message; the returned ``Turning`` holds the effects."""
@@ -118,6 +123,7 @@ class Turning(OperatorMixin):
     def __init__(self, engine: Engine, order: Order, now: float) -> None:
         self.proc = engine.proc
         self.defs = engine.defs
+        self.hold_reasons = engine.hold_reasons
         self.order = order
         self.now = now
         self.effects: list[Any] = []
@@ -235,8 +241,8 @@ class Turning(OperatorMixin):
         first_block = (step.error or {}).get("code") != CIRCUIT_OPEN
         step.error = error.to_wire()
         if error.code == CIRCUIT_OPEN:
-            wait = (res.data or {}).get("retry_after", 1.0)
-            wait = min(max(float(wait), 0.05), 60.0) if isinstance(wait, int | float) else 1.0
+            data = res.data if isinstance(res.data, dict) else {}
+            wait = untrusted.retry_after(data.get("retry_after"))
             step.retry_at = self.now + wait * (1 + 0.2 * _spread(command_id, attempt))
             attempt -= 1  # the re-send after the wait reuses this attempt's number
             setattr(step, attr, attempt)
@@ -400,6 +406,8 @@ class Turning(OperatorMixin):
         self.send(step.system, self.command_id(step), step.op, step.args, sdef.timeout_s)
 
     def complete(self) -> None:
+        if self.order.state == S.HELD:  # every step settled while held (internal_error)
+            self.transition(Ev.RESUME)
         if any(it["state"] == ItemState.FAILED for it in self.order.items):
             self.transition(Ev.PARTIAL)
         else:
@@ -450,7 +458,14 @@ class Turning(OperatorMixin):
         kind, step, idx = self.find(res.command_id)
         if step is None:
             self.stale = True
-        elif kind == "note":
+            return
+        problem = untrusted.data_problem({} if res.data is None else res.data) if res.ok else None
+        if problem:  # a contract violation: retried like an outage, never kept
+            logger.warning("order %s: reply to %s refused: %s", self.order.order_id,
+                           res.command_id, problem, extra={"order_id": self.order.order_id})
+            res = CommandResult(res.command_id, False, None,
+                                DomainError(INVALID_REPLY, f"the reply's {problem}", True))
+        if kind == "note":
             self.on_note_result(step, idx, res)
         elif kind == "comp":
             self.on_comp_result(step, res)
@@ -532,24 +547,75 @@ class Turning(OperatorMixin):
     # -- domain events -----------------------------------------------------
 
     def on_event(self, ev: DomainEvent) -> None:
-        for step in self.order.steps.values():
+        """Apply an event to the step that waits for it from its sender
+        (``ev.system``, the domain system the endpoint authenticated), keep
+        it bounded if a step will wait for it later, else ignore it."""
+        order = self.order
+        problem = untrusted.data_problem(ev.data)
+        data = ev.data if problem is None else {"dropped": problem}
+        if problem:
+            self.log_event(ev, f"its data is not kept: {problem}")
+        for step in order.steps.values():
             if self.event_matches(step, ev.name, ev.system):
-                self.consume(step, ev.data)
+                self.consume(step, data)
                 self.advance()
                 return
-        if self.order.state.terminal or self.order.phase != "run":
+        refused = self.event_refusal(ev.name, ev.system)
+        if refused:
             self.stale = True
+            self.log_event(ev, f"ignored: {refused}")
             return
-        early = self.order.early_events
-        early.append({"system": ev.system, "name": ev.name, "data": ev.data})
-        del early[:-MAX_EARLY_EVENTS]
+        early = order.early_events
+        early.append({"system": ev.system, "name": ev.name, "data": data})
+        sizes = [untrusted.size_of(e) for e in early]
+        dropped = 0
+        while len(early) > MAX_EARLY_EVENTS or sum(sizes) > MAX_EARLY_BYTES:
+            early.pop(0)
+            sizes.pop(0)
+            dropped += 1
+        if dropped:
+            self.log_event(ev, f"kept early; the {dropped} oldest early event(s) dropped "
+                           f"(at most {MAX_EARLY_EVENTS} and {MAX_EARLY_BYTES} bytes are kept)")
         self.changed = True
+
+    def log_event(self, ev: DomainEvent, what: str) -> None:
+        order_id = self.order.order_id
+        logger.warning("order %s: event %s %s from %s %s", order_id, ev.event_id[:100],
+                       ev.name[:100], ev.system[:100], what, extra={"order_id": order_id})
+
+    def wait_source(self, step: Step) -> tuple[str, str] | None:
+        """The (event, domain system) a step waits for or may hold for."""
+        sdef = self.defs.get(step.name)
+        if sdef is None:  # not in the current definition
+            return (step.wait, step.system) if step.wait else None
+        if sdef.wait_event is not None:
+            return sdef.wait_event, sdef.wait_system or step.system
+        if sdef.hold is not None:
+            return sdef.hold.until_event, sdef.hold.system or step.system
+        return None
 
     def event_matches(self, step: Step, name: str, system: str) -> bool:
         if step.status != StepStatus.RUNNING or step.wait != name:
             return False
-        sdef = self.defs[step.name]
-        return sdef.wait_system is None or sdef.wait_system == system
+        source = self.wait_source(step)
+        return source is not None and source[1] == system
+
+    def event_refusal(self, name: str, system: str) -> str | None:
+        """Why an event no step waits for now is not kept for later."""
+        order = self.order
+        if order.state.terminal or order.phase != "run":
+            return f"the order is {order.state} ({order.phase})"
+        senders = set()
+        for step in order.steps.values():
+            if step.status in (StepStatus.PENDING, StepStatus.RUNNING):
+                source = self.wait_source(step)
+                if source is not None and source[0] == name:
+                    senders.add(source[1])
+        if system in senders:
+            return None
+        if senders:
+            return f"{name} is awaited from {', '.join(sorted(senders))}, not from {system}"
+        return f"no step of this order waits for {name}"
 
     def take_early_event(self, step: Step) -> bool:
         for i, ev in enumerate(self.order.early_events):
@@ -566,8 +632,9 @@ class Turning(OperatorMixin):
             step.result, step.applied = data, True
         self.step_done(step)
         holding = any(s.wait and s.applied for s in self.order.steps.values())
-        if self.order.state == S.HELD and self.order.state_reason != "fallout" and not holding:
-            self.transition(Ev.RESUME)
+        if (self.order.state == S.HELD and self.order.state_reason in self.hold_reasons
+                and not holding):
+            self.transition(Ev.RESUME)  # only a wait's hold ends with its event
 
     # -- timers ------------------------------------------------------------
 

@@ -64,6 +64,8 @@ class OperatorMixin:
         elif msg.action == "skip" and fallout.failed_step(order) is None:
             step, _ = fallout.skip_target(order, msg.step)
             self.consume(step, {"skipped_by": str(msg.operator)[:MAX_NOTE]})
+            if not any(s.wait and s.applied for s in order.steps.values()):
+                self.transition_back()
             self.advance()
         else:
             self.operate_on_failed(msg)
