@@ -37,6 +37,7 @@ from oms.messages import (
 )
 from oms.model import Order, Step
 from oms.operator import OperatorMixin
+from oms.orphans import OrphanMixin
 from oms.process import Action, ProcessDef, RetryPolicy, StepDef
 from oms.states import Ev, ItemState, OrderState, StepStatus, next_state
 from oms.templates import lookup, order_facts, resolve
@@ -103,6 +104,7 @@ class Engine:
     def __init__(self, proc: ProcessDef) -> None:
         self.proc = proc
         self.defs = {s.name: s for s in proc.steps}
+        self.known: dict[tuple[str, str, bool], bool] = {}  # see oms.orphans
         self.hold_reasons = {s.hold.reason for s in proc.steps if s.hold is not None}
 
     def handle(self, order: Order, msg: Any, now: float) -> Turning:
@@ -112,7 +114,7 @@ class Engine:
         return turning
 
 
-class Turning(OperatorMixin):
+class Turning(OperatorMixin, OrphanMixin):
     """One message's worth of work on one order.
 
     effects: what to do once the new snapshot is durable.
@@ -124,6 +126,7 @@ class Turning(OperatorMixin):
         self.proc = engine.proc
         self.defs = engine.defs
         self.hold_reasons = engine.hold_reasons
+        self.known = engine.known
         self.order = order
         self.now = now
         self.effects: list[Any] = []
@@ -133,6 +136,7 @@ class Turning(OperatorMixin):
     # -- dispatch ----------------------------------------------------------
 
     def handle(self, msg: Any) -> None:
+        self.check_orphans()  # after a definition change (oms.orphans)
         if isinstance(msg, CommandResult):
             self.on_result(msg)
         elif isinstance(msg, DomainEvent):
@@ -209,7 +213,7 @@ class Turning(OperatorMixin):
         return next(it for it in self.order.items if it["id"] == step.item_id)
 
     def action(self, step: Step) -> Action | None:
-        sdef = self.defs[step.name]
+        sdef = self.sdef(step)
         if sdef.per_item is not None:
             item = self.item(step)
             return sdef.per_item.get(item["action"]) if item else None
@@ -277,7 +281,7 @@ class Turning(OperatorMixin):
         if status is StepStatus.DONE or status is StepStatus.SKIPPED:
             return True
         return (status is StepStatus.FAILED and self.proc.item_failure == "partial"
-                and self.defs[step.name].per_item is not None)
+                and step.item_id is not None)
 
     def in_flight(self) -> bool:
         """A forward command was sent whose outcome is not known yet."""
@@ -333,7 +337,9 @@ class Turning(OperatorMixin):
             if step.status == StepStatus.RUNNING and step.wait is None:
                 self.resend(step, ("retry", step.key, step.attempts),
                             lambda s=step: self.send_step(s))
-            if step.comp == "running":
+            if step.comp == "running" and not self.defined(step):
+                self.orphan_undo(step)
+            elif step.comp == "running":
                 self.resend(step, ("comp", step.key, step.comp_attempts),
                             lambda s=step: self.send_comp(s))
         self.rearm_jeopardy()
@@ -356,6 +362,8 @@ class Turning(OperatorMixin):
             self.compensate_next()
             return
         if order.phase != "run" or order.state not in (S.IN_PROGRESS, S.HELD):
+            return
+        if self.check_orphans():
             return
         # plain loops: this runs for nearly every message, and generator
         # expressions cost more than the comparisons they wrap
@@ -401,7 +409,7 @@ class Turning(OperatorMixin):
         self.send_step(step)
 
     def send_step(self, step: Step) -> None:
-        sdef = self.defs[step.name]
+        sdef = self.sdef(step)
         assert step.args is not None
         self.send(step.system, self.command_id(step), step.op, step.args, sdef.timeout_s)
 
@@ -477,7 +485,7 @@ class Turning(OperatorMixin):
         if busy or (step.retry_at is not None and not res.ok):
             self.stale = True
             return
-        sdef = self.defs[step.name]
+        sdef = self.sdef(step)
         self.changed = True
         step.retry_at = None
         if res.ok:
@@ -495,7 +503,7 @@ class Turning(OperatorMixin):
         step.result, step.error, step.applied = data, None, True
         order.done_counter += 1
         step.done_seq = order.done_counter
-        hold = self.defs[step.name].hold
+        hold = self.sdef(step).hold
         if hold and order.phase == "run" and data.get(hold.field) == hold.equals:
             step.wait = hold.until_event
             if not self.take_early_event(step):
@@ -654,7 +662,7 @@ class Turning(OperatorMixin):
         if kind == "wait" and step is not None and step.wait and step.retry_at is not None:
             step.wait, step.retry_at = None, None
             step.error = {"code": "event_timeout", "retryable": False,
-                          "message": f"no {self.defs[step.name].wait_event} event in time"}
+                          "message": f"no {step.wait} event in time"}
             self.set_status(step, StepStatus.FAILED)
             self.step_failed(step)
             self.advance()
@@ -724,6 +732,9 @@ class Turning(OperatorMixin):
         todo = [s for s in order.steps.values()
                 if s.applied and s.status == StepStatus.DONE and s.comp is None]
         for step in sorted(todo, key=lambda s: -s.done_seq):
+            if not self.defined(step) and not step.op.startswith("await:"):
+                self.orphan_undo(step)
+                return
             action = self.action(step)
             if action is not None and action.compensate is not None:
                 step.comp, step.comp_attempts = "running", 1
@@ -737,7 +748,7 @@ class Turning(OperatorMixin):
         assert action is not None and action.compensate is not None
         op, template = action.compensate
         args = resolve(template, self.scopes(step))
-        timeout = self.defs[step.name].timeout_s
+        timeout = self.sdef(step).timeout_s
         self.send(step.system, f"{self.command_id(step)}:undo", op, args, timeout)
 
     def on_comp_result(self, step: Step, res: CommandResult) -> None:
@@ -746,7 +757,7 @@ class Turning(OperatorMixin):
             return
         self.changed = True
         step.retry_at = None
-        policy = self.defs[step.name].retry
+        policy = self.sdef(step).retry
         if res.ok:
             step.comp = "done"
             self.set_status(step, StepStatus.COMPENSATED)

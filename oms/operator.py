@@ -101,7 +101,7 @@ class OperatorMixin:
         else:
             step.gen += 1
             step.status, step.attempts = StepStatus.PENDING, 0
-            self.launch(step, self.defs[step.name])
+            self.launch(step, self.sdef(step))
         self.transition_back()
         self.advance()
 
@@ -161,7 +161,9 @@ class OperatorMixin:
         entry[1] = True
         self.changed = True
         expected = (self.proc.expected_s if key == "order"
-                    else self.defs[step.name].expected_s)
+                    else self.sdef(step).expected_s)
+        if not expected:
+            return  # expected_s was removed from the definition: the deadline is dropped
         late = max(0.0, self.now - entry[0])
         self.emit(Publish({"type": "order_jeopardy", "order_id": order.order_id,
                            "external_id": order.external_id, "step": key,
