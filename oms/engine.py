@@ -136,7 +136,8 @@ class Turning(OperatorMixin, OrphanMixin):
     # -- dispatch ----------------------------------------------------------
 
     def handle(self, msg: Any) -> None:
-        self.check_orphans()  # after a definition change (oms.orphans)
+        if isinstance(msg, Resume | Operate):
+            self.check_orphans()  # after a definition change (oms.orphans)
         if isinstance(msg, CommandResult):
             self.on_result(msg)
         elif isinstance(msg, DomainEvent):

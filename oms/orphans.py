@@ -72,8 +72,9 @@ class OrphanMixin:
         order = self.order
         if order.phase != "run" or order.state not in (S.IN_PROGRESS, S.HELD):
             return False
+        pending, failed = StepStatus.PENDING, StepStatus.FAILED
         for step in order.steps.values():
-            if step.status in (StepStatus.PENDING, StepStatus.FAILED) and not self.defined(step):
+            if (step.status is pending or step.status is failed) and not self.defined(step):
                 failure = order.failure or {}
                 code = (failure.get("error") or {}).get("code")
                 if not (order.state == S.HELD and failure.get("step") == step.key

@@ -22,20 +22,35 @@ MAX_RETRY_AFTER_S = 60.0
 MIN_RETRY_AFTER_S = 0.05
 
 
-def _finite(value: Any, depth: int = 0) -> str | None:
+def _scan(value: Any, depth: int = 0) -> tuple[str | None, int]:
+    """A problem (non-finite number, too deep) and an upper bound of the
+    encoded size, in one walk: most data is small, and then is not encoded
+    just to be measured."""
     if depth > MAX_DEPTH:
-        return f"nested deeper than {MAX_DEPTH} levels"
+        return f"is nested deeper than {MAX_DEPTH} levels", 0
+    if isinstance(value, str):
+        return None, 5 + 4 * len(value)
     if isinstance(value, float):
-        return None if math.isfinite(value) else f"holds a non-finite number ({value})"
+        return (None if math.isfinite(value) else f"holds a non-finite number ({value})"), 9
     if isinstance(value, dict):
-        for sub in value.values():
-            if problem := _finite(sub, depth + 1):
-                return problem
-    elif isinstance(value, list | tuple):
+        size = 5
+        for key, sub in value.items():
+            problem, n = _scan(sub, depth + 1)
+            if problem:
+                return problem, 0
+            size += n + (5 + 4 * len(key) if isinstance(key, str) else 9)
+        return None, size
+    if isinstance(value, list | tuple):
+        size = 5
         for sub in value:
-            if problem := _finite(sub, depth + 1):
-                return problem
-    return None
+            problem, n = _scan(sub, depth + 1)
+            if problem:
+                return problem, 0
+            size += n
+        return None, size
+    if isinstance(value, bytes):
+        return None, 5 + len(value)
+    return None, 9
 
 
 def data_problem(data: Any) -> str | None:
@@ -43,8 +58,11 @@ def data_problem(data: Any) -> str | None:
     infinity anywhere, too deep, or over ``MAX_DATA_BYTES`` encoded."""
     if not isinstance(data, dict):
         return f"data must be a map, got {type(data).__name__}"
-    if problem := _finite(data):
+    problem, bound = _scan(data)
+    if problem:
         return f"data {problem}"
+    if bound <= MAX_DATA_BYTES:
+        return None
     try:
         size = len(codec.pack(data))
     except (TypeError, ValueError, OverflowError) as exc:
