@@ -127,7 +127,8 @@ def _hint(order: Any, step: Any, actions: list[str]) -> str:
                 f"if it was done by hand, or abort to undo the completed steps.")
     if reason == "internal_error":
         return ("The service failed while handling this order: retry resumes it from its "
-                "last saved state; abort undoes the completed steps.")
+                "last saved state" + ("; abort undoes the completed steps." if "abort" in actions
+                                      else "."))
     if step is not None and step.wait:
         return (f"The order waits for event {step.wait} from {step.system}: wait for it, skip "
                 f"the wait if it was settled by hand, or " + (

@@ -61,15 +61,26 @@ class OperatorMixin:
             self.transition_back()  # internal_error: resume from the snapshot
             self.on_resume()
             self.advance()
-        elif msg.action == "skip" and fallout.failed_step(order) is None:
-            step, _ = fallout.skip_target(order, msg.step)
-            self.consume(step, {"skipped_by": str(msg.operator)[:MAX_NOTE]})
-            if not any(s.wait and s.applied for s in order.steps.values()):
-                self.transition_back()
-            self.advance()
+        elif msg.action == "skip" and self.skips_a_wait(msg.step):
+            self.skip_wait(msg)
         else:
             self.operate_on_failed(msg)
         answer("operator_accepted", state=str(order.state))
+
+    def skips_a_wait(self, name: str | None) -> bool:
+        step = fallout.skip_target(self.order, name)[0]
+        return step is not None and step is not fallout.failed_step(self.order)
+
+    def skip_wait(self, msg: Operate) -> None:
+        """The wait ends as if its event had come; a held order goes on
+        unless another wait or a failed step still holds it."""
+        order = self.order
+        step = fallout.skip_target(order, msg.step)[0]
+        self.consume(step, {"skipped_by": str(msg.operator)[:MAX_NOTE]})
+        holding = any(s.wait and s.applied for s in order.steps.values())
+        if not holding and fallout.failed_step(order) is None:
+            self.transition_back()
+        self.advance()
 
     def operate_problem(self, msg: Operate) -> str | None:
         """Why the action is refused (``oms.fallout`` holds the rules)."""

@@ -346,3 +346,33 @@ def test_a_turn_for_a_finished_order_passes_to_the_next() -> None:
     assert c.seq.queues["telecom/c9"] == ["o-2"]
     c.seq.on_receive(c.request("telecom/c9", "o-2", False))
     assert "telecom/c9" not in c.seq.queues
+
+
+PARALLEL = """
+[process]
+order_type = "par"
+failure_policy = "hold"
+[steps.charge]
+system = "billing"
+op = "capture_payment"
+[steps.await_ok]
+wait_event = { name = "approved", system = "crm" }
+[steps.finish]
+after = ["charge", "await_ok"]
+system = "shipping"
+op = "create_shipment"
+"""
+
+
+def test_skipping_a_wait_of_an_order_held_for_a_failed_step_keeps_it_held() -> None:
+    proc = parse_process(PARALLEL, "par.toml")
+    d = Driver(proc, retail_order(), ok_domain({"capture_payment": DECLINED}))
+    d.start()
+    assert (d.order.state, d.order.failure["step"]) == (S.HELD, "charge")
+    d.feed(Operate("skip", "await_ok", "ann", None, "r"))
+    assert _replies(d)[-1]["type"] == "operator_accepted"
+    assert d.order.steps["await_ok"].status == StepStatus.DONE
+    assert d.order.steps["charge"].status == StepStatus.FAILED  # not the one skipped
+    assert (d.order.state, d.order.state_reason) == (S.HELD, "fallout")
+    d.feed(Operate("skip", None, "ann", None, "r"))
+    assert d.order.state == S.COMPLETED
