@@ -41,10 +41,12 @@ from oms.orphans import OrphanMixin
 from oms.process import Action, ProcessDef, RetryPolicy, StepDef
 from oms.states import Ev, ItemState, OrderState, StepStatus, next_state
 from oms.templates import lookup, order_facts, resolve
+from oms.validation import MAX_AMOUNT_MINOR
 
 logger = logging.getLogger(__name__)
 S = OrderState
 INVALID_REPLY = "invalid_reply"
+AMOUNT_OUT_OF_RANGE = "amount_out_of_range"
 MAX_EARLY_EVENTS = 16
 MAX_EARLY_BYTES = 64 * 1024  # early events kept per order, encoded
 MAX_REASON = 1000  # a cancel reason kept in the order, in characters
@@ -317,6 +319,12 @@ class Turning(OperatorMixin, OrphanMixin):
             self.emit(Sequence(order.seq_key or "", enter=False))
 
     def begin(self) -> None:
+        if not 0 <= self.order.total_minor <= MAX_AMOUNT_MINOR:  # accepted before the bound
+            self.order.failure = {"step": None, "error": {
+                "code": AMOUNT_OUT_OF_RANGE, "retryable": False,
+                "message": f"the order total is outside 0..{MAX_AMOUNT_MINOR} (int64)"}}
+            self.begin_compensation("failed")  # nothing ran: straight to failed
+            return
         self.transition(Ev.START)
         self.expect("order", self.proc.expected_s)
         for it in self.order.items:
@@ -436,7 +444,8 @@ class Turning(OperatorMixin, OrphanMixin):
         return {
             "state": str(order.state),
             "completed_ts": self.now,
-            "total_minor": order.total_minor,
+            "total_minor": total if 0 <= (total := order.total_minor) <= MAX_AMOUNT_MINOR
+            else None,
             "currency": order.currency,
             "items": [{"id": it["id"], "state": it["state"]} for it in order.items],
             "results": order.results,

@@ -211,3 +211,19 @@ def test_orders_at_the_bound_are_accepted_and_always_encode() -> None:
                 codec.pack({"args": cmd.args})
         assert sum(p * q for p, q in lines) <= MAX
     assert sum(p for p, _ in many) == MAX
+
+
+def test_an_order_stored_before_the_bound_fails_cleanly_instead_of_never_encoding() -> None:
+    from helpers import Driver, ok_domain
+
+    from oms.process import builtin_processes
+    from oms.states import OrderState
+
+    d = Driver(builtin_processes()["retail"], retail_order(), ok_domain())
+    d.order.items[0]["unit_price_minor"] = 2**64 - 1  # accepted by an older release
+    d.start()
+    assert (d.order.state, d.order.state_reason) == (OrderState.FAILED, "amount_out_of_range")
+    assert [s.system for s in d.sent] == ["crm"]  # told, nothing else sent
+    from oms import codec
+
+    codec.pack(d.order.to_record())
