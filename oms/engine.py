@@ -45,6 +45,7 @@ from oms.validation import MAX_AMOUNT_MINOR
 
 logger = logging.getLogger(__name__)
 S = OrderState
+OPERATOR_HOLDS = ("fallout", "internal_error")  # only an operator ends these
 INVALID_REPLY = "invalid_reply"
 AMOUNT_OUT_OF_RANGE = "amount_out_of_range"
 MAX_EARLY_EVENTS = 16
@@ -107,7 +108,6 @@ class Engine:
         self.proc = proc
         self.defs = {s.name: s for s in proc.steps}
         self.known: dict[tuple[str, str, bool], bool] = {}  # see oms.orphans
-        self.hold_reasons = {s.hold.reason for s in proc.steps if s.hold is not None}
 
     def handle(self, order: Order, msg: Any, now: float) -> Turning:
         """Apply one message; the returned ``Turning`` holds the effects."""
@@ -127,7 +127,6 @@ class Turning(OperatorMixin, OrphanMixin):
     def __init__(self, engine: Engine, order: Order, now: float) -> None:
         self.proc = engine.proc
         self.defs = engine.defs
-        self.hold_reasons = engine.hold_reasons
         self.known = engine.known
         self.order = order
         self.now = now
@@ -603,14 +602,14 @@ class Turning(OperatorMixin, OrphanMixin):
 
     def wait_source(self, step: Step) -> tuple[str, str] | None:
         """The (event, domain system) a step waits for or may hold for."""
-        sdef = self.defs.get(step.name)
-        if sdef is None:  # not in the current definition
-            return (step.wait, step.system) if step.wait else None
-        if sdef.wait_event is not None:
-            return sdef.wait_event, sdef.wait_system or step.system
-        if sdef.hold is not None:
-            return sdef.hold.until_event, sdef.hold.system or step.system
-        return None
+        if self.defined(step):
+            sdef = self.defs[step.name]
+            if sdef.wait_event is not None:
+                return sdef.wait_event, sdef.wait_system or step.system
+            if sdef.hold is not None:
+                return sdef.hold.until_event, sdef.hold.system or step.system
+        # an orphan, or a hold its definition no longer has: what the snapshot says
+        return (step.wait, step.system) if step.wait else None
 
     def event_matches(self, step: Step, name: str, system: str) -> bool:
         if step.status != StepStatus.RUNNING or step.wait != name:
@@ -650,9 +649,9 @@ class Turning(OperatorMixin, OrphanMixin):
             step.result, step.applied = data, True
         self.step_done(step)
         holding = any(s.wait and s.applied for s in self.order.steps.values())
-        if (self.order.state == S.HELD and self.order.state_reason in self.hold_reasons
+        if (self.order.state == S.HELD and self.order.state_reason not in OPERATOR_HOLDS
                 and not holding):
-            self.transition(Ev.RESUME)  # only a wait's hold ends with its event
+            self.transition(Ev.RESUME)  # a wait's hold ends with its event
 
     # -- timers ------------------------------------------------------------
 

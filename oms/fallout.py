@@ -72,6 +72,8 @@ def problem(order: Any, action: str, step: str | None = None,
     """Why ``action`` is refused for this order now; None if it is allowed."""
     if action not in ACTIONS:
         return f"unknown action {action!r:.100}"
+    if step is not None and not isinstance(step, str):
+        return "step must be a string"
     if action == "cancel":
         return cancel_problem(order, ponr)
     if order.state.terminal:

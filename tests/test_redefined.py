@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from helpers import Driver, ok_domain, retail_order
-from test_engine import RETAIL, TELECOM, TELECOM_ORDER, _retail_text
+from test_engine import BACKORDERED, RETAIL, TELECOM, TELECOM_ORDER, _retail_text
 
 from oms import codec
 from oms.engine import Engine
@@ -179,3 +179,18 @@ def test_an_order_not_started_under_the_old_definition_starts_under_the_new() ->
     reload(d, renamed(RETAIL, "await_delivery", "await_delivery_v2"))
     d.feed(Start())
     assert (d.order.state, d.order.failure["error"]["code"]) == (S.HELD, "definition_changed")
+
+
+def test_a_hold_whose_definition_lost_hold_when_still_ends_with_its_event() -> None:
+    d = Driver(RETAIL, retail_order(),
+               ok_domain({"reserve_stock": BACKORDERED}))
+    d.start()
+    assert d.order.state_reason == "awaiting_stock"
+    steps = tuple(dataclasses.replace(s, hold=None) if s.name == "reserve_stock" else s
+                  for s in RETAIL.steps)
+    reload(d, dataclasses.replace(RETAIL, steps=steps))
+    d.feed(Resume())
+    d.event("stock_reserved", {}, system="billing")  # still only from the warehouse
+    assert d.order.state == S.HELD
+    d.event("stock_reserved", {}, system="warehouse")
+    assert d.order.state == S.IN_PROGRESS and "create_invoice" in [s.op for s in d.sent]
