@@ -407,7 +407,7 @@ def render_order(o: dict[str, Any]) -> str:
     fallout = fallout_of(o)
     if fallout:
         lines += ["", f"held ({fallout.get('reason') or o.get('state_reason')}):"
-                  ] + render_fallout(fallout)
+                  ] + render_fallout(fallout, o["order_id"])
     elif o.get("failure") and o.get("state") in ("failed", "partial"):
         err = o["failure"].get("error") or {}
         lines += ["", f"failed at step {o['failure'].get('step')}: {err.get('code')}: "

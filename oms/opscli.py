@@ -287,16 +287,23 @@ def _system_of(view: dict[str, Any], step: str | None) -> str:
     return "the domain system"
 
 
-def render_fallout(f: dict[str, Any]) -> list[str]:
+COMMANDS = {"retry": "oms order retry {id}", "skip": "oms order skip {id}{step}",
+            "abort": "oms order abort {id}", "cancel": "oms order cancel {id}"}
+
+
+def render_fallout(f: dict[str, Any], order_id: str = "ID") -> list[str]:
     """Lines saying what failed and what the operator can do next."""
     error = f.get("error") or {}
     what = "undo (compensation) of step" if f.get("compensation") else "step"
     item = f" (item {f['item']})" if f.get("item") else ""
     err = (f"{error.get('code')}: {error.get('message', '')}".rstrip(": ")
            if error else "no error recorded")
+    actions = [a for a in f.get("actions") or [] if a in COMMANDS]
+    step = f" {f['step']}" if f.get("step") and not f.get("compensation") else ""
+    run = " | ".join(COMMANDS[a].format(id=order_id, step=step) for a in actions)
     return [f"  failed:  {what} {f.get('step') or '-'}{item}",
             f"  error:   {err}",
-            f"  can do:  {', '.join(f.get('actions') or []) or 'nothing'}",
+            f"  can do:  {', '.join(actions) or 'nothing'}" + (f"  ({run})" if run else ""),
             f"  next:    {f.get('hint') or '-'}"]
 
 
@@ -325,7 +332,7 @@ def cmd_fallout(args: argparse.Namespace) -> int:
     for d, f in rows:
         print(f"{d['order_id']}  {d['source_system']}/{d['external_id']}  {d['order_type']}  "
               f"held ({d.get('state_reason')})")
-        print("\n".join(render_fallout(f)))
+        print("\n".join(render_fallout(f, d["order_id"])))
         print()
     if rows:
         print(f"{len(rows)} held. Details: oms order show ID")

@@ -138,7 +138,12 @@ def test_fallout_list_and_show_say_what_failed_and_what_to_do(
     out = listed.stdout
     assert oid in out and "failed:  step capture_payment" in out
     assert "error:   payment_declined" in out
-    assert "can do:  retry, skip, abort" in out and f"oms order retry {oid}" in out
+    can_do = next(line for line in out.splitlines() if "can do:" in line)
+    assert all(a in can_do for a in ("retry", "skip", "abort")), can_do
+    assert f"oms order retry {oid}" in can_do and f"oms order skip {oid} capture_payment" \
+        in can_do
+    next_line = next(line for line in out.splitlines() if "next:" in line)
+    assert len(next_line.split("next:")[1].strip()) > 10  # a sentence, from the service
     shown = oms("order", "show", oid, "--intake", eps.intake).stdout
     assert "held (fallout):" in shown and "step capture_payment" in shown
     as_json = json.loads(oms("fallout", "list", "--json", "--intake", eps.intake).stdout)
@@ -228,7 +233,8 @@ def test_the_fallout_block_is_rendered_when_the_service_sends_it() -> None:
     text = render_order(view)
     assert "failed:  undo (compensation) of step release_stock" in text
     assert "error:   unavailable: warehouse down" in text
-    assert "can do:  retry, skip" in text and "next:    retry the undo" in text
+    assert "can do:  retry, skip  (oms order retry O000000000007 | oms order skip " \
+        "O000000000007)" in text and "next:    retry the undo" in text
     del view["fallout"]  # a service without the block: derived from failure
     view["failure"] = {"step": "release_stock", "compensation": True,
                        "error": {"code": "unavailable", "message": "warehouse down"}}
