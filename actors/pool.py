@@ -146,6 +146,7 @@ class PooledActor(pykka.Actor):
     """
 
     actor_inbox: PooledInbox  # type: ignore[assignment]
+    turn_end = False  # on an EventLoop: runs with the others, not at the turn's end
 
     @staticmethod
     def _create_actor_inbox() -> PooledInbox:  # type: ignore[override]
