@@ -21,6 +21,8 @@ UNFINISHED = ("acknowledged", "pending", "inProgress", "held", "assessingCancell
 LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
            300, 900, 3600)
 FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+TURN = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+        1, 5)
 BATCH = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
@@ -73,6 +75,10 @@ class Metrics:
             buckets=FAST, registry=r)
         self.commit_batch = Histogram(
             "oms_store_commit_batch_size", "Writes per group commit", buckets=BATCH,
+            registry=r)
+        self.loop_turn = Histogram(
+            "oms_loop_turn_seconds", "Busy time of one event-loop turn (sockets read, "
+            "timers, actors run, group commit, post-commit effects)", buckets=TURN,
             registry=r)
         self.store_grows = Counter(
             "oms_store_map_grows", "Times the LMDB map was grown", registry=r)
