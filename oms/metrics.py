@@ -62,6 +62,10 @@ class Metrics:
         self.gateway_send_failures = Counter(
             "oms_gateway_send_failures", "Commands that could not be queued to the socket",
             ["system"], registry=r)
+        self.gateway_invalid_replies = Counter(
+            "oms_gateway_invalid_replies", "Domain replies that break the contract (wrong "
+            "types, a number out of range, undecodable); the command gets a retryable "
+            "invalid_reply error", ["system", "reason"], registry=r)
         self.stale_messages = Counter(
             "oms_order_stale_messages", "Messages an order ignored (late, duplicate, stale "
             "timer)", ["kind"], registry=r)

@@ -1,0 +1,191 @@
+"""Everything that crosses the service's edges toward domain systems and
+subscribers, over real ZeroMQ sockets: a hostile domain system answering the
+gateway, events pushed to the domain-events endpoint, subscribers of the
+events endpoint. Each bad input is a clear error (counted, logged), never
+state, and the service keeps running."""
+
+from __future__ import annotations
+
+import math
+import queue
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import zmq
+from conftest import endpoint
+from prometheus_client import CollectorRegistry
+
+from gateways.breaker import Breaker
+from gateways.gateway import Gateway
+from oms import codec, edge
+from oms.config import ConfigError
+from oms.messages import CommandResult, Send
+from oms.metrics import Metrics
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return value or 0.0
+
+
+class HostileDomain:
+    """A domain system's ROUTER that answers whatever the test tells it to."""
+
+    def __init__(self) -> None:
+        self.endpoint = endpoint()
+        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(self.endpoint)
+
+    def command(self) -> tuple[bytes, dict[str, Any]]:
+        assert self.sock.poll(5000), "the gateway sent no command"
+        peer, frame = self.sock.recv_multipart()
+        return peer, codec.decode_map(frame)
+
+    def answer(self, peer: bytes, reply: Any) -> None:
+        self.sock.send_multipart([peer, reply if isinstance(reply, bytes) else
+                                  codec.pack(reply)])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def domain() -> Iterator[HostileDomain]:
+    d = HostileDomain()
+    yield d
+    d.close()
+
+
+@pytest.fixture
+def gateway(domain: HostileDomain) -> Iterator[tuple[Gateway, queue.Queue[Any], Metrics]]:
+    delivered: queue.Queue[Any] = queue.Queue()
+    metrics = Metrics(CollectorRegistry())
+    gw = Gateway.launch(zmq.Context.instance(), "billing", domain.endpoint,
+                        lambda order_id, res: delivered.put((order_id, res)), metrics,
+                        breaker=Breaker(threshold=1000))
+    yield gw, delivered, metrics
+    gw.actor_ref.stop(block=True, timeout=5)
+    gw.join(5)
+
+
+def roundtrip(domain: HostileDomain, gw: Gateway, delivered: queue.Queue[Any], reply: Any,
+              timeout_s: float = 10.0, cid: str = "O1:create_invoice") -> CommandResult:
+    """Send one command; the hostile domain answers ``reply`` (a callable
+    gets the command id); return what the order receives."""
+    gw.send("O1", Send("billing", cid, "create_invoice", {"total_minor": 5}, timeout_s))
+    peer, command = domain.command()
+    assert command["command_id"] == cid
+    domain.answer(peer, reply(cid) if callable(reply) else reply)
+    order_id, result = delivered.get(timeout=5)
+    assert order_id == "O1"
+    return result
+
+
+def result(cid: str, **fields: Any) -> dict[str, Any]:
+    return {"type": "result", "command_id": cid, **fields}
+
+
+def circuit_open(retry_after: Any) -> Any:
+    return lambda cid: result(cid, ok=False, data={"retry_after": retry_after}, error={
+        "code": "circuit_open", "message": "breaker", "retryable": True})
+
+
+BAD_RETRY_AFTER = [math.nan, math.inf, -math.inf, -1, 1e12, 2**64 - 1, "5", True, None,
+                   [1], {"s": 1}]
+
+
+@pytest.mark.parametrize("value", BAD_RETRY_AFTER, ids=repr)
+def test_a_circuit_open_reply_with_a_bad_retry_after_is_a_contract_violation(
+        domain: HostileDomain, gateway: Any, value: Any) -> None:
+    gw, delivered, metrics = gateway
+    res = roundtrip(domain, gw, delivered, circuit_open(value))
+    assert not res.ok and res.data is None  # the bad number never reaches the order
+    assert res.error is not None
+    assert (res.error.code, res.error.retryable) == ("invalid_reply", True)
+    assert "retry_after" in res.error.message
+    assert sample(metrics, "oms_gateway_invalid_replies_total", system="billing",
+                  reason="number") == 1
+    # and the gateway carries on: the next command gets its good answer
+    good = roundtrip(domain, gw, delivered, lambda cid: result(cid, ok=True, data={
+        "invoice_id": "inv-1"}), cid="O1:create_invoice#1")
+    assert (good.ok, good.data) == (True, {"invoice_id": "inv-1"})
+
+
+def test_a_good_retry_after_reaches_the_order(domain: HostileDomain, gateway: Any) -> None:
+    gw, delivered, metrics = gateway
+    res = roundtrip(domain, gw, delivered, circuit_open(2.5))
+    assert res.error is not None and res.error.code == "circuit_open"
+    assert res.data == {"retry_after": 2.5}
+
+
+NESTED = {"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {"i": 1}}}}}}}}}
+MALFORMED_REPLIES = {
+    "data a list": (lambda c: result(c, ok=True, data=[1, 2]), "data"),
+    "data a string": (lambda c: result(c, ok=True, data="inv-1"), "data"),
+    "data nil": (lambda c: result(c, ok=True, data=None), "data"),
+    "data missing": (lambda c: result(c, ok=True), "data"),
+    "NaN deep in data": (lambda c: result(c, ok=True, data={"x": [{"y": math.nan}]}), "data"),
+    "uint64 in data": (lambda c: result(c, ok=True, data={"n": 2**64 - 1}), "data"),
+    "binary in data": (lambda c: result(c, ok=True, data={"b": b"\x00"}), "data"),
+    "data nested 9 deep": (lambda c: result(c, ok=True, data=NESTED), "data"),
+    "ok a string": (lambda c: result(c, ok="yes", data={}), "ok"),
+    "ok missing": (lambda c: result(c, data={}), "ok"),
+    "unknown type": (lambda c: {"type": "resulz", "command_id": c, "ok": True, "data": {}},
+                     "type"),
+    "error not a map": (lambda c: result(c, ok=False, error="boom"), "error"),
+    "error code a number": (lambda c: result(c, ok=False, error={
+        "code": 7, "message": "m", "retryable": False}), "error"),
+    "error code too long": (lambda c: result(c, ok=False, error={
+        "code": "x" * 65, "message": "m", "retryable": False}), "error"),
+    "retryable a string": (lambda c: result(c, ok=False, error={
+        "code": "out_of_stock", "message": "m", "retryable": "no"}), "error"),
+    "retryable missing": (lambda c: result(c, ok=False, error={
+        "code": "out_of_stock", "message": "m"}), "error"),
+    "too large": (lambda c: result(c, ok=True, data={"x": "y" * (edge.MAX_REPLY_BYTES + 1)}),
+                  "too_large"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_REPLIES))
+def test_a_malformed_reply_is_a_retryable_contract_violation(
+        domain: HostileDomain, gateway: Any, case: str) -> None:
+    gw, delivered, metrics = gateway
+    reply, reason = MALFORMED_REPLIES[case]
+    res = roundtrip(domain, gw, delivered, reply)
+    assert not res.ok and res.data is None and res.error is not None
+    assert (res.error.code, res.error.retryable) == ("invalid_reply", True)
+    assert sample(metrics, "oms_gateway_invalid_replies_total", system="billing",
+                  reason=reason) == 1
+    assert sample(metrics, "oms_step_seconds_count", system="billing", op="create_invoice",
+                  outcome="invalid_reply") == 1
+
+
+@pytest.mark.parametrize("reply", [b"\xc1garbage", codec.pack([1, 2]),
+                                   codec.pack({"type": "result", "ok": True, "data": {}}),
+                                   codec.pack({"type": "result", "command_id": 5, "ok": True})],
+                         ids=["undecodable", "not a map", "no command_id", "command_id int"])
+def test_a_reply_naming_no_command_is_counted_and_the_command_times_out(
+        domain: HostileDomain, gateway: Any, reply: bytes) -> None:
+    gw, delivered, metrics = gateway
+    res = roundtrip(domain, gw, delivered, reply, timeout_s=0.3)
+    assert res.error is not None and res.error.code == "timeout"
+    total = sum(s.value for s in metrics.gateway_invalid_replies.collect()[0].samples
+                if s.name.endswith("_total"))
+    assert total == 1
+
+
+def test_a_good_failure_reply_keeps_its_code(domain: HostileDomain, gateway: Any) -> None:
+    gw, delivered, _metrics = gateway
+    res = roundtrip(domain, gw, delivered, lambda c: result(c, ok=False, error={
+        "code": "payment_declined", "message": "no", "retryable": False}))
+    assert res.error is not None
+    assert (res.error.code, res.error.retryable, res.data) == ("payment_declined", False, {})
+
+
+@pytest.mark.parametrize("threshold,cooldown", [(5, math.nan), (5, math.inf), (5, -1.0),
+                                                (0, 5.0), (True, 5.0)])
+def test_a_breaker_setting_out_of_range_is_refused(threshold: Any, cooldown: Any) -> None:
+    with pytest.raises(ConfigError):
+        Breaker(threshold, cooldown)
