@@ -7,18 +7,24 @@ state, and the service keeps running."""
 from __future__ import annotations
 
 import math
+import os
 import queue
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import zmq
-from conftest import endpoint
+import zmq.auth
+from conftest import SimThread, endpoint
+from helpers import poll_until, retail_order
 from prometheus_client import CollectorRegistry
 
+from actors.security import client_options, generate, read_public
 from gateways.breaker import Breaker
 from gateways.gateway import Gateway
 from oms import codec, edge
+from oms.client import Client, wait_terminal
 from oms.config import ConfigError
 from oms.messages import CommandResult, Send
 from oms.metrics import Metrics
@@ -189,3 +195,164 @@ def test_a_good_failure_reply_keeps_its_code(domain: HostileDomain, gateway: Any
 def test_a_breaker_setting_out_of_range_is_refused(threshold: Any, cooldown: Any) -> None:
     with pytest.raises(ConfigError):
         Breaker(threshold, cooldown)
+
+
+# -- the domain-events endpoint ------------------------------------------------
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    folder = tmp_path / "keys"
+    generate(folder / "server", ["server"])
+    names = ["web", "webshop", "operator-ann", "domains", "warehouse", "intruder"]
+    generate(folder / "own", names)
+    allowed = folder / "clients"
+    allowed.mkdir()
+    for name in names[:-1]:
+        (allowed / f"{name}.key").write_text((folder / "own" / f"{name}.key").read_text())
+    return folder
+
+
+def key_opts(keys: Path, name: str) -> dict[str, Any]:
+    return client_options(str(keys / "own" / f"{name}.key_secret"),
+                          str(keys / "server" / "server.key"))
+
+
+@pytest.fixture
+def secure(keys: Path, make_service: Any, sim_config: Any) -> Iterator[Any]:
+    """A CURVE service; the simulators push events with the ``domains`` key and
+    never fill a back-order by themselves."""
+    public, secret = zmq.auth.load_certificate(str(keys / "own" / "domains.key_secret"))
+    sim_config.curve = {"public": public, "secret": secret,
+                        "service_key": read_public(keys / "server" / "server.key")}
+    sim_config.restock_s = 3600.0
+    thread = SimThread(sim_config)
+    yield make_service(curve_server_key=str(keys / "server" / "server.key_secret"),
+                       curve_clients=str(keys / "clients"))
+    thread.stop()
+
+
+class Pusher:
+    """A DEALER pushing domain events, as a domain system does."""
+
+    def __init__(self, ep: str, options: dict[str, Any] | None = None) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        for name, value in (options or {}).items():
+            self.sock.setsockopt(getattr(zmq, name), value)
+        self.sock.connect(ep)
+
+    def push(self, frame: dict[str, Any] | bytes) -> dict[str, Any]:
+        self.sock.send(frame if isinstance(frame, bytes) else codec.pack(frame))
+        assert self.sock.poll(5000), "no answer to a domain event"
+        return codec.decode_map(self.sock.recv())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def event(order_id: str, system: str, name: str, **data: Any) -> dict[str, Any]:
+    return {"type": "event", "event_id": f"ev-{os.urandom(6).hex()}", "system": system,
+            "order_id": order_id, "name": name, "data": data}
+
+
+def held_order(client: Client, ext: str) -> tuple[str, str]:
+    """An order back-ordered (held, awaiting_stock) and its reservation id."""
+    oid = client.submit(retail_order(ext, items=[
+        {"id": "a", "product_id": "SKU-901", "quantity": 10**9}]))["order_id"]
+    view = poll_until(lambda: (v := client.get(oid)["order"])["state"] == "held" and v)
+    reservation = next(s["result"]["reservation_id"] for s in view["steps"]
+                       if s["name"] == "reserve_stock")
+    return oid, reservation
+
+
+def test_only_domain_system_keys_push_events_each_its_own(secure: Any, eps: Any,
+                                                          keys: Path) -> None:
+    with Client(eps.intake, curve=key_opts(keys, "web")) as web:
+        oid, rid = held_order(web, "edge-hold")
+        forged = [("web", "warehouse"), ("web", "web"), ("operator-ann", "warehouse"),
+                  ("warehouse", "shipping")]
+        for key, system in forged:  # (whose key, which system the event claims)
+            pusher = Pusher(eps.domain_events, key_opts(keys, key))
+            reply = pusher.push(event(oid, system, "stock_reserved", reservation_id=rid))
+            pusher.close()
+            assert (reply["type"], reply["code"]) == ("error", "unauthorized"), (key, system)
+        view = web.get(oid)["order"]
+        assert (view["state"], view["state_reason"]) == ("held", "awaiting_stock")
+        assert secure.metrics.registry.get_sample_value(
+            "oms_domain_events_total", {"system": "invalid", "outcome": "unauthorized"}) == 4
+        warehouse = Pusher(eps.domain_events, key_opts(keys, "warehouse"))
+        good = event(oid, "warehouse", "stock_reserved", reservation_id=rid)
+        assert warehouse.push(good) == {"type": "ack", "event_id": good["event_id"]}
+        warehouse.close()
+        assert wait_terminal(web, [oid], timeout=20)[oid]["state"] == "completed"
+
+
+def test_without_curve_only_configured_systems_and_bounded_labels(service: Any,
+                                                                  eps: Any) -> None:
+    pusher = Pusher(eps.domain_events)
+    assert pusher.push(event("O1", "wherehouse", "stock_reserved"))["code"] == "unauthorized"
+    batch, total = 1000, 50_000
+    for start in range(0, total, batch):  # pipelined, a window at a time
+        for i in range(start, start + batch):
+            pusher.sock.send(codec.pack(event("O1", f"sys-{i}", "x")))
+        for _ in range(batch):
+            assert pusher.sock.poll(5000)
+            assert codec.decode_map(pusher.sock.recv())["code"] == "unauthorized"
+    assert pusher.push(event("O404", "warehouse", "stock_reserved"))["type"] == "ack"
+    pusher.close()
+    labels = {s.labels["system"] for s in service.metrics.domain_events.collect()[0].samples}
+    assert labels <= {"warehouse", "invalid"}
+    assert service.metrics.registry.get_sample_value(
+        "oms_domain_events_total", {"system": "invalid", "outcome": "unauthorized"}) == total + 1
+
+
+@pytest.mark.parametrize("case", ["too large", "NaN in data", "huge int", "data a list",
+                                  "deep data", "no event_id", "not msgpack"])
+def test_a_bad_event_gets_a_clear_error_and_the_endpoint_carries_on(
+        service: Any, eps: Any, case: str) -> None:
+    frames: dict[str, Any] = {
+        "too large": (event("O1", "warehouse", "x", blob="b" * edge.MAX_EVENT_BYTES),
+                      "too_large"),
+        "NaN in data": (event("O1", "warehouse", "x", v=math.nan), "malformed"),
+        "huge int": (event("O1", "warehouse", "x", v=[2**64 - 1]), "malformed"),
+        "data a list": ({**event("O1", "warehouse", "x"), "data": [1]}, "malformed"),
+        "deep data": (event("O1", "warehouse", "x", **NESTED), "malformed"),
+        "no event_id": ({**event("O1", "warehouse", "x"), "event_id": None}, "malformed"),
+        "not msgpack": (b"\xc1\xc1", "malformed"),
+    }
+    frame, code = frames[case]
+    pusher = Pusher(eps.domain_events)
+    reply = pusher.push(frame)
+    assert (reply["type"], reply["code"]) == ("error", code)
+    assert pusher.push(event("O404", "warehouse", "x"))["type"] == "ack"
+    pusher.close()
+
+
+def test_an_event_beyond_the_socket_limit_drops_only_that_connection(service: Any,
+                                                                     eps: Any) -> None:
+    huge = Pusher(eps.domain_events)
+    huge.sock.send(codec.pack(event("O1", "warehouse", "x", blob="b" * (5 * 2**20))))
+    assert huge.sock.poll(500) == 0  # ZeroMQ cut the connection: no answer possible
+    huge.close()
+    pusher = Pusher(eps.domain_events)
+    assert pusher.push(event("O404", "warehouse", "x"))["type"] == "ack"
+    pusher.close()
+
+
+def test_a_reply_to_a_vanished_or_stalled_peer_is_counted_never_blocks(
+        service: Any, eps: Any) -> None:
+    failures = service.metrics.reply_failures.labels("domain_events")
+    service.domain_events.reply_to((b"\x00gone",), {"type": "ack", "event_id": "e"})
+    poll_until(lambda: failures._value.get() == 1, timeout=5)
+    stalled = Pusher(eps.domain_events, {"RCVHWM": 1, "RCVBUF": 4096})  # never reads
+    for _ in range(40):  # until the service's queue to it is full (kernel buffers too)
+        for _ in range(10_000):
+            stalled.sock.send(b"\xc1")
+        if failures._value.get() > 1:
+            break
+    poll_until(lambda: failures._value.get() > 1, timeout=10)
+    other = Pusher(eps.domain_events)
+    assert other.push(event("O404", "warehouse", "x"))["type"] == "ack"
+    other.close()
+    stalled.close()
