@@ -95,6 +95,12 @@ class Metrics:
             "oms_recovered_orders", "Orders resumed by the last start", registry=r)
         self.published = Counter(
             "oms_events_published", "Channel events published", ["type"], registry=r)
+        self.subscribers = Gauge(
+            "oms_event_subscribers", "Connections to the events endpoint (at most "
+            "max_subscribers)", registry=r)
+        self.subscribers_refused = Counter(
+            "oms_event_subscribers_refused", "Events connections shut down because "
+            "max_subscribers were connected", registry=r)
         for metric in vars(self).values():
             if getattr(metric, "_labelnames", None):
                 _cache_children(metric)

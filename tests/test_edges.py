@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import queue
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from conftest import SimThread, endpoint
 from helpers import poll_until, retail_order
 from prometheus_client import CollectorRegistry
 
+from actors.publisher import Publisher, topic_of
 from actors.security import client_options, generate, read_public
 from gateways.breaker import Breaker
 from gateways.gateway import Gateway
@@ -356,3 +358,228 @@ def test_a_reply_to_a_vanished_or_stalled_peer_is_counted_never_blocks(
     assert other.push(event("O404", "warehouse", "x"))["type"] == "ack"
     other.close()
     stalled.close()
+
+
+# -- the events endpoint: topics and subscribers ------------------------------
+
+
+def subscriber(ep: str, topic: bytes = b"", curve: dict[str, Any] | None = None,
+               stalled: bool = False) -> zmq.Socket:
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    if stalled:  # never reads, and takes as little as it can before it stops
+        sub.setsockopt(zmq.RCVHWM, 10)
+        sub.setsockopt(zmq.RCVBUF, 4096)
+    for name, value in (curve or {}).items():
+        sub.setsockopt(getattr(zmq, name), value)
+    sub.setsockopt(zmq.SUBSCRIBE, topic)
+    sub.connect(ep)
+    return sub
+
+
+def drain(sub: zmq.Socket, wait_ms: int = 300) -> list[tuple[bytes, dict[str, Any]]]:
+    out = []
+    while sub.poll(wait_ms):
+        topic, raw = sub.recv_multipart()
+        out.append((topic, codec.decode_map(raw)))
+    return out
+
+
+@pytest.mark.parametrize("first", ["web", "webshop"])
+def test_with_curve_a_channel_never_gets_the_events_of_a_channel_it_prefixes(
+        secure: Any, eps: Any, keys: Path, first: str) -> None:
+    order = [first, "webshop" if first == "web" else "web"]
+    subs = {name: subscriber(eps.events, b"", key_opts(keys, name)) for name in order}
+    with Client(eps.intake, curve=key_opts(keys, "web")) as web, \
+            Client(eps.intake, curve=key_opts(keys, "webshop")) as shop:
+        for name, client in (("web", web), ("webshop", shop)):
+            def seen(name: str = name, client: Client = client) -> bool:
+                client.submit(retail_order(f"pfx-{os.urandom(4).hex()}", source_system=name))
+                return subs[name].poll(300) != 0  # subscribed (no slow joiner any more)
+            poll_until(seen, timeout=20)
+        ids = {name: client.submit(retail_order(f"pfx-last-{name}", source_system=name))[
+            "order_id"] for name, client in (("web", web), ("webshop", shop))}
+        wait_terminal(web, [ids["web"]], timeout=20)
+        wait_terminal(shop, [ids["webshop"]], timeout=20)
+    got = {name: drain(sub) for name, sub in subs.items()}
+    for sub in subs.values():
+        sub.close()
+    for name in ("web", "webshop"):
+        assert {topic for topic, _ in got[name]} == {name.encode() + b"\x00"}
+        assert ids[name] in {ev["order_id"] for _, ev in got[name]}
+    other = {ev["order_id"] for _, ev in got["webshop"]}
+    assert not other & {ev["order_id"] for _, ev in got["web"]}
+
+
+def test_without_curve_the_delimited_topic_is_exact_and_the_bare_name_still_works(
+        service: Any, eps: Any, client: Client) -> None:
+    exact = subscriber(eps.events, topic_of("web"))
+    bare = subscriber(eps.events, b"web")  # as a contract client subscribes
+    def seen() -> bool:
+        client.submit(retail_order(f"nc-{os.urandom(4).hex()}"))
+        return exact.poll(300) != 0 and bare.poll(300) != 0
+    poll_until(seen, timeout=20)
+    shop = client.submit(retail_order("nc-shop", source_system="webshop"))["order_id"]
+    mine = client.submit(retail_order("nc-web"))["order_id"]
+    wait_terminal(client, [shop, mine], timeout=20)
+    exact_got, bare_got = drain(exact), drain(bare)
+    assert {t for t, _ in exact_got} == {b"web\x00"}
+    assert mine in {e["order_id"] for _, e in exact_got}
+    assert mine in {e["order_id"] for _, e in bare_got}
+    refused = client.submit(retail_order("nc-nul", source_system="web\x00shop"))
+    assert refused["type"] == "rejected"
+    exact.close()
+    bare.close()
+
+
+@pytest.fixture
+def publisher() -> Iterator[Any]:
+    started = []
+
+    def start(**kw: Any) -> tuple[Publisher, str, Metrics]:
+        ep, metrics = endpoint(), Metrics(CollectorRegistry())
+        pub = Publisher.launch(zmq.Context.instance(), ep, metrics, **kw)
+        started.append(pub)
+        return pub, ep, metrics
+
+    yield start
+    for pub in started:
+        pub.actor_ref.stop(block=True, timeout=5)
+        pub.join(5)
+
+
+class Reader:
+    """A healthy subscriber: a thread that reads everything."""
+
+    def __init__(self, ep: str) -> None:
+        self.sock = subscriber(ep, b"")
+        self.seen: set[int] = set()
+        self.count = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            if self.sock.poll(50):
+                _topic, raw = self.sock.recv_multipart()
+                n = codec.decode_map(raw)["n"]
+                if n < 0:  # a marker
+                    self.seen.add(n)
+                self.count += 1
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def published_through(pub: Publisher, reader: Reader, n: int) -> bool:
+    """Publish marker ``n`` until the healthy reader has it."""
+    def got() -> bool:
+        pub.publish("web", {"type": "order_state", "n": n})
+        return n in reader.seen
+    return bool(poll_until(got, timeout=10, every=0.05))
+
+
+def test_stalled_subscribers_hold_bounded_memory_and_healthy_ones_still_get_events(
+        publisher: Any) -> None:
+    pub, ep, metrics = publisher(stall_timeout_s=3600)  # no eviction in this test
+    reader = Reader(ep)
+    stalled = [subscriber(ep, b"", stalled=True) for _ in range(20)]
+    poll_until(lambda: metrics.subscribers._value.get() == 21, timeout=10)
+    published_through(pub, reader, -1)
+    payload = {"type": "order_state", "order_id": "O000000000001", "external_id": "ext-12345",
+               "state": "inProgress", "previous_state": "acknowledged", "ts": 1.0}
+    before = rss_mb()
+    for start in range(0, 100_000, 1000):  # as fast as the publisher takes them
+        for i in range(start, start + 1000):
+            pub.publish("web", {**payload, "n": i})
+        pub.actor_ref.ask("barrier", timeout=10)
+    published_through(pub, reader, -2)  # after all 100,000: still delivered
+    grown = rss_mb() - before
+    # SNDHWM 100,000 (before) held every event for each stalled subscriber:
+    # +232 MB for 20 of them, never given back.
+    assert grown < 20, f"RSS grew {grown:.1f} MB"
+    print(f"RSS +{grown:.1f} MB with 20 stalled subscribers over 100,000 events")
+    assert reader.count > 1000
+    for sock in stalled:
+        sock.close()
+    poll_until(lambda: metrics.subscribers._value.get() == 1, timeout=10)
+    reader.close()
+
+
+def test_a_stalled_subscriber_is_disconnected_and_a_healthy_one_stays(
+        publisher: Any) -> None:
+    pub, ep, metrics = publisher(stall_timeout_s=1.0)
+    reader = Reader(ep)
+    stalled = subscriber(ep, b"", stalled=True)
+    poll_until(lambda: metrics.subscribers._value.get() == 2, timeout=10)
+    n = 0
+
+    def evicted() -> bool:
+        nonlocal n
+        for _ in range(500):  # keep publishing: the stalled one's buffers fill up
+            n += 1
+            pub.publish("web", {"type": "order_state", "n": n})
+        return metrics.subscribers._value.get() == 1
+    poll_until(evicted, timeout=15, every=0.05)
+    published_through(pub, reader, -1)  # the healthy one was not disconnected
+    stalled.close()
+    reader.close()
+
+
+def test_subscribers_beyond_the_bound_are_refused_until_a_place_is_free(
+        publisher: Any) -> None:
+    pub, ep, metrics = publisher(max_subscribers=2)
+    first = Reader(ep)
+    poll_until(lambda: metrics.subscribers._value.get() == 1, timeout=10)
+    second = Reader(ep)
+    poll_until(lambda: metrics.subscribers._value.get() == 2, timeout=10)
+    third = Reader(ep)
+    poll_until(lambda: metrics.subscribers_refused._value.get() >= 1, timeout=10)
+    published_through(pub, first, -1)
+    published_through(pub, second, -1)
+    assert metrics.subscribers._value.get() == 2
+    assert not third.seen  # it never got in
+    first.close()  # a place is free: the refused one gets in on its next reconnect
+    published_through(pub, third, -2)
+    assert metrics.subscribers._value.get() == 2
+    second.close()
+    third.close()
+
+
+@pytest.mark.parametrize("setting", [{"hwm": 0}, {"max_subscribers": -1},
+                                     {"stall_timeout_s": math.nan}, {"hwm": 1.5e300}])
+def test_publisher_settings_out_of_range_are_refused(setting: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        Publisher(zmq.Context.instance(), "tcp://127.0.0.1:1", Metrics(CollectorRegistry()),
+                  **setting)
+
+
+def test_memory_a_stalled_subscriber_held_is_given_back_when_it_leaves(
+        publisher: Any) -> None:
+    pub, ep, metrics = publisher(stall_timeout_s=3600, hwm=50_000)  # room to hold a lot
+    reader = Reader(ep)
+    stalled = [subscriber(ep, b"", stalled=True) for _ in range(10)]
+    poll_until(lambda: metrics.subscribers._value.get() == 11, timeout=10)
+    published_through(pub, reader, -1)
+    before = rss_mb()
+    for start in range(0, 50_000, 1000):
+        for i in range(start, start + 1000):
+            pub.publish("web", {"type": "order_state", "order_id": "O1" * 40, "n": i})
+        pub.actor_ref.ask("barrier", timeout=10)
+    held = rss_mb() - before
+    for sock in stalled:
+        sock.close()
+    poll_until(lambda: metrics.subscribers._value.get() == 1, timeout=10)
+    poll_until(lambda: rss_mb() - before < held / 3, timeout=10, every=0.2)
+    print(f"held +{held:.1f} MB; after they left +{rss_mb() - before:.1f} MB")
+    reader.close()
