@@ -98,8 +98,10 @@ class Publisher(LoopActor):
         # subscriber is subscribed to its own source_system only, whatever it asked.
         kind, manual = (zmq.XPUB, {"XPUB_MANUAL": 1}) if self.curve else (zmq.PUB, {})
         ping_ms = max(100, int(self.stall_timeout_s * 1000 / 3))
+        # HANDSHAKE_IVL: a connection that never completes its handshake (no
+        # key, or no ZMTP at all) holds a subscriber place for 5 s at most
         self.sock = open_socket(self.ctx, kind, SNDHWM=self.hwm, LINGER=500,
-                                HEARTBEAT_IVL=ping_ms,
+                                HANDSHAKE_IVL=5000, HEARTBEAT_IVL=ping_ms,
                                 HEARTBEAT_TIMEOUT=int(self.stall_timeout_s * 1000),
                                 **manual, **self.curve)
         try:  # watched from before the bind: no connection goes uncounted
