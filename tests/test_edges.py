@@ -583,3 +583,16 @@ def test_memory_a_stalled_subscriber_held_is_given_back_when_it_leaves(
     poll_until(lambda: rss_mb() - before < held / 3, timeout=10, every=0.2)
     print(f"held +{held:.1f} MB; after they left +{rss_mb() - before:.1f} MB")
     reader.close()
+
+
+@pytest.mark.parametrize("who", ["intruder", "plaintext"])
+def test_a_refused_handshake_does_not_keep_a_subscriber_place(secure: Any, eps: Any,
+                                                              keys: Path, who: str) -> None:
+    gauge = secure.metrics.subscribers
+    sub = subscriber(eps.events, b"", key_opts(keys, "intruder") if who == "intruder" else None)
+    assert not sub.poll(300)
+    poll_until(lambda: gauge._value.get() == 0, timeout=10)
+    sub.close()
+    web = subscriber(eps.events, b"", key_opts(keys, "web"))
+    poll_until(lambda: gauge._value.get() == 1, timeout=10)
+    web.close()
