@@ -18,13 +18,13 @@ and logged (at most once a second per code, with how many were not logged).
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import zmq
 
 from actors.endpoint import RouterEndpoint
 from actors.store_writer import RecordEvent
+from actors.throttle import LogThrottle
 from actors.security import DOMAINS
 from oms import codec, edge, errors
 from oms.messages import DomainEvent
@@ -68,7 +68,7 @@ class DomainEvents(RouterEndpoint):
         super().__init__(zctx, endpoint, octx.metrics, curve, hwm)
         self.octx = octx
         self.systems = frozenset(octx.gateways if systems is None else systems)
-        self._logged: dict[str, tuple[float, int]] = {}  # code -> (last logged, not logged)
+        self.log = LogThrottle(logger)
 
     def on_frame(self, envelope: tuple[bytes, ...], frame: bytes, user: str | None) -> None:
         self.on_event(envelope, frame, user)
@@ -76,14 +76,7 @@ class DomainEvents(RouterEndpoint):
     def refuse(self, envelope: tuple[bytes, ...], label: str, code: str, message: str) -> None:
         """An error reply (never an ack): the event is not recorded."""
         self.metrics.domain_events.labels(label, code).inc()
-        now = time.monotonic()
-        last, quiet = self._logged.get(code, (0.0, 0))
-        if now - last >= 1.0:
-            more = f" ({quiet} more refused since the last report)" if quiet else ""
-            logger.warning("domain event refused (%s): %s%s", code, message, more)
-            self._logged[code] = (now, 0)
-        else:
-            self._logged[code] = (last, quiet + 1)
+        self.log.warning(code, "domain event refused (%s): %s", code, message)
         self.send_reply(envelope, errors.error_reply(code, message))
 
     def on_event(self, envelope: tuple[bytes, ...], frame: bytes,

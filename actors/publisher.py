@@ -39,6 +39,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from actors.loop import LoopActor, open_socket
+from actors.throttle import LogThrottle
 from oms import codec
 from oms.config import ConfigError
 from oms.edge import check_number
@@ -91,7 +92,7 @@ class Publisher(LoopActor):
         self.port: int | None = None
         self._trim = _malloc_trim()
         self._trim_at: float | None = None
-        self._refusals_logged = (0.0, 0)
+        self.log = LogThrottle(logger, every_s=5.0)
 
     def on_start(self) -> None:
         # XPUB: with CURVE on, subscriptions come to us (XPUB_MANUAL) and each
@@ -182,15 +183,8 @@ class Publisher(LoopActor):
             pass
         finally:
             conn.detach()  # ZeroMQ owns the fd: never close it here
-        now = time.monotonic()
-        last, quiet = self._refusals_logged
-        if now - last >= 5.0:
-            logger.warning("events subscriber refused: %d connected already (max_subscribers)"
-                           "%s", self.max_subscribers,
-                           f"; {quiet} more refused since the last report" if quiet else "")
-            self._refusals_logged = (now, 0)
-        else:
-            self._refusals_logged = (last, quiet + 1)
+        self.log.warning("refused", "events subscriber refused: %d connected already "
+                         "(max_subscribers)", self.max_subscribers)
 
     def poll_timeout(self) -> float | None:
         if self._trim_at is None:

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import zmq
 
 from actors.loop import LoopActor, open_socket
+from actors.throttle import LogThrottle
 from gateways.breaker import OPEN, Breaker
 from oms import codec, edge
 from oms.errors import CIRCUIT_OPEN, INVALID_REPLY, TIMEOUT, UNAVAILABLE, DomainError
@@ -56,6 +57,7 @@ class Gateway(LoopActor):
                         metrics.gateway_send_failures):
             counter.labels(system)  # known label sets start at 0, visible to alerts
         self._deadlines: list[tuple[float, str]] = []
+        self.log = LogThrottle(logger)
         self.sock: zmq.Socket | None = None
 
     def on_start(self) -> None:
@@ -154,10 +156,10 @@ class Gateway(LoopActor):
         """A reply that breaks the contract: logged, counted, a retryable error."""
         self.metrics.gateway_invalid_replies.labels(self.system, violation.reason).inc()
         waiting = self.pending.pop(command_id, None) if command_id else None
-        logger.warning("%s sent a reply that breaks the contract (%s): %s", self.system,
-                       violation.reason, violation.message, extra={
-                           "system": self.system, "command_id": command_id,
-                           "order_id": waiting.order_id if waiting else None})
+        self.log.warning(violation.reason, "%s sent a reply that breaks the contract (%s): %s",
+                         self.system, violation.reason, violation.message, extra={
+                             "system": self.system, "command_id": command_id,
+                             "order_id": waiting.order_id if waiting else None})
         if waiting is None:
             return
         self._outcome(False, time.monotonic())

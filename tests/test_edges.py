@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from actors.publisher import Publisher, topic_of
 from actors.security import client_options, generate, read_public
+from actors.throttle import LogThrottle
 from gateways.breaker import Breaker
 from gateways.gateway import Gateway
 from oms import codec, edge
@@ -596,3 +597,14 @@ def test_a_refused_handshake_does_not_keep_a_subscriber_place(secure: Any, eps: 
     web = subscriber(eps.events, b"", key_opts(keys, "web"))
     poll_until(lambda: gauge._value.get() == 1, timeout=10)
     web.close()
+
+
+def test_a_flood_of_bad_input_logs_a_line_not_a_flood(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    throttle = LogThrottle(logging.getLogger("edges-test"), every_s=60)
+    with caplog.at_level(logging.WARNING, logger="edges-test"):
+        for i in range(10_000):
+            throttle.warning("malformed", "bad event %d", i)
+        throttle.warning("too_large", "big event")
+    assert [r.getMessage() for r in caplog.records] == ["bad event 0", "big event"]
