@@ -23,9 +23,9 @@ from typing import Any
 import zmq
 
 from actors.endpoint import RouterEndpoint
+from actors.security import DOMAINS
 from actors.store_writer import RecordEvent
 from actors.throttle import LogThrottle
-from actors.security import DOMAINS
 from oms import codec, edge, errors
 from oms.messages import DomainEvent
 from oms.store import event_key
@@ -63,7 +63,7 @@ class DomainEvents(RouterEndpoint):
     label = "domain_events"
 
     def __init__(self, zctx: zmq.Context, endpoint: str, octx: Any,
-                 curve: dict[str, Any] | None = None, systems: Any = None,
+                 curve: dict[str, Any] | None = None, *, systems: Any = None,
                  hwm: int = 10_000) -> None:
         super().__init__(zctx, endpoint, octx.metrics, curve, hwm)
         self.octx = octx
@@ -76,7 +76,7 @@ class DomainEvents(RouterEndpoint):
     def refuse(self, envelope: tuple[bytes, ...], label: str, code: str, message: str) -> None:
         """An error reply (never an ack): the event is not recorded."""
         self.metrics.domain_events.labels(label, code).inc()
-        self.log.warning(code, "domain event refused (%s): %s", code, message)
+        self.log.report(code, "domain event refused (%s): %s", code, message)
         self.send_reply(envelope, errors.error_reply(code, message))
 
     def on_event(self, envelope: tuple[bytes, ...], frame: bytes,

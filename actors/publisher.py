@@ -73,7 +73,7 @@ def _malloc_trim() -> Any:
 class Publisher(LoopActor):
     thread_name = "events-pub"
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, metrics: Metrics,
+    def __init__(self, ctx: zmq.Context, endpoint: str, metrics: Metrics, *,
                  hwm: int = 1000, curve: dict[str, Any] | None = None,
                  max_subscribers: int = 100, stall_timeout_s: float = 30.0) -> None:
         super().__init__()
@@ -183,7 +183,7 @@ class Publisher(LoopActor):
             pass
         finally:
             conn.detach()  # ZeroMQ owns the fd: never close it here
-        self.log.warning("refused", "events subscriber refused: %d connected already "
+        self.log.report("refused", "events subscriber refused: %d connected already "
                          "(max_subscribers)", self.max_subscribers)
 
     def poll_timeout(self) -> float | None:

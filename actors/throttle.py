@@ -18,7 +18,7 @@ class LogThrottle:
         self.logger, self.every_s = logger, every_s
         self._state: dict[str, tuple[float, int]] = {}  # kind -> (last logged, not logged)
 
-    def warning(self, kind: str, msg: str, *args: Any, **kwargs: Any) -> None:
+    def report(self, kind: str, msg: str, *args: Any, **kwargs: Any) -> None:
         """Log ``msg % args`` as a warning unless ``kind`` was logged recently."""
         now = time.monotonic()
         last, quiet = self._state.get(kind, (-self.every_s, 0))

@@ -6,7 +6,9 @@ It owns the DEALER socket connected to the system's ROUTER, sends
 retryable ``timeout`` failure. Retries and backoff are the order's business
 (they are persisted with it); the gateway only carries commands. A reply for
 a command no longer awaited (late after a timeout, or a duplicate) is
-counted and ignored.
+counted and ignored. Every reply is checked at the edge (``oms.edge``)
+before anything in it reaches an order: one that breaks the contract fails
+its command with the retryable ``invalid_reply``.
 """
 
 from __future__ import annotations
@@ -149,14 +151,14 @@ class Gateway(LoopActor):
                                                  "command_id": parsed.command_id,
                                                  "system": self.system})
         outcome = "ok" if error is None else error.code
-        self._finish(parsed.command_id, waiting, _bounded(outcome),
+        self._finish(waiting, _bounded(outcome),
                      CommandResult(parsed.command_id, ok, parsed.data, error))
 
     def _invalid(self, violation: edge.Violation, command_id: str | None) -> None:
         """A reply that breaks the contract: logged, counted, a retryable error."""
         self.metrics.gateway_invalid_replies.labels(self.system, violation.reason).inc()
         waiting = self.pending.pop(command_id, None) if command_id else None
-        self.log.warning(violation.reason, "%s sent a reply that breaks the contract (%s): %s",
+        self.log.report(violation.reason, "%s sent a reply that breaks the contract (%s): %s",
                          self.system, violation.reason, violation.message, extra={
                              "system": self.system, "command_id": command_id,
                              "order_id": waiting.order_id if waiting else None})
@@ -165,11 +167,10 @@ class Gateway(LoopActor):
         self._outcome(False, time.monotonic())
         error = DomainError(INVALID_REPLY, f"{self.system} broke the contract: "
                             f"{violation.message}", True)
-        self._finish(command_id or "", waiting, INVALID_REPLY,
+        self._finish(waiting, INVALID_REPLY,
                      CommandResult(command_id or "", False, None, error))
 
-    def _finish(self, command_id: str, waiting: _Pending, outcome: str,
-                result: CommandResult) -> None:
+    def _finish(self, waiting: _Pending, outcome: str, result: CommandResult) -> None:
         self.metrics.step_latency.labels(self.system, waiting.op, outcome).observe(
             time.monotonic() - waiting.sent)
         self.deliver(waiting.order_id, result)
@@ -211,8 +212,8 @@ class Gateway(LoopActor):
             self.deliver(waiting.order_id, CommandResult(command_id, False, None, error))
 
 
-_KNOWN_OUTCOMES = {"ok", "timeout", "unavailable", "circuit_open", "out_of_stock", "payment_declined",
-                   "invalid_address", "unknown_service", "invalid_reply"}
+_KNOWN_OUTCOMES = {"ok", "timeout", "unavailable", "circuit_open", "out_of_stock",
+                   "payment_declined", "invalid_address", "unknown_service", "invalid_reply"}
 
 
 def _bounded(code: str) -> str:

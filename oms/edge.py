@@ -21,7 +21,7 @@ threads, no sockets.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from oms.errors import CIRCUIT_OPEN, DomainError
 
@@ -97,7 +97,8 @@ def check_data(value: Any, field: str = "data", depth: int = 1) -> str | None:
     return None
 
 
-def _check_value(value: Any, field: str, depth: int) -> str | None:
+def _check_value(  # noqa: PLR0911 - one return per kind of value
+        value: Any, field: str, depth: int) -> str | None:
     if value is None or isinstance(value, bool | str):
         return None
     if isinstance(value, int | float):
@@ -130,7 +131,7 @@ def reply_command_id(msg: dict[str, Any]) -> str | None:
     return value if _string(value, "command_id", MAX_ID) is None else None
 
 
-def parse_reply(msg: dict[str, Any]) -> Reply | Violation:
+def parse_reply(msg: dict[str, Any]) -> Reply | Violation:  # noqa: PLR0911 - a return per rule
     """A decoded reply map, checked: the ``Reply``, or what is wrong with it."""
     if msg.get("type") != "result":
         return Violation("type", f"type must be 'result', got {msg.get('type')!r:.60}")
@@ -151,7 +152,7 @@ def parse_reply(msg: dict[str, Any]) -> Reply | Violation:
             return Violation("number", problem)
     if (problem := check_data(data)) is not None:
         return Violation("data", problem)
-    return Reply(msg["command_id"], ok, data, error)
+    return Reply(msg["command_id"], ok, cast("dict[str, Any]", data), error)
 
 
 def parse_error(raw: Any) -> DomainError | Violation:

@@ -6,6 +6,7 @@ state, and the service keeps running."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import queue
@@ -80,7 +81,7 @@ def gateway(domain: HostileDomain) -> Iterator[tuple[Gateway, queue.Queue[Any], 
 
 
 def roundtrip(domain: HostileDomain, gw: Gateway, delivered: queue.Queue[Any], reply: Any,
-              timeout_s: float = 10.0, cid: str = "O1:create_invoice") -> CommandResult:
+              *, timeout_s: float = 10.0, cid: str = "O1:create_invoice") -> CommandResult:
     """Send one command; the hostile domain answers ``reply`` (a callable
     gets the command id); return what the order receives."""
     gw.send("O1", Send("billing", cid, "create_invoice", {"total_minor": 5}, timeout_s))
@@ -123,7 +124,7 @@ def test_a_circuit_open_reply_with_a_bad_retry_after_is_a_contract_violation(
 
 
 def test_a_good_retry_after_reaches_the_order(domain: HostileDomain, gateway: Any) -> None:
-    gw, delivered, metrics = gateway
+    gw, delivered, _metrics = gateway
     res = roundtrip(domain, gw, delivered, circuit_open(2.5))
     assert res.error is not None and res.error.code == "circuit_open"
     assert res.data == {"retry_after": 2.5}
@@ -600,11 +601,9 @@ def test_a_refused_handshake_does_not_keep_a_subscriber_place(secure: Any, eps: 
 
 
 def test_a_flood_of_bad_input_logs_a_line_not_a_flood(caplog: pytest.LogCaptureFixture) -> None:
-    import logging
-
     throttle = LogThrottle(logging.getLogger("edges-test"), every_s=60)
     with caplog.at_level(logging.WARNING, logger="edges-test"):
         for i in range(10_000):
-            throttle.warning("malformed", "bad event %d", i)
-        throttle.warning("too_large", "big event")
+            throttle.report("malformed", "bad event %d", i)
+        throttle.report("too_large", "big event")
     assert [r.getMessage() for r in caplog.records] == ["bad event 0", "big event"]
