@@ -275,7 +275,7 @@ def test_only_domain_system_keys_push_events_each_its_own(secure: Any, eps: Any,
     with Client(eps.intake, curve=key_opts(keys, "web")) as web:
         oid, rid = held_order(web, "edge-hold")
         forged = [("web", "warehouse"), ("web", "web"), ("operator-ann", "warehouse"),
-                  ("warehouse", "shipping")]
+                  ("warehouse", "shipping"), ("domains", "warehouse2")]
         for key, system in forged:  # (whose key, which system the event claims)
             pusher = Pusher(eps.domain_events, key_opts(keys, key))
             reply = pusher.push(event(oid, system, "stock_reserved", reservation_id=rid))
@@ -284,7 +284,7 @@ def test_only_domain_system_keys_push_events_each_its_own(secure: Any, eps: Any,
         view = web.get(oid)["order"]
         assert (view["state"], view["state_reason"]) == ("held", "awaiting_stock")
         assert secure.metrics.registry.get_sample_value(
-            "oms_domain_events_total", {"system": "invalid", "outcome": "unauthorized"}) == 4
+            "oms_domain_events_total", {"system": "invalid", "outcome": "unauthorized"}) == 5
         warehouse = Pusher(eps.domain_events, key_opts(keys, "warehouse"))
         good = event(oid, "warehouse", "stock_reserved", reservation_id=rid)
         assert warehouse.push(good) == {"type": "ack", "event_id": good["event_id"]}
