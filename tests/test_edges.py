@@ -607,3 +607,20 @@ def test_a_flood_of_bad_input_logs_a_line_not_a_flood(caplog: pytest.LogCaptureF
             throttle.report("malformed", "bad event %d", i)
         throttle.report("too_large", "big event")
     assert [r.getMessage() for r in caplog.records] == ["bad event 0", "big event"]
+
+
+def test_the_service_applies_its_subscriber_settings(make_service: Any, eps: Any) -> None:
+    svc = make_service(max_subscribers=1, events_hwm=10, subscriber_timeout_s=5.0)
+    assert (svc.publisher.hwm, svc.publisher.stall_timeout_s) == (10, 5.0)
+    first = subscriber(eps.events)
+    poll_until(lambda: svc.metrics.subscribers._value.get() == 1, timeout=10)
+    second = subscriber(eps.events)
+    poll_until(lambda: svc.metrics.subscribers_refused._value.get() >= 1, timeout=10)
+    assert svc.metrics.subscribers._value.get() == 1
+    first.close()
+    second.close()
+
+
+def test_a_setting_out_of_range_stops_the_start(make_service: Any) -> None:
+    with pytest.raises(ConfigError, match="max_subscribers"):
+        make_service(max_subscribers=0)
