@@ -153,12 +153,16 @@ class Publisher(LoopActor):
                 events.append(recv_monitor_message(monitor, flags=zmq.NOBLOCK))
             except zmq.Again:
                 break
-        closed = {e["value"] for e in events if e["event"] == zmq.EVENT_DISCONNECTED}
-        for ev in events:
+        # a connection closed later in this batch is not shut again (its fd
+        # number may already belong to something else)
+        closes = {e["value"]: i for i, e in enumerate(events)
+                  if e["event"] == zmq.EVENT_DISCONNECTED}
+        for i, ev in enumerate(events):
             fd = ev["value"]
             if ev["event"] == zmq.EVENT_ACCEPTED:
                 self.live.add(fd)
-                if len(self.live - self.refused) > self.max_subscribers and fd not in closed:
+                if (len(self.live - self.refused) > self.max_subscribers
+                        and closes.get(fd, -1) < i):
                     self._refuse(fd)
             elif ev["event"] == zmq.EVENT_DISCONNECTED:
                 self.live.discard(fd)
