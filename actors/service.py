@@ -89,7 +89,9 @@ class Service:
         self.writer = StoreWriter.launch(self.store, self.metrics)
         self._stops.append(("store writer", lambda: _stop_actor(self.writer)))
         self.publisher = Publisher.launch(self.zctx, cfg.events, self.metrics,
-                                          curve=channel_curve)
+                                          curve=channel_curve, hwm=cfg.events_hwm,
+                                          max_subscribers=cfg.max_subscribers,
+                                          stall_timeout_s=cfg.subscriber_timeout_s)
         self._stops.append(("publisher", lambda: _stop_actor(self.publisher)))
         self.dispatcher = Dispatcher(workers=cfg.workers)
         self._stops.append(("order workers", self.dispatcher.stop))

@@ -64,6 +64,10 @@ class Metrics:
         self.gateway_send_failures = Counter(
             "oms_gateway_send_failures", "Commands that could not be queued to the socket",
             ["system"], registry=r)
+        self.gateway_invalid_replies = Counter(
+            "oms_gateway_invalid_replies", "Domain replies that break the contract (wrong "
+            "types, a number out of range, undecodable); the command gets a retryable "
+            "invalid_reply error", ["system", "reason"], registry=r)
         self.stale_messages = Counter(
             "oms_order_stale_messages", "Messages an order ignored (late, duplicate, stale "
             "timer)", ["kind"], registry=r)
@@ -97,6 +101,12 @@ class Metrics:
             "oms_recovered_orders", "Orders resumed by the last start", registry=r)
         self.published = Counter(
             "oms_events_published", "Channel events published", ["type"], registry=r)
+        self.subscribers = Gauge(
+            "oms_event_subscribers", "Connections to the events endpoint (at most "
+            "max_subscribers)", registry=r)
+        self.subscribers_refused = Counter(
+            "oms_event_subscribers_refused", "Events connections shut down because "
+            "max_subscribers were connected", registry=r)
         for metric in vars(self).values():
             if getattr(metric, "_labelnames", None):
                 _cache_children(metric)
