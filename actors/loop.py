@@ -1,24 +1,33 @@
-"""Loop actors: one thread that serves both the actor's inbox and its sockets.
+"""Loop actors: pykka actors that own sockets and run on an ``EventLoop``.
 
-A ZeroMQ socket belongs to one thread, and a plain ``ThreadingActor`` blocks
-in its inbox, so it cannot also wait on a socket. ``LoopActor`` is a pykka
-actor type (built on the documented ``_create_actor_inbox`` /
-``_create_future`` / ``_start_actor_loop`` hooks) whose inbox raises an
-eventfd when a message lands, and whose thread polls that fd together with
-the sockets it owns. Other threads talk to it with ordinary ``tell``/``ask``;
-only its own thread ever touches its sockets.
+``LoopActor`` is a pykka actor type (built on the hooks pykka documents for
+new actor types: ``_create_actor_inbox``, ``_create_future``,
+``_start_actor_loop``) with no thread of its own. Its inbox is a deque
+that, when a message lands in it idle, queues the actor on its loop
+(``ScheduledInbox``; order actors use the same inbox, ``actors.pool``).
+``tell``, ``ask``, ``stop`` and proxies work from any thread; only the loop
+thread touches the actor's state and sockets.
 
-Subclasses create their sockets in ``on_start`` (in the actor's thread),
-return them from ``sockets``, read them in ``on_readable``, may do
-time-driven work in ``on_tick`` (``poll_timeout`` says when) and may handle a
-whole drained batch of messages at once in ``on_batch`` (the store writer's
-group commit).
+Subclasses keep the shape the service's socket owners always had:
+``on_start`` (run on the loop) creates and binds the sockets (an error
+there fails ``launch``: a port in use stops the service at start);
+``sockets()`` lists those the loop polls for it, ``on_readable(sock)``
+reads a bounded number of frames; ``on_batch`` handles one slice of mail at
+once (the store writer's group commit); ``poll_timeout()`` says in how many
+milliseconds ``on_tick`` is due (it also runs after each slice and read).
+
+``launch(..., loop=LOOP)`` puts the actor on the service's loop; without
+one it gets a private loop (one thread, as a stand-alone actor in a test).
+
+Failure rule: a told message whose handler raises, or a failing
+``on_readable``/``on_tick``, is survived (logged with its traceback,
+counted) and the actor goes on; an ask gets the exception. An actor that
+stops while its service runs has died: the supervisor ends the process.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 from collections import deque
@@ -28,6 +37,8 @@ from typing import Any, NamedTuple
 
 import pykka
 import zmq
+
+from actors.eventloop import EventLoop, LoopBlocked, TimerHandle, current_loop
 
 logger = logging.getLogger(__name__)
 
@@ -124,82 +135,243 @@ class DequeInbox:
         return len(self.queue)
 
 
-class SignalInbox(DequeInbox):
-    """A deque plus an eventfd that is raised when the deque stops being empty."""
+class ScheduledInbox(DequeInbox):
+    """A deque that queues its actor on a scheduler (an ``EventLoop``, or a
+    ``Dispatcher`` of worker threads) when a message lands in it idle.
 
-    __slots__ = ("_armed", "fd")
+    The flag and the lock make sure the actor is queued at most once at a
+    time, whichever thread tells it.
+    """
+
+    __slots__ = ("_actor", "_dispatcher", "_lock", "_scheduled")
 
     def __init__(self) -> None:
         super().__init__()
-        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._armed = False
+        self._lock = threading.Lock()
+        self._scheduled = False
+        self._actor: Any = None
+        self._dispatcher: Any = None
+
+    def bind(self, actor: Any, dispatcher: Any) -> None:
+        self._actor, self._dispatcher = actor, dispatcher
 
     def put(self, envelope: Any) -> None:
-        self.queue.append(envelope)
-        if not self._armed:
-            self._armed = True
-            os.eventfd_write(self.fd, 1)
+        with self._lock:
+            self.queue.append(envelope)
+            if self._scheduled or self._actor is None or self._dispatcher is None:
+                return
+            self._scheduled = True
+        self._dispatcher.schedule(self._actor)
 
-    def clear_signal(self) -> None:
-        """Called by the owner before it drains the deque.
+    def unbind(self) -> None:
+        """Forget the actor once it has stopped. The actor and its inbox refer
+        to each other; without this the pair (and the order it holds) is
+        freed only by the cycle collector, whose full passes over a busy
+        heap stall every thread."""
+        self._actor = self._dispatcher = None
 
-        Consume the fd first, then disarm: a put that lands before the
-        disarm is already in the deque the owner drains next; a put after it
-        sees the flag down and raises the fd again. (The other order loses
-        wake-ups: the flag stays up with the fd drained.)
-        """
-        try:
-            os.eventfd_read(self.fd)
-        except BlockingIOError:
-            pass
-        self._armed = False
+    def start(self) -> None:
+        """Schedule the first slice."""
+        with self._lock:
+            if self._scheduled:
+                return
+            self._scheduled = True
+        assert self._dispatcher is not None and self._actor is not None
+        self._dispatcher.schedule(self._actor)
 
-    def close(self) -> None:
-        os.close(self.fd)
+    def finish_slice(self, stopped: bool) -> bool:
+        """After a slice: True if the actor must be scheduled again."""
+        with self._lock:
+            if self.queue and not stopped:
+                return True
+            self._scheduled = False
+            return False
+
+
+class LoopFuture(pykka.ThreadingFuture):  # type: ignore[type-arg]
+    """A future that refuses to block a loop thread (see ``actors.eventloop``)."""
+
+    def get(self, *, timeout: float | None = None) -> Any:
+        if self._result is None and self._get_hook is None and current_loop() is not None:
+            raise LoopBlocked("the loop thread may not wait for an answer (it could only "
+                              "come from the loop): tell, or pass a callback")
+        return super().get(timeout=timeout)
 
 
 class LoopActor(pykka.Actor):
-    """A pykka actor with its own thread polling its inbox and sockets."""
+    """A pykka actor scheduled by an ``EventLoop``. Start it with ``launch``."""
 
-    actor_inbox: SignalInbox  # type: ignore[assignment]
-    batch_limit = 4096
+    actor_inbox: ScheduledInbox  # type: ignore[assignment]
+    thread_name: str = ""  # the component name (logs, metrics); the class name if empty
+    batch_limit: ClassVar[int] = 4096  # messages per slice
+    turn_end: ClassVar[bool] = False  # run after the other actors of a turn (group commit)
+    _loop: EventLoop
+    _own_loop: bool
+    _detached: threading.Event
+    _tick: TimerHandle | None = None
+    _ticks: bool = False
+    _readers: tuple[zmq.Socket, ...] = ()
 
     @staticmethod
-    def _create_actor_inbox() -> SignalInbox:  # type: ignore[override]
-        return SignalInbox()
+    def _create_actor_inbox() -> ScheduledInbox:  # type: ignore[override]
+        return ScheduledInbox()
 
     @staticmethod
     def _create_future() -> pykka.Future[Any]:
-        return pykka.ThreadingFuture()
+        return LoopFuture()
 
     @classmethod
-    def launch(cls, *args: Any, **kwargs: Any) -> Any:
-        """Like ``start()``, but return the actor itself, whose thread-safe
-        helper methods (those that only ``tell``) other threads may call."""
+    def launch(cls, *args: Any, loop: EventLoop | None = None, **kwargs: Any) -> Any:
+        """Create the actor, run its ``on_start`` on ``loop`` (a private loop
+        if None) and return the actor itself: its thread-safe helpers (those
+        that only ``tell``) may be called from anywhere."""
         actor = cls(*args, **kwargs)
-        actor._setup_done = threading.Event()
-        actor._setup_error = None
+        own = loop is None
+        if loop is None:
+            loop = EventLoop(actor.component).start()
+        actor._loop, actor._own_loop = loop, own
+        actor._detached = threading.Event()
         pykka.ActorRegistry.register(actor.actor_ref)
-        actor._start_actor_loop()
-        if not actor._setup_done.wait(30):
-            raise RuntimeError(f"{actor} did not finish starting within 30 s")
-        if actor._setup_error is not None:
-            actor.join(5)
-            raise actor._setup_error
+        try:
+            loop.run_sync(actor._attach)
+        except BaseException:
+            pykka.ActorRegistry.unregister(actor.actor_ref)
+            actor.actor_stopped.set()
+            actor._detached.set()
+            if own:
+                loop.stop()
+            raise
         return actor
 
-    def _actor_loop_setup(self) -> None:
-        """Run ``on_start``; a failure stops the actor and fails ``launch``."""
+    @property
+    def component(self) -> str:
+        return self.thread_name or type(self).__name__
+
+    def _start_actor_loop(self) -> None:
+        raise TypeError(f"start {type(self).__name__} with launch(), not start()")
+
+    def _attach(self) -> None:
+        """On the loop: start, register the sockets, take the mail queued so far."""
+        self.on_start()
+        self._readers = tuple(self.sockets())
+        for sock in self._readers:
+            self._loop.add_reader(sock, self._readable)
+        cls = type(self)
+        self._ticks = (cls.poll_timeout is not LoopActor.poll_timeout
+                       or cls.on_tick is not LoopActor.on_tick)
+        self.actor_inbox.bind(self, self._loop)  # type: ignore[arg-type]
+        self.actor_inbox.start()  # one first slice: mail told before now, a first tick
+
+    # -- hooks -------------------------------------------------------------------
+
+    def sockets(self) -> list[zmq.Socket]:
+        """The sockets this actor owns and wants to read."""
+        return []
+
+    def on_readable(self, sock: zmq.Socket) -> None:
+        """A socket of ``sockets()`` has input."""
+
+    def poll_timeout(self) -> float | None:
+        """Milliseconds until ``on_tick`` is next due, or None."""
+        return None
+
+    def on_tick(self) -> None:
+        """Time-driven work; runs after each slice and each read, and when due."""
+
+    def on_batch(self, envelopes: list[Any]) -> None:
+        """Handle the messages of one slice (default: one by one)."""
+        for envelope in envelopes:
+            self._handle_envelope(envelope)
+            if self.actor_stopped.is_set():
+                return
+
+    # -- running on the loop ------------------------------------------------------
+
+    def _run_slice(self, budget: int) -> None:
+        inbox = self.actor_inbox
+        if not self.actor_stopped.is_set():
+            batch: list[Any] = []
+            queue, limit = inbox.queue, self.batch_limit
+            while queue and len(batch) < limit:
+                envelope = queue.popleft()
+                if type(envelope.message) is Bundle:
+                    batch.extend(Told(m) for m in envelope.message.messages)
+                else:
+                    batch.append(envelope)
+            if batch:
+                try:
+                    self.on_batch(batch)
+                except Exception:  # an on_batch that lets an error out cannot go on
+                    self._handle_failure(*sys.exc_info())
+            self._activity()
+        stopped = self.actor_stopped.is_set()
+        if inbox.finish_slice(stopped):
+            self._loop.schedule(self)
+        elif stopped:
+            self._detach()
+
+    def _handle_envelope(self, envelope: Any) -> None:
+        failed = handle_envelope(self, envelope)
+        if failed is not None:  # one told message failed: log, count, carry on
+            self._loop.survived(self.component, failed)
+
+    def _readable(self, sock: zmq.Socket) -> None:
+        if self.actor_stopped.is_set():
+            return
         try:
-            self.on_start()
-        except Exception as exc:
-            self._setup_error = exc
-            pykka.ActorRegistry.unregister(self.actor_ref)
-            self.actor_stopped.set()
-        finally:
-            done = getattr(self, "_setup_done", None)
-            if done is not None:
-                done.set()
+            self.on_readable(sock)
+        except Exception:
+            self._loop.survived(self.component, sys.exc_info())
+        self._activity()
+
+    def _activity(self) -> None:
+        """After a slice or a read: ``on_tick``, and the next tick armed."""
+        if not self._ticks or self.actor_stopped.is_set():
+            return
+        try:
+            self.on_tick()
+        except Exception:
+            self._loop.survived(self.component, sys.exc_info())
+        wait = self.poll_timeout()
+        if wait is None:
+            return
+        loop = self._loop
+        deadline = loop.time() + wait / 1000
+        tick = self._tick
+        if tick is None or tick.cancelled or deadline < tick.deadline:
+            if tick is not None:
+                tick.cancel()  # an earlier one is needed; a later one re-arms itself
+            self._tick = loop.call_at(deadline, self._activity)
+
+    def _handle_failure(self, exc_type: Any, exc_value: Any, tb: Any) -> None:
+        """pykka's rule for an error that escaped: log, unregister, stop."""
+        logger.error("%s stopped on an unhandled error", self.component,
+                     exc_info=(exc_type, exc_value, tb))
+        pykka.ActorRegistry.unregister(self.actor_ref)
+        self.actor_stopped.set()
+
+    def _detach(self) -> None:
+        """On the loop, once stopped: sockets off the poller, queued asks
+        answered with ``ActorDeadError``, the loop ended if it is private."""
+        for sock in self._readers:
+            self._loop.remove_reader(sock)
+        if self._tick is not None:
+            self._tick.cancel()
+        self._actor_loop_teardown()
+        self.actor_inbox.unbind()
+        self._detached.set()
+        if self._own_loop:
+            self._loop.stop()
+
+    def alive(self) -> bool:
+        """Its loop runs and it has not stopped."""
+        return self._loop.alive() and not self.actor_stopped.is_set()
+
+    def join(self, timeout: float = 10.0) -> None:
+        """Wait until the actor has left its loop (and a private loop ended)."""
+        self._detached.wait(timeout)
+        if self._own_loop:
+            self._loop.stop(timeout)
 
     def tell(self, message: Any) -> None:
         """Thread-safe: queue a message for this actor (gathered in a ``burst``)."""
@@ -212,83 +384,3 @@ class LoopActor(pykka.Actor):
             pending[self] = [message]
         else:
             messages.append(message)
-
-    def _start_actor_loop(self) -> None:
-        name = getattr(self, "thread_name", type(self).__name__)
-        self._thread = threading.Thread(target=self._actor_loop, name=name, daemon=True)
-        self._thread.start()
-
-    def sockets(self) -> list[zmq.Socket]:
-        """The sockets this actor owns and wants to read."""
-        return []
-
-    def poll_timeout(self) -> float | None:
-        """Milliseconds until ``on_tick`` is next due, or None."""
-        return None
-
-    def on_readable(self, sock: zmq.Socket) -> None:
-        """A socket of ``sockets()`` has input."""
-
-    def on_tick(self) -> None:
-        """Time-driven work; runs after every wake-up."""
-
-    def on_batch(self, envelopes: list[Any]) -> None:
-        """Handle the messages drained in one wake-up (default: one by one)."""
-        for envelope in envelopes:
-            self._handle_envelope(envelope)
-            if self.actor_stopped.is_set():
-                return
-
-    def _handle_envelope(self, envelope: Any) -> None:
-        failed = handle_envelope(self, envelope)
-        if failed is not None:
-            logger.error("%s failed on %r", self, type(envelope.message).__name__,
-                         exc_info=failed)
-
-    def _actor_loop_running(self) -> None:
-        inbox = self.actor_inbox
-        poller = zmq.Poller()
-        poller.register(inbox.fd, zmq.POLLIN)
-        socks = self.sockets()
-        for sock in socks:
-            poller.register(sock, zmq.POLLIN)
-        while not self.actor_stopped.is_set():
-            try:
-                ready = dict(poller.poll(self.poll_timeout()))
-            except zmq.ZMQError as exc:
-                if exc.errno == zmq.EINTR:
-                    continue
-                raise
-            inbox.clear_signal()
-            if inbox.queue:
-                batch = []
-                while inbox.queue and len(batch) < self.batch_limit:
-                    envelope = inbox.queue.popleft()
-                    if type(envelope.message) is Bundle:
-                        batch.extend(Told(m) for m in envelope.message.messages)
-                    else:
-                        batch.append(envelope)
-                if len(inbox.queue):
-                    os.eventfd_write(inbox.fd, 1)  # more left: come round again
-                self.on_batch(batch)
-            for sock in socks:
-                if sock in ready and not self.actor_stopped.is_set():
-                    try:
-                        self.on_readable(sock)
-                    except Exception:
-                        logger.exception("%s failed reading its socket", self)
-            if not self.actor_stopped.is_set():
-                try:
-                    self.on_tick()
-                except Exception:
-                    logger.exception("%s failed in on_tick", self)
-
-    def _actor_loop_teardown(self) -> None:
-        super()._actor_loop_teardown()
-        self.actor_inbox.close()
-
-    def on_failure(self, *exc_info: Any) -> None:
-        logger.error("%s stopped on an unhandled error", self, exc_info=exc_info or sys.exc_info())
-
-    def join(self, timeout: float = 10.0) -> None:
-        self._thread.join(timeout)

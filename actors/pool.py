@@ -26,7 +26,7 @@ from typing import Any
 import pykka
 from pykka import messages as pykka_messages
 
-from actors.loop import DequeInbox, handle_envelope
+from actors.loop import ScheduledInbox, handle_envelope
 
 logger = logging.getLogger(__name__)
 _serial = itertools.count(1)  # next() on a count is atomic under the GIL
@@ -71,52 +71,7 @@ class Dispatcher:
             thread.join(timeout)
 
 
-class PooledInbox(DequeInbox):
-    """A deque that schedules its actor when a message lands in it idle."""
-
-    __slots__ = ("_actor", "_dispatcher", "_lock", "_scheduled")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._lock = threading.Lock()
-        self._scheduled = False
-        self._actor: PooledActor | None = None
-        self._dispatcher: Dispatcher | None = None
-
-    def bind(self, actor: PooledActor, dispatcher: Dispatcher) -> None:
-        self._actor, self._dispatcher = actor, dispatcher
-
-    def put(self, envelope: Any) -> None:
-        with self._lock:
-            self.queue.append(envelope)
-            if self._scheduled or self._actor is None or self._dispatcher is None:
-                return
-            self._scheduled = True
-        self._dispatcher.schedule(self._actor)
-
-    def unbind(self) -> None:
-        """Forget the actor once it has stopped. The actor and its inbox refer
-        to each other; without this the pair (and the order it holds) is
-        freed only by the cycle collector, whose full passes over a busy
-        heap stall every thread."""
-        self._actor = self._dispatcher = None
-
-    def start(self) -> None:
-        """Schedule the first slice (which runs ``on_start``)."""
-        with self._lock:
-            if self._scheduled:
-                return
-            self._scheduled = True
-        assert self._dispatcher is not None and self._actor is not None
-        self._dispatcher.schedule(self._actor)
-
-    def finish_slice(self, stopped: bool) -> bool:
-        """After a slice: True if the actor must be scheduled again."""
-        with self._lock:
-            if self.queue and not stopped:
-                return True
-            self._scheduled = False
-            return False
+PooledInbox = ScheduledInbox  # the loop actors' inbox: queues the actor when mail lands
 
 
 class StopFlag:
