@@ -13,6 +13,7 @@ only thread that may touch the socket).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +44,8 @@ class Intake(RouterEndpoint):
         super().__init__(zctx, endpoint, octx.metrics, curve, hwm)
         self.octx = octx
         self.max_in_flight = max_in_flight
+        self.admitting = 0  # creates handed to the writer, not yet committed or refused
+        self._admitting_lock = threading.Lock()
         self.user: str | None = None
         for code in (errors.MALFORMED, errors.UNKNOWN_TYPE, errors.TOO_LARGE, errors.BUSY,
                      errors.UNAUTHORIZED, errors.NOT_FOUND, errors.CONFLICT, errors.INTERNAL):
@@ -120,7 +123,7 @@ class Intake(RouterEndpoint):
         denied = self.denied(order["source_system"])
         if denied:
             return denied
-        if self.octx.router.in_flight >= self.max_in_flight:
+        if not self.admit():
             self.metrics.orders_received.labels(
                 self.metrics.source_label(order["source_system"]), "busy").inc()
             return errors.error_reply(
@@ -132,11 +135,30 @@ class Intake(RouterEndpoint):
             return new_order(order_id, order, proc, time.time())
 
         def done(created: Created) -> None:  # in the store writer, after the commit
-            self.created(created, order["source_system"], reply)
+            try:
+                self.created(created, order["source_system"], reply)
+            finally:
+                self.admitted()
 
         self.octx.writer.tell(CreateOrder(order["source_system"], order["external_id"],
                                           codec.digest(order), build, done))
         return None
+
+    def admit(self) -> bool:
+        """Take an admission slot for a new order: orders in flight (committed,
+        unfinished) plus creates not yet committed stay within the limit, so a
+        pipelined burst cannot slip past it before its commits land."""
+        with self._admitting_lock:
+            if self.octx.router.in_flight + self.admitting >= self.max_in_flight:
+                return False
+            self.admitting += 1
+            return True
+
+    def admitted(self) -> None:
+        """The create's outcome is known (the new order, if any, is counted in
+        the router first, so no moment counts it nowhere)."""
+        with self._admitting_lock:
+            self.admitting -= 1
 
     def created(self, created: Created, source: str, reply: Callable[[dict], None]) -> None:
         if created.kind == "error":
