@@ -40,6 +40,7 @@ class Config:
     breaker_cooldown_s: float = 5.0
     max_in_flight: int = 200_000
     map_size_mb: int = 256
+    max_map_size_mb: int = 0  # 0: the map grows as long as the disk allows
     curve_server_key: str | None = None
     curve_clients: str | None = None
     domain_server_key: str | None = None

@@ -40,12 +40,18 @@ from oms.model import Order
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAP_SIZE = 256 * 1024 * 1024
+MIB = 1024 * 1024
+DEFAULT_MAP_SIZE = 256 * MIB
+SCAN_CHUNK = 512  # records per read transaction in long scans
 _DBS = ("orders", "ext", "active", "events", "inbox", "meta")
 
 
 class StoreLocked(RuntimeError):
     """Another service already has this data folder open."""
+
+
+class StoreFull(RuntimeError):
+    """The map reached its configured cap: no write fits until it is raised."""
 
 
 class CorruptRecord(ValueError):
@@ -132,12 +138,14 @@ class Store:
     """An open data folder."""
 
     def __init__(self, path: str | Path, map_size: int = DEFAULT_MAP_SIZE,
-                 sync: bool = True) -> None:
+                 sync: bool = True, max_map_size: int = 0) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock_file = self._take_lock()
+        self.max_map_size = max_map_size  # 0: grow as long as the disk allows
         self.env = lmdb.open(
-            str(self.path), map_size=map_size, max_dbs=len(_DBS), sync=sync,
+            str(self.path), map_size=opening_map_size(self.path, map_size, max_map_size),
+            max_dbs=len(_DBS), sync=sync,
             metasync=sync, max_readers=512, lock=True,
         )
         self.db = {name: self.env.open_db(name.encode()) for name in _DBS}
@@ -196,13 +204,25 @@ class Store:
         with self.read() as txn:
             return [k.decode() for k in txn.cursor(db=self.db["active"]).iternext(values=False)]
 
-    def scan_active(self) -> Iterator[tuple[bytes, dict[str, Any] | CorruptRecord]]:
+    def scan_active(self, chunk: int = SCAN_CHUNK
+                    ) -> Iterator[tuple[bytes, dict[str, Any] | CorruptRecord]]:
         """Every unfinished order's raw record (or why it is unreadable), in id
-        order, from one read transaction."""
-        with self.read() as txn:
-            orders = txn.cursor(db=self.db["orders"])
-            for key in txn.cursor(db=self.db["active"]).iternext(values=False):
-                raw = orders.get(key)
+        order. Read in chunks of ``chunk`` orders, each in its own short read
+        transaction, and decoded and handed out only after that transaction
+        ended: the caller never holds a read slot, so a map growth (which
+        waits for readers) is never held up by whatever the caller waits for."""
+        after: bytes | None = None
+        while True:
+            rows: list[tuple[bytes, bytes | None]] = []
+            with self.read() as txn:
+                active = txn.cursor(db=self.db["active"])
+                orders = txn.cursor(db=self.db["orders"])
+                found = _seek_after(active, after)
+                while found and len(rows) < chunk:
+                    key = active.key()
+                    rows.append((key, orders.get(key)))
+                    found = active.next()
+            for key, raw in rows:
                 if raw is None:
                     yield key, CorruptRecord(key, "listed as active but missing")
                     continue
@@ -210,11 +230,27 @@ class Store:
                     yield key, codec.unpack(raw)
                 except Exception as exc:  # any decoding problem is reported with its key
                     yield key, CorruptRecord(key, f"{type(exc).__name__}: {exc}")
+            if not found:
+                return
+            after = rows[-1][0]
 
-    def inbox(self) -> list[tuple[bytes, dict[str, Any]]]:
-        """Recorded domain events not yet consumed by their orders."""
-        with self.read() as txn:
-            return [(k, codec.unpack(v)) for k, v in txn.cursor(db=self.db["inbox"])]
+    def inbox(self, chunk: int = SCAN_CHUNK) -> Iterator[tuple[bytes, dict[str, Any]]]:
+        """Recorded domain events not yet consumed by their orders (chunked
+        short reads, as ``scan_active``)."""
+        after: bytes | None = None
+        while True:
+            with self.read() as txn:
+                cur = txn.cursor(db=self.db["inbox"])
+                found = _seek_after(cur, after)
+                rows = []
+                while found and len(rows) < chunk:
+                    rows.append((cur.key(), cur.value()))
+                    found = cur.next()
+            for key, raw in rows:
+                yield key, codec.unpack(raw)
+            if not found:
+                return
+            after = rows[-1][0]
 
     def list_orders(self, state: str | None, source_system: str | None, limit: int,
                     after: str | None, scan_limit: int = 100_000, reason: str | None = None,
@@ -257,9 +293,16 @@ class Store:
         return self.env.begin(write=True)
 
     def grow(self) -> int:
-        """Double the map; waits until no reader is inside."""
+        """Double the map (up to ``max_map_size``); waits until no reader is
+        inside. Raises ``StoreFull`` when the map is already at its cap."""
+        current = self.env.info()["map_size"]
+        new = current * 2
+        if self.max_map_size:
+            if current >= self.max_map_size:
+                raise StoreFull(f"the store is full: its map is at the {current // MIB} MiB "
+                                "cap (max_map_size_mb)")
+            new = min(new, self.max_map_size)
         with self.gate.exclusive():
-            new = self.env.info()["map_size"] * 2
             self.env.set_mapsize(new)
         logger.warning("store map grown to %d MiB", new // (1024 * 1024))
         return new
@@ -313,6 +356,30 @@ class Store:
         txn.put(key, b"", db=self.db["events"])
         txn.put(key, codec.pack(event), db=self.db["inbox"])
         return "recorded"
+
+
+def _seek_after(cur: lmdb.Cursor, after: bytes | None) -> bool:
+    """Put the cursor on the first key after ``after`` (the first key if None)."""
+    if after is None:
+        return cur.first()
+    found = cur.set_range(after)
+    if found and cur.key() == after:
+        found = cur.next()
+    return found
+
+
+def opening_map_size(path: Path, map_size: int, max_map_size: int = 0) -> int:
+    """The map size to open with: the data file's size plus ``map_size`` of
+    headroom (LMDB would otherwise reopen a store bigger than ``map_size`` at
+    exactly its file size, i.e. full, and the first write of recovery would
+    have to grow it), at most ``max_map_size`` (0: no cap) unless the file is
+    already bigger. Rounded up to whole MiB."""
+    data = path / "data.mdb"
+    used = data.stat().st_size if data.exists() else 0
+    want = max(map_size, used + map_size)
+    if max_map_size:
+        want = max(min(want, max_map_size), used)
+    return -(-want // MIB) * MIB
 
 
 def decode_order(key: bytes, raw: bytes) -> Order:
