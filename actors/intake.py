@@ -48,7 +48,8 @@ class Intake(RouterEndpoint):
         self._admitting_lock = threading.Lock()
         self.user: str | None = None
         for code in (errors.MALFORMED, errors.UNKNOWN_TYPE, errors.TOO_LARGE, errors.BUSY,
-                     errors.UNAUTHORIZED, errors.NOT_FOUND, errors.CONFLICT, errors.INTERNAL):
+                     errors.UNAUTHORIZED, errors.NOT_FOUND, errors.CONFLICT, errors.INTERNAL,
+                     errors.UNAVAILABLE):
             self.metrics.intake_errors.labels(code)
         self.handlers: dict[str, Callable[[tuple[bytes, ...], dict[str, Any]], Any]] = {
             "submit_order": self.submit_order,
@@ -123,6 +124,8 @@ class Intake(RouterEndpoint):
         denied = self.denied(order["source_system"])
         if denied:
             return denied
+        if not self.octx.writer.healthy:
+            return self.store_unavailable(order["source_system"])
         if not self.admit():
             self.metrics.orders_received.labels(
                 self.metrics.source_label(order["source_system"]), "busy").inc()
@@ -160,7 +163,18 @@ class Intake(RouterEndpoint):
         with self._admitting_lock:
             self.admitting -= 1
 
+    def store_unavailable(self, source: str) -> dict[str, Any]:
+        """The store cannot commit (disk full, map at its cap, I/O error): the
+        order is not taken; the client may send it again later."""
+        self.metrics.orders_received.labels(self.metrics.source_label(source),
+                                            "unavailable").inc()
+        return errors.error_reply(errors.UNAVAILABLE, "the order was not taken: the store "
+                                  "cannot write right now; retry later")
+
     def created(self, created: Created, source: str, reply: Callable[[dict], None]) -> None:
+        if created.kind == "unavailable":
+            reply(self.store_unavailable(source))
+            return
         if created.kind == "error":
             reply(errors.error_reply(errors.INTERNAL, "the order could not be stored; "
                                      "see the service log"))

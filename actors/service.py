@@ -125,7 +125,7 @@ class Service:
             collector(registry=self.registry)
         if cfg.metrics_port:
             self.http = HttpServer(cfg.metrics_host, cfg.metrics_port, self.registry,
-                                   self.ready.is_set)
+                                   lambda: self.ready.is_set() and self.store_writable)
             self._stops.append(("metrics http", self.http.stop))
         self.recover()
         self.intake = Intake.launch(self.zctx, cfg.intake, octx, cfg.max_in_flight,
@@ -134,6 +134,13 @@ class Service:
         self.ready.set()
         logger.info("service ready: intake %s, events %s, domain events %s", cfg.intake,
                     cfg.events, cfg.domain_events)
+
+    @property
+    def store_writable(self) -> bool:
+        """False while store commits fail (disk full, map at its cap, I/O
+        error): the service is then not ready (see actors.store_writer)."""
+        writer = getattr(self, "writer", None)
+        return writer is not None and writer.healthy
 
     def reload_keys(self) -> None:
         """SIGHUP: read the allowed client keys again."""
