@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 MIB = 1024 * 1024
 DEFAULT_MAP_SIZE = 256 * MIB
 SCAN_CHUNK = 512  # records per read transaction in long scans
+LIST_BUDGET = 5_000  # records list_orders examines per call at most
 _DBS = ("orders", "ext", "active", "events", "inbox", "meta")
 
 
@@ -252,35 +253,57 @@ class Store:
                 return
             after = rows[-1][0]
 
-    def list_orders(self, state: str | None, source_system: str | None, limit: int,
-                    after: str | None, scan_limit: int = 100_000, reason: str | None = None,
-                    created_before: float | None = None) -> tuple[list[Order], str | None]:
-        """Orders in id (acceptance) order after the cursor ``after``."""
+    def list_orders(self, flt: ListFilter, limit: int, after: str | None,
+                    budget: int = LIST_BUDGET, chunk: int = SCAN_CHUNK
+                    ) -> tuple[list[Order], str | None]:
+        """Orders matching ``flt``, newest first, older than the cursor ``after``.
+
+        Bounded work: at most ``budget`` records are examined per call, read
+        in chunks of short read transactions (so a call never holds a read
+        slot for long). Returns the orders (at most ``limit``) and the cursor
+        to continue with: the last order id examined when more orders may
+        exist (the limit was reached or the budget spent), else None. A page
+        may hold fewer than ``limit`` orders, even none, and still have a
+        cursor. New orders get higher ids, so paging never repeats or skips
+        an order while orders are added."""
+        if flt.source_system is not None and flt.external_id is not None:
+            return self._list_one(flt, after), None
         out: list[Order] = []
-        last = None
-        with self.read() as txn:
-            cur = txn.cursor(db=self.db["orders"])
-            start = after.encode()[:MAX_ORDER_ID] + b"\x00" if after else None
-            found = cur.set_range(start) if start else cur.first()
-            scanned = 0
-            while found and len(out) < limit and scanned < scan_limit:
-                key, raw = cur.item()
-                scanned += 1
-                last = key.decode()
-                try:
-                    order = decode_order(key, raw)
-                except CorruptRecord as exc:
-                    logger.error("%s", exc)
-                else:
-                    if (state is None or order.state == state) and (
-                        source_system is None or order.source_system == source_system
-                    ) and (reason is None or order.state_reason == reason) and (
-                        created_before is None or order.created_ts <= created_before
-                    ):
-                        out.append(order)
-                found = cur.next()
+        cursor = after.encode()[:MAX_ORDER_ID] if after is not None else None
+        examined, more = 0, True
+        while more and len(out) < limit and examined < budget:
+            rows = []
+            with self.read() as txn:
+                cur = txn.cursor(db=self.db["orders"])
+                found = _seek_before(cur, cursor)
+                while found and len(rows) < min(chunk, budget - examined):
+                    rows.append((cur.key(), cur.value()))
+                    found = cur.prev()
             more = found
-        return out, (last if more else None)
+            for n, (key, raw) in enumerate(rows):
+                examined += 1
+                cursor = key
+                order = _listed(key, raw, flt)
+                if order is not None:
+                    out.append(order)
+                    if len(out) == limit:
+                        more = more or n + 1 < len(rows)
+                        break
+        return out, (cursor.decode() if more and cursor is not None else None)
+
+    def _list_one(self, flt: ListFilter, after: str | None) -> list[Order]:
+        """source_system + external_id name at most one order: the index finds it."""
+        with self.read() as txn:
+            raw = txn.get(ext_key(flt.source_system or "", flt.external_id or ""),
+                          db=self.db["ext"])
+            if raw is None:
+                return []
+            order_id = codec.unpack(raw)[0]
+            if after is not None and order_id >= after:
+                return []
+            rec = txn.get(order_id.encode(), db=self.db["orders"])
+        order = None if rec is None else _listed(order_id.encode(), rec, flt)
+        return [] if order is None else [order]
 
     def stats(self) -> dict[str, int]:
         info, stat = self.env.info(), self.env.stat()
@@ -356,6 +379,52 @@ class Store:
         txn.put(key, b"", db=self.db["events"])
         txn.put(key, codec.pack(event), db=self.db["inbox"])
         return "recorded"
+
+
+@dataclass(frozen=True, slots=True)
+class ListFilter:
+    """What ``list_orders`` keeps; None matches anything."""
+
+    state: str | None = None
+    reason: str | None = None
+    source_system: str | None = None
+    customer_id: str | None = None
+    external_id: str | None = None
+    created_before: float | None = None
+
+    def matches(self, rec: dict[str, Any]) -> bool:
+        """On the raw record, so only matches are decoded into an Order."""
+        cust = rec.get("cust")
+        return ((self.state is None or rec.get("state") == self.state)
+                and (self.reason is None or rec.get("reason") == self.reason)
+                and (self.source_system is None or rec.get("src") == self.source_system)
+                and (self.external_id is None or rec.get("ext") == self.external_id)
+                and (self.customer_id is None
+                     or (isinstance(cust, dict) and cust.get("id") == self.customer_id))
+                and (self.created_before is None or (
+                    isinstance(rec.get("cts"), int | float)
+                    and rec["cts"] <= self.created_before)))
+
+
+def _listed(key: bytes, raw: bytes, flt: ListFilter) -> Order | None:
+    """The order if its record matches; an unreadable record is logged, skipped."""
+    try:
+        rec = codec.unpack(raw)
+        if not isinstance(rec, dict) or not flt.matches(rec):
+            return None
+        return Order.from_record(rec)
+    except Exception as exc:  # any decoding problem is reported with its key
+        logger.error("list_orders skips record %r: %s: %s", key, type(exc).__name__, exc)
+        return None
+
+
+def _seek_before(cur: lmdb.Cursor, before: bytes | None) -> bool:
+    """Put the cursor on the last key before ``before`` (the last key if None)."""
+    if before is None:
+        return cur.last()
+    if cur.set_range(before):
+        return cur.prev()
+    return cur.last()
 
 
 def _seek_after(cur: lmdb.Cursor, after: bytes | None) -> bool:
