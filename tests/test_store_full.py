@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SimThread
+from conftest import SimThread, free_port
 from helpers import poll_until, retail_order
 
 from oms.client import Client, wait_terminal
@@ -115,14 +117,25 @@ def test_a_full_disk_refuses_clearly_then_carries_on(make_service: Any, sim_conf
             sim.stop()
 
 
+def readyz(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 def test_a_map_at_its_cap_refuses_then_a_restart_with_a_higher_cap_recovers(
         make_service: Any, sim: Any, eps: Any) -> None:
-    svc = make_service(map_size_mb=1, max_map_size_mb=2)
+    port = free_port()
+    svc = make_service(map_size_mb=1, max_map_size_mb=2, metrics_port=port)
+    assert readyz(port) == 200
     with Client(eps.intake, timeout=20) as client:
         accepted, refused = submit_until_refused(client, "CAP-")
         assert accepted and refused
         assert refused[0]["code"] == "unavailable"
         assert not svc.store_writable
+        assert readyz(port) == 503
         svc.stop()  # held snapshots never committed: recovery restarts them
         make_service(map_size_mb=1, max_map_size_mb=0)
         client.wait_ready(30)
