@@ -176,3 +176,39 @@ def test_a_queue_head_that_finishes_during_recovery_passes_its_turn_on(
         views = wait_terminal(client, ids, timeout=30)
     assert {v["state"] for v in views.values()} <= TERMINAL
     assert svc.terminate() == 0
+
+
+def test_telecom_queues_cross_a_kill_9(procs: Any, tmp_path: Path) -> None:
+    """Three customers, twenty telecom orders each, then thousands of retail
+    orders that wait for delivery (a long recovery scan after the queue
+    heads), killed mid-flight: after the restart every telecom order ends
+    terminal (none waits for a lost turn)."""
+    import random
+
+    from oms.sample import sample_orders
+
+    rng = random.Random(7)
+    orders = [dict(telecom(n, rng, "web", "TK-"), customer={"id": f"sub-{n % 3}"})
+              for n in range(60)]
+    eps = Endpoints()
+    procs(eps.simulate_args() + ["--latency-ms", "30", "--delivery-s", "3600", "--seed", "3"],
+          "simulate")
+    data = tmp_path / "data"
+    svc = serve(procs, eps, data, "serve")
+    with Client(eps.intake, timeout=10) as client:
+        client.wait_ready(30)
+        ids = [r["order_id"] for _q, r in client.pipeline(
+            {"type": "submit_order", "order": o} for o in orders)]
+        fillers = [r for _q, r in client.pipeline(
+            {"type": "submit_order", "order": o}
+            for o in sample_orders(4000, seed=2, source="web", prefix="FILL-"))]
+        assert all(r["type"] == "accepted" for r in fillers)
+        states = [client.get(i)["order"]["state"] for i in ids]
+        assert not all(s in TERMINAL for s in states)  # still mid-flight
+    svc.kill()
+    again = serve(procs, eps, data, "serve-again")
+    with Client(eps.intake, timeout=10) as client:
+        client.wait_ready(30)
+        views = wait_terminal(client, ids, timeout=40)
+    assert {v["state"] for v in views.values()} <= TERMINAL
+    assert again.terminate() == 0
