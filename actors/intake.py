@@ -63,6 +63,8 @@ class Intake(RouterEndpoint):
             "skip_step": lambda env, req: self.operate(env, req, "skip"),
             "abort_order": lambda env, req: self.operate(env, req, "abort"),
         }
+        for name in ("cancel_order", "retry_step", "skip_step", "abort_order"):
+            self.handlers[name] = self.needs_store(self.handlers[name])
 
     def on_start(self) -> None:
         super().on_start()
@@ -73,6 +75,18 @@ class Intake(RouterEndpoint):
         if lister is not None:
             lister.stop()
         super().on_stop()
+
+    def needs_store(self, handler: Callable[[tuple[bytes, ...], dict[str, Any]], Any]
+                    ) -> Callable[[tuple[bytes, ...], dict[str, Any]], Any]:
+        """A request answered only after a commit is refused at once while the
+        store cannot write (its answer would wait for the disk)."""
+        def guarded(envelope: tuple[bytes, ...], req: dict[str, Any]) -> Any:
+            if not self.octx.writer.healthy:
+                return errors.error_reply(errors.UNAVAILABLE, "the store cannot write right "
+                                          "now; nothing was changed; retry later")
+            return handler(envelope, req)
+
+        return guarded
 
     def reply_later(self, envelope: tuple[bytes, ...], request_id: Any) -> Callable[[dict], None]:
         """A thread-safe callable that sends the reply to this request."""

@@ -213,7 +213,7 @@ class Service:
             return {}
         snap = self.router.snapshot()
         snap.update(self.store.stats())
-        snap["ready"] = self.ready.is_set()
+        snap["ready"] = self.ready.is_set() and self.store_writable
         snap["mailboxes"] = {
             "store_writer": len(self.writer.actor_inbox),
             "publisher": len(self.publisher.actor_inbox),

@@ -97,6 +97,8 @@ def test_a_full_disk_refuses_clearly_then_carries_on(make_service: Any, sim_conf
                 assert svc.registry.get_sample_value("oms_store_write_failing") == 1
                 again = client.submit(retail_order("while-full"))  # refused at the door
                 assert again["type"] == "error" and again["code"] == "unavailable"
+                cancel = client.request({"type": "cancel_order", "order_id": flying[-1]})
+                assert cancel["type"] == "error" and cancel["code"] == "unavailable"
                 # reads still work, and nothing refused was stored
                 assert client.get(flying[0])["type"] == "order"
                 filler.unlink()  # space returns
