@@ -28,6 +28,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,10 +88,16 @@ class _ReadGate:
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
+        """Wait for the readers inside to leave (new ones wait meanwhile).
+        Every read transaction is short and waits for nothing while open, so
+        this ends; a wait of over 5 s is logged, so it would not be silent."""
         with self._cond:
             self._exclusive = True
+            started = time.monotonic()
             while self._readers:
-                self._cond.wait()
+                if not self._cond.wait(5.0):
+                    logger.warning("store map growth waits for %d open reader(s) for %.0f s",
+                                   self._readers, time.monotonic() - started)
         try:
             yield
         finally:
