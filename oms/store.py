@@ -108,7 +108,9 @@ class _ReadGate:
 
 @dataclass(frozen=True, slots=True)
 class Created:
-    """Outcome of ``create_order``. kind: accepted | duplicate | conflict."""
+    """Outcome of ``create_order``. kind: accepted | duplicate | conflict; the
+    store writer adds unavailable (the commit failed: nothing was stored) and
+    error (this one write failed)."""
 
     kind: str
     order_id: str
