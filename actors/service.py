@@ -27,7 +27,7 @@ from actors.pool import Dispatcher
 from actors.publisher import Publisher
 from actors.router import OrderContext, OrderRouter
 from actors.security import ChannelSecurity, SecurityError, client_options
-from actors.sequencer import Sequencer, SeqPreload
+from actors.sequencer import Sequencer
 from actors.store_writer import StoreWriter
 from actors.timers import TimerService
 from gateways.breaker import LEVEL, Breaker
@@ -151,14 +151,15 @@ class Service:
         """Resume every unfinished order from its last persisted snapshot.
 
         Two passes. The scan (chunked short reads, ``Store.scan_active``)
-        only counts and collects; then the sequencer's queues are rebuilt
-        (and the rebuild has run) before any order is resumed or any jeopardy
-        timer armed, so an order that finishes early always finds its queue
-        and its "turn done" reaches the next order of its customer."""
+        only counts and collects; then the sequencer's rebuild is queued
+        before any order is resumed or any jeopardy timer armed (the
+        sequencer handles its messages in order), so an order that finishes
+        early always finds its queue and its "turn done" reaches the next
+        order of its customer."""
         started = time.monotonic()
         scan = self._scan_for_recovery()
-        if scan.seq_entries:  # ask: the queues exist before anything below runs
-            self.sequencer.actor_ref.ask(SeqPreload(scan.seq_entries), timeout=60)
+        if scan.seq_entries:  # queued before any order below can give a turn back
+            self.sequencer.preload(scan.seq_entries)
         for at, order_id, token in scan.jeopardy:
             self.timers.schedule(at, order_id, token)
         resumed = 0
