@@ -257,8 +257,11 @@ class Intake(RouterEndpoint):
                 denied := self.denied(req["source_system"])):
             return denied
         order, err = self._find(req)
-        return err or self.denied(order.source_system) or {"type": "order",
-                                                            "order": order.view()}
+        if err:
+            return err
+        engine = self.octx.engines.get(order.order_type)  # its point of no return: `fallout`
+        ponr = engine.proc.point_of_no_return if engine is not None else None
+        return self.denied(order.source_system) or {"type": "order", "order": order.view(ponr)}
 
     def cancel_order(self, envelope: tuple[bytes, ...], req: dict[str, Any]) -> Any:
         order, err = self._find({"order_id": req.get("order_id")})
