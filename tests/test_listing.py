@@ -163,3 +163,20 @@ def test_bad_list_requests_get_a_clear_error(service: Any, client: Client,
     reply = client.request({"type": "list_orders", **req})
     assert reply["type"] == "error" and reply["code"] == "malformed"
     assert word in reply["message"]
+
+
+def test_a_flood_of_listings_is_answered_every_one(make_service: Any, sim: Any, eps: Any,
+                                                   tmp_path: Path) -> None:
+    """60 listings sent at once: each gets a page or a clear busy (at most 16
+    wait for the lister), never silence, and intake still takes orders."""
+    build(tmp_path / "data", 6000)
+    make_service()
+    with Client(eps.intake, timeout=60) as client:
+        replies = [r for _q, r in client.pipeline(
+            {"type": "list_orders", "customer_id": "nobody", "limit": 10} for _ in range(60))]
+        assert len(replies) == 60
+        kinds = {(r["type"], r.get("code")) for r in replies}
+        assert kinds <= {("orders", None), ("error", "busy")} and ("orders", None) in kinds
+        busy = [r for r in replies if r["type"] == "error"]
+        assert not busy or "retry later" in busy[0]["message"]
+        assert client.submit(retail_order("after-flood"))["type"] == "accepted"
