@@ -207,6 +207,8 @@ class StoreWriter(LoopActor):
         store = self.store
         outcomes: list[Any] = []
         with store.write() as txn:
+            if not work:  # a retry with nothing held: a real write, or it proves nothing
+                store.probe(txn)
             for msg in work:
                 try:
                     outcomes.append(self._apply_one(txn, msg))

@@ -12,7 +12,8 @@ Named databases (keys are UTF-8):
 - ``inbox``: same key -> the event; recorded but not yet consumed by its
   order. The order deletes it in the same transaction that stores the state
   the event led to.
-- ``meta``: ``seq`` -> the last order number given out.
+- ``meta``: ``seq`` -> the last order number given out; ``probe`` -> when
+  the writer last tried whether a failing store can write again.
 
 Only the store writer (``actors.store_writer``) opens write transactions.
 Readers use ``read()``; the writer's ``exclusive()`` waits for them to finish
@@ -338,6 +339,11 @@ class Store:
             self.env.set_mapsize(new)
         logger.warning("store map grown to %d MiB", new // (1024 * 1024))
         return new
+
+    def probe(self, txn: lmdb.Transaction) -> None:
+        """A small real write (an empty commit writes nothing), to learn
+        whether the store can write again."""
+        txn.put(b"probe", str(time.time()).encode(), db=self.db["meta"])
 
     def next_order_id(self, txn: lmdb.Transaction) -> str:
         raw = txn.get(b"seq", db=self.db["meta"])
