@@ -61,7 +61,14 @@ class Config:
                     if f"OMS_{f.name.upper()}" in env}
         cfg.update(from_env, "environment")
         cfg.update({k: v for k, v in flags.items() if v is not None}, "flags")
+        cfg.check_store()
         return cfg
+
+    def check_store(self) -> None:
+        """Store and admission numbers that could never work."""
+        for name, low in (("map_size_mb", 1), ("max_map_size_mb", 0), ("max_in_flight", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name} must be {low} or more (got {getattr(self, name)})")
 
     def update(self, values: dict[str, Any], origin: str) -> None:
         known = {f.name: f for f in fields(self)}
