@@ -144,3 +144,40 @@ def test_a_map_at_its_cap_refuses_then_a_restart_with_a_higher_cap_recovers(
         views = wait_terminal(client, accepted, timeout=60)
         assert {v["state"] for v in views.values()} == {"completed"}
         assert client.submit(retail_order("after-cap"))["type"] == "accepted"
+
+
+def test_the_writer_runs_no_effect_of_a_snapshot_until_it_is_durable(tmp_path: Path) -> None:
+    """The writer alone, on a real full disk: the snapshot's callbacks do not
+    run while its commit fails, a domain event in the failed batch gets
+    "error", nothing ends the process; once space returns the same snapshot
+    is committed and only then its callbacks run."""
+    from prometheus_client import CollectorRegistry
+
+    from actors.store_writer import RecordEvent, SaveOrder, StoreWriter
+    from oms.metrics import Metrics
+    from oms.store import MIB, Store
+
+    with tmpfs(tmp_path / "disk", 8) as disk:
+        store = Store(disk / "store", map_size=MIB)
+        fatal: list[str] = []
+        writer = StoreWriter.launch(store, Metrics(CollectorRegistry()), fatal=fatal.append)
+        try:
+            filler = fill(disk)
+            ran: list[str] = []
+            events: list[str] = []
+            record = b"r" * 300_000  # needs fresh pages
+            writer.tell(SaveOrder("O000000000001", record, True, (),
+                                  (lambda: ran.append("sent"),)))
+            writer.tell(RecordEvent("O000000000001", "shipping", "ev-1", {}, events.append))
+            poll_until(lambda: not writer.healthy and events, timeout=10)
+            assert ran == [] and events == ["error"] and fatal == []
+            assert store.get_order("O000000000001") is None  # nothing stored
+            filler.unlink()
+            poll_until(lambda: writer.healthy and ran, timeout=10)
+            assert ran == ["sent"] and fatal == []
+            with store.read() as txn:
+                assert txn.get(b"O000000000001", db=store.db["orders"]) == record
+        finally:
+            writer.actor_ref.stop(block=True, timeout=10)
+            writer.join(5)
+            store.close()
