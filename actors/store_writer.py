@@ -135,8 +135,19 @@ class StoreWriter(LoopActor):
             self.commit([])
 
     def commit(self, work: list[Any]) -> None:
+        """Held writes first, then ``work``; at most ``batch_limit`` writes per
+        transaction (held writes pile up while the disk is full), in order.
+        After a failed transaction the rest is not tried: it is refused or held."""
         work, self.held = self.held + work, []
         self._last_try = time.monotonic()
+        limit = self.batch_limit
+        for start in range(0, len(work) or 1, limit):
+            if not self._commit_one(work[start:start + limit]):
+                self._refuse(work[start + limit:])
+                return
+
+    def _commit_one(self, work: list[Any]) -> bool:
+        """One transaction; True once it is durable and its callbacks ran."""
         started = time.perf_counter()
         try:
             outcomes = self._commit(work)
@@ -144,14 +155,14 @@ class StoreWriter(LoopActor):
             if isinstance(exc, lmdb.PanicError):
                 self._refuse(work)
                 self.fatal(f"LMDB panic: {exc}")
-                return
+                return False
             self._failed(work, exc)
-            return
+            return False
         except Exception as exc:  # a bug in the writer itself: never a dead writer
             logger.exception("store writer failed")
             self._refuse(work)
             self.fatal(f"{type(exc).__name__}: {exc}")
-            return
+            return False
         if self.failing_since is not None:
             logger.warning("store writes work again after %.1f s and %d failed commits",
                            time.monotonic() - self.failing_since, self._failures)
@@ -162,6 +173,7 @@ class StoreWriter(LoopActor):
         with burst():  # one Bundle per gateway, publisher and endpoint
             for msg, outcome in zip(work, outcomes, strict=True):
                 self._after(msg, outcome)
+        return True
 
     def _commit(self, work: list[Any]) -> list[Any]:
         while True:

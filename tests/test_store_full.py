@@ -162,21 +162,23 @@ def test_the_writer_runs_no_effect_of_a_snapshot_until_it_is_durable(tmp_path: P
         fatal: list[str] = []
         writer = StoreWriter.launch(store, Metrics(CollectorRegistry()), fatal=fatal.append)
         try:
+            writer.batch_limit = 2  # held writes are retried two per transaction
             filler = fill(disk)
             ran: list[str] = []
             events: list[str] = []
             record = b"r" * 300_000  # needs fresh pages
-            writer.tell(SaveOrder("O000000000001", record, True, (),
-                                  (lambda: ran.append("sent"),)))
-            writer.tell(RecordEvent("O000000000001", "shipping", "ev-1", {}, events.append))
+            ids = [f"O00000000000{n}" for n in range(1, 6)]
+            for oid in ids:
+                writer.tell(SaveOrder(oid, record, True, (), (lambda o=oid: ran.append(o),)))
+            writer.tell(RecordEvent(ids[0], "shipping", "ev-1", {}, events.append))
             poll_until(lambda: not writer.healthy and events, timeout=10)
             assert ran == [] and events == ["error"] and fatal == []
-            assert store.get_order("O000000000001") is None  # nothing stored
+            assert store.get_order(ids[0]) is None  # nothing stored
             filler.unlink()
-            poll_until(lambda: writer.healthy and ran, timeout=10)
-            assert ran == ["sent"] and fatal == []
+            poll_until(lambda: writer.healthy and len(ran) == 5, timeout=10)
+            assert ran == ids and fatal == []  # in order, each after its commit
             with store.read() as txn:
-                assert txn.get(b"O000000000001", db=store.db["orders"]) == record
+                assert all(txn.get(o.encode(), db=store.db["orders"]) == record for o in ids)
         finally:
             writer.actor_ref.stop(block=True, timeout=10)
             writer.join(5)
