@@ -86,6 +86,12 @@ class Metrics:
             registry=r)
         self.store_grows = Counter(
             "oms_store_map_grows", "Times the LMDB map was grown", registry=r)
+        self.store_commit_errors = Counter(
+            "oms_store_commit_errors", "Group commits that failed (disk full, map at its cap, "
+            "I/O error); their snapshots are held and retried", registry=r)
+        self.store_failing = Gauge(
+            "oms_store_write_failing", "1 while store commits fail (the service is not ready)",
+            registry=r)
         self.corrupt_records = Counter(
             "oms_store_corrupt_records", "Records that could not be decoded", registry=r)
         self.activations = Counter(
