@@ -26,6 +26,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from actors.eventloop import EventLoop
 from actors.order import Inbound, OrderActor, Rest
 from actors.pool import Dispatcher
 from oms.engine import Engine
@@ -45,7 +46,7 @@ logger = logging.getLogger(__name__)
 class OrderContext:
     """What an order actor talks to. Filled in by ``actors.service``."""
 
-    dispatcher: Dispatcher
+    dispatcher: Dispatcher | EventLoop  # what runs the order actors (the loop in a service)
     store: Store
     metrics: Metrics
     engines: dict[str, Engine]
@@ -60,7 +61,8 @@ class OrderContext:
 class OrderRouter:
     STRIPES = 64
 
-    def __init__(self, ctx: OrderContext, passivate_after_s: float = 1.0) -> None:
+    def __init__(self, ctx: OrderContext, passivate_after_s: float = 1.0,
+                 loop: EventLoop | None = None) -> None:
         self.ctx = ctx
         ctx.router = self
         self._live: dict[str, ActorRef[OrderActor]] = {}
@@ -72,8 +74,14 @@ class OrderRouter:
         self.passivate_after_s = passivate_after_s
         self.idle: dict[str, OrderActor] = {}  # single dict ops are atomic under the GIL
         self._stopped = threading.Event()
-        self._sweeper = threading.Thread(target=self._sweep, name="passivator", daemon=True)
-        self._sweeper.start()
+        self._loop = loop
+        self._sweeper: threading.Thread | None = None
+        if loop is not None:  # the sweep is a timer on the service's loop
+            loop.call_soon(self._sweep_on_loop)
+        else:
+            self._sweeper = threading.Thread(target=self._sweep, name="passivator",
+                                             daemon=True)
+            self._sweeper.start()
 
     def _stripe(self, order_id: str) -> threading.Lock:
         return self._stripes[hash(order_id) % self.STRIPES]
@@ -198,19 +206,34 @@ class OrderRouter:
 
     def _sweep(self) -> None:
         """Nudge actors idle for longer than ``passivate_after_s``."""
-        while not self._stopped.wait(max(0.05, self.passivate_after_s / 2)):
-            now = time.monotonic()
-            for actor in list(self.idle.copy().values()):
-                since = actor.idle_since
-                if since is not None and now - since >= self.passivate_after_s:
-                    try:
-                        actor.actor_ref.tell(Rest())
-                    except Exception:  # stopped meanwhile
-                        self.idle.pop(actor.order.order_id, None)
+        while not self._stopped.wait(self._sweep_every()):
+            self._sweep_once()
+
+    def _sweep_on_loop(self) -> None:
+        if self._stopped.is_set() or self._loop is None:
+            return
+        try:
+            self._sweep_once()
+        finally:
+            self._loop.call_later(self._sweep_every(), self._sweep_on_loop)
+
+    def _sweep_every(self) -> float:
+        return max(0.05, self.passivate_after_s / 2)
+
+    def _sweep_once(self) -> None:
+        now = time.monotonic()
+        for actor in list(self.idle.copy().values()):
+            since = actor.idle_since
+            if since is not None and now - since >= self.passivate_after_s:
+                try:
+                    actor.actor_ref.tell(Rest())
+                except Exception:  # stopped meanwhile
+                    self.idle.pop(actor.order.order_id, None)
 
     def stop(self) -> None:
         self._stopped.set()
-        self._sweeper.join(5)
+        if self._sweeper is not None:
+            self._sweeper.join(5)
 
     def live_ids(self) -> list[str]:
         return list(self._live)

@@ -23,13 +23,13 @@ from prometheus_client import gc_collector, platform_collector, process_collecto
 from actors.domain_events import DomainEvents
 from actors.http import HttpServer
 from actors.intake import Intake
-from actors.pool import Dispatcher
+from actors.eventloop import EventLoop
 from actors.publisher import Publisher
 from actors.router import OrderContext, OrderRouter
 from actors.security import ChannelSecurity, SecurityError, client_options
 from actors.sequencer import Sequencer
 from actors.store_writer import StoreWriter
-from actors.timers import TimerService
+from actors.timers import LoopTimers
 from gateways.breaker import LEVEL, Breaker
 from gateways.gateway import Gateway
 from oms.config import Config, ConfigError
@@ -71,6 +71,10 @@ class Service:
                               "add --system NAME=ENDPOINT")
         self.zctx = zmq.Context()
         self._stops.append(("zmq context", lambda: self.zctx.destroy(linger=0)))
+        # every actor of the process runs on this one thread (actors.eventloop)
+        self.loop = EventLoop("loop", turn_seconds=self.metrics.loop_turn).start()
+        self._stops.append(("event loop", self.loop.stop))
+        loop = self.loop
         self.security = None
         channel_curve: dict[str, Any] = {}
         domain_curve: dict[str, Any] = {}
@@ -88,26 +92,25 @@ class Service:
         self.store = Store(cfg.data, map_size=cfg.map_size_mb * 1024 * 1024,
                            max_map_size=cfg.max_map_size_mb * 1024 * 1024)
         self._stops.append(("store", self.store.close))
-        self.writer = StoreWriter.launch(self.store, self.metrics)
+        self.writer = StoreWriter.launch(self.store, self.metrics, loop=loop)
         self._stops.append(("store writer", lambda: _stop_actor(self.writer)))
         self.publisher = Publisher.launch(self.zctx, cfg.events, self.metrics,
                                           curve=channel_curve, hwm=cfg.events_hwm,
                                           max_subscribers=cfg.max_subscribers,
-                                          stall_timeout_s=cfg.subscriber_timeout_s)
+                                          stall_timeout_s=cfg.subscriber_timeout_s, loop=loop)
         self._stops.append(("publisher", lambda: _stop_actor(self.publisher)))
-        self.dispatcher = Dispatcher(workers=cfg.workers)
-        self._stops.append(("order workers", self.dispatcher.stop))
-        octx = OrderContext(self.dispatcher, self.store, self.metrics,
+        self.dispatcher = loop  # order actors run on the loop too
+        octx = OrderContext(loop, self.store, self.metrics,
                             {t: Engine(p) for t, p in procs.items()})
         self.octx = octx
         octx.writer = self.writer
         octx.publisher = self.publisher
-        self.router = OrderRouter(octx, cfg.passivate_after_s)
+        self.router = OrderRouter(octx, cfg.passivate_after_s, loop=loop)
         self._stops.append(("passivator", self.router.stop))
-        self.timers = TimerService(self.router.deliver)
+        self.timers = LoopTimers(loop, self.router.deliver)
         octx.timers = self.timers
         self._stops.append(("timers", self.timers.stop))
-        self.sequencer = Sequencer.launch(self.router.deliver)
+        self.sequencer = Sequencer.launch(self.router.deliver, loop=loop)
         octx.sequencer = self.sequencer
         self._stops.append(("sequencer", lambda: _stop_actor(self.sequencer)))
         octx.gateways = {}
@@ -115,11 +118,11 @@ class Service:
             gateway = Gateway.launch(self.zctx, system, endpoint, self.router.deliver,
                                      self.metrics, breaker=Breaker(cfg.breaker_failures,
                                                                    cfg.breaker_cooldown_s),
-                                     curve=domain_curve)
+                                     curve=domain_curve, loop=loop)
             octx.gateways[system] = gateway
             self._stops.append((f"gateway {system}", lambda g=gateway: _stop_actor(g)))
         self.domain_events = DomainEvents.launch(self.zctx, cfg.domain_events, octx,
-                                                 curve=channel_curve)
+                                                 curve=channel_curve, loop=loop)
         self._stops.append(("domain events", lambda: _stop_actor(self.domain_events)))
         self.registry.register(ServiceCollector(self.snapshot))
         for collector in (process_collector.ProcessCollector, platform_collector.PlatformCollector,
@@ -131,7 +134,7 @@ class Service:
             self._stops.append(("metrics http", self.http.stop))
         self.recover()
         self.intake = Intake.launch(self.zctx, cfg.intake, octx, cfg.max_in_flight,
-                                    curve=channel_curve)
+                                    curve=channel_curve, loop=loop)
         self._stops.append(("intake", lambda: _stop_actor(self.intake)))
         self.ready.set()
         logger.info("service ready: intake %s, events %s, domain events %s", cfg.intake,

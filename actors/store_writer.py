@@ -100,6 +100,7 @@ class Barrier(NamedTuple):
 
 class StoreWriter(LoopActor):
     thread_name = "store-writer"
+    turn_end = True  # on the loop: once per turn, after the actors (one group commit)
 
     def __init__(self, store: Store, metrics: Metrics,
                  fatal: Callable[[str], None] = exit_process) -> None:

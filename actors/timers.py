@@ -11,8 +11,10 @@ import heapq
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
+from actors.eventloop import EventLoop
 from oms.messages import TimerFired
 
 
@@ -58,3 +60,45 @@ class TimerService:
             self._stopped = True
             self._cond.notify()
         self._thread.join(5)
+
+
+class LoopTimers:
+    """Order timers on the service's event loop (``actors.eventloop``): no
+    thread. ``schedule`` may be called from any thread (recovery runs on the
+    main thread); the wall-clock deadline is turned into a monotonic one
+    when it is armed, so a step of the wall clock later changes nothing."""
+
+    def __init__(self, loop: EventLoop, deliver: Callable[[str, Any], Any],
+                 clock: Callable[[], float] = time.time) -> None:
+        self._loop = loop
+        self._deliver = deliver
+        self._clock = clock
+        self._armed = 0
+
+    def schedule(self, at: float, order_id: str, token: tuple[Any, ...]) -> None:
+        """Arm a timer for wall-clock time ``at``."""
+        if self._loop.in_loop():
+            self._arm(at, order_id, token)
+        else:
+            self._loop.call_soon(lambda: self._arm(at, order_id, token))
+
+    def _arm(self, at: float, order_id: str, token: tuple[Any, ...]) -> None:
+        delay = max(0.0, at - self._clock())
+        self._armed += 1
+        self._loop.call_later(delay, lambda: self._fire(order_id, token))
+
+    def _fire(self, order_id: str, token: tuple[Any, ...]) -> None:
+        self._armed -= 1
+        try:
+            self._deliver(order_id, TimerFired(token))
+        except Exception:  # one timer must not stop the others (failure rule)
+            self._loop.survived("timers")
+
+    def __len__(self) -> int:
+        return self._armed
+
+    def alive(self) -> bool:
+        return self._loop.alive()
+
+    def stop(self) -> None:
+        """Nothing to stop: the timers end with the loop."""
