@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from oms import codec
 
@@ -32,3 +34,41 @@ def test_digest_ignores_key_order() -> None:
     assert codec.digest({"a": 1, "b": {"x": 1, "y": 2}}) == codec.digest(
         {"b": {"y": 2, "x": 1}, "a": 1})
     assert codec.digest({"a": 1}) != codec.digest({"a": 2})
+
+
+values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
+    | st.text(max_size=40) | st.binary(max_size=40),
+    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=6),
+    max_leaves=30)
+
+
+@given(values)
+@settings(max_examples=400, deadline=None)
+def test_fast_encoder_writes_exactly_what_msgpack_writes(value: object) -> None:
+    """Snapshots and wire payloads go through msgspec; its bytes are msgpack's
+    bytes, so old and new records, and the digest, never disagree."""
+    assert codec.pack(value) == codec.msgpack_pack(value)
+
+
+@pytest.mark.parametrize(("value", "error"), [
+    ({"a": 2**64}, OverflowError), ({"a": -(2**63) - 1}, OverflowError),
+    ({"a": object()}, TypeError), ({1.5: "x"}, None),
+])
+def test_a_value_msgpack_refuses_fails_with_msgpack_error(value: object, error: type) -> None:
+    if error is None:
+        assert codec.pack(value) == codec.msgpack_pack(value)
+        return
+    with pytest.raises(error):
+        codec.msgpack_pack(value)
+    with pytest.raises(error):
+        codec.pack(value)
+
+
+@given(values)
+@settings(max_examples=300, deadline=None)
+def test_fast_decoder_reads_what_msgpack_reads(value: object) -> None:
+    data = codec.msgpack_pack(value)
+    assert repr(codec.unpack(data)) == repr(msgpack.unpackb(data, raw=False,
+                                                            strict_map_key=False))
