@@ -39,12 +39,14 @@ class Endpoints:
 
 
 class Proc:
-    def __init__(self, args: list[str], log: Path, module: str = "oms.cli") -> None:
+    def __init__(self, args: list[str], log: Path, module: str = "oms.cli",
+                 env: dict[str, str] | None = None) -> None:
         self.name = args[0] if module == "oms.cli" else module
         self.log = log
         self._out = log.open("ab")
         self.p = subprocess.Popen([sys.executable, "-m", module, *args],
-                                  stdout=self._out, stderr=self._out)
+                                  stdout=self._out, stderr=self._out,
+                                  env={**os.environ, **env} if env else None)
 
     @property
     def pid(self) -> int:
@@ -150,7 +152,11 @@ class Harness:
                 "--events", self.eps.events, "--domain-events", self.eps.domain_events,
                 "--metrics-port", "0", "--processes", str(procs), "--log-level", "warning"]
         args += self.eps.system_args()
-        self.svc = Proc(args + self.serve_args, self.workdir / "serve.log")
+        # the baseline's PUB is unbounded; the service's per-subscriber queue is
+        # 1,000 by default, which one turn's burst of a closed loop of 1,024
+        # orders overflows (13 events per order): lift it, as the baseline's
+        env = {"OMS_EVENTS_HWM": os.environ.get("OMS_EVENTS_HWM", "100000")}
+        self.svc = Proc(args + self.serve_args, self.workdir / "serve.log", env=env)
 
     def procs(self) -> list[Proc]:
         return [p for p in (self.sim, self.svc) if p is not None]
