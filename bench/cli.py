@@ -25,7 +25,7 @@ from itertools import count
 from pathlib import Path
 from typing import Any
 
-from bench.harness import Harness, ProcessDied
+from bench.harness import Harness, ProcessDied, loop_turns, turn_quantiles
 from bench.load import LoadGen, Run, percentiles
 from bench.report import write_reports
 from oms.runtime import tune_gc
@@ -170,6 +170,8 @@ def run_load(harness: Harness | None, intake: str, events: str,
     if args.scenario == "soak":
         rate = rate or 500.0
         total = int(rate * args.duration)
+    port = getattr(harness, "metrics_port", None) if harness and label != "baseline" else None
+    turns0 = loop_turns(port)
     cpu0 = harness.svc.cpu_s() if harness and harness.svc else 0.0
     sim0 = harness.sim.cpu_s() if harness and harness.sim else 0.0
     own0 = time.process_time()
@@ -186,7 +188,8 @@ def run_load(harness: Harness | None, intake: str, events: str,
     if harness and harness.svc:
         out["service"] = {"cpu_s": harness.svc.cpu_s() - cpu0,
                           "peak_rss_mb": harness.svc.peak_rss_mb(),
-                          "threads": harness.svc.threads()}
+                          "threads": harness.svc.threads(),
+                          "loop_turn_s": turn_quantiles(turns0, loop_turns(port))}
     out["others_cpu_s"] = {"load_generator": time.process_time() - own0}
     if harness and harness.sim:
         out["others_cpu_s"]["simulators"] = harness.sim.cpu_s() - sim0

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.ports import free_endpoint
+from bench.ports import free_endpoint, free_port
 
 SYSTEMS = ("warehouse", "billing", "shipping", "crm", "provisioning")
 
@@ -148,9 +148,11 @@ class Harness:
         procs = self.workdir / "processes"
         procs.mkdir(exist_ok=True)
         (procs / "intake.toml").write_text(WAIT_PROCESS)
+        self.metrics_port = free_port()  # scraped for the loop-turn histogram only
         args = ["serve", "--data", str(self.workdir / "data"), "--intake", self.eps.intake,
                 "--events", self.eps.events, "--domain-events", self.eps.domain_events,
-                "--metrics-port", "0", "--processes", str(procs), "--log-level", "warning"]
+                "--metrics-port", str(self.metrics_port), "--processes", str(procs),
+                "--log-level", "warning"]
         args += self.eps.system_args()
         # the baseline's PUB is unbounded; the service's per-subscriber queue is
         # 1,000 by default, which one turn's burst of a closed loop of 1,024
@@ -194,3 +196,39 @@ class Harness:
         if self.sim is not None:
             out["simulator_exit"] = self.sim.stop()
         return out
+
+
+def loop_turns(port: int | None) -> dict[float, float] | None:
+    """The service's ``oms_loop_turn_seconds`` buckets (upper bound -> count),
+    or None if it cannot be read."""
+    if not port:
+        return None
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    buckets: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith("oms_loop_turn_seconds_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float(le)] = float(line.rsplit(" ", 1)[1])
+    return buckets or None
+
+
+def turn_quantiles(before: dict[float, float] | None,
+                   after: dict[float, float] | None) -> dict[str, float] | None:
+    """p50/p99 of the loop turns between two scrapes (bucket upper bounds)."""
+    if not after:
+        return None
+    before = before or {}
+    counts = sorted((le, n - before.get(le, 0.0)) for le, n in after.items())
+    total = counts[-1][1]
+    if total <= 0:
+        return None
+    out: dict[str, float] = {"turns": total}
+    for name, q in (("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999)):
+        out[name] = next(le for le, n in counts if n >= q * total)
+    return out

@@ -105,6 +105,11 @@ def render(r: dict[str, Any]) -> str:
     if svc:
         lines += ["", f"service:      {svc['cpu_s']:.1f} CPU s, peak RSS "
                       f"{svc['peak_rss_mb']:.0f} MB, {svc['threads']} threads"]
+        turns = svc.get("loop_turn_s")
+        if turns:
+            lines.append(f"loop turn:    p50 <= {turns['p50'] * 1000:g} ms, p99 <= "
+                         f"{turns['p99'] * 1000:g} ms, p99.9 <= {turns['p99.9'] * 1000:g} ms "
+                         f"({turns['turns']:,.0f} turns; histogram bucket bounds)")
     lines += _cpu_lines(r)
     if r["scenario"] == "waiting":
         lines += ["", f"waiting:      {r['waiting_orders']} orders waiting for delivery: "
