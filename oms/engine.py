@@ -628,6 +628,9 @@ class Turning(OperatorMixin):
                         for s in self.steps_of(ponr)):
             reject("point_of_no_return")
             return
+        if msg.operator:  # an operator's cancel is in the history like their other actions
+            order.history.append({"state": str(order.state), "ts": self.now, "action": "cancel",
+                                  "operator": msg.operator, "reason": msg.reason or ""})
         order.cancel = {"reason": msg.reason, "ts": self.now}
         self.transition(Ev.CANCEL, msg.reason)
         self.emit(Reply(msg.reply_to, {"type": "cancel_accepted", "order_id": order.order_id,
