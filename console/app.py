@@ -38,6 +38,8 @@ ACTIONS = {
     "cancel": "Cancel the order: undo the completed steps, then it is cancelled "
               "(refused after the point of no return).",
 }
+_DEFAULT_HINT = ("Fix the cause with the domain system, then retry the step; skip it if it "
+                 "was done by hand; or abort or cancel the order to undo what was done.")
 ORDER_ID = re.compile(r"[A-Za-z0-9._:-]{1,100}")
 FIELD_MAX = 200
 REASON_MAX = 500
@@ -352,7 +354,7 @@ def _order_context(view: dict[str, Any]) -> dict[str, Any]:
         error = failure.get("error") if isinstance(failure.get("error"), dict) else None
         fallout = {"step": failure.get("step"), "item": None,
                    "compensation": bool(failure.get("compensation")), "error": error,
-                   "reason": view.get("state_reason"), "hint": None}
+                   "reason": view.get("state_reason"), "hint": _DEFAULT_HINT}
     actions = actions_for(view)
     return {"o": view, "fallout": fallout, "failure": failure, "failed_step": failed_step,
             "actions": [(a, ACTIONS[a]) for a in actions],

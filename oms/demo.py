@@ -186,4 +186,8 @@ def _summary(client: Client, cfg: Config, ids: list[str], finished: dict[str, st
     print(f"  oms serve --data {cfg.data} &   browse the demo's orders afterwards, then")
     print(f"  oms status {sample or 'ORDER_ID'}     or  oms submit --sample 5")
     print(f"  http://127.0.0.1:{cfg.metrics_port}/metrics   Prometheus metrics while it serves")
+    from console.cli import DEFAULT_PORT
+
+    print(f"  oms console                  the operators' web console, "
+          f"http://127.0.0.1:{DEFAULT_PORT}/ (while it serves; docs/console.md)")
     print("  docs/architecture.md, docs/operations.md, docs/processes.md")
