@@ -28,6 +28,7 @@ import pytest
 from conftest import Endpoints, Proc, SimThread, free_port
 from helpers import poll_until, retail_order
 from test_operations import control, hold_policy
+from test_security import keys, opts, secure  # noqa: F401 - fixtures
 
 from actors.service import Service
 from gateways.simulator import SimConfig
@@ -338,6 +339,30 @@ def test_cancel_by_an_operator_is_in_the_history(stack: Stack) -> None:
         "cancel", "ann", "customer called")
     _, body, _ = web.call(f"/orders/{oid}")
     assert "operator <strong>ann</strong> asked to cancel: customer called" in body
+
+
+def test_console_uses_its_own_operator_key_under_curve(secure: Any, keys: Path, eps: Endpoints,
+                                                       tmp_path: Path) -> None:
+    from actors.security import generate
+
+    generate(keys / "own", ["operator-console"])
+    (keys / "clients" / "operator-console.key").write_text(
+        (keys / "own" / "operator-console.key").read_text())
+    secure.reload_keys()
+    with Client(eps.intake, curve=opts(keys, "web")) as web:
+        oid = web.submit(retail_order("curve-console"))["order_id"]
+    curve = ["--curve-key", str(keys / "own" / "operator-console.key_secret"),
+             "--service-key", str(keys / "server" / "server.key")]
+    proc, url = start_console(tmp_path, eps, *curve)
+    plain, plain_url = start_console(tmp_path, eps)  # no key: the handshake never completes
+    try:
+        status, body, _ = Web(url).call("/search?external_id=curve-console&go=1")
+        assert status == 200 and oid in body  # an operator lists every source's orders
+        status, body, _ = Web(url).call("/")
+        assert status == 200 and "needs an operator key" not in body
+        assert Web(plain_url).call(f"/orders/{oid}")[0] == 503
+    finally:
+        assert proc.stop(10) == 0 and plain.stop(10) == 0
 
 
 def test_event_feed_remembers_jeopardy_until_the_order_ends() -> None:
