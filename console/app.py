@@ -356,7 +356,17 @@ def _order_context(view: dict[str, Any]) -> dict[str, Any]:
                    "compensation": bool(failure.get("compensation")), "error": error,
                    "reason": view.get("state_reason"), "hint": _DEFAULT_HINT}
     actions = actions_for(view)
+
+    def maps(key: str) -> list[dict[str, Any]]:  # a view from any service version renders
+        value = view.get(key)
+        return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+    summary = view.get("summary") if isinstance(view.get("summary"), dict) else None
+    if fallout is not None and not isinstance(fallout.get("error"), dict):
+        fallout = dict(fallout, error=None)
     return {"o": view, "fallout": fallout, "failure": failure, "failed_step": failed_step,
+            "items": maps("items"), "steps": maps("steps"), "history": maps("history"),
+            "summary": summary,
             "actions": [(a, ACTIONS[a]) for a in actions],
             "terminal": view.get("state") in TERMINAL}
 

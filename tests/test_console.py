@@ -530,3 +530,39 @@ def test_console_docs_screenshots_exist() -> None:
         data = (ROOT / "docs" / image).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 400_000, image
 
+
+
+def test_order_page_renders_the_engines_fallout_block_and_odd_views() -> None:
+    """The order view's ``fallout`` block (agreed shape) drives the page: its
+    step, item, error, hint and actions; views without it, or with fields of
+    the wrong kind, still render."""
+    from flask import render_template
+
+    from console.app import Settings, _order_context, actions_for, create_app
+    from console.backend import Backend
+
+    app = create_app(Settings(intake="tcp://127.0.0.1:1", events="tcp://127.0.0.1:1"),
+                     Backend("tcp://127.0.0.1:1"), None)
+    held = {"order_id": "O000000000007", "state": "held", "state_reason": "internal_error",
+            "source_system": "shop", "external_id": "X-7", "steps": [], "items": [],
+            "history": [], "fallout": {
+                "step": "activate[i2]", "item": "i2", "compensation": False,
+                "error": {"code": "unknown_service", "message": "no service 42"},
+                "reason": "internal_error", "actions": ["retry", "abort", "explode"],
+                "hint": "Check service 42 with provisioning, then retry."}}
+    assert actions_for(held) == ["retry", "abort"]
+    assert actions_for({"state": "completed"}) == []
+    assert actions_for({"state": "inProgress", "state_reason": "compensating"}) == []
+    assert actions_for({"state": "held", "state_reason": "fallout"}) == [
+        "retry", "skip", "abort", "cancel"]
+    odd = {"order_id": "O1", "state": "held", "state_reason": "fallout", "created_ts": "x",
+           "failure": {"step": "s", "error": "not a map"}, "fallout": "not a map",
+           "steps": [{"name": "s", "status": "failed", "result": [1, 2], "error": "boom"}],
+           "history": [{"ts": None, "state": "held"}], "summary": {"total_minor": 1.5}}
+    with app.test_request_context("/orders/O000000000007"):
+        page = render_template("_order_live.html", **_order_context(held))
+        assert "activate[i2]" in page and "(item i2)" in page and "unknown_service" in page
+        assert "Check service 42 with provisioning, then retry." in page
+        assert "<strong>retry</strong>" in page and "explode" not in page
+        odd_page = render_template("_order_live.html", **_order_context(odd))
+        assert "Why it is held" in odd_page and "boom" in odd_page
