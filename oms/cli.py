@@ -403,7 +403,8 @@ def _ops(name: str) -> Any:
 COMMANDS = {"serve": cmd_serve, "simulate": cmd_simulate, "submit": cmd_submit,
             "status": cmd_status, "keys": cmd_keys, "processes": cmd_processes, "demo": cmd_demo, "health": cmd_health,
             "bench": cmd_bench, "orders": _ops("orders"), "order": _ops("order"),
-            "fallout": _ops("fallout"), "console": _console}
+            "fallout": _ops("fallout")}
+COMMANDS["console"] = _console
 
 if __name__ == "__main__":
     sys.exit(main())

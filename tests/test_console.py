@@ -275,6 +275,15 @@ def test_private_console_needs_a_login_to_look(stack: Stack, tmp_path: Path) -> 
         assert status == 302 and "/login" in headers["Location"]
         assert web.login("vic", "vic-password") == 302
         assert web.call("/search?external_id=x")[0] == 200
+        # after a login the console goes back only to its own pages
+        for target, lands in (("/search?go=1", "/search?go=1"), ("//evil.example/", "/"),
+                              ("http://evil.example/", "/")):
+            token = web.csrf("/login")
+            status, _, headers = web.call(
+                "/login?" + urllib.parse.urlencode({"next": target}),
+                {"csrf": token, "name": "vic", "password": "vic-password"})
+            assert status == 302 and headers["Location"].endswith(lands)
+            assert "evil" not in headers["Location"]
     finally:
         assert proc.stop(10) == 0
 
