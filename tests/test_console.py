@@ -99,9 +99,12 @@ def stack(tmp_path_factory: Any) -> Iterator[Stack]:
     eps = Endpoints()
     sim = SimThread(SimConfig(systems=dict(eps.systems), service_events=eps.domain_events,
                               delivery_s=0.05, restock_s=0.1, seed=1, event_resend_s=0.2))
+    procs = hold_policy(tmp / "procs")  # fallout is held for an operator, and an order
+    retail = Path(procs) / "retail.toml"  # held over 2 s is in jeopardy
+    retail.write_text(retail.read_text().replace("\n[defaults]", "expected_s = 2.0\n\n[defaults]"))
     svc = Service(Config(data=str(tmp / "data"), intake=eps.intake, events=eps.events,
                          domain_events=eps.domain_events, metrics_port=0,
-                         systems=dict(eps.systems), processes=hold_policy(tmp / "procs")))
+                         systems=dict(eps.systems), processes=procs))
     svc.start()
     users = tmp / "users"
     set_user(users, "ann", "operator", "ann-password")
@@ -374,6 +377,21 @@ def test_console_uses_its_own_operator_key_under_curve(secure: Any, keys: Path, 
         assert proc.stop(10) == 0 and plain.stop(10) == 0
 
 
+def test_overview_lists_orders_in_jeopardy_until_they_end(stack: Stack) -> None:
+    oid = stack.fallout("http-late")
+    web = Web(stack.url)
+
+    def late() -> bool:
+        section = web.call("/live/overview")[1].split('id="jeopardy"')[1]
+        return oid in section
+
+    poll_until(late, timeout=10, every=0.2)  # held past the process's expected 2 s
+    web.login("ann", "ann-password")
+    web.call(f"/orders/{oid}/abort", {"csrf": web.csrf(f"/orders/{oid}"), "reason": "late"})
+    wait_terminal(stack.client, [oid], timeout=20)
+    poll_until(lambda: not late(), timeout=10, every=0.2)
+
+
 def test_event_feed_remembers_jeopardy_until_the_order_ends() -> None:
     feed = EventFeed("tcp://127.0.0.1:1", keep=2)
     q = feed.listen(size=2)
@@ -517,6 +535,7 @@ def test_browser_operator_finds_a_failed_order_and_retries_it(stack: Stack, brow
     history = by_id(browser, "history").text
     assert "operator ann asked to retry: card limit raised by the customer" in history
     assert stack.client.get(oid)["order"]["state"] == "completed"
+    browser.execute_script("document.getElementById('summary').scrollIntoView();")
     shot(browser, "order-completed")
     browser.find_element(By.ID, "logout").click()
     print(f"\nbrowser walk-through: {time.monotonic() - started:.1f} s")
