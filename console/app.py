@@ -52,7 +52,7 @@ class Settings:
     users_file: str | None = None  # None: nobody can log in, the console is read-only
     read_only: bool = False  # no actions and no logins, whatever the users file says
     private: bool = False  # every page needs a login (any role)
-    max_streams: int = 8  # live pages at once (each holds a server thread)
+    max_streams: int = 32  # live pages at once (each holds a server thread)
     stream_s: float = 300.0  # a live stream ends after this; the browser reconnects
     service_timeout: float = 3.0
 
@@ -373,15 +373,15 @@ def _order_context(view: dict[str, Any]) -> dict[str, Any]:
 
 def _stream(q: queue.Queue[dict[str, Any]], stream_s: float) -> Iterator[str]:
     """Server-sent events: at most one "changes" message per half second, naming
-    the orders that changed; a comment every 15 s keeps the connection open."""
+    the orders that changed; a comment every 5 s keeps the connection open."""
     yield "retry: 2000\n\n"
     yield "event: hello\ndata: {}\n\n"
     end = time.monotonic() + stream_s
     while time.monotonic() < end:
         try:
-            first = q.get(timeout=15)
+            first = q.get(timeout=5)
         except queue.Empty:
-            yield ": still here\n\n"  # a closed connection is noticed on this write
+            yield ": still here\n\n"  # a closed page is noticed (and its thread freed) here
             continue
         time.sleep(0.5)  # coalesce a burst of events into one message
         batch = [first]

@@ -33,7 +33,8 @@ def add_parser(sub: Any) -> None:
     con.add_argument("--service-key", metavar="FILE", help="the service's public key")
     con.add_argument("--timeout", type=float, default=3.0,
                      help="seconds to wait for the service's answer")
-    con.add_argument("--threads", type=int, default=16, help="web server threads")
+    con.add_argument("--threads", type=int, default=48,
+                     help="web server threads (a live page holds one; at most 32 live pages)")
     con.add_argument("--log-level", default="info")
     acts = con.add_subparsers(dest="action")
     pw = acts.add_parser("passwd", help="add or replace a user in a credentials file")
@@ -61,8 +62,8 @@ def cmd_console(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not 0 <= args.port <= 65535 or args.threads < 2 or not 0 < args.timeout <= 60:
-        print("oms console: --port 0..65535, --threads >= 2, --timeout 0..60 s",
+    if not 0 <= args.port <= 65535 or args.threads < 8 or not 0 < args.timeout <= 60:
+        print("oms console: --port 0..65535, --threads >= 8, --timeout 0..60 s",
               file=sys.stderr)
         return 2
     cfg = Config.load(None, intake=args.intake, events=args.events)
@@ -78,7 +79,7 @@ def cmd_console(args: argparse.Namespace) -> int:
         return 2
     settings = Settings(intake=cfg.intake, events=cfg.events, users_file=args.users,
                         read_only=args.read_only, private=args.private,
-                        service_timeout=args.timeout)
+                        service_timeout=args.timeout, max_streams=min(32, args.threads - 4))
     if args.private and not settings.can_login:
         print("oms console: --private needs --users (and no --read-only)", file=sys.stderr)
         return 2

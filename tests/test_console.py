@@ -11,6 +11,7 @@ skipped with the reason). The browser tests also take the screenshots in
 from __future__ import annotations
 
 import http.cookiejar
+import json
 import os
 import re
 import shutil
@@ -253,6 +254,32 @@ def test_search_by_external_and_customer_id_newest_first(stack: Stack) -> None:
     assert status == 302 and headers["Location"].endswith(f"/orders/{ids[0]}")
 
 
+def test_search_pages_follow_the_services_cursor(stack: Stack) -> None:
+    """Pages of 2 over 5 orders of one customer among others: every order once,
+    in the service's order, whether or not the service filters by customer."""
+    from console.backend import Backend
+
+    ids = []
+    for i in range(5):
+        ids.append(stack.client.submit(retail_order(f"page-{i}", customer={"id": "cust-page"}))[
+            "order_id"])
+        stack.client.submit(retail_order(f"other-{i}"))
+    backend = Backend(stack.eps.intake)
+    try:
+        seen, cursor, pages = [], None, 0
+        while True:
+            rows, cursor = backend.search({"customer_id": "cust-page"}, cursor, size=2)
+            seen += [r["order_id"] for r in rows]
+            pages += 1
+            assert len(rows) <= 2 and pages <= 4
+            if cursor is None:
+                break
+        assert seen in (ids[::-1], ids), seen
+        assert backend.search({"customer_id": "nobody"}, size=2) == ([], None)
+    finally:
+        backend.close()
+
+
 def test_read_only_console_has_no_actions_and_no_logins(stack: Stack, tmp_path: Path) -> None:
     oid = stack.fallout("http-ro")
     proc, url = start_console(tmp_path, stack.eps, "--users", str(stack.users), "--read-only")
@@ -390,6 +417,19 @@ def test_overview_lists_orders_in_jeopardy_until_they_end(stack: Stack) -> None:
     web.call(f"/orders/{oid}/abort", {"csrf": web.csrf(f"/orders/{oid}"), "reason": "late"})
     wait_terminal(stack.client, [oid], timeout=20)
     poll_until(lambda: not late(), timeout=10, every=0.2)
+
+
+def test_live_stream_names_the_orders_that_change(stack: Stack) -> None:
+    with urllib.request.urlopen(stack.url + "/events", timeout=10) as stream:
+        assert stream.headers["Content-Type"].startswith("text/event-stream")
+        lines: list[str] = []
+        while "event: hello" not in lines:
+            lines.append(stream.readline().decode().strip())
+        oid = stack.client.submit(retail_order("sse-1"))["order_id"]
+        while True:  # a burst of events comes as a few "changes" messages
+            line = stream.readline().decode().strip()
+            if line.startswith("data:") and oid in json.loads(line[5:]).get("order_ids", []):
+                break
 
 
 def test_event_feed_remembers_jeopardy_until_the_order_ends() -> None:

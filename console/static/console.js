@@ -35,15 +35,23 @@
       .then(function () { busy = false; badge(); if (wanted) { refresh(); } });
   }
 
-  var source = new EventSource(live.getAttribute("data-events-url"));
-  // on (re)connecting, fetch once: whatever changed since the page was rendered
-  source.addEventListener("hello", function () { connected = true; badge(); refresh(); });
-  source.addEventListener("changes", function (e) {
-    var data = {};
-    try { data = JSON.parse(e.data); } catch (err) { return; }
-    if (orderId && !data.many && (data.order_ids || []).indexOf(orderId) < 0) { return; }
-    wanted = true;
-    refresh();
-  });
-  source.onerror = function () { connected = false; badge(); };
+  function connect() {
+    var source = new EventSource(live.getAttribute("data-events-url"));
+    // on (re)connecting, fetch once: whatever changed since the page was rendered
+    source.addEventListener("hello", function () { connected = true; badge(); refresh(); });
+    source.addEventListener("changes", function (e) {
+      var data = {};
+      try { data = JSON.parse(e.data); } catch (err) { return; }
+      if (orderId && !data.many && (data.order_ids || []).indexOf(orderId) < 0) { return; }
+      wanted = true;
+      refresh();
+    });
+    source.onerror = function () {
+      connected = false; badge();
+      // the browser retries a dropped stream itself; a refused one (503: too many
+      // live pages) is closed for good, so try again later
+      if (source.readyState === 2) { window.setTimeout(connect, 10000); }
+    };
+  }
+  connect();
 })();
