@@ -117,6 +117,12 @@ def create_app(settings: Settings, backend: Backend, feed: EventFeed | None) -> 
 
     @app.errorhandler(ServiceDown)
     def service_down(exc: ServiceDown) -> Any:
+        if request.method == "POST":  # the request may have arrived: say so, do not guess
+            return render_template(
+                "error.html", title="The service does not answer",
+                message=f"{exc}. The action may or may not have been carried out: open "
+                "the order again once the service answers, and look at its history before "
+                "you repeat it."), 503
         return render_template("error.html", title="The service does not answer",
                                message=f"{exc}. It may be down, restarting or recovering. "
                                "Nothing was changed by this page; try again in a moment.",

@@ -320,13 +320,17 @@ def test_private_console_needs_a_login_to_look(stack: Stack, tmp_path: Path) -> 
 
 def test_service_down_gets_a_clear_page(stack: Stack, tmp_path: Path) -> None:
     nobody = f"tcp://127.0.0.1:{free_port()}"
-    proc, url = start_console(tmp_path, stack.eps, intake=nobody)
+    proc, url = start_console(tmp_path, stack.eps, "--users", str(stack.users), intake=nobody)
     try:
         web = Web(url)
         for path in ("/", "/orders/O000000000001", "/search?external_id=x"):
             status, body, _ = web.call(path)
             assert status == 503, path
             assert "The service does not answer" in body and "Traceback" not in body
+        assert web.login("ann", "ann-password") == 302  # logins do not need the service
+        status, body, _ = web.call("/orders/O000000000001/retry",
+                                   {"csrf": web.csrf("/login"), "reason": "x"})
+        assert status == 503 and "may or may not have been carried out" in body
         assert proc.exited() is None  # and the console keeps serving
     finally:
         assert proc.stop(10) == 0
