@@ -75,6 +75,7 @@ def create_app(settings: Settings, backend: Backend, feed: EventFeed | None) -> 
     app.jinja_env.filters["compact"] = _compact
     app.jinja_env.filters["money"] = _money
     streams = threading.BoundedSemaphore(settings.max_streams)
+    checks = threading.BoundedSemaphore(2)  # password checks at once: scrypt costs ~60 ms
 
     # -- every request ----------------------------------------------------
 
@@ -233,7 +234,9 @@ def create_app(settings: Settings, backend: Backend, feed: EventFeed | None) -> 
             user = None
             if len(password) <= MAX_PASSWORD:
                 try:
-                    user = authenticate(load_users(settings.users_file or ""), name, password)
+                    with checks:  # guessing in parallel cannot take every core
+                        user = authenticate(load_users(settings.users_file or ""), name,
+                                            password)
                 except CredentialsError as exc:
                     logger.error("credentials file: %s", exc)
                     abort(503, "The console's credentials file cannot be read; "

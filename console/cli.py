@@ -95,6 +95,9 @@ def cmd_console(args: argparse.Namespace) -> int:
         return 2
     feed.start()
     port = server.effective_port  # type: ignore[union-attr]
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"oms console: serving plain HTTP on {args.host}: beyond this machine, put a "
+              "TLS proxy in front of it", file=sys.stderr)
     mode = ("read-only" if not settings.can_login else
             f"{sum(u.may_act for u in users.values())} operators may act")
     print(f"oms console: http://{args.host}:{port}/  ({mode}; service intake {cfg.intake}, "

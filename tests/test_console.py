@@ -362,6 +362,11 @@ def test_passwd_command_writes_a_salted_hash(tmp_path: Path) -> None:
     assert "second-password" not in file.read_text()
     assert authenticate(users, "bea", "second-password") is not None
     assert authenticate(users, "bea", "first-password") is None
+    assert authenticate(users, "nobody", "second-password") is None
+    from oms.cli import build_parser
+
+    args = build_parser().parse_args(["console"])
+    assert (args.host, args.port) == ("127.0.0.1", 8470)  # this machine only, by default
 
 
 def test_cancel_by_an_operator_is_in_the_history(stack: Stack) -> None:
@@ -582,15 +587,16 @@ def test_browser_operator_finds_a_failed_order_and_retries_it(stack: Stack, brow
     browser.execute_script("document.getElementById('summary').scrollIntoView();")
     shot(browser, "order-completed")
     browser.find_element(By.ID, "logout").click()
+    wait_for(browser, lambda: present(browser, "login-link"))  # logged out, on the overview
     print(f"\nbrowser walk-through: {time.monotonic() - started:.1f} s")
 
 
 @pytest.mark.slow
 def test_browser_pages_of_errors(stack: Stack, browser: Any) -> None:
     browser.get(stack.url + "/orders/O999999999999")
-    assert "There is no order O999999999999" in by_id(browser, "error").text
+    wait_for(browser, lambda: "There is no order O999999999999" in by_id(browser, "error").text)
     browser.get(stack.url + "/search?state=nonsense")
-    assert "Unknown state" in by_id(browser, "error").text
+    wait_for(browser, lambda: "Unknown state" in by_id(browser, "error").text)
 
 
 def test_console_docs_screenshots_exist() -> None:
