@@ -20,8 +20,18 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import (Flask, Response, abort, flash, g, redirect, render_template, request,
-                   session, url_for)
+from flask import (
+    Flask,
+    Response,
+    abort,
+    flash,
+    g,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
 from werkzeug.exceptions import HTTPException
 
 from console.auth import MAX_PASSWORD, CredentialsError, User, authenticate, load_users

@@ -70,8 +70,8 @@ def load_users(file: str | Path) -> dict[str, User]:
     if mode & 0o077:
         raise CredentialsError(f"{path} is readable by others (mode {mode:o}); chmod 600 it")
     users = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
         if not line or line.startswith("#"):
             continue
         name, _, rest = line.partition(":")

@@ -10,6 +10,7 @@ jeopardy it has seen (the service keeps no list of them).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -249,10 +250,8 @@ class EventFeed:
                 self.received += 1
                 self._remember(ev)
                 for q in self._listeners:
-                    try:
+                    with contextlib.suppress(queue.Full):  # a slow page reloads anyway
                         q.put_nowait(ev)
-                    except queue.Full:  # a slow page: it reloads its data anyway
-                        pass
 
     def _remember(self, ev: dict[str, Any]) -> None:
         oid = ev.get("order_id")

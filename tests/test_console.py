@@ -39,8 +39,8 @@ from oms.config import Config
 pytest.importorskip("flask", reason="the console's web stack (oms[console]) is not installed")
 pytest.importorskip("waitress", reason="the console's web stack (oms[console]) is not installed")
 
-from console.auth import set_user  # noqa: E402
-from console.backend import EventFeed  # noqa: E402
+from console.auth import set_user
+from console.backend import EventFeed
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
