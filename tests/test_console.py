@@ -183,6 +183,8 @@ def test_actions_need_an_operator_login(stack: Stack) -> None:
     token = web.csrf(f"/orders/{oid}")
     status, body, _ = web.call(f"/orders/{oid}/retry", {"csrf": token, "reason": ""})
     assert status == 400 and "A reason is required" in body
+    status, body, _ = web.call(f"/orders/{oid}/retry", {"csrf": token, "reason": "x" * 501})
+    assert status == 400 and "too long" in body
     status, _, headers = web.call(f"/orders/{oid}/abort", {"csrf": token, "reason": "bad card"})
     assert status == 302 and headers["Location"].endswith(f"/orders/{oid}")
     view = wait_terminal(stack.client, [oid], timeout=20)[oid]
