@@ -195,11 +195,17 @@ class Intake(RouterEndpoint):
                 denied := self.denied(req["source_system"])):
             return denied
         order, err = self._find(req)
-        return err or self.denied(order.source_system) or {"type": "order",
-                                                            "order": order.view()}
+        if err:
+            return err
+        engine = self.octx.engines.get(order.order_type)  # its point of no return: `fallout`
+        ponr = engine.proc.point_of_no_return if engine is not None else None
+        return self.denied(order.source_system) or {"type": "order", "order": order.view(ponr)}
 
     def cancel_order(self, envelope: tuple[bytes, ...], req: dict[str, Any]) -> Any:
-        order, err = self._find({"order_id": req.get("order_id")})
+        if isinstance(req.get("source_system"), str) and (
+                denied := self.denied(req["source_system"])):
+            return denied
+        order, err = self._find(req)  # by order_id, or source_system + external_id
         if err:
             return err
         if denied := self.denied(order.source_system):
@@ -221,8 +227,10 @@ class Intake(RouterEndpoint):
     def operate(self, envelope: tuple[bytes, ...], req: dict[str, Any], action: str) -> Any:
         """An operator's retry / skip / abort, answered by the order itself."""
         operator, step = req.get("operator"), req.get("step")
-        if not isinstance(operator, str) or not operator or len(operator) > 100:
-            return errors.error_reply(errors.MALFORMED, "operator (your name) is required")
+        if operator is not None and not (isinstance(operator, str) and 1 <= len(operator) <= 64):
+            return errors.error_reply(errors.MALFORMED, "operator must be a string of 1 to 64 "
+                                      "characters")
+        operator = operator or self.user or "anonymous"  # CURVE: the key's name
         if step is not None and not isinstance(step, str):
             return errors.error_reply(errors.MALFORMED, "step must be a string")
         order, err = self._find({"order_id": req.get("order_id")})

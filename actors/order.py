@@ -101,7 +101,7 @@ class OrderActor(PooledActor):
         self._dirty |= turning.changed
         self._effects.extend(turning.effects)
         if order.state != before:
-            self.ctx.router.state_changed(before, order.state)
+            self.ctx.router.state_changed(before, order.state, order.order_id)
         return None
 
     def on_slice_end(self) -> None:

@@ -68,6 +68,7 @@ class OrderRouter:
         self._lock = threading.Lock()  # the counts below
         self.in_flight = 0
         self.states: Counter[str] = Counter()
+        self.held_since: dict[str, float] = {}  # held orders: when they became held (wall)
         self.passivate_after_s = passivate_after_s
         self.idle: dict[str, OrderActor] = {}  # single dict ops are atomic under the GIL
         self._stopped = threading.Event()
@@ -81,19 +82,34 @@ class OrderRouter:
 
     def counted(self, order: Order) -> None:
         """Count an unfinished order just created."""
-        self.counted_raw(str(order.state))
+        self.counted_raw(str(order.state), order.order_id, order.updated_ts)
 
-    def counted_raw(self, state: str) -> None:
+    def counted_raw(self, state: str, order_id: str | None = None,
+                    held_since: float | None = None) -> None:
         """Count an unfinished order from its raw snapshot (recovery)."""
         with self._lock:
             self.in_flight += 1
             self.states[state] += 1
+            if state == OrderState.HELD and order_id is not None:
+                self.held_since[order_id] = held_since or time.time()
 
-    def state_changed(self, old: OrderState, new: OrderState) -> None:
+    def state_changed(self, old: OrderState, new: OrderState,
+                      order_id: str | None = None) -> None:
         with self._lock:
             self.states[str(old)] -= 1
             if not new.terminal:
                 self.states[str(new)] += 1
+            if order_id is not None:
+                if new == OrderState.HELD:
+                    self.held_since[order_id] = time.time()
+                elif old == OrderState.HELD:
+                    self.held_since.pop(order_id, None)
+
+    def oldest_held_age(self) -> float:
+        """Seconds since the longest-held unfinished order became held; 0 if none.
+        Read at scrape time: one pass over the held orders only."""
+        with self._lock:
+            return _age(min(self.held_since.values(), default=None))
 
     def snapshot(self) -> dict[str, Any]:
         live = len(self._live)
@@ -103,6 +119,7 @@ class OrderRouter:
                 "passivated": max(0, self.in_flight - live),
                 "in_flight": self.in_flight,
                 "states": {k: v for k, v in self.states.items() if v > 0},
+                "oldest_held_s": _age(min(self.held_since.values(), default=None)),
             }
 
     # -- lifecycle ---------------------------------------------------------
@@ -197,3 +214,7 @@ class OrderRouter:
 
     def live_ids(self) -> list[str]:
         return list(self._live)
+
+
+def _age(since: float | None) -> float:
+    return 0.0 if since is None else max(0.0, time.time() - since)

@@ -89,7 +89,9 @@ class Service:
         self.writer = StoreWriter.launch(self.store, self.metrics)
         self._stops.append(("store writer", lambda: _stop_actor(self.writer)))
         self.publisher = Publisher.launch(self.zctx, cfg.events, self.metrics,
-                                          curve=channel_curve)
+                                          curve=channel_curve, hwm=cfg.events_hwm,
+                                          max_subscribers=cfg.max_subscribers,
+                                          stall_timeout_s=cfg.subscriber_timeout_s)
         self._stops.append(("publisher", lambda: _stop_actor(self.publisher)))
         self.dispatcher = Dispatcher(workers=cfg.workers)
         self._stops.append(("order workers", self.dispatcher.stop))
@@ -152,7 +154,7 @@ class Service:
                 self.metrics.corrupt_records.inc()
                 corrupt += 1
                 continue
-            self.router.counted_raw(rec["state"])
+            self.router.counted_raw(rec["state"], order_id, _held_since(rec))
             if rec["seq"] and rec["state"] not in TERMINAL_NAMES:
                 seq_entries.append((rec["seq"], order_id, rec["turn"]))
             if _needs_resume(rec):
@@ -214,6 +216,18 @@ class Service:
 # positions in a step record (oms.model.Step.to_record)
 _STATUS, _RETRY_AT, _WAIT, _COMP = 5, 13, 14, 15
 TERMINAL_NAMES = {str(s) for s in TERMINAL}
+
+
+def _held_since(rec: dict[str, Any]) -> float | None:
+    """When a stored held order became held: the first of its latest run of
+    ``held`` history entries (operator actions while held are entries too)."""
+    since = None
+    for entry in reversed(rec.get("hist") or []):
+        if not isinstance(entry, dict) or entry.get("state") != "held":
+            break
+        ts = entry.get("ts")
+        since = ts if isinstance(ts, int | float) else since
+    return since
 
 
 def _needs_resume(rec: dict[str, Any]) -> bool:

@@ -39,6 +39,9 @@ class Config:
     breaker_failures: int = 5
     breaker_cooldown_s: float = 5.0
     max_in_flight: int = 200_000
+    events_hwm: int = 1000
+    max_subscribers: int = 100
+    subscriber_timeout_s: float = 30.0
     map_size_mb: int = 256
     curve_server_key: str | None = None
     curve_clients: str | None = None

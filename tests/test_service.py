@@ -33,7 +33,7 @@ def test_channel_events_for_every_change_on_its_own_topic(service: Any, eps: Any
     while not any(e["type"] == "order_summary" and e["order_id"] == oid for e in events):
         assert sub.poll(10_000), "no event within 10 s"
         topic, raw = sub.recv_multipart()
-        assert topic == b"web"
+        assert topic == b"web\x00"  # the topic ends with NUL (docs/contract.md)
         events.append(codec.decode_map(raw))
     mine = [e for e in events if e["order_id"] == oid]
     states = [(e["previous_state"], e["state"]) for e in mine if e["type"] == "order_state"]
