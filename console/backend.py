@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 PAGE = 50  # orders per search page
 SCAN_LIMIT = 5000  # orders examined for one page when the service ignores a filter
+MAX_REQUESTS = 20  # list_orders requests for one page (a page may be short and have a next)
 FILTERS = ("state", "state_reason", "source_system", "customer_id", "external_id")
 
 
@@ -135,7 +136,7 @@ class Backend:
         rows: list[dict[str, Any]] = []
         scanned = 0
         cursor = after
-        while True:
+        for _ in range(MAX_REQUESTS):
             if cursor:
                 req["after"] = cursor
             page = self._checked(req, "orders")
@@ -148,11 +149,12 @@ class Backend:
                     if len(rows) == size:
                         return rows, (cursor if nxt is not None or order is not orders[-1]
                                       else None)
-            if nxt is None or not orders:
+            if nxt is None:
                 return rows, None
-            cursor = str(nxt)
+            cursor = str(nxt)  # a page may be short, even empty, and still have a next
             if scanned >= SCAN_LIMIT:
-                return rows, cursor  # the rest on the next page
+                break
+        return rows, cursor  # the rest on the next page
 
     # -- actions -----------------------------------------------------------
 

@@ -261,11 +261,12 @@ def test_search_pages_follow_the_services_cursor(stack: Stack) -> None:
     in the service's order, whether or not the service filters by customer."""
     from console.backend import Backend
 
-    ids = []
+    ids, others = [], []
     for i in range(5):
         ids.append(stack.client.submit(retail_order(f"page-{i}", customer={"id": "cust-page"}))[
             "order_id"])
-        stack.client.submit(retail_order(f"other-{i}"))
+        others.append(stack.client.submit(retail_order(f"other-{i}"))["order_id"])
+    wait_terminal(stack.client, ids + others, timeout=20)  # not caught by a later fallout
     backend = Backend(stack.eps.intake)
     try:
         seen, cursor, pages = [], None, 0
