@@ -100,7 +100,7 @@ class Service:
         octx.publisher = self.publisher
         self.router = OrderRouter(octx, cfg.passivate_after_s)
         self._stops.append(("passivator", self.router.stop))
-        self.timers = TimerService(self.router.deliver)
+        self.timers = TimerService(self.router.deliver, self.metrics)
         octx.timers = self.timers
         self._stops.append(("timers", self.timers.stop))
         self.sequencer = Sequencer.launch(self.router.deliver)
