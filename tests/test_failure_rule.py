@@ -104,3 +104,36 @@ def test_a_failing_delivery_does_not_end_the_timers_thread() -> None:
         assert metrics.internal_errors.labels("timers")._value.get() == 1
     finally:
         timers.stop()
+
+
+# -- the metrics port (defect 17) --------------------------------------------
+
+def test_idle_connections_do_not_make_threads_and_metrics_still_answer() -> None:
+    import socket
+    import urllib.request
+
+    from actors.http import WORKERS, HttpServer
+    from conftest import free_port
+
+    registry = CollectorRegistry()
+    Metrics(registry)
+    port = free_port()
+    server = HttpServer("127.0.0.1", port, registry, lambda: True)
+    idle: list[socket.socket] = []
+    try:
+        before = threading.active_count()
+        for _ in range(300):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        # half a request on a few: they hold a worker only until the read timeout
+        for sock in idle[:2]:
+            sock.sendall(b"GET /metr")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            assert b"oms_internal_errors_total" in resp.read()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as resp:
+            assert resp.read() == b"ready\n"
+        assert threading.active_count() <= before  # the pool was there from the start
+        assert server.alive() and len(server.server.threads) == WORKERS
+    finally:
+        for sock in idle:
+            sock.close()
+        server.stop()
