@@ -84,6 +84,8 @@ class Service:
                 raise SecurityError("--domain-server-key needs --curve-server-key (the "
                                     "service's own keypair)")
             domain_curve = client_options(cfg.curve_server_key, cfg.domain_server_key)
+        if self.security is None:
+            _warn_if_exposed(cfg)
         self.store = Store(cfg.data, map_size=cfg.map_size_mb * 1024 * 1024)
         self._stops.append(("store", self.store.close))
         self.writer = StoreWriter.launch(self.store, self.metrics)
@@ -227,6 +229,20 @@ def _needs_resume(rec: dict[str, Any]) -> bool:
         if step[_STATUS] == "running" and step[_WAIT] is None:
             return True
     return any(n[_STATUS] == "running" for n in rec["notes"])
+
+
+LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")
+
+
+def _warn_if_exposed(cfg: Config) -> None:
+    """CURVE is off: say so loudly if an endpoint listens beyond this host."""
+    exposed = [ep for ep in (cfg.intake, cfg.events, cfg.domain_events)
+               if ep.startswith("tcp://") and not ep[6:].startswith(LOOPBACK_HOSTS)]
+    if exposed:
+        logger.warning("CURVE is off and %s listen(s) beyond this host: any peer that can "
+                       "connect may submit, cancel and operate on orders (every client is an "
+                       "operator) and forge domain events; turn CURVE on (docs/security.md) "
+                       "or bind 127.0.0.1", ", ".join(exposed))
 
 
 def _stop_actor(actor: Any, timeout: float = 10.0) -> None:

@@ -137,3 +137,26 @@ def test_idle_connections_do_not_make_threads_and_metrics_still_answer() -> None
         for sock in idle:
             sock.close()
         server.stop()
+
+
+# -- CURVE off on a non-loopback address (defect 20) -------------------------
+
+def test_a_warning_when_listening_beyond_loopback_without_curve(
+        make_service: Any, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from conftest import free_port
+
+    with caplog.at_level(logging.WARNING, logger="actors.service"):
+        make_service(intake=f"tcp://0.0.0.0:{free_port()}")
+    warnings = [r.getMessage() for r in caplog.records if "CURVE is off" in r.getMessage()]
+    assert len(warnings) == 1 and "tcp://0.0.0.0:" in warnings[0]
+    assert "forge domain events" in warnings[0]
+
+
+def test_no_warning_on_loopback(make_service: Any, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="actors.service"):
+        make_service()
+    assert not [r for r in caplog.records if "CURVE is off" in r.getMessage()]
