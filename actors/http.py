@@ -27,6 +27,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
+from actors import supervision
+
 logger = logging.getLogger(__name__)
 
 WORKERS = 4
@@ -42,7 +44,10 @@ class _Quiet(WSGIRequestHandler):
         """Scrapes are not worth a log line each."""
 
 
-def health_app(registry: CollectorRegistry, ready: Callable[[], bool]) -> Any:
+def health_app(registry: CollectorRegistry, ready: Callable[[], bool],
+               dead: Callable[[], list[str]] = list) -> Any:
+    """``dead``: names of components that died (actors.service); any makes
+    ``/readyz`` answer 503, naming them."""
     metrics = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start: Callable[..., Any]) -> Iterable[bytes]:
@@ -51,10 +56,13 @@ def health_app(registry: CollectorRegistry, ready: Callable[[], bool]) -> Any:
             start("200 OK", [("Content-Type", "text/plain")])
             return [b"ok\n"]
         if path == "/readyz":
-            if ready():
+            down = dead()
+            if ready() and not down:
                 start("200 OK", [("Content-Type", "text/plain")])
                 return [b"ready\n"]
             start("503 Service Unavailable", [("Content-Type", "text/plain")])
+            if down:
+                return [f"not ready: dead: {', '.join(down)}\n".encode()]
             return [b"not ready\n"]
         return metrics(environ, start)
 
@@ -72,8 +80,9 @@ class PooledWSGIServer(WSGIServer):
         self._work: queue.SimpleQueue[tuple[socket.socket, Any] | None] = queue.SimpleQueue()
         self._waiting: dict[socket.socket, tuple[float, Any]] = {}
         self._stopping = threading.Event()
-        self.threads = [threading.Thread(target=self._worker, name=f"metrics-http-{i}",
-                                         daemon=True) for i in range(WORKERS)]
+        self.threads = [threading.Thread(
+            target=supervision.guarded(f"metrics-http-{i}", self._worker),
+            name=f"metrics-http-{i}", daemon=True) for i in range(WORKERS)]
         for thread in self.threads:
             thread.start()
 
@@ -141,10 +150,13 @@ class PooledWSGIServer(WSGIServer):
 class HttpServer:
     def __init__(self, host: str, port: int, registry: CollectorRegistry,
                  ready: Callable[[], bool]) -> None:
+        self.dead: Callable[[], list[str]] = list  # set by the service once started
         self.server: PooledWSGIServer = make_server(
-            host, port, health_app(registry, ready), PooledWSGIServer, handler_class=_Quiet)
-        self.thread = threading.Thread(target=self.server.serve, name="metrics-http",
-                                       daemon=True)
+            host, port, health_app(registry, ready, lambda: self.dead()), PooledWSGIServer,
+            handler_class=_Quiet)
+        self.thread = threading.Thread(
+            target=supervision.guarded("metrics-http", self.server.serve), name="metrics-http",
+            daemon=True)
         self.thread.start()
 
     def alive(self) -> bool:

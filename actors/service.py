@@ -19,6 +19,7 @@ import zmq
 from prometheus_client import CollectorRegistry
 from prometheus_client import gc_collector, platform_collector, process_collector
 
+from actors import supervision
 from actors.domain_events import DomainEvents
 from actors.http import HttpServer
 from actors.intake import Intake
@@ -44,10 +45,14 @@ logger = logging.getLogger(__name__)
 
 
 class Service:
-    def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, config: Config, registry: CollectorRegistry | None = None,
+                 exit: Any = supervision.hard_exit) -> None:  # noqa: A002
         self.config = config
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
+        # a component that dies ends the process with ``exit(70)`` (actors.supervision)
+        self.supervisor = supervision.Supervisor(self.metrics, exit)
+        self._outer_supervisor: supervision.Supervisor | None = None
         self.ready = threading.Event()
         self._stops: list[tuple[str, Any]] = []
         self.http: Any = None
@@ -55,6 +60,7 @@ class Service:
     # -- start -------------------------------------------------------------
 
     def start(self) -> None:
+        self._outer_supervisor = supervision.install(self.supervisor)
         try:
             self._start()
         except BaseException:
@@ -131,6 +137,8 @@ class Service:
         self.intake = Intake.launch(self.zctx, cfg.intake, octx, cfg.max_in_flight,
                                     curve=channel_curve)
         self._stops.append(("intake", lambda: _stop_actor(self.intake)))
+        if self.http is not None:
+            self.http.dead = self.dead_components
         self.ready.set()
         logger.info("service ready: intake %s, events %s, domain events %s", cfg.intake,
                     cfg.events, cfg.domain_events)
@@ -154,7 +162,7 @@ class Service:
                 self.metrics.corrupt_records.inc()
                 corrupt += 1
                 continue
-            self.router.counted_raw(rec["state"])
+            self.router.counted_raw(rec["state"], rec["reason"], order_id)
             if rec["seq"] and rec["state"] not in TERMINAL_NAMES:
                 seq_entries.append((rec["seq"], order_id, rec["turn"]))
             if _needs_resume(rec):
@@ -182,13 +190,33 @@ class Service:
         logger.info("recovery: %d orders resumed, %d waiting (passivated), %d unreadable, "
                     "in %.3f s", resumed, waiting, corrupt, elapsed)
 
+    def dead_components(self) -> list[str]:
+        """Components whose thread has ended (readiness: none may be)."""
+        parts: list[tuple[str, Any]] = [
+            ("timers", getattr(self, "timers", None)),
+            ("passivator", getattr(self, "router", None)),
+            ("order workers", getattr(self, "dispatcher", None)),
+            ("metrics http", self.http),
+        ]
+        for name in ("writer", "publisher", "sequencer", "domain_events", "intake"):
+            actor = getattr(self, name, None)
+            parts.append((getattr(actor, "component", name), actor))
+        for gateway in getattr(getattr(self, "octx", None), "gateways", None) or {}:
+            parts.append((f"gateway {gateway}", self.octx.gateways[gateway]))
+        dead = [name for name, part in parts if part is not None and not part.alive()]
+        return list(dict.fromkeys(self.supervisor.dead + dead))
+
+    def is_ready(self) -> bool:
+        """Recovered, accepting orders, and every component alive."""
+        return self.ready.is_set() and not self.dead_components()
+
     def snapshot(self) -> dict[str, Any]:
         """Values read at scrape time."""
         if not hasattr(self, "router"):
             return {}
         snap = self.router.snapshot()
         snap.update(self.store.stats())
-        snap["ready"] = self.ready.is_set()
+        snap["ready"] = self.is_ready()
         snap["mailboxes"] = {
             "store_writer": len(self.writer.actor_inbox),
             "publisher": len(self.publisher.actor_inbox),
@@ -203,6 +231,7 @@ class Service:
 
     def stop(self) -> None:
         """Reverse start order; each part is stopped even if another fails."""
+        self.supervisor.stopping = True  # threads ending from here on are not deaths
         self.ready.clear()
         while self._stops:
             name, stop = self._stops.pop()
@@ -210,6 +239,7 @@ class Service:
                 stop()
             except Exception:
                 logger.exception("stopping %s failed", name)
+        supervision.install(self._outer_supervisor)
         logger.info("service stopped")
 
 

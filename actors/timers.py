@@ -10,7 +10,7 @@ wall now)``), so a step of the wall clock after that (NTP, an operator)
 neither delays nor hastens an armed timer.
 
 A deadline that is not a finite, positive number (NaN, inf, a string, a
-negative time) is refused when armed: logged, counted
+negative time) or lies more than a year ahead is refused when armed: logged, counted
 (``oms_timer_bad_deadlines_total``) and armed ``BAD_DEADLINE_DELAY_S`` from now
 instead, so the order is still woken (its engine re-checks what is due) and
 the heap never holds a value that compares wrongly. A failure to deliver one
@@ -28,11 +28,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from actors import supervision
 from oms.messages import TimerFired
 
 logger = logging.getLogger(__name__)
 
 BAD_DEADLINE_DELAY_S = 1.0
+MAX_DELAY_S = 366 * 86400.0  # further out than this is a bad deadline too
 
 
 class TimerService:
@@ -47,7 +49,9 @@ class TimerService:
         self._seq = itertools.count()
         self._cond = threading.Condition()
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="timers", daemon=True)
+        self._supervisor = supervision.current()
+        self._thread = threading.Thread(target=supervision.guarded("timers", self._run),
+                                        name="timers", daemon=True)
         self._thread.start()
 
     def schedule(self, at: float, order_id: str, token: tuple[Any, ...]) -> None:
@@ -60,15 +64,16 @@ class TimerService:
 
     def _delay(self, at: Any, order_id: str, token: tuple[Any, ...]) -> float:
         """Seconds from now until ``at``; a bad deadline is refused (see above)."""
+        now = self._clock()
         if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at) \
-                or at <= 0:
+                or at <= 0 or at - now > MAX_DELAY_S:
             logger.error("order %s: timer %r has a bad deadline %r; armed %g s from now "
                          "instead", order_id, token, at, BAD_DEADLINE_DELAY_S,
                          extra={"order_id": order_id})
             if self._metrics is not None:
                 self._metrics.bad_deadlines.inc()
             return BAD_DEADLINE_DELAY_S
-        return max(0.0, at - self._clock())
+        return max(0.0, at - now)
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -98,10 +103,13 @@ class TimerService:
         try:
             self._deliver(order_id, TimerFired(token))
         except Exception:  # one timer must not end the thread (failure rule)
-            logger.exception("timer %r for order %s could not be delivered", token, order_id,
-                             extra={"order_id": order_id})
-            if self._metrics is not None:
-                self._metrics.internal_errors.labels("timers").inc()
+            if self._supervisor is not None:
+                self._supervisor.survived("timers")
+            else:
+                logger.exception("timer %r for order %s could not be delivered", token,
+                                 order_id, extra={"order_id": order_id})
+                if self._metrics is not None:
+                    self._metrics.internal_errors.labels("timers").inc()
 
     def stop(self) -> None:
         with self._cond:
