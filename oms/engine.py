@@ -112,17 +112,13 @@ def hold_internal_error(engine: Engine, order: Order, error: str, dropped: tuple
 
     A handler raised on this order; ``order`` is its last durable snapshot
     again, and ``dropped`` the messages lost with the crash. Hold it as
-    fallout (``held``, ``internal_error``) with the error, remembering where
-    it was so an operator's retry or skip can put it back
-    (``Turning.leave_internal_error``). A sequencing turn it was given is
-    kept: it stays the head of its queue until it finishes or is aborted.
+    fallout (``held``, ``internal_error``) with the error (and the failure
+    it had, under ``previous``); an operator retries (resume from the
+    snapshot), skips or aborts it. A sequencing turn it was given is kept:
+    it stays the head of its queue until it finishes or is aborted.
     """
     turning = Turning(engine, order, now)
-    crash = (order.failure or {}).get(INTERNAL_ERROR)
-    if order.state_reason != INTERNAL_ERROR or crash is None:
-        crash = {"state": str(order.state), "reason": order.state_reason,
-                 "failure": order.failure}
-    order.failure = {"step": None, INTERNAL_ERROR: crash,
+    order.failure = {"step": None, "previous": order.failure,
                      "error": {"code": INTERNAL_ERROR, "message": error[:500],
                                "retryable": False}}
     if any(isinstance(m, Turn) and m.go for m in dropped):
@@ -157,9 +153,7 @@ class Turning(OperatorMixin):
     # -- dispatch ----------------------------------------------------------
 
     def handle(self, msg: Any) -> None:
-        if self.order.state_reason == INTERNAL_ERROR and not isinstance(msg, Operate):
-            self.while_internal_error(msg)
-        elif isinstance(msg, CommandResult):
+        if isinstance(msg, CommandResult):
             self.on_result(msg)
         elif isinstance(msg, DomainEvent):
             self.on_event(msg)
@@ -373,70 +367,6 @@ class Turning(OperatorMixin):
             self.emit(Timer(step.retry_at, token))
         else:
             send()
-
-    # -- held for an internal error (see hold_internal_error) --------------
-
-    def while_internal_error(self, msg: Any) -> None:
-        """Only an operator moves the order on. Meanwhile a turn is kept, an
-        event is kept for later, a cancel is refused; results and timers are
-        dropped (the retry re-sends and re-arms from the snapshot)."""
-        order = self.order
-        if isinstance(msg, Turn) and msg.go and not order.turn:
-            order.turn = self.changed = True
-        elif isinstance(msg, DomainEvent):
-            order.early_events.append({"system": msg.system, "name": msg.name,
-                                       "data": msg.data})
-            del order.early_events[:-MAX_EARLY_EVENTS]
-            self.changed = True
-        elif isinstance(msg, Cancel):
-            self.emit(Reply(msg.reply_to, {
-                "type": "cancel_rejected", "order_id": order.order_id,
-                "reason": "the order is held for an internal error; an operator must "
-                          "retry or abort it first"}))
-        else:
-            self.stale = True
-
-    def internal_error_problem(self, msg: Operate) -> str | None:
-        """Why this operator action cannot apply to an internal_error hold."""
-        before = (self.order.failure or {}).get(INTERNAL_ERROR) or {}
-        if msg.action not in ("retry", "skip", "abort"):
-            return f"unknown action {msg.action!r}"
-        if msg.action == "abort":
-            return "order is being compensated; retry it" if self.order.phase != "run" else None
-        if before.get("state") in (S.ACKNOWLEDGED, S.PENDING) and self.order.seq_key \
-                and not self.order.turn:
-            return "the order waits for its sequencing turn; retry it once it has it"
-        return None
-
-    def leave_internal_error(self, msg: Operate) -> None:
-        """retry or skip: back where it was when it crashed; abort: compensate
-        and fail. Then resume from the snapshot, as after a restart: commands
-        that were in flight are sent again under their command_id, timers
-        re-armed, events kept meanwhile taken. (There is no failed step:
-        retry and skip do the same; the message that crashed stays dropped.)"""
-        order = self.order
-        crash = (order.failure or {}).get(INTERNAL_ERROR) or {}
-        before = crash.get("state") or str(S.IN_PROGRESS)
-        order.failure = crash.get("failure")
-        self.changed = True
-        if msg.action == "abort":
-            order.failure = dict(order.failure or {}, aborted_by=msg.operator)
-            self.begin_compensation("failed")
-        elif before == S.HELD:
-            order.state_reason = crash.get("reason") or "fallout"
-        elif order.phase == "compensate" and order.target == "cancelled":
-            self.transition(Ev.CANCEL, (order.cancel or {}).get("reason"))
-        else:
-            self.transition(Ev.RESUME)
-            if before in (S.ACKNOWLEDGED, S.PENDING):  # it had not begun
-                self.expect("order", self.proc.expected_s)
-                for it in order.items:
-                    it["state"] = str(ItemState.IN_PROGRESS)
-        self.on_resume()
-        for step in order.steps.values():
-            if step.status == StepStatus.RUNNING and step.wait is not None:
-                self.take_early_event(step)
-        self.advance()
 
     # -- moving forward ----------------------------------------------------
 

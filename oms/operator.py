@@ -44,17 +44,14 @@ class OperatorMixin:
             self.emit(Reply(msg.reply_to, {"type": kind, "order_id": order.order_id,
                                            "action": msg.action, **extra}))
 
-        internal = order.state == S.HELD and order.state_reason == "internal_error"
-        problem = self.internal_error_problem(msg) if internal else self.operate_problem(msg)
+        problem = self.operate_problem(msg)
         if problem:
             answer("operator_rejected", reason=problem)
             return
         order.history.append({"state": str(order.state), "ts": self.now, "action": msg.action,
                               "operator": msg.operator, "reason": msg.reason or ""})
         self.changed = True
-        if internal:
-            self.leave_internal_error(msg)
-        elif msg.action == "abort":
+        if msg.action == "abort":
             order.failure = dict(order.failure or {}, aborted_by=msg.operator)
             self.begin_compensation("failed")
         else:

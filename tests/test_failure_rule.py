@@ -160,3 +160,151 @@ def test_no_warning_on_loopback(make_service: Any, caplog: pytest.LogCaptureFixt
     with caplog.at_level(logging.WARNING, logger="actors.service"):
         make_service()
     assert not [r for r in caplog.records if "CURVE is off" in r.getMessage()]
+
+
+# -- a poison order (rule 1, defect 1) ---------------------------------------
+
+def _telecom(ext: str, customer: str) -> dict[str, Any]:
+    return {"source_system": "crm-ui", "external_id": ext, "order_type": "telecom",
+            "customer": {"id": customer},
+            "customer_address": {"line1": "1 Way", "city": "Oslo", "postal_code": "0150",
+                                 "country": "NO"},
+            "items": [{"id": "fiber", "product_id": "FIBER", "quantity": 1,
+                       "unit_price_minor": 4000}]}
+
+
+def test_a_poison_order_goes_to_fallout_and_blocks_no_other_order(
+        make_service: Any, sim: Any, eps: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A definition the loader would refuse (expected_s not a number) makes
+    the real engine raise in ``expect`` when the order starts."""
+    import dataclasses
+    import logging
+
+    from helpers import poll_until, retail_order
+    from oms.client import Client
+    from oms.engine import Engine
+
+    svc = make_service(max_in_flight=2)
+    good = svc.octx.engines["telecom"]
+    bad = Engine(dataclasses.replace(good.proc, expected_s="soon"))
+    with Client(eps.intake, timeout=10) as client, caplog.at_level(logging.ERROR):
+        svc.octx.engines["telecom"] = bad
+        poison = client.submit(_telecom("poison-1", "cust-9"))["order_id"]
+        queued = client.submit(_telecom("poison-2", "cust-9"))["order_id"]  # same customer
+        view = poll_until(lambda: (o := client.get(poison)["order"])["state"] == "held" and o)
+        svc.octx.engines["telecom"] = good  # the definition is fixed
+        assert view["state_reason"] == "internal_error"
+        assert view["failure"]["error"]["code"] == "internal_error"
+        assert view["failure"]["error"]["message"].startswith("TypeError:")
+        logged = [r for r in caplog.records if poison in r.getMessage() and r.exc_info]
+        assert logged and "internal_error" in logged[0].getMessage()
+        # its admission slot is released: with --max-in-flight 2, two more orders get in
+        counts = client.request({"type": "order_counts"})
+        assert counts["in_flight"] == 1  # the queued telecom order only
+        retail = [client.submit(retail_order(f"after-{i}"))["order_id"] for i in range(1)]
+        poll_until(lambda: client.get(retail[0])["order"]["state"] == "completed")
+        # its sequencing turn is kept: the customer's next order still waits
+        assert client.get(queued)["order"]["state"] == "pending"
+        # the waiting order's actor leaves memory, so it comes back with the fixed definition
+        poll_until(lambda: queued not in svc.router.live_ids())
+        reply = client.request({"type": "abort_order", "order_id": poison,
+                                "operator": "ops", "reason": "bad definition"})
+        assert reply["type"] == "operator_accepted", reply
+        poll_until(lambda: client.get(poison)["order"]["state"] == "failed")
+        poll_until(lambda: client.get(queued)["order"]["state"] == "completed")
+        assert svc.metrics.order_crashes._value.get() == 1
+
+
+def test_a_dead_actor_in_the_live_set_kills_no_thread(make_service: Any, sim: Any,
+                                                       eps: Any) -> None:
+    """Defect 1: a stopped order actor left in the router's live set made the
+    next timer raise ActorDeadError and end the timers thread."""
+    from helpers import poll_until, retail_order
+    from oms.client import Client
+    from oms.messages import TimerFired
+
+    svc = make_service(passivate_after_s=60)
+    with Client(eps.intake, timeout=10) as client:
+        oid = client.submit(retail_order("dead-1", items=[
+            {"id": "a", "product_id": "SKU-1", "quantity": 1, "unit_price_minor": 100}]))[
+            "order_id"]
+        ref = poll_until(lambda: svc.router._live.get(oid))
+        ref.stop()  # pykka's own stop: the actor is dead, the router still lists it
+        assert not ref.is_alive()
+        svc.timers.schedule(time.time(), oid, ("retry", "nothing", 99))  # a stale timer
+        assert svc.router.deliver(oid, TimerFired(("retry", "nothing", 98))) is True
+        poll_until(lambda: client.get(oid)["order"]["state"] == "completed")
+        assert svc.dead_components() == [] and svc.is_ready()
+        assert svc.metrics.internal_errors.labels("router")._value.get() >= 1
+
+
+# -- a component that dies takes the process down (rule 1, second half) -------
+
+def test_a_dead_component_is_not_ready_and_exits_70(eps: Any, tmp_path: Any) -> None:
+    import urllib.error
+    import urllib.request
+
+    from actors.service import Service
+    from conftest import free_port
+    from helpers import poll_until
+    from oms.config import Config
+
+    exits: list[int] = []
+    port = free_port()
+    cfg = Config(data=str(tmp_path / "data"), intake=eps.intake, events=eps.events,
+                 domain_events=eps.domain_events, metrics_port=port, systems=dict(eps.systems))
+    svc = Service(cfg, exit=exits.append)  # the exit function is a parameter, like a clock
+    svc.start()
+    try:
+        url = f"http://127.0.0.1:{port}/readyz"
+        assert urllib.request.urlopen(url, timeout=5).read() == b"ready\n"
+        svc.sequencer.actor_ref.stop()  # the sequencer's loop ends while the service runs
+        poll_until(lambda: exits == [70])
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(url, timeout=5)
+        assert err.value.code == 503 and b"dead: sequencer" in err.value.read()
+        assert not svc.is_ready()
+    finally:
+        svc.stop()
+
+
+KILL_A_COMPONENT = """
+import sys, threading, time, urllib.request
+import pykka
+from oms.cli import main
+
+def kill_sequencer():
+    while True:  # poll until ready, then stop the sequencer actor (pykka's own stop)
+        try:
+            if urllib.request.urlopen(sys.argv[1], timeout=1).status == 200:
+                break
+        except OSError:
+            time.sleep(0.05)
+    pykka.ActorRegistry.get_by_class_name("Sequencer")[0].stop(block=False)
+
+threading.Thread(target=kill_sequencer, daemon=True).start()
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_oms_serve_exits_non_zero_when_a_component_dies(eps: Any, tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    port = free_port()
+    args = eps.serve_args(tmp_path / "data")
+    args[args.index("--metrics-port") + 1] = str(port)
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", KILL_A_COMPONENT,
+                                 f"http://127.0.0.1:{port}/readyz", *args],
+                                stdout=out, stderr=out)
+        try:
+            code = proc.wait(20)
+        finally:
+            proc.kill()
+    text = log.read_text()
+    assert code == 70, text[-2000:]
+    assert "component sequencer died" in text
