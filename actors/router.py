@@ -28,6 +28,7 @@ own slice, whether it may leave.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections import Counter
@@ -70,21 +71,6 @@ class OrderContext:
     router: OrderRouter | None = None  # type: ignore[assignment]
 
 
-class Reviving:
-    """An order between a crash and the reload of its last durable snapshot.
-
-    error: what the handler raised (None: a dead actor was found; no hold).
-    dropped: the messages lost with the crash (the one that raised, or a
-        failed slice's), for the hold to keep a sequencing turn they gave.
-    messages: to deliver to the new actor, in order.
-    """
-
-    __slots__ = ("dropped", "error", "messages")
-
-    def __init__(self, error: str | None, dropped: list[Any], messages: list[Any]) -> None:
-        self.error, self.dropped, self.messages = error, dropped, messages
-
-
 class OrderRouter:
     STRIPES = 64
 
@@ -98,7 +84,7 @@ class OrderRouter:
         self.states: Counter[str] = Counter()
         self.passivate_after_s = passivate_after_s
         self.idle: dict[str, OrderActor] = {}  # single dict ops are atomic under the GIL
-        self._reviving: dict[str, Reviving] = {}
+        self._reviving: dict[str, list[Any]] = {}  # messages for orders being reloaded
         self.parked: set[str] = set()  # held as internal_error: no admission slot
         self._stopped = threading.Event()
         self._sweeper = threading.Thread(target=supervision.guarded("passivator", self._sweep),
@@ -175,11 +161,14 @@ class OrderRouter:
             self._tell(order_id, ref, message)
             return True
 
+    def deliver_event(self, key: bytes, order_id: str, event: DomainEvent) -> bool:
+        return self.deliver(order_id, Inbound(key, event))
+
     def _tell(self, order_id: str, ref: ActorRef[OrderActor] | None, message: Any) -> None:
         """The one place a message enters an order actor (stripe held)."""
         reviving = self._reviving.get(order_id)
         if reviving is not None:
-            reviving.messages.append(message)
+            reviving.append(message)
             return
         assert ref is not None
         try:
@@ -190,7 +179,7 @@ class OrderRouter:
             self.ctx.metrics.internal_errors.labels("router").inc()
             self._live.pop(order_id, None)
             self.idle.pop(order_id, None)
-            self._revive(order_id, Reviving(None, [], [message]))
+            self._revive(order_id, [message])
 
     # -- the order failure rule ---------------------------------------------
 
@@ -201,12 +190,12 @@ class OrderRouter:
         The one place the order failure rule is carried out: the actor leaves
         the live set at once (before it stops, so no tell meets a dead
         actor); the order's last durable snapshot is reloaded once the
-        writer has committed what was queued before, and held as
-        ``internal_error`` (``oms.engine.hold_internal_error``). Messages of
-        the slice handled before the crash and those still queued are
-        delivered again, to the reloaded order; the one that raised (or a
-        failed slice's) is dropped, and a request among them gets an
-        ``internal`` error reply. Other orders never wait for any of this.
+        writer has committed what was queued before; the messages of the
+        slice handled before the crash are delivered to it again, then it is
+        held as ``internal_error`` (``oms.engine.hold_internal_error``), then
+        it gets the messages still queued or arriving meanwhile. The message
+        that raised (or a failed slice's messages) is dropped, and a request
+        among them gets an ``internal`` error reply. No other order waits.
         """
         order_id = actor.order.order_id
         exc = exc_info[1]
@@ -218,6 +207,7 @@ class OrderRouter:
         self.ctx.metrics.order_crashes.inc()
         dropped = [message] if message is not None else list(handled)
         replay = list(handled) if message is not None else []
+        replay.append(HoldInternalError(error, tuple(dropped)))
         with self._stripe(order_id):
             if self._live.get(order_id) is actor.actor_ref:
                 del self._live[order_id]
@@ -226,41 +216,45 @@ class OrderRouter:
             replay += [envelope.message for envelope in queue]
             queue.clear()
             actor.stop_now()
-            self._revive(order_id, Reviving(error, dropped, replay))
+            self._revive(order_id, replay)
         for msg in dropped:
             _refuse(msg, "the order failed handling this request and is held as "
                          "internal_error; see the service log")
 
-    def _revive(self, order_id: str, reviving: Reviving) -> None:
+    def _revive(self, order_id: str, messages: list[Any]) -> None:
         """Queue the reload behind every write already handed to the writer."""
         pending = self._reviving.get(order_id)
         if pending is not None:  # already on its way: add to it
-            pending.error = pending.error or reviving.error
-            pending.dropped += reviving.dropped
-            pending.messages += reviving.messages
+            pending += messages
             return
-        self._reviving[order_id] = reviving
-        self.ctx.writer.tell(Barrier(lambda: self._revived(order_id)))
+        self._reviving[order_id] = messages
+        supervisor = supervision.current()
+
+        def revive() -> None:
+            try:
+                self._revived(order_id)
+            except Exception:  # the order would stay in limbo: escalate
+                if supervisor is None:
+                    raise
+                supervisor.died("router", sys.exc_info())
+
+        self.ctx.writer.tell(Barrier(revive))
 
     def _revived(self, order_id: str) -> None:
         """In the writer, after the barrier: start the order again from the store."""
         with self._stripe(order_id):
-            reviving = self._reviving.pop(order_id)
+            messages = self._reviving.pop(order_id)
             order = self._load(order_id)
             if order is None:
                 logger.warning("order %s finished or unreadable; %d messages for it dropped",
-                               order_id, len(reviving.messages), extra={"order_id": order_id})
-                for msg in reviving.messages:
+                               order_id, len(messages), extra={"order_id": order_id})
+                for msg in messages:
                     _refuse(msg, "the order could not be reloaded; see the service log")
                 return
-            ref = self._spawn(order, "crash" if reviving.error else "reload")
-            if reviving.error is not None:
-                ref.tell(HoldInternalError(reviving.error, tuple(reviving.dropped)))
-            for msg in reviving.messages:
+            crash = any(isinstance(m, HoldInternalError) for m in messages)
+            ref = self._spawn(order, "crash" if crash else "reload")
+            for msg in messages:
                 ref.tell(msg)
-
-    def deliver_event(self, key: bytes, order_id: str, event: DomainEvent) -> bool:
-        return self.deliver(order_id, Inbound(key, event))
 
     def _spawn(self, order: Order, reason: str) -> ActorRef[OrderActor]:
         engine = self.ctx.engines[order.order_type]
