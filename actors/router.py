@@ -205,6 +205,16 @@ class OrderRouter:
                      "and holding it as internal_error", order_id, what, exc_info=exc_info,
                      extra={"order_id": order_id})
         self.ctx.metrics.order_crashes.inc()
+        if isinstance(message, HoldInternalError):  # the hold itself failed: no loop
+            logger.critical("order %s could not be held; it stays at its last durable "
+                            "snapshot until its next message", order_id,
+                            extra={"order_id": order_id})
+            with self._stripe(order_id):
+                if self._live.get(order_id) is actor.actor_ref:
+                    del self._live[order_id]
+                self.idle.pop(order_id, None)
+                actor.stop_now()
+            return
         dropped = [message] if message is not None else list(handled)
         replay = list(handled) if message is not None else []
         replay.append(HoldInternalError(error, tuple(dropped)))

@@ -118,6 +118,9 @@ def hold_internal_error(engine: Engine, order: Order, error: str, dropped: tuple
     it stays the head of its queue until it finishes or is aborted.
     """
     turning = Turning(engine, order, now)
+    if order.state.terminal:  # finished, only notices still out: nothing to hold
+        turning.stale = True
+        return turning
     order.failure = {"step": None, "previous": order.failure,
                      "error": {"code": INTERNAL_ERROR, "message": error[:500],
                                "retryable": False}}

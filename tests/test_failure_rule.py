@@ -15,7 +15,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from actors.timers import TimerService
-from oms.messages import TimerFired
+from oms.engine import Engine
+from oms.messages import TimerFired, Turn
 from oms.metrics import Metrics
 
 
@@ -308,3 +309,21 @@ def test_oms_serve_exits_non_zero_when_a_component_dies(eps: Any, tmp_path: Any)
     text = log.read_text()
     assert code == 70, text[-2000:]
     assert "component sequencer died" in text
+
+
+def test_the_hold_of_a_finished_order_changes_nothing() -> None:
+    from helpers import normalized, retail_order
+    from oms.engine import hold_internal_error, new_order
+    from oms.process import load_processes
+    from oms.states import OrderState
+
+    proc = load_processes(None)["retail"]
+    order = new_order("o-1", normalized(retail_order()), proc, now=1000.0)
+    order.state = OrderState.COMPLETED
+    turning = hold_internal_error(Engine(proc), order, "TypeError: x", (), 1001.0)
+    assert order.state == OrderState.COMPLETED and not turning.changed and order.failure is None
+    order.state = OrderState.PENDING  # waiting its turn, which the dropped Turn gave it
+    turning = hold_internal_error(Engine(proc), order, "TypeError: x", (Turn(go=True),), 1001.0)
+    assert (order.state, order.state_reason, order.turn) == (OrderState.HELD,
+                                                              "internal_error", True)
+    assert order.failure["error"]["code"] == "internal_error" and turning.changed
