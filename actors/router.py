@@ -100,8 +100,8 @@ class OrderRouter:
         """Count an unfinished order just created."""
         self.counted_raw(str(order.state))
 
-    def counted_raw(self, state: str, reason: str | None = None,
-                    order_id: str | None = None) -> None:
+    def counted_raw(self, state: str, order_id: str | None = None,
+                    reason: str | None = None) -> None:
         """Count an unfinished order from its raw snapshot (recovery)."""
         with self._lock:
             self.states[state] += 1

@@ -162,7 +162,7 @@ class Service:
                 self.metrics.corrupt_records.inc()
                 corrupt += 1
                 continue
-            self.router.counted_raw(rec["state"], rec["reason"], order_id)
+            self.router.counted_raw(rec["state"], order_id, reason=rec["reason"])
             if rec["seq"] and rec["state"] not in TERMINAL_NAMES:
                 seq_entries.append((rec["seq"], order_id, rec["turn"]))
             if _needs_resume(rec):

@@ -327,3 +327,26 @@ def test_the_hold_of_a_finished_order_changes_nothing() -> None:
     assert (order.state, order.state_reason, order.turn) == (OrderState.HELD,
                                                               "internal_error", True)
     assert order.failure["error"]["code"] == "internal_error" and turning.changed
+
+
+def test_an_internal_error_hold_survives_a_restart_without_its_admission_slot(
+        make_service: Any, sim: Any, eps: Any) -> None:
+    import dataclasses
+
+    from helpers import poll_until
+    from oms.client import Client
+
+    svc = make_service()
+    good = svc.octx.engines["telecom"]
+    svc.octx.engines["telecom"] = Engine(dataclasses.replace(good.proc, expected_s="soon"))
+    with Client(eps.intake, timeout=10) as client:
+        poison = client.submit(_telecom("restart-1", "cust-7"))["order_id"]
+        poll_until(lambda: client.get(poison)["order"].get("state_reason") == "internal_error")
+    svc.stop()
+    make_service()  # the real definitions again
+    with Client(eps.intake, timeout=10) as client:
+        view = client.get(poison)["order"]
+        assert (view["state"], view["state_reason"]) == ("held", "internal_error")
+        assert client.request({"type": "order_counts"})["in_flight"] == 0
+        later = client.submit(_telecom("restart-2", "cust-7"))["order_id"]
+        poll_until(lambda: client.get(later)["order"]["state"] == "pending")  # turn kept
