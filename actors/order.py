@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from actors.pool import PooledActor
-from actors.store_writer import Barrier, SaveOrder
 import pykka
 
+from actors.pool import PooledActor
+from actors.store_writer import Barrier, SaveOrder
 from oms import codec
 from oms.engine import INTERNAL_ERROR, Engine, hold_internal_error
 from oms.errors import DomainError
@@ -96,6 +96,7 @@ class OrderActor(PooledActor):
         self._durable = order.version  # the newest version the store confirmed
         self.idle_since: float | None = None  # when it last had nothing to do
         self._handled: list[Any] = []  # this slice's messages, replayed if it crashes
+        self.counted_state = order.state  # its state in the router's counts
 
     def __str__(self) -> str:
         return f"OrderActor({self.order.order_id})"
@@ -129,6 +130,7 @@ class OrderActor(PooledActor):
         self._effects.extend(turning.effects)
         if order.state != before:
             self.ctx.router.state_changed(before, order.state)
+            self.counted_state = order.state
         if _parked(order) != parked:
             self.ctx.router.park(order.order_id, not parked)
         self._handled.append(received)

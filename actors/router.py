@@ -85,6 +85,7 @@ class OrderRouter:
         self.passivate_after_s = passivate_after_s
         self.idle: dict[str, OrderActor] = {}  # single dict ops are atomic under the GIL
         self._reviving: dict[str, list[Any]] = {}  # messages for orders being reloaded
+        self._counted: dict[str, OrderState | None] = {}  # ... the state counts show
         self.parked: set[str] = set()  # held as internal_error: no admission slot
         self._stopped = threading.Event()
         self._sweeper = threading.Thread(target=supervision.guarded("passivator", self._sweep),
@@ -124,6 +125,17 @@ class OrderRouter:
     def state_changed(self, old: OrderState, new: OrderState) -> None:
         with self._lock:
             self.states[str(old)] -= 1
+            if not new.terminal:
+                self.states[str(new)] += 1
+
+    def recount(self, old: OrderState, new: OrderState) -> None:
+        """Counts back in line after a reload: the lost actor had counted
+        ``old`` (perhaps a state it reached only in memory)."""
+        if old == new:
+            return
+        with self._lock:
+            if not old.terminal:
+                self.states[str(old)] -= 1
             if not new.terminal:
                 self.states[str(new)] += 1
 
@@ -179,7 +191,8 @@ class OrderRouter:
             self.ctx.metrics.internal_errors.labels("router").inc()
             self._live.pop(order_id, None)
             self.idle.pop(order_id, None)
-            self._revive(order_id, [message])
+            dead = ref._actor_weakref()  # the counts show its state
+            self._revive(order_id, [message], dead.counted_state if dead else None)
 
     # -- the order failure rule ---------------------------------------------
 
@@ -214,6 +227,7 @@ class OrderRouter:
                     del self._live[order_id]
                 self.idle.pop(order_id, None)
                 actor.stop_now()
+                self._revive(order_id, [], actor.counted_state, spawn=False)
             return
         dropped = [message] if message is not None else list(handled)
         replay = list(handled) if message is not None else []
@@ -226,23 +240,27 @@ class OrderRouter:
             replay += [envelope.message for envelope in queue]
             queue.clear()
             actor.stop_now()
-            self._revive(order_id, replay)
+            self._revive(order_id, replay, actor.counted_state)
         for msg in dropped:
             _refuse(msg, "the order failed handling this request and is held as "
                          "internal_error; see the service log")
 
-    def _revive(self, order_id: str, messages: list[Any]) -> None:
-        """Queue the reload behind every write already handed to the writer."""
+    def _revive(self, order_id: str, messages: list[Any], counted: OrderState | None,
+                spawn: bool = True) -> None:
+        """Queue the reload behind every write already handed to the writer
+        (``spawn`` False: only put the counts back in line, then leave it
+        passivated)."""
         pending = self._reviving.get(order_id)
         if pending is not None:  # already on its way: add to it
             pending += messages
             return
         self._reviving[order_id] = messages
+        self._counted[order_id] = counted
         supervisor = supervision.current()
 
         def revive() -> None:
             try:
-                self._revived(order_id)
+                self._revived(order_id, spawn)
             except Exception:  # the order would stay in limbo: escalate
                 if supervisor is None:
                     raise
@@ -250,11 +268,19 @@ class OrderRouter:
 
         self.ctx.writer.tell(Barrier(revive))
 
-    def _revived(self, order_id: str) -> None:
+    def _revived(self, order_id: str, spawn: bool) -> None:
         """In the writer, after the barrier: start the order again from the store."""
         with self._stripe(order_id):
             messages = self._reviving.pop(order_id)
+            counted = self._counted.pop(order_id)
             order = self._load(order_id)
+            if order is not None:
+                if counted is not None:
+                    self.recount(counted, order.state)
+                self.park(order_id, order.state is OrderState.HELD
+                          and order.state_reason == INTERNAL_ERROR)
+            if order is not None and not spawn and not messages:
+                return
             if order is None:
                 logger.warning("order %s finished or unreadable; %d messages for it dropped",
                                order_id, len(messages), extra={"order_id": order_id})
