@@ -74,6 +74,9 @@ def test_config_precedence(tmp_path: Path) -> None:
     ("colour = 1", "unknown setting 'colour'"),
     ("workers = 'many'", "workers must be an integer"),
     ("systems = ['billing']", "must be NAME=ENDPOINT"),
+    ("map_size_mb = 0", "map_size_mb must be 1 or more"),
+    ("max_map_size_mb = -1", "max_map_size_mb must be 0 or more"),
+    ("max_in_flight = 0", "max_in_flight must be 1 or more"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
     file = tmp_path / "oms.toml"
