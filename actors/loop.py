@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 import pykka
 import zmq
 
+from actors import supervision
 from actors.eventloop import EventLoop, LoopBlocked, TimerHandle, current_loop
 
 logger = logging.getLogger(__name__)
@@ -207,6 +208,7 @@ class LoopActor(pykka.Actor):
     turn_end: ClassVar[bool] = False  # run after the other actors of a turn (group commit)
     _loop: EventLoop
     _own_loop: bool
+    _supervisor: supervision.Supervisor | None = None
     _detached: threading.Event
     _tick: TimerHandle | None = None
     _ticks: bool = False
@@ -227,8 +229,9 @@ class LoopActor(pykka.Actor):
         that only ``tell``) may be called from anywhere."""
         actor = cls(*args, **kwargs)
         own = loop is None
+        actor._supervisor = supervision.current()
         if loop is None:
-            loop = EventLoop(actor.component).start()
+            loop = EventLoop(actor.component, supervisor=actor._supervisor).start()
         actor._loop, actor._own_loop = loop, own
         actor._detached = threading.Event()
         pykka.ActorRegistry.register(actor.actor_ref)
@@ -362,6 +365,8 @@ class LoopActor(pykka.Actor):
         self._detached.set()
         if self._own_loop:
             self._loop.stop()
+        if self._supervisor is not None:  # stopped while the service runs: it died
+            self._supervisor.died(self.component)
 
     def alive(self) -> bool:
         """Its loop runs and it has not stopped."""

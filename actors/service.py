@@ -1,7 +1,8 @@
 """The whole service, started and stopped in one visible place.
 
+Every actor runs on one event loop (``actors.eventloop``), started first.
 Start order (dependencies first): store, store writer, publisher, order
-dispatcher and router, timers, sequencer, gateways, domain-events endpoint,
+router, timers, sequencer, gateways, domain-events endpoint,
 recovery, and only then the intake, so that no order is accepted before
 every earlier one is back under management. Stop runs the reverse, in
 ``finally`` blocks: intake first (no new work), the store writer last (so
@@ -20,6 +21,7 @@ import zmq
 from prometheus_client import CollectorRegistry
 from prometheus_client import gc_collector, platform_collector, process_collector
 
+from actors import supervision
 from actors.domain_events import DomainEvents
 from actors.http import HttpServer
 from actors.intake import Intake
@@ -29,7 +31,7 @@ from actors.router import OrderContext, OrderRouter
 from actors.security import ChannelSecurity, SecurityError, client_options
 from actors.sequencer import Sequencer
 from actors.store_writer import StoreWriter
-from actors.timers import LoopTimers
+from actors.timers import TimerService
 from gateways.breaker import LEVEL, Breaker
 from gateways.gateway import Gateway
 from oms.config import Config, ConfigError
@@ -45,10 +47,14 @@ logger = logging.getLogger(__name__)
 
 
 class Service:
-    def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, config: Config, registry: CollectorRegistry | None = None,
+                 exit: Any = supervision.hard_exit) -> None:  # noqa: A002
         self.config = config
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
+        # a component that dies ends the process with ``exit(70)`` (actors.supervision)
+        self.supervisor = supervision.Supervisor(self.metrics, exit)
+        self._outer_supervisor: supervision.Supervisor | None = None
         self.ready = threading.Event()
         self._stops: list[tuple[str, Any]] = []
         self.http: Any = None
@@ -56,6 +62,7 @@ class Service:
     # -- start -------------------------------------------------------------
 
     def start(self) -> None:
+        self._outer_supervisor = supervision.install(self.supervisor)
         try:
             self._start()
         except BaseException:
@@ -72,7 +79,8 @@ class Service:
         self.zctx = zmq.Context()
         self._stops.append(("zmq context", lambda: self.zctx.destroy(linger=0)))
         # every actor of the process runs on this one thread (actors.eventloop)
-        self.loop = EventLoop("loop", turn_seconds=self.metrics.loop_turn).start()
+        self.loop = EventLoop("loop", supervisor=self.supervisor,
+                              turn_seconds=self.metrics.loop_turn).start()
         self._stops.append(("event loop", self.loop.stop))
         loop = self.loop
         self.security = None
@@ -89,6 +97,8 @@ class Service:
                 raise SecurityError("--domain-server-key needs --curve-server-key (the "
                                     "service's own keypair)")
             domain_curve = client_options(cfg.curve_server_key, cfg.domain_server_key)
+        if self.security is None:
+            _warn_if_exposed(cfg)
         self.store = Store(cfg.data, map_size=cfg.map_size_mb * 1024 * 1024,
                            max_map_size=cfg.max_map_size_mb * 1024 * 1024)
         self._stops.append(("store", self.store.close))
@@ -99,7 +109,6 @@ class Service:
                                           max_subscribers=cfg.max_subscribers,
                                           stall_timeout_s=cfg.subscriber_timeout_s, loop=loop)
         self._stops.append(("publisher", lambda: _stop_actor(self.publisher)))
-        self.dispatcher = loop  # order actors run on the loop too
         octx = OrderContext(loop, self.store, self.metrics,
                             {t: Engine(p) for t, p in procs.items()})
         self.octx = octx
@@ -107,7 +116,7 @@ class Service:
         octx.publisher = self.publisher
         self.router = OrderRouter(octx, cfg.passivate_after_s, loop=loop)
         self._stops.append(("passivator", self.router.stop))
-        self.timers = LoopTimers(loop, self.router.deliver)
+        self.timers = TimerService(self.router.deliver, self.metrics, loop=loop)
         octx.timers = self.timers
         self._stops.append(("timers", self.timers.stop))
         self.sequencer = Sequencer.launch(self.router.deliver, loop=loop)
@@ -136,6 +145,8 @@ class Service:
         self.intake = Intake.launch(self.zctx, cfg.intake, octx, cfg.max_in_flight,
                                     curve=channel_curve, loop=loop)
         self._stops.append(("intake", lambda: _stop_actor(self.intake)))
+        if self.http is not None:
+            self.http.dead = self.dead_components
         self.ready.set()
         logger.info("service ready: intake %s, events %s, domain events %s", cfg.intake,
                     cfg.events, cfg.domain_events)
@@ -199,7 +210,7 @@ class Service:
                 self.metrics.corrupt_records.inc()
                 scan.corrupt += 1
                 continue
-            self.router.counted_raw(rec["state"], order_id, _held_since(rec))
+            self.router.counted_raw(rec["state"], order_id, _held_since(rec), rec["reason"])
             if rec["seq"] and rec["state"] not in TERMINAL_NAMES:
                 scan.seq_entries.append((rec["seq"], order_id, rec["turn"]))
             if rec["seq"] and not rec["turn"] and rec["state"] in ("acknowledged", "pending"):
@@ -213,17 +224,37 @@ class Service:
                         scan.jeopardy.append((at, order_id, ("jeopardy", jkey, 0)))
         return scan
 
+    def dead_components(self) -> list[str]:
+        """Components whose thread has ended (readiness: none may be)."""
+        parts: list[tuple[str, Any]] = [
+            ("timers", getattr(self, "timers", None)),
+            ("passivator", getattr(self, "router", None)),
+            ("event loop", getattr(self, "loop", None)),
+            ("metrics http", self.http),
+        ]
+        for name in ("writer", "publisher", "sequencer", "domain_events", "intake"):
+            actor = getattr(self, name, None)
+            parts.append((getattr(actor, "component", name), actor))
+        for gateway in getattr(getattr(self, "octx", None), "gateways", None) or {}:
+            parts.append((f"gateway {gateway}", self.octx.gateways[gateway]))
+        dead = [name for name, part in parts if part is not None and not part.alive()]
+        return list(dict.fromkeys(self.supervisor.dead + dead))
+
+    def is_ready(self) -> bool:
+        """Recovered, accepting orders, the store writable, and every component alive."""
+        return self.ready.is_set() and self.store_writable and not self.dead_components()
+
     def snapshot(self) -> dict[str, Any]:
         """Values read at scrape time."""
         if not hasattr(self, "router"):
             return {}
         snap = self.router.snapshot()
         snap.update(self.store.stats())
-        snap["ready"] = self.ready.is_set() and self.store_writable
+        snap["ready"] = self.is_ready()
         snap["mailboxes"] = {
             "store_writer": len(self.writer.actor_inbox),
             "publisher": len(self.publisher.actor_inbox),
-            "dispatcher_ready": self.dispatcher.backlog(),
+            "loop_runnable": self.loop.backlog(),  # actors with mail waiting for the loop
             **{f"gateway_{n}": len(g.actor_inbox) for n, g in self.octx.gateways.items()},
         }
         snap["pending"] = {n: len(g.pending) for n, g in self.octx.gateways.items()}
@@ -234,6 +265,7 @@ class Service:
 
     def stop(self) -> None:
         """Reverse start order; each part is stopped even if another fails."""
+        self.supervisor.stopping = True  # threads ending from here on are not deaths
         self.ready.clear()
         while self._stops:
             name, stop = self._stops.pop()
@@ -241,6 +273,7 @@ class Service:
                 stop()
             except Exception:
                 logger.exception("stopping %s failed", name)
+        supervision.install(self._outer_supervisor)
         logger.info("service stopped")
 
 
@@ -283,6 +316,20 @@ def _needs_resume(rec: dict[str, Any]) -> bool:
         if step[_STATUS] == "running" and step[_WAIT] is None:
             return True
     return any(n[_STATUS] == "running" for n in rec["notes"])
+
+
+LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")
+
+
+def _warn_if_exposed(cfg: Config) -> None:
+    """CURVE is off: say so loudly if an endpoint listens beyond this host."""
+    exposed = [ep for ep in (cfg.intake, cfg.events, cfg.domain_events)
+               if ep.startswith("tcp://") and not ep[6:].startswith(LOOPBACK_HOSTS)]
+    if exposed:
+        logger.warning("CURVE is off and %s listen(s) beyond this host: any peer that can "
+                       "connect may submit, cancel and operate on orders (every client is an "
+                       "operator) and forge domain events; turn CURVE on (docs/security.md) "
+                       "or bind 127.0.0.1", ", ".join(exposed))
 
 
 def _stop_actor(actor: Any, timeout: float = 10.0) -> None:

@@ -105,6 +105,15 @@ class Metrics:
             registry=r)
         self.recovered_orders = Gauge(
             "oms_recovered_orders", "Orders resumed by the last start", registry=r)
+        self.internal_errors = Counter(
+            "oms_internal_errors", "Unexpected errors caught while handling one message "
+            "(logged with a traceback; the component carried on)", ["component"], registry=r)
+        self.order_crashes = Counter(
+            "oms_order_internal_errors", "Order handlers that raised: the order was reloaded "
+            "from its last durable snapshot and held as internal_error", registry=r)
+        self.bad_deadlines = Counter(
+            "oms_timer_bad_deadlines", "Timer deadlines refused (not a finite, positive "
+            "number); armed 1 s from now instead", registry=r)
         self.published = Counter(
             "oms_events_published", "Channel events published", ["type"], registry=r)
         self.subscribers = Gauge(
