@@ -1,4 +1,4 @@
-"""Level 2: the single-loop runtime (actors.eventloop, actors.hosted) with
+"""Level 2: the single-loop runtime (actors.eventloop, actors.loop) with
 real ZeroMQ sockets on 127.0.0.1 and real pykka actors on one loop thread."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import zmq
 from helpers import poll_until
 
 from actors.eventloop import EventLoop, LoopBlocked
-from actors.loop import LoopActor as HostedActor
+from actors.loop import LoopActor
 from actors.pool import PooledActor
 from bench.ports import free_endpoint
 
@@ -56,7 +56,7 @@ def loop(sup: Supervisor) -> Any:
     lp.stop(5)
 
 
-class Echo(HostedActor):
+class Echo(LoopActor):
     """Records which thread ran each message."""
 
     def __init__(self) -> None:
@@ -79,7 +79,7 @@ class Echo(HostedActor):
         return 2 * n
 
 
-class Puller(HostedActor):
+class Puller(LoopActor):
     """Owns a PULL socket and reads it on the loop."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
@@ -225,7 +225,7 @@ def test_failing_callbacks_and_timers_are_survived(loop: EventLoop, sup: Supervi
     assert sup.survivals == ["loop-test"] and loop.alive()
 
 
-class Ticker(HostedActor):
+class Ticker(LoopActor):
     """A deadline, as a gateway's: poll_timeout says when, on_tick fires it."""
 
     def __init__(self) -> None:
@@ -256,7 +256,7 @@ def test_ticks_come_when_due(loop: EventLoop) -> None:
     ticker.actor_ref.stop(block=True, timeout=5)
 
 
-class Writer(HostedActor):
+class Writer(LoopActor):
     """A turn-end actor: gets everything the turn produced in one batch."""
 
     turn_end = True
@@ -307,7 +307,7 @@ def test_one_group_commit_per_turn_then_the_effects(loop: EventLoop) -> None:
         actor.actor_ref.stop(block=True, timeout=5)
 
 
-class Chatty(HostedActor):
+class Chatty(LoopActor):
     """Tells itself forever: its slices must not starve anyone else."""
 
     def on_receive(self, message: Any) -> Any:
@@ -342,7 +342,7 @@ def test_turns_are_measured(loop: EventLoop) -> None:
     echo.actor_ref.stop(block=True, timeout=5)
 
 
-class FailsToStart(HostedActor):
+class FailsToStart(LoopActor):
     def on_start(self) -> None:
         raise OSError("address in use")
 
