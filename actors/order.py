@@ -153,7 +153,12 @@ class OrderActor(PooledActor):
         if self._dirty:
             order = self.order
             version, ref = order.version, self.actor_ref
-            after.append(lambda: _tell_quietly(ref, Flushed(version)))
+            if order.finished or not awaiting_reply(order):
+                # only an order that may rest needs to hear its snapshot is durable
+                # (``_rest``): one that awaits a reply gets this note with a later
+                # snapshot, as a dirty slice is the only way out of awaiting one.
+                # Saves a message and a slice for most snapshots.
+                after.append(lambda: _tell_quietly(ref, Flushed(version)))
             self.ctx.writer.tell(SaveOrder(
                 order.order_id, codec.pack(order.to_record()), not order.finished,
                 tuple(self._consumed), tuple(after)))

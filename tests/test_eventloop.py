@@ -371,5 +371,40 @@ def test_stop_answers_queued_asks_and_frees_the_socket(loop: EventLoop) -> None:
         ctx.destroy(0)
 
 
+# -- the service on its loop ---------------------------------------------------
+
+@pytest.fixture
+def slow_delivery(sim_config: Any) -> Any:
+    sim_config.delivery_s = 1.0  # orders wait for shipment_delivered a while
+    return sim_config
+
+
+def test_the_service_runs_every_actor_on_its_loop(slow_delivery: Any, sim: Any,
+                                                  make_service: Any, eps: Any) -> None:
+    """One loop thread; waiting orders passivate and come back for their
+    event; finished ones leave memory; no per-actor or worker threads."""
+    from helpers import retail_order
+
+    from oms.client import Client, wait_terminal
+
+    svc = make_service(passivate_after_s=0.1)
+    names = {t.name for t in threading.enumerate()}
+    for old in ("intake", "store-writer", "orders-0", "timers", "passivator", "sequencer",
+                "events-pub", "domain-events", "gw-billing"):
+        assert old not in names
+    assert "loop" in names
+    with Client(eps.intake, timeout=10) as c:
+        ids = [c.submit(retail_order(f"loop-{n}"))["order_id"] for n in range(20)]
+        # all 20 wait for delivery (1 s): idle 0.1 s, they leave memory
+        assert poll_until(lambda: svc.router.snapshot()["passivated"] == 20, 10)
+        assert svc.router.snapshot()["live"] == 0
+        views = wait_terminal(c, ids, timeout=20)  # reactivated by their event
+    assert {v["state"] for v in views.values()} == {"completed"}
+    assert poll_until(lambda: svc.router.snapshot()["in_flight"] == 0, 10)
+    assert svc.router.snapshot()["live"] == 0
+    assert svc.metrics.loop_turn._sum.get() > 0
+    assert svc.supervisor.dead == [] and svc.is_ready()
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
