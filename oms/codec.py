@@ -119,6 +119,22 @@ def canonical(obj: Any) -> Any:
     return obj
 
 
+_encode_sorted = (msgspec.msgpack.Encoder(order="sorted").encode if msgspec is not None
+                  else None)
+
+
+def canonical_bytes(obj: Any) -> bytes:
+    """``msgpack_pack(canonical(obj))``: msgspec sorts the keys while it
+    encodes (same bytes: it sorts str keys by code point, as ``sorted``
+    does; a map with a key that is not a str goes the slow way)."""
+    if _encode_sorted is not None:
+        try:
+            return _encode_sorted(obj)
+        except Exception:  # noqa: BLE001 - the reference path decides
+            pass
+    return msgpack_pack(canonical(obj))
+
+
 def digest(obj: Any) -> bytes:
     """A 16-byte fingerprint of a map, independent of key order."""
-    return hashlib.blake2b(msgpack_pack(canonical(obj)), digest_size=16).digest()
+    return hashlib.blake2b(canonical_bytes(obj), digest_size=16).digest()
