@@ -52,7 +52,7 @@ class RouterEndpoint(LoopActor):
         return [self.sock] if self.sock is not None else []
 
     def on_readable(self, sock: zmq.Socket) -> None:
-        for _ in range(1000):
+        for _ in range(self.read_budget):
             try:
                 if self.identity_required:
                     parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)

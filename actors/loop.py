@@ -205,6 +205,7 @@ class LoopActor(pykka.Actor):
     actor_inbox: ScheduledInbox  # type: ignore[assignment]
     thread_name: str = ""  # the component name (logs, metrics); the class name if empty
     batch_limit: ClassVar[int] = 4096  # messages per slice
+    read_budget: ClassVar[int] = 256  # frames a reader takes per turn (bounds a turn)
     turn_end: ClassVar[bool] = False  # run after the other actors of a turn (group commit)
     _loop: EventLoop
     _own_loop: bool

@@ -117,7 +117,7 @@ class Gateway(LoopActor):
         heapq.heappush(self._deadlines, (deadline, cmd.command_id))
 
     def on_readable(self, sock: zmq.Socket) -> None:
-        for _ in range(1000):
+        for _ in range(self.read_budget):
             try:
                 frame = sock.recv(flags=zmq.NOBLOCK)
             except zmq.Again:
