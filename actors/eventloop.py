@@ -41,9 +41,12 @@ From the loop, use ``tell``, or hand a callback to the other actor.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import heapq
 import itertools
 import logging
+import math
 import os
 import sys
 import threading
@@ -64,7 +67,10 @@ SLICE_BUDGET = 64  # messages per runnable per round (as the old dispatcher)
 class Runnable(Protocol):
     """Something the loop runs when it has mail (an actor on the loop)."""
 
-    turn_end: bool  # run once per turn, after the others (the group commit)
+    @property
+    def turn_end(self) -> bool:
+        """Run once per turn, after the others (the store writer's group commit)."""
+        ...
 
     def _run_slice(self, budget: int) -> None: ...
 
@@ -185,7 +191,7 @@ class EventLoop:
         def job() -> None:
             try:
                 box.append((True, callback()))
-            except BaseException as exc:  # handed back to the caller
+            except BaseException as exc:  # noqa: BLE001 - handed back to the caller
                 box.append((False, exc))
             finally:
                 done.set()
@@ -239,7 +245,7 @@ class EventLoop:
         try:
             while not self._stopping:
                 self._turn()
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - reported: the supervisor ends the process
             self._report_death(sys.exc_info())
             return
         finally:
@@ -263,15 +269,15 @@ class EventLoop:
         if self._turn_seconds is not None:
             self._turn_seconds.observe(time.perf_counter() - started)
 
-    def _poll(self, timeout_ms: float) -> list[tuple[Any, int]]:
+    def _poll(self, timeout_ms: int) -> list[tuple[Any, int]]:
         try:
             return self._poller.poll(timeout_ms)
         except zmq.ZMQError as exc:
-            if exc.errno == zmq.EINTR:
+            if exc.errno == errno.EINTR:
                 return []
             raise
 
-    def _poll_timeout_ms(self) -> float:
+    def _poll_timeout_ms(self) -> int:
         if self._runq or self._late or self._incoming or self._calls or self._stopping:
             return 0
         wait = IDLE_POLL_S
@@ -280,16 +286,14 @@ class EventLoop:
             heapq.heappop(timers)
         if timers:
             wait = min(wait, max(0.0, timers[0][0] - self._clock()))
-        return wait * 1000
+        return math.ceil(wait * 1000)  # never early: a timer due in 0.2 ms waits 1 ms
 
     def _take_in(self) -> None:
         """Work handed over by other threads. Consume the fd first, then
         disarm (see ``actors.loop.SignalInbox.clear_signal``)."""
         if self._wake_armed:
-            try:
+            with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(self._wake_fd)
-            except BlockingIOError:
-                pass
             self._wake_armed = False
         incoming = self._incoming
         while incoming:
@@ -319,7 +323,7 @@ class EventLoop:
     def _guard(self, callback: Callable[..., Any], *args: Any) -> None:
         try:
             callback(*args)
-        except Exception:
+        except Exception:  # noqa: BLE001 - the failure rule: survive one, report it
             self.survived(self.name, sys.exc_info())
 
     def survived(self, component: str, exc_info: Any = None) -> None:
@@ -344,7 +348,5 @@ class EventLoop:
         self._take_in()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(AttributeError, OSError):
             os.close(self._wake_fd)
-        except (AttributeError, OSError):
-            pass

@@ -33,7 +33,7 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import pykka
 import zmq
@@ -70,7 +70,7 @@ def handle_envelope(actor: pykka.Actor, envelope: Any) -> Any:
         response = actor._handle_receive(envelope.message)
         if envelope.reply_to is not None:
             envelope.reply_to.set(response)
-    except Exception:
+    except Exception:  # noqa: BLE001 - the error goes to the asker, or to the actor type
         if envelope.reply_to is None:
             return sys.exc_info()
         envelope.reply_to.set_exception()
@@ -305,7 +305,7 @@ class LoopActor(pykka.Actor):
             if batch:
                 try:
                     self.on_batch(batch)
-                except Exception:  # an on_batch that lets an error out cannot go on
+                except Exception:  # noqa: BLE001 - an on_batch that lets an error out stops
                     self._handle_failure(*sys.exc_info())
             self._activity()
         stopped = self.actor_stopped.is_set()
@@ -324,7 +324,7 @@ class LoopActor(pykka.Actor):
             return
         try:
             self.on_readable(sock)
-        except Exception:
+        except Exception:  # noqa: BLE001 - the failure rule: survive one read, report it
             self._loop.survived(self.component, sys.exc_info())
         self._activity()
 
@@ -334,7 +334,7 @@ class LoopActor(pykka.Actor):
             return
         try:
             self.on_tick()
-        except Exception:
+        except Exception:  # noqa: BLE001 - the failure rule: survive one tick, report it
             self._loop.survived(self.component, sys.exc_info())
         wait = self.poll_timeout()
         if wait is None:

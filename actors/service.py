@@ -18,14 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
-from prometheus_client import CollectorRegistry
-from prometheus_client import gc_collector, platform_collector, process_collector
+from prometheus_client import CollectorRegistry, gc_collector, platform_collector, process_collector
 
 from actors import supervision
 from actors.domain_events import DomainEvents
+from actors.eventloop import EventLoop
 from actors.http import HttpServer
 from actors.intake import Intake
-from actors.eventloop import EventLoop
 from actors.publisher import Publisher
 from actors.router import OrderContext, OrderRouter
 from actors.security import ChannelSecurity, SecurityError, client_options
@@ -38,8 +37,8 @@ from oms.config import Config, ConfigError
 from oms.engine import Engine
 from oms.messages import DomainEvent, Resume
 from oms.metrics import Metrics, ServiceCollector
-from oms.process import load_processes
 from oms.model import Order
+from oms.process import load_processes
 from oms.states import TERMINAL
 from oms.store import CorruptRecord, Store
 

@@ -50,7 +50,7 @@ def pack(obj: Any) -> bytes:
     if _encode is not None:
         try:
             return _encode(obj)
-        except Exception:  # noqa: BLE001 - msgpack decides, and raises its own error
+        except Exception:  # noqa: BLE001, S110 - msgpack decides, and raises its own error
             pass
     return msgpack_pack(obj)
 
@@ -77,7 +77,7 @@ def unpack(data: bytes) -> Any:
     if _decode is not None:
         try:
             return _decode(data)
-        except Exception:  # noqa: BLE001 - msgpack decides, and raises its own error
+        except Exception:  # noqa: BLE001, S110 - msgpack decides, and raises its own error
             pass
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
@@ -130,7 +130,7 @@ def canonical_bytes(obj: Any) -> bytes:
     if _encode_sorted is not None:
         try:
             return _encode_sorted(obj)
-        except Exception:  # noqa: BLE001 - the reference path decides
+        except Exception:  # noqa: BLE001, S110 - the reference path decides
             pass
     return msgpack_pack(canonical(obj))
 

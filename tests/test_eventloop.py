@@ -11,13 +11,13 @@ from typing import Any
 import pykka
 import pytest
 import zmq
-
-from helpers import poll_until
+from helpers import poll_until, retail_order
 
 from actors.eventloop import EventLoop, LoopBlocked
 from actors.loop import LoopActor
 from actors.pool import PooledActor
 from bench.ports import free_endpoint
+from oms.client import Client, wait_terminal
 
 
 class Supervisor:
@@ -383,10 +383,6 @@ def test_the_service_runs_every_actor_on_its_loop(slow_delivery: Any, sim: Any,
                                                   make_service: Any, eps: Any) -> None:
     """One loop thread; waiting orders passivate and come back for their
     event; finished ones leave memory; no per-actor or worker threads."""
-    from helpers import retail_order
-
-    from oms.client import Client, wait_terminal
-
     svc = make_service(passivate_after_s=0.1)
     names = {t.name for t in threading.enumerate()}
     for old in ("intake", "store-writer", "orders-0", "timers", "passivator", "sequencer",
