@@ -70,3 +70,23 @@ def test_every_request_type_the_intake_serves_is_in_the_contract() -> None:
     assert {"submit_order", "cancel_order", "retry_step"} <= served
     text = (ROOT / "docs/protocol.md").read_text(encoding="utf-8")
     assert all(f"`{t}`" in text for t in served), served
+
+
+def test_every_error_code_the_service_sends_is_in_the_contract() -> None:
+    """Each code of ``oms/errors.py`` that the intake, the domain-events
+    endpoint, the router, the gateways or the engine use (``errors.X``, or
+    ``X`` imported from ``oms.errors``) is a code on the wire: protocol.md
+    names it."""
+    source = (ROOT / "oms/errors.py").read_text(encoding="utf-8")
+    codes = dict(re.findall(r'^([A-Z_]+) = "([a-z_]+)"', source, flags=re.M))
+    used = set()
+    for name in ("actors/intake.py", "actors/domain_events.py", "actors/router.py",
+                 "gateways/gateway.py", "oms/edge.py", "oms/engine.py"):
+        text = (ROOT / name).read_text(encoding="utf-8")
+        used |= set(re.findall(r"\berrors\.([A-Z_]+)\b", text))
+        for imported in re.findall(r"^from oms\.errors import (.+)$", text, flags=re.M):
+            used |= {n.strip() for n in imported.split(",")}
+    assert {"MALFORMED", "BUSY", "UNAVAILABLE", "INTERNAL", "CIRCUIT_OPEN"} <= used, used
+    contract = (ROOT / "docs/protocol.md").read_text(encoding="utf-8")
+    missing = sorted(codes[c] for c in used if c in codes and f"`{codes[c]}`" not in contract)
+    assert not missing, missing
