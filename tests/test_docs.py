@@ -90,3 +90,39 @@ def test_every_error_code_the_service_sends_is_in_the_contract() -> None:
     contract = (ROOT / "docs/protocol.md").read_text(encoding="utf-8")
     missing = sorted(codes[c] for c in used if c in codes and f"`{codes[c]}`" not in contract)
     assert not missing, missing
+
+
+REFERENCE_PAGES = ("docs/durability.md", "docs/security.md", "docs/architecture.md")
+NOT_CODE = {"oms.lock"}  # a file in the data folder, not a module
+
+
+def test_the_functions_and_tests_the_docs_name_exist() -> None:
+    """Crash windows and defects are findable: every ``tests/x.py::test_name``
+    and every ``package.module.Name.attr`` that durability.md, security.md
+    and architecture.md name (in backticks) exists."""
+    import importlib
+
+    missing = []
+    for page in REFERENCE_PAGES:
+        text = (ROOT / page).read_text(encoding="utf-8")
+        for file, name in re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", text):
+            if not re.search(rf"^def {name}\(", (ROOT / file).read_text(encoding="utf-8"),
+                             flags=re.M):
+                missing.append(f"{page}: {file}::{name}")
+        named = set(re.findall(r"`((?:actors|oms|gateways|console)\.[\w.]+)`", text))
+        for dotted in sorted(named - NOT_CODE):
+            parts = dotted.split(".")
+            for cut in range(len(parts), 0, -1):
+                try:
+                    obj = importlib.import_module(".".join(parts[:cut]))
+                except ImportError:
+                    continue
+                try:
+                    for attr in parts[cut:]:
+                        obj = getattr(obj, attr)
+                except AttributeError:
+                    missing.append(f"{page}: {dotted}")
+                break
+            else:
+                missing.append(f"{page}: {dotted}")
+    assert not missing, missing
