@@ -126,3 +126,23 @@ def test_the_functions_and_tests_the_docs_name_exist() -> None:
             else:
                 missing.append(f"{page}: {dotted}")
     assert not missing, missing
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors of a Markdown page."""
+    heads = re.findall(r"^#+ (.+)$", page.read_text(encoding="utf-8"), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+
+def test_links_to_a_section_name_a_section_that_exists() -> None:
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in LINK.findall(page.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+://", target) or "#" not in target:
+                continue
+            name, anchor = target.split("#", 1)
+            file = (page.parent / name) if name else page
+            if file.suffix == ".md" and file.exists() and anchor not in _anchors(file):
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, broken
