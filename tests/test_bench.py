@@ -92,3 +92,32 @@ def test_a_process_that_dies_fails_the_run_with_its_log(tmp_path: Path) -> None:
             harness.wait_ready(timeout=60)
     finally:
         harness.stop()
+
+
+def test_fault_soak_smoke(tmp_path: Path) -> None:
+    """One kill -9 of the service, a frozen provisioning system and a
+    restarted crm under load: every acknowledged order ends terminal, nothing
+    is applied twice, and the report says so."""
+    out = tmp_path / "reports"
+    result = subprocess.run(
+        [sys.executable, "-m", "oms.cli", "bench", "--scenario", "soak", "--faults", "--quiet",
+         "--rate", "40", "--duration", "8", "--kill-every", "4", "--outage-every", "3",
+         "--outage-s", "1.5", "--give-up", "20", "--out", str(out)],
+        capture_output=True, text=True, timeout=120)
+    (report,) = out.glob("*.json")
+    faults = json.loads(report.read_text())["faults"]
+    assert faults["kills"] == 1 and len(faults["restart_to_ready_s"]) == 3
+    assert {"freeze provisioning", "restart crm"} <= set(faults["done"])
+    assert faults["acknowledged"] == 320 and faults["not_acknowledged"] == 0
+    assert faults["stuck"] == 0, (faults["stuck_by_state"], faults["stuck_examples"])
+    assert faults["applied_twice"] == faults["retail_once_ops_over_once"] == 0
+    assert sum(faults["terminal"].values()) == 320
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "verdict:      every acknowledged order terminal, nothing applied twice: met" \
+        in result.stdout
+
+
+def test_fault_soak_needs_its_own_soak_service() -> None:
+    result = subprocess.run([sys.executable, "-m", "oms.cli", "bench", "--scenario", "retail",
+                             "--faults"], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "--faults needs --scenario soak" in result.stderr
