@@ -143,7 +143,8 @@ def run_bench(args: argparse.Namespace) -> int:
         faults = result.get("faults") or {}
         failed = bool(result.get("error") or result.get("unfinished")
                       or (result.get("baseline") or {}).get("unfinished")
-                      or faults.get("applied_twice") or faults.get("retail_once_ops_over_once"))
+                      or faults.get("applied_twice") or faults.get("retail_once_ops_over_once")
+                      or faults.get("sequencing_overlaps"))
         if failed:
             result["logs"] = keep_logs(workdir, Path(args.out))
         shutil.rmtree(workdir, ignore_errors=True)

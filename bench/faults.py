@@ -268,6 +268,7 @@ class Ledger:
     early: dict[str, str] = field(default_factory=dict)  # order_id -> state before its ack
     acked: dict[str, str] = field(default_factory=dict)  # ext -> order_id
     order_type: dict[str, str] = field(default_factory=dict)  # order_id -> type
+    customer: dict[str, str] = field(default_factory=dict)  # telecom order_id -> customer
     states: dict[str, str] = field(default_factory=dict)  # order_id -> last get_order state
     resubmits: int = 0
     duplicates: int = 0
@@ -372,6 +373,8 @@ class FaultLoad(LoadGen):
                 led.duplicates += bool(reply.get("duplicate"))
                 led.acked[rid] = oid
                 led.order_type[oid] = str(p.order.get("order_type"))
+                if led.order_type[oid] == "telecom":
+                    led.customer[oid] = str(p.order["customer"]["id"])
                 led.open[oid] = Open(rid, p.intended, now)
                 if oid in led.early:
                     self._done(run, led, oid, led.early.pop(oid), now)
@@ -409,6 +412,45 @@ class FaultLoad(LoadGen):
         run.outcomes[state] += 1
         run.complete_lat.append(now - o.intended)
         run.timeline.append((now - run.started, now - o.intended))
+
+
+def sequencing_overlaps(views: dict[str, dict[str, Any]],
+                        customer_of: dict[str, str]) -> list[str]:
+    """Per customer, in acceptance (order id) order, each telecom order that
+    ran must start (``inProgress`` in its history) no earlier than the one
+    before it ended (its terminal state): one at a time, in order. Orders
+    cancelled while they waited never ran and are skipped."""
+    runs: dict[str, list[tuple[str, float, float]]] = {}
+    for oid in sorted(views):
+        view = views[oid]
+        if view.get("order_type") != "telecom":
+            continue
+        history = view.get("history") or []
+        starts = [h["ts"] for h in history if h["state"] == "inProgress"]
+        ends = [h["ts"] for h in history if h["state"] in TERMINAL]
+        if starts and ends:
+            runs.setdefault(customer_of[oid], []).append((oid, min(starts), max(ends)))
+    bad = []
+    for customer, seq in runs.items():
+        for (prev, _s, end), (nxt, start, _e) in zip(seq, seq[1:]):
+            if start < end:
+                bad.append(f"{customer}: {nxt} started {end - start:.3f} s before {prev} "
+                           "ended")
+    return bad
+
+
+def check_sequencing(intake: str, led: Ledger) -> dict[str, Any]:
+    """Read every finished telecom order's history; no two orders of one
+    customer may have run at the same time."""
+    from oms.client import Client
+
+    ids = [oid for oid in led.customer if oid in led.final]
+    with Client(intake, timeout=30) as client:
+        views = {req["order_id"]: reply.get("order") or {} for req, reply in client.pipeline(
+            {"type": "get_order", "order_id": oid} for oid in ids)}
+    bad = sequencing_overlaps(views, led.customer)
+    return {"telecom_checked": len(views), "customers": len(set(led.customer.values())),
+            "sequencing_overlaps": len(bad), "sequencing_examples": bad[:10]}
 
 
 def check_effects(harness: FaultHarness, led: Ledger) -> dict[str, Any]:
@@ -473,6 +515,7 @@ def run_fault_soak(harness: FaultHarness, args: Any, orders: Iterator[dict[str, 
                   "outage_length_s": args.outage_s},
     }
     out["faults"].update(check_effects(harness, led))
+    out["faults"].update(check_sequencing(harness.eps.intake, led))
     out["others_cpu_s"] = {"load_generator": time.process_time() - own0,
                            "simulators": harness.sim_cpu_s() - cpu0}
     return out

@@ -98,7 +98,12 @@ def _fault_lines(f: dict[str, Any] | None) -> list[str]:
                  f"{f['retail_once_ops_over_once']} retail orders with a once-only op "
                  f"repeated; e.g. {f['applied_twice_examples'][:3]}" if twice else
                  "applied twice: 0 (simulator reports; crm's since its last restart)")
-    ok = not (f["stuck"] or twice or f["not_acknowledged"])
+    overlaps = f.get("sequencing_overlaps", 0)
+    lines.append(f"SEQUENCING:   {overlaps} telecom orders started before the previous order "
+                 f"of their customer ended; e.g. {f['sequencing_examples'][:3]}" if overlaps
+                 else f"sequencing:   held ({f.get('telecom_checked', 0)} telecom orders of "
+                 f"{f.get('customers', 0)} customers, one at a time per customer)")
+    ok = not (f["stuck"] or twice or f["not_acknowledged"] or overlaps)
     lines.append("verdict:      " + ("every acknowledged order terminal, nothing applied "
                                      "twice: met" if ok else "NOT MET"))
     return lines

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from conftest import Endpoints, sim_report
 
+from bench.faults import sequencing_overlaps
 from oms.client import Client
 from oms.sample import sample_orders
 
@@ -96,30 +97,6 @@ def stuck_summary(stuck: dict[str, dict]) -> str:
     return (f"{len(stuck)} orders not terminal: "
             + ", ".join(f"{k} {n}" for k, n in kinds.most_common())
             + f"; e.g. {sorted(stuck)[:5]}")
-
-
-def sequencing_overlaps(views: dict[str, dict], customer_of: dict[str, str]) -> list[str]:
-    """Per customer, in acceptance (order id) order, each telecom order that
-    ran must start (``inProgress`` in its history) no earlier than the one
-    before it ended (its terminal state): one at a time, in order. Orders
-    cancelled while they waited never ran and are skipped."""
-    runs: dict[str, list[tuple[str, float, float]]] = defaultdict(list)
-    for oid in sorted(views):
-        view = views[oid]
-        if view.get("order_type") != "telecom":
-            continue
-        history = view.get("history") or []
-        starts = [h["ts"] for h in history if h["state"] == "inProgress"]
-        ends = [h["ts"] for h in history if h["state"] in TERMINAL]
-        if starts and ends:
-            runs[customer_of[oid]].append((oid, min(starts), max(ends)))
-    bad = []
-    for customer, seq in runs.items():
-        for (prev, _s, end), (nxt, start, _e) in zip(seq, seq[1:]):
-            if start < end:
-                bad.append(f"{customer}: {nxt} started {end - start:.3f} s before {prev} "
-                           "ended")
-    return bad
 
 
 def chaos_orders(count: int, customers: int, seed: int) -> list[dict[str, Any]]:
