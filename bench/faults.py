@@ -69,9 +69,12 @@ class FaultHarness(Harness):
     a service that may be down on purpose (killed and not yet restarted)."""
 
     def __init__(self, workdir: Path, serve_args: list[str]) -> None:
-        super().__init__(workdir, SIM_ARGS, serve_args)
+        # info: each order's state changes and each recovery's counts are in
+        # the log a failed run keeps (about 1 KB per order)
+        super().__init__(workdir, SIM_ARGS, [*serve_args, "--log-level", "info"])
         self.sims: dict[str, Proc] = {}
         self.down: set[int] = set()  # pids killed on purpose
+        self.killed_cpu = {"service": 0.0, "simulators": 0.0}  # CPU s of killed processes
         self.lock = threading.Lock()
 
     def start_simulators(self) -> None:
@@ -93,14 +96,24 @@ class FaultHarness(Harness):
 
     def kill(self, proc: Proc) -> None:
         """SIGKILL on purpose: ``check_alive`` does not count it as a death."""
+        cpu = proc.cpu_s()
         with self.lock:
             self.down.add(proc.pid)
         proc.p.kill()
+        self.killed_cpu["service" if proc is self.svc else "simulators"] += cpu
         proc.p.wait()
         proc._out.close()
 
     def sim_cpu_s(self) -> float:
-        return sum(p.cpu_s() for p in self.sims.values() if p.exited() is None)
+        """CPU seconds of the simulators, those killed on purpose included."""
+        return self.killed_cpu["simulators"] + sum(
+            p.cpu_s() for p in self.sims.values() if p.pid not in self.down)
+
+    def svc_cpu_s(self) -> float:
+        """CPU seconds of every service process of the run."""
+        assert self.svc is not None
+        live = self.svc.cpu_s() if self.svc.pid not in self.down else 0.0
+        return self.killed_cpu["service"] + live
 
     def stop(self) -> dict[str, Any]:
         out = {}
@@ -453,6 +466,15 @@ def check_sequencing(intake: str, led: Ledger) -> dict[str, Any]:
             "sequencing_overlaps": len(bad), "sequencing_examples": bad[:10]}
 
 
+def stuck_customers(led: Ledger) -> dict[str, str]:
+    """Customer -> the oldest of their stuck telecom orders (where to look)."""
+    out: dict[str, str] = {}
+    for oid in sorted(led.open):
+        if oid in led.customer:
+            out.setdefault(led.customer[oid], oid)
+    return out
+
+
 def check_effects(harness: FaultHarness, led: Ledger) -> dict[str, Any]:
     """Ask every simulator what it applied twice (same order, op and
     arguments), and count retail orders with a once-only op applied twice."""
@@ -478,7 +500,7 @@ def run_fault_soak(harness: FaultHarness, args: Any, orders: Iterator[dict[str, 
     rate = args.rate or 100.0
     chaos = Chaos(harness, args.kill_every, args.outage_every, args.outage_s)
     gen = FaultLoad(harness.eps.intake, harness.eps.events, "bench")
-    cpu0, own0 = harness.sim_cpu_s(), time.process_time()
+    cpu0, sim0, own0 = harness.svc_cpu_s(), harness.sim_cpu_s(), time.process_time()
 
     def check() -> None:
         if chaos.error:
@@ -506,6 +528,7 @@ def run_fault_soak(harness: FaultHarness, args: Any, orders: Iterator[dict[str, 
         "stuck_by_state": dict(Counter(f"{led.order_type.get(o, '?')} "
                                        f"{led.states.get(o, 'no answer')}" for o in led.open)),
         "stuck_examples": sorted(led.open)[:20],
+        "stuck_customers": stuck_customers(led),
         "resubmits": led.resubmits, "duplicates": led.duplicates,
         "get_order_asks": led.asked, "done": dict(kinds), "kills": kinds["kill -9 service"],
         "restart_to_ready_s": {"min": restarts[0], "median": statistics.median(restarts),
@@ -516,6 +539,9 @@ def run_fault_soak(harness: FaultHarness, args: Any, orders: Iterator[dict[str, 
     }
     out["faults"].update(check_effects(harness, led))
     out["faults"].update(check_sequencing(harness.eps.intake, led))
+    assert harness.svc is not None
+    out["service"] = {"cpu_s": harness.svc_cpu_s() - cpu0,
+                      "peak_rss_mb": harness.svc.peak_rss_mb(), "threads": harness.svc.threads()}
     out["others_cpu_s"] = {"load_generator": time.process_time() - own0,
-                           "simulators": harness.sim_cpu_s() - cpu0}
+                           "simulators": harness.sim_cpu_s() - sim0}
     return out

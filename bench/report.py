@@ -82,7 +82,7 @@ def _fault_lines(f: dict[str, Any] | None) -> list[str]:
     done = ", ".join(f"{k} {v}" for k, v in sorted(f["done"].items())) or "none"
     lines = ["", f"faults:       {done}"]
     if restart:
-        lines.append(f"restart:      kill -9 to ready: min {restart['min']:.2f} s, median "
+        lines.append(f"restart:      after kill -9, start to ready: min {restart['min']:.2f} s, median "
                      f"{restart['median']:.2f} s, max {restart['max']:.2f} s")
     terminal = ", ".join(f"{k} {v}" for k, v in sorted(f["terminal"].items()))
     lines += [f"acknowledged: {f['acknowledged']} ({f['resubmits']} resubmissions, "
@@ -91,7 +91,8 @@ def _fault_lines(f: dict[str, Any] | None) -> list[str]:
               f"terminal:     {sum(f['terminal'].values())} ({terminal})"]
     stuck = ", ".join(f"{k} {v}" for k, v in sorted(f["stuck_by_state"].items()))
     lines.append(f"STUCK:        {f['stuck']} acknowledged orders not terminal ({stuck}); "
-                 f"e.g. {' '.join(f['stuck_examples'][:5])}" if f["stuck"] else
+                 f"e.g. {' '.join(f['stuck_examples'][:5])}; telecom orders of "
+                 f"{len(f.get('stuck_customers', {}))} customers" if f["stuck"] else
                  "stuck:        0")
     twice = f["applied_twice"] + f["retail_once_ops_over_once"]
     lines.append(f"APPLIED TWICE: {f['applied_twice']} operations with the same arguments, "
