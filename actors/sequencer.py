@@ -5,15 +5,24 @@ An order enters its queue from the store writer's commit callback, so
 queues follow commit (acceptance) order. The queues live in memory and are
 rebuilt at start from the unfinished orders in the store, sorted by order id
 (which is acceptance order), before any order resumes.
+
+An order leaves its queue when it becomes terminal, whether or not it had
+its turn (a cancelled or aborted ``pending`` order leaves at once). A turn
+that cannot be delivered (the order is finished or gone: ``deliver``
+returns False) passes to the next order, so a leave that was lost or an
+enter that came after the leave never blocks a customer's queue.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from typing import Any, NamedTuple
 
 from actors.loop import LoopActor
 from oms.messages import Turn
+
+logger = logging.getLogger(__name__)
 
 
 class SeqRequest(NamedTuple):
@@ -44,14 +53,28 @@ class Sequencer(LoopActor):
         if message.enter:
             if message.order_id not in queue:
                 queue.append(message.order_id)
-            self._deliver(message.order_id, Turn(go=queue[0] == message.order_id))
+            if queue[0] != message.order_id:
+                self._deliver(message.order_id, Turn(go=False))
+            else:
+                self._give(message.key)
         elif message.order_id in queue:
             was_first = queue[0] == message.order_id
             queue.remove(message.order_id)
-            if was_first and queue:
-                self._deliver(queue[0], Turn(go=True))
-            if not queue:
-                del self.queues[message.key]
+            if was_first:
+                self._give(message.key)
+        if not queue:
+            self.queues.pop(message.key, None)
+
+    def _give(self, key: str) -> None:
+        """Give the turn to the head of ``key``'s queue; a head that cannot
+        take it (finished or unknown) is dropped and the next one asked."""
+        queue = self.queues[key]
+        while queue:
+            if self._deliver(queue[0], Turn(go=True)) is not False:
+                return
+            logger.warning("sequencer %s: order %s is finished or gone; the turn passes on",
+                           key, queue[0])
+            queue.pop(0)
 
     def _preload(self, entries: list[tuple[str, str, bool]]) -> None:
         """Recovered orders (key, id, has_turn) in acceptance order; then
@@ -60,9 +83,15 @@ class Sequencer(LoopActor):
             if order_id not in self.queues[key]:
                 self.queues[key].append(order_id)
         for key, order_id, turn in entries:
-            first = self.queues[key][0] == order_id
-            if first or not turn:
-                self._deliver(order_id, Turn(go=first))
+            queue = self.queues.get(key)
+            if not queue or order_id not in queue:
+                continue  # dropped: finished or gone
+            if queue[0] == order_id:
+                self._give(key)
+            elif not turn:
+                self._deliver(order_id, Turn(go=False))
+        for key in [k for k, q in self.queues.items() if not q]:
+            del self.queues[key]
 
     def preload(self, entries: list[tuple[str, str, bool]]) -> None:
         """Thread-safe: rebuild the queues from recovered orders."""

@@ -214,6 +214,7 @@ def run_load(harness: Harness | None, intake: str, events: str,
         gen.close()
     out = summarize(run, args.scenario)
     out["mode"] = f"open loop at {rate:g}/s" if rate else f"closed loop, window {args.window}"
+    out["offered_per_s"] = rate or None
     if harness and harness.svc:
         out["service"] = {"cpu_s": harness.svc.cpu_s() - cpu0,
                           "peak_rss_mb": harness.svc.peak_rss_mb(),

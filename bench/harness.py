@@ -20,7 +20,7 @@ WAIT_PROCESS = """
 order_type = "intake"
 description = "Bench only: the order is acknowledged, started, and waits"
 [steps.wait]
-wait_event = { name = "never" }
+wait_event = { name = "never", system = "warehouse" }
 """
 
 

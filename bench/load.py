@@ -58,20 +58,35 @@ class Progress:
         self.started = time.monotonic()
 
     def show(self, done: int, force: bool = False) -> None:
+        """A bar redrawn in place on a terminal; elsewhere (a log file, CI) one
+        plain line every 10 s and at the end, never carriage returns."""
         now = time.monotonic()
-        if self.quiet or (now - self.shown < 0.25 and not force):
+        tty = _is_tty(sys.stderr)
+        every = 0.25 if tty else 10.0
+        if self.quiet or (now - self.shown < every and not force):
             return
         self.shown = now
+        rate = done / max(now - self.started, 1e-9)
+        if not tty:
+            sys.stderr.write(f"  {self.label:<8} {done}/{self.total}  {rate:8.0f}/s\n")
+            sys.stderr.flush()
+            return
         width = 30
         filled = int(width * done / max(self.total, 1))
-        rate = done / max(now - self.started, 1e-9)
         sys.stderr.write(f"\r  {self.label:<8} [{'#' * filled}{'.' * (width - filled)}] "
                          f"{done}/{self.total}  {rate:8.0f}/s")
         sys.stderr.flush()
 
     def close(self) -> None:
-        if not self.quiet:
+        if not self.quiet and _is_tty(sys.stderr):
             sys.stderr.write("\n")
+
+
+def _is_tty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 class LoadGen:

@@ -8,16 +8,20 @@ A process never hands out the same port twice (two endpoints of one run must
 not collide: a simulator that cannot bind its port leaves the run waiting
 for replies that never come), and a port is handed out only after a bind on
 it succeeded.
+
+``OMS_TEST_PORTS=LOW-HIGH`` (e.g. ``20000-21999``) sets the range, so tests
+and bench runs of several people on one machine can be kept apart.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import threading
 from pathlib import Path
 
-LOW = 15000
+ENV = "OMS_TEST_PORTS"
 
 
 def _ephemeral_low() -> int:
@@ -27,7 +31,25 @@ def _ephemeral_low() -> int:
         return 32768
 
 
-HIGH = max(LOW + 1000, _ephemeral_low())
+def port_range(spec: str | None = None) -> tuple[int, int]:
+    """(LOW, HIGH), HIGH included: from ``OMS_TEST_PORTS`` or the default
+    15000 up to the kernel's ephemeral range. A bad value is an error that
+    names the variable, never a silent fallback."""
+    spec = os.environ.get(ENV) if spec is None else spec
+    if not spec:
+        return 15000, max(16000, _ephemeral_low()) - 1
+    low_s, sep, high_s = spec.partition("-")
+    try:
+        low, high = int(low_s), int(high_s)
+    except ValueError:
+        low = high = -1
+    if not sep or not 1024 <= low <= high <= 65535 or high - low < 15:
+        raise ValueError(f"{ENV}={spec!r}: give LOW-HIGH, 1024 <= LOW, HIGH <= 65535, at least "
+                         "16 ports (e.g. 20000-21999)")
+    return low, high
+
+
+LOW, HIGH = port_range()
 _rng = random.Random()
 _given: set[int] = set()
 _lock = threading.Lock()
@@ -37,7 +59,7 @@ def free_port() -> int:
     """A loopback TCP port that is free now and not handed out before by this process."""
     with _lock:
         for _ in range(500):
-            port = _rng.randrange(LOW, HIGH)
+            port = _rng.randint(LOW, HIGH)
             if port in _given:
                 continue
             with socket.socket() as s:
@@ -47,7 +69,8 @@ def free_port() -> int:
                     continue
             _given.add(port)
             return port
-    raise RuntimeError(f"no free loopback port in {LOW}-{HIGH}")
+    raise RuntimeError(f"no free loopback port in {LOW}-{HIGH} (set {ENV}=LOW-HIGH for "
+                       "another range)")
 
 
 def free_endpoint() -> str:

@@ -10,13 +10,69 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-TARGETS = {
-    "retail": "target: >= 5,000 orders/s sustained and >= 0.25x the baseline",
-    "intake": "target: >= 20,000 orders/s durably acknowledged",
-    "waiting": "target: 100,000 waiting orders in < 500 MB RSS, < 64 threads; "
-               "restart to accepting < 5 s",
-    "soak": "target: p99 completion <= 100 ms at 2,500 orders/s offered",
+# Each scenario's targets: (what, how to read the result, the bound). A target
+# whose figure the run did not produce is "not measured", never "met".
+TARGETS: dict[str, list[tuple[str, Any, str, float]]] = {
+    "retail": [
+        (">= 5,000 orders/s sustained", lambda r: r.get("orders_per_s"), ">=", 5000),
+        (">= 0.25x the baseline", lambda r: _ratio(r), ">=", 0.25),
+    ],
+    "intake": [
+        (">= 20,000 orders/s durably acknowledged", lambda r: r.get("orders_per_s"), ">=",
+         20000),
+    ],
+    "waiting": [
+        ("100,000 waiting orders", lambda r: r.get("waiting_orders"), ">=", 100_000),
+        ("< 500 MB RSS", lambda r: r.get("rss_mb"), "<", 500),
+        ("< 64 threads", lambda r: r.get("threads"), "<", 64),
+        ("restart to accepting < 5 s", lambda r: r.get("restart_to_accepting_s"), "<", 5),
+    ],
+    "soak": [
+        ("p99 completion <= 100 ms", lambda r: _get(r, "completion_latency_s", "p99"), "<=",
+         0.1),
+        ("at 2,500 orders/s offered", lambda r: r.get("offered_per_s"), ">=",
+         2500),
+    ],
 }
+
+
+def _get(r: dict[str, Any], *path: str) -> Any:
+    for key in path:
+        r = r.get(key) if isinstance(r, dict) else None
+    return r
+
+
+def _ratio(r: dict[str, Any]) -> float | None:
+    base = _get(r, "baseline", "orders_per_s")
+    return r.get("orders_per_s", 0) / base if base else None
+
+
+def target_verdicts(r: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """(target, "met" | "NOT met" | "not measured", the figure) for the scenario."""
+    out = []
+    for what, read, op, bound in TARGETS.get(r.get("scenario", ""), []):
+        try:
+            value = read(r)
+        except (TypeError, ZeroDivisionError):
+            value = None
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            out.append((what, "not measured", None))
+            continue
+        ok = {">=": value >= bound, "<": value < bound, "<=": value <= bound}[op]
+        out.append((what, "met" if ok else "NOT met", value))
+    return out
+
+
+def _target_lines(r: dict[str, Any]) -> list[str]:
+    verdicts = target_verdicts(r)
+    if not verdicts:
+        return []
+    lines = ["", "targets:"]
+    for what, verdict, value in verdicts:
+        figure = "" if value is None else f" (measured {value:,.3g})" if value < 10 else (
+            f" (measured {value:,.0f})")
+        lines.append(f"  {verdict:<13} {what}{figure}")
+    return lines
 
 
 def _ms(value: float) -> str:
@@ -68,8 +124,8 @@ def render(r: dict[str, Any]) -> str:
         lines.append("errors:       " + ", ".join(f"{k} {v}" for k, v in r["errors"].items()))
     lines += _fault_lines(r.get("faults"))
     lines += _trouble_lines(r)
-    if r["scenario"] in TARGETS and not r.get("faults"):
-        lines.append(f"\n{TARGETS[r['scenario']]}")
+    if not r.get("faults"):  # a fault soak has its own verdict (the chaos branch)
+        lines += _target_lines(r)
     return "\n".join(lines)
 
 

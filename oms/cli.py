@@ -51,56 +51,83 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="run the reference domain systems")
     sim.add_argument("--system", action="append", metavar="NAME=EP",
-                     help="system endpoint to bind (repeatable; default: all five)")
-    sim.add_argument("--only", action="append", help="simulate only these systems")
+                     help="system endpoint to bind (repeatable; default: all five on "
+                     "tcp://127.0.0.1:5561-5565)")
+    sim.add_argument("--only", action="append", metavar="NAME[,NAME...]",
+                     help="simulate only these systems: a comma list, or repeat the flag "
+                     f"(default: all of {', '.join(DEFAULT_SYSTEMS)})")
     sim.add_argument("--service-events", default="tcp://127.0.0.1:5557",
-                     help="the service's domain events endpoint")
-    sim.add_argument("--latency-ms", type=float, default=0.0)
-    sim.add_argument("--stock", type=int, default=1_000_000, help="initial units per product")
+                     help="the service's domain events endpoint, where events are pushed "
+                     "(default %(default)s)")
+    sim.add_argument("--latency-ms", type=float, default=0.0,
+                     help="delay before each reply, in ms (default %(default)g)")
+    sim.add_argument("--stock", type=int, default=1_000_000,
+                     help="initial units per product (default %(default)d)")
     sim.add_argument("--stock-of", action="append", default=[], metavar="PRODUCT=N",
-                     help="initial units of one product (repeatable)")
+                     help="initial units of one product (repeatable; default: --stock)")
     sim.add_argument("--scarce", type=int, default=None,
-                     help="initial units of the sample orders' scarce products (SKU-9xx)")
-    sim.add_argument("--restock-s", type=float, default=1.0)
-    sim.add_argument("--delivery-s", type=float, default=0.5)
+                     help="initial units of the sample orders' scarce products (SKU-9xx) "
+                     "(default: --stock)")
+    sim.add_argument("--restock-s", type=float, default=1.0,
+                     help="seconds until a back-order is restocked and stock_reserved sent "
+                     "(default %(default)g)")
+    sim.add_argument("--delivery-s", type=float, default=0.5,
+                     help="seconds from create_shipment to shipment_delivered "
+                     "(default %(default)g)")
     sim.add_argument("--fail", action="append", default=[], metavar="OP=RATE[:CODE]",
-                     help="fail OP with probability RATE (code default: unavailable)")
+                     help="fail OP with probability RATE, 0 to 1 (repeatable; CODE default: "
+                     "unavailable; default: no failures)")
     sim.add_argument("--drop", action="append", default=[], metavar="OP=RATE",
-                     help="apply OP but drop the reply with probability RATE")
-    sim.add_argument("--seed", type=int)
-    sim.add_argument("--curve-key", metavar="FILE", help="the simulators' secret key file")
+                     help="apply OP but drop the reply with probability RATE (repeatable; "
+                     "default: none dropped)")
+    sim.add_argument("--seed", type=int,
+                     help="random seed for failures, drops and ids (default: random)")
+    sim.add_argument("--curve-key", metavar="FILE",
+                     help="the simulators' secret key file (default: no CURVE)")
     sim.add_argument("--curve-clients", metavar="DIR",
-                     help="allowed public keys: CURVE on the simulators' sockets")
+                     help="allowed public keys: CURVE on the simulators' sockets "
+                     "(default: any client)")
     sim.add_argument("--service-key", metavar="FILE",
-                     help="the service's public key, to push events over CURVE")
+                     help="the service's public key, to push events over CURVE "
+                     "(default: plain TCP)")
 
     keys = sub.add_parser("keys", help="CURVE key pairs")
     ksub = keys.add_subparsers(dest="action", required=True)
     gen = ksub.add_parser("generate", help="write NAME.key and NAME.key_secret (0600)")
     gen.add_argument("--out", required=True, help="folder to write into")
     gen.add_argument("names", nargs="+", help="one key pair per name (the identity)")
-    sim.add_argument("--log-level", default="info")
-
-    submit = sub.add_parser("submit", help="submit orders from a file or samples")
-    _endpoint_flags(submit)
-    submit.add_argument("file", nargs="?", help="JSON file: one order or a list of orders")
-    submit.add_argument("--sample", type=int, help="submit N sample orders")
-    submit.add_argument("--telecom", type=float, default=0.0, help="share of telecom samples")
-    submit.add_argument("--json", action="store_true")
-
-    status = sub.add_parser("status", help="show one order")
-    _endpoint_flags(status)
-    status.add_argument("order_id")
-    status.add_argument("--json", action="store_true")
+    sim.add_argument("--log-level", default="info",
+                     help="debug, info, warning, error (default %(default)s)")
 
     from oms.opscli import add_parsers as add_ops
+    from oms.opscli import common
+
+    submit = sub.add_parser("submit", help="submit orders from a file or samples")
+    submit.add_argument("file", nargs="?", help="JSON file: one order or a list of orders")
+    submit.add_argument("--sample", type=int, help="submit N sample orders")
+    submit.add_argument("--telecom", type=float, default=0.0,
+                        help="share of telecom samples, 0 to 1 (default %(default)g)")
+    common(submit)
+
+    status = sub.add_parser("status", help="show one order (same as oms order show)")
+    status.add_argument("order_id")
+    common(status)
 
     add_ops(sub)
 
     health = sub.add_parser("health", help="is the service alive and ready? (exit 0 if so)")
-    health.add_argument("--url", default=None,
-                        help="metrics base URL (default http://127.0.0.1:<metrics_port>)")
-    health.add_argument("--json", action="store_true")
+    health.add_argument("--config", help="TOML file of the service's settings")
+    health.add_argument("--metrics-host", help="host of the metrics/health HTTP server "
+                        "(env OMS_METRICS_HOST; default 127.0.0.1)")
+    health.add_argument("--metrics-port", type=int, help="its port (env OMS_METRICS_PORT; "
+                        "default 9464)")
+    health.add_argument("--url", default=None, help="metrics base URL instead of host and "
+                        "port, e.g. http://HOST:PORT")
+    health.add_argument("--intake", help="also check that this intake endpoint answers "
+                        "(env OMS_INTAKE; checked only when given)")
+    health.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS",
+                        help="per check (default %(default)g)")
+    health.add_argument("--json", action="store_true", help="machine-readable output")
 
     procs = sub.add_parser("processes", help="check or show process definitions")
     psub = procs.add_subparsers(dest="action", required=True)
@@ -115,21 +142,57 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench(sub)
 
     demo = sub.add_parser("demo", help="simulators + service + sample orders, end to end")
-    demo.add_argument("--orders", type=int, default=200)
-    demo.add_argument("--data", default=".oms-demo")
-    demo.add_argument("--timeout", type=float, default=120.0)
+    demo.add_argument("--orders", type=int, default=200,
+                      help="sample orders to run (default %(default)d)")
+    demo.add_argument("--data", default=".oms-demo",
+                      help="data folder, emptied first (default %(default)s)")
+    demo.add_argument("--timeout", type=float, default=120.0,
+                      help="seconds to wait for every order to finish (default %(default)g)")
     return parser
 
 
+CLIENT_COMMANDS = {"submit", "status", "orders", "order", "fallout"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    import zmq
+
+    from oms.opscli import CommandError
+
     args = build_parser().parse_args(argv)
+    name = f"oms {args.command}" + (f" {args.action}" if getattr(args, "action", None) else "")
     try:
         return int(COMMANDS[args.command](args) or 0)
-    except (ConfigError, ProcessError) as exc:
-        print(f"oms {args.command}: {exc}", file=sys.stderr)
+    except (ConfigError, ProcessError, CommandError) as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
         return 2
+    except TimeoutError as exc:
+        if args.command not in CLIENT_COMMANDS:
+            raise
+        print(f"{name}: {exc}: is the service running? (--intake or OMS_INTAKE; "
+              "--timeout)", file=sys.stderr)
+        return 3
+    except zmq.ZMQError as exc:
+        if args.command not in CLIENT_COMMANDS:
+            raise
+        print(f"{name}: cannot use the intake endpoint: {exc}", file=sys.stderr)
+        return 3
+    except BrokenPipeError:
+        _quiet_stdout()  # the reader went away (oms orders | head -1): nothing more to say
+        return 141
     except KeyboardInterrupt:
         return 130
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -189,14 +252,26 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.system:
         systems.update(parse_systems(args.system, "--system"))
     if args.only:
-        systems = {k: v for k, v in systems.items() if k in args.only}
+        only = [n.strip() for spec in args.only for n in spec.split(",") if n.strip()]
+        unknown = sorted(set(only) - set(systems))
+        if unknown or not only:
+            print(f"oms simulate: --only: unknown system {', '.join(unknown) or '(none)'}; "
+                  f"valid: {', '.join(systems)}", file=sys.stderr)
+            return 2
+        systems = {k: v for k, v in systems.items() if k in only}
     fail = {}
     for spec in args.fail:
         op, _, rest = spec.partition("=")
         rate, _, code = rest.partition(":")
-        fail[op] = (float(rate), code or "unavailable")
-    drop = {op: float(rate) for op, _, rate in (s.partition("=") for s in args.drop)}
-    stock_of = {p: int(n) for p, _, n in (s.partition("=") for s in args.stock_of)}
+        fail[op] = (_rate(spec, "--fail", op, rate), code or "unavailable")
+    drop = {op: _rate(s, "--drop", op, rate)
+            for s, (op, _, rate) in ((s, s.partition("=")) for s in args.drop)}
+    stock_of = {}
+    for spec in args.stock_of:
+        product, _, n = spec.partition("=")
+        if not product or not n.isdigit():
+            raise ConfigError(f"--stock-of {spec!r}: give PRODUCT=N, N a whole number")
+        stock_of[product] = int(n)
     if args.scarce is not None:
         from oms.sample import SCARCE
 
@@ -225,11 +300,40 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _client(args: argparse.Namespace) -> Any:
-    from oms.client import Client
+def _rate(spec: str, flag: str, op: str, rate: str) -> float:
+    """A probability from OP=RATE: 0 to 1, else a one-line error."""
+    try:
+        value = float(rate)
+    except ValueError:
+        value = -1.0
+    if not op or not 0.0 <= value <= 1.0:  # also refuses NaN
+        raise ConfigError(f"{flag} {spec!r}: give OP=RATE with RATE from 0 to 1")
+    return value
 
-    cfg = Config.load(None, intake=args.intake)
-    return Client(cfg.intake)
+
+def _client(args: argparse.Namespace) -> Any:
+    from oms.opscli import connect
+
+    return connect(args)
+
+
+def read_orders(file: str) -> list[Any]:
+    """Orders from a JSON file (one order or a list); a clear error otherwise."""
+    from oms.opscli import CommandError
+
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CommandError(f"cannot read {file}: {getattr(exc, 'strerror', None) or exc}")
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CommandError(f"{file} is not JSON: {exc.msg} at line {exc.lineno} "
+                           f"column {exc.colno}") from None
+    orders = loaded if isinstance(loaded, list) else [loaded]
+    if not orders or not all(isinstance(o, dict) for o in orders):
+        raise CommandError(f"{file} must hold one order (a JSON object) or a list of them")
+    return orders
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -239,8 +343,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         orders = list(sample_orders(args.sample, telecom_ratio=args.telecom,
                                     prefix=f"CLI{threading.get_ident() % 10000:04d}-"))
     elif args.file:
-        loaded = json.loads(Path(args.file).read_text(encoding="utf-8"))
-        orders = loaded if isinstance(loaded, list) else [loaded]
+        orders = read_orders(args.file)
     else:
         print("oms submit: give a FILE or --sample N", file=sys.stderr)
         return 2
@@ -299,6 +402,16 @@ def render_order(o: dict[str, Any]) -> str:
     lines += ["", "items:"] + [f"  {i['id']:<12} {i['action']:<9} {i['product_id']:<14} "
                                f"qty {i['quantity']:<4} {i['state']}" for i in o.get("items", [])]
     lines += ["", "history:"] + [_history_line(h) for h in o.get("history", [])]
+    from oms.opscli import fallout_of, render_fallout
+
+    fallout = fallout_of(o)
+    if fallout:
+        lines += ["", f"held ({fallout.get('reason') or o.get('state_reason')}):"
+                  ] + render_fallout(fallout, o["order_id"])
+    elif o.get("failure") and o.get("state") in ("failed", "partial"):
+        err = o["failure"].get("error") or {}
+        lines += ["", f"failed at step {o['failure'].get('step')}: {err.get('code')}: "
+                      f"{err.get('message', '')}"]
     if o.get("summary"):
         lines += ["", f"summary: {json.dumps(o['summary'].get('results', {}))}"]
     return "\n".join(lines)
@@ -308,23 +421,47 @@ def cmd_health(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
-    base = args.url or f"http://127.0.0.1:{Config.load(None).metrics_port}"
+    cfg = Config.load(args.config, metrics_host=args.metrics_host,
+                      metrics_port=args.metrics_port, intake=args.intake)
+    base = (args.url or f"http://{cfg.metrics_host}:{cfg.metrics_port}").rstrip("/")
     result = {}
     for check in ("healthz", "readyz"):
         try:
-            with urllib.request.urlopen(f"{base}/{check}", timeout=3) as resp:
+            with urllib.request.urlopen(f"{base}/{check}", timeout=args.timeout) as resp:
                 result[check] = resp.status == 200
         except urllib.error.HTTPError as exc:
             result[check] = exc.code == 200
-        except OSError:
+        except (OSError, ValueError):
             result[check] = False
+    intake = None
+    if args.intake or "OMS_INTAKE" in __import__("os").environ:
+        intake = _intake_answers(cfg.intake, args.timeout)
+    healthy = result["healthz"] and result["readyz"] and intake is not False
     if args.json:
-        print(json.dumps({"url": base, "live": result["healthz"], "ready": result["readyz"]}))
+        out = {"url": base, "live": result["healthz"], "ready": result["readyz"]}
+        if intake is not None:
+            out.update(intake=cfg.intake, intake_answers=intake)
+        print(json.dumps(out))
     else:
         live = "live" if result["healthz"] else "not answering"
         ready = "ready" if result["readyz"] else "not ready"
-        print(f"{base}: {live}, {ready}")
-    return 0 if result["healthz"] and result["readyz"] else 1
+        extra = "" if intake is None else (
+            f"; intake {cfg.intake} " + ("answers" if intake else "does not answer"))
+        print(f"{base}: {live}, {ready}{extra}")
+    return 0 if healthy else 1
+
+
+def _intake_answers(endpoint: str, timeout: float) -> bool:
+    import zmq
+
+    from oms.client import Client
+
+    try:
+        with Client(endpoint, timeout=timeout) as client:
+            client.request({"type": "get_order", "order_id": "-"})
+        return True
+    except (TimeoutError, zmq.ZMQError):
+        return False
 
 
 def cmd_processes(args: argparse.Namespace) -> int:
@@ -349,7 +486,10 @@ def render_process(proc: Any) -> str:
              f"  failure policy: {proc.failure_policy}; item failure: {proc.item_failure}; "
              f"point of no return: {proc.point_of_no_return or '-'}; "
              f"sequencing: {proc.sequencing_key or '-'}",
-             f"  CRM notified of: {', '.join(sorted(proc.notify_states)) or '-'}", ""]
+             f"  CRM notified of: {', '.join(sorted(proc.notify_states)) or '-'}"]
+    if proc.expected_s:
+        lines.append(f"  whole order expected within {proc.expected_s:g} s (else order_jeopardy)")
+    lines.append("")
     for step in proc.steps:
         after = f"  after {', '.join(step.after)}" if step.after else "  (start)"
         if step.wait_event:
@@ -362,10 +502,17 @@ def render_process(proc: Any) -> str:
             comp = f", undo {a.compensate[0]}" if a.compensate else ""
             what = f"{a.system}.{a.op}{comp}"
         hold = (f"; hold '{step.hold.reason}' while {step.hold.field} == {step.hold.equals!r}"
-                f" until {step.hold.until_event}") if step.hold else ""
+                f" until {step.hold.until_event}, without a time limit") if step.hold else ""
         lines.append(f"  [{step.name}] {what}{hold}")
-        lines.append(f"      {after.strip()}; timeout {step.timeout_s:g} s; "
-                     f"retry x{step.retry.max_attempts}")
+        if step.wait_event:
+            limit = (f"gives up after {step.wait_timeout_s:g} s" if step.wait_timeout_s
+                     else "waits without a time limit")
+            lines.append(f"      {after.strip()}; {limit}")
+        else:
+            lines.append(f"      {after.strip()}; timeout {step.timeout_s:g} s; "
+                         f"retry x{step.retry.max_attempts}")
+        if step.expected_s:
+            lines[-1] += f"; expected within {step.expected_s:g} s"
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ class Client:
         self.sock.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))  # no peer: fail, not hang
         for name, value in (curve or {}).items():  # see actors.security.client_options
             self.sock.setsockopt(getattr(zmq, name), value)
+        self.endpoint = endpoint
         self.sock.connect(endpoint)
         self.timeout = timeout
         self._ids = itertools.count(1)
@@ -41,7 +42,8 @@ class Client:
         try:
             self.sock.send(frame)
         except zmq.Again:
-            raise TimeoutError("cannot send: no connection to the service") from None
+            raise TimeoutError(f"cannot send to {self.endpoint}: no connection within "
+                               f"{self.timeout:g} s") from None
 
     def request(self, payload: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """Send one request and wait for its reply (matched by request_id)."""
@@ -51,7 +53,9 @@ class Client:
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not self.sock.poll(left * 1000):
-                raise TimeoutError(f"no reply to {payload.get('type')} within the timeout")
+                waited = self.timeout if timeout is None else timeout
+                raise TimeoutError(f"no reply from {self.endpoint} to {payload.get('type')} "
+                                   f"within {waited:g} s")
             reply = codec.decode_map(self.sock.recv())
             if reply.get("request_id") == rid:
                 return reply
@@ -61,7 +65,7 @@ class Client:
         self._send(frame)
         left = self.timeout if timeout is None else timeout
         if not self.sock.poll(left * 1000):
-            raise TimeoutError("no reply")
+            raise TimeoutError(f"no reply from {self.endpoint} within {left:g} s")
         return codec.decode_map(self.sock.recv())
 
     def pipeline(self, payloads: Iterable[dict[str, Any]], window: int = 256,
@@ -84,7 +88,8 @@ class Client:
             if not waiting:
                 break
             if not self.sock.poll(limit * 1000):
-                raise TimeoutError(f"{len(waiting)} requests unanswered within {limit} s")
+                raise TimeoutError(f"{len(waiting)} requests to {self.endpoint} unanswered "
+                                   f"within {limit:g} s")
             while True:
                 try:
                     reply = codec.decode_map(self.sock.recv(flags=zmq.NOBLOCK))

@@ -25,10 +25,11 @@ MARKER = ".oms-demo-folder"
 LOGS = {"service": "serve.log", "simulators": "simulate.log"}
 
 
-def _bar(done: int, total: int, started: float, width: int = 32) -> str:
+def _bar(done: int, total: int, started: float, tty: bool = True, width: int = 32) -> str:
     filled = int(width * done / max(total, 1))
     rate = done / max(time.monotonic() - started, 1e-6)
-    return f"\r  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} finished  {rate:6.1f}/s"
+    return (f"\r" if tty else "") + (f"  [{'#' * filled}{'.' * (width - filled)}] "
+                                     f"{done}/{total} finished  {rate:6.1f}/s")
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -74,13 +75,17 @@ def run_demo(count: int, folder: str, timeout: float) -> int:
                  base / "simulate.log")
     svc = _spawn(["serve", "--data", cfg.data], base / "serve.log")
     client = Client(cfg.intake)
+    notes: dict[str, Any] = {}
     try:
-        return _drive(client, cfg, count, timeout, base, {"service": svc, "simulators": sim})
+        return _drive(client, cfg, count, timeout, base, {"service": svc, "simulators": sim},
+                      notes)
     finally:
         client.close()
         code = _stop(svc)
         _stop(sim)
         print(f"\nservice stopped (exit {code}); simulators stopped.")
+        if "sample" in notes:
+            _next_steps(cfg, base, notes["sample"])
 
 
 def _died(procs: dict[str, subprocess.Popen[bytes]], base: Path) -> bool:
@@ -97,7 +102,7 @@ def _died(procs: dict[str, subprocess.Popen[bytes]], base: Path) -> bool:
 
 
 def _drive(client: Client, cfg: Config, count: int, timeout: float, base: Path,
-           procs: dict[str, subprocess.Popen[bytes]]) -> int:
+           procs: dict[str, subprocess.Popen[bytes]], notes: dict[str, Any]) -> int:
     deadline = time.monotonic() + 30
     while True:
         if _died(procs, base):
@@ -125,6 +130,7 @@ def _drive(client: Client, cfg: Config, count: int, timeout: float, base: Path,
     accept_s = time.monotonic() - started
     print(f"  {len(ids)} orders accepted in {accept_s:.2f} s; following their events ...")
     finished: dict[str, str] = {}
+    tty = sys.stdout.isatty()  # a redrawn bar on a terminal; one line at the end otherwise
     deadline = time.monotonic() + timeout
     shown = -1
     while len(finished) < len(ids) and time.monotonic() < deadline:
@@ -141,21 +147,21 @@ def _drive(client: Client, cfg: Config, count: int, timeout: float, base: Path,
                 state = (reply.get("order") or {}).get("state")
                 if state in TERMINAL:
                     finished[req["order_id"]] = state
-        if len(finished) != shown:
+        if len(finished) != shown and (tty or len(finished) == len(ids)):
             shown = len(finished)
-            sys.stdout.write(_bar(shown, len(ids), started))
+            sys.stdout.write(_bar(shown, len(ids), started, tty))
             sys.stdout.flush()
     sub.close()
     if any(proc.poll() is not None for proc in procs.values()):
         return 1
     elapsed = time.monotonic() - started
     print()
-    _summary(client, cfg, ids, finished, elapsed, base)
+    notes["sample"] = _summary(client, cfg, ids, finished, elapsed, base)
     return 0 if len(finished) == len(ids) else 1
 
 
 def _summary(client: Client, cfg: Config, ids: list[str], finished: dict[str, str],
-             elapsed: float, base: Path) -> None:
+             elapsed: float, base: Path) -> str | None:
     views = {req["order_id"]: reply.get("order", {}) for req, reply in
              client.pipeline({"type": "get_order", "order_id": i} for i in ids)}
     by_outcome = Counter((v.get("order_type"), v.get("state"), v.get("state_reason") or "")
@@ -181,9 +187,19 @@ def _summary(client: Client, cfg: Config, ids: list[str], finished: dict[str, st
 
         print("\none of them, as `oms status` shows it:\n")
         print("  " + render_order(views[sample]).replace("\n", "\n  "))
+    return sample
+
+
+def _next_steps(cfg: Config, base: Path, sample: str | None) -> None:
+    """What to do after the demo. Its service has stopped: start one on the
+    demo's data to look at its orders."""
     print("\nwhere to look next:")
-    print(f"  {base}/serve.log            the service's JSON log (one line per state change)")
-    print(f"  oms serve --data {cfg.data} &   browse the demo's orders afterwards, then")
-    print(f"  oms status {sample or 'ORDER_ID'}     or  oms submit --sample 5")
-    print(f"  http://127.0.0.1:{cfg.metrics_port}/metrics   Prometheus metrics while it serves")
-    print("  docs/architecture.md, docs/operations.md, docs/processes.md")
+    print(f"  {base}/serve.log    the service's JSON log (one line per state change)")
+    print("  the service has stopped; to browse the demo's orders, start it again on its data:")
+    print(f"    oms serve --data {cfg.data} &")
+    print("    oms health                      live and ready?")
+    print("    oms orders                      newest first")
+    print(f"    oms order show {sample or 'ORDER_ID'}")
+    print(f"    curl http://127.0.0.1:{cfg.metrics_port}/metrics   Prometheus metrics")
+    print("  new orders need the domain systems too: oms simulate & then oms submit --sample 5")
+    print("  docs/protocol.md (the wire contract), docs/operations.md, docs/architecture.md")

@@ -14,9 +14,11 @@ every retry and after a restart (contract §3):
 
 from __future__ import annotations
 
+import logging
 import zlib
 from typing import Any
 
+from oms import fallout, untrusted
 from oms.errors import CIRCUIT_OPEN, DomainError
 from oms.messages import (
     Cancel,
@@ -35,12 +37,21 @@ from oms.messages import (
 )
 from oms.model import Order, Step
 from oms.operator import OperatorMixin
+from oms.orphans import OrphanMixin
 from oms.process import Action, ProcessDef, RetryPolicy, StepDef
 from oms.states import Ev, ItemState, OrderState, StepStatus, next_state
 from oms.templates import lookup, order_facts, resolve
+from oms.validation import MAX_AMOUNT_MINOR
 
+logger = logging.getLogger(__name__)
 S = OrderState
-MAX_EARLY_EVENTS = 32
+INTERNAL_ERROR = "internal_error"  # state_reason of an order whose handler raised
+OPERATOR_HOLDS = ("fallout", INTERNAL_ERROR)  # only an operator ends these
+INVALID_REPLY = "invalid_reply"
+AMOUNT_OUT_OF_RANGE = "amount_out_of_range"
+MAX_EARLY_EVENTS = 16
+MAX_EARLY_BYTES = 64 * 1024  # early events kept per order, encoded
+MAX_REASON = 1000  # a cancel reason kept in the order, in characters
 
 
 def new_order(order_id: str, req: dict[str, Any], proc: ProcessDef, now: float) -> Order:
@@ -97,6 +108,7 @@ class Engine:
     def __init__(self, proc: ProcessDef) -> None:
         self.proc = proc
         self.defs = {s.name: s for s in proc.steps}
+        self.known: dict[tuple[str, str, bool], bool] = {}  # see oms.orphans
 
     def handle(self, order: Order, msg: Any, now: float) -> Turning:
         """Apply one message; the returned ``Turning`` holds the effects."""
@@ -105,7 +117,37 @@ class Engine:
         return turning
 
 
-class Turning(OperatorMixin):
+def hold_internal_error(engine: Engine, order: Order, error: str, dropped: tuple[Any, ...],
+                        now: float) -> Turning:
+    """The engine half of the order failure rule (``OrderRouter.crashed``).
+
+    A handler raised on this order; ``order`` is its last durable snapshot
+    again, and ``dropped`` the messages lost with the crash. Hold it as
+    fallout (``held``, ``internal_error``) with the error (and the failure
+    it had, under ``previous``); an operator retries (resume from the
+    snapshot), skips or aborts it. A sequencing turn it was given is kept:
+    it stays the head of its queue until it finishes or is aborted.
+    """
+    turning = Turning(engine, order, now)
+    if order.state.terminal:  # finished, only notices still out: nothing to hold
+        turning.stale = True
+        return turning
+    order.failure = {"step": None, "previous": order.failure,
+                     "error": {"code": INTERNAL_ERROR, "message": error[:500],
+                               "retryable": False}}
+    if any(isinstance(m, Turn) and m.go for m in dropped):
+        order.turn = True
+    if order.state == S.HELD:
+        order.state_reason = INTERNAL_ERROR
+        order.history.append({"state": str(S.HELD), "ts": now, "reason": INTERNAL_ERROR})
+    else:
+        turning.transition(Ev.HOLD, INTERNAL_ERROR)
+    turning.changed = True
+    order.updated_ts, order.version = now, order.version + 1
+    return turning
+
+
+class Turning(OperatorMixin, OrphanMixin):
     """One message's worth of work on one order.
 
     effects: what to do once the new snapshot is durable.
@@ -116,6 +158,7 @@ class Turning(OperatorMixin):
     def __init__(self, engine: Engine, order: Order, now: float) -> None:
         self.proc = engine.proc
         self.defs = engine.defs
+        self.known = engine.known
         self.order = order
         self.now = now
         self.effects: list[Any] = []
@@ -125,6 +168,8 @@ class Turning(OperatorMixin):
     # -- dispatch ----------------------------------------------------------
 
     def handle(self, msg: Any) -> None:
+        if isinstance(msg, Resume | Operate):
+            self.check_orphans()  # after a definition change (oms.orphans)
         if isinstance(msg, CommandResult):
             self.on_result(msg)
         elif isinstance(msg, DomainEvent):
@@ -177,7 +222,7 @@ class Turning(OperatorMixin):
             order.summary = self.summary()
             self.emit(Publish({"type": "order_summary", "order_id": order.order_id,
                                "external_id": order.external_id, "summary": order.summary}))
-            if order.seq_key and order.turn:
+            if order.seq_key:  # with or without its turn: a pending order leaves too
                 self.emit(Sequence(order.seq_key, enter=False))
         if str(new) in self.proc.notify_states:
             self.notify(new, old)
@@ -201,7 +246,7 @@ class Turning(OperatorMixin):
         return next(it for it in self.order.items if it["id"] == step.item_id)
 
     def action(self, step: Step) -> Action | None:
-        sdef = self.defs[step.name]
+        sdef = self.sdef(step)
         if sdef.per_item is not None:
             item = self.item(step)
             return sdef.per_item.get(item["action"]) if item else None
@@ -233,8 +278,8 @@ class Turning(OperatorMixin):
         first_block = (step.error or {}).get("code") != CIRCUIT_OPEN
         step.error = error.to_wire()
         if error.code == CIRCUIT_OPEN:
-            wait = (res.data or {}).get("retry_after", 1.0)
-            wait = min(max(float(wait), 0.05), 60.0) if isinstance(wait, int | float) else 1.0
+            data = res.data if isinstance(res.data, dict) else {}
+            wait = untrusted.retry_after(data.get("retry_after"))
             step.retry_at = self.now + wait * (1 + 0.2 * _spread(command_id, attempt))
             attempt -= 1  # the re-send after the wait reuses this attempt's number
             setattr(step, attr, attempt)
@@ -269,7 +314,7 @@ class Turning(OperatorMixin):
         if status is StepStatus.DONE or status is StepStatus.SKIPPED:
             return True
         return (status is StepStatus.FAILED and self.proc.item_failure == "partial"
-                and self.defs[step.name].per_item is not None)
+                and step.item_id is not None)
 
     def in_flight(self) -> bool:
         """A forward command was sent whose outcome is not known yet."""
@@ -304,6 +349,12 @@ class Turning(OperatorMixin):
             self.emit(Sequence(order.seq_key or "", enter=False))
 
     def begin(self) -> None:
+        if not 0 <= self.order.total_minor <= MAX_AMOUNT_MINOR:  # accepted before the bound
+            self.order.failure = {"step": None, "error": {
+                "code": AMOUNT_OUT_OF_RANGE, "retryable": False,
+                "message": f"the order total is outside 0..{MAX_AMOUNT_MINOR} (int64)"}}
+            self.begin_compensation("failed")  # nothing ran: straight to failed
+            return
         self.transition(Ev.START)
         self.expect("order", self.proc.expected_s)
         for it in self.order.items:
@@ -325,7 +376,9 @@ class Turning(OperatorMixin):
             if step.status == StepStatus.RUNNING and step.wait is None:
                 self.resend(step, ("retry", step.key, step.attempts),
                             lambda s=step: self.send_step(s))
-            if step.comp == "running":
+            if step.comp == "running" and not self.defined(step):
+                self.orphan_undo(step)
+            elif step.comp == "running":
                 self.resend(step, ("comp", step.key, step.comp_attempts),
                             lambda s=step: self.send_comp(s))
         self.rearm_jeopardy()
@@ -348,6 +401,8 @@ class Turning(OperatorMixin):
             self.compensate_next()
             return
         if order.phase != "run" or order.state not in (S.IN_PROGRESS, S.HELD):
+            return
+        if self.check_orphans():
             return
         # plain loops: this runs for nearly every message, and generator
         # expressions cost more than the comparisons they wrap
@@ -393,11 +448,13 @@ class Turning(OperatorMixin):
         self.send_step(step)
 
     def send_step(self, step: Step) -> None:
-        sdef = self.defs[step.name]
+        sdef = self.sdef(step)
         assert step.args is not None
         self.send(step.system, self.command_id(step), step.op, step.args, sdef.timeout_s)
 
     def complete(self) -> None:
+        if self.order.state == S.HELD:  # every step settled while held (internal_error)
+            self.transition(Ev.RESUME)
         if any(it["state"] == ItemState.FAILED for it in self.order.items):
             self.transition(Ev.PARTIAL)
         else:
@@ -417,7 +474,8 @@ class Turning(OperatorMixin):
         return {
             "state": str(order.state),
             "completed_ts": self.now,
-            "total_minor": order.total_minor,
+            "total_minor": total if 0 <= (total := order.total_minor) <= MAX_AMOUNT_MINOR
+            else None,
             "currency": order.currency,
             "items": [{"id": it["id"], "state": it["state"]} for it in order.items],
             "results": order.results,
@@ -448,7 +506,14 @@ class Turning(OperatorMixin):
         kind, step, idx = self.find(res.command_id)
         if step is None:
             self.stale = True
-        elif kind == "note":
+            return
+        problem = untrusted.data_problem({} if res.data is None else res.data) if res.ok else None
+        if problem:  # a contract violation: retried like an outage, never kept
+            logger.warning("order %s: reply to %s refused: %s", self.order.order_id,
+                           res.command_id, problem, extra={"order_id": self.order.order_id})
+            res = CommandResult(res.command_id, False, None,
+                                DomainError(INVALID_REPLY, f"the reply's {problem}", True))
+        if kind == "note":
             self.on_note_result(step, idx, res)
         elif kind == "comp":
             self.on_comp_result(step, res)
@@ -460,7 +525,7 @@ class Turning(OperatorMixin):
         if busy or (step.retry_at is not None and not res.ok):
             self.stale = True
             return
-        sdef = self.defs[step.name]
+        sdef = self.sdef(step)
         self.changed = True
         step.retry_at = None
         if res.ok:
@@ -478,7 +543,7 @@ class Turning(OperatorMixin):
         step.result, step.error, step.applied = data, None, True
         order.done_counter += 1
         step.done_seq = order.done_counter
-        hold = self.defs[step.name].hold
+        hold = self.sdef(step).hold
         if hold and order.phase == "run" and data.get(hold.field) == hold.equals:
             step.wait = hold.until_event
             if not self.take_early_event(step):
@@ -530,24 +595,75 @@ class Turning(OperatorMixin):
     # -- domain events -----------------------------------------------------
 
     def on_event(self, ev: DomainEvent) -> None:
-        for step in self.order.steps.values():
+        """Apply an event to the step that waits for it from its sender
+        (``ev.system``, the domain system the endpoint authenticated), keep
+        it bounded if a step will wait for it later, else ignore it."""
+        order = self.order
+        problem = untrusted.data_problem(ev.data)
+        data = ev.data if problem is None else {"dropped": problem}
+        if problem:
+            self.log_event(ev, f"its data is not kept: {problem}")
+        for step in order.steps.values():
             if self.event_matches(step, ev.name, ev.system):
-                self.consume(step, ev.data)
+                self.consume(step, data)
                 self.advance()
                 return
-        if self.order.state.terminal or self.order.phase != "run":
+        refused = self.event_refusal(ev.name, ev.system)
+        if refused:
             self.stale = True
+            self.log_event(ev, f"ignored: {refused}")
             return
-        early = self.order.early_events
-        early.append({"system": ev.system, "name": ev.name, "data": ev.data})
-        del early[:-MAX_EARLY_EVENTS]
+        early = order.early_events
+        early.append({"system": ev.system, "name": ev.name, "data": data})
+        sizes = [untrusted.size_of(e) for e in early]
+        dropped = 0
+        while len(early) > MAX_EARLY_EVENTS or sum(sizes) > MAX_EARLY_BYTES:
+            early.pop(0)
+            sizes.pop(0)
+            dropped += 1
+        if dropped:
+            self.log_event(ev, f"kept early; the {dropped} oldest early event(s) dropped "
+                           f"(at most {MAX_EARLY_EVENTS} and {MAX_EARLY_BYTES} bytes are kept)")
         self.changed = True
+
+    def log_event(self, ev: DomainEvent, what: str) -> None:
+        order_id = self.order.order_id
+        logger.warning("order %s: event %s %s from %s %s", order_id, ev.event_id[:100],
+                       ev.name[:100], ev.system[:100], what, extra={"order_id": order_id})
+
+    def wait_source(self, step: Step) -> tuple[str, str] | None:
+        """The (event, domain system) a step waits for or may hold for."""
+        if self.defined(step):
+            sdef = self.defs[step.name]
+            if sdef.wait_event is not None:
+                return sdef.wait_event, sdef.wait_system or step.system
+            if sdef.hold is not None:
+                return sdef.hold.until_event, sdef.hold.system or step.system
+        # an orphan, or a hold its definition no longer has: what the snapshot says
+        return (step.wait, step.system) if step.wait else None
 
     def event_matches(self, step: Step, name: str, system: str) -> bool:
         if step.status != StepStatus.RUNNING or step.wait != name:
             return False
-        sdef = self.defs[step.name]
-        return sdef.wait_system is None or sdef.wait_system == system
+        source = self.wait_source(step)
+        return source is not None and source[1] == system
+
+    def event_refusal(self, name: str, system: str) -> str | None:
+        """Why an event no step waits for now is not kept for later."""
+        order = self.order
+        if order.state.terminal or order.phase != "run":
+            return f"the order is {order.state} ({order.phase})"
+        senders = set()
+        for step in order.steps.values():
+            if step.status in (StepStatus.PENDING, StepStatus.RUNNING):
+                source = self.wait_source(step)
+                if source is not None and source[0] == name:
+                    senders.add(source[1])
+        if system in senders:
+            return None
+        if senders:
+            return f"{name} is awaited from {', '.join(sorted(senders))}, not from {system}"
+        return f"no step of this order waits for {name}"
 
     def take_early_event(self, step: Step) -> bool:
         for i, ev in enumerate(self.order.early_events):
@@ -564,8 +680,9 @@ class Turning(OperatorMixin):
             step.result, step.applied = data, True
         self.step_done(step)
         holding = any(s.wait and s.applied for s in self.order.steps.values())
-        if self.order.state == S.HELD and self.order.state_reason != "fallout" and not holding:
-            self.transition(Ev.RESUME)
+        if (self.order.state == S.HELD and self.order.state_reason not in OPERATOR_HOLDS
+                and not holding):
+            self.transition(Ev.RESUME)  # a wait's hold ends with its event
 
     # -- timers ------------------------------------------------------------
 
@@ -585,7 +702,7 @@ class Turning(OperatorMixin):
         if kind == "wait" and step is not None and step.wait and step.retry_at is not None:
             step.wait, step.retry_at = None, None
             step.error = {"code": "event_timeout", "retryable": False,
-                          "message": f"no {self.defs[step.name].wait_event} event in time"}
+                          "message": f"no {step.wait} event in time"}
             self.set_status(step, StepStatus.FAILED)
             self.step_failed(step)
             self.advance()
@@ -617,19 +734,13 @@ class Turning(OperatorMixin):
             self.emit(Reply(msg.reply_to, {"type": "cancel_rejected",
                                            "order_id": order.order_id, "reason": reason}))
 
-        if order.state.terminal:
-            reject(f"order is already {order.state}")
+        problem = fallout.cancel_problem(order, self.proc.point_of_no_return)
+        if problem:
+            reject(problem)
             return
-        if order.phase != "run":
-            reject("order is already being cancelled or compensated")
-            return
-        ponr = self.proc.point_of_no_return
-        if ponr and any(s.status not in (StepStatus.PENDING, StepStatus.SKIPPED)
-                        for s in self.steps_of(ponr)):
-            reject("point_of_no_return")
-            return
-        order.cancel = {"reason": msg.reason, "ts": self.now}
-        self.transition(Ev.CANCEL, msg.reason)
+        reason = msg.reason[:MAX_REASON] if isinstance(msg.reason, str) else None
+        order.cancel = {"reason": reason, "ts": self.now}
+        self.transition(Ev.CANCEL, reason)
         self.emit(Reply(msg.reply_to, {"type": "cancel_accepted", "order_id": order.order_id,
                                        "state": str(order.state)}))
         self.begin_compensation("cancelled")
@@ -661,6 +772,9 @@ class Turning(OperatorMixin):
         todo = [s for s in order.steps.values()
                 if s.applied and s.status == StepStatus.DONE and s.comp is None]
         for step in sorted(todo, key=lambda s: -s.done_seq):
+            if not self.defined(step) and not step.op.startswith("await:"):
+                self.orphan_undo(step)
+                return
             action = self.action(step)
             if action is not None and action.compensate is not None:
                 step.comp, step.comp_attempts = "running", 1
@@ -674,7 +788,7 @@ class Turning(OperatorMixin):
         assert action is not None and action.compensate is not None
         op, template = action.compensate
         args = resolve(template, self.scopes(step))
-        timeout = self.defs[step.name].timeout_s
+        timeout = self.sdef(step).timeout_s
         self.send(step.system, f"{self.command_id(step)}:undo", op, args, timeout)
 
     def on_comp_result(self, step: Step, res: CommandResult) -> None:
@@ -683,7 +797,7 @@ class Turning(OperatorMixin):
             return
         self.changed = True
         step.retry_at = None
-        policy = self.defs[step.name].retry
+        policy = self.sdef(step).retry
         if res.ok:
             step.comp = "done"
             self.set_status(step, StepStatus.COMPENSATED)
@@ -701,8 +815,9 @@ class Turning(OperatorMixin):
         if order.target == "cancelled":
             self.transition(Ev.CANCELLED, order.state_reason)
         else:
-            error = (order.failure or {}).get("error") or {}
-            self.transition(Ev.FAIL, error.get("code"))
+            failure = order.failure or {}
+            code = (failure.get("error") or {}).get("code")
+            self.transition(Ev.FAIL, code or ("aborted" if "aborted_by" in failure else None))
 
     # -- CRM notifications -------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from oms.fallout import fallout_view
 from oms.states import OrderState, StepStatus
 
 RECORD_VERSION = 1
@@ -197,8 +198,9 @@ class Order:
             out["summary"] = self.summary
         return out
 
-    def view(self) -> dict[str, Any]:
-        """The full order view of ``get_order`` (contract §1)."""
+    def view(self, point_of_no_return: str | None = None) -> dict[str, Any]:
+        """The full order view of ``get_order`` (contract §1); while held, a
+        ``fallout`` block (``oms.fallout``) says what an operator can do."""
         out = self.summary_view()
         out["items"] = [
             {
@@ -214,4 +216,7 @@ class Order:
         out["history"] = self.history
         if self.failure is not None:
             out["failure"] = self.failure
+        block = fallout_view(self, point_of_no_return)
+        if block is not None:
+            out["fallout"] = block
         return out

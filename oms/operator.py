@@ -18,11 +18,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from oms import fallout
 from oms.messages import Operate, Publish, Reply, Timer
 from oms.model import Step
 from oms.states import Ev, OrderState, StepStatus
 
 S = OrderState
+MAX_NOTE = 1000  # operator names and reasons kept in the history, in characters
 
 
 class OperatorMixin:
@@ -49,36 +51,42 @@ class OperatorMixin:
             answer("operator_rejected", reason=problem)
             return
         order.history.append({"state": str(order.state), "ts": self.now, "action": msg.action,
-                              "operator": msg.operator, "reason": msg.reason or ""})
+                              "operator": str(msg.operator)[:MAX_NOTE],
+                              "reason": str(msg.reason or "")[:MAX_NOTE]})
         self.changed = True
         if msg.action == "abort":
-            order.failure = dict(order.failure or {}, aborted_by=msg.operator)
+            order.failure = dict(order.failure or {}, aborted_by=str(msg.operator)[:MAX_NOTE])
             self.begin_compensation("failed")
+        elif msg.action == "retry" and fallout.failed_step(order) is None:
+            self.transition_back()  # internal_error: resume from the snapshot
+            self.on_resume()
+            self.advance()
+        elif msg.action == "skip" and self.skips_a_wait(msg.step):
+            self.skip_wait(msg)
         else:
             self.operate_on_failed(msg)
         answer("operator_accepted", state=str(order.state))
 
-    def operate_problem(self, msg: Operate) -> str | None:
+    def skips_a_wait(self, name: str | None) -> bool:
+        step = fallout.skip_target(self.order, name)[0]
+        return step is not None and step is not fallout.failed_step(self.order)
+
+    def skip_wait(self, msg: Operate) -> None:
+        """The wait ends as if its event had come; a held order goes on
+        unless another wait or a failed step still holds it."""
         order = self.order
-        if msg.action not in ("retry", "skip", "abort"):
-            return f"unknown action {msg.action!r}"
-        if order.state.terminal:
-            return f"order is already {order.state}"
-        if msg.action == "abort":
-            return "order is already being compensated" if order.phase != "run" else None
-        if order.state != S.HELD or order.state_reason != "fallout" or not order.failure:
-            return "only an order held as fallout has a failed step to retry or skip"
-        failed = order.steps.get(order.failure["step"])
-        if failed is None:
-            return "the failed step is unknown"
-        if order.failure.get("compensation"):
-            if failed.comp != "failed":
-                return "the failed compensation is already being retried"
-        elif order.phase != "run":
-            return "order is being compensated"
-        if msg.action == "skip" and msg.step and msg.step != order.failure["step"]:
-            return f"step {msg.step!r} is not the failed step {order.failure['step']!r}"
-        return None
+        step = fallout.skip_target(order, msg.step)[0]
+        self.consume(step, {"skipped_by": str(msg.operator)[:MAX_NOTE]})
+        holding = any(s.wait and s.applied for s in order.steps.values())
+        if not holding and fallout.failed_step(order) is None:
+            self.transition_back()
+        self.advance()
+
+    def operate_problem(self, msg: Operate) -> str | None:
+        """Why the action is refused (``oms.fallout`` holds the rules)."""
+        if msg.action == "cancel":
+            return "cancel is a channel request (cancel_order), not an operator action"
+        return fallout.problem(self.order, msg.action, msg.step, self.proc.point_of_no_return)
 
     def operate_on_failed(self, msg: Operate) -> None:
         order = self.order
@@ -100,15 +108,40 @@ class OperatorMixin:
         if msg.action == "skip":
             step.result, step.applied = {"skipped_by": msg.operator}, False
             self.step_done(step)
+            self.skip_dependent_waits(step, msg.operator)
         else:
             step.gen += 1
             step.status, step.attempts = StepStatus.PENDING, 0
-            self.launch(step, self.defs[step.name])
+            self.launch(step, self.sdef(step))
         self.transition_back()
         self.advance()
 
+    def skip_dependent_waits(self, skipped: Step, operator: str) -> None:
+        """Skipping a step also skips the event waits that list it in
+        ``after`` (the event would come from the skipped command, e.g.
+        ``await_delivery`` after ``create_shipment``): the order would
+        otherwise wait forever. For a per-item step, once no instance of it
+        ran for real."""
+        order = self.order
+        if any(s.name == skipped.name and s.applied for s in order.steps.values()):
+            return
+        for sdef in self.proc.steps:
+            if sdef.wait_event is None or skipped.name not in sdef.after:
+                continue
+            for step in self.steps_of(sdef.name):
+                if step.status == StepStatus.PENDING:
+                    step.result = {"skipped_by": operator, "because": skipped.key}
+                    self.set_status(step, StepStatus.SKIPPED)
+
     def transition_back(self) -> None:
-        if self.order.state == S.HELD:
+        """A held order goes on: back to ``inProgress``, or, when the undo of
+        a cancelled order is retried, back to ``pendingCancellation``."""
+        order = self.order
+        if order.state != S.HELD:
+            return
+        if order.phase == "compensate" and order.target == "cancelled":
+            self.transition(Ev.CANCEL_ACCEPT, (order.cancel or {}).get("reason"))
+        else:
             self.transition(Ev.RESUME)
 
     # -- jeopardy ----------------------------------------------------------
@@ -139,7 +172,9 @@ class OperatorMixin:
         entry[1] = True
         self.changed = True
         expected = (self.proc.expected_s if key == "order"
-                    else self.defs[step.name].expected_s)
+                    else self.sdef(step).expected_s)
+        if not expected:
+            return  # expected_s was removed from the definition: the deadline is dropped
         late = max(0.0, self.now - entry[0])
         self.emit(Publish({"type": "order_jeopardy", "order_id": order.order_id,
                            "external_id": order.external_id, "step": key,

@@ -58,12 +58,14 @@ class Action:
 @dataclass(frozen=True, slots=True)
 class Hold:
     """Hold the order when a step's result has ``field == equals``, until
-    the domain event ``until_event`` arrives."""
+    the domain event ``until_event`` arrives from ``system`` (default: the
+    system the step's command went to)."""
 
     field: str
     equals: Any
     reason: str
     until_event: str
+    system: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,14 +298,22 @@ def _step(
             wait_timeout = c.number(wraw, "timeout_s", f"{where}.wait_event", 0.0) or None
         if not isinstance(wait_event, str):
             c.bad(f"{where}.wait_event.name", "required: the domain event's name")
+        if not isinstance(wait_system, str) or not wait_system:
+            c.bad(f"{where}.wait_event.system",
+                  "required: the domain system the event must come from")
     if "hold_when" in raw:
         hraw = c.table(raw, "hold_when", where)
-        c.keys(hraw, {"field", "equals", "reason", "until_event"}, f"{where}.hold_when")
+        c.keys(hraw, {"field", "equals", "reason", "until_event", "system"},
+               f"{where}.hold_when")
         missing = [k for k in ("field", "equals", "reason", "until_event") if k not in hraw]
+        system = hraw.get("system")
+        if system is not None and (not isinstance(system, str) or not system):
+            c.bad(f"{where}.hold_when.system", "must be a domain system's name")
         if missing:
             c.bad(f"{where}.hold_when", f"missing {', '.join(missing)}")
         else:
-            hold = Hold(hraw["field"], hraw["equals"], hraw["reason"], hraw["until_event"])
+            hold = Hold(hraw["field"], hraw["equals"], hraw["reason"], hraw["until_event"],
+                        system if isinstance(system, str) else None)
     return StepDef(
         name, tuple(after), action, per_item, wait_event, wait_system, wait_timeout, timeout,
         retry, hold,
@@ -312,7 +322,8 @@ def _step(
 
 
 def _check_graph(c: _Checker, steps: list[StepDef]) -> None:
-    deps = {s.name: set(s.after) for s in steps}
+    known = {s.name for s in steps}
+    deps = {s.name: set(s.after) & known for s in steps}  # unknown names: reported already
     done: set[str] = set()
     while True:
         ready = [n for n, d in deps.items() if n not in done and d <= done]

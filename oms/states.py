@@ -52,8 +52,10 @@ TRANSITIONS: dict[tuple[OrderState, Ev], OrderState] = {
     (S.ACKNOWLEDGED, Ev.START): S.IN_PROGRESS,
     (S.ACKNOWLEDGED, Ev.WAIT_TURN): S.PENDING,
     (S.ACKNOWLEDGED, Ev.CANCEL): S.ASSESSING_CANCELLATION,
+    (S.ACKNOWLEDGED, Ev.FAIL): S.FAILED,  # an operator aborts before it starts
     (S.PENDING, Ev.START): S.IN_PROGRESS,
     (S.PENDING, Ev.CANCEL): S.ASSESSING_CANCELLATION,
+    (S.PENDING, Ev.FAIL): S.FAILED,  # an operator aborts while it waits its turn
     (S.IN_PROGRESS, Ev.HOLD): S.HELD,
     (S.IN_PROGRESS, Ev.COMPLETE): S.COMPLETED,
     (S.IN_PROGRESS, Ev.PARTIAL): S.PARTIAL,
@@ -62,9 +64,15 @@ TRANSITIONS: dict[tuple[OrderState, Ev], OrderState] = {
     (S.HELD, Ev.RESUME): S.IN_PROGRESS,
     (S.HELD, Ev.FAIL): S.FAILED,
     (S.HELD, Ev.CANCEL): S.ASSESSING_CANCELLATION,
+    (S.HELD, Ev.CANCEL_ACCEPT): S.PENDING_CANCELLATION,  # a failed undo of a cancel retried
     (S.ASSESSING_CANCELLATION, Ev.CANCEL_ACCEPT): S.PENDING_CANCELLATION,
     (S.PENDING_CANCELLATION, Ev.CANCELLED): S.CANCELLED,
     (S.PENDING_CANCELLATION, Ev.HOLD): S.HELD,
+    # a handler that raised holds the order from any unfinished state
+    # (state_reason internal_error; oms.engine.hold_internal_error)
+    (S.ACKNOWLEDGED, Ev.HOLD): S.HELD,
+    (S.PENDING, Ev.HOLD): S.HELD,
+    (S.ASSESSING_CANCELLATION, Ev.HOLD): S.HELD,
 }
 
 

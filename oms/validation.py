@@ -17,6 +17,11 @@ from oms.errors import FieldError
 MAX_STR = 1000
 MAX_ITEMS = 1000
 MAX_ATTR_DEPTH = 8
+MAX_QUANTITY = 1_000_000_000
+MAX_AMOUNT_MINOR = 2**63 - 1
+"""Every amount (a unit price, a line total ``unit_price_minor * quantity``,
+the order total) fits in a signed 64-bit integer: every language's clients
+and the msgpack encoder can carry it, and totals never overflow."""
 ACTIONS = ("add", "modify", "delete", "noChange")
 
 _ORDER_FIELDS = {
@@ -153,14 +158,15 @@ def _item(raw: Any, path: str, errs: _Errors) -> dict[str, Any] | None:
         if action in ("add", "modify"):
             errs.add(f"{path}.quantity", f"required for action {action}")
         item["quantity"] = 1
-    elif not _int(quantity) or quantity <= 0:
-        errs.add(f"{path}.quantity", "must be an integer greater than 0")
+    elif not _int(quantity) or not 0 < quantity <= MAX_QUANTITY:
+        errs.add(f"{path}.quantity", f"must be an integer from 1 to {MAX_QUANTITY}")
     else:
         item["quantity"] = quantity
     price = raw.get("unit_price_minor")
     if price is not None:
-        if not _int(price) or price < 0:
-            errs.add(f"{path}.unit_price_minor", "must be an integer >= 0")
+        if not _int(price) or not 0 <= price <= MAX_AMOUNT_MINOR:
+            errs.add(f"{path}.unit_price_minor",
+                     f"must be an integer from 0 to {MAX_AMOUNT_MINOR} (2^63-1)")
         else:
             item["unit_price_minor"] = price
     service_id = _string(raw, "service_id", path, errs, required=action in ("modify", "delete"))
@@ -180,7 +186,7 @@ def _items(raw: Any, errs: _Errors) -> list[dict[str, Any]]:
     if not 1 <= len(raw) <= MAX_ITEMS:
         errs.add("items", f"must hold 1 to {MAX_ITEMS} items")
         return []
-    items, seen = [], set()
+    items, where, seen = [], [], set()
     for i, entry in enumerate(raw):
         item = _item(entry, f"items[{i}]", errs)
         if item is None:
@@ -190,7 +196,28 @@ def _items(raw: Any, errs: _Errors) -> list[dict[str, Any]]:
                 errs.add(f"items[{i}].id", f"duplicate item id {item['id']!r}")
             seen.add(item["id"])
         items.append(item)
+        where.append(i)
+    _check_totals(items, where, errs)
     return items
+
+
+def _check_totals(items: list[dict[str, Any]], where: list[int], errs: _Errors) -> None:
+    """Each line total and the running order total must stay within
+    ``MAX_AMOUNT_MINOR``; the first item that crosses it is named."""
+    total = 0
+    for i, item in zip(where, items, strict=True):
+        if item["action"] not in ("add", "modify"):
+            continue
+        line = item.get("unit_price_minor", 0) * item.get("quantity", 1)
+        total += line
+        if line > MAX_AMOUNT_MINOR:
+            errs.add(f"items[{i}].unit_price_minor", "unit_price_minor * quantity exceeds "
+                     f"{MAX_AMOUNT_MINOR} (2^63-1)")
+            return
+        if total > MAX_AMOUNT_MINOR:
+            errs.add(f"items[{i}].unit_price_minor", "the order total (sum of unit_price_minor"
+                     f" * quantity) would exceed {MAX_AMOUNT_MINOR} (2^63-1)")
+            return
 
 
 def validate_order(
@@ -210,6 +237,8 @@ def validate_order(
         "source_system": _string(raw, "source_system", "", errs, required=True),
         "external_id": _string(raw, "external_id", "", errs, required=True),
     }
+    if "\x00" in (order["source_system"] or ""):  # it ends the events topic (publisher)
+        errs.add("source_system", "must not contain the NUL character")
     order_type = raw.get("order_type", "retail")
     if not isinstance(order_type, str) or order_type not in order_types:
         known = ", ".join(sorted(order_types))

@@ -27,6 +27,10 @@ def test_demo_drives_sample_orders_to_the_end(tmp_path: Path) -> None:
     assert "30/30 orders finished" in result.stdout
     assert "applied twice for the same order and arguments: 0" in result.stdout
     assert "service stopped (exit 0)" in result.stdout
+    after_stop = result.stdout.split("service stopped (exit 0)")[1]
+    assert "where to look next:" in after_stop and "the service has stopped" in after_stop
+    assert "oms serve --data" in after_stop and "oms order show O" in after_stop
+    assert "\r" not in result.stdout  # not a terminal: no redrawn progress bar
 
 
 def test_demo_says_at_once_when_a_port_is_taken(tmp_path: Path) -> None:

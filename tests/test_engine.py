@@ -501,7 +501,7 @@ def test_operator_abort_compensates_then_fails() -> None:
 def test_operator_actions_are_refused_when_they_make_no_sense() -> None:
     d = retail()
     d.start()
-    assert operate(d, "retry")["reason"].startswith("only an order held as fallout")
+    assert operate(d, "retry")["reason"].startswith("only a held order can be retried")
     d.event("shipment_delivered", {})
     assert operate(d, "abort")["reason"] == "order is already completed"
     d2 = fallout_driver({"capture_payment": DECLINED})

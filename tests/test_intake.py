@@ -139,7 +139,7 @@ def test_list_orders_filters_and_pages(service: Any, client: Client) -> None:
         cursor = page["next"]
         if cursor is None:
             break
-    assert seen == ids and other not in seen
+    assert seen == ids[::-1] and other not in seen  # newest first
     wait_terminal(client, ids, timeout=20)
     done = client.request({"type": "list_orders", "state": "completed", "limit": 1000})
     assert set(ids) <= {o["order_id"] for o in done["orders"]}
@@ -159,3 +159,30 @@ def test_cancel_over_the_socket(service: Any, client: Client, sim: Any) -> None:
     ops = sim.report("warehouse", order_id=oid)["order"]
     assert ops == {"reserve_stock": 1, "release_stock": 1, "notify": 3}  # inProgress, held,
     # cancelled
+
+
+def test_cancel_by_source_system_and_external_id(service: Any, client: Client, sim: Any) -> None:
+    oid = client.submit(retail_order("cancel-ext", items=[
+        {"id": "x", "product_id": "SKU-901", "quantity": 10**7}]))["order_id"]  # back-ordered
+    poll_until(lambda: client.get(oid)["order"]["state"] == "held")
+    reply = client.request({"type": "cancel_order", "source_system": "web",
+                            "external_id": "cancel-ext", "reason": "by external id"})
+    assert reply["type"] == "cancel_accepted" and reply["order_id"] == oid, reply
+    assert wait_terminal(client, [oid], timeout=20)[oid]["state"] == "cancelled"
+    missing = client.request({"type": "cancel_order", "source_system": "web",
+                              "external_id": "no-such"})
+    assert missing["type"] == "error" and missing["code"] == "not_found", missing
+    half = client.request({"type": "cancel_order", "source_system": "web"})
+    assert half["type"] == "error" and half["code"] == "malformed", half
+
+
+def test_operator_name_is_optional_and_bounded(service: Any, client: Client) -> None:
+    oid = client.submit(retail_order("op-name"))["order_id"]
+    wait_terminal(client, [oid], timeout=20)
+    for rtype in ("retry_step", "skip_step", "abort_order"):
+        unnamed = client.request({"type": rtype, "order_id": oid})
+        assert unnamed["type"] == "operator_rejected", unnamed  # refused for its state only
+        long = client.request({"type": rtype, "order_id": oid, "operator": "x" * 65})
+        assert long["type"] == "error" and long["code"] == "malformed", long
+        bad = client.request({"type": rtype, "order_id": oid, "operator": 7})
+        assert bad["type"] == "error" and bad["code"] == "malformed", bad

@@ -66,3 +66,24 @@ def test_all_problems_of_all_files_reported_together(tmp_path: Path) -> None:
     text = str(info.value)
     assert "a.toml: steps.refund.system: required" in text
     assert "b.toml: not valid TOML" in text
+
+
+def test_unknown_step_in_after_is_reported_without_a_spurious_cycle() -> None:
+    text = MINIMAL.replace('after = ["receive"]', 'after = ["recieve"]')
+    with pytest.raises(ProcessError) as err:
+        parse_process(text, "return.toml")
+    message = str(err.value)
+    assert "unknown step 'recieve'" in message and "did you mean 'receive'" in message
+    assert "cycle" not in message
+    real_cycle = MINIMAL.replace("[steps.receive]", '[steps.receive]\nafter = ["refund"]')
+    with pytest.raises(ProcessError, match="dependency cycle among: receive, refund"):
+        parse_process(real_cycle, "return.toml")
+
+
+def test_show_says_when_a_wait_has_no_time_limit() -> None:
+    from oms.cli import render_process
+
+    text = render_process(builtin_processes()["retail"])
+    assert "[await_delivery] wait for event shipment_delivered" in text
+    wait_line = text.split("[await_delivery]")[1].splitlines()[1]
+    assert "waits without a time limit" in wait_line and "timeout" not in wait_line

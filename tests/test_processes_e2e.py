@@ -106,3 +106,29 @@ def test_same_customer_orders_run_one_at_a_time(make_service: Any, sim_config: A
                           if h["state"] == "inProgress")
     assert started_second >= done_first
     assert "pending" not in [h["state"] for h in views[other]["history"]]
+
+
+def test_cancelled_or_aborted_pending_orders_free_the_queue_at_once(
+        make_service: Any, sim_config: Any, client: Client) -> None:
+    """Issue 12 defects 3 and 8 through the real actors and sequencer: a
+    pending telecom order cancelled (or aborted by an operator) leaves its
+    customer's queue at once; the customer's next order runs, no restart."""
+    from conftest import SimThread
+
+    sim_config.latency_ms = 150.0  # the first order stays busy while we act
+    thread = SimThread(sim_config)
+    try:
+        make_service()
+        item = [{"id": "a", "product_id": "FIBER", "quantity": 1}]
+        ids = [client.submit(telecom(f"q-{i}", "sub-7", item))["order_id"] for i in range(4)]
+        assert client.cancel(ids[1], "changed my mind")["type"] == "cancel_accepted"
+        abort = client.request({"type": "abort_order", "order_id": ids[2], "operator": "ann",
+                                "reason": "duplicate"})
+        assert abort["type"] == "operator_accepted", abort
+        views = wait_terminal(client, ids, timeout=15)
+    finally:
+        thread.stop()
+    assert [views[i]["state"] for i in ids] == ["completed", "cancelled", "failed", "completed"]
+    assert views[ids[2]]["state_reason"] == "aborted"
+    for oid in ids[1:3]:
+        assert "inProgress" not in [h["state"] for h in views[oid]["history"]]

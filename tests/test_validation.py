@@ -149,3 +149,81 @@ def test_any_wrong_item_value_names_its_path(item_field: str, value: Any) -> Non
     order["items"][1][item_field] = value
     _result, errs = validate_order(order, TYPES)
     assert all(e.field.startswith(("items[1]", "items")) for e in errs)
+
+
+# -- amounts: every total fits in a signed 64-bit integer (issue 12, defect 2) --
+
+MAX = 2**63 - 1
+
+
+def _priced(*lines: tuple[int, int], action: str = "add") -> dict[str, Any]:
+    return retail_order(items=[{"id": f"i{n}", "product_id": "p", "quantity": q,
+                                "unit_price_minor": p, "action": action}
+                               for n, (p, q) in enumerate(lines)])
+
+
+@pytest.mark.parametrize(("lines", "field"), [
+    ([(2**64 - 1, 1)], "items[0].unit_price_minor"),  # the reported order
+    ([(MAX + 1, 1)], "items[0].unit_price_minor"),
+    ([(1, 10**9 + 1)], "items[0].quantity"),
+    ([(2**62, 2)], "items[0].unit_price_minor"),  # a line total over the bound
+    ([(MAX, 1), (1, 1)], "items[1].unit_price_minor"),  # the sum crosses at item 1
+    ([(MAX // 2 + 1, 1), (0, 5), (MAX // 2 + 1, 1)], "items[2].unit_price_minor"),
+])
+def test_amounts_that_overflow_64_bits_are_refused_with_the_item_path(
+        lines: list[tuple[int, int]], field: str) -> None:
+    errs = errors_of(_priced(*lines))
+    assert list(errs) == [field], errs
+    assert "2^63-1" in errs[field] or "1000000000" in errs[field]
+
+
+def test_overflowing_delete_items_are_not_charged_and_a_bad_item_keeps_its_path() -> None:
+    # delete and noChange items are not charged: their prices do not add up
+    order = _priced((MAX, 1), (MAX, 1))
+    order["items"][1]["action"] = "noChange"
+    assert errors_of(order) == {}
+    order = _priced((MAX, 1), (1, 1))
+    order["items"].insert(0, "not a map")  # skipped entries do not shift the paths
+    assert set(errors_of(order)) == {"items[0]", "items[2].unit_price_minor"}
+
+
+def test_orders_at_the_bound_are_accepted_and_always_encode() -> None:
+    """Max values at the bound, many items at the bound, a total of exactly
+    2^63-1: accepted, and the snapshot and every command encode."""
+    from helpers import Driver, ok_domain
+
+    from oms import codec
+    from oms.process import builtin_processes
+
+    per, n = MAX // 1000, 1000
+    many = [(per, 1)] * (n - 1) + [(MAX - per * (n - 1), 1)]
+    for lines in ([(MAX, 1)], [(1, 10**9)], many, [(per // 10**9, 10**9)] * n):
+        order = _priced(*lines)
+        assert errors_of(order) == {}
+        for name in ("retail", "telecom"):
+            raw = copy.deepcopy(order)
+            raw["order_type"] = name
+            d = Driver(builtin_processes()[name], raw, ok_domain())
+            d.start()
+            assert d.order.total_minor <= MAX
+            codec.pack(d.order.to_record())
+            for cmd in d.sent:
+                codec.pack({"args": cmd.args})
+        assert sum(p * q for p, q in lines) <= MAX
+    assert sum(p for p, _ in many) == MAX
+
+
+def test_an_order_stored_before_the_bound_fails_cleanly_instead_of_never_encoding() -> None:
+    from helpers import Driver, ok_domain
+
+    from oms.process import builtin_processes
+    from oms.states import OrderState
+
+    d = Driver(builtin_processes()["retail"], retail_order(), ok_domain())
+    d.order.items[0]["unit_price_minor"] = 2**64 - 1  # accepted by an older release
+    d.start()
+    assert (d.order.state, d.order.state_reason) == (OrderState.FAILED, "amount_out_of_range")
+    assert [s.system for s in d.sent] == ["crm"]  # told, nothing else sent
+    from oms import codec
+
+    codec.pack(d.order.to_record())

@@ -1,0 +1,91 @@
+"""The bench's tools on a shared machine: the port range from OMS_TEST_PORTS,
+a report that says met / NOT met per target, progress without carriage
+returns when the output is not a terminal. Real subprocesses, real sockets."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from typing import Any
+
+from bench.report import render, target_verdicts
+
+PICK = ("from bench.ports import free_port\n"
+        "ports = []\n"
+        "try:\n"
+        "    for _ in range(17):\n"
+        "        ports.append(free_port())\n"
+        "except RuntimeError as exc:\n"
+        "    print(' '.join(map(str, ports)))\n"
+        "    print(exc)\n")
+
+
+def py(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30, env=dict(os.environ, **env))
+
+
+def test_oms_test_ports_sets_the_range() -> None:
+    low = random.Random().randrange(24000, 29000, 16)
+    high = low + 15
+    out = py(PICK, OMS_TEST_PORTS=f"{low}-{high}")
+    assert out.returncode == 0, out.stderr
+    ports_line, exhausted = out.stdout.splitlines()
+    ports = [int(p) for p in ports_line.split()]
+    # every port handed out is inside the range, each once (a port another
+    # process holds on this shared machine is skipped, never handed out)
+    assert ports and len(set(ports)) == len(ports) and all(low <= p <= high for p in ports)
+    assert f"no free loopback port in {low}-{high}" in exhausted
+    assert "OMS_TEST_PORTS" in exhausted
+
+
+def test_a_bad_range_is_an_error_naming_the_variable() -> None:
+    for bad in ("20000", "x-y", "30000-20000", "80-90", "20000-20003"):
+        out = py("import bench.ports", OMS_TEST_PORTS=bad)
+        assert out.returncode != 0 and "OMS_TEST_PORTS" in out.stderr, (bad, out.stderr)
+
+
+def test_default_range_is_below_the_ephemeral_ports() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OMS_TEST_PORTS"}
+    out = subprocess.run([sys.executable, "-c", "import bench.ports as p; print(p.LOW, p.HIGH)"],
+                         capture_output=True, text=True, timeout=30, env=env)
+    low, high = map(int, out.stdout.split())
+    assert low == 15000 and high >= 15999
+
+
+def result(**over: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "scenario": "retail", "mode": "closed loop", "orders": 100, "accepted": 100,
+        "finished": 100, "orders_per_s": 6000.0, "seconds": 1.0,
+        "machine": {"cpus": 2, "mem_gb": 4, "python": "3.11", "versions": {}},
+        "baseline": {"orders_per_s": 30000.0}}
+    base.update(over)
+    return base
+
+
+def test_report_says_met_or_not_met_for_each_target() -> None:
+    verdicts = {what: verdict for what, verdict, _ in target_verdicts(result())}
+    assert verdicts == {">= 5,000 orders/s sustained": "met",
+                        ">= 0.25x the baseline": "NOT met"}
+    text = render(result())
+    assert "met           >= 5,000 orders/s sustained (measured 6,000)" in text
+    assert "NOT met       >= 0.25x the baseline (measured 0.2)" in text
+    no_base = target_verdicts(result(baseline=None))
+    assert ("NOT" not in no_base[1][1]) and no_base[1][1] == "not measured"
+    waiting = target_verdicts(result(scenario="waiting", waiting_orders=100_000, rss_mb=420.0,
+                                     threads=70, restart_to_accepting_s=1.2))
+    assert [v for _, v, _ in waiting] == ["met", "met", "NOT met", "met"]
+
+
+def test_progress_writes_no_carriage_returns_when_not_a_terminal() -> None:
+    code = ("from bench.load import Progress\n"
+            "p = Progress(1000, 'orders', False)\n"
+            "for i in range(0, 1001, 10):\n    p.show(i)\n"
+            "p.show(1000, force=True)\np.close()\n")
+    out = py(code)
+    assert out.returncode == 0, out.stderr
+    assert "\r" not in out.stderr
+    lines = out.stderr.splitlines()
+    assert 1 <= len(lines) <= 3 and "1000/1000" in lines[-1], lines

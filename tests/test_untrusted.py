@@ -1,0 +1,151 @@
+"""What domain systems send, as the engine keeps it (pure engine).
+
+Issue 12 defect 11 (a wait or hold names the system it waits on), defect 13
+(bytes kept per order), defect 4/19's engine side (no NaN, no non-map data
+ever becomes state).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+from helpers import Driver, ok_domain, retail_order
+from test_engine import BACKORDERED, RETAIL, _retail_text
+
+from oms import codec
+from oms.engine import MAX_EARLY_BYTES, MAX_EARLY_EVENTS, Engine
+from oms.errors import DomainError
+from oms.messages import CommandResult, DomainEvent, Timer
+from oms.process import ProcessError, parse_process
+from oms.states import OrderState, StepStatus
+from oms.untrusted import MAX_DATA_BYTES
+
+S = OrderState
+
+
+def _finite_everywhere(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite_everywhere(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite_everywhere(v) for v in value)
+    return True
+
+
+def _stored(d: Driver) -> Any:
+    return codec.unpack(codec.pack(d.order.to_record()))
+
+
+# -- a wait or hold names its system (defect 11) ----------------------------
+
+def test_stock_hold_is_released_only_by_the_warehouse() -> None:
+    d = Driver(RETAIL, retail_order(), ok_domain({"reserve_stock": BACKORDERED}))
+    d.start()
+    assert d.order.state_reason == "awaiting_stock"
+    for system in ("billing", "web", "warehouse2", "shipping"):
+        turning = Engine(RETAIL).handle(
+            d.order, DomainEvent("e1", system, "stock_reserved", {}), d.now)
+        assert turning.stale and not turning.changed and not turning.effects
+    assert (d.order.state, d.order.early_events) == (S.HELD, [])
+    d.event("stock_reserved", {"reservation_id": "r-9"}, system="warehouse")
+    assert d.order.state == S.IN_PROGRESS and "create_invoice" in d.ops()
+
+
+def test_an_early_event_from_the_wrong_system_is_not_kept() -> None:
+    d = Driver(RETAIL, retail_order(), ok_domain({"create_shipment": None}))
+    d.start()
+    d.event("shipment_delivered", {}, system="warehouse")  # a forgery: not kept
+    d.event("nobody_waits_for_this", {}, system="shipping")
+    assert d.order.early_events == []
+    d.event("shipment_delivered", {"by": "shipping"}, system="shipping")  # kept
+    assert [e["system"] for e in d.order.early_events] == ["shipping"]
+
+
+def test_a_wait_must_name_its_system_and_a_hold_may_name_another() -> None:
+    text = _retail_text()
+    with pytest.raises(ProcessError, match=r"await_delivery\.wait_event\.system: required"):
+        parse_process(text.replace(', system = "shipping" }', " }"), "nosys.toml")
+    text = text.replace('until_event = "stock_reserved" }',
+                        'until_event = "stock_reserved", system = "supplier" }')
+    proc = parse_process(text, "supplier.toml")
+    assert proc.step("reserve_stock").hold.system == "supplier"
+    d = Driver(proc, retail_order(), ok_domain({"reserve_stock": BACKORDERED}))
+    d.start()
+    d.event("stock_reserved", {}, system="warehouse")
+    assert d.order.state == S.HELD
+    d.event("stock_reserved", {}, system="supplier")
+    assert d.order.state == S.IN_PROGRESS
+
+
+# -- bytes kept per order (defect 13) ----------------------------------------
+
+def test_early_events_are_bounded_by_count_and_bytes() -> None:
+    d = Driver(RETAIL, retail_order(), ok_domain({"create_shipment": None}))
+    d.start()
+    big = {"blob": "x" * (MAX_DATA_BYTES - 100)}
+    for i in range(40):
+        d.feed(DomainEvent(f"e{i}", "shipping", "shipment_delivered", dict(big, n=i)))
+    kept = d.order.early_events
+    assert 0 < len(kept) <= MAX_EARLY_EVENTS
+    assert sum(len(codec.pack(e)) for e in kept) <= MAX_EARLY_BYTES
+    assert kept[-1]["data"]["n"] == 39  # the oldest are dropped
+    assert len(codec.pack(d.order.to_record())) < MAX_EARLY_BYTES + 16 * 1024
+    for i in range(40):  # many small ones: bounded by count
+        d.feed(DomainEvent(f"s{i}", "shipping", "shipment_delivered", {"n": i}))
+    assert len(d.order.early_events) == MAX_EARLY_EVENTS
+
+
+def test_event_data_over_the_limit_or_with_nan_is_not_kept_but_the_event_counts() -> None:
+    for data in ({"blob": "x" * (MAX_DATA_BYTES + 1)}, {"when": float("nan")},
+                 {"a": [{"b": float("-inf")}]}):
+        d = Driver(RETAIL, retail_order(), ok_domain())
+        d.start()
+        d.event("shipment_delivered", data)
+        assert d.order.state == S.COMPLETED
+        result = d.order.steps["await_delivery"].result
+        assert list(result) == ["dropped"]
+        assert _finite_everywhere(_stored(d))
+        assert len(codec.pack(d.order.to_record())) < 32 * 1024
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+# -- numbers and maps in replies (defects 4 and 19, engine side) ------------
+
+@pytest.mark.parametrize("data", [{"invoice_id": float("nan")}, ["not", "a", "map"], "x",
+                                  {"deep": _nested(20)},
+                                  {"blob": "x" * (MAX_DATA_BYTES + 1)}])
+def test_a_bad_reply_is_a_retryable_error_and_never_state(data: Any) -> None:
+    d = Driver(RETAIL, retail_order(),
+               ok_domain({"create_invoice": CommandResult("", True, data)}))
+    d.start()
+    step = d.order.steps["create_invoice"]
+    assert step.error["code"] == "invalid_reply" and step.error["retryable"]
+    assert step.result is None and step.retry_at is not None
+    d.fire_timers()  # every attempt gets the same bad reply
+    assert d.order.state == S.FAILED
+    assert _finite_everywhere(_stored(d))
+    assert d.order.steps["create_invoice"].status == StepStatus.FAILED
+
+
+@pytest.mark.parametrize("after", [float("nan"), float("inf"), float("-inf"), -5, "10",
+                                   True, None, 10**400, [1], 1e300])
+def test_retry_after_from_a_breaker_cannot_poison_the_timers(after: Any) -> None:
+    reply = CommandResult("", False, {"retry_after": after},
+                          DomainError("circuit_open", "open", True))
+    d = Driver(RETAIL, retail_order(), ok_domain({"create_invoice": reply}))
+    d.start()
+    step = d.order.steps["create_invoice"]
+    assert step.retry_at is not None and math.isfinite(step.retry_at)
+    assert d.now - 1 < step.retry_at < d.now + 60 * 1.2 + 1
+    timers = [fx for fx in d.effects if isinstance(fx, Timer)]
+    assert all(math.isfinite(t.at) for t in timers)
+    assert _finite_everywhere(_stored(d))
