@@ -36,6 +36,7 @@ so theirs covers the whole run.
 from __future__ import annotations
 
 import heapq
+import itertools
 import signal
 import statistics
 import threading
@@ -48,9 +49,11 @@ from typing import Any
 
 import zmq
 
+from bench.cli import summarize
 from bench.harness import Harness, Proc, ProcessDied
 from bench.load import ASK, LoadGen, Progress, Run
 from oms import codec
+from oms.client import Client
 from oms.states import TERMINAL
 
 RESUBMIT_S = 3.0  # no reply to a submit for this long: resubmit it (same external_id)
@@ -177,7 +180,7 @@ class Chaos(threading.Thread):
                 heapq.heappop(self.queue)
                 getattr(self, action)()
             self.end_faults()
-        except Exception as exc:  # the run reports it; it must not die silently
+        except Exception as exc:  # noqa: BLE001 - the run reports it; never dies silently
             self.error = f"the fault injector failed: {exc!r}"
 
     def now(self) -> float:
@@ -231,26 +234,22 @@ class Chaos(threading.Thread):
 
 def control(endpoint: str, fail: dict[str, list[Any]]) -> None:
     """The simulators' runtime failure control (gateways/simulator.py)."""
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    try:
-        sock.send(codec.pack({"type": "control", "fail": fail}))
-        if not sock.poll(5000):
-            raise ProcessDied(f"the simulator at {endpoint} did not answer its control message")
-        sock.recv()
-    finally:
-        sock.close()
+    ask_simulator(endpoint, {"type": "control", "fail": fail}, 5.0)
 
 
 def sim_report(endpoint: str) -> dict[str, Any]:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
+    return ask_simulator(endpoint, {"type": "report", "all": True, "per_order": True}, 30.0)
+
+
+def ask_simulator(endpoint: str, msg: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    sock: Any = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     try:
-        sock.send(codec.pack({"type": "report", "all": True, "per_order": True}))
-        if not sock.poll(30_000):
-            raise ProcessDied(f"the simulator at {endpoint} did not answer its report")
+        sock.send(codec.pack(msg))
+        if not sock.poll(timeout_s * 1000):
+            raise ProcessDied(f"the simulator at {endpoint} did not answer its {msg['type']} "
+                              f"within {timeout_s:g} s")
         return codec.decode_map(sock.recv())
     finally:
         sock.close()
@@ -318,9 +317,9 @@ class FaultLoad(LoadGen):
             now = time.monotonic()
             before = len(led.final) + len(led.acked)
             if self.dealer in ready:
-                self._replies(run, led, now)
+                self._soak_replies(run, led, now)
             if self.sub in ready:
-                self._summaries(run, led, now)
+                self._soak_summaries(run, led, now)
             if len(led.final) + len(led.acked) != before:
                 last_progress = now
             progress.show(len(led.final))
@@ -358,7 +357,7 @@ class FaultLoad(LoadGen):
                 self.dealer.send(codec.pack({"type": "get_order", "order_id": oid,
                                              "request_id": ASK + oid}))
 
-    def _replies(self, run: Run, led: Ledger, now: float) -> None:
+    def _soak_replies(self, run: Run, led: Ledger, now: float) -> None:
         while True:
             try:
                 reply = codec.decode_map(self.dealer.recv(flags=zmq.NOBLOCK))
@@ -398,7 +397,7 @@ class FaultLoad(LoadGen):
                 run.errors[str(reply.get("code") or reply.get("type"))] += 1
                 run.outcomes["not accepted"] += 1
 
-    def _summaries(self, run: Run, led: Ledger, now: float) -> None:
+    def _soak_summaries(self, run: Run, led: Ledger, now: float) -> None:
         while True:
             try:
                 _topic, raw = self.sub.recv_multipart(flags=zmq.NOBLOCK)
@@ -445,7 +444,7 @@ def sequencing_overlaps(views: dict[str, dict[str, Any]],
             runs.setdefault(customer_of[oid], []).append((oid, min(starts), max(ends)))
     bad = []
     for customer, seq in runs.items():
-        for (prev, _s, end), (nxt, start, _e) in zip(seq, seq[1:]):
+        for (prev, _s, end), (nxt, start, _e) in itertools.pairwise(seq):
             if start < end:
                 bad.append(f"{customer}: {nxt} started {end - start:.3f} s before {prev} "
                            "ended")
@@ -455,8 +454,6 @@ def sequencing_overlaps(views: dict[str, dict[str, Any]],
 def check_sequencing(intake: str, led: Ledger) -> dict[str, Any]:
     """Read every finished telecom order's history; no two orders of one
     customer may have run at the same time."""
-    from oms.client import Client
-
     ids = [oid for oid in led.customer if oid in led.final]
     with Client(intake, timeout=30) as client:
         views = {req["order_id"]: reply.get("order") or {} for req, reply in client.pipeline(
@@ -495,8 +492,6 @@ def check_effects(harness: FaultHarness, led: Ledger) -> dict[str, Any]:
 
 def run_fault_soak(harness: FaultHarness, args: Any, orders: Iterator[dict[str, Any]]
                    ) -> dict[str, Any]:
-    from bench.cli import summarize
-
     rate = args.rate or 100.0
     chaos = Chaos(harness, args.kill_every, args.outage_every, args.outage_s)
     gen = FaultLoad(harness.eps.intake, harness.eps.events, "bench")

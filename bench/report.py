@@ -138,8 +138,8 @@ def _fault_lines(f: dict[str, Any] | None) -> list[str]:
     done = ", ".join(f"{k} {v}" for k, v in sorted(f["done"].items())) or "none"
     lines = ["", f"faults:       {done}"]
     if restart:
-        lines.append(f"restart:      after kill -9, start to ready: min {restart['min']:.2f} s, median "
-                     f"{restart['median']:.2f} s, max {restart['max']:.2f} s")
+        lines.append(f"restart:      after kill -9, start to ready: min {restart['min']:.2f} s, "
+                     f"median {restart['median']:.2f} s, max {restart['max']:.2f} s")
     terminal = ", ".join(f"{k} {v}" for k, v in sorted(f["terminal"].items()))
     lines += [f"acknowledged: {f['acknowledged']} ({f['resubmits']} resubmissions, "
               f"{f['duplicates']} answered duplicate, {f['get_order_asks']} get_order asks "
