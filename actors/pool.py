@@ -27,7 +27,8 @@ import pykka
 from pykka import messages as pykka_messages
 
 from actors import supervision
-from actors.loop import ScheduledInbox, handle_envelope
+from actors.inbox import ScheduledInbox
+from actors.loop import handle_envelope
 
 logger = logging.getLogger(__name__)
 _serial = itertools.count(1)  # next() on a count is atomic under the GIL
