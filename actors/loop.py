@@ -4,7 +4,7 @@
 new actor types: ``_create_actor_inbox``, ``_create_future``,
 ``_start_actor_loop``) with no thread of its own. Its inbox is a deque
 that, when a message lands in it idle, queues the actor on its loop
-(``ScheduledInbox``; order actors use the same inbox, ``actors.pool``).
+(``actors.inbox.ScheduledInbox``; order actors use the same inbox).
 ``tell``, ``ask``, ``stop`` and proxies work from any thread; only the loop
 thread touches the actor's state and sockets.
 
