@@ -28,7 +28,7 @@ from pykka import messages as pykka_messages
 
 from actors import supervision
 from actors.inbox import ScheduledInbox
-from actors.loop import handle_envelope
+from actors.loop import LoopFuture, handle_envelope
 
 logger = logging.getLogger(__name__)
 _serial = itertools.count(1)  # next() on a count is atomic under the GIL
@@ -114,7 +114,7 @@ class PooledActor(pykka.Actor):
 
     @staticmethod
     def _create_future() -> pykka.Future[Any]:
-        return pykka.ThreadingFuture()
+        return LoopFuture()  # waiting for it on a loop thread fails at once (LoopBlocked)
 
     def __init__(self, dispatcher: Dispatcher) -> None:
         self.actor_urn = f"urn:oms:{type(self).__name__}:{next(_serial)}"

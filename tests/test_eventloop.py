@@ -307,6 +307,30 @@ def test_one_group_commit_per_turn_then_the_effects(loop: EventLoop) -> None:
         actor.actor_ref.stop(block=True, timeout=5)
 
 
+class Asker(PooledActor):
+    """An order-like actor that asks another order-like actor (never do this)."""
+
+    def __init__(self, loop: EventLoop, other: Any) -> None:
+        super().__init__(loop)  # type: ignore[arg-type]
+        self.other = other
+
+    def on_receive(self, message: Any) -> Any:
+        return self.other.ask("anything", timeout=5)
+
+
+def test_an_order_actor_asking_on_the_loop_fails_at_once(loop: EventLoop) -> None:
+    sink = Echo.launch(loop=loop)
+    order = Order(loop, sink, 0)
+    order._start_actor_loop()
+    asker = Asker(loop, order.actor_ref)
+    asker._start_actor_loop()
+    started = time.monotonic()
+    with pytest.raises(LoopBlocked):
+        asker.actor_ref.ask("go", timeout=5)
+    assert time.monotonic() - started < 1 and loop.alive()
+    sink.actor_ref.stop(block=True, timeout=5)
+
+
 class Chatty(LoopActor):
     """Tells itself forever: its slices must not starve anyone else."""
 
