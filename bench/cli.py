@@ -46,7 +46,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--duration", type=float, default=60.0, help="soak: seconds")
     p.add_argument("--warmup", type=float, default=0.1, help="share of orders not measured")
     p.add_argument("--baseline", action="store_true", help="also run the no-actor baseline")
-    p.add_argument("--workers", type=int, default=2, help="service order worker threads")
+    p.add_argument("--workers", type=int, default=2, help="no effect (the service runs "
+                   "every actor on one event loop)")
     p.add_argument("--curve", action="store_true", help="CURVE on the channel sockets")
     p.add_argument("--intake", help="target a running service's intake instead")
     p.add_argument("--events", help="... and its events endpoint")

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--system", action="append", metavar="NAME=EP",
                        help="domain system endpoint (repeatable)")
     serve.add_argument("--processes", help="folder of process definitions (*.toml)")
-    serve.add_argument("--workers", type=int, help="order actor worker threads")
+    serve.add_argument("--workers", type=int, help="no effect: every actor runs on the "
+                       "event loop (accepted so existing command lines still work)")
     serve.add_argument("--max-in-flight", type=int, help="admission limit")
     serve.add_argument("--curve-server-key", metavar="FILE",
                        help="the service's secret key file: turns CURVE on for channels")
