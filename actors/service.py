@@ -332,7 +332,9 @@ def _warn_if_exposed(cfg: Config) -> None:
 
 
 def _stop_actor(actor: Any, timeout: float = 10.0) -> None:
-    """Stop a loop actor after it has handled everything already queued."""
-    if actor.actor_ref.is_alive():
-        actor.actor_ref.stop(block=True, timeout=timeout)
+    """Stop a loop actor after it has handled everything already queued
+    (nothing to wait for if its loop has ended: no turn would handle it)."""
+    if not actor.alive():
+        return
+    actor.actor_ref.stop(block=True, timeout=timeout)
     actor.join(timeout)
