@@ -204,8 +204,11 @@ class Publisher(LoopActor):
     def on_receive(self, message: Any) -> None:
         if isinstance(message, PublishEvent) and self.sock is not None:
             self.metrics.published.labels(message.payload.get("type", "?")).inc()
-            self.sock.send_multipart(
-                [topic_of(message.topic), codec.pack(message.payload)], flags=zmq.NOBLOCK)
+            # two sends (send_multipart's checks cost more, 13 times an order); both
+            # frames are encoded first, so nothing can fail between the two sends
+            topic, payload, sock = topic_of(message.topic), codec.pack(message.payload), self.sock
+            sock.send(topic, zmq.NOBLOCK | zmq.SNDMORE)
+            sock.send(payload, zmq.NOBLOCK)
 
     def on_stop(self) -> None:
         if self.sock is not None:
