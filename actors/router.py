@@ -75,8 +75,8 @@ class OrderContext:
 class OrderRouter:
     STRIPES = 64
 
-    def __init__(self, ctx: OrderContext, passivate_after_s: float = 1.0,
-                 loop: EventLoop | None = None) -> None:
+    def __init__(self, ctx: OrderContext, loop: EventLoop,
+                 passivate_after_s: float = 1.0) -> None:
         self.ctx = ctx
         ctx.router = self
         self._live: dict[str, ActorRef[OrderActor]] = {}
@@ -92,14 +92,7 @@ class OrderRouter:
         self.parked: set[str] = set()  # held as internal_error: no admission slot
         self._stopped = threading.Event()
         self._loop = loop
-        self._sweeper: threading.Thread | None = None
-        if loop is not None:  # the sweep is a timer on the service's loop
-            loop.call_soon(self._sweep_on_loop)
-        else:
-            self._sweeper = threading.Thread(
-                target=supervision.guarded("passivator", self._sweep), name="passivator",
-                daemon=True)
-            self._sweeper.start()
+        loop.call_soon(self._sweep)  # the passivation sweep is a timer on the loop
 
     def _stripe(self, order_id: str) -> threading.Lock:
         return self._stripes[hash(order_id) % self.STRIPES]
@@ -365,20 +358,13 @@ class OrderRouter:
                 self.in_flight -= 1
 
     def _sweep(self) -> None:
-        """Nudge actors idle for longer than ``passivate_after_s``."""
-        while not self._stopped.wait(self._sweep_every()):
-            self._sweep_once()
-
-    def _sweep_on_loop(self) -> None:
-        if self._stopped.is_set() or self._loop is None:
+        """Nudge actors idle over ``passivate_after_s``; a loop timer, every half of it."""
+        if self._stopped.is_set():
             return
         try:
             self._sweep_once()
         finally:
-            self._loop.call_later(self._sweep_every(), self._sweep_on_loop)
-
-    def _sweep_every(self) -> float:
-        return max(0.05, self.passivate_after_s / 2)
+            self._loop.call_later(max(0.05, self.passivate_after_s / 2), self._sweep)
 
     def _sweep_once(self) -> None:
         now = time.monotonic()
@@ -391,14 +377,10 @@ class OrderRouter:
                     self.idle.pop(actor.order.order_id, None)
 
     def alive(self) -> bool:
-        if self._sweeper is None:  # on the loop: alive with it
-            return self._loop is not None and self._loop.alive()
-        return self._sweeper.is_alive()
+        return self._loop.alive()  # the sweep runs on the loop
 
     def stop(self) -> None:
         self._stopped.set()
-        if self._sweeper is not None:
-            self._sweeper.join(5)
 
     def live_ids(self) -> list[str]:
         return list(self._live)

@@ -113,7 +113,7 @@ class Service:
         self.octx = octx
         octx.writer = self.writer
         octx.publisher = self.publisher
-        self.router = OrderRouter(octx, cfg.passivate_after_s, loop=loop)
+        self.router = OrderRouter(octx, loop, cfg.passivate_after_s)
         self._stops.append(("passivator", self.router.stop))
         self.timers = TimerService(self.router.deliver, self.metrics, loop=loop)
         octx.timers = self.timers
