@@ -126,12 +126,21 @@ class Service:
                                    self.ready.is_set)
             self._stops.append(("metrics http", self.http.stop))
         self.recover()
+        self.start_retention()
         self.intake = Intake.launch(self.zctx, cfg.intake, octx, cfg.max_in_flight,
                                     curve=channel_curve)
         self._stops.append(("intake", lambda: _stop_actor(self.intake)))
         self.ready.set()
         logger.info("service ready: intake %s, events %s, domain events %s", cfg.intake,
                     cfg.events, cfg.domain_events)
+
+    def start_retention(self) -> None:
+        """The retention thread (after recovery; stopped before the writer)."""
+        from actors.retention import Retention
+
+        self.retention = Retention(self.store, self.writer, self.metrics, self.config)
+        self._stops.append(("retention", self.retention.stop))
+        self.retention.start()
 
     def reload_keys(self) -> None:
         """SIGHUP: read the allowed client keys again."""
@@ -186,6 +195,8 @@ class Service:
             return {}
         snap = self.router.snapshot()
         snap.update(self.store.stats())
+        snap["retention"] = dict(self.store.retention_stats(),
+                                 retention_s=self.config.retention_s)
         snap["ready"] = self.ready.is_set()
         snap["mailboxes"] = {
             "store_writer": len(self.writer.actor_inbox),
