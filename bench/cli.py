@@ -51,6 +51,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--give-up", type=float, default=60.0, metavar="S",
                    help="stop a run when no order has finished for S seconds (the report "
                         "lists the unfinished ones and the exit code is 1)")
+    p.add_argument("--retention-s", type=float, help="the service's --retention-s (soak: "
+                   "watch the store stop growing)")
+    p.add_argument("--dedup-window-s", type=float, help="the service's --dedup-window-s")
     p.add_argument("--smoke", action="store_true", help="tiny run that checks the bench works")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -93,9 +96,12 @@ def run_bench(args: argparse.Namespace) -> int:
         elif args.intake:
             intake, events = args.intake, args.events
         else:
-            harness = Harness(workdir, SIM_ARGS[args.scenario], ["--workers",
-                                                                 str(args.workers)],
-                              curve=args.curve)
+            serve = ["--workers", str(args.workers)]
+            if args.retention_s is not None:
+                serve += ["--retention-s", str(args.retention_s)]
+            if args.dedup_window_s is not None:
+                serve += ["--dedup-window-s", str(args.dedup_window_s)]
+            harness = Harness(workdir, SIM_ARGS[args.scenario], serve, curve=args.curve)
             harness.start_simulators()
             if args.baseline:
                 result["baseline"] = run_baseline(harness, args)
@@ -105,7 +111,17 @@ def run_bench(args: argparse.Namespace) -> int:
         if args.scenario == "waiting":
             result.update(run_waiting(harness, intake, events, args))
         elif args.scenario != "engine":
-            result.update(run_load(harness, intake, events, args))
+            sampler = None
+            if args.scenario == "soak" and harness is not None:
+                from bench.storesize import StoreSampler
+
+                sampler = StoreSampler(workdir / "data", every_s=min(10.0, args.duration / 6))
+                sampler.start()
+            try:
+                result.update(run_load(harness, intake, events, args))
+            finally:
+                if sampler is not None:
+                    result["store_size"] = sampler.finish()
     except ProcessDied as exc:
         result["error"] = str(exc)
     finally:
@@ -118,6 +134,10 @@ def run_bench(args: argparse.Namespace) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     text = write_reports(result, Path(args.out))
     print(text)
+    if result.get("store_size"):
+        from bench.storesize import render as render_store
+
+        print(render_store(result["store_size"]))
     return 1 if failed else 0
 
 
