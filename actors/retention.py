@@ -65,6 +65,7 @@ class Retention:
         self.dedup_window_s = cfg.dedup_window_s
         self.batch = cfg.retention_batch
         self.interval_s = cfg.retention_interval_s
+        self._since_ms = int(time.time() * 1000)  # finishes from now on are indexed
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="retention", daemon=True)
 
@@ -106,16 +107,19 @@ class Retention:
         started = time.perf_counter()
         rows = self.store.finished_before(now - self.retention_s, self.batch)
         expired = self.store.expired_before(now - self.dedup_window_s, self.batch)
-        if not rows and not expired:
+        backfill = self.store.backfill_scan(self._since_ms, self.batch)
+        if not rows and not expired and not backfill:
             return 0
         committed = self.store.archive_lengths()
         by_day: dict[str, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
         entries: list[list[Any]] = []
+        taken: set[bytes] = set()
         for done_key, raw in rows:
             ms = int.from_bytes(done_key[:8], "big")
-            if raw is None:  # a stray index entry: retire drops it
+            if raw is None or done_key[8:] in taken:  # a stray index entry: retire drops it
                 entries.append([done_key, b"", "", 0, "", b""])
                 continue
+            taken.add(done_key[8:])
             record, state, ext = _archive_record(done_key[8:].decode(), raw, ms, now)
             day = archive.day_of(ms / 1000)
             entries.append([done_key, record_digest(raw), day, 0, state, ext])
@@ -133,7 +137,7 @@ class Retention:
                     entries[index][3] = offset
             lengths[day] = (base, end)
         outcome = self._commit(Retire(lengths, [tuple(e) for e in entries], expired,
-                                      _noop))
+                                      _noop, backfill))
         if isinstance(outcome, int):
             self.metrics.retention_batch_seconds.observe(time.perf_counter() - started)
             return outcome

@@ -83,6 +83,7 @@ class Retire(NamedTuple):
     orders: list[tuple[bytes, bytes, str, int, str, bytes]]
     expired: list[bytes]
     done: Callable[[Any], None]
+    backfill: tuple[Any, ...] = ()
 
 
 class StoreWriter(LoopActor):
@@ -140,7 +141,7 @@ class StoreWriter(LoopActor):
         elif isinstance(msg, RecordEvent):
             return store.record_event(txn, msg.order_id, msg.system, msg.event_id, msg.event)
         elif isinstance(msg, Retire):
-            return store.retire(txn, msg.lengths, msg.orders, msg.expired)
+            return store.retire(txn, msg.lengths, msg.orders, msg.expired, msg.backfill)
         return None
 
     def _after(self, msg: Any, outcome: Any) -> None:

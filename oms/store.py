@@ -394,14 +394,15 @@ class Store:
 
     def retire(self, txn: lmdb.Transaction, lengths: dict[str, tuple[int, int]],
                orders: list[tuple[bytes, bytes, str, int, str, bytes]],
-               expired: list[bytes]) -> int | str:
+               expired: list[bytes], backfill: tuple[Any, ...] = ()) -> int | str:
         """Delete archived orders from the live store, in the writer's
         transaction. ``lengths``: day -> (committed length the batch was
         appended after, new length); if a file's committed length is not that
         base any more (a batch from before a restart or a lost answer), the
         batch is refused whole: "stale". ``orders``: (done key, record digest,
         day, member offset, state, ext key). ``expired``: expiry keys whose
-        ``ext`` and ``arch`` entries go. Returns how many orders left."""
+        ``ext`` and ``arch`` entries go. ``backfill``: (since ms, next cursor,
+        [(done key, state)]) from ``backfill_scan``. Returns how many orders left."""
         meta, db = self.db["meta"], self.db
         for day, (base, _new) in lengths.items():
             raw = txn.get(b"arch:" + day.encode(), db=meta)
@@ -416,7 +417,7 @@ class Store:
             txn.delete(done_key, db=db["done"])
             _bump(txn, meta, b"live:" + was, -1)
             raw = txn.get(key, db=db["orders"])
-            if raw is None:
+            if raw is None or not digest:
                 continue  # a stray index entry: the order left already
             if record_digest(raw) != digest:
                 logger.error("order %s changed after it finished; the archive holds the "
@@ -434,6 +435,14 @@ class Store:
             txn.put(b"arch:" + day.encode(), str(new).encode(), db=meta)
         if moved:
             _bump(txn, meta, b"archived", moved)
+        if backfill:
+            since, cursor, found = backfill
+            if txn.get(b"backfill_since", db=meta) is None:
+                txn.put(b"backfill_since", str(since).encode(), db=meta)
+            for done_key, state in found:
+                if txn.put(done_key, state.encode(), db=db["done"], overwrite=False):
+                    _bump(txn, meta, b"live:" + state.encode(), 1)
+            txn.put(b"backfill_at", cursor, db=meta)
         for exp in expired:
             key = exp[_TS_BYTES:]
             raw = txn.get(key, db=db["arch"])
@@ -445,6 +454,36 @@ class Store:
                 txn.delete(key, db=db["arch"])
             txn.delete(exp, db=db["expiry"])
         return moved
+
+    def backfill_scan(self, since_ms: int, limit: int) -> tuple[Any, ...]:
+        """Orders that finished before the finish-time index existed (before
+        ``since_ms``, the first start with retention) have no ``done``
+        entry: find up to ``limit`` records' worth of them, from where the
+        last scan stopped. () when the scan is over (or was never needed)."""
+        with self.read() as txn:
+            meta = self.db["meta"]
+            at = txn.get(b"backfill_at", db=meta)
+            if at == b"\xff":
+                return ()
+            stored = txn.get(b"backfill_since", db=meta)
+            since = int(stored) if stored else since_ms
+            cur = txn.cursor(db=self.db["orders"])
+            found_any = cur.set_range(at + b"\x00") if at else cur.first()
+            found: list[tuple[bytes, str]] = []
+            scanned, last = 0, at or b""
+            while found_any and scanned < limit:
+                key, raw = cur.item()
+                scanned, last = scanned + 1, key
+                if txn.get(key, db=self.db["active"]) is None:
+                    try:
+                        rec = codec.unpack(raw)
+                        ms, state = int(float(rec["uts"]) * 1000), str(rec["state"])
+                    except Exception:  # archived raw by the sweep, with why
+                        ms, state = 0, "unreadable"
+                    if ms < since:
+                        found.append((_ts_key(ms, key), state))
+                found_any = cur.next()
+            return (since, last if found_any else b"\xff", found)
 
     def retention_stats(self, now: float | None = None) -> dict[str, Any]:
         """Read at scrape time: finished orders still live by state, the age

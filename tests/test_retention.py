@@ -193,3 +193,30 @@ def test_kill_9_while_archiving_loses_and_duplicates_nothing(procs: Any, tmp_pat
     cuts = sum(p.read_text().count("cut an uncommitted tail") for p in tmp_path.glob("serve-*.log"))
     print(f"\nretention kill -9: archive bytes at the kills {kills}, {cuts} uncommitted tails "
           f"cut at restart, {len(ids)} orders once each")
+
+
+def test_orders_finished_before_the_index_existed_are_found_and_archived(
+        make_service: Any, sim: Any, client: Any, tmp_path: Path) -> None:
+    """A store from before retention: its finished orders have no finish-time
+    entry. The first start with retention finds them in bounded scans."""
+    svc = make_service(retention_s=0)  # keep: finish the orders, then forget the index
+    ids = _submit_all(client, [retail_order(f"old-{i}") for i in range(12)])
+    wait_terminal(client, ids.values(), timeout=20)
+    poll_until(lambda: sum(svc.store.retention_stats()["finished_live"].values()) == 12)
+    svc.stop()
+    store = Store(tmp_path / "data")
+    try:  # as an older release left it: no done index, no counters
+        with store.write() as txn:
+            txn.drop(store.db["done"], delete=False)
+            for key in [k for k, _ in txn.cursor(db=store.db["meta"])
+                        if k.startswith((b"live:", b"backfill"))]:
+                txn.delete(key, db=store.db["meta"])
+    finally:
+        store.close()
+    svc = make_service(retention_s=0.5, retention_interval_s=0.05, retention_batch=5)
+    poll_until(lambda: all(_archived(client, i) for i in ids.values()), timeout=15)
+    stats = svc.store.retention_stats()
+    assert stats["archived_total"] == 12 and not any(stats["finished_live"].values())
+    seen = collections.Counter(r["order"]["order_id"] for p in archive.files(svc.store.path)
+                               for r in archive.iter_file(p))
+    assert set(seen) == set(ids.values()) and set(seen.values()) == {1}
