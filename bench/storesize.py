@@ -38,7 +38,10 @@ class StoreSampler(threading.Thread):
         self._done.set()
         self.join(self.every_s + 5)
         self.sample()
-        return {"every_s": self.every_s, "samples": self.samples}
+        orders = sum(1 for f in archive.files(self.data) for _ in archive.iter_file(f))
+        size = sum(f.stat().st_size for f in archive.files(self.data))
+        return {"every_s": self.every_s, "samples": self.samples, "archived_orders": orders,
+                "archive_bytes_per_order": round(size / orders) if orders else None}
 
 
 def render(store: dict[str, Any]) -> str:
@@ -46,4 +49,7 @@ def render(store: dict[str, Any]) -> str:
              f"  {'t (s)':>7} {'data.mdb MB':>12} {'archive MB':>11}"]
     lines += [f"  {s['t_s']:>7.0f} {s['data_mb']:>12.2f} {s['archive_mb']:>11.2f}"
               for s in store["samples"]]
+    if store.get("archived_orders"):
+        lines.append(f"  {store['archived_orders']} orders archived, "
+                     f"{store['archive_bytes_per_order']} bytes each on disk")
     return "\n".join(lines)
