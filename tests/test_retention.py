@@ -72,6 +72,11 @@ def test_finished_orders_leave_the_store_and_stay_readable(make_service: Any, si
     stats = svc.store.retention_stats()
     assert stats["archived_total"] == 30 and not any(stats["finished_live"].values())
     assert stats["oldest_finished_age_s"] == 0.0
+    value = svc.registry.get_sample_value
+    assert value("oms_archived_orders_total") == 30
+    assert value("oms_store_live_orders", {"state": "completed"}) == 0
+    assert value("oms_retention_seconds") == 0.5
+    assert value("oms_store_file_bytes") > 0
 
 
 def test_after_the_dedup_window_an_external_id_is_a_new_order(make_service: Any, sim: Any,
