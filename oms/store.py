@@ -326,7 +326,6 @@ class Store:
         txn.put(key, codec.pack(event), db=self.db["inbox"])
         return "recorded"
 
-
     # -- retention (actors.retention; writes in the store writer only) -------
 
     def note_finished(self, txn: lmdb.Transaction, key: bytes, record: bytes,

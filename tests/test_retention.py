@@ -225,3 +225,23 @@ def test_orders_finished_before_the_index_existed_are_found_and_archived(
     seen = collections.Counter(r["order"]["order_id"] for p in archive.files(svc.store.path)
                                for r in archive.iter_file(p))
     assert set(seen) == set(ids.values()) and set(seen.values()) == {1}
+
+
+def test_an_archive_that_cannot_be_written_keeps_orders_live_until_it_can(
+        make_service: Any, sim: Any, client: Any, tmp_path: Path) -> None:
+    """A failing archive (here: a file where the archive folder should be, as
+    a full or read-only disk would fail it) is contained: counted, logged,
+    retried; the orders stay live and readable, the service keeps serving."""
+    (tmp_path / "data").mkdir()
+    blocker = tmp_path / "data" / "archive"
+    blocker.write_text("not a folder")
+    svc = make_service(retention_s=0.2, retention_interval_s=0.02)
+    ids = _submit_all(client, [retail_order(f"full-{i}") for i in range(5)])
+    wait_terminal(client, ids.values(), timeout=20)
+    value = svc.registry.get_sample_value
+    poll_until(lambda: value("oms_retention_errors_total") >= 2, timeout=10)
+    views = [client.get(i)["order"] for i in ids.values()]
+    assert all(v["state"] == "completed" and "archived" not in v for v in views)
+    assert client.submit(retail_order("full-new"))["type"] == "accepted"
+    blocker.unlink()  # the disk is fixed: the next retry archives them
+    poll_until(lambda: all(_archived(client, i) for i in ids.values()), timeout=20)
