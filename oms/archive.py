@@ -77,7 +77,11 @@ def append(path: Path, committed: int, members: list[bytes]) -> tuple[list[int],
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
     with open(path, "ab") as f:
-        if f.seek(0, os.SEEK_END) != committed:
+        size = f.seek(0, os.SEEK_END)
+        if size < committed:  # never pad a damaged or replaced file with zeros
+            raise OSError(f"archive file {path} has {size} bytes, fewer than the "
+                          f"{committed} committed: restore it (orders stay live meanwhile)")
+        if size > committed:
             f.truncate(committed)
             f.seek(committed)
         offsets = []

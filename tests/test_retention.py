@@ -125,6 +125,10 @@ def test_an_uncommitted_archive_tail_is_cut_and_a_stale_batch_refused(tmp_path: 
         with store.write() as txn:
             assert store.retire(txn, {"2026-01-01": (0, end)}, [], []) == 0
         assert store.archive_lengths() == {"2026-01-01": end}
+        # a committed file that lost bytes is refused, never padded
+        with pytest.raises(OSError, match="fewer than the"):
+            archive.append(path, end, [member])
+        assert path.stat().st_size == 0
     finally:
         store.close()
 
