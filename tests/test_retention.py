@@ -249,3 +249,17 @@ def test_an_archive_that_cannot_be_written_keeps_orders_live_until_it_can(
     assert client.submit(retail_order("full-new"))["type"] == "accepted"
     blocker.unlink()  # the disk is fixed: the next retry archives them
     poll_until(lambda: all(_archived(client, i) for i in ids.values()), timeout=20)
+
+
+@pytest.mark.slow
+def test_soak_reports_the_store_size_over_time(tmp_path: Path) -> None:
+    out = tmp_path / "reports"
+    run = subprocess.run([sys.executable, "-m", "oms.cli", "bench", "--smoke", "--quiet",
+                          "--scenario", "soak", "--rate", "200", "--retention-s", "0.5",
+                          "--out", str(out)], capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "store size over the run" in run.stdout
+    (report,) = out.glob("*.json")
+    store = json.loads(report.read_text())["store_size"]
+    assert len(store["samples"]) >= 2 and store["samples"][-1]["data_mb"] > 0
+    assert store["archived_orders"] > 0 and store["archive_bytes_per_order"] > 0
