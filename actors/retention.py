@@ -73,11 +73,13 @@ class Retention:
         cut = archive.repair(self.store.path, self.store.archive_lengths())
         for what in cut:  # a crash between an archive write and its commit
             logger.warning("archive: cut an uncommitted tail: %s", what)
+        self._thread.start()  # with retention_s 0 it still ends dedup windows that run out
         if self.retention_s > 0:
-            self._thread.start()
             logger.info("retention: finished orders older than %g s go to %s, %d per %g s",
                         self.retention_s, archive.folder(self.store.path), self.batch,
                         self.interval_s)
+        else:
+            logger.info("retention off (retention_s 0): finished orders stay in the live store")
 
     def stop(self) -> None:
         self._stop.set()
@@ -105,7 +107,8 @@ class Retention:
         """One batch. Returns how many orders left the live store."""
         now = time.time() if now is None else now
         started = time.perf_counter()
-        rows = self.store.finished_before(now - self.retention_s, self.batch)
+        rows = (self.store.finished_before(now - self.retention_s, self.batch)
+                if self.retention_s > 0 else [])
         expired = self.store.expired_before(now - self.dedup_window_s, self.batch)
         backfill = self.store.backfill_scan(self._since_ms, self.batch)
         if not rows and not expired and not backfill:

@@ -155,11 +155,12 @@ def test_kill_9_while_archiving_loses_and_duplicates_nothing(procs: Any, tmp_pat
         client.wait_ready(30)
         ids = _submit_all(client, orders)
         wait_terminal(client, ids.values(), timeout=60)
-    # kill -9 as soon as archiving has begun, then twice more while it goes on
-    poll_until(lambda: _archive_bytes(data) > 0, timeout=20, every=0.002)
+    # kill -9 the moment an archive file grows: the batch is written and
+    # about to be (or being) synced and committed; three times
     kills = []
-    for delay in (0.0, 0.15, 0.3):
-        time.sleep(delay)  # a chosen kill moment, not a synchronisation
+    for _ in range(3):
+        before = _archive_bytes(data)
+        poll_until(lambda b=before: _archive_bytes(data) > b, timeout=20, every=0.001)
         svc.kill()
         kills.append(_archive_bytes(data))
         svc = procs(args, f"serve-{next(runs)}")
@@ -200,6 +201,7 @@ def test_kill_9_while_archiving_loses_and_duplicates_nothing(procs: Any, tmp_pat
     missing = subprocess.run(cli + ["find", "O000000999999"], capture_output=True, timeout=30)
     assert missing.returncode == 1
     cuts = sum(p.read_text().count("cut an uncommitted tail") for p in tmp_path.glob("serve-*.log"))
+    assert cuts >= 1, "no kill landed between an archive write and its commit"
     print(f"\nretention kill -9: archive bytes at the kills {kills}, {cuts} uncommitted tails "
           f"cut at restart, {len(ids)} orders once each")
 
@@ -263,3 +265,15 @@ def test_soak_reports_the_store_size_over_time(tmp_path: Path) -> None:
     store = json.loads(report.read_text())["store_size"]
     assert len(store["samples"]) >= 2 and store["samples"][-1]["data_mb"] > 0
     assert store["archived_orders"] > 0 and store["archive_bytes_per_order"] > 0
+
+
+def test_retention_0_keeps_finished_orders_live(make_service: Any, sim: Any,
+                                                 client: Any) -> None:
+    svc = make_service(retention_s=0, retention_interval_s=0.02)
+    ids = _submit_all(client, [retail_order(f"keep-{i}") for i in range(4)])
+    wait_terminal(client, ids.values(), timeout=20)
+    poll_until(lambda: svc.store.retention_stats()["finished_live"].get("completed") == 4)
+    stats = svc.store.retention_stats()
+    assert stats["archived_total"] == 0 and stats["oldest_finished_age_s"] > 0
+    assert not archive.files(svc.store.path)
+    assert all("archived" not in client.get(i)["order"] for i in ids.values())
