@@ -63,6 +63,9 @@ class Service:
 
     def _start(self) -> None:
         cfg = self.config
+        from actors.retention import check_settings
+
+        check_settings(cfg)  # before anything starts: a bad setting stops it at once
         procs = load_processes(cfg.processes)
         missing = sorted({s for p in procs.values() for s in p.systems} - set(cfg.systems))
         if missing:

@@ -277,3 +277,10 @@ def test_retention_0_keeps_finished_orders_live(make_service: Any, sim: Any,
     assert stats["archived_total"] == 0 and stats["oldest_finished_age_s"] > 0
     assert not archive.files(svc.store.path)
     assert all("archived" not in client.get(i)["order"] for i in ids.values())
+
+
+def test_oms_serve_refuses_a_negative_retention(tmp_path: Path) -> None:
+    eps = Endpoints()
+    run = subprocess.run([sys.executable, "-m", "oms.cli", *eps.serve_args(tmp_path / "d"),
+                          "--retention-s", "-5"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "retention_s must be a number of seconds" in run.stderr
