@@ -155,7 +155,9 @@ def add_parser(sub: Any) -> None:
                        "works with the service running or stopped.")
     p.add_argument("--data", help="data folder (env OMS_DATA; default ./oms-data)")
     asub = p.add_subparsers(dest="action", required=True)
-    ls = asub.add_parser("list", help="archive files: day, size, orders")
+    ls = asub.add_parser("list", help="archive files: day and size (and orders, --count)")
+    ls.add_argument("--count", action="store_true",
+                    help="also count each file's orders (reads every file)")
     ls.add_argument("--json", action="store_true")
     find = asub.add_parser("find", help="an archived order by id or by external id")
     find.add_argument("order_id", nargs="?")
@@ -171,16 +173,19 @@ def cmd_archive(args: argparse.Namespace) -> int:
     if args.action == "list":
         rows = []
         for path in files(data):
-            n = sum(1 for _ in iter_file(path))
-            rows.append({"file": str(path), "day": path.name[len(PREFIX):-len(SUFFIX)],
-                         "bytes": path.stat().st_size, "orders": n})
+            row = {"file": str(path), "day": path.name[len(PREFIX):-len(SUFFIX)],
+                   "bytes": path.stat().st_size}
+            if args.count:
+                row["orders"] = sum(1 for _ in iter_file(path))
+            rows.append(row)
         if args.json:
             print(json.dumps(rows))
         else:
             for r in rows:
-                print(f"{r['day']}  {r['orders']:>9} orders  {r['bytes']:>12} bytes  "
-                      f"{r['file']}")
-            print(f"{len(rows)} files, {sum(r['orders'] for r in rows)} orders")
+                n = f"{r['orders']:>9} orders  " if args.count else ""
+                print(f"{r['day']}  {n}{r['bytes']:>12} bytes  {r['file']}")
+            total = f", {sum(r['orders'] for r in rows)} orders" if args.count else ""
+            print(f"{len(rows)} files, {sum(r['bytes'] for r in rows)} bytes{total}")
         return 0
     if not args.order_id and not (args.source and args.external_id):
         print("oms archive find: give ORDER_ID, or --source and --external-id",

@@ -187,7 +187,7 @@ def test_kill_9_while_archiving_loses_and_duplicates_nothing(procs: Any, tmp_pat
         store.close()
     # oms archive finds them, by id and by external id
     cli = [sys.executable, "-m", "oms.cli", "archive", "--data", str(data)]
-    listing = json.loads(subprocess.run(cli + ["list", "--json"], capture_output=True,
+    listing = json.loads(subprocess.run(cli + ["list", "--count", "--json"], capture_output=True,
                                         check=True, timeout=30).stdout)
     assert sum(f["orders"] for f in listing) == len(ids)
     some = orders[5]
