@@ -74,7 +74,9 @@ def append(path: Path, committed: int, members: list[bytes]) -> tuple[list[int],
     """Append ``members`` after the first ``committed`` bytes (anything past
     them is an uncommitted tail from a crash, and is cut off); flush and
     fsync. Returns each member's offset and the file's new length."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _fsync_dir(path.parent.parent)  # the archive folder's own entry
     new = not path.exists()
     with open(path, "ab") as f:
         size = f.seek(0, os.SEEK_END)
@@ -92,12 +94,16 @@ def append(path: Path, committed: int, members: list[bytes]) -> tuple[list[int],
         os.fsync(f.fileno())
         end = f.tell()
     if new:  # the new directory entry must be durable too
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_dir(path.parent)
     return offsets, end
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def repair(data: str | Path, committed: dict[str, int]) -> list[str]:
