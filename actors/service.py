@@ -137,14 +137,6 @@ class Service:
         logger.info("service ready: intake %s, events %s, domain events %s", cfg.intake,
                     cfg.events, cfg.domain_events)
 
-    def start_retention(self) -> None:
-        """The retention thread (after recovery; stopped before the writer)."""
-        from actors.retention import Retention
-
-        self.retention = Retention(self.store, self.writer, self.metrics, self.config)
-        self._stops.append(("retention", self.retention.stop))
-        self.retention.start()
-
     def reload_keys(self) -> None:
         """SIGHUP: read the allowed client keys again."""
         if self.security is not None:
@@ -198,8 +190,6 @@ class Service:
             return {}
         snap = self.router.snapshot()
         snap.update(self.store.stats())
-        snap["retention"] = dict(self.store.retention_stats(),
-                                 retention_s=self.config.retention_s)
         snap["ready"] = self.ready.is_set()
         snap["mailboxes"] = {
             "store_writer": len(self.writer.actor_inbox),
@@ -209,7 +199,20 @@ class Service:
         }
         snap["pending"] = {n: len(g.pending) for n, g in self.octx.gateways.items()}
         snap["breakers"] = {n: LEVEL[g.breaker.state] for n, g in self.octx.gateways.items()}
+        return self.retention_snapshot(snap)
+
+    def retention_snapshot(self, snap: dict[str, Any]) -> dict[str, Any]:
+        snap["retention"] = dict(self.store.retention_stats(),
+                                 retention_s=self.config.retention_s)
         return snap
+
+    def start_retention(self) -> None:
+        """The retention thread (after recovery; stopped before the writer)."""
+        from actors.retention import Retention
+
+        self.retention = Retention(self.store, self.writer, self.metrics, self.config)
+        self._stops.append(("retention", self.retention.stop))
+        self.retention.start()
 
     # -- stop --------------------------------------------------------------
 

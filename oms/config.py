@@ -40,15 +40,15 @@ class Config:
     breaker_cooldown_s: float = 5.0
     max_in_flight: int = 200_000
     map_size_mb: int = 256
-    retention_s: float = 30 * 86400.0
-    dedup_window_s: float = 90 * 86400.0
-    retention_batch: int = 512
-    retention_interval_s: float = 0.25
     curve_server_key: str | None = None
     curve_clients: str | None = None
     domain_server_key: str | None = None
     log_level: str = "info"
     log_format: str = "json"
+    retention_s: float = 30 * 86400.0
+    dedup_window_s: float = 90 * 86400.0
+    retention_batch: int = 512
+    retention_interval_s: float = 0.25
 
     @classmethod
     def load(cls, file: str | None = None, env: dict[str, str] | None = None,

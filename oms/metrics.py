@@ -76,12 +76,6 @@ class Metrics:
             registry=r)
         self.store_grows = Counter(
             "oms_store_map_grows", "Times the LMDB map was grown", registry=r)
-        self.retention_errors = Counter(
-            "oms_retention_errors", "Retention batches that failed (orders stay live; "
-            "retried)", registry=r)
-        self.retention_batch_seconds = Histogram(
-            "oms_retention_batch_seconds", "One retention batch: read, archive, fsync, "
-            "commit", buckets=FAST, registry=r)
         self.corrupt_records = Counter(
             "oms_store_corrupt_records", "Records that could not be decoded", registry=r)
         self.activations = Counter(
@@ -95,6 +89,12 @@ class Metrics:
             registry=r)
         self.recovered_orders = Gauge(
             "oms_recovered_orders", "Orders resumed by the last start", registry=r)
+        self.retention_errors = Counter(
+            "oms_retention_errors", "Retention batches that failed (orders stay live; "
+            "retried)", registry=r)
+        self.retention_batch_seconds = Histogram(
+            "oms_retention_batch_seconds", "One retention batch: read, archive, fsync, "
+            "commit", buckets=FAST, registry=r)
         self.published = Counter(
             "oms_events_published", "Channel events published", ["type"], registry=r)
         for metric in vars(self).values():

@@ -12,20 +12,24 @@ Named databases (keys are UTF-8):
 - ``inbox``: same key -> the event; recorded but not yet consumed by its
   order. The order deletes it in the same transaction that stores the state
   the event led to.
-- ``meta``: ``seq`` -> the last order number given out; retention's
-  counters (``live:<state>``, ``archived``) and each archive file's committed
-  length (``arch:<day>``).
-- ``done``: ``finish time (8 bytes, ms, big-endian) + order id`` -> state, for
-  every finished order still live: retention reads the oldest first.
-- ``arch``: order id -> [day, member offset, state, finish ms, ext key] for
-  an archived order, kept for the dedup window (``oms.archive``).
-- ``expiry``: ``finish time + order id`` -> b"": when each archived order's
-  ``ext`` and ``arch`` entries fall out of the dedup window.
+- ``meta``: ``seq`` -> the last order number given out.
 
 Only the store writer (``actors.store_writer``) opens write transactions.
 Readers use ``read()``; the writer's ``exclusive()`` waits for them to finish
 before it grows the map, because LMDB forbids resizing with a transaction
 open in the process.
+
+For retention (``actors.retention``, ``oms.archive``) also:
+
+- ``done``: ``finish time (8 bytes, ms, big-endian) + order id`` -> state, for
+  every finished order still live: retention reads the oldest first.
+- ``arch``: order id -> [day, member offset, state, finish ms, ext key] for
+  an archived order, kept for the dedup window.
+- ``expiry``: ``finish time + order id`` -> b"": when each archived order's
+  ``ext`` and ``arch`` entries fall out of the dedup window.
+- in ``meta``: ``live:<state>`` and ``archived`` counters, each archive
+  file's committed length (``arch:<day>``), the upgrade scan's
+  ``backfill_since`` and ``backfill_at``.
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ from oms.model import Order
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAP_SIZE = 256 * 1024 * 1024
-_DBS = ("orders", "ext", "active", "events", "inbox", "meta", "done", "arch", "expiry")
+_DBS = ("orders", "ext", "active", "events", "inbox", "meta")
+_DBS += ("done", "arch", "expiry")  # retention's (see above)
 
 
 class StoreLocked(RuntimeError):
