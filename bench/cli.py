@@ -47,13 +47,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--curve", action="store_true", help="CURVE on the channel sockets")
     p.add_argument("--intake", help="target a running service's intake instead")
     p.add_argument("--events", help="... and its events endpoint")
+    p.add_argument("--retention-s", type=float, help="the service's --retention-s (soak: "
+                   "watch the store stop growing)")
+    p.add_argument("--dedup-window-s", type=float, help="the service's --dedup-window-s")
     p.add_argument("--out", default="bench-reports", help="folder for the reports")
     p.add_argument("--give-up", type=float, default=60.0, metavar="S",
                    help="stop a run when no order has finished for S seconds (the report "
                         "lists the unfinished ones and the exit code is 1)")
-    p.add_argument("--retention-s", type=float, help="the service's --retention-s (soak: "
-                   "watch the store stop growing)")
-    p.add_argument("--dedup-window-s", type=float, help="the service's --dedup-window-s")
     p.add_argument("--smoke", action="store_true", help="tiny run that checks the bench works")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -111,17 +111,7 @@ def run_bench(args: argparse.Namespace) -> int:
         if args.scenario == "waiting":
             result.update(run_waiting(harness, intake, events, args))
         elif args.scenario != "engine":
-            sampler = None
-            if args.scenario == "soak" and harness is not None:
-                from bench.storesize import StoreSampler
-
-                sampler = StoreSampler(workdir / "data", every_s=min(10.0, args.duration / 6))
-                sampler.start()
-            try:
-                result.update(run_load(harness, intake, events, args))
-            finally:
-                if sampler is not None:
-                    result["store_size"] = sampler.finish()
+            result.update(run_load(harness, intake, events, args))
     except ProcessDied as exc:
         result["error"] = str(exc)
     finally:
@@ -193,6 +183,7 @@ def run_load(harness: Harness | None, intake: str, events: str,
     cpu0 = harness.svc.cpu_s() if harness and harness.svc else 0.0
     sim0 = harness.sim.cpu_s() if harness and harness.sim else 0.0
     own0 = time.process_time()
+    sampler = _store_sampler(harness, args)
     try:
         run = gen.run(_orders(args.scenario, prefix), total, window=args.window, rate=rate,
                       warmup=int(total * args.warmup), complete=args.scenario != "intake",
@@ -200,6 +191,7 @@ def run_load(harness: Harness | None, intake: str, events: str,
                       check=harness.check_alive if harness else None)
     finally:
         gen.close()
+        store = sampler.finish() if sampler else None
     out = summarize(run, args.scenario)
     out["mode"] = f"open loop at {rate:g}/s" if rate else f"closed loop, window {args.window}"
     if harness and harness.svc:
@@ -209,7 +201,20 @@ def run_load(harness: Harness | None, intake: str, events: str,
     out["others_cpu_s"] = {"load_generator": time.process_time() - own0}
     if harness and harness.sim:
         out["others_cpu_s"]["simulators"] = harness.sim.cpu_s() - sim0
+    if store:
+        out["store_size"] = store
     return out
+
+
+def _store_sampler(harness: Harness | None, args: argparse.Namespace) -> Any:
+    """Soak, own service: the live store's size over the run (bench.storesize)."""
+    if args.scenario != "soak" or harness is None:
+        return None
+    from bench.storesize import StoreSampler
+
+    sampler = StoreSampler(harness.workdir / "data", every_s=min(10.0, args.duration / 6))
+    sampler.start()
+    return sampler
 
 
 def summarize(run: Run, scenario: str) -> dict[str, Any]:

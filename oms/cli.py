@@ -378,6 +378,12 @@ def render_process(proc: Any) -> str:
     return "\n".join(lines)
 
 
+def cmd_archive(args: argparse.Namespace) -> int:
+    from oms.archive import cmd_archive as run
+
+    return run(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from bench.cli import run_bench
 
@@ -390,12 +396,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.orders, args.data, args.timeout)
 
 
-def cmd_archive(args: argparse.Namespace) -> int:
-    from oms.archive import cmd_archive as run
-
-    return run(args)
-
-
 def _ops(name: str) -> Any:
     def run(args: argparse.Namespace) -> int:
         from oms import opscli
@@ -406,9 +406,10 @@ def _ops(name: str) -> Any:
 
 
 COMMANDS = {"serve": cmd_serve, "simulate": cmd_simulate, "submit": cmd_submit,
+            "archive": cmd_archive,
             "status": cmd_status, "keys": cmd_keys, "processes": cmd_processes, "demo": cmd_demo, "health": cmd_health,
             "bench": cmd_bench, "orders": _ops("orders"), "order": _ops("order"),
-            "fallout": _ops("fallout"), "archive": cmd_archive}
+            "fallout": _ops("fallout")}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -74,6 +74,12 @@ class Metrics:
         self.commit_batch = Histogram(
             "oms_store_commit_batch_size", "Writes per group commit", buckets=BATCH,
             registry=r)
+        self.retention_errors = Counter(
+            "oms_retention_errors", "Retention batches that failed (orders stay live; "
+            "retried)", registry=r)
+        self.retention_batch_seconds = Histogram(
+            "oms_retention_batch_seconds", "One retention batch: read, archive, fsync, "
+            "commit", buckets=FAST, registry=r)
         self.store_grows = Counter(
             "oms_store_map_grows", "Times the LMDB map was grown", registry=r)
         self.corrupt_records = Counter(
@@ -89,12 +95,6 @@ class Metrics:
             registry=r)
         self.recovered_orders = Gauge(
             "oms_recovered_orders", "Orders resumed by the last start", registry=r)
-        self.retention_errors = Counter(
-            "oms_retention_errors", "Retention batches that failed (orders stay live; "
-            "retried)", registry=r)
-        self.retention_batch_seconds = Histogram(
-            "oms_retention_batch_seconds", "One retention batch: read, archive, fsync, "
-            "commit", buckets=FAST, registry=r)
         self.published = Counter(
             "oms_events_published", "Channel events published", ["type"], registry=r)
         for metric in vars(self).values():
