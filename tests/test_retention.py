@@ -284,3 +284,15 @@ def test_oms_serve_refuses_a_negative_retention(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "oms.cli", *eps.serve_args(tmp_path / "d"),
                           "--retention-s", "-5"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "retention_s must be a number of seconds" in run.stderr
+
+
+def test_the_retention_alert_fires_when_behind_and_not_otherwise() -> None:
+    import shutil
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (tests/test_observability.py installs it)")
+    rules = Path(__file__).resolve().parent.parent / "deploy" / "prometheus"
+    run = subprocess.run([promtool, "test", "rules", "alerts_retention_test.yml"], cwd=rules,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
