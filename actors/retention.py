@@ -139,29 +139,27 @@ class Retention:
                 for index, _ in chunk:
                     entries[index][3] = offset
             lengths[day] = (base, end)
-        outcome = self._commit(Retire(lengths, [tuple(e) for e in entries], expired,
-                                      _noop, backfill))
+        outcome = self._commit(lengths, [tuple(e) for e in entries], expired, backfill)
         if isinstance(outcome, int):
             self.metrics.retention_batch_seconds.observe(time.perf_counter() - started)
             return outcome
+        if outcome == "stopping":
+            return 0  # the writer still commits it (or not) before it stops; either is safe
         raise RuntimeError(f"retention batch not committed: {outcome}")
 
-    def _commit(self, msg: Retire) -> Any:
+    def _commit(self, lengths: dict[str, tuple[int, int]], entries: list[Any],
+                expired: list[bytes], backfill: tuple[Any, ...]) -> Any:
         """Hand the batch to the writer and wait for its answer. A barrier
         behind it is the fence: the next batch is never written to a file
         while this one might still commit."""
         got: list[Any] = []
         fence = threading.Event()
-        self.writer.tell(msg._replace(done=got.append))
+        self.writer.tell(Retire(lengths, entries, expired, got.append, backfill))
         self.writer.tell(Barrier(fence.set))
         while not fence.wait(0.5):
             if self._stop.is_set():
                 return "stopping"
         return got[0] if got else "not committed (the store writer refused it)"
-
-
-def _noop(_outcome: Any) -> None:
-    """Placeholder, replaced per batch."""
 
 
 def _archive_record(order_id: str, raw: bytes, ms: int,
