@@ -258,10 +258,57 @@ class Intake(RouterEndpoint):
             return denied
         order, err = self._find(req)
         if err:
-            return err
+            return self.archived_order(req, err)
         engine = self.octx.engines.get(order.order_type)  # its point of no return: `fallout`
         ponr = engine.proc.point_of_no_return if engine is not None else None
         return self.denied(order.source_system) or {"type": "order", "order": order.view(ponr)}
+
+    def archived_order(self, req: dict[str, Any], err: dict[str, Any]) -> dict[str, Any]:
+        """get_order for an order retention moved to the archive (its marker is
+        kept for the dedup window): the final view with ``archived: true``."""
+        found = self._archived(req, err)
+        if isinstance(found, dict) and found.get("type") == "error":
+            return found
+        view = found["order"]
+        return self.denied(view.get("source_system", "")) or {
+            "type": "order", "order": dict(view, archived=True)}
+
+    def archived_cancel(self, req: dict[str, Any], err: dict[str, Any]) -> dict[str, Any]:
+        found = self._archived({"order_id": req.get("order_id")}, err)
+        if found.get("type") == "error":
+            return found
+        view = found["order"]
+        return self.denied(view.get("source_system", "")) or {
+            "type": "cancel_rejected", "order_id": view["order_id"],
+            "reason": f"order is already {view['state']} (archived)"}
+
+    def _archived(self, req: dict[str, Any], err: dict[str, Any]) -> dict[str, Any]:
+        """The archive record for a not-found order, or ``err`` unchanged."""
+        from oms import archive
+
+        if err.get("code") != errors.NOT_FOUND:
+            return err
+        store = self.octx.store
+        order_id = req.get("order_id")
+        if order_id is None and isinstance(req.get("source_system"), str) and isinstance(
+                req.get("external_id"), str):
+            order_id = store.find_external(req["source_system"], req["external_id"])
+        if not isinstance(order_id, str):
+            return err
+        marker = store.find_archived(order_id)
+        if marker is None:
+            return err
+        day, offset = marker[0], marker[1]
+        try:
+            rec = archive.find_in_member(archive.file_for(store.path, day), offset, order_id)
+        except (OSError, ValueError, KeyError) as exc:
+            logger.error("archived order %s cannot be read from %s at %d: %s", order_id, day,
+                         offset, exc, extra={"order_id": order_id})
+            return errors.error_reply(errors.INTERNAL, "the archived order cannot be read; "
+                                      "see the service log")
+        if rec is None or "unreadable" in rec:
+            return errors.error_reply(errors.INTERNAL, "archived order record is unreadable")
+        return rec
 
     def cancel_order(self, envelope: tuple[bytes, ...], req: dict[str, Any]) -> Any:
         if isinstance(req.get("source_system"), str) and (
@@ -269,7 +316,7 @@ class Intake(RouterEndpoint):
             return denied
         order, err = self._find(req)  # by order_id, or source_system + external_id
         if err:
-            return err
+            return self.archived_cancel(req, err)
         if denied := self.denied(order.source_system):
             return denied
         reason = req.get("reason") if isinstance(req.get("reason"), str) else None

@@ -70,6 +70,9 @@ class Service:
 
     def _start(self) -> None:
         cfg = self.config
+        from actors.retention import check_settings
+
+        check_settings(cfg)  # before anything starts: a bad setting stops it at once
         procs = load_processes(cfg.processes)
         missing = sorted({s for p in procs.values() for s in p.systems} - set(cfg.systems))
         if missing:
@@ -138,6 +141,7 @@ class Service:
                                    lambda: self.ready.is_set() and self.store_writable)
             self._stops.append(("metrics http", self.http.stop))
         self.recover()
+        self.start_retention()
         self.intake = Intake.launch(self.zctx, cfg.intake, octx, cfg.max_in_flight,
                                     curve=channel_curve)
         self._stops.append(("intake", lambda: _stop_actor(self.intake)))
@@ -255,7 +259,20 @@ class Service:
         }
         snap["pending"] = {n: len(g.pending) for n, g in self.octx.gateways.items()}
         snap["breakers"] = {n: LEVEL[g.breaker.state] for n, g in self.octx.gateways.items()}
+        return self.retention_snapshot(snap)
+
+    def retention_snapshot(self, snap: dict[str, Any]) -> dict[str, Any]:
+        snap["retention"] = dict(self.store.retention_stats(),
+                                 retention_s=self.config.retention_s)
         return snap
+
+    def start_retention(self) -> None:
+        """The retention thread (after recovery; stopped before the writer)."""
+        from actors.retention import Retention
+
+        self.retention = Retention(self.store, self.writer, self.metrics, self.config)
+        self._stops.append(("retention", self.retention.stop))
+        self.retention.start()
 
     # -- stop --------------------------------------------------------------
 

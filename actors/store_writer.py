@@ -98,6 +98,18 @@ class Barrier(NamedTuple):
     done: Callback
 
 
+class Retire(NamedTuple):
+    """Retention: delete orders already appended to the archive, record the
+    archive files' new committed lengths, and drop dedup entries past their
+    window (``Store.retire``); ``done(moved or "stale" or an error)``."""
+
+    lengths: dict[str, tuple[int, int]]
+    orders: list[tuple[bytes, bytes, str, int, str, bytes]]
+    expired: list[bytes]
+    done: Callable[[Any], None]
+    backfill: tuple[Any, ...] = ()
+
+
 class StoreWriter(LoopActor):
     thread_name = "store-writer"
 
@@ -245,6 +257,8 @@ class StoreWriter(LoopActor):
                                       msg.build)
         elif isinstance(msg, RecordEvent):
             return store.record_event(txn, msg.order_id, msg.system, msg.event_id, msg.event)
+        elif isinstance(msg, Retire):
+            return store.retire(txn, msg.lengths, msg.orders, msg.expired, msg.backfill)
         return None
 
     def _after(self, msg: Any, outcome: Any) -> None:
@@ -252,13 +266,13 @@ class StoreWriter(LoopActor):
             if isinstance(outcome, Exception):
                 if isinstance(msg, CreateOrder):
                     msg.done(Created("error", "", ""))
-                elif isinstance(msg, RecordEvent):
+                elif isinstance(msg, RecordEvent | Retire):
                     msg.done("error")
                 return  # a snapshot that was not stored: its effects must not happen
             if isinstance(msg, SaveOrder):
                 for callback in msg.after:
                     callback()
-            elif isinstance(msg, CreateOrder | RecordEvent):
+            elif isinstance(msg, CreateOrder | RecordEvent | Retire):
                 msg.done(outcome)
             else:
                 msg.done()
@@ -266,4 +280,4 @@ class StoreWriter(LoopActor):
             logger.exception("post-commit callback failed for %s", type(msg).__name__)
 
 
-_WRITES = (SaveOrder, CreateOrder, RecordEvent, Barrier)
+_WRITES = (SaveOrder, CreateOrder, RecordEvent, Barrier, Retire)

@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--processes", help="folder of process definitions (*.toml)")
     serve.add_argument("--workers", type=int, help="order actor worker threads")
     serve.add_argument("--max-in-flight", type=int, help="admission limit")
+    serve.add_argument("--retention-s", type=float, help="finished orders older than this "
+                       "leave the live store for the archive (0 = keep; default 30 days)")
+    serve.add_argument("--dedup-window-s", type=float, help="an archived order's external id "
+                       "is still a duplicate this long after it finished (default 90 days)")
     serve.add_argument("--curve-server-key", metavar="FILE",
                        help="the service's secret key file: turns CURVE on for channels")
     serve.add_argument("--curve-clients", metavar="DIR",
@@ -141,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("order_type")
     show.add_argument("--processes", help="folder of *.toml to load as well")
 
+    from oms.archive import add_parser as add_archive
+
+    add_archive(sub)
+
     from bench.cli import add_parser as add_bench
 
     add_bench(sub)
@@ -209,6 +217,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       domain_events=args.domain_events, metrics_port=args.metrics_port,
                       systems=systems, processes=args.processes, workers=args.workers,
                       max_in_flight=args.max_in_flight, log_level=args.log_level,
+                      retention_s=args.retention_s, dedup_window_s=args.dedup_window_s,
                       log_format=args.log_format, curve_server_key=args.curve_server_key,
                       curve_clients=args.curve_clients,
                       domain_server_key=args.domain_server_key)
@@ -520,6 +529,12 @@ def render_process(proc: Any) -> str:
     return "\n".join(lines)
 
 
+def cmd_archive(args: argparse.Namespace) -> int:
+    from oms.archive import cmd_archive as run
+
+    return run(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from bench.cli import run_bench
 
@@ -548,6 +563,7 @@ def _ops(name: str) -> Any:
 
 
 COMMANDS = {"serve": cmd_serve, "simulate": cmd_simulate, "submit": cmd_submit,
+            "archive": cmd_archive,
             "status": cmd_status, "keys": cmd_keys, "processes": cmd_processes, "demo": cmd_demo, "health": cmd_health,
             "bench": cmd_bench, "orders": _ops("orders"), "order": _ops("order"),
             "fallout": _ops("fallout")}

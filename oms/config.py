@@ -49,6 +49,10 @@ class Config:
     domain_server_key: str | None = None
     log_level: str = "info"
     log_format: str = "json"
+    retention_s: float = 30 * 86400.0
+    dedup_window_s: float = 90 * 86400.0
+    retention_batch: int = 512
+    retention_interval_s: float = 0.25
 
     @classmethod
     def load(cls, file: str | None = None, env: dict[str, str] | None = None,
