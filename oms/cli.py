@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--intake", help="also check that this intake endpoint answers "
                         "(env OMS_INTAKE; checked only when given)")
     health.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS",
-                        help="per check (default %(default)g)")
+                        help="for all checks together, counted from the command's start "
+                        "(default %(default)g)")
     health.add_argument("--json", action="store_true", help="machine-readable output")
 
     procs = sub.add_parser("processes", help="check or show process definitions")
@@ -423,11 +424,20 @@ def cmd_health(args: argparse.Namespace) -> int:
 
     cfg = Config.load(args.config, metrics_host=args.metrics_host,
                       metrics_port=args.metrics_port, intake=args.intake)
+    from oms.opscli import CommandError, time_left
+
+    if not 0 < args.timeout <= 3600:
+        raise CommandError("--timeout must be a number of seconds above 0 (at most 3600)")
+    deadline = time.monotonic() + time_left(args.timeout)
+
+    def left() -> float:
+        return max(0.05, deadline - time.monotonic())
+
     base = (args.url or f"http://{cfg.metrics_host}:{cfg.metrics_port}").rstrip("/")
     result = {}
     for check in ("healthz", "readyz"):
         try:
-            with urllib.request.urlopen(f"{base}/{check}", timeout=args.timeout) as resp:
+            with urllib.request.urlopen(f"{base}/{check}", timeout=left()) as resp:
                 result[check] = resp.status == 200
         except urllib.error.HTTPError as exc:
             result[check] = exc.code == 200
@@ -435,7 +445,7 @@ def cmd_health(args: argparse.Namespace) -> int:
             result[check] = False
     intake = None
     if args.intake or "OMS_INTAKE" in __import__("os").environ:
-        intake = _intake_answers(cfg.intake, args.timeout)
+        intake = _intake_answers(cfg.intake, left())
     healthy = result["healthz"] and result["readyz"] and intake is not False
     if args.json:
         out = {"url": base, "live": result["healthz"], "ready": result["readyz"]}
