@@ -23,6 +23,7 @@ from typing import Any
 import zmq
 
 from actors.endpoint import RouterEndpoint
+from actors.security import DOMAINS
 from actors.store_writer import CreateOrder
 from oms import codec, errors
 from oms.engine import new_order
@@ -114,7 +115,9 @@ class Intake(RouterEndpoint):
                 request_id = _request_id(req)
                 rtype = req.get("type") if isinstance(req.get("type"), str) else "?"
                 handler = self.handlers.get(rtype)
-                if handler is not None and rtype in OPERATOR_ONLY and not self.is_operator():
+                if handler is not None and self.is_domain_system():
+                    reply = self.denied("")
+                elif handler is not None and rtype in OPERATOR_ONLY and not self.is_operator():
                     reply = errors.error_reply(errors.UNAUTHORIZED,
                                                f"{rtype} is for operators only")
                 elif handler is None:
@@ -134,6 +137,8 @@ class Intake(RouterEndpoint):
         self.metrics.requests.labels(rtype, reply["type"]).inc()
         if reply["type"] == "error":
             self.metrics.intake_errors.labels(reply["code"]).inc()
+            if reply["code"] == errors.INTERNAL:  # a bug or an unreadable record
+                self.metrics.internal_errors.labels("intake").inc()
         if request_id is not None:
             reply["request_id"] = request_id
         self.send_reply(envelope, reply)
@@ -245,8 +250,19 @@ class Intake(RouterEndpoint):
     def is_operator(self) -> bool:
         return not self.identity_required or str(self.user).startswith("operator")
 
+    def is_domain_system(self) -> bool:
+        """With CURVE on, a domain system's key (``warehouse``) or ``domains``:
+        it sends events to the domain-events endpoint and is no channel."""
+        return self.identity_required and (
+            self.user == DOMAINS or self.user in (self.octx.gateways or {}))
+
     def denied(self, source_system: str) -> dict[str, Any] | None:
-        """With CURVE on, a channel may touch only its own source_system's orders."""
+        """With CURVE on, a channel may touch only its own source_system's
+        orders, and a domain system's key is not a channel at all."""
+        if self.is_domain_system():
+            return errors.error_reply(errors.UNAUTHORIZED, f"this key is the domain system "
+                                      f"{self.user!r}; a domain system is not a channel and "
+                                      "may not act on orders through the intake")
         if self.is_operator() or source_system == self.user:
             return None
         return errors.error_reply(errors.UNAUTHORIZED, f"this channel is {self.user!r}; "
@@ -328,6 +344,7 @@ class Intake(RouterEndpoint):
                            "next": cursor}
             except Exception:
                 logger.exception("list_orders failed")
+                metrics.internal_errors.labels("intake").inc()
                 payload = errors.error_reply(errors.INTERNAL, "internal error; see the "
                                              "service log")
             metrics.requests.labels("list_orders", payload["type"]).inc()

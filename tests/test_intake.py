@@ -186,3 +186,18 @@ def test_operator_name_is_optional_and_bounded(service: Any, client: Client) -> 
         assert long["type"] == "error" and long["code"] == "malformed", long
         bad = client.request({"type": rtype, "order_id": oid, "operator": 7})
         assert bad["type"] == "error" and bad["code"] == "malformed", bad
+
+
+def test_an_internal_reply_is_counted(service: Any, client: Client) -> None:
+    """An ``internal`` reply (here: an unreadable record) is counted in
+    ``oms_internal_errors_total{component="intake"}``, not only in the
+    intake's error codes; the intake goes on serving."""
+    store = service.store
+    with store.write() as txn:
+        txn.put(b"O000000000009", b"\xc1garbage", db=store.db["orders"])
+    counter = service.metrics.internal_errors.labels("intake")
+    before = counter._value.get()
+    reply = client.get("O000000000009")
+    assert (reply["type"], reply["code"]) == ("error", "internal"), reply
+    assert counter._value.get() == before + 1
+    assert client.submit(retail_order("after-internal"))["type"] == "accepted"

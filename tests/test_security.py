@@ -24,10 +24,11 @@ from oms.client import Client, wait_terminal
 def keys(tmp_path: Path) -> Path:
     folder = tmp_path / "keys"
     generate(folder / "server", ["server"])
-    generate(folder / "own", ["web", "store", "operator-ann", "domains", "intruder"])
+    generate(folder / "own", ["web", "store", "operator-ann", "domains", "intruder",
+                              "warehouse"])
     allowed = folder / "clients"
     allowed.mkdir()
-    for name in ("web", "store", "operator-ann", "domains"):
+    for name in ("web", "store", "operator-ann", "domains", "warehouse"):
         (allowed / f"{name}.key").write_text((folder / "own" / f"{name}.key").read_text())
     return folder
 
@@ -84,6 +85,24 @@ def test_allowed_channel_works_on_its_own_orders_only(secure: Any, eps: Any,
     with Client(eps.intake, curve=opts(keys, "operator-ann")) as operator:
         assert operator.get(theirs)["type"] == "order"
         assert operator.request({"type": "order_counts"})["type"] == "order_counts"
+
+
+@pytest.mark.parametrize("who", ["warehouse", "domains"])
+def test_a_domain_system_key_is_not_a_channel(secure: Any, eps: Any, keys: Path,
+                                              who: str) -> None:
+    """A domain system's key submitted orders under its own name through the
+    intake as if it were a channel; it is refused every intake request."""
+    with Client(eps.intake, curve=opts(keys, who)) as domain, \
+            Client(eps.intake, curve=opts(keys, "web")) as web:
+        refused = domain.submit(retail_order("dom-1", source_system=who))
+        assert (refused["type"], refused["code"]) == ("error", "unauthorized"), refused
+        assert "not a channel" in refused["message"]
+        theirs = web.submit(retail_order("dom-2"))["order_id"]
+        for req in ({"type": "get_order", "order_id": theirs},
+                    {"type": "cancel_order", "order_id": theirs},
+                    {"type": "list_orders"}, {"type": "list_orders", "source_system": who}):
+            assert domain.request(req)["code"] == "unauthorized", req
+        assert web.get(theirs)["type"] == "order"  # the channel itself still works
 
 
 @pytest.mark.parametrize("who", ["intruder", "plaintext", "wrong-server-key"])
