@@ -227,6 +227,7 @@ class Service:
             ("passivator", getattr(self, "router", None)),
             ("order workers", getattr(self, "dispatcher", None)),
             ("metrics http", self.http),
+            ("authenticator", getattr(self, "security", None)),
         ]
         for name in ("writer", "publisher", "sequencer", "domain_events", "intake"):
             actor = getattr(self, name, None)

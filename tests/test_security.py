@@ -219,3 +219,47 @@ def test_curve_toward_the_domain_systems(keys: Path, procs: Any, tmp_path: Path)
         web.wait_ready(30)
         oid = web.submit(retail_order("domain-curve"))["order_id"]
         assert wait_terminal(web, [oid], timeout=30)[oid]["state"] == "completed"
+
+
+def test_a_dead_authenticator_is_not_ready_and_exits_70(keys: Path, eps: Any,
+                                                        tmp_path: Path) -> None:
+    """The ZAP thread ending while the service runs (every new CURVE handshake
+    would wait forever) is a dead component: exit 70 and /readyz not ready."""
+    from actors.service import Service
+    from oms.config import Config
+
+    exits: list[int] = []
+    cfg = Config(data=str(tmp_path / "data"), intake=eps.intake, events=eps.events,
+                 domain_events=eps.domain_events, metrics_port=0, systems=dict(eps.systems),
+                 curve_server_key=str(keys / "server" / "server.key_secret"),
+                 curve_clients=str(keys / "clients"))
+    svc = Service(cfg, exit=exits.append)
+    svc.start()
+    try:
+        assert svc.is_ready()
+        svc.security.auth.pipe.send(b"TERMINATE")  # its loop ends, the service runs on
+        assert poll_until(lambda: exits == [70], timeout=10), exits
+        assert "authenticator" in svc.dead_components() and not svc.is_ready()
+    finally:
+        svc.stop()
+    assert exits == [70]  # the stop's own TERMINATE is no death
+
+
+def test_an_error_in_one_handshake_is_survived(secure: Any, eps: Any, keys: Path) -> None:
+    """A ZAP request that raises is answered (the handshake fails, the client
+    is not let in) and counted; the next handshake works."""
+    class Broken(dict):  # a key table that fails on lookup, once
+        def get(self, *args: Any) -> Any:
+            raise RuntimeError("key table broken")
+
+    auth = secure.security.auth
+    names, auth.names = auth.names, Broken()
+    with Client(eps.intake, curve=opts(keys, "web"), timeout=1.0) as web, \
+            pytest.raises(TimeoutError):
+        web.submit(retail_order("zap-1"))
+    assert poll_until(lambda: secure.metrics.internal_errors.labels(
+        "authenticator")._value.get() >= 1, timeout=5)
+    auth.names = names
+    with Client(eps.intake, curve=opts(keys, "web")) as web:
+        assert web.submit(retail_order("zap-2"))["type"] == "accepted"
+    assert secure.security.alive() and secure.is_ready()
