@@ -273,6 +273,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if not product or not n.isdigit():
             raise ConfigError(f"--stock-of {spec!r}: give PRODUCT=N, N a whole number")
         stock_of[product] = int(n)
+    _check_sim_numbers(args, {"--fail": set(fail), "--drop": set(drop)})
     if args.scarce is not None:
         from oms.sample import SCARCE
 
@@ -299,6 +300,29 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"oms simulate: cannot open an endpoint: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _check_sim_numbers(args: argparse.Namespace, ops: dict[str, set[str]]) -> None:
+    """Every number flag finite and in range, every OP one the simulators
+    know: a clear error at start (``--latency-ms nan`` or ``--restock-s inf``
+    were taken and ended the simulator's timers later)."""
+    import math
+
+    from gateways.simulator import Domain
+
+    for flag, value, high in (("--latency-ms", args.latency_ms, 60_000.0),
+                              ("--restock-s", args.restock_s, 86_400.0),
+                              ("--delivery-s", args.delivery_s, 86_400.0),
+                              ("--stock", args.stock, 10**12),
+                              ("--scarce", args.scarce, 10**12)):
+        if value is not None and not (math.isfinite(value) and 0 <= value <= high):
+            raise ConfigError(f"{flag} {value!r:.40}: give a number from 0 to {high:g}")
+    known = {name.split("_", 2)[2] for name in dir(Domain) if name.startswith("op_")
+             and name.count("_") >= 2}
+    for flag, names in ops.items():
+        if unknown := sorted(names - known):
+            raise ConfigError(f"{flag}: unknown operation {', '.join(unknown)}; "
+                              f"known: {', '.join(sorted(known))}")
 
 
 def _rate(spec: str, flag: str, op: str, rate: str) -> float:

@@ -232,7 +232,10 @@ def test_health_takes_the_endpoint_flags_and_variables(make_service: Any, sim: A
 
 def test_simulate_refuses_bad_flag_values_in_one_line() -> None:
     for flag in (["--fail", "reserve_stock=lots"], ["--fail", "x=1.5:unavailable"],
-                 ["--drop", "notify=nan"], ["--stock-of", "SKU-1=many"]):
+                 ["--drop", "notify=nan"], ["--stock-of", "SKU-1=many"],
+                 ["--latency-ms", "nan"], ["--latency-ms", "-5"], ["--restock-s", "inf"],
+                 ["--delivery-s", "nan"], ["--stock", "-1"], ["--scarce", "10000000000000"],
+                 ["--drop", "reserve_stok=0.5"], ["--fail", "nonsense=0.1"]):
         line = one_line_error(oms("simulate", *flag))
         assert line.startswith("oms simulate: " + flag[0]), line
 
