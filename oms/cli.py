@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = ksub.add_parser("generate", help="write NAME.key and NAME.key_secret (0600)")
     gen.add_argument("--out", required=True, help="folder to write into")
     gen.add_argument("names", nargs="+", help="one key pair per name (the identity)")
-    sim.add_argument("--log-level", default="info",
+    sim.add_argument("--log-level", default="info", type=str.lower,
+                     choices=["debug", "info", "warning", "error", "critical"],
                      help="debug, info, warning, error (default %(default)s)")
 
     from oms.opscli import add_parsers as add_ops

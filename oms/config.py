@@ -25,6 +25,8 @@ class ConfigError(ValueError):
     """A setting that cannot be used."""
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
 # (low, high) of every numeric setting: a value outside, NaN or inf is an
 # error at start, never a thread that dies later on a sleep it cannot take.
 BOUNDS: dict[str, tuple[float, float]] = {
@@ -86,7 +88,12 @@ class Config:
         return cfg
 
     def check_store(self) -> None:
-        """Numbers that could never work: out of bounds, NaN or inf."""
+        """Settings that could never work: numbers out of bounds, NaN or inf;
+        an unknown log level or format."""
+        for name, allowed in (("log_level", LOG_LEVELS), ("log_format", ("json", "text"))):
+            if str(getattr(self, name)).lower() not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)} "
+                                  f"(got {getattr(self, name)!r:.40})")
         for name, (low, high) in BOUNDS.items():
             value = getattr(self, name)
             if not math.isfinite(value) or not low <= value <= high:

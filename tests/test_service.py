@@ -90,6 +90,8 @@ def test_config_precedence(tmp_path: Path) -> None:
     ("workers = 0", "workers must be between 1 and"),
     ("metrics_port = 70000", "metrics_port must be between 0 and 65535"),
     ("events_hwm = 0", "events_hwm must be between 1 and"),
+    ("log_level = 'bogus'", "log_level must be one of debug"),
+    ("log_format = 'xml'", "log_format must be one of json, text"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
     file = tmp_path / "oms.toml"
