@@ -227,3 +227,14 @@ def test_an_order_stored_before_the_bound_fails_cleanly_instead_of_never_encodin
     from oms import codec
 
     codec.pack(d.order.to_record())
+
+
+def test_attribute_keys_must_be_strings() -> None:
+    """A msgpack bin key gets through the decoder; it was accepted and stored."""
+    order = retail_order()
+    order["items"][0]["attributes"] = {b"k": 1}
+    order["attributes"] = {"a": {b"x": "y"}}
+    result, errs = validate_order(order, TYPES)
+    assert result is None
+    assert {e.field for e in errs} == {"items[0].attributes", "attributes.a"}
+    assert all("keys must be strings" in e.message for e in errs)
