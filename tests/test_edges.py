@@ -629,3 +629,28 @@ def test_the_service_applies_its_subscriber_settings(make_service: Any, eps: Any
 def test_a_setting_out_of_range_stops_the_start(make_service: Any) -> None:
     with pytest.raises(ConfigError, match="max_subscribers"):
         make_service(max_subscribers=0)
+
+
+def test_the_simulators_survive_a_command_they_cannot_handle(sim: Any, eps: Any) -> None:
+    """A command whose args the reference simulator cannot handle (here a
+    bin map key) ended the whole simulator process, all five systems; it is
+    now answered with a non-retryable error and the next command works."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(eps.systems["warehouse"])
+    try:
+        def command(cid: str, args: dict[Any, Any]) -> dict[str, Any]:
+            sock.send(codec.pack({"type": "command", "command_id": cid, "op": "reserve_stock",
+                                  "order_id": "O1", "args": args}))
+            assert sock.poll(5000), "no reply from the simulator"
+            return codec.decode_map(sock.recv())
+
+        bad = command("c-bad", {"items": [{"product_id": "SKU-1", "quantity": 1}],
+                                "attributes": {b"k": 1}})
+        assert (bad["ok"], bad["error"]["code"], bad["error"]["retryable"]) == (
+            False, "invalid_command", False), bad
+        good = command("c-good", {"items": [{"product_id": "SKU-1", "quantity": 1}]})
+        assert good["ok"] is True, good
+        assert sim.thread.is_alive()
+    finally:
+        sock.close()
