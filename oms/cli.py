@@ -365,6 +365,8 @@ def read_orders(file: str) -> list[Any]:
 def cmd_submit(args: argparse.Namespace) -> int:
     from oms.sample import sample_orders
 
+    _check_count("--sample", args.sample, 1, 1_000_000)
+    _check_count("--telecom", args.telecom, 0, 1)
     if args.sample:
         orders = list(sample_orders(args.sample, telecom_ratio=args.telecom,
                                     prefix=f"CLI{threading.get_ident() % 10000:04d}-"))
@@ -560,7 +562,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from oms.demo import run_demo
 
+    _check_count("--orders", args.orders, 1, 100_000)
+    _check_count("--timeout", args.timeout, 0.1, 86_400)
     return run_demo(args.orders, args.data, args.timeout)
+
+
+def _check_count(flag: str, value: float | None, low: float, high: float) -> None:
+    """A number flag finite and within [low, high]; a one-line error otherwise
+    (``--sample -5`` submitted nothing and exited 0; ``--telecom nan`` was
+    taken)."""
+    import math
+
+    if value is not None and not (math.isfinite(value) and low <= value <= high):
+        def text(x: float) -> str:
+            return f"{x:.0f}" if float(x).is_integer() else f"{x:g}"
+
+        raise ConfigError(f"{flag} {value!r:.40}: give a number from {text(low)} to "
+                          f"{text(high)}")
 
 
 def _ops(name: str) -> Any:

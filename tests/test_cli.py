@@ -90,6 +90,9 @@ def test_bad_input_files_and_flags_get_one_line(tmp_path: Path) -> None:
     assert "cannot use the intake endpoint" in one_line_error(
         oms("orders", "--intake", "nonsense://x"))
     assert "--timeout" in one_line_error(oms("orders", "--timeout", "0"))
+    for argv in (["submit", "--sample", "-5"], ["submit", "--sample", "2", "--telecom", "nan"],
+                 ["demo", "--orders", "-1"], ["demo", "--timeout", "nan"]):
+        assert "give a number from" in one_line_error(oms(*argv)), argv
 
 
 def test_closed_pipe_is_quiet(service: Any, eps: Any, client: Client) -> None:
