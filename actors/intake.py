@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from oms.validation import validate_order
 logger = logging.getLogger(__name__)
 
 _STATES = {str(s) for s in OrderState}
+_CURSOR = re.compile(r"O[0-9]{12,40}")  # an order id, as oms.store.format_order_id makes
 OPERATOR_ONLY = {"retry_step", "skip_step", "abort_order", "order_counts"}
 
 
@@ -384,7 +386,8 @@ class Intake(RouterEndpoint):
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
             return flt, 0, None, errors.error_reply(errors.MALFORMED,
                                                     "limit must be an integer 1 to 1000")
-        if after is not None and (not isinstance(after, str) or not usable_order_id(after)):
+        if after is not None and (not isinstance(after, str) or not usable_order_id(after)
+                                  or not _CURSOR.fullmatch(after)):
             return flt, 0, None, errors.error_reply(
                 errors.MALFORMED, "after must be a cursor (an order id) from an earlier page")
         flt = ListFilter(state=state, reason=texts["state_reason"], source_system=source,
