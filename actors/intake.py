@@ -290,7 +290,9 @@ class Intake(RouterEndpoint):
             return err
         if denied := self.denied(order.source_system):
             return denied
-        reason = req.get("reason") if isinstance(req.get("reason"), str) else None
+        reason = req.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            return errors.error_reply(errors.MALFORMED, "reason must be a string")
         if order.state.terminal:
             return {"type": "cancel_rejected", "order_id": order.order_id,
                     "reason": f"order is already {order.state}"}
@@ -312,7 +314,9 @@ class Intake(RouterEndpoint):
         order, err = self._find({"order_id": req.get("order_id")})
         if err:
             return err
-        reason = req.get("reason") if isinstance(req.get("reason"), str) else None
+        reason = req.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            return errors.error_reply(errors.MALFORMED, "reason must be a string")
         if order.state.terminal:
             return {"type": "operator_rejected", "order_id": order.order_id, "action": action,
                     "reason": f"order is already {order.state}"}

@@ -201,3 +201,13 @@ def test_an_internal_reply_is_counted(service: Any, client: Client) -> None:
     assert (reply["type"], reply["code"]) == ("error", "internal"), reply
     assert counter._value.get() == before + 1
     assert client.submit(retail_order("after-internal"))["type"] == "accepted"
+
+
+@pytest.mark.parametrize("rtype", ["cancel_order", "retry_step", "skip_step", "abort_order"])
+def test_a_reason_that_is_not_a_string_is_malformed(service: Any, client: Client,
+                                                    rtype: str) -> None:
+    """It was dropped without a word; bad input gets a clear error."""
+    oid = client.submit(retail_order(f"reason-{rtype}"))["order_id"]
+    reply = client.request({"type": rtype, "order_id": oid, "reason": {"why": 1}})
+    assert (reply["type"], reply["code"]) == ("error", "malformed"), reply
+    assert "reason" in reply["message"]
