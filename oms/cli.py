@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import signal
 import sys
 import threading
@@ -157,12 +158,41 @@ CLIENT_COMMANDS = {"submit", "status", "orders", "order", "fallout"}
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    name = f"oms {args.command}" + (f" {args.action}" if getattr(args, "action", None) else "")
+    if args.command not in CLIENT_COMMANDS:
+        return _run(args, name)
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = Printable(out), Printable(err)  # text from channels and domains
+    try:
+        return _run(args, name)
+    finally:
+        sys.stdout, sys.stderr = out, err
+
+
+class Printable:
+    """A text stream that shows control characters as ``\\xNN``: order ids,
+    product ids, reasons and error messages come from channels and domain
+    systems, and an escape sequence in one must not drive the operator's
+    terminal (``oms orders`` printed ``\\x1b[2J`` as it came)."""
+
+    CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def write(self, text: str) -> int:
+        return self.inner.write(self.CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text))
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, ...
+        return getattr(self.inner, name)
+
+
+def _run(args: argparse.Namespace, name: str) -> int:
     import zmq
 
     from oms.opscli import CommandError
 
-    args = build_parser().parse_args(argv)
-    name = f"oms {args.command}" + (f" {args.action}" if getattr(args, "action", None) else "")
     try:
         return int(COMMANDS[args.command](args) or 0)
     except (ConfigError, ProcessError, CommandError) as exc:

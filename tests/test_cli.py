@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -264,3 +265,19 @@ def test_the_fallout_block_is_rendered_when_the_service_sends_it() -> None:
     derived = render_order(view)
     assert "undo (compensation) of step release_stock" in derived
     assert "can do:  retry, skip" in derived and "abort" not in derived.split("can do:")[1]
+
+
+def test_control_characters_from_a_channel_do_not_reach_the_terminal(
+        service: Any, eps: Any, client: Client) -> None:
+    """A channel's external_id or product_id with an escape sequence was
+    printed as it came, driving the operator's terminal."""
+    order = retail_order("esc-\x1b[2J\x1b]0;pwned\x07-\r")
+    order["items"][0]["product_id"] = "P\x9b31m"
+    oid = client.submit(order)["order_id"]
+    for argv in (["orders"], ["order", "show", oid], ["status", oid]):
+        proc = oms(*argv, "--intake", eps.intake)
+        assert proc.returncode == 0, proc.stderr
+        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", proc.stdout), argv
+        assert "\\x1b[2J" in proc.stdout or argv != ["orders"]
+    shown = oms("order", "show", oid, "--intake", eps.intake).stdout
+    assert "P\\x9b31m" in shown and "\\x1b]0;pwned\\x07" in shown
