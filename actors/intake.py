@@ -296,8 +296,12 @@ class Intake(RouterEndpoint):
         if order.state.terminal:
             return {"type": "cancel_rejected", "order_id": order.order_id,
                     "reason": f"order is already {order.state}"}
+        operator = req.get("operator")
+        if operator is not None and not (isinstance(operator, str) and 1 <= len(operator) <= 64):
+            return errors.error_reply(errors.MALFORMED, "operator must be a string of 1 to 64 "
+                                      "characters")
         reply = self.reply_later(envelope, _request_id(req))
-        if not self.octx.router.deliver(order.order_id, Cancel(reason, reply)):
+        if not self.octx.router.deliver(order.order_id, Cancel(reason, reply, operator)):
             return {"type": "cancel_rejected", "order_id": order.order_id,
                     "reason": "order is already finished"}
         return None

@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ops(sub)
 
+    from console.cli import add_parser as add_console
+
+    add_console(sub)
+
     health = sub.add_parser("health", help="is the service alive and ready? (exit 0 if so)")
     health.add_argument("--config", help="TOML file of the service's settings")
     health.add_argument("--metrics-host", help="host of the metrics/health HTTP server "
@@ -611,6 +615,12 @@ def _check_count(flag: str, value: float | None, low: float, high: float) -> Non
                           f"{text(high)}")
 
 
+def _console(args: argparse.Namespace) -> int:
+    from console.cli import cmd_console
+
+    return cmd_console(args)
+
+
 def _ops(name: str) -> Any:
     def run(args: argparse.Namespace) -> int:
         from oms import opscli
@@ -624,6 +634,7 @@ COMMANDS = {"serve": cmd_serve, "simulate": cmd_simulate, "submit": cmd_submit,
             "status": cmd_status, "keys": cmd_keys, "processes": cmd_processes, "demo": cmd_demo, "health": cmd_health,
             "bench": cmd_bench, "orders": _ops("orders"), "order": _ops("order"),
             "fallout": _ops("fallout")}
+COMMANDS["console"] = _console
 
 if __name__ == "__main__":
     sys.exit(main())
