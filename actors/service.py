@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import gc_collector, platform_collector, process_collector
 
 from actors import supervision
-from actors.domain_events import DomainEvents
+from actors.domain_events import INVALID, DomainEvents, stored_event
 from actors.http import HttpServer
 from actors.intake import Intake
 from actors.pool import Dispatcher
@@ -35,12 +35,12 @@ from gateways.breaker import LEVEL, Breaker
 from gateways.gateway import Gateway
 from oms.config import Config, ConfigError
 from oms.engine import Engine
-from oms.messages import DomainEvent, Resume
+from oms.messages import Resume
 from oms.metrics import Metrics, ServiceCollector
 from oms.process import load_processes
 from oms.model import Order
 from oms.states import TERMINAL
-from oms.store import CorruptRecord, Store
+from oms.store import CorruptRecord, Store, event_key
 
 logger = logging.getLogger(__name__)
 
@@ -188,8 +188,17 @@ class Service:
                 continue
             self.router.start(order, Resume(), reason="recovery")
             resumed += 1
+        systems = frozenset(self.octx.gateways)
         for key, ev in self.store.inbox():
-            event = DomainEvent(ev["event_id"], ev["system"], ev["name"], ev["data"])
+            event = stored_event(ev, systems)  # checked again, as at the edge
+            if not isinstance(event, str) and key != event_key(ev["order_id"], event.system,
+                                                                event.event_id):
+                event = "its key is not its order's, system's and event id's"
+            if isinstance(event, str):
+                logger.error("recovery does not replay stored domain event %r: %s",
+                             key[:200], event)
+                self.metrics.domain_events.labels(INVALID, "refused_at_recovery").inc()
+                continue
             self.router.deliver_event(key, ev["order_id"], event)
         elapsed = time.monotonic() - started
         self.metrics.recovery_seconds.set(elapsed)
@@ -231,6 +240,7 @@ class Service:
             ("passivator", getattr(self, "router", None)),
             ("order workers", getattr(self, "dispatcher", None)),
             ("metrics http", self.http),
+            ("authenticator", getattr(self, "security", None)),
         ]
         for name in ("writer", "publisher", "sequencer", "domain_events", "intake"):
             actor = getattr(self, name, None)

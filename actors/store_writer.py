@@ -226,6 +226,7 @@ class StoreWriter(LoopActor):
                         msg.done("error")
                 except Exception:
                     logger.exception("error reply for %s failed", type(msg).__name__)
+                    self.metrics.internal_errors.labels("writer").inc()
 
     def _apply(self, work: list[Any]) -> list[Any]:
         store = self.store
@@ -245,6 +246,7 @@ class StoreWriter(LoopActor):
                 except Exception as exc:  # one bad write must not fail the batch
                     logger.exception("store write failed for %s", type(msg).__name__,
                                      extra={"order_id": getattr(msg, "order_id", None)})
+                    self.metrics.internal_errors.labels("writer").inc()
                     outcomes.append(exc)
         return outcomes
 
@@ -278,6 +280,7 @@ class StoreWriter(LoopActor):
                 msg.done()
         except Exception:
             logger.exception("post-commit callback failed for %s", type(msg).__name__)
+            self.metrics.internal_errors.labels("writer").inc()
 
 
 _WRITES = (SaveOrder, CreateOrder, RecordEvent, Barrier, Retire)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import signal
 import sys
 import threading
@@ -100,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = ksub.add_parser("generate", help="write NAME.key and NAME.key_secret (0600)")
     gen.add_argument("--out", required=True, help="folder to write into")
     gen.add_argument("names", nargs="+", help="one key pair per name (the identity)")
-    sim.add_argument("--log-level", default="info",
+    sim.add_argument("--log-level", default="info", type=str.lower,
+                     choices=["debug", "info", "warning", "error", "critical"],
                      help="debug, info, warning, error (default %(default)s)")
 
     from oms.opscli import add_parsers as add_ops
@@ -134,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--intake", help="also check that this intake endpoint answers "
                         "(env OMS_INTAKE; checked only when given)")
     health.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS",
-                        help="per check (default %(default)g)")
+                        help="for all checks together, counted from the command's start "
+                        "(default %(default)g)")
     health.add_argument("--json", action="store_true", help="machine-readable output")
 
     procs = sub.add_parser("processes", help="check or show process definitions")
@@ -167,12 +170,41 @@ CLIENT_COMMANDS = {"submit", "status", "orders", "order", "fallout"}
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    name = f"oms {args.command}" + (f" {args.action}" if getattr(args, "action", None) else "")
+    if args.command not in CLIENT_COMMANDS:
+        return _run(args, name)
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = Printable(out), Printable(err)  # text from channels and domains
+    try:
+        return _run(args, name)
+    finally:
+        sys.stdout, sys.stderr = out, err
+
+
+class Printable:
+    """A text stream that shows control characters as ``\\xNN``: order ids,
+    product ids, reasons and error messages come from channels and domain
+    systems, and an escape sequence in one must not drive the operator's
+    terminal (``oms orders`` printed ``\\x1b[2J`` as it came)."""
+
+    CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def write(self, text: str) -> int:
+        return self.inner.write(self.CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text))
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, ...
+        return getattr(self.inner, name)
+
+
+def _run(args: argparse.Namespace, name: str) -> int:
     import zmq
 
     from oms.opscli import CommandError
 
-    args = build_parser().parse_args(argv)
-    name = f"oms {args.command}" + (f" {args.action}" if getattr(args, "action", None) else "")
     try:
         return int(COMMANDS[args.command](args) or 0)
     except (ConfigError, ProcessError, CommandError) as exc:
@@ -285,6 +317,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if not product or not n.isdigit():
             raise ConfigError(f"--stock-of {spec!r}: give PRODUCT=N, N a whole number")
         stock_of[product] = int(n)
+    _check_sim_numbers(args, {"--fail": set(fail), "--drop": set(drop)})
     if args.scarce is not None:
         from oms.sample import SCARCE
 
@@ -311,6 +344,29 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"oms simulate: cannot open an endpoint: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _check_sim_numbers(args: argparse.Namespace, ops: dict[str, set[str]]) -> None:
+    """Every number flag finite and in range, every OP one the simulators
+    know: a clear error at start (``--latency-ms nan`` or ``--restock-s inf``
+    were taken and ended the simulator's timers later)."""
+    import math
+
+    from gateways.simulator import Domain
+
+    for flag, value, high in (("--latency-ms", args.latency_ms, 60_000.0),
+                              ("--restock-s", args.restock_s, 86_400.0),
+                              ("--delivery-s", args.delivery_s, 86_400.0),
+                              ("--stock", args.stock, 10**12),
+                              ("--scarce", args.scarce, 10**12)):
+        if value is not None and not (math.isfinite(value) and 0 <= value <= high):
+            raise ConfigError(f"{flag} {value!r:.40}: give a number from 0 to {high:g}")
+    known = {name.split("_", 2)[2] for name in dir(Domain) if name.startswith("op_")
+             and name.count("_") >= 2}
+    for flag, names in ops.items():
+        if unknown := sorted(names - known):
+            raise ConfigError(f"{flag}: unknown operation {', '.join(unknown)}; "
+                              f"known: {', '.join(sorted(known))}")
 
 
 def _rate(spec: str, flag: str, op: str, rate: str) -> float:
@@ -352,6 +408,8 @@ def read_orders(file: str) -> list[Any]:
 def cmd_submit(args: argparse.Namespace) -> int:
     from oms.sample import sample_orders
 
+    _check_count("--sample", args.sample, 1, 1_000_000)
+    _check_count("--telecom", args.telecom, 0, 1)
     if args.sample:
         orders = list(sample_orders(args.sample, telecom_ratio=args.telecom,
                                     prefix=f"CLI{threading.get_ident() % 10000:04d}-"))
@@ -436,11 +494,20 @@ def cmd_health(args: argparse.Namespace) -> int:
 
     cfg = Config.load(args.config, metrics_host=args.metrics_host,
                       metrics_port=args.metrics_port, intake=args.intake)
+    from oms.opscli import CommandError, time_left
+
+    if not 0 < args.timeout <= 3600:
+        raise CommandError("--timeout must be a number of seconds above 0 (at most 3600)")
+    deadline = time.monotonic() + time_left(args.timeout)
+
+    def left() -> float:
+        return max(0.05, deadline - time.monotonic())
+
     base = (args.url or f"http://{cfg.metrics_host}:{cfg.metrics_port}").rstrip("/")
     result = {}
     for check in ("healthz", "readyz"):
         try:
-            with urllib.request.urlopen(f"{base}/{check}", timeout=args.timeout) as resp:
+            with urllib.request.urlopen(f"{base}/{check}", timeout=left()) as resp:
                 result[check] = resp.status == 200
         except urllib.error.HTTPError as exc:
             result[check] = exc.code == 200
@@ -448,7 +515,7 @@ def cmd_health(args: argparse.Namespace) -> int:
             result[check] = False
     intake = None
     if args.intake or "OMS_INTAKE" in __import__("os").environ:
-        intake = _intake_answers(cfg.intake, args.timeout)
+        intake = _intake_answers(cfg.intake, left())
     healthy = result["healthz"] and result["readyz"] and intake is not False
     if args.json:
         out = {"url": base, "live": result["healthz"], "ready": result["readyz"]}
@@ -544,7 +611,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from oms.demo import run_demo
 
+    _check_count("--orders", args.orders, 1, 100_000)
+    _check_count("--timeout", args.timeout, 0.1, 86_400)
     return run_demo(args.orders, args.data, args.timeout)
+
+
+def _check_count(flag: str, value: float | None, low: float, high: float) -> None:
+    """A number flag finite and within [low, high]; a one-line error otherwise
+    (``--sample -5`` submitted nothing and exited 0; ``--telecom nan`` was
+    taken)."""
+    import math
+
+    if value is not None and not (math.isfinite(value) and low <= value <= high):
+        def text(x: float) -> str:
+            return f"{x:.0f}" if float(x).is_integer() else f"{x:g}"
+
+        raise ConfigError(f"{flag} {value!r:.40}: give a number from {text(low)} to "
+                          f"{text(high)}")
 
 
 def _console(args: argparse.Namespace) -> int:
