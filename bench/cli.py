@@ -93,7 +93,7 @@ SIM_ARGS = {
     "intake": [],
     "mixed": ["--delivery-s", "0", "--restock-s", "0.5", "--scarce", "200",
               "--fail", "capture_payment=0.03:payment_declined"],
-    "waiting": ["--delivery-s", "100000"],
+    "waiting": ["--delivery-s", "86400"],  # the longest oms simulate takes: a day
 }
 
 

@@ -111,7 +111,7 @@ def render(r: dict[str, Any]) -> str:
                          f"{turns['p99'] * 1000:g} ms, p99.9 <= {turns['p99.9'] * 1000:g} ms "
                          f"({turns['turns']:,.0f} turns; histogram bucket bounds)")
     lines += _cpu_lines(r)
-    if r["scenario"] == "waiting":
+    if r["scenario"] == "waiting" and "waiting_orders" in r:  # a failed run has none
         lines += ["", f"waiting:      {r['waiting_orders']} orders waiting for delivery: "
                       f"RSS {r['rss_mb']:.0f} MB (idle {r['idle_rss_mb']:.0f} MB, "
                       f"{r['kb_per_waiting_order']:.2f} KB per order), {r['threads']} threads",
