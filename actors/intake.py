@@ -24,6 +24,7 @@ from actors.store_writer import CreateOrder
 from oms import codec, errors
 from oms.engine import new_order
 from oms.messages import Cancel, Operate, Start
+from oms.sharding import vshard_of
 from oms.states import OrderState
 from oms.store import CorruptRecord, Created
 from oms.validation import validate_order
@@ -134,8 +135,10 @@ class Intake(RouterEndpoint):
         def done(created: Created) -> None:  # in the store writer, after the commit
             self.created(created, order["source_system"], reply)
 
+        vshards = getattr(self.octx, "vshards", 0)  # a shard process (docs/scaling.md)
+        vshard = vshard_of(order["customer"]["id"], vshards) if vshards else None
         self.octx.writer.tell(CreateOrder(order["source_system"], order["external_id"],
-                                          codec.digest(order), build, done))
+                                          codec.digest(order), build, done, vshard))
         return None
 
     def created(self, created: Created, source: str, reply: Callable[[dict], None]) -> None:

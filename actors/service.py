@@ -96,6 +96,7 @@ class Service:
         octx = OrderContext(self.dispatcher, self.store, self.metrics,
                             {t: Engine(p) for t, p in procs.items()})
         self.octx = octx
+        octx.vshards = cfg.vshards  # type: ignore[attr-defined]  # a shard: sharded ids
         octx.writer = self.writer
         octx.publisher = self.publisher
         self.router = OrderRouter(octx, cfg.passivate_after_s)

@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="domain systems' public key: CURVE toward them as well")
     serve.add_argument("--log-level", help="debug, info, warning, error")
     serve.add_argument("--log-format", choices=["json", "text"])
+    serve.add_argument("--shards", type=int, help="shard processes behind one front "
+                       "(env OMS_SHARDS; default 1: one process, no front; docs/scaling.md)")
+    serve.add_argument("--shard-base-port", type=int, help="shard K listens on 127.0.0.1, "
+                       "ports BASE+4K to BASE+4K+3 (default 5600)")
 
     sim = sub.add_parser("simulate", help="run the reference domain systems")
     sim.add_argument("--system", action="append", metavar="NAME=EP",
@@ -207,11 +211,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       max_in_flight=args.max_in_flight, log_level=args.log_level,
                       log_format=args.log_format, curve_server_key=args.curve_server_key,
                       curve_clients=args.curve_clients,
-                      domain_server_key=args.domain_server_key)
+                      domain_server_key=args.domain_server_key, shards=args.shards,
+                      shard_base_port=args.shard_base_port)
     logs.setup(cfg.log_level, cfg.log_format)
     stop, reload = threading.Event(), threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    if cfg.shards != 1:  # docs/scaling.md
+        from shards.supervisor import run_sharded
+
+        return run_sharded(cfg, args.config, stop)
+    if not cfg.vshards and (Path(cfg.data) / "shards.json").exists():
+        raise ConfigError(f"{cfg.data} holds a sharded service (shards.json): run oms serve "
+                          "--shards N on it (N as in the file)")
     signal.signal(signal.SIGHUP, lambda *_: reload.set())
     service = Service(cfg)
     try:

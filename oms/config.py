@@ -45,6 +45,11 @@ class Config:
     domain_server_key: str | None = None
     log_level: str = "info"
     log_format: str = "json"
+    # sharding (docs/scaling.md): processes behind one front; 1 = one process, no front
+    shards: int = 1
+    shard_base_port: int = 5600  # shard K binds 127.0.0.1:BASE+4K .. BASE+4K+3
+    vshards: int = 0  # set for a shard process by its supervisor: give out sharded ids
+    epoch: int = 0  # set for a shard process on Ray: its fencing epoch (0 = no fencing)
 
     @classmethod
     def load(cls, file: str | None = None, env: dict[str, str] | None = None,

@@ -37,6 +37,7 @@ import lmdb
 
 from oms import codec
 from oms.model import Order
+from oms.sharding import sharded_order_id
 
 logger = logging.getLogger(__name__)
 
@@ -264,14 +265,16 @@ class Store:
         logger.warning("store map grown to %d MiB", new // (1024 * 1024))
         return new
 
-    def next_order_id(self, txn: lmdb.Transaction) -> str:
+    def next_order_id(self, txn: lmdb.Transaction, vshard: int | None = None) -> str:
+        """The next id; a shard (``vshard`` given) ends it with the virtual
+        shard (``oms.sharding``, docs/scaling.md)."""
         raw = txn.get(b"seq", db=self.db["meta"])
         seq = (int(raw) if raw else 0) + 1
         txn.put(b"seq", str(seq).encode(), db=self.db["meta"])
-        return format_order_id(seq)
+        return format_order_id(seq) if vshard is None else sharded_order_id(seq, vshard)
 
     def create_order(self, txn: lmdb.Transaction, source_system: str, external_id: str,
-                     digest: bytes, build: Any) -> Created:
+                     digest: bytes, build: Any, vshard: int | None = None) -> Created:
         """Idempotent create: ``build(order_id)`` makes the order if it is new."""
         key = ext_key(source_system, external_id)
         raw = txn.get(key, db=self.db["ext"])
@@ -282,7 +285,7 @@ class Store:
             rec = txn.get(order_id.encode(), db=self.db["orders"])
             state = codec.unpack(rec)["state"] if rec else "acknowledged"
             return Created("duplicate", order_id, state)
-        order_id = self.next_order_id(txn)
+        order_id = self.next_order_id(txn, vshard)
         order: Order = build(order_id)
         txn.put(key, codec.pack([order_id, digest]), db=self.db["ext"])
         self.put_order(txn, order_id, codec.pack(order.to_record()), active=True)
