@@ -222,7 +222,7 @@ class Supervisor:
         logger.info("sharded service stopped")
 
 
-def run_sharded(cfg: Config, config_file: str | None, stop: threading.Event) -> int:
+def run_sharded(cfg: Config, config_file: str | None, stop: Any) -> int:
     sup = Supervisor(cfg, config_file)
     try:
         sup.start()

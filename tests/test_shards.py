@@ -1,0 +1,326 @@
+"""Shards (docs/scaling.md): N oms serve processes behind one front.
+
+The pure parts (virtual shards, ids, merged pages, the manifest) in
+microseconds; the rest with real processes on loopback: the simulators, the
+supervisor, the front and two shard processes, one of them killed with -9
+under load."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+from conftest import Endpoints, sim_report
+from helpers import poll_until, retail_order
+
+from bench.ports import HIGH, LOW
+from oms import codec
+from oms.client import Client, wait_terminal
+from oms.config import ConfigError
+from oms.sample import sample_orders
+from oms.sharding import sharded_order_id, vshard_of, vshard_of_order_id
+from shards import manifest as mf
+from shards.front import make_cursor, merge_pages, parse_cursor
+
+TERMINAL = {"completed", "failed", "partial", "cancelled"}
+
+
+# -- pure ---------------------------------------------------------------------
+
+
+def test_virtual_shard_of_a_customer_is_stable_and_spread() -> None:
+    assert vshard_of("c-1", 64) == vshard_of("c-1", 64)  # no per-process hash seed
+    assert vshard_of("c-1", 64) == 50  # the same in every release: data depends on it
+    counts = [0] * 64
+    for n in range(6400):
+        counts[vshard_of(f"customer-{n}", 64)] += 1
+    assert min(counts) > 50 and max(counts) < 160
+
+
+def test_sharded_ids_say_their_virtual_shard_and_keep_the_contract_form() -> None:
+    oid = sharded_order_id(123, 7)
+    assert oid == "O000000012307" and len(oid) == 13
+    assert vshard_of_order_id(oid, 64) == 7
+    for bad in ("O000000012364", "O12", "X000000012307", 12307, None, "O00000001230x",
+                "O０００００００１２３０７"):
+        assert vshard_of_order_id(bad, 64) is None, bad
+    with pytest.raises(ValueError):
+        sharded_order_id(10**10, 1)
+    with pytest.raises(ValueError):
+        sharded_order_id(1, 100)
+
+
+def _shard_list(orders: list[dict[str, Any]], after: str | None, limit: int
+                ) -> dict[str, Any]:
+    """What one shard answers: newest first by id, older than the cursor."""
+    older = [o for o in orders if after is None or o["order_id"] < after]
+    page = older[:limit]
+    more = len(older) > limit
+    return {"type": "orders", "orders": page, "next": page[-1]["order_id"] if more else None}
+
+
+def test_merged_pages_give_every_order_once_newest_first() -> None:
+    rng = random.Random(4)
+    shards: dict[int, list[dict[str, Any]]] = {0: [], 1: [], 2: []}
+    ts = 1000.0
+    for n in range(200):
+        ts += rng.random()
+        k = rng.randrange(3)
+        shards[k].append({"order_id": sharded_order_id(len(shards[k]) + 1, k),
+                          "created_ts": ts, "n": n})
+    for k in shards:
+        shards[k].reverse()  # newest first
+    seen: list[int] = []
+    cursors: dict[int, str | None] | None = dict.fromkeys(shards)
+    pages = 0
+    while cursors is not None:
+        replies = {k: _shard_list(shards[k], c, 7) for k, c in cursors.items()}
+        page = merge_pages(replies, cursors, 7)
+        assert len(page["orders"]) <= 7
+        seen += [o["n"] for o in page["orders"]]
+        cursors = None if page["next"] is None else parse_cursor(page["next"], 3)
+        pages += 1
+    assert seen == list(range(199, -1, -1))  # each once, newest first
+    assert pages == 29
+
+
+def test_a_page_error_is_passed_on_and_bad_cursors_are_refused() -> None:
+    err = {"type": "error", "code": "malformed", "message": "limit must be ..."}
+    assert merge_pages({0: {"type": "orders", "orders": [], "next": None}, 1: err},
+                       {0: None, 1: None}, 5) == err
+    assert make_cursor({}) is None
+    for bad in ("O000000000101", "S1.!!", "S1." + "A" * 9000, 5, None,
+                make_cursor({7: None}), make_cursor({0: 5})):  # type: ignore[dict-item]
+        assert parse_cursor(bad, 2) is None, bad
+    assert parse_cursor(make_cursor({1: "O000000000101", 0: None}), 2) == {
+        0: None, 1: "O000000000101"}
+
+
+def test_the_manifest_is_made_once_and_guards_the_folder(tmp_path: Path) -> None:
+    m = mf.open_or_create(tmp_path / "d", 3)
+    assert m.vshards == 64 and m.owner[:4] == [0, 1, 2, 0]
+    assert mf.load(tmp_path / "d") == m
+    with pytest.raises(ConfigError, match="sharded for 3 processes, not 2"):
+        mf.open_or_create(tmp_path / "d", 2)
+    (tmp_path / "single").mkdir()
+    (tmp_path / "single" / "data.mdb").write_bytes(b"")
+    with pytest.raises(ConfigError, match="single-process"):
+        mf.open_or_create(tmp_path / "single", 2)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "shards.json").write_text('{"vshards": 64, "processes": 2, '
+                                                  '"owner": [0, 5]}')
+    with pytest.raises(ConfigError, match="owner must name"):
+        mf.load(tmp_path / "bad")
+    with pytest.raises(ConfigError, match="--shards must be"):
+        mf.Manifest.new(65)
+
+
+def test_a_plain_serve_refuses_a_sharded_folder(tmp_path: Path, capsys: Any) -> None:
+    from oms.cli import main
+
+    mf.open_or_create(tmp_path, 2)
+    assert main(["serve", "--data", str(tmp_path), "--metrics-port", "0"]) == 2
+    assert "--shards" in capsys.readouterr().err
+
+
+# -- real processes -------------------------------------------------------------
+
+
+def free_block(n: int) -> int:
+    """A base port with n consecutive free loopback ports."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randint(LOW, HIGH - n)
+        socks = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no block of free ports")
+
+
+class Sharded:
+    def __init__(self, procs: Any, tmp_path: Path, shards: int = 2, sim_args: tuple = (),
+                 serve_args: tuple = ()) -> None:
+        self.eps = Endpoints()
+        self.data = tmp_path / "data"
+        self.base = free_block(4 * shards)
+        self.sim = procs(self.eps.simulate_args() + ["--delivery-s", "0.05", "--seed", "3",
+                                                     *sim_args], "simulate")
+        self.args = self.eps.serve_args(self.data) + [
+            "--shards", str(shards), "--shard-base-port", str(self.base), *serve_args]
+        self.svc = procs(self.args, "serve")
+        poll_until(lambda: (self.data / "front" / "ready").exists(), timeout=30)
+
+    def shard_pid(self, k: int) -> int:
+        text = (self.data / f"shard-{k}" / "oms.lock").read_text()
+        return int(text.split()[1])
+
+    def client(self, **kw: Any) -> Client:
+        return Client(self.eps.intake, zmq.Context.instance(), **kw)
+
+
+def telecom_order(ext: str, customer: str, service: str) -> dict[str, Any]:
+    return retail_order(ext, order_type="telecom", customer={"id": customer},
+                        items=[{"id": "i1", "action": "add", "product_id": service,
+                                "quantity": 1}])
+
+
+@pytest.mark.slow
+def test_two_shards_behind_one_front_keep_the_contract(procs: Any, tmp_path: Path) -> None:
+    s = Sharded(procs, tmp_path)
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"web")
+    sub.connect(s.eps.events)
+    orders = [retail_order(f"r-{n}", customer={"id": f"cust-{n % 9}"}) for n in range(30)]
+    orders += [telecom_order(f"t-{n}", f"cust-{n % 3}", f"svc-{n}") for n in range(12)]
+    with s.client(timeout=10) as client:
+        client.wait_ready(20)
+        time.sleep(0.3)  # let the subscription reach the front before events flow
+        acked = {req["order"]["external_id"]: reply for req, reply in client.pipeline(
+            {"type": "submit_order", "order": o} for o in orders)}
+        assert {r["type"] for r in acked.values()} == {"accepted"}, acked
+        ids = {ext: r["order_id"] for ext, r in acked.items()}
+        for o in orders:  # the id names the customer's virtual shard
+            assert vshard_of_order_id(ids[o["external_id"]], 64) == vshard_of(
+                o["customer"]["id"], 64)
+        owners = {mf.load(s.data).owner[vshard_of_order_id(i, 64)] for i in ids.values()}
+        assert owners == {0, 1}  # both processes took orders
+        views = wait_terminal(client, list(ids.values()), timeout=30)
+        assert {v["state"] for v in views.values()} == {"completed"}  # retail: delivery events
+        # duplicates and conflicts, whichever shard holds the order
+        again = client.submit(orders[5])
+        assert again["duplicate"] and again["order_id"] == ids["r-5"]
+        changed = dict(orders[5], attributes={"gift": True})
+        assert client.submit(changed)["code"] == "conflict"
+        moved = dict(orders[5], customer={"id": "someone-else-entirely"})
+        assert vshard_of("someone-else-entirely", 64) != vshard_of("cust-5", 64)
+        reply = client.submit(moved)
+        assert reply["code"] == "conflict" and ids["r-5"] in reply["message"]
+        # one order: by id and by external id, cancel, operator requests
+        by_ext = client.request({"type": "get_order", "source_system": "web",
+                                 "external_id": "t-4"})
+        assert by_ext["order"]["order_id"] == ids["t-4"]
+        assert client.request({"type": "get_order", "source_system": "web",
+                               "external_id": "nope"})["code"] == "not_found"
+        assert client.get("O000000000199")["code"] == "not_found"
+        assert client.cancel(ids["r-7"])["type"] == "cancel_rejected"
+        abort = client.request({"type": "abort_order", "order_id": ids["t-1"]})
+        assert abort["type"] == "operator_rejected" and abort["order_id"] == ids["t-1"]
+        counts = client.request({"type": "order_counts"})
+        assert counts["type"] == "order_counts" and counts["in_flight"] == 0
+        # list_orders over both shards: every order once, in pages with one cursor
+        listed: list[str] = []
+        after = None
+        while True:
+            page = client.request({"type": "list_orders", "limit": 7,
+                                   **({"after": after} if after else {})})
+            assert page["type"] == "orders" and len(page["orders"]) <= 7
+            listed += [o["order_id"] for o in page["orders"]]
+            after = page["next"]
+            if after is None:
+                break
+        assert sorted(listed) == sorted(ids.values())
+        assert client.request({"type": "list_orders", "after": "O1"})["code"] == "malformed"
+        assert client.request({"type": "list_orders", "limit": 0})["code"] == "malformed"
+        # sequencing per customer: each telecom order started after the one before ended
+        for customer in ("cust-0", "cust-1", "cust-2"):
+            mine = sorted(ids[o["external_id"]] for o in orders
+                          if o.get("order_type") == "telecom" and o["customer"]["id"] == customer)
+            assert_sequenced([views[i] for i in mine])
+    # every shard's events on the one endpoint
+    seen: set[str] = set()
+    deadline = time.monotonic() + 10
+    while seen != set(ids.values()) and time.monotonic() < deadline:
+        if sub.poll(200):
+            topic, payload = sub.recv_multipart()
+            ev = codec.decode_map(payload)
+            if topic == b"web" and ev["type"] == "order_summary":
+                seen.add(ev["order_id"])
+    sub.close()
+    assert seen == set(ids.values())
+    assert s.svc.terminate() == 0
+
+
+def assert_sequenced(views: list[dict[str, Any]]) -> None:
+    """Orders of one customer (in acceptance order) ran one at a time."""
+    def first(view: dict[str, Any], states: set[str]) -> float:
+        return min(h["ts"] for h in view["history"] if h.get("state") in states
+                   and not h.get("action"))
+
+    for earlier, later in zip(views, views[1:], strict=False):
+        assert first(later, {"inProgress"}) >= first(earlier, TERMINAL), (
+            earlier["order_id"], later["order_id"])
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_shard_under_load_loses_nothing(procs: Any, tmp_path: Path) -> None:
+    s = Sharded(procs, tmp_path, sim_args=("--drop", "capture_payment=0.02"))
+    orders = list(sample_orders(600, seed=8, source="web", prefix="K-", telecom_ratio=0.0))
+    for n, o in enumerate(orders):  # telecom orders for a few customers, interleaved
+        if n % 3 == 0:
+            orders[n] = telecom_order(f"KT-{n}", f"tc-{n % 4}", f"svc-{n}")
+    kills: list[float] = []
+
+    def killer(acked: int) -> None:
+        if not kills and acked >= 150:
+            os.kill(s.shard_pid(0), signal.SIGKILL)
+            kills.append(time.monotonic())
+
+    started = time.monotonic()
+    acked = submit_until_acked(s, orders, started + 40, killer)
+    assert kills, "the shard was not killed"
+    assert len(acked) == len(orders)
+    with s.client(timeout=10) as client:
+        views = wait_terminal(client, list(acked.values()), timeout=40)
+        assert {v["state"] for v in views.values()} <= TERMINAL
+        again = {req["order"]["external_id"]: reply for req, reply in client.pipeline(
+            {"type": "submit_order", "order": o} for o in orders)}
+        assert all(r["duplicate"] and r["order_id"] == acked[e] for e, r in again.items())
+        moved = dict(orders[1], customer={"id": "a-new-customer"})
+        assert client.submit(moved)["code"] == "conflict"
+    report = sim_report(s.eps.systems["warehouse"], all=True, per_order=True)
+    assert report["applied_twice"] == []
+    for n in range(4):
+        mine = sorted(acked[o["external_id"]] for o in orders
+                      if o.get("order_type") == "telecom" and o["customer"]["id"] == f"tc-{n}")
+        assert_sequenced([views[i] for i in mine])
+    log = s.svc.log.read_text()
+    assert "shard-0 exited with code -9" in log and "restarting shard-0" in log
+    print(f"\nshards: shard 0 killed after 150 acks; {len(acked)} orders acknowledged and "
+          f"terminal in {time.monotonic() - started:.1f} s")
+    assert s.svc.terminate() == 0
+
+
+def submit_until_acked(s: Sharded, orders: list[dict[str, Any]], deadline: float,
+                       each: Any) -> dict[str, str]:
+    """A channel: pipelined submits, the rest resubmitted after an error or no reply."""
+    acked: dict[str, str] = {}
+    while len(acked) < len(orders) and time.monotonic() < deadline:
+        todo = [o for o in orders if o["external_id"] not in acked]
+        with s.client(timeout=3) as client:
+            try:
+                for req, reply in client.pipeline(
+                        ({"type": "submit_order", "order": o} for o in todo), window=32,
+                        timeout=3):
+                    if reply["type"] == "accepted":
+                        acked[req["order"]["external_id"]] = reply["order_id"]
+                        each(len(acked))
+            except TimeoutError:
+                continue
+    return acked
