@@ -119,11 +119,11 @@ class FrontMetrics:
         self.requests = Counter("oms_front_requests_total", "Requests relayed by the front, by "
                                 "type and reply type", ["type", "reply"], registry=registry)
         self.resent = Counter("oms_front_resent_total", "Requests re-sent to a shard that "
-                              "came back", ["shard"], registry=registry)
+                              "came back", ["to_shard"], registry=registry)
         self.gave_up = Counter("oms_front_gave_up_total", "Requests answered internal because "
-                               "their shard did not answer in time", ["shard"], registry=registry)
+                               "their shard did not answer in time", ["to_shard"], registry=registry)
         self.shard_up = Gauge("oms_front_shard_up", "1 when the shard answers the front's pings",
-                              ["shard"], registry=registry)
+                              ["to_shard"], registry=registry)
         self.pending = Gauge("oms_front_pending_requests", "Requests waiting for a shard",
                              registry=registry)
         self.index_commit = Histogram("oms_front_index_commit_seconds", "Dedup index group "
@@ -142,6 +142,8 @@ class Front:
         self.registry = CollectorRegistry()
         process_collector.ProcessCollector(registry=self.registry)
         self.m = FrontMetrics(self.registry)
+        Gauge("oms_ready", "1 when every shard answers the front (the front's /readyz)",
+              registry=self.registry).set_function(lambda: float(self.ready()))
         self.vshards, self.owner = cfg.vshards, list(cfg.owner)
         self._tags = itertools.count(1)
         self.pending: dict[bytes, Pending] = {}

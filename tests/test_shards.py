@@ -28,6 +28,7 @@ from oms.sample import sample_orders
 from oms.sharding import sharded_order_id, vshard_of, vshard_of_order_id
 from shards import manifest as mf
 from shards.front import make_cursor, merge_pages, parse_cursor
+from test_observability import prom_tools  # noqa: F401 - the fixture
 
 TERMINAL = {"completed", "failed", "partial", "cancelled"}
 
@@ -324,3 +325,77 @@ def submit_until_acked(s: Sharded, orders: list[dict[str, Any]], deadline: float
             except TimeoutError:
                 continue
     return acked
+
+
+@pytest.mark.slow
+def test_each_shard_is_a_prometheus_target_with_its_shard_label(
+        procs: Any, tmp_path: Path, prom_tools: dict[str, str]) -> None:  # noqa: F811
+    import json
+    import re
+    import subprocess
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from conftest import free_port
+
+    front_port = free_port()
+    s = Sharded(procs, tmp_path, serve_args=("--metrics-port", str(front_port)))
+    targets = json.loads((s.data / "prometheus-targets.json").read_text())
+    assert [t["labels"]["shard"] for t in targets] == ["0", "1", "front"]
+    ports = [int(t["targets"][0].rsplit(":", 1)[1]) for t in targets]
+    assert ports[:2] == [s.base + 3, s.base + 7] and ports[2] == front_port
+
+    def scrape(port: int, path: str = "/metrics") -> str:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+                return resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return f"{exc.code}"
+
+    poll_until(lambda: scrape(front_port, "/readyz") == "ready\n", timeout=20)
+    dashboard = json.loads((Path(__file__).parent.parent / "deploy/grafana/oms.json"
+                            ).read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\b(oms_front_[a-z_]+)", e)}
+    assert used and all(name in scrape(front_port) for name in used)
+    prom_port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s}\nscrape_configs:\n  - job_name: oms\n"
+        f"    file_sd_configs:\n      - files: ['{s.data / 'prometheus-targets.json'}']\n")
+    log = (tmp_path / "prometheus.log").open("wb")
+    prom = subprocess.Popen([prom_tools["prometheus"], f"--config.file={config}",
+                             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                             f"--web.listen-address=127.0.0.1:{prom_port}"],
+                            stdout=log, stderr=log)
+    try:
+        def query(expr: str) -> list[dict[str, Any]] | None:
+            url = (f"http://127.0.0.1:{prom_port}/api/v1/query?"
+                   + urllib.parse.urlencode({"query": expr}))
+            try:
+                with urllib.request.urlopen(url, timeout=5) as resp:
+                    return json.loads(resp.read())["data"]["result"]
+            except OSError:
+                return None
+
+        poll_until(lambda: len(query('up{job="oms"} == 1') or []) == 3, timeout=60, every=0.5)
+        orders = [retail_order(f"m-{n}", customer={"id": f"mc-{n}"}) for n in range(40)]
+        with s.client(timeout=10) as client:
+            ids = [r["order_id"] for _, r in client.pipeline(
+                {"type": "submit_order", "order": o} for o in orders)]
+            wait_terminal(client, ids, timeout=30)
+
+        def by_shard() -> dict[str, float]:
+            rows = query('sum by (shard) (oms_orders_received_total{outcome="accepted"})')
+            return {r["metric"]["shard"]: float(r["value"][1]) for r in rows or []}
+
+        poll_until(lambda: sum(by_shard().values()) == len(ids), timeout=60, every=0.5)
+        assert set(by_shard()) == {"0", "1"}  # each shard's series carry its label
+        assert {r["metric"]["shard"] for r in query("oms_ready == 1") or []} == {
+            "0", "1", "front"}
+    finally:
+        prom.terminate()
+        prom.wait(20)
+        log.close()
+    assert s.svc.terminate() == 0
