@@ -399,3 +399,20 @@ def test_each_shard_is_a_prometheus_target_with_its_shard_label(
         prom.wait(20)
         log.close()
     assert s.svc.terminate() == 0
+
+
+@pytest.mark.slow
+def test_bench_measures_one_process_and_n_shards_in_one_run(tmp_path: Path,
+                                                            capsys: Any) -> None:
+    import json
+
+    from oms.cli import main
+
+    assert main(["bench", "--shards", "2", "--smoke", "--quiet", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "1 (oms serve)" in text and "2 shards + front" in text and "speed-up" in text
+    result = json.loads(next(tmp_path.glob("shards-*.json")).read_text())
+    assert [r["shards"] for r in result["runs"]] == [1, 2]
+    for run in result["runs"]:
+        assert run["finished"] == 300 and run["orders_per_s"] > 0
+        assert run["service_cpu_ms_per_order"] > 0
