@@ -84,7 +84,8 @@ class Service:
                 raise SecurityError("--domain-server-key needs --curve-server-key (the "
                                     "service's own keypair)")
             domain_curve = client_options(cfg.curve_server_key, cfg.domain_server_key)
-        self.store = Store(cfg.data, map_size=cfg.map_size_mb * 1024 * 1024)
+        self.store = Store(cfg.data, map_size=cfg.map_size_mb * 1024 * 1024,
+                           epoch=cfg.epoch)  # epoch: fencing of a shard on Ray
         self._stops.append(("store", self.store.close))
         self.writer = StoreWriter.launch(self.store, self.metrics)
         self._stops.append(("store writer", lambda: _stop_actor(self.writer)))

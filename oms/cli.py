@@ -53,6 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--shard-base-port", type=int, help="shard K listens on 127.0.0.1, "
                        "ports BASE+4K to BASE+4K+3 (default 5600)")
 
+    rayp = sub.add_parser("ray", help="shards on a Ray cluster: up, status, down "
+                          "(pip install 'oms[ray]'; docs/scaling.md)")
+    rayp.add_argument("action", choices=["up", "status", "down"])
+    rayp.add_argument("--address", default="auto", help="Ray cluster (default %(default)s)")
+    rayp.add_argument("--config", help="TOML file of the service's settings")
+    rayp.add_argument("--data", help="data folder on storage every node reaches")
+    rayp.add_argument("--shards", type=int, help="shard processes (default 2)")
+    rayp.add_argument("--shard-base-port", type=int, help="shard K: ports BASE+4K..+3")
+    _endpoint_flags(rayp)
+    rayp.add_argument("--domain-events", help="domain events ROUTER endpoint (the front)")
+    rayp.add_argument("--metrics-port", type=int, help="the front's Prometheus port, 0 = off")
+    rayp.add_argument("--system", action="append", metavar="NAME=EP")
+    rayp.add_argument("--processes", help="folder of process definitions (*.toml)")
+
     sim = sub.add_parser("simulate", help="run the reference domain systems")
     sim.add_argument("--system", action="append", metavar="NAME=EP",
                      help="system endpoint to bind (repeatable; default: all five on "
@@ -276,6 +290,19 @@ class SignalFlag:
         while not self.value and time.monotonic() < end:
             time.sleep(min(0.05, max(0.0, end - time.monotonic())))
         return self.value
+
+
+def cmd_ray(args: argparse.Namespace) -> int:
+    try:
+        from shards.ray_cluster import cmd_ray as run
+    except ImportError as exc:
+        raise ConfigError(f"Ray is not installed ({exc}): pip install 'oms[ray]'") from None
+    systems = parse_systems(args.system, "--system") if args.system else None
+    cfg = Config.load(args.config, data=args.data, intake=args.intake, events=args.events,
+                      domain_events=args.domain_events, metrics_port=args.metrics_port,
+                      systems=systems, processes=args.processes,
+                      shards=args.shards or 2, shard_base_port=args.shard_base_port)
+    return run(args, cfg)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -573,7 +600,7 @@ def _ops(name: str) -> Any:
     return run
 
 
-COMMANDS = {"serve": cmd_serve, "simulate": cmd_simulate, "submit": cmd_submit,
+COMMANDS = {"serve": cmd_serve, "ray": cmd_ray, "simulate": cmd_simulate, "submit": cmd_submit,
             "status": cmd_status, "keys": cmd_keys, "processes": cmd_processes, "demo": cmd_demo, "health": cmd_health,
             "bench": cmd_bench, "orders": _ops("orders"), "order": _ops("order"),
             "fallout": _ops("fallout")}

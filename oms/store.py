@@ -49,6 +49,14 @@ class StoreLocked(RuntimeError):
     """Another service already has this data folder open."""
 
 
+class Fenced(StoreLocked):
+    """A newer copy of this shard has started on the same data (its epoch is
+    higher): this one must not write (docs/scaling.md, fencing)."""
+
+
+FENCED_EXIT = 75
+
+
 class CorruptRecord(ValueError):
     """A record that cannot be decoded; carries its key."""
 
@@ -133,7 +141,7 @@ class Store:
     """An open data folder."""
 
     def __init__(self, path: str | Path, map_size: int = DEFAULT_MAP_SIZE,
-                 sync: bool = True) -> None:
+                 sync: bool = True, epoch: int = 0) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock_file = self._take_lock()
@@ -143,6 +151,21 @@ class Store:
         )
         self.db = {name: self.env.open_db(name.encode()) for name in _DBS}
         self.gate = _ReadGate()
+        self.epoch = epoch
+        if epoch:
+            self._take_epoch()
+
+    def _take_epoch(self) -> None:
+        """Fencing (a shard on Ray): record our epoch, unless a newer copy did."""
+        with self.env.begin(write=True) as txn:
+            stored = int(txn.get(b"epoch", b"0", db=self.db["meta"]))
+            if stored > self.epoch:
+                txn.abort()
+                self.env.close()
+                self._lock_file.close()
+                raise Fenced(f"data folder {self.path} belongs to epoch {stored}; this copy "
+                             f"has epoch {self.epoch} and must not run")
+            txn.put(b"epoch", str(self.epoch).encode(), db=self.db["meta"])
 
     def _take_lock(self) -> Any:
         handle = open(self.path / "oms.lock", "a+")  # noqa: SIM115 - held until close
@@ -255,7 +278,14 @@ class Store:
     # -- writing (the store writer only) -----------------------------------
 
     def write(self) -> lmdb.Transaction:
-        return self.env.begin(write=True)
+        txn = self.env.begin(write=True)
+        if self.epoch and int(txn.get(b"epoch", b"0", db=self.db["meta"])) > self.epoch:
+            txn.abort()  # a newer copy runs on this data: never write, go down loudly
+            logger.critical("fenced: a newer copy of this shard (epoch above %d) writes to "
+                            "%s; exiting without writing", self.epoch, self.path)
+            logging.shutdown()
+            os._exit(FENCED_EXIT)
+        return txn
 
     def grow(self) -> int:
         """Double the map; waits until no reader is inside."""
