@@ -416,3 +416,66 @@ def test_bench_measures_one_process_and_n_shards_in_one_run(tmp_path: Path,
     for run in result["runs"]:
         assert run["finished"] == 300 and run["orders_per_s"] > 0
         assert run["service_cpu_ms_per_order"] > 0
+
+
+@pytest.mark.slow
+def test_with_curve_the_front_applies_every_identity_rule(procs: Any, tmp_path: Path) -> None:
+    from actors.security import client_options, generate
+
+    keys = tmp_path / "keys"
+    generate(keys / "server", ["server"])
+    generate(keys / "own", ["web", "store", "operator-ann", "domains"])
+    allowed = keys / "clients"
+    allowed.mkdir()
+    for name in ("web", "store", "operator-ann", "domains"):
+        (allowed / f"{name}.key").write_text((keys / "own" / f"{name}.key").read_text())
+
+    def opts(name: str) -> dict[str, Any]:
+        return client_options(str(keys / "own" / f"{name}.key_secret"),
+                              str(keys / "server" / "server.key"))
+
+    s = Sharded(procs, tmp_path, sim_args=(
+        "--curve-key", str(keys / "own" / "domains.key_secret"),
+        "--service-key", str(keys / "server" / "server.key")), serve_args=(
+        "--curve-server-key", str(keys / "server" / "server.key_secret"),
+        "--curve-clients", str(allowed)))
+    ctx = zmq.Context.instance()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    for name, value in opts("web").items():
+        sub.setsockopt(getattr(zmq, name), value)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")  # asks for everything
+    sub.connect(s.eps.events)
+    with Client(s.eps.intake, curve=opts("web"), timeout=10) as web, \
+            Client(s.eps.intake, curve=opts("store"), timeout=10) as store:
+        web.wait_ready(20)
+        time.sleep(0.3)  # the subscription reaches the front
+        mine = [web.submit(retail_order(f"w-{n}", customer={"id": f"wc-{n}"}))["order_id"]
+                for n in range(6)]
+        assert all(vshard_of_order_id(i, 64) is not None for i in mine)
+        assert web.submit(retail_order("w-x", source_system="store"))["code"] == "unauthorized"
+        theirs = [store.submit(retail_order(f"s-{n}", source_system="store",
+                                            customer={"id": f"sc-{n}"}))["order_id"]
+                  for n in range(6)]
+        for oid in theirs:
+            assert web.get(oid)["code"] == "unauthorized"
+            assert web.cancel(oid)["code"] == "unauthorized"
+        assert web.request({"type": "get_order", "source_system": "store",
+                            "external_id": "s-1"})["code"] == "unauthorized"
+        assert web.request({"type": "list_orders", "source_system": "store"})["code"] == (
+            "unauthorized")
+        listed = web.request({"type": "list_orders"})["orders"]
+        assert {o["source_system"] for o in listed} == {"web"} and len(listed) == 6
+        for rtype in ("order_counts", "abort_order", "retry_step"):
+            assert web.request({"type": rtype, "order_id": mine[0]})["code"] == "unauthorized"
+        wait_terminal(web, mine, timeout=30)  # domain events came in over CURVE
+    with Client(s.eps.intake, curve=opts("operator-ann"), timeout=10) as operator:
+        assert operator.get(theirs[0])["type"] == "order"
+        assert operator.request({"type": "order_counts"})["type"] == "order_counts"
+        assert len(operator.request({"type": "list_orders"})["orders"]) == 12
+    topics = set()
+    while sub.poll(300):
+        topics.add(sub.recv_multipart()[0])
+    sub.close()
+    assert topics == {b"web"}
+    assert s.svc.terminate() == 0
