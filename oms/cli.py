@@ -67,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     rayp.add_argument("--system", action="append", metavar="NAME=EP")
     rayp.add_argument("--processes", help="folder of process definitions (*.toml)")
 
+    shp = sub.add_parser("shards", help="a sharded data folder: show where the virtual "
+                         "shards are, or move them (service stopped; docs/scaling.md)")
+    shsub = shp.add_subparsers(dest="action", required=True)
+    shshow = shsub.add_parser("show", help="virtual shards per process")
+    shshow.add_argument("--data", required=True)
+    shmove = shsub.add_parser("move", help="rebalance onto --processes M (offline)")
+    shmove.add_argument("--data", required=True)
+    shmove.add_argument("--processes", type=int, required=True)
+
     sim = sub.add_parser("simulate", help="run the reference domain systems")
     sim.add_argument("--system", action="append", metavar="NAME=EP",
                      help="system endpoint to bind (repeatable; default: all five on "
@@ -303,6 +312,19 @@ def cmd_ray(args: argparse.Namespace) -> int:
                       systems=systems, processes=args.processes,
                       shards=args.shards or 2, shard_base_port=args.shard_base_port)
     return run(args, cfg)
+
+
+def cmd_shards(args: argparse.Namespace) -> int:
+    from oms.store import StoreLocked
+    from shards import reshard
+
+    try:
+        out = (reshard.show(args.data) if args.action == "show"
+               else reshard.move(args.data, args.processes))
+    except StoreLocked as exc:
+        raise ConfigError(f"{exc} (stop the service before moving virtual shards)") from None
+    print(json.dumps(out, indent=1))
+    return 0
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -600,7 +622,7 @@ def _ops(name: str) -> Any:
     return run
 
 
-COMMANDS = {"serve": cmd_serve, "ray": cmd_ray, "simulate": cmd_simulate, "submit": cmd_submit,
+COMMANDS = {"serve": cmd_serve, "ray": cmd_ray, "shards": cmd_shards, "simulate": cmd_simulate, "submit": cmd_submit,
             "status": cmd_status, "keys": cmd_keys, "processes": cmd_processes, "demo": cmd_demo, "health": cmd_health,
             "bench": cmd_bench, "orders": _ops("orders"), "order": _ops("order"),
             "fallout": _ops("fallout")}

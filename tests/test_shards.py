@@ -8,6 +8,7 @@ under load."""
 from __future__ import annotations
 
 import os
+from collections import Counter
 import random
 import signal
 import socket
@@ -479,3 +480,53 @@ def test_with_curve_the_front_applies_every_identity_rule(procs: Any, tmp_path: 
     sub.close()
     assert topics == {b"web"}
     assert s.svc.terminate() == 0
+
+
+def test_a_balanced_move_keeps_most_virtual_shards_in_place() -> None:
+    from shards.reshard import balanced
+
+    two = mf.Manifest.new(2).owner
+    three = balanced(two, 3)
+    assert sorted(Counter(three).values()) == [21, 21, 22]
+    assert sum(a != b for a, b in zip(two, three, strict=True)) == 21  # only what must move
+    assert balanced(three, 2).count(2) == 0
+
+
+@pytest.mark.slow
+def test_moving_virtual_shards_offline_keeps_every_order(procs: Any, tmp_path: Path,
+                                                         capsys: Any) -> None:
+    import json
+
+    from oms.cli import main
+
+    s = Sharded(procs, tmp_path)
+    orders = [retail_order(f"mv-{n}", customer={"id": f"mv-c{n}"}) for n in range(60)]
+    with s.client(timeout=10) as client:
+        client.wait_ready(20)
+        ids = {r["order_id"] for _, r in client.pipeline(
+            {"type": "submit_order", "order": o} for o in orders)}
+        wait_terminal(client, list(ids), timeout=30)
+    assert main(["shards", "move", "--data", str(s.data), "--processes", "3"]) == 2
+    assert "stop the service" in capsys.readouterr().err
+    assert s.svc.terminate() == 0
+    assert main(["shards", "move", "--data", str(s.data), "--processes", "3"]) == 0
+    moved = json.loads(capsys.readouterr().out)
+    assert moved["vshards_per_process"] == {"0": 22, "1": 21, "2": 21}
+    assert moved["records_copied"]["orders"] > 0
+    s3 = Sharded(procs, tmp_path, shards=3)
+    with s3.client(timeout=10) as client:
+        client.wait_ready(20)
+        for o in orders[:10]:
+            view = client.request({"type": "get_order", "source_system": "web",
+                                   "external_id": o["external_id"]})["order"]
+            assert client.get(view["order_id"])["order"]["state"] == "completed"
+        again = [r for _, r in client.pipeline({"type": "submit_order", "order": o}
+                                               for o in orders)]
+        assert {r["order_id"] for r in again} == ids and all(r["duplicate"] for r in again)
+        listed = client.request({"type": "list_orders", "limit": 1000})
+        assert sorted(o["order_id"] for o in listed["orders"]) == sorted(ids)
+        fresh = [client.submit(retail_order(f"mv2-{n}", customer={"id": f"mv-c{n}"}))
+                 for n in range(60)]
+        assert not {r["order_id"] for r in fresh} & ids  # ids stay unique after the move
+        wait_terminal(client, [r["order_id"] for r in fresh], timeout=30)
+    assert s3.svc.terminate() == 0
