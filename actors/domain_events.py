@@ -6,6 +6,13 @@ and the event handed to its order. A repeated ``event_id`` is acknowledged
 and ignored. An event for an order that does not exist, or is already
 finished, is acknowledged too (so the domain system stops resending it) and
 counted; ``docs/operations.md`` says so.
+
+Before anything is recorded, each event is checked at the edge
+(``oms.edge``: at most 64 KiB, the contract's fields and types, finite
+numbers) and its sender authorised (``authorise``: only domain systems, each
+for its own events). A refused event gets an ``error`` reply, is counted
+under the ``system`` label ``invalid`` (so no sender can add time series)
+and logged (at most once a second per code, with how many were not logged).
 """
 
 from __future__ import annotations
@@ -16,26 +23,39 @@ from typing import Any
 import zmq
 
 from actors.endpoint import RouterEndpoint
+from actors.security import DOMAINS
 from actors.store_writer import RecordEvent
-from oms import codec, errors
+from actors.throttle import LogThrottle
+from oms import codec, edge, errors
 from oms.messages import DomainEvent
 from oms.store import event_key
 
 logger = logging.getLogger(__name__)
 
+INVALID = "invalid"
+"""The ``system`` label of a refused event: only configured systems get their own."""
 
-def parse_event(msg: dict[str, Any]) -> tuple[DomainEvent, str] | str:
-    """The event and its order id, or what is wrong with it."""
-    if msg.get("type") != "event":
-        return f"unknown message type {msg.get('type')!r:.100}; expected 'event'"
-    for key in ("event_id", "system", "order_id", "name"):
-        value = msg.get(key)
-        if not isinstance(value, str) or not value or len(value) > 1000:
-            return f"{key} must be a non-empty string of at most 1000 characters"
-    data = msg.get("data", {})
-    if not isinstance(data, dict):
-        return "data must be a map"
-    return DomainEvent(msg["event_id"], msg["system"], msg["name"], data), msg["order_id"]
+
+def authorise(event: edge.Event, user: str | None, systems: frozenset[str]) -> str | None:
+    """None if this sender may push this event; else why not.
+
+    With CURVE on (``user`` is the key's name), only a domain system's key
+    may push events, and only its own system's: the event's ``system`` must
+    be the key's name. ``domains`` (one process speaking for several, like
+    the simulators) may name any configured system. A channel's or an
+    operator's key may push nothing. Without CURVE, the ``system`` must be
+    one of the configured domain systems.
+    """
+    known = ", ".join(sorted(systems))
+    if user is None or user == DOMAINS:
+        if event.system in systems:
+            return None
+        return f"system {event.system!r:.50} is not a domain system of this service ({known})"
+    if user not in systems:
+        return f"this key is {user!r}, not a domain system's key ({known}, {DOMAINS})"
+    if event.system != user:
+        return f"this key is {user!r}; it may not send {event.system!r:.50} events"
+    return None
 
 
 class DomainEvents(RouterEndpoint):
@@ -43,31 +63,46 @@ class DomainEvents(RouterEndpoint):
     label = "domain_events"
 
     def __init__(self, zctx: zmq.Context, endpoint: str, octx: Any,
-                 curve: dict[str, Any] | None = None) -> None:
-        super().__init__(zctx, endpoint, octx.metrics, curve)
+                 curve: dict[str, Any] | None = None, *, systems: Any = None,
+                 hwm: int = 10_000) -> None:
+        super().__init__(zctx, endpoint, octx.metrics, curve, hwm)
         self.octx = octx
+        self.systems = frozenset(octx.gateways if systems is None else systems)
+        self.log = LogThrottle(logger)
 
     def on_frame(self, envelope: tuple[bytes, ...], frame: bytes, user: str | None) -> None:
         self.on_event(envelope, frame, user)
 
+    def refuse(self, envelope: tuple[bytes, ...], label: str, code: str, message: str) -> None:
+        """An error reply (never an ack): the event is not recorded."""
+        self.metrics.domain_events.labels(label, code).inc()
+        self.log.report(code, "domain event refused (%s): %s", code, message)
+        self.send_reply(envelope, errors.error_reply(code, message))
+
     def on_event(self, envelope: tuple[bytes, ...], frame: bytes,
                  user: str | None = None) -> None:
+        if len(frame) > edge.MAX_EVENT_BYTES:
+            self.refuse(envelope, INVALID, errors.TOO_LARGE, f"event of {len(frame)} bytes; "
+                        f"at most {edge.MAX_EVENT_BYTES}")
+            return
         try:
-            parsed = parse_event(codec.decode_map(frame))
+            parsed = edge.parse_event(codec.decode_map(frame))
         except codec.DecodeError as exc:
-            parsed = str(exc)
-        if (user is not None and user != "domains" and not isinstance(parsed, str)
-                and parsed[0].system != user):
-            self.send_reply(envelope, errors.error_reply(
-                errors.UNAUTHORIZED, f"this key is {user!r}; it may not send "
-                f"{parsed[0].system!r:.50} events"))
+            parsed = edge.Violation("undecodable", str(exc))
+        if isinstance(parsed, edge.Violation):
+            self.refuse(envelope, INVALID, errors.MALFORMED, parsed.message)
             return
-        if isinstance(parsed, str):
-            self.metrics.domain_events.labels("unknown", "malformed").inc()
-            self.send_reply(envelope, errors.error_reply(errors.MALFORMED, parsed))
+        denied = authorise(parsed, user, self.systems)
+        if denied is not None:
+            self.refuse(envelope, INVALID, errors.UNAUTHORIZED, denied)
             return
-        event, order_id = parsed
-        system = event.system if len(event.system) <= 32 else "other"
+        self.record(envelope, parsed)
+
+    def record(self, envelope: tuple[bytes, ...], parsed: edge.Event) -> None:
+        """Hand an authorised event to the store writer; ack after the commit."""
+        order_id = parsed.order_id
+        event = DomainEvent(parsed.event_id, parsed.system, parsed.name, parsed.data)
+        system = event.system  # a configured system: a bounded label
 
         def done(outcome: str) -> None:  # in the store writer, after the commit
             self.metrics.domain_events.labels(system, outcome).inc()

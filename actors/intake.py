@@ -13,6 +13,9 @@ only thread that may touch the socket).
 from __future__ import annotations
 
 import logging
+import math
+import queue
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +29,7 @@ from oms.engine import new_order
 from oms.messages import Cancel, Operate, Start
 from oms.sharding import vshard_of
 from oms.states import OrderState
-from oms.store import CorruptRecord, Created
+from oms.store import CorruptRecord, Created, ListFilter, usable_order_id
 from oms.validation import validate_order
 
 logger = logging.getLogger(__name__)
@@ -44,9 +47,12 @@ class Intake(RouterEndpoint):
         super().__init__(zctx, endpoint, octx.metrics, curve, hwm)
         self.octx = octx
         self.max_in_flight = max_in_flight
+        self.admitting = 0  # creates handed to the writer, not yet committed or refused
+        self._admitting_lock = threading.Lock()
         self.user: str | None = None
         for code in (errors.MALFORMED, errors.UNKNOWN_TYPE, errors.TOO_LARGE, errors.BUSY,
-                     errors.UNAUTHORIZED, errors.NOT_FOUND, errors.CONFLICT, errors.INTERNAL):
+                     errors.UNAUTHORIZED, errors.NOT_FOUND, errors.CONFLICT, errors.INTERNAL,
+                     errors.UNAVAILABLE):
             self.metrics.intake_errors.labels(code)
         self.handlers: dict[str, Callable[[tuple[bytes, ...], dict[str, Any]], Any]] = {
             "submit_order": self.submit_order,
@@ -58,6 +64,30 @@ class Intake(RouterEndpoint):
             "skip_step": lambda env, req: self.operate(env, req, "skip"),
             "abort_order": lambda env, req: self.operate(env, req, "abort"),
         }
+        for name in ("cancel_order", "retry_step", "skip_step", "abort_order"):
+            self.handlers[name] = self.needs_store(self.handlers[name])
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.lister = Lister()
+
+    def on_stop(self) -> None:
+        lister = getattr(self, "lister", None)
+        if lister is not None:
+            lister.stop()
+        super().on_stop()
+
+    def needs_store(self, handler: Callable[[tuple[bytes, ...], dict[str, Any]], Any]
+                    ) -> Callable[[tuple[bytes, ...], dict[str, Any]], Any]:
+        """A request answered only after a commit is refused at once while the
+        store cannot write (its answer would wait for the disk)."""
+        def guarded(envelope: tuple[bytes, ...], req: dict[str, Any]) -> Any:
+            if not self.octx.writer.healthy:
+                return errors.error_reply(errors.UNAVAILABLE, "the store cannot write right "
+                                          "now; nothing was changed; retry later")
+            return handler(envelope, req)
+
+        return guarded
 
     def reply_later(self, envelope: tuple[bytes, ...], request_id: Any) -> Callable[[dict], None]:
         """A thread-safe callable that sends the reply to this request."""
@@ -121,7 +151,9 @@ class Intake(RouterEndpoint):
         denied = self.denied(order["source_system"])
         if denied:
             return denied
-        if self.octx.router.in_flight >= self.max_in_flight:
+        if not self.octx.writer.healthy:
+            return self.store_unavailable(order["source_system"])
+        if not self.admit():
             self.metrics.orders_received.labels(
                 self.metrics.source_label(order["source_system"]), "busy").inc()
             return errors.error_reply(
@@ -133,7 +165,10 @@ class Intake(RouterEndpoint):
             return new_order(order_id, order, proc, time.time())
 
         def done(created: Created) -> None:  # in the store writer, after the commit
-            self.created(created, order["source_system"], reply)
+            try:
+                self.created(created, order["source_system"], reply)
+            finally:
+                self.admitted()
 
         vshards = getattr(self.octx, "vshards", 0)  # a shard process (docs/scaling.md)
         vshard = vshard_of(order["customer"]["id"], vshards) if vshards else None
@@ -141,7 +176,34 @@ class Intake(RouterEndpoint):
                                           codec.digest(order), build, done, vshard))
         return None
 
+    def admit(self) -> bool:
+        """Take an admission slot for a new order: orders in flight (committed,
+        unfinished) plus creates not yet committed stay within the limit, so a
+        pipelined burst cannot slip past it before its commits land."""
+        with self._admitting_lock:
+            if self.octx.router.in_flight + self.admitting >= self.max_in_flight:
+                return False
+            self.admitting += 1
+            return True
+
+    def admitted(self) -> None:
+        """The create's outcome is known (the new order, if any, is counted in
+        the router first, so no moment counts it nowhere)."""
+        with self._admitting_lock:
+            self.admitting -= 1
+
+    def store_unavailable(self, source: str) -> dict[str, Any]:
+        """The store cannot commit (disk full, map at its cap, I/O error): the
+        order is not taken; the client may send it again later."""
+        self.metrics.orders_received.labels(self.metrics.source_label(source),
+                                            "unavailable").inc()
+        return errors.error_reply(errors.UNAVAILABLE, "the order was not taken: the store "
+                                  "cannot write right now; retry later")
+
     def created(self, created: Created, source: str, reply: Callable[[dict], None]) -> None:
+        if created.kind == "unavailable":
+            reply(self.store_unavailable(source))
+            return
         if created.kind == "error":
             reply(errors.error_reply(errors.INTERNAL, "the order could not be stored; "
                                      "see the service log"))
@@ -217,8 +279,12 @@ class Intake(RouterEndpoint):
         if order.state.terminal:
             return {"type": "cancel_rejected", "order_id": order.order_id,
                     "reason": f"order is already {order.state}"}
+        operator = req.get("operator")
+        if operator is not None and not (isinstance(operator, str) and 1 <= len(operator) <= 64):
+            return errors.error_reply(errors.MALFORMED, "operator must be a string of 1 to 64 "
+                                      "characters")
         reply = self.reply_later(envelope, _request_id(req))
-        if not self.octx.router.deliver(order.order_id, Cancel(reason, reply)):
+        if not self.octx.router.deliver(order.order_id, Cancel(reason, reply, operator)):
             return {"type": "cancel_rejected", "order_id": order.order_id,
                     "reason": "order is already finished"}
         return None
@@ -254,30 +320,104 @@ class Intake(RouterEndpoint):
                 "live_actors": snap["live"]}
 
     def list_orders(self, envelope: tuple[bytes, ...], req: dict[str, Any]) -> Any:
+        """Validated here; read by the lister thread, which replies: a long
+        listing never holds back intake (see ``Lister``)."""
+        flt, limit, after, err = self.list_request(req)
+        if err:
+            return err
+        reply = self.reply_later(envelope, _request_id(req))
+        store, metrics = self.octx.store, self.metrics
+
+        def job() -> None:
+            try:
+                orders, cursor = store.list_orders(flt, limit, after)
+                payload = {"type": "orders", "orders": [o.summary_view() for o in orders],
+                           "next": cursor}
+            except Exception:
+                logger.exception("list_orders failed")
+                payload = errors.error_reply(errors.INTERNAL, "internal error; see the "
+                                             "service log")
+            metrics.requests.labels("list_orders", payload["type"]).inc()
+            reply(payload)
+
+        if not self.lister.submit(job):
+            return errors.error_reply(errors.BUSY, f"{Lister.QUEUED} list_orders requests "
+                                      "are waiting already; retry later")
+        return None
+
+    def list_request(self, req: dict[str, Any]
+                     ) -> tuple[ListFilter, int, str | None, dict[str, Any] | None]:
+        """The filter, limit and cursor of a list_orders request, or its error."""
         state, source = req.get("state"), req.get("source_system")
         limit, after = req.get("limit", 100), req.get("after")
-        reason, min_age = req.get("state_reason"), req.get("min_age_s")
-        if reason is not None and not isinstance(reason, str):
-            return errors.error_reply(errors.MALFORMED, "state_reason must be a string")
-        if min_age is not None and (isinstance(min_age, bool)
-                                    or not isinstance(min_age, int | float)):
-            return errors.error_reply(errors.MALFORMED, "min_age_s must be a number")
+        min_age = req.get("min_age_s")
+        texts = {name: req.get(name) for name in ("state_reason", "customer_id", "external_id")}
+        flt = ListFilter()
+        for name, value in texts.items():
+            if value is not None and (not isinstance(value, str) or len(value) > 1000):
+                return flt, 0, None, errors.error_reply(errors.MALFORMED,
+                                                        f"{name} must be a string")
+        if min_age is not None and (isinstance(min_age, bool) or not isinstance(
+                min_age, int | float) or not math.isfinite(min_age) or min_age < 0):
+            return flt, 0, None, errors.error_reply(
+                errors.MALFORMED, "min_age_s must be a number of seconds, 0 or more")
         if state is not None and (not isinstance(state, str) or state not in _STATES):
-            return errors.error_reply(errors.MALFORMED, f"unknown state {state!r:.100}")
+            return flt, 0, None, errors.error_reply(errors.MALFORMED,
+                                                    f"unknown state {state!r:.100}")
         if source is not None and not isinstance(source, str):
-            return errors.error_reply(errors.MALFORMED, "source_system must be a string")
+            return flt, 0, None, errors.error_reply(errors.MALFORMED,
+                                                    "source_system must be a string")
         if not self.is_operator():
             if source is not None and (denied := self.denied(source)):
-                return denied
+                return flt, 0, None, denied
             source = self.user
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
-            return errors.error_reply(errors.MALFORMED, "limit must be an integer 1 to 1000")
-        if after is not None and not isinstance(after, str):
-            return errors.error_reply(errors.MALFORMED, "after must be a cursor string")
-        created_before = time.time() - min_age if min_age is not None else None
-        orders, cursor = self.octx.store.list_orders(state, source, limit, after, reason=reason,
-                                                     created_before=created_before)
-        return {"type": "orders", "orders": [o.summary_view() for o in orders], "next": cursor}
+            return flt, 0, None, errors.error_reply(errors.MALFORMED,
+                                                    "limit must be an integer 1 to 1000")
+        if after is not None and (not isinstance(after, str) or not usable_order_id(after)):
+            return flt, 0, None, errors.error_reply(
+                errors.MALFORMED, "after must be a cursor (an order id) from an earlier page")
+        flt = ListFilter(state=state, reason=texts["state_reason"], source_system=source,
+                         customer_id=texts["customer_id"], external_id=texts["external_id"],
+                         created_before=time.time() - min_age if min_age is not None else None)
+        return flt, limit, after, None
+
+
+class Lister:
+    """Runs ``list_orders`` reads off the intake thread: one thread, a bounded
+    queue (a full queue answers ``busy``). Each job's work is bounded too
+    (``Store.list_orders``' budget), and a job that fails replies an error, so
+    the thread never dies."""
+
+    QUEUED = 16
+
+    def __init__(self) -> None:
+        self.jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(self.QUEUED)
+        self.thread = threading.Thread(target=self._run, name="lister", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Callable[[], None]) -> bool:
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            return False
+        return True
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            try:
+                job()
+            except Exception:  # a reply that could not be queued (intake stopped)
+                logger.exception("list_orders reply failed")
+
+    def stop(self) -> None:
+        while self.thread.is_alive():
+            try:
+                self.jobs.put(None, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        self.thread.join(10)
 
 
 def _request_id(req: dict[str, Any]) -> str | int | None:

@@ -29,6 +29,8 @@ from typing import Any, NamedTuple
 import pykka
 import zmq
 
+from actors import supervision
+
 logger = logging.getLogger(__name__)
 
 
@@ -215,8 +217,30 @@ class LoopActor(pykka.Actor):
 
     def _start_actor_loop(self) -> None:
         name = getattr(self, "thread_name", type(self).__name__)
+        self._supervisor = supervision.current()
         self._thread = threading.Thread(target=self._actor_loop, name=name, daemon=True)
         self._thread.start()
+
+    @property
+    def component(self) -> str:
+        return self._thread.name
+
+    def _actor_loop(self) -> None:
+        """pykka's loop, supervised: if it raises, or the actor stops while
+        the service runs (not while it starts or stops), the component died."""
+        try:
+            super()._actor_loop()
+        except BaseException:
+            if self._supervisor is None:
+                raise
+            self._supervisor.died(self.component, sys.exc_info())
+            return
+        if self._supervisor is not None and getattr(self, "_setup_error", None) is None:
+            self._supervisor.died(self.component)
+
+    def alive(self) -> bool:
+        """The thread runs and the actor has not stopped."""
+        return self._thread.is_alive() and not self.actor_stopped.is_set()
 
     def sockets(self) -> list[zmq.Socket]:
         """The sockets this actor owns and wants to read."""
@@ -241,9 +265,8 @@ class LoopActor(pykka.Actor):
 
     def _handle_envelope(self, envelope: Any) -> None:
         failed = handle_envelope(self, envelope)
-        if failed is not None:
-            logger.error("%s failed on %r", self, type(envelope.message).__name__,
-                         exc_info=failed)
+        if failed is not None:  # one message failed: log, count, carry on
+            supervision.survived(self._supervisor, self.component, failed)
 
     def _actor_loop_running(self) -> None:
         inbox = self.actor_inbox
@@ -276,12 +299,12 @@ class LoopActor(pykka.Actor):
                     try:
                         self.on_readable(sock)
                     except Exception:
-                        logger.exception("%s failed reading its socket", self)
+                        supervision.survived(self._supervisor, self.component)
             if not self.actor_stopped.is_set():
                 try:
                     self.on_tick()
                 except Exception:
-                    logger.exception("%s failed in on_tick", self)
+                    supervision.survived(self._supervisor, self.component)
 
     def _actor_loop_teardown(self) -> None:
         super()._actor_loop_teardown()
@@ -289,6 +312,8 @@ class LoopActor(pykka.Actor):
 
     def on_failure(self, *exc_info: Any) -> None:
         logger.error("%s stopped on an unhandled error", self, exc_info=exc_info or sys.exc_info())
+        if self._supervisor is not None:
+            self._supervisor.died(self.component, exc_info or None)
 
     def join(self, timeout: float = 10.0) -> None:
         self._thread.join(timeout)

@@ -16,14 +16,16 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import pykka
+
 from actors.pool import PooledActor
 from actors.store_writer import Barrier, SaveOrder
 from oms import codec
-from oms.engine import Engine
+from oms.engine import INTERNAL_ERROR, Engine, hold_internal_error
 from oms.errors import DomainError
 from oms.messages import CommandResult, DomainEvent, Publish, Reply, Send, Sequence, Timer
 from oms.model import Order
-from oms.states import StepStatus
+from oms.states import OrderState, StepStatus
 
 if TYPE_CHECKING:
     from actors.router import OrderContext
@@ -41,6 +43,13 @@ class Rest(NamedTuple):
     """From the router's sweep: you have been idle a while; passivate if you can."""
 
 
+class HoldInternalError(NamedTuple):
+    """From the router, first to an order reloaded after its handler raised."""
+
+    error: str
+    dropped: tuple[Any, ...]
+
+
 class Inbound(NamedTuple):
     """A recorded domain event; ``key`` is its inbox record to consume."""
 
@@ -56,6 +65,15 @@ def awaiting_reply(order: Order) -> bool:
         ):
             return True
     return any(n.status == StepStatus.RUNNING and n.retry_at is None for n in order.notes)
+
+
+def _tell_quietly(ref: Any, message: Any) -> None:
+    """A post-commit note to one actor instance; if it has left memory
+    (passivated, retired, crashed) it no longer needs it."""
+    try:
+        ref.tell(message)
+    except pykka.ActorDeadError:
+        pass
 
 
 def _run_all(callbacks: tuple[Callable[[], None], ...]) -> Callable[[], None]:
@@ -77,6 +95,8 @@ class OrderActor(PooledActor):
         self._dirty = False
         self._durable = order.version  # the newest version the store confirmed
         self.idle_since: float | None = None  # when it last had nothing to do
+        self._handled: list[Any] = []  # this slice's messages, replayed if it crashes
+        self.counted_state = order.state  # its state in the router's counts
 
     def __str__(self) -> str:
         return f"OrderActor({self.order.order_id})"
@@ -89,22 +109,43 @@ class OrderActor(PooledActor):
             self._rest(sweep=True)
             return None
         self._busy()
-        if isinstance(message, Inbound):
-            self._consumed.append(message.key)
-            self._dirty = True
-            message = message.event
+        received = message
         order = self.order
-        before = order.state
-        turning = self.engine.handle(order, message, time.time())
+        before, parked = order.state, _parked(order)
+        if isinstance(message, HoldInternalError):
+            for msg in message.dropped:
+                if isinstance(msg, Inbound):  # the event that crashed it: not again
+                    self._consumed.append(msg.key)
+            turning = hold_internal_error(self.engine, order, message.error, message.dropped,
+                                          time.time())
+        else:
+            if isinstance(message, Inbound):
+                self._consumed.append(message.key)
+                self._dirty = True
+                message = message.event
+            turning = self.engine.handle(order, message, time.time())
         if turning.stale:
             self.ctx.metrics.stale_messages.labels(type(message).__name__).inc()
         self._dirty |= turning.changed
         self._effects.extend(turning.effects)
         if order.state != before:
             self.ctx.router.state_changed(before, order.state, order.order_id)
+            self.counted_state = order.state
+        if _parked(order) != parked:
+            self.ctx.router.park(order.order_id, not parked)
+        self._handled.append(received)
         return None
 
+    def on_crash(self, exc_info: Any, message: Any) -> None:
+        """The order failure rule: see ``OrderRouter.crashed``."""
+        handled, self._handled = self._handled, []
+        self.ctx.router.crashed(self, exc_info, message, handled)
+
     def on_slice_end(self) -> None:
+        self._save()
+        self._handled.clear()  # the snapshot handed to the writer carries them now
+
+    def _save(self) -> None:
         if not self._dirty and not self._effects:
             self._rest()
             return
@@ -112,7 +153,7 @@ class OrderActor(PooledActor):
         if self._dirty:
             order = self.order
             version, ref = order.version, self.actor_ref
-            after.append(lambda: ref.tell(Flushed(version)))
+            after.append(lambda: _tell_quietly(ref, Flushed(version)))
             self.ctx.writer.tell(SaveOrder(
                 order.order_id, codec.pack(order.to_record()), not order.finished,
                 tuple(self._consumed), tuple(after)))
@@ -180,3 +221,7 @@ class OrderActor(PooledActor):
         elif self.idle_since is None:
             self.idle_since = time.monotonic()
             router.idle[order.order_id] = self
+
+
+def _parked(order: Order) -> bool:
+    return order.state is OrderState.HELD and order.state_reason == INTERNAL_ERROR

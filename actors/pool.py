@@ -26,6 +26,7 @@ from typing import Any
 import pykka
 from pykka import messages as pykka_messages
 
+from actors import supervision
 from actors.loop import DequeInbox, handle_envelope
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,8 @@ class Dispatcher:
         self.throughput = throughput
         self._ready: queue.SimpleQueue[PooledActor | None] = queue.SimpleQueue()
         self._threads = [
-            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
+            threading.Thread(target=supervision.guarded(f"{name}-{i}", self._work),
+                             name=f"{name}-{i}", daemon=True)
             for i in range(workers)
         ]
         for thread in self._threads:
@@ -53,11 +55,13 @@ class Dispatcher:
             actor = self._ready.get()
             if actor is None:
                 return
-            try:
-                actor._run_slice(self.throughput)
-            except Exception:
-                logger.exception("pooled actor slice crashed: %s", actor)
+            actor._run_slice(self.throughput)  # contains an actor's failures (on_crash);
+            # anything else escaping it is a bug that leaves the actor unscheduled:
+            # the worker dies, and with it the process (actors.supervision)
             del actor  # a stopped actor is freed now, not when the next one comes
+
+    def alive(self) -> bool:
+        return all(thread.is_alive() for thread in self._threads)
 
     def backlog(self) -> int:
         """Actors waiting for a worker (read at scrape time)."""
@@ -198,7 +202,7 @@ class PooledActor(pykka.Actor):
             try:
                 self.on_slice_end()
             except Exception:
-                self._handle_failure(*sys.exc_info())
+                self.on_crash(sys.exc_info(), None)
         stopped = self.actor_stopped.is_set()
         if inbox.finish_slice(stopped):
             self._dispatcher.schedule(self)
@@ -208,8 +212,13 @@ class PooledActor(pykka.Actor):
 
     def _handle_envelope(self, envelope: Any) -> None:
         exc_info = handle_envelope(self, envelope)
-        if exc_info is None:
-            return
+        if exc_info is not None:
+            self.on_crash(exc_info, envelope.message)
+
+    def on_crash(self, exc_info: Any, message: Any) -> None:
+        """A told ``message`` raised (``None``: ``on_slice_end`` did). pykka's
+        rule by default: log, stop, ``on_failure``. Order actors replace it
+        with the order failure rule (``actors.router.OrderRouter.crashed``)."""
         self._handle_failure(*exc_info)
         try:
             self.on_failure(*exc_info)

@@ -1,20 +1,60 @@
 """The channel events endpoint (contract §2): one PUB socket, one thread.
 
 Every message is ``[topic, payload]`` with topic = the order's
-``source_system``. PUB drops for slow subscribers at its high-water mark
-rather than blocking the service; channels that must not miss a result read
-it with ``get_order``.
+``source_system`` followed by one NUL byte (``topic_of``). ZeroMQ matches
+subscriptions by prefix; the NUL, which no ``source_system`` may contain,
+makes ``web\\0`` match channel ``web`` only, never ``webshop``. With CURVE
+on, the socket is an XPUB with manual subscriptions: whatever a subscriber
+asks for, it is subscribed to its own identity plus the NUL (an operator:
+everything).
+
+Subscribers cannot make the service hold memory without bound:
+
+- ``hwm`` (SNDHWM) bounds what each subscriber's queue holds; beyond it PUB
+  drops for that subscriber (channels read what they must not miss with
+  ``get_order``);
+- a subscriber that stops reading is disconnected after ``stall_timeout_s``
+  (ZMTP heartbeats: a stalled peer stops answering the PINGs queued behind
+  its unread events), and its queue is freed;
+- at most ``max_subscribers`` are connected; a connection beyond that is
+  shut down as soon as it is accepted, logged and counted (it may come back
+  when a place is free);
+- when a subscriber leaves, freed memory is handed back to the system
+  (``malloc_trim``), at most once a second.
+
+The connections are watched with a ZeroMQ socket monitor read on this
+actor's own thread.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import logging
+import socket
+import time
 from typing import Any, NamedTuple
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from actors.loop import LoopActor, open_socket
+from actors.throttle import LogThrottle
 from oms import codec
+from oms.config import ConfigError
+from oms.edge import check_number
 from oms.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+TOPIC_END = b"\x00"
+"""Ends every topic; no ``source_system`` contains it."""
+
+
+def topic_of(source_system: str) -> bytes:
+    """The topic frame of a channel's events (and what to subscribe to for exactly
+    that channel's events)."""
+    return source_system.encode() + TOPIC_END
 
 
 class PublishEvent(NamedTuple):
@@ -22,48 +62,156 @@ class PublishEvent(NamedTuple):
     payload: dict[str, Any]
 
 
+def _malloc_trim() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
 class Publisher(LoopActor):
     thread_name = "events-pub"
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, metrics: Metrics,
-                 hwm: int = 100_000, curve: dict[str, Any] | None = None) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, metrics: Metrics, *,
+                 hwm: int = 1000, curve: dict[str, Any] | None = None,
+                 max_subscribers: int = 100, stall_timeout_s: float = 30.0) -> None:
         super().__init__()
-        self.ctx, self.endpoint, self.metrics, self.hwm = ctx, endpoint, metrics, hwm
+        problem = (check_number(hwm, "events_hwm", 1, 1_000_000)
+                   or check_number(max_subscribers, "max_subscribers", 1, 100_000)
+                   or check_number(stall_timeout_s, "subscriber_timeout_s", 0.1, 3600))
+        if problem is not None:
+            raise ConfigError(problem)
+        self.ctx, self.endpoint, self.metrics, self.hwm = ctx, endpoint, metrics, int(hwm)
+        self.max_subscribers, self.stall_timeout_s = int(max_subscribers), stall_timeout_s
         self.curve = curve or {}
         self.sock: zmq.Socket | None = None
+        self.monitor: zmq.Socket | None = None
+        self.live: set[int] = set()  # fds of accepted connections
+        self.refused: set[int] = set()  # of those, shut down: waiting for their close
+        self.port: int | None = None
+        self._trim = _malloc_trim()
+        self._trim_at: float | None = None
+        self.log = LogThrottle(logger, every_s=5.0)
 
     def on_start(self) -> None:
         # XPUB: with CURVE on, subscriptions come to us (XPUB_MANUAL) and each
         # subscriber is subscribed to its own source_system only, whatever it asked.
         kind, manual = (zmq.XPUB, {"XPUB_MANUAL": 1}) if self.curve else (zmq.PUB, {})
-        self.sock = open_socket(self.ctx, kind, bind=self.endpoint, SNDHWM=self.hwm,
-                                LINGER=500, **manual, **self.curve)
+        ping_ms = max(100, int(self.stall_timeout_s * 1000 / 3))
+        # HANDSHAKE_IVL: a connection that never completes its handshake (no
+        # key, or no ZMTP at all) holds a subscriber place for 5 s at most
+        self.sock = open_socket(self.ctx, kind, SNDHWM=self.hwm, LINGER=500,
+                                HANDSHAKE_IVL=5000, HEARTBEAT_IVL=ping_ms,
+                                HEARTBEAT_TIMEOUT=int(self.stall_timeout_s * 1000),
+                                **manual, **self.curve)
+        try:  # watched from before the bind: no connection goes uncounted
+            self.monitor = self.sock.get_monitor_socket(
+                zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+            self.sock.bind(self.endpoint)
+        except BaseException:
+            self.on_stop()
+            raise
+        bound = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        if bound.startswith("tcp://"):
+            self.port = int(bound.rsplit(":", 1)[1])
+        self.metrics.subscribers.set(0)
 
     def sockets(self) -> list[zmq.Socket]:
-        return [self.sock] if self.sock is not None and self.curve else []
+        # The PUB socket too, though it is never readable: polling it makes
+        # ZeroMQ process its commands (a gone subscriber's queue is freed only
+        # then), also while no event is being published.
+        socks = [self.sock] if self.sock is not None else []
+        return socks + ([self.monitor] if self.monitor is not None else [])
 
     def on_readable(self, sock: zmq.Socket) -> None:
+        if sock is self.monitor:
+            self._on_monitor(sock)
+            return
+        if not self.curve:
+            return
         for _ in range(1000):
             try:
                 frame = sock.recv(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            data = frame.bytes
-            if data[:1] not in (b"\x00", b"\x01"):
+            if frame.bytes[:1] != b"\x01":
+                # Unsubscriptions are not honoured: a subscriber keeps its own
+                # topic until it disconnects (ZeroMQ then drops its queue).
                 continue
-            user = frame.get("User-Id")
-            topic = b"" if str(user).startswith("operator") else str(user).encode()
-            option = zmq.SUBSCRIBE if data[:1] == b"\x01" else zmq.UNSUBSCRIBE
-            sock.setsockopt(option, topic)
+            try:
+                user = frame.get("User-Id")
+            except zmq.ZMQError:  # no authenticated peer behind it
+                continue
+            topic = b"" if str(user).startswith("operator") else topic_of(str(user))
+            sock.setsockopt(zmq.SUBSCRIBE, topic)
+
+    def _on_monitor(self, monitor: zmq.Socket) -> None:
+        events = []
+        for _ in range(1000):
+            try:
+                events.append(recv_monitor_message(monitor, flags=zmq.NOBLOCK))
+            except zmq.Again:
+                break
+        # a connection closed later in this batch is not shut again (its fd
+        # number may already belong to something else)
+        closes = {e["value"]: i for i, e in enumerate(events)
+                  if e["event"] == zmq.EVENT_DISCONNECTED}
+        for i, ev in enumerate(events):
+            fd = ev["value"]
+            if ev["event"] == zmq.EVENT_ACCEPTED:
+                self.live.add(fd)
+                if (len(self.live - self.refused) > self.max_subscribers
+                        and closes.get(fd, -1) < i):
+                    self._refuse(fd)
+            elif ev["event"] == zmq.EVENT_DISCONNECTED:
+                self.live.discard(fd)
+                self.refused.discard(fd)
+                self._trim_at = self._trim_at or time.monotonic() + 1.0
+        self.metrics.subscribers.set(len(self.live - self.refused))
+
+    def _refuse(self, fd: int) -> None:
+        """Shut a connection down; ZeroMQ notices and closes it (and its fd)."""
+        self.metrics.subscribers_refused.inc()
+        try:
+            conn = socket.socket(fileno=fd)
+        except OSError:
+            return
+        try:
+            # still ours? (the fd number of a connection that closed meanwhile
+            # may have been reused: only a connection to our own port is shut)
+            if self.port is None or conn.getsockname()[1] == self.port:
+                conn.shutdown(socket.SHUT_RDWR)
+                self.refused.add(fd)
+        except (OSError, IndexError, TypeError):
+            pass
+        finally:
+            conn.detach()  # ZeroMQ owns the fd: never close it here
+        self.log.report("refused", "events subscriber refused: %d connected already "
+                         "(max_subscribers)", self.max_subscribers)
+
+    def poll_timeout(self) -> float | None:
+        if self._trim_at is None:
+            return None
+        return max(0.0, (self._trim_at - time.monotonic()) * 1000)
+
+    def on_tick(self) -> None:
+        if self._trim_at is not None and time.monotonic() >= self._trim_at:
+            self._trim_at = None
+            if self._trim is not None:
+                self._trim(0)  # a stalled subscriber's queue was freed: give it back
 
     def on_receive(self, message: Any) -> None:
         if isinstance(message, PublishEvent) and self.sock is not None:
             self.metrics.published.labels(message.payload.get("type", "?")).inc()
             self.sock.send_multipart(
-                [message.topic.encode(), codec.pack(message.payload)], flags=zmq.NOBLOCK)
+                [topic_of(message.topic), codec.pack(message.payload)], flags=zmq.NOBLOCK)
 
     def on_stop(self) -> None:
         if self.sock is not None:
+            if self.monitor is not None:
+                self.sock.disable_monitor()
+                self.monitor.close(0)
             self.sock.close()
 
     def publish(self, topic: str, payload: dict[str, Any]) -> None:

@@ -25,6 +25,9 @@ from zmq.utils import z85
 
 logger = logging.getLogger(__name__)
 
+DOMAINS = "domains"
+"""The key name of one process that speaks for every configured domain system."""
+
 
 class SecurityError(RuntimeError):
     """Security is asked for but cannot be set up safely."""

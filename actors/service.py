@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 from prometheus_client import CollectorRegistry
 from prometheus_client import gc_collector, platform_collector, process_collector
 
+from actors import supervision
 from actors.domain_events import DomainEvents
 from actors.http import HttpServer
 from actors.intake import Intake
@@ -44,10 +46,14 @@ logger = logging.getLogger(__name__)
 
 
 class Service:
-    def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, config: Config, registry: CollectorRegistry | None = None,
+                 exit: Any = supervision.hard_exit) -> None:  # noqa: A002
         self.config = config
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
+        # a component that dies ends the process with ``exit(70)`` (actors.supervision)
+        self.supervisor = supervision.Supervisor(self.metrics, exit)
+        self._outer_supervisor: supervision.Supervisor | None = None
         self.ready = threading.Event()
         self._stops: list[tuple[str, Any]] = []
         self.http: Any = None
@@ -55,6 +61,7 @@ class Service:
     # -- start -------------------------------------------------------------
 
     def start(self) -> None:
+        self._outer_supervisor = supervision.install(self.supervisor)
         try:
             self._start()
         except BaseException:
@@ -84,13 +91,18 @@ class Service:
                 raise SecurityError("--domain-server-key needs --curve-server-key (the "
                                     "service's own keypair)")
             domain_curve = client_options(cfg.curve_server_key, cfg.domain_server_key)
+        if self.security is None:
+            _warn_if_exposed(cfg)
         self.store = Store(cfg.data, map_size=cfg.map_size_mb * 1024 * 1024,
+                           max_map_size=cfg.max_map_size_mb * 1024 * 1024,
                            epoch=cfg.epoch)  # epoch: fencing of a shard on Ray
         self._stops.append(("store", self.store.close))
         self.writer = StoreWriter.launch(self.store, self.metrics)
         self._stops.append(("store writer", lambda: _stop_actor(self.writer)))
         self.publisher = Publisher.launch(self.zctx, cfg.events, self.metrics,
-                                          curve=channel_curve)
+                                          curve=channel_curve, hwm=cfg.events_hwm,
+                                          max_subscribers=cfg.max_subscribers,
+                                          stall_timeout_s=cfg.subscriber_timeout_s)
         self._stops.append(("publisher", lambda: _stop_actor(self.publisher)))
         self.dispatcher = Dispatcher(workers=cfg.workers)
         self._stops.append(("order workers", self.dispatcher.stop))
@@ -102,7 +114,7 @@ class Service:
         octx.publisher = self.publisher
         self.router = OrderRouter(octx, cfg.passivate_after_s)
         self._stops.append(("passivator", self.router.stop))
-        self.timers = TimerService(self.router.deliver)
+        self.timers = TimerService(self.router.deliver, self.metrics)
         octx.timers = self.timers
         self._stops.append(("timers", self.timers.stop))
         self.sequencer = Sequencer.launch(self.router.deliver)
@@ -125,15 +137,24 @@ class Service:
             collector(registry=self.registry)
         if cfg.metrics_port:
             self.http = HttpServer(cfg.metrics_host, cfg.metrics_port, self.registry,
-                                   self.ready.is_set)
+                                   lambda: self.ready.is_set() and self.store_writable)
             self._stops.append(("metrics http", self.http.stop))
         self.recover()
         self.intake = Intake.launch(self.zctx, cfg.intake, octx, cfg.max_in_flight,
                                     curve=channel_curve)
         self._stops.append(("intake", lambda: _stop_actor(self.intake)))
+        if self.http is not None:
+            self.http.dead = self.dead_components
         self.ready.set()
         logger.info("service ready: intake %s, events %s, domain events %s", cfg.intake,
                     cfg.events, cfg.domain_events)
+
+    @property
+    def store_writable(self) -> bool:
+        """False while store commits fail (disk full, map at its cap, I/O
+        error): the service is then not ready (see actors.store_writer)."""
+        writer = getattr(self, "writer", None)
+        return writer is not None and writer.healthy
 
     def reload_keys(self) -> None:
         """SIGHUP: read the allowed client keys again."""
@@ -141,10 +162,43 @@ class Service:
             self.security.reload()
 
     def recover(self) -> None:
-        """Resume every unfinished order from its last persisted snapshot."""
+        """Resume every unfinished order from its last persisted snapshot.
+
+        Two passes. The scan (chunked short reads, ``Store.scan_active``)
+        only counts and collects; then the sequencer's rebuild is queued
+        before any order is resumed or any jeopardy timer armed (the
+        sequencer handles its messages in order), so an order that finishes
+        early always finds its queue and its "turn done" reaches the next
+        order of its customer."""
         started = time.monotonic()
-        resumed = waiting = corrupt = 0
-        seq_entries: list[tuple[str, str, bool]] = []
+        scan = self._scan_for_recovery()
+        if scan.seq_entries:  # queued before any order below can give a turn back
+            self.sequencer.preload(scan.seq_entries)
+        for at, order_id, token in scan.jeopardy:
+            self.timers.schedule(at, order_id, token)
+        resumed = 0
+        for rec in scan.resume:
+            try:
+                order = Order.from_record(rec)
+            except Exception as exc:
+                logger.error("recovery skips order %s: %s", rec.get("id"), exc)
+                scan.corrupt += 1
+                continue
+            self.router.start(order, Resume(), reason="recovery")
+            resumed += 1
+        for key, ev in self.store.inbox():
+            event = DomainEvent(ev["event_id"], ev["system"], ev["name"], ev["data"])
+            self.router.deliver_event(key, ev["order_id"], event)
+        elapsed = time.monotonic() - started
+        self.metrics.recovery_seconds.set(elapsed)
+        self.metrics.recovered_orders.set(resumed + scan.waiting)
+        logger.info("recovery: %d orders resumed, %d waiting (passivated), %d unreadable, "
+                    "in %.3f s", resumed, scan.waiting, scan.corrupt, elapsed)
+
+    def _scan_for_recovery(self) -> _RecoveryScan:
+        """Pass one: count every unfinished order and collect what to do with
+        it; touches no actor, holds no read transaction between chunks."""
+        scan = _RecoveryScan()
         for key, rec in self.store.scan_active():
             order_id = key.decode()
             if isinstance(rec, CorruptRecord) or rec.get("type") not in self.octx.engines:
@@ -152,35 +206,41 @@ class Service:
                 logger.error("recovery skips order %s: %s", order_id, why,
                              extra={"order_id": order_id})
                 self.metrics.corrupt_records.inc()
-                corrupt += 1
+                scan.corrupt += 1
                 continue
-            self.router.counted_raw(rec["state"], order_id, _held_since(rec))
+            self.router.counted_raw(rec["state"], order_id, _held_since(rec), rec["reason"])
             if rec["seq"] and rec["state"] not in TERMINAL_NAMES:
-                seq_entries.append((rec["seq"], order_id, rec["turn"]))
-            if _needs_resume(rec):
-                try:
-                    order = Order.from_record(rec)
-                except Exception as exc:
-                    logger.error("recovery skips order %s: %s", order_id, exc)
-                    corrupt += 1
-                    continue
-                self.router.start(order, Resume(), reason="recovery")
-                resumed += 1
+                scan.seq_entries.append((rec["seq"], order_id, rec["turn"]))
+            if rec["seq"] and not rec["turn"] and rec["state"] in ("acknowledged", "pending"):
+                scan.waiting += 1  # the sequencer's rebuild gives it its turn or tells it to wait
+            elif _needs_resume(rec):
+                scan.resume.append(rec)
             else:
-                waiting += 1
-                for key, (at, fired) in (rec.get("jep") or {}).items():
+                scan.waiting += 1
+                for jkey, (at, fired) in (rec.get("jep") or {}).items():
                     if not fired:  # a passivated order's jeopardy deadline
-                        self.timers.schedule(at, order_id, ("jeopardy", key, 0))
-        if seq_entries:
-            self.sequencer.preload(seq_entries)
-        for key, ev in self.store.inbox():
-            event = DomainEvent(ev["event_id"], ev["system"], ev["name"], ev["data"])
-            self.router.deliver_event(key, ev["order_id"], event)
-        elapsed = time.monotonic() - started
-        self.metrics.recovery_seconds.set(elapsed)
-        self.metrics.recovered_orders.set(resumed + waiting)
-        logger.info("recovery: %d orders resumed, %d waiting (passivated), %d unreadable, "
-                    "in %.3f s", resumed, waiting, corrupt, elapsed)
+                        scan.jeopardy.append((at, order_id, ("jeopardy", jkey, 0)))
+        return scan
+
+    def dead_components(self) -> list[str]:
+        """Components whose thread has ended (readiness: none may be)."""
+        parts: list[tuple[str, Any]] = [
+            ("timers", getattr(self, "timers", None)),
+            ("passivator", getattr(self, "router", None)),
+            ("order workers", getattr(self, "dispatcher", None)),
+            ("metrics http", self.http),
+        ]
+        for name in ("writer", "publisher", "sequencer", "domain_events", "intake"):
+            actor = getattr(self, name, None)
+            parts.append((getattr(actor, "component", name), actor))
+        for gateway in getattr(getattr(self, "octx", None), "gateways", None) or {}:
+            parts.append((f"gateway {gateway}", self.octx.gateways[gateway]))
+        dead = [name for name, part in parts if part is not None and not part.alive()]
+        return list(dict.fromkeys(self.supervisor.dead + dead))
+
+    def is_ready(self) -> bool:
+        """Recovered, accepting orders, the store writable, and every component alive."""
+        return self.ready.is_set() and self.store_writable and not self.dead_components()
 
     def snapshot(self) -> dict[str, Any]:
         """Values read at scrape time."""
@@ -188,7 +248,7 @@ class Service:
             return {}
         snap = self.router.snapshot()
         snap.update(self.store.stats())
-        snap["ready"] = self.ready.is_set()
+        snap["ready"] = self.is_ready()
         snap["mailboxes"] = {
             "store_writer": len(self.writer.actor_inbox),
             "publisher": len(self.publisher.actor_inbox),
@@ -203,6 +263,7 @@ class Service:
 
     def stop(self) -> None:
         """Reverse start order; each part is stopped even if another fails."""
+        self.supervisor.stopping = True  # threads ending from here on are not deaths
         self.ready.clear()
         while self._stops:
             name, stop = self._stops.pop()
@@ -210,7 +271,19 @@ class Service:
                 stop()
             except Exception:
                 logger.exception("stopping %s failed", name)
+        supervision.install(self._outer_supervisor)
         logger.info("service stopped")
+
+
+@dataclass
+class _RecoveryScan:
+    """What the recovery scan found (see ``Service.recover``)."""
+
+    resume: list[dict[str, Any]] = field(default_factory=list)
+    seq_entries: list[tuple[str, str, bool]] = field(default_factory=list)
+    jeopardy: list[tuple[float, str, tuple[Any, ...]]] = field(default_factory=list)
+    waiting: int = 0
+    corrupt: int = 0
 
 
 # positions in a step record (oms.model.Step.to_record)
@@ -241,6 +314,20 @@ def _needs_resume(rec: dict[str, Any]) -> bool:
         if step[_STATUS] == "running" and step[_WAIT] is None:
             return True
     return any(n[_STATUS] == "running" for n in rec["notes"])
+
+
+LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")
+
+
+def _warn_if_exposed(cfg: Config) -> None:
+    """CURVE is off: say so loudly if an endpoint listens beyond this host."""
+    exposed = [ep for ep in (cfg.intake, cfg.events, cfg.domain_events)
+               if ep.startswith("tcp://") and not ep[6:].startswith(LOOPBACK_HOSTS)]
+    if exposed:
+        logger.warning("CURVE is off and %s listen(s) beyond this host: any peer that can "
+                       "connect may submit, cancel and operate on orders (every client is an "
+                       "operator) and forge domain events; turn CURVE on (docs/security.md) "
+                       "or bind 127.0.0.1", ", ".join(exposed))
 
 
 def _stop_actor(actor: Any, timeout: float = 10.0) -> None:

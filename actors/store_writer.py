@@ -8,11 +8,26 @@ leaves the service before the state that justifies it is durable.
 
 Writes for the same order in one batch coalesce naturally: each ``put``
 overwrites the previous one in the transaction.
+
+A commit that fails (disk full, the map at its ``max_map_size`` cap, an I/O
+error) acknowledges nothing and runs no callback of its batch. What a client
+can simply send again is refused at once: a create gets ``Created("unavailable")``
+(the intake answers ``error`` ``unavailable``), a domain event ``"error"`` (not
+acknowledged; the domain system resends). Order snapshots and barriers are
+*held*, in order, with their effects unrun, and tried again (with whatever
+came since) every ``RETRY_S``: an order's effects run only once its snapshot
+is durable, however late. While commits fail, ``healthy`` is False (the
+service is not ready) and new creates are refused before they reach the
+writer. An LMDB panic (the environment is unusable) or an unexpected error
+in the writer itself ends the process non-zero (``fatal``), after the batch's
+waiters got their error, so a supervisor restarts it and recovery takes over
+from the last durable snapshots. See docs/durability.md.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -21,11 +36,20 @@ import lmdb
 
 from actors.loop import LoopActor, burst
 from oms.metrics import Metrics
-from oms.store import Created, Store
+from oms.store import Created, Store, StoreFull
 
 logger = logging.getLogger(__name__)
 
 Callback = Callable[[], None]
+RETRY_S = 0.5  # how often held writes are tried again while commits fail
+FATAL_EXIT = 70  # EX_SOFTWARE
+
+
+def exit_process(reason: str) -> None:
+    """The writer cannot go on: end the whole process at once, non-zero."""
+    logger.critical("store writer cannot continue, exiting: %s", reason)
+    logging.shutdown()
+    os._exit(FATAL_EXIT)
 
 
 class CreateOrder(NamedTuple):
@@ -78,41 +102,134 @@ class Barrier(NamedTuple):
 class StoreWriter(LoopActor):
     thread_name = "store-writer"
 
-    def __init__(self, store: Store, metrics: Metrics) -> None:
+    def __init__(self, store: Store, metrics: Metrics,
+                 fatal: Callable[[str], None] = exit_process) -> None:
         super().__init__()
         self.store = store
         self.metrics = metrics
+        self.fatal = fatal
+        self.held: list[Any] = []  # snapshots and barriers of failed commits, in order
+        self.failing_since: float | None = None
+        self._last_try = 0.0
+        self._failures = 0
+
+    @property
+    def healthy(self) -> bool:
+        """False while commits fail (read by readiness and by the intake)."""
+        return self.failing_since is None
 
     def on_batch(self, envelopes: list[Any]) -> None:
         work = [e.message for e in envelopes if isinstance(e.message, _WRITES)]
         others = [e for e in envelopes if not isinstance(e.message, _WRITES)]
-        if work:
-            self.commit(work)
+        if work or self.held:
+            if self.failing_since is not None and time.monotonic() - self._last_try < RETRY_S:
+                self._refuse(work)  # not tried yet: the next attempt is due soon
+            else:
+                self.commit(work)
         super().on_batch(others)
 
+    def poll_timeout(self) -> float | None:
+        return RETRY_S * 1000 if self.held or self.failing_since is not None else None
+
+    def on_tick(self) -> None:
+        if self.failing_since is not None and time.monotonic() - self._last_try >= RETRY_S:
+            self.commit([])
+
     def commit(self, work: list[Any]) -> None:
+        """Held writes first, then ``work``; at most ``batch_limit`` writes per
+        transaction (held writes pile up while the disk is full), in order.
+        After a failed transaction the rest is not tried: it is refused or held."""
+        work, self.held = self.held + work, []
+        self._last_try = time.monotonic()
+        limit = self.batch_limit
+        for start in range(0, len(work) or 1, limit):
+            if not self._commit_one(work[start:start + limit]):
+                self._refuse(work[start + limit:])
+                return
+
+    def _commit_one(self, work: list[Any]) -> bool:
+        """One transaction; True once it is durable and its callbacks ran."""
         started = time.perf_counter()
-        while True:
-            try:
-                outcomes = self._apply(work)
-                break
-            except lmdb.MapFullError:
-                self.store.grow()
-                self.metrics.store_grows.inc()
+        try:
+            outcomes = self._commit(work)
+        except (lmdb.Error, StoreFull, OSError) as exc:
+            if isinstance(exc, lmdb.PanicError):
+                self._refuse(work)
+                self.fatal(f"LMDB panic: {exc}")
+                return False
+            self._failed(work, exc)
+            return False
+        except Exception as exc:  # a bug in the writer itself: never a dead writer
+            logger.exception("store writer failed")
+            self._refuse(work)
+            self.fatal(f"{type(exc).__name__}: {exc}")
+            return False
+        if self.failing_since is not None:
+            logger.warning("store writes work again after %.1f s and %d failed commits",
+                           time.monotonic() - self.failing_since, self._failures)
+            self.failing_since, self._failures = None, 0
+            self.metrics.store_failing.set(0)
         self.metrics.commit_latency.observe(time.perf_counter() - started)
         self.metrics.commit_batch.observe(len(work))
         with burst():  # one Bundle per gateway, publisher and endpoint
             for msg, outcome in zip(work, outcomes, strict=True):
                 self._after(msg, outcome)
+        return True
+
+    def _commit(self, work: list[Any]) -> list[Any]:
+        while True:
+            try:
+                return self._apply(work)
+            except lmdb.MapFullError:
+                self.store.grow()  # StoreFull at the cap
+                self.metrics.store_grows.inc()
+
+    def _failed(self, work: list[Any], exc: BaseException) -> None:
+        """Nothing of this batch is durable: refuse what can be resent, hold the rest."""
+        self.metrics.store_commit_errors.inc()
+        self._failures += 1
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+            self.metrics.store_failing.set(1)
+            logger.error("store commit failed; nothing of the batch is acknowledged, "
+                         "snapshots are held and retried every %.1f s: %s", RETRY_S, exc,
+                         exc_info=exc)
+        elif self._failures % 60 == 0:
+            logger.error("store commits still fail (%d failures in %.0f s, %d writes held): "
+                         "%s", self._failures, time.monotonic() - self.failing_since,
+                         len(self.held) + len(work), exc)
+        self._refuse(work)
+
+    def _refuse(self, work: list[Any]) -> None:
+        """After a failed commit: creates and events get their error now;
+        snapshots and barriers are held for the next attempt."""
+        with burst():
+            for msg in work:
+                if isinstance(msg, SaveOrder | Barrier):
+                    self.held.append(msg)
+                    continue
+                try:
+                    if isinstance(msg, CreateOrder):
+                        msg.done(Created("unavailable", "", ""))
+                    elif isinstance(msg, RecordEvent):
+                        msg.done("error")
+                except Exception:
+                    logger.exception("error reply for %s failed", type(msg).__name__)
 
     def _apply(self, work: list[Any]) -> list[Any]:
         store = self.store
         outcomes: list[Any] = []
         with store.write() as txn:
+            if not work:  # a retry with nothing held: a real write, or it proves nothing
+                store.probe(txn)
             for msg in work:
                 try:
                     outcomes.append(self._apply_one(txn, msg))
-                except lmdb.MapFullError:
+                except lmdb.BadValsizeError as exc:  # this write alone cannot be stored
+                    logger.exception("store write failed for %s", type(msg).__name__,
+                                     extra={"order_id": getattr(msg, "order_id", None)})
+                    outcomes.append(exc)
+                except lmdb.Error:  # the store itself: the whole batch fails
                     raise
                 except Exception as exc:  # one bad write must not fail the batch
                     logger.exception("store write failed for %s", type(msg).__name__,

@@ -11,12 +11,19 @@ as the system being up.
 
 from __future__ import annotations
 
+from oms.config import ConfigError
+from oms.edge import check_number
+
 CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
 LEVEL = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
 
 
 class Breaker:
     def __init__(self, threshold: int = 5, cooldown_s: float = 5.0) -> None:
+        problem = (check_number(threshold, "breaker_failures", 1, 1_000_000)
+                   or check_number(cooldown_s, "breaker_cooldown_s", 0.01, 3600))
+        if problem is not None:  # a NaN cooldown would never let a probe through
+            raise ConfigError(problem)
         self.threshold, self.cooldown_s = threshold, cooldown_s
         self.state = CLOSED
         self.failures = 0

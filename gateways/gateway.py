@@ -6,7 +6,9 @@ It owns the DEALER socket connected to the system's ROUTER, sends
 retryable ``timeout`` failure. Retries and backoff are the order's business
 (they are persisted with it); the gateway only carries commands. A reply for
 a command no longer awaited (late after a timeout, or a duplicate) is
-counted and ignored.
+counted and ignored. Every reply is checked at the edge (``oms.edge``)
+before anything in it reaches an order: one that breaks the contract fails
+its command with the retryable ``invalid_reply``.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from typing import Any, NamedTuple
 import zmq
 
 from actors.loop import LoopActor, open_socket
+from actors.throttle import LogThrottle
 from gateways.breaker import OPEN, Breaker
-from oms import codec
-from oms.errors import CIRCUIT_OPEN, TIMEOUT, UNAVAILABLE, DomainError
+from oms import codec, edge
+from oms.errors import CIRCUIT_OPEN, INVALID_REPLY, TIMEOUT, UNAVAILABLE, DomainError
 from oms.messages import CommandResult, Send
 from oms.metrics import Metrics
 
@@ -60,12 +63,16 @@ class Gateway(LoopActor):
         # command ids sent and not yet settled (no reply, or a retryable error): a
         # later send of one is a retry or resend (oms_gateway_retries_total)
         self._unsettled: OrderedDict[str, None] = OrderedDict()
+        self.log = LogThrottle(logger)
         self.sock: zmq.Socket | None = None
 
     def on_start(self) -> None:
         # LINGER 0: commands are idempotent and re-sent after a restart
+        # MAXMSGSIZE: a reply beyond it drops the connection (ZeroMQ); up to it, a
+        # reply over edge.MAX_REPLY_BYTES is an invalid_reply for its command
         self.sock = open_socket(self.ctx, zmq.DEALER, connect=self.endpoint, SNDHWM=self.hwm,
-                                RCVHWM=self.hwm, LINGER=0, **self.curve)
+                                RCVHWM=self.hwm, LINGER=0,
+                                MAXMSGSIZE=4 * edge.MAX_REPLY_BYTES, **self.curve)
 
     def on_stop(self) -> None:
         if self.sock is not None:
@@ -118,37 +125,65 @@ class Gateway(LoopActor):
             self._on_reply(frame)
 
     def _on_reply(self, frame: bytes) -> None:
-        try:
-            reply = codec.decode_map(frame)
+        """Check a reply at the edge (``oms.edge``), then hand it to its order.
+
+        A reply that breaks the contract (undecodable, too large, wrong types,
+        a number out of range) never becomes state: it is logged, counted in
+        ``oms_gateway_invalid_replies_total``, and the waiting command gets a
+        retryable ``invalid_reply`` error. Without a usable ``command_id`` no
+        command can be named; it then ends as a timeout.
+        """
+        msg: dict[str, Any] = {}
+        try:  # bounded by the frame, itself at most MAXMSGSIZE
+            msg = codec.decode_map(frame)
+            parsed: edge.Reply | edge.Violation = edge.parse_reply(msg)
         except codec.DecodeError as exc:
-            logger.warning("%s sent an undecodable reply: %s", self.system, exc)
+            parsed = edge.Violation("undecodable", str(exc))
+        if len(frame) > edge.MAX_REPLY_BYTES:
+            parsed = edge.Violation(
+                "too_large", f"reply of {len(frame)} bytes; at most {edge.MAX_REPLY_BYTES}")
+        if isinstance(parsed, edge.Violation):
+            self._invalid(parsed, edge.reply_command_id(msg) if msg else None)
             return
-        command_id = reply.get("command_id")
-        if reply.get("type") != "result" or not isinstance(command_id, str):
-            logger.warning("%s sent an unexpected message type %r", self.system,
-                           reply.get("type"))
-            return
-        waiting = self.pending.pop(command_id, None)
+        waiting = self.pending.pop(parsed.command_id, None)
         if waiting is None:
             self.metrics.gateway_late.labels(self.system).inc()
             logger.debug("late or duplicate reply ignored", extra={
-                "command_id": command_id, "system": self.system})
+                "command_id": parsed.command_id, "system": self.system})
             return
-        ok = reply.get("ok") is True
-        data = reply.get("data") if isinstance(reply.get("data"), dict) else {}
-        error = None if ok else DomainError.from_wire(reply.get("error"))
+        ok, error = parsed.ok, parsed.error
         if ok or not (error and error.retryable):
-            self._unsettled.pop(command_id, None)  # answered for good: no retry follows
+            self._unsettled.pop(parsed.command_id, None)  # answered for good: no retry follows
         self._outcome(ok or not (error and error.retryable), time.monotonic())
-        outcome = "ok" if ok else (error.code if error else "error")
         if error is not None:  # an expected failure: a warning, with its context
             logger.warning("%s refused %s: %s %s", self.system, waiting.op, error.code,
                            error.message, extra={"order_id": waiting.order_id,
-                                                 "command_id": command_id,
+                                                 "command_id": parsed.command_id,
                                                  "system": self.system})
-        self.metrics.step_latency.labels(self.system, waiting.op, _bounded(outcome)).observe(
+        outcome = "ok" if error is None else error.code
+        self._finish(waiting, _bounded(outcome),
+                     CommandResult(parsed.command_id, ok, parsed.data, error))
+
+    def _invalid(self, violation: edge.Violation, command_id: str | None) -> None:
+        """A reply that breaks the contract: logged, counted, a retryable error."""
+        self.metrics.gateway_invalid_replies.labels(self.system, violation.reason).inc()
+        waiting = self.pending.pop(command_id, None) if command_id else None
+        self.log.report(violation.reason, "%s sent a reply that breaks the contract (%s): %s",
+                         self.system, violation.reason, violation.message, extra={
+                             "system": self.system, "command_id": command_id,
+                             "order_id": waiting.order_id if waiting else None})
+        if waiting is None:
+            return
+        self._outcome(False, time.monotonic())
+        error = DomainError(INVALID_REPLY, f"{self.system} broke the contract: "
+                            f"{violation.message}", True)
+        self._finish(waiting, INVALID_REPLY,
+                     CommandResult(command_id or "", False, None, error))
+
+    def _finish(self, waiting: _Pending, outcome: str, result: CommandResult) -> None:
+        self.metrics.step_latency.labels(self.system, waiting.op, outcome).observe(
             time.monotonic() - waiting.sent)
-        self.deliver(waiting.order_id, CommandResult(command_id, ok, data, error))
+        self.deliver(waiting.order_id, result)
 
     def _outcome(self, ok: bool, now: float) -> None:
         changed = self.breaker.record(ok, now)
@@ -189,8 +224,8 @@ class Gateway(LoopActor):
 
 UNSETTLED_KEPT = 100_000  # command ids remembered for counting retries (bounded memory)
 
-_KNOWN_OUTCOMES = {"ok", "timeout", "unavailable", "circuit_open", "out_of_stock", "payment_declined",
-                   "invalid_address", "unknown_service"}
+_KNOWN_OUTCOMES = {"ok", "timeout", "unavailable", "circuit_open", "out_of_stock",
+                   "payment_declined", "invalid_address", "unknown_service", "invalid_reply"}
 
 
 def _bounded(code: str) -> str:

@@ -142,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ops(sub)
 
+    from console.cli import add_parser as add_console
+
+    add_console(sub)
+
     health = sub.add_parser("health", help="is the service alive and ready? (exit 0 if so)")
     health.add_argument("--config", help="TOML file of the service's settings")
     health.add_argument("--metrics-host", help="host of the metrics/health HTTP server "
@@ -613,6 +617,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.orders, args.data, args.timeout)
 
 
+def _console(args: argparse.Namespace) -> int:
+    from console.cli import cmd_console
+
+    return cmd_console(args)
+
+
 def _ops(name: str) -> Any:
     def run(args: argparse.Namespace) -> int:
         from oms import opscli
@@ -626,6 +636,7 @@ COMMANDS = {"serve": cmd_serve, "ray": cmd_ray, "shards": cmd_shards, "simulate"
             "status": cmd_status, "keys": cmd_keys, "processes": cmd_processes, "demo": cmd_demo, "health": cmd_health,
             "bench": cmd_bench, "orders": _ops("orders"), "order": _ops("order"),
             "fallout": _ops("fallout")}
+COMMANDS["console"] = _console
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -39,7 +39,11 @@ class Config:
     breaker_failures: int = 5
     breaker_cooldown_s: float = 5.0
     max_in_flight: int = 200_000
+    events_hwm: int = 1000
+    max_subscribers: int = 100
+    subscriber_timeout_s: float = 30.0
     map_size_mb: int = 256
+    max_map_size_mb: int = 0  # 0: the map grows as long as the disk allows
     curve_server_key: str | None = None
     curve_clients: str | None = None
     domain_server_key: str | None = None
@@ -65,7 +69,14 @@ class Config:
                     if f"OMS_{f.name.upper()}" in env}
         cfg.update(from_env, "environment")
         cfg.update({k: v for k, v in flags.items() if v is not None}, "flags")
+        cfg.check_store()
         return cfg
+
+    def check_store(self) -> None:
+        """Store and admission numbers that could never work."""
+        for name, low in (("map_size_mb", 1), ("max_map_size_mb", 0), ("max_in_flight", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name} must be {low} or more (got {getattr(self, name)})")
 
     def update(self, values: dict[str, Any], origin: str) -> None:
         known = {f.name: f for f in fields(self)}

@@ -202,4 +202,8 @@ def _next_steps(cfg: Config, base: Path, sample: str | None) -> None:
     print(f"    oms order show {sample or 'ORDER_ID'}")
     print(f"    curl http://127.0.0.1:{cfg.metrics_port}/metrics   Prometheus metrics")
     print("  new orders need the domain systems too: oms simulate & then oms submit --sample 5")
+    from console.cli import DEFAULT_PORT
+
+    print(f"    oms console                     the operators' web console, "
+          f"http://127.0.0.1:{DEFAULT_PORT}/ (docs/console.md)")
     print("  docs/protocol.md (the wire contract), docs/operations.md, docs/architecture.md")

@@ -45,7 +45,8 @@ from oms.validation import MAX_AMOUNT_MINOR
 
 logger = logging.getLogger(__name__)
 S = OrderState
-OPERATOR_HOLDS = ("fallout", "internal_error")  # only an operator ends these
+INTERNAL_ERROR = "internal_error"  # state_reason of an order whose handler raised
+OPERATOR_HOLDS = ("fallout", INTERNAL_ERROR)  # only an operator ends these
 INVALID_REPLY = "invalid_reply"
 AMOUNT_OUT_OF_RANGE = "amount_out_of_range"
 MAX_EARLY_EVENTS = 16
@@ -114,6 +115,36 @@ class Engine:
         turning = Turning(self, order, now)
         turning.handle(msg)
         return turning
+
+
+def hold_internal_error(engine: Engine, order: Order, error: str, dropped: tuple[Any, ...],
+                        now: float) -> Turning:
+    """The engine half of the order failure rule (``OrderRouter.crashed``).
+
+    A handler raised on this order; ``order`` is its last durable snapshot
+    again, and ``dropped`` the messages lost with the crash. Hold it as
+    fallout (``held``, ``internal_error``) with the error (and the failure
+    it had, under ``previous``); an operator retries (resume from the
+    snapshot), skips or aborts it. A sequencing turn it was given is kept:
+    it stays the head of its queue until it finishes or is aborted.
+    """
+    turning = Turning(engine, order, now)
+    if order.state.terminal:  # finished, only notices still out: nothing to hold
+        turning.stale = True
+        return turning
+    order.failure = {"step": None, "previous": order.failure,
+                     "error": {"code": INTERNAL_ERROR, "message": error[:500],
+                               "retryable": False}}
+    if any(isinstance(m, Turn) and m.go for m in dropped):
+        order.turn = True
+    if order.state == S.HELD:
+        order.state_reason = INTERNAL_ERROR
+        order.history.append({"state": str(S.HELD), "ts": now, "reason": INTERNAL_ERROR})
+    else:
+        turning.transition(Ev.HOLD, INTERNAL_ERROR)
+    turning.changed = True
+    order.updated_ts, order.version = now, order.version + 1
+    return turning
 
 
 class Turning(OperatorMixin, OrphanMixin):
@@ -708,6 +739,9 @@ class Turning(OperatorMixin, OrphanMixin):
             reject(problem)
             return
         reason = msg.reason[:MAX_REASON] if isinstance(msg.reason, str) else None
+        if msg.operator:  # an operator's cancel is in the history like their other actions
+            order.history.append({"state": str(order.state), "ts": self.now, "action": "cancel",
+                                  "operator": msg.operator, "reason": reason or ""})
         order.cancel = {"reason": reason, "ts": self.now}
         self.transition(Ev.CANCEL, reason)
         self.emit(Reply(msg.reply_to, {"type": "cancel_accepted", "order_id": order.order_id,

@@ -19,6 +19,7 @@ INTERNAL = "internal"
 TIMEOUT = "timeout"
 UNAVAILABLE = "unavailable"
 CIRCUIT_OPEN = "circuit_open"  # the gateway's breaker is open: wait, do not spend attempts
+INVALID_REPLY = "invalid_reply"  # a reply that breaks the contract (oms.edge): retryable
 
 
 @dataclass(frozen=True, slots=True)

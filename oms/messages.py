@@ -66,10 +66,12 @@ class TimerFired(NamedTuple):
 
 
 class Cancel(NamedTuple):
-    """A channel asks to cancel. reply_to: where the answer goes."""
+    """A channel asks to cancel. reply_to: where the answer goes; operator:
+    who, when an operator cancels (recorded in the history)."""
 
     reason: str | None
     reply_to: Any = None
+    operator: str | None = None
 
 
 class Operate(NamedTuple):

@@ -62,6 +62,10 @@ class Metrics:
         self.gateway_send_failures = Counter(
             "oms_gateway_send_failures", "Commands that could not be queued to the socket",
             ["system"], registry=r)
+        self.gateway_invalid_replies = Counter(
+            "oms_gateway_invalid_replies", "Domain replies that break the contract (wrong "
+            "types, a number out of range, undecodable); the command gets a retryable "
+            "invalid_reply error", ["system", "reason"], registry=r)
         self.stale_messages = Counter(
             "oms_order_stale_messages", "Messages an order ignored (late, duplicate, stale "
             "timer)", ["kind"], registry=r)
@@ -76,6 +80,12 @@ class Metrics:
             registry=r)
         self.store_grows = Counter(
             "oms_store_map_grows", "Times the LMDB map was grown", registry=r)
+        self.store_commit_errors = Counter(
+            "oms_store_commit_errors", "Group commits that failed (disk full, map at its cap, "
+            "I/O error); their snapshots are held and retried", registry=r)
+        self.store_failing = Gauge(
+            "oms_store_write_failing", "1 while store commits fail (the service is not ready)",
+            registry=r)
         self.corrupt_records = Counter(
             "oms_store_corrupt_records", "Records that could not be decoded", registry=r)
         self.activations = Counter(
@@ -89,8 +99,23 @@ class Metrics:
             registry=r)
         self.recovered_orders = Gauge(
             "oms_recovered_orders", "Orders resumed by the last start", registry=r)
+        self.internal_errors = Counter(
+            "oms_internal_errors", "Unexpected errors caught while handling one message "
+            "(logged with a traceback; the component carried on)", ["component"], registry=r)
+        self.order_crashes = Counter(
+            "oms_order_internal_errors", "Order handlers that raised: the order was reloaded "
+            "from its last durable snapshot and held as internal_error", registry=r)
+        self.bad_deadlines = Counter(
+            "oms_timer_bad_deadlines", "Timer deadlines refused (not a finite, positive "
+            "number); armed 1 s from now instead", registry=r)
         self.published = Counter(
             "oms_events_published", "Channel events published", ["type"], registry=r)
+        self.subscribers = Gauge(
+            "oms_event_subscribers", "Connections to the events endpoint (at most "
+            "max_subscribers)", registry=r)
+        self.subscribers_refused = Counter(
+            "oms_event_subscribers_refused", "Events connections shut down because "
+            "max_subscribers were connected", registry=r)
         for metric in vars(self).values():
             if getattr(metric, "_labelnames", None):
                 _cache_children(metric)

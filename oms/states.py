@@ -68,6 +68,11 @@ TRANSITIONS: dict[tuple[OrderState, Ev], OrderState] = {
     (S.ASSESSING_CANCELLATION, Ev.CANCEL_ACCEPT): S.PENDING_CANCELLATION,
     (S.PENDING_CANCELLATION, Ev.CANCELLED): S.CANCELLED,
     (S.PENDING_CANCELLATION, Ev.HOLD): S.HELD,
+    # a handler that raised holds the order from any unfinished state
+    # (state_reason internal_error; oms.engine.hold_internal_error)
+    (S.ACKNOWLEDGED, Ev.HOLD): S.HELD,
+    (S.PENDING, Ev.HOLD): S.HELD,
+    (S.ASSESSING_CANCELLATION, Ev.HOLD): S.HELD,
 }
 
 

@@ -12,7 +12,8 @@ Named databases (keys are UTF-8):
 - ``inbox``: same key -> the event; recorded but not yet consumed by its
   order. The order deletes it in the same transaction that stores the state
   the event led to.
-- ``meta``: ``seq`` -> the last order number given out.
+- ``meta``: ``seq`` -> the last order number given out; ``probe`` -> when
+  the writer last tried whether a failing store can write again.
 
 Only the store writer (``actors.store_writer``) opens write transactions.
 Readers use ``read()``; the writer's ``exclusive()`` waits for them to finish
@@ -28,6 +29,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +43,19 @@ from oms.sharding import sharded_order_id
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAP_SIZE = 256 * 1024 * 1024
+MIB = 1024 * 1024
+DEFAULT_MAP_SIZE = 256 * MIB
+SCAN_CHUNK = 512  # records per read transaction in long scans
+LIST_BUDGET = 5_000  # records list_orders examines per call at most
 _DBS = ("orders", "ext", "active", "events", "inbox", "meta")
 
 
 class StoreLocked(RuntimeError):
     """Another service already has this data folder open."""
+
+
+class StoreFull(RuntimeError):
+    """The map reached its configured cap: no write fits until it is raised."""
 
 
 class Fenced(StoreLocked):
@@ -89,10 +98,16 @@ class _ReadGate:
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
+        """Wait for the readers inside to leave (new ones wait meanwhile).
+        Every read transaction is short and waits for nothing while open, so
+        this ends; a wait of over 5 s is logged, so it would not be silent."""
         with self._cond:
             self._exclusive = True
+            started = time.monotonic()
             while self._readers:
-                self._cond.wait()
+                if not self._cond.wait(5.0):
+                    logger.warning("store map growth waits for %d open reader(s) for %.0f s",
+                                   self._readers, time.monotonic() - started)
         try:
             yield
         finally:
@@ -103,7 +118,9 @@ class _ReadGate:
 
 @dataclass(frozen=True, slots=True)
 class Created:
-    """Outcome of ``create_order``. kind: accepted | duplicate | conflict."""
+    """Outcome of ``create_order``. kind: accepted | duplicate | conflict; the
+    store writer adds unavailable (the commit failed: nothing was stored) and
+    error (this one write failed)."""
 
     kind: str
     order_id: str
@@ -141,12 +158,14 @@ class Store:
     """An open data folder."""
 
     def __init__(self, path: str | Path, map_size: int = DEFAULT_MAP_SIZE,
-                 sync: bool = True, epoch: int = 0) -> None:
+                 sync: bool = True, max_map_size: int = 0, epoch: int = 0) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock_file = self._take_lock()
+        self.max_map_size = max_map_size  # 0: grow as long as the disk allows
         self.env = lmdb.open(
-            str(self.path), map_size=map_size, max_dbs=len(_DBS), sync=sync,
+            str(self.path), map_size=opening_map_size(self.path, map_size, max_map_size),
+            max_dbs=len(_DBS), sync=sync,
             metasync=sync, max_readers=512, lock=True,
         )
         self.db = {name: self.env.open_db(name.encode()) for name in _DBS}
@@ -220,13 +239,25 @@ class Store:
         with self.read() as txn:
             return [k.decode() for k in txn.cursor(db=self.db["active"]).iternext(values=False)]
 
-    def scan_active(self) -> Iterator[tuple[bytes, dict[str, Any] | CorruptRecord]]:
+    def scan_active(self, chunk: int = SCAN_CHUNK
+                    ) -> Iterator[tuple[bytes, dict[str, Any] | CorruptRecord]]:
         """Every unfinished order's raw record (or why it is unreadable), in id
-        order, from one read transaction."""
-        with self.read() as txn:
-            orders = txn.cursor(db=self.db["orders"])
-            for key in txn.cursor(db=self.db["active"]).iternext(values=False):
-                raw = orders.get(key)
+        order. Read in chunks of ``chunk`` orders, each in its own short read
+        transaction, and decoded and handed out only after that transaction
+        ended: the caller never holds a read slot, so a map growth (which
+        waits for readers) is never held up by whatever the caller waits for."""
+        after: bytes | None = None
+        while True:
+            rows: list[tuple[bytes, bytes | None]] = []
+            with self.read() as txn:
+                active = txn.cursor(db=self.db["active"])
+                orders = txn.cursor(db=self.db["orders"])
+                found = _seek_after(active, after)
+                while found and len(rows) < chunk:
+                    key = active.key()
+                    rows.append((key, orders.get(key)))
+                    found = active.next()
+            for key, raw in rows:
                 if raw is None:
                     yield key, CorruptRecord(key, "listed as active but missing")
                     continue
@@ -234,41 +265,79 @@ class Store:
                     yield key, codec.unpack(raw)
                 except Exception as exc:  # any decoding problem is reported with its key
                     yield key, CorruptRecord(key, f"{type(exc).__name__}: {exc}")
+            if not found:
+                return
+            after = rows[-1][0]
 
-    def inbox(self) -> list[tuple[bytes, dict[str, Any]]]:
-        """Recorded domain events not yet consumed by their orders."""
-        with self.read() as txn:
-            return [(k, codec.unpack(v)) for k, v in txn.cursor(db=self.db["inbox"])]
+    def inbox(self, chunk: int = SCAN_CHUNK) -> Iterator[tuple[bytes, dict[str, Any]]]:
+        """Recorded domain events not yet consumed by their orders (chunked
+        short reads, as ``scan_active``)."""
+        after: bytes | None = None
+        while True:
+            with self.read() as txn:
+                cur = txn.cursor(db=self.db["inbox"])
+                found = _seek_after(cur, after)
+                rows = []
+                while found and len(rows) < chunk:
+                    rows.append((cur.key(), cur.value()))
+                    found = cur.next()
+            for key, raw in rows:
+                yield key, codec.unpack(raw)
+            if not found:
+                return
+            after = rows[-1][0]
 
-    def list_orders(self, state: str | None, source_system: str | None, limit: int,
-                    after: str | None, scan_limit: int = 100_000, reason: str | None = None,
-                    created_before: float | None = None) -> tuple[list[Order], str | None]:
-        """Orders in id (acceptance) order after the cursor ``after``."""
+    def list_orders(self, flt: ListFilter, limit: int, after: str | None,
+                    budget: int = LIST_BUDGET, chunk: int = SCAN_CHUNK
+                    ) -> tuple[list[Order], str | None]:
+        """Orders matching ``flt``, newest first, older than the cursor ``after``.
+
+        Bounded work: at most ``budget`` records are examined per call, read
+        in chunks of short read transactions (so a call never holds a read
+        slot for long). Returns the orders (at most ``limit``) and the cursor
+        to continue with: the last order id examined when more orders may
+        exist (the limit was reached or the budget spent), else None. A page
+        may hold fewer than ``limit`` orders, even none, and still have a
+        cursor. New orders get higher ids, so paging never repeats or skips
+        an order while orders are added."""
+        if flt.source_system is not None and flt.external_id is not None:
+            return self._list_one(flt, after), None
         out: list[Order] = []
-        last = None
-        with self.read() as txn:
-            cur = txn.cursor(db=self.db["orders"])
-            start = after.encode()[:MAX_ORDER_ID] + b"\x00" if after else None
-            found = cur.set_range(start) if start else cur.first()
-            scanned = 0
-            while found and len(out) < limit and scanned < scan_limit:
-                key, raw = cur.item()
-                scanned += 1
-                last = key.decode()
-                try:
-                    order = decode_order(key, raw)
-                except CorruptRecord as exc:
-                    logger.error("%s", exc)
-                else:
-                    if (state is None or order.state == state) and (
-                        source_system is None or order.source_system == source_system
-                    ) and (reason is None or order.state_reason == reason) and (
-                        created_before is None or order.created_ts <= created_before
-                    ):
-                        out.append(order)
-                found = cur.next()
+        cursor = after.encode()[:MAX_ORDER_ID] if after is not None else None
+        examined, more = 0, True
+        while more and len(out) < limit and examined < budget:
+            rows = []
+            with self.read() as txn:
+                cur = txn.cursor(db=self.db["orders"])
+                found = _seek_before(cur, cursor)
+                while found and len(rows) < min(chunk, budget - examined):
+                    rows.append((cur.key(), cur.value()))
+                    found = cur.prev()
             more = found
-        return out, (last if more else None)
+            for n, (key, raw) in enumerate(rows):
+                examined += 1
+                cursor = key
+                order = _listed(key, raw, flt)
+                if order is not None:
+                    out.append(order)
+                    if len(out) == limit:
+                        more = more or n + 1 < len(rows)
+                        break
+        return out, (cursor.decode() if more and cursor is not None else None)
+
+    def _list_one(self, flt: ListFilter, after: str | None) -> list[Order]:
+        """source_system + external_id name at most one order: the index finds it."""
+        with self.read() as txn:
+            raw = txn.get(ext_key(flt.source_system or "", flt.external_id or ""),
+                          db=self.db["ext"])
+            if raw is None:
+                return []
+            order_id = codec.unpack(raw)[0]
+            if after is not None and order_id >= after:
+                return []
+            rec = txn.get(order_id.encode(), db=self.db["orders"])
+        order = None if rec is None else _listed(order_id.encode(), rec, flt)
+        return [] if order is None else [order]
 
     def stats(self) -> dict[str, int]:
         info, stat = self.env.info(), self.env.stat()
@@ -288,12 +357,24 @@ class Store:
         return txn
 
     def grow(self) -> int:
-        """Double the map; waits until no reader is inside."""
+        """Double the map (up to ``max_map_size``); waits until no reader is
+        inside. Raises ``StoreFull`` when the map is already at its cap."""
+        current = self.env.info()["map_size"]
+        new = current * 2
+        if self.max_map_size:
+            if current >= self.max_map_size:
+                raise StoreFull(f"the store is full: its map is at the {current // MIB} MiB "
+                                "cap (max_map_size_mb)")
+            new = min(new, self.max_map_size)
         with self.gate.exclusive():
-            new = self.env.info()["map_size"] * 2
             self.env.set_mapsize(new)
         logger.warning("store map grown to %d MiB", new // (1024 * 1024))
         return new
+
+    def probe(self, txn: lmdb.Transaction) -> None:
+        """A small real write (an empty commit writes nothing), to learn
+        whether the store can write again."""
+        txn.put(b"probe", str(time.time()).encode(), db=self.db["meta"])
 
     def next_order_id(self, txn: lmdb.Transaction, vshard: int | None = None) -> str:
         """The next id; a shard (``vshard`` given) ends it with the virtual
@@ -346,6 +427,76 @@ class Store:
         txn.put(key, b"", db=self.db["events"])
         txn.put(key, codec.pack(event), db=self.db["inbox"])
         return "recorded"
+
+
+@dataclass(frozen=True, slots=True)
+class ListFilter:
+    """What ``list_orders`` keeps; None matches anything."""
+
+    state: str | None = None
+    reason: str | None = None
+    source_system: str | None = None
+    customer_id: str | None = None
+    external_id: str | None = None
+    created_before: float | None = None
+
+    def matches(self, rec: dict[str, Any]) -> bool:
+        """On the raw record, so only matches are decoded into an Order."""
+        cust = rec.get("cust")
+        return ((self.state is None or rec.get("state") == self.state)
+                and (self.reason is None or rec.get("reason") == self.reason)
+                and (self.source_system is None or rec.get("src") == self.source_system)
+                and (self.external_id is None or rec.get("ext") == self.external_id)
+                and (self.customer_id is None
+                     or (isinstance(cust, dict) and cust.get("id") == self.customer_id))
+                and (self.created_before is None or (
+                    isinstance(rec.get("cts"), int | float)
+                    and rec["cts"] <= self.created_before)))
+
+
+def _listed(key: bytes, raw: bytes, flt: ListFilter) -> Order | None:
+    """The order if its record matches; an unreadable record is logged, skipped."""
+    try:
+        rec = codec.unpack(raw)
+        if not isinstance(rec, dict) or not flt.matches(rec):
+            return None
+        return Order.from_record(rec)
+    except Exception as exc:  # any decoding problem is reported with its key
+        logger.error("list_orders skips record %r: %s: %s", key, type(exc).__name__, exc)
+        return None
+
+
+def _seek_before(cur: lmdb.Cursor, before: bytes | None) -> bool:
+    """Put the cursor on the last key before ``before`` (the last key if None)."""
+    if before is None:
+        return cur.last()
+    if cur.set_range(before):
+        return cur.prev()
+    return cur.last()
+
+
+def _seek_after(cur: lmdb.Cursor, after: bytes | None) -> bool:
+    """Put the cursor on the first key after ``after`` (the first key if None)."""
+    if after is None:
+        return cur.first()
+    found = cur.set_range(after)
+    if found and cur.key() == after:
+        found = cur.next()
+    return found
+
+
+def opening_map_size(path: Path, map_size: int, max_map_size: int = 0) -> int:
+    """The map size to open with: the data file's size plus ``map_size`` of
+    headroom (LMDB would otherwise reopen a store bigger than ``map_size`` at
+    exactly its file size, i.e. full, and the first write of recovery would
+    have to grow it), at most ``max_map_size`` (0: no cap) unless the file is
+    already bigger. Rounded up to whole MiB."""
+    data = path / "data.mdb"
+    used = data.stat().st_size if data.exists() else 0
+    want = max(map_size, used + map_size)
+    if max_map_size:
+        want = max(min(want, max_map_size), used)
+    return -(-want // MIB) * MIB
 
 
 def decode_order(key: bytes, raw: bytes) -> Order:

@@ -237,6 +237,8 @@ def validate_order(
         "source_system": _string(raw, "source_system", "", errs, required=True),
         "external_id": _string(raw, "external_id", "", errs, required=True),
     }
+    if "\x00" in (order["source_system"] or ""):  # it ends the events topic (publisher)
+        errs.add("source_system", "must not contain the NUL character")
     order_type = raw.get("order_type", "retail")
     if not isinstance(order_type, str) or order_type not in order_types:
         known = ", ".join(sorted(order_types))

@@ -51,3 +51,30 @@ def test_a_stalled_subscriber_cannot_block_the_service(service: Any, eps: Any) -
         assert len(views) == 1000
     finally:
         stalled.close()
+
+
+def test_a_pipelined_burst_cannot_slip_past_the_limit_before_its_commits(
+        make_service: Any, sim_config: Any, eps: Any) -> None:
+    """Creates handed to the writer but not yet committed count too: with a
+    limit of 10 and orders that stay in flight (slow deliveries), a burst of
+    300 sent without waiting gets at most 10 accepted, every other one a
+    clear busy, and nothing busy is stored."""
+    sim_config.delivery_s = 30.0  # every accepted order stays in flight for the test
+    thread = SimThread(sim_config)
+    try:
+        make_service(max_in_flight=10)
+        orders = list(sample_orders(300, seed=11, source="web", prefix="BURST-"))
+        with Client(eps.intake, timeout=30) as client:
+            replies = [r for _q, r in client.pipeline(
+                {"type": "submit_order", "order": o} for o in orders)]
+            accepted = [r for r in replies if r["type"] == "accepted"]
+            busy = [r for r in replies if r.get("code") == "busy"]
+            assert 1 <= len(accepted) <= 10
+            assert len(accepted) + len(busy) == 300
+            assert "10 orders in flight" in busy[0]["message"]
+            counts = client.request({"type": "order_counts"})
+            assert counts["in_flight"] == len(accepted)
+            again = client.submit(orders[-1])  # still busy: the slots are taken
+            assert again.get("code") == "busy"
+    finally:
+        thread.stop()

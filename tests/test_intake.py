@@ -139,7 +139,7 @@ def test_list_orders_filters_and_pages(service: Any, client: Client) -> None:
         cursor = page["next"]
         if cursor is None:
             break
-    assert seen == ids and other not in seen
+    assert seen == ids[::-1] and other not in seen  # newest first
     wait_terminal(client, ids, timeout=20)
     done = client.request({"type": "list_orders", "state": "completed", "limit": 1000})
     assert set(ids) <= {o["order_id"] for o in done["orders"]}

@@ -33,7 +33,7 @@ def test_channel_events_for_every_change_on_its_own_topic(service: Any, eps: Any
     while not any(e["type"] == "order_summary" and e["order_id"] == oid for e in events):
         assert sub.poll(10_000), "no event within 10 s"
         topic, raw = sub.recv_multipart()
-        assert topic == b"web"
+        assert topic == b"web\x00"  # the topic ends with NUL (docs/contract.md)
         events.append(codec.decode_map(raw))
     mine = [e for e in events if e["order_id"] == oid]
     states = [(e["previous_state"], e["state"]) for e in mine if e["type"] == "order_state"]
@@ -74,6 +74,9 @@ def test_config_precedence(tmp_path: Path) -> None:
     ("colour = 1", "unknown setting 'colour'"),
     ("workers = 'many'", "workers must be an integer"),
     ("systems = ['billing']", "must be NAME=ENDPOINT"),
+    ("map_size_mb = 0", "map_size_mb must be 1 or more"),
+    ("max_map_size_mb = -1", "max_map_size_mb must be 0 or more"),
+    ("max_in_flight = 0", "max_in_flight must be 1 or more"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
     file = tmp_path / "oms.toml"

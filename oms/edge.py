@@ -1,0 +1,192 @@
+"""Checks at the edge for what domain systems send: command replies and events.
+
+The intake checks every order before it becomes state (``oms.validation``);
+this module does the same for the other way in. A domain system's reply or
+event is decoded once (``oms.codec``), then checked here, in one place:
+
+- every number is a real number in its range: NaN, infinity, a bool where a
+  number belongs, integers outside signed 64 bits, and named fields out of
+  their range (``retry_after``) are refused;
+- a free-form ``data`` map nests at most ``MAX_DEPTH`` levels, has string
+  keys and holds only maps, lists, strings, numbers, booleans and nil;
+- the fields the contract names have the contract's types.
+
+A problem is returned as data (a ``Violation``: a bounded ``reason`` for
+metrics and a message for a person), never raised. The gateway turns a
+violation into a retryable ``invalid_reply`` error for the waiting command;
+the domain-events endpoint answers it with an ``error`` reply. Pure: no
+threads, no sockets.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, cast
+
+from oms.errors import CIRCUIT_OPEN, DomainError
+
+MAX_REPLY_BYTES = 1024 * 1024
+"""Largest command reply frame read (1 MiB, as an intake request)."""
+MAX_EVENT_BYTES = 64 * 1024
+"""Largest domain event frame recorded (64 KiB); larger ones get ``too_large``."""
+MAX_DEPTH = 8
+"""Nesting of a ``data`` map, as for an order's ``attributes``."""
+MAX_ID = 1000
+"""Longest ``command_id``, ``event_id``, ``order_id``, event ``name``."""
+MAX_CODE = 64
+"""Longest error ``code`` (it becomes an order's ``state_reason``)."""
+MAX_MESSAGE = 1000
+"""Longest error ``message``."""
+MAX_RETRY_AFTER_S = 3600.0
+"""Largest ``retry_after`` a ``circuit_open`` reply may ask for."""
+INT64 = (-(2**63), 2**63 - 1)
+
+# ``reason`` values (a bounded metric label)
+REASONS = ("undecodable", "too_large", "type", "command_id", "ok", "data", "error", "number",
+           "field")
+
+
+class Violation(NamedTuple):
+    """What is wrong with a message from a domain system.
+
+    reason: one of ``REASONS`` (bounded: a metric label).
+    message: for a person, with the field's path.
+    """
+
+    reason: str
+    message: str
+
+
+class Reply(NamedTuple):
+    """A checked command reply (contract §3).
+
+    command_id: the command it answers.
+    ok: whether the domain system applied it.
+    data: the result map (success), or the details of a failure ({} if none).
+    error: why not, when not ok.
+    """
+
+    command_id: str
+    ok: bool
+    data: dict[str, Any]
+    error: DomainError | None
+
+
+def check_number(value: Any, field: str, low: float, high: float) -> str | None:
+    """None if ``value`` is an int or float (not a bool) within [low, high],
+    finite; else what is wrong with it."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"{field} must be a number, got {type(value).__name__}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{field} must be a finite number, got {value}"
+    if not low <= value <= high:
+        return f"{field} must be between {low:g} and {high:g}, got {value!r:.40}"
+    return None
+
+
+def check_data(value: Any, field: str = "data", depth: int = 1) -> str | None:
+    """None if ``value`` is a map fit to keep as state; else the first problem."""
+    if not isinstance(value, dict):
+        return f"{field} must be a map, got {type(value).__name__}"
+    if depth > MAX_DEPTH:
+        return f"{field} is nested deeper than {MAX_DEPTH} levels"
+    for key, item in value.items():
+        problem = _check_value(item, f"{field}.{key:.100}", depth)
+        if problem:
+            return problem
+    return None
+
+
+def _check_value(  # noqa: PLR0911 - one return per kind of value
+        value: Any, field: str, depth: int) -> str | None:
+    if value is None or isinstance(value, bool | str):
+        return None
+    if isinstance(value, int | float):
+        return check_number(value, field, *INT64)
+    if isinstance(value, dict):
+        return check_data(value, field, depth + 1)
+    if isinstance(value, list):
+        if depth + 1 > MAX_DEPTH:
+            return f"{field} is nested deeper than {MAX_DEPTH} levels"
+        for i, item in enumerate(value):
+            problem = _check_value(item, f"{field}[{i}]", depth + 1)
+            if problem:
+                return problem
+        return None
+    return f"{field} must not be {type(value).__name__}"
+
+
+def _string(value: Any, field: str, longest: int, *, empty: bool = False) -> str | None:
+    if not isinstance(value, str):
+        return f"{field} must be a string, got {type(value).__name__}"
+    if (not value and not empty) or len(value) > longest:
+        return f"{field} must be a {'' if empty else 'non-empty '}string of at most " \
+               f"{longest} characters"
+    return None
+
+
+def reply_command_id(msg: dict[str, Any]) -> str | None:
+    """The reply's ``command_id`` if it is usable to find the waiting command."""
+    value = msg.get("command_id")
+    return value if _string(value, "command_id", MAX_ID) is None else None
+
+
+def parse_reply(msg: dict[str, Any]) -> Reply | Violation:  # noqa: PLR0911 - a return per rule
+    """A decoded reply map, checked: the ``Reply``, or what is wrong with it."""
+    if msg.get("type") != "result":
+        return Violation("type", f"type must be 'result', got {msg.get('type')!r:.60}")
+    if (problem := _string(msg.get("command_id"), "command_id", MAX_ID)) is not None:
+        return Violation("command_id", problem)
+    ok = msg.get("ok")
+    if not isinstance(ok, bool):
+        return Violation("ok", f"ok must be true or false, got {ok!r:.60}")
+    data = msg.get("data", None if ok else {})
+    error = None if ok else parse_error(msg.get("error"))
+    if isinstance(error, Violation):
+        return error
+    if error is not None and error.code == CIRCUIT_OPEN and isinstance(data, dict) and (
+            "retry_after" in data):
+        problem = check_number(data["retry_after"], "data.retry_after", 0.0,
+                               MAX_RETRY_AFTER_S)
+        if problem is not None:
+            return Violation("number", problem)
+    if (problem := check_data(data)) is not None:
+        return Violation("data", problem)
+    return Reply(msg["command_id"], ok, cast("dict[str, Any]", data), error)
+
+
+def parse_error(raw: Any) -> DomainError | Violation:
+    """The ``error`` map of a failed reply: ``{code, message, retryable}``."""
+    if not isinstance(raw, dict):
+        return Violation("error", f"error must be a map, got {type(raw).__name__}")
+    problem = (_string(raw.get("code"), "error.code", MAX_CODE)
+               or _string(raw.get("message", ""), "error.message", MAX_MESSAGE, empty=True))
+    if problem is None and not isinstance(raw.get("retryable"), bool):
+        problem = f"error.retryable must be true or false, got {raw.get('retryable')!r:.40}"
+    if problem is not None:
+        return Violation("error", problem)
+    return DomainError(raw["code"], raw.get("message", ""), raw["retryable"])
+
+
+class Event(NamedTuple):
+    """A checked domain event (contract §3), before its sender is authorised."""
+
+    event_id: str
+    system: str
+    order_id: str
+    name: str
+    data: dict[str, Any]
+
+
+def parse_event(msg: dict[str, Any]) -> Event | Violation:
+    """A decoded event map, checked: the ``Event``, or what is wrong with it."""
+    if msg.get("type") != "event":
+        return Violation("type", f"unknown message type {msg.get('type')!r:.100}; "
+                         "expected 'event'")
+    for key in ("event_id", "system", "order_id", "name"):
+        if (problem := _string(msg.get(key), key, MAX_ID)) is not None:
+            return Violation("field", problem)
+    data = msg.get("data", {})
+    if (problem := check_data(data)) is not None:
+        return Violation("data", problem)
+    return Event(msg["event_id"], msg["system"], msg["order_id"], msg["name"], data)

@@ -1,0 +1,353 @@
+"""The one failure rule (docs/architecture.md, "Failure rule"): an order
+whose handler raises goes to fallout; a service thread survives one bad
+message or the process exits non-zero; timers, the metrics port and the
+start-up warnings that keep the service honest."""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from actors.timers import TimerService
+from oms.engine import Engine
+from oms.messages import TimerFired, Turn
+from oms.metrics import Metrics
+
+
+# -- timers (defect 15, and defect 4's timer side) ---------------------------
+
+class WallClock:
+    """A wall clock the test can step; passed to TimerService as its clock."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+def _timers(clock: Any = time.time) -> tuple[TimerService, queue.Queue, Metrics]:
+    fired: queue.Queue = queue.Queue()
+    metrics = Metrics(CollectorRegistry())
+    timers = TimerService(lambda oid, msg: fired.put((oid, msg)), metrics, clock=clock)
+    return timers, fired, metrics
+
+
+def test_a_backward_wall_clock_step_does_not_delay_an_armed_timer() -> None:
+    clock = WallClock()
+    timers, fired, _ = _timers(clock)
+    try:
+        timers.schedule(clock() + 0.3, "o-1", ("retry", "s", 1))
+        clock.offset = -3600.0  # the wall clock steps back an hour after arming
+        started = time.monotonic()
+        assert fired.get(timeout=5) == ("o-1", TimerFired(("retry", "s", 1)))
+        assert time.monotonic() - started < 5  # not an hour
+        # a deadline armed after the step is read against the stepped clock
+        timers.schedule(clock() + 0.1, "o-2", ("retry", "s", 1))
+        assert fired.get(timeout=5)[0] == "o-2"
+    finally:
+        timers.stop()
+
+
+def test_a_forward_wall_clock_step_does_not_fire_timers_early() -> None:
+    clock = WallClock()
+    timers, fired, _ = _timers(clock)
+    try:
+        timers.schedule(clock() + 30, "o-late", ("retry", "s", 1))
+        clock.offset = 3600.0
+        timers.schedule(clock() + 0.05, "o-soon", ("retry", "s", 1))
+        assert fired.get(timeout=5)[0] == "o-soon"
+        assert fired.empty() and len(timers) == 1
+    finally:
+        timers.stop()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, -5.0, 0, 1e300, "soon", None, True])
+def test_a_bad_deadline_is_refused_and_never_poisons_the_heap(bad: Any) -> None:
+    timers, fired, metrics = _timers()
+    try:
+        timers.schedule(bad, "o-bad", ("retry", "s", 1))
+        timers.schedule(time.time() + 0.05, "o-good", ("retry", "s", 1))
+        got = {fired.get(timeout=5)[0], fired.get(timeout=5)[0]}
+        assert got == {"o-bad", "o-good"}  # the bad one is armed 1 s out, still fires
+        assert metrics.bad_deadlines._value.get() == 1
+        assert timers.alive() and len(timers) == 0
+        # and the thread is idle, not spinning: it waits on its condition
+        cpu = time.process_time()
+        timers.schedule(time.time() + 0.2, "o-3", ("retry", "s", 1))
+        assert fired.get(timeout=5)[0] == "o-3"
+        assert time.process_time() - cpu < 0.15
+    finally:
+        timers.stop()
+
+
+def test_a_failing_delivery_does_not_end_the_timers_thread() -> None:
+    fired: queue.Queue = queue.Queue()
+    metrics = Metrics(CollectorRegistry())
+
+    def deliver(order_id: str, msg: Any) -> None:
+        if order_id == "poison":
+            raise RuntimeError("delivery failed")
+        fired.put(order_id)
+
+    timers = TimerService(deliver, metrics)
+    try:
+        timers.schedule(time.time(), "poison", ("retry", "s", 1))
+        timers.schedule(time.time() + 0.05, "ok", ("retry", "s", 1))
+        assert fired.get(timeout=5) == "ok"
+        assert timers.alive()
+        assert metrics.internal_errors.labels("timers")._value.get() == 1
+    finally:
+        timers.stop()
+
+
+# -- the metrics port (defect 17) --------------------------------------------
+
+def test_idle_connections_do_not_make_threads_and_metrics_still_answer() -> None:
+    import socket
+    import urllib.request
+
+    from actors.http import WORKERS, HttpServer
+    from conftest import free_port
+
+    registry = CollectorRegistry()
+    Metrics(registry)
+    port = free_port()
+    server = HttpServer("127.0.0.1", port, registry, lambda: True)
+    idle: list[socket.socket] = []
+    try:
+        before = threading.active_count()
+        for _ in range(300):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        # half a request on a few: they hold a worker only until the read timeout
+        for sock in idle[:2]:
+            sock.sendall(b"GET /metr")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            assert b"oms_internal_errors_total" in resp.read()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as resp:
+            assert resp.read() == b"ready\n"
+        assert threading.active_count() <= before  # the pool was there from the start
+        assert server.alive() and len(server.server.threads) == WORKERS
+    finally:
+        for sock in idle:
+            sock.close()
+        server.stop()
+
+
+# -- CURVE off on a non-loopback address (defect 20) -------------------------
+
+def test_a_warning_when_listening_beyond_loopback_without_curve(
+        make_service: Any, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from conftest import free_port
+
+    with caplog.at_level(logging.WARNING, logger="actors.service"):
+        make_service(intake=f"tcp://0.0.0.0:{free_port()}")
+    warnings = [r.getMessage() for r in caplog.records if "CURVE is off" in r.getMessage()]
+    assert len(warnings) == 1 and "tcp://0.0.0.0:" in warnings[0]
+    assert "forge domain events" in warnings[0]
+
+
+def test_no_warning_on_loopback(make_service: Any, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="actors.service"):
+        make_service()
+    assert not [r for r in caplog.records if "CURVE is off" in r.getMessage()]
+
+
+# -- a poison order (rule 1, defect 1) ---------------------------------------
+
+def _telecom(ext: str, customer: str) -> dict[str, Any]:
+    return {"source_system": "crm-ui", "external_id": ext, "order_type": "telecom",
+            "customer": {"id": customer},
+            "customer_address": {"line1": "1 Way", "city": "Oslo", "postal_code": "0150",
+                                 "country": "NO"},
+            "items": [{"id": "fiber", "product_id": "FIBER", "quantity": 1,
+                       "unit_price_minor": 4000}]}
+
+
+def test_a_poison_order_goes_to_fallout_and_blocks_no_other_order(
+        make_service: Any, sim: Any, eps: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A definition the loader would refuse (expected_s not a number) makes
+    the real engine raise in ``expect`` when the order starts."""
+    import dataclasses
+    import logging
+
+    from helpers import poll_until, retail_order
+    from oms.client import Client
+    from oms.engine import Engine
+
+    svc = make_service(max_in_flight=2)
+    good = svc.octx.engines["telecom"]
+    bad = Engine(dataclasses.replace(good.proc, expected_s="soon"))
+    with Client(eps.intake, timeout=10) as client, caplog.at_level(logging.ERROR):
+        svc.octx.engines["telecom"] = bad
+        poison = client.submit(_telecom("poison-1", "cust-9"))["order_id"]
+        queued = client.submit(_telecom("poison-2", "cust-9"))["order_id"]  # same customer
+        view = poll_until(lambda: (o := client.get(poison)["order"])["state"] == "held" and o)
+        svc.octx.engines["telecom"] = good  # the definition is fixed
+        assert view["state_reason"] == "internal_error"
+        assert view["failure"]["error"]["code"] == "internal_error"
+        assert view["failure"]["error"]["message"].startswith("TypeError:")
+        logged = [r for r in caplog.records if poison in r.getMessage() and r.exc_info]
+        assert logged and "internal_error" in logged[0].getMessage()
+        # its admission slot is released: with --max-in-flight 2, two more orders get in
+        counts = client.request({"type": "order_counts"})
+        assert counts["in_flight"] == 1  # the queued telecom order only
+        assert counts["counts"] == {"held": 1, "pending": 1}  # as in the store
+        retail = [client.submit(retail_order(f"after-{i}"))["order_id"] for i in range(1)]
+        poll_until(lambda: client.get(retail[0])["order"]["state"] == "completed")
+        # its sequencing turn is kept: the customer's next order still waits
+        assert client.get(queued)["order"]["state"] == "pending"
+        # the waiting order's actor leaves memory, so it comes back with the fixed definition
+        poll_until(lambda: queued not in svc.router.live_ids())
+        reply = client.request({"type": "abort_order", "order_id": poison,
+                                "operator": "ops", "reason": "bad definition"})
+        assert reply["type"] == "operator_accepted", reply
+        poll_until(lambda: client.get(poison)["order"]["state"] == "failed")
+        poll_until(lambda: client.get(queued)["order"]["state"] == "completed")
+        assert svc.metrics.order_crashes._value.get() == 1
+
+
+def test_a_dead_actor_in_the_live_set_kills_no_thread(make_service: Any, sim: Any,
+                                                       eps: Any) -> None:
+    """Defect 1: a stopped order actor left in the router's live set made the
+    next timer raise ActorDeadError and end the timers thread."""
+    from helpers import poll_until, retail_order
+    from oms.client import Client
+    from oms.messages import TimerFired
+
+    svc = make_service(passivate_after_s=60)
+    with Client(eps.intake, timeout=10) as client:
+        oid = client.submit(retail_order("dead-1", items=[
+            {"id": "a", "product_id": "SKU-1", "quantity": 1, "unit_price_minor": 100}]))[
+            "order_id"]
+        ref = poll_until(lambda: svc.router._live.get(oid))
+        ref.stop()  # pykka's own stop: the actor is dead, the router still lists it
+        assert not ref.is_alive()
+        svc.timers.schedule(time.time(), oid, ("retry", "nothing", 99))  # a stale timer
+        assert svc.router.deliver(oid, TimerFired(("retry", "nothing", 98))) is True
+        poll_until(lambda: client.get(oid)["order"]["state"] == "completed")
+        assert svc.dead_components() == [] and svc.is_ready()
+        assert svc.metrics.internal_errors.labels("router")._value.get() >= 1
+
+
+# -- a component that dies takes the process down (rule 1, second half) -------
+
+def test_a_dead_component_is_not_ready_and_exits_70(eps: Any, tmp_path: Any) -> None:
+    import urllib.error
+    import urllib.request
+
+    from actors.service import Service
+    from conftest import free_port
+    from helpers import poll_until
+    from oms.config import Config
+
+    exits: list[int] = []
+    port = free_port()
+    cfg = Config(data=str(tmp_path / "data"), intake=eps.intake, events=eps.events,
+                 domain_events=eps.domain_events, metrics_port=port, systems=dict(eps.systems))
+    svc = Service(cfg, exit=exits.append)  # the exit function is a parameter, like a clock
+    svc.start()
+    try:
+        url = f"http://127.0.0.1:{port}/readyz"
+        assert urllib.request.urlopen(url, timeout=5).read() == b"ready\n"
+        svc.sequencer.actor_ref.stop()  # the sequencer's loop ends while the service runs
+        poll_until(lambda: exits == [70])
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(url, timeout=5)
+        assert err.value.code == 503 and b"dead: sequencer" in err.value.read()
+        assert not svc.is_ready()
+    finally:
+        svc.stop()
+
+
+KILL_A_COMPONENT = """
+import sys, threading, time, urllib.request
+import pykka
+from oms.cli import main
+
+def kill_sequencer():
+    while True:  # poll until ready, then stop the sequencer actor (pykka's own stop)
+        try:
+            if urllib.request.urlopen(sys.argv[1], timeout=1).status == 200:
+                break
+        except OSError:
+            time.sleep(0.05)
+    pykka.ActorRegistry.get_by_class_name("Sequencer")[0].stop(block=False)
+
+threading.Thread(target=kill_sequencer, daemon=True).start()
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_oms_serve_exits_non_zero_when_a_component_dies(eps: Any, tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    port = free_port()
+    args = eps.serve_args(tmp_path / "data")
+    args[args.index("--metrics-port") + 1] = str(port)
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", KILL_A_COMPONENT,
+                                 f"http://127.0.0.1:{port}/readyz", *args],
+                                stdout=out, stderr=out)
+        try:
+            code = proc.wait(20)
+        finally:
+            proc.kill()
+    text = log.read_text()
+    assert code == 70, text[-2000:]
+    assert "component sequencer died" in text
+
+
+def test_the_hold_of_a_finished_order_changes_nothing() -> None:
+    from helpers import normalized, retail_order
+    from oms.engine import hold_internal_error, new_order
+    from oms.process import load_processes
+    from oms.states import OrderState
+
+    proc = load_processes(None)["retail"]
+    order = new_order("o-1", normalized(retail_order()), proc, now=1000.0)
+    order.state = OrderState.COMPLETED
+    turning = hold_internal_error(Engine(proc), order, "TypeError: x", (), 1001.0)
+    assert order.state == OrderState.COMPLETED and not turning.changed and order.failure is None
+    order.state = OrderState.PENDING  # waiting its turn, which the dropped Turn gave it
+    turning = hold_internal_error(Engine(proc), order, "TypeError: x", (Turn(go=True),), 1001.0)
+    assert (order.state, order.state_reason, order.turn) == (OrderState.HELD,
+                                                              "internal_error", True)
+    assert order.failure["error"]["code"] == "internal_error" and turning.changed
+
+
+def test_an_internal_error_hold_survives_a_restart_without_its_admission_slot(
+        make_service: Any, sim: Any, eps: Any) -> None:
+    import dataclasses
+
+    from helpers import poll_until
+    from oms.client import Client
+
+    svc = make_service()
+    good = svc.octx.engines["telecom"]
+    svc.octx.engines["telecom"] = Engine(dataclasses.replace(good.proc, expected_s="soon"))
+    with Client(eps.intake, timeout=10) as client:
+        poison = client.submit(_telecom("restart-1", "cust-7"))["order_id"]
+        poll_until(lambda: client.get(poison)["order"].get("state_reason") == "internal_error")
+    svc.stop()
+    make_service()  # the real definitions again
+    with Client(eps.intake, timeout=10) as client:
+        view = client.get(poison)["order"]
+        assert (view["state"], view["state_reason"]) == ("held", "internal_error")
+        assert client.request({"type": "order_counts"})["in_flight"] == 0
+        later = client.submit(_telecom("restart-2", "cust-7"))["order_id"]
+        poll_until(lambda: client.get(later)["order"]["state"] == "pending")  # turn kept
