@@ -38,6 +38,7 @@ import zmq
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import process_collector
 
+from actors.publisher import topic_of
 from oms import codec, errors
 from oms.sharding import vshard_of, vshard_of_order_id
 from oms.store import ext_key
@@ -104,6 +105,7 @@ class FrontConfig:
     metrics_port: int = 0
     curve_server_key: str | None = None
     curve_clients: str | None = None
+    systems: list[str] = field(default_factory=list)  # domain systems' names
     log_level: str = "info"
     log_format: str = "json"
 
@@ -155,6 +157,7 @@ class Front:
         self.http: Any = None
         self.security: Any = None
         self.engine_types: list[str] = list(cfg.order_types)
+        self.systems = frozenset(cfg.systems)
 
     # -- start / stop -------------------------------------------------------
 
@@ -185,10 +188,14 @@ class Front:
             self.identity_required = True
         self.intake = self._bind(zmq.ROUTER, cfg.intake, ROUTER_MANDATORY=1, SNDHWM=10_000,
                                  RCVHWM=10_000, MAXMSGSIZE=4 * 1024 * 1024, **curve)
+        # as actors.publisher: a bounded queue per subscriber, a stalled one dropped
+        # after 30 s (heartbeats), a handshake that never completes after 5 s
+        events = {"SNDHWM": 1000, "HANDSHAKE_IVL": 5000, "HEARTBEAT_IVL": 10_000,
+                  "HEARTBEAT_TIMEOUT": 30_000}
         if curve:
-            self.pub = self._bind(zmq.XPUB, cfg.events, SNDHWM=100_000, XPUB_MANUAL=1, **curve)
+            self.pub = self._bind(zmq.XPUB, cfg.events, XPUB_MANUAL=1, **events, **curve)
         else:
-            self.pub = self._bind(zmq.PUB, cfg.events, SNDHWM=100_000)
+            self.pub = self._bind(zmq.PUB, cfg.events, **events)
         self.domain = self._bind(zmq.ROUTER, cfg.domain_events, ROUTER_MANDATORY=1,
                                  MAXMSGSIZE=4 * 1024 * 1024, **curve)
         self.links = [ShardLink(k, s["intake"], s["events"], s["domain_events"])
@@ -758,18 +765,20 @@ class Front:
                 frame = self.pub.recv(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            data = frame.bytes
-            if data[:1] not in (b"\x00", b"\x01"):
+            if frame.bytes[:1] != b"\x01":
+                continue  # unsubscriptions are not honoured (as actors.publisher)
+            try:
+                user = frame.get("User-Id")
+            except zmq.ZMQError:
                 continue
-            user = frame.get("User-Id")
-            topic = b"" if str(user).startswith("operator") else str(user).encode()
-            option = zmq.SUBSCRIBE if data[:1] == b"\x01" else zmq.UNSUBSCRIBE
-            self.pub.setsockopt(option, topic)
+            topic = b"" if str(user).startswith("operator") else topic_of(str(user))
+            self.pub.setsockopt(zmq.SUBSCRIBE, topic)
 
     # -- domain events ---------------------------------------------------------------
 
     def _from_domains(self) -> None:
-        from actors.domain_events import parse_event
+        from actors.domain_events import authorise
+        from oms import edge
 
         for _ in range(1000):
             try:
@@ -784,20 +793,18 @@ class Front:
             if len(frames) < 2:
                 continue
             env, frame = tuple(frames[:-1]), frames[-1]
-            shard = 0
-            try:
-                msg = codec.decode_map(frame)
-                parsed = parse_event(msg)
-            except codec.DecodeError:
-                parsed = "undecodable"
-            if not isinstance(parsed, str):
-                event, order_id = parsed
-                if user is not None and user != "domains" and event.system != user:
-                    self._send_domain(env, errors.error_reply(
-                        errors.UNAUTHORIZED, f"this key is {user!r}; it may not send "
-                        f"{event.system!r:.50} events"))
+            shard = 0  # too large, malformed: shard 0 answers as one node would
+            parsed: Any = None
+            if len(frame) <= edge.MAX_EVENT_BYTES:
+                try:
+                    parsed = edge.parse_event(codec.decode_map(frame))
+                except codec.DecodeError:
+                    parsed = None
+            if isinstance(parsed, edge.Event):
+                if user is not None and (denied := authorise(parsed, user, self.systems)):
+                    self._send_domain(env, errors.error_reply(errors.UNAUTHORIZED, denied))
                     continue
-                vshard = vshard_of_order_id(order_id, self.vshards)
+                vshard = vshard_of_order_id(parsed.order_id, self.vshards)
                 shard = 0 if vshard is None else self.process_of_vshard(vshard)
 
             def on_reply(reply: dict[str, Any] | None, raw: bytes | None,

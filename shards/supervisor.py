@@ -104,7 +104,8 @@ def front_config(cfg: Config, manifest: mf.Manifest,
                         "domain_events": s.domain_events} for s in shards],
             "processes": cfg.processes, "metrics_host": cfg.metrics_host,
             "metrics_port": cfg.metrics_port, "curve_server_key": cfg.curve_server_key,
-            "curve_clients": cfg.curve_clients, "log_level": cfg.log_level,
+            "curve_clients": cfg.curve_clients, "systems": sorted(cfg.systems),
+            "log_level": cfg.log_level,
             "log_format": cfg.log_format}
 
 
