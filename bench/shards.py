@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import Any
 
 from bench.harness import Harness, ProcessDied
 from bench.load import LoadGen
-from bench.ports import HIGH, LOW
+from bench.ports import free_block
 from oms.sample import sample_orders
 
 
@@ -47,25 +45,6 @@ def tree_cpu_s(pid: int) -> float:
         total += cpu.get(p, 0.0)
         todo += children.get(p, [])
     return total
-
-
-def free_block(n: int) -> int:
-    rng = random.Random()
-    for _ in range(500):
-        base = rng.randint(LOW, HIGH - n)
-        socks = []
-        try:
-            for port in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no {n} consecutive free ports in {LOW}-{HIGH}")
 
 
 def run_one(workdir: Path, shards: int, args: argparse.Namespace) -> dict[str, Any]:

@@ -106,6 +106,8 @@ class FrontConfig:
     curve_server_key: str | None = None
     curve_clients: str | None = None
     systems: list[str] = field(default_factory=list)  # domain systems' names
+    events_hwm: int = 1000
+    subscriber_timeout_s: float = 30.0
     log_level: str = "info"
     log_format: str = "json"
 
@@ -189,9 +191,10 @@ class Front:
         self.intake = self._bind(zmq.ROUTER, cfg.intake, ROUTER_MANDATORY=1, SNDHWM=10_000,
                                  RCVHWM=10_000, MAXMSGSIZE=4 * 1024 * 1024, **curve)
         # as actors.publisher: a bounded queue per subscriber, a stalled one dropped
-        # after 30 s (heartbeats), a handshake that never completes after 5 s
-        events = {"SNDHWM": 1000, "HANDSHAKE_IVL": 5000, "HEARTBEAT_IVL": 10_000,
-                  "HEARTBEAT_TIMEOUT": 30_000}
+        # (heartbeats), a handshake that never completes after 5 s
+        stall_ms = int(cfg.subscriber_timeout_s * 1000)
+        events = {"SNDHWM": cfg.events_hwm, "HANDSHAKE_IVL": 5000,
+                  "HEARTBEAT_IVL": max(100, stall_ms // 3), "HEARTBEAT_TIMEOUT": stall_ms}
         if curve:
             self.pub = self._bind(zmq.XPUB, cfg.events, XPUB_MANUAL=1, **events, **curve)
         else:

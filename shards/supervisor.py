@@ -105,6 +105,7 @@ def front_config(cfg: Config, manifest: mf.Manifest,
             "processes": cfg.processes, "metrics_host": cfg.metrics_host,
             "metrics_port": cfg.metrics_port, "curve_server_key": cfg.curve_server_key,
             "curve_clients": cfg.curve_clients, "systems": sorted(cfg.systems),
+            "events_hwm": cfg.events_hwm, "subscriber_timeout_s": cfg.subscriber_timeout_s,
             "log_level": cfg.log_level,
             "log_format": cfg.log_format}
 

@@ -96,7 +96,7 @@ def cluster(monkeypatch: Any) -> Any:
 @pytest.mark.timeout(120)
 def test_a_shard_moves_when_its_node_is_removed_under_load(cluster: Any, procs: Any,
                                                            tmp_path: Path) -> None:
-    from bench.shards import free_block
+    from bench.ports import free_block
     from oms.config import Config
     from shards import ray_cluster
 

@@ -11,7 +11,6 @@ import os
 from collections import Counter
 import random
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import zmq
 from conftest import Endpoints, sim_report
 from helpers import poll_until, retail_order
 
-from bench.ports import HIGH, LOW
+from bench.ports import free_block
 from oms import codec
 from oms.client import Client, wait_terminal
 from oms.config import ConfigError
@@ -133,26 +132,6 @@ def test_a_plain_serve_refuses_a_sharded_folder(tmp_path: Path, capsys: Any) -> 
 
 
 # -- real processes -------------------------------------------------------------
-
-
-def free_block(n: int) -> int:
-    """A base port with n consecutive free loopback ports."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randint(LOW, HIGH - n)
-        socks = []
-        try:
-            for port in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no block of free ports")
 
 
 class Sharded:
@@ -271,7 +250,7 @@ def assert_sequenced(views: list[dict[str, Any]]) -> None:
 
 
 @pytest.mark.slow
-def test_kill_9_of_a_shard_under_load_loses_nothing(procs: Any, tmp_path: Path) -> None:
+def test_kill_9_of_a_shard_and_of_the_front_under_load_loses_nothing(procs: Any, tmp_path: Path) -> None:
     s = Sharded(procs, tmp_path, sim_args=("--drop", "capture_payment=0.02"))
     orders = list(sample_orders(600, seed=8, source="web", prefix="K-", telecom_ratio=0.0))
     for n, o in enumerate(orders):  # telecom orders for a few customers, interleaved
@@ -283,10 +262,14 @@ def test_kill_9_of_a_shard_under_load_loses_nothing(procs: Any, tmp_path: Path) 
         if not kills and acked >= 150:
             os.kill(s.shard_pid(0), signal.SIGKILL)
             kills.append(time.monotonic())
+        elif len(kills) == 1 and acked >= 350:  # and the front, once
+            pid = int((s.data / "front" / "ready").read_text().split()[1])
+            os.kill(pid, signal.SIGKILL)
+            kills.append(time.monotonic())
 
     started = time.monotonic()
     acked = submit_until_acked(s, orders, started + 40, killer)
-    assert kills, "the shard was not killed"
+    assert len(kills) == 2, "the shard and the front were not both killed"
     assert len(acked) == len(orders)
     with s.client(timeout=10) as client:
         views = wait_terminal(client, list(acked.values()), timeout=40)
@@ -304,8 +287,9 @@ def test_kill_9_of_a_shard_under_load_loses_nothing(procs: Any, tmp_path: Path) 
         assert_sequenced([views[i] for i in mine])
     log = s.svc.log.read_text()
     assert "shard-0 exited with code -9" in log and "restarting shard-0" in log
-    print(f"\nshards: shard 0 killed after 150 acks; {len(acked)} orders acknowledged and "
-          f"terminal in {time.monotonic() - started:.1f} s")
+    assert "front exited with code -9" in log and "restarting front" in log
+    print(f"\nshards: shard 0 killed after 150 acks, the front after 350; {len(acked)} "
+          f"orders acknowledged and terminal in {time.monotonic() - started:.1f} s")
     assert s.svc.terminate() == 0
 
 
