@@ -63,6 +63,7 @@ def run_one(workdir: Path, shards: int, args: argparse.Namespace) -> dict[str, A
         gen = LoadGen(harness.eps.intake, harness.eps.events, "bench")
         prefix = f"SH{shards}-{int(time.time()) % 100000}-"
         orders = sample_orders(10**9, seed=3, source="bench", prefix=prefix)
+        parts0 = _parts_cpu(workdir / "data", shards)
         svc0, sim0, own0 = tree_cpu_s(harness.svc.pid), harness.sim.cpu_s(), time.process_time()
         wall0 = time.monotonic()
         try:
@@ -74,6 +75,10 @@ def run_one(workdir: Path, shards: int, args: argparse.Namespace) -> dict[str, A
             gen.close()
         wall = time.monotonic() - wall0
         svc_cpu = tree_cpu_s(harness.svc.pid) - svc0
+        parts = {name: round(cpu - parts0.get(name, 0.0), 2)
+                 for name, cpu in _parts_cpu(workdir / "data", shards).items()}
+        if parts:
+            out["cpu_s_by_process"] = parts
         out.update({
             "orders": run.submitted, "finished": run.finished,
             "orders_per_s": round(run.rate("finished"), 1),
@@ -89,6 +94,23 @@ def run_one(workdir: Path, shards: int, args: argparse.Namespace) -> dict[str, A
         out["error"] = str(exc)
     finally:
         harness.stop()
+    return out
+
+
+def _parts_cpu(data: Path, shards: int) -> dict[str, float]:
+    """CPU seconds so far of the front and of each shard (by the pids in their
+    lock and ready files)."""
+    if shards < 2:
+        return {}
+    files = {"front": data / "front" / "ready"}
+    files.update({f"shard-{k}": data / f"shard-{k}" / "oms.lock" for k in range(shards)})
+    out = {}
+    for name, file in files.items():
+        try:
+            pid = int(file.read_text().split()[1])
+            out[name] = tree_cpu_s(pid)
+        except (OSError, ValueError, IndexError):
+            continue
     return out
 
 
@@ -136,6 +158,9 @@ def run_scaling(args: argparse.Namespace) -> int:
         lines.append(f"{name:<24} {r['orders_per_s']:>9} {r['service_cpu_ms_per_order']:>13} "
                      f"{r['service_cores_used']:>11} {r['simulators_cpu_s']:>10} "
                      f"{r['load_generator_cpu_s']:>14}")
+    if many.get("cpu_s_by_process"):
+        lines.append("CPU seconds by process with shards: " + ", ".join(
+            f"{k} {v}" for k, v in many["cpu_s_by_process"].items()))
     if "speedup" in result:
         lines.append(f"\nspeed-up with {args.shards} shards: x{result['speedup']}")
     print("\n".join(lines))
