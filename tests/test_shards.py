@@ -205,18 +205,47 @@ def test_two_shards_behind_one_front_keep_the_contract(procs: Any, tmp_path: Pat
         assert abort["type"] == "operator_rejected" and abort["order_id"] == ids["t-1"]
         poll_until(lambda: client.request({"type": "order_counts"})["in_flight"] == 0,
                    timeout=10)  # the terminal CRM notices settle too
+        # hostile input gets a single node's answers through the front
+        assert client.send_raw(b"\xc1garbage")["code"] == "malformed"
+        assert client.send_raw(codec.pack({"type": "x", "pad": "a" * (1 << 20)}))[
+            "code"] == "too_large"
+        assert client.request({"type": "nope"})["code"] == "unknown_type"
+        assert client.request({"type": "get_order", "order_id": 7})["code"] == "malformed"
+        bad = client.submit(dict(orders[0], source_system="hostile", external_id="b-1",
+                                 items=[]))
+        assert bad["type"] == "rejected"  # and it left no trace in the dedup index:
+        assert client.submit(dict(orders[0], source_system="hostile", external_id="b-1",
+                                  customer={"id": "other"}))["type"] == "accepted"
+        req = zmq.Context.instance().socket(zmq.REQ)  # a REQ client (empty delimiter)
+        req.setsockopt(zmq.LINGER, 0)
+        req.connect(s.eps.intake)
+        req.send(codec.pack({"type": "get_order", "order_id": ids["r-1"]}))
+        assert req.poll(5000) and codec.decode_map(req.recv())["order"]["order_id"] == ids["r-1"]
+        req.close()
+        dom = zmq.Context.instance().socket(zmq.DEALER)  # the domain-events endpoint
+        dom.setsockopt(zmq.LINGER, 0)
+        dom.connect(s.eps.domain_events)
+        for event, expect in (({"type": "event", "event_id": "e1", "system": "shipping",
+                                "order_id": "O999999999901", "name": "x", "data": {}}, "ack"),
+                              ({"type": "event"}, "error"), (b"\xc1", "error")):
+            dom.send(event if isinstance(event, bytes) else codec.pack(event))
+            assert dom.poll(5000) and codec.decode_map(dom.recv())["type"] == expect
+        dom.close()
         # list_orders over both shards: every order once, in pages with one cursor
         listed: list[str] = []
+        created: list[float] = []
         after = None
         while True:
-            page = client.request({"type": "list_orders", "limit": 7,
+            page = client.request({"type": "list_orders", "limit": 7, "source_system": "web",
                                    **({"after": after} if after else {})})
             assert page["type"] == "orders" and len(page["orders"]) <= 7
             listed += [o["order_id"] for o in page["orders"]]
+            created += [o["created_ts"] for o in page["orders"]]
             after = page["next"]
             if after is None:
                 break
         assert sorted(listed) == sorted(ids.values())
+        assert created == sorted(created, reverse=True)  # newest first across shards
         assert client.request({"type": "list_orders", "after": "O1"})["code"] == "malformed"
         assert client.request({"type": "list_orders", "limit": 0})["code"] == "malformed"
         # sequencing per customer: each telecom order started after the one before ended
