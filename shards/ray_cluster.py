@@ -118,7 +118,7 @@ class ShardActor:
         self.node = ray.get_runtime_context().get_node_id()
         self.epoch = 0
 
-        env = child_env({"OMS_VSHARDS": str(vshards)})
+        env = child_env({"OMS_VSHARDS": str(vshards), "OMS_LOG_SHARD": str(k)})
 
         def argv() -> list[str]:  # each start: a new epoch, above the stored one
             self.epoch = stored_epoch(self.folder) + 1
@@ -150,7 +150,8 @@ class FrontActor:
         self.shards = self._locate()
         self._write()
         self.keeper = Keeper(lambda: [sys.executable, "-m", "shards.front", str(self.file)],
-                             child_env({}), Path(self.cfg.data) / "front.log")
+                             child_env({"OMS_LOG_SHARD": "front"}),
+                             Path(self.cfg.data) / "front.log")
         self.stopping = threading.Event()
         threading.Thread(target=self._follow, name="follow", daemon=True).start()
 

@@ -139,14 +139,14 @@ class Supervisor:
         self.manifest = mf.open_or_create(self.data, cfg.shards)
         self.endpoints = [ShardEndpoints.local(cfg.shard_base_port, k)
                           for k in range(cfg.shards)]
-        env = child_env({"OMS_VSHARDS": str(self.manifest.vshards)})
-        self.shards = [Child(f"shard-{k}", shard_argv(cfg, k, ep, config_file), env)
+        self.shards = [Child(f"shard-{k}", shard_argv(cfg, k, ep, config_file), child_env(
+            {"OMS_VSHARDS": str(self.manifest.vshards), "OMS_LOG_SHARD": str(k)}))
                        for k, ep in enumerate(self.endpoints)]
         self.front_file = self.data / "front.json"
         write_json(self.front_file, front_config(cfg, self.manifest, self.endpoints))
         self.ready_file = self.data / "front" / "ready"
         self.front = Child("front", [sys.executable, "-m", "shards.front",
-                                     str(self.front_file)], child_env({}))
+                                     str(self.front_file)], child_env({"OMS_LOG_SHARD": "front"}))
         self.targets_file = self.data / "prometheus-targets.json"
         write_json(self.targets_file, targets(cfg, self.endpoints))
         self.stopping = threading.Event()

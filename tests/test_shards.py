@@ -265,6 +265,8 @@ def test_two_shards_behind_one_front_keep_the_contract(procs: Any, tmp_path: Pat
     sub.close()
     assert seen == set(ids.values())
     assert s.svc.terminate() == 0
+    log = s.svc.log.read_text()  # each child's lines say which it is
+    assert all(f'"shard": "{who}"' in log for who in ("0", "1", "front"))
 
 
 def assert_sequenced(views: list[dict[str, Any]]) -> None:
