@@ -49,8 +49,10 @@ RESEND_IDEMPOTENT = {"submit_order", "get_order", "list_orders", "order_counts",
                      "ping"}
 OPERATOR_ONLY = {"retry_step", "skip_step", "abort_order", "order_counts"}
 BY_ORDER = {"get_order", "cancel_order", "retry_step", "skip_step", "abort_order"}
-GIVE_UP_S = 30.0  # idempotent requests: re-sent to a restarted shard until then
-UNSURE_S = 10.0  # cancel and operator requests: not re-sent; "outcome unknown" after this
+# idempotent requests: re-sent to a restarted shard, answered `internal` after this
+GIVE_UP_S = float(os.environ.get("OMS_FRONT_GIVE_UP_S", "30"))
+# cancel and operator requests: not re-sent; "outcome unknown" after this
+UNSURE_S = float(os.environ.get("OMS_FRONT_UNSURE_S", "10"))
 PING_S = 0.5
 DOWN_AFTER_S = 3.0
 CURSOR_PREFIX = "S1."

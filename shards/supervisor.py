@@ -90,7 +90,8 @@ def shard_argv(cfg: Config, k: int, ep: ShardEndpoints, config_file: str | None)
 def child_env(extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMS_")
            or k in ("OMS_TEST_PORTS", "OMS_MAP_SIZE_MB", "OMS_PASSIVATE_AFTER_S",
-                    "OMS_BREAKER_FAILURES", "OMS_BREAKER_COOLDOWN_S", "OMS_METRICS_HOST")}
+                    "OMS_BREAKER_FAILURES", "OMS_BREAKER_COOLDOWN_S", "OMS_METRICS_HOST",
+                    "OMS_FRONT_GIVE_UP_S", "OMS_FRONT_UNSURE_S")}
     env.update(extra)
     return env
 

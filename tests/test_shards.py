@@ -545,3 +545,41 @@ def test_moving_virtual_shards_offline_keeps_every_order(procs: Any, tmp_path: P
         assert not {r["order_id"] for r in fresh} & ids  # ids stay unique after the move
         wait_terminal(client, [r["order_id"] for r in fresh], timeout=30)
     assert s3.svc.terminate() == 0
+
+
+@pytest.mark.slow
+def test_a_frozen_shard_costs_its_own_requests_only_and_they_are_answered(
+        procs: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    """SIGSTOP one shard: requests for it get `internal` in bounded time (a cancel
+    says the outcome is unknown), the other shard's orders go on; after SIGCONT
+    the cancel that was held in the shard still happens, and the order says so."""
+    monkeypatch.setenv("OMS_FRONT_GIVE_UP_S", "2")
+    monkeypatch.setenv("OMS_FRONT_UNSURE_S", "1.5")
+    s = Sharded(procs, tmp_path, sim_args=("--stock-of", "p-1=0", "--restock-s", "3600"))
+    m = mf.load(s.data)
+    by_shard: dict[int, list[dict[str, Any]]] = {0: [], 1: []}
+    for n in range(40):
+        o = retail_order(f"fz-{n}", customer={"id": f"fz-c{n}"})
+        by_shard[m.owner[vshard_of(f"fz-c{n}", 64)]].append(o)
+    with s.client(timeout=10) as client:
+        client.wait_ready(20)
+        ids = {o["external_id"]: client.submit(o)["order_id"] for k in (0, 1)
+               for o in by_shard[k]}
+        held = by_shard[1][0]["external_id"]  # back-ordered: cancellable
+        poll_until(lambda: client.get(ids[held])["order"]["state"] == "held", timeout=20)
+        frozen = by_shard[1][0]["external_id"]
+        os.kill(s.shard_pid(1), signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            cancel = client.cancel(ids[frozen])
+            assert cancel["code"] == "internal" and "outcome is unknown" in cancel["message"]
+            read = client.get(ids[frozen])
+            assert read["code"] == "internal" and "retry" in read["message"]
+            assert time.monotonic() - t0 < 8
+            other = client.submit(dict(by_shard[0][0], external_id="fz-new"))
+            assert other["type"] == "accepted"  # the other shard is not held up
+        finally:
+            os.kill(s.shard_pid(1), signal.SIGCONT)
+        poll_until(lambda: (client.get(ids[frozen]).get("order") or {}).get("state") in (
+            "assessingCancellation", "pendingCancellation", "cancelled"), timeout=20)
+    assert s.svc.terminate() == 0
