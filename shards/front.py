@@ -197,10 +197,12 @@ class Front:
         stall_ms = int(cfg.subscriber_timeout_s * 1000)
         events = {"SNDHWM": cfg.events_hwm, "HANDSHAKE_IVL": 5000,
                   "HEARTBEAT_IVL": max(100, stall_ms // 3), "HEARTBEAT_TIMEOUT": stall_ms}
+        self.proxy: EventsProxy | None = None
         if curve:
             self.pub = self._bind(zmq.XPUB, cfg.events, XPUB_MANUAL=1, **events, **curve)
-        else:
-            self.pub = self._bind(zmq.PUB, cfg.events, **events)
+        else:  # events go from the shards to the subscribers in C (zmq.proxy), not here
+            self.pub = self._bind(zmq.XPUB, cfg.events, **events)
+            self.proxy = EventsProxy(self.ctx, self.pub, [s["events"] for s in cfg.shards])
         self.domain = self._bind(zmq.ROUTER, cfg.domain_events, ROUTER_MANDATORY=1,
                                  MAXMSGSIZE=4 * 1024 * 1024, **curve)
         self.links = [ShardLink(k, s["intake"], s["events"], s["domain_events"])
@@ -248,6 +250,8 @@ class Front:
         link.mon_dom = link.dom.get_monitor_socket(watch)
         link.req.connect(link.intake)
         link.dom.connect(link.domain_events)
+        if self.proxy is not None:
+            return  # the events proxy holds the connections to the shards' events
         link.sub = self.ctx.socket(zmq.SUB)
         link.sub.setsockopt(zmq.LINGER, 0)
         link.sub.setsockopt(zmq.RCVHWM, 100_000)
@@ -266,6 +270,8 @@ class Front:
         for link in self.links:
             link.req.disable_monitor()
             link.dom.disable_monitor()
+        if self.proxy is not None:
+            self.proxy.stop()
         for sock in [self.intake, self.pub, self.domain] + [
                 s for link in self.links for s in self._link_sockets(link)]:
             sock.close(0)
@@ -291,7 +297,7 @@ class Front:
                     self._from_shard(link, link.req)
                 if events.get(link.dom):
                     self._from_shard(link, link.dom)
-                if events.get(link.sub):
+                if link.sub is not None and events.get(link.sub):
                     self._events_from(link.sub)
                 if events.get(link.mon_req):
                     self._connection(link, "req")
@@ -310,7 +316,8 @@ class Front:
 
     @staticmethod
     def _link_sockets(link: ShardLink) -> tuple[Any, ...]:
-        return (link.req, link.sub, link.dom, link.mon_req, link.mon_dom)
+        return tuple(s for s in (link.req, link.sub, link.dom, link.mon_req, link.mon_dom)
+                     if s is not None)
 
     def _register(self, poller: zmq.Poller) -> None:
         for sock in [self.intake, self.domain] + [
@@ -320,6 +327,10 @@ class Front:
             poller.register(self.pub, zmq.POLLIN)
 
     def _housekeeping(self, now: float) -> None:
+        proxy = self.proxy.thread if self.proxy is not None else None
+        if proxy is not None and not proxy.is_alive():  # the one failure rule: exit loudly
+            logger.critical("the events proxy thread ended; the front exits (restarted)")
+            raise SystemExit(70)
         for link in self.links:
             if link.ping_sent is None and now - link.last_answer >= PING_S:
                 self._ping(link, now)
@@ -426,6 +437,8 @@ class Front:
                 self._connect(link)
                 for sock in self._link_sockets(link):
                     self._poller.register(sock, zmq.POLLIN)
+                if self.proxy is not None:
+                    self.proxy.restart([lk.events for lk in self.links])
 
     # -- sending to shards ------------------------------------------------------
 
@@ -830,6 +843,56 @@ class Front:
             self.domain.send_multipart([*env, frame], flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             logger.warning("domain event answer not delivered: %s", exc)
+
+
+class EventsProxy:
+    """CURVE off: the shards' events reach the subscribers through
+    ``zmq.proxy`` (XSUB connected to every shard, the front's XPUB), in a
+    thread of its own that runs in C without the GIL. Subscriptions travel
+    upstream, so each shard sends only what someone subscribed to."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, ctx: zmq.Context, pub: zmq.Socket, endpoints: list[str]) -> None:
+        self.ctx, self.pub = ctx, pub
+        self.thread: threading.Thread | None = None
+        self.start(endpoints)
+
+    def start(self, endpoints: list[str]) -> None:
+        address = f"inproc://events-proxy-{next(self._ids)}"
+        self.control = self.ctx.socket(zmq.PAIR)
+        self.control.bind(address)
+        xsub = self.ctx.socket(zmq.XSUB)
+        for name, value in (("LINGER", 0), ("RCVHWM", 100_000), ("RECONNECT_IVL", 100),
+                            ("RECONNECT_IVL_MAX", 1000)):
+            xsub.setsockopt(getattr(zmq, name), value)
+        for endpoint in endpoints:
+            xsub.connect(endpoint)
+        peer = self.ctx.socket(zmq.PAIR)
+        peer.connect(address)
+
+        def run() -> None:
+            try:
+                zmq.proxy_steerable(xsub, self.pub, None, peer)
+            except zmq.ZMQError as exc:  # the context ended under it
+                logger.info("events proxy ended: %s", exc)
+            finally:
+                xsub.close(0)
+                peer.close(0)
+
+        self.thread = threading.Thread(target=run, name="events-proxy", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        if self.thread is not None:
+            self.control.send(b"TERMINATE")
+            self.thread.join(5)
+            self.control.close(0)
+            self.thread = None
+
+    def restart(self, endpoints: list[str]) -> None:
+        self.stop()
+        self.start(endpoints)
 
 
 # -- list_orders merging ---------------------------------------------------------------
