@@ -6,7 +6,10 @@ Scenarios:
   intake   accept and durably acknowledge only (orders then wait; no domain work)
   waiting  N orders left waiting for delivery: memory and threads per waiting
            order, and the time from restart to accepting orders with N in flight
-  soak     a fixed --rate for --duration seconds
+  soak     a fixed --rate for --duration seconds; with --faults, the service is
+           killed with -9 every --kill-every seconds, domain systems go down
+           and replies are dropped, and the run ends by checking every order
+           terminal and no effect applied twice (bench/faults.py)
   engine   the pure engine in-process: microseconds per step, no I/O
 
 By default it starts its own simulators and service (in a temporary folder);
@@ -54,6 +57,18 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--shards", type=int, metavar="N",
                    help="run retail against one process and against N shards behind the "
                         "front, in the same run: orders/s and CPU per order for each")
+    p.add_argument("--faults", action="store_true",
+                   help="soak only: kill -9 the service, take domain systems down, drop "
+                        "replies; then check every order terminal, nothing applied twice")
+    p.add_argument("--kill-every", type=float, default=60.0, metavar="S",
+                   help="--faults: kill -9 and restart the service every S seconds "
+                        "(0: never; default 60)")
+    p.add_argument("--outage-every", type=float, default=45.0, metavar="S",
+                   help="--faults: a domain-system fault every S seconds, in turn: "
+                        "provisioning frozen, crm restarted, billing unavailable "
+                        "(0: never; default 45)")
+    p.add_argument("--outage-s", type=float, default=8.0, metavar="S",
+                   help="--faults: how long each domain-system fault lasts (default 8)")
     p.add_argument("--smoke", action="store_true", help="tiny run that checks the bench works")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -62,6 +77,9 @@ def _orders(scenario: str, prefix: str) -> Any:
     if scenario == "mixed":
         return sample_orders(10**9, seed=3, source="bench", prefix=prefix, telecom_ratio=0.3,
                              scarce_ratio=0.05)
+    if scenario == "faults":  # telecom for 50 customers: sequencing across restarts
+        return sample_orders(10**9, seed=3, source="bench", prefix=prefix, telecom_ratio=0.3,
+                             scarce_ratio=0.02)
     if scenario == "intake":
         return (dict(o, order_type="intake") for o in
                 sample_orders(10**9, seed=3, source="bench", prefix=prefix))
@@ -91,6 +109,9 @@ def run_bench(args: argparse.Namespace) -> int:
         args.orders, args.window, args.duration = min(args.orders, 300), 64, 2.0
         args.give_up = min(args.give_up, 30.0)
     config = {k: v for k, v in vars(args).items() if k not in ("func",)}
+    if args.faults and (args.scenario != "soak" or args.intake):
+        raise SystemExit("oms bench: --faults needs --scenario soak and its own service "
+                         "(not --intake)")
     workdir = Path(tempfile.mkdtemp(prefix="oms-bench-"))
     result: dict[str, Any] = {"scenario": args.scenario, "config": config,
                               "machine": machine(), "started": time.time()}
@@ -102,6 +123,14 @@ def run_bench(args: argparse.Namespace) -> int:
             result.update(run_engine(args.orders))
         elif args.intake:
             intake, events = args.intake, args.events
+        elif args.faults:
+            from bench.faults import FaultHarness, run_fault_soak
+
+            harness = FaultHarness(workdir, ["--workers", str(args.workers)])
+            harness.start_simulators()
+            harness.start_service()
+            harness.wait_ready()
+            result.update(run_fault_soak(harness, args, _orders("faults", "FLT-")))
         else:
             harness = Harness(workdir, SIM_ARGS[args.scenario], ["--workers",
                                                                  str(args.workers)],
@@ -114,15 +143,18 @@ def run_bench(args: argparse.Namespace) -> int:
             intake, events = harness.eps.intake, harness.eps.events
         if args.scenario == "waiting":
             result.update(run_waiting(harness, intake, events, args))
-        elif args.scenario != "engine":
+        elif args.scenario != "engine" and not args.faults:
             result.update(run_load(harness, intake, events, args))
     except ProcessDied as exc:
         result["error"] = str(exc)
     finally:
         if harness is not None:
             result.update(harness.stop())
+        faults = result.get("faults") or {}
         failed = bool(result.get("error") or result.get("unfinished")
-                      or (result.get("baseline") or {}).get("unfinished"))
+                      or (result.get("baseline") or {}).get("unfinished")
+                      or faults.get("applied_twice") or faults.get("retail_once_ops_over_once")
+                      or faults.get("sequencing_overlaps"))
         if failed:
             result["logs"] = keep_logs(workdir, Path(args.out))
         shutil.rmtree(workdir, ignore_errors=True)

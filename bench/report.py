@@ -122,10 +122,48 @@ def render(r: dict[str, Any]) -> str:
                                                    sorted(r["outcomes"].items())))
     if r.get("errors"):
         lines.append("errors:       " + ", ".join(f"{k} {v}" for k, v in r["errors"].items()))
+    lines += _fault_lines(r.get("faults"))
     lines += _trouble_lines(r)
     if not r.get("faults"):  # a fault soak has its own verdict (the chaos branch)
         lines += _target_lines(r)
     return "\n".join(lines)
+
+
+def _fault_lines(f: dict[str, Any] | None) -> list[str]:
+    """The fault soak's verdict (bench/faults.py): faults done, and whether
+    every acknowledged order ended terminal with nothing applied twice."""
+    if not f:
+        return []
+    restart = f.get("restart_to_ready_s") or {}
+    done = ", ".join(f"{k} {v}" for k, v in sorted(f["done"].items())) or "none"
+    lines = ["", f"faults:       {done}"]
+    if restart:
+        lines.append(f"restart:      after kill -9, start to ready: min {restart['min']:.2f} s, "
+                     f"median {restart['median']:.2f} s, max {restart['max']:.2f} s")
+    terminal = ", ".join(f"{k} {v}" for k, v in sorted(f["terminal"].items()))
+    lines += [f"acknowledged: {f['acknowledged']} ({f['resubmits']} resubmissions, "
+              f"{f['duplicates']} answered duplicate, {f['get_order_asks']} get_order asks "
+              f"for missed results); {f['not_acknowledged']} never acknowledged",
+              f"terminal:     {sum(f['terminal'].values())} ({terminal})"]
+    stuck = ", ".join(f"{k} {v}" for k, v in sorted(f["stuck_by_state"].items()))
+    lines.append(f"STUCK:        {f['stuck']} acknowledged orders not terminal ({stuck}); "
+                 f"e.g. {' '.join(f['stuck_examples'][:5])}; telecom orders of "
+                 f"{len(f.get('stuck_customers', {}))} customers" if f["stuck"] else
+                 "stuck:        0")
+    twice = f["applied_twice"] + f["retail_once_ops_over_once"]
+    lines.append(f"APPLIED TWICE: {f['applied_twice']} operations with the same arguments, "
+                 f"{f['retail_once_ops_over_once']} retail orders with a once-only op "
+                 f"repeated; e.g. {f['applied_twice_examples'][:3]}" if twice else
+                 "applied twice: 0 (simulator reports; crm's since its last restart)")
+    overlaps = f.get("sequencing_overlaps", 0)
+    lines.append(f"SEQUENCING:   {overlaps} telecom orders started before the previous order "
+                 f"of their customer ended; e.g. {f['sequencing_examples'][:3]}" if overlaps
+                 else f"sequencing:   held ({f.get('telecom_checked', 0)} telecom orders of "
+                 f"{f.get('customers', 0)} customers, one at a time per customer)")
+    ok = not (f["stuck"] or twice or f["not_acknowledged"] or overlaps)
+    lines.append("verdict:      " + ("every acknowledged order terminal, nothing applied "
+                                     "twice: met" if ok else "NOT MET"))
+    return lines
 
 
 def _trouble_lines(r: dict[str, Any]) -> list[str]:

@@ -91,6 +91,8 @@ def check_data(value: Any, field: str = "data", depth: int = 1) -> str | None:
     if depth > MAX_DEPTH:
         return f"{field} is nested deeper than {MAX_DEPTH} levels"
     for key, item in value.items():
+        if not isinstance(key, str):  # msgpack allows any key; state and JSON views do not
+            return f"{field} has a key that is not a string ({type(key).__name__})"
         problem = _check_value(item, f"{field}.{key:.100}", depth)
         if problem:
             return problem

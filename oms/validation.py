@@ -80,7 +80,9 @@ def check_free_map(value: Any, field: str, errs: list[FieldError], depth: int = 
         return
     if isinstance(value, dict):
         for key, sub in value.items():
-            if len(key) > MAX_STR:
+            if not isinstance(key, str):  # msgpack allows any key; views are JSON
+                errs.append(FieldError(field, "keys must be strings"))
+            elif len(key) > MAX_STR:
                 errs.append(FieldError(field, f"key longer than {MAX_STR} characters"))
             else:
                 check_free_map(sub, f"{field}.{key}", errs, depth + 1)

@@ -12,6 +12,7 @@ import pytest
 import zmq
 from conftest import endpoint
 
+from bench.faults import sequencing_overlaps
 from bench.harness import Harness, ProcessDied
 from bench.load import LoadGen
 from oms.sample import sample_orders
@@ -92,3 +93,49 @@ def test_a_process_that_dies_fails_the_run_with_its_log(tmp_path: Path) -> None:
             harness.wait_ready(timeout=60)
     finally:
         harness.stop()
+
+
+def test_fault_soak_smoke(tmp_path: Path) -> None:
+    """One kill -9 of the service, a frozen provisioning system and a
+    restarted crm under load: every acknowledged order ends terminal, nothing
+    is applied twice, and the report says so."""
+    out = tmp_path / "reports"
+    result = subprocess.run(
+        [sys.executable, "-m", "oms.cli", "bench", "--scenario", "soak", "--faults", "--quiet",
+         "--rate", "40", "--duration", "8", "--kill-every", "4", "--outage-every", "3",
+         "--outage-s", "1.5", "--give-up", "20", "--out", str(out)],
+        capture_output=True, text=True, timeout=120)
+    (report,) = out.glob("*.json")
+    faults = json.loads(report.read_text())["faults"]
+    assert faults["kills"] == 1 and len(faults["restart_to_ready_s"]) == 3
+    assert {"freeze provisioning", "restart crm"} <= set(faults["done"])
+    assert faults["acknowledged"] == 320 and faults["not_acknowledged"] == 0
+    assert faults["stuck"] == 0, (faults["stuck_by_state"], faults["stuck_examples"])
+    assert faults["applied_twice"] == faults["retail_once_ops_over_once"] == 0
+    assert sum(faults["terminal"].values()) == 320
+    assert faults["sequencing_overlaps"] == 0 and faults["telecom_checked"] > 50
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "verdict:      every acknowledged order terminal, nothing applied twice: met" \
+        in result.stdout
+
+
+def test_fault_soak_needs_its_own_soak_service() -> None:
+    result = subprocess.run([sys.executable, "-m", "oms.cli", "bench", "--scenario", "retail",
+                             "--faults"], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "--faults needs --scenario soak" in result.stderr
+
+
+def test_sequencing_check_finds_overlapping_and_reordered_orders() -> None:
+    def view(start: float | None, end: float, state: str = "completed") -> dict:
+        hist = [{"state": "acknowledged", "ts": 0.0}]
+        hist += [{"state": "inProgress", "ts": start}] if start is not None else []
+        return {"order_type": "telecom", "history": hist + [{"state": state, "ts": end}]}
+
+    customer = dict.fromkeys(["O1", "O2", "O3", "O4"], "c1") | {"O5": "c2"}
+    fine = {"O1": view(1, 2), "O2": view(None, 2.5, "cancelled"), "O3": view(2, 3),
+            "O4": view(3.5, 4), "O5": view(1, 5)}
+    assert sequencing_overlaps(fine, customer) == []
+    overlap = dict(fine, O3=view(1.5, 3))
+    assert sequencing_overlaps(overlap, customer) == ["c1: O3 started 0.500 s before O1 ended"]
+    reordered = dict(fine, O4=view(0.5, 0.9))  # ran before O3, accepted after it
+    assert len(sequencing_overlaps(reordered, customer)) == 1

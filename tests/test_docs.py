@@ -70,3 +70,79 @@ def test_every_request_type_the_intake_serves_is_in_the_contract() -> None:
     assert {"submit_order", "cancel_order", "retry_step"} <= served
     text = (ROOT / "docs/protocol.md").read_text(encoding="utf-8")
     assert all(f"`{t}`" in text for t in served), served
+
+
+def test_every_error_code_the_service_sends_is_in_the_contract() -> None:
+    """Each code of ``oms/errors.py`` that the intake, the domain-events
+    endpoint, the router, the gateways or the engine use (``errors.X``, or
+    ``X`` imported from ``oms.errors``) is a code on the wire: protocol.md
+    names it."""
+    source = (ROOT / "oms/errors.py").read_text(encoding="utf-8")
+    codes = dict(re.findall(r'^([A-Z_]+) = "([a-z_]+)"', source, flags=re.M))
+    used = set()
+    for name in ("actors/intake.py", "actors/domain_events.py", "actors/router.py",
+                 "gateways/gateway.py", "oms/edge.py", "oms/engine.py"):
+        text = (ROOT / name).read_text(encoding="utf-8")
+        used |= set(re.findall(r"\berrors\.([A-Z_]+)\b", text))
+        for imported in re.findall(r"^from oms\.errors import (.+)$", text, flags=re.M):
+            used |= {n.strip() for n in imported.split(",")}
+    assert {"MALFORMED", "BUSY", "UNAVAILABLE", "INTERNAL", "CIRCUIT_OPEN"} <= used, used
+    contract = (ROOT / "docs/protocol.md").read_text(encoding="utf-8")
+    missing = sorted(codes[c] for c in used if c in codes and f"`{codes[c]}`" not in contract)
+    assert not missing, missing
+
+
+REFERENCE_PAGES = ("docs/durability.md", "docs/security.md", "docs/architecture.md")
+NOT_CODE = {"oms.lock"}  # a file in the data folder, not a module
+
+
+def test_the_functions_and_tests_the_docs_name_exist() -> None:
+    """Crash windows and defects are findable: every ``tests/x.py::test_name``
+    and every ``package.module.Name.attr`` that durability.md, security.md
+    and architecture.md name (in backticks) exists."""
+    import importlib
+
+    missing = []
+    for page in REFERENCE_PAGES:
+        text = (ROOT / page).read_text(encoding="utf-8")
+        for file, name in re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", text):
+            if not re.search(rf"^def {name}\(", (ROOT / file).read_text(encoding="utf-8"),
+                             flags=re.M):
+                missing.append(f"{page}: {file}::{name}")
+        named = set(re.findall(r"`((?:actors|oms|gateways|console)\.[\w.]+)`", text))
+        for dotted in sorted(named - NOT_CODE):
+            parts = dotted.split(".")
+            for cut in range(len(parts), 0, -1):
+                try:
+                    obj = importlib.import_module(".".join(parts[:cut]))
+                except ImportError:
+                    continue
+                try:
+                    for attr in parts[cut:]:
+                        obj = getattr(obj, attr)
+                except AttributeError:
+                    missing.append(f"{page}: {dotted}")
+                break
+            else:
+                missing.append(f"{page}: {dotted}")
+    assert not missing, missing
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors of a Markdown page."""
+    heads = re.findall(r"^#+ (.+)$", page.read_text(encoding="utf-8"), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+
+def test_links_to_a_section_name_a_section_that_exists() -> None:
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in LINK.findall(page.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+://", target) or "#" not in target:
+                continue
+            name, anchor = target.split("#", 1)
+            file = (page.parent / name) if name else page
+            if file.suffix == ".md" and file.exists() and anchor not in _anchors(file):
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, broken

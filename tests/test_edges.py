@@ -312,7 +312,7 @@ def test_without_curve_only_configured_systems_and_bounded_labels(service: Any,
 
 
 @pytest.mark.parametrize("case", ["too large", "NaN in data", "huge int", "data a list",
-                                  "deep data", "no event_id", "not msgpack"])
+                                  "deep data", "no event_id", "not msgpack", "binary key"])
 def test_a_bad_event_gets_a_clear_error_and_the_endpoint_carries_on(
         service: Any, eps: Any, case: str) -> None:
     frames: dict[str, Any] = {
@@ -324,6 +324,7 @@ def test_a_bad_event_gets_a_clear_error_and_the_endpoint_carries_on(
         "deep data": (event("O1", "warehouse", "x", **NESTED), "malformed"),
         "no event_id": ({**event("O1", "warehouse", "x"), "event_id": None}, "malformed"),
         "not msgpack": (b"\xc1\xc1", "malformed"),
+        "binary key": ({**event("O1", "warehouse", "x"), "data": {b"k": 1}}, "malformed"),
     }
     frame, code = frames[case]
     pusher = Pusher(eps.domain_events)

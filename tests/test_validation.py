@@ -105,6 +105,19 @@ def test_attributes_depth_limit() -> None:
     assert errors_of(retail_order(attributes=shallow)) == {}
 
 
+def test_attributes_keys_must_be_strings() -> None:
+    for attributes in ({b"k": 1}, {1: "v"}, {"n": {b"k": "v"}}, {"l": [{None: 1}]}):
+        errs = errors_of(retail_order(attributes=attributes))
+        assert any("keys must be strings" in m for m in errs.values()), attributes
+
+
+def test_reply_and_event_data_keys_must_be_strings() -> None:
+    from oms import edge
+    assert "not a string" in (edge.check_data({b"k": 1}) or "")
+    assert "not a string" in (edge.check_data({"a": [{1: 2}]}) or "")
+    assert edge.check_data({"a": [{"b": 2}]}) is None
+
+
 def test_address_country_and_unknown_fields() -> None:
     bad = retail_order(delivery_address={"line1": "x", "city": "y", "postal_code": "1",
                                          "country": "Germany", "floor": 3})
