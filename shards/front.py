@@ -109,6 +109,7 @@ class FrontConfig:
     curve_clients: str | None = None
     systems: list[str] = field(default_factory=list)  # domain systems' names
     events_hwm: int = 1000
+    max_subscribers: int = 100
     subscriber_timeout_s: float = 30.0
     log_level: str = "info"
     log_format: str = "json"
@@ -137,6 +138,11 @@ class FrontMetrics:
                                       buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .5))
         self.events = Counter("oms_front_events_total", "Channel events republished",
                               registry=registry)
+        self.subscribers = Gauge("oms_event_subscribers", "Connections to the events "
+                                 "endpoint", registry=registry)
+        self.subscribers_refused = Counter("oms_event_subscribers_refused_total",
+                                           "Events connections closed at once: "
+                                           "max_subscribers were connected", registry=registry)
 
 
 class Front:
@@ -199,9 +205,9 @@ class Front:
                   "HEARTBEAT_IVL": max(100, stall_ms // 3), "HEARTBEAT_TIMEOUT": stall_ms}
         self.proxy: EventsProxy | None = None
         if curve:
-            self.pub = self._bind(zmq.XPUB, cfg.events, XPUB_MANUAL=1, **events, **curve)
+            self.pub = self._bind(zmq.XPUB, cfg.events, True, XPUB_MANUAL=1, **events, **curve)
         else:  # events go from the shards to the subscribers in C (zmq.proxy), not here
-            self.pub = self._bind(zmq.XPUB, cfg.events, **events)
+            self.pub = self._bind(zmq.XPUB, cfg.events, True, **events)
             self.proxy = EventsProxy(self.ctx, self.pub, [s["events"] for s in cfg.shards])
         self.domain = self._bind(zmq.ROUTER, cfg.domain_events, ROUTER_MANDATORY=1,
                                  MAXMSGSIZE=4 * 1024 * 1024, **curve)
@@ -219,12 +225,20 @@ class Front:
         logger.info("front ready: intake %s, events %s, domain events %s, %d shards",
                     cfg.intake, cfg.events, cfg.domain_events, len(self.links))
 
-    def _bind(self, kind: int, endpoint: str, **options: Any) -> zmq.Socket:
+    def _bind(self, kind: int, endpoint: str, watch: bool = False,
+              **options: Any) -> zmq.Socket:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 1000)
         for name, value in options.items():
             sock.setsockopt(getattr(zmq, name), value)
+        if watch:  # from before the bind: no connection goes uncounted
+            self.subscribers = Subscribers(sock.get_monitor_socket(
+                zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED), self.cfg.max_subscribers, self.m)
         sock.bind(endpoint)
+        if watch:
+            bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            if bound.startswith("tcp://"):
+                self.subscribers.port = int(bound.rsplit(":", 1)[1])
         return sock
 
     def _connect(self, link: ShardLink) -> None:
@@ -272,6 +286,8 @@ class Front:
             link.dom.disable_monitor()
         if self.proxy is not None:
             self.proxy.stop()
+        self.pub.disable_monitor()
+        self.subscribers.monitor.close(0)
         for sock in [self.intake, self.pub, self.domain] + [
                 s for link in self.links for s in self._link_sockets(link)]:
             sock.close(0)
@@ -307,6 +323,8 @@ class Front:
                 self._from_channels()
             if events.get(self.domain):
                 self._from_domains()
+            if events.get(self.subscribers.monitor):
+                self.subscribers.on_monitor()
             if self.identity_required and events.get(self.pub):
                 self._subscriptions()
             self._flush_batch()
@@ -320,7 +338,7 @@ class Front:
                      if s is not None)
 
     def _register(self, poller: zmq.Poller) -> None:
-        for sock in [self.intake, self.domain] + [
+        for sock in [self.intake, self.domain, self.subscribers.monitor] + [
                 s for link in self.links for s in self._link_sockets(link)]:
             poller.register(sock, zmq.POLLIN)
         if self.identity_required:
@@ -843,6 +861,59 @@ class Front:
             self.domain.send_multipart([*env, frame], flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             logger.warning("domain event answer not delivered: %s", exc)
+
+
+class Subscribers:
+    """At most ``max_subscribers`` connections to the events endpoint; more are
+    shut down as soon as they are accepted (as ``actors.publisher`` does)."""
+
+    def __init__(self, monitor: zmq.Socket, limit: int, metrics: FrontMetrics) -> None:
+        self.monitor, self.limit, self.m = monitor, limit, metrics
+        self.live: set[int] = set()
+        self.refused: set[int] = set()
+        self.port: int | None = None
+        self.m.subscribers.set(0)
+
+    def on_monitor(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        events = []
+        for _ in range(1000):
+            try:
+                events.append(recv_monitor_message(self.monitor, flags=zmq.NOBLOCK))
+            except zmq.Again:
+                break
+        closes = {e["value"]: i for i, e in enumerate(events)
+                  if e["event"] == zmq.EVENT_DISCONNECTED}
+        for i, ev in enumerate(events):
+            fd = ev["value"]
+            if ev["event"] == zmq.EVENT_ACCEPTED:
+                self.live.add(fd)
+                if len(self.live - self.refused) > self.limit and closes.get(fd, -1) < i:
+                    self._refuse(fd)
+            elif ev["event"] == zmq.EVENT_DISCONNECTED:
+                self.live.discard(fd)
+                self.refused.discard(fd)
+        self.m.subscribers.set(len(self.live - self.refused))
+
+    def _refuse(self, fd: int) -> None:
+        import socket
+
+        self.m.subscribers_refused.inc()
+        try:
+            conn = socket.socket(fileno=fd)
+        except OSError:
+            return
+        try:  # still ours? (a closed connection's fd number may be reused)
+            if self.port is None or conn.getsockname()[1] == self.port:
+                conn.shutdown(socket.SHUT_RDWR)
+                self.refused.add(fd)
+        except (OSError, IndexError, TypeError):
+            pass
+        finally:
+            conn.detach()  # ZeroMQ owns the fd
+        logger.warning("events subscriber refused: %d connected already (max_subscribers)",
+                       self.limit)
 
 
 class EventsProxy:

@@ -107,6 +107,7 @@ def front_config(cfg: Config, manifest: mf.Manifest,
             "metrics_port": cfg.metrics_port, "curve_server_key": cfg.curve_server_key,
             "curve_clients": cfg.curve_clients, "systems": sorted(cfg.systems),
             "events_hwm": cfg.events_hwm, "subscriber_timeout_s": cfg.subscriber_timeout_s,
+            "max_subscribers": cfg.max_subscribers,
             "log_level": cfg.log_level,
             "log_format": cfg.log_format}
 

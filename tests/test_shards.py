@@ -583,3 +583,32 @@ def test_a_frozen_shard_costs_its_own_requests_only_and_they_are_answered(
         poll_until(lambda: (client.get(ids[frozen]).get("order") or {}).get("state") in (
             "assessingCancellation", "pendingCancellation", "cancelled"), timeout=20)
     assert s.svc.terminate() == 0
+
+
+@pytest.mark.slow
+def test_the_front_takes_at_most_max_subscribers(procs: Any, tmp_path: Path,
+                                                 monkeypatch: Any) -> None:
+    monkeypatch.setenv("OMS_MAX_SUBSCRIBERS", "2")
+    s = Sharded(procs, tmp_path)
+    ctx = zmq.Context.instance()
+    subs = []
+    for _ in range(3):
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(s.eps.events)
+        subs.append(sub)
+        time.sleep(0.2)  # connected in this order
+    with s.client(timeout=10) as client:
+        client.wait_ready(20)
+        ids = [client.submit(retail_order(f"ms-{n}", customer={"id": f"ms-{n}"}))["order_id"]
+               for n in range(10)]
+        wait_terminal(client, ids, timeout=20)
+    got = [0, 0, 0]
+    for n, sub in enumerate(subs):
+        while sub.poll(300):
+            sub.recv_multipart()
+            got[n] += 1
+        sub.close()
+    assert got[0] > 0 and got[1] > 0 and got[2] == 0, got
+    assert s.svc.terminate() == 0
