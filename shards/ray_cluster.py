@@ -245,7 +245,12 @@ def down() -> None:
 
 
 def cmd_ray(args: Any, cfg: Config) -> int:
-    ray.init(address=args.address, namespace=NAMESPACE)
+    from oms.config import ConfigError
+
+    try:
+        ray.init(address=args.address, namespace=NAMESPACE)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ConfigError(f"cannot reach the Ray cluster at {args.address}: {exc}") from None
     try:
         if args.action == "up":
             print(json.dumps(up(cfg), indent=1))
