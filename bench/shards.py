@@ -97,6 +97,16 @@ def run_one(workdir: Path, shards: int, args: argparse.Namespace) -> dict[str, A
     return out
 
 
+def _run_retrying(workdir: Path, shards: int, args: argparse.Namespace) -> dict[str, Any]:
+    """A run whose port was taken by another process between the check and the
+    bind (a shared machine) is started again once, on other ports."""
+    out = run_one(workdir, shards, args)
+    if "Address already in use" in out.get("error", ""):
+        shutil.rmtree(workdir, ignore_errors=True)
+        out = run_one(workdir, shards, args)
+    return out
+
+
 def _parts_cpu(data: Path, shards: int) -> dict[str, float]:
     """CPU seconds so far of the front and of each shard (by the pids in their
     lock and ready files)."""
@@ -131,7 +141,8 @@ def run_scaling(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="oms-bench-shards-"))
     load1 = os.getloadavg()[0]
     try:
-        runs = [run_one(workdir / "one", 1, args), run_one(workdir / "many", args.shards, args)]
+        runs = [_run_retrying(workdir / "one", 1, args),
+                _run_retrying(workdir / "many", args.shards, args)]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     one, many = runs
