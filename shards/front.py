@@ -372,15 +372,16 @@ class Front:
 
         def pong(reply: dict[str, Any] | None, raw: bytes | None) -> None:
             link.ping_sent = None
-            if reply is None:
-                return
-            if not link.up:
-                logger.info("shard %d answers: up", link.k)
-            link.up = True
-            self.m.shard_up.labels(str(link.k)).set(1)
+            if reply is not None and not link.up:
+                self._mark_up(link)
 
         self.send(link.k, codec.pack({"type": "get_order", "order_id": "-"}), "ping",
                   pong, deadline_s=DOWN_AFTER_S * 4)
+
+    def _mark_up(self, link: ShardLink) -> None:
+        logger.info("shard %d answers: up", link.k)
+        link.up = True
+        self.m.shard_up.labels(str(link.k)).set(1)
 
     def _connection(self, link: ShardLink, which: str) -> None:
         """A connection to a shard dropped (the shard died) or came back.
@@ -493,6 +494,8 @@ class Front:
             except zmq.Again:
                 return
             link.last_answer = time.monotonic()
+            if not link.up:  # any answer says it is up (a busy shard gets no pings)
+                self._mark_up(link)
             if len(parts) != 2:
                 continue
             p = self.pending.pop(parts[0], None)
