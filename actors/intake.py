@@ -24,7 +24,7 @@ from typing import Any
 import zmq
 
 from actors.endpoint import RouterEndpoint
-from actors.security import DOMAINS
+from actors.security import DOMAINS, is_operator_name
 from actors.store_writer import CreateOrder
 from oms import codec, errors
 from oms.engine import new_order
@@ -250,7 +250,7 @@ class Intake(RouterEndpoint):
         return order, None
 
     def is_operator(self) -> bool:
-        return not self.identity_required or str(self.user).startswith("operator")
+        return not self.identity_required or is_operator_name(self.user)
 
     def is_domain_system(self) -> bool:
         """With CURVE on, a domain system's key (``warehouse``) or ``domains``:
