@@ -58,6 +58,25 @@ def authorise(event: edge.Event, user: str | None, systems: frozenset[str]) -> s
     return None
 
 
+def stored_event(ev: Any, systems: frozenset[str]) -> DomainEvent | str:
+    """An event read back from the store's inbox at recovery, checked again
+    as at the edge (shape, sizes, numbers; its system one of this service's
+    domain systems): the event, or why it is not replayed. The store may
+    hold events recorded by an older version or for a system no longer
+    configured; they must not move an order after a restart."""
+    if not isinstance(ev, dict):
+        return f"not a map: {type(ev).__name__}"
+    parsed = edge.parse_event({**ev, "type": "event"})
+    if isinstance(parsed, edge.Violation):
+        return parsed.message
+    if len(codec.pack(ev)) > edge.MAX_EVENT_BYTES:
+        return f"larger than {edge.MAX_EVENT_BYTES} bytes"
+    denied = authorise(parsed, None, systems)
+    if denied is not None:
+        return denied
+    return DomainEvent(parsed.event_id, parsed.system, parsed.name, parsed.data)
+
+
 class DomainEvents(RouterEndpoint):
     thread_name = "domain-events"
     label = "domain_events"

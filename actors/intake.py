@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from typing import Any
 import zmq
 
 from actors.endpoint import RouterEndpoint
+from actors.security import DOMAINS, is_operator_name
 from actors.store_writer import CreateOrder
 from oms import codec, errors
 from oms.engine import new_order
@@ -35,6 +37,7 @@ from oms.validation import validate_order
 logger = logging.getLogger(__name__)
 
 _STATES = {str(s) for s in OrderState}
+_CURSOR = re.compile(r"O[0-9]{12,40}")  # an order id, as oms.store.format_order_id makes
 OPERATOR_ONLY = {"retry_step", "skip_step", "abort_order", "order_counts"}
 
 
@@ -115,7 +118,9 @@ class Intake(RouterEndpoint):
                 request_id = _request_id(req)
                 rtype = req.get("type") if isinstance(req.get("type"), str) else "?"
                 handler = self.handlers.get(rtype)
-                if handler is not None and rtype in OPERATOR_ONLY and not self.is_operator():
+                if handler is not None and self.is_domain_system():
+                    reply = self.denied("")
+                elif handler is not None and rtype in OPERATOR_ONLY and not self.is_operator():
                     reply = errors.error_reply(errors.UNAUTHORIZED,
                                                f"{rtype} is for operators only")
                 elif handler is None:
@@ -135,6 +140,8 @@ class Intake(RouterEndpoint):
         self.metrics.requests.labels(rtype, reply["type"]).inc()
         if reply["type"] == "error":
             self.metrics.intake_errors.labels(reply["code"]).inc()
+            if reply["code"] == errors.INTERNAL:  # a bug or an unreadable record
+                self.metrics.internal_errors.labels("intake").inc()
         if request_id is not None:
             reply["request_id"] = request_id
         self.send_reply(envelope, reply)
@@ -246,10 +253,21 @@ class Intake(RouterEndpoint):
         return order, None
 
     def is_operator(self) -> bool:
-        return not self.identity_required or str(self.user).startswith("operator")
+        return not self.identity_required or is_operator_name(self.user)
+
+    def is_domain_system(self) -> bool:
+        """With CURVE on, a domain system's key (``warehouse``) or ``domains``:
+        it sends events to the domain-events endpoint and is no channel."""
+        return self.identity_required and (
+            self.user == DOMAINS or self.user in (self.octx.gateways or {}))
 
     def denied(self, source_system: str) -> dict[str, Any] | None:
-        """With CURVE on, a channel may touch only its own source_system's orders."""
+        """With CURVE on, a channel may touch only its own source_system's
+        orders, and a domain system's key is not a channel at all."""
+        if self.is_domain_system():
+            return errors.error_reply(errors.UNAUTHORIZED, f"this key is the domain system "
+                                      f"{self.user!r}; a domain system is not a channel and "
+                                      "may not act on orders through the intake")
         if self.is_operator() or source_system == self.user:
             return None
         return errors.error_reply(errors.UNAUTHORIZED, f"this channel is {self.user!r}; "
@@ -261,10 +279,57 @@ class Intake(RouterEndpoint):
             return denied
         order, err = self._find(req)
         if err:
-            return err
+            return self.archived_order(req, err)
         engine = self.octx.engines.get(order.order_type)  # its point of no return: `fallout`
         ponr = engine.proc.point_of_no_return if engine is not None else None
         return self.denied(order.source_system) or {"type": "order", "order": order.view(ponr)}
+
+    def archived_order(self, req: dict[str, Any], err: dict[str, Any]) -> dict[str, Any]:
+        """get_order for an order retention moved to the archive (its marker is
+        kept for the dedup window): the final view with ``archived: true``."""
+        found = self._archived(req, err)
+        if isinstance(found, dict) and found.get("type") == "error":
+            return found
+        view = found["order"]
+        return self.denied(view.get("source_system", "")) or {
+            "type": "order", "order": dict(view, archived=True)}
+
+    def archived_cancel(self, req: dict[str, Any], err: dict[str, Any]) -> dict[str, Any]:
+        found = self._archived({"order_id": req.get("order_id")}, err)
+        if found.get("type") == "error":
+            return found
+        view = found["order"]
+        return self.denied(view.get("source_system", "")) or {
+            "type": "cancel_rejected", "order_id": view["order_id"],
+            "reason": f"order is already {view['state']} (archived)"}
+
+    def _archived(self, req: dict[str, Any], err: dict[str, Any]) -> dict[str, Any]:
+        """The archive record for a not-found order, or ``err`` unchanged."""
+        from oms import archive
+
+        if err.get("code") != errors.NOT_FOUND:
+            return err
+        store = self.octx.store
+        order_id = req.get("order_id")
+        if order_id is None and isinstance(req.get("source_system"), str) and isinstance(
+                req.get("external_id"), str):
+            order_id = store.find_external(req["source_system"], req["external_id"])
+        if not isinstance(order_id, str):
+            return err
+        marker = store.find_archived(order_id)
+        if marker is None:
+            return err
+        day, offset = marker[0], marker[1]
+        try:
+            rec = archive.find_in_member(archive.file_for(store.path, day), offset, order_id)
+        except (OSError, ValueError, KeyError) as exc:
+            logger.error("archived order %s cannot be read from %s at %d: %s", order_id, day,
+                         offset, exc, extra={"order_id": order_id})
+            return errors.error_reply(errors.INTERNAL, "the archived order cannot be read; "
+                                      "see the service log")
+        if rec is None or "unreadable" in rec:
+            return errors.error_reply(errors.INTERNAL, "archived order record is unreadable")
+        return rec
 
     def cancel_order(self, envelope: tuple[bytes, ...], req: dict[str, Any]) -> Any:
         if isinstance(req.get("source_system"), str) and (
@@ -272,10 +337,12 @@ class Intake(RouterEndpoint):
             return denied
         order, err = self._find(req)  # by order_id, or source_system + external_id
         if err:
-            return err
+            return self.archived_cancel(req, err)
         if denied := self.denied(order.source_system):
             return denied
-        reason = req.get("reason") if isinstance(req.get("reason"), str) else None
+        reason = req.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            return errors.error_reply(errors.MALFORMED, "reason must be a string")
         if order.state.terminal:
             return {"type": "cancel_rejected", "order_id": order.order_id,
                     "reason": f"order is already {order.state}"}
@@ -301,7 +368,9 @@ class Intake(RouterEndpoint):
         order, err = self._find({"order_id": req.get("order_id")})
         if err:
             return err
-        reason = req.get("reason") if isinstance(req.get("reason"), str) else None
+        reason = req.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            return errors.error_reply(errors.MALFORMED, "reason must be a string")
         if order.state.terminal:
             return {"type": "operator_rejected", "order_id": order.order_id, "action": action,
                     "reason": f"order is already {order.state}"}
@@ -335,6 +404,7 @@ class Intake(RouterEndpoint):
                            "next": cursor}
             except Exception:
                 logger.exception("list_orders failed")
+                metrics.internal_errors.labels("intake").inc()
                 payload = errors.error_reply(errors.INTERNAL, "internal error; see the "
                                              "service log")
             metrics.requests.labels("list_orders", payload["type"]).inc()
@@ -374,7 +444,8 @@ class Intake(RouterEndpoint):
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
             return flt, 0, None, errors.error_reply(errors.MALFORMED,
                                                     "limit must be an integer 1 to 1000")
-        if after is not None and (not isinstance(after, str) or not usable_order_id(after)):
+        if after is not None and (not isinstance(after, str) or not usable_order_id(after)
+                                  or not _CURSOR.fullmatch(after)):
             return flt, 0, None, errors.error_reply(
                 errors.MALFORMED, "after must be a cursor (an order id) from an earlier page")
         flt = ListFilter(state=state, reason=texts["state_reason"], source_system=source,

@@ -2,7 +2,8 @@
 
 Only the public keys in the clients folder get in. Each key's *file name*
 is its identity: ``web.key`` is the channel whose ``source_system`` is
-``web``; a name starting with ``operator`` is an operator; a domain system's
+``web``; ``operator`` or ``operator-<name>`` is an operator
+(``is_operator_name``); a domain system's
 key is named after the system (``warehouse.key``), or ``domains`` for a
 process that speaks for several. The authenticator reports
 that name as the connection's ``User-Id``, which the intake, the publisher
@@ -20,13 +21,28 @@ from typing import Any
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
+from zmq.auth.base import Authenticator
+from zmq.auth.thread import AuthenticationThread, ThreadAuthenticator
 from zmq.utils import z85
+
+from actors import supervision
 
 logger = logging.getLogger(__name__)
 
 DOMAINS = "domains"
 """The key name of one process that speaks for every configured domain system."""
+
+OPERATOR = "operator"
+
+
+def is_operator_name(name: object) -> bool:
+    """Whether a CURVE key name is an operator's: exactly ``operator``, or
+    ``operator-`` followed by at least one character (``operator-ann``,
+    ``operator-console``). Any other name is a channel or a domain system:
+    ``operatorbank`` or ``operators-portal`` is the channel of that
+    ``source_system``, never an operator."""
+    return isinstance(name, str) and (
+        name == OPERATOR or (name.startswith(OPERATOR + "-") and len(name) > len(OPERATOR) + 1))
 
 
 class SecurityError(RuntimeError):
@@ -66,13 +82,54 @@ def load_clients(folder: str | Path) -> dict[bytes, str]:
     return keys
 
 
+class SupervisedAuthThread(AuthenticationThread):
+    """pyzmq's ZAP thread, under the failure rule: if it ends while the
+    service runs, the process exits 70 (``actors.supervision``). A dead ZAP
+    thread would leave every new CURVE handshake waiting forever."""
+
+    def run(self) -> None:
+        supervision.guarded("authenticator", super().run)()
+
+
 class NamedAuthenticator(ThreadAuthenticator):
-    """Reports a client's key file name as its User-Id."""
+    """Reports a client's key file name as its User-Id; its thread is supervised."""
 
     names: dict[bytes, str]
 
     def curve_user_id(self, client_public_key: bytes) -> str:
         return self.names.get(z85.encode(client_public_key), "unknown")
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        """One ZAP request; an error in it is survived and answered 500 (the
+        client's handshake fails, never hangs), the thread goes on."""
+        try:
+            await super().handle_zap_message(msg)
+        except Exception:
+            supervision.survived(supervision.current(), "authenticator")
+            if len(msg) >= 2:
+                self._send_zap_reply(msg[1], b"500", b"internal error")
+
+    def start(self) -> None:
+        """``ThreadAuthenticator.start`` with the supervised thread."""
+        Authenticator.start(self)
+        self.pipe = self.context.socket(zmq.PAIR, socket_class=zmq.Socket)
+        self.pipe.linger = 1
+        self.pipe.bind(self.pipe_endpoint)
+        thread_pipe = self.context.socket(zmq.PAIR, socket_class=zmq.Socket)
+        thread_pipe.linger = 1
+        thread_pipe.connect(self.pipe_endpoint)
+        self.thread = SupervisedAuthThread(authenticator=self, pipe=thread_pipe)
+        self.thread.start()
+        if not self.thread.started.wait(timeout=10):
+            raise RuntimeError("Authenticator thread failed to start")
+
+    def stop(self) -> None:
+        """``ThreadAuthenticator.stop``, which waits forever to tell a thread
+        that already ended (nobody reads its pipe) to end."""
+        if self.pipe and not self.is_alive():
+            self.pipe.close(linger=0)
+            self.pipe, self.thread = None, None  # type: ignore[assignment]
+        super().stop()
 
 
 class ChannelSecurity:
@@ -105,6 +162,10 @@ class ChannelSecurity:
         self.auth.configure_curve(domain="*", location=self.clients_dir)
         logger.info("client keys reloaded: %d allowed", len(names))
         return len(names)
+
+    def alive(self) -> bool:
+        """The ZAP thread runs (readiness: see ``Service.dead_components``)."""
+        return self.auth.is_alive()
 
     def stop(self) -> None:
         self.auth.stop()

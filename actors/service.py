@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import gc_collector, platform_collector, process_collector
 
 from actors import supervision
-from actors.domain_events import DomainEvents
+from actors.domain_events import INVALID, DomainEvents, stored_event
 from actors.http import HttpServer
 from actors.intake import Intake
 from actors.pool import Dispatcher
@@ -35,12 +35,12 @@ from gateways.breaker import LEVEL, Breaker
 from gateways.gateway import Gateway
 from oms.config import Config, ConfigError
 from oms.engine import Engine
-from oms.messages import DomainEvent, Resume
+from oms.messages import Resume
 from oms.metrics import Metrics, ServiceCollector
 from oms.process import load_processes
 from oms.model import Order
 from oms.states import TERMINAL
-from oms.store import CorruptRecord, Store
+from oms.store import CorruptRecord, Store, event_key
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,9 @@ class Service:
 
     def _start(self) -> None:
         cfg = self.config
+        from actors.retention import check_settings
+
+        check_settings(cfg)  # before anything starts: a bad setting stops it at once
         procs = load_processes(cfg.processes)
         missing = sorted({s for p in procs.values() for s in p.systems} - set(cfg.systems))
         if missing:
@@ -140,6 +143,7 @@ class Service:
                                    lambda: self.ready.is_set() and self.store_writable)
             self._stops.append(("metrics http", self.http.stop))
         self.recover()
+        self.start_retention()
         self.intake = Intake.launch(self.zctx, cfg.intake, octx, cfg.max_in_flight,
                                     curve=channel_curve)
         self._stops.append(("intake", lambda: _stop_actor(self.intake)))
@@ -186,8 +190,17 @@ class Service:
                 continue
             self.router.start(order, Resume(), reason="recovery")
             resumed += 1
+        systems = frozenset(self.octx.gateways)
         for key, ev in self.store.inbox():
-            event = DomainEvent(ev["event_id"], ev["system"], ev["name"], ev["data"])
+            event = stored_event(ev, systems)  # checked again, as at the edge
+            if not isinstance(event, str) and key != event_key(ev["order_id"], event.system,
+                                                                event.event_id):
+                event = "its key is not its order's, system's and event id's"
+            if isinstance(event, str):
+                logger.error("recovery does not replay stored domain event %r: %s",
+                             key[:200], event)
+                self.metrics.domain_events.labels(INVALID, "refused_at_recovery").inc()
+                continue
             self.router.deliver_event(key, ev["order_id"], event)
         elapsed = time.monotonic() - started
         self.metrics.recovery_seconds.set(elapsed)
@@ -229,6 +242,7 @@ class Service:
             ("passivator", getattr(self, "router", None)),
             ("order workers", getattr(self, "dispatcher", None)),
             ("metrics http", self.http),
+            ("authenticator", getattr(self, "security", None)),
         ]
         for name in ("writer", "publisher", "sequencer", "domain_events", "intake"):
             actor = getattr(self, name, None)
@@ -257,7 +271,20 @@ class Service:
         }
         snap["pending"] = {n: len(g.pending) for n, g in self.octx.gateways.items()}
         snap["breakers"] = {n: LEVEL[g.breaker.state] for n, g in self.octx.gateways.items()}
+        return self.retention_snapshot(snap)
+
+    def retention_snapshot(self, snap: dict[str, Any]) -> dict[str, Any]:
+        snap["retention"] = dict(self.store.retention_stats(),
+                                 retention_s=self.config.retention_s)
         return snap
+
+    def start_retention(self) -> None:
+        """The retention thread (after recovery; stopped before the writer)."""
+        from actors.retention import Retention
+
+        self.retention = Retention(self.store, self.writer, self.metrics, self.config)
+        self._stops.append(("retention", self.retention.stop))
+        self.retention.start()
 
     # -- stop --------------------------------------------------------------
 

@@ -99,6 +99,18 @@ class Barrier(NamedTuple):
     done: Callback
 
 
+class Retire(NamedTuple):
+    """Retention: delete orders already appended to the archive, record the
+    archive files' new committed lengths, and drop dedup entries past their
+    window (``Store.retire``); ``done(moved or "stale" or an error)``."""
+
+    lengths: dict[str, tuple[int, int]]
+    orders: list[tuple[bytes, bytes, str, int, str, bytes]]
+    expired: list[bytes]
+    done: Callable[[Any], None]
+    backfill: tuple[Any, ...] = ()
+
+
 class StoreWriter(LoopActor):
     thread_name = "store-writer"
 
@@ -215,6 +227,7 @@ class StoreWriter(LoopActor):
                         msg.done("error")
                 except Exception:
                     logger.exception("error reply for %s failed", type(msg).__name__)
+                    self.metrics.internal_errors.labels("writer").inc()
 
     def _apply(self, work: list[Any]) -> list[Any]:
         store = self.store
@@ -234,6 +247,7 @@ class StoreWriter(LoopActor):
                 except Exception as exc:  # one bad write must not fail the batch
                     logger.exception("store write failed for %s", type(msg).__name__,
                                      extra={"order_id": getattr(msg, "order_id", None)})
+                    self.metrics.internal_errors.labels("writer").inc()
                     outcomes.append(exc)
         return outcomes
 
@@ -246,6 +260,8 @@ class StoreWriter(LoopActor):
                                       msg.build, msg.vshard)
         elif isinstance(msg, RecordEvent):
             return store.record_event(txn, msg.order_id, msg.system, msg.event_id, msg.event)
+        elif isinstance(msg, Retire):
+            return store.retire(txn, msg.lengths, msg.orders, msg.expired, msg.backfill)
         return None
 
     def _after(self, msg: Any, outcome: Any) -> None:
@@ -253,18 +269,19 @@ class StoreWriter(LoopActor):
             if isinstance(outcome, Exception):
                 if isinstance(msg, CreateOrder):
                     msg.done(Created("error", "", ""))
-                elif isinstance(msg, RecordEvent):
+                elif isinstance(msg, RecordEvent | Retire):
                     msg.done("error")
                 return  # a snapshot that was not stored: its effects must not happen
             if isinstance(msg, SaveOrder):
                 for callback in msg.after:
                     callback()
-            elif isinstance(msg, CreateOrder | RecordEvent):
+            elif isinstance(msg, CreateOrder | RecordEvent | Retire):
                 msg.done(outcome)
             else:
                 msg.done()
         except Exception:
             logger.exception("post-commit callback failed for %s", type(msg).__name__)
+            self.metrics.internal_errors.labels("writer").inc()
 
 
-_WRITES = (SaveOrder, CreateOrder, RecordEvent, Barrier)
+_WRITES = (SaveOrder, CreateOrder, RecordEvent, Barrier, Retire)

@@ -50,6 +50,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--curve", action="store_true", help="CURVE on the channel sockets")
     p.add_argument("--intake", help="target a running service's intake instead")
     p.add_argument("--events", help="... and its events endpoint")
+    p.add_argument("--retention-s", type=float, help="the service's --retention-s (soak: "
+                   "watch the store stop growing)")
+    p.add_argument("--dedup-window-s", type=float, help="the service's --dedup-window-s")
     p.add_argument("--out", default="bench-reports", help="folder for the reports")
     p.add_argument("--give-up", type=float, default=60.0, metavar="S",
                    help="stop a run when no order has finished for S seconds (the report "
@@ -132,9 +135,12 @@ def run_bench(args: argparse.Namespace) -> int:
             harness.wait_ready()
             result.update(run_fault_soak(harness, args, _orders("faults", "FLT-")))
         else:
-            harness = Harness(workdir, SIM_ARGS[args.scenario], ["--workers",
-                                                                 str(args.workers)],
-                              curve=args.curve)
+            serve = ["--workers", str(args.workers)]
+            if args.retention_s is not None:
+                serve += ["--retention-s", str(args.retention_s)]
+            if args.dedup_window_s is not None:
+                serve += ["--dedup-window-s", str(args.dedup_window_s)]
+            harness = Harness(workdir, SIM_ARGS[args.scenario], serve, curve=args.curve)
             harness.start_simulators()
             if args.baseline:
                 result["baseline"] = run_baseline(harness, args)
@@ -160,6 +166,10 @@ def run_bench(args: argparse.Namespace) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     text = write_reports(result, Path(args.out))
     print(text)
+    if result.get("store_size"):
+        from bench.storesize import render as render_store
+
+        print(render_store(result["store_size"]))
     return 1 if failed else 0
 
 
@@ -215,6 +225,7 @@ def run_load(harness: Harness | None, intake: str, events: str,
     cpu0 = harness.svc.cpu_s() if harness and harness.svc else 0.0
     sim0 = harness.sim.cpu_s() if harness and harness.sim else 0.0
     own0 = time.process_time()
+    sampler = _store_sampler(harness, args)
     try:
         run = gen.run(_orders(args.scenario, prefix), total, window=args.window, rate=rate,
                       warmup=int(total * args.warmup), complete=args.scenario != "intake",
@@ -222,6 +233,7 @@ def run_load(harness: Harness | None, intake: str, events: str,
                       check=harness.check_alive if harness else None)
     finally:
         gen.close()
+        store = sampler.finish() if sampler else None
     out = summarize(run, args.scenario)
     out["mode"] = f"open loop at {rate:g}/s" if rate else f"closed loop, window {args.window}"
     out["offered_per_s"] = rate or None
@@ -232,7 +244,20 @@ def run_load(harness: Harness | None, intake: str, events: str,
     out["others_cpu_s"] = {"load_generator": time.process_time() - own0}
     if harness and harness.sim:
         out["others_cpu_s"]["simulators"] = harness.sim.cpu_s() - sim0
+    if store:
+        out["store_size"] = store
     return out
+
+
+def _store_sampler(harness: Harness | None, args: argparse.Namespace) -> Any:
+    """Soak, own service: the live store's size over the run (bench.storesize)."""
+    if args.scenario != "soak" or harness is None:
+        return None
+    from bench.storesize import StoreSampler
+
+    sampler = StoreSampler(harness.workdir / "data", every_s=min(10.0, args.duration / 6))
+    sampler.start()
+    return sampler
 
 
 def summarize(run: Run, scenario: str) -> dict[str, Any]:

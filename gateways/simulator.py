@@ -370,7 +370,14 @@ class Simulator:
                     reply["per_order"] = self.domain.per_order_report()  # type: ignore[index]
                 self._send(sock, [*frames[:-1], codec.pack(reply)])
                 continue
-            reply = self.domain.handle(system, msg, now)
+            try:
+                reply = self.domain.handle(system, msg, now)
+            except Exception as exc:  # one bad command must not end every system
+                logger.exception("%s: command could not be handled", system)
+                cid = msg.get("command_id")
+                reply = _error(cid if isinstance(cid, str) else "", "invalid_command",
+                               f"the simulator could not handle it: {type(exc).__name__}",
+                               False)
             if reply is None:
                 continue
             due = now + self.cfg.latency_ms / 1000

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import signal
 import sys
 import threading
@@ -40,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--processes", help="folder of process definitions (*.toml)")
     serve.add_argument("--workers", type=int, help="order actor worker threads")
     serve.add_argument("--max-in-flight", type=int, help="admission limit")
+    serve.add_argument("--retention-s", type=float, help="finished orders older than this "
+                       "leave the live store for the archive (0 = keep; default 30 days)")
+    serve.add_argument("--dedup-window-s", type=float, help="an archived order's external id "
+                       "is still a duplicate this long after it finished (default 90 days)")
     serve.add_argument("--curve-server-key", metavar="FILE",
                        help="the service's secret key file: turns CURVE on for channels")
     serve.add_argument("--curve-clients", metavar="DIR",
@@ -123,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = ksub.add_parser("generate", help="write NAME.key and NAME.key_secret (0600)")
     gen.add_argument("--out", required=True, help="folder to write into")
     gen.add_argument("names", nargs="+", help="one key pair per name (the identity)")
-    sim.add_argument("--log-level", default="info",
+    sim.add_argument("--log-level", default="info", type=str.lower,
+                     choices=["debug", "info", "warning", "error", "critical"],
                      help="debug, info, warning, error (default %(default)s)")
 
     from oms.opscli import add_parsers as add_ops
@@ -157,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--intake", help="also check that this intake endpoint answers "
                         "(env OMS_INTAKE; checked only when given)")
     health.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS",
-                        help="per check (default %(default)g)")
+                        help="for all checks together, counted from the command's start "
+                        "(default %(default)g)")
     health.add_argument("--json", action="store_true", help="machine-readable output")
 
     procs = sub.add_parser("processes", help="check or show process definitions")
@@ -167,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     show = psub.add_parser("show", help="print an order type's step graph")
     show.add_argument("order_type")
     show.add_argument("--processes", help="folder of *.toml to load as well")
+
+    from oms.archive import add_parser as add_archive
+
+    add_archive(sub)
 
     from bench.cli import add_parser as add_bench
 
@@ -186,12 +197,41 @@ CLIENT_COMMANDS = {"submit", "status", "orders", "order", "fallout"}
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    name = f"oms {args.command}" + (f" {args.action}" if getattr(args, "action", None) else "")
+    if args.command not in CLIENT_COMMANDS:
+        return _run(args, name)
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = Printable(out), Printable(err)  # text from channels and domains
+    try:
+        return _run(args, name)
+    finally:
+        sys.stdout, sys.stderr = out, err
+
+
+class Printable:
+    """A text stream that shows control characters as ``\\xNN``: order ids,
+    product ids, reasons and error messages come from channels and domain
+    systems, and an escape sequence in one must not drive the operator's
+    terminal (``oms orders`` printed ``\\x1b[2J`` as it came)."""
+
+    CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def write(self, text: str) -> int:
+        return self.inner.write(self.CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text))
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, ...
+        return getattr(self.inner, name)
+
+
+def _run(args: argparse.Namespace, name: str) -> int:
     import zmq
 
     from oms.opscli import CommandError
 
-    args = build_parser().parse_args(argv)
-    name = f"oms {args.command}" + (f" {args.action}" if getattr(args, "action", None) else "")
     try:
         return int(COMMANDS[args.command](args) or 0)
     except (ConfigError, ProcessError, CommandError) as exc:
@@ -236,6 +276,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       domain_events=args.domain_events, metrics_port=args.metrics_port,
                       systems=systems, processes=args.processes, workers=args.workers,
                       max_in_flight=args.max_in_flight, log_level=args.log_level,
+                      retention_s=args.retention_s, dedup_window_s=args.dedup_window_s,
                       log_format=args.log_format, curve_server_key=args.curve_server_key,
                       curve_clients=args.curve_clients,
                       domain_server_key=args.domain_server_key, shards=args.shards,
@@ -361,6 +402,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if not product or not n.isdigit():
             raise ConfigError(f"--stock-of {spec!r}: give PRODUCT=N, N a whole number")
         stock_of[product] = int(n)
+    _check_sim_numbers(args, {"--fail": set(fail), "--drop": set(drop)})
     if args.scarce is not None:
         from oms.sample import SCARCE
 
@@ -387,6 +429,29 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"oms simulate: cannot open an endpoint: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _check_sim_numbers(args: argparse.Namespace, ops: dict[str, set[str]]) -> None:
+    """Every number flag finite and in range, every OP one the simulators
+    know: a clear error at start (``--latency-ms nan`` or ``--restock-s inf``
+    were taken and ended the simulator's timers later)."""
+    import math
+
+    from gateways.simulator import Domain
+
+    for flag, value, high in (("--latency-ms", args.latency_ms, 60_000.0),
+                              ("--restock-s", args.restock_s, 86_400.0),
+                              ("--delivery-s", args.delivery_s, 86_400.0),
+                              ("--stock", args.stock, 10**12),
+                              ("--scarce", args.scarce, 10**12)):
+        if value is not None and not (math.isfinite(value) and 0 <= value <= high):
+            raise ConfigError(f"{flag} {value!r:.40}: give a number from 0 to {high:g}")
+    known = {name.split("_", 2)[2] for name in dir(Domain) if name.startswith("op_")
+             and name.count("_") >= 2}
+    for flag, names in ops.items():
+        if unknown := sorted(names - known):
+            raise ConfigError(f"{flag}: unknown operation {', '.join(unknown)}; "
+                              f"known: {', '.join(sorted(known))}")
 
 
 def _rate(spec: str, flag: str, op: str, rate: str) -> float:
@@ -428,6 +493,8 @@ def read_orders(file: str) -> list[Any]:
 def cmd_submit(args: argparse.Namespace) -> int:
     from oms.sample import sample_orders
 
+    _check_count("--sample", args.sample, 1, 1_000_000)
+    _check_count("--telecom", args.telecom, 0, 1)
     if args.sample:
         orders = list(sample_orders(args.sample, telecom_ratio=args.telecom,
                                     prefix=f"CLI{threading.get_ident() % 10000:04d}-"))
@@ -512,11 +579,20 @@ def cmd_health(args: argparse.Namespace) -> int:
 
     cfg = Config.load(args.config, metrics_host=args.metrics_host,
                       metrics_port=args.metrics_port, intake=args.intake)
+    from oms.opscli import CommandError, time_left
+
+    if not 0 < args.timeout <= 3600:
+        raise CommandError("--timeout must be a number of seconds above 0 (at most 3600)")
+    deadline = time.monotonic() + time_left(args.timeout)
+
+    def left() -> float:
+        return max(0.05, deadline - time.monotonic())
+
     base = (args.url or f"http://{cfg.metrics_host}:{cfg.metrics_port}").rstrip("/")
     result = {}
     for check in ("healthz", "readyz"):
         try:
-            with urllib.request.urlopen(f"{base}/{check}", timeout=args.timeout) as resp:
+            with urllib.request.urlopen(f"{base}/{check}", timeout=left()) as resp:
                 result[check] = resp.status == 200
         except urllib.error.HTTPError as exc:
             result[check] = exc.code == 200
@@ -524,7 +600,7 @@ def cmd_health(args: argparse.Namespace) -> int:
             result[check] = False
     intake = None
     if args.intake or "OMS_INTAKE" in __import__("os").environ:
-        intake = _intake_answers(cfg.intake, args.timeout)
+        intake = _intake_answers(cfg.intake, left())
     healthy = result["healthz"] and result["readyz"] and intake is not False
     if args.json:
         out = {"url": base, "live": result["healthz"], "ready": result["readyz"]}
@@ -605,6 +681,12 @@ def render_process(proc: Any) -> str:
     return "\n".join(lines)
 
 
+def cmd_archive(args: argparse.Namespace) -> int:
+    from oms.archive import cmd_archive as run
+
+    return run(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from bench.cli import run_bench
 
@@ -614,7 +696,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from oms.demo import run_demo
 
+    _check_count("--orders", args.orders, 1, 100_000)
+    _check_count("--timeout", args.timeout, 0.1, 86_400)
     return run_demo(args.orders, args.data, args.timeout)
+
+
+def _check_count(flag: str, value: float | None, low: float, high: float) -> None:
+    """A number flag finite and within [low, high]; a one-line error otherwise
+    (``--sample -5`` submitted nothing and exited 0; ``--telecom nan`` was
+    taken)."""
+    import math
+
+    if value is not None and not (math.isfinite(value) and low <= value <= high):
+        def text(x: float) -> str:
+            return f"{x:.0f}" if float(x).is_integer() else f"{x:g}"
+
+        raise ConfigError(f"{flag} {value!r:.40}: give a number from {text(low)} to "
+                          f"{text(high)}")
 
 
 def _console(args: argparse.Namespace) -> int:
@@ -632,7 +730,8 @@ def _ops(name: str) -> Any:
     return run
 
 
-COMMANDS = {"serve": cmd_serve, "ray": cmd_ray, "shards": cmd_shards, "simulate": cmd_simulate, "submit": cmd_submit,
+COMMANDS = {"serve": cmd_serve, "ray": cmd_ray, "shards": cmd_shards, "simulate": cmd_simulate,
+            "submit": cmd_submit, "archive": cmd_archive,
             "status": cmd_status, "keys": cmd_keys, "processes": cmd_processes, "demo": cmd_demo, "health": cmd_health,
             "bench": cmd_bench, "orders": _ops("orders"), "order": _ops("order"),
             "fallout": _ops("fallout")}

@@ -27,6 +27,7 @@ class Client:
         self.endpoint = endpoint
         self.sock.connect(endpoint)
         self.timeout = timeout
+        self.timeout_text = f"{timeout:g} s"  # how errors name the wait
         self._ids = itertools.count(1)
 
     def close(self) -> None:
@@ -43,7 +44,7 @@ class Client:
             self.sock.send(frame)
         except zmq.Again:
             raise TimeoutError(f"cannot send to {self.endpoint}: no connection within "
-                               f"{self.timeout:g} s") from None
+                               f"{self.timeout_text}") from None
 
     def request(self, payload: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """Send one request and wait for its reply (matched by request_id)."""
@@ -53,9 +54,9 @@ class Client:
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not self.sock.poll(left * 1000):
-                waited = self.timeout if timeout is None else timeout
+                waited = self.timeout_text if timeout is None else f"{timeout:g} s"
                 raise TimeoutError(f"no reply from {self.endpoint} to {payload.get('type')} "
-                                   f"within {waited:g} s")
+                                   f"within {waited}")
             reply = codec.decode_map(self.sock.recv())
             if reply.get("request_id") == rid:
                 return reply
@@ -88,8 +89,9 @@ class Client:
             if not waiting:
                 break
             if not self.sock.poll(limit * 1000):
+                waited = self.timeout_text if timeout is None else f"{limit:g} s"
                 raise TimeoutError(f"{len(waiting)} requests to {self.endpoint} unanswered "
-                                   f"within {limit:g} s")
+                                   f"within {waited}")
             while True:
                 try:
                     reply = codec.decode_map(self.sock.recv(flags=zmq.NOBLOCK))

@@ -51,7 +51,9 @@ def decode_map(data: bytes) -> dict[str, Any]:
     """Decode one untrusted frame into a map with string keys.
 
     Lengths are bounded by the frame size; nesting is bounded by msgpack's
-    own stack; ext types and non-string keys are refused.
+    own stack; ext types and integer keys are refused. Binary (bytes) keys
+    get through msgpack's ``strict_map_key``: maps from outside are checked
+    for them at the edge (``oms.edge.check_data``, ``oms.validation``).
     """
     limit = len(data)
     try:

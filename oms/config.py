@@ -5,6 +5,7 @@ environment variables (``OMS_*``), then command-line flags; later wins.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -22,6 +23,29 @@ DEFAULT_SYSTEMS = {
 
 class ConfigError(ValueError):
     """A setting that cannot be used."""
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+# (low, high) of every numeric setting: a value outside, NaN or inf is an
+# error at start, never a thread that dies later on a sleep it cannot take.
+BOUNDS: dict[str, tuple[float, float]] = {
+    "metrics_port": (0, 65535),
+    "workers": (1, 256),
+    "passivate_after_s": (0, 86_400),
+    "breaker_failures": (1, 1_000_000),
+    "breaker_cooldown_s": (0.01, 3600),
+    "max_in_flight": (1, 10_000_000),
+    "events_hwm": (1, 1_000_000),
+    "max_subscribers": (1, 100_000),
+    "subscriber_timeout_s": (0.1, 3600),
+    "map_size_mb": (1, 16 * 1024 * 1024),
+    "max_map_size_mb": (0, 16 * 1024 * 1024),
+    "shards": (1, 100),
+    "shard_base_port": (1024, 65535 - 400),
+    "vshards": (0, 100),
+    "epoch": (0, 2**62),
+}
 
 
 @dataclass
@@ -49,6 +73,10 @@ class Config:
     domain_server_key: str | None = None
     log_level: str = "info"
     log_format: str = "json"
+    retention_s: float = 30 * 86400.0
+    dedup_window_s: float = 90 * 86400.0
+    retention_batch: int = 512
+    retention_interval_s: float = 0.25
     # sharding (docs/scaling.md): processes behind one front; 1 = one process, no front
     shards: int = 1
     shard_base_port: int = 5600  # shard K binds 127.0.0.1:BASE+4K .. BASE+4K+3
@@ -73,10 +101,17 @@ class Config:
         return cfg
 
     def check_store(self) -> None:
-        """Store and admission numbers that could never work."""
-        for name, low in (("map_size_mb", 1), ("max_map_size_mb", 0), ("max_in_flight", 1)):
-            if getattr(self, name) < low:
-                raise ConfigError(f"{name} must be {low} or more (got {getattr(self, name)})")
+        """Settings that could never work: numbers out of bounds, NaN or inf;
+        an unknown log level or format."""
+        for name, allowed in (("log_level", LOG_LEVELS), ("log_format", ("json", "text"))):
+            if str(getattr(self, name)).lower() not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)} "
+                                  f"(got {getattr(self, name)!r:.40})")
+        for name, (low, high) in BOUNDS.items():
+            value = getattr(self, name)
+            if not math.isfinite(value) or not low <= value <= high:
+                raise ConfigError(f"{name} must be between {low:g} and {high:g} "
+                                  f"(got {value})")
 
     def update(self, values: dict[str, Any], origin: str) -> None:
         known = {f.name: f for f in fields(self)}
@@ -88,14 +123,24 @@ class Config:
             if name == "systems":
                 setattr(self, name, {**self.systems, **parse_systems(value, origin)})
             elif isinstance(current, int | float) and not isinstance(current, bool):
-                kind = type(current)
-                try:
-                    setattr(self, name, kind(value))
-                except (TypeError, ValueError):
-                    noun = "an integer" if kind is int else "a number"
-                    raise ConfigError(f"{origin}: {key} must be {noun}") from None
+                setattr(self, name, parse_number(value, type(current), origin, key))
             else:
                 setattr(self, name, None if value is None else str(value))
+
+
+def parse_number(value: Any, kind: type, origin: str, key: str) -> int | float:
+    """``value`` as ``kind`` (int or float), from a number or its text; a
+    bool, a fraction for an integer, NaN or inf is an error."""
+    noun = "an integer" if kind is int else "a number"
+    if isinstance(value, bool) or (kind is int and isinstance(value, float)):
+        raise ConfigError(f"{origin}: {key} must be {noun}, got {value!r}")
+    try:
+        number = kind(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{origin}: {key} must be {noun}, got {value!r:.40}") from None
+    if isinstance(number, float) and not math.isfinite(number):
+        raise ConfigError(f"{origin}: {key} must be a finite number, got {value!r:.40}")
+    return number
 
 
 def parse_systems(value: Any, origin: str) -> dict[str, str]:

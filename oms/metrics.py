@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 UNFINISHED = ("acknowledged", "pending", "inProgress", "held", "assessingCancellation",
@@ -78,6 +78,12 @@ class Metrics:
         self.commit_batch = Histogram(
             "oms_store_commit_batch_size", "Writes per group commit", buckets=BATCH,
             registry=r)
+        self.retention_errors = Counter(
+            "oms_retention_errors", "Retention batches that failed (orders stay live; "
+            "retried)", registry=r)
+        self.retention_batch_seconds = Histogram(
+            "oms_retention_batch_seconds", "One retention batch: read, archive, fsync, "
+            "commit", buckets=FAST, registry=r)
         self.store_grows = Counter(
             "oms_store_map_grows", "Times the LMDB map was grown", registry=r)
         self.store_commit_errors = Counter(
@@ -211,6 +217,38 @@ class ServiceCollector(Collector):
         for system, level in sorted(snap.get("breakers", {}).items()):
             breakers.add_metric([system], level)
         yield breakers
+        yield from _retention_families(snap)
         ready = GaugeMetricFamily("oms_ready", "1 when recovered and accepting orders",
                                   value=1 if snap.get("ready") else 0)
         yield ready
+
+
+FINISHED = ("completed", "partial", "failed", "cancelled")
+
+
+def _retention_families(snap: dict[str, Any]) -> Iterator[Any]:
+    """The live store by state, the archive, and how far behind retention is."""
+    ret = snap.get("retention")
+    if ret is None:
+        return
+    live = GaugeMetricFamily("oms_store_live_orders", "Orders in the live store by state "
+                             "(unfinished ones, and finished ones not yet archived)",
+                             labels=["state"])
+    unfinished, finished = snap.get("states", {}), ret["finished_live"]
+    for state in UNFINISHED:
+        live.add_metric([state], unfinished.get(state, 0))
+    for state in sorted(set(FINISHED) | set(finished)):
+        live.add_metric([state], finished.get(state, 0))
+    yield live
+    yield CounterMetricFamily("oms_archived_orders", "Orders moved to the archive (kept "
+                              "across restarts)", value=ret["archived_total"])
+    yield GaugeMetricFamily("oms_archive_dedup_entries", "Archived orders still inside the "
+                            "dedup window (their external id answers duplicate)",
+                            value=ret["archived_in_window"])
+    yield GaugeMetricFamily("oms_retention_oldest_finished_age_seconds", "Age of the oldest "
+                            "finished order still in the live store (0: none)",
+                            value=ret["oldest_finished_age_s"])
+    yield GaugeMetricFamily("oms_retention_seconds", "Configured retention (0: keep forever)",
+                            value=ret["retention_s"])
+    yield GaugeMetricFamily("oms_store_file_bytes", "Size of the LMDB data file on disk",
+                            value=ret["file_bytes"])

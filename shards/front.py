@@ -39,6 +39,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import process_collector
 
 from actors.publisher import topic_of
+from actors.security import is_operator_name
 from oms import codec, errors
 from oms.sharding import vshard_of, vshard_of_order_id
 from oms.store import ext_key
@@ -591,7 +592,7 @@ class Front:
                                   "with get_order before asking again")
 
     def is_operator(self, user: str | None) -> bool:
-        return not self.identity_required or str(user).startswith("operator")
+        return not self.identity_required or is_operator_name(user)
 
     def denied(self, user: str | None, source: Any) -> dict[str, Any] | None:
         if self.is_operator(user) or source == user:
@@ -810,7 +811,7 @@ class Front:
                 user = frame.get("User-Id")
             except zmq.ZMQError:
                 continue
-            topic = b"" if str(user).startswith("operator") else topic_of(str(user))
+            topic = b"" if is_operator_name(user) else topic_of(str(user))
             self.pub.setsockopt(zmq.SUBSCRIBE, topic)
 
     # -- domain events ---------------------------------------------------------------

@@ -46,10 +46,14 @@ def balanced(owner: list[int], processes: int) -> list[int]:
 def _order_of(table: str, key: bytes, value: bytes) -> str:
     if table == "ext":  # [order id, payload digest]
         return str(msgpack.unpackb(value, raw=False)[0])
+    if table in ("done", "expiry"):  # finish time (8 bytes) + order id
+        return key[8:].decode(errors="replace")
     return key.split(b"\x00", 1)[0].decode()  # orders, active: the id; events, inbox: id NUL ...
 
 
-TABLES = ("orders", "ext", "active", "events", "inbox")
+# retention's `arch` entries point into their process's archive files, which do
+# not move: archived orders stay with the process that archived them
+TABLES = ("orders", "ext", "active", "events", "inbox", "done", "expiry")
 
 
 def _records(store: Store, vshards: int, wanted: Any

@@ -77,7 +77,8 @@ def shard_argv(cfg: Config, k: int, ep: ShardEndpoints, config_file: str | None)
             "--metrics-port", str(ep.metrics_port if cfg.metrics_port else 0),
             "--workers", str(cfg.workers), "--max-in-flight",
             str(max(1, -(-cfg.max_in_flight // cfg.shards))),
-            "--log-level", cfg.log_level, "--log-format", cfg.log_format]
+            "--log-level", cfg.log_level, "--log-format", cfg.log_format,
+            "--retention-s", repr(cfg.retention_s), "--dedup-window-s", repr(cfg.dedup_window_s)]
     if config_file:
         argv += ["--config", config_file]
     if cfg.processes:
@@ -88,10 +89,12 @@ def shard_argv(cfg: Config, k: int, ep: ShardEndpoints, config_file: str | None)
 
 
 def child_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OMS_")
-           or k in ("OMS_TEST_PORTS", "OMS_MAP_SIZE_MB", "OMS_PASSIVATE_AFTER_S",
-                    "OMS_BREAKER_FAILURES", "OMS_BREAKER_COOLDOWN_S", "OMS_METRICS_HOST",
-                    "OMS_FRONT_GIVE_UP_S", "OMS_FRONT_UNSURE_S")}
+    """This process's environment for a shard: every ``OMS_*`` setting carries
+    over (flags override the ones the supervisor sets), except CURVE, which
+    the front does: empty values win over a config file's keys."""
+    env = dict(os.environ)
+    env.update({"OMS_CURVE_SERVER_KEY": "", "OMS_CURVE_CLIENTS": "",
+                "OMS_DOMAIN_SERVER_KEY": ""})
     env.update(extra)
     return env
 

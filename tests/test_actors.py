@@ -283,3 +283,25 @@ def test_corrupt_record_is_reported_with_its_key(store: Store) -> None:
         txn.put(b"O000000000009", b"\xc1garbage", db=store.db["orders"])
     with pytest.raises(CorruptRecord, match="O000000000009"):
         store.get_order("O000000000009")
+
+
+def test_a_failing_post_commit_callback_is_counted_and_the_writer_goes_on(
+        store: Store) -> None:
+    """A callback that raises after a commit is logged and counted in
+    ``oms_internal_errors_total{component="writer"}`` (it was logged only);
+    the next callbacks and writes still run."""
+    metrics = Metrics(CollectorRegistry())
+    writer = StoreWriter.launch(store, metrics)
+    done = threading.Event()
+    try:
+        def boom() -> None:
+            raise RuntimeError("callback bug")
+
+        writer.tell(SaveOrder("O000000000001", _record("O000000000001"), True, (), (boom,)))
+        writer.tell(SaveOrder("O000000000002", _record("O000000000002"), True, (),
+                              (done.set,)))
+        assert done.wait(5)
+        assert metrics.internal_errors.labels("writer")._value.get() == 1
+        assert store.get_order("O000000000002") is not None
+    finally:
+        writer.actor_ref.stop()

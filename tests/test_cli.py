@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -61,6 +62,23 @@ def test_default_timeout_and_env_endpoint() -> None:
     assert nobody in line and "within 3 s" in line
 
 
+def test_the_timeout_counts_from_the_command_start() -> None:
+    """``--timeout 3`` is the wall time a person waits: the interpreter's start
+    and imports (0.1-0.8 s on a busy machine) come out of it, and the exit is
+    paid for; it was 3.1-3.5 s from the shell with the default 3 s."""
+    code = ("import time; time.sleep(0.6)\n"
+            "from oms.opscli import EXIT_MARGIN_S, process_age, time_left\n"
+            "print(process_age(), time_left(3.0), EXIT_MARGIN_S)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=20, check=True).stdout.split()
+    age, left, margin = map(float, out)
+    assert 0.6 <= age < 20
+    assert left <= 3.0 - 0.6 - margin and margin > 0
+    assert float(subprocess.run(
+        [sys.executable, "-c", "from oms.opscli import time_left; print(time_left(0.1))"],
+        capture_output=True, text=True, timeout=20, check=True).stdout) == 0.2  # a floor
+
+
 def test_bad_input_files_and_flags_get_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
@@ -73,6 +91,9 @@ def test_bad_input_files_and_flags_get_one_line(tmp_path: Path) -> None:
     assert "cannot use the intake endpoint" in one_line_error(
         oms("orders", "--intake", "nonsense://x"))
     assert "--timeout" in one_line_error(oms("orders", "--timeout", "0"))
+    for argv in (["submit", "--sample", "-5"], ["submit", "--sample", "2", "--telecom", "nan"],
+                 ["demo", "--orders", "-1"], ["demo", "--timeout", "nan"]):
+        assert "give a number from" in one_line_error(oms(*argv)), argv
 
 
 def test_closed_pipe_is_quiet(service: Any, eps: Any, client: Client) -> None:
@@ -215,7 +236,10 @@ def test_health_takes_the_endpoint_flags_and_variables(make_service: Any, sim: A
 
 def test_simulate_refuses_bad_flag_values_in_one_line() -> None:
     for flag in (["--fail", "reserve_stock=lots"], ["--fail", "x=1.5:unavailable"],
-                 ["--drop", "notify=nan"], ["--stock-of", "SKU-1=many"]):
+                 ["--drop", "notify=nan"], ["--stock-of", "SKU-1=many"],
+                 ["--latency-ms", "nan"], ["--latency-ms", "-5"], ["--restock-s", "inf"],
+                 ["--delivery-s", "nan"], ["--stock", "-1"], ["--scarce", "10000000000000"],
+                 ["--drop", "reserve_stok=0.5"], ["--fail", "nonsense=0.1"]):
         line = one_line_error(oms("simulate", *flag))
         assert line.startswith("oms simulate: " + flag[0]), line
 
@@ -241,3 +265,19 @@ def test_the_fallout_block_is_rendered_when_the_service_sends_it() -> None:
     derived = render_order(view)
     assert "undo (compensation) of step release_stock" in derived
     assert "can do:  retry, skip" in derived and "abort" not in derived.split("can do:")[1]
+
+
+def test_control_characters_from_a_channel_do_not_reach_the_terminal(
+        service: Any, eps: Any, client: Client) -> None:
+    """A channel's external_id or product_id with an escape sequence was
+    printed as it came, driving the operator's terminal."""
+    order = retail_order("esc-\x1b[2J\x1b]0;pwned\x07-\r")
+    order["items"][0]["product_id"] = "P\x9b31m"
+    oid = client.submit(order)["order_id"]
+    for argv in (["orders"], ["order", "show", oid], ["status", oid]):
+        proc = oms(*argv, "--intake", eps.intake)
+        assert proc.returncode == 0, proc.stderr
+        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", proc.stdout), argv
+        assert "\\x1b[2J" in proc.stdout or argv != ["orders"]
+    shown = oms("order", "show", oid, "--intake", eps.intake).stdout
+    assert "P\\x9b31m" in shown and "\\x1b]0;pwned\\x07" in shown

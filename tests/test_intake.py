@@ -186,3 +186,28 @@ def test_operator_name_is_optional_and_bounded(service: Any, client: Client) -> 
         assert long["type"] == "error" and long["code"] == "malformed", long
         bad = client.request({"type": rtype, "order_id": oid, "operator": 7})
         assert bad["type"] == "error" and bad["code"] == "malformed", bad
+
+
+def test_an_internal_reply_is_counted(service: Any, client: Client) -> None:
+    """An ``internal`` reply (here: an unreadable record) is counted in
+    ``oms_internal_errors_total{component="intake"}``, not only in the
+    intake's error codes; the intake goes on serving."""
+    store = service.store
+    with store.write() as txn:
+        txn.put(b"O000000000009", b"\xc1garbage", db=store.db["orders"])
+    counter = service.metrics.internal_errors.labels("intake")
+    before = counter._value.get()
+    reply = client.get("O000000000009")
+    assert (reply["type"], reply["code"]) == ("error", "internal"), reply
+    assert counter._value.get() == before + 1
+    assert client.submit(retail_order("after-internal"))["type"] == "accepted"
+
+
+@pytest.mark.parametrize("rtype", ["cancel_order", "retry_step", "skip_step", "abort_order"])
+def test_a_reason_that_is_not_a_string_is_malformed(service: Any, client: Client,
+                                                    rtype: str) -> None:
+    """It was dropped without a word; bad input gets a clear error."""
+    oid = client.submit(retail_order(f"reason-{rtype}"))["order_id"]
+    reply = client.request({"type": rtype, "order_id": oid, "reason": {"why": 1}})
+    assert (reply["type"], reply["code"]) == ("error", "malformed"), reply
+    assert "reason" in reply["message"]

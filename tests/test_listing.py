@@ -154,7 +154,8 @@ def test_large_listings_never_hold_back_a_submit(make_service: Any, sim: Any, ep
 
 
 @pytest.mark.parametrize("req, word", [
-    ({"after": 5}, "cursor"), ({"after": "x" * 100}, "cursor"), ({"customer_id": 3}, "customer_id"),
+    ({"after": 5}, "cursor"), ({"after": "x" * 100}, "cursor"), ({"after": "garbage"}, "cursor"),
+    ({"after": "O1"}, "cursor"), ({"customer_id": 3}, "customer_id"),
     ({"external_id": ["a"]}, "external_id"), ({"min_age_s": float("nan")}, "min_age_s"),
     ({"min_age_s": -1}, "min_age_s"), ({"limit": 0}, "limit"), ({"state": "lost"}, "state"),
 ])

@@ -57,10 +57,15 @@ def series(text: str) -> set[str]:
 def running(procs: Any, tmp_path: Path) -> tuple[Endpoints, int]:
     eps = Endpoints()
     port = free_port()
-    procs(eps.simulate_args() + ["--delivery-s", "0.05"], "simulate")
-    procs(eps.serve_args(tmp_path / "data") + ["--metrics-port", str(port)], "serve")
+    sim = procs(eps.simulate_args() + ["--delivery-s", "0.05"], "simulate")
+    serve = procs(eps.serve_args(tmp_path / "data") + ["--metrics-port", str(port)], "serve")
     with Client(eps.intake) as client:
-        client.wait_ready(30)
+        try:
+            client.wait_ready(30)
+        except TimeoutError as exc:  # say why: the logs of both processes
+            raise AssertionError(
+                f"{exc}; serve exited {serve.exited()}: {serve.tail()}\n"
+                f"simulate exited {sim.exited()}: {sim.tail()}") from exc
     return eps, port
 
 

@@ -28,6 +28,7 @@ from oms.model import Order
 from oms.process import ProcessDef, load_processes
 from oms.sample import telecom
 from oms.store import MIB, Store, ext_key, format_order_id
+from test_operations import no_restock  # noqa: F401
 
 pytestmark = pytest.mark.slow
 TERMINAL = {"completed", "failed", "partial", "cancelled"}
@@ -212,3 +213,52 @@ def test_telecom_queues_cross_a_kill_9(procs: Any, tmp_path: Path) -> None:
         views = wait_terminal(client, ids, timeout=40)
     assert {v["state"] for v in views.values()} <= TERMINAL
     assert again.terminate() == 0
+
+
+def test_stored_events_are_checked_again_at_recovery() -> None:
+    """What recovery reads back from the inbox passes the edge's checks
+    again: a system that is not configured (a channel's name), a NaN, a
+    wrong shape is not replayed."""
+    from actors.domain_events import stored_event
+    from oms.messages import DomainEvent
+
+    systems = frozenset({"warehouse", "billing"})
+    good = {"event_id": "e1", "system": "warehouse", "order_id": "O1",
+            "name": "stock_reserved", "data": {"n": 1}}
+    assert stored_event(good, systems) == DomainEvent("e1", "warehouse", "stock_reserved",
+                                                      {"n": 1})
+    for bad in ({**good, "system": "store"}, {**good, "system": "ware"},
+                {**good, "data": {"n": float("nan")}}, {**good, "data": [1]},
+                {**good, "name": 7}, {k: v for k, v in good.items() if k != "event_id"},
+                {**good, "data": {"x": "y" * (5 << 20)}}, ["not", "a", "map"]):
+        assert isinstance(stored_event(bad, systems), str), bad
+
+
+def test_a_forged_stored_event_does_not_release_a_hold_after_a_restart(
+        no_restock: Any, make_service: Any, client: Any, tmp_path: Path) -> None:
+    svc = make_service()
+    big = [{"id": "a", "product_id": "SKU-901", "quantity": 10**9}]
+    forged = client.submit(retail_order("forged-1", items=big))["order_id"]
+    honest = client.submit(retail_order("honest-1", items=big))["order_id"]
+    for oid in (forged, honest):
+        poll_until(lambda o=oid: client.get(o)["order"].get("state_reason") == "awaiting_stock",
+                   timeout=20)
+    svc.stop()
+    store = Store(tmp_path / "data")
+    try:
+        with store.write() as txn:
+            for oid, system, eid in ((forged, "store", "f1"), (forged, "warehouse", "f2"),
+                                     (honest, "warehouse", "h1")):
+                data = {"qty": float("nan")} if eid == "f2" else {}
+                assert store.record_event(txn, oid, system, eid, {
+                    "event_id": eid, "system": system, "order_id": oid,
+                    "name": "stock_reserved", "data": data}) == "recorded"
+    finally:
+        store.close()
+    svc = make_service()
+    poll_until(lambda: client.get(honest)["order"].get("state_reason") != "awaiting_stock",
+               timeout=20)  # the honest event was replayed
+    view = client.get(forged)["order"]
+    assert (view["state"], view["state_reason"]) == ("held", "awaiting_stock"), view
+    refused = svc.metrics.domain_events.labels("invalid", "refused_at_recovery")
+    assert refused._value.get() == 2

@@ -14,7 +14,7 @@ import zmq
 from conftest import Endpoints, SimThread
 from helpers import poll_until, retail_order
 
-from actors.security import SecurityError, client_options, generate
+from actors.security import SecurityError, client_options, generate, is_operator_name
 from oms import codec
 from oms.cli import main
 from oms.client import Client, wait_terminal
@@ -24,10 +24,12 @@ from oms.client import Client, wait_terminal
 def keys(tmp_path: Path) -> Path:
     folder = tmp_path / "keys"
     generate(folder / "server", ["server"])
-    generate(folder / "own", ["web", "store", "operator-ann", "domains", "intruder"])
+    generate(folder / "own", ["web", "store", "operator-ann", "domains", "intruder",
+                              "warehouse", "operator", "operatorbank"])
     allowed = folder / "clients"
     allowed.mkdir()
-    for name in ("web", "store", "operator-ann", "domains"):
+    for name in ("web", "store", "operator-ann", "domains", "warehouse", "operator",
+                 "operatorbank"):
         (allowed / f"{name}.key").write_text((folder / "own" / f"{name}.key").read_text())
     return folder
 
@@ -84,6 +86,86 @@ def test_allowed_channel_works_on_its_own_orders_only(secure: Any, eps: Any,
     with Client(eps.intake, curve=opts(keys, "operator-ann")) as operator:
         assert operator.get(theirs)["type"] == "order"
         assert operator.request({"type": "order_counts"})["type"] == "order_counts"
+
+
+@pytest.mark.parametrize("name,operator", [
+    ("operator", True), ("operator-ann", True), ("operator-console", True),
+    ("operator-a-b", True), ("operatorbank", False), ("operators-portal", False),
+    ("operator-", False), ("operator_ann", False), ("Operator", False),
+    ("OPERATOR-ann", False), (" operator", False), ("operator ", False), ("", False),
+    ("web", False), ("xoperator-ann", False), (None, False), (b"operator", False)])
+def test_operator_names_are_exact(name: Any, operator: bool) -> None:
+    assert is_operator_name(name) is operator
+
+
+def test_a_key_named_like_an_operator_is_a_channel(secure: Any, eps: Any,
+                                                   keys: Path) -> None:
+    """``operatorbank`` only starts with ``operator``: it was taken for an
+    operator (every order, the operator requests, every event); it is the
+    channel ``operatorbank``. The key named exactly ``operator`` is one."""
+    with Client(eps.intake, curve=opts(keys, "operatorbank")) as bank, \
+            Client(eps.intake, curve=opts(keys, "web")) as web, \
+            Client(eps.intake, curve=opts(keys, "operator")) as operator:
+        own = bank.submit(retail_order("bank-1", source_system="operatorbank"))
+        assert own["type"] == "accepted", own
+        theirs = web.submit(retail_order("bank-2"))["order_id"]
+        other = bank.submit(retail_order("bank-3"))  # source_system web
+        assert (other["type"], other["code"]) == ("error", "unauthorized")
+        for req in ({"type": "get_order", "order_id": theirs},
+                    {"type": "cancel_order", "order_id": theirs},
+                    {"type": "retry_step", "order_id": theirs},
+                    {"type": "abort_order", "order_id": theirs},
+                    {"type": "order_counts"},
+                    {"type": "list_orders", "source_system": "web"}):
+            assert bank.request(req)["code"] == "unauthorized", req
+        listed = bank.request({"type": "list_orders"})["orders"]
+        assert {o["source_system"] for o in listed} == {"operatorbank"}
+        assert bank.get(own["order_id"])["type"] == "order"
+        assert operator.get(theirs)["type"] == "order"
+        assert operator.request({"type": "order_counts"})["type"] == "order_counts"
+
+
+def test_a_key_named_like_an_operator_gets_only_its_own_events(
+        secure: Any, eps: Any, keys: Path) -> None:
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    for name, value in opts(keys, "operatorbank").items():
+        sub.setsockopt(getattr(zmq, name), value)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")  # asks for everything
+    sub.connect(eps.events)
+    topics = set()
+    with Client(eps.intake, curve=opts(keys, "operatorbank")) as bank, \
+            Client(eps.intake, curve=opts(keys, "web")) as web:
+        def own_event_seen() -> bool:
+            bank.submit(retail_order(f"bev-{os.urandom(4).hex()}",
+                                     source_system="operatorbank"))
+            return sub.poll(200) != 0
+        poll_until(own_event_seen, timeout=20)  # its subscription is installed now
+        wait_terminal(web, [web.submit(retail_order("bev-web"))["order_id"]], timeout=20)
+        last = bank.submit(retail_order("bev-last", source_system="operatorbank"))
+        wait_terminal(bank, [last["order_id"]], timeout=20)  # published after web's events
+        while sub.poll(300):
+            topics.add(sub.recv_multipart()[0])
+    sub.close()
+    assert topics == {b"operatorbank\x00"}
+
+
+@pytest.mark.parametrize("who", ["warehouse", "domains"])
+def test_a_domain_system_key_is_not_a_channel(secure: Any, eps: Any, keys: Path,
+                                              who: str) -> None:
+    """A domain system's key submitted orders under its own name through the
+    intake as if it were a channel; it is refused every intake request."""
+    with Client(eps.intake, curve=opts(keys, who)) as domain, \
+            Client(eps.intake, curve=opts(keys, "web")) as web:
+        refused = domain.submit(retail_order("dom-1", source_system=who))
+        assert (refused["type"], refused["code"]) == ("error", "unauthorized"), refused
+        assert "not a channel" in refused["message"]
+        theirs = web.submit(retail_order("dom-2"))["order_id"]
+        for req in ({"type": "get_order", "order_id": theirs},
+                    {"type": "cancel_order", "order_id": theirs},
+                    {"type": "list_orders"}, {"type": "list_orders", "source_system": who}):
+            assert domain.request(req)["code"] == "unauthorized", req
+        assert web.get(theirs)["type"] == "order"  # the channel itself still works
 
 
 @pytest.mark.parametrize("who", ["intruder", "plaintext", "wrong-server-key"])
@@ -200,3 +282,47 @@ def test_curve_toward_the_domain_systems(keys: Path, procs: Any, tmp_path: Path)
         web.wait_ready(30)
         oid = web.submit(retail_order("domain-curve"))["order_id"]
         assert wait_terminal(web, [oid], timeout=30)[oid]["state"] == "completed"
+
+
+def test_a_dead_authenticator_is_not_ready_and_exits_70(keys: Path, eps: Any,
+                                                        tmp_path: Path) -> None:
+    """The ZAP thread ending while the service runs (every new CURVE handshake
+    would wait forever) is a dead component: exit 70 and /readyz not ready."""
+    from actors.service import Service
+    from oms.config import Config
+
+    exits: list[int] = []
+    cfg = Config(data=str(tmp_path / "data"), intake=eps.intake, events=eps.events,
+                 domain_events=eps.domain_events, metrics_port=0, systems=dict(eps.systems),
+                 curve_server_key=str(keys / "server" / "server.key_secret"),
+                 curve_clients=str(keys / "clients"))
+    svc = Service(cfg, exit=exits.append)
+    svc.start()
+    try:
+        assert svc.is_ready()
+        svc.security.auth.pipe.send(b"TERMINATE")  # its loop ends, the service runs on
+        assert poll_until(lambda: exits == [70], timeout=10), exits
+        assert "authenticator" in svc.dead_components() and not svc.is_ready()
+    finally:
+        svc.stop()
+    assert exits == [70]  # the stop's own TERMINATE is no death
+
+
+def test_an_error_in_one_handshake_is_survived(secure: Any, eps: Any, keys: Path) -> None:
+    """A ZAP request that raises is answered (the handshake fails, the client
+    is not let in) and counted; the next handshake works."""
+    class Broken(dict):  # a key table that fails on lookup, once
+        def get(self, *args: Any) -> Any:
+            raise RuntimeError("key table broken")
+
+    auth = secure.security.auth
+    names, auth.names = auth.names, Broken()
+    with Client(eps.intake, curve=opts(keys, "web"), timeout=1.0) as web, \
+            pytest.raises(TimeoutError):
+        web.submit(retail_order("zap-1"))
+    assert poll_until(lambda: secure.metrics.internal_errors.labels(
+        "authenticator")._value.get() >= 1, timeout=5)
+    auth.names = names
+    with Client(eps.intake, curve=opts(keys, "web")) as web:
+        assert web.submit(retail_order("zap-2"))["type"] == "accepted"
+    assert secure.security.alive() and secure.is_ready()

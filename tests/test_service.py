@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -74,15 +77,51 @@ def test_config_precedence(tmp_path: Path) -> None:
     ("colour = 1", "unknown setting 'colour'"),
     ("workers = 'many'", "workers must be an integer"),
     ("systems = ['billing']", "must be NAME=ENDPOINT"),
-    ("map_size_mb = 0", "map_size_mb must be 1 or more"),
-    ("max_map_size_mb = -1", "max_map_size_mb must be 0 or more"),
-    ("max_in_flight = 0", "max_in_flight must be 1 or more"),
+    ("map_size_mb = 0", "map_size_mb must be between 1 and"),
+    ("max_map_size_mb = -1", "max_map_size_mb must be between 0 and"),
+    ("max_in_flight = 0", "max_in_flight must be between 1 and"),
+    ("passivate_after_s = inf", "passivate_after_s must be a finite number"),
+    ("passivate_after_s = nan", "passivate_after_s must be a finite number"),
+    ("passivate_after_s = -1.0", "passivate_after_s must be between 0 and"),
+    ("breaker_cooldown_s = 1e400", "breaker_cooldown_s must be a finite number"),
+    ("subscriber_timeout_s = 0", "subscriber_timeout_s must be between"),
+    ("workers = 2.7", "workers must be an integer"),
+    ("workers = true", "workers must be an integer"),
+    ("workers = 0", "workers must be between 1 and"),
+    ("metrics_port = 70000", "metrics_port must be between 0 and 65535"),
+    ("events_hwm = 0", "events_hwm must be between 1 and"),
+    ("log_level = 'bogus'", "log_level must be one of debug"),
+    ("log_format = 'xml'", "log_format must be one of json, text"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
     file = tmp_path / "oms.toml"
     file.write_text(text)
     with pytest.raises(ConfigError, match=message):
         Config.load(str(file), env={})
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("OMS_PASSIVATE_AFTER_S", "inf", "finite"),
+    ("OMS_PASSIVATE_AFTER_S", "NaN", "finite"),
+    ("OMS_BREAKER_COOLDOWN_S", "-inf", "finite"),
+    ("OMS_WORKERS", "99999999999999999999", "between"),
+    ("OMS_MAX_IN_FLIGHT", "1e3", "integer"),
+])
+def test_bad_number_in_environment_is_a_clear_error(name: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Config.load(env={name: value})
+
+
+def test_bad_number_flag_fails_serve_at_start(tmp_path: Path) -> None:
+    """``oms serve`` with ``OMS_PASSIVATE_AFTER_S=inf`` once started, then
+    exited 70 from a dead thread; now it refuses to start, exit 2, one line."""
+    env = {**os.environ, "OMS_PASSIVATE_AFTER_S": "inf"}
+    done = subprocess.run([sys.executable, "-m", "oms.cli", "serve", "--data", str(tmp_path),
+                           "--metrics-port", "0"], env=env, capture_output=True, text=True,
+                          timeout=20)
+    assert done.returncode == 2, done.stderr
+    assert "passivate_after_s must be a finite number" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_port_in_use_fails_start(make_service: Any, eps: Any) -> None:

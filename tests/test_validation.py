@@ -240,3 +240,4 @@ def test_an_order_stored_before_the_bound_fails_cleanly_instead_of_never_encodin
     from oms import codec
 
     codec.pack(d.order.to_record())
+

@@ -1,0 +1,220 @@
+"""The order archive: append-only files of finished orders, one per UTC day.
+
+Retention (``actors.retention``) moves finished orders out of the live LMDB
+store into ``<data>/archive/orders-YYYY-MM-DD.gz`` (the day the order
+finished). A file is a series of gzip members; each member holds up to
+``MEMBER_ORDERS`` records, each a 4-byte big-endian length and a msgpack
+map ``{order: <the final order view>, finished_ts, archived_ts}``.
+``zcat`` of a file gives the records back to back; Python's ``gzip`` reads
+the members as one stream.
+
+Exactly once: a batch is appended, flushed and fsynced before the store
+writer deletes its orders; the same LMDB transaction records the file's new
+committed length (``meta`` ``arch:<day>``) and, per order, where its member
+starts (the ``arch`` index). A crash after the fsync and before that commit
+leaves bytes past the committed length: they are cut off (``repair``) before
+the file is appended to again and when retention starts, and those orders,
+still live, are archived again. So an order is in exactly one place.
+
+This module does file I/O only; it never opens LMDB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gzip
+import json
+import os
+import struct
+import sys
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from oms import codec
+
+MEMBER_ORDERS = 32  # records per gzip member: a get_order reads one member
+_LEN = struct.Struct(">I")
+PREFIX, SUFFIX = "orders-", ".gz"
+
+
+def folder(data: str | Path) -> Path:
+    return Path(data) / "archive"
+
+
+def day_of(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d")
+
+
+def file_for(data: str | Path, day: str) -> Path:
+    return folder(data) / f"{PREFIX}{day}{SUFFIX}"
+
+
+def encode_records(records: list[dict[str, Any]]) -> bytes:
+    """One gzip member holding ``records``."""
+    raw = b"".join(_LEN.pack(len(p)) + p for p in (codec.pack(r) for r in records))
+    comp = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: a gzip member
+    return comp.compress(raw) + comp.flush()
+
+
+def decode_records(raw: bytes) -> Iterator[dict[str, Any]]:
+    pos = 0
+    while pos + _LEN.size <= len(raw):
+        (n,) = _LEN.unpack_from(raw, pos)
+        pos += _LEN.size
+        if pos + n > len(raw):
+            raise ValueError("archive record cut short")
+        yield codec.unpack(raw[pos:pos + n])
+        pos += n
+
+
+def append(path: Path, committed: int, members: list[bytes]) -> tuple[list[int], int]:
+    """Append ``members`` after the first ``committed`` bytes (anything past
+    them is an uncommitted tail from a crash, and is cut off); flush and
+    fsync. Returns each member's offset and the file's new length."""
+    if not path.parent.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _fsync_dir(path.parent.parent)  # the archive folder's own entry
+    new = not path.exists()
+    with open(path, "ab") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size < committed:  # never pad a damaged or replaced file with zeros
+            raise OSError(f"archive file {path} has {size} bytes, fewer than the "
+                          f"{committed} committed: restore it (orders stay live meanwhile)")
+        if size > committed:
+            f.truncate(committed)
+            f.seek(committed)
+        offsets = []
+        for member in members:
+            offsets.append(f.tell())
+            f.write(member)
+        f.flush()
+        os.fsync(f.fileno())
+        end = f.tell()
+    if new:  # the new directory entry must be durable too
+        _fsync_dir(path.parent)
+    return offsets, end
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def repair(data: str | Path, committed: dict[str, int]) -> list[str]:
+    """Cut every archive file to its committed length (a file with none
+    recorded is an uncommitted first write: emptied). Returns what was cut."""
+    cut = []
+    for path in sorted(folder(data).glob(f"{PREFIX}*{SUFFIX}")):
+        day = path.name[len(PREFIX):-len(SUFFIX)]
+        keep = committed.get(day, 0)
+        size = path.stat().st_size
+        if size > keep:
+            with open(path, "r+b") as f:
+                f.truncate(keep)
+                os.fsync(f.fileno())
+            cut.append(f"{path.name}: {size - keep} bytes past the committed {keep}")
+    return cut
+
+
+def read_member(path: Path, offset: int) -> list[dict[str, Any]]:
+    """The records of the one member starting at ``offset``."""
+    d = zlib.decompressobj(31)
+    out = []
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while not d.eof:
+            chunk = f.read(64 * 1024)
+            if not chunk:
+                raise ValueError(f"{path.name}: member at {offset} is cut short")
+            out.append(d.decompress(chunk))
+    return list(decode_records(b"".join(out)))
+
+
+def find_in_member(path: Path, offset: int, order_id: str) -> dict[str, Any] | None:
+    for rec in read_member(path, offset):
+        if rec["order"].get("order_id") == order_id:
+            return rec
+    return None
+
+
+def iter_file(path: Path) -> Iterator[dict[str, Any]]:
+    with gzip.open(path, "rb") as f:
+        yield from decode_records(f.read())
+
+
+def files(data: str | Path) -> list[Path]:
+    return sorted(folder(data).glob(f"{PREFIX}*{SUFFIX}"))
+
+
+# -- oms archive ---------------------------------------------------------------
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("archive", help="archived (retired) orders: list files, find an order",
+                       description="Reads the archive files in the data folder directly; "
+                       "works with the service running or stopped.")
+    p.add_argument("--data", help="data folder (env OMS_DATA; default ./oms-data)")
+    asub = p.add_subparsers(dest="action", required=True)
+    ls = asub.add_parser("list", help="archive files: day and size (and orders, --count)")
+    ls.add_argument("--count", action="store_true",
+                    help="also count each file's orders (reads every file)")
+    ls.add_argument("--json", action="store_true")
+    find = asub.add_parser("find", help="an archived order by id or by external id")
+    find.add_argument("order_id", nargs="?")
+    find.add_argument("--source", help="source_system (with --external-id)")
+    find.add_argument("--external-id")
+    find.add_argument("--json", action="store_true")
+
+
+def cmd_archive(args: argparse.Namespace) -> int:
+    from oms.config import Config
+
+    data = Config.load(None, data=args.data).data
+    if args.action == "list":
+        rows = []
+        for path in files(data):
+            row = {"file": str(path), "day": path.name[len(PREFIX):-len(SUFFIX)],
+                   "bytes": path.stat().st_size}
+            if args.count:
+                row["orders"] = sum(1 for _ in iter_file(path))
+            rows.append(row)
+        if args.json:
+            print(json.dumps(rows))
+        else:
+            for r in rows:
+                n = f"{r['orders']:>9} orders  " if args.count else ""
+                print(f"{r['day']}  {n}{r['bytes']:>12} bytes  {r['file']}")
+            total = f", {sum(r['orders'] for r in rows)} orders" if args.count else ""
+            print(f"{len(rows)} files, {sum(r['bytes'] for r in rows)} bytes{total}")
+        return 0
+    if not args.order_id and not (args.source and args.external_id):
+        print("oms archive find: give ORDER_ID, or --source and --external-id",
+              file=sys.stderr)
+        return 2
+    for path in reversed(files(data)):
+        for rec in iter_file(path):
+            view = rec["order"]
+            if (view.get("order_id") == args.order_id if args.order_id else (
+                    view.get("source_system") == args.source
+                    and view.get("external_id") == args.external_id)):
+                if args.json:
+                    print(json.dumps(dict(rec, file=str(path)), default=repr))
+                else:
+                    from oms.cli import render_order
+
+                    print(f"archived in {path.name}, finished "
+                          f"{_when(rec['finished_ts'])}, archived {_when(rec['archived_ts'])}")
+                    print(render_order(view))
+                return 0
+    print("no such order in the archive", file=sys.stderr)
+    return 1
+
+
+def _when(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
