@@ -122,6 +122,20 @@ class FrontConfig:
         return cls(**{k: v for k, v in raw.items() if k in known})
 
 
+class StopFlag:
+    """Set from a signal handler: a plain attribute, no lock (a threading.Event
+    set by a second SIGTERM inside the first one's ``set`` deadlocked the front)."""
+
+    def __init__(self) -> None:
+        self.value = False
+
+    def set(self) -> None:
+        self.value = True
+
+    def is_set(self) -> bool:
+        return self.value
+
+
 class FrontMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter("oms_front_requests_total", "Requests relayed by the front, by "
@@ -151,7 +165,8 @@ class Front:
         self.cfg = cfg
         self.config_file = config_file
         self.config_mtime = 0.0
-        self.stop_flag = threading.Event()
+        self.stop_flag = StopFlag()
+        self.reload_flag = StopFlag()  # SIGHUP: read the client keys again
         self.registry = CollectorRegistry()
         process_collector.ProcessCollector(registry=self.registry)
         self.m = FrontMetrics(self.registry)
@@ -365,6 +380,13 @@ class Front:
                 self.m.gave_up.labels(str(p.shard)).inc()
                 p.on_reply(None, None)
         self.m.pending.set(len(self.pending))
+        if self.reload_flag.is_set():
+            self.reload_flag.value = False
+            if self.security is not None:
+                try:
+                    self.security.reload()
+                except Exception as exc:  # a bad folder: keep the keys we have
+                    logger.error("client keys not reloaded: %s", exc)
         if self.config_file:
             self._reread_config()
 
@@ -1061,7 +1083,7 @@ def main(argv: list[str] | None = None) -> int:
     ready.write_text(f"pid {os.getpid()}\n")  # the supervisor waits for it
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: front.stop_flag.set())
-    signal.signal(signal.SIGHUP, lambda *_: front.security and front.security.reload())
+    signal.signal(signal.SIGHUP, lambda *_: front.reload_flag.set())
     try:
         front.run()
     finally:
