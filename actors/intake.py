@@ -24,11 +24,12 @@ from typing import Any
 import zmq
 
 from actors.endpoint import RouterEndpoint
-from actors.security import DOMAINS
+from actors.security import DOMAINS, is_operator_name
 from actors.store_writer import CreateOrder
 from oms import codec, errors
 from oms.engine import new_order
 from oms.messages import Cancel, Operate, Start
+from oms.sharding import vshard_of
 from oms.states import OrderState
 from oms.store import CorruptRecord, Created, ListFilter, usable_order_id
 from oms.validation import validate_order
@@ -176,8 +177,10 @@ class Intake(RouterEndpoint):
             finally:
                 self.admitted()
 
+        vshards = getattr(self.octx, "vshards", 0)  # a shard process (docs/scaling.md)
+        vshard = vshard_of(order["customer"]["id"], vshards) if vshards else None
         self.octx.writer.tell(CreateOrder(order["source_system"], order["external_id"],
-                                          codec.digest(order), build, done))
+                                          codec.digest(order), build, done, vshard))
         return None
 
     def admit(self) -> bool:
@@ -250,7 +253,7 @@ class Intake(RouterEndpoint):
         return order, None
 
     def is_operator(self) -> bool:
-        return not self.identity_required or str(self.user).startswith("operator")
+        return not self.identity_required or is_operator_name(self.user)
 
     def is_domain_system(self) -> bool:
         """With CURVE on, a domain system's key (``warehouse``) or ``domains``:

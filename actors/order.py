@@ -141,6 +141,12 @@ class OrderActor(PooledActor):
         handled, self._handled = self._handled, []
         self.ctx.router.crashed(self, exc_info, message, handled)
 
+    def on_stop(self) -> None:
+        """Stopped by pykka's own ``ActorRef.stop`` (ours use ``stop_now``):
+        see ``OrderRouter.stopped``."""
+        self.ctx.router.stopped(self, self._handled)
+        self._handled = []
+
     def on_slice_end(self) -> None:
         self._save()
         self._handled.clear()  # the snapshot handed to the writer carries them now

@@ -39,6 +39,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from actors.loop import LoopActor, open_socket
+from actors.security import is_operator_name
 from actors.throttle import LogThrottle
 from oms import codec
 from oms.config import ConfigError
@@ -143,7 +144,7 @@ class Publisher(LoopActor):
                 user = frame.get("User-Id")
             except zmq.ZMQError:  # no authenticated peer behind it
                 continue
-            topic = b"" if str(user).startswith("operator") else topic_of(str(user))
+            topic = b"" if is_operator_name(user) else topic_of(str(user))
             sock.setsockopt(zmq.SUBSCRIBE, topic)
 
     def _on_monitor(self, monitor: zmq.Socket) -> None:

@@ -16,8 +16,10 @@ its inbox.
 taken out of the live set by ``crashed`` before its actor stops; messages
 for it wait in ``_reviving`` until its last durable snapshot is reloaded
 (after the writer has committed everything queued before), then go to the
-new actor. A dead actor found in the live set anyway is treated the same
-way, so no thread ever meets ``ActorDeadError`` here.
+new actor. An actor stopped by pykka's own ``stop`` hands its unsaved
+slice and queued tells over the same way (``stopped``), and a dead actor
+found in the live set anyway is reloaded too, so no thread ever meets
+``ActorDeadError`` here.
 
 Passivation waits for an idle period (``passivate_after_s``, as Akka's
 passivation timeout): an actor that has nothing to do registers as idle, a
@@ -39,7 +41,7 @@ import pykka
 
 from actors import supervision
 from actors.eventloop import EventLoop
-from actors.order import HoldInternalError, Inbound, OrderActor, Rest
+from actors.order import Flushed, HoldInternalError, Inbound, OrderActor, Rest
 from actors.pool import Dispatcher
 from actors.store_writer import Barrier
 from oms import errors
@@ -261,6 +263,33 @@ class OrderRouter:
         for msg in dropped:
             _refuse(msg, "the order failed handling this request and is held as "
                          "internal_error; see the service log")
+
+    def stopped(self, actor: OrderActor, handled: list[Any]) -> None:
+        """An order actor stopped by pykka's ``ActorRef.stop`` (in its own
+        slice; nothing of ours does that: passivation, retirement and crashes
+        use ``stop_now``). pykka would drop what it had not made durable:
+        the messages handled in this slice (their snapshot is never saved)
+        and the tells queued behind the stop; a lost command reply or
+        ``Start`` leaves the order waiting forever. So, as for a crash but
+        without the hold: it leaves the live set now and the order is
+        reloaded from its last durable snapshot with those messages.
+        Asks stay queued: pykka answers them ``ActorDeadError``."""
+        order_id = actor.order.order_id
+        logger.error("order %s: its actor was stopped from outside; reloading the order from "
+                     "its last durable snapshot", order_id, extra={"order_id": order_id})
+        self.ctx.metrics.internal_errors.labels("router").inc()
+        with self._stripe(order_id):
+            if self._live.get(order_id) is not actor.actor_ref:
+                return
+            del self._live[order_id]
+            self.idle.pop(order_id, None)
+            queue = actor.actor_inbox.queue
+            told = [e.message for e in queue if e.reply_to is None]
+            asked = [e for e in queue if e.reply_to is not None]
+            queue.clear()
+            queue.extend(asked)
+            told = [m for m in told if not isinstance(m, (Flushed, Rest))]  # for this instance
+            self._revive(order_id, list(handled) + told, actor.counted_state)
 
     def _revive(self, order_id: str, messages: list[Any], counted: OrderState | None,
                 spawn: bool = True) -> None:

@@ -2,7 +2,8 @@
 
 Only the public keys in the clients folder get in. Each key's *file name*
 is its identity: ``web.key`` is the channel whose ``source_system`` is
-``web``; a name starting with ``operator`` is an operator; a domain system's
+``web``; ``operator`` or ``operator-<name>`` is an operator
+(``is_operator_name``); a domain system's
 key is named after the system (``warehouse.key``), or ``domains`` for a
 process that speaks for several. The authenticator reports
 that name as the connection's ``User-Id``, which the intake, the publisher
@@ -30,6 +31,18 @@ logger = logging.getLogger(__name__)
 
 DOMAINS = "domains"
 """The key name of one process that speaks for every configured domain system."""
+
+OPERATOR = "operator"
+
+
+def is_operator_name(name: object) -> bool:
+    """Whether a CURVE key name is an operator's: exactly ``operator``, or
+    ``operator-`` followed by at least one character (``operator-ann``,
+    ``operator-console``). Any other name is a channel or a domain system:
+    ``operatorbank`` or ``operators-portal`` is the channel of that
+    ``source_system``, never an operator."""
+    return isinstance(name, str) and (
+        name == OPERATOR or (name.startswith(OPERATOR + "-") and len(name) > len(OPERATOR) + 1))
 
 
 class SecurityError(RuntimeError):

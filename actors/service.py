@@ -102,7 +102,8 @@ class Service:
         if self.security is None:
             _warn_if_exposed(cfg)
         self.store = Store(cfg.data, map_size=cfg.map_size_mb * 1024 * 1024,
-                           max_map_size=cfg.max_map_size_mb * 1024 * 1024)
+                           max_map_size=cfg.max_map_size_mb * 1024 * 1024,
+                           epoch=cfg.epoch)  # epoch: fencing of a shard on Ray
         self._stops.append(("store", self.store.close))
         self.writer = StoreWriter.launch(self.store, self.metrics, loop=loop)
         self._stops.append(("store writer", lambda: _stop_actor(self.writer)))
@@ -114,6 +115,7 @@ class Service:
         octx = OrderContext(loop, self.store, self.metrics,
                             {t: Engine(p) for t, p in procs.items()})
         self.octx = octx
+        octx.vshards = cfg.vshards  # type: ignore[attr-defined]  # a shard: sharded ids
         octx.writer = self.writer
         octx.publisher = self.publisher
         self.router = OrderRouter(octx, loop, cfg.passivate_after_s)

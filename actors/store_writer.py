@@ -64,6 +64,7 @@ class CreateOrder(NamedTuple):
     digest: bytes
     build: Callable[[str], Any]
     done: Callable[[Created], None]
+    vshard: int | None = None  # a shard process: the order's virtual shard (its id ends in it)
 
 
 class SaveOrder(NamedTuple):
@@ -257,7 +258,7 @@ class StoreWriter(LoopActor):
             store.put_order(txn, msg.order_id, msg.record, msg.active, msg.consumed)
         elif isinstance(msg, CreateOrder):
             return store.create_order(txn, msg.source_system, msg.external_id, msg.digest,
-                                      msg.build)
+                                      msg.build, msg.vshard)
         elif isinstance(msg, RecordEvent):
             return store.record_event(txn, msg.order_id, msg.system, msg.event_id, msg.event)
         elif isinstance(msg, Retire):

@@ -58,6 +58,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--give-up", type=float, default=60.0, metavar="S",
                    help="stop a run when no order has finished for S seconds (the report "
                         "lists the unfinished ones and the exit code is 1)")
+    p.add_argument("--shards", type=int, metavar="N",
+                   help="run retail against one process and against N shards behind the "
+                        "front, in the same run: orders/s and CPU per order for each")
     p.add_argument("--faults", action="store_true",
                    help="soak only: kill -9 the service, take domain systems down, drop "
                         "replies; then check every order terminal, nothing applied twice")
@@ -99,6 +102,13 @@ SIM_ARGS = {
 
 def run_bench(args: argparse.Namespace) -> int:
     tune_gc()  # the load generator is a busy process too (see oms.runtime)
+    if getattr(args, "shards", None):
+        if args.shards < 2:
+            print("oms bench: --shards needs N >= 2 (1 is always measured too)")
+            return 2
+        from bench.shards import run_scaling
+
+        return run_scaling(args)
     if args.smoke:
         args.orders, args.window, args.duration = min(args.orders, 300), 64, 2.0
         args.give_up = min(args.give_up, 30.0)

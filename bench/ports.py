@@ -75,3 +75,29 @@ def free_port() -> int:
 
 def free_endpoint() -> str:
     return f"tcp://127.0.0.1:{free_port()}"
+
+
+def free_block(count: int) -> int:
+    """The first of ``count`` consecutive free loopback ports (a sharded
+    service's shards take BASE..BASE+4N-1), none handed out before."""
+    with _lock:
+        for _ in range(500):
+            base = _rng.randint(LOW, HIGH - count + 1)
+            ports = range(base, base + count)
+            if any(p in _given for p in ports):
+                continue
+            socks = []
+            try:
+                for port in ports:
+                    s = socket.socket()
+                    socks.append(s)
+                    s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            finally:
+                for s in socks:
+                    s.close()
+            _given.update(ports)
+            return base
+    raise RuntimeError(f"no {count} consecutive free loopback ports in {LOW}-{HIGH} (set "
+                       f"{ENV}=LOW-HIGH for another range)")

@@ -28,8 +28,8 @@ def add_parser(sub: Any) -> None:
     con.add_argument("--private", action="store_true",
                      help="every page needs a login, not only actions")
     con.add_argument("--curve-key", metavar="FILE",
-                     help="the console's own operator secret key (a name starting with "
-                          "'operator'), when the service runs with CURVE")
+                     help="the console's own operator secret key (named 'operator' or "
+                          "'operator-<name>'), when the service runs with CURVE")
     con.add_argument("--service-key", metavar="FILE", help="the service's public key")
     con.add_argument("--timeout", type=float, default=3.0,
                      help="seconds to wait for the service's answer")

@@ -54,6 +54,33 @@ def build_parser() -> argparse.ArgumentParser:
                        help="domain systems' public key: CURVE toward them as well")
     serve.add_argument("--log-level", help="debug, info, warning, error")
     serve.add_argument("--log-format", choices=["json", "text"])
+    serve.add_argument("--shards", type=int, help="shard processes behind one front "
+                       "(env OMS_SHARDS; default 1: one process, no front; docs/scaling.md)")
+    serve.add_argument("--shard-base-port", type=int, help="shard K listens on 127.0.0.1, "
+                       "ports BASE+4K to BASE+4K+3 (default 5600)")
+
+    rayp = sub.add_parser("ray", help="shards on a Ray cluster: up, status, down "
+                          "(pip install 'oms[ray]'; docs/scaling.md)")
+    rayp.add_argument("action", choices=["up", "status", "down"])
+    rayp.add_argument("--address", default="auto", help="Ray cluster (default %(default)s)")
+    rayp.add_argument("--config", help="TOML file of the service's settings")
+    rayp.add_argument("--data", help="data folder on storage every node reaches")
+    rayp.add_argument("--shards", type=int, help="shard processes (default 2)")
+    rayp.add_argument("--shard-base-port", type=int, help="shard K: ports BASE+4K..+3")
+    _endpoint_flags(rayp)
+    rayp.add_argument("--domain-events", help="domain events ROUTER endpoint (the front)")
+    rayp.add_argument("--metrics-port", type=int, help="the front's Prometheus port, 0 = off")
+    rayp.add_argument("--system", action="append", metavar="NAME=EP")
+    rayp.add_argument("--processes", help="folder of process definitions (*.toml)")
+
+    shp = sub.add_parser("shards", help="a sharded data folder: show where the virtual "
+                         "shards are, or move them (service stopped; docs/scaling.md)")
+    shsub = shp.add_subparsers(dest="action", required=True)
+    shshow = shsub.add_parser("show", help="virtual shards per process")
+    shshow.add_argument("--data", required=True)
+    shmove = shsub.add_parser("move", help="rebalance onto --processes M (offline)")
+    shmove.add_argument("--data", required=True)
+    shmove.add_argument("--processes", type=int, required=True)
 
     sim = sub.add_parser("simulate", help="run the reference domain systems")
     sim.add_argument("--system", action="append", metavar="NAME=EP",
@@ -253,11 +280,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       retention_s=args.retention_s, dedup_window_s=args.dedup_window_s,
                       log_format=args.log_format, curve_server_key=args.curve_server_key,
                       curve_clients=args.curve_clients,
-                      domain_server_key=args.domain_server_key)
+                      domain_server_key=args.domain_server_key, shards=args.shards,
+                      shard_base_port=args.shard_base_port)
     logs.setup(cfg.log_level, cfg.log_format)
-    stop, reload = threading.Event(), threading.Event()
+    stop, reload = SignalFlag(), SignalFlag()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    if cfg.shards != 1:  # docs/scaling.md
+        from shards.supervisor import run_sharded
+
+        return run_sharded(cfg, args.config, stop)
+    if not cfg.vshards and (Path(cfg.data) / "shards.json").exists():
+        raise ConfigError(f"{cfg.data} holds a sharded service (shards.json): run oms serve "
+                          "--shards N on it (N as in the file)")
     signal.signal(signal.SIGHUP, lambda *_: reload.set())
     service = Service(cfg)
     try:
@@ -285,6 +320,56 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logger.info("signal received: draining and stopping")
     finally:
         service.stop()
+    return 0
+
+
+class SignalFlag:
+    """Set from a signal handler: no lock (a threading.Event's lock, taken by
+    the handler while the main thread held it in ``wait``, hung a shard on
+    SIGTERM for good)."""
+
+    def __init__(self) -> None:
+        self.value = False
+
+    def set(self) -> None:
+        self.value = True
+
+    def clear(self) -> None:
+        self.value = False
+
+    def is_set(self) -> bool:
+        return self.value
+
+    def wait(self, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while not self.value and time.monotonic() < end:
+            time.sleep(min(0.05, max(0.0, end - time.monotonic())))
+        return self.value
+
+
+def cmd_ray(args: argparse.Namespace) -> int:
+    try:
+        from shards.ray_cluster import cmd_ray as run
+    except ImportError as exc:
+        raise ConfigError(f"Ray is not installed ({exc}): pip install 'oms[ray]'") from None
+    systems = parse_systems(args.system, "--system") if args.system else None
+    cfg = Config.load(args.config, data=args.data, intake=args.intake, events=args.events,
+                      domain_events=args.domain_events, metrics_port=args.metrics_port,
+                      systems=systems, processes=args.processes,
+                      shards=args.shards or 2, shard_base_port=args.shard_base_port)
+    return run(args, cfg)
+
+
+def cmd_shards(args: argparse.Namespace) -> int:
+    from oms.store import StoreLocked
+    from shards import reshard
+
+    try:
+        out = (reshard.show(args.data) if args.action == "show"
+               else reshard.move(args.data, args.processes))
+    except StoreLocked as exc:
+        raise ConfigError(f"{exc} (stop the service before moving virtual shards)") from None
+    print(json.dumps(out, indent=1))
     return 0
 
 
@@ -646,8 +731,8 @@ def _ops(name: str) -> Any:
     return run
 
 
-COMMANDS = {"serve": cmd_serve, "simulate": cmd_simulate, "submit": cmd_submit,
-            "archive": cmd_archive,
+COMMANDS = {"serve": cmd_serve, "ray": cmd_ray, "shards": cmd_shards, "simulate": cmd_simulate,
+            "submit": cmd_submit, "archive": cmd_archive,
             "status": cmd_status, "keys": cmd_keys, "processes": cmd_processes, "demo": cmd_demo, "health": cmd_health,
             "bench": cmd_bench, "orders": _ops("orders"), "order": _ops("order"),
             "fallout": _ops("fallout")}

@@ -41,6 +41,10 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "subscriber_timeout_s": (0.1, 3600),
     "map_size_mb": (1, 16 * 1024 * 1024),
     "max_map_size_mb": (0, 16 * 1024 * 1024),
+    "shards": (1, 100),
+    "shard_base_port": (1024, 65535 - 400),
+    "vshards": (0, 100),
+    "epoch": (0, 2**62),
 }
 
 
@@ -73,6 +77,11 @@ class Config:
     dedup_window_s: float = 90 * 86400.0
     retention_batch: int = 512
     retention_interval_s: float = 0.25
+    # sharding (docs/scaling.md): processes behind one front; 1 = one process, no front
+    shards: int = 1
+    shard_base_port: int = 5600  # shard K binds 127.0.0.1:BASE+4K .. BASE+4K+3
+    vshards: int = 0  # set for a shard process by its supervisor: give out sharded ids
+    epoch: int = 0  # set for a shard process on Ray: its fencing epoch (0 = no fencing)
 
     @classmethod
     def load(cls, file: str | None = None, env: dict[str, str] | None = None,

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
 _CONTEXT = ("order_id", "command_id", "system", "event_id")
+
+
+SHARD = os.environ.get("OMS_LOG_SHARD")  # set by `oms serve --shards N` for its children
 
 
 class JsonFormatter(logging.Formatter):
@@ -20,6 +24,8 @@ class JsonFormatter(logging.Formatter):
             "thread": record.threadName,
             "msg": record.getMessage(),
         }
+        if SHARD:
+            out["shard"] = SHARD
         for key in _CONTEXT:
             value = getattr(record, key, None)
             if value is not None:
@@ -34,7 +40,8 @@ def setup(level: str = "info", fmt: str = "json") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        where = f" [{SHARD}]" if SHARD else ""
+        formatter = logging.Formatter(f"%(asctime)s %(levelname)s{where} %(name)s: %(message)s")
         formatter.converter = time.gmtime
         handler.setFormatter(formatter)
     root = logging.getLogger()

@@ -151,8 +151,12 @@ def list_page(client: Client, req: dict[str, Any], limit: int,
         page = _request_list(client, dict(req, limit=min(1000, limit - len(out)),
                                           **({"after": cursor} if cursor else {})))
         ids = [o["order_id"] for o in page["orders"]]
-        if (len(ids) >= 2 and ids[0] < ids[-1]) or (cursor and ids and ids[0] > cursor):
-            # oldest first, or newer than the cursor: a 1.0 service
+        created = [o.get("created_ts") or 0.0 for o in page["orders"]]
+        sharded = str(page.get("next") or cursor or "").startswith("S1.")
+        if not sharded and ((len(ids) >= 2 and created[0] < created[-1]) or (
+                cursor and ids and ids[0] > cursor)):
+            # oldest first, or newer than the cursor: a 1.0 service (a sharded
+            # service's ids do not compare by acceptance, docs/scaling.md)
             return _newest_first_locally(client, req, limit, after)
         out += page["orders"]
         cursor = page.get("next")

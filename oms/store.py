@@ -51,6 +51,7 @@ import lmdb
 
 from oms import codec
 from oms.model import Order
+from oms.sharding import sharded_order_id
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,14 @@ class StoreLocked(RuntimeError):
 
 class StoreFull(RuntimeError):
     """The map reached its configured cap: no write fits until it is raised."""
+
+
+class Fenced(StoreLocked):
+    """A newer copy of this shard has started on the same data (its epoch is
+    higher): this one must not write (docs/scaling.md, fencing)."""
+
+
+FENCED_EXIT = 75
 
 
 class CorruptRecord(ValueError):
@@ -162,7 +171,7 @@ class Store:
     """An open data folder."""
 
     def __init__(self, path: str | Path, map_size: int = DEFAULT_MAP_SIZE,
-                 sync: bool = True, max_map_size: int = 0) -> None:
+                 sync: bool = True, max_map_size: int = 0, epoch: int = 0) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock_file = self._take_lock()
@@ -174,6 +183,21 @@ class Store:
         )
         self.db = {name: self.env.open_db(name.encode()) for name in _DBS}
         self.gate = _ReadGate()
+        self.epoch = epoch
+        if epoch:
+            self._take_epoch()
+
+    def _take_epoch(self) -> None:
+        """Fencing (a shard on Ray): record our epoch, unless a newer copy did."""
+        with self.env.begin(write=True) as txn:
+            stored = int(txn.get(b"epoch", b"0", db=self.db["meta"]))
+            if stored > self.epoch:
+                txn.abort()
+                self.env.close()
+                self._lock_file.close()
+                raise Fenced(f"data folder {self.path} belongs to epoch {stored}; this copy "
+                             f"has epoch {self.epoch} and must not run")
+            txn.put(b"epoch", str(self.epoch).encode(), db=self.db["meta"])
 
     def _take_lock(self) -> Any:
         handle = open(self.path / "oms.lock", "a+")  # noqa: SIM115 - held until close
@@ -336,7 +360,14 @@ class Store:
     # -- writing (the store writer only) -----------------------------------
 
     def write(self) -> lmdb.Transaction:
-        return self.env.begin(write=True)
+        txn = self.env.begin(write=True)
+        if self.epoch and int(txn.get(b"epoch", b"0", db=self.db["meta"])) > self.epoch:
+            txn.abort()  # a newer copy runs on this data: never write, go down loudly
+            logger.critical("fenced: a newer copy of this shard (epoch above %d) writes to "
+                            "%s; exiting without writing", self.epoch, self.path)
+            logging.shutdown()
+            os._exit(FENCED_EXIT)
+        return txn
 
     def grow(self) -> int:
         """Double the map (up to ``max_map_size``); waits until no reader is
@@ -358,14 +389,16 @@ class Store:
         whether the store can write again."""
         txn.put(b"probe", str(time.time()).encode(), db=self.db["meta"])
 
-    def next_order_id(self, txn: lmdb.Transaction) -> str:
+    def next_order_id(self, txn: lmdb.Transaction, vshard: int | None = None) -> str:
+        """The next id; a shard (``vshard`` given) ends it with the virtual
+        shard (``oms.sharding``, docs/scaling.md)."""
         raw = txn.get(b"seq", db=self.db["meta"])
         seq = (int(raw) if raw else 0) + 1
         txn.put(b"seq", str(seq).encode(), db=self.db["meta"])
-        return format_order_id(seq)
+        return format_order_id(seq) if vshard is None else sharded_order_id(seq, vshard)
 
     def create_order(self, txn: lmdb.Transaction, source_system: str, external_id: str,
-                     digest: bytes, build: Any) -> Created:
+                     digest: bytes, build: Any, vshard: int | None = None) -> Created:
         """Idempotent create: ``build(order_id)`` makes the order if it is new."""
         key = ext_key(source_system, external_id)
         raw = txn.get(key, db=self.db["ext"])
@@ -376,7 +409,7 @@ class Store:
             rec = txn.get(order_id.encode(), db=self.db["orders"])
             state = codec.unpack(rec)["state"] if rec else self.archived_state(txn, order_id)
             return Created("duplicate", order_id, state)
-        order_id = self.next_order_id(txn)
+        order_id = self.next_order_id(txn, vshard)
         order: Order = build(order_id)
         txn.put(key, codec.pack([order_id, digest]), db=self.db["ext"])
         self.put_order(txn, order_id, codec.pack(order.to_record()), active=True)

@@ -88,6 +88,8 @@ def test_a_process_that_dies_fails_the_run_with_its_log(tmp_path: Path) -> None:
     harness = Harness(tmp_path, ["--no-such-option"], [])
     try:
         harness.start_simulators()
+        assert harness.sim is not None
+        harness.sim.p.wait(timeout=60)  # it has died (not merely about to): no race with ready
         harness.start_service()
         with pytest.raises(ProcessDied, match="simulate exited with code 2"):
             harness.wait_ready(timeout=60)

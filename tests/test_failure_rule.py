@@ -18,6 +18,7 @@ from actors.timers import TimerService
 from oms.engine import Engine
 from oms.messages import TimerFired, Turn
 from oms.metrics import Metrics
+from test_operations import no_restock  # noqa: F401
 
 
 # -- timers (defect 15, and defect 4's timer side) ---------------------------
@@ -218,27 +219,83 @@ def test_a_poison_order_goes_to_fallout_and_blocks_no_other_order(
         assert svc.metrics.order_crashes._value.get() == 1
 
 
-def test_a_dead_actor_in_the_live_set_kills_no_thread(make_service: Any, sim: Any,
+BACKORDERED = [{"id": "a", "product_id": "SKU-901", "quantity": 10**9}]
+
+
+def test_a_dead_actor_in_the_live_set_kills_no_thread(make_service: Any, no_restock: Any,
                                                        eps: Any) -> None:
     """Defect 1: a stopped order actor left in the router's live set made the
-    next timer raise ActorDeadError and end the timers thread."""
+    next timer raise ActorDeadError and end the timers thread. The actor is
+    made dead the way pykka's failure handling leaves one (its stop flag
+    set, nothing else) while it is idle and durable: held for stock that
+    only the event below brings (the simulator never restocks here)."""
     from helpers import poll_until, retail_order
     from oms.client import Client
-    from oms.messages import TimerFired
+    from oms.messages import DomainEvent
 
     svc = make_service(passivate_after_s=60)
     with Client(eps.intake, timeout=10) as client:
-        oid = client.submit(retail_order("dead-1", items=[
-            {"id": "a", "product_id": "SKU-1", "quantity": 1, "unit_price_minor": 100}]))[
-            "order_id"]
-        ref = poll_until(lambda: svc.router._live.get(oid))
-        ref.stop()  # pykka's own stop: the actor is dead, the router still lists it
-        assert not ref.is_alive()
+        oid = client.submit(retail_order("dead-1", items=BACKORDERED))["order_id"]
+        poll_until(lambda: client.get(oid)["order"]["state"] == "held"
+                   and oid in svc.router.idle)
+        ref = svc.router._live[oid]
+        ref._actor_weakref().actor_stopped.set()
+        assert not ref.is_alive() and svc.router._live.get(oid) is ref
         svc.timers.schedule(time.time(), oid, ("retry", "nothing", 99))  # a stale timer
         assert svc.router.deliver(oid, TimerFired(("retry", "nothing", 98))) is True
+        assert svc.router.deliver(oid, DomainEvent("ev-dead-1", "warehouse", "stock_reserved",
+                                                   {})) is True
         poll_until(lambda: client.get(oid)["order"]["state"] == "completed")
         assert svc.dead_components() == [] and svc.is_ready()
         assert svc.metrics.internal_errors.labels("router")._value.get() >= 1
+
+
+def test_a_stopped_order_actor_loses_no_message(make_service: Any, no_restock: Any,
+                                                eps: Any) -> None:
+    """An order actor stopped by pykka's ``ActorRef.stop`` used to lose what
+    it had not made durable: the messages handled in the stopping slice (no
+    snapshot saved: here ``Start``, so the order sat ``acknowledged``) and the
+    tells queued behind the stop (pykka's teardown drops them: here an early
+    ``stock_reserved``; a lost command reply left the order waiting forever).
+    The workers are plugged so the slice is exactly [Start, stop, event]."""
+    from actors.pool import PooledActor
+    from helpers import poll_until, retail_order
+    from oms.client import Client
+    from oms.messages import DomainEvent
+
+    entered = threading.Semaphore(0)
+    release = threading.Event()
+
+    class Plug(PooledActor):
+        def on_receive(self, message: Any) -> None:
+            entered.release()
+            release.wait(10)
+
+    svc = make_service(passivate_after_s=60)
+    dispatcher = svc.dispatcher
+    plugs = [Plug.spawn(dispatcher) for _ in range(svc.config.workers)]
+    try:
+        for plug in plugs:
+            plug.tell("block")
+        for _ in plugs:
+            assert entered.acquire(timeout=5)
+        with Client(eps.intake, timeout=10) as client:
+            oid = client.submit(retail_order("stopped-1", items=BACKORDERED))["order_id"]
+            ref = poll_until(lambda: svc.router._live.get(oid))
+            stopping = ref.stop(block=False)  # queued behind Start
+            assert svc.router.deliver(oid, DomainEvent(
+                "ev-stopped-1", "warehouse", "stock_reserved", {})) is True  # behind the stop
+            release.set()
+            assert stopping.get(timeout=5) is True
+            poll_until(lambda: client.get(oid)["order"]["state"] == "completed", timeout=10)
+            history = [h["state"] for h in client.get(oid)["order"]["history"]]
+        assert "held" not in history  # the early event was kept, not lost
+        assert svc.metrics.internal_errors.labels("router")._value.get() == 1
+        assert svc.dead_components() == [] and svc.is_ready()
+    finally:
+        release.set()
+        for plug in plugs:
+            plug.stop()
 
 
 # -- a component that dies takes the process down (rule 1, second half) -------

@@ -14,7 +14,7 @@ import zmq
 from conftest import Endpoints, SimThread
 from helpers import poll_until, retail_order
 
-from actors.security import SecurityError, client_options, generate
+from actors.security import SecurityError, client_options, generate, is_operator_name
 from oms import codec
 from oms.cli import main
 from oms.client import Client, wait_terminal
@@ -25,10 +25,11 @@ def keys(tmp_path: Path) -> Path:
     folder = tmp_path / "keys"
     generate(folder / "server", ["server"])
     generate(folder / "own", ["web", "store", "operator-ann", "domains", "intruder",
-                              "warehouse"])
+                              "warehouse", "operator", "operatorbank"])
     allowed = folder / "clients"
     allowed.mkdir()
-    for name in ("web", "store", "operator-ann", "domains", "warehouse"):
+    for name in ("web", "store", "operator-ann", "domains", "warehouse", "operator",
+                 "operatorbank"):
         (allowed / f"{name}.key").write_text((folder / "own" / f"{name}.key").read_text())
     return folder
 
@@ -85,6 +86,68 @@ def test_allowed_channel_works_on_its_own_orders_only(secure: Any, eps: Any,
     with Client(eps.intake, curve=opts(keys, "operator-ann")) as operator:
         assert operator.get(theirs)["type"] == "order"
         assert operator.request({"type": "order_counts"})["type"] == "order_counts"
+
+
+@pytest.mark.parametrize("name,operator", [
+    ("operator", True), ("operator-ann", True), ("operator-console", True),
+    ("operator-a-b", True), ("operatorbank", False), ("operators-portal", False),
+    ("operator-", False), ("operator_ann", False), ("Operator", False),
+    ("OPERATOR-ann", False), (" operator", False), ("operator ", False), ("", False),
+    ("web", False), ("xoperator-ann", False), (None, False), (b"operator", False)])
+def test_operator_names_are_exact(name: Any, operator: bool) -> None:
+    assert is_operator_name(name) is operator
+
+
+def test_a_key_named_like_an_operator_is_a_channel(secure: Any, eps: Any,
+                                                   keys: Path) -> None:
+    """``operatorbank`` only starts with ``operator``: it was taken for an
+    operator (every order, the operator requests, every event); it is the
+    channel ``operatorbank``. The key named exactly ``operator`` is one."""
+    with Client(eps.intake, curve=opts(keys, "operatorbank")) as bank, \
+            Client(eps.intake, curve=opts(keys, "web")) as web, \
+            Client(eps.intake, curve=opts(keys, "operator")) as operator:
+        own = bank.submit(retail_order("bank-1", source_system="operatorbank"))
+        assert own["type"] == "accepted", own
+        theirs = web.submit(retail_order("bank-2"))["order_id"]
+        other = bank.submit(retail_order("bank-3"))  # source_system web
+        assert (other["type"], other["code"]) == ("error", "unauthorized")
+        for req in ({"type": "get_order", "order_id": theirs},
+                    {"type": "cancel_order", "order_id": theirs},
+                    {"type": "retry_step", "order_id": theirs},
+                    {"type": "abort_order", "order_id": theirs},
+                    {"type": "order_counts"},
+                    {"type": "list_orders", "source_system": "web"}):
+            assert bank.request(req)["code"] == "unauthorized", req
+        listed = bank.request({"type": "list_orders"})["orders"]
+        assert {o["source_system"] for o in listed} == {"operatorbank"}
+        assert bank.get(own["order_id"])["type"] == "order"
+        assert operator.get(theirs)["type"] == "order"
+        assert operator.request({"type": "order_counts"})["type"] == "order_counts"
+
+
+def test_a_key_named_like_an_operator_gets_only_its_own_events(
+        secure: Any, eps: Any, keys: Path) -> None:
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    for name, value in opts(keys, "operatorbank").items():
+        sub.setsockopt(getattr(zmq, name), value)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")  # asks for everything
+    sub.connect(eps.events)
+    topics = set()
+    with Client(eps.intake, curve=opts(keys, "operatorbank")) as bank, \
+            Client(eps.intake, curve=opts(keys, "web")) as web:
+        def own_event_seen() -> bool:
+            bank.submit(retail_order(f"bev-{os.urandom(4).hex()}",
+                                     source_system="operatorbank"))
+            return sub.poll(200) != 0
+        poll_until(own_event_seen, timeout=20)  # its subscription is installed now
+        wait_terminal(web, [web.submit(retail_order("bev-web"))["order_id"]], timeout=20)
+        last = bank.submit(retail_order("bev-last", source_system="operatorbank"))
+        wait_terminal(bank, [last["order_id"]], timeout=20)  # published after web's events
+        while sub.poll(300):
+            topics.add(sub.recv_multipart()[0])
+    sub.close()
+    assert topics == {b"operatorbank\x00"}
 
 
 @pytest.mark.parametrize("who", ["warehouse", "domains"])

@@ -1,0 +1,249 @@
+"""``oms serve --shards N``: N shard processes and the front, kept running.
+
+Each shard is a full ``oms serve`` on ``DATA/shard-K`` with loopback
+endpoints; the front (``shards.front``) owns the configured endpoints. A
+child that exits is started again (backoff 0.5 s doubling to 10 s, back to
+0.5 s after a minute up). SIGTERM/SIGINT stop the front first (no new
+work), then the shards, which drain as a single service does. Children get
+SIGTERM if this process dies (Linux parent-death signal).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from oms.config import Config, ConfigError
+from shards import manifest as mf
+from shards.manifest import ShardEndpoints
+
+logger = logging.getLogger("shards.supervisor")
+
+BACKOFF_START_S, BACKOFF_MAX_S, STABLE_S = 0.5, 10.0, 60.0
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    backoff: float = BACKOFF_START_S
+    restart_at: float | None = None
+    restarts: int = 0
+    exits: list[int] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, env=self.env, preexec_fn=_die_with_parent)  # noqa: S603, PLW1509
+        self.started = time.monotonic()
+        self.restart_at = None
+
+    def stop(self, timeout: float) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            logger.error("%s did not stop within %g s: killed", self.name, timeout)
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def shard_argv(cfg: Config, k: int, ep: ShardEndpoints, config_file: str | None) -> list[str]:
+    argv = [sys.executable, "-m", "oms.cli", "serve", "--shards", "1",
+            "--data", str(mf.shard_folder(cfg.data, k)), "--intake", ep.intake,
+            "--events", ep.events, "--domain-events", ep.domain_events,
+            "--metrics-port", str(ep.metrics_port if cfg.metrics_port else 0),
+            "--workers", str(cfg.workers), "--max-in-flight",
+            str(max(1, -(-cfg.max_in_flight // cfg.shards))),
+            "--log-level", cfg.log_level, "--log-format", cfg.log_format,
+            "--retention-s", repr(cfg.retention_s), "--dedup-window-s", repr(cfg.dedup_window_s)]
+    if config_file:
+        argv += ["--config", config_file]
+    if cfg.processes:
+        argv += ["--processes", cfg.processes]
+    for name, endpoint in cfg.systems.items():
+        argv += ["--system", f"{name}={endpoint}"]
+    return argv
+
+
+def child_env(extra: dict[str, str]) -> dict[str, str]:
+    """This process's environment for a shard: every ``OMS_*`` setting carries
+    over (flags override the ones the supervisor sets), except CURVE, which
+    the front does: empty values win over a config file's keys."""
+    env = dict(os.environ)
+    env.update({"OMS_CURVE_SERVER_KEY": "", "OMS_CURVE_CLIENTS": "",
+                "OMS_DOMAIN_SERVER_KEY": ""})
+    env.update(extra)
+    return env
+
+
+def front_config(cfg: Config, manifest: mf.Manifest,
+                 shards: list[ShardEndpoints]) -> dict[str, Any]:
+    return {"data": cfg.data, "intake": cfg.intake, "events": cfg.events,
+            "domain_events": cfg.domain_events, "vshards": manifest.vshards,
+            "owner": manifest.owner,
+            "shards": [{"intake": s.intake, "events": s.events,
+                        "domain_events": s.domain_events} for s in shards],
+            "processes": cfg.processes, "metrics_host": cfg.metrics_host,
+            "metrics_port": cfg.metrics_port, "curve_server_key": cfg.curve_server_key,
+            "curve_clients": cfg.curve_clients, "systems": sorted(cfg.systems),
+            "events_hwm": cfg.events_hwm, "subscriber_timeout_s": cfg.subscriber_timeout_s,
+            "max_subscribers": cfg.max_subscribers,
+            "log_level": cfg.log_level,
+            "log_format": cfg.log_format}
+
+
+def write_json(file: Path, value: Any) -> None:
+    tmp = file.with_suffix(file.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1), encoding="utf-8")
+    os.replace(tmp, file)
+
+
+def targets(cfg: Config, shards: list[ShardEndpoints]) -> list[dict[str, Any]]:
+    """Prometheus file_sd: each shard a target with its ``shard`` label."""
+    if not cfg.metrics_port:
+        return []
+    out = [{"targets": [f"127.0.0.1:{s.metrics_port}"], "labels": {"shard": str(k)}}
+           for k, s in enumerate(shards)]
+    out.append({"targets": [f"{cfg.metrics_host}:{cfg.metrics_port}"],
+                "labels": {"shard": "front"}})
+    return out
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, config_file: str | None = None) -> None:
+        if cfg.domain_server_key:
+            raise ConfigError("--domain-server-key is not supported with --shards yet "
+                              "(docs/scaling.md)")
+        if bool(cfg.curve_server_key) != bool(cfg.curve_clients):
+            raise ConfigError("CURVE needs both --curve-server-key and --curve-clients")
+        self.cfg = cfg
+        self.data = Path(cfg.data)
+        self.manifest = mf.open_or_create(self.data, cfg.shards)
+        self.endpoints = [ShardEndpoints.local(cfg.shard_base_port, k)
+                          for k in range(cfg.shards)]
+        self.shards = [Child(f"shard-{k}", shard_argv(cfg, k, ep, config_file), child_env(
+            {"OMS_VSHARDS": str(self.manifest.vshards), "OMS_LOG_SHARD": str(k)}))
+                       for k, ep in enumerate(self.endpoints)]
+        self.front_file = self.data / "front.json"
+        write_json(self.front_file, front_config(cfg, self.manifest, self.endpoints))
+        self.ready_file = self.data / "front" / "ready"
+        self.front = Child("front", [sys.executable, "-m", "shards.front",
+                                     str(self.front_file)], child_env({"OMS_LOG_SHARD": "front"}))
+        self.targets_file = self.data / "prometheus-targets.json"
+        write_json(self.targets_file, targets(cfg, self.endpoints))
+        self.stopping = threading.Event()
+
+    def children(self) -> list[Child]:
+        return [*self.shards, self.front]
+
+    def start(self, timeout: float = 120.0) -> None:
+        """Start every child; raise when one cannot start (exit 2: config, port, lock)."""
+        from oms.client import Client
+
+        self.ready_file.unlink(missing_ok=True)
+        for child in self.children():
+            child.start()
+        deadline = time.monotonic() + timeout
+        waiting = {k: Client(ep.intake, timeout=1.0) for k, ep in enumerate(self.endpoints)}
+        try:
+            while waiting or not self.ready_file.exists():
+                for child in self.children():
+                    code = child.proc.poll() if child.proc else None
+                    if code is not None:
+                        raise ConfigError(f"{child.name} exited with code {code} at start "
+                                          "(its log above says why)")
+                for k in list(waiting):
+                    try:
+                        waiting[k].request({"type": "get_order", "order_id": "-"}, timeout=0.2)
+                        waiting.pop(k).close()
+                    except TimeoutError:
+                        pass
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"the shards were not ready within {timeout:g} s")
+                if not waiting:
+                    time.sleep(0.05)  # the front's ready file: nothing to wait on but the disk
+        finally:
+            for client in waiting.values():
+                client.close()
+        logger.info("sharded service ready: %d shards behind intake %s, events %s",
+                    len(self.shards), self.cfg.intake, self.cfg.events)
+
+    def watch(self) -> None:
+        """Until stopped: restart any child that exits."""
+        while not self.stopping.wait(0.1):
+            now = time.monotonic()
+            for child in self.children():
+                self._check(child, now)
+
+    def _check(self, child: Child, now: float) -> None:
+        if child.proc is None:
+            return
+        if child.restart_at is not None:
+            if now >= child.restart_at:
+                logger.warning("restarting %s (restart %d)", child.name, child.restarts)
+                child.start()
+            return
+        code = child.proc.poll()
+        if code is None:
+            if now - child.started > STABLE_S:
+                child.backoff = BACKOFF_START_S
+            return
+        child.exits.append(code)
+        child.restarts += 1
+        child.restart_at = now + child.backoff
+        logger.error("%s exited with code %s; restarting in %.1f s", child.name, code,
+                     child.backoff)
+        child.backoff = min(child.backoff * 2, BACKOFF_MAX_S)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.front.stop(10.0)
+        for child in self.shards:  # SIGTERM to all at once, then wait for each
+            if child.proc is not None and child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        for child in self.shards:
+            child.stop(60.0)
+        logger.info("sharded service stopped")
+
+
+def run_sharded(cfg: Config, config_file: str | None, stop: Any) -> int:
+    sup = Supervisor(cfg, config_file)
+    try:
+        sup.start()
+    except ConfigError:
+        sup.stop()
+        raise
+    watcher = threading.Thread(target=sup.watch, name="supervisor", daemon=True)
+    watcher.start()
+    try:
+        while not stop.wait(0.2):
+            if not watcher.is_alive():  # the one failure rule: no dead thread in a live process
+                logger.error("the supervisor thread ended; stopping")
+                return 70
+        logger.info("signal received: stopping the front, then the shards")
+    finally:
+        sup.stop()
+    return 0
