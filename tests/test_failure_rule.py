@@ -254,48 +254,44 @@ def test_a_stopped_order_actor_loses_no_message(make_service: Any, no_restock: A
                                                 eps: Any) -> None:
     """An order actor stopped by pykka's ``ActorRef.stop`` used to lose what
     it had not made durable: the messages handled in the stopping slice (no
-    snapshot saved: here ``Start``, so the order sat ``acknowledged``) and the
-    tells queued behind the stop (pykka's teardown drops them: here an early
-    ``stock_reserved``; a lost command reply left the order waiting forever).
-    The workers are plugged so the slice is exactly [Start, stop, event]."""
-    from actors.pool import PooledActor
+    snapshot saved) and the tells queued behind the stop (pykka's teardown
+    drops them). Either loss left an order held for stock waiting forever
+    for a ``stock_reserved`` it had been given. One loop call builds both slices,
+    so nothing else runs between them: order A's is [event, stop], order B's
+    is [stop, event]."""
     from helpers import poll_until, retail_order
     from oms.client import Client
     from oms.messages import DomainEvent
 
-    entered = threading.Semaphore(0)
-    release = threading.Event()
-
-    class Plug(PooledActor):
-        def on_receive(self, message: Any) -> None:
-            entered.release()
-            release.wait(10)
-
     svc = make_service(passivate_after_s=60)
-    dispatcher = svc.dispatcher
-    plugs = [Plug.spawn(dispatcher) for _ in range(svc.config.workers)]
-    try:
-        for plug in plugs:
-            plug.tell("block")
-        for _ in plugs:
-            assert entered.acquire(timeout=5)
-        with Client(eps.intake, timeout=10) as client:
-            oid = client.submit(retail_order("stopped-1", items=BACKORDERED))["order_id"]
-            ref = poll_until(lambda: svc.router._live.get(oid))
-            stopping = ref.stop(block=False)  # queued behind Start
-            assert svc.router.deliver(oid, DomainEvent(
-                "ev-stopped-1", "warehouse", "stock_reserved", {})) is True  # behind the stop
-            release.set()
-            assert stopping.get(timeout=5) is True
-            poll_until(lambda: client.get(oid)["order"]["state"] == "completed", timeout=10)
-            history = [h["state"] for h in client.get(oid)["order"]["history"]]
-        assert "held" not in history  # the early event was kept, not lost
-        assert svc.metrics.internal_errors.labels("router")._value.get() == 1
-        assert svc.dead_components() == [] and svc.is_ready()
-    finally:
-        release.set()
-        for plug in plugs:
-            plug.stop()
+    with Client(eps.intake, timeout=10) as client:
+        ids = [client.submit(retail_order(f"stopped-{n}", items=BACKORDERED))["order_id"]
+               for n in ("a", "b")]
+        for oid in ids:
+            poll_until(lambda oid=oid: client.get(oid)["order"]["state"] == "held"
+                       and oid in svc.router.idle)  # held for stock; never restocked here
+        stopping: list[Any] = []
+        built = threading.Event()
+
+        def build_slices() -> None:  # runs on the loop thread: one call, no turn between
+            a, b = ids
+            assert svc.router.deliver(a, DomainEvent("ev-stopped-a", "warehouse",
+                                                     "stock_reserved", {})) is True
+            stopping.append(svc.router._live[a].stop(block=False))  # behind the event
+            stopping.append(svc.router._live[b].stop(block=False))
+            assert svc.router.deliver(b, DomainEvent("ev-stopped-b", "warehouse",
+                                                     "stock_reserved", {})) is True
+            built.set()
+
+        svc.loop.call_soon(build_slices)
+        assert built.wait(5)
+        assert [f.get(timeout=5) for f in stopping] == [True, True]
+        for oid in ids:
+            # only the event given above can complete it: it was kept, not lost
+            poll_until(lambda oid=oid: client.get(oid)["order"]["state"] == "completed",
+                       timeout=10)
+    assert svc.metrics.internal_errors.labels("router")._value.get() == 2
+    assert svc.dead_components() == [] and svc.is_ready()
 
 
 # -- a component that dies takes the process down (rule 1, second half) -------
