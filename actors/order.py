@@ -25,7 +25,8 @@ from oms.engine import INTERNAL_ERROR, Engine, hold_internal_error
 from oms.errors import DomainError
 from oms.messages import CommandResult, DomainEvent, Publish, Reply, Send, Sequence, Timer
 from oms.model import Order
-from oms.states import OrderState, StepStatus
+from oms.outstanding import outstanding
+from oms.states import OrderState
 
 if TYPE_CHECKING:
     from actors.router import OrderContext
@@ -58,13 +59,9 @@ class Inbound(NamedTuple):
 
 
 def awaiting_reply(order: Order) -> bool:
-    """Whether a command of this order is out at a gateway right now."""
-    for step in order.steps.values():
-        if step.retry_at is None and (
-            (step.status == StepStatus.RUNNING and step.wait is None) or step.comp == "running"
-        ):
-            return True
-    return any(n.status == StepStatus.RUNNING and n.retry_at is None for n in order.notes)
+    """Whether a command of this order is out at a gateway right now
+    (``oms.outstanding``)."""
+    return outstanding(order).replies
 
 
 def _tell_quietly(ref: Any, message: Any) -> None:

@@ -38,6 +38,7 @@ from oms.engine import Engine
 from oms.messages import Resume
 from oms.metrics import Metrics, ServiceCollector
 from oms.model import Order
+from oms.outstanding import command_out
 from oms.process import load_processes
 from oms.states import TERMINAL
 from oms.store import CorruptRecord, Store, event_key
@@ -335,15 +336,15 @@ def _held_since(rec: dict[str, Any]) -> float | None:
 
 def _needs_resume(rec: dict[str, Any]) -> bool:
     """From the raw snapshot: does this order have anything to re-send or re-arm?
-    (Orders that only wait for an event, stock or their turn stay passivated.)"""
+    (Orders that only wait for an event, stock or their turn stay passivated.)
+    Each step is asked ``oms.outstanding.command_out``, as the engine asks it."""
     if rec["state"] in ("acknowledged", "pending"):
         return True
     for step in rec["steps"]:
-        if step[_RETRY_AT] is not None or step[_COMP] == "running":
+        if command_out(step[_STATUS], step[_WAIT], step[_RETRY_AT], step[_COMP]) is not None:
             return True
-        if step[_STATUS] == "running" and step[_WAIT] is None:
-            return True
-    return any(n[_STATUS] == "running" for n in rec["notes"])
+    return any(command_out(n[_STATUS], None, n[_RETRY_AT], None) is not None
+               for n in rec["notes"])
 
 
 LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")

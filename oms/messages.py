@@ -129,3 +129,7 @@ class Sequence(NamedTuple):
 
     key: str
     enter: bool
+
+
+Effect = Send | Publish | Timer | Reply | Sequence
+"""Any effect the engine returns (``oms.engine.Turning.effects``)."""

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from oms.fallout import fallout_view
-from oms.states import OrderState, StepStatus
+from oms.outstanding import outstanding
+from oms.states import OrderState, Phase, StepStatus, Target, Undo
 
 RECORD_VERSION = 1
 
@@ -40,7 +41,10 @@ class Step:
     retry_at: when a retry (or compensation retry) is due, while backing off.
     done_seq: completion order, so compensation runs in reverse.
     wait: the domain event this step waits for, if any.
-    comp: compensation status: None, "running", "done" or "failed".
+    comp: compensation status (``Undo``): None, "running", "done" or "failed".
+
+    ``status`` changes only in ``oms.states.set_step_status``, ``comp`` only
+    in ``oms.states.set_undo``.
     """
 
     key: str
@@ -58,7 +62,7 @@ class Step:
     done_seq: int = 0
     retry_at: float | None = None
     wait: str | None = None
-    comp: str | None = None
+    comp: Undo | None = None
     comp_attempts: int = 0
 
     def to_record(self) -> list[Any]:
@@ -94,7 +98,12 @@ class Order:
     """An order and its progress through its process.
 
     phase: "run" while the process moves forward, "compensate" while
-      completed steps are being undone, "finish" once terminal.
+      completed steps are being undone, "finish" once terminal (``Phase``).
+
+    Each kind of state changes in one function: ``state`` in
+    ``oms.engine_base.TurnBase.transition`` (table ``oms.states.TRANSITIONS``),
+    ``state_reason`` in ``oms.states.set_reason``, ``phase`` and ``target`` in
+    ``oms.states.set_phase``, an item's ``state`` in ``oms.states.set_item_state``.
     seq_key: the value of the process's sequencing key, if it has one.
     turn: whether the sequencer has let this order run.
     early_events: domain events that arrived before a step waited for them.
@@ -119,8 +128,8 @@ class Order:
     history: list[dict[str, Any]] = field(default_factory=list)
     results: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] | None = None
-    phase: str = "run"
-    target: str | None = None
+    phase: Phase = Phase.RUN
+    target: Target | None = None
     failure: dict[str, Any] | None = None
     cancel: dict[str, Any] | None = None
     seq_key: str | None = None
@@ -142,9 +151,7 @@ class Order:
     @property
     def finished(self) -> bool:
         """Terminal, and no CRM notification still being delivered."""
-        return self.state.terminal and all(
-            n.status != StepStatus.RUNNING for n in self.notes
-        )
+        return self.state.terminal and not outstanding(self).notes
 
     def to_record(self) -> dict[str, Any]:
         return {

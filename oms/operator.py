@@ -1,5 +1,6 @@
 """Operator actions and jeopardy: the parts of the engine that people drive
-or watch. Mixed into ``oms.engine.Turning``; pure like the rest of it.
+or watch. A mixin of ``oms.engine.Turning`` (see ``oms.engine_base``);
+pure like the rest of it.
 
 Operator actions (``Operate``):
 - ``retry``: a held/fallout order runs its failed step (or failed
@@ -19,24 +20,16 @@ from __future__ import annotations
 from typing import Any
 
 from oms import fallout
+from oms.engine_base import TurnBase
 from oms.messages import Operate, Publish, Reply, Timer
 from oms.model import Step
-from oms.states import Ev, OrderState, StepStatus
+from oms.states import Ev, OrderState, Phase, StepStatus, Target, Undo, set_step_status, set_undo
 
 S = OrderState
 MAX_NOTE = 1000  # operator names and reasons kept in the history, in characters
 
 
-class OperatorMixin:
-    """Needs the attributes and helpers of ``oms.engine.Turning``."""
-
-    order: Any
-    proc: Any
-    defs: Any
-    now: float
-    changed: bool
-    stale: bool
-
+class OperatorMixin(TurnBase):
     # -- operator actions --------------------------------------------------
 
     def on_operate(self, msg: Operate) -> None:
@@ -50,13 +43,13 @@ class OperatorMixin:
         if problem:
             answer("operator_rejected", reason=problem)
             return
-        order.history.append({"state": str(order.state), "ts": self.now, "action": msg.action,
+        order.history.append({"state": order.state.value, "ts": self.now, "action": msg.action,
                               "operator": str(msg.operator)[:MAX_NOTE],
                               "reason": str(msg.reason or "")[:MAX_NOTE]})
         self.changed = True
         if msg.action == "abort":
             order.failure = dict(order.failure or {}, aborted_by=str(msg.operator)[:MAX_NOTE])
-            self.begin_compensation("failed")
+            self.begin_compensation(Target.FAILED)
         elif msg.action == "retry" and fallout.failed_step(order) is None:
             self.transition_back()  # internal_error: resume from the snapshot
             self.on_resume()
@@ -65,7 +58,7 @@ class OperatorMixin:
             self.skip_wait(msg)
         else:
             self.operate_on_failed(msg)
-        answer("operator_accepted", state=str(order.state))
+        answer("operator_accepted", state=order.state.value)
 
     def skips_a_wait(self, name: str | None) -> bool:
         step = fallout.skip_target(self.order, name)[0]
@@ -76,6 +69,7 @@ class OperatorMixin:
         unless another wait or a failed step still holds it."""
         order = self.order
         step = fallout.skip_target(order, msg.step)[0]
+        assert step is not None  # operate_problem checked it
         self.consume(step, {"skipped_by": str(msg.operator)[:MAX_NOTE]})
         holding = any(s.wait and s.applied for s in order.steps.values())
         if not holding and fallout.failed_step(order) is None:
@@ -90,13 +84,14 @@ class OperatorMixin:
 
     def operate_on_failed(self, msg: Operate) -> None:
         order = self.order
+        assert order.failure is not None  # operate_problem checked it
         step: Step = order.steps[order.failure["step"]]
         compensation = bool(order.failure.get("compensation"))
         order.failure = None
         step.error = None
         if compensation:  # a compensation failed for good
             step.gen += 1
-            step.comp = "done" if msg.action == "skip" else "running"
+            set_undo(step, Undo.DONE if msg.action == "skip" else Undo.RUNNING)
             if msg.action == "skip":
                 self.set_status(step, StepStatus.COMPENSATED)
             else:
@@ -111,7 +106,8 @@ class OperatorMixin:
             self.skip_dependent_waits(step, msg.operator)
         else:
             step.gen += 1
-            step.status, step.attempts = StepStatus.PENDING, 0
+            step.attempts = 0
+            set_step_status(step, StepStatus.PENDING)  # no progress event: launched at once
             self.launch(step, self.sdef(step))
         self.transition_back()
         self.advance()
@@ -139,7 +135,7 @@ class OperatorMixin:
         order = self.order
         if order.state != S.HELD:
             return
-        if order.phase == "compensate" and order.target == "cancelled":
+        if order.phase == Phase.COMPENSATE and order.target == Target.CANCELLED:
             self.transition(Ev.CANCEL_ACCEPT, (order.cancel or {}).get("reason"))
         else:
             self.transition(Ev.RESUME)
@@ -156,6 +152,7 @@ class OperatorMixin:
         self.emit(Timer(at, ("jeopardy", key, 0)))
 
     def rearm_jeopardy(self) -> None:
+        """After a restart: the deadlines not yet passed are armed again."""
         for key, (at, fired) in self.order.jeopardy.items():
             if not fired:
                 self.emit(Timer(at, ("jeopardy", key, 0)))
@@ -171,7 +168,7 @@ class OperatorMixin:
             return
         entry[1] = True
         self.changed = True
-        expected = (self.proc.expected_s if key == "order"
+        expected = (self.proc.expected_s if key == "order" or step is None
                     else self.sdef(step).expected_s)
         if not expected:
             return  # expected_s was removed from the definition: the deadline is dropped
@@ -180,6 +177,6 @@ class OperatorMixin:
                            "external_id": order.external_id, "step": key,
                            "expected_s": expected, "late_s": late, "ts": self.now}))
         what = "the order" if key == "order" else f"step {key}"
-        self.notify_crm(f"jeopardy:{key}", str(order.state),
+        self.notify_crm(f"jeopardy:{key}", order.state.value,
                         f"Order {order.external_id} is in jeopardy: {what} has run past "
                         f"its expected {expected:g} s")

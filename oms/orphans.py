@@ -3,7 +3,8 @@
 An order keeps the steps it was created with. When the definition changes
 (a step removed or renamed, a per-item action removed, a wait turned into a
 command) an order's step may have no definition any more: an *orphan*. It
-must never crash the order. The rules, mixed into ``oms.engine.Turning``:
+must never crash the order. The rules, a mixin of ``oms.engine.Turning``
+(see ``oms.engine_base``):
 
 - An orphan that is running finishes as its command's outcome says (default
   timeout and retry policy); an orphan wait still takes its event.
@@ -20,10 +21,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from oms.engine_base import TurnBase
 from oms.fallout import DEFINITION_CHANGED
 from oms.model import Step
 from oms.process import RetryPolicy, StepDef
-from oms.states import OrderState, StepStatus
+from oms.states import OrderState, Phase, Reason, StepStatus, Undo, set_undo
 
 S = OrderState
 
@@ -45,14 +47,7 @@ def defined_in(sdef: StepDef | None, step: Step) -> bool:
     return sdef.action is not None and sdef.action.op == step.op
 
 
-class OrphanMixin:
-    """Needs the attributes and helpers of ``oms.engine.Turning``."""
-
-    order: Any
-    defs: dict[str, StepDef]
-    known: dict[tuple[str, str, bool], bool]
-    changed: bool
-
+class OrphanMixin(TurnBase):
     def defined(self, step: Step) -> bool:
         key = (step.name, step.op, step.item_id is None)
         known = self.known.get(key)
@@ -70,7 +65,7 @@ class OrphanMixin:
         """Hold the order for the first orphan that has still to run or
         failed; True if the order is (now) held for one."""
         order = self.order
-        if order.phase != "run" or order.state not in (S.IN_PROGRESS, S.HELD):
+        if order.phase != Phase.RUN or order.state not in (S.IN_PROGRESS, S.HELD):
             return False
         pending, failed = StepStatus.PENDING, StepStatus.FAILED
         for step in order.steps.values():
@@ -83,7 +78,7 @@ class OrphanMixin:
                     if step.error is not None:
                         order.failure["earlier_error"] = step.error
                     self.changed = True
-                    self.hold("fallout")
+                    self.hold(Reason.FALLOUT)
                 return True
         return False
 
@@ -94,8 +89,9 @@ class OrphanMixin:
 
     def orphan_undo(self, step: Step) -> None:
         """An applied orphan's undo is unknown: fallout for an operator."""
-        step.comp, step.retry_at = "failed", None
+        step.retry_at = None
+        set_undo(step, Undo.FAILED)
         step.error = self.orphan_error(step)
         self.order.failure = {"step": step.key, "error": step.error, "compensation": True}
         self.changed = True
-        self.hold("fallout")
+        self.hold(Reason.FALLOUT)

@@ -1,13 +1,31 @@
-"""Order, item and step states, and the one order transition table.
+"""Every kind of order state, each with its one choke point.
 
 Order states use the TMF622 names of the contract. Every order state change
 goes through ``next_state``: a pair missing from ``TRANSITIONS`` raises
-``IllegalTransition``.
+``IllegalTransition``. The other kinds of state an order carries change in
+one function each, here, by a table of the moves they allow (an illegal move
+raises ``IllegalTransition`` too):
+
+- a step's ``status`` (``StepStatus``): ``set_step_status``, table ``STEP_MOVES``;
+- an item's ``state`` (``ItemState``): ``set_item_state``, table ``ITEM_MOVES``;
+- a step's compensation (``step.comp``, ``Undo``): ``set_undo``, table ``UNDO_MOVES``;
+- the order's phase (``order.phase``/``order.target``, ``Phase``): ``set_phase``,
+  table ``PHASE_MOVES``;
+- the order's ``state_reason`` (``Reason``, or a reason that is data: a
+  definition's hold reason, an error code, a cancel reason): ``set_reason``.
+
+All enums are ``str`` enums: the snapshot and the wire carry the same strings
+as before. ``python -m oms.states --mermaid`` prints the order state diagram
+(docs/states.md) from ``TRANSITIONS``.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from oms.model import Order, Step
 
 
 class OrderState(StrEnum):
@@ -97,6 +115,28 @@ class StepStatus(StrEnum):
     SKIPPED = "skipped"
 
 
+P, R, D, F, C, K = (StepStatus.PENDING, StepStatus.RUNNING, StepStatus.DONE, StepStatus.FAILED,
+                    StepStatus.COMPENSATED, StepStatus.SKIPPED)
+STEP_MOVES: frozenset[tuple[StepStatus, StepStatus]] = frozenset({
+    (P, R),  # launched: its command sent, or its event awaited
+    (P, K),  # nothing to do for its item; or compensation began before it ran
+    (P, D),  # an operator skips an orphan that never ran (done by hand)
+    (R, D),  # its command applied, or its event came (or a wait was skipped)
+    (R, F),  # failed for good (or its event did not come in time)
+    (R, K),  # a wait that had not got its event when compensation began
+    (F, D),  # an operator skips the failed step (done by hand)
+    (F, P),  # an operator retries the failed step (a new command, launched at once)
+    (D, C),  # its compensation is done (or an operator skipped a failed undo)
+})
+
+
+def set_step_status(step: Step, status: StepStatus) -> None:
+    """The one choke point for a step's (or a CRM note's) status."""
+    if (step.status, status) not in STEP_MOVES:
+        raise IllegalTransition(f"step {step.key}: {step.status} -> {status} (not allowed)")
+    step.status = status
+
+
 class ItemState(StrEnum):
     ACKNOWLEDGED = "acknowledged"
     PENDING = "pending"
@@ -105,3 +145,140 @@ class ItemState(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+_I = ItemState
+ITEM_MOVES: frozenset[tuple[ItemState, ItemState]] = frozenset({
+    (_I.ACKNOWLEDGED, _I.IN_PROGRESS),  # the order starts
+    (_I.IN_PROGRESS, _I.COMPLETED),  # all of its steps done (or the order completed)
+    (_I.IN_PROGRESS, _I.FAILED),  # one of its steps failed (partial), or the order failed
+    (_I.IN_PROGRESS, _I.CANCELLED),  # the order was cancelled
+    (_I.ACKNOWLEDGED, _I.CANCELLED),  # ... before it started
+    (_I.ACKNOWLEDGED, _I.FAILED),  # the order failed (aborted) before it started
+    (_I.COMPLETED, _I.CANCELLED),  # the order was cancelled after the item was done
+    (_I.COMPLETED, _I.FAILED),  # the order failed after the item was done
+    (_I.FAILED, _I.CANCELLED),  # the order was cancelled after the item failed
+    (_I.FAILED, _I.COMPLETED),  # an operator skipped its failed step (done by hand)
+})
+
+
+def set_item_state(item: dict[str, Any], state: ItemState) -> None:
+    """The one choke point for an item's state (kept as its plain string in
+    the item map). Setting the state it has is no change."""
+    old = ItemState(item["state"])
+    if old is state:
+        return
+    if (old, state) not in ITEM_MOVES:
+        raise IllegalTransition(f"item {item.get('id')}: {old} -> {state} (not allowed)")
+    item["state"] = state.value
+
+
+class Undo(StrEnum):
+    """A step's compensation (``step.comp``; None: not undone)."""
+
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+UNDO_MOVES: frozenset[tuple[Undo | None, Undo]] = frozenset({
+    (None, Undo.RUNNING),  # its undo command is sent
+    (None, Undo.FAILED),  # an orphan's undo is unknown: fallout
+    (Undo.RUNNING, Undo.DONE),  # undone
+    (Undo.RUNNING, Undo.FAILED),  # the undo failed for good: fallout
+    (Undo.FAILED, Undo.RUNNING),  # an operator retries the undo
+    (Undo.FAILED, Undo.DONE),  # an operator skips it (undone by hand)
+})
+
+
+def set_undo(step: Step, undo: Undo) -> None:
+    """The one choke point for a step's compensation status."""
+    old = None if step.comp is None else Undo(step.comp)
+    if (old, undo) not in UNDO_MOVES:
+        raise IllegalTransition(f"undo of step {step.key}: {old} -> {undo} (not allowed)")
+    step.comp = undo
+
+
+class Phase(StrEnum):
+    """What an order's process is doing (``order.phase``)."""
+
+    RUN = "run"  # moving forward
+    COMPENSATE = "compensate"  # undoing completed steps, towards ``order.target``
+    FINISH = "finish"  # terminal
+
+
+class Target(StrEnum):
+    """Where compensation ends (``order.target``)."""
+
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+PHASE_MOVES: frozenset[tuple[Phase, Phase]] = frozenset({
+    (Phase.RUN, Phase.COMPENSATE),  # failed, cancelled or aborted: undo what was done
+    (Phase.RUN, Phase.FINISH),  # completed (or partial)
+    (Phase.COMPENSATE, Phase.FINISH),  # everything undone: failed or cancelled
+})
+
+
+def set_phase(order: Order, phase: Phase, target: Target | None = None) -> None:
+    """The one choke point for an order's phase (and compensation target)."""
+    old = Phase(order.phase)
+    if (old, phase) not in PHASE_MOVES:
+        raise IllegalTransition(f"phase of {order.order_id}: {old} -> {phase} (not allowed)")
+    if (phase is Phase.COMPENSATE) != (target is not None):
+        raise IllegalTransition(f"phase {phase} with target {target}")
+    order.phase = phase
+    if target is not None:
+        order.target = target
+
+
+class Reason(StrEnum):
+    """The ``state_reason`` values the engine itself gives. Others are data:
+    a definition's hold reason (e.g. ``awaiting_stock``), the error code a
+    failed order ends with, a channel's cancel reason."""
+
+    FALLOUT = "fallout"  # held: a step (or its undo) failed, an operator decides
+    INTERNAL_ERROR = "internal_error"  # held: a handler raised on this order
+    COMPENSATING = "compensating"  # held no more for an operator: undoing, then failed
+    ABORTED = "aborted"  # failed: an operator aborted it (no error code)
+
+
+OPERATOR_HOLDS = frozenset({Reason.FALLOUT, Reason.INTERNAL_ERROR})  # only an operator ends these
+
+
+def set_reason(order: Order, reason: str | None) -> None:
+    """The one choke point for ``state_reason``. It changes with each order
+    transition (``oms.engine_base.TurnBase.transition``, the reason that
+    transition gives, None for none), and while an order stays ``held`` when
+    what holds it changes (a hold for another reason, an internal error, or a
+    failed order starting to compensate). Kept as a plain string."""
+    order.state_reason = None if reason is None else str(reason)
+
+
+def mermaid() -> str:
+    """The order state diagram, generated from ``TRANSITIONS`` (docs/states.md)."""
+    names = {state: state.name.title().replace("_", "") for state in OrderState}
+    lines = ["stateDiagram-v2"]
+    lines += [f"    {names[s]}: {s.value}" for s in OrderState]
+    lines.append(f"    [*] --> {names[OrderState.ACKNOWLEDGED]}")
+    for (old, event), new in TRANSITIONS.items():
+        lines.append(f"    {names[old]} --> {names[new]}: {event.value}")
+    lines += [f"    {names[s]} --> [*]" for s in OrderState if s.terminal]
+    return "\n".join(lines) + "\n"
+
+
+def states_page() -> str:
+    """docs/states.md as the table generates it now."""
+    return (
+        "# Order states\n\n"
+        "Generated from `oms.states.TRANSITIONS` (the one order transition table) by\n"
+        "`python -m oms.states --mermaid > docs/states.md`; "
+        "`tests/test_states.py::test_the_state_diagram_is_current` fails when it is stale.\n"
+        "An event missing from a state's arrows is refused (`IllegalTransition`).\n\n"
+        "```mermaid\n" + mermaid() + "```\n"
+    )
+
+
+if __name__ == "__main__":  # python -m oms.states --mermaid > docs/states.md
+    print(states_page(), end="")

@@ -71,3 +71,21 @@ def resolve(template: Any, scopes: dict[str, Any]) -> Any:
     if isinstance(template, list):
         return [resolve(v, scopes) for v in template]
     return template
+
+
+def template_roots(template: Any) -> frozenset[str]:
+    """The scopes a template names (``order``, ``steps``, ...): the engine
+    builds only those."""
+    if isinstance(template, str):
+        return frozenset({template[1:].split(".", 1)[0]}) if template.startswith("$") \
+            else frozenset()
+    if isinstance(template, dict):
+        values: Any = template.values()
+    elif isinstance(template, list):
+        values = template
+    else:
+        return frozenset()
+    out: frozenset[str] = frozenset()
+    for value in values:
+        out |= template_roots(value)
+    return out

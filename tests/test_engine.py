@@ -537,3 +537,65 @@ def test_no_retry_or_skip_while_an_abort_is_compensating() -> None:
     assert (d.order.state, d.order.state_reason) == (OrderState.HELD, "compensating")
     assert operate(d, "retry")["type"] == "operator_rejected"
     assert operate(d, "skip")["type"] == "operator_rejected"
+
+
+# -- "does this order have something outstanding?" (oms.outstanding) --------
+
+
+def _asked(order: Any) -> dict[str, bool]:
+    """What each place that asks gets: the engine before it undoes, the
+    actor before it leaves memory, ``Order.finished``, recovery."""
+    from actors.order import awaiting_reply
+    from actors.service import _needs_resume
+    from oms.engine import Turning
+
+    return {"in_flight": Turning(Engine(RETAIL), order, 0.0).in_flight(),
+            "awaiting_reply": awaiting_reply(order), "finished": order.finished,
+            "needs_resume": _needs_resume(order.to_record())}
+
+
+def test_outstanding_commands_are_decided_in_one_function() -> None:
+    from oms.outstanding import REPLY, TIMER, command_out
+
+    assert command_out("running", None, None, None) == (True, REPLY)  # at a gateway
+    assert command_out("running", None, 5.0, None) == (True, TIMER)  # backing off
+    assert command_out("done", None, None, "running") == (False, REPLY)  # an undo out
+    assert command_out("done", None, 5.0, "running") == (False, TIMER)  # an undo backing off
+    assert command_out("running", "shipment_delivered", 5.0, None) == (False, TIMER)  # deadline
+    assert command_out("running", "shipment_delivered", None, None) is None  # only waits
+    assert command_out("skipped", None, 5.0, None) is None  # a stale deadline: nothing
+    assert command_out("done", None, None, "failed") is None  # fallout: an operator acts
+
+
+def test_a_wait_skipped_by_compensation_leaves_nothing_to_resume() -> None:
+    """They disagreed: recovery resumed an order for a ``retry_at`` left on a
+    wait that compensation had skipped (the others saw nothing outstanding)."""
+    d = retail({"capture_payment": DECLINED})
+    d.start()  # failed: compensated; the snapshot below is built by hand
+    d.order.state = OrderState.HELD  # as if an undo had failed and the order were held
+    step = d.order.steps["await_delivery"]
+    step.status, step.wait, step.retry_at = StepStatus.SKIPPED, None, 5.0
+    assert _asked(d.order) == {"in_flight": False, "awaiting_reply": False,
+                               "finished": False, "needs_resume": False}
+
+
+def test_a_command_backing_off_is_in_flight_but_awaits_no_reply() -> None:
+    """Compensation waits for its outcome, the actor may leave memory (a
+    timer brings it back) and recovery re-arms that timer."""
+    d = retail({"create_invoice": UNAVAILABLE})
+    d.start()
+    step = d.order.steps["create_invoice"]
+    assert step.status == StepStatus.RUNNING and step.retry_at is not None
+    asked = _asked(d.order)
+    assert asked == {"in_flight": True, "awaiting_reply": False, "finished": False,
+                     "needs_resume": True}
+
+
+def test_a_finished_order_with_a_crm_note_backing_off_is_not_finished() -> None:
+    d = retail({"notify": UNAVAILABLE})
+    d.start()
+    d.event("shipment_delivered", {"shipment_id": "s"})
+    assert d.order.state == OrderState.COMPLETED
+    assert any(n.retry_at is not None for n in d.order.notes)
+    assert _asked(d.order) == {"in_flight": False, "awaiting_reply": False,
+                               "finished": False, "needs_resume": True}

@@ -1,0 +1,296 @@
+"""What every part of a turn of the engine shares: the order, the effects,
+and the choke points through which each kind of order state changes.
+
+``TurnBase`` holds one message's worth of work on one order. The parts of
+the engine (``oms.engine_run``, ``oms.engine_events``, ``oms.engine_undo``,
+``oms.engine_notes``, ``oms.operator``, ``oms.orphans``) are mixins of it,
+assembled into ``oms.engine.Turning``; the methods one part calls in another
+are declared here (below "seams"), so each part is typed on its own.
+
+State changes, each in one place:
+- order state (and its reason): ``transition`` (``oms.states.next_state``);
+- ``state_reason`` alone, while the order stays held: ``set_reason``;
+- a step's status: ``set_status`` (``oms.states.set_step_status``, plus its
+  ``order_progress`` event);
+- an item's state: ``oms.states.set_item_state``; a step's undo:
+  ``oms.states.set_undo``; the phase: ``oms.states.set_phase``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import TYPE_CHECKING, Any
+
+from oms import states, untrusted
+from oms.errors import CIRCUIT_OPEN, DomainError
+from oms.messages import CommandResult, Effect, Publish, Send, Sequence, Timer
+from oms.model import Order, Step
+from oms.outstanding import outstanding
+from oms.process import Action, ProcessDef, RetryPolicy, StepDef
+from oms.states import Ev, OrderState, Phase, StepStatus
+from oms.templates import order_facts, template_roots
+
+if TYPE_CHECKING:
+    from oms.engine import Engine
+
+S = OrderState
+
+
+def _spread(command_id: str, attempt: int) -> float:
+    """Deterministic jitter in [0, 1): pure, yet different per command."""
+    return zlib.crc32(f"{command_id}/{attempt}".encode()) / 2**32
+
+
+class TurnBase:
+    """One message's worth of work on one order.
+
+    effects: what to do once the new snapshot is durable.
+    changed: whether the order changed (and so must be persisted).
+    stale: the message matched nothing (a late or duplicate reply).
+    """
+
+    def __init__(self, engine: Engine, order: Order, now: float) -> None:
+        self.proc: ProcessDef = engine.proc
+        self.defs: dict[str, StepDef] = engine.defs
+        self.known: dict[tuple[str, str, bool], bool] = engine.known
+        self.roots = engine.roots
+        self.order = order
+        self.now = now
+        self.effects: list[Effect] = []
+        self.changed = False
+        self.stale = False
+
+    def emit(self, effect: Effect) -> None:
+        self.effects.append(effect)
+
+    # -- the choke points ----------------------------------------------------
+
+    def transition(self, event: Ev, reason: str | None = None) -> None:
+        """The order's one state-change path: table, history, event, CRM."""
+        order = self.order
+        old = order.state
+        new = states.next_state(old, event)
+        reason = None if reason is None else str(reason)
+        order.state = new
+        states.set_reason(order, reason)
+        entry: dict[str, Any] = {"state": new.value, "ts": self.now}
+        if reason:
+            entry["reason"] = reason
+        order.history.append(entry)
+        self.changed = True
+        payload: dict[str, Any] = {
+            "type": "order_state", "order_id": order.order_id,
+            "external_id": order.external_id, "state": new.value,
+            "previous_state": old.value, "ts": self.now,
+        }
+        if reason:
+            payload["state_reason"] = reason
+        self.emit(Publish(payload))
+        if new.terminal:
+            self.finish_items(new)
+            states.set_phase(order, Phase.FINISH)
+            order.summary = self.summary()
+            self.emit(Publish({"type": "order_summary", "order_id": order.order_id,
+                               "external_id": order.external_id, "summary": order.summary}))
+            if order.seq_key:  # with or without its turn: a pending order leaves too
+                self.emit(Sequence(order.seq_key, enter=False))
+        if new.value in self.proc.notify_states:
+            self.notify(new, old)
+
+    def set_reason(self, reason: str) -> None:
+        """A held order stays held for another reason: ``oms.states.set_reason``."""
+        states.set_reason(self.order, reason)
+        self.changed = True
+
+    def set_status(self, step: Step, status: StepStatus) -> None:
+        states.set_step_status(step, status)
+        self.changed = True
+        if step.name == "notify":
+            return
+        self.emit(Publish({"type": "order_progress", "order_id": self.order.order_id,
+                           "external_id": self.order.external_id, "step": step.key,
+                           "status": status.value, "ts": self.now}))
+
+    # -- reading the order -------------------------------------------------
+
+    def command_id(self, step: Step) -> str:
+        base = f"{self.order.order_id}:{step.key}"
+        return f"{base}#{step.gen}" if step.gen else base
+
+    def item(self, step: Step) -> dict[str, Any] | None:
+        if step.item_id is None:
+            return None
+        return next(it for it in self.order.items if it["id"] == step.item_id)
+
+    def action(self, step: Step) -> Action | None:
+        sdef = self.sdef(step)
+        if sdef.per_item is not None:
+            item = self.item(step)
+            return sdef.per_item.get(item["action"]) if item else None
+        return sdef.action
+
+    def scopes(self, template: Any, step: Step | None = None) -> dict[str, Any]:
+        """What ``template`` may name (``oms.templates``): only the scopes it
+        names are built (the order's facts cost more than the rest)."""
+        key = id(template)
+        roots = self.roots.get(key)
+        if roots is None:
+            roots = self.roots[key] = (template, template_roots(template))
+        names = roots[1]
+        out: dict[str, Any] = {}
+        if "order" in names:
+            out["order"] = order_facts(self.order)
+        if "steps" in names:
+            out["steps"] = {k: s.result for k, s in self.order.steps.items()
+                            if s.result is not None}
+        if step is not None:
+            out["item"] = self.item(step)
+            out["result"] = step.result or {}
+            out["args"] = step.args or {}
+        return out
+
+    def steps_of(self, name: str) -> list[Step]:
+        return [s for s in self.order.steps.values() if s.name == name]
+
+    def by_name(self) -> dict[str, list[Step]]:
+        """The order's steps grouped by step name (one pass)."""
+        out: dict[str, list[Step]] = {}
+        for step in self.order.steps.values():
+            group = out.get(step.name)
+            if group is None:
+                out[step.name] = [step]
+            else:
+                group.append(step)
+        return out
+
+    def settled(self, step: Step) -> bool:
+        status = step.status
+        if status is StepStatus.DONE or status is StepStatus.SKIPPED:
+            return True
+        return (status is StepStatus.FAILED and self.proc.item_failure == "partial"
+                and step.item_id is not None)
+
+    def in_flight(self) -> bool:
+        """A forward command was sent whose outcome is not known yet
+        (``oms.outstanding``)."""
+        return outstanding(self.order).forward
+
+    # -- commands and retries ----------------------------------------------
+
+    def send(self, system: str, command_id: str, op: str, args: dict[str, Any],
+             timeout: float) -> None:
+        self.emit(Send(system, command_id, op, args, timeout))
+
+    def retry_later(self, step: Step, res: CommandResult, policy: RetryPolicy, command_id: str,
+                    kind: str, ref: Any) -> bool:
+        """Arm a retry timer if the error allows one; False: failed for good.
+
+        ``circuit_open`` (the gateway's breaker) waits for its ``retry_after``
+        and costs no attempt: an outage of a domain system makes orders wait.
+        """
+        error = res.error or DomainError("unknown", "no error given", False)
+        attr = "comp_attempts" if kind == "comp" else "attempts"
+        attempt = getattr(step, attr)
+        first_block = (step.error or {}).get("code") != CIRCUIT_OPEN
+        step.error = error.to_wire()
+        if error.code == CIRCUIT_OPEN:
+            data = res.data if isinstance(res.data, dict) else {}
+            wait = untrusted.retry_after(data.get("retry_after"))
+            step.retry_at = self.now + wait * (1 + 0.2 * _spread(command_id, attempt))
+            attempt -= 1  # the re-send after the wait reuses this attempt's number
+            setattr(step, attr, attempt)
+            if first_block and kind == "retry":
+                self.emit(Publish({"type": "order_progress", "order_id": self.order.order_id,
+                                   "external_id": self.order.external_id, "step": step.key,
+                                   "status": str(step.status), "ts": self.now,
+                                   "breaker": "open", "system": step.system}))
+        elif error.retryable and attempt < policy.max_attempts:
+            step.retry_at = self.now + policy.delay(attempt, _spread(command_id, attempt))
+        else:
+            return False
+        self.emit(Timer(step.retry_at, (kind, ref, attempt)))
+        return True
+
+    # -- seams: implemented by the parts (see the module docstring); declared
+    # here only, so that each part is typed on its own and none shadows another
+
+    def advance(self) -> None:
+        raise NotImplementedError  # oms.engine_run
+
+    def launch(self, step: Step, sdef: StepDef) -> None:
+        raise NotImplementedError  # oms.engine_run
+
+    def send_step(self, step: Step) -> None:
+        raise NotImplementedError  # oms.engine_run
+
+    def step_done(self, step: Step) -> None:
+        raise NotImplementedError  # oms.engine_run
+
+    def step_failed(self, step: Step) -> None:
+        raise NotImplementedError  # oms.engine_run
+
+    def hold(self, reason: str) -> None:
+        raise NotImplementedError  # oms.engine_run
+
+    def on_resume(self) -> None:
+        raise NotImplementedError  # oms.engine_run
+
+    def fail(self, failure: dict[str, Any] | None) -> None:
+        raise NotImplementedError  # oms.engine_run
+
+    def finish_items(self, state: OrderState) -> None:
+        raise NotImplementedError  # oms.engine_run
+
+    def summary(self) -> dict[str, Any]:
+        raise NotImplementedError  # oms.engine_run
+
+    def on_comp_result(self, step: Step, res: CommandResult) -> None:
+        raise NotImplementedError  # oms.engine_undo
+
+    def on_note_result(self, note: Step, idx: int, res: CommandResult) -> None:
+        raise NotImplementedError  # oms.engine_notes
+
+    def on_jeopardy(self, key: str) -> None:
+        raise NotImplementedError  # oms.operator
+
+    def consume(self, step: Step, data: dict[str, Any]) -> None:
+        raise NotImplementedError  # oms.engine_events
+
+    def take_early_event(self, step: Step) -> bool:
+        raise NotImplementedError  # oms.engine_events
+
+    def begin_compensation(self, target: states.Target) -> None:
+        raise NotImplementedError  # oms.engine_undo
+
+    def compensate_next(self) -> None:
+        raise NotImplementedError  # oms.engine_undo
+
+    def send_comp(self, step: Step) -> None:
+        raise NotImplementedError  # oms.engine_undo
+
+    def notify(self, state: OrderState, previous: OrderState) -> None:
+        raise NotImplementedError  # oms.engine_notes
+
+    def notify_crm(self, key: str, state: str, message: str) -> None:
+        raise NotImplementedError  # oms.engine_notes
+
+    def send_note(self, note: Step, idx: int) -> None:
+        raise NotImplementedError  # oms.engine_notes
+
+    def expect(self, key: str, expected_s: float | None) -> None:
+        raise NotImplementedError  # oms.operator (jeopardy)
+
+    def rearm_jeopardy(self) -> None:
+        raise NotImplementedError  # oms.operator (jeopardy)
+
+    def defined(self, step: Step) -> bool:
+        raise NotImplementedError  # oms.orphans
+
+    def sdef(self, step: Step) -> StepDef:
+        raise NotImplementedError  # oms.orphans
+
+    def check_orphans(self) -> bool:
+        raise NotImplementedError  # oms.orphans
+
+    def orphan_undo(self, step: Step) -> None:
+        raise NotImplementedError  # oms.orphans

@@ -1,0 +1,50 @@
+"""CRM notifications: a note per notified state (and per jeopardy), sent
+as a command of its own outside the process graph, retried by the
+process's ``notify_retry``. A mixin of ``oms.engine.Turning`` (see
+``oms.engine_base``)."""
+
+from __future__ import annotations
+
+from oms.engine_base import TurnBase
+from oms.messages import CommandResult
+from oms.model import Step
+from oms.states import OrderState, StepStatus
+
+
+class NoteMixin(TurnBase):
+    def notify(self, state: OrderState, previous: OrderState) -> None:
+        self.notify_crm(f"notify:{state}", state.value,
+                        f"Order {self.order.external_id} is {state} (was {previous})")
+
+    def notify_crm(self, key: str, state: str, message: str) -> None:
+        order = self.order
+        note = Step(key, "notify", self.proc.notify_system, self.proc.notify_op,
+                    status=StepStatus.RUNNING, attempts=1)
+        note.args = {
+            "customer_id": order.customer_id, "order_id": order.order_id,
+            "external_id": order.external_id, "state": state, "message": message,
+        }
+        self.changed = True
+        order.notes.append(note)
+        self.send_note(note, len(order.notes) - 1)
+
+    def send_note(self, note: Step, idx: int) -> None:
+        assert note.args is not None
+        self.send(note.system, f"{self.order.order_id}:notify:{idx}", note.op, note.args,
+                  self.proc.notify_timeout_s)
+
+    def on_note_result(self, note: Step, idx: int, res: CommandResult) -> None:
+        if note.status != StepStatus.RUNNING or (note.retry_at is not None and not res.ok):
+            self.stale = True
+            return
+        self.changed = True
+        note.retry_at = None
+        policy = self.proc.notify_retry
+        if res.ok:
+            note.result, note.applied = res.data or {}, True
+            self.set_status(note, StepStatus.DONE)
+            return
+        if self.retry_later(note, res, policy, f"{self.order.order_id}:notify:{idx}", "note",
+                            idx):
+            return
+        self.set_status(note, StepStatus.FAILED)

@@ -1,0 +1,311 @@
+"""Moving an order forward: start, resume, launch the steps whose
+dependencies are settled, take command results, complete. A mixin of
+``oms.engine.Turning`` (see ``oms.engine_base``)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from oms import untrusted
+from oms.engine_base import TurnBase
+from oms.errors import DomainError
+from oms.messages import CommandResult, Sequence, Timer
+from oms.model import Step
+from oms.process import StepDef
+from oms.states import (
+    Ev,
+    ItemState,
+    OrderState,
+    Phase,
+    Reason,
+    StepStatus,
+    Target,
+    Undo,
+    set_item_state,
+)
+from oms.templates import resolve
+from oms.validation import MAX_AMOUNT_MINOR
+
+logger = logging.getLogger("oms.engine")
+S = OrderState
+INVALID_REPLY = "invalid_reply"
+AMOUNT_OUT_OF_RANGE = "amount_out_of_range"
+
+
+class RunMixin(TurnBase):
+    # -- lifecycle ---------------------------------------------------------
+
+    def on_start(self) -> None:
+        order = self.order
+        if order.state != S.ACKNOWLEDGED:
+            self.stale = True
+            return
+        if order.seq_key and not order.turn:
+            return  # the sequencer sends Turn (the order entered its queue at commit)
+        self.begin()
+
+    def on_turn(self, go: bool) -> None:
+        order = self.order
+        if not go:
+            if order.state == S.ACKNOWLEDGED:
+                self.transition(Ev.WAIT_TURN)
+            return
+        if order.turn:
+            self.stale = True
+            return
+        order.turn = True
+        self.changed = True
+        if order.state in (S.ACKNOWLEDGED, S.PENDING):
+            self.begin()
+        elif order.state.terminal:
+            self.emit(Sequence(order.seq_key or "", enter=False))
+
+    def begin(self) -> None:
+        if not 0 <= self.order.total_minor <= MAX_AMOUNT_MINOR:  # accepted before the bound
+            self.order.failure = {"step": None, "error": {
+                "code": AMOUNT_OUT_OF_RANGE, "retryable": False,
+                "message": f"the order total is outside 0..{MAX_AMOUNT_MINOR} (int64)"}}
+            self.begin_compensation(Target.FAILED)  # nothing ran: straight to failed
+            return
+        self.transition(Ev.START)
+        self.expect("order", self.proc.expected_s)
+        for it in self.order.items:
+            set_item_state(it, ItemState.IN_PROGRESS)
+        self.advance()
+
+    def on_resume(self) -> None:
+        """Re-send what was in flight and re-arm timers, from the snapshot."""
+        order = self.order
+        if order.state in (S.ACKNOWLEDGED, S.PENDING):
+            if order.seq_key and not order.turn:
+                return  # the sequencer, rebuilt at start, sends Turn
+            if order.state == S.ACKNOWLEDGED:
+                self.begin()
+                return
+        for step in order.steps.values():
+            if step.wait is not None and step.retry_at is not None:
+                self.emit(Timer(step.retry_at, ("wait", step.key, 0)))
+            if step.status == StepStatus.RUNNING and step.wait is None:
+                if not self.rearm(step, ("retry", step.key, step.attempts)):
+                    self.send_step(step)
+            if step.comp == Undo.RUNNING and not self.defined(step):
+                self.orphan_undo(step)
+            elif step.comp == Undo.RUNNING:
+                if not self.rearm(step, ("comp", step.key, step.comp_attempts)):
+                    self.send_comp(step)
+        self.rearm_jeopardy()
+        for idx, note in enumerate(order.notes):
+            if note.status == StepStatus.RUNNING:
+                if not self.rearm(note, ("note", idx, note.attempts)):
+                    self.send_note(note, idx)
+
+    def rearm(self, step: Step, token: tuple[Any, ...]) -> bool:
+        """Re-arm a back-off timer; False: no back-off, send again now."""
+        if step.retry_at is None:
+            return False
+        self.emit(Timer(step.retry_at, token))
+        return True
+
+    # -- moving forward ----------------------------------------------------
+
+    def advance(self) -> None:
+        order = self.order
+        if order.phase == Phase.COMPENSATE:
+            self.compensate_next()
+            return
+        if order.phase != Phase.RUN or order.state not in (S.IN_PROGRESS, S.HELD):
+            return
+        if self.check_orphans():
+            return
+        # plain loops: this runs for nearly every message, and generator
+        # expressions cost more than the comparisons they wrap
+        groups = self.by_name()  # the set of steps is fixed; their statuses are not
+        settled, pending = self.settled, StepStatus.PENDING
+        for sdef in self.proc.steps:
+            waiting = [s for s in groups.get(sdef.name, ()) if s.status is pending]
+            if not waiting or not self.deps_settled(sdef, groups):
+                continue
+            for step in waiting:
+                if step.status is pending:
+                    self.launch(step, sdef)
+        if order.phase != Phase.RUN:
+            return
+        for step in order.steps.values():
+            if not settled(step):
+                return
+        self.complete()
+
+    def deps_settled(self, sdef: StepDef, groups: dict[str, list[Step]]) -> bool:
+        settled = self.settled
+        for dep in sdef.after:
+            for step in groups.get(dep, ()):
+                if not settled(step):
+                    return False
+        return True
+
+    def launch(self, step: Step, sdef: StepDef) -> None:
+        if sdef.wait_event is not None:
+            self.expect(step.key, sdef.expected_s)
+            step.wait = sdef.wait_event
+            self.set_status(step, StepStatus.RUNNING)
+            if not self.take_early_event(step) and sdef.wait_timeout_s:
+                step.retry_at = self.now + sdef.wait_timeout_s  # the wait's deadline
+                self.emit(Timer(step.retry_at, ("wait", step.key, 0)))
+            return
+        self.expect(step.key, sdef.expected_s)
+        action = self.action(step)
+        assert action is not None
+        step.args = resolve(action.args, self.scopes(action.args, step))
+        step.attempts = 1
+        self.set_status(step, StepStatus.RUNNING)
+        self.send_step(step)
+
+    def send_step(self, step: Step) -> None:
+        sdef = self.sdef(step)
+        assert step.args is not None
+        self.send(step.system, self.command_id(step), step.op, step.args, sdef.timeout_s)
+
+    def complete(self) -> None:
+        if self.order.state == S.HELD:  # every step settled while held (internal_error)
+            self.transition(Ev.RESUME)
+        if any(it["state"] == ItemState.FAILED for it in self.order.items):
+            self.transition(Ev.PARTIAL)
+        else:
+            self.transition(Ev.COMPLETE)
+
+    def finish_items(self, state: OrderState) -> None:
+        for it in self.order.items:
+            if state == S.COMPLETED or (state == S.PARTIAL and it["state"] != ItemState.FAILED):
+                set_item_state(it, ItemState.COMPLETED)
+            elif state == S.CANCELLED:
+                set_item_state(it, ItemState.CANCELLED)
+            elif state == S.FAILED:
+                set_item_state(it, ItemState.FAILED)
+
+    def summary(self) -> dict[str, Any]:
+        order = self.order
+        return {
+            "state": order.state.value,
+            "completed_ts": self.now,
+            "total_minor": total if 0 <= (total := order.total_minor) <= MAX_AMOUNT_MINOR
+            else None,
+            "currency": order.currency,
+            "items": [{"id": it["id"], "state": it["state"]} for it in order.items],
+            "results": order.results,
+        }
+
+    # -- results -----------------------------------------------------------
+
+    def find(self, command_id: str) -> tuple[str, Step | None, int]:
+        """Which command an id names: ("step"|"comp"|"note", step, index)."""
+        prefix = f"{self.order.order_id}:"
+        if not command_id.startswith(prefix):
+            return "none", None, -1
+        rest = command_id[len(prefix):]
+        if rest.startswith("notify:"):
+            idx = int(rest[7:]) if rest[7:].isdigit() else -1
+            ok = 0 <= idx < len(self.order.notes)
+            return ("note", self.order.notes[idx], idx) if ok else ("none", None, -1)
+        kind = "step"
+        if rest.endswith(":undo"):
+            kind, rest = "comp", rest[:-5]
+        key, _, gen = rest.partition("#")
+        step = self.order.steps.get(key)
+        if step is None or step.gen != (int(gen) if gen.isdigit() else 0):
+            return "none", None, -1
+        return kind, step, -1
+
+    def on_result(self, res: CommandResult) -> None:
+        kind, step, idx = self.find(res.command_id)
+        if step is None:
+            self.stale = True
+            return
+        problem = untrusted.data_problem({} if res.data is None else res.data) if res.ok else None
+        if problem:  # a contract violation: retried like an outage, never kept
+            logger.warning("order %s: reply to %s refused: %s", self.order.order_id,
+                           res.command_id, problem, extra={"order_id": self.order.order_id})
+            res = CommandResult(res.command_id, False, None,
+                                DomainError(INVALID_REPLY, f"the reply's {problem}", True))
+        if kind == "note":
+            self.on_note_result(step, idx, res)
+        elif kind == "comp":
+            self.on_comp_result(step, res)
+        else:
+            self.on_step_result(step, res)
+
+    def on_step_result(self, step: Step, res: CommandResult) -> None:
+        busy = step.status != StepStatus.RUNNING or step.wait is not None or step.applied
+        if busy or (step.retry_at is not None and not res.ok):
+            self.stale = True
+            return
+        sdef = self.sdef(step)
+        self.changed = True
+        step.retry_at = None
+        if res.ok:
+            self.applied(step, res.data or {})
+        else:
+            if self.retry_later(step, res, sdef.retry, self.command_id(step), "retry",
+                                step.key):
+                return
+            self.set_status(step, StepStatus.FAILED)
+            self.step_failed(step)
+        self.advance()
+
+    def applied(self, step: Step, data: dict[str, Any]) -> None:
+        order = self.order
+        step.result, step.error, step.applied = data, None, True
+        order.done_counter += 1
+        step.done_seq = order.done_counter
+        hold = self.sdef(step).hold
+        if hold and order.phase == Phase.RUN and data.get(hold.field) == hold.equals:
+            step.wait = hold.until_event
+            if not self.take_early_event(step):
+                self.hold(hold.reason)
+            return
+        self.step_done(step)
+
+    def step_done(self, step: Step) -> None:
+        self.set_status(step, StepStatus.DONE)
+        action = self.action(step)
+        if action is not None and step.result is not None:
+            for key, field in action.collect.items():
+                value = step.result.get(field)
+                if step.item_id is not None:
+                    self.order.results.setdefault(key, []).append(value)
+                else:
+                    self.order.results[key] = value
+        item = self.item(step)
+        if item is not None and self.order.phase == Phase.RUN:
+            mine = [s for s in self.order.steps.values() if s.item_id == step.item_id]
+            if all(s.status in (StepStatus.DONE, StepStatus.SKIPPED) for s in mine):
+                set_item_state(item, ItemState.COMPLETED)
+
+    def step_failed(self, step: Step) -> None:
+        order = self.order
+        if order.phase != Phase.RUN:
+            return
+        failure = {"step": step.key, "error": step.error}
+        item = self.item(step)
+        if item is not None and self.proc.item_failure == "partial":
+            set_item_state(item, ItemState.FAILED)
+            working = {s.item_id for s in order.steps.values()
+                       if s.item_id is not None and s.status != StepStatus.SKIPPED}
+            if any(it["state"] != ItemState.FAILED for it in order.items if it["id"] in working):
+                return
+        order.failure = failure
+        if self.proc.failure_policy == "hold":
+            self.hold(Reason.FALLOUT)
+        else:
+            self.fail(failure)
+
+    def hold(self, reason: str) -> None:
+        if self.order.state == S.HELD:
+            self.set_reason(reason)
+        else:
+            self.transition(Ev.HOLD, reason)
+
+    def fail(self, failure: dict[str, Any] | None) -> None:
+        if failure is not None:
+            self.order.failure = failure
+        self.begin_compensation(Target.FAILED)

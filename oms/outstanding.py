@@ -1,0 +1,71 @@
+"""Does this order have something outstanding? Decided here, once.
+
+A step (or a CRM note) has something outstanding when a command of it is out
+at a gateway (its reply, or the gateway's timeout, will come) or when a timer
+will bring it back (a retry back-off, an event wait's deadline). Everything
+that asks (the engine before it undoes anything, the order actor before it
+leaves memory, ``Order.finished``, recovery choosing what to resume) asks
+``command_out`` for each step, directly or through ``outstanding``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+from oms.states import StepStatus, Undo
+
+if TYPE_CHECKING:
+    from oms.model import Order
+
+REPLY = "reply"  # a command is at a gateway: its reply (or its timeout) is awaited
+TIMER = "timer"  # a retry back-off or an event deadline: a timer brings it back
+
+
+def command_out(status: str, wait: str | None, retry_at: float | None,
+                comp: str | None) -> tuple[bool, str] | None:
+    """What one step (or CRM note) has outstanding, from its stored fields:
+    ``(forward, REPLY or TIMER)`` (forward: a forward command, not an undo or
+    an event deadline), or None."""
+    if comp == Undo.RUNNING:
+        return False, REPLY if retry_at is None else TIMER
+    if status == StepStatus.RUNNING:
+        if wait is None:
+            return True, REPLY if retry_at is None else TIMER
+        if retry_at is not None:
+            return False, TIMER  # an event wait's deadline
+    return None
+
+
+class Outstanding(NamedTuple):
+    """What an order has outstanding.
+
+    forward: a forward command whose outcome is not known yet (at a gateway,
+      or backing off to be sent again): compensation waits for it.
+    replies: a command, undo or CRM note is at a gateway, its reply awaited:
+      the order stays in memory for it.
+    timers: a back-off or an event deadline, re-armed after a restart.
+    notes: a CRM notification is still being delivered: a terminal order
+      is not finished before it is.
+    """
+
+    forward: bool
+    replies: bool
+    timers: bool
+    notes: bool
+
+
+def outstanding(order: Order) -> Outstanding:
+    forward = replies = timers = notes = False
+    for step in order.steps.values():
+        out = command_out(step.status, step.wait, step.retry_at, step.comp)
+        if out is not None:
+            forward |= out[0]
+            replies |= out[1] == REPLY
+            timers |= out[1] == TIMER
+    for note in order.notes:
+        out = command_out(note.status, None, note.retry_at, None)
+        if out is not None:
+            notes = True
+            replies |= out[1] == REPLY
+            timers |= out[1] == TIMER
+    return Outstanding(forward, replies, timers, notes)
