@@ -22,6 +22,7 @@ from typing import Any
 
 import zmq
 
+from actors.effects import AnswerEvent
 from actors.endpoint import RouterEndpoint
 from actors.security import DOMAINS
 from actors.store_writer import RecordEvent
@@ -121,23 +122,26 @@ class DomainEvents(RouterEndpoint):
         """Hand an authorised event to the store writer; ack after the commit."""
         order_id = parsed.order_id
         event = DomainEvent(parsed.event_id, parsed.system, parsed.name, parsed.data)
-        system = event.system  # a configured system: a bounded label
-
-        def done(outcome: str) -> None:  # in the store writer, after the commit
-            self.metrics.domain_events.labels(system, outcome).inc()
-            if outcome == "error":
-                self.reply_to(envelope, errors.error_reply(
-                    errors.INTERNAL, "the event could not be recorded; send it again"))
-                return
-            if outcome == "recorded":
-                key = event_key(order_id, event.system, event.event_id)
-                self.octx.router.deliver_event(key, order_id, event)
-            elif outcome != "duplicate":
-                logger.warning("domain event %s for %s order %s acknowledged and ignored",
-                               event.event_id, outcome.replace("_", " "), order_id)
-            self.reply_to(envelope, {"type": "ack", "event_id": event.event_id})
-
+        answer = AnswerEvent(self, envelope, order_id, event)  # after the commit
         self.octx.writer.tell(RecordEvent(order_id, event.system, event.event_id,
                                           {"event_id": event.event_id, "system": event.system,
                                            "order_id": order_id, "name": event.name,
-                                           "data": event.data}, done))
+                                           "data": event.data}, answer))
+
+    def recorded(self, outcome: str, envelope: tuple[bytes, ...], order_id: str,
+                 event: DomainEvent) -> None:
+        """In the store writer, after the commit (``actors.effects.AnswerEvent``):
+        acknowledge, and hand a newly recorded event to its order."""
+        system = event.system  # a configured system: a bounded label
+        self.metrics.domain_events.labels(system, outcome).inc()
+        if outcome == "error":
+            self.reply_to(envelope, errors.error_reply(
+                errors.INTERNAL, "the event could not be recorded; send it again"))
+            return
+        if outcome == "recorded":
+            key = event_key(order_id, event.system, event.event_id)
+            self.octx.router.deliver_event(key, order_id, event)
+        elif outcome != "duplicate":
+            logger.warning("domain event %s for %s order %s acknowledged and ignored",
+                           event.event_id, outcome.replace("_", " "), order_id)
+        self.reply_to(envelope, {"type": "ack", "event_id": event.event_id})

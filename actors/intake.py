@@ -23,11 +23,11 @@ from typing import Any
 
 import zmq
 
+from actors.effects import AnswerCreate, NewOrder
 from actors.endpoint import RouterEndpoint
 from actors.security import DOMAINS, is_operator_name
 from actors.store_writer import CreateOrder
 from oms import codec, errors
-from oms.engine import new_order
 from oms.messages import Cancel, Operate, Start
 from oms.sharding import vshard_of
 from oms.states import OrderState
@@ -167,20 +167,12 @@ class Intake(RouterEndpoint):
                 errors.BUSY, f"{self.max_in_flight} orders in flight; retry later")
         proc = engines[order["order_type"]].proc
         reply = self.reply_later(envelope, _request_id(req))
-
-        def build(order_id: str) -> Any:
-            return new_order(order_id, order, proc, time.time())
-
-        def done(created: Created) -> None:  # in the store writer, after the commit
-            try:
-                self.created(created, order["source_system"], reply)
-            finally:
-                self.admitted()
-
+        answer = AnswerCreate(self, order["source_system"], reply)  # after the commit
         vshards = getattr(self.octx, "vshards", 0)  # a shard process (docs/scaling.md)
         vshard = vshard_of(order["customer"]["id"], vshards) if vshards else None
         self.octx.writer.tell(CreateOrder(order["source_system"], order["external_id"],
-                                          codec.digest(order), build, done, vshard))
+                                          codec.digest(order), NewOrder(order, proc), answer,
+                                          vshard))
         return None
 
     def admit(self) -> bool:

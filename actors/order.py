@@ -2,9 +2,9 @@
 carries out what the engine decides, strictly after persisting.
 
 Per slice of messages it runs the engine for each, then sends one
-``SaveOrder`` to the store writer whose ``after`` callbacks carry out the
-effects (send, publish, arm a timer, reply). The writer runs them only once
-the snapshot is durable. When the writer confirms a snapshot and the order is
+``SaveOrder`` to the store writer with the engine's effects (send, publish,
+arm a timer, reply; data, ``actors.effects``). The writer runs them only
+once the snapshot is durable. When the writer confirms a snapshot and the order is
 waiting (no reply outstanding), the actor passivates: the router drops it
 and the next message for the order reactivates it from the store.
 """
@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import pykka
-
+from actors.effects import Origin, Tell
 from actors.pool import PooledActor
 from actors.store_writer import Barrier, SaveOrder
 from oms import codec
 from oms.engine import INTERNAL_ERROR, Engine, hold_internal_error
-from oms.errors import DomainError
-from oms.messages import CommandResult, DomainEvent, Publish, Reply, Send, Sequence, Timer
+from oms.messages import DomainEvent
 from oms.model import Order
 from oms.outstanding import outstanding
 from oms.states import OrderState
@@ -64,23 +61,6 @@ def awaiting_reply(order: Order) -> bool:
     return outstanding(order).replies
 
 
-def _tell_quietly(ref: Any, message: Any) -> None:
-    """A post-commit note to one actor instance; if it has left memory
-    (passivated, retired, crashed) it no longer needs it."""
-    try:
-        ref.tell(message)
-    except pykka.ActorDeadError:
-        pass
-
-
-def _run_all(callbacks: tuple[Callable[[], None], ...]) -> Callable[[], None]:
-    def run() -> None:
-        for callback in callbacks:
-            callback()
-
-    return run
-
-
 class OrderActor(PooledActor):
     def __init__(self, ctx: OrderContext, order: Order, engine: Engine) -> None:
         super().__init__(ctx.dispatcher)
@@ -94,6 +74,8 @@ class OrderActor(PooledActor):
         self.idle_since: float | None = None  # when it last had nothing to do
         self._handled: list[Any] = []  # this slice's messages, replayed if it crashes
         self.counted_state = order.state  # its state in the router's counts
+        self.origin = Origin(ctx, order.order_id, order.order_type, order.source_system,
+                             order.created_ts)  # whose effects the writer runs
 
     def __str__(self) -> str:
         return f"OrderActor({self.order.order_id})"
@@ -152,60 +134,21 @@ class OrderActor(PooledActor):
         if not self._dirty and not self._effects:
             self._rest()
             return
-        after = [self._effect(fx) for fx in self._effects]
+        effects: list[Any] = self._effects
         if self._dirty:
             order = self.order
-            version, ref = order.version, self.actor_ref
             if order.finished or not awaiting_reply(order):
                 # only an order that may rest needs to hear its snapshot is durable
                 # (``_rest``): one that awaits a reply gets this note with a later
                 # snapshot, as a dirty slice is the only way out of awaiting one.
                 # Saves a message and a slice for most snapshots.
-                after.append(lambda: _tell_quietly(ref, Flushed(version)))
+                effects.append(Tell(self.actor_ref, Flushed(order.version)))
             self.ctx.writer.tell(SaveOrder(
                 order.order_id, codec.pack(order.to_record()), not order.finished,
-                tuple(self._consumed), tuple(after)))
+                tuple(self._consumed), tuple(effects), self.origin))
         else:
-            self.ctx.writer.tell(Barrier(_run_all(tuple(after))))
+            self.ctx.writer.tell(Barrier(tuple(effects), self.origin))
         self._effects, self._consumed, self._dirty = [], [], False
-
-    def _effect(self, fx: Any) -> Callable[[], None]:
-        ctx, order_id = self.ctx, self.order.order_id
-        if isinstance(fx, Send):
-            gateway = ctx.gateways.get(fx.system)
-            if gateway is None:
-                error = DomainError("unknown_system", f"no gateway for {fx.system!r}", False)
-                result = CommandResult(fx.command_id, False, None, error)
-                return lambda: ctx.router.deliver(order_id, result)
-            return lambda: gateway.send(order_id, fx)
-        if isinstance(fx, Publish):
-            return self._publish(fx.payload)
-        if isinstance(fx, Timer):
-            return lambda: ctx.timers.schedule(fx.at, order_id, fx.token)
-        if isinstance(fx, Reply):
-            return lambda: fx.reply_to(fx.payload)
-        if isinstance(fx, Sequence):
-            return lambda: ctx.sequencer.request(fx.key, order_id, fx.enter)
-        raise TypeError(f"unknown effect {fx!r}")
-
-    def _publish(self, payload: dict[str, Any]) -> Callable[[], None]:
-        """Publish, and log and count a state change, once it is durable."""
-        ctx, order_id, order_type = self.ctx, self.order.order_id, self.order.order_type
-        topic, created_ts = self.order.source_system, self.order.created_ts
-
-        def publish() -> None:
-            kind = payload["type"]
-            if kind == "order_state":
-                logger.info("order %s %s -> %s", order_id, payload["previous_state"],
-                            payload["state"], extra={"order_id": order_id})
-                ctx.metrics.transitions.labels(order_type, payload["state"]).inc()
-            elif kind == "order_summary":
-                summary = payload["summary"]
-                ctx.metrics.completion.labels(order_type, summary["state"]).observe(
-                    max(0.0, summary["completed_ts"] - created_ts))
-            ctx.publisher.publish(topic, payload)
-
-        return publish
 
     def _busy(self) -> None:
         if self.idle_since is not None:

@@ -29,6 +29,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
+from actors.effects import Collect, Wake
 from actors.store_writer import Barrier, Retire
 from oms import archive, codec
 from oms.config import Config, ConfigError
@@ -154,8 +155,8 @@ class Retention:
         while this one might still commit."""
         got: list[Any] = []
         fence = threading.Event()
-        self.writer.tell(Retire(lengths, entries, expired, got.append, backfill))
-        self.writer.tell(Barrier(fence.set))
+        self.writer.tell(Retire(lengths, entries, expired, Collect(got), backfill))
+        self.writer.tell(Barrier((Wake(fence),)))
         while not fence.wait(0.5):
             if self._stop.is_set():
                 return "stopping"

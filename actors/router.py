@@ -30,7 +30,6 @@ own slice, whether it may leave.
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from collections import Counter
@@ -40,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import pykka
 
 from actors import supervision
+from actors.effects import Revive
 from actors.eventloop import EventLoop
 from actors.order import Flushed, HoldInternalError, Inbound, OrderActor, Rest
 from actors.pool import Dispatcher
@@ -302,20 +302,12 @@ class OrderRouter:
             return
         self._reviving[order_id] = messages
         self._counted[order_id] = counted
-        supervisor = supervision.current()
+        revive = Revive(self, order_id, spawn, supervision.current())
+        self.ctx.writer.tell(Barrier((revive,)))
 
-        def revive() -> None:
-            try:
-                self._revived(order_id, spawn)
-            except Exception:  # the order would stay in limbo: escalate
-                if supervisor is None:
-                    raise
-                supervisor.died("router", sys.exc_info())
-
-        self.ctx.writer.tell(Barrier(revive))
-
-    def _revived(self, order_id: str, spawn: bool) -> None:
-        """In the writer, after the barrier: start the order again from the store."""
+    def revived(self, order_id: str, spawn: bool) -> None:
+        """In the writer, after the barrier (``actors.effects.Revive``): start
+        the order again from the store."""
         with self._stripe(order_id):
             messages = self._reviving.pop(order_id)
             counted = self._counted.pop(order_id)

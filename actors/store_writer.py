@@ -2,15 +2,16 @@
 
 Every write in the service is a message to this actor. It drains its whole
 inbox, applies every message in one LMDB write transaction, commits (one
-sync for the batch) and only then runs each message's ``after`` callbacks:
-the intake reply, the command sends, the event publications. So nothing
-leaves the service before the state that justifies it is durable.
+sync for the batch) and only then runs each message's effects
+(``actors.effects``: data until then, run by ``actors.effects.run``): the
+intake reply, the command sends, the event publications. So nothing leaves
+the service before the state that justifies it is durable.
 
 Writes for the same order in one batch coalesce naturally: each ``put``
 overwrites the previous one in the transaction.
 
 A commit that fails (disk full, the map at its ``max_map_size`` cap, an I/O
-error) acknowledges nothing and runs no callback of its batch. What a client
+error) acknowledges nothing and runs no effect of its batch. What a client
 can simply send again is refused at once: a create gets ``Created("unavailable")``
 (the intake answers ``error`` ``unavailable``), a domain event ``"error"`` (not
 acknowledged; the domain system resends). Order snapshots and barriers are
@@ -34,13 +35,14 @@ from typing import Any, NamedTuple
 
 import lmdb
 
+from actors import effects
+from actors.effects import Origin
 from actors.loop import LoopActor, burst
 from oms.metrics import Metrics
 from oms.store import Created, Store, StoreFull
 
 logger = logging.getLogger(__name__)
 
-Callback = Callable[[], None]
 RETRY_S = 0.5  # how often held writes are tried again while commits fail
 FATAL_EXIT = 70  # EX_SOFTWARE
 
@@ -55,15 +57,15 @@ def exit_process(reason: str) -> None:
 class CreateOrder(NamedTuple):
     """Store a new order unless its source_system + external_id is known.
 
-    build: makes the Order for a fresh order id.
-    done: called after the commit with the ``Created`` outcome.
+    build: makes the Order for a fresh order id (``actors.effects.NewOrder``).
+    answer: the effect run after the commit with the ``Created`` outcome.
     """
 
     source_system: str
     external_id: str
     digest: bytes
     build: Callable[[str], Any]
-    done: Callable[[Created], None]
+    answer: Any
     vshard: int | None = None  # a shard process: the order's virtual shard (its id ends in it)
 
 
@@ -73,41 +75,44 @@ class SaveOrder(NamedTuple):
     record: the encoded snapshot.
     active: False once the order is finished (drops it from recovery).
     consumed: inbox keys of domain events this snapshot has taken in.
-    after: run in order once the snapshot is durable.
+    effects: run in order once the snapshot is durable (``actors.effects``).
+    origin: whose engine effects they are.
     """
 
     order_id: str
     record: bytes
     active: bool
     consumed: tuple[bytes, ...]
-    after: tuple[Callback, ...]
+    effects: tuple[Any, ...]
+    origin: Origin | None = None
 
 
 class RecordEvent(NamedTuple):
-    """Record a domain event once; ``done(outcome)`` after the commit."""
+    """Record a domain event once; ``answer`` gets the outcome after the commit."""
 
     order_id: str
     system: str
     event_id: str
     event: dict[str, Any]
-    done: Callable[[str], None]
+    answer: Any
 
 
 class Barrier(NamedTuple):
-    """Runs ``done`` after everything queued before it is durable."""
+    """Runs ``effects`` after everything queued before it is durable."""
 
-    done: Callback
+    effects: tuple[Any, ...]
+    origin: Origin | None = None
 
 
 class Retire(NamedTuple):
     """Retention: delete orders already appended to the archive, record the
     archive files' new committed lengths, and drop dedup entries past their
-    window (``Store.retire``); ``done(moved or "stale" or an error)``."""
+    window (``Store.retire``); ``answer`` gets moved or "stale" or an error."""
 
     lengths: dict[str, tuple[int, int]]
     orders: list[tuple[bytes, bytes, str, int, str, bytes]]
     expired: list[bytes]
-    done: Callable[[Any], None]
+    answer: Any
     backfill: tuple[Any, ...] = ()
 
 
@@ -161,7 +166,7 @@ class StoreWriter(LoopActor):
                 return
 
     def _commit_one(self, work: list[Any]) -> bool:
-        """One transaction; True once it is durable and its callbacks ran."""
+        """One transaction; True once it is durable and its effects ran."""
         started = time.perf_counter()
         try:
             outcomes = self._commit(work)
@@ -221,14 +226,10 @@ class StoreWriter(LoopActor):
                 if isinstance(msg, SaveOrder | Barrier):
                     self.held.append(msg)
                     continue
-                try:
-                    if isinstance(msg, CreateOrder):
-                        msg.done(Created("unavailable", "", ""))
-                    elif isinstance(msg, RecordEvent):
-                        msg.done("error")
-                except Exception:
-                    logger.exception("error reply for %s failed", type(msg).__name__)
-                    self.metrics.internal_errors.labels("writer").inc()
+                if isinstance(msg, CreateOrder):
+                    self._run(msg.answer, None, Created("unavailable", "", ""))
+                elif isinstance(msg, RecordEvent):
+                    self._run(msg.answer, None, "error")
 
     def _apply(self, work: list[Any]) -> list[Any]:
         store = self.store
@@ -266,23 +267,33 @@ class StoreWriter(LoopActor):
         return None
 
     def _after(self, msg: Any, outcome: Any) -> None:
+        """After the commit: the message's effects, or its answer."""
+        if isinstance(outcome, Exception):
+            if isinstance(msg, CreateOrder):
+                self._run(msg.answer, None, Created("error", "", ""))
+            elif isinstance(msg, RecordEvent | Retire):
+                self._run(msg.answer, None, "error")
+            return  # a snapshot that was not stored: its effects must not happen
+        if isinstance(msg, SaveOrder | Barrier):
+            order_id = getattr(msg, "order_id", None)
+            for effect in msg.effects:  # in order; after a failure the rest are not run
+                if not self._run(effect, msg.origin, None, order_id):
+                    return
+        else:
+            self._run(msg.answer, None, outcome)
+
+    def _run(self, effect: Any, origin: Origin | None, outcome: Any,
+             order_id: str | None = None) -> bool:
+        """One effect (``actors.effects.run``); a failure is logged with the
+        effect's type and order id, and counted."""
         try:
-            if isinstance(outcome, Exception):
-                if isinstance(msg, CreateOrder):
-                    msg.done(Created("error", "", ""))
-                elif isinstance(msg, RecordEvent | Retire):
-                    msg.done("error")
-                return  # a snapshot that was not stored: its effects must not happen
-            if isinstance(msg, SaveOrder):
-                for callback in msg.after:
-                    callback()
-            elif isinstance(msg, CreateOrder | RecordEvent | Retire):
-                msg.done(outcome)
-            else:
-                msg.done()
+            effects.run(effect, origin, outcome)
         except Exception:
-            logger.exception("post-commit callback failed for %s", type(msg).__name__)
+            logger.exception("post-commit effect %s failed",
+                             effects.describe(effect, origin, order_id))
             self.metrics.internal_errors.labels("writer").inc()
+            return False
+        return True
 
 
 _WRITES = (SaveOrder, CreateOrder, RecordEvent, Barrier, Retire)

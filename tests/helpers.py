@@ -122,3 +122,13 @@ def poll_until(check: Callable[[], Any], timeout: float = 20.0, every: float = 0
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(every)
+
+
+class Probe:
+    """Something an effect tells (``actors.effects.Tell``), as an actor ref is."""
+
+    def __init__(self, on_tell: Any) -> None:
+        self.on_tell = on_tell
+
+    def tell(self, message: Any) -> None:
+        self.on_tell(message)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import threading
 import weakref
 from typing import Any
@@ -11,8 +12,9 @@ import pykka
 import pytest
 from prometheus_client import CollectorRegistry
 
-from helpers import poll_until
+from helpers import Probe, poll_until
 
+from actors.effects import Collect, Tell, Wake
 from actors.loop import LoopActor, burst
 from actors.pool import Dispatcher, PooledActor
 from actors.store_writer import Barrier, CreateOrder, SaveOrder, StoreWriter
@@ -203,14 +205,8 @@ def _record(order_id: str, size: int = 100) -> bytes:
 
 def test_group_commit_reports_each_waiter_after_durable_write(
         store: Store, writer: StoreWriter) -> None:
-    outcomes: list[str] = []
-    done = threading.Event()
+    created: list[Any] = []
     n = 500
-
-    def cb(created: Any) -> None:
-        outcomes.append(created.kind)
-        if len(outcomes) == n:
-            done.set()
 
     def build(oid: str) -> Any:
         from oms.model import Order
@@ -219,8 +215,9 @@ def test_group_commit_reports_each_waiter_after_durable_write(
 
     for i in range(n):
         ext = f"e{i % 400}"  # 100 repeats of earlier ids, many within one batch
-        writer.tell(CreateOrder("web", ext, codec.digest({"e": ext}), build, cb))
-    assert done.wait(20)
+        writer.tell(CreateOrder("web", ext, codec.digest({"e": ext}), build, Collect(created)))
+    assert poll_until(lambda: len(created) == n, timeout=20)
+    outcomes = [c.kind for c in created]
     assert outcomes.count("accepted") == 400
     assert outcomes.count("duplicate") == 100
     assert len(store.active_ids()) == 400
@@ -230,30 +227,24 @@ def test_group_commit_reports_each_waiter_after_durable_write(
 
 
 def test_conflicting_payload_is_a_conflict(store: Store, writer: StoreWriter) -> None:
-    results: list[str] = []
-    done = threading.Event()
-
-    def cb(created: Any) -> None:
-        results.append(created.kind)
-        if len(results) == 2:
-            done.set()
+    created: list[Any] = []
 
     from oms.model import Order
 
     def build(oid: str) -> Order:
         return Order.from_record(codec.unpack(_record(oid)))
 
-    writer.tell(CreateOrder("web", "x", b"one", build, cb))
-    writer.tell(CreateOrder("web", "x", b"two", build, cb))
-    assert done.wait(5)
-    assert results == ["accepted", "conflict"]
+    writer.tell(CreateOrder("web", "x", b"one", build, Collect(created)))
+    writer.tell(CreateOrder("web", "x", b"two", build, Collect(created)))
+    assert poll_until(lambda: len(created) == 2, timeout=5)
+    assert [c.kind for c in created] == ["accepted", "conflict"]
 
 
 def test_map_grows_when_full_without_losing_writes(store: Store, writer: StoreWriter) -> None:
     done = threading.Event()
     n = 300
     for i in range(n):
-        after = (done.set,) if i == n - 1 else ()
+        after = (Wake(done),) if i == n - 1 else ()
         writer.tell(SaveOrder(f"O{i:012d}", _record(f"O{i:012d}", 20_000), True, (), after))
     assert done.wait(30)
     assert store.stats()["map_size"] > 1 << 20
@@ -262,13 +253,13 @@ def test_map_grows_when_full_without_losing_writes(store: Store, writer: StoreWr
 
 
 def test_barrier_runs_after_earlier_writes(store: Store, writer: StoreWriter) -> None:
-    seen: list[bool] = []
     done = threading.Event()
+    stored_then: list[Any] = []
     writer.tell(SaveOrder("O000000000001", _record("O000000000001"), True, (), ()))
-    writer.tell(Barrier(lambda: (seen.append(store.get_order("O000000000001") is not None),
-                                 done.set())))
+    probe = Probe(lambda _msg: stored_then.append(store.get_order("O000000000001") is not None))
+    writer.tell(Barrier((Tell(probe, "barrier"), Wake(done))))
     assert done.wait(5)
-    assert seen == [True]
+    assert stored_then == [True]
 
 
 def test_second_store_on_same_folder_is_refused(store: Store) -> None:
@@ -286,22 +277,25 @@ def test_corrupt_record_is_reported_with_its_key(store: Store) -> None:
 
 
 def test_a_failing_post_commit_callback_is_counted_and_the_writer_goes_on(
-        store: Store) -> None:
-    """A callback that raises after a commit is logged and counted in
-    ``oms_internal_errors_total{component="writer"}`` (it was logged only);
-    the next callbacks and writes still run."""
+        store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    """An effect that raises after a commit is logged, naming the effect and
+    its order, and counted in ``oms_internal_errors_total{component="writer"}``
+    (it was logged only); the next effects and writes still run."""
     metrics = Metrics(CollectorRegistry())
     writer = StoreWriter.launch(store, metrics)
     done = threading.Event()
     try:
-        def boom() -> None:
-            raise RuntimeError("callback bug")
+        def boom(_msg: Any) -> None:
+            raise RuntimeError("effect bug")
 
-        writer.tell(SaveOrder("O000000000001", _record("O000000000001"), True, (), (boom,)))
+        writer.tell(SaveOrder("O000000000001", _record("O000000000001"), True, (),
+                              (Tell(Probe(boom), "note"),)))
         writer.tell(SaveOrder("O000000000002", _record("O000000000002"), True, (),
-                              (done.set,)))
-        assert done.wait(5)
+                              (Wake(done),)))
+        with caplog.at_level(logging.ERROR, logger="actors.store_writer"):
+            assert done.wait(5)
         assert metrics.internal_errors.labels("writer")._value.get() == 1
+        assert "post-commit effect Tell (order O000000000001) failed" in caplog.text
         assert store.get_order("O000000000002") is not None
     finally:
         writer.actor_ref.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from helpers import Driver, ok_domain, retail_order
+from helpers import Driver, normalized, ok_domain, retail_order
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -599,3 +599,55 @@ def test_a_finished_order_with_a_crm_note_backing_off_is_not_finished() -> None:
     assert any(n.retry_at is not None for n in d.order.notes)
     assert _asked(d.order) == {"in_flight": False, "awaiting_reply": False,
                                "finished": False, "needs_resume": True}
+
+
+# -- effects are data (actors.effects runs them after the commit) --------------
+
+
+def test_a_turn_returns_its_effects_as_data_in_the_order_they_must_run() -> None:
+    order = new_order("o-1", normalized(retail_order()), RETAIL, 1.0)
+    engine = Engine(RETAIL)
+    turning = engine.handle(order, Start(), 2.0)
+    assert turning.changed and not turning.stale
+    assert [type(fx) for fx in turning.effects] == [Publish, Send, Publish, Send]
+    state, note, progress, command = turning.effects
+    assert state == Publish({"type": "order_state", "order_id": "o-1", "external_id": "ext-1",
+                             "state": "inProgress", "previous_state": "acknowledged",
+                             "ts": 2.0})
+    assert (note.system, note.command_id, note.args["state"]) == ("crm", "o-1:notify:0",
+                                                                 "inProgress")
+    assert progress.payload["step"] == "reserve_stock" and progress.payload["status"] == "running"
+    assert command == Send("warehouse", "o-1:reserve_stock", "reserve_stock",
+                           {"items": [{"product_id": "p-1", "quantity": 2},
+                                      {"product_id": "p-2", "quantity": 1}],
+                            "delivery_address": order.delivery_address}, 5.0)
+    turning = engine.handle(order, Cancel("changed my mind", reply_to="R"), 3.0)
+    kinds = [(type(fx).__name__, fx.payload.get("state") or fx.payload.get("step"))
+             for fx in turning.effects]
+    assert kinds[:2] == [("Publish", "assessingCancellation"), ("Reply", "assessingCancellation")]
+    assert turning.effects[1] == Reply("R", {"type": "cancel_accepted", "order_id": "o-1",
+                                             "state": "assessingCancellation"})
+    assert {k for k in kinds[2:]} == {("Publish", s) for s in (
+        "create_invoice", "capture_payment", "create_shipment", "await_delivery")}
+    assert not any(isinstance(fx, Send) for fx in turning.effects)  # the reservation is out
+
+
+def test_a_stale_reply_changes_nothing_and_asks_for_no_effect() -> None:
+    order = new_order("o-1", normalized(retail_order()), RETAIL, 1.0)
+    engine = Engine(RETAIL)
+    engine.handle(order, Start(), 2.0)
+    version = order.version
+    turning = engine.handle(order, CommandResult("o-1:create_invoice", True, {}), 3.0)
+    assert turning.stale and not turning.changed and turning.effects == []
+    assert order.version == version
+
+
+def test_a_back_off_is_a_timer_effect_with_its_token() -> None:
+    order = new_order("o-1", normalized(retail_order()), RETAIL, 1.0)
+    engine = Engine(RETAIL)
+    engine.handle(order, Start(), 2.0)
+    turning = engine.handle(order, UNAVAILABLE._replace(command_id="o-1:reserve_stock"), 3.0)
+    assert [type(fx) for fx in turning.effects] == [Timer]
+    (timer,) = turning.effects
+    assert timer.token == ("retry", "reserve_stock", 1) and timer.at > 3.0
+    assert order.steps["reserve_stock"].retry_at == timer.at

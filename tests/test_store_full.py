@@ -153,6 +153,9 @@ def test_the_writer_runs_no_effect_of_a_snapshot_until_it_is_durable(tmp_path: P
     is committed and only then its callbacks run."""
     from prometheus_client import CollectorRegistry
 
+    from helpers import Probe
+
+    from actors.effects import Collect, Tell
     from actors.store_writer import RecordEvent, SaveOrder, StoreWriter
     from oms.metrics import Metrics
     from oms.store import MIB, Store
@@ -169,8 +172,9 @@ def test_the_writer_runs_no_effect_of_a_snapshot_until_it_is_durable(tmp_path: P
             record = b"r" * 300_000  # needs fresh pages
             ids = [f"O00000000000{n}" for n in range(1, 6)]
             for oid in ids:
-                writer.tell(SaveOrder(oid, record, True, (), (lambda o=oid: ran.append(o),)))
-            writer.tell(RecordEvent(ids[0], "shipping", "ev-1", {}, events.append))
+                writer.tell(SaveOrder(oid, record, True, (),
+                                      (Tell(Probe(lambda _m, o=oid: ran.append(o)), "saved"),)))
+            writer.tell(RecordEvent(ids[0], "shipping", "ev-1", {}, Collect(events)))
             poll_until(lambda: not writer.healthy and events, timeout=10)
             assert ran == [] and events == ["error"] and fatal == []
             assert store.get_order(ids[0]) is None  # nothing stored

@@ -1,0 +1,211 @@
+"""Effects are data until the store writer runs them.
+
+Everything that must happen only once a commit made it true is an effect, a
+small typed value: the engine's (``oms.messages``: ``Send``, ``Publish``,
+``Timer``, ``Reply``, ``Sequence``) and the runtime's below (``Tell`` an
+actor instance a note, ``Revive`` an order after a crash, answer a create
+or a domain event, ``Wake`` or ``Collect`` for a waiter off the loop). The
+writer (``actors.store_writer``) hands each to ``run``, the one dispatcher,
+by type, strictly after the commit; a failure is logged with the effect's
+type and order id (``describe``). Tests assert on the effects themselves.
+
+``Origin`` says whose engine effects they are: the order, and the
+collaborators that carry them out (its ``OrderContext``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import pykka
+
+from oms.engine import new_order
+from oms.errors import DomainError
+from oms.messages import CommandResult, DomainEvent, Publish, Reply, Send, Sequence, Timer
+from oms.process import ProcessDef
+
+if TYPE_CHECKING:
+    from actors.router import OrderContext
+
+logger = logging.getLogger(__name__)
+
+
+class Origin(NamedTuple):
+    """The order whose engine effects these are.
+
+    ctx: the order's collaborators (gateways, publisher, timers, sequencer,
+      router, metrics).
+    topic: its source system (the publisher's topic).
+    created_ts: when it was acknowledged (for the completion histogram).
+    """
+
+    ctx: OrderContext
+    order_id: str
+    order_type: str
+    topic: str
+    created_ts: float
+
+
+class Tell(NamedTuple):
+    """Tell one actor instance ``message``; if it has left memory
+    (passivated, retired, crashed) it no longer needs it."""
+
+    ref: Any
+    message: Any
+
+
+class Revive(NamedTuple):
+    """The router reloads an order from its last durable snapshot
+    (``OrderRouter.revived``); an error there is escalated to ``supervisor``."""
+
+    router: Any
+    order_id: str
+    spawn: bool
+    supervisor: Any = None
+
+
+class AnswerCreate(NamedTuple):
+    """Answer a ``submit_order`` with the create's outcome (``Intake.created``)
+    and free its admission slot."""
+
+    intake: Any
+    source_system: str
+    reply: Callable[[dict[str, Any]], None]
+
+
+class AnswerEvent(NamedTuple):
+    """Acknowledge (or refuse) a domain event with its recording's outcome and
+    hand it to its order (``DomainEvents.recorded``)."""
+
+    endpoint: Any
+    envelope: tuple[bytes, ...]
+    order_id: str
+    event: DomainEvent
+
+
+class Wake(NamedTuple):
+    """Set ``event``: a waiter off the loop (retention) goes on."""
+
+    event: threading.Event
+
+
+class Collect(NamedTuple):
+    """Append the write's outcome to ``into`` (read by a waiter off the loop)."""
+
+    into: list[Any]
+
+
+class NewOrder(NamedTuple):
+    """How the writer builds a new order for the id it assigns: data, not a
+    closure (``oms.engine.new_order`` of ``request`` under ``proc``)."""
+
+    request: dict[str, Any]
+    proc: ProcessDef
+
+    def __call__(self, order_id: str) -> Any:
+        return new_order(order_id, self.request, self.proc, time.time())
+
+
+def describe(effect: Any, origin: Origin | None = None, order_id: str | None = None) -> str:
+    """An effect's type and order id, for a failure log."""
+    if origin is not None:
+        order_id = origin.order_id
+    order_id = order_id or getattr(effect, "order_id", None)
+    return f"{type(effect).__name__} (order {order_id or '-'})"
+
+
+def run(effect: Any, origin: Origin | None = None, outcome: Any = None) -> None:
+    """Carry out one effect (the one dispatcher, by type). ``outcome``: what
+    the write it follows came to, for an answer."""
+    handler = _BY_TYPE.get(type(effect))
+    if handler is None:
+        raise TypeError(f"unknown effect {effect!r}")
+    handler(effect, origin, outcome)
+
+
+def _send(fx: Send, origin: Origin | None, _outcome: Any) -> None:
+    assert origin is not None
+    ctx = origin.ctx
+    gateway = ctx.gateways.get(fx.system)
+    if gateway is None:
+        error = DomainError("unknown_system", f"no gateway for {fx.system!r}", False)
+        ctx.router.deliver(origin.order_id, CommandResult(fx.command_id, False, None, error))
+        return
+    gateway.send(origin.order_id, fx)
+
+
+def _publish(fx: Publish, origin: Origin | None, _outcome: Any) -> None:
+    """Publish, and log and count a state change."""
+    assert origin is not None
+    ctx, payload, order_id = origin.ctx, fx.payload, origin.order_id
+    kind = payload["type"]
+    if kind == "order_state":
+        logger.info("order %s %s -> %s", order_id, payload["previous_state"],
+                    payload["state"], extra={"order_id": order_id})
+        ctx.metrics.transitions.labels(origin.order_type, payload["state"]).inc()
+    elif kind == "order_summary":
+        summary = payload["summary"]
+        ctx.metrics.completion.labels(origin.order_type, summary["state"]).observe(
+            max(0.0, summary["completed_ts"] - origin.created_ts))
+    ctx.publisher.publish(origin.topic, payload)
+
+
+def _timer(fx: Timer, origin: Origin | None, _outcome: Any) -> None:
+    assert origin is not None
+    origin.ctx.timers.schedule(fx.at, origin.order_id, fx.token)
+
+
+def _reply(fx: Reply, _origin: Origin | None, _outcome: Any) -> None:
+    fx.reply_to(fx.payload)
+
+
+def _sequence(fx: Sequence, origin: Origin | None, _outcome: Any) -> None:
+    assert origin is not None
+    origin.ctx.sequencer.request(fx.key, origin.order_id, fx.enter)
+
+
+def _tell(fx: Tell, _origin: Origin | None, _outcome: Any) -> None:
+    try:
+        fx.ref.tell(fx.message)
+    except pykka.ActorDeadError:
+        pass
+
+
+def _revive(fx: Revive, _origin: Origin | None, _outcome: Any) -> None:
+    try:
+        fx.router.revived(fx.order_id, fx.spawn)
+    except Exception:  # the order would stay in limbo: escalate
+        if fx.supervisor is None:
+            raise
+        fx.supervisor.died("router", sys.exc_info())
+
+
+def _answer_create(fx: AnswerCreate, _origin: Origin | None, outcome: Any) -> None:
+    try:
+        fx.intake.created(outcome, fx.source_system, fx.reply)
+    finally:
+        fx.intake.admitted()
+
+
+def _answer_event(fx: AnswerEvent, _origin: Origin | None, outcome: Any) -> None:
+    fx.endpoint.recorded(outcome, fx.envelope, fx.order_id, fx.event)
+
+
+def _wake(fx: Wake, _origin: Origin | None, _outcome: Any) -> None:
+    fx.event.set()
+
+
+def _collect(fx: Collect, _origin: Origin | None, outcome: Any) -> None:
+    fx.into.append(outcome)
+
+
+_BY_TYPE: dict[type, Callable[[Any, Origin | None, Any], None]] = {
+    Send: _send, Publish: _publish, Timer: _timer, Reply: _reply, Sequence: _sequence,
+    Tell: _tell, Revive: _revive, AnswerCreate: _answer_create, AnswerEvent: _answer_event,
+    Wake: _wake, Collect: _collect,
+}
