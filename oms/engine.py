@@ -41,9 +41,9 @@ from oms.messages import (
 from oms.model import Order, Step
 from oms.operator import OperatorMixin
 from oms.orphans import OrphanMixin
-from oms.process import ProcessDef
+from oms.process import ProcessDef, StepDef
 from oms.states import Ev, ItemState, OrderState, Reason, StepStatus, set_step_status
-from oms.templates import lookup
+from oms.templates import Needs, lookup
 
 __all__ = ["AMOUNT_OUT_OF_RANGE", "INTERNAL_ERROR", "INVALID_REPLY", "MAX_EARLY_BYTES",
            "MAX_EARLY_EVENTS", "MAX_REASON", "OPERATOR_HOLDS", "Engine", "Turning",
@@ -101,15 +101,16 @@ class Engine:
     """Runs orders of one process definition.
 
     defs: the step definitions by name; known: which stored step shapes
-    its definition still has (``oms.orphans``); roots: the scopes each
-    argument template names (``TurnBase.scopes``).
+    its definition still has, sdefs: the definition of each (``oms.orphans``); needs: what each argument
+    template names, by its id (``TurnBase.scopes``).
     """
 
     def __init__(self, proc: ProcessDef) -> None:
         self.proc = proc
         self.defs = {s.name: s for s in proc.steps}
         self.known: dict[tuple[str, str, bool], bool] = {}
-        self.roots: dict[int, tuple[Any, frozenset[str]]] = {}
+        self.sdefs: dict[tuple[str, str, bool], StepDef] = {}
+        self.needs: dict[int, Needs] = {}
 
     def handle(self, order: Order, msg: Any, now: float) -> Turning:
         """Apply one message; the returned ``Turning`` holds the effects."""
@@ -152,26 +153,27 @@ class Turning(RunMixin, EventMixin, UndoMixin, NoteMixin, OperatorMixin, OrphanM
     """One message's worth of work on one order (see ``TurnBase``)."""
 
     def handle(self, msg: Any) -> None:
-        if isinstance(msg, CommandResult):
+        kind = type(msg)  # exact types (messages are final NamedTuples), most frequent first
+        if kind is CommandResult:
             self.on_result(msg)
-        elif isinstance(msg, DomainEvent):
-            self.on_event(msg)
-        elif isinstance(msg, TimerFired):
+        elif kind is TimerFired:
             self.on_timer(msg.token)
-        elif isinstance(msg, Start):
+        elif kind is DomainEvent:
+            self.on_event(msg)
+        elif kind is Start:
             self.on_start()
-        elif isinstance(msg, Turn):
+        elif kind is Turn:
             self.on_turn(msg.go)
-        elif isinstance(msg, Cancel):
+        elif kind is Cancel:
             self.on_cancel(msg)
-        elif isinstance(msg, Operate):
+        elif kind is Operate:
             self.check_orphans()  # after a definition change (oms.orphans)
             self.on_operate(msg)
-        elif isinstance(msg, Resume):
+        elif kind is Resume:
             self.check_orphans()
             self.on_resume()
         else:
-            raise TypeError(f"an order cannot handle {type(msg).__name__}")
+            raise TypeError(f"an order cannot handle {kind.__name__}")
         if self.changed:
             self.order.updated_ts = self.now
             self.order.version += 1

@@ -28,7 +28,7 @@ from oms.model import Order, Step
 from oms.outstanding import outstanding
 from oms.process import Action, ProcessDef, RetryPolicy, StepDef
 from oms.states import Ev, OrderState, Phase, StepStatus
-from oms.templates import order_facts, template_roots
+from oms.templates import Needs, order_facts
 
 if TYPE_CHECKING:
     from oms.engine import Engine
@@ -53,7 +53,8 @@ class TurnBase:
         self.proc: ProcessDef = engine.proc
         self.defs: dict[str, StepDef] = engine.defs
         self.known: dict[tuple[str, str, bool], bool] = engine.known
-        self.roots = engine.roots
+        self.sdefs: dict[tuple[str, str, bool], StepDef] = engine.sdefs
+        self.needs = engine.needs
         self.order = order
         self.now = now
         self.effects: list[Effect] = []
@@ -73,15 +74,15 @@ class TurnBase:
         reason = None if reason is None else str(reason)
         order.state = new
         states.set_reason(order, reason)
-        entry: dict[str, Any] = {"state": new.value, "ts": self.now}
+        entry: dict[str, Any] = {"state": str(new), "ts": self.now}
         if reason:
             entry["reason"] = reason
         order.history.append(entry)
         self.changed = True
         payload: dict[str, Any] = {
             "type": "order_state", "order_id": order.order_id,
-            "external_id": order.external_id, "state": new.value,
-            "previous_state": old.value, "ts": self.now,
+            "external_id": order.external_id, "state": str(new),
+            "previous_state": str(old), "ts": self.now,
         }
         if reason:
             payload["state_reason"] = reason
@@ -94,7 +95,7 @@ class TurnBase:
                                "external_id": order.external_id, "summary": order.summary}))
             if order.seq_key:  # with or without its turn: a pending order leaves too
                 self.emit(Sequence(order.seq_key, enter=False))
-        if new.value in self.proc.notify_states:
+        if str(new) in self.proc.notify_states:
             self.notify(new, old)
 
     def set_reason(self, reason: str) -> None:
@@ -109,7 +110,7 @@ class TurnBase:
             return
         self.emit(Publish({"type": "order_progress", "order_id": self.order.order_id,
                            "external_id": self.order.external_id, "step": step.key,
-                           "status": status.value, "ts": self.now}))
+                           "status": str(status), "ts": self.now}))
 
     # -- reading the order -------------------------------------------------
 
@@ -130,16 +131,15 @@ class TurnBase:
         return sdef.action
 
     def scopes(self, template: Any, step: Step | None = None) -> dict[str, Any]:
-        """What ``template`` may name (``oms.templates``): only the scopes it
-        names are built (the order's facts cost more than the rest)."""
-        key = id(template)
-        roots = self.roots.get(key)
-        if roots is None:
-            roots = self.roots[key] = (template, template_roots(template))
-        names = roots[1]
+        """What ``template`` may name (``oms.templates``): only the scopes and
+        the order's facts it names are built (they cost more than the rest)."""
+        needs = self.needs.get(id(template))
+        if needs is None:
+            needs = self.needs[id(template)] = Needs(template)
+        names = needs.scopes
         out: dict[str, Any] = {}
         if "order" in names:
-            out["order"] = order_facts(self.order)
+            out["order"] = order_facts(self.order, needs.facts)
         if "steps" in names:
             out["steps"] = {k: s.result for k, s in self.order.steps.items()
                             if s.result is not None}
@@ -290,6 +290,9 @@ class TurnBase:
         raise NotImplementedError  # oms.orphans
 
     def check_orphans(self) -> bool:
+        raise NotImplementedError  # oms.orphans
+
+    def hold_orphan(self, step: Step) -> None:
         raise NotImplementedError  # oms.orphans
 
     def orphan_undo(self, step: Step) -> None:

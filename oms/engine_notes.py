@@ -13,7 +13,7 @@ from oms.states import OrderState, StepStatus
 
 class NoteMixin(TurnBase):
     def notify(self, state: OrderState, previous: OrderState) -> None:
-        self.notify_crm(f"notify:{state}", state.value,
+        self.notify_crm(f"notify:{state}", str(state),
                         f"Order {self.order.external_id} is {state} (was {previous})")
 
     def notify_crm(self, key: str, state: str, message: str) -> None:

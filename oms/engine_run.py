@@ -110,27 +110,47 @@ class RunMixin(TurnBase):
     # -- moving forward ----------------------------------------------------
 
     def advance(self) -> None:
+        """Launch every pending step whose dependencies are settled; complete
+        the order once every step is settled. Runs for nearly every message:
+        one pass over the steps finds orphans, groups and pending steps, and
+        plain loops (generator expressions cost more than the comparisons
+        they wrap)."""
         order = self.order
         if order.phase == Phase.COMPENSATE:
             self.compensate_next()
             return
         if order.phase != Phase.RUN or order.state not in (S.IN_PROGRESS, S.HELD):
             return
-        if self.check_orphans():
-            return
-        # plain loops: this runs for nearly every message, and generator
-        # expressions cost more than the comparisons they wrap
-        groups = self.by_name()  # the set of steps is fixed; their statuses are not
-        settled, pending = self.settled, StepStatus.PENDING
-        for sdef in self.proc.steps:
-            waiting = [s for s in groups.get(sdef.name, ()) if s.status is pending]
-            if not waiting or not self.deps_settled(sdef, groups):
-                continue
-            for step in waiting:
-                if step.status is pending:
-                    self.launch(step, sdef)
-        if order.phase != Phase.RUN:
-            return
+        pending, failed = StepStatus.PENDING, StepStatus.FAILED
+        groups: dict[str, list[Step]] = {}  # the set of steps is fixed; their statuses are not
+        waiting: dict[str, list[Step]] = {}
+        for step in order.steps.values():
+            status, name = step.status, step.name
+            if (status is pending or status is failed) and not self.defined(step):
+                self.hold_orphan(step)  # oms.orphans
+                return
+            group = groups.get(name)
+            if group is None:
+                groups[name] = [step]
+            else:
+                group.append(step)
+            if status is pending:
+                ready = waiting.get(name)
+                if ready is None:
+                    waiting[name] = [step]
+                else:
+                    ready.append(step)
+        if waiting:
+            for sdef in self.proc.steps:
+                ready = waiting.get(sdef.name)
+                if ready is None or not self.deps_settled(sdef, groups):
+                    continue
+                for step in ready:
+                    if step.status is pending:
+                        self.launch(step, sdef)
+            if order.phase != Phase.RUN:
+                return
+        settled = self.settled
         for step in order.steps.values():
             if not settled(step):
                 return
@@ -186,7 +206,7 @@ class RunMixin(TurnBase):
     def summary(self) -> dict[str, Any]:
         order = self.order
         return {
-            "state": order.state.value,
+            "state": str(order.state),
             "completed_ts": self.now,
             "total_minor": total if 0 <= (total := order.total_minor) <= MAX_AMOUNT_MINOR
             else None,

@@ -35,13 +35,13 @@ class UndoMixin(TurnBase):
             return
         reason = msg.reason[:MAX_REASON] if isinstance(msg.reason, str) else None
         if msg.operator:  # an operator's cancel is in the history like their other actions
-            order.history.append({"state": order.state.value, "ts": self.now,
+            order.history.append({"state": str(order.state), "ts": self.now,
                                   "action": "cancel", "operator": msg.operator,
                                   "reason": reason or ""})
         order.cancel = {"reason": reason, "ts": self.now}
         self.transition(Ev.CANCEL, reason)
         self.emit(Reply(msg.reply_to, {"type": "cancel_accepted", "order_id": order.order_id,
-                                       "state": order.state.value}))
+                                       "state": str(order.state)}))
         self.begin_compensation(Target.CANCELLED)
 
     def begin_compensation(self, target: Target) -> None:

@@ -43,7 +43,7 @@ class OperatorMixin(TurnBase):
         if problem:
             answer("operator_rejected", reason=problem)
             return
-        order.history.append({"state": order.state.value, "ts": self.now, "action": msg.action,
+        order.history.append({"state": str(order.state), "ts": self.now, "action": msg.action,
                               "operator": str(msg.operator)[:MAX_NOTE],
                               "reason": str(msg.reason or "")[:MAX_NOTE]})
         self.changed = True
@@ -58,7 +58,7 @@ class OperatorMixin(TurnBase):
             self.skip_wait(msg)
         else:
             self.operate_on_failed(msg)
-        answer("operator_accepted", state=order.state.value)
+        answer("operator_accepted", state=str(order.state))
 
     def skips_a_wait(self, name: str | None) -> bool:
         step = fallout.skip_target(self.order, name)[0]
@@ -177,6 +177,6 @@ class OperatorMixin(TurnBase):
                            "external_id": order.external_id, "step": key,
                            "expected_s": expected, "late_s": late, "ts": self.now}))
         what = "the order" if key == "order" else f"step {key}"
-        self.notify_crm(f"jeopardy:{key}", order.state.value,
+        self.notify_crm(f"jeopardy:{key}", str(order.state),
                         f"Order {order.external_id} is in jeopardy: {what} has run past "
                         f"its expected {expected:g} s")

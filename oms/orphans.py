@@ -56,10 +56,14 @@ class OrphanMixin(TurnBase):
         return known
 
     def sdef(self, step: Step) -> StepDef:
-        """The step's definition, or an empty one for an orphan."""
-        if self.defined(step):
-            return self.defs[step.name]
-        return _orphan_def(step.name)
+        """The step's definition, or an empty one for an orphan (by the
+        stored step's shape, once per engine)."""
+        key = (step.name, step.op, step.item_id is None)
+        sdef = self.sdefs.get(key)
+        if sdef is None:
+            sdef = self.sdefs[key] = (self.defs[step.name] if self.defined(step)
+                                      else _orphan_def(step.name))
+        return sdef
 
     def check_orphans(self) -> bool:
         """Hold the order for the first orphan that has still to run or
@@ -70,17 +74,22 @@ class OrphanMixin(TurnBase):
         pending, failed = StepStatus.PENDING, StepStatus.FAILED
         for step in order.steps.values():
             if (step.status is pending or step.status is failed) and not self.defined(step):
-                failure = order.failure or {}
-                code = (failure.get("error") or {}).get("code")
-                if not (order.state == S.HELD and failure.get("step") == step.key
-                        and code == DEFINITION_CHANGED):
-                    order.failure = {"step": step.key, "error": self.orphan_error(step)}
-                    if step.error is not None:
-                        order.failure["earlier_error"] = step.error
-                    self.changed = True
-                    self.hold(Reason.FALLOUT)
+                self.hold_orphan(step)
                 return True
         return False
+
+    def hold_orphan(self, step: Step) -> None:
+        """Fallout for an orphan that has still to run or failed (once)."""
+        order = self.order
+        failure = order.failure or {}
+        code = (failure.get("error") or {}).get("code")
+        if not (order.state == S.HELD and failure.get("step") == step.key
+                and code == DEFINITION_CHANGED):
+            order.failure = {"step": step.key, "error": self.orphan_error(step)}
+            if step.error is not None:
+                order.failure["earlier_error"] = step.error
+            self.changed = True
+            self.hold(Reason.FALLOUT)
 
     def orphan_error(self, step: Step) -> dict[str, Any]:
         return {"code": DEFINITION_CHANGED, "retryable": False,

@@ -164,13 +164,14 @@ ITEM_MOVES: frozenset[tuple[ItemState, ItemState]] = frozenset({
 
 def set_item_state(item: dict[str, Any], state: ItemState) -> None:
     """The one choke point for an item's state (kept as its plain string in
-    the item map). Setting the state it has is no change."""
-    old = ItemState(item["state"])
-    if old is state:
+    the item map). Setting the state it has is no change. (A str enum member
+    and its string are equal and hash alike: the tables take either.)"""
+    old = item["state"]
+    if old == state:
         return
     if (old, state) not in ITEM_MOVES:
         raise IllegalTransition(f"item {item.get('id')}: {old} -> {state} (not allowed)")
-    item["state"] = state.value
+    item["state"] = str(state)
 
 
 class Undo(StrEnum):
@@ -193,9 +194,8 @@ UNDO_MOVES: frozenset[tuple[Undo | None, Undo]] = frozenset({
 
 def set_undo(step: Step, undo: Undo) -> None:
     """The one choke point for a step's compensation status."""
-    old = None if step.comp is None else Undo(step.comp)
-    if (old, undo) not in UNDO_MOVES:
-        raise IllegalTransition(f"undo of step {step.key}: {old} -> {undo} (not allowed)")
+    if (step.comp, undo) not in UNDO_MOVES:
+        raise IllegalTransition(f"undo of step {step.key}: {step.comp} -> {undo} (not allowed)")
     step.comp = undo
 
 
@@ -223,9 +223,9 @@ PHASE_MOVES: frozenset[tuple[Phase, Phase]] = frozenset({
 
 def set_phase(order: Order, phase: Phase, target: Target | None = None) -> None:
     """The one choke point for an order's phase (and compensation target)."""
-    old = Phase(order.phase)
-    if (old, phase) not in PHASE_MOVES:
-        raise IllegalTransition(f"phase of {order.order_id}: {old} -> {phase} (not allowed)")
+    if (order.phase, phase) not in PHASE_MOVES:
+        raise IllegalTransition(f"phase of {order.order_id}: {order.phase} -> {phase} "
+                                f"(not allowed)")
     if (phase is Phase.COMPENSATE) != (target is not None):
         raise IllegalTransition(f"phase {phase} with target {target}")
     order.phase = phase

@@ -9,6 +9,7 @@ step's result), ``item`` (the item of a per-item step), ``result`` and
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from oms.model import Order, charges
@@ -27,28 +28,40 @@ def _item_view(it: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def order_facts(order: Order) -> dict[str, Any]:
-    """Everything ``$order.…`` may name."""
-    charged = [it for it in order.items if it["action"] in ("add", "modify")]
-    completed = [it for it in charged if it.get("state") == "completed"]
-    return {
-        "id": order.order_id,
-        "external_id": order.external_id,
-        "source_system": order.source_system,
-        "order_type": order.order_type,
-        "customer": order.customer,
-        "customer_address": order.customer_address,
-        "delivery_address": order.delivery_address,
-        "currency": order.currency,
-        "attributes": order.attributes,
-        "total_minor": order.total_minor,
-        "items": [_item_view(it) for it in order.items],
-        "stock_items": [
-            {"product_id": it["product_id"], "quantity": it.get("quantity", 1)} for it in charged
-        ],
-        "completed_items": [_item_view(it) for it in completed],
-        "completed_total_minor": charges(completed),
-    }
+def _charged(order: Order) -> list[dict[str, Any]]:
+    return [it for it in order.items if it["action"] in ("add", "modify")]
+
+
+def _completed(order: Order) -> list[dict[str, Any]]:
+    return [it for it in _charged(order) if it.get("state") == "completed"]
+
+
+FACTS: dict[str, Callable[[Order], Any]] = {
+    "id": lambda o: o.order_id,
+    "external_id": lambda o: o.external_id,
+    "source_system": lambda o: o.source_system,
+    "order_type": lambda o: o.order_type,
+    "customer": lambda o: o.customer,
+    "customer_address": lambda o: o.customer_address,
+    "delivery_address": lambda o: o.delivery_address,
+    "currency": lambda o: o.currency,
+    "attributes": lambda o: o.attributes,
+    "total_minor": lambda o: o.total_minor,
+    "items": lambda o: [_item_view(it) for it in o.items],
+    "stock_items": lambda o: [{"product_id": it["product_id"], "quantity": it.get("quantity", 1)}
+                              for it in _charged(o)],
+    "completed_items": lambda o: [_item_view(it) for it in _completed(o)],
+    "completed_total_minor": lambda o: charges(_completed(o)),
+}
+"""Everything ``$order.…`` may name, each built on demand."""
+
+
+def order_facts(order: Order, names: Iterable[str] | None = None) -> dict[str, Any]:
+    """The order's facts (``FACTS``): all, or only ``names`` (what a template
+    names: the engine builds no more than that)."""
+    if names is None:
+        return {name: fact(order) for name, fact in FACTS.items()}
+    return {name: FACTS[name](order) for name in names if name in FACTS}
 
 
 def lookup(scopes: dict[str, Any], ref: str) -> Any:
@@ -73,19 +86,36 @@ def resolve(template: Any, scopes: dict[str, Any]) -> Any:
     return template
 
 
-def template_roots(template: Any) -> frozenset[str]:
-    """The scopes a template names (``order``, ``steps``, ...): the engine
-    builds only those."""
+def template_refs(template: Any) -> frozenset[tuple[str, str | None]]:
+    """The (scope, first name under it) pairs a template names, e.g.
+    ``("order", "total_minor")``; ``("order", None)`` for the whole scope."""
     if isinstance(template, str):
-        return frozenset({template[1:].split(".", 1)[0]}) if template.startswith("$") \
-            else frozenset()
+        if not template.startswith("$"):
+            return frozenset()
+        parts = template[1:].split(".", 2)
+        return frozenset({(parts[0], parts[1] if len(parts) > 1 else None)})
     if isinstance(template, dict):
         values: Any = template.values()
     elif isinstance(template, list):
         values = template
     else:
         return frozenset()
-    out: frozenset[str] = frozenset()
+    out: frozenset[tuple[str, str | None]] = frozenset()
     for value in values:
-        out |= template_roots(value)
+        out |= template_refs(value)
     return out
+
+
+class Needs:
+    """What a template needs built before it is filled: the scopes it names,
+    and which of the order's facts (None: all of them)."""
+
+    __slots__ = ("facts", "scopes", "template")
+
+    def __init__(self, template: Any) -> None:
+        refs = template_refs(template)
+        self.template = template  # kept: its id() is the engine's cache key
+        self.scopes = frozenset(scope for scope, _ in refs)
+        names = {name for scope, name in refs if scope == "order"}
+        self.facts: frozenset[str] | None = None if None in names else frozenset(
+            n for n in names if n is not None)
