@@ -43,7 +43,7 @@ from oms.operator import OperatorMixin
 from oms.orphans import OrphanMixin
 from oms.process import ProcessDef, StepDef
 from oms.states import Ev, ItemState, OrderState, Reason, StepStatus, set_step_status
-from oms.templates import Needs, lookup
+from oms.templates import Template, lookup
 
 __all__ = ["AMOUNT_OUT_OF_RANGE", "INTERNAL_ERROR", "INVALID_REPLY", "MAX_EARLY_BYTES",
            "MAX_EARLY_EVENTS", "MAX_REASON", "OPERATOR_HOLDS", "Engine", "Turning",
@@ -101,8 +101,8 @@ class Engine:
     """Runs orders of one process definition.
 
     defs: the step definitions by name; known: which stored step shapes
-    its definition still has, sdefs: the definition of each (``oms.orphans``); needs: what each argument
-    template names, by its id (``TurnBase.scopes``).
+    its definition still has, sdefs: the definition of each (``oms.orphans``);
+    templates: each argument template parsed, by its id (``TurnBase.fill``).
     """
 
     def __init__(self, proc: ProcessDef) -> None:
@@ -110,7 +110,7 @@ class Engine:
         self.defs = {s.name: s for s in proc.steps}
         self.known: dict[tuple[str, str, bool], bool] = {}
         self.sdefs: dict[tuple[str, str, bool], StepDef] = {}
-        self.needs: dict[int, Needs] = {}
+        self.templates: dict[int, Template] = {}
 
     def handle(self, order: Order, msg: Any, now: float) -> Turning:
         """Apply one message; the returned ``Turning`` holds the effects."""

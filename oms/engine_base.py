@@ -27,8 +27,8 @@ from oms.messages import CommandResult, Effect, Publish, Send, Sequence, Timer
 from oms.model import Order, Step
 from oms.outstanding import outstanding
 from oms.process import Action, ProcessDef, RetryPolicy, StepDef
-from oms.states import Ev, OrderState, Phase, StepStatus
-from oms.templates import Needs, order_facts
+from oms.states import Ev, OrderState, Phase, StepStatus, set_step_status
+from oms.templates import Template, order_facts
 
 if TYPE_CHECKING:
     from oms.engine import Engine
@@ -54,7 +54,7 @@ class TurnBase:
         self.defs: dict[str, StepDef] = engine.defs
         self.known: dict[tuple[str, str, bool], bool] = engine.known
         self.sdefs: dict[tuple[str, str, bool], StepDef] = engine.sdefs
-        self.needs = engine.needs
+        self.templates = engine.templates
         self.order = order
         self.now = now
         self.effects: list[Effect] = []
@@ -104,13 +104,14 @@ class TurnBase:
         self.changed = True
 
     def set_status(self, step: Step, status: StepStatus) -> None:
-        states.set_step_status(step, status)
+        set_step_status(step, status)
         self.changed = True
         if step.name == "notify":
             return
-        self.emit(Publish({"type": "order_progress", "order_id": self.order.order_id,
-                           "external_id": self.order.external_id, "step": step.key,
-                           "status": str(status), "ts": self.now}))
+        order = self.order
+        self.effects.append(Publish({"type": "order_progress", "order_id": order.order_id,
+                                     "external_id": order.external_id, "step": step.key,
+                                     "status": str(status), "ts": self.now}))
 
     # -- reading the order -------------------------------------------------
 
@@ -130,38 +131,28 @@ class TurnBase:
             return sdef.per_item.get(item["action"]) if item else None
         return sdef.action
 
-    def scopes(self, template: Any, step: Step | None = None) -> dict[str, Any]:
-        """What ``template`` may name (``oms.templates``): only the scopes and
-        the order's facts it names are built (they cost more than the rest)."""
-        needs = self.needs.get(id(template))
-        if needs is None:
-            needs = self.needs[id(template)] = Needs(template)
-        names = needs.scopes
-        out: dict[str, Any] = {}
+    def fill(self, template: Any, step: Step | None = None) -> Any:
+        """A template filled from what it may name (``oms.templates``): only
+        the scopes and the order's facts it names are built (they cost more
+        than the rest), and it is parsed once per engine."""
+        parsed = self.templates.get(id(template))
+        if parsed is None:
+            parsed = self.templates[id(template)] = Template(template)
+        names = parsed.scopes
+        scopes: dict[str, Any] = {}
         if "order" in names:
-            out["order"] = order_facts(self.order, needs.facts)
+            scopes["order"] = order_facts(self.order, parsed.facts)
         if "steps" in names:
-            out["steps"] = {k: s.result for k, s in self.order.steps.items()
-                            if s.result is not None}
+            scopes["steps"] = {k: s.result for k, s in self.order.steps.items()
+                               if s.result is not None}
         if step is not None:
-            out["item"] = self.item(step)
-            out["result"] = step.result or {}
-            out["args"] = step.args or {}
-        return out
+            scopes["item"] = self.item(step)
+            scopes["result"] = step.result or {}
+            scopes["args"] = step.args or {}
+        return parsed.fill(scopes)
 
     def steps_of(self, name: str) -> list[Step]:
         return [s for s in self.order.steps.values() if s.name == name]
-
-    def by_name(self) -> dict[str, list[Step]]:
-        """The order's steps grouped by step name (one pass)."""
-        out: dict[str, list[Step]] = {}
-        for step in self.order.steps.values():
-            group = out.get(step.name)
-            if group is None:
-                out[step.name] = [step]
-            else:
-                group.append(step)
-        return out
 
     def settled(self, step: Step) -> bool:
         status = step.status
@@ -169,6 +160,20 @@ class TurnBase:
             return True
         return (status is StepStatus.FAILED and self.proc.item_failure == "partial"
                 and step.item_id is not None)
+
+    def all_settled(self, steps: list[Step]) -> bool:
+        """``settled`` for each of ``steps`` (inlined: it runs for nearly every
+        message)."""
+        done, skipped, failed = StepStatus.DONE, StepStatus.SKIPPED, StepStatus.FAILED
+        partial = self.proc.item_failure == "partial"
+        for step in steps:
+            status = step.status
+            if status is done or status is skipped:
+                continue
+            if status is failed and partial and step.item_id is not None:
+                continue
+            return False
+        return True
 
     def in_flight(self) -> bool:
         """A forward command was sent whose outcome is not known yet
@@ -179,7 +184,7 @@ class TurnBase:
 
     def send(self, system: str, command_id: str, op: str, args: dict[str, Any],
              timeout: float) -> None:
-        self.emit(Send(system, command_id, op, args, timeout))
+        self.effects.append(Send(system, command_id, op, args, timeout))
 
     def retry_later(self, step: Step, res: CommandResult, policy: RetryPolicy, command_id: str,
                     kind: str, ref: Any) -> bool:

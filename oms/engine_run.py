@@ -24,13 +24,34 @@ from oms.states import (
     Undo,
     set_item_state,
 )
-from oms.templates import resolve
 from oms.validation import MAX_AMOUNT_MINOR
 
 logger = logging.getLogger("oms.engine")
 S = OrderState
 INVALID_REPLY = "invalid_reply"
 AMOUNT_OUT_OF_RANGE = "amount_out_of_range"
+
+
+class StepPlan:
+    """An order's steps as ``advance`` walks them, built once per order in
+    memory (its set of steps never changes; statuses are read live).
+
+    launch: per step definition, in definition order: its steps and the
+      steps it depends on. orphans: steps the definition no longer has
+      (``oms.orphans``), in order. steps: all of them.
+    """
+
+    __slots__ = ("defs", "launch", "orphans", "steps")
+
+    def __init__(self, turn: TurnBase) -> None:
+        self.defs = turn.defs  # the definition this plan was made under
+        self.steps = list(turn.order.steps.values())
+        groups: dict[str, list[Step]] = {}
+        for step in self.steps:
+            groups.setdefault(step.name, []).append(step)
+        self.orphans = [s for s in self.steps if not turn.defined(s)]
+        self.launch = [(sdef, groups[sdef.name], [s for d in sdef.after for s in groups.get(d, ())])
+                       for sdef in turn.proc.steps if sdef.name in groups]
 
 
 class RunMixin(TurnBase):
@@ -112,57 +133,42 @@ class RunMixin(TurnBase):
     def advance(self) -> None:
         """Launch every pending step whose dependencies are settled; complete
         the order once every step is settled. Runs for nearly every message:
-        one pass over the steps finds orphans, groups and pending steps, and
-        plain loops (generator expressions cost more than the comparisons
-        they wrap)."""
+        plain loops over the order's ``StepPlan`` (generator expressions cost
+        more than the comparisons they wrap)."""
         order = self.order
         if order.phase == Phase.COMPENSATE:
             self.compensate_next()
             return
         if order.phase != Phase.RUN or order.state not in (S.IN_PROGRESS, S.HELD):
             return
+        plan = self.step_plan()
         pending, failed = StepStatus.PENDING, StepStatus.FAILED
-        groups: dict[str, list[Step]] = {}  # the set of steps is fixed; their statuses are not
-        waiting: dict[str, list[Step]] = {}
-        for step in order.steps.values():
-            status, name = step.status, step.name
-            if (status is pending or status is failed) and not self.defined(step):
+        for step in plan.orphans:
+            if step.status is pending or step.status is failed:
                 self.hold_orphan(step)  # oms.orphans
                 return
-            group = groups.get(name)
-            if group is None:
-                groups[name] = [step]
+        for sdef, group, deps in plan.launch:
+            for step in group:
+                if step.status is pending:
+                    break
             else:
-                group.append(step)
-            if status is pending:
-                ready = waiting.get(name)
-                if ready is None:
-                    waiting[name] = [step]
-                else:
-                    ready.append(step)
-        if waiting:
-            for sdef in self.proc.steps:
-                ready = waiting.get(sdef.name)
-                if ready is None or not self.deps_settled(sdef, groups):
-                    continue
-                for step in ready:
-                    if step.status is pending:
-                        self.launch(step, sdef)
-            if order.phase != Phase.RUN:
-                return
-        settled = self.settled
-        for step in order.steps.values():
-            if not settled(step):
-                return
-        self.complete()
+                continue  # nothing of this step waits to run
+            if not self.all_settled(deps):
+                continue
+            for step in group:
+                if step.status is pending:
+                    self.launch(step, sdef)
+        if order.phase != Phase.RUN:
+            return
+        if self.all_settled(plan.steps):
+            self.complete()
 
-    def deps_settled(self, sdef: StepDef, groups: dict[str, list[Step]]) -> bool:
-        settled = self.settled
-        for dep in sdef.after:
-            for step in groups.get(dep, ()):
-                if not settled(step):
-                    return False
-        return True
+    def step_plan(self) -> StepPlan:
+        """The order's ``StepPlan`` under this engine (kept on the order)."""
+        plan = self.order.plan
+        if plan is None or plan.defs is not self.defs:
+            plan = self.order.plan = StepPlan(self)
+        return plan
 
     def launch(self, step: Step, sdef: StepDef) -> None:
         if sdef.wait_event is not None:
@@ -176,7 +182,7 @@ class RunMixin(TurnBase):
         self.expect(step.key, sdef.expected_s)
         action = self.action(step)
         assert action is not None
-        step.args = resolve(action.args, self.scopes(action.args, step))
+        step.args = self.fill(action.args, step)
         step.attempts = 1
         self.set_status(step, StepStatus.RUNNING)
         self.send_step(step)

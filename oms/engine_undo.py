@@ -19,7 +19,6 @@ from oms.states import (
     set_phase,
     set_undo,
 )
-from oms.templates import resolve
 
 S = OrderState
 MAX_REASON = 1000  # a cancel reason kept in the order, in characters
@@ -87,7 +86,7 @@ class UndoMixin(TurnBase):
         action = self.action(step)
         assert action is not None and action.compensate is not None
         op, template = action.compensate
-        args = resolve(template, self.scopes(template, step))
+        args = self.fill(template, step)
         timeout = self.sdef(step).timeout_s
         self.send(step.system, f"{self.command_id(step)}:undo", op, args, timeout)
 

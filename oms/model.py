@@ -139,6 +139,8 @@ class Order:
     done_counter: int = 0
     version: int = 0
     jeopardy: dict[str, Any] = field(default_factory=dict)  # key -> [deadline, fired]
+    plan: Any = field(default=None, repr=False, compare=False)  # not stored: the engine's
+    # view of its (fixed) set of steps, rebuilt after a load (oms.engine_run.StepPlan)
 
     @property
     def customer_id(self) -> str:

@@ -106,16 +106,50 @@ def template_refs(template: Any) -> frozenset[tuple[str, str | None]]:
     return out
 
 
-class Needs:
-    """What a template needs built before it is filled: the scopes it names,
-    and which of the order's facts (None: all of them)."""
+class Template:
+    """A parsed argument template: the scopes it names, which of the order's
+    facts (None: all of them), and ``fill``, which fills it from scopes as
+    ``resolve`` does, without walking the template again."""
 
-    __slots__ = ("facts", "scopes", "template")
+    __slots__ = ("facts", "fill", "raw", "scopes")
 
-    def __init__(self, template: Any) -> None:
-        refs = template_refs(template)
-        self.template = template  # kept: its id() is the engine's cache key
+    def __init__(self, raw: Any) -> None:
+        refs = template_refs(raw)
+        self.raw = raw  # kept: its id() is the engine's cache key
         self.scopes = frozenset(scope for scope, _ in refs)
         names = {name for scope, name in refs if scope == "order"}
         self.facts: frozenset[str] | None = None if None in names else frozenset(
             n for n in names if n is not None)
+        self.fill = compile_template(raw)
+
+
+def compile_template(template: Any) -> Callable[[dict[str, Any]], Any]:
+    """``resolve(template, scopes)`` as a function of ``scopes``."""
+    if isinstance(template, str) and template.startswith("$"):
+        parts = tuple(template[1:].split("."))
+        if len(parts) == 2:
+            first, second = parts
+
+            def ref2(scopes: dict[str, Any]) -> Any:
+                value = scopes.get(first)
+                return value.get(second) if isinstance(value, dict) else None
+
+            return ref2
+
+        def ref(scopes: dict[str, Any]) -> Any:
+            value: Any = scopes
+            for part in parts:
+                if isinstance(value, dict):
+                    value = value.get(part)
+                else:
+                    return None
+            return value
+
+        return ref
+    if isinstance(template, dict):
+        items = [(key, compile_template(value)) for key, value in template.items()]
+        return lambda scopes: {key: fill(scopes) for key, fill in items}
+    if isinstance(template, list):
+        fills = [compile_template(value) for value in template]
+        return lambda scopes: [fill(scopes) for fill in fills]
+    return lambda _scopes: template

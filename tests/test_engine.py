@@ -651,3 +651,44 @@ def test_a_back_off_is_a_timer_effect_with_its_token() -> None:
     (timer,) = turning.effects
     assert timer.token == ("retry", "reserve_stock", 1) and timer.at > 3.0
     assert order.steps["reserve_stock"].retry_at == timer.at
+
+
+# -- templates are parsed once per engine (oms.templates.Template) ------------
+
+_names = st.sampled_from(["order", "steps", "item", "result", "args", "total_minor", "id",
+                          "currency", "x", ""])
+_refs = st.lists(_names, min_size=1, max_size=4).map(lambda p: "$" + ".".join(p))
+_leaves = st.one_of(_refs, st.text(max_size=5), st.integers(), st.none(), st.booleans())
+_templates = st.recursive(_leaves, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=3)),
+    max_leaves=12)
+_values = st.recursive(st.one_of(st.integers(), st.text(max_size=4), st.none()),
+                       lambda inner: st.dictionaries(_names, inner, max_size=4), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(template=_templates, scopes=st.dictionaries(_names, _values, max_size=6))
+def test_a_parsed_template_fills_exactly_as_resolve_does(template: Any,
+                                                         scopes: dict[str, Any]) -> None:
+    from oms.templates import Template, compile_template, resolve
+
+    assert compile_template(template)(scopes) == resolve(template, scopes)
+    parsed = Template(template)
+    assert parsed.fill(scopes) == resolve(template, scopes)
+
+
+def test_only_the_facts_a_template_names_are_built_and_they_are_the_full_facts() -> None:
+    from oms.templates import FACTS, Template, order_facts
+
+    order = new_order("o-1", normalized(retail_order()), RETAIL, 1.0)
+    full = order_facts(order)
+    assert set(full) == set(FACTS)
+    for step in RETAIL.steps:
+        if step.action is None:
+            continue
+        parsed = Template(step.action.args)
+        assert parsed.facts is not None and parsed.facts <= set(FACTS)
+        assert order_facts(order, parsed.facts) == {k: full[k] for k in parsed.facts}
+    assert Template("$order").facts is None  # the whole scope: every fact
+    assert Template({"a": "$order.nope"}).facts == frozenset({"nope"})
+    assert order_facts(order, {"nope"}) == {}  # names no fact: resolves to None as before
