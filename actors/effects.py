@@ -134,7 +134,9 @@ def _send(fx: Send, origin: Origin | None, _outcome: Any) -> None:
     gateway = ctx.gateways.get(fx.system)
     if gateway is None:
         error = DomainError("unknown_system", f"no gateway for {fx.system!r}", False)
-        ctx.router.deliver(origin.order_id, CommandResult(fx.command_id, False, None, error))
+        router = ctx.router
+        assert router is not None
+        router.deliver(origin.order_id, CommandResult(fx.command_id, False, None, error))
         return
     gateway.send(origin.order_id, fx)
 
