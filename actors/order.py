@@ -22,7 +22,7 @@ from oms import codec
 from oms.engine import INTERNAL_ERROR, Engine, hold_internal_error
 from oms.messages import DomainEvent
 from oms.model import Order
-from oms.outstanding import outstanding
+from oms.outstanding import awaiting_reply
 from oms.states import OrderState
 
 if TYPE_CHECKING:
@@ -53,12 +53,6 @@ class Inbound(NamedTuple):
 
     key: bytes
     event: DomainEvent
-
-
-def awaiting_reply(order: Order) -> bool:
-    """Whether a command of this order is out at a gateway right now
-    (``oms.outstanding``)."""
-    return outstanding(order).replies
 
 
 class OrderActor(PooledActor):

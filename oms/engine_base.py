@@ -25,7 +25,7 @@ from oms import states, untrusted
 from oms.errors import CIRCUIT_OPEN, DomainError
 from oms.messages import CommandResult, Effect, Publish, Send, Sequence, Timer
 from oms.model import Order, Step
-from oms.outstanding import outstanding
+from oms.outstanding import forward_in_flight
 from oms.process import Action, ProcessDef, RetryPolicy, StepDef
 from oms.states import Ev, OrderState, Phase, StepStatus, set_step_status
 from oms.templates import Template, order_facts
@@ -178,7 +178,7 @@ class TurnBase:
     def in_flight(self) -> bool:
         """A forward command was sent whose outcome is not known yet
         (``oms.outstanding``)."""
-        return outstanding(self.order).forward
+        return forward_in_flight(self.order)
 
     # -- commands and retries ----------------------------------------------
 

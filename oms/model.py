@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from oms.fallout import fallout_view
-from oms.outstanding import outstanding
+from oms.outstanding import delivering_notes
 from oms.states import OrderState, Phase, StepStatus, Target, Undo
 
 RECORD_VERSION = 1
@@ -153,7 +153,7 @@ class Order:
     @property
     def finished(self) -> bool:
         """Terminal, and no CRM notification still being delivered."""
-        return self.state.terminal and not outstanding(self).notes
+        return self.state.terminal and not delivering_notes(self)
 
     def to_record(self) -> dict[str, Any]:
         return {

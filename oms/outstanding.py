@@ -55,6 +55,7 @@ class Outstanding(NamedTuple):
 
 
 def outstanding(order: Order) -> Outstanding:
+    """Everything an order has outstanding, in one pass."""
     forward = replies = timers = notes = False
     for step in order.steps.values():
         out = command_out(step.status, step.wait, step.retry_at, step.comp)
@@ -69,3 +70,37 @@ def outstanding(order: Order) -> Outstanding:
             replies |= out[1] == REPLY
             timers |= out[1] == TIMER
     return Outstanding(forward, replies, timers, notes)
+
+
+# The questions asked on hot paths, each ``outstanding(order).<field>``,
+# answered at the first step that decides it.
+
+
+def forward_in_flight(order: Order) -> bool:
+    """``outstanding(order).forward``."""
+    for step in order.steps.values():
+        out = command_out(step.status, step.wait, step.retry_at, step.comp)
+        if out is not None and out[0]:
+            return True
+    return False
+
+
+def awaiting_reply(order: Order) -> bool:
+    """``outstanding(order).replies``."""
+    for step in order.steps.values():
+        out = command_out(step.status, step.wait, step.retry_at, step.comp)
+        if out is not None and out[1] == REPLY:
+            return True
+    for note in order.notes:
+        out = command_out(note.status, None, note.retry_at, None)
+        if out is not None and out[1] == REPLY:
+            return True
+    return False
+
+
+def delivering_notes(order: Order) -> bool:
+    """``outstanding(order).notes``."""
+    for note in order.notes:
+        if command_out(note.status, None, note.retry_at, None) is not None:
+            return True
+    return False

@@ -545,13 +545,20 @@ def test_no_retry_or_skip_while_an_abort_is_compensating() -> None:
 def _asked(order: Any) -> dict[str, bool]:
     """What each place that asks gets: the engine before it undoes, the
     actor before it leaves memory, ``Order.finished``, recovery."""
-    from actors.order import awaiting_reply
     from actors.service import _needs_resume
     from oms.engine import Turning
+    from oms.outstanding import awaiting_reply, outstanding
 
-    return {"in_flight": Turning(Engine(RETAIL), order, 0.0).in_flight(),
-            "awaiting_reply": awaiting_reply(order), "finished": order.finished,
-            "needs_resume": _needs_resume(order.to_record())}
+    asked = {"in_flight": Turning(Engine(RETAIL), order, 0.0).in_flight(),
+             "awaiting_reply": awaiting_reply(order), "finished": order.finished,
+             "needs_resume": _needs_resume(order.to_record())}
+    out = outstanding(order)  # the same answers, all at once
+    assert (out.forward, out.replies) == (asked["in_flight"], asked["awaiting_reply"])
+    assert out.notes == (order.state.terminal and not order.finished)
+    assert (out.replies or out.timers or order.state in (OrderState.ACKNOWLEDGED,
+                                                         OrderState.PENDING)) == (
+        asked["needs_resume"])
+    return asked
 
 
 def test_outstanding_commands_are_decided_in_one_function() -> None:
