@@ -69,6 +69,22 @@ class Revive(NamedTuple):
     supervisor: Any = None
 
 
+class ReplyTo(NamedTuple):
+    """Where the reply to one request goes: ``endpoint.reply_to(envelope,
+    payload)``, with the request's ``request_id`` added. The ``reply_to`` of
+    a ``Cancel``, an ``Operate`` and so of a ``Reply`` effect; calling it
+    sends the reply (from any thread)."""
+
+    endpoint: Any
+    envelope: tuple[bytes, ...]
+    request_id: Any = None
+
+    def __call__(self, payload: dict[str, Any]) -> None:
+        if self.request_id is not None:
+            payload = dict(payload, request_id=self.request_id)
+        self.endpoint.reply_to(self.envelope, payload)
+
+
 class AnswerCreate(NamedTuple):
     """Answer a ``submit_order`` with the create's outcome (``Intake.created``)
     and free its admission slot."""

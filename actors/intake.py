@@ -23,7 +23,7 @@ from typing import Any
 
 import zmq
 
-from actors.effects import AnswerCreate, NewOrder
+from actors.effects import AnswerCreate, NewOrder, ReplyTo
 from actors.endpoint import RouterEndpoint
 from actors.security import DOMAINS, is_operator_name
 from actors.store_writer import CreateOrder
@@ -92,14 +92,10 @@ class Intake(RouterEndpoint):
 
         return guarded
 
-    def reply_later(self, envelope: tuple[bytes, ...], request_id: Any) -> Callable[[dict], None]:
-        """A thread-safe callable that sends the reply to this request."""
-        def reply(payload: dict[str, Any]) -> None:
-            if request_id is not None:
-                payload = dict(payload, request_id=request_id)
-            self.reply_to(envelope, payload)
-
-        return reply
+    def reply_later(self, envelope: tuple[bytes, ...], request_id: Any) -> ReplyTo:
+        """Where the reply to this request goes (data; calling it sends the
+        reply, from any thread)."""
+        return ReplyTo(self, envelope, request_id)
 
     # -- requests ----------------------------------------------------------
 
