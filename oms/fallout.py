@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from oms.states import OrderState, StepStatus
+from oms.states import OrderState, Phase, Reason, StepStatus, Undo
 
 S = OrderState
 ACTIONS = ("retry", "skip", "abort", "cancel")
@@ -59,7 +59,7 @@ def skip_target(order: Any, name: str | None) -> tuple[Any, str | None]:
 def cancel_problem(order: Any, ponr: str | None) -> str | None:
     if order.state.terminal:
         return f"order is already {order.state}"
-    if order.phase != "run":
+    if order.phase != Phase.RUN:
         return "order is already being cancelled or compensated"
     if ponr and any(s.name == ponr and s.status not in (StepStatus.PENDING, StepStatus.SKIPPED)
                     for s in order.steps.values()):
@@ -84,12 +84,12 @@ def problem(order: Any, action: str, step: str | None = None,
         if undo_failed:
             return (f"undoing step {failed.key} failed and abort cannot undo it: retry the "
                     f"undo (retry_step), or undo it by hand and skip it (skip_step)")
-        return "order is already being compensated" if order.phase != "run" else None
+        return "order is already being compensated" if order.phase != Phase.RUN else None
     if action == "retry":
         if order.state != S.HELD:
             return f"only a held order can be retried; this one is {order.state}"
         if failed is None:
-            if order.state_reason == "internal_error":
+            if order.state_reason == Reason.INTERNAL_ERROR:
                 return None  # resumes from its last durable snapshot
             waits = waiting_steps(order)
             if waits:
@@ -100,16 +100,16 @@ def problem(order: Any, action: str, step: str | None = None,
             return (f"step {failed.key} is not in the current process definition: skip it "
                     f"(after doing it by hand) or abort")
         if undo_failed:
-            return None if failed.comp == "failed" else (
+            return None if failed.comp == Undo.FAILED else (
                 "the failed compensation is already being retried")
-        return "order is being compensated" if order.phase != "run" else None
+        return "order is being compensated" if order.phase != Phase.RUN else None
     # skip
     if undo_failed:
         if step is not None and step != failed.key:
             return f"step {step!r} is not the failed step {failed.key!r}"
-        return None if failed.comp == "failed" else (
+        return None if failed.comp == Undo.FAILED else (
             "the failed compensation is already being retried")
-    if order.phase != "run":
+    if order.phase != Phase.RUN:
         return "order is being compensated"
     return skip_target(order, step)[1]
 
@@ -127,7 +127,7 @@ def _hint(order: Any, step: Any, actions: list[str]) -> str:
     if step is not None and step.status == StepStatus.FAILED:
         return (f"Step {step.key} failed ({code}): retry it once the cause is fixed, skip it "
                 f"if it was done by hand, or abort to undo the completed steps.")
-    if reason == "internal_error":
+    if reason == Reason.INTERNAL_ERROR:
         return ("The service failed while handling this order: retry resumes it from its "
                 "last saved state" + ("; abort undoes the completed steps." if "abort" in actions
                                       else "."))
@@ -135,7 +135,7 @@ def _hint(order: Any, step: Any, actions: list[str]) -> str:
         return (f"The order waits for event {step.wait} from {step.system}: wait for it, skip "
                 f"the wait if it was settled by hand, or " + (
                     "cancel or abort." if "cancel" in actions else "abort."))
-    if reason == "compensating" or order.phase != "run":
+    if reason == Reason.COMPENSATING or order.phase != Phase.RUN:
         return "Completed steps are being undone; no action is needed."
     return "Actions possible now: " + (", ".join(actions) or "none") + "."
 
