@@ -42,7 +42,7 @@ from actors.publisher import topic_of
 from actors.security import is_operator_name
 from oms import codec, errors
 from oms.sharding import vshard_of, vshard_of_order_id
-from oms.store import ext_key
+from storage.store import ext_key
 
 logger = logging.getLogger("shards.front")
 
@@ -1065,7 +1065,7 @@ def sum_counts(replies: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from oms import logs
+    from actors import logs
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:

@@ -13,9 +13,9 @@ import pytest
 from helpers import retail_order
 from test_recovery import Builder, waiting_for_delivery
 
-from oms.client import Client
+from gateways.client import Client
 from oms.process import load_processes
-from oms.store import ListFilter, Store
+from storage.store import ListFilter, Store
 
 
 def build(data: Path, count: int) -> list[str]:

@@ -16,8 +16,8 @@ from helpers import poll_until, retail_order
 
 from actors.security import SecurityError, client_options, generate, is_operator_name
 from oms import codec
-from oms.cli import main
-from oms.client import Client, wait_terminal
+from app.cli import main
+from gateways.client import Client, wait_terminal
 
 
 @pytest.fixture
@@ -288,7 +288,7 @@ def test_a_dead_authenticator_is_not_ready_and_exits_70(keys: Path, eps: Any,
                                                         tmp_path: Path) -> None:
     """The ZAP thread ending while the service runs (every new CURVE handshake
     would wait forever) is a dead component: exit 70 and /readyz not ready."""
-    from actors.service import Service
+    from app.service import Service
     from oms.config import Config
 
     exits: list[int] = []

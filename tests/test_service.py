@@ -14,7 +14,7 @@ import zmq
 from helpers import retail_order
 
 from oms import codec
-from oms.client import Client, wait_terminal
+from gateways.client import Client, wait_terminal
 from oms.config import Config, ConfigError
 
 
@@ -116,7 +116,7 @@ def test_bad_number_flag_fails_serve_at_start(tmp_path: Path) -> None:
     """``oms serve`` with ``OMS_PASSIVATE_AFTER_S=inf`` once started, then
     exited 70 from a dead thread; now it refuses to start, exit 2, one line."""
     env = {**os.environ, "OMS_PASSIVATE_AFTER_S": "inf"}
-    done = subprocess.run([sys.executable, "-m", "oms.cli", "serve", "--data", str(tmp_path),
+    done = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--data", str(tmp_path),
                            "--metrics-port", "0"], env=env, capture_output=True, text=True,
                           timeout=20)
     assert done.returncode == 2, done.stderr

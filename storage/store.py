@@ -20,7 +20,7 @@ Readers use ``read()``; the writer's ``exclusive()`` waits for them to finish
 before it grows the map, because LMDB forbids resizing with a transaction
 open in the process.
 
-For retention (``actors.retention``, ``oms.archive``) also:
+For retention (``actors.retention``, ``storage.archive``) also:
 
 - ``done``: ``finish time (8 bytes, ms, big-endian) + order id`` -> state, for
   every finished order still live: retention reads the oldest first.

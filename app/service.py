@@ -36,11 +36,11 @@ from gateways.gateway import Gateway
 from oms.config import Config, ConfigError
 from oms.engine import Engine
 from oms.messages import Resume
-from oms.metrics import Metrics, ServiceCollector
+from actors.metrics import Metrics, ServiceCollector
 from oms.model import Order
 from oms.process import load_processes
 from oms.states import TERMINAL
-from oms.store import CorruptRecord, Store, event_key
+from storage.store import CorruptRecord, Store, event_key
 
 logger = logging.getLogger(__name__)
 

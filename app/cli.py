@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from oms import logs
+from actors import logs
 from oms.config import DEFAULT_SYSTEMS, Config, ConfigError, parse_systems
 from oms.process import ProcessError
-from oms.runtime import tune_gc
+from actors.runtime import tune_gc
 
 logger = logging.getLogger("oms")
 
@@ -133,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                      choices=["debug", "info", "warning", "error", "critical"],
                      help="debug, info, warning, error (default %(default)s)")
 
-    from oms.opscli import add_parsers as add_ops
-    from oms.opscli import common
+    from app.opscli import add_parsers as add_ops
+    from app.opscli import common
 
     submit = sub.add_parser("submit", help="submit orders from a file or samples")
     submit.add_argument("file", nargs="?", help="JSON file: one order or a list of orders")
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("order_type")
     show.add_argument("--processes", help="folder of *.toml to load as well")
 
-    from oms.archive import add_parser as add_archive
+    from app.archive_cli import add_parser as add_archive
 
     add_archive(sub)
 
@@ -231,7 +231,7 @@ class Printable:
 def _run(args: argparse.Namespace, name: str) -> int:
     import zmq
 
-    from oms.opscli import CommandError
+    from app.opscli import CommandError
 
     try:
         return int(COMMANDS[args.command](args) or 0)
@@ -269,8 +269,8 @@ def _quiet_stdout() -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from actors.security import SecurityError
-    from actors.service import Service
-    from oms.store import StoreLocked
+    from app.service import Service
+    from storage.store import StoreLocked
 
     systems = parse_systems(args.system, "--system") if args.system else None
     cfg = Config.load(args.config, data=args.data, intake=args.intake, events=args.events,
@@ -361,7 +361,7 @@ def cmd_ray(args: argparse.Namespace) -> int:
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
-    from oms.store import StoreLocked
+    from storage.store import StoreLocked
     from shards import reshard
 
     try:
@@ -467,14 +467,14 @@ def _rate(spec: str, flag: str, op: str, rate: str) -> float:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from oms.opscli import connect
+    from app.opscli import connect
 
     return connect(args)
 
 
 def read_orders(file: str) -> list[Any]:
     """Orders from a JSON file (one order or a list); a clear error otherwise."""
-    from oms.opscli import CommandError
+    from app.opscli import CommandError
 
     try:
         text = Path(file).read_text(encoding="utf-8")
@@ -559,7 +559,7 @@ def render_order(o: dict[str, Any]) -> str:
     lines += ["", "items:"] + [f"  {i['id']:<12} {i['action']:<9} {i['product_id']:<14} "
                                f"qty {i['quantity']:<4} {i['state']}" for i in o.get("items", [])]
     lines += ["", "history:"] + [_history_line(h) for h in o.get("history", [])]
-    from oms.opscli import fallout_of, render_fallout
+    from app.opscli import fallout_of, render_fallout
 
     fallout = fallout_of(o)
     if fallout:
@@ -580,7 +580,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
     cfg = Config.load(args.config, metrics_host=args.metrics_host,
                       metrics_port=args.metrics_port, intake=args.intake)
-    from oms.opscli import CommandError, time_left
+    from app.opscli import CommandError, time_left
 
     if not 0 < args.timeout <= 3600:
         raise CommandError("--timeout must be a number of seconds above 0 (at most 3600)")
@@ -620,7 +620,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 def _intake_answers(endpoint: str, timeout: float) -> bool:
     import zmq
 
-    from oms.client import Client
+    from gateways.client import Client
 
     try:
         with Client(endpoint, timeout=timeout) as client:
@@ -683,7 +683,7 @@ def render_process(proc: Any) -> str:
 
 
 def cmd_archive(args: argparse.Namespace) -> int:
-    from oms.archive import cmd_archive as run
+    from app.archive_cli import cmd_archive as run
 
     return run(args)
 
@@ -695,7 +695,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from oms.demo import run_demo
+    from app.demo import run_demo
 
     _check_count("--orders", args.orders, 1, 100_000)
     _check_count("--timeout", args.timeout, 0.1, 86_400)
@@ -724,7 +724,7 @@ def _console(args: argparse.Namespace) -> int:
 
 def _ops(name: str) -> Any:
     def run(args: argparse.Namespace) -> int:
-        from oms import opscli
+        from app import opscli
 
         return int(getattr(opscli, f"cmd_{name}")(args))
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from oms.client import Client
+from gateways.client import Client
 from oms.config import Config
 
 DEFAULT_TIMEOUT = 3.0
@@ -234,7 +234,7 @@ def _age(seconds: float) -> str:
 
 
 def cmd_order(args: argparse.Namespace) -> int:
-    from oms.cli import render_order
+    from app.cli import render_order
 
     if args.action in ("show", "cancel"):
         ref = order_ref(args)
