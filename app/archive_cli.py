@@ -29,9 +29,9 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_archive(args: argparse.Namespace) -> int:
-    from oms.config import Config
+    from actors.settings import load_config
 
-    data = Config.load(None, data=args.data).data
+    data = load_config(None, data=args.data).data
     if args.action == "list":
         rows = []
         for path in files(data):

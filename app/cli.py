@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from actors import logs
-from oms.config import DEFAULT_SYSTEMS, Config, ConfigError, parse_systems
+from actors.settings import load_config
+from oms.config import DEFAULT_SYSTEMS, ConfigError, parse_systems
 from oms.process import ProcessError
 from actors.runtime import tune_gc
 
@@ -273,7 +274,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from storage.store import StoreLocked
 
     systems = parse_systems(args.system, "--system") if args.system else None
-    cfg = Config.load(args.config, data=args.data, intake=args.intake, events=args.events,
+    cfg = load_config(args.config, data=args.data, intake=args.intake, events=args.events,
                       domain_events=args.domain_events, metrics_port=args.metrics_port,
                       systems=systems, processes=args.processes, workers=args.workers,
                       max_in_flight=args.max_in_flight, log_level=args.log_level,
@@ -353,7 +354,7 @@ def cmd_ray(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise ConfigError(f"Ray is not installed ({exc}): pip install 'oms[ray]'") from None
     systems = parse_systems(args.system, "--system") if args.system else None
-    cfg = Config.load(args.config, data=args.data, intake=args.intake, events=args.events,
+    cfg = load_config(args.config, data=args.data, intake=args.intake, events=args.events,
                       domain_events=args.domain_events, metrics_port=args.metrics_port,
                       systems=systems, processes=args.processes,
                       shards=args.shards or 2, shard_base_port=args.shard_base_port)
@@ -578,7 +579,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
-    cfg = Config.load(args.config, metrics_host=args.metrics_host,
+    cfg = load_config(args.config, metrics_host=args.metrics_host,
                       metrics_port=args.metrics_port, intake=args.intake)
     from app.opscli import CommandError, time_left
 
@@ -631,7 +632,7 @@ def _intake_answers(endpoint: str, timeout: float) -> bool:
 
 
 def cmd_processes(args: argparse.Namespace) -> int:
-    from oms.process import load_processes
+    from actors.settings import load_processes
 
     if args.action == "check":
         procs = load_processes(args.dir)

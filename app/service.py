@@ -38,7 +38,7 @@ from oms.engine import Engine
 from oms.messages import Resume
 from actors.metrics import Metrics, ServiceCollector
 from oms.model import Order
-from oms.process import load_processes
+from actors.settings import load_processes
 from oms.states import TERMINAL
 from storage.store import CorruptRecord, Store, event_key
 

@@ -200,7 +200,7 @@ class Front:
                              metasync=True)
         self.index = self.env.open_db(b"ext")
         if not self.engine_types:
-            from oms.process import load_processes
+            from actors.settings import load_processes
 
             self.engine_types = sorted(load_processes(cfg.processes))
         self.ctx = zmq.Context()

@@ -369,7 +369,7 @@ def test_oms_serve_exits_non_zero_when_a_component_dies(eps: Any, tmp_path: Any)
 def test_the_hold_of_a_finished_order_changes_nothing() -> None:
     from helpers import normalized, retail_order
     from oms.engine import hold_internal_error, new_order
-    from oms.process import load_processes
+    from actors.settings import load_processes
     from oms.states import OrderState
 
     proc = load_processes(None)["retail"]

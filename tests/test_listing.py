@@ -14,7 +14,7 @@ from helpers import retail_order
 from test_recovery import Builder, waiting_for_delivery
 
 from gateways.client import Client
-from oms.process import load_processes
+from actors.settings import load_processes
 from storage.store import ListFilter, Store
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from oms.process import ProcessError, builtin_processes, load_processes, parse_process
+from actors.settings import load_processes
+from oms.process import ProcessError, builtin_processes, parse_process
 
 MINIMAL = """
 [process]

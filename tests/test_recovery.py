@@ -25,7 +25,8 @@ from oms import codec
 from gateways.client import Client, wait_terminal
 from oms.engine import new_order
 from oms.model import Order
-from oms.process import ProcessDef, load_processes
+from actors.settings import load_processes
+from oms.process import ProcessDef
 from oms.sample import telecom
 from storage.store import MIB, Store, ext_key, format_order_id
 from test_operations import no_restock  # noqa: F401

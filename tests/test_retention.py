@@ -21,6 +21,7 @@ from oms import codec
 
 from storage import archive
 from gateways.client import wait_terminal
+from actors.settings import load_config
 from oms.config import Config, ConfigError
 from oms.sample import sample_orders
 from storage.store import Store
@@ -107,8 +108,8 @@ def test_bad_retention_settings_refuse_to_start(tmp_path: Path) -> None:
         with pytest.raises(ConfigError):
             check_settings(cfg)
     with pytest.raises(ConfigError, match="retention_s must be a number"):
-        Config.load(None, env={"OMS_RETENTION_S": "soon"})
-    assert Config.load(None, env={"OMS_RETENTION_S": "0"}).retention_s == 0.0
+        load_config(None, env={"OMS_RETENTION_S": "soon"})
+    assert load_config(None, env={"OMS_RETENTION_S": "0"}).retention_s == 0.0
 
 
 def test_an_uncommitted_archive_tail_is_cut_and_a_stale_batch_refused(tmp_path: Path) -> None:
