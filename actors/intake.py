@@ -31,13 +31,15 @@ from oms.engine import new_order
 from oms.messages import Cancel, Operate, Start
 from oms.sharding import vshard_of
 from oms.states import OrderState
-from storage.store import CorruptRecord, Created, ListFilter, usable_order_id
+from storage.listing import ListFilter
+from storage.records import CorruptRecord, usable_order_id
+from storage.store import Created
 from oms.validation import validate_order
 
 logger = logging.getLogger(__name__)
 
 _STATES = {str(s) for s in OrderState}
-_CURSOR = re.compile(r"O[0-9]{12,40}")  # an order id, as storage.store.format_order_id makes
+_CURSOR = re.compile(r"O[0-9]{12,40}")  # an order id, as storage.records.format_order_id makes
 OPERATOR_ONLY = {"retry_step", "skip_step", "abort_order", "order_counts"}
 
 

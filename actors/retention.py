@@ -35,8 +35,9 @@ from storage import archive
 from oms.config import Config, ConfigError
 from actors.metrics import Metrics
 from oms.model import Order
-from storage.store import Store, ext_key, record_digest
+from storage.records import ext_key, record_digest
 
+from storage.store import Store
 logger = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 30.0

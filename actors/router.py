@@ -50,8 +50,9 @@ from oms.messages import DomainEvent
 from actors.metrics import Metrics
 from oms.model import Order
 from oms.states import OrderState
-from storage.store import CorruptRecord, Store
+from storage.records import CorruptRecord
 
+from storage.store import Store
 if TYPE_CHECKING:
     from pykka import ActorRef
 

@@ -40,8 +40,9 @@ from actors.metrics import Metrics, ServiceCollector
 from oms.model import Order
 from actors.settings import load_processes
 from oms.states import TERMINAL
-from storage.store import CorruptRecord, Store, event_key
+from storage.records import CorruptRecord, event_key
 
+from storage.store import Store
 logger = logging.getLogger(__name__)
 
 

@@ -42,7 +42,7 @@ from actors.publisher import topic_of
 from actors.security import is_operator_name
 from oms import codec, errors
 from oms.sharding import vshard_of, vshard_of_order_id
-from storage.store import ext_key
+from storage.records import ext_key
 
 logger = logging.getLogger("shards.front")
 

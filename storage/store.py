@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import logging
 import os
 import threading
@@ -52,13 +51,23 @@ import lmdb
 from oms import codec
 from oms.model import Order
 from oms.sharding import sharded_order_id
+from storage.listing import OrderListing
+from storage.records import (
+    SCAN_CHUNK,
+    CorruptRecord,
+    decode_order,
+    event_key,
+    ext_key,
+    format_order_id,
+    seek_after,
+    usable_order_id,
+)
+from storage.retention_index import RetentionIndex
 
 logger = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 DEFAULT_MAP_SIZE = 256 * MIB
-SCAN_CHUNK = 512  # records per read transaction in long scans
-LIST_BUDGET = 5_000  # records list_orders examines per call at most
 _DBS = ("orders", "ext", "active", "events", "inbox", "meta")
 _DBS += ("done", "arch", "expiry")  # retention's (see above)
 
@@ -77,14 +86,6 @@ class Fenced(StoreLocked):
 
 
 FENCED_EXIT = 75
-
-
-class CorruptRecord(ValueError):
-    """A record that cannot be decoded; carries its key."""
-
-    def __init__(self, key: bytes, why: str) -> None:
-        super().__init__(f"record {key!r} cannot be decoded: {why}")
-        self.key = key
 
 
 class _ReadGate:
@@ -141,34 +142,9 @@ class Created:
     order: Order | None = None
 
 
-MAX_ORDER_ID = 64  # longer ids are not ours (ours are 13 characters)
-
-
-def _hash(*parts: str) -> bytes:
-    return hashlib.blake2b("\x00".join(parts).encode(), digest_size=20).digest()
-
-
-def ext_key(source_system: str, external_id: str) -> bytes:
-    """Fixed size: LMDB keys are at most 511 bytes, ids up to 1,000 characters."""
-    return _hash(source_system, external_id)
-
-
-def event_key(order_id: str, system: str, event_id: str) -> bytes:
-    """Order id first (so an order's events sort together), then a hash."""
-    return order_id.encode() + b"\x00" + _hash(system, event_id)
-
-
-def usable_order_id(order_id: object) -> bool:
-    return isinstance(order_id, str) and 0 < len(order_id) <= MAX_ORDER_ID
-
-
-def format_order_id(seq: int) -> str:
-    """Order ids sort in acceptance order and are never reused."""
-    return f"O{seq:012d}"
-
-
-class Store:
-    """An open data folder."""
+class Store(OrderListing, RetentionIndex):
+    """An open data folder. Listing (``OrderListing``) and the retention
+    index (``RetentionIndex``) are its parts, in their own modules."""
 
     def __init__(self, path: str | Path, map_size: int = DEFAULT_MAP_SIZE,
                  sync: bool = True, max_map_size: int = 0, epoch: int = 0) -> None:
@@ -265,7 +241,7 @@ class Store:
             with self.read() as txn:
                 active = txn.cursor(db=self.db["active"])
                 orders = txn.cursor(db=self.db["orders"])
-                found = _seek_after(active, after)
+                found = seek_after(active, after)
                 while found and len(rows) < chunk:
                     key = active.key()
                     rows.append((key, orders.get(key)))
@@ -289,7 +265,7 @@ class Store:
         while True:
             with self.read() as txn:
                 cur = txn.cursor(db=self.db["inbox"])
-                found = _seek_after(cur, after)
+                found = seek_after(cur, after)
                 rows = []
                 while found and len(rows) < chunk:
                     rows.append((cur.key(), cur.value()))
@@ -299,58 +275,6 @@ class Store:
             if not found:
                 return
             after = rows[-1][0]
-
-    def list_orders(self, flt: ListFilter, limit: int, after: str | None,
-                    budget: int = LIST_BUDGET, chunk: int = SCAN_CHUNK
-                    ) -> tuple[list[Order], str | None]:
-        """Orders matching ``flt``, newest first, older than the cursor ``after``.
-
-        Bounded work: at most ``budget`` records are examined per call, read
-        in chunks of short read transactions (so a call never holds a read
-        slot for long). Returns the orders (at most ``limit``) and the cursor
-        to continue with: the last order id examined when more orders may
-        exist (the limit was reached or the budget spent), else None. A page
-        may hold fewer than ``limit`` orders, even none, and still have a
-        cursor. New orders get higher ids, so paging never repeats or skips
-        an order while orders are added."""
-        if flt.source_system is not None and flt.external_id is not None:
-            return self._list_one(flt, after), None
-        out: list[Order] = []
-        cursor = after.encode()[:MAX_ORDER_ID] if after is not None else None
-        examined, more = 0, True
-        while more and len(out) < limit and examined < budget:
-            rows = []
-            with self.read() as txn:
-                cur = txn.cursor(db=self.db["orders"])
-                found = _seek_before(cur, cursor)
-                while found and len(rows) < min(chunk, budget - examined):
-                    rows.append((cur.key(), cur.value()))
-                    found = cur.prev()
-            more = found
-            for n, (key, raw) in enumerate(rows):
-                examined += 1
-                cursor = key
-                order = _listed(key, raw, flt)
-                if order is not None:
-                    out.append(order)
-                    if len(out) == limit:
-                        more = more or n + 1 < len(rows)
-                        break
-        return out, (cursor.decode() if more and cursor is not None else None)
-
-    def _list_one(self, flt: ListFilter, after: str | None) -> list[Order]:
-        """source_system + external_id name at most one order: the index finds it."""
-        with self.read() as txn:
-            raw = txn.get(ext_key(flt.source_system or "", flt.external_id or ""),
-                          db=self.db["ext"])
-            if raw is None:
-                return []
-            order_id = codec.unpack(raw)[0]
-            if after is not None and order_id >= after:
-                return []
-            rec = txn.get(order_id.encode(), db=self.db["orders"])
-        order = None if rec is None else _listed(order_id.encode(), rec, flt)
-        return [] if order is None else [order]
 
     def stats(self) -> dict[str, int]:
         info, stat = self.env.info(), self.env.stat()
@@ -444,243 +368,6 @@ class Store:
         txn.put(key, codec.pack(event), db=self.db["inbox"])
         return "recorded"
 
-    # -- retention (actors.retention; writes in the store writer only) -------
-
-    def note_finished(self, txn: lmdb.Transaction, key: bytes, record: bytes,
-                      now: float | None = None) -> None:
-        """An order just finished: index it by finish time for retention."""
-        state = str(codec.unpack(record)["state"])
-        ms = int((time.time() if now is None else now) * 1000)
-        txn.put(_ts_key(ms, key), state.encode(), db=self.db["done"])
-        _bump(txn, self.db["meta"], b"live:" + state.encode(), 1)
-
-    def archived_state(self, txn: lmdb.Transaction, order_id: str) -> str:
-        marker = self.archive_marker(txn, order_id)
-        return marker[2] if marker else "acknowledged"
-
-    def archive_marker(self, txn: lmdb.Transaction, order_id: str) -> list[Any] | None:
-        """[day, member offset, state, finish ms, ext key] of an archived order
-        still inside the dedup window, else None."""
-        if not usable_order_id(order_id):
-            return None
-        raw = txn.get(order_id.encode(), db=self.db["arch"])
-        return None if raw is None else codec.unpack(raw)
-
-    def find_archived(self, order_id: str) -> list[Any] | None:
-        with self.read() as txn:
-            return self.archive_marker(txn, order_id)
-
-    def finished_before(self, cutoff: float, limit: int) -> list[tuple[bytes, bytes | None]]:
-        """Up to ``limit`` finished orders that finished before ``cutoff``,
-        oldest first: (done key, raw record or None if already gone)."""
-        out: list[tuple[bytes, bytes | None]] = []
-        end = _ts_key(int(cutoff * 1000), b"")
-        with self.read() as txn:
-            orders = txn.cursor(db=self.db["orders"])
-            cur = txn.cursor(db=self.db["done"])
-            found = cur.first()
-            while found and len(out) < limit:
-                key = cur.key()
-                if key >= end:
-                    break
-                out.append((key, orders.get(key[_TS_BYTES:])))
-                found = cur.next()
-        return out
-
-    def expired_before(self, cutoff: float, limit: int) -> list[bytes]:
-        """Up to ``limit`` expiry keys of archived orders finished before ``cutoff``."""
-        end = _ts_key(int(cutoff * 1000), b"")
-        with self.read() as txn:
-            out = []
-            for key in txn.cursor(db=self.db["expiry"]).iternext(values=False):
-                if key >= end or len(out) >= limit:
-                    break
-                out.append(key)
-        return out
-
-    def archive_lengths(self) -> dict[str, int]:
-        """Each archive file's committed length, by day."""
-        with self.read() as txn:
-            cur = txn.cursor(db=self.db["meta"])
-            out = {}
-            found = cur.set_range(b"arch:")
-            while found and cur.key().startswith(b"arch:"):
-                out[cur.key()[5:].decode()] = int(cur.value())
-                found = cur.next()
-        return out
-
-    def retire(self, txn: lmdb.Transaction, lengths: dict[str, tuple[int, int]],
-               orders: list[tuple[bytes, bytes, str, int, str, bytes]],
-               expired: list[bytes], backfill: tuple[Any, ...] = ()) -> int | str:
-        """Delete archived orders from the live store, in the writer's
-        transaction. ``lengths``: day -> (committed length the batch was
-        appended after, new length); if a file's committed length is not that
-        base any more (a batch from before a restart or a lost answer), the
-        batch is refused whole: "stale". ``orders``: (done key, record digest,
-        day, member offset, state, ext key). ``expired``: expiry keys whose
-        ``ext`` and ``arch`` entries go. ``backfill``: (since ms, next cursor,
-        [(done key, state)]) from ``backfill_scan``. Returns how many orders left."""
-        meta, db = self.db["meta"], self.db
-        for day, (base, _new) in lengths.items():
-            raw = txn.get(b"arch:" + day.encode(), db=meta)
-            if (int(raw) if raw else 0) != base:
-                return "stale"
-        moved = 0
-        for done_key, digest, day, offset, state, ext in orders:
-            key = done_key[_TS_BYTES:]
-            was = txn.get(done_key, db=db["done"])
-            if was is None:
-                continue  # already retired by an earlier batch
-            txn.delete(done_key, db=db["done"])
-            _bump(txn, meta, b"live:" + was, -1)
-            raw = txn.get(key, db=db["orders"])
-            if raw is None or not digest:
-                continue  # a stray index entry: the order left already
-            if record_digest(raw) != digest:
-                logger.error("order %s changed after it finished; the archive holds the "
-                             "version read at its sweep", key.decode(),
-                             extra={"order_id": key.decode()})
-            txn.delete(key, db=db["orders"])
-            txn.delete(key, db=db["active"])
-            for name in ("events", "inbox"):
-                _delete_prefix(txn.cursor(db=db[name]), key + b"\x00")
-            ms = _ts_of(done_key)
-            txn.put(key, codec.pack([day, offset, state, ms, ext]), db=db["arch"])
-            txn.put(_ts_key(ms, key), b"", db=db["expiry"])
-            moved += 1
-        for day, (_base, new) in lengths.items():
-            txn.put(b"arch:" + day.encode(), str(new).encode(), db=meta)
-        if moved:
-            _bump(txn, meta, b"archived", moved)
-        if backfill:
-            since, cursor, found = backfill
-            if txn.get(b"backfill_since", db=meta) is None:
-                txn.put(b"backfill_since", str(since).encode(), db=meta)
-            for done_key, state in found:
-                if txn.put(done_key, state.encode(), db=db["done"], overwrite=False):
-                    _bump(txn, meta, b"live:" + state.encode(), 1)
-            txn.put(b"backfill_at", cursor, db=meta)
-        for exp in expired:
-            key = exp[_TS_BYTES:]
-            raw = txn.get(key, db=db["arch"])
-            if raw is not None:
-                ext = codec.unpack(raw)[4]
-                entry = txn.get(ext, db=db["ext"]) if ext else None
-                if entry is not None and codec.unpack(entry)[0] == key.decode():
-                    txn.delete(ext, db=db["ext"])
-                txn.delete(key, db=db["arch"])
-            txn.delete(exp, db=db["expiry"])
-        return moved
-
-    def backfill_scan(self, since_ms: int, limit: int) -> tuple[Any, ...]:
-        """Orders that finished before the finish-time index existed (before
-        ``since_ms``, the first start with retention) have no ``done``
-        entry: find up to ``limit`` records' worth of them, from where the
-        last scan stopped. () when the scan is over (or was never needed)."""
-        with self.read() as txn:
-            meta = self.db["meta"]
-            at = txn.get(b"backfill_at", db=meta)
-            if at == b"\xff":
-                return ()
-            stored = txn.get(b"backfill_since", db=meta)
-            since = int(stored) if stored else since_ms
-            cur = txn.cursor(db=self.db["orders"])
-            found_any = cur.set_range(at + b"\x00") if at else cur.first()
-            found: list[tuple[bytes, str]] = []
-            scanned, last = 0, at or b""
-            while found_any and scanned < limit:
-                key, raw = cur.item()
-                scanned, last = scanned + 1, key
-                if txn.get(key, db=self.db["active"]) is None:
-                    try:
-                        rec = codec.unpack(raw)
-                        ms, state = int(float(rec["uts"]) * 1000), str(rec["state"])
-                    except Exception:  # archived raw by the sweep, with why
-                        ms, state = 0, "unreadable"
-                    if ms < since:
-                        found.append((_ts_key(ms, key), state))
-                found_any = cur.next()
-            return (since, last if found_any else b"\xff", found)
-
-    def retention_stats(self, now: float | None = None) -> dict[str, Any]:
-        """Read at scrape time: finished orders still live by state, the age
-        of the oldest, orders archived, and the data file's size."""
-        with self.read() as txn:
-            cur = txn.cursor(db=self.db["done"])
-            oldest = _ts_of(cur.key()) / 1000 if cur.first() else None
-            meta = txn.cursor(db=self.db["meta"])
-            live: dict[str, int] = {}
-            found = meta.set_range(b"live:")
-            while found and meta.key().startswith(b"live:"):
-                live[meta.key()[5:].decode()] = int(meta.value())
-                found = meta.next()
-            archived = int(txn.get(b"archived", db=self.db["meta"]) or 0)
-            in_window = txn.stat(self.db["arch"])["entries"]
-        try:
-            size = (self.path / "data.mdb").stat().st_size
-        except OSError:
-            size = 0
-        now = time.time() if now is None else now
-        return {"finished_live": live, "archived_total": archived,
-                "archived_in_window": in_window, "file_bytes": size,
-                "oldest_finished_age_s": max(0.0, now - oldest) if oldest else 0.0}
-
-@dataclass(frozen=True, slots=True)
-class ListFilter:
-    """What ``list_orders`` keeps; None matches anything."""
-
-    state: str | None = None
-    reason: str | None = None
-    source_system: str | None = None
-    customer_id: str | None = None
-    external_id: str | None = None
-    created_before: float | None = None
-
-    def matches(self, rec: dict[str, Any]) -> bool:
-        """On the raw record, so only matches are decoded into an Order."""
-        cust = rec.get("cust")
-        return ((self.state is None or rec.get("state") == self.state)
-                and (self.reason is None or rec.get("reason") == self.reason)
-                and (self.source_system is None or rec.get("src") == self.source_system)
-                and (self.external_id is None or rec.get("ext") == self.external_id)
-                and (self.customer_id is None
-                     or (isinstance(cust, dict) and cust.get("id") == self.customer_id))
-                and (self.created_before is None or (
-                    isinstance(rec.get("cts"), int | float)
-                    and rec["cts"] <= self.created_before)))
-
-
-def _listed(key: bytes, raw: bytes, flt: ListFilter) -> Order | None:
-    """The order if its record matches; an unreadable record is logged, skipped."""
-    try:
-        rec = codec.unpack(raw)
-        if not isinstance(rec, dict) or not flt.matches(rec):
-            return None
-        return Order.from_record(rec)
-    except Exception as exc:  # any decoding problem is reported with its key
-        logger.error("list_orders skips record %r: %s: %s", key, type(exc).__name__, exc)
-        return None
-
-
-def _seek_before(cur: lmdb.Cursor, before: bytes | None) -> bool:
-    """Put the cursor on the last key before ``before`` (the last key if None)."""
-    if before is None:
-        return cur.last()
-    if cur.set_range(before):
-        return cur.prev()
-    return cur.last()
-
-
-def _seek_after(cur: lmdb.Cursor, after: bytes | None) -> bool:
-    """Put the cursor on the first key after ``after`` (the first key if None)."""
-    if after is None:
-        return cur.first()
-    found = cur.set_range(after)
-    if found and cur.key() == after:
-        found = cur.next()
-    return found
-
-
 def opening_map_size(path: Path, map_size: int, max_map_size: int = 0) -> int:
     """The map size to open with: the data file's size plus ``map_size`` of
     headroom (LMDB would otherwise reopen a store bigger than ``map_size`` at
@@ -695,35 +382,3 @@ def opening_map_size(path: Path, map_size: int, max_map_size: int = 0) -> int:
     return -(-want // MIB) * MIB
 
 
-def decode_order(key: bytes, raw: bytes) -> Order:
-    try:
-        return Order.from_record(codec.unpack(raw))
-    except Exception as exc:  # any decoding problem is reported with its key
-        raise CorruptRecord(key, f"{type(exc).__name__}: {exc}") from None
-
-
-_TS_BYTES = 8
-
-
-def _ts_key(ms: int, key: bytes) -> bytes:
-    """A time-ordered index key: milliseconds (8 bytes big-endian), then the order id."""
-    return max(0, ms).to_bytes(_TS_BYTES, "big") + key
-
-
-def _ts_of(key: bytes) -> int:
-    return int.from_bytes(key[:_TS_BYTES], "big")
-
-
-def record_digest(raw: bytes) -> bytes:
-    return hashlib.blake2b(raw, digest_size=16).digest()
-
-
-def _bump(txn: lmdb.Transaction, db: Any, key: bytes, by: int) -> None:
-    raw = txn.get(key, db=db)
-    txn.put(key, str((int(raw) if raw else 0) + by).encode(), db=db)
-
-
-def _delete_prefix(cur: lmdb.Cursor, prefix: bytes) -> None:
-    found = cur.set_range(prefix)
-    while found and cur.key().startswith(prefix):
-        found = cur.delete()

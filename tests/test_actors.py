@@ -277,7 +277,7 @@ def test_second_store_on_same_folder_is_refused(store: Store) -> None:
 
 
 def test_corrupt_record_is_reported_with_its_key(store: Store) -> None:
-    from storage.store import CorruptRecord
+    from storage.records import CorruptRecord
 
     with store.write() as txn:
         txn.put(b"O000000000009", b"\xc1garbage", db=store.db["orders"])

@@ -28,7 +28,8 @@ from oms.model import Order
 from actors.settings import load_processes
 from oms.process import ProcessDef
 from oms.sample import telecom
-from storage.store import MIB, Store, ext_key, format_order_id
+from storage.records import ext_key, format_order_id
+from storage.store import MIB, Store
 from test_operations import no_restock  # noqa: F401
 
 pytestmark = pytest.mark.slow
