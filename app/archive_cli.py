@@ -62,7 +62,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
                 if args.json:
                     print(json.dumps(dict(rec, file=str(path)), default=repr))
                 else:
-                    from app.cli import render_order
+                    from app.orders_cli import render_order
 
                     print(f"archived in {path.name}, finished "
                           f"{_when(rec['finished_ts'])}, archived {_when(rec['archived_ts'])}")

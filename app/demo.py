@@ -183,7 +183,7 @@ def _summary(client: Client, cfg: Config, ids: list[str], finished: dict[str, st
               f"{len(report.get('applied_twice', []))}")
     sample = next((i for i in ids if views.get(i, {}).get("state") == "completed"), None)
     if sample:
-        from app.cli import render_order
+        from app.orders_cli import render_order
 
         print("\none of them, as `oms status` shows it:\n")
         print("  " + render_order(views[sample]).replace("\n", "\n  "))

@@ -234,7 +234,7 @@ def _age(seconds: float) -> str:
 
 
 def cmd_order(args: argparse.Namespace) -> int:
-    from app.cli import render_order
+    from app.orders_cli import render_order
 
     if args.action in ("show", "cancel"):
         ref = order_ref(args)

@@ -245,7 +245,7 @@ def test_simulate_refuses_bad_flag_values_in_one_line() -> None:
 
 
 def test_the_fallout_block_is_rendered_when_the_service_sends_it() -> None:
-    from app.cli import render_order
+    from app.orders_cli import render_order
 
     view = {"order_id": "O000000000007", "source_system": "web", "external_id": "e",
             "order_type": "retail", "state": "held", "state_reason": "fallout",

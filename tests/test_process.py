@@ -82,7 +82,7 @@ def test_unknown_step_in_after_is_reported_without_a_spurious_cycle() -> None:
 
 
 def test_show_says_when_a_wait_has_no_time_limit() -> None:
-    from app.cli import render_process
+    from app.processes_cli import render_process
 
     text = render_process(builtin_processes()["retail"])
     assert "[await_delivery] wait for event shipment_delivered" in text
