@@ -174,8 +174,8 @@ def cmd_ray(args: argparse.Namespace) -> int:
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
-    from storage.store import StoreLocked
     from shards import reshard
+    from storage.store import StoreLocked
 
     try:
         out = (reshard.show(args.data) if args.action == "show"

@@ -38,7 +38,7 @@ class OrderListing(StoreView):
         cursor = after.encode()[:MAX_ORDER_ID] if after is not None else None
         examined, more = 0, True
         while more and len(out) < limit and examined < budget:
-            rows = []
+            rows: list[tuple[bytes, bytes]] = []
             with self.read() as txn:
                 cur = txn.cursor(db=self.db["orders"])
                 found = seek_before(cur, cursor)
@@ -104,6 +104,6 @@ def _listed(key: bytes, raw: bytes, flt: ListFilter) -> Order | None:
         if not isinstance(rec, dict) or not flt.matches(rec):
             return None
         return Order.from_record(rec)
-    except Exception as exc:  # any decoding problem is reported with its key
+    except Exception as exc:  # noqa: BLE001 - any decoding problem is reported with its key
         logger.error("list_orders skips record %r: %s: %s", key, type(exc).__name__, exc)
         return None

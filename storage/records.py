@@ -24,7 +24,7 @@ class StoreView:
     path: Path
     db: dict[str, Any]
 
-    def read(self) -> AbstractContextManager[lmdb.Transaction]:
+    def read(self) -> AbstractContextManager[lmdb.Transaction[bytes]]:
         raise NotImplementedError
 
 
@@ -65,7 +65,7 @@ def format_order_id(seq: int) -> str:
 def decode_order(key: bytes, raw: bytes) -> Order:
     try:
         return Order.from_record(codec.unpack(raw))
-    except Exception as exc:  # any decoding problem is reported with its key
+    except Exception as exc:  # noqa: BLE001 - any decoding problem is reported with its key
         raise CorruptRecord(key, f"{type(exc).__name__}: {exc}") from None
 
 
@@ -85,18 +85,18 @@ def record_digest(raw: bytes) -> bytes:
     return hashlib.blake2b(raw, digest_size=16).digest()
 
 
-def bump(txn: lmdb.Transaction, db: Any, key: bytes, by: int) -> None:
+def bump(txn: lmdb.Transaction[bytes], db: Any, key: bytes, by: int) -> None:
     raw = txn.get(key, db=db)
     txn.put(key, str((int(raw) if raw else 0) + by).encode(), db=db)
 
 
-def delete_prefix(cur: lmdb.Cursor, prefix: bytes) -> None:
+def delete_prefix(cur: lmdb.Cursor[bytes], prefix: bytes) -> None:
     found = cur.set_range(prefix)
     while found and cur.key().startswith(prefix):
         found = cur.delete()
 
 
-def seek_before(cur: lmdb.Cursor, before: bytes | None) -> bool:
+def seek_before(cur: lmdb.Cursor[bytes], before: bytes | None) -> bool:
     """Put the cursor on the last key before ``before`` (the last key if None)."""
     if before is None:
         return cur.last()
@@ -105,7 +105,7 @@ def seek_before(cur: lmdb.Cursor, before: bytes | None) -> bool:
     return cur.last()
 
 
-def seek_after(cur: lmdb.Cursor, after: bytes | None) -> bool:
+def seek_after(cur: lmdb.Cursor[bytes], after: bytes | None) -> bool:
     """Put the cursor on the first key after ``after`` (the first key if None)."""
     if after is None:
         return cur.first()

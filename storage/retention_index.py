@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 class RetentionIndex(StoreView):
     """Finished orders by finish time, archived orders' markers."""
 
-    def note_finished(self, txn: lmdb.Transaction, key: bytes, record: bytes,
+    def note_finished(self, txn: lmdb.Transaction[bytes], key: bytes, record: bytes,
                       now: float | None = None) -> None:
         """An order just finished: index it by finish time for retention."""
         state = str(codec.unpack(record)["state"])
@@ -36,11 +36,11 @@ class RetentionIndex(StoreView):
         txn.put(ts_key(ms, key), state.encode(), db=self.db["done"])
         bump(txn, self.db["meta"], b"live:" + state.encode(), 1)
 
-    def archived_state(self, txn: lmdb.Transaction, order_id: str) -> str:
+    def archived_state(self, txn: lmdb.Transaction[bytes], order_id: str) -> str:
         marker = self.archive_marker(txn, order_id)
         return marker[2] if marker else "acknowledged"
 
-    def archive_marker(self, txn: lmdb.Transaction, order_id: str) -> list[Any] | None:
+    def archive_marker(self, txn: lmdb.Transaction[bytes], order_id: str) -> list[Any] | None:
         """[day, member offset, state, finish ms, ext key] of an archived order
         still inside the dedup window, else None."""
         if not usable_order_id(order_id):
@@ -73,7 +73,7 @@ class RetentionIndex(StoreView):
         """Up to ``limit`` expiry keys of archived orders finished before ``cutoff``."""
         end = ts_key(int(cutoff * 1000), b"")
         with self.read() as txn:
-            out = []
+            out: list[bytes] = []
             for key in txn.cursor(db=self.db["expiry"]).iternext(values=False):
                 if key >= end or len(out) >= limit:
                     break
@@ -91,7 +91,7 @@ class RetentionIndex(StoreView):
                 found = cur.next()
         return out
 
-    def retire(self, txn: lmdb.Transaction, lengths: dict[str, tuple[int, int]],
+    def retire(self, txn: lmdb.Transaction[bytes], lengths: dict[str, tuple[int, int]],
                orders: list[tuple[bytes, bytes, str, int, str, bytes]],
                expired: list[bytes], backfill: tuple[Any, ...] = ()) -> int | str:
         """Delete archived orders from the live store, in the writer's
@@ -177,7 +177,7 @@ class RetentionIndex(StoreView):
                     try:
                         rec = codec.unpack(raw)
                         ms, state = int(float(rec["uts"]) * 1000), str(rec["state"])
-                    except Exception:  # archived raw by the sweep, with why
+                    except Exception:  # noqa: BLE001 - archived raw by the sweep, with why
                         ms, state = 0, "unreadable"
                     if ms < since:
                         found.append((ts_key(ms, key), state))

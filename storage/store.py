@@ -68,7 +68,7 @@ logger = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 DEFAULT_MAP_SIZE = 256 * MIB
-_DBS = ("orders", "ext", "active", "events", "inbox", "meta")
+_DBS: tuple[str, ...] = ("orders", "ext", "active", "events", "inbox", "meta")
 _DBS += ("done", "arch", "expiry")  # retention's (see above)
 
 
@@ -201,11 +201,11 @@ class Store(OrderListing, RetentionIndex):
     # -- reading (any thread) ----------------------------------------------
 
     @contextlib.contextmanager
-    def read(self) -> Iterator[lmdb.Transaction]:
+    def read(self) -> Iterator[lmdb.Transaction[bytes]]:
         with self.gate.shared(), self.env.begin(buffers=False) as txn:
             yield txn
 
-    def load(self, txn: lmdb.Transaction, order_id: str) -> Order | None:
+    def load(self, txn: lmdb.Transaction[bytes], order_id: str) -> Order | None:
         if not usable_order_id(order_id):
             return None
         raw = txn.get(order_id.encode(), db=self.db["orders"])
@@ -220,7 +220,7 @@ class Store(OrderListing, RetentionIndex):
             raw = txn.get(ext_key(source_system, external_id), db=self.db["ext"])
         return None if raw is None else codec.unpack(raw)[0]
 
-    def is_active(self, txn: lmdb.Transaction, order_id: str) -> bool:
+    def is_active(self, txn: lmdb.Transaction[bytes], order_id: str) -> bool:
         return usable_order_id(order_id) and txn.get(order_id.encode(),
                                                      db=self.db["active"]) is not None
 
@@ -252,7 +252,7 @@ class Store(OrderListing, RetentionIndex):
                     continue
                 try:
                     yield key, codec.unpack(raw)
-                except Exception as exc:  # any decoding problem is reported with its key
+                except Exception as exc:  # noqa: BLE001 - any decoding problem is reported with its key
                     yield key, CorruptRecord(key, f"{type(exc).__name__}: {exc}")
             if not found:
                 return
@@ -266,7 +266,7 @@ class Store(OrderListing, RetentionIndex):
             with self.read() as txn:
                 cur = txn.cursor(db=self.db["inbox"])
                 found = seek_after(cur, after)
-                rows = []
+                rows: list[tuple[bytes, bytes]] = []
                 while found and len(rows) < chunk:
                     rows.append((cur.key(), cur.value()))
                     found = cur.next()
@@ -283,7 +283,7 @@ class Store(OrderListing, RetentionIndex):
 
     # -- writing (the store writer only) -----------------------------------
 
-    def write(self) -> lmdb.Transaction:
+    def write(self) -> lmdb.Transaction[bytes]:
         txn = self.env.begin(write=True)
         if self.epoch and int(txn.get(b"epoch", b"0", db=self.db["meta"])) > self.epoch:
             txn.abort()  # a newer copy runs on this data: never write, go down loudly
@@ -308,12 +308,12 @@ class Store(OrderListing, RetentionIndex):
         logger.warning("store map grown to %d MiB", new // (1024 * 1024))
         return new
 
-    def probe(self, txn: lmdb.Transaction) -> None:
+    def probe(self, txn: lmdb.Transaction[bytes]) -> None:
         """A small real write (an empty commit writes nothing), to learn
         whether the store can write again."""
         txn.put(b"probe", str(time.time()).encode(), db=self.db["meta"])
 
-    def next_order_id(self, txn: lmdb.Transaction, vshard: int | None = None) -> str:
+    def next_order_id(self, txn: lmdb.Transaction[bytes], vshard: int | None = None) -> str:
         """The next id; a shard (``vshard`` given) ends it with the virtual
         shard (``oms.sharding``, docs/scaling.md)."""
         raw = txn.get(b"seq", db=self.db["meta"])
@@ -321,7 +321,7 @@ class Store(OrderListing, RetentionIndex):
         txn.put(b"seq", str(seq).encode(), db=self.db["meta"])
         return format_order_id(seq) if vshard is None else sharded_order_id(seq, vshard)
 
-    def create_order(self, txn: lmdb.Transaction, source_system: str, external_id: str,
+    def create_order(self, txn: lmdb.Transaction[bytes], source_system: str, external_id: str,
                      digest: bytes, build: Any, vshard: int | None = None) -> Created:
         """Idempotent create: ``build(order_id)`` makes the order if it is new."""
         key = ext_key(source_system, external_id)
@@ -339,7 +339,7 @@ class Store(OrderListing, RetentionIndex):
         self.put_order(txn, order_id, codec.pack(order.to_record()), active=True)
         return Created("accepted", order_id, str(order.state), order)
 
-    def put_order(self, txn: lmdb.Transaction, order_id: str, record: bytes,
+    def put_order(self, txn: lmdb.Transaction[bytes], order_id: str, record: bytes,
                   active: bool, consumed: tuple[bytes, ...] = ()) -> None:
         key = order_id.encode()
         if not active and txn.get(key, db=self.db["arch"]) is not None:
@@ -352,7 +352,7 @@ class Store(OrderListing, RetentionIndex):
         for ev in consumed:
             txn.delete(ev, db=self.db["inbox"])
 
-    def record_event(self, txn: lmdb.Transaction, order_id: str, system: str,
+    def record_event(self, txn: lmdb.Transaction[bytes], order_id: str, system: str,
                      event_id: str, event: dict[str, Any]) -> str:
         """Record a domain event once: "recorded", "duplicate" or "unknown_order"."""
         if not usable_order_id(order_id):

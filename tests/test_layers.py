@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,7 +133,7 @@ def test_no_import_cycle_between_packages() -> None:
     """Rule (b)."""
     graph = package_graph()
     problems = [" -> ".join(cycle) + ": rule (b), an import cycle between packages ("
-                + ", ".join(f"{a} at {graph[a][b]}" for a, b in zip(cycle, cycle[1:]))
+                + ", ".join(f"{a} at {graph[a][b]}" for a, b in pairwise(cycle))
                 + ")" for cycle in cycles(graph)]
     assert not problems, "\n".join(problems)
 
