@@ -159,8 +159,14 @@ def _rate(spec: str, flag: str, op: str, rate: str) -> float:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from actors.security import generate
+    from actors.security import OPERATOR, generate, is_operator_name
 
+    for name in args.names:  # a near miss would silently be a channel, not an operator
+        if name.lower().startswith(OPERATOR) and not is_operator_name(name):
+            print(f"note: {name!r} is not an operator identity (those are exactly "
+                  f"'{OPERATOR}' or '{OPERATOR}-<who>'); with this key a client is the "
+                  f"channel {name!r} and may act on that source_system's orders only",
+                  file=sys.stderr)
     for path in generate(args.out, args.names):
         print(path)
     return 0

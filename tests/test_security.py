@@ -66,6 +66,16 @@ def test_keys_generate_writes_pairs_with_private_secrets(tmp_path: Path) -> None
         assert oct(os.stat(tmp_path / f"{name}.key_secret").st_mode & 0o777) == "0o600"
 
 
+def test_keys_generate_names_a_near_miss_operator_name(tmp_path: Path, capsys: Any) -> None:
+    assert main(["keys", "generate", "--out", str(tmp_path), "operators-portal", "Operator",
+                 "operator-ann", "operator"]) == 0
+    err = capsys.readouterr().err
+    assert "'operators-portal' is not an operator identity" in err
+    assert "'Operator' is not an operator identity" in err
+    assert "'operator-ann'" not in err and "'operator' is not" not in err
+    assert (tmp_path / "operators-portal.key").exists()  # still written: it is a valid channel
+
+
 def test_allowed_channel_works_on_its_own_orders_only(secure: Any, eps: Any,
                                                       keys: Path) -> None:
     with Client(eps.intake, curve=opts(keys, "web")) as web, \
