@@ -15,6 +15,7 @@ collaborators that carry them out (its ``OrderContext``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
@@ -188,10 +189,8 @@ def _sequence(fx: Sequence, origin: Origin | None, _outcome: Any) -> None:
 
 
 def _tell(fx: Tell, _origin: Origin | None, _outcome: Any) -> None:
-    try:
+    with contextlib.suppress(pykka.ActorDeadError):
         fx.ref.tell(fx.message)
-    except pykka.ActorDeadError:
-        pass
 
 
 def _revive(fx: Revive, _origin: Origin | None, _outcome: Any) -> None:

@@ -44,7 +44,7 @@ from actors.throttle import LogThrottle
 from oms import codec
 from oms.config import ConfigError
 from oms.edge import check_number
-from oms.metrics import Metrics
+from actors.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 

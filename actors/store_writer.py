@@ -38,8 +38,8 @@ import lmdb
 from actors import effects
 from actors.effects import Origin
 from actors.loop import LoopActor, burst
-from oms.metrics import Metrics
-from oms.store import Created, Store, StoreFull
+from actors.metrics import Metrics
+from storage.store import Created, Store, StoreFull
 
 logger = logging.getLogger(__name__)
 

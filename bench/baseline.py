@@ -37,7 +37,7 @@ import zmq
 
 from actors.loop import open_socket
 from oms import codec
-from oms.runtime import tune_gc
+from actors.runtime import tune_gc
 
 FLOW = [("warehouse", "reserve_stock"), ("billing", "create_invoice"),
         ("billing", "capture_payment"), ("shipping", "create_shipment")]

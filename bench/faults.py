@@ -53,7 +53,7 @@ from bench.cli import summarize
 from bench.harness import Harness, Proc, ProcessDied
 from bench.load import ASK, LoadGen, Progress, Run
 from oms import codec
-from oms.client import Client
+from gateways.client import Client
 from oms.states import TERMINAL
 
 RESUBMIT_S = 3.0  # no reply to a submit for this long: resubmit it (same external_id)

@@ -58,7 +58,7 @@ def cmd_console(args: argparse.Namespace) -> int:
     from actors.security import SecurityError, client_options
     from console.auth import CredentialsError, load_users
     from console.backend import Backend, EventFeed
-    from oms.config import Config
+    from actors.settings import load_config
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -66,7 +66,7 @@ def cmd_console(args: argparse.Namespace) -> int:
         print("oms console: --port 0..65535, --threads >= 8, --timeout 0..60 s",
               file=sys.stderr)
         return 2
-    cfg = Config.load(None, intake=args.intake, events=args.events)
+    cfg = load_config(None, intake=args.intake, events=args.events)
     curve = None
     try:
         if args.curve_key or args.service_key:

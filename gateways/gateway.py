@@ -27,7 +27,7 @@ from gateways.breaker import OPEN, Breaker
 from oms import codec, edge
 from oms.errors import CIRCUIT_OPEN, INVALID_REPLY, TIMEOUT, UNAVAILABLE, DomainError
 from oms.messages import CommandResult, Send
-from oms.metrics import Metrics
+from actors.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 

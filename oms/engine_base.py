@@ -186,13 +186,16 @@ class TurnBase:
              timeout: float) -> None:
         self.effects.append(Send(system, command_id, op, args, timeout))
 
-    def retry_later(self, step: Step, res: CommandResult, policy: RetryPolicy, command_id: str,
-                    kind: str, ref: Any) -> bool:
+    def retry_later(self, step: Step, res: CommandResult, policy: RetryPolicy, kind: str,
+                    ref: Any) -> bool:
         """Arm a retry timer if the error allows one; False: failed for good.
 
         ``circuit_open`` (the gateway's breaker) waits for its ``retry_after``
         and costs no attempt: an outage of a domain system makes orders wait.
+        The jitter is derived from the command's id (``res.command_id``, the
+        id ``find`` matched to this step, undo or note).
         """
+        command_id = res.command_id
         error = res.error or DomainError("unknown", "no error given", False)
         attr = "comp_attempts" if kind == "comp" else "attempts"
         attempt = getattr(step, attr)

@@ -44,7 +44,6 @@ class NoteMixin(TurnBase):
             note.result, note.applied = res.data or {}, True
             self.set_status(note, StepStatus.DONE)
             return
-        if self.retry_later(note, res, policy, f"{self.order.order_id}:notify:{idx}", "note",
-                            idx):
+        if self.retry_later(note, res, policy, "note", idx):
             return
         self.set_status(note, StepStatus.FAILED)

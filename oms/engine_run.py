@@ -105,21 +105,25 @@ class RunMixin(TurnBase):
                 self.begin()
                 return
         for step in order.steps.values():
-            if step.wait is not None and step.retry_at is not None:
-                self.emit(Timer(step.retry_at, ("wait", step.key, 0)))
-            if step.status == StepStatus.RUNNING and step.wait is None:
-                if not self.rearm(step, ("retry", step.key, step.attempts)):
-                    self.send_step(step)
-            if step.comp == Undo.RUNNING and not self.defined(step):
-                self.orphan_undo(step)
-            elif step.comp == Undo.RUNNING:
-                if not self.rearm(step, ("comp", step.key, step.comp_attempts)):
-                    self.send_comp(step)
+            self.resume_step(step)
         self.rearm_jeopardy()
         for idx, note in enumerate(order.notes):
-            if note.status == StepStatus.RUNNING:
-                if not self.rearm(note, ("note", idx, note.attempts)):
-                    self.send_note(note, idx)
+            if note.status == StepStatus.RUNNING and not self.rearm(
+                    note, ("note", idx, note.attempts)):
+                self.send_note(note, idx)
+
+    def resume_step(self, step: Step) -> None:
+        """Its wait deadline, its command or its undo, from the snapshot."""
+        if step.wait is not None and step.retry_at is not None:
+            self.emit(Timer(step.retry_at, ("wait", step.key, 0)))
+        if (step.status == StepStatus.RUNNING and step.wait is None
+                and not self.rearm(step, ("retry", step.key, step.attempts))):
+            self.send_step(step)
+        if step.comp == Undo.RUNNING and not self.defined(step):
+            self.orphan_undo(step)
+        elif step.comp == Undo.RUNNING and not self.rearm(
+                step, ("comp", step.key, step.comp_attempts)):
+            self.send_comp(step)
 
     def rearm(self, step: Step, token: tuple[Any, ...]) -> bool:
         """Re-arm a back-off timer; False: no back-off, send again now."""
@@ -147,6 +151,14 @@ class RunMixin(TurnBase):
             if step.status is pending or step.status is failed:
                 self.hold_orphan(step)  # oms.orphans
                 return
+        self.launch_ready(plan)
+        if order.phase == Phase.RUN and self.all_settled(plan.steps):
+            self.complete()
+
+    def launch_ready(self, plan: StepPlan) -> None:
+        """Launch the pending steps whose dependencies are settled, in
+        definition order."""
+        pending = StepStatus.PENDING
         for sdef, group, deps in plan.launch:
             for step in group:
                 if step.status is pending:
@@ -158,10 +170,6 @@ class RunMixin(TurnBase):
             for step in group:
                 if step.status is pending:
                     self.launch(step, sdef)
-        if order.phase != Phase.RUN:
-            return
-        if self.all_settled(plan.steps):
-            self.complete()
 
     def step_plan(self) -> StepPlan:
         """The order's ``StepPlan`` under this engine (kept on the order)."""
@@ -271,8 +279,7 @@ class RunMixin(TurnBase):
         if res.ok:
             self.applied(step, res.data or {})
         else:
-            if self.retry_later(step, res, sdef.retry, self.command_id(step), "retry",
-                                step.key):
+            if self.retry_later(step, res, sdef.retry, "retry", step.key):
                 return
             self.set_status(step, StepStatus.FAILED)
             self.step_failed(step)

@@ -102,8 +102,7 @@ class UndoMixin(TurnBase):
             self.set_status(step, StepStatus.COMPENSATED)
             self.compensate_next()
             return
-        if self.retry_later(step, res, policy, f"{self.command_id(step)}:undo", "comp",
-                            step.key):
+        if self.retry_later(step, res, policy, "comp", step.key):
             return
         set_undo(step, Undo.FAILED)
         self.order.failure = {"step": step.key, "error": step.error, "compensation": True}

@@ -21,7 +21,7 @@ import msgpack
 
 from oms.config import ConfigError
 from oms.sharding import vshard_of_order_id
-from oms.store import Store
+from storage.store import Store
 from shards import manifest as mf
 
 

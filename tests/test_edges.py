@@ -28,10 +28,10 @@ from actors.throttle import LogThrottle
 from gateways.breaker import Breaker
 from gateways.gateway import Gateway
 from oms import codec, edge
-from oms.client import Client, wait_terminal
+from gateways.client import Client, wait_terminal
 from oms.config import ConfigError
 from oms.messages import CommandResult, Send
-from oms.metrics import Metrics
+from actors.metrics import Metrics
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:

@@ -9,7 +9,8 @@ from helpers import Driver, normalized, ok_domain, retail_order
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from oms.engine import Engine, new_order
+from app.service import _needs_resume
+from oms.engine import Engine, Turning, new_order
 from oms.errors import DomainError
 from oms.messages import (
     Cancel,
@@ -22,8 +23,10 @@ from oms.messages import (
     Timer,
     TimerFired,
 )
+from oms.outstanding import REPLY, TIMER, awaiting_reply, command_out, outstanding
 from oms.process import builtin_processes, parse_process
 from oms.states import OrderState, StepStatus
+from oms.templates import FACTS, Template, compile_template, order_facts, resolve
 
 PROCS = builtin_processes()
 RETAIL, TELECOM = PROCS["retail"], PROCS["telecom"]
@@ -545,9 +548,6 @@ def test_no_retry_or_skip_while_an_abort_is_compensating() -> None:
 def _asked(order: Any) -> dict[str, bool]:
     """What each place that asks gets: the engine before it undoes, the
     actor before it leaves memory, ``Order.finished``, recovery."""
-    from actors.service import _needs_resume
-    from oms.engine import Turning
-    from oms.outstanding import awaiting_reply, outstanding
 
     asked = {"in_flight": Turning(Engine(RETAIL), order, 0.0).in_flight(),
              "awaiting_reply": awaiting_reply(order), "finished": order.finished,
@@ -562,7 +562,6 @@ def _asked(order: Any) -> dict[str, bool]:
 
 
 def test_outstanding_commands_are_decided_in_one_function() -> None:
-    from oms.outstanding import REPLY, TIMER, command_out
 
     assert command_out("running", None, None, None) == (True, REPLY)  # at a gateway
     assert command_out("running", None, 5.0, None) == (True, TIMER)  # backing off
@@ -677,7 +676,6 @@ _values = st.recursive(st.one_of(st.integers(), st.text(max_size=4), st.none()),
 @given(template=_templates, scopes=st.dictionaries(_names, _values, max_size=6))
 def test_a_parsed_template_fills_exactly_as_resolve_does(template: Any,
                                                          scopes: dict[str, Any]) -> None:
-    from oms.templates import Template, compile_template, resolve
 
     assert compile_template(template)(scopes) == resolve(template, scopes)
     parsed = Template(template)
@@ -685,7 +683,6 @@ def test_a_parsed_template_fills_exactly_as_resolve_does(template: Any,
 
 
 def test_only_the_facts_a_template_names_are_built_and_they_are_the_full_facts() -> None:
-    from oms.templates import FACTS, Template, order_facts
 
     order = new_order("o-1", normalized(retail_order()), RETAIL, 1.0)
     full = order_facts(order)

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from actors.timers import TimerService
 from oms.engine import Engine
 from oms.messages import TimerFired, Turn
-from oms.metrics import Metrics
+from actors.metrics import Metrics
 from test_operations import no_restock  # noqa: F401
 
 
@@ -149,7 +149,7 @@ def test_a_warning_when_listening_beyond_loopback_without_curve(
 
     from conftest import free_port
 
-    with caplog.at_level(logging.WARNING, logger="actors.service"):
+    with caplog.at_level(logging.WARNING, logger="app.service"):
         make_service(intake=f"tcp://0.0.0.0:{free_port()}")
     warnings = [r.getMessage() for r in caplog.records if "CURVE is off" in r.getMessage()]
     assert len(warnings) == 1 and "tcp://0.0.0.0:" in warnings[0]
@@ -159,7 +159,7 @@ def test_a_warning_when_listening_beyond_loopback_without_curve(
 def test_no_warning_on_loopback(make_service: Any, caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
-    with caplog.at_level(logging.WARNING, logger="actors.service"):
+    with caplog.at_level(logging.WARNING, logger="app.service"):
         make_service()
     assert not [r for r in caplog.records if "CURVE is off" in r.getMessage()]
 
@@ -183,7 +183,7 @@ def test_a_poison_order_goes_to_fallout_and_blocks_no_other_order(
     import logging
 
     from helpers import poll_until, retail_order
-    from oms.client import Client
+    from gateways.client import Client
     from oms.engine import Engine
 
     svc = make_service(max_in_flight=2)
@@ -230,7 +230,7 @@ def test_a_dead_actor_in_the_live_set_kills_no_thread(make_service: Any, no_rest
     set, nothing else) while it is idle and durable: held for stock that
     only the event below brings (the simulator never restocks here)."""
     from helpers import poll_until, retail_order
-    from oms.client import Client
+    from gateways.client import Client
     from oms.messages import DomainEvent
 
     svc = make_service(passivate_after_s=60)
@@ -260,7 +260,7 @@ def test_a_stopped_order_actor_loses_no_message(make_service: Any, no_restock: A
     so nothing else runs between them: order A's is [event, stop], order B's
     is [stop, event]."""
     from helpers import poll_until, retail_order
-    from oms.client import Client
+    from gateways.client import Client
     from oms.messages import DomainEvent
 
     svc = make_service(passivate_after_s=60)
@@ -300,7 +300,7 @@ def test_a_dead_component_is_not_ready_and_exits_70(eps: Any, tmp_path: Any) -> 
     import urllib.error
     import urllib.request
 
-    from actors.service import Service
+    from app.service import Service
     from conftest import free_port
     from helpers import poll_until
     from oms.config import Config
@@ -327,7 +327,7 @@ def test_a_dead_component_is_not_ready_and_exits_70(eps: Any, tmp_path: Any) -> 
 KILL_A_COMPONENT = """
 import sys, threading, time, urllib.request
 import pykka
-from oms.cli import main
+from app.cli import main
 
 def kill_sequencer():
     while True:  # poll until ready, then stop the sequencer actor (pykka's own stop)
@@ -369,7 +369,7 @@ def test_oms_serve_exits_non_zero_when_a_component_dies(eps: Any, tmp_path: Any)
 def test_the_hold_of_a_finished_order_changes_nothing() -> None:
     from helpers import normalized, retail_order
     from oms.engine import hold_internal_error, new_order
-    from oms.process import load_processes
+    from actors.settings import load_processes
     from oms.states import OrderState
 
     proc = load_processes(None)["retail"]
@@ -389,7 +389,7 @@ def test_an_internal_error_hold_survives_a_restart_without_its_admission_slot(
     import dataclasses
 
     from helpers import poll_until
-    from oms.client import Client
+    from gateways.client import Client
 
     svc = make_service()
     good = svc.octx.engines["telecom"]

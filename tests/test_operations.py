@@ -14,8 +14,8 @@ from helpers import poll_until, retail_order
 from test_chaos import fast_retail
 
 from oms import codec
-from oms.cli import main
-from oms.client import Client, wait_terminal
+from app.cli import main
+from gateways.client import Client, wait_terminal
 
 
 def hold_policy(folder: Path) -> str:

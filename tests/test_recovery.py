@@ -22,12 +22,14 @@ from conftest import Endpoints
 from helpers import Driver, normalized, ok_domain, poll_until, retail_order
 
 from oms import codec
-from oms.client import Client, wait_terminal
+from gateways.client import Client, wait_terminal
 from oms.engine import new_order
 from oms.model import Order
-from oms.process import ProcessDef, load_processes
+from actors.settings import load_processes
+from oms.process import ProcessDef
 from oms.sample import telecom
-from oms.store import MIB, Store, ext_key, format_order_id
+from storage.records import ext_key, format_order_id
+from storage.store import MIB, Store
 from test_operations import no_restock  # noqa: F401
 
 pytestmark = pytest.mark.slow

@@ -21,7 +21,7 @@ import pytest
 from conftest import SimThread, free_port
 from helpers import poll_until, retail_order
 
-from oms.client import Client, wait_terminal
+from gateways.client import Client, wait_terminal
 from oms.sample import sample_orders
 
 pytestmark = pytest.mark.slow
@@ -157,8 +157,8 @@ def test_the_writer_runs_no_effect_of_a_snapshot_until_it_is_durable(tmp_path: P
 
     from actors.effects import Collect, Tell
     from actors.store_writer import RecordEvent, SaveOrder, StoreWriter
-    from oms.metrics import Metrics
-    from oms.store import MIB, Store
+    from actors.metrics import Metrics
+    from storage.store import MIB, Store
 
     with tmpfs(tmp_path / "disk", 8) as disk:
         store = Store(disk / "store", map_size=MIB)

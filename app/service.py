@@ -36,13 +36,14 @@ from gateways.gateway import Gateway
 from oms.config import Config, ConfigError
 from oms.engine import Engine
 from oms.messages import Resume
-from oms.metrics import Metrics, ServiceCollector
+from actors.metrics import Metrics, ServiceCollector
 from oms.model import Order
+from actors.settings import load_processes
 from oms.outstanding import command_out
-from oms.process import load_processes
 from oms.states import TERMINAL
-from oms.store import CorruptRecord, Store, event_key
+from storage.records import CorruptRecord, event_key
 
+from storage.store import Store
 logger = logging.getLogger(__name__)
 
 
