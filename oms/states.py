@@ -256,28 +256,61 @@ def set_reason(order: Order, reason: str | None) -> None:
     order.state_reason = None if reason is None else str(reason)
 
 
+def _node(value: Any) -> str:
+    return "[*]" if value is None else value.name.title().replace("_", "")
+
+
 def mermaid() -> str:
     """The order state diagram, generated from ``TRANSITIONS`` (docs/states.md)."""
-    names = {state: state.name.title().replace("_", "") for state in OrderState}
     lines = ["stateDiagram-v2"]
-    lines += [f"    {names[s]}: {s.value}" for s in OrderState]
-    lines.append(f"    [*] --> {names[OrderState.ACKNOWLEDGED]}")
+    lines += [f"    {_node(s)}: {s.value}" for s in OrderState]
+    lines.append(f"    [*] --> {_node(OrderState.ACKNOWLEDGED)}")
     for (old, event), new in TRANSITIONS.items():
-        lines.append(f"    {names[old]} --> {names[new]}: {event.value}")
-    lines += [f"    {names[s]} --> [*]" for s in OrderState if s.terminal]
+        lines.append(f"    {_node(old)} --> {_node(new)}: {event.value}")
+    lines += [f"    {_node(s)} --> [*]" for s in OrderState if s.terminal]
+    return "\n".join(lines) + "\n"
+
+
+def mermaid_moves(kind: type[StrEnum], moves: frozenset[tuple[Any, Any]],
+                  start: Any = None) -> str:
+    """A diagram of one of the move tables (``STEP_MOVES``, ...)."""
+    used = {v for move in moves for v in move if v is not None} | (
+        {start} if start is not None else set())
+    lines = ["stateDiagram-v2"]
+    lines += [f"    {_node(v)}: {v.value}" for v in kind if v in used]
+    if start is not None:
+        lines.append(f"    [*] --> {_node(start)}")
+    lines += [f"    {_node(old)} --> {_node(new)}"
+              for old, new in sorted(moves, key=lambda m: (str(m[0] or ""), str(m[1])))]
     return "\n".join(lines) + "\n"
 
 
 def states_page() -> str:
-    """docs/states.md as the table generates it now."""
-    return (
+    """docs/states.md as the tables generate it now."""
+    def section(title: str, where: str, diagram: str) -> str:
+        return f"## {title}\n\n{where}\n\n```mermaid\n{diagram}```\n"
+
+    return "\n".join([
         "# Order states\n\n"
-        "Generated from `oms.states.TRANSITIONS` (the one order transition table) by\n"
+        "Generated from the tables of `oms/states.py` by\n"
         "`python -m oms.states --mermaid > docs/states.md`; "
         "`tests/test_states.py::test_the_state_diagram_is_current` fails when it is stale.\n"
-        "An event missing from a state's arrows is refused (`IllegalTransition`).\n\n"
-        "```mermaid\n" + mermaid() + "```\n"
-    )
+        "A move missing from a table is refused (`IllegalTransition`).\n",
+        section("Order state", "`oms.states.TRANSITIONS`, changed only by "
+                "`oms.engine_base.TurnBase.transition`; an arrow is labelled with its event.",
+                mermaid()),
+        section("Step status", "`oms.states.STEP_MOVES`, changed only by "
+                "`oms.states.set_step_status` (a CRM note starts `running`).",
+                mermaid_moves(StepStatus, STEP_MOVES, StepStatus.PENDING)),
+        section("Undo of a step", "`oms.states.UNDO_MOVES` (`step.comp`; `[*]`: not undone), "
+                "changed only by `oms.states.set_undo`.", mermaid_moves(Undo, UNDO_MOVES)),
+        section("Item state", "`oms.states.ITEM_MOVES`, changed only by "
+                "`oms.states.set_item_state`.",
+                mermaid_moves(ItemState, ITEM_MOVES, ItemState.ACKNOWLEDGED)),
+        section("Phase", "`oms.states.PHASE_MOVES` (`order.phase`, with `order.target` when "
+                "compensating), changed only by `oms.states.set_phase`.",
+                mermaid_moves(Phase, PHASE_MOVES, Phase.RUN)),
+    ])
 
 
 if __name__ == "__main__":  # python -m oms.states --mermaid > docs/states.md

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from oms.model import Order, Step
 from oms.states import (
+    ITEM_MOVES,
+    PHASE_MOVES,
+    STEP_MOVES,
     TERMINAL,
     TRANSITIONS,
+    UNDO_MOVES,
     Ev,
     IllegalTransition,
     ItemState,
@@ -197,3 +202,11 @@ def test_the_state_diagram_is_current() -> None:
     for (old, event), new in TRANSITIONS.items():
         assert f": {event.value}\n" in page and old.name.title().replace("_", "") in page
         assert new.name.title().replace("_", "") in page
+    for table in (STEP_MOVES, ITEM_MOVES, UNDO_MOVES, PHASE_MOVES):  # an arrow per move
+        for old, new in table:
+            arrow = f"    {_node(old)} --> {_node(new)}\n"
+            assert arrow in page, arrow
+
+
+def _node(value: Any) -> str:
+    return "[*]" if value is None else value.name.title().replace("_", "")
