@@ -41,6 +41,30 @@ def _spread(command_id: str, attempt: int) -> float:
     return zlib.crc32(f"{command_id}/{attempt}".encode()) / 2**32
 
 
+class StepPlan:
+    """An order's steps as ``advance`` walks them, built once per order in
+    memory (its set of steps never changes; statuses are read live).
+
+    launch: per step definition, in definition order: its steps and the
+      steps it depends on. orphans: steps the definition no longer has
+      (``oms.orphans``), in order. steps: all of them. facts: the order's
+      facts templates named so far, those that never change.
+    """
+
+    __slots__ = ("defs", "facts", "launch", "orphans", "steps")
+
+    def __init__(self, turn: TurnBase) -> None:
+        self.facts: dict[str, Any] = {}  # the order's facts that never change (oms.templates)
+        self.defs = turn.defs  # the definition this plan was made under
+        self.steps = list(turn.order.steps.values())
+        groups: dict[str, list[Step]] = {}
+        for step in self.steps:
+            groups.setdefault(step.name, []).append(step)
+        self.orphans = [s for s in self.steps if not turn.defined(s)]
+        self.launch = [(sdef, groups[sdef.name], [s for d in sdef.after for s in groups.get(d, ())])
+                       for sdef in turn.proc.steps if sdef.name in groups]
+
+
 class TurnBase:
     """One message's worth of work on one order.
 
@@ -141,7 +165,7 @@ class TurnBase:
         names = parsed.scopes
         scopes: dict[str, Any] = {}
         if "order" in names:
-            scopes["order"] = order_facts(self.order, parsed.facts)
+            scopes["order"] = order_facts(self.order, parsed.facts, self.step_plan().facts)
         if "steps" in names:
             scopes["steps"] = {k: s.result for k, s in self.order.steps.items()
                                if s.result is not None}
@@ -150,6 +174,13 @@ class TurnBase:
             scopes["result"] = step.result or {}
             scopes["args"] = step.args or {}
         return parsed.fill(scopes)
+
+    def step_plan(self) -> StepPlan:
+        """The order's ``StepPlan`` under this engine (kept on the order)."""
+        plan = self.order.plan
+        if plan is None or plan.defs is not self.defs:
+            plan = self.order.plan = StepPlan(self)
+        return plan
 
     def steps_of(self, name: str) -> list[Step]:
         return [s for s in self.order.steps.values() if s.name == name]

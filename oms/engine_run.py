@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from oms import untrusted
-from oms.engine_base import TurnBase
+from oms.engine_base import StepPlan, TurnBase
 from oms.errors import DomainError
 from oms.messages import CommandResult, Sequence, Timer
 from oms.model import Step
@@ -30,28 +30,6 @@ logger = logging.getLogger("oms.engine")
 S = OrderState
 INVALID_REPLY = "invalid_reply"
 AMOUNT_OUT_OF_RANGE = "amount_out_of_range"
-
-
-class StepPlan:
-    """An order's steps as ``advance`` walks them, built once per order in
-    memory (its set of steps never changes; statuses are read live).
-
-    launch: per step definition, in definition order: its steps and the
-      steps it depends on. orphans: steps the definition no longer has
-      (``oms.orphans``), in order. steps: all of them.
-    """
-
-    __slots__ = ("defs", "launch", "orphans", "steps")
-
-    def __init__(self, turn: TurnBase) -> None:
-        self.defs = turn.defs  # the definition this plan was made under
-        self.steps = list(turn.order.steps.values())
-        groups: dict[str, list[Step]] = {}
-        for step in self.steps:
-            groups.setdefault(step.name, []).append(step)
-        self.orphans = [s for s in self.steps if not turn.defined(s)]
-        self.launch = [(sdef, groups[sdef.name], [s for d in sdef.after for s in groups.get(d, ())])
-                       for sdef in turn.proc.steps if sdef.name in groups]
 
 
 class RunMixin(TurnBase):
@@ -170,13 +148,6 @@ class RunMixin(TurnBase):
             for step in group:
                 if step.status is pending:
                     self.launch(step, sdef)
-
-    def step_plan(self) -> StepPlan:
-        """The order's ``StepPlan`` under this engine (kept on the order)."""
-        plan = self.order.plan
-        if plan is None or plan.defs is not self.defs:
-            plan = self.order.plan = StepPlan(self)
-        return plan
 
     def launch(self, step: Step, sdef: StepDef) -> None:
         if sdef.wait_event is not None:

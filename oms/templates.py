@@ -56,12 +56,34 @@ FACTS: dict[str, Callable[[Order], Any]] = {
 """Everything ``$order.…`` may name, each built on demand."""
 
 
-def order_facts(order: Order, names: Iterable[str] | None = None) -> dict[str, Any]:
+CHANGING = frozenset({"completed_items", "completed_total_minor"})
+"""Facts that change as items complete; the others never change for an order."""
+
+
+def order_facts(order: Order, names: Iterable[str] | None = None,
+                cache: dict[str, Any] | None = None) -> dict[str, Any]:
     """The order's facts (``FACTS``): all, or only ``names`` (what a template
-    names: the engine builds no more than that)."""
+    names: the engine builds no more than that). ``cache`` keeps the facts
+    that never change (all but ``CHANGING``) between calls for one order."""
     if names is None:
         return {name: fact(order) for name, fact in FACTS.items()}
-    return {name: FACTS[name](order) for name in names if name in FACTS}
+    if cache is None:
+        return {name: FACTS[name](order) for name in names if name in FACTS}
+    out: dict[str, Any] = {}
+    for name in names:
+        value = cache.get(name, _MISSING)
+        if value is _MISSING:
+            fact = FACTS.get(name)
+            if fact is None:
+                continue
+            value = fact(order)
+            if name not in CHANGING:
+                cache[name] = value
+        out[name] = value
+    return out
+
+
+_MISSING = object()
 
 
 def lookup(scopes: dict[str, Any], ref: str) -> Any:

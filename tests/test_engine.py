@@ -696,3 +696,21 @@ def test_only_the_facts_a_template_names_are_built_and_they_are_the_full_facts()
     assert Template("$order").facts is None  # the whole scope: every fact
     assert Template({"a": "$order.nope"}).facts == frozenset({"nope"})
     assert order_facts(order, {"nope"}) == {}  # names no fact: resolves to None as before
+
+
+def test_the_facts_kept_for_an_order_are_only_those_that_never_change() -> None:
+    from oms.states import ItemState, set_item_state
+    from oms.templates import CHANGING
+
+    order = new_order("o-1", normalized(retail_order()), RETAIL, 1.0)
+    cache: dict[str, Any] = {}
+    names = {"stock_items", "total_minor", "completed_items", "completed_total_minor"}
+    first = order_facts(order, names, cache)
+    assert set(cache) == names - CHANGING and first["completed_items"] == []
+    for item in order.items:
+        set_item_state(item, ItemState.IN_PROGRESS)
+    set_item_state(order.items[0], ItemState.COMPLETED)
+    later = order_facts(order, names, cache)
+    assert [it["id"] for it in later["completed_items"]] == [order.items[0]["id"]]
+    assert later["completed_total_minor"] == 2 * 1000
+    assert later == {k: v for k, v in order_facts(order).items() if k in names}
