@@ -46,12 +46,11 @@ from oms.states import Ev, ItemState, OrderState, Reason, StepStatus, set_step_s
 from oms.templates import Template, lookup
 
 __all__ = ["AMOUNT_OUT_OF_RANGE", "INTERNAL_ERROR", "INVALID_REPLY", "MAX_EARLY_BYTES",
-           "MAX_EARLY_EVENTS", "MAX_REASON", "OPERATOR_HOLDS", "Engine", "Turning",
-           "hold_internal_error", "new_order"]
+           "MAX_EARLY_EVENTS", "MAX_REASON", "Engine", "Turning", "hold_internal_error",
+           "new_order"]
 
 S = OrderState
 INTERNAL_ERROR = Reason.INTERNAL_ERROR.value  # state_reason of an order whose handler raised
-OPERATOR_HOLDS = (Reason.FALLOUT.value, INTERNAL_ERROR)  # only an operator ends these
 
 
 def new_order(order_id: str, req: dict[str, Any], proc: ProcessDef, now: float) -> Order:

@@ -9,7 +9,7 @@ from typing import Any
 
 from oms import untrusted
 from oms.engine_base import StepPlan, TurnBase
-from oms.errors import DomainError
+from oms.errors import INVALID_REPLY, DomainError
 from oms.messages import CommandResult, Sequence, Timer
 from oms.model import Step
 from oms.process import StepDef
@@ -28,7 +28,6 @@ from oms.validation import MAX_AMOUNT_MINOR
 
 logger = logging.getLogger("oms.engine")
 S = OrderState
-INVALID_REPLY = "invalid_reply"
 AMOUNT_OUT_OF_RANGE = "amount_out_of_range"
 
 
