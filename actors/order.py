@@ -179,7 +179,10 @@ class OrderActor(PooledActor):
             if gateway is None:
                 error = DomainError("unknown_system", f"no gateway for {fx.system!r}", False)
                 result = CommandResult(fx.command_id, False, None, error)
-                return lambda: ctx.router.deliver(order_id, result)
+
+                def unknown() -> None:
+                    ctx.router.deliver(order_id, result)
+                return unknown
             return lambda: gateway.send(order_id, fx)
         if isinstance(fx, Publish):
             return self._publish(fx.payload)

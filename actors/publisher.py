@@ -98,7 +98,8 @@ class Publisher(LoopActor):
     def on_start(self) -> None:
         # XPUB: with CURVE on, subscriptions come to us (XPUB_MANUAL) and each
         # subscriber is subscribed to its own source_system only, whatever it asked.
-        kind, manual = (zmq.XPUB, {"XPUB_MANUAL": 1}) if self.curve else (zmq.PUB, {})
+        kind = zmq.XPUB if self.curve else zmq.PUB
+        manual: dict[str, Any] = {"XPUB_MANUAL": 1} if self.curve else {}
         ping_ms = max(100, int(self.stall_timeout_s * 1000 / 3))
         # HANDSHAKE_IVL: a connection that never completes its handshake (no
         # key, or no ZMTP at all) holds a subscriber place for 5 s at most

@@ -173,7 +173,7 @@ def _archive_record(order_id: str, raw: bytes, ms: int,
         state = str(order.state)
         ext = ext_key(order.source_system, order.external_id)
         out = {"order": view, "finished_ts": ms / 1000, "archived_ts": now}
-    except Exception as exc:  # any decoding problem: keep the bytes, say why
+    except Exception as exc:  # noqa: BLE001 - any decoding problem: keep the bytes, say why
         logger.error("archiving order %s whose record cannot be decoded: %s", order_id, exc,
                      extra={"order_id": order_id})
         state, ext = "unreadable", b""

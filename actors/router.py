@@ -71,7 +71,7 @@ class OrderContext:
     timers: Any = None
     sequencer: Any = None
     gateways: Any = None
-    router: OrderRouter | None = None  # type: ignore[assignment]
+    router: OrderRouter = None  # type: ignore[assignment]  # set by the service before any order runs (issue 14 item 4 removes this)
 
 
 class OrderRouter:
@@ -402,7 +402,7 @@ class OrderRouter:
             if since is not None and now - since >= self.passivate_after_s:
                 try:
                     actor.actor_ref.tell(Rest())
-                except Exception:  # stopped meanwhile
+                except Exception:  # noqa: BLE001 - stopped meanwhile
                     self.idle.pop(actor.order.order_id, None)
 
     def alive(self) -> bool:

@@ -187,7 +187,7 @@ class Service:
         for rec in scan.resume:
             try:
                 order = Order.from_record(rec)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any undecodable record is skipped, logged and counted
                 logger.error("recovery skips order %s: %s", rec.get("id"), exc)
                 scan.corrupt += 1
                 continue

@@ -252,7 +252,7 @@ class StoreWriter(LoopActor):
                     outcomes.append(exc)
         return outcomes
 
-    def _apply_one(self, txn: lmdb.Transaction, msg: Any) -> Any:
+    def _apply_one(self, txn: lmdb.Transaction[bytes], msg: Any) -> Any:
         store = self.store
         if isinstance(msg, SaveOrder):
             store.put_order(txn, msg.order_id, msg.record, msg.active, msg.consumed)

@@ -119,7 +119,7 @@ def run_bench(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="oms-bench-"))
     result: dict[str, Any] = {"scenario": args.scenario, "config": config,
                               "machine": machine(), "started": time.time()}
-    harness = None
+    harness: Harness | None = None
     try:
         if args.scenario == "engine":
             from bench.engine import run_engine

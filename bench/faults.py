@@ -331,7 +331,7 @@ class FaultLoad(LoadGen):
         run.ended = time.monotonic()
         progress.show(len(led.final), force=True)
         progress.close()
-        run.unfinished = {ext: "not acknowledged" for ext in led.pending}
+        run.unfinished = dict.fromkeys(led.pending, "not acknowledged")
         for oid, o in led.open.items():
             run.unfinished[o.ext] = f"{led.order_type.get(oid, '?')} " \
                                     f"{led.states.get(oid, 'no answer')}"

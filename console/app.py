@@ -155,7 +155,8 @@ def create_app(settings: Settings, backend: Backend, feed: EventFeed | None) -> 
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Any:
-        logger.exception("console page failed: %s %s", request.method, request.path)
+        # Flask runs error handlers inside its own except block: the traceback is there
+        logger.exception("console page failed: %s %s", request.method, request.path)  # noqa: LOG004
         return render_template("error.html", title="Something went wrong in the console",
                                message="The error is in the console's log. The service "
                                "and the orders are not affected."), 500

@@ -49,7 +49,7 @@ def cmd_console(args: argparse.Namespace) -> int:
     if getattr(args, "action", None) == "passwd":
         return _passwd(args)
     try:
-        import waitress
+        from waitress.server import create_server
 
         from console.app import Settings, create_app
     except ImportError as exc:
@@ -87,14 +87,14 @@ def cmd_console(args: argparse.Namespace) -> int:
     feed = EventFeed(cfg.events, curve=curve)
     app = create_app(settings, backend, feed)
     try:
-        server = waitress.create_server(app, host=args.host, port=args.port,
+        server = create_server(app, host=args.host, port=args.port,
                                         threads=args.threads, ident="oms-console")
     except OSError as exc:
         print(f"oms console: cannot listen on {args.host}:{args.port}: {exc.strerror}",
               file=sys.stderr)
         return 2
     feed.start()
-    port = server.effective_port  # type: ignore[union-attr]
+    port = server.effective_port  # type: ignore[union-attr]  # one host: never a MultiSocketServer
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"oms console: serving plain HTTP on {args.host}: beyond this machine, put a "
               "TLS proxy in front of it", file=sys.stderr)

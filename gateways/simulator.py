@@ -85,7 +85,7 @@ class Domain:
         self.per_order: dict[str, Counter[str]] = defaultdict(Counter)
         self.results: dict[str, dict[str, Any]] = defaultdict(dict)  # order -> op -> data
         self.fingerprints: Counter[tuple[str, str, bytes]] = Counter()
-        self.events: list[tuple[float, dict[str, Any]]] = []  # (due, event) to push
+        self.events: list[tuple[float, int, dict[str, Any]]] = []  # (due, n, event) to push
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self.ids)}"
@@ -102,7 +102,7 @@ class Domain:
             return self.applied[command_id]
         op, args = cmd.get("op"), cmd.get("args") or {}
         order_id = str(cmd.get("order_id", ""))
-        fail = self.cfg.fail.get(op)
+        fail = self.cfg.fail.get(str(op))
         if fail and self.rng.random() < fail[0]:
             code = fail[1]
             reply = _error(command_id, code, f"simulated {code}", code in RETRYABLE)
@@ -135,7 +135,7 @@ class Domain:
               data: dict[str, Any]) -> None:
         ev = {"type": "event", "event_id": self.new_id(f"{system}-ev"), "system": system,
               "order_id": order_id, "name": name, "data": data}
-        heapq.heappush(self.events, (due, next(self.ids), ev))  # type: ignore[arg-type]
+        heapq.heappush(self.events, (due, next(self.ids), ev))
 
     # -- warehouse ---------------------------------------------------------
 
@@ -319,7 +319,7 @@ class Simulator:
         poller.register(self.events, zmq.POLLIN)
         try:
             while not self.stopped:
-                ready = dict(poller.poll(self._timeout()))
+                ready = dict(poller.poll(int(self._timeout())))  # pyzmq truncates anyway
                 now = time.time()
                 for sock, system in self.routers.items():
                     if sock in ready:
@@ -353,7 +353,7 @@ class Simulator:
                     {"type": "error", "code": "malformed", "message": str(exc)})])
                 continue
             if msg.get("type") == "control":  # change failure injection while running
-                fail = msg.get("fail") if isinstance(msg.get("fail"), dict) else {}
+                fail = given if isinstance(given := msg.get("fail"), dict) else {}
                 for op, spec in fail.items():
                     rate, code = (spec + [None])[:2] if isinstance(spec, list) else (0, None)
                     if rate:
@@ -400,7 +400,7 @@ class Simulator:
             _due, _seq, sock, frames = heapq.heappop(self.replies)
             self._send(sock, frames)
         while self.domain.events and self.domain.events[0][0] <= now:
-            _due, _n, ev = heapq.heappop(self.domain.events)  # type: ignore[misc]
+            _due, _n, ev = heapq.heappop(self.domain.events)
             self.unacked[ev["event_id"]] = (now, ev)
         for event_id, (due, ev) in list(self.unacked.items()):
             if due <= now:

@@ -179,7 +179,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
     if args.action == "list":
         rows = []
         for path in files(data):
-            row = {"file": str(path), "day": path.name[len(PREFIX):-len(SUFFIX)],
+            row: dict[str, Any] = {"file": str(path), "day": path.name[len(PREFIX):-len(SUFFIX)],
                    "bytes": path.stat().st_size}
             if args.count:
                 row["orders"] = sum(1 for _ in iter_file(path))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,7 @@ class Config:
     epoch: int = 0  # set for a shard process on Ray: its fencing epoch (0 = no fencing)
 
     @classmethod
-    def load(cls, file: str | None = None, env: dict[str, str] | None = None,
+    def load(cls, file: str | None = None, env: Mapping[str, str] | None = None,
              **flags: Any) -> Config:
         cfg = cls()
         if file:

@@ -86,7 +86,7 @@ def common(p: argparse.ArgumentParser) -> None:
 def _whoami() -> str:
     try:
         return getpass.getuser()
-    except Exception:  # no user database entry (containers)
+    except (KeyError, OSError):  # no user database entry (containers)
         return "operator"
 
 

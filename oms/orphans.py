@@ -18,7 +18,7 @@ must never crash the order. The rules, mixed into ``oms.engine.Turning``:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from oms.fallout import DEFINITION_CHANGED
 from oms.model import Step
@@ -52,6 +52,9 @@ class OrphanMixin:
     defs: dict[str, StepDef]
     known: dict[tuple[str, str, bool], bool]
     changed: bool
+
+    if TYPE_CHECKING:  # the helper of oms.engine.Turning this mixin calls
+        def hold(self, reason: str) -> None: ...
 
     def defined(self, step: Step) -> bool:
         key = (step.name, step.op, step.item_id is None)

@@ -351,7 +351,7 @@ def parse_process(text: str, source: str) -> ProcessDef:
         order_type = Path(source).stem
     draw = c.table(raw, "defaults", "")
     c.keys(draw, {"timeout_s", "retry"}, "defaults")
-    defaults = {
+    defaults: dict[str, Any] = {
         "timeout_s": c.number(draw, "timeout_s", "defaults", 5.0),
         "retry": _retry(c, c.table(draw, "retry", "defaults"), "defaults.retry", RetryPolicy()),
     }
@@ -359,11 +359,12 @@ def parse_process(text: str, source: str) -> ProcessDef:
     if not sraw:
         c.bad("steps", "a process needs at least one step")
     names = set(sraw)
-    steps = [
-        _step(c, name, body, defaults, names)
-        for name, body in sraw.items()
-        if isinstance(body, dict) or c.bad(f"steps.{name}", "must be a table")
-    ]
+    steps = []
+    for name, body in sraw.items():
+        if isinstance(body, dict):
+            steps.append(_step(c, name, body, defaults, names))
+        else:
+            c.bad(f"steps.{name}", "must be a table")
     _check_graph(c, steps)
     ponr = proc.get("point_of_no_return")
     if ponr is not None and ponr not in names:

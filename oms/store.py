@@ -59,7 +59,7 @@ MIB = 1024 * 1024
 DEFAULT_MAP_SIZE = 256 * MIB
 SCAN_CHUNK = 512  # records per read transaction in long scans
 LIST_BUDGET = 5_000  # records list_orders examines per call at most
-_DBS = ("orders", "ext", "active", "events", "inbox", "meta")
+_DBS: tuple[str, ...] = ("orders", "ext", "active", "events", "inbox", "meta")
 _DBS += ("done", "arch", "expiry")  # retention's (see above)
 
 
@@ -225,11 +225,11 @@ class Store:
     # -- reading (any thread) ----------------------------------------------
 
     @contextlib.contextmanager
-    def read(self) -> Iterator[lmdb.Transaction]:
+    def read(self) -> Iterator[lmdb.Transaction[bytes]]:
         with self.gate.shared(), self.env.begin(buffers=False) as txn:
             yield txn
 
-    def load(self, txn: lmdb.Transaction, order_id: str) -> Order | None:
+    def load(self, txn: lmdb.Transaction[bytes], order_id: str) -> Order | None:
         if not usable_order_id(order_id):
             return None
         raw = txn.get(order_id.encode(), db=self.db["orders"])
@@ -244,7 +244,7 @@ class Store:
             raw = txn.get(ext_key(source_system, external_id), db=self.db["ext"])
         return None if raw is None else codec.unpack(raw)[0]
 
-    def is_active(self, txn: lmdb.Transaction, order_id: str) -> bool:
+    def is_active(self, txn: lmdb.Transaction[bytes], order_id: str) -> bool:
         return usable_order_id(order_id) and txn.get(order_id.encode(),
                                                      db=self.db["active"]) is not None
 
@@ -276,7 +276,7 @@ class Store:
                     continue
                 try:
                     yield key, codec.unpack(raw)
-                except Exception as exc:  # any decoding problem is reported with its key
+                except Exception as exc:  # noqa: BLE001 - any decoding problem is reported with its key
                     yield key, CorruptRecord(key, f"{type(exc).__name__}: {exc}")
             if not found:
                 return
@@ -290,7 +290,7 @@ class Store:
             with self.read() as txn:
                 cur = txn.cursor(db=self.db["inbox"])
                 found = _seek_after(cur, after)
-                rows = []
+                rows: list[tuple[bytes, bytes]] = []
                 while found and len(rows) < chunk:
                     rows.append((cur.key(), cur.value()))
                     found = cur.next()
@@ -319,7 +319,7 @@ class Store:
         cursor = after.encode()[:MAX_ORDER_ID] if after is not None else None
         examined, more = 0, True
         while more and len(out) < limit and examined < budget:
-            rows = []
+            rows: list[tuple[bytes, bytes]] = []
             with self.read() as txn:
                 cur = txn.cursor(db=self.db["orders"])
                 found = _seek_before(cur, cursor)
@@ -359,7 +359,7 @@ class Store:
 
     # -- writing (the store writer only) -----------------------------------
 
-    def write(self) -> lmdb.Transaction:
+    def write(self) -> lmdb.Transaction[bytes]:
         txn = self.env.begin(write=True)
         if self.epoch and int(txn.get(b"epoch", b"0", db=self.db["meta"])) > self.epoch:
             txn.abort()  # a newer copy runs on this data: never write, go down loudly
@@ -384,12 +384,12 @@ class Store:
         logger.warning("store map grown to %d MiB", new // (1024 * 1024))
         return new
 
-    def probe(self, txn: lmdb.Transaction) -> None:
+    def probe(self, txn: lmdb.Transaction[bytes]) -> None:
         """A small real write (an empty commit writes nothing), to learn
         whether the store can write again."""
         txn.put(b"probe", str(time.time()).encode(), db=self.db["meta"])
 
-    def next_order_id(self, txn: lmdb.Transaction, vshard: int | None = None) -> str:
+    def next_order_id(self, txn: lmdb.Transaction[bytes], vshard: int | None = None) -> str:
         """The next id; a shard (``vshard`` given) ends it with the virtual
         shard (``oms.sharding``, docs/scaling.md)."""
         raw = txn.get(b"seq", db=self.db["meta"])
@@ -397,7 +397,7 @@ class Store:
         txn.put(b"seq", str(seq).encode(), db=self.db["meta"])
         return format_order_id(seq) if vshard is None else sharded_order_id(seq, vshard)
 
-    def create_order(self, txn: lmdb.Transaction, source_system: str, external_id: str,
+    def create_order(self, txn: lmdb.Transaction[bytes], source_system: str, external_id: str,
                      digest: bytes, build: Any, vshard: int | None = None) -> Created:
         """Idempotent create: ``build(order_id)`` makes the order if it is new."""
         key = ext_key(source_system, external_id)
@@ -415,7 +415,7 @@ class Store:
         self.put_order(txn, order_id, codec.pack(order.to_record()), active=True)
         return Created("accepted", order_id, str(order.state), order)
 
-    def put_order(self, txn: lmdb.Transaction, order_id: str, record: bytes,
+    def put_order(self, txn: lmdb.Transaction[bytes], order_id: str, record: bytes,
                   active: bool, consumed: tuple[bytes, ...] = ()) -> None:
         key = order_id.encode()
         if not active and txn.get(key, db=self.db["arch"]) is not None:
@@ -428,7 +428,7 @@ class Store:
         for ev in consumed:
             txn.delete(ev, db=self.db["inbox"])
 
-    def record_event(self, txn: lmdb.Transaction, order_id: str, system: str,
+    def record_event(self, txn: lmdb.Transaction[bytes], order_id: str, system: str,
                      event_id: str, event: dict[str, Any]) -> str:
         """Record a domain event once: "recorded", "duplicate" or "unknown_order"."""
         if not usable_order_id(order_id):
@@ -446,7 +446,7 @@ class Store:
 
     # -- retention (actors.retention; writes in the store writer only) -------
 
-    def note_finished(self, txn: lmdb.Transaction, key: bytes, record: bytes,
+    def note_finished(self, txn: lmdb.Transaction[bytes], key: bytes, record: bytes,
                       now: float | None = None) -> None:
         """An order just finished: index it by finish time for retention."""
         state = str(codec.unpack(record)["state"])
@@ -454,11 +454,11 @@ class Store:
         txn.put(_ts_key(ms, key), state.encode(), db=self.db["done"])
         _bump(txn, self.db["meta"], b"live:" + state.encode(), 1)
 
-    def archived_state(self, txn: lmdb.Transaction, order_id: str) -> str:
+    def archived_state(self, txn: lmdb.Transaction[bytes], order_id: str) -> str:
         marker = self.archive_marker(txn, order_id)
         return marker[2] if marker else "acknowledged"
 
-    def archive_marker(self, txn: lmdb.Transaction, order_id: str) -> list[Any] | None:
+    def archive_marker(self, txn: lmdb.Transaction[bytes], order_id: str) -> list[Any] | None:
         """[day, member offset, state, finish ms, ext key] of an archived order
         still inside the dedup window, else None."""
         if not usable_order_id(order_id):
@@ -491,7 +491,7 @@ class Store:
         """Up to ``limit`` expiry keys of archived orders finished before ``cutoff``."""
         end = _ts_key(int(cutoff * 1000), b"")
         with self.read() as txn:
-            out = []
+            out: list[bytes] = []
             for key in txn.cursor(db=self.db["expiry"]).iternext(values=False):
                 if key >= end or len(out) >= limit:
                     break
@@ -509,7 +509,7 @@ class Store:
                 found = cur.next()
         return out
 
-    def retire(self, txn: lmdb.Transaction, lengths: dict[str, tuple[int, int]],
+    def retire(self, txn: lmdb.Transaction[bytes], lengths: dict[str, tuple[int, int]],
                orders: list[tuple[bytes, bytes, str, int, str, bytes]],
                expired: list[bytes], backfill: tuple[Any, ...] = ()) -> int | str:
         """Delete archived orders from the live store, in the writer's
@@ -595,7 +595,7 @@ class Store:
                     try:
                         rec = codec.unpack(raw)
                         ms, state = int(float(rec["uts"]) * 1000), str(rec["state"])
-                    except Exception:  # archived raw by the sweep, with why
+                    except Exception:  # noqa: BLE001 - archived raw by the sweep, with why
                         ms, state = 0, "unreadable"
                     if ms < since:
                         found.append((_ts_key(ms, key), state))
@@ -657,12 +657,12 @@ def _listed(key: bytes, raw: bytes, flt: ListFilter) -> Order | None:
         if not isinstance(rec, dict) or not flt.matches(rec):
             return None
         return Order.from_record(rec)
-    except Exception as exc:  # any decoding problem is reported with its key
+    except Exception as exc:  # noqa: BLE001 - any decoding problem is reported with its key
         logger.error("list_orders skips record %r: %s: %s", key, type(exc).__name__, exc)
         return None
 
 
-def _seek_before(cur: lmdb.Cursor, before: bytes | None) -> bool:
+def _seek_before(cur: lmdb.Cursor[bytes], before: bytes | None) -> bool:
     """Put the cursor on the last key before ``before`` (the last key if None)."""
     if before is None:
         return cur.last()
@@ -671,7 +671,7 @@ def _seek_before(cur: lmdb.Cursor, before: bytes | None) -> bool:
     return cur.last()
 
 
-def _seek_after(cur: lmdb.Cursor, after: bytes | None) -> bool:
+def _seek_after(cur: lmdb.Cursor[bytes], after: bytes | None) -> bool:
     """Put the cursor on the first key after ``after`` (the first key if None)."""
     if after is None:
         return cur.first()
@@ -698,7 +698,7 @@ def opening_map_size(path: Path, map_size: int, max_map_size: int = 0) -> int:
 def decode_order(key: bytes, raw: bytes) -> Order:
     try:
         return Order.from_record(codec.unpack(raw))
-    except Exception as exc:  # any decoding problem is reported with its key
+    except Exception as exc:  # noqa: BLE001 - any decoding problem is reported with its key
         raise CorruptRecord(key, f"{type(exc).__name__}: {exc}") from None
 
 
@@ -718,12 +718,12 @@ def record_digest(raw: bytes) -> bytes:
     return hashlib.blake2b(raw, digest_size=16).digest()
 
 
-def _bump(txn: lmdb.Transaction, db: Any, key: bytes, by: int) -> None:
+def _bump(txn: lmdb.Transaction[bytes], db: Any, key: bytes, by: int) -> None:
     raw = txn.get(key, db=db)
     txn.put(key, str((int(raw) if raw else 0) + by).encode(), db=db)
 
 
-def _delete_prefix(cur: lmdb.Cursor, prefix: bytes) -> None:
+def _delete_prefix(cur: lmdb.Cursor[bytes], prefix: bytes) -> None:
     found = cur.set_range(prefix)
     while found and cur.key().startswith(prefix):
         found = cur.delete()

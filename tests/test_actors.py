@@ -9,9 +9,8 @@ from typing import Any
 
 import pykka
 import pytest
-from prometheus_client import CollectorRegistry
-
 from helpers import poll_until
+from prometheus_client import CollectorRegistry
 
 from actors.loop import LoopActor, burst
 from actors.pool import Dispatcher, PooledActor

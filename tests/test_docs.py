@@ -146,3 +146,13 @@ def test_links_to_a_section_name_a_section_that_exists() -> None:
             if file.suffix == ".md" and file.exists() and anchor not in _anchors(file):
                 broken.append(f"{page.relative_to(ROOT)}: {target}")
     assert not broken, broken
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    """The README's second command (gates, then tests) is the line .ci/run runs."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("```sh\n", 1)[1].split("```", 1)[0].splitlines()
+    command = block[1]
+    assert "ruff check" in command and "mypy" in command and "pytest" in command, command
+    run = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert command in run, (command, run)
