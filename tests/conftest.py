@@ -29,6 +29,21 @@ SYSTEMS = ("warehouse", "billing", "shipping", "crm", "provisioning")
 endpoint = free_endpoint
 
 
+@pytest.fixture(autouse=True)
+def _root_log_handlers() -> Iterator[None]:
+    """A test that runs a command in-process (``main([...])``) installs the
+    service's log handler on pytest's captured stderr; put the root logger
+    back afterwards, or later tests' services log into a closed stream
+    ("Logging error ... I/O operation on closed file" in a full run)."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 class Endpoints:
     """A fresh set of loopback endpoints for one service and its simulators."""
 
