@@ -128,7 +128,8 @@ def run_bench(args: argparse.Namespace) -> int:
         elif args.intake:
             intake, events = args.intake, args.events
         elif args.faults:
-            from bench.faults import FaultHarness, run_fault_soak
+            from bench.chaos import FaultHarness
+            from bench.faults import run_fault_soak
 
             harness = FaultHarness(workdir, ["--workers", str(args.workers)])
             harness.start_simulators()
