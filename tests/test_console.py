@@ -620,8 +620,9 @@ def test_order_page_renders_the_engines_fallout_block_and_odd_views() -> None:
     the wrong kind, still render."""
     from flask import render_template
 
-    from console.app import Settings, _order_context, actions_for, create_app
+    from console.app import Settings, create_app
     from console.backend import Backend
+    from console.views import actions_for, order_context
 
     app = create_app(Settings(intake="tcp://127.0.0.1:1", events="tcp://127.0.0.1:1"),
                      Backend("tcp://127.0.0.1:1"), None)
@@ -642,9 +643,9 @@ def test_order_page_renders_the_engines_fallout_block_and_odd_views() -> None:
            "steps": [{"name": "s", "status": "failed", "result": [1, 2], "error": "boom"}],
            "history": [{"ts": None, "state": "held"}], "summary": {"total_minor": 1.5}}
     with app.test_request_context("/orders/O000000000007"):
-        page = render_template("_order_live.html", **_order_context(held))
+        page = render_template("_order_live.html", **order_context(held))
         assert "activate[i2]" in page and "(item i2)" in page and "unknown_service" in page
         assert "Check service 42 with provisioning, then retry." in page
         assert "<strong>retry</strong>" in page and "explode" not in page
-        odd_page = render_template("_order_live.html", **_order_context(odd))
+        odd_page = render_template("_order_live.html", **order_context(odd))
         assert "Why it is held" in odd_page and "boom" in odd_page
