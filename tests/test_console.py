@@ -32,7 +32,7 @@ from test_operations import control, hold_policy
 from test_security import keys, opts, secure  # noqa: F401 - fixtures
 
 from actors.service import Service
-from gateways.simulator import SimConfig
+from gateways.sim_domain import SimConfig
 from oms.client import Client, wait_terminal
 from oms.config import Config
 
