@@ -28,7 +28,7 @@ from actors.store_writer import RecordEvent
 from actors.throttle import LogThrottle
 from oms import codec, edge, errors
 from oms.messages import DomainEvent
-from oms.store import event_key
+from storage.records import event_key
 
 logger = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ class _Quiet(WSGIRequestHandler):
 
 def health_app(registry: CollectorRegistry, ready: Callable[[], bool],
                dead: Callable[[], list[str]] = list) -> Any:
-    """``dead``: names of components that died (actors.service); any makes
+    """``dead``: names of components that died (app.service); any makes
     ``/readyz`` answer 503, naming them."""
     metrics = make_wsgi_app(registry)
 

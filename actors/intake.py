@@ -31,13 +31,15 @@ from oms.engine import new_order
 from oms.messages import Cancel, Operate, Start
 from oms.sharding import vshard_of
 from oms.states import OrderState
-from oms.store import CorruptRecord, Created, ListFilter, usable_order_id
 from oms.validation import validate_order
+from storage.listing import ListFilter
+from storage.records import CorruptRecord, usable_order_id
+from storage.store import Created
 
 logger = logging.getLogger(__name__)
 
 _STATES = {str(s) for s in OrderState}
-_CURSOR = re.compile(r"O[0-9]{12,40}")  # an order id, as oms.store.format_order_id makes
+_CURSOR = re.compile(r"O[0-9]{12,40}")  # an order id, as storage.records.format_order_id makes
 OPERATOR_ONLY = {"retry_step", "skip_step", "abort_order", "order_counts"}
 
 
@@ -305,7 +307,7 @@ class Intake(RouterEndpoint):
 
     def _archived(self, req: dict[str, Any], err: dict[str, Any]) -> dict[str, Any]:
         """The archive record for a not-found order, or ``err`` unchanged."""
-        from oms import archive
+        from storage import archive
 
         if err.get("code") != errors.NOT_FOUND:
             return err

@@ -39,12 +39,12 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from actors.loop import LoopActor, open_socket
+from actors.metrics import Metrics
 from actors.security import is_operator_name
 from actors.throttle import LogThrottle
 from oms import codec
 from oms.config import ConfigError
 from oms.edge import check_number
-from oms.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 

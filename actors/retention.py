@@ -3,11 +3,11 @@
 One thread, ``retention``. Every ``retention_interval_s`` it takes at most
 ``retention_batch`` orders that finished more than ``retention_s`` ago (the
 ``done`` index, oldest first: never a scan of the store), appends their
-final views to the day's archive file (``oms.archive``), flushes and fsyncs,
+final views to the day's archive file (``storage.archive``), flushes and fsyncs,
 and only then asks the store writer to delete them (``Retire``): a small
 write in the writer's next group commit, among the service's own. The same
 transaction records the file's new committed length, so a crash anywhere
-loses and duplicates nothing (see ``oms.archive``). It also drops the
+loses and duplicates nothing (see ``storage.archive``). It also drops the
 ``source_system + external_id`` entries of archived orders whose
 ``dedup_window_s`` has passed.
 
@@ -29,12 +29,14 @@ import time
 from collections import defaultdict
 from typing import Any
 
+from actors.metrics import Metrics
 from actors.store_writer import Barrier, Retire
-from oms import archive, codec
+from oms import codec
 from oms.config import Config, ConfigError
-from oms.metrics import Metrics
 from oms.model import Order
-from oms.store import Store, ext_key, record_digest
+from storage import archive
+from storage.records import ext_key, record_digest
+from storage.store import Store
 
 logger = logging.getLogger(__name__)
 

@@ -41,16 +41,17 @@ import pykka
 
 from actors import supervision
 from actors.eventloop import EventLoop
+from actors.metrics import Metrics
 from actors.order import Flushed, HoldInternalError, Inbound, OrderActor, Rest
 from actors.pool import Dispatcher
 from actors.store_writer import Barrier
 from oms import errors
 from oms.engine import INTERNAL_ERROR, Engine
 from oms.messages import DomainEvent
-from oms.metrics import Metrics
 from oms.model import Order
 from oms.states import OrderState
-from oms.store import CorruptRecord, Store
+from storage.records import CorruptRecord
+from storage.store import Store
 
 if TYPE_CHECKING:
     from pykka import ActorRef
@@ -60,7 +61,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class OrderContext:
-    """What an order actor talks to. Filled in by ``actors.service``."""
+    """What an order actor talks to. Filled in by ``app.service``."""
 
     dispatcher: Dispatcher | EventLoop  # what runs the order actors (the loop in a service)
     store: Store

@@ -35,8 +35,8 @@ from typing import Any, NamedTuple
 import lmdb
 
 from actors.loop import LoopActor, burst
-from oms.metrics import Metrics
-from oms.store import Created, Store, StoreFull
+from actors.metrics import Metrics
+from storage.store import Created, Store, StoreFull
 
 logger = logging.getLogger(__name__)
 

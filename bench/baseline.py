@@ -36,8 +36,8 @@ import lmdb
 import zmq
 
 from actors.loop import open_socket
+from actors.runtime import tune_gc
 from oms import codec
-from oms.runtime import tune_gc
 
 FLOW = [("warehouse", "reserve_stock"), ("billing", "create_invoice"),
         ("billing", "capture_payment"), ("shipping", "create_shipment")]

@@ -28,10 +28,10 @@ from itertools import count
 from pathlib import Path
 from typing import Any
 
+from actors.runtime import tune_gc
 from bench.harness import Harness, ProcessDied, loop_turns, turn_quantiles
 from bench.load import LoadGen, Run, percentiles
 from bench.report import write_reports
-from oms.runtime import tune_gc
 from oms.sample import sample_orders
 
 
@@ -101,7 +101,7 @@ SIM_ARGS = {
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    tune_gc()  # the load generator is a busy process too (see oms.runtime)
+    tune_gc()  # the load generator is a busy process too (see actors.runtime)
     if getattr(args, "shards", None):
         if args.shards < 2:
             print("oms bench: --shards needs N >= 2 (1 is always measured too)")

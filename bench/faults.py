@@ -49,8 +49,8 @@ from bench.chaos import GROUPS, Chaos, FaultHarness, sim_report
 from bench.cli import summarize
 from bench.harness import ProcessDied
 from bench.load import ASK, LoadGen, Progress, Run
+from gateways.client import Client
 from oms import codec
-from oms.client import Client
 from oms.states import TERMINAL
 
 RESUBMIT_S = 3.0  # no reply to a submit for this long: resubmit it (same external_id)

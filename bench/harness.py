@@ -39,9 +39,9 @@ class Endpoints:
 
 
 class Proc:
-    def __init__(self, args: list[str], log: Path, module: str = "oms.cli",
+    def __init__(self, args: list[str], log: Path, module: str = "app.cli",
                  env: dict[str, str] | None = None) -> None:
-        self.name = args[0] if module == "oms.cli" else module
+        self.name = args[0] if module == "app.cli" else module
         self.log = log
         self._out = log.open("ab")
         self.p = subprocess.Popen([sys.executable, "-m", module, *args],
@@ -174,7 +174,7 @@ class Harness:
 
     def wait_ready(self, timeout: float = 600) -> float:
         """Seconds until the intake answers (recovering many orders takes a while)."""
-        from oms.client import Client
+        from gateways.client import Client
 
         started = time.monotonic()
         with Client(self.eps.intake, curve=self.client_curve) as client:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from oms import archive
+from storage import archive
 
 
 class StoreSampler(threading.Thread):

@@ -1,5 +1,5 @@
 """The console's only way to the service: requests to the intake endpoint and
-a subscription to the events endpoint, with ``oms.client``.
+a subscription to the events endpoint, with ``gateways.client``.
 
 ``Backend`` turns replies into data or one of two exceptions the pages
 render: ``ServiceDown`` (no answer in time) and ``ServiceError`` (an
@@ -20,8 +20,8 @@ from typing import Any
 
 import zmq
 
+from gateways.client import Client
 from oms import codec
-from oms.client import Client
 from oms.states import TERMINAL
 
 logger = logging.getLogger(__name__)

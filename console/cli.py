@@ -56,9 +56,9 @@ def cmd_console(args: argparse.Namespace) -> int:
         print(f"oms console: {exc.name} is missing: pip install 'oms[console]'", file=sys.stderr)
         return 2
     from actors.security import SecurityError, client_options
+    from actors.settings import load_config
     from console.auth import CredentialsError, load_users
     from console.backend import Backend, EventFeed
-    from oms.config import Config
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -66,7 +66,7 @@ def cmd_console(args: argparse.Namespace) -> int:
         print("oms console: --port 0..65535, --threads >= 8, --timeout 0..60 s",
               file=sys.stderr)
         return 2
-    cfg = Config.load(None, intake=args.intake, events=args.events)
+    cfg = load_config(None, intake=args.intake, events=args.events)
     curve = None
     try:
         if args.curve_key or args.service_key:

@@ -44,7 +44,7 @@ class SimConfig:
     drop: dict[str, float] = field(default_factory=dict)
     seed: int | None = None
     event_resend_s: float = 1.0
-    curve: dict[str, Any] = field(default_factory=dict)  # see oms.cli cmd_simulate
+    curve: dict[str, Any] = field(default_factory=dict)  # see app.cli cmd_simulate
 
 
 class Domain:

@@ -1,16 +1,17 @@
-"""Service configuration: embedded defaults, then a TOML file, then
-environment variables (``OMS_*``), then command-line flags; later wins.
-``docs/operations.md`` lists every setting.
+"""Service configuration: the settings, their defaults and their bounds.
+
+``Config.from_sources`` lays settings over the embedded defaults, later
+sources winning, and checks them; reading the sources (a TOML file, the
+``OMS_*`` environment variables, command-line flags) is
+``actors.settings.load_config``'s job. ``docs/operations.md`` lists every
+setting.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 DEFAULT_SYSTEMS = {
@@ -85,19 +86,12 @@ class Config:
     epoch: int = 0  # set for a shard process on Ray: its fencing epoch (0 = no fencing)
 
     @classmethod
-    def load(cls, file: str | None = None, env: Mapping[str, str] | None = None,
-             **flags: Any) -> Config:
+    def from_sources(cls, sources: Iterable[tuple[Mapping[str, Any], str]]) -> Config:
+        """The defaults, then each ``(settings, origin)`` in turn (later
+        wins), checked: a ``ConfigError`` names the origin of a bad value."""
         cfg = cls()
-        if file:
-            try:
-                cfg.update(tomllib.loads(Path(file).read_text(encoding="utf-8")), file)
-            except (OSError, tomllib.TOMLDecodeError) as exc:
-                raise ConfigError(f"config file {file}: {exc}") from None
-        env = os.environ if env is None else env
-        from_env = {f.name: env[f"OMS_{f.name.upper()}"] for f in fields(cls)
-                    if f"OMS_{f.name.upper()}" in env}
-        cfg.update(from_env, "environment")
-        cfg.update({k: v for k, v in flags.items() if v is not None}, "flags")
+        for values, origin in sources:
+            cfg.update(values, origin)
         cfg.check_store()
         return cfg
 
@@ -114,7 +108,7 @@ class Config:
                 raise ConfigError(f"{name} must be between {low:g} and {high:g} "
                                   f"(got {value})")
 
-    def update(self, values: dict[str, Any], origin: str) -> None:
+    def update(self, values: Mapping[str, Any], origin: str) -> None:
         known = {f.name: f for f in fields(self)}
         for key, value in values.items():
             name = key.replace("-", "_")
@@ -156,3 +150,9 @@ def parse_systems(value: Any, origin: str) -> dict[str, str]:
             raise ConfigError(f"{origin}: system {item!r} must be NAME=ENDPOINT")
         out[name.strip()] = endpoint.strip()
     return out
+
+
+def from_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """The settings named in ``env`` (``OMS_<SETTING>``, e.g. ``OMS_DATA``)."""
+    names = {f"OMS_{f.name.upper()}": f.name for f in fields(Config)}
+    return {name: env[key] for key, name in names.items() if key in env}

@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from oms.process_check import Checker
 from oms.states import OrderState
 
 
@@ -136,48 +137,7 @@ _ORDER_REFS = {
 }
 
 
-class _Checker:
-    """Collects problems as ``file: key.path: message``."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.problems: list[str] = []
-
-    def bad(self, where: str, message: str) -> None:
-        self.problems.append(f"{self.source}: {where}: {message}")
-
-    def keys(self, table: dict[str, Any], allowed: set[str], where: str) -> None:
-        for key in table:
-            if key not in allowed:
-                hint = difflib.get_close_matches(key, sorted(allowed), n=1)
-                tip = f" (did you mean {hint[0]!r}?)" if hint else ""
-                self.bad(f"{where}.{key}" if where else key, f"unknown key{tip}")
-
-    def table(self, raw: dict[str, Any], key: str, where: str) -> dict[str, Any]:
-        value = raw.get(key, {})
-        if not isinstance(value, dict):
-            self.bad(f"{where}.{key}" if where else key, "must be a table")
-            return {}
-        return value
-
-    def number(self, raw: dict[str, Any], key: str, where: str, default: float) -> float:
-        value = raw.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            self.bad(f"{where}.{key}", "must be a number >= 0")
-            return default
-        return float(value)
-
-    def choice(self, raw: dict[str, Any], key: str, where: str, options: tuple[str, ...]) -> str:
-        value = raw.get(key, options[0])
-        if value not in options:
-            hint = difflib.get_close_matches(str(value), options, n=1)
-            tip = f" (did you mean {hint[0]!r}?)" if hint else ""
-            self.bad(f"{where}.{key}", f"must be one of {', '.join(options)}{tip}")
-            return options[0]
-        return str(value)
-
-
-def _retry(c: _Checker, raw: dict[str, Any], where: str, base: RetryPolicy) -> RetryPolicy:
+def _retry(c: Checker, raw: dict[str, Any], where: str, base: RetryPolicy) -> RetryPolicy:
     c.keys(raw, _RETRY_KEYS, where)
     attempts = raw.get("max_attempts", base.max_attempts)
     if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
@@ -205,7 +165,7 @@ def _refs(value: Any) -> list[str]:
 
 
 def _check_refs(
-    c: _Checker, value: Any, where: str, scopes: set[str], step_names: set[str]
+    c: Checker, value: Any, where: str, scopes: set[str], step_names: set[str]
 ) -> None:
     for ref in _refs(value):
         root, _, rest = ref.partition(".")
@@ -224,7 +184,7 @@ def _check_refs(
 
 
 def _action(
-    c: _Checker, raw: dict[str, Any], where: str, scopes: set[str], names: set[str]
+    c: Checker, raw: dict[str, Any], where: str, scopes: set[str], names: set[str]
 ) -> Action | None:
     system, op = raw.get("system"), raw.get("op")
     if not isinstance(system, str) or not system:
@@ -257,7 +217,7 @@ def _action(
 
 
 def _step(
-    c: _Checker, name: str, raw: dict[str, Any], defaults: dict[str, Any], names: set[str]
+    c: Checker, name: str, raw: dict[str, Any], defaults: dict[str, Any], names: set[str]
 ) -> StepDef:
     where = f"steps.{name}"
     c.keys(raw, _STEP_KEYS, where)
@@ -321,7 +281,7 @@ def _step(
     )
 
 
-def _check_graph(c: _Checker, steps: list[StepDef]) -> None:
+def _check_graph(c: Checker, steps: list[StepDef]) -> None:
     known = {s.name for s in steps}
     deps = {s.name: set(s.after) & known for s in steps}  # unknown names: reported already
     done: set[str] = set()
@@ -337,7 +297,7 @@ def _check_graph(c: _Checker, steps: list[StepDef]) -> None:
 
 def parse_process(text: str, source: str) -> ProcessDef:
     """Parse and validate one definition; raises ``ProcessError``."""
-    c = _Checker(source)
+    c = Checker(source)
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -418,27 +378,3 @@ def builtin_processes() -> dict[str, ProcessDef]:
             proc = parse_process(entry.read_text(encoding="utf-8"), f"oms/processes/{entry.name}")
             out[proc.order_type] = proc
     return out
-
-
-def load_processes(directory: str | Path | None = None) -> dict[str, ProcessDef]:
-    """The built-in definitions, overridden or extended by ``directory``.
-
-    Every problem in every file is reported together in one ``ProcessError``.
-    """
-    procs = builtin_processes()
-    if directory is None:
-        return procs
-    path = Path(directory)
-    if not path.is_dir():
-        raise ProcessError([f"{path}: not a directory"])
-    problems = []
-    for file in sorted(path.glob("*.toml")):
-        try:
-            proc = parse_process(file.read_text(encoding="utf-8"), str(file))
-        except ProcessError as exc:
-            problems.extend(exc.problems)
-        else:
-            procs[proc.order_type] = proc
-    if problems:
-        raise ProcessError(problems)
-    return procs

@@ -41,7 +41,7 @@ from actors.publisher import topic_of
 from actors.security import is_operator_name
 from oms import codec, errors
 from oms.sharding import vshard_of, vshard_of_order_id
-from oms.store import ext_key
+from storage.records import ext_key
 
 logger = logging.getLogger("shards.front")
 
@@ -200,7 +200,7 @@ class Front:
                              metasync=True)
         self.index = self.env.open_db(b"ext")
         if not self.engine_types:
-            from oms.process import load_processes
+            from actors.settings import load_processes
 
             self.engine_types = sorted(load_processes(cfg.processes))
         self.ctx = zmq.Context()
@@ -1069,7 +1069,7 @@ def sum_counts(replies: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from oms import logs
+    from actors import logs
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:

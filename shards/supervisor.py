@@ -71,7 +71,7 @@ class Child:
 
 
 def shard_argv(cfg: Config, k: int, ep: ShardEndpoints, config_file: str | None) -> list[str]:
-    argv = [sys.executable, "-m", "oms.cli", "serve", "--shards", "1",
+    argv = [sys.executable, "-m", "app.cli", "serve", "--shards", "1",
             "--data", str(mf.shard_folder(cfg.data, k)), "--intake", ep.intake,
             "--events", ep.events, "--domain-events", ep.domain_events,
             "--metrics-port", str(ep.metrics_port if cfg.metrics_port else 0),
@@ -161,7 +161,7 @@ class Supervisor:
 
     def start(self, timeout: float = 120.0) -> None:
         """Start every child; raise when one cannot start (exit 2: config, port, lock)."""
-        from oms.client import Client
+        from gateways.client import Client
 
         self.ready_file.unlink(missing_ok=True)
         for child in self.children():

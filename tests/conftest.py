@@ -16,12 +16,12 @@ import zmq
 sys.path.insert(0, str(Path(__file__).parent))
 
 import bench.harness
-from actors.service import Service
+from app.service import Service
 from bench.ports import free_endpoint, free_port  # noqa: F401 - tests import free_port from here
+from gateways.client import Client
 from gateways.sim_domain import SimConfig
 from gateways.simulator import Simulator
 from oms import codec
-from oms.client import Client
 from oms.config import Config
 
 SYSTEMS = ("warehouse", "billing", "shipping", "crm", "provisioning")

@@ -13,11 +13,11 @@ from helpers import poll_until
 from prometheus_client import CollectorRegistry
 
 from actors.loop import LoopActor, burst
+from actors.metrics import Metrics
 from actors.pool import Dispatcher, PooledActor
 from actors.store_writer import Barrier, CreateOrder, SaveOrder, StoreWriter
 from oms import codec
-from oms.metrics import Metrics
-from oms.store import Store, StoreLocked
+from storage.store import Store, StoreLocked
 
 
 class Recorder(PooledActor):
@@ -276,7 +276,7 @@ def test_second_store_on_same_folder_is_refused(store: Store) -> None:
 
 
 def test_corrupt_record_is_reported_with_its_key(store: Store) -> None:
-    from oms.store import CorruptRecord
+    from storage.records import CorruptRecord
 
     with store.write() as txn:
         txn.put(b"O000000000009", b"\xc1garbage", db=store.db["orders"])

@@ -7,7 +7,7 @@ from typing import Any
 import zmq
 from conftest import SimThread
 
-from oms.client import Client, wait_terminal
+from gateways.client import Client, wait_terminal
 from oms.sample import sample_orders
 
 

@@ -12,7 +12,7 @@ from conftest import free_port
 from helpers import poll_until, retail_order
 from test_operations import control, no_restock  # noqa: F401
 
-from oms.client import Client, wait_terminal
+from gateways.client import Client, wait_terminal
 
 BACKORDERED = [{"id": "x", "product_id": "SKU-901", "quantity": 10**7}]
 

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 def bench(tmp_path: Path, *args: str) -> dict:
     out = tmp_path / "reports"
-    result = subprocess.run([sys.executable, "-m", "oms.cli", "bench", "--smoke", "--quiet",
+    result = subprocess.run([sys.executable, "-m", "app.cli", "bench", "--smoke", "--quiet",
                              "--out", str(out), *args], capture_output=True, text=True,
                             timeout=180, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -103,7 +103,7 @@ def test_fault_soak_smoke(tmp_path: Path) -> None:
     is applied twice, and the report says so."""
     out = tmp_path / "reports"
     result = subprocess.run(
-        [sys.executable, "-m", "oms.cli", "bench", "--scenario", "soak", "--faults", "--quiet",
+        [sys.executable, "-m", "app.cli", "bench", "--scenario", "soak", "--faults", "--quiet",
          "--rate", "40", "--duration", "8", "--kill-every", "4", "--outage-every", "3",
          "--outage-s", "1.5", "--give-up", "20", "--out", str(out)],
         capture_output=True, text=True, timeout=120, check=False)
@@ -122,7 +122,7 @@ def test_fault_soak_smoke(tmp_path: Path) -> None:
 
 
 def test_fault_soak_needs_its_own_soak_service() -> None:
-    result = subprocess.run([sys.executable, "-m", "oms.cli", "bench", "--scenario", "retail",
+    result = subprocess.run([sys.executable, "-m", "app.cli", "bench", "--scenario", "retail",
                              "--faults"], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode != 0 and "--faults needs --scenario soak" in result.stderr
 

@@ -15,7 +15,7 @@ import pytest
 from conftest import Endpoints, sim_report
 
 from bench.faults import sequencing_overlaps
-from oms.client import Client
+from gateways.client import Client
 from oms.sample import sample_orders
 
 pytestmark = pytest.mark.slow

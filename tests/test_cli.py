@@ -20,15 +20,15 @@ from conftest import free_endpoint, free_port
 from helpers import poll_until, retail_order
 from test_operations import control, fallout_orders, hold_policy, no_restock  # noqa: F401
 
-from oms.cli import build_parser
-from oms.client import Client, wait_terminal
+from app.cli import build_parser
+from gateways.client import Client, wait_terminal
 
 BACKORDERED = [{"id": "x", "product_id": "SKU-901", "quantity": 10**7}]
 
 
 def oms(*args: str, timeout: float = 20, env: dict[str, str] | None = None,
         ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "oms.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True,
                           text=True, timeout=timeout, env=dict(os.environ, **(env or {})),
                           check=False)
 
@@ -68,7 +68,7 @@ def test_the_timeout_counts_from_the_command_start() -> None:
     and imports (0.1-0.8 s on a busy machine) come out of it, and the exit is
     paid for; it was 3.1-3.5 s from the shell with the default 3 s."""
     code = ("import time; time.sleep(0.6)\n"  # under test: 0.6 s of process age before the import
-            "from oms.opscli import EXIT_MARGIN_S, process_age, time_left\n"
+            "from app.opscli import EXIT_MARGIN_S, process_age, time_left\n"
             "print(process_age(), time_left(3.0), EXIT_MARGIN_S)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=20, check=True).stdout.split()
@@ -76,7 +76,7 @@ def test_the_timeout_counts_from_the_command_start() -> None:
     assert 0.6 <= age < 20
     assert left <= 3.0 - 0.6 - margin and margin > 0
     assert float(subprocess.run(
-        [sys.executable, "-c", "from oms.opscli import time_left; print(time_left(0.1))"],
+        [sys.executable, "-c", "from app.opscli import time_left; print(time_left(0.1))"],
         capture_output=True, text=True, timeout=20, check=True).stdout) == 0.2  # a floor
 
 
@@ -99,7 +99,7 @@ def test_bad_input_files_and_flags_get_one_line(tmp_path: Path) -> None:
 
 def test_closed_pipe_is_quiet(service: Any, eps: Any, client: Client) -> None:
     client.submit(retail_order("pipe-1"))
-    proc = subprocess.Popen([sys.executable, "-m", "oms.cli", "orders", "--intake", eps.intake],
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "orders", "--intake", eps.intake],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()  # the reader is gone before anything is written (oms orders | head -0)
     _, err = proc.communicate(timeout=20)
@@ -246,7 +246,7 @@ def test_simulate_refuses_bad_flag_values_in_one_line() -> None:
 
 
 def test_the_fallout_block_is_rendered_when_the_service_sends_it() -> None:
-    from oms.cli import render_order
+    from app.orders_cli import render_order
 
     view = {"order_id": "O000000000007", "source_system": "web", "external_id": "e",
             "order_type": "retail", "state": "held", "state_reason": "fallout",

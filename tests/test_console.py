@@ -31,9 +31,9 @@ from helpers import poll_until, retail_order
 from test_operations import control, hold_policy
 from test_security import keys, opts, secure  # noqa: F401 - fixtures
 
-from actors.service import Service
+from app.service import Service
+from gateways.client import Client, wait_terminal
 from gateways.sim_domain import SimConfig
-from oms.client import Client, wait_terminal
 from oms.config import Config
 
 pytest.importorskip("flask", reason="the console's web stack (oms[console]) is not installed")
@@ -355,7 +355,7 @@ def test_passwd_command_writes_a_salted_hash(tmp_path: Path) -> None:
 
     file = tmp_path / "users"
     for password in ("first-password", "second-password"):
-        done = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "oms.cli", "console",
+        done = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "app.cli", "console",
                                "passwd", str(file), "bea", "--password-stdin"],
                               input=password + "\n", capture_output=True, text=True,
                               timeout=30, check=False)
@@ -366,7 +366,7 @@ def test_passwd_command_writes_a_salted_hash(tmp_path: Path) -> None:
     assert authenticate(users, "bea", "second-password") is not None
     assert authenticate(users, "bea", "first-password") is None
     assert authenticate(users, "nobody", "second-password") is None
-    from oms.cli import build_parser
+    from app.cli import build_parser
 
     args = build_parser().parse_args(["console"])
     assert (args.host, args.port) == ("127.0.0.1", 8470)  # this machine only, by default

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 def demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "oms.cli", "demo", "--data",
+    return subprocess.run([sys.executable, "-m", "app.cli", "demo", "--data",
                            str(tmp_path / "demo"), *args], capture_output=True, text=True,
                           timeout=180, check=False)
 

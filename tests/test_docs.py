@@ -109,7 +109,8 @@ def test_the_functions_and_tests_the_docs_name_exist() -> None:
             if not re.search(rf"^def {name}\(", (ROOT / file).read_text(encoding="utf-8"),
                              flags=re.M):
                 missing.append(f"{page}: {file}::{name}")
-        named = set(re.findall(r"`((?:actors|oms|gateways|console)\.[\w.]+)`", text))
+        named = set(re.findall(
+            r"`((?:oms|storage|actors|gateways|bench|console|shards|app)\.[\w.]+)`", text))
         for dotted in sorted(named - NOT_CODE):
             parts = dotted.split(".")
             for cut in range(len(parts), 0, -1):

@@ -11,7 +11,7 @@ import pytest
 from conftest import Endpoints, sim_report
 from helpers import poll_until
 
-from oms.client import Client, wait_terminal
+from gateways.client import Client, wait_terminal
 from oms.sample import sample_orders
 
 RETAIL_OPS = ("reserve_stock", "create_invoice", "capture_payment", "create_shipment")

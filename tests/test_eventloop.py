@@ -17,7 +17,7 @@ from actors.eventloop import EventLoop, LoopBlocked
 from actors.loop import LoopActor
 from actors.pool import PooledActor
 from bench.ports import free_endpoint
-from oms.client import Client, wait_terminal
+from gateways.client import Client, wait_terminal
 
 
 class Supervisor:

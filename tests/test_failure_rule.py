@@ -15,10 +15,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 from test_operations import no_restock  # noqa: F401
 
+from actors.metrics import Metrics
 from actors.timers import TimerService
 from oms.engine import Engine
 from oms.messages import TimerFired, Turn
-from oms.metrics import Metrics
 
 # -- timers (defect 15, and defect 4's timer side) ---------------------------
 
@@ -149,7 +149,7 @@ def test_a_warning_when_listening_beyond_loopback_without_curve(
 
     from conftest import free_port
 
-    with caplog.at_level(logging.WARNING, logger="actors.service"):
+    with caplog.at_level(logging.WARNING, logger="app.service"):
         make_service(intake=f"tcp://0.0.0.0:{free_port()}")
     warnings = [r.getMessage() for r in caplog.records if "CURVE is off" in r.getMessage()]
     assert len(warnings) == 1 and "tcp://0.0.0.0:" in warnings[0]
@@ -159,7 +159,7 @@ def test_a_warning_when_listening_beyond_loopback_without_curve(
 def test_no_warning_on_loopback(make_service: Any, caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
-    with caplog.at_level(logging.WARNING, logger="actors.service"):
+    with caplog.at_level(logging.WARNING, logger="app.service"):
         make_service()
     assert not [r for r in caplog.records if "CURVE is off" in r.getMessage()]
 
@@ -184,7 +184,7 @@ def test_a_poison_order_goes_to_fallout_and_blocks_no_other_order(
 
     from helpers import poll_until, retail_order
 
-    from oms.client import Client
+    from gateways.client import Client
     from oms.engine import Engine
 
     svc = make_service(max_in_flight=2)
@@ -232,7 +232,7 @@ def test_a_dead_actor_in_the_live_set_kills_no_thread(make_service: Any, eps: An
     only the event below brings (the simulator never restocks here)."""
     from helpers import poll_until, retail_order
 
-    from oms.client import Client
+    from gateways.client import Client
     from oms.messages import DomainEvent
 
     svc = make_service(passivate_after_s=60)
@@ -263,7 +263,7 @@ def test_a_stopped_order_actor_loses_no_message(make_service: Any, eps: Any) -> 
     is [stop, event]."""
     from helpers import poll_until, retail_order
 
-    from oms.client import Client
+    from gateways.client import Client
     from oms.messages import DomainEvent
 
     svc = make_service(passivate_after_s=60)
@@ -306,7 +306,7 @@ def test_a_dead_component_is_not_ready_and_exits_70(eps: Any, tmp_path: Any) -> 
     from conftest import free_port
     from helpers import poll_until
 
-    from actors.service import Service
+    from app.service import Service
     from oms.config import Config
 
     exits: list[int] = []
@@ -331,7 +331,7 @@ def test_a_dead_component_is_not_ready_and_exits_70(eps: Any, tmp_path: Any) -> 
 KILL_A_COMPONENT = """
 import sys, threading, time, urllib.request
 import pykka
-from oms.cli import main
+from app.cli import main
 
 def kill_sequencer():
     while True:  # poll until ready, then stop the sequencer actor (pykka's own stop)
@@ -373,8 +373,8 @@ def test_oms_serve_exits_non_zero_when_a_component_dies(eps: Any, tmp_path: Any)
 def test_the_hold_of_a_finished_order_changes_nothing() -> None:
     from helpers import normalized, retail_order
 
+    from actors.settings import load_processes
     from oms.engine import hold_internal_error, new_order
-    from oms.process import load_processes
     from oms.states import OrderState
 
     proc = load_processes(None)["retail"]
@@ -395,7 +395,7 @@ def test_an_internal_error_hold_survives_a_restart_without_its_admission_slot(
 
     from helpers import poll_until
 
-    from oms.client import Client
+    from gateways.client import Client
 
     svc = make_service()
     good = svc.octx.engines["telecom"]

@@ -15,10 +15,10 @@ from helpers import poll_until, retail_order
 from test_chaos import fast_retail
 from test_operations import no_restock  # noqa: F401
 
+from gateways.client import Client, wait_terminal
 from oms import codec
-from oms.client import Client, wait_terminal
 from oms.sample import sample_orders
-from oms.store import Store
+from storage.store import Store
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,8 @@ from helpers import retail_order
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateways.client import Client
 from oms import codec
-from oms.client import Client
 
 pytestmark = pytest.mark.slow
 
@@ -159,7 +159,7 @@ ODD = [
 @pytest.mark.parametrize("order", ODD, ids=[o["external_id"][:10] for o in ODD])
 def test_valid_but_odd_orders_are_accepted_and_finish(target: tuple[Endpoints, Any],
                                                       order: dict[str, Any]) -> None:
-    from oms.client import wait_terminal
+    from gateways.client import wait_terminal
 
     eps, _svc = target
     with Client(eps.intake, timeout=20) as client:

@@ -13,9 +13,10 @@ import pytest
 from helpers import retail_order
 from test_recovery import Builder, waiting_for_delivery
 
-from oms.client import Client
-from oms.process import load_processes
-from oms.store import ListFilter, Store
+from actors.settings import load_processes
+from gateways.client import Client
+from storage.listing import ListFilter
+from storage.store import Store
 
 
 def build(data: Path, count: int) -> list[str]:

@@ -19,8 +19,8 @@ import pytest
 from conftest import Endpoints, free_port
 from helpers import poll_until
 
-from oms.cli import main
-from oms.client import Client, wait_terminal
+from app.cli import main
+from gateways.client import Client, wait_terminal
 from oms.sample import sample_orders
 
 ROOT = Path(__file__).resolve().parent.parent

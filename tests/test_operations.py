@@ -13,9 +13,9 @@ from conftest import Endpoints, sim_report
 from helpers import poll_until, retail_order
 from test_chaos import fast_retail
 
+from app.cli import main
+from gateways.client import Client, wait_terminal
 from oms import codec
-from oms.cli import main
-from oms.client import Client, wait_terminal
 
 
 def hold_policy(folder: Path) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 
 from test_operations import control, fallout_orders, hold_policy
 
-from oms.client import Client, wait_terminal
+from gateways.client import Client, wait_terminal
 
 
 def test_retry_skip_abort_cancel_racing_each_other_and_a_reply(

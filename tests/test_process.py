@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from oms.process import ProcessError, builtin_processes, load_processes, parse_process
+from actors.settings import load_processes
+from oms.process import ProcessError, builtin_processes, parse_process
 
 MINIMAL = """
 [process]
@@ -81,7 +82,7 @@ def test_unknown_step_in_after_is_reported_without_a_spurious_cycle() -> None:
 
 
 def test_show_says_when_a_wait_has_no_time_limit() -> None:
-    from oms.cli import render_process
+    from app.processes_cli import render_process
 
     text = render_process(builtin_processes()["retail"])
     assert "[await_delivery] wait for event shipment_delivered" in text

@@ -8,8 +8,8 @@ from typing import Any
 
 from helpers import retail_order
 
-from oms.cli import main
-from oms.client import Client, wait_terminal
+from app.cli import main
+from gateways.client import Client, wait_terminal
 
 RETURN = """
 [process]

@@ -14,8 +14,8 @@ import pytest
 from conftest import Endpoints, sim_report
 from helpers import poll_until, retail_order
 
-from oms.client import Client, wait_terminal
-from oms.store import FENCED_EXIT
+from gateways.client import Client, wait_terminal
+from storage.store import FENCED_EXIT
 
 TERMINAL = {"completed", "failed", "partial", "cancelled"}
 

@@ -22,13 +22,15 @@ from conftest import Endpoints
 from helpers import Driver, normalized, ok_domain, poll_until, retail_order
 from test_operations import no_restock  # noqa: F401
 
+from actors.settings import load_processes
+from gateways.client import Client, wait_terminal
 from oms import codec
-from oms.client import Client, wait_terminal
 from oms.engine import new_order
 from oms.model import Order
-from oms.process import ProcessDef, load_processes
+from oms.process import ProcessDef
 from oms.sample import telecom
-from oms.store import MIB, Store, ext_key, format_order_id
+from storage.records import ext_key, format_order_id
+from storage.store import MIB, Store
 
 pytestmark = pytest.mark.slow
 TERMINAL = {"completed", "failed", "partial", "cancelled"}

@@ -16,11 +16,12 @@ import pytest
 from conftest import Endpoints
 from helpers import poll_until, retail_order
 
-from oms import archive
-from oms.client import wait_terminal
+from actors.settings import load_config
+from gateways.client import wait_terminal
 from oms.config import Config, ConfigError
 from oms.sample import sample_orders
-from oms.store import Store
+from storage import archive
+from storage.store import Store
 
 TERMINAL = {"completed", "failed", "partial", "cancelled"}
 
@@ -104,8 +105,8 @@ def test_bad_retention_settings_refuse_to_start(tmp_path: Path) -> None:
         with pytest.raises(ConfigError):
             check_settings(cfg)
     with pytest.raises(ConfigError, match="retention_s must be a number"):
-        Config.load(None, env={"OMS_RETENTION_S": "soon"})
-    assert Config.load(None, env={"OMS_RETENTION_S": "0"}).retention_s == 0.0
+        load_config(None, env={"OMS_RETENTION_S": "soon"})
+    assert load_config(None, env={"OMS_RETENTION_S": "0"}).retention_s == 0.0
 
 
 def test_an_uncommitted_archive_tail_is_cut_and_a_stale_batch_refused(tmp_path: Path) -> None:
@@ -139,7 +140,7 @@ def _archive_bytes(data: Path) -> int:
 @pytest.mark.slow
 def test_kill_9_while_archiving_loses_and_duplicates_nothing(procs: Any, tmp_path: Path,
                                                              monkeypatch: Any) -> None:
-    from oms.client import Client
+    from gateways.client import Client
 
     eps = Endpoints()
     procs(eps.simulate_args() + ["--delivery-s", "0"], "simulate")
@@ -185,7 +186,7 @@ def test_kill_9_while_archiving_loses_and_duplicates_nothing(procs: Any, tmp_pat
     finally:
         store.close()
     # oms archive finds them, by id and by external id
-    cli = [sys.executable, "-m", "oms.cli", "archive", "--data", str(data)]
+    cli = [sys.executable, "-m", "app.cli", "archive", "--data", str(data)]
     listing = json.loads(subprocess.run(cli + ["list", "--count", "--json"], capture_output=True,
                                         check=True, timeout=30).stdout)
     assert sum(f["orders"] for f in listing) == len(ids)
@@ -256,7 +257,7 @@ def test_an_archive_that_cannot_be_written_keeps_orders_live_until_it_can(
 @pytest.mark.slow
 def test_soak_reports_the_store_size_over_time(tmp_path: Path) -> None:
     out = tmp_path / "reports"
-    run = subprocess.run([sys.executable, "-m", "oms.cli", "bench", "--smoke", "--quiet",
+    run = subprocess.run([sys.executable, "-m", "app.cli", "bench", "--smoke", "--quiet",
                           "--scenario", "soak", "--rate", "200", "--retention-s", "0.5",
                           "--out", str(out)], capture_output=True, text=True, timeout=180,
                          check=False)
@@ -282,7 +283,7 @@ def test_retention_0_keeps_finished_orders_live(make_service: Any, sim: Any,
 
 def test_oms_serve_refuses_a_negative_retention(tmp_path: Path) -> None:
     eps = Endpoints()
-    run = subprocess.run([sys.executable, "-m", "oms.cli", *eps.serve_args(tmp_path / "d"),
+    run = subprocess.run([sys.executable, "-m", "app.cli", *eps.serve_args(tmp_path / "d"),
                           "--retention-s", "-5"], capture_output=True, text=True, timeout=60,
                          check=False)
     assert run.returncode == 2 and "retention_s must be a number of seconds" in run.stderr

@@ -15,9 +15,9 @@ from conftest import Endpoints, SimThread
 from helpers import poll_until, retail_order
 
 from actors.security import SecurityError, client_options, generate, is_operator_name
+from app.cli import main
+from gateways.client import Client, wait_terminal
 from oms import codec
-from oms.cli import main
-from oms.client import Client, wait_terminal
 
 
 @pytest.fixture
@@ -64,6 +64,16 @@ def test_keys_generate_writes_pairs_with_private_secrets(tmp_path: Path) -> None
     for name in ("web", "store"):
         assert (tmp_path / f"{name}.key").exists()
         assert oct(os.stat(tmp_path / f"{name}.key_secret").st_mode & 0o777) == "0o600"
+
+
+def test_keys_generate_names_a_near_miss_operator_name(tmp_path: Path, capsys: Any) -> None:
+    assert main(["keys", "generate", "--out", str(tmp_path), "operators-portal", "Operator",
+                 "operator-ann", "operator"]) == 0
+    err = capsys.readouterr().err
+    assert "'operators-portal' is not an operator identity" in err
+    assert "'Operator' is not an operator identity" in err
+    assert "'operator-ann'" not in err and "'operator' is not" not in err
+    assert (tmp_path / "operators-portal.key").exists()  # still written: it is a valid channel
 
 
 def test_allowed_channel_works_on_its_own_orders_only(secure: Any, eps: Any,
@@ -288,7 +298,7 @@ def test_a_dead_authenticator_is_not_ready_and_exits_70(keys: Path, eps: Any,
                                                         tmp_path: Path) -> None:
     """The ZAP thread ending while the service runs (every new CURVE handshake
     would wait forever) is a dead component: exit 70 and /readyz not ready."""
-    from actors.service import Service
+    from app.service import Service
     from oms.config import Config
 
     exits: list[int] = []

@@ -13,9 +13,10 @@ import pytest
 import zmq
 from helpers import retail_order
 
+from actors.settings import load_config
+from gateways.client import Client, wait_terminal
 from oms import codec
-from oms.client import Client, wait_terminal
-from oms.config import Config, ConfigError
+from oms.config import ConfigError
 
 
 def test_channel_events_for_every_change_on_its_own_topic(service: Any, eps: Any,
@@ -65,7 +66,7 @@ def test_stop_leaves_no_threads(make_service: Any, sim: Any, eps: Any) -> None:
 def test_config_precedence(tmp_path: Path) -> None:
     file = tmp_path / "oms.toml"
     file.write_text('data = "from-file"\nworkers = 3\n[systems]\nbilling = "tcp://b:1"\n')
-    cfg = Config.load(str(file), env={"OMS_DATA": "from-env", "OMS_WORKERS": "5"},
+    cfg = load_config(str(file), env={"OMS_DATA": "from-env", "OMS_WORKERS": "5"},
                       workers=7, systems={"crm": "tcp://c:2"})
     assert cfg.data == "from-env"
     assert cfg.workers == 7
@@ -97,7 +98,7 @@ def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, message: str) ->
     file = tmp_path / "oms.toml"
     file.write_text(text)
     with pytest.raises(ConfigError, match=message):
-        Config.load(str(file), env={})
+        load_config(str(file), env={})
 
 
 @pytest.mark.parametrize(("name", "value", "message"), [
@@ -109,14 +110,14 @@ def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, message: str) ->
 ])
 def test_bad_number_in_environment_is_a_clear_error(name: str, value: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        Config.load(env={name: value})
+        load_config(env={name: value})
 
 
 def test_bad_number_flag_fails_serve_at_start(tmp_path: Path) -> None:
     """``oms serve`` with ``OMS_PASSIVATE_AFTER_S=inf`` once started, then
     exited 70 from a dead thread; now it refuses to start, exit 2, one line."""
     env = {**os.environ, "OMS_PASSIVATE_AFTER_S": "inf"}
-    done = subprocess.run([sys.executable, "-m", "oms.cli", "serve", "--data", str(tmp_path),
+    done = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--data", str(tmp_path),
                            "--metrics-port", "0"], env=env, capture_output=True, text=True,
                           timeout=20, check=False)
     assert done.returncode == 2, done.stderr

@@ -24,8 +24,8 @@ from helpers import poll_until, retail_order
 from test_observability import prom_tools  # noqa: F401 - the fixture
 
 from bench.ports import free_block
+from gateways.client import Client, wait_terminal
 from oms import codec
-from oms.client import Client, wait_terminal
 from oms.config import ConfigError
 from oms.sample import sample_orders
 from oms.sharding import sharded_order_id, vshard_of, vshard_of_order_id
@@ -126,7 +126,7 @@ def test_the_manifest_is_made_once_and_guards_the_folder(tmp_path: Path) -> None
 
 
 def test_a_plain_serve_refuses_a_sharded_folder(tmp_path: Path, capsys: Any) -> None:
-    from oms.cli import main
+    from app.cli import main
 
     mf.open_or_create(tmp_path, 2)
     assert main(["serve", "--data", str(tmp_path), "--metrics-port", "0"]) == 2
@@ -459,7 +459,7 @@ def test_bench_measures_one_process_and_n_shards_in_one_run(tmp_path: Path,
                                                             capsys: Any) -> None:
     import json
 
-    from oms.cli import main
+    from app.cli import main
 
     assert main(["bench", "--shards", "2", "--smoke", "--quiet", "--out", str(tmp_path)]) == 0
     text = capsys.readouterr().out
@@ -550,7 +550,7 @@ def test_moving_virtual_shards_offline_keeps_every_order(procs: Any, tmp_path: P
                                                          capsys: Any) -> None:
     import json
 
-    from oms.cli import main
+    from app.cli import main
 
     s = Sharded(procs, tmp_path)
     orders = [retail_order(f"mv-{n}", customer={"id": f"mv-c{n}"}) for n in range(60)]

@@ -21,7 +21,7 @@ import pytest
 from conftest import SimThread, free_port
 from helpers import poll_until, retail_order
 
-from oms.client import Client, wait_terminal
+from gateways.client import Client, wait_terminal
 from oms.sample import sample_orders
 
 pytestmark = pytest.mark.slow
@@ -153,9 +153,9 @@ def test_the_writer_runs_no_effect_of_a_snapshot_until_it_is_durable(tmp_path: P
     is committed and only then its callbacks run."""
     from prometheus_client import CollectorRegistry
 
+    from actors.metrics import Metrics
     from actors.store_writer import RecordEvent, SaveOrder, StoreWriter
-    from oms.metrics import Metrics
-    from oms.store import MIB, Store
+    from storage.store import MIB, Store
 
     with tmpfs(tmp_path / "disk", 8) as disk:
         store = Store(disk / "store", map_size=MIB)

@@ -15,8 +15,8 @@ from typing import Any
 
 import zmq
 
+from gateways.client import Client
 from oms import codec
-from oms.client import Client
 from oms.config import Config
 from oms.sample import sample_orders
 from oms.states import TERMINAL
@@ -34,7 +34,7 @@ def _bar(done: int, total: int, started: float, tty: bool = True, width: int = 3
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     out = log.open("wb")
-    return subprocess.Popen([sys.executable, "-m", "oms.cli", *args], stdout=out, stderr=out)
+    return subprocess.Popen([sys.executable, "-m", "app.cli", *args], stdout=out, stderr=out)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> int:
@@ -183,7 +183,7 @@ def _summary(client: Client, cfg: Config, ids: list[str], finished: dict[str, st
               f"{len(report.get('applied_twice', []))}")
     sample = next((i for i in ids if views.get(i, {}).get("state") == "completed"), None)
     if sample:
-        from oms.cli import render_order
+        from app.orders_cli import render_order
 
         print("\none of them, as `oms status` shows it:\n")
         print("  " + render_order(views[sample]).replace("\n", "\n  "))

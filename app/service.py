@@ -25,10 +25,12 @@ from actors.domain_events import INVALID, DomainEvents, stored_event
 from actors.eventloop import EventLoop
 from actors.http import HttpServer
 from actors.intake import Intake
+from actors.metrics import Metrics, ServiceCollector
 from actors.publisher import Publisher
 from actors.router import OrderContext, OrderRouter
 from actors.security import ChannelSecurity, SecurityError, client_options
 from actors.sequencer import Sequencer
+from actors.settings import load_processes
 from actors.store_writer import StoreWriter
 from actors.timers import TimerService
 from gateways.breaker import LEVEL, Breaker
@@ -36,11 +38,10 @@ from gateways.gateway import Gateway
 from oms.config import Config, ConfigError
 from oms.engine import Engine
 from oms.messages import Resume
-from oms.metrics import Metrics, ServiceCollector
 from oms.model import Order
-from oms.process import load_processes
 from oms.states import TERMINAL
-from oms.store import CorruptRecord, Store, event_key
+from storage.records import CorruptRecord, event_key
+from storage.store import Store
 
 logger = logging.getLogger(__name__)
 

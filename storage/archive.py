@@ -21,13 +21,10 @@ This module does file I/O only; it never opens LMDB.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import gzip
-import json
 import os
 import struct
-import sys
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,71 +147,3 @@ def iter_file(path: Path) -> Iterator[dict[str, Any]]:
 
 def files(data: str | Path) -> list[Path]:
     return sorted(folder(data).glob(f"{PREFIX}*{SUFFIX}"))
-
-
-# -- oms archive ---------------------------------------------------------------
-
-
-def add_parser(sub: Any) -> None:
-    p = sub.add_parser("archive", help="archived (retired) orders: list files, find an order",
-                       description="Reads the archive files in the data folder directly; "
-                       "works with the service running or stopped.")
-    p.add_argument("--data", help="data folder (env OMS_DATA; default ./oms-data)")
-    asub = p.add_subparsers(dest="action", required=True)
-    ls = asub.add_parser("list", help="archive files: day and size (and orders, --count)")
-    ls.add_argument("--count", action="store_true",
-                    help="also count each file's orders (reads every file)")
-    ls.add_argument("--json", action="store_true")
-    find = asub.add_parser("find", help="an archived order by id or by external id")
-    find.add_argument("order_id", nargs="?")
-    find.add_argument("--source", help="source_system (with --external-id)")
-    find.add_argument("--external-id")
-    find.add_argument("--json", action="store_true")
-
-
-def cmd_archive(args: argparse.Namespace) -> int:
-    from oms.config import Config
-
-    data = Config.load(None, data=args.data).data
-    if args.action == "list":
-        rows = []
-        for path in files(data):
-            row: dict[str, Any] = {"file": str(path), "day": path.name[len(PREFIX):-len(SUFFIX)],
-                   "bytes": path.stat().st_size}
-            if args.count:
-                row["orders"] = sum(1 for _ in iter_file(path))
-            rows.append(row)
-        if args.json:
-            print(json.dumps(rows))
-        else:
-            for r in rows:
-                n = f"{r['orders']:>9} orders  " if args.count else ""
-                print(f"{r['day']}  {n}{r['bytes']:>12} bytes  {r['file']}")
-            total = f", {sum(r['orders'] for r in rows)} orders" if args.count else ""
-            print(f"{len(rows)} files, {sum(r['bytes'] for r in rows)} bytes{total}")
-        return 0
-    if not args.order_id and not (args.source and args.external_id):
-        print("oms archive find: give ORDER_ID, or --source and --external-id",
-              file=sys.stderr)
-        return 2
-    for path in reversed(files(data)):
-        for rec in iter_file(path):
-            view = rec["order"]
-            if (view.get("order_id") == args.order_id if args.order_id else (
-                    view.get("source_system") == args.source
-                    and view.get("external_id") == args.external_id)):
-                if args.json:
-                    print(json.dumps(dict(rec, file=str(path)), default=repr))
-                else:
-                    from oms.cli import render_order
-
-                    print(f"archived in {path.name}, finished "
-                          f"{_when(rec['finished_ts'])}, archived {_when(rec['archived_ts'])}")
-                    print(render_order(view))
-                return 0
-    print("no such order in the archive", file=sys.stderr)
-    return 1
-
-
-def _when(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from oms.client import Client
-from oms.config import Config
+from actors.settings import load_config
+from gateways.client import Client
 
 DEFAULT_TIMEOUT = 3.0
 OPERATOR_REQUEST = {"retry": "retry_step", "skip": "skip_step", "abort": "abort_order"}
@@ -92,7 +92,7 @@ def _whoami() -> str:
 
 def connect(args: argparse.Namespace) -> Client:
     """A client for the command's intake endpoint and timeout."""
-    endpoint = Config.load(None, intake=args.intake).intake
+    endpoint = load_config(None, intake=args.intake).intake
     timeout = getattr(args, "timeout", DEFAULT_TIMEOUT)
     if not timeout > 0 or timeout > 3600:
         raise CommandError("--timeout must be a number of seconds above 0 (at most 3600)")
@@ -234,7 +234,7 @@ def _age(seconds: float) -> str:
 
 
 def cmd_order(args: argparse.Namespace) -> int:
-    from oms.cli import render_order
+    from app.orders_cli import render_order
 
     if args.action in ("show", "cancel"):
         ref = order_ref(args)

@@ -1,0 +1,57 @@
+"""Reading settings from outside the process: the service's configuration
+(a TOML file, then ``OMS_*`` environment variables, then command-line flags;
+later wins) and process definitions from a folder.
+
+The core only knows the shapes: ``oms.config.Config`` (settings, bounds) and
+``oms.process`` (definitions parsed from text). This module does the reading.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from oms.config import Config, ConfigError, from_environment
+from oms.process import ProcessDef, ProcessError, builtin_processes, parse_process
+
+
+def load_config(file: str | None = None, env: Mapping[str, str] | None = None,
+                **flags: Any) -> Config:
+    """The settings: defaults, then ``file`` (TOML), then ``env`` (the
+    process environment unless given), then the flags that are not None."""
+    sources: list[tuple[Mapping[str, Any], str]] = []
+    if file:
+        try:
+            sources.append((tomllib.loads(Path(file).read_text(encoding="utf-8")), file))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {file}: {exc}") from None
+    sources.append((from_environment(os.environ if env is None else env), "environment"))
+    sources.append(({k: v for k, v in flags.items() if v is not None}, "flags"))
+    return Config.from_sources(sources)
+
+
+def load_processes(directory: str | Path | None = None) -> dict[str, ProcessDef]:
+    """The built-in definitions, overridden or extended by ``directory``.
+
+    Every problem in every file is reported together in one ``ProcessError``.
+    """
+    procs = builtin_processes()
+    if directory is None:
+        return procs
+    path = Path(directory)
+    if not path.is_dir():
+        raise ProcessError([f"{path}: not a directory"])
+    problems = []
+    for file in sorted(path.glob("*.toml")):
+        try:
+            proc = parse_process(file.read_text(encoding="utf-8"), str(file))
+        except ProcessError as exc:
+            problems.extend(exc.problems)
+        else:
+            procs[proc.order_type] = proc
+    if problems:
+        raise ProcessError(problems)
+    return procs

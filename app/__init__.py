@@ -1,0 +1,1 @@
+"""The application layer: the composition root (service wiring) and the `oms` commands."""

@@ -1,0 +1,1 @@
+"""The storage boundary: the LMDB store and the archive files."""
