@@ -92,7 +92,7 @@ class AnswerCreate(NamedTuple):
 
     intake: Any
     source_system: str
-    reply: Callable[[dict[str, Any]], None]
+    reply: ReplyTo
 
 
 class AnswerEvent(NamedTuple):

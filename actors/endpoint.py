@@ -56,7 +56,8 @@ class RouterEndpoint(LoopActor):
             try:
                 if self.identity_required:
                     parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-                    user = parts[-1].get("User-Id")
+                    got = parts[-1].get("User-Id")  # a str: pyzmq types all properties as one
+                    user = got if isinstance(got, str) else None
                     frames = [p.bytes for p in parts]
                 else:
                     frames, user = sock.recv_multipart(flags=zmq.NOBLOCK), None

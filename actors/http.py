@@ -152,7 +152,7 @@ class HttpServer:
                  ready: Callable[[], bool]) -> None:
         self.dead: Callable[[], list[str]] = list  # set by the service once started
         self.server: PooledWSGIServer = make_server(
-            host, port, health_app(registry, ready, lambda: self.dead()), PooledWSGIServer,
+            host, port, health_app(registry, ready, lambda: self.dead()), PooledWSGIServer,  # noqa: PLW0108 - late binding: self.dead is set after construction
             handler_class=_Quiet)
         self.thread = threading.Thread(
             target=supervision.guarded("metrics-http", self.server.serve), name="metrics-http",

@@ -31,10 +31,10 @@ from oms import codec, errors
 from oms.messages import Cancel, Operate, Start
 from oms.sharding import vshard_of
 from oms.states import OrderState
+from oms.validation import validate_order
 from storage.listing import ListFilter
 from storage.records import CorruptRecord, usable_order_id
 from storage.store import Created
-from oms.validation import validate_order
 
 logger = logging.getLogger(__name__)
 
@@ -108,13 +108,13 @@ class Intake(RouterEndpoint):
         rtype = "?"
         try:
             if len(frame) > codec.MAX_FRAME_BYTES:
-                reply = errors.error_reply(
+                reply: dict[str, Any] | None = errors.error_reply(
                     errors.TOO_LARGE, f"frame is {len(frame)} bytes; the limit is "
                     f"{codec.MAX_FRAME_BYTES}")
             else:
                 req = codec.decode_map(frame)
                 request_id = _request_id(req)
-                rtype = req.get("type") if isinstance(req.get("type"), str) else "?"
+                rtype = kind if isinstance(kind := req.get("type"), str) else "?"
                 handler = self.handlers.get(rtype)
                 if handler is not None and self.is_domain_system():
                     reply = self.denied("")

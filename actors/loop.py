@@ -131,7 +131,7 @@ def burst() -> Iterator[None]:
                 logger.warning("%d messages for stopped %s dropped", len(messages), actor)
 
 
-class LoopFuture(pykka.ThreadingFuture):  # type: ignore[type-arg]
+class LoopFuture(pykka.ThreadingFuture):
     """A future that refuses to block a loop thread (see ``actors.eventloop``)."""
 
     def get(self, *, timeout: float | None = None) -> Any:
@@ -144,7 +144,7 @@ class LoopFuture(pykka.ThreadingFuture):  # type: ignore[type-arg]
 class LoopActor(pykka.Actor):
     """A pykka actor scheduled by an ``EventLoop``. Start it with ``launch``."""
 
-    actor_inbox: ScheduledInbox  # type: ignore[assignment]
+    actor_inbox: ScheduledInbox
     thread_name: str = ""  # the component name (logs, metrics); the class name if empty
     batch_limit: ClassVar[int] = 4096  # messages per slice
     read_budget: ClassVar[int] = 256  # frames a reader takes per turn (bounds a turn)
@@ -158,7 +158,7 @@ class LoopActor(pykka.Actor):
     _readers: tuple[zmq.Socket, ...] = ()
 
     @staticmethod
-    def _create_actor_inbox() -> ScheduledInbox:  # type: ignore[override]
+    def _create_actor_inbox() -> ScheduledInbox:
         return ScheduledInbox()
 
     @staticmethod
@@ -205,7 +205,7 @@ class LoopActor(pykka.Actor):
         cls = type(self)
         self._ticks = (cls.poll_timeout is not LoopActor.poll_timeout
                        or cls.on_tick is not LoopActor.on_tick)
-        self.actor_inbox.bind(self, self._loop)  # type: ignore[arg-type]
+        self.actor_inbox.bind(self, self._loop)
         self.actor_inbox.start()  # one first slice: mail told before now, a first tick
 
     # -- hooks -------------------------------------------------------------------

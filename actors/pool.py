@@ -21,7 +21,7 @@ import logging
 import queue
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pykka
 from pykka import messages as pykka_messages
@@ -29,6 +29,9 @@ from pykka import messages as pykka_messages
 from actors import supervision
 from actors.inbox import ScheduledInbox
 from actors.loop import LoopFuture, handle_envelope
+
+if TYPE_CHECKING:
+    from actors.eventloop import EventLoop
 
 logger = logging.getLogger(__name__)
 _serial = itertools.count(1)  # next() on a count is atomic under the GIL
@@ -105,18 +108,18 @@ class PooledActor(pykka.Actor):
     costs a ``uuid4`` and a ``threading.Event``.
     """
 
-    actor_inbox: PooledInbox  # type: ignore[assignment]
+    actor_inbox: PooledInbox
     turn_end = False  # on an EventLoop: runs with the others, not at the turn's end
 
     @staticmethod
-    def _create_actor_inbox() -> PooledInbox:  # type: ignore[override]
+    def _create_actor_inbox() -> PooledInbox:
         return PooledInbox()
 
     @staticmethod
     def _create_future() -> pykka.Future[Any]:
         return LoopFuture()  # waiting for it on a loop thread fails at once (LoopBlocked)
 
-    def __init__(self, dispatcher: Dispatcher) -> None:
+    def __init__(self, dispatcher: Dispatcher | EventLoop) -> None:
         self.actor_urn = f"urn:oms:{type(self).__name__}:{next(_serial)}"
         self.actor_inbox = self._create_actor_inbox()
         self.actor_stopped = StopFlag()  # type: ignore[assignment]
@@ -139,7 +142,7 @@ class PooledActor(pykka.Actor):
         self.actor_stopped.set()
         try:
             self.on_stop()
-        except Exception:
+        except Exception:  # noqa: BLE001 - the failure rule: to the handler
             self._handle_failure(*sys.exc_info())
 
     def _handle_failure(self, exc_type: Any, exc_value: Any, tb: Any) -> None:
@@ -158,7 +161,7 @@ class PooledActor(pykka.Actor):
         if not self.actor_stopped.is_set():
             try:
                 self.on_slice_end()
-            except Exception:
+            except Exception:  # noqa: BLE001 - the failure rule: crash this actor only
                 self.on_crash(sys.exc_info(), None)
         stopped = self.actor_stopped.is_set()
         if inbox.finish_slice(stopped):
@@ -179,10 +182,10 @@ class PooledActor(pykka.Actor):
         self._handle_failure(*exc_info)
         try:
             self.on_failure(*exc_info)
-        except Exception:
+        except Exception:  # noqa: BLE001 - the failure rule: to the handler
             self._handle_failure(*sys.exc_info())
 
-    def on_slice_end(self) -> None:  # noqa: B027 - optional hook
+    def on_slice_end(self) -> None:
         """Called after each slice of messages (not after a stop)."""
 
     def stop_now(self) -> None:

@@ -39,12 +39,12 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from actors.loop import LoopActor, open_socket
+from actors.metrics import Metrics
 from actors.security import is_operator_name
 from actors.throttle import LogThrottle
 from oms import codec
 from oms.config import ConfigError
 from oms.edge import check_number
-from actors.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,8 @@ class Publisher(LoopActor):
     def on_start(self) -> None:
         # XPUB: with CURVE on, subscriptions come to us (XPUB_MANUAL) and each
         # subscriber is subscribed to its own source_system only, whatever it asked.
-        kind, manual = (zmq.XPUB, {"XPUB_MANUAL": 1}) if self.curve else (zmq.PUB, {})
+        kind = zmq.XPUB if self.curve else zmq.PUB
+        manual: dict[str, Any] = {"XPUB_MANUAL": 1} if self.curve else {}
         ping_ms = max(100, int(self.stall_timeout_s * 1000 / 3))
         # HANDSHAKE_IVL: a connection that never completes its handshake (no
         # key, or no ZMTP at all) holds a subscriber place for 5 s at most

@@ -30,15 +30,15 @@ from collections import defaultdict
 from typing import Any
 
 from actors.effects import Collect, Wake
+from actors.metrics import Metrics
 from actors.store_writer import Barrier, Retire
 from oms import codec
-from storage import archive
 from oms.config import Config, ConfigError
-from actors.metrics import Metrics
 from oms.model import Order
+from storage import archive
 from storage.records import ext_key, record_digest
-
 from storage.store import Store
+
 logger = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 30.0
@@ -176,7 +176,7 @@ def _archive_record(order_id: str, raw: bytes, ms: int,
         state = str(order.state)
         ext = ext_key(order.source_system, order.external_id)
         out = {"order": view, "finished_ts": ms / 1000, "archived_ts": now}
-    except Exception as exc:  # any decoding problem: keep the bytes, say why
+    except Exception as exc:  # noqa: BLE001 - any decoding problem: keep the bytes, say why
         logger.error("archiving order %s whose record cannot be decoded: %s", order_id, exc,
                      extra={"order_id": order_id})
         state, ext = "unreadable", b""

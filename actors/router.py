@@ -41,18 +41,18 @@ import pykka
 from actors import supervision
 from actors.effects import Revive
 from actors.eventloop import EventLoop
+from actors.metrics import Metrics
 from actors.order import Flushed, HoldInternalError, Inbound, OrderActor, Rest
 from actors.pool import Dispatcher
 from actors.store_writer import Barrier
 from oms import errors
 from oms.engine import INTERNAL_ERROR, Engine
 from oms.messages import DomainEvent
-from actors.metrics import Metrics
 from oms.model import Order
 from oms.states import OrderState
 from storage.records import CorruptRecord
-
 from storage.store import Store
+
 if TYPE_CHECKING:
     from pykka import ActorRef
 
@@ -72,7 +72,7 @@ class OrderContext:
     timers: Any = None
     sequencer: Any = None
     gateways: Any = None
-    router: OrderRouter | None = None  # type: ignore[assignment]
+    router: OrderRouter = None  # type: ignore[assignment]  # set by the service before any order runs (issue 14 item 4 removes this)
 
 
 class OrderRouter:
@@ -395,7 +395,7 @@ class OrderRouter:
             if since is not None and now - since >= self.passivate_after_s:
                 try:
                     actor.actor_ref.tell(Rest())
-                except Exception:  # stopped meanwhile
+                except Exception:  # noqa: BLE001 - stopped meanwhile
                     self.idle.pop(actor.order.order_id, None)
 
     def alive(self) -> bool:

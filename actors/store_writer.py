@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import lmdb
 
 from actors import effects
-from actors.effects import Origin
+from actors.effects import NewOrder, Origin
 from actors.loop import LoopActor, burst
 from actors.metrics import Metrics
 from storage.store import Created, Store, StoreFull
@@ -64,7 +64,7 @@ class CreateOrder(NamedTuple):
     source_system: str
     external_id: str
     digest: bytes
-    build: Callable[[str], Any]
+    build: NewOrder | Callable[[str], Any]
     answer: Any
     vshard: int | None = None  # a shard process: the order's virtual shard (its id ends in it)
 
@@ -253,7 +253,7 @@ class StoreWriter(LoopActor):
                     outcomes.append(exc)
         return outcomes
 
-    def _apply_one(self, txn: lmdb.Transaction, msg: Any) -> Any:
+    def _apply_one(self, txn: lmdb.Transaction[bytes], msg: Any) -> Any:
         store = self.store
         if isinstance(msg, SaveOrder):
             store.put_order(txn, msg.order_id, msg.record, msg.active, msg.consumed)

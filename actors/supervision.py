@@ -102,7 +102,7 @@ def guarded(component: str, run: Callable[[], None]) -> Callable[[], None]:
     def target() -> None:
         try:
             run()
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - reported: the supervisor ends the process
             supervisor.died(component, sys.exc_info())
             return
         supervisor.died(component)  # returning while the service runs is dying too

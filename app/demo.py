@@ -15,8 +15,8 @@ from typing import Any
 
 import zmq
 
-from oms import codec
 from gateways.client import Client
+from oms import codec
 from oms.config import Config
 from oms.sample import sample_orders
 from oms.states import TERMINAL
@@ -28,7 +28,7 @@ LOGS = {"service": "serve.log", "simulators": "simulate.log"}
 def _bar(done: int, total: int, started: float, tty: bool = True, width: int = 32) -> str:
     filled = int(width * done / max(total, 1))
     rate = done / max(time.monotonic() - started, 1e-6)
-    return (f"\r" if tty else "") + (f"  [{'#' * filled}{'.' * (width - filled)}] "
+    return ("\r" if tty else "") + (f"  [{'#' * filled}{'.' * (width - filled)}] "
                                      f"{done}/{total} finished  {rate:6.1f}/s")
 
 
@@ -48,7 +48,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> int:
 
 
 def _report(cfg: Config) -> dict[str, Any]:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(cfg.systems["warehouse"])
     sock.send(codec.pack({"type": "report", "all": True}))
@@ -114,7 +114,7 @@ def _drive(client: Client, cfg: Config, count: int, timeout: float, base: Path,
             if time.monotonic() > deadline:
                 print(f"the service did not answer within 30 s; see {base}/serve.log")
                 return 1
-    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.SUBSCRIBE, b"demo-shop")
     sub.connect(cfg.events)

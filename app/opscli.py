@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateways.client import Client
 from actors.settings import load_config
+from gateways.client import Client
 
 DEFAULT_TIMEOUT = 3.0
 OPERATOR_REQUEST = {"retry": "retry_step", "skip": "skip_step", "abort": "abort_order"}
@@ -86,7 +86,7 @@ def common(p: argparse.ArgumentParser) -> None:
 def _whoami() -> str:
     try:
         return getpass.getuser()
-    except Exception:  # no user database entry (containers)
+    except (KeyError, OSError):  # no user database entry (containers)
         return "operator"
 
 

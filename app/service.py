@@ -25,10 +25,12 @@ from actors.domain_events import INVALID, DomainEvents, stored_event
 from actors.eventloop import EventLoop
 from actors.http import HttpServer
 from actors.intake import Intake
+from actors.metrics import Metrics, ServiceCollector
 from actors.publisher import Publisher
 from actors.router import OrderContext, OrderRouter
 from actors.security import ChannelSecurity, SecurityError, client_options
 from actors.sequencer import Sequencer
+from actors.settings import load_processes
 from actors.store_writer import StoreWriter
 from actors.timers import TimerService
 from gateways.breaker import LEVEL, Breaker
@@ -36,14 +38,12 @@ from gateways.gateway import Gateway
 from oms.config import Config, ConfigError
 from oms.engine import Engine
 from oms.messages import Resume
-from actors.metrics import Metrics, ServiceCollector
 from oms.model import Order
-from actors.settings import load_processes
 from oms.outstanding import command_out
 from oms.states import TERMINAL
 from storage.records import CorruptRecord, event_key
-
 from storage.store import Store
+
 logger = logging.getLogger(__name__)
 
 
@@ -189,7 +189,7 @@ class Service:
         for rec in scan.resume:
             try:
                 order = Order.from_record(rec)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any undecodable record is skipped, logged and counted
                 logger.error("recovery skips order %s: %s", rec.get("id"), exc)
                 scan.corrupt += 1
                 continue

@@ -68,7 +68,8 @@ def add_parsers(sub: Any) -> None:
 def cmd_simulate(args: argparse.Namespace) -> int:
     import zmq
 
-    from gateways.simulator import SimConfig, run_simulator
+    from gateways.sim_domain import SimConfig
+    from gateways.simulator import run_simulator
 
     logs.setup(args.log_level, "json")
     systems = dict(DEFAULT_SYSTEMS)
@@ -130,7 +131,7 @@ def _check_sim_numbers(args: argparse.Namespace, ops: dict[str, set[str]]) -> No
     were taken and ended the simulator's timers later)."""
     import math
 
-    from gateways.simulator import Domain
+    from gateways.sim_domain import Domain
 
     for flag, value, high in (("--latency-ms", args.latency_ms, 60_000.0),
                               ("--restock-s", args.restock_s, 86_400.0),

@@ -36,8 +36,8 @@ import lmdb
 import zmq
 
 from actors.loop import open_socket
-from oms import codec
 from actors.runtime import tune_gc
+from oms import codec
 
 FLOW = [("warehouse", "reserve_stock"), ("billing", "create_invoice"),
         ("billing", "capture_payment"), ("shipping", "create_shipment")]
@@ -46,8 +46,8 @@ FLOW = [("warehouse", "reserve_stock"), ("billing", "create_invoice"),
 class Baseline:
     def __init__(self, data: Path, intake: str, events: str, domain_events: str,
                  systems: dict[str, str]) -> None:
-        ctx = zmq.Context.instance()
-        unbounded = {"LINGER": 0, "SNDHWM": 0, "RCVHWM": 0}
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        unbounded: dict[str, Any] = {"LINGER": 0, "SNDHWM": 0, "RCVHWM": 0}
         self.intake = open_socket(ctx, zmq.ROUTER, bind=intake, **unbounded)
         self.pub = open_socket(ctx, zmq.PUB, bind=events, **unbounded)
         self.events = open_socket(ctx, zmq.ROUTER, bind=domain_events, **unbounded)

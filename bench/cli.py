@@ -28,10 +28,10 @@ from itertools import count
 from pathlib import Path
 from typing import Any
 
+from actors.runtime import tune_gc
 from bench.harness import Harness, ProcessDied, loop_turns, turn_quantiles
 from bench.load import LoadGen, Run, percentiles
 from bench.report import write_reports
-from actors.runtime import tune_gc
 from oms.sample import sample_orders
 
 
@@ -119,7 +119,7 @@ def run_bench(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="oms-bench-"))
     result: dict[str, Any] = {"scenario": args.scenario, "config": config,
                               "machine": machine(), "started": time.time()}
-    harness = None
+    harness: Harness | None = None
     try:
         if args.scenario == "engine":
             from bench.engine import run_engine
@@ -128,7 +128,8 @@ def run_bench(args: argparse.Namespace) -> int:
         elif args.intake:
             intake, events = args.intake, args.events
         elif args.faults:
-            from bench.faults import FaultHarness, run_fault_soak
+            from bench.chaos import FaultHarness
+            from bench.faults import run_fault_soak
 
             harness = FaultHarness(workdir, ["--workers", str(args.workers)])
             harness.start_simulators()

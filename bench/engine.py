@@ -20,11 +20,18 @@ DATA = {
 }
 
 
+def _valid(raw: dict[str, Any]) -> dict[str, Any]:
+    order, problems = validate_order(raw, ["retail"])
+    if order is None:
+        raise ValueError(f"a sample order is invalid: {problems}")
+    return order
+
+
 def run_engine(count: int) -> dict[str, Any]:
     proc = builtin_processes()["retail"]
     engine = Engine(proc)
     raws = list(sample_orders(count, seed=1, source="bench", prefix="ENG-"))
-    orders = [validate_order(r, ["retail"])[0] for r in raws]
+    orders = [_valid(r) for r in raws]
     for warm in (True, False):
         handled = 0
         encode_s = handle_s = 0.0

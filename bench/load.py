@@ -92,7 +92,7 @@ def _is_tty(stream: Any) -> bool:
 class LoadGen:
     def __init__(self, intake: str, events: str, source: str,
                  curve: dict[str, Any] | None = None) -> None:
-        ctx = zmq.Context.instance()
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.dealer = ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.LINGER, 0)
         self.dealer.setsockopt(zmq.SNDHWM, 0)
@@ -183,7 +183,7 @@ class LoadGen:
                 # (latency is from the intended send time, so this costs no accuracy)
                 wait = max(1.0, (run.started + run.submitted / rate - now) * 1000)
             finished_before = run.finished
-            ready = dict(self.poller.poll(min(wait, 1000.0)))
+            ready = dict(self.poller.poll(int(min(wait, 1000.0))))  # pyzmq truncates anyway
             now = time.monotonic()
             if self.dealer in ready:
                 self._replies(run, sent_at, ext_of, early, now, complete, finish, warmup)
@@ -201,7 +201,7 @@ class LoadGen:
                 self._ask(sent_at, ext_of)
             if now - last_progress >= give_up_s:
                 break
-        run.unfinished = {ext: "not accepted" for ext in sent_at}
+        run.unfinished = dict.fromkeys(sent_at, "not accepted")
         for order_id, ext in ext_of.items():
             if ext in run.unfinished:
                 run.unfinished[ext] = self.states.get(order_id, "no summary event")
@@ -285,7 +285,7 @@ class LoadGen:
 
 def percentiles(values: list[float]) -> dict[str, float]:
     if not values:
-        return {k: 0.0 for k in ("p50", "p90", "p99", "p99.9", "max")}
+        return dict.fromkeys(("p50", "p90", "p99", "p99.9", "max"), 0.0)
     ordered = sorted(values)
 
     def at(q: float) -> float:

@@ -15,7 +15,7 @@ from typing import Any
 TARGETS: dict[str, list[tuple[str, Any, str, float]]] = {
     "retail": [
         (">= 5,000 orders/s sustained", lambda r: r.get("orders_per_s"), ">=", 5000),
-        (">= 0.25x the baseline", lambda r: _ratio(r), ">=", 0.25),
+        (">= 0.25x the baseline", lambda r: _ratio(r), ">=", 0.25),  # noqa: PLW0108 - defined below
     ],
     "intake": [
         (">= 20,000 orders/s durably acknowledged", lambda r: r.get("orders_per_s"), ">=",
@@ -37,9 +37,10 @@ TARGETS: dict[str, list[tuple[str, Any, str, float]]] = {
 
 
 def _get(r: dict[str, Any], *path: str) -> Any:
+    value: Any = r
     for key in path:
-        r = r.get(key) if isinstance(r, dict) else None
-    return r
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
 
 
 def _ratio(r: dict[str, Any]) -> float | None:
@@ -49,7 +50,7 @@ def _ratio(r: dict[str, Any]) -> float | None:
 
 def target_verdicts(r: dict[str, Any]) -> list[tuple[str, str, Any]]:
     """(target, "met" | "NOT met" | "not measured", the figure) for the scenario."""
-    out = []
+    out: list[tuple[str, str, float | None]] = []
     for what, read, op, bound in TARGETS.get(r.get("scenario", ""), []):
         try:
             value = read(r)

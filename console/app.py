@@ -8,14 +8,10 @@ Actions are POST forms with a required reason and a per-session CSRF token.
 
 from __future__ import annotations
 
-import json
 import logging
-import queue
 import re
 import secrets
 import threading
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -36,20 +32,20 @@ from werkzeug.exceptions import HTTPException
 
 from console.auth import MAX_PASSWORD, CredentialsError, User, authenticate, load_users
 from console.backend import PAGE, Backend, EventFeed, ServiceDown, ServiceError
-from oms.states import TERMINAL, OrderState
+from console.views import (
+    ACTIONS,
+    compact,
+    event_stream,
+    money,
+    order_context,
+    overview_context,
+    when,
+)
+from oms.states import OrderState
 
 logger = logging.getLogger(__name__)
 
 STATES = [str(s) for s in OrderState]
-ACTIONS = {
-    "retry": "Run the failed step again (as a new command to its system).",
-    "skip": "Mark the failed step done without running it, and go on.",
-    "abort": "Undo the completed steps (compensation), then the order is failed.",
-    "cancel": "Cancel the order: undo the completed steps, then it is cancelled "
-              "(refused after the point of no return).",
-}
-_DEFAULT_HINT = ("Fix the cause with the domain system, then retry the step; skip it if it "
-                 "was done by hand; or abort or cancel the order to undo what was done.")
 ORDER_ID = re.compile(r"[A-Za-z0-9._:-]{1,100}")
 FIELD_MAX = 200
 REASON_MAX = 500
@@ -81,9 +77,9 @@ def create_app(settings: Settings, backend: Backend, feed: EventFeed | None) -> 
         MAX_CONTENT_LENGTH=64 * 1024,
         TEMPLATES_AUTO_RELOAD=False,
     )
-    app.jinja_env.filters["when"] = _when
-    app.jinja_env.filters["compact"] = _compact
-    app.jinja_env.filters["money"] = _money
+    app.jinja_env.filters["when"] = when
+    app.jinja_env.filters["compact"] = compact
+    app.jinja_env.filters["money"] = money
     streams = threading.BoundedSemaphore(settings.max_streams)
     checks = threading.BoundedSemaphore(2)  # password checks at once: scrypt costs ~60 ms
 
@@ -155,7 +151,8 @@ def create_app(settings: Settings, backend: Backend, feed: EventFeed | None) -> 
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Any:
-        logger.exception("console page failed: %s %s", request.method, request.path)
+        # Flask runs error handlers inside its own except block: the traceback is there
+        logger.exception("console page failed: %s %s", request.method, request.path)  # noqa: LOG004
         return render_template("error.html", title="Something went wrong in the console",
                                message="The error is in the console's log. The service "
                                "and the orders are not affected."), 500
@@ -164,11 +161,11 @@ def create_app(settings: Settings, backend: Backend, feed: EventFeed | None) -> 
 
     @app.get("/")
     def overview() -> Any:
-        return render_template("overview.html", **_overview(backend, feed))
+        return render_template("overview.html", **overview_context(backend, feed))
 
     @app.get("/live/overview")
     def overview_live() -> Any:
-        return render_template("_overview_live.html", **_overview(backend, feed))
+        return render_template("_overview_live.html", **overview_context(backend, feed))
 
     @app.get("/search")
     def search() -> Any:
@@ -193,12 +190,12 @@ def create_app(settings: Settings, backend: Backend, feed: EventFeed | None) -> 
     @app.get("/orders/<order_id>")
     def order_page(order_id: str) -> Any:
         view = _order_or_404(backend, order_id)
-        return render_template("order.html", **_order_context(view))
+        return render_template("order.html", **order_context(view))
 
     @app.get("/live/orders/<order_id>")
     def order_live(order_id: str) -> Any:
         view = _order_or_404(backend, order_id)
-        return render_template("_order_live.html", **_order_context(view))
+        return render_template("_order_live.html", **order_context(view))
 
     @app.post("/orders/<order_id>/<action>")
     def act(order_id: str, action: str) -> Any:
@@ -280,7 +277,7 @@ def create_app(settings: Settings, backend: Backend, feed: EventFeed | None) -> 
                 feed.unlisten(q)
                 streams.release()
 
-        resp = Response(_stream(q, settings.stream_s), mimetype="text/event-stream",
+        resp = Response(event_stream(q, settings.stream_s), mimetype="text/event-stream",
                         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
         resp.call_on_close(cleanup)
         return resp
@@ -337,101 +334,3 @@ def _order_or_404(backend: Backend, order_id: str) -> dict[str, Any]:
         abort(404, f"There is no order {order_id}. Search by external id or customer "
               "if you do not know the order id.")
     return view
-
-
-def _overview(backend: Backend, feed: EventFeed | None) -> dict[str, Any]:
-    counts = backend.counts()
-    fallout: list[dict[str, Any]] = []
-    for reason in ("fallout", "internal_error"):
-        rows, _ = backend.search({"state": "held", "state_reason": reason}, size=50)
-        fallout += rows
-    jeopardy = feed.in_jeopardy() if feed is not None else []
-    return {"counts": counts, "fallout": fallout, "jeopardy": jeopardy,
-            "live": feed is not None, "now": time.time()}
-
-
-def actions_for(view: dict[str, Any]) -> list[str]:
-    """What an operator can do with this order now (the service has the last word)."""
-    fallout = view.get("fallout")
-    if isinstance(fallout, dict) and isinstance(fallout.get("actions"), list):
-        return [a for a in fallout["actions"] if a in ACTIONS]
-    state, reason = view.get("state"), view.get("state_reason")
-    if state in TERMINAL:
-        return []
-    if state == "held" and reason in ("fallout", "internal_error"):
-        return ["retry", "skip", "abort", "cancel"]
-    if reason == "compensating" or state in ("assessingCancellation", "pendingCancellation"):
-        return []
-    return ["abort", "cancel"]
-
-
-def _order_context(view: dict[str, Any]) -> dict[str, Any]:
-    fallout = view.get("fallout") if isinstance(view.get("fallout"), dict) else None
-    failure = view.get("failure") if isinstance(view.get("failure"), dict) else None
-    failed_step = (fallout or {}).get("step") or (failure or {}).get("step")
-    if fallout is None and failure is not None and view.get("state") == "held":
-        error = failure.get("error") if isinstance(failure.get("error"), dict) else None
-        fallout = {"step": failure.get("step"), "item": None,
-                   "compensation": bool(failure.get("compensation")), "error": error,
-                   "reason": view.get("state_reason"), "hint": _DEFAULT_HINT}
-    actions = actions_for(view)
-
-    def maps(key: str) -> list[dict[str, Any]]:  # a view from any service version renders
-        value = view.get(key)
-        return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
-
-    summary = view.get("summary") if isinstance(view.get("summary"), dict) else None
-    if fallout is not None and not isinstance(fallout.get("error"), dict):
-        fallout = dict(fallout, error=None)
-    return {"o": view, "fallout": fallout, "failure": failure, "failed_step": failed_step,
-            "items": maps("items"), "steps": maps("steps"), "history": maps("history"),
-            "summary": summary,
-            "actions": [(a, ACTIONS[a]) for a in actions],
-            "terminal": view.get("state") in TERMINAL}
-
-
-def _stream(q: queue.Queue[dict[str, Any]], stream_s: float) -> Iterator[str]:
-    """Server-sent events: at most one "changes" message per half second, naming
-    the orders that changed; a comment every 5 s keeps the connection open."""
-    yield "retry: 2000\n\n"
-    yield "event: hello\ndata: {}\n\n"
-    end = time.monotonic() + stream_s
-    while time.monotonic() < end:
-        try:
-            first = q.get(timeout=5)
-        except queue.Empty:
-            yield ": still here\n\n"  # a closed page is noticed (and its thread freed) here
-            continue
-        time.sleep(0.5)  # coalesce a burst of events into one message
-        batch = [first]
-        while len(batch) < 1000:
-            try:
-                batch.append(q.get_nowait())
-            except queue.Empty:
-                break
-        ids = sorted({str(e.get("order_id")) for e in batch if e.get("order_id")})
-        data = {"order_ids": ids[:100], "many": len(ids) > 100,
-                "types": sorted({str(e.get("type")) for e in batch})}
-        yield f"event: changes\ndata: {json.dumps(data)}\n\n"
-
-
-def _when(ts: Any) -> str:
-    if not isinstance(ts, int | float):
-        return ""
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}"
-
-
-def _compact(value: Any) -> str:
-    if value is None or value == {}:
-        return ""
-    try:
-        text = json.dumps(value, sort_keys=True, default=str)
-    except (TypeError, ValueError):
-        text = str(value)
-    return text if len(text) <= 400 else text[:400] + " ..."
-
-
-def _money(minor: Any, currency: Any) -> str:
-    if not isinstance(minor, int) or isinstance(minor, bool):
-        return ""
-    return f"{minor / 100:,.2f} {currency or ''}".strip()

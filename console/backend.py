@@ -20,8 +20,8 @@ from typing import Any
 
 import zmq
 
-from oms import codec
 from gateways.client import Client
+from oms import codec
 from oms.states import TERMINAL
 
 logger = logging.getLogger(__name__)

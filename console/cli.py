@@ -49,16 +49,16 @@ def cmd_console(args: argparse.Namespace) -> int:
     if getattr(args, "action", None) == "passwd":
         return _passwd(args)
     try:
-        import waitress
+        from waitress.server import create_server
 
         from console.app import Settings, create_app
     except ImportError as exc:
         print(f"oms console: {exc.name} is missing: pip install 'oms[console]'", file=sys.stderr)
         return 2
     from actors.security import SecurityError, client_options
+    from actors.settings import load_config
     from console.auth import CredentialsError, load_users
     from console.backend import Backend, EventFeed
-    from actors.settings import load_config
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -87,14 +87,14 @@ def cmd_console(args: argparse.Namespace) -> int:
     feed = EventFeed(cfg.events, curve=curve)
     app = create_app(settings, backend, feed)
     try:
-        server = waitress.create_server(app, host=args.host, port=args.port,
+        server = create_server(app, host=args.host, port=args.port,
                                         threads=args.threads, ident="oms-console")
     except OSError as exc:
         print(f"oms console: cannot listen on {args.host}:{args.port}: {exc.strerror}",
               file=sys.stderr)
         return 2
     feed.start()
-    port = server.effective_port  # type: ignore[union-attr]
+    port = server.effective_port  # type: ignore[union-attr]  # one host: never a MultiSocketServer
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"oms console: serving plain HTTP on {args.host}: beyond this machine, put a "
               "TLS proxy in front of it", file=sys.stderr)

@@ -22,12 +22,12 @@ from typing import Any, NamedTuple
 import zmq
 
 from actors.loop import LoopActor, open_socket
+from actors.metrics import Metrics
 from actors.throttle import LogThrottle
 from gateways.breaker import OPEN, Breaker
 from oms import codec, edge
 from oms.errors import CIRCUIT_OPEN, INVALID_REPLY, TIMEOUT, UNAVAILABLE, DomainError
 from oms.messages import CommandResult, Send
-from actors.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 

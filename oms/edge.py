@@ -99,7 +99,7 @@ def check_data(value: Any, field: str = "data", depth: int = 1) -> str | None:
     return None
 
 
-def _check_value(  # noqa: PLR0911 - one return per kind of value
+def _check_value(
         value: Any, field: str, depth: int) -> str | None:
     if value is None or isinstance(value, bool | str):
         return None
@@ -133,7 +133,7 @@ def reply_command_id(msg: dict[str, Any]) -> str | None:
     return value if _string(value, "command_id", MAX_ID) is None else None
 
 
-def parse_reply(msg: dict[str, Any]) -> Reply | Violation:  # noqa: PLR0911 - a return per rule
+def parse_reply(msg: dict[str, Any]) -> Reply | Violation:
     """A decoded reply map, checked: the ``Reply``, or what is wrong with it."""
     if msg.get("type") != "result":
         return Violation("type", f"type must be 'result', got {msg.get('type')!r:.60}")

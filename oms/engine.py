@@ -26,8 +26,9 @@ from typing import Any
 
 from oms.engine_events import MAX_EARLY_BYTES, MAX_EARLY_EVENTS, EventMixin
 from oms.engine_notes import NoteMixin
-from oms.engine_run import AMOUNT_OUT_OF_RANGE, INVALID_REPLY, RunMixin
+from oms.engine_run import AMOUNT_OUT_OF_RANGE, RunMixin
 from oms.engine_undo import MAX_REASON, UndoMixin
+from oms.errors import INVALID_REPLY
 from oms.messages import (
     Cancel,
     CommandResult,

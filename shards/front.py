@@ -35,8 +35,7 @@ from typing import Any
 
 import lmdb
 import zmq
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client import process_collector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, process_collector
 
 from actors.publisher import topic_of
 from actors.security import is_operator_name
@@ -143,7 +142,8 @@ class FrontMetrics:
         self.resent = Counter("oms_front_resent_total", "Requests re-sent to a shard that "
                               "came back", ["to_shard"], registry=registry)
         self.gave_up = Counter("oms_front_gave_up_total", "Requests answered internal because "
-                               "their shard did not answer in time", ["to_shard"], registry=registry)
+                               "their shard did not answer in time", ["to_shard"],
+                               registry=registry)
         self.shard_up = Gauge("oms_front_shard_up", "1 when the shard answers the front's pings",
                               ["to_shard"], registry=registry)
         self.pending = Gauge("oms_front_pending_requests", "Requests waiting for a shard",
@@ -385,7 +385,7 @@ class Front:
             if self.security is not None:
                 try:
                     self.security.reload()
-                except Exception as exc:  # a bad folder: keep the keys we have
+                except Exception as exc:  # noqa: BLE001 - a bad folder: keep the keys we have
                     logger.error("client keys not reloaded: %s", exc)
         if self.config_file:
             self._reread_config()
@@ -526,7 +526,7 @@ class Front:
                 continue  # answered already (a re-sent request answered twice)
             try:
                 reply = codec.unpack(parts[1])
-            except Exception:
+            except Exception:  # noqa: BLE001 - an unreadable shard reply becomes an error reply
                 reply = {"type": "error", "code": errors.INTERNAL,
                          "message": "a shard sent an unreadable reply"}
             try:
@@ -556,7 +556,8 @@ class Front:
             try:
                 if self.identity_required:
                     parts = self.intake.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-                    user = parts[-1].get("User-Id")
+                    got = parts[-1].get("User-Id")  # a str: pyzmq types all properties as one
+                    user = got if isinstance(got, str) else None
                     frames = [p.bytes for p in parts]
                 else:
                     frames, user = self.intake.recv_multipart(flags=zmq.NOBLOCK), None
@@ -705,6 +706,7 @@ class Front:
             self.answer(env, denied, rid, rtype)
             return
         if by_ext:
+            assert isinstance(source, str) and isinstance(ext, str)  # by_ext says so
             key = ext_key(source, ext)
             if key in self.batch_index:
                 raw: Any = bytes([self.batch_index[key]])
@@ -728,7 +730,8 @@ class Front:
                 env, rtype, rid, check=lambda reply: self._own(user, reply)))
             return
         # cancel_order by a channel: read the order's owner first, then cancel
-        ask = {k: req[k] for k in ("order_id", "source_system", "external_id") if k in req}
+        ask: dict[str, Any] = {k: req[k] for k in ("order_id", "source_system", "external_id")
+                               if k in req}
         ask["type"] = "get_order"
 
         def then(reply: dict[str, Any] | None, raw: bytes | None) -> None:
@@ -846,7 +849,8 @@ class Front:
             try:
                 if self.identity_required:
                     parts = self.domain.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-                    user = parts[-1].get("User-Id")
+                    got = parts[-1].get("User-Id")  # a str: pyzmq types all properties as one
+                    user = got if isinstance(got, str) else None
                     frames = [p.bytes for p in parts]
                 else:
                     frames, user = self.domain.recv_multipart(flags=zmq.NOBLOCK), None
@@ -1010,7 +1014,7 @@ def parse_cursor(value: Any, shards: int) -> dict[int, str | None] | None:
     try:
         raw = codec.unpack(base64.urlsafe_b64decode(value[len(CURSOR_PREFIX):]))
         out = {int(k): v for k, v in raw.items()}
-    except Exception:
+    except Exception:  # noqa: BLE001 - any undecodable cursor is a bad cursor
         return None
     if any(not 0 <= k < shards or not (v is None or isinstance(v, str)) for k, v in
            out.items()):
@@ -1076,7 +1080,7 @@ def main(argv: list[str] | None = None) -> int:
     front = Front(cfg, args[0])
     try:
         front.open()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any start failure is reported and exits 2
         print(f"oms front: cannot start: {exc}", file=sys.stderr)
         return 2
     ready = Path(cfg.data) / "front" / "ready"

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -86,7 +86,7 @@ class Keeper:
             self.starts += 1
             started = time.monotonic()
             with self.log.open("ab") as out:
-                self.proc = subprocess.Popen(self.argv_of(), env=self.env, stdout=out,  # noqa: S603
+                self.proc = subprocess.Popen(self.argv_of(), env=self.env, stdout=out,
                                              stderr=out, preexec_fn=_kill_with_parent)  # noqa: PLW1509
             self.proc.wait()
             if time.monotonic() - started > 30:
@@ -156,10 +156,11 @@ class FrontActor:
         threading.Thread(target=self._follow, name="follow", daemon=True).start()
 
     def _locate(self) -> list[ShardEndpoints]:
-        out = []
+        out: list[ShardEndpoints] = []
         for k in range(self.manifest.processes):
             actor = ray.get_actor(shard_name(k), namespace=NAMESPACE)
-            w = ray.get(actor.where.remote(), timeout=60)
+            # an actor handle is untyped: ray.get cannot know that ``where`` returns a dict
+            w = cast(dict[str, Any], ray.get(actor.where.remote(), timeout=60))
             out.append(ShardEndpoints(w["intake"], w["events"], w["domain_events"],
                                       w["metrics_port"]))
         return out
@@ -172,7 +173,7 @@ class FrontActor:
         while not self.stopping.wait(0.5):
             try:
                 found = self._locate()
-            except Exception:  # an actor restarting: ask again next round
+            except Exception:  # noqa: BLE001, S112 - an actor restarting: ask again next round
                 continue
             if found != self.shards:
                 self.shards = found
@@ -193,7 +194,7 @@ def up(cfg: Config, front_resources: dict[str, float] | None = None,
     """Place the shards (SPREAD) and the front; return where they are.
     Needs ``ray.init`` (namespace ``oms``) done by the caller."""
     manifest = mf.open_or_create(cfg.data, cfg.shards)
-    plain = {k: v for k, v in vars(cfg).items()}
+    plain = dict(vars(cfg))
     pg = placement_group([{"CPU": 1}] * cfg.shards, strategy="SPREAD", name=PG_NAME,
                          lifetime="detached")
     ray.get(pg.ready(), timeout=timeout)
@@ -235,7 +236,7 @@ def down() -> None:
             continue
         try:
             ray.get(actor.stop.remote(), timeout=60)
-        except Exception:  # it is killed below either way
+        except Exception:  # noqa: BLE001, S110 - it is killed below either way
             pass
         ray.kill(actor, no_restart=True)
     try:

@@ -21,8 +21,8 @@ import msgpack
 
 from oms.config import ConfigError
 from oms.sharding import vshard_of_order_id
-from storage.store import Store
 from shards import manifest as mf
+from storage.store import Store
 
 
 def balanced(owner: list[int], processes: int) -> list[int]:

@@ -53,7 +53,7 @@ class Child:
     exits: list[int] = field(default_factory=list)
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, env=self.env, preexec_fn=_die_with_parent)  # noqa: S603, PLW1509
+        self.proc = subprocess.Popen(self.argv, env=self.env, preexec_fn=_die_with_parent)  # noqa: PLW1509
         self.started = time.monotonic()
         self.restart_at = None
 

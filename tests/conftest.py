@@ -15,13 +15,14 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import bench.harness  # noqa: E402
-from app.service import Service  # noqa: E402
-from bench.ports import free_endpoint, free_port  # noqa: E402,F401 - tests import free_port from here
-from gateways.simulator import SimConfig, Simulator  # noqa: E402
-from oms import codec  # noqa: E402
-from gateways.client import Client  # noqa: E402
-from oms.config import Config  # noqa: E402
+import bench.harness
+from app.service import Service
+from bench.ports import free_endpoint, free_port  # noqa: F401 - tests import free_port from here
+from gateways.client import Client
+from gateways.sim_domain import SimConfig
+from gateways.simulator import Simulator
+from oms import codec
+from oms.config import Config
 
 SYSTEMS = ("warehouse", "billing", "shipping", "crm", "provisioning")
 

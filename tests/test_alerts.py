@@ -7,6 +7,7 @@ from __future__ import annotations
 import urllib.request
 from typing import Any
 
+import pytest
 from conftest import free_port
 from helpers import poll_until, retail_order
 from test_operations import control, no_restock  # noqa: F401
@@ -19,11 +20,12 @@ BACKORDERED = [{"id": "x", "product_id": "SKU-901", "quantity": 10**7}]
 def metric(port: int, name: str) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + " ") or line.startswith(name + "{"))
+               if line.startswith((name + " ", name + "{")))
 
 
+@pytest.mark.usefixtures("no_restock")
 def test_oldest_held_order_age_is_a_gauge_that_survives_a_restart(
-        no_restock: Any, make_service: Any, eps: Any) -> None:
+        make_service: Any, eps: Any) -> None:
     port = free_port()
     svc = make_service(metrics_port=port)
     age = "oms_oldest_held_order_age_seconds"

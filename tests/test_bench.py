@@ -24,7 +24,7 @@ def bench(tmp_path: Path, *args: str) -> dict:
     out = tmp_path / "reports"
     result = subprocess.run([sys.executable, "-m", "app.cli", "bench", "--smoke", "--quiet",
                              "--out", str(out), *args], capture_output=True, text=True,
-                            timeout=180)
+                            timeout=180, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "throughput:" in result.stdout
     (report,) = out.glob("*.json")
@@ -106,7 +106,7 @@ def test_fault_soak_smoke(tmp_path: Path) -> None:
         [sys.executable, "-m", "app.cli", "bench", "--scenario", "soak", "--faults", "--quiet",
          "--rate", "40", "--duration", "8", "--kill-every", "4", "--outage-every", "3",
          "--outage-s", "1.5", "--give-up", "20", "--out", str(out)],
-        capture_output=True, text=True, timeout=120)
+        capture_output=True, text=True, timeout=120, check=False)
     (report,) = out.glob("*.json")
     faults = json.loads(report.read_text())["faults"]
     assert faults["kills"] == 1 and len(faults["restart_to_ready_s"]) == 3
@@ -123,7 +123,7 @@ def test_fault_soak_smoke(tmp_path: Path) -> None:
 
 def test_fault_soak_needs_its_own_soak_service() -> None:
     result = subprocess.run([sys.executable, "-m", "app.cli", "bench", "--scenario", "retail",
-                             "--faults"], capture_output=True, text=True, timeout=60)
+                             "--faults"], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode != 0 and "--faults needs --scenario soak" in result.stderr
 
 

@@ -24,7 +24,7 @@ PICK = ("from bench.ports import free_port\n"
 
 def py(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=30, env=dict(os.environ, **env))
+                          timeout=30, env=dict(os.environ, **env), check=False)
 
 
 def test_oms_test_ports_sets_the_range() -> None:
@@ -50,7 +50,7 @@ def test_a_bad_range_is_an_error_naming_the_variable() -> None:
 def test_default_range_is_below_the_ephemeral_ports() -> None:
     env = {k: v for k, v in os.environ.items() if k != "OMS_TEST_PORTS"}
     out = subprocess.run([sys.executable, "-c", "import bench.ports as p; print(p.LOW, p.HIGH)"],
-                         capture_output=True, text=True, timeout=30, env=env)
+                         capture_output=True, text=True, timeout=30, env=env, check=False)
     low, high = map(int, out.stdout.split())
     assert low == 15000 and high >= 15999
 

@@ -88,7 +88,7 @@ def wait_all_terminal(client: Client, order_ids: list[str],
         left = [oid for oid in left if oid not in done]
         if not left or time.monotonic() > deadline:
             return done, {oid: views[oid] for oid in left}
-        time.sleep(0.1)  # polling a remote service: nothing to wait on locally
+        time.sleep(0.1)  # this loop's poll interval (it returns the stragglers: not poll_until)
 
 
 def stuck_summary(stuck: dict[str, dict]) -> str:

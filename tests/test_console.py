@@ -32,8 +32,8 @@ from test_operations import control, hold_policy
 from test_security import keys, opts, secure  # noqa: F401 - fixtures
 
 from app.service import Service
-from gateways.simulator import SimConfig
 from gateways.client import Client, wait_terminal
+from gateways.sim_domain import SimConfig
 from oms.config import Config
 
 pytest.importorskip("flask", reason="the console's web stack (oms[console]) is not installed")
@@ -358,7 +358,7 @@ def test_passwd_command_writes_a_salted_hash(tmp_path: Path) -> None:
         done = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "app.cli", "console",
                                "passwd", str(file), "bea", "--password-stdin"],
                               input=password + "\n", capture_output=True, text=True,
-                              timeout=30)
+                              timeout=30, check=False)
         assert done.returncode == 0, done.stderr
     users = load_users(file)
     assert list(users) == ["bea"] and oct(file.stat().st_mode & 0o777) == "0o600"
@@ -392,8 +392,9 @@ def test_cancel_by_an_operator_is_in_the_history(stack: Stack) -> None:
     assert "operator <strong>ann</strong> asked to cancel: customer called" in body
 
 
-def test_console_uses_its_own_operator_key_under_curve(secure: Any, keys: Path, eps: Endpoints,
-                                                       tmp_path: Path) -> None:
+def test_console_uses_its_own_operator_key_under_curve(
+        secure: Any, keys: Path,  # noqa: F811 - pytest passes the fixtures imported above by name
+        eps: Endpoints, tmp_path: Path) -> None:
     from actors.security import generate
 
     generate(keys / "own", ["operator-console"])
@@ -449,7 +450,7 @@ def test_event_feed_remembers_jeopardy_until_the_order_ends() -> None:
     q = feed.listen(size=2)
     feed.deliver([{"type": "order_jeopardy", "order_id": f"O{i}", "step": "order"}
                   for i in range(3)] + [{"type": "order_state", "order_id": "O2",
-                                         "state": "completed"}, "not a map"])  # type: ignore
+                                         "state": "completed"}, "not a map"])  # type: ignore[list-item]
     assert [j["order_id"] for j in feed.in_jeopardy()] == ["O1"]
     assert q.qsize() == 2  # a slow page loses events, never blocks the feed
     feed.unlisten(q)
@@ -619,8 +620,9 @@ def test_order_page_renders_the_engines_fallout_block_and_odd_views() -> None:
     the wrong kind, still render."""
     from flask import render_template
 
-    from console.app import Settings, _order_context, actions_for, create_app
+    from console.app import Settings, create_app
     from console.backend import Backend
+    from console.views import actions_for, order_context
 
     app = create_app(Settings(intake="tcp://127.0.0.1:1", events="tcp://127.0.0.1:1"),
                      Backend("tcp://127.0.0.1:1"), None)
@@ -641,9 +643,9 @@ def test_order_page_renders_the_engines_fallout_block_and_odd_views() -> None:
            "steps": [{"name": "s", "status": "failed", "result": [1, 2], "error": "boom"}],
            "history": [{"ts": None, "state": "held"}], "summary": {"total_minor": 1.5}}
     with app.test_request_context("/orders/O000000000007"):
-        page = render_template("_order_live.html", **_order_context(held))
+        page = render_template("_order_live.html", **order_context(held))
         assert "activate[i2]" in page and "(item i2)" in page and "unknown_service" in page
         assert "Check service 42 with provisioning, then retry." in page
         assert "<strong>retry</strong>" in page and "explode" not in page
-        odd_page = render_template("_order_live.html", **_order_context(odd))
+        odd_page = render_template("_order_live.html", **order_context(odd))
         assert "Why it is held" in odd_page and "boom" in odd_page

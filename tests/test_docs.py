@@ -110,8 +110,8 @@ def test_the_functions_and_tests_the_docs_name_exist() -> None:
             if not re.search(rf"^def {name}\(", (ROOT / file).read_text(encoding="utf-8"),
                              flags=re.M):
                 missing.append(f"{page}: {file}::{name}")
-        named = set(re.findall(r"`((?:oms|storage|actors|gateways|bench|console|shards|app)\.[\w.]+)`",
-                               text))
+        named = set(re.findall(
+            r"`((?:oms|storage|actors|gateways|bench|console|shards|app)\.[\w.]+)`", text))
         for dotted in sorted(named - NOT_CODE):
             parts = dotted.split(".")
             for cut in range(len(parts), 0, -1):
@@ -148,3 +148,13 @@ def test_links_to_a_section_name_a_section_that_exists() -> None:
             if file.suffix == ".md" and file.exists() and anchor not in _anchors(file):
                 broken.append(f"{page.relative_to(ROOT)}: {target}")
     assert not broken, broken
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    """The README's second command (gates, then tests) is the line .ci/run runs."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("```sh\n", 1)[1].split("```", 1)[0].splitlines()
+    command = block[1]
+    assert "ruff check" in command and "mypy" in command and "pytest" in command, command
+    run = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert command in run, (command, run)

@@ -22,16 +22,16 @@ from conftest import SimThread, endpoint
 from helpers import poll_until, retail_order
 from prometheus_client import CollectorRegistry
 
+from actors.metrics import Metrics
 from actors.publisher import Publisher, topic_of
 from actors.security import client_options, generate, read_public
 from actors.throttle import LogThrottle
 from gateways.breaker import Breaker
+from gateways.client import Client, wait_terminal
 from gateways.gateway import Gateway
 from oms import codec, edge
-from gateways.client import Client, wait_terminal
 from oms.config import ConfigError
 from oms.messages import CommandResult, Send
-from actors.metrics import Metrics
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:

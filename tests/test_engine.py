@@ -633,7 +633,7 @@ def test_a_turn_returns_its_effects_as_data_in_the_order_they_must_run() -> None
     assert kinds[:2] == [("Publish", "assessingCancellation"), ("Reply", "assessingCancellation")]
     assert turning.effects[1] == Reply("R", {"type": "cancel_accepted", "order_id": "o-1",
                                              "state": "assessingCancellation"})
-    assert {k for k in kinds[2:]} == {("Publish", s) for s in (
+    assert set(kinds[2:]) == {("Publish", s) for s in (
         "create_invoice", "capture_payment", "create_shipment", "await_delivery")}
     assert not any(isinstance(fx, Send) for fx in turning.effects)  # the reservation is out
 

@@ -13,13 +13,12 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from test_operations import no_restock  # noqa: F401
 
+from actors.metrics import Metrics
 from actors.timers import TimerService
 from oms.engine import Engine
 from oms.messages import TimerFired, Turn
-from actors.metrics import Metrics
-from test_operations import no_restock  # noqa: F401
-
 
 # -- timers (defect 15, and defect 4's timer side) ---------------------------
 
@@ -114,8 +113,9 @@ def test_idle_connections_do_not_make_threads_and_metrics_still_answer() -> None
     import socket
     import urllib.request
 
-    from actors.http import WORKERS, HttpServer
     from conftest import free_port
+
+    from actors.http import WORKERS, HttpServer
 
     registry = CollectorRegistry()
     Metrics(registry)
@@ -183,6 +183,7 @@ def test_a_poison_order_goes_to_fallout_and_blocks_no_other_order(
     import logging
 
     from helpers import poll_until, retail_order
+
     from gateways.client import Client
     from oms.engine import Engine
 
@@ -222,14 +223,15 @@ def test_a_poison_order_goes_to_fallout_and_blocks_no_other_order(
 BACKORDERED = [{"id": "a", "product_id": "SKU-901", "quantity": 10**9}]
 
 
-def test_a_dead_actor_in_the_live_set_kills_no_thread(make_service: Any, no_restock: Any,
-                                                       eps: Any) -> None:
+@pytest.mark.usefixtures("no_restock")
+def test_a_dead_actor_in_the_live_set_kills_no_thread(make_service: Any, eps: Any) -> None:
     """Defect 1: a stopped order actor left in the router's live set made the
     next timer raise ActorDeadError and end the timers thread. The actor is
     made dead the way pykka's failure handling leaves one (its stop flag
     set, nothing else) while it is idle and durable: held for stock that
     only the event below brings (the simulator never restocks here)."""
     from helpers import poll_until, retail_order
+
     from gateways.client import Client
     from oms.messages import DomainEvent
 
@@ -250,8 +252,8 @@ def test_a_dead_actor_in_the_live_set_kills_no_thread(make_service: Any, no_rest
         assert svc.metrics.internal_errors.labels("router")._value.get() >= 1
 
 
-def test_a_stopped_order_actor_loses_no_message(make_service: Any, no_restock: Any,
-                                                eps: Any) -> None:
+@pytest.mark.usefixtures("no_restock")
+def test_a_stopped_order_actor_loses_no_message(make_service: Any, eps: Any) -> None:
     """An order actor stopped by pykka's ``ActorRef.stop`` used to lose what
     it had not made durable: the messages handled in the stopping slice (no
     snapshot saved) and the tells queued behind the stop (pykka's teardown
@@ -260,6 +262,7 @@ def test_a_stopped_order_actor_loses_no_message(make_service: Any, no_restock: A
     so nothing else runs between them: order A's is [event, stop], order B's
     is [stop, event]."""
     from helpers import poll_until, retail_order
+
     from gateways.client import Client
     from oms.messages import DomainEvent
 
@@ -300,9 +303,10 @@ def test_a_dead_component_is_not_ready_and_exits_70(eps: Any, tmp_path: Any) -> 
     import urllib.error
     import urllib.request
 
-    from app.service import Service
     from conftest import free_port
     from helpers import poll_until
+
+    from app.service import Service
     from oms.config import Config
 
     exits: list[int] = []
@@ -335,7 +339,7 @@ def kill_sequencer():
             if urllib.request.urlopen(sys.argv[1], timeout=1).status == 200:
                 break
         except OSError:
-            time.sleep(0.05)
+            time.sleep(0.05)  # the poll interval of this readiness poll
     pykka.ActorRegistry.get_by_class_name("Sequencer")[0].stop(block=False)
 
 threading.Thread(target=kill_sequencer, daemon=True).start()
@@ -368,8 +372,9 @@ def test_oms_serve_exits_non_zero_when_a_component_dies(eps: Any, tmp_path: Any)
 
 def test_the_hold_of_a_finished_order_changes_nothing() -> None:
     from helpers import normalized, retail_order
-    from oms.engine import hold_internal_error, new_order
+
     from actors.settings import load_processes
+    from oms.engine import hold_internal_error, new_order
     from oms.states import OrderState
 
     proc = load_processes(None)["retail"]
@@ -389,6 +394,7 @@ def test_an_internal_error_hold_survives_a_restart_without_its_admission_slot(
     import dataclasses
 
     from helpers import poll_until
+
     from gateways.client import Client
 
     svc = make_service()

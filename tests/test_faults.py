@@ -15,8 +15,8 @@ from helpers import poll_until, retail_order
 from test_chaos import fast_retail
 from test_operations import no_restock  # noqa: F401
 
-from oms import codec
 from gateways.client import Client, wait_terminal
+from oms import codec
 from oms.sample import sample_orders
 from storage.store import Store
 
@@ -51,7 +51,9 @@ def test_domain_system_outage_makes_orders_wait_then_complete(
             {"type": "submit_order", "order": o}
             for o in sample_orders(300, seed=2, source="web", prefix="F2-"))]
         poll_until(lambda: metric(port, "oms_gateway_timeouts_total") > 0, timeout=20)
-        time.sleep(2.0)  # an outage of a few seconds, across several retries
+        # not a synchronisation: the outage's length is under test (a few seconds, across
+        # several retries)
+        time.sleep(2.0)
         if fault == "sigstop":
             sim.p.send_signal(signal.SIGCONT)
         else:
@@ -65,8 +67,9 @@ def test_domain_system_outage_makes_orders_wait_then_complete(
         poll_until(lambda: metric(port, "oms_gateway_late_replies_total") > 0, timeout=10)
 
 
+@pytest.mark.usefixtures("no_restock")
 def test_recovery_skips_an_unreadable_record_and_resumes_the_rest(
-        make_service: Any, no_restock: Any, eps: Any, tmp_path: Path,
+        make_service: Any, eps: Any, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
     """The simulator never restocks here (``no_restock``): with the default
     test simulator (restock in 0.1 s) a back-ordered order is ``held`` for
@@ -139,7 +142,7 @@ def test_breaker_keeps_orders_waiting_through_a_long_outage(procs: Any, tmp_path
         blocked = client.get(ids[-1])["order"]
         step = blocked["steps"][0]
         assert step["status"] == "running"
-        time.sleep(14.0)  # the outage
+        time.sleep(14.0)  # under test: an outage longer than the retry budget, not a wait
         sim.p.send_signal(signal.SIGCONT)
         views = wait_terminal(client, ids, timeout=90)
     assert {v["state"] for v in views.values()} == {"completed"}

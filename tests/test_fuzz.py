@@ -17,8 +17,8 @@ from helpers import retail_order
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from oms import codec
 from gateways.client import Client
+from oms import codec
 
 pytestmark = pytest.mark.slow
 

@@ -15,8 +15,8 @@ import zmq
 from helpers import poll_until, retail_order
 from prometheus_client import generate_latest
 
-from oms import codec
 from gateways.client import Client, wait_terminal
+from oms import codec
 
 
 def test_submit_then_get_by_id_and_by_external_id(service: Any, client: Client) -> None:

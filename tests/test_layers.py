@@ -52,9 +52,6 @@ LONG_ALLOWED = {
     "actors/router.py": "collab",
     "actors/intake.py": "collab",
     "shards/front.py": "collab",
-    "bench/faults.py": "gates",
-    "console/app.py": "gates",
-    "gateways/simulator.py": "gates",
 }
 
 

@@ -13,12 +13,12 @@ import pytest
 from helpers import retail_order
 from test_recovery import Builder, waiting_for_delivery
 
-from gateways.client import Client
 from actors.settings import load_processes
+from gateways.client import Client
 from storage.listing import ListFilter
-
-
 from storage.store import Store
+
+
 def build(data: Path, count: int) -> list[str]:
     """``count`` stored orders (ids in acceptance order); every 100th is
     customer ``vip``, every 7th from source ``shop``."""

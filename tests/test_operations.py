@@ -13,9 +13,9 @@ from conftest import Endpoints, sim_report
 from helpers import poll_until, retail_order
 from test_chaos import fast_retail
 
-from oms import codec
 from app.cli import main
 from gateways.client import Client, wait_terminal
+from oms import codec
 
 
 def hold_policy(folder: Path) -> str:

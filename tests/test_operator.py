@@ -20,7 +20,6 @@ from test_engine import (
     TELECOM,
     TELECOM_ORDER,
     UNKNOWN_SERVICE,
-    _retail_text,
     fallout_driver,
 )
 
@@ -92,7 +91,7 @@ STATES: dict[str, Callable[[], Driver]] = {
                                                    "void_invoice": None}),
                                          Cancel(None, "c"),
                                          CommandResult("o-1:create_invoice", True, {})),
-    "completed": lambda: _delivered(),
+    "completed": lambda: _delivered(),  # noqa: PLW0108 - defined below
     "partial": lambda: _started({"modify_service": UNKNOWN_SERVICE}, TELECOM, TELECOM_ORDER),
     "failed": lambda: _started({"capture_payment": DECLINED}),
     "cancelled": lambda: _then(_started({"create_invoice": None}), Cancel(None, "c"),
@@ -118,7 +117,7 @@ def _replies(d: Driver) -> list[dict[str, Any]]:
 def test_no_operator_request_in_any_state_raises_and_each_gets_one_reply(state: str) -> None:
     for action, step in REQUESTS:
         d = STATES[state]()
-        label = state.split("/")[0]
+        label = state.split("/", maxsplit=1)[0]
         assert str(d.order.state) == label, (state, d.order.state)
         before = len(_replies(d))
         d.feed(Operate(action, step, "ann", "why", "r"))
@@ -267,7 +266,7 @@ class Customer:
     that, like the router, refuses finished orders."""
 
     def __init__(self, n: int, domain: Any) -> None:
-        from actors.sequencer import Sequencer, SeqRequest
+        from actors.sequencer import SeqRequest, Sequencer
 
         self.request = SeqRequest
         self.seq = Sequencer(self.deliver)

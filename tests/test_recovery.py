@@ -20,17 +20,17 @@ from typing import Any
 import pytest
 from conftest import Endpoints
 from helpers import Driver, normalized, ok_domain, poll_until, retail_order
+from test_operations import no_restock  # noqa: F401
 
-from oms import codec
+from actors.settings import load_processes
 from gateways.client import Client, wait_terminal
+from oms import codec
 from oms.engine import new_order
 from oms.model import Order
-from actors.settings import load_processes
 from oms.process import ProcessDef
 from oms.sample import telecom
 from storage.records import ext_key, format_order_id
 from storage.store import MIB, Store
-from test_operations import no_restock  # noqa: F401
 
 pytestmark = pytest.mark.slow
 TERMINAL = {"completed", "failed", "partial", "cancelled"}
@@ -236,8 +236,9 @@ def test_stored_events_are_checked_again_at_recovery() -> None:
         assert isinstance(stored_event(bad, systems), str), bad
 
 
+@pytest.mark.usefixtures("no_restock")
 def test_a_forged_stored_event_does_not_release_a_hold_after_a_restart(
-        no_restock: Any, make_service: Any, client: Any, tmp_path: Path) -> None:
+        make_service: Any, client: Any, tmp_path: Path) -> None:
     svc = make_service()
     big = [{"id": "a", "product_id": "SKU-901", "quantity": 10**9}]
     forged = client.submit(retail_order("forged-1", items=big))["order_id"]

@@ -15,9 +15,9 @@ from conftest import Endpoints, SimThread
 from helpers import poll_until, retail_order
 
 from actors.security import SecurityError, client_options, generate, is_operator_name
-from oms import codec
 from app.cli import main
 from gateways.client import Client, wait_terminal
+from oms import codec
 
 
 @pytest.fixture
@@ -240,9 +240,9 @@ def test_sighup_reloads_client_keys(keys: Path, procs: Any, tmp_path: Path) -> N
         "--curve-clients", str(keys / "clients")], "serve")
     with Client(eps.intake, curve=opts(keys, "web")) as web:
         web.wait_ready(30)
-    with Client(eps.intake, curve=opts(keys, "intruder"), timeout=1) as late:
-        with pytest.raises(TimeoutError):
-            late.request({"type": "get_order", "order_id": "x"})
+    with (Client(eps.intake, curve=opts(keys, "intruder"), timeout=1) as late,
+          pytest.raises(TimeoutError)):
+        late.request({"type": "get_order", "order_id": "x"})
     (keys / "clients" / "intruder.key").write_text((keys / "own" / "intruder.key").read_text())
     svc.p.send_signal(signal.SIGHUP)
     reply = poll_until(lambda: _try(eps.intake, opts(keys, "intruder")), timeout=20, every=0.1)

@@ -7,28 +7,30 @@ under load."""
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections import Counter
 import random
 import signal
 import time
+import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 import zmq
-from conftest import Endpoints, sim_report
+from conftest import Endpoints, free_port, sim_report
 from helpers import poll_until, retail_order
+from test_observability import prom_tools  # noqa: F401 - the fixture
 
 from bench.ports import free_block
-from oms import codec
 from gateways.client import Client, wait_terminal
+from oms import codec
 from oms.config import ConfigError
 from oms.sample import sample_orders
 from oms.sharding import sharded_order_id, vshard_of, vshard_of_order_id
 from shards import manifest as mf
 from shards.front import make_cursor, merge_pages, parse_cursor
-from test_observability import prom_tools  # noqa: F401 - the fixture
 
 TERMINAL = {"completed", "failed", "partial", "cancelled"}
 
@@ -50,7 +52,7 @@ def test_sharded_ids_say_their_virtual_shard_and_keep_the_contract_form() -> Non
     assert oid == "O000000012307" and len(oid) == 13
     assert vshard_of_order_id(oid, 64) == 7
     for bad in ("O000000012364", "O12", "X000000012307", 12307, None, "O00000001230x",
-                "O０００００００１２３０７"):
+                "O０００００００１２３０７"):  # noqa: RUF001 - hostile: fullwidth digits are not digits
         assert vshard_of_order_id(bad, 64) is None, bad
     with pytest.raises(ValueError):
         sharded_order_id(10**10, 1)
@@ -76,8 +78,8 @@ def test_merged_pages_give_every_order_once_newest_first() -> None:
         k = rng.randrange(3)
         shards[k].append({"order_id": sharded_order_id(len(shards[k]) + 1, k),
                           "created_ts": ts, "n": n})
-    for k in shards:
-        shards[k].reverse()  # newest first
+    for orders in shards.values():
+        orders.reverse()  # newest first
     seen: list[int] = []
     cursors: dict[int, str | None] | None = dict.fromkeys(shards)
     pages = 0
@@ -145,7 +147,7 @@ class Sharded:
         self.args = self.eps.serve_args(self.data) + [
             "--shards", str(shards), "--shard-base-port", str(self.base), *serve_args]
         self.svc = procs(self.args, "serve")
-        poll_until(lambda: (self.data / "front" / "ready").exists(), timeout=30)
+        poll_until((self.data / "front" / "ready").exists, timeout=30)
 
     def shard_pid(self, k: int) -> int:
         text = (self.data / f"shard-{k}" / "oms.lock").read_text()
@@ -153,6 +155,35 @@ class Sharded:
 
     def client(self, **kw: Any) -> Client:
         return Client(self.eps.intake, zmq.Context.instance(), **kw)
+
+
+def wait_subscribed(client: Client, sub: zmq.Socket, data: Path, source: str) -> list[str]:
+    """The slow joiner, polled for rather than slept on: submit probe orders
+    (from ``source``) until ``sub`` has had an event from every shard process.
+    The probes' order ids."""
+    owner = mf.load(data).owner
+    heard: set[int] = set()
+    probes: list[str] = []
+
+    def probe() -> bool:
+        n = len(probes)
+        probes.append(client.submit(retail_order(
+            f"probe-{n}", source_system=source, customer={"id": f"probe-{n}"}))["order_id"])
+        while sub.poll(100):
+            vshard = vshard_of_order_id(codec.decode_map(sub.recv_multipart()[1]).get(
+                "order_id"), 64)
+            if vshard is not None:
+                heard.add(owner[vshard])
+        return heard == set(owner)
+
+    poll_until(probe, timeout=30)
+    return probes
+
+
+def front_metric(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith((name + " ", name + "{")))
 
 
 def telecom_order(ext: str, customer: str, service: str) -> dict[str, Any]:
@@ -172,7 +203,10 @@ def test_two_shards_behind_one_front_keep_the_contract(procs: Any, tmp_path: Pat
     orders += [telecom_order(f"t-{n}", f"cust-{n % 3}", f"svc-{n}") for n in range(12)]
     with s.client(timeout=10) as client:
         client.wait_ready(20)
-        time.sleep(0.3)  # let the subscription reach the front before events flow
+        # before events flow, the subscription reaches every shard (through the front's
+        # proxy): probes from "webprobe" (this prefix subscription gets them; the checks
+        # below count topic b"web\0" and source "web" only)
+        wait_subscribed(client, sub, s.data, "webprobe")
         acked = {req["order"]["external_id"]: reply for req, reply in client.pipeline(
             {"type": "submit_order", "order": o} for o in orders)}
         assert {r["type"] for r in acked.values()} == {"accepted"}, acked
@@ -275,16 +309,17 @@ def assert_sequenced(views: list[dict[str, Any]]) -> None:
         return min(h["ts"] for h in view["history"] if h.get("state") in states
                    and not h.get("action"))
 
-    for earlier, later in zip(views, views[1:], strict=False):
+    for earlier, later in itertools.pairwise(views):
         assert first(later, {"inProgress"}) >= first(earlier, TERMINAL), (
             earlier["order_id"], later["order_id"])
 
 
 @pytest.mark.slow
-def test_kill_9_of_a_shard_and_of_the_front_under_load_loses_nothing(procs: Any, tmp_path: Path) -> None:
+def test_kill_9_of_a_shard_and_of_the_front_under_load_loses_nothing(
+        procs: Any, tmp_path: Path) -> None:
     s = Sharded(procs, tmp_path, sim_args=("--drop", "capture_payment=0.02"))
     orders = list(sample_orders(600, seed=8, source="web", prefix="K-", telecom_ratio=0.0))
-    for n, o in enumerate(orders):  # telecom orders for a few customers, interleaved
+    for n in range(len(orders)):  # telecom orders for a few customers, interleaved
         if n % 3 == 0:
             orders[n] = telecom_order(f"KT-{n}", f"tc-{n % 4}", f"svc-{n}")
     kills: list[float] = []
@@ -467,7 +502,7 @@ def test_with_curve_the_front_applies_every_identity_rule(procs: Any, tmp_path: 
     with Client(s.eps.intake, curve=opts("web"), timeout=10) as web, \
             Client(s.eps.intake, curve=opts("store"), timeout=10) as store:
         web.wait_ready(20)
-        time.sleep(0.3)  # the subscription reaches the front
+        probes = wait_subscribed(web, sub, s.data, "web")  # the subscription reaches the front
         mine = [web.submit(retail_order(f"w-{n}", customer={"id": f"wc-{n}"}))["order_id"]
                 for n in range(6)]
         assert all(vshard_of_order_id(i, 64) is not None for i in mine)
@@ -483,14 +518,15 @@ def test_with_curve_the_front_applies_every_identity_rule(procs: Any, tmp_path: 
         assert web.request({"type": "list_orders", "source_system": "store"})["code"] == (
             "unauthorized")
         listed = web.request({"type": "list_orders"})["orders"]
-        assert {o["source_system"] for o in listed} == {"web"} and len(listed) == 6
+        assert {o["source_system"] for o in listed} == {"web"}
+        assert len(listed) == len(mine) + len(probes)
         for rtype in ("order_counts", "abort_order", "retry_step"):
             assert web.request({"type": rtype, "order_id": mine[0]})["code"] == "unauthorized"
         wait_terminal(web, mine, timeout=30)  # domain events came in over CURVE
     with Client(s.eps.intake, curve=opts("operator-ann"), timeout=10) as operator:
         assert operator.get(theirs[0])["type"] == "order"
         assert operator.request({"type": "order_counts"})["type"] == "order_counts"
-        assert len(operator.request({"type": "list_orders"})["orders"]) == 12
+        assert len(operator.request({"type": "list_orders"})["orders"]) == 12 + len(probes)
     topics = set()
     while sub.poll(300):
         topics.add(sub.recv_multipart()[0])
@@ -591,16 +627,19 @@ def test_a_frozen_shard_costs_its_own_requests_only_and_they_are_answered(
 def test_the_front_takes_at_most_max_subscribers(procs: Any, tmp_path: Path,
                                                  monkeypatch: Any) -> None:
     monkeypatch.setenv("OMS_MAX_SUBSCRIBERS", "2")
-    s = Sharded(procs, tmp_path)
+    port = free_port()
+    s = Sharded(procs, tmp_path, serve_args=("--metrics-port", str(port)))
     ctx = zmq.Context.instance()
     subs = []
-    for _ in range(3):
+    for n in range(3):
         sub = ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.connect(s.eps.events)
         subs.append(sub)
-        time.sleep(0.2)  # connected in this order
+        if n < 2:  # connected in this order: the front has counted this one
+            poll_until(lambda n=n: front_metric(port, "oms_event_subscribers") == n + 1)
+    poll_until(lambda: front_metric(port, "oms_event_subscribers_refused_total") == 1)
     with s.client(timeout=10) as client:
         client.wait_ready(20)
         ids = [client.submit(retail_order(f"ms-{n}", customer={"id": f"ms-{n}"}))["order_id"]

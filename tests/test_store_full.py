@@ -151,13 +151,12 @@ def test_the_writer_runs_no_effect_of_a_snapshot_until_it_is_durable(tmp_path: P
     run while its commit fails, a domain event in the failed batch gets
     "error", nothing ends the process; once space returns the same snapshot
     is committed and only then its callbacks run."""
+    from helpers import Probe
     from prometheus_client import CollectorRegistry
 
-    from helpers import Probe
-
     from actors.effects import Collect, Tell
-    from actors.store_writer import RecordEvent, SaveOrder, StoreWriter
     from actors.metrics import Metrics
+    from actors.store_writer import RecordEvent, SaveOrder, StoreWriter
     from storage.store import MIB, Store
 
     with tmpfs(tmp_path / "disk", 8) as disk:
