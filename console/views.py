@@ -116,7 +116,20 @@ def compact(value: Any) -> str:
     return text if len(text) <= 400 else text[:400] + " ..."
 
 
+# ISO 4217 minor-unit exponents that are not 2 (the others, and unknown codes, use 2).
+ZERO_DECIMALS = frozenset({"BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG",
+                           "RWF", "UGX", "UYI", "VND", "VUV", "XAF", "XOF", "XPF"})
+THREE_DECIMALS = frozenset({"BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"})
+
+
 def money(minor: Any, currency: Any) -> str:
+    """An amount in minor units as the currency writes it: ``123456 JPY`` is
+    ``123,456 JPY``, ``123456 EUR`` is ``1,234.56 EUR``, ``123456 KWD`` is
+    ``123.456 KWD``. Integer arithmetic: exact for any 64-bit amount."""
     if not isinstance(minor, int) or isinstance(minor, bool):
         return ""
-    return f"{minor / 100:,.2f} {currency or ''}".strip()
+    code = currency.upper() if isinstance(currency, str) else ""
+    places = 0 if code in ZERO_DECIMALS else 3 if code in THREE_DECIMALS else 2
+    whole, part = divmod(abs(minor), 10 ** places)
+    text = f"{'-' if minor < 0 else ''}{whole:,}" + (f".{part:0{places}d}" if places else "")
+    return f"{text} {currency if isinstance(currency, str) else ''}".strip()

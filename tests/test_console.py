@@ -649,3 +649,14 @@ def test_order_page_renders_the_engines_fallout_block_and_odd_views() -> None:
         assert "<strong>retry</strong>" in page and "explode" not in page
         odd_page = render_template("_order_live.html", **order_context(odd))
         assert "Why it is held" in odd_page and "boom" in odd_page
+
+
+def test_money_is_written_with_the_currencys_own_minor_units() -> None:
+    from console.views import money
+
+    assert money(123456, "EUR") == "1,234.56 EUR"
+    assert money(123456, "JPY") == "123,456 JPY"
+    assert money(123456, "KWD") == "123.456 KWD"
+    assert money(-5, "USD") == "-0.05 USD"
+    assert money(2**63 - 1, "EUR") == "92,233,720,368,547,758.07 EUR"  # exact, no float
+    assert money(100, None) == "1.00" and money(True, "EUR") == "" and money("1", "EUR") == ""
