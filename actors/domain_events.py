@@ -18,12 +18,14 @@ and logged (at most once a second per code, with how many were not logged).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import zmq
 
 from actors.effects import AnswerEvent
 from actors.endpoint import RouterEndpoint
+from actors.ports import OrderContext
 from actors.security import DOMAINS
 from actors.store_writer import RecordEvent
 from actors.throttle import LogThrottle
@@ -82,9 +84,9 @@ class DomainEvents(RouterEndpoint):
     thread_name = "domain-events"
     label = "domain_events"
 
-    def __init__(self, zctx: zmq.Context, endpoint: str, octx: Any,
-                 curve: dict[str, Any] | None = None, *, systems: Any = None,
-                 hwm: int = 10_000) -> None:
+    def __init__(self, zctx: zmq.Context, endpoint: str, octx: OrderContext,
+                 curve: dict[str, Any] | None = None, *,
+                 systems: Iterable[str] | None = None, hwm: int = 10_000) -> None:
         super().__init__(zctx, endpoint, octx.metrics, curve, hwm)
         self.octx = octx
         self.systems = frozenset(octx.gateways if systems is None else systems)

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import pykka
 
@@ -31,7 +31,9 @@ from oms.messages import CommandResult, DomainEvent, Publish, Reply, Send, Seque
 from oms.process import ProcessDef
 
 if TYPE_CHECKING:
-    from actors.router import OrderContext
+    from actors.ports import OrderContext, Replier
+    from actors.supervision import Supervisor
+    from storage.store import Created
 
 logger = logging.getLogger(__name__)
 
@@ -52,22 +54,50 @@ class Origin(NamedTuple):
     created_ts: float
 
 
+class Teller(Protocol):
+    """An actor reference (or anything that takes a told message)."""
+
+    def tell(self, message: Any) -> None: ...
+
+
+class Revivable(Protocol):
+    """The order router, as a ``Revive`` uses it."""
+
+    def revived(self, order_id: str, spawn: bool) -> None: ...
+
+
+class CreateAnswerer(Protocol):
+    """The intake, as an ``AnswerCreate`` uses it."""
+
+    def created(self, created: Created, source: str, reply: ReplyTo) -> None: ...
+
+    def admitted(self) -> None: ...
+
+
+class EventAnswerer(Protocol):
+    """The domain-events endpoint, as an ``AnswerEvent`` uses it."""
+
+    def recorded(self, outcome: str, envelope: tuple[bytes, ...], order_id: str,
+                 event: DomainEvent) -> None: ...
+
+
 class Tell(NamedTuple):
     """Tell one actor instance ``message``; if it has left memory
     (passivated, retired, crashed) it no longer needs it."""
 
-    ref: Any
+    ref: Teller
     message: Any
 
 
 class Revive(NamedTuple):
     """The router reloads an order from its last durable snapshot
-    (``OrderRouter.revived``); an error there is escalated to ``supervisor``."""
+    (``OrderRouter.revived``); an error there is escalated to ``supervisor``
+    (None outside a service: the error is raised)."""
 
-    router: Any
+    router: Revivable
     order_id: str
     spawn: bool
-    supervisor: Any = None
+    supervisor: Supervisor | None
 
 
 class ReplyTo(NamedTuple):
@@ -76,9 +106,9 @@ class ReplyTo(NamedTuple):
     a ``Cancel``, an ``Operate`` and so of a ``Reply`` effect; calling it
     sends the reply (from any thread)."""
 
-    endpoint: Any
+    endpoint: Replier
     envelope: tuple[bytes, ...]
-    request_id: Any = None
+    request_id: str | int | None = None
 
     def __call__(self, payload: dict[str, Any]) -> None:
         if self.request_id is not None:
@@ -90,7 +120,7 @@ class AnswerCreate(NamedTuple):
     """Answer a ``submit_order`` with the create's outcome (``Intake.created``)
     and free its admission slot."""
 
-    intake: Any
+    intake: CreateAnswerer
     source_system: str
     reply: ReplyTo
 
@@ -99,7 +129,7 @@ class AnswerEvent(NamedTuple):
     """Acknowledge (or refuse) a domain event with its recording's outcome and
     hand it to its order (``DomainEvents.recorded``)."""
 
-    endpoint: Any
+    endpoint: EventAnswerer
     envelope: tuple[bytes, ...]
     order_id: str
     event: DomainEvent
@@ -151,9 +181,7 @@ def _send(fx: Send, origin: Origin | None, _outcome: Any) -> None:
     gateway = ctx.gateways.get(fx.system)
     if gateway is None:
         error = DomainError("unknown_system", f"no gateway for {fx.system!r}", False)
-        router = ctx.router
-        assert router is not None
-        router.deliver(origin.order_id, CommandResult(fx.command_id, False, None, error))
+        ctx.router.deliver(origin.order_id, CommandResult(fx.command_id, False, None, error))
         return
     gateway.send(origin.order_id, fx)
 

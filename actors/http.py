@@ -149,10 +149,11 @@ class PooledWSGIServer(WSGIServer):
 
 class HttpServer:
     def __init__(self, host: str, port: int, registry: CollectorRegistry,
-                 ready: Callable[[], bool]) -> None:
-        self.dead: Callable[[], list[str]] = list  # set by the service once started
+                 ready: Callable[[], bool], dead: Callable[[], list[str]] = list) -> None:
+        """``ready`` and ``dead`` are called from the server's threads: they
+        must read only what is safe from any thread (``app.service``)."""
         self.server: PooledWSGIServer = make_server(
-            host, port, health_app(registry, ready, lambda: self.dead()), PooledWSGIServer,  # noqa: PLW0108 - late binding: self.dead is set after construction
+            host, port, health_app(registry, ready, dead), PooledWSGIServer,
             handler_class=_Quiet)
         self.thread = threading.Thread(
             target=supervision.guarded("metrics-http", self.server.serve), name="metrics-http",

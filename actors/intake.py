@@ -13,11 +13,7 @@ only thread that may touch the socket).
 from __future__ import annotations
 
 import logging
-import math
-import queue
-import re
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,21 +21,19 @@ import zmq
 
 from actors.effects import AnswerCreate, NewOrder, ReplyTo
 from actors.endpoint import RouterEndpoint
+from actors.lister import Lister, list_request
+from actors.lookup import find_archived, find_order, request_id_of
+from actors.ports import OrderContext
 from actors.security import DOMAINS, is_operator_name
 from actors.store_writer import CreateOrder
 from oms import codec, errors
 from oms.messages import Cancel, Operate, Start
 from oms.sharding import vshard_of
-from oms.states import OrderState
 from oms.validation import validate_order
-from storage.listing import ListFilter
-from storage.records import CorruptRecord, usable_order_id
 from storage.store import Created
 
 logger = logging.getLogger(__name__)
 
-_STATES = {str(s) for s in OrderState}
-_CURSOR = re.compile(r"O[0-9]{12,40}")  # an order id, as storage.records.format_order_id makes
 OPERATOR_ONLY = {"retry_step", "skip_step", "abort_order", "order_counts"}
 
 
@@ -47,10 +41,14 @@ class Intake(RouterEndpoint):
     thread_name = "intake"
     label = "intake"
 
-    def __init__(self, zctx: zmq.Context, endpoint: str, octx: Any, max_in_flight: int,
-                 hwm: int = 10_000, curve: dict[str, Any] | None = None) -> None:
+    def __init__(self, zctx: zmq.Context, endpoint: str, octx: OrderContext,
+                 max_in_flight: int, hwm: int = 10_000, curve: dict[str, Any] | None = None,
+                 vshards: int = 0) -> None:
+        """``vshards``: in a shard process (docs/scaling.md), how many virtual
+        shards order ids are spread over (0: not sharded)."""
         super().__init__(zctx, endpoint, octx.metrics, curve, hwm)
         self.octx = octx
+        self.vshards = vshards
         self.max_in_flight = max_in_flight
         self.admitting = 0  # creates handed to the writer, not yet committed or refused
         self._admitting_lock = threading.Lock()
@@ -113,7 +111,7 @@ class Intake(RouterEndpoint):
                     f"{codec.MAX_FRAME_BYTES}")
             else:
                 req = codec.decode_map(frame)
-                request_id = _request_id(req)
+                request_id = request_id_of(req)
                 rtype = kind if isinstance(kind := req.get("type"), str) else "?"
                 handler = self.handlers.get(rtype)
                 if handler is not None and self.is_domain_system():
@@ -164,9 +162,9 @@ class Intake(RouterEndpoint):
             return errors.error_reply(
                 errors.BUSY, f"{self.max_in_flight} orders in flight; retry later")
         proc = engines[order["order_type"]].proc
-        reply = self.reply_later(envelope, _request_id(req))
+        reply = self.reply_later(envelope, request_id_of(req))
         answer = AnswerCreate(self, order["source_system"], reply)  # after the commit
-        vshards = getattr(self.octx, "vshards", 0)  # a shard process (docs/scaling.md)
+        vshards = self.vshards
         vshard = vshard_of(order["customer"]["id"], vshards) if vshards else None
         self.octx.writer.tell(CreateOrder(order["source_system"], order["external_id"],
                                           codec.digest(order), NewOrder(order, proc), answer,
@@ -178,7 +176,7 @@ class Intake(RouterEndpoint):
         unfinished) plus creates not yet committed stay within the limit, so a
         pipelined burst cannot slip past it before its commits land."""
         with self._admitting_lock:
-            if self.octx.router.in_flight + self.admitting >= self.max_in_flight:
+            if self.octx.counts.in_flight + self.admitting >= self.max_in_flight:
                 return False
             self.admitting += 1
             return True
@@ -197,7 +195,7 @@ class Intake(RouterEndpoint):
         return errors.error_reply(errors.UNAVAILABLE, "the order was not taken: the store "
                                   "cannot write right now; retry later")
 
-    def created(self, created: Created, source: str, reply: Callable[[dict], None]) -> None:
+    def created(self, created: Created, source: str, reply: ReplyTo) -> None:
         if created.kind == "unavailable":
             reply(self.store_unavailable(source))
             return
@@ -216,31 +214,10 @@ class Intake(RouterEndpoint):
                "duplicate": created.kind == "duplicate"})
         order = created.order
         if order is not None:
-            self.octx.router.counted(order)
+            self.octx.counts.counted(order)
             if order.seq_key:
                 self.octx.sequencer.request(order.seq_key, order.order_id, True)
             self.octx.router.start(order, Start())
-
-    def _find(self, req: dict[str, Any]) -> tuple[Any, dict[str, Any] | None]:
-        store = self.octx.store
-        order_id = req.get("order_id")
-        if order_id is None and isinstance(req.get("source_system"), str) and isinstance(
-                req.get("external_id"), str):
-            order_id = store.find_external(req["source_system"], req["external_id"])
-            if order_id is None:
-                return None, errors.error_reply(errors.NOT_FOUND, "no order with that "
-                                                "source_system and external_id")
-        if not isinstance(order_id, str):
-            return None, errors.error_reply(
-                errors.MALFORMED, "give order_id, or source_system and external_id (strings)")
-        try:
-            order = store.get_order(order_id)
-        except CorruptRecord as exc:
-            logger.error("%s", exc)
-            return None, errors.error_reply(errors.INTERNAL, "order record is unreadable")
-        if order is None:
-            return None, errors.error_reply(errors.NOT_FOUND, f"no order {order_id!r:.100}")
-        return order, None
 
     def is_operator(self) -> bool:
         return not self.identity_required or is_operator_name(self.user)
@@ -249,7 +226,7 @@ class Intake(RouterEndpoint):
         """With CURVE on, a domain system's key (``warehouse``) or ``domains``:
         it sends events to the domain-events endpoint and is no channel."""
         return self.identity_required and (
-            self.user == DOMAINS or self.user in (self.octx.gateways or {}))
+            self.user == DOMAINS or self.user in self.octx.gateways)
 
     def denied(self, source_system: str) -> dict[str, Any] | None:
         """With CURVE on, a channel may touch only its own source_system's
@@ -267,7 +244,7 @@ class Intake(RouterEndpoint):
         if isinstance(req.get("source_system"), str) and (
                 denied := self.denied(req["source_system"])):
             return denied
-        order, err = self._find(req)
+        order, err = find_order(self.octx.store, req)
         if err:
             return self.archived_order(req, err)
         engine = self.octx.engines.get(order.order_type)  # its point of no return: `fallout`
@@ -277,7 +254,7 @@ class Intake(RouterEndpoint):
     def archived_order(self, req: dict[str, Any], err: dict[str, Any]) -> dict[str, Any]:
         """get_order for an order retention moved to the archive (its marker is
         kept for the dedup window): the final view with ``archived: true``."""
-        found = self._archived(req, err)
+        found = find_archived(self.octx.store, req, err)
         if isinstance(found, dict) and found.get("type") == "error":
             return found
         view = found["order"]
@@ -285,7 +262,7 @@ class Intake(RouterEndpoint):
             "type": "order", "order": dict(view, archived=True)}
 
     def archived_cancel(self, req: dict[str, Any], err: dict[str, Any]) -> dict[str, Any]:
-        found = self._archived({"order_id": req.get("order_id")}, err)
+        found = find_archived(self.octx.store, {"order_id": req.get("order_id")}, err)
         if found.get("type") == "error":
             return found
         view = found["order"]
@@ -293,39 +270,11 @@ class Intake(RouterEndpoint):
             "type": "cancel_rejected", "order_id": view["order_id"],
             "reason": f"order is already {view['state']} (archived)"}
 
-    def _archived(self, req: dict[str, Any], err: dict[str, Any]) -> dict[str, Any]:
-        """The archive record for a not-found order, or ``err`` unchanged."""
-        from storage import archive
-
-        if err.get("code") != errors.NOT_FOUND:
-            return err
-        store = self.octx.store
-        order_id = req.get("order_id")
-        if order_id is None and isinstance(req.get("source_system"), str) and isinstance(
-                req.get("external_id"), str):
-            order_id = store.find_external(req["source_system"], req["external_id"])
-        if not isinstance(order_id, str):
-            return err
-        marker = store.find_archived(order_id)
-        if marker is None:
-            return err
-        day, offset = marker[0], marker[1]
-        try:
-            rec = archive.find_in_member(archive.file_for(store.path, day), offset, order_id)
-        except (OSError, ValueError, KeyError) as exc:
-            logger.error("archived order %s cannot be read from %s at %d: %s", order_id, day,
-                         offset, exc, extra={"order_id": order_id})
-            return errors.error_reply(errors.INTERNAL, "the archived order cannot be read; "
-                                      "see the service log")
-        if rec is None or "unreadable" in rec:
-            return errors.error_reply(errors.INTERNAL, "archived order record is unreadable")
-        return rec
-
     def cancel_order(self, envelope: tuple[bytes, ...], req: dict[str, Any]) -> Any:
         if isinstance(req.get("source_system"), str) and (
                 denied := self.denied(req["source_system"])):
             return denied
-        order, err = self._find(req)  # by order_id, or source_system + external_id
+        order, err = find_order(self.octx.store, req)  # by order_id, or source_system + external_id
         if err:
             return self.archived_cancel(req, err)
         if denied := self.denied(order.source_system):
@@ -340,7 +289,7 @@ class Intake(RouterEndpoint):
         if operator is not None and not (isinstance(operator, str) and 1 <= len(operator) <= 64):
             return errors.error_reply(errors.MALFORMED, "operator must be a string of 1 to 64 "
                                       "characters")
-        reply = self.reply_later(envelope, _request_id(req))
+        reply = self.reply_later(envelope, request_id_of(req))
         if not self.octx.router.deliver(order.order_id, Cancel(reason, reply, operator)):
             return {"type": "cancel_rejected", "order_id": order.order_id,
                     "reason": "order is already finished"}
@@ -355,7 +304,7 @@ class Intake(RouterEndpoint):
         operator = operator or self.user or "anonymous"  # CURVE: the key's name
         if step is not None and not isinstance(step, str):
             return errors.error_reply(errors.MALFORMED, "step must be a string")
-        order, err = self._find({"order_id": req.get("order_id")})
+        order, err = find_order(self.octx.store, {"order_id": req.get("order_id")})
         if err:
             return err
         reason = req.get("reason")
@@ -364,7 +313,7 @@ class Intake(RouterEndpoint):
         if order.state.terminal:
             return {"type": "operator_rejected", "order_id": order.order_id, "action": action,
                     "reason": f"order is already {order.state}"}
-        reply = self.reply_later(envelope, _request_id(req))
+        reply = self.reply_later(envelope, request_id_of(req))
         msg = Operate(action, step, operator, reason, reply)
         if not self.octx.router.deliver(order.order_id, msg):
             return {"type": "operator_rejected", "order_id": order.order_id, "action": action,
@@ -381,10 +330,10 @@ class Intake(RouterEndpoint):
     def list_orders(self, envelope: tuple[bytes, ...], req: dict[str, Any]) -> Any:
         """Validated here; read by the lister thread, which replies: a long
         listing never holds back intake (see ``Lister``)."""
-        flt, limit, after, err = self.list_request(req)
+        flt, limit, after, err = list_request(req, self.is_operator(), self.user, self.denied)
         if err:
             return err
-        reply = self.reply_later(envelope, _request_id(req))
+        reply = self.reply_later(envelope, request_id_of(req))
         store, metrics = self.octx.store, self.metrics
 
         def job() -> None:
@@ -404,85 +353,4 @@ class Intake(RouterEndpoint):
             return errors.error_reply(errors.BUSY, f"{Lister.QUEUED} list_orders requests "
                                       "are waiting already; retry later")
         return None
-
-    def list_request(self, req: dict[str, Any]
-                     ) -> tuple[ListFilter, int, str | None, dict[str, Any] | None]:
-        """The filter, limit and cursor of a list_orders request, or its error."""
-        state, source = req.get("state"), req.get("source_system")
-        limit, after = req.get("limit", 100), req.get("after")
-        min_age = req.get("min_age_s")
-        texts = {name: req.get(name) for name in ("state_reason", "customer_id", "external_id")}
-        flt = ListFilter()
-        for name, value in texts.items():
-            if value is not None and (not isinstance(value, str) or len(value) > 1000):
-                return flt, 0, None, errors.error_reply(errors.MALFORMED,
-                                                        f"{name} must be a string")
-        if min_age is not None and (isinstance(min_age, bool) or not isinstance(
-                min_age, int | float) or not math.isfinite(min_age) or min_age < 0):
-            return flt, 0, None, errors.error_reply(
-                errors.MALFORMED, "min_age_s must be a number of seconds, 0 or more")
-        if state is not None and (not isinstance(state, str) or state not in _STATES):
-            return flt, 0, None, errors.error_reply(errors.MALFORMED,
-                                                    f"unknown state {state!r:.100}")
-        if source is not None and not isinstance(source, str):
-            return flt, 0, None, errors.error_reply(errors.MALFORMED,
-                                                    "source_system must be a string")
-        if not self.is_operator():
-            if source is not None and (denied := self.denied(source)):
-                return flt, 0, None, denied
-            source = self.user
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
-            return flt, 0, None, errors.error_reply(errors.MALFORMED,
-                                                    "limit must be an integer 1 to 1000")
-        if after is not None and (not isinstance(after, str) or not usable_order_id(after)
-                                  or not _CURSOR.fullmatch(after)):
-            return flt, 0, None, errors.error_reply(
-                errors.MALFORMED, "after must be a cursor (an order id) from an earlier page")
-        flt = ListFilter(state=state, reason=texts["state_reason"], source_system=source,
-                         customer_id=texts["customer_id"], external_id=texts["external_id"],
-                         created_before=time.time() - min_age if min_age is not None else None)
-        return flt, limit, after, None
-
-
-class Lister:
-    """Runs ``list_orders`` reads off the intake thread: one thread, a bounded
-    queue (a full queue answers ``busy``). Each job's work is bounded too
-    (``Store.list_orders``' budget), and a job that fails replies an error, so
-    the thread never dies."""
-
-    QUEUED = 16
-
-    def __init__(self) -> None:
-        self.jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(self.QUEUED)
-        self.thread = threading.Thread(target=self._run, name="lister", daemon=True)
-        self.thread.start()
-
-    def submit(self, job: Callable[[], None]) -> bool:
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            return False
-        return True
-
-    def _run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            try:
-                job()
-            except Exception:  # a reply that could not be queued (intake stopped)
-                logger.exception("list_orders reply failed")
-
-    def stop(self) -> None:
-        while self.thread.is_alive():
-            try:
-                self.jobs.put(None, timeout=0.1)
-                break
-            except queue.Full:
-                continue
-        self.thread.join(10)
-
-
-def _request_id(req: dict[str, Any]) -> str | int | None:
-    """The client's request_id, echoed if it is a string or an integer."""
-    rid = req.get("request_id")
-    return rid if isinstance(rid, str | int) and not isinstance(rid, bool) else None
 

@@ -311,8 +311,15 @@ class LoopActor(pykka.Actor):
         if self._supervisor is not None:  # stopped while the service runs: it died
             self._supervisor.died(self.component)
 
+    def mailbox_depth(self) -> int:
+        """Messages waiting in its inbox. Safe from any thread (the length of
+        a deque): how the metrics thread sees a backlog without touching the
+        actor."""
+        return len(self.actor_inbox)
+
     def alive(self) -> bool:
-        """Its loop runs and it has not stopped."""
+        """Its loop runs and it has not stopped. Safe from any thread (a thread's
+        liveness and a stop flag)."""
         return self._loop.alive() and not self.actor_stopped.is_set()
 
     def join(self, timeout: float = 10.0) -> None:

@@ -26,7 +26,7 @@ from oms.outstanding import awaiting_reply
 from oms.states import OrderState
 
 if TYPE_CHECKING:
-    from actors.router import OrderContext
+    from actors.ports import OrderContext
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +102,10 @@ class OrderActor(PooledActor):
         self._dirty |= turning.changed
         self._effects.extend(turning.effects)
         if order.state != before:
-            self.ctx.router.state_changed(before, order.state, order.order_id)
+            self.ctx.counts.state_changed(before, order.state, order.order_id)
             self.counted_state = order.state
         if _parked(order) != parked:
-            self.ctx.router.park(order.order_id, not parked)
+            self.ctx.counts.park(order.order_id, not parked)
         self._handled.append(received)
         return None
 

@@ -20,6 +20,7 @@ from collections import defaultdict
 from typing import Any, NamedTuple
 
 from actors.loop import LoopActor
+from actors.ports import Deliver
 from oms.messages import Turn
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class SeqPreload(NamedTuple):
 class Sequencer(LoopActor):
     thread_name = "sequencer"
 
-    def __init__(self, deliver: Any) -> None:
+    def __init__(self, deliver: Deliver) -> None:
         super().__init__()
         self._deliver = deliver
         self.queues: dict[str, list[str]] = defaultdict(list)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -128,6 +129,8 @@ class StoreWriter(LoopActor):
         self.fatal = fatal
         self.held: list[Any] = []  # snapshots and barriers of failed commits, in order
         self.failing_since: float | None = None
+        self.writable = threading.Event()  # clear while commits fail: readiness, any thread
+        self.writable.set()
         self._last_try = 0.0
         self._failures = 0
 
@@ -186,6 +189,7 @@ class StoreWriter(LoopActor):
             logger.warning("store writes work again after %.1f s and %d failed commits",
                            time.monotonic() - self.failing_since, self._failures)
             self.failing_since, self._failures = None, 0
+            self.writable.set()
             self.metrics.store_failing.set(0)
         self.metrics.commit_latency.observe(time.perf_counter() - started)
         self.metrics.commit_batch.observe(len(work))
@@ -208,6 +212,7 @@ class StoreWriter(LoopActor):
         self._failures += 1
         if self.failing_since is None:
             self.failing_since = time.monotonic()
+            self.writable.clear()
             self.metrics.store_failing.set(1)
             logger.error("store commit failed; nothing of the batch is acknowledged, "
                          "snapshots are held and retried every %.1f s: %s", RETRY_S, exc,

@@ -28,6 +28,8 @@ from typing import Any
 
 from actors import supervision
 from actors.eventloop import EventLoop
+from actors.metrics import Metrics
+from actors.ports import Deliver
 from oms.messages import TimerFired
 
 logger = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ class TimerService:
     is given: as a stand-alone test uses it). ``schedule`` may be called
     from any thread (recovery arms jeopardy deadlines from the main thread)."""
 
-    def __init__(self, deliver: Any, metrics: Any = None,
+    def __init__(self, deliver: Deliver, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic,
                  loop: EventLoop | None = None) -> None:

@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import zmq
@@ -26,8 +27,9 @@ from actors.eventloop import EventLoop
 from actors.http import HttpServer
 from actors.intake import Intake
 from actors.metrics import Metrics, ServiceCollector
+from actors.ports import Deliver, OrderCore, OrderParts
 from actors.publisher import Publisher
-from actors.router import OrderContext, OrderRouter
+from actors.router import OrderRouter
 from actors.security import ChannelSecurity, SecurityError, client_options
 from actors.sequencer import Sequencer
 from actors.settings import load_processes
@@ -58,7 +60,9 @@ class Service:
         self._outer_supervisor: supervision.Supervisor | None = None
         self.ready = threading.Event()
         self._stops: list[tuple[str, Any]] = []
-        self.http: Any = None
+        self.http: HttpServer | None = None
+        self.gateways: dict[str, Gateway] = {}  # by domain system
+        self._domain_curve: dict[str, Any] = {}  # CURVE options of the gateways
 
     # -- start -------------------------------------------------------------
 
@@ -89,7 +93,6 @@ class Service:
         loop = self.loop
         self.security = None
         channel_curve: dict[str, Any] = {}
-        domain_curve: dict[str, Any] = {}
         if cfg.curve_server_key or cfg.curve_clients:
             if not (cfg.curve_server_key and cfg.curve_clients):
                 raise SecurityError("CURVE needs both --curve-server-key and --curve-clients")
@@ -100,7 +103,8 @@ class Service:
             if not cfg.curve_server_key:
                 raise SecurityError("--domain-server-key needs --curve-server-key (the "
                                     "service's own keypair)")
-            domain_curve = client_options(cfg.curve_server_key, cfg.domain_server_key)
+            self._domain_curve = client_options(cfg.curve_server_key,
+                                                cfg.domain_server_key)
         if self.security is None:
             _warn_if_exposed(cfg)
         self.store = Store(cfg.data, map_size=cfg.map_size_mb * 1024 * 1024,
@@ -114,28 +118,12 @@ class Service:
                                           max_subscribers=cfg.max_subscribers,
                                           stall_timeout_s=cfg.subscriber_timeout_s, loop=loop)
         self._stops.append(("publisher", lambda: _stop_actor(self.publisher)))
-        octx = OrderContext(loop, self.store, self.metrics,
-                            {t: Engine(p) for t, p in procs.items()})
-        self.octx = octx
-        octx.vshards = cfg.vshards  # type: ignore[attr-defined]  # a shard: sharded ids
-        octx.writer = self.writer
-        octx.publisher = self.publisher
-        self.router = OrderRouter(octx, loop, cfg.passivate_after_s)
+        core = OrderCore(loop, self.store, self.metrics,
+                         {t: Engine(p) for t, p in procs.items()}, self.writer, self.publisher)
+        self.router = OrderRouter(core, self._order_parts, loop, cfg.passivate_after_s)
         self._stops.append(("passivator", self.router.stop))
-        self.timers = TimerService(self.router.deliver, self.metrics, loop=loop)
-        octx.timers = self.timers
-        self._stops.append(("timers", self.timers.stop))
-        self.sequencer = Sequencer.launch(self.router.deliver, loop=loop)
-        octx.sequencer = self.sequencer
-        self._stops.append(("sequencer", lambda: _stop_actor(self.sequencer)))
-        octx.gateways = {}
-        for system, endpoint in cfg.systems.items():
-            gateway = Gateway.launch(self.zctx, system, endpoint, self.router.deliver,
-                                     self.metrics, breaker=Breaker(cfg.breaker_failures,
-                                                                   cfg.breaker_cooldown_s),
-                                     curve=domain_curve, loop=loop)
-            octx.gateways[system] = gateway
-            self._stops.append((f"gateway {system}", lambda g=gateway: _stop_actor(g)))
+        self.octx = self.router.ctx
+        octx = self.octx
         self.domain_events = DomainEvents.launch(self.zctx, cfg.domain_events, octx,
                                                  curve=channel_curve, loop=loop)
         self._stops.append(("domain events", lambda: _stop_actor(self.domain_events)))
@@ -145,25 +133,43 @@ class Service:
             collector(registry=self.registry)
         if cfg.metrics_port:
             self.http = HttpServer(cfg.metrics_host, cfg.metrics_port, self.registry,
-                                   lambda: self.ready.is_set() and self.store_writable)
+                                   lambda: self.ready.is_set() and self.store_writable,
+                                   self.dead_components)
             self._stops.append(("metrics http", self.http.stop))
         self.recover()
         self.start_retention()
         self.intake = Intake.launch(self.zctx, cfg.intake, octx, cfg.max_in_flight,
-                                    curve=channel_curve, loop=loop)
+                                    curve=channel_curve, vshards=cfg.vshards, loop=loop)
         self._stops.append(("intake", lambda: _stop_actor(self.intake)))
-        if self.http is not None:
-            self.http.dead = self.dead_components
         self.ready.set()
         logger.info("service ready: intake %s, events %s, domain events %s", cfg.intake,
                     cfg.events, cfg.domain_events)
 
+    def _order_parts(self, deliver: Deliver) -> OrderParts:
+        """The order router's parts that need its ``deliver``: the timers,
+        the sequencer and a gateway per domain system (``OrderRouter``
+        builds them in its constructor, then the orders' context)."""
+        cfg, loop = self.config, self.loop
+        self.timers = TimerService(deliver, self.metrics, loop=loop)
+        self._stops.append(("timers", self.timers.stop))
+        self.sequencer = Sequencer.launch(deliver, loop=loop)
+        self._stops.append(("sequencer", lambda: _stop_actor(self.sequencer)))
+        for system, endpoint in cfg.systems.items():
+            gateway = Gateway.launch(self.zctx, system, endpoint, deliver, self.metrics,
+                                     breaker=Breaker(cfg.breaker_failures,
+                                                     cfg.breaker_cooldown_s),
+                                     curve=self._domain_curve, loop=loop)
+            self.gateways[system] = gateway
+            self._stops.append((f"gateway {system}", lambda g=gateway: _stop_actor(g)))
+        return OrderParts(self.timers, self.sequencer, MappingProxyType(dict(self.gateways)))
+
     @property
     def store_writable(self) -> bool:
         """False while store commits fail (disk full, map at its cap, I/O
-        error): the service is then not ready (see actors.store_writer)."""
+        error): the service is then not ready (see actors.store_writer).
+        Safe from any thread: the writer's ``writable`` flag."""
         writer = getattr(self, "writer", None)
-        return writer is not None and writer.healthy
+        return writer is not None and writer.writable.is_set()
 
     def reload_keys(self) -> None:
         """SIGHUP: read the allowed client keys again."""
@@ -195,7 +201,7 @@ class Service:
                 continue
             self.router.start(order, Resume(), reason="recovery")
             resumed += 1
-        systems = frozenset(self.octx.gateways)
+        systems = frozenset(self.gateways)
         for key, ev in self.store.inbox():
             event = stored_event(ev, systems)  # checked again, as at the edge
             if not isinstance(event, str) and key != event_key(ev["order_id"], event.system,
@@ -226,7 +232,7 @@ class Service:
                 self.metrics.corrupt_records.inc()
                 scan.corrupt += 1
                 continue
-            self.router.counted_raw(rec["state"], order_id, _held_since(rec), rec["reason"])
+            self.router.counts.counted_raw(rec["state"], order_id, _held_since(rec), rec["reason"])
             if rec["seq"] and rec["state"] not in TERMINAL_NAMES:
                 scan.seq_entries.append((rec["seq"], order_id, rec["turn"]))
             if rec["seq"] and not rec["turn"] and rec["state"] in ("acknowledged", "pending"):
@@ -241,7 +247,9 @@ class Service:
         return scan
 
     def dead_components(self) -> list[str]:
-        """Components whose thread has ended (readiness: none may be)."""
+        """Components whose thread has ended (readiness: none may be). Called
+        from the metrics thread: each ``alive()`` reads only thread-safe
+        state (a thread's liveness, a stop flag), never an actor's fields."""
         parts: list[tuple[str, Any]] = [
             ("timers", getattr(self, "timers", None)),
             ("passivator", getattr(self, "router", None)),
@@ -252,8 +260,7 @@ class Service:
         for name in ("writer", "publisher", "sequencer", "domain_events", "intake"):
             actor = getattr(self, name, None)
             parts.append((getattr(actor, "component", name), actor))
-        for gateway in getattr(getattr(self, "octx", None), "gateways", None) or {}:
-            parts.append((f"gateway {gateway}", self.octx.gateways[gateway]))
+        parts += [(f"gateway {system}", g) for system, g in list(self.gateways.items())]
         dead = [name for name, part in parts if part is not None and not part.alive()]
         return list(dict.fromkeys(self.supervisor.dead + dead))
 
@@ -262,20 +269,23 @@ class Service:
         return self.ready.is_set() and self.store_writable and not self.dead_components()
 
     def snapshot(self) -> dict[str, Any]:
-        """Values read at scrape time."""
-        if not hasattr(self, "router"):
-            return {}
+        """Values read at scrape time, by the metrics thread. Only through
+        the seams that are safe from any thread (docs/architecture.md, "Who
+        owns what"): the order counts (under their lock), each actor's
+        mailbox depth, each gateway's ``gauges`` (a value it replaces on the
+        loop), the store's read transactions."""
         snap = self.router.snapshot()
         snap.update(self.store.stats())
         snap["ready"] = self.is_ready()
+        gauges = {n: g.gauges for n, g in self.gateways.items()}
         snap["mailboxes"] = {
-            "store_writer": len(self.writer.actor_inbox),
-            "publisher": len(self.publisher.actor_inbox),
+            "store_writer": self.writer.mailbox_depth(),
+            "publisher": self.publisher.mailbox_depth(),
             "loop_runnable": self.loop.backlog(),  # actors with mail waiting for the loop
-            **{f"gateway_{n}": len(g.actor_inbox) for n, g in self.octx.gateways.items()},
+            **{f"gateway_{n}": g.mailbox_depth() for n, g in self.gateways.items()},
         }
-        snap["pending"] = {n: len(g.pending) for n, g in self.octx.gateways.items()}
-        snap["breakers"] = {n: LEVEL[g.breaker.state] for n, g in self.octx.gateways.items()}
+        snap["pending"] = {n: g.pending for n, g in gauges.items()}
+        snap["breakers"] = {n: LEVEL[g.breaker] for n, g in gauges.items()}
         return self.retention_snapshot(snap)
 
     def retention_snapshot(self, snap: dict[str, Any]) -> dict[str, Any]:

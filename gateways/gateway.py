@@ -23,6 +23,7 @@ import zmq
 
 from actors.loop import LoopActor, open_socket
 from actors.metrics import Metrics
+from actors.ports import Deliver
 from actors.throttle import LogThrottle
 from gateways.breaker import OPEN, Breaker
 from oms import codec, edge
@@ -37,6 +38,13 @@ class SendCommand(NamedTuple):
     command: Send
 
 
+class GatewayGauges(NamedTuple):
+    """What the metrics thread reads of a gateway (``Gateway.gauges``)."""
+
+    pending: int  # commands awaiting a reply
+    breaker: str  # the breaker's state (gateways.breaker: closed, half_open, open)
+
+
 class _Pending(NamedTuple):
     order_id: str
     deadline: float
@@ -45,7 +53,7 @@ class _Pending(NamedTuple):
 
 
 class Gateway(LoopActor):
-    def __init__(self, ctx: zmq.Context, system: str, endpoint: str, deliver: Any,
+    def __init__(self, ctx: zmq.Context, system: str, endpoint: str, deliver: Deliver,
                  metrics: Metrics, hwm: int = 100_000, breaker: Breaker | None = None,
                  curve: dict[str, Any] | None = None) -> None:
         super().__init__()
@@ -65,6 +73,9 @@ class Gateway(LoopActor):
         self._unsettled: OrderedDict[str, None] = OrderedDict()
         self.log = LogThrottle(logger)
         self.sock: zmq.Socket | None = None
+        # replaced (never changed) on the loop after every slice, read and tick
+        # (``on_tick``): the one field other threads read (the metrics collector)
+        self.gauges = GatewayGauges(0, self.breaker.state)
 
     def on_start(self) -> None:
         # LINGER 0: commands are idempotent and re-sent after a restart
@@ -203,7 +214,14 @@ class Gateway(LoopActor):
         return None
 
     def on_tick(self) -> None:
-        now = time.monotonic()
+        """Time out overdue commands; runs after each slice and read too
+        (``LoopActor._activity``), so the gauges are refreshed here."""
+        try:
+            self._expire(time.monotonic())
+        finally:
+            self.gauges = GatewayGauges(len(self.pending), self.breaker.state)
+
+    def _expire(self, now: float) -> None:
         while self._deadlines and self._deadlines[0][0] <= now:
             deadline, command_id = heapq.heappop(self._deadlines)
             waiting = self.pending.get(command_id)

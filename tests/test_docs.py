@@ -74,13 +74,15 @@ def test_every_request_type_the_intake_serves_is_in_the_contract() -> None:
 
 def test_every_error_code_the_service_sends_is_in_the_contract() -> None:
     """Each code of ``oms/errors.py`` that the intake, the domain-events
-    endpoint, the router, the gateways or the engine use (``errors.X``, or
+    endpoint (and the intake's lookup and lister), the router (and its revival
+    part), the gateways or the engine use (``errors.X``, or
     ``X`` imported from ``oms.errors``) is a code on the wire: protocol.md
     names it."""
     source = (ROOT / "oms/errors.py").read_text(encoding="utf-8")
     codes = dict(re.findall(r'^([A-Z_]+) = "([a-z_]+)"', source, flags=re.M))
     used = set()
-    for name in ("actors/intake.py", "actors/domain_events.py", "actors/router.py",
+    for name in ("actors/intake.py", "actors/lookup.py", "actors/lister.py",
+                 "actors/domain_events.py", "actors/router.py", "actors/revival.py",
                  "gateways/gateway.py", "oms/edge.py", "oms/engine.py", "oms/engine_base.py",
                  "oms/engine_run.py"):
         text = (ROOT / name).read_text(encoding="utf-8")

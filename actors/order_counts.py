@@ -1,0 +1,105 @@
+"""The order counts: unfinished orders per state, in flight (admission),
+held since when, and those parked in the ``internal_error`` hold.
+
+One lock guards them, so any thread may read or update them: the order
+actors and the intake on the loop, recovery on the main thread, the
+metrics thread at scrape time (``snapshot``, ``oldest_held_age``). This is
+the seam through which other threads see how many orders there are; none
+of them touches an actor.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+from oms.engine import INTERNAL_ERROR
+from oms.model import Order
+from oms.states import OrderState
+
+
+class OrderCounts:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.in_flight = 0  # unfinished orders that hold an admission slot
+        self.states: Counter[str] = Counter()
+        self.held_since: dict[str, float] = {}  # held orders: when they became held (wall)
+        self.parked: set[str] = set()  # held as internal_error: no admission slot
+
+    def counted(self, order: Order) -> None:
+        """Count an unfinished order just created."""
+        self.counted_raw(str(order.state), order.order_id, order.updated_ts)
+
+    def counted_raw(self, state: str, order_id: str | None = None,
+                    held_since: float | None = None, reason: str | None = None) -> None:
+        """Count an unfinished order from its raw snapshot (recovery)."""
+        with self._lock:
+            self.states[state] += 1
+            if state == OrderState.HELD and order_id is not None:
+                self.held_since[order_id] = held_since or time.time()
+            if order_id is not None and state == "held" and reason == INTERNAL_ERROR:
+                self.parked.add(order_id)  # held for an internal error: no admission slot
+            else:
+                self.in_flight += 1
+
+    def park(self, order_id: str, parked: bool) -> None:
+        """An order entered (or left) the internal_error hold: it gives back
+        (or takes again) its admission slot."""
+        with self._lock:
+            if parked and order_id not in self.parked:
+                self.parked.add(order_id)
+                self.in_flight -= 1
+            elif not parked and order_id in self.parked:
+                self.parked.discard(order_id)
+                self.in_flight += 1
+
+    def state_changed(self, old: OrderState, new: OrderState,
+                      order_id: str | None = None) -> None:
+        with self._lock:
+            self.states[str(old)] -= 1
+            if not new.terminal:
+                self.states[str(new)] += 1
+            if order_id is not None:
+                if new == OrderState.HELD:
+                    self.held_since[order_id] = time.time()
+                elif old == OrderState.HELD:
+                    self.held_since.pop(order_id, None)
+
+    def recount(self, old: OrderState, new: OrderState) -> None:
+        """Counts back in line after a reload: the lost actor had counted
+        ``old`` (perhaps a state it reached only in memory)."""
+        if old == new:
+            return
+        with self._lock:
+            if not old.terminal:
+                self.states[str(old)] -= 1
+            if not new.terminal:
+                self.states[str(new)] += 1
+
+    def retired(self) -> None:
+        """A finished order left memory for good: its admission slot is free."""
+        with self._lock:
+            self.in_flight -= 1
+
+    def oldest_held_age(self) -> float:
+        """Seconds since the longest-held unfinished order became held; 0 if none.
+        Read at scrape time: one pass over the held orders only."""
+        with self._lock:
+            return _age(min(self.held_since.values(), default=None))
+
+    def snapshot(self, live: int) -> dict[str, Any]:
+        """The counts, with ``live`` order actors (the router's live set)."""
+        with self._lock:
+            return {
+                "live": live,
+                "passivated": max(0, self.in_flight - live),
+                "in_flight": self.in_flight,
+                "states": {k: v for k, v in self.states.items() if v > 0},
+                "oldest_held_s": _age(min(self.held_since.values(), default=None)),
+            }
+
+
+def _age(since: float | None) -> float:
+    return 0.0 if since is None else max(0.0, time.time() - since)
