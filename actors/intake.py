@@ -53,6 +53,7 @@ class Intake(RouterEndpoint):
         self.admitting = 0  # creates handed to the writer, not yet committed or refused
         self._admitting_lock = threading.Lock()
         self.user: str | None = None
+        self.lister = Lister()  # its thread starts with the intake (on_start)
         for code in (errors.MALFORMED, errors.UNKNOWN_TYPE, errors.TOO_LARGE, errors.BUSY,
                      errors.UNAUTHORIZED, errors.NOT_FOUND, errors.CONFLICT, errors.INTERNAL,
                      errors.UNAVAILABLE):
@@ -72,12 +73,10 @@ class Intake(RouterEndpoint):
 
     def on_start(self) -> None:
         super().on_start()
-        self.lister = Lister()
+        self.lister.start()
 
     def on_stop(self) -> None:
-        lister = getattr(self, "lister", None)
-        if lister is not None:
-            lister.stop()
+        self.lister.stop()
         super().on_stop()
 
     def needs_store(self, handler: Callable[[tuple[bytes, ...], dict[str, Any]], Any]

@@ -78,6 +78,8 @@ class Lister:
     def __init__(self) -> None:
         self.jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(self.QUEUED)
         self.thread = threading.Thread(target=self._run, name="lister", daemon=True)
+
+    def start(self) -> None:
         self.thread.start()
 
     def submit(self, job: Callable[[], None]) -> bool:
@@ -95,6 +97,9 @@ class Lister:
                 logger.exception("list_orders reply failed")
 
     def stop(self) -> None:
+        """End the thread (nothing to do if it never started)."""
+        if not self.thread.is_alive():
+            return
         while self.thread.is_alive():
             try:
                 self.jobs.put(None, timeout=0.1)

@@ -149,13 +149,16 @@ class LoopActor(pykka.Actor):
     batch_limit: ClassVar[int] = 4096  # messages per slice
     read_budget: ClassVar[int] = 256  # frames a reader takes per turn (bounds a turn)
     turn_end: ClassVar[bool] = False  # run after the other actors of a turn (group commit)
-    _loop: EventLoop
+    _loop: EventLoop  # bound by ``launch``, as pykka's ``start`` binds a thread
     _own_loop: bool
-    _supervisor: supervision.Supervisor | None = None
-    _detached: threading.Event
     _tick: TimerHandle | None = None
     _ticks: bool = False
     _readers: tuple[zmq.Socket, ...] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._supervisor = supervision.current()  # told when it stops while the service runs
+        self._detached = threading.Event()  # set once it has left its loop
 
     @staticmethod
     def _create_actor_inbox() -> ScheduledInbox:
@@ -172,11 +175,9 @@ class LoopActor(pykka.Actor):
         that only ``tell``) may be called from anywhere."""
         actor = cls(*args, **kwargs)
         own = loop is None
-        actor._supervisor = supervision.current()
         if loop is None:
             loop = EventLoop(actor.component, supervisor=actor._supervisor).start()
         actor._loop, actor._own_loop = loop, own
-        actor._detached = threading.Event()
         pykka.ActorRegistry.register(actor.actor_ref)
         try:
             loop.run_sync(actor._attach)

@@ -31,6 +31,7 @@ from typing import Any
 
 from actors.effects import Collect, Wake
 from actors.metrics import Metrics
+from actors.ports import Writer
 from actors.store_writer import Barrier, Retire
 from oms import codec
 from oms.config import Config, ConfigError
@@ -61,7 +62,7 @@ def check_settings(cfg: Config) -> None:
 
 
 class Retention:
-    def __init__(self, store: Store, writer: Any, metrics: Metrics, cfg: Config) -> None:
+    def __init__(self, store: Store, writer: Writer, metrics: Metrics, cfg: Config) -> None:
         check_settings(cfg)
         self.store, self.writer, self.metrics = store, writer, metrics
         self.retention_s = cfg.retention_s
