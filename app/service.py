@@ -2,7 +2,8 @@
 
 Every actor runs on one event loop (``actors.eventloop``), started first.
 Start order (dependencies first): store, store writer, publisher, order
-router, timers, sequencer, gateways, domain-events endpoint,
+router (which launches the timers, sequencer and gateways it needs through
+``_order_parts``, giving them its ``deliver``), domain-events endpoint,
 recovery, and only then the intake, so that no order is accepted before
 every earlier one is back under management. Stop runs the reverse, in
 ``finally`` blocks: intake first (no new work), the store writer last (so
