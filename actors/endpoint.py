@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import zmq
 
 from actors.loop import LoopActor, open_socket
+from actors.metrics import Metrics
 from oms import codec
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class SendReply(NamedTuple):
 class RouterEndpoint(LoopActor):
     label = "endpoint"  # for metrics and logs
 
-    def __init__(self, zctx: zmq.Context, endpoint: str, metrics: Any,
+    def __init__(self, zctx: zmq.Context, endpoint: str, metrics: Metrics,
                  curve: dict[str, Any] | None = None, hwm: int = 10_000) -> None:
         super().__init__()
         self.zctx, self.endpoint, self.metrics, self.hwm = zctx, endpoint, metrics, hwm

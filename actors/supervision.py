@@ -28,6 +28,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from actors.metrics import Metrics
+
 logger = logging.getLogger(__name__)
 
 EXIT_COMPONENT_DIED = 70  # EX_SOFTWARE, as the store writer's fatal exit
@@ -41,7 +43,7 @@ def hard_exit(status: int) -> None:
 
 
 class Supervisor:
-    def __init__(self, metrics: Any = None,
+    def __init__(self, metrics: Metrics | None = None,
                  exit: Callable[[int], None] | None = hard_exit) -> None:  # noqa: A002
         self.metrics = metrics
         self.exit = exit

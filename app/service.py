@@ -15,7 +15,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from types import MappingProxyType
 from typing import Any
 
@@ -52,7 +54,8 @@ logger = logging.getLogger(__name__)
 
 class Service:
     def __init__(self, config: Config, registry: CollectorRegistry | None = None,
-                 exit: Any = supervision.hard_exit) -> None:  # noqa: A002
+                 exit: Callable[[int], None] | None = supervision.hard_exit  # noqa: A002
+                 ) -> None:
         self.config = config
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
@@ -60,7 +63,7 @@ class Service:
         self.supervisor = supervision.Supervisor(self.metrics, exit)
         self._outer_supervisor: supervision.Supervisor | None = None
         self.ready = threading.Event()
-        self._stops: list[tuple[str, Any]] = []
+        self._stops: list[tuple[str, Callable[[], object]]] = []
         self.http: HttpServer | None = None
         self.gateways: dict[str, Gateway] = {}  # by domain system
         self._domain_curve: dict[str, Any] = {}  # CURVE options of the gateways
@@ -161,7 +164,7 @@ class Service:
                                                      cfg.breaker_cooldown_s),
                                      curve=self._domain_curve, loop=loop)
             self.gateways[system] = gateway
-            self._stops.append((f"gateway {system}", lambda g=gateway: _stop_actor(g)))
+            self._stops.append((f"gateway {system}", partial(_stop_actor, gateway)))
         return OrderParts(self.timers, self.sequencer, MappingProxyType(dict(self.gateways)))
 
     @property
