@@ -102,6 +102,21 @@ def circuit_open(retry_after: Any) -> Any:
         "code": "circuit_open", "message": "breaker", "retryable": True})
 
 
+def test_the_gauges_other_threads_read_follow_the_gateway(
+        gateway: tuple[Gateway, queue.Queue[Any], Metrics], domain: HostileDomain) -> None:
+    """The metrics thread reads a gateway only through ``gauges`` (a value
+    the gateway replaces on the loop): a command awaiting its reply shows as
+    pending, its reply clears it, and the breaker's state is there too."""
+    gw, delivered, _ = gateway
+    assert gw.gauges == (0, "closed")
+    gw.send("O1", Send("billing", "O1:gauged", "create_invoice", {"total_minor": 5}, 10.0))
+    peer, command = domain.command()
+    assert poll_until(lambda: gw.gauges.pending == 1, 5)
+    domain.answer(peer, result(command["command_id"], ok=True, data={"invoice_id": "i-1"}))
+    assert delivered.get(timeout=5)[1].ok
+    assert poll_until(lambda: gw.gauges == (0, "closed"), 5)
+
+
 BAD_RETRY_AFTER = [math.nan, math.inf, -math.inf, -1, 1e12, 2**64 - 1, "5", True, None,
                    [1], {"s": 1}]
 
