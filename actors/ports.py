@@ -10,7 +10,7 @@ launches the timers, sequencer and gateways, and builds the frozen
 nothing is delivered until an order exists, after the router is built.
 
 The Protocols say what a caller may use of an actor: its thread-safe
-helpers (each only ``tell``\\ s the actor, so any thread may call it).
+helpers (each only tells the actor, so any thread may call it).
 """
 
 from __future__ import annotations
