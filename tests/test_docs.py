@@ -95,14 +95,15 @@ def test_every_error_code_the_service_sends_is_in_the_contract() -> None:
     assert not missing, missing
 
 
-REFERENCE_PAGES = ("docs/durability.md", "docs/security.md", "docs/architecture.md")
+REFERENCE_PAGES = ("docs/durability.md", "docs/security.md", "docs/architecture.md",
+                   "docs/reading.md")
 NOT_CODE = {"oms.lock"}  # a file in the data folder, not a module
 
 
 def test_the_functions_and_tests_the_docs_name_exist() -> None:
     """Crash windows and defects are findable: every ``tests/x.py::test_name``
     and every ``package.module.Name.attr`` that durability.md, security.md
-    and architecture.md name (in backticks) exists."""
+    architecture.md and reading.md name (in backticks) exists."""
     import importlib
 
     missing = []
