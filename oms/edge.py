@@ -93,6 +93,8 @@ def check_data(value: Any, field: str = "data", depth: int = 1) -> str | None:
     for key, item in value.items():
         if not isinstance(key, str):  # msgpack allows any key; state and JSON views do not
             return f"{field} has a key that is not a string ({type(key).__name__})"
+        if item is None or type(item) is str:  # fine (as in _check_value), and most values
+            continue  # are: no field name is formatted for them
         problem = _check_value(item, f"{field}.{key:.100}", depth)
         if problem:
             return problem

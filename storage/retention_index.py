@@ -31,7 +31,7 @@ class RetentionIndex(StoreView):
     def note_finished(self, txn: lmdb.Transaction[bytes], key: bytes, record: bytes,
                       now: float | None = None) -> None:
         """An order just finished: index it by finish time for retention."""
-        state = str(codec.unpack(record)["state"])
+        state = codec.record_state(record)
         ms = int((time.time() if now is None else now) * 1000)
         txn.put(ts_key(ms, key), state.encode(), db=self.db["done"])
         bump(txn, self.db["meta"], b"live:" + state.encode(), 1)
