@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import lmdb
 
 from actors import effects
+from actors.committer import Committed, CommitThread
 from actors.effects import NewOrder, Origin
 from actors.loop import LoopActor, burst
 from actors.metrics import Metrics
@@ -127,9 +128,36 @@ class StoreWriter(LoopActor):
         self.metrics = metrics
         self.fatal = fatal
         self.held: list[Any] = []  # snapshots and barriers of failed commits, in order
+        self.queued: list[Any] = []  # writes for the next batch (one batch commits at a time)
+        self.committing: list[Any] | None = None  # the batch at the commit thread
         self.failing_since: float | None = None
         self._last_try = 0.0
         self._failures = 0
+        self._committer: CommitThread | None = None
+
+    def on_start(self) -> None:
+        loop = self._loop
+        self._committer = CommitThread("store-commit", self._commit,
+                                       lambda: loop.call_soon(self._woken), self.fatal).start()
+
+    def on_stop(self) -> None:
+        """Stop drains: what was queued is committed (or held, if commits fail)
+        and its effects run, before the commit thread ends."""
+        committer = self._committer
+        if committer is None:
+            return
+        self._next()
+        while self.committing is not None:
+            while not committer.results and committer.alive():
+                committer.wait(1.0)
+            if not committer.results:
+                break  # it died: the supervisor ends the process
+            self._reap()
+        committer.stop()
+
+    def alive(self) -> bool:
+        """The actor and its commit thread."""
+        return super().alive() and self._committer is not None and self._committer.alive()
 
     @property
     def healthy(self) -> bool:
@@ -139,11 +167,9 @@ class StoreWriter(LoopActor):
     def on_batch(self, envelopes: list[Any]) -> None:
         work = [e.message for e in envelopes if isinstance(e.message, _WRITES)]
         others = [e for e in envelopes if not isinstance(e.message, _WRITES)]
-        if work or self.held:
-            if self.failing_since is not None and time.monotonic() - self._last_try < RETRY_S:
-                self._refuse(work)  # not tried yet: the next attempt is due soon
-            else:
-                self.commit(work)
+        self.queued += work
+        self._reap()  # a batch that finished during this turn: its effects, and the next
+        self._next()
         super().on_batch(others)
 
     def poll_timeout(self) -> float | None:
@@ -151,50 +177,80 @@ class StoreWriter(LoopActor):
 
     def on_tick(self) -> None:
         if self.failing_since is not None and time.monotonic() - self._last_try >= RETRY_S:
-            self.commit([])
+            self._next(probe=True)
 
-    def commit(self, work: list[Any]) -> None:
-        """Held writes first, then ``work``; at most ``batch_limit`` writes per
-        transaction (held writes pile up while the disk is full), in order.
-        After a failed transaction the rest is not tried: it is refused or held."""
-        work, self.held = self.held + work, []
-        self._last_try = time.monotonic()
+    def _next(self, probe: bool = False) -> None:
+        """Hand the next batch to the commit thread unless one is committing:
+        held writes first, then what was queued, at most ``batch_limit``
+        (held writes pile up while the disk is full), in order. While commits
+        fail and the next attempt is not due, the queued writes are refused
+        or held at once. ``probe``: try even with nothing to write."""
+        if self.committing is not None or not (self.queued or self.held or probe):
+            return
+        if self.failing_since is not None and time.monotonic() - self._last_try < RETRY_S:
+            work, self.queued = self.queued, []
+            self._refuse(work)  # not tried yet: the next attempt is due soon
+            return
+        work, self.held = self.held + self.queued, []
         limit = self.batch_limit
-        for start in range(0, len(work) or 1, limit):
-            if not self._commit_one(work[start:start + limit]):
-                self._refuse(work[start + limit:])
-                return
+        self.committing, self.queued = work[:limit], work[limit:]
+        self._last_try = time.monotonic()
+        assert self._committer is not None
+        self._committer.submit(self.committing)
 
-    def _commit_one(self, work: list[Any]) -> bool:
-        """One transaction; True once it is durable and its effects ran."""
-        started = time.perf_counter()
-        try:
-            outcomes = self._commit(work)
-        except (lmdb.Error, StoreFull, OSError) as exc:
-            if isinstance(exc, lmdb.PanicError):
-                self._refuse(work)
-                self.fatal(f"LMDB panic: {exc}")
-                return False
-            self._failed(work, exc)
-            return False
-        except Exception as exc:  # a bug in the writer itself: never a dead writer
-            logger.exception("store writer failed")
-            self._refuse(work)
-            self.fatal(f"{type(exc).__name__}: {exc}")
-            return False
+    def _woken(self) -> None:
+        """The commit thread has an outcome (a loop call): take it, then the
+        retry tick is armed if commits now fail."""
+        if not self.actor_stopped.is_set():
+            self._reap()
+            self._activity()
+
+    def _reap(self) -> None:
+        """On the loop: the committed batch's outcome (``commit``)."""
+        committer = self._committer
+        while committer is not None and committer.results:
+            self.commit(committer.results.popleft())
+
+    def commit(self, done: Committed) -> None:
+        """A batch's outcome, on the loop. Durable: the next batch goes to the
+        commit thread, then this one's effects run, in order. Failed: nothing
+        of it (nor of what was queued behind it) is acknowledged; see
+        ``_commit_one``."""
+        self.committing = None
+        if done.error is not None:
+            self._commit_one(done.work, done.error)
+            return
         if self.failing_since is not None:
             logger.warning("store writes work again after %.1f s and %d failed commits",
                            time.monotonic() - self.failing_since, self._failures)
             self.failing_since, self._failures = None, 0
             self.metrics.store_failing.set(0)
-        self.metrics.commit_latency.observe(time.perf_counter() - started)
-        self.metrics.commit_batch.observe(len(work))
+        self.metrics.commit_latency.observe(done.seconds)
+        self.metrics.commit_batch.observe(len(done.work))
+        self._next()  # it commits while this batch's effects run
+        assert done.outcomes is not None
         with burst():  # one Bundle per gateway, publisher and endpoint
-            for msg, outcome in zip(work, outcomes, strict=True):
+            for msg, outcome in zip(done.work, done.outcomes, strict=True):
                 self._after(msg, outcome)
-        return True
+
+    def _commit_one(self, work: list[Any], exc: Exception) -> None:
+        """A failed transaction: a full disk or an I/O error holds and retries
+        (``_failed``); an LMDB panic or a bug of the writer answers the
+        batch's waiters, then ends the process (``fatal``)."""
+        rest, self.queued = self.queued, []
+        if isinstance(exc, lmdb.PanicError):
+            self._refuse(work + rest)
+            self.fatal(f"LMDB panic: {exc}")
+        elif isinstance(exc, lmdb.Error | StoreFull | OSError):
+            self._failed(work, exc)
+            self._refuse(rest)
+        else:  # a bug in the writer itself: never a dead writer
+            logger.error("store writer failed", exc_info=exc)
+            self._refuse(work + rest)
+            self.fatal(f"{type(exc).__name__}: {exc}")
 
     def _commit(self, work: list[Any]) -> list[Any]:
+        """On the commit thread: one transaction, grown as needed."""
         while True:
             try:
                 return self._apply(work)
