@@ -88,6 +88,15 @@ class CommitThread:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
+    def run(self, work: list[Any]) -> Committed:
+        """One transaction on the calling thread (the commit thread's, or the
+        loop's for a small batch: ``StoreWriter.INLINE_MAX``)."""
+        started = time.perf_counter()
+        try:
+            return Committed(work, self._apply(work), None, time.perf_counter() - started)
+        except Exception as exc:  # noqa: BLE001 - the writer decides on the loop
+            return Committed(work, None, exc, time.perf_counter() - started)
+
     def _main(self) -> None:
         cond = self._cond
         while True:
@@ -97,14 +106,7 @@ class CommitThread:
                 work = self._work
                 if work is None:
                     return  # stopping, nothing in hand
-            started = time.perf_counter()
-            outcomes: list[Any] | None = None
-            error: Exception | None = None
-            try:
-                outcomes = self._apply(work)
-            except Exception as exc:  # noqa: BLE001 - the writer decides on the loop
-                error = exc
-            done = Committed(work, outcomes, error, time.perf_counter() - started)
+            done = self.run(work)
             with cond:
                 self._work = None
                 self.results.append(done)

@@ -120,6 +120,7 @@ class Retire(NamedTuple):
 class StoreWriter(LoopActor):
     thread_name = "store-writer"
     turn_end = True  # on the loop: once per turn, after the actors (one group commit)
+    INLINE_MAX = 64  # a batch this small commits on the loop (cheaper than the hand-off)
 
     def __init__(self, store: Store, metrics: Metrics,
                  fatal: Callable[[str], None] = exit_process) -> None:
@@ -179,14 +180,21 @@ class StoreWriter(LoopActor):
         if self.failing_since is not None and time.monotonic() - self._last_try >= RETRY_S:
             self._next(probe=True)
 
-    def _next(self, probe: bool = False) -> None:
-        """Hand the next batch to the commit thread unless one is committing:
-        held writes first, then what was queued, at most ``batch_limit``
-        (held writes pile up while the disk is full), in order. While commits
-        fail and the next attempt is not due, the queued writes are refused
-        or held at once. ``probe``: try even with nothing to write."""
+    def _next(self, probe: bool = False, inline: bool = True) -> None:
+        """Commit the next batch unless one is committing: held writes first,
+        then what was queued, at most ``batch_limit`` (held writes pile up
+        while the disk is full), in order. A batch of more than ``INLINE_MAX``
+        writes goes to the commit thread; a smaller one (the service is not
+        busy) commits here, on the loop, and its effects run at once
+        (``inline``: allowed; False while an earlier batch's effects are still
+        to run). While commits fail and the next attempt is not due, the
+        queued writes are refused or held at once. ``probe``: try even with
+        nothing to write."""
         if self.committing is not None or not (self.queued or self.held or probe):
             return
+        small = len(self.held) + len(self.queued) <= self.INLINE_MAX
+        if small and not inline:
+            return  # after the earlier batch's effects
         if self.failing_since is not None and time.monotonic() - self._last_try < RETRY_S:
             work, self.queued = self.queued, []
             self._refuse(work)  # not tried yet: the next attempt is due soon
@@ -196,7 +204,10 @@ class StoreWriter(LoopActor):
         self.committing, self.queued = work[:limit], work[limit:]
         self._last_try = time.monotonic()
         assert self._committer is not None
-        self._committer.submit(self.committing)
+        if small:
+            self.commit(self._committer.run(self.committing))
+        else:
+            self._committer.submit(self.committing)
 
     def _woken(self) -> None:
         """The commit thread has an outcome (a loop call): take it, then the
@@ -227,11 +238,12 @@ class StoreWriter(LoopActor):
             self.metrics.store_failing.set(0)
         self.metrics.commit_latency.observe(done.seconds)
         self.metrics.commit_batch.observe(len(done.work))
-        self._next()  # it commits while this batch's effects run
+        self._next(inline=False)  # a big next batch commits while these effects run
         assert done.outcomes is not None
         with burst():  # one Bundle per gateway, publisher and endpoint
             for msg, outcome in zip(done.work, done.outcomes, strict=True):
                 self._after(msg, outcome)
+        self._next()
 
     def _commit_one(self, work: list[Any], exc: Exception) -> None:
         """A failed transaction: a full disk or an I/O error holds and retries
