@@ -1,11 +1,21 @@
 """The one store writer: group commit, then the effects the commit made true.
 
-Every write in the service is a message to this actor. It drains its whole
-inbox, applies every message in one LMDB write transaction, commits (one
-sync for the batch) and only then runs each message's effects
+Every write in the service is a message to this actor (on the loop, once
+per turn, after the other actors). It gathers its inbox into a batch, has
+every message applied in one LMDB write transaction, committed (one sync for
+the batch), and only then runs each message's effects on the loop, in order
 (``actors.effects``: data until then, run by ``actors.effects.run``): the
 intake reply, the command sends, the event publications. So nothing leaves
 the service before the state that justifies it is durable.
+
+Where the transaction runs: a batch of more than ``INLINE_MAX`` writes (the
+service is busy) goes to the commit thread (``actors.committer``), so the
+loop keeps reading sockets and running actors, and gathers the next batch,
+while the disk syncs; a smaller batch commits on the loop, where it costs
+less than the hand-off (docs/performance.md). Either way one batch commits
+at a time, batches commit in order, and the effects of one batch run before
+those of the next. Stop drains: what was queued is committed and its effects
+run before the commit thread ends.
 
 Writes for the same order in one batch coalesce naturally: each ``put``
 overwrites the previous one in the transaction.
@@ -20,9 +30,10 @@ came since) every ``RETRY_S``: an order's effects run only once its snapshot
 is durable, however late. While commits fail, ``healthy`` is False (the
 service is not ready) and new creates are refused before they reach the
 writer. An LMDB panic (the environment is unusable) or an unexpected error
-in the writer itself ends the process non-zero (``fatal``), after the batch's
-waiters got their error, so a supervisor restarts it and recovery takes over
-from the last durable snapshots. See docs/durability.md.
+in the writer itself (on either thread) ends the process non-zero
+(``fatal``), after the batch's waiters got their error, so a supervisor
+restarts it and recovery takes over from the last durable snapshots; so does
+a commit thread that ends (``actors.committer``). See docs/durability.md.
 """
 
 from __future__ import annotations
