@@ -1,21 +1,11 @@
 """The one store writer: group commit, then the effects the commit made true.
 
-Every write in the service is a message to this actor (on the loop, once
-per turn, after the other actors). It gathers its inbox into a batch, has
-every message applied in one LMDB write transaction, committed (one sync for
-the batch), and only then runs each message's effects on the loop, in order
+Every write in the service is a message to this actor. It drains its whole
+inbox, applies every message in one LMDB write transaction, commits (one
+sync for the batch) and only then runs each message's effects
 (``actors.effects``: data until then, run by ``actors.effects.run``): the
 intake reply, the command sends, the event publications. So nothing leaves
 the service before the state that justifies it is durable.
-
-Where the transaction runs: a batch of more than ``INLINE_MAX`` writes (the
-service is busy) goes to the commit thread (``actors.committer``), so the
-loop keeps reading sockets and running actors, and gathers the next batch,
-while the disk syncs; a smaller batch commits on the loop, where it costs
-less than the hand-off (docs/performance.md). Either way one batch commits
-at a time, batches commit in order, and the effects of one batch run before
-those of the next. Stop drains: what was queued is committed and its effects
-run before the commit thread ends.
 
 Writes for the same order in one batch coalesce naturally: each ``put``
 overwrites the previous one in the transaction.
@@ -30,10 +20,9 @@ came since) every ``RETRY_S``: an order's effects run only once its snapshot
 is durable, however late. While commits fail, ``healthy`` is False (the
 service is not ready) and new creates are refused before they reach the
 writer. An LMDB panic (the environment is unusable) or an unexpected error
-in the writer itself (on either thread) ends the process non-zero
-(``fatal``), after the batch's waiters got their error, so a supervisor
-restarts it and recovery takes over from the last durable snapshots; so does
-a commit thread that ends (``actors.committer``). See docs/durability.md.
+in the writer itself ends the process non-zero (``fatal``), after the batch's
+waiters got their error, so a supervisor restarts it and recovery takes over
+from the last durable snapshots. See docs/durability.md.
 """
 
 from __future__ import annotations
@@ -47,7 +36,6 @@ from typing import Any, NamedTuple
 import lmdb
 
 from actors import effects
-from actors.committer import Committed, CommitThread
 from actors.effects import NewOrder, Origin
 from actors.loop import LoopActor, burst
 from actors.metrics import Metrics
@@ -131,7 +119,6 @@ class Retire(NamedTuple):
 class StoreWriter(LoopActor):
     thread_name = "store-writer"
     turn_end = True  # on the loop: once per turn, after the actors (one group commit)
-    INLINE_MAX = 64  # a batch this small commits on the loop (cheaper than the hand-off)
 
     def __init__(self, store: Store, metrics: Metrics,
                  fatal: Callable[[str], None] = exit_process) -> None:
@@ -140,36 +127,9 @@ class StoreWriter(LoopActor):
         self.metrics = metrics
         self.fatal = fatal
         self.held: list[Any] = []  # snapshots and barriers of failed commits, in order
-        self.queued: list[Any] = []  # writes for the next batch (one batch commits at a time)
-        self.committing: list[Any] | None = None  # the batch at the commit thread
         self.failing_since: float | None = None
         self._last_try = 0.0
         self._failures = 0
-        self._committer: CommitThread | None = None
-
-    def on_start(self) -> None:
-        loop = self._loop
-        self._committer = CommitThread("store-commit", self._commit,
-                                       lambda: loop.call_soon(self._woken), self.fatal).start()
-
-    def on_stop(self) -> None:
-        """Stop drains: what was queued is committed (or held, if commits fail)
-        and its effects run, before the commit thread ends."""
-        committer = self._committer
-        if committer is None:
-            return
-        self._next()
-        while self.committing is not None:
-            while not committer.results and committer.alive():
-                committer.wait(1.0)
-            if not committer.results:
-                break  # it died: the supervisor ends the process
-            self._reap()
-        committer.stop()
-
-    def alive(self) -> bool:
-        """The actor and its commit thread."""
-        return super().alive() and self._committer is not None and self._committer.alive()
 
     @property
     def healthy(self) -> bool:
@@ -179,9 +139,11 @@ class StoreWriter(LoopActor):
     def on_batch(self, envelopes: list[Any]) -> None:
         work = [e.message for e in envelopes if isinstance(e.message, _WRITES)]
         others = [e for e in envelopes if not isinstance(e.message, _WRITES)]
-        self.queued += work
-        self._reap()  # a batch that finished during this turn: its effects, and the next
-        self._next()
+        if work or self.held:
+            if self.failing_since is not None and time.monotonic() - self._last_try < RETRY_S:
+                self._refuse(work)  # not tried yet: the next attempt is due soon
+            else:
+                self.commit(work)
         super().on_batch(others)
 
     def poll_timeout(self) -> float | None:
@@ -189,91 +151,50 @@ class StoreWriter(LoopActor):
 
     def on_tick(self) -> None:
         if self.failing_since is not None and time.monotonic() - self._last_try >= RETRY_S:
-            self._next(probe=True)
+            self.commit([])
 
-    def _next(self, probe: bool = False, inline: bool = True) -> None:
-        """Commit the next batch unless one is committing: held writes first,
-        then what was queued, at most ``batch_limit`` (held writes pile up
-        while the disk is full), in order. A batch of more than ``INLINE_MAX``
-        writes goes to the commit thread; a smaller one (the service is not
-        busy) commits here, on the loop, and its effects run at once
-        (``inline``: allowed; False while an earlier batch's effects are still
-        to run). While commits fail and the next attempt is not due, the
-        queued writes are refused or held at once. ``probe``: try even with
-        nothing to write."""
-        if self.committing is not None or not (self.queued or self.held or probe):
-            return
-        small = len(self.held) + len(self.queued) <= self.INLINE_MAX
-        if small and not inline:
-            return  # after the earlier batch's effects
-        if self.failing_since is not None and time.monotonic() - self._last_try < RETRY_S:
-            work, self.queued = self.queued, []
-            self._refuse(work)  # not tried yet: the next attempt is due soon
-            return
-        work, self.held = self.held + self.queued, []
-        limit = self.batch_limit
-        self.committing, self.queued = work[:limit], work[limit:]
+    def commit(self, work: list[Any]) -> None:
+        """Held writes first, then ``work``; at most ``batch_limit`` writes per
+        transaction (held writes pile up while the disk is full), in order.
+        After a failed transaction the rest is not tried: it is refused or held."""
+        work, self.held = self.held + work, []
         self._last_try = time.monotonic()
-        assert self._committer is not None
-        if small:
-            self.commit(self._committer.run(self.committing))
-        else:
-            self._committer.submit(self.committing)
+        limit = self.batch_limit
+        for start in range(0, len(work) or 1, limit):
+            if not self._commit_one(work[start:start + limit]):
+                self._refuse(work[start + limit:])
+                return
 
-    def _woken(self) -> None:
-        """The commit thread has an outcome (a loop call): take it, then the
-        retry tick is armed if commits now fail."""
-        if not self.actor_stopped.is_set():
-            self._reap()
-            self._activity()
-
-    def _reap(self) -> None:
-        """On the loop: the committed batch's outcome (``commit``)."""
-        committer = self._committer
-        while committer is not None and committer.results:
-            self.commit(committer.results.popleft())
-
-    def commit(self, done: Committed) -> None:
-        """A batch's outcome, on the loop. Durable: the next batch goes to the
-        commit thread, then this one's effects run, in order. Failed: nothing
-        of it (nor of what was queued behind it) is acknowledged; see
-        ``_commit_one``."""
-        self.committing = None
-        if done.error is not None:
-            self._commit_one(done.work, done.error)
-            return
+    def _commit_one(self, work: list[Any]) -> bool:
+        """One transaction; True once it is durable and its effects ran."""
+        started = time.perf_counter()
+        try:
+            outcomes = self._commit(work)
+        except (lmdb.Error, StoreFull, OSError) as exc:
+            if isinstance(exc, lmdb.PanicError):
+                self._refuse(work)
+                self.fatal(f"LMDB panic: {exc}")
+                return False
+            self._failed(work, exc)
+            return False
+        except Exception as exc:  # a bug in the writer itself: never a dead writer
+            logger.exception("store writer failed")
+            self._refuse(work)
+            self.fatal(f"{type(exc).__name__}: {exc}")
+            return False
         if self.failing_since is not None:
             logger.warning("store writes work again after %.1f s and %d failed commits",
                            time.monotonic() - self.failing_since, self._failures)
             self.failing_since, self._failures = None, 0
             self.metrics.store_failing.set(0)
-        self.metrics.commit_latency.observe(done.seconds)
-        self.metrics.commit_batch.observe(len(done.work))
-        self._next(inline=False)  # a big next batch commits while these effects run
-        assert done.outcomes is not None
+        self.metrics.commit_latency.observe(time.perf_counter() - started)
+        self.metrics.commit_batch.observe(len(work))
         with burst():  # one Bundle per gateway, publisher and endpoint
-            for msg, outcome in zip(done.work, done.outcomes, strict=True):
+            for msg, outcome in zip(work, outcomes, strict=True):
                 self._after(msg, outcome)
-        self._next()
-
-    def _commit_one(self, work: list[Any], exc: Exception) -> None:
-        """A failed transaction: a full disk or an I/O error holds and retries
-        (``_failed``); an LMDB panic or a bug of the writer answers the
-        batch's waiters, then ends the process (``fatal``)."""
-        rest, self.queued = self.queued, []
-        if isinstance(exc, lmdb.PanicError):
-            self._refuse(work + rest)
-            self.fatal(f"LMDB panic: {exc}")
-        elif isinstance(exc, lmdb.Error | StoreFull | OSError):
-            self._failed(work, exc)
-            self._refuse(rest)
-        else:  # a bug in the writer itself: never a dead writer
-            logger.error("store writer failed", exc_info=exc)
-            self._refuse(work + rest)
-            self.fatal(f"{type(exc).__name__}: {exc}")
+        return True
 
     def _commit(self, work: list[Any]) -> list[Any]:
-        """On the commit thread: one transaction, grown as needed."""
         while True:
             try:
                 return self._apply(work)

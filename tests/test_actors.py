@@ -202,12 +202,10 @@ def _record(order_id: str, size: int = 100) -> bytes:
     return codec.pack(order.to_record())
 
 
-@pytest.mark.parametrize("inline_max", [0, 64], ids=["commit-thread", "small-on-the-loop"])
 def test_group_commit_reports_each_waiter_after_durable_write(
-        store: Store, writer: StoreWriter, inline_max: int) -> None:
+        store: Store, writer: StoreWriter) -> None:
     created: list[Any] = []
     n = 500
-    writer.INLINE_MAX = inline_max
 
     def build(oid: str) -> Any:
         from oms.model import Order
@@ -225,28 +223,6 @@ def test_group_commit_reports_each_waiter_after_durable_write(
     batches = writer.metrics.commit_batch.collect()[0].samples
     count = next(s.value for s in batches if s.name.endswith("_count"))
     assert count < n  # grouped: fewer commits than writes
-
-
-def test_a_commit_thread_that_dies_ends_the_process() -> None:
-    """Never a dead commit thread in a live process: an error that escapes
-    the transaction's own handling (here a BaseException) ends the thread,
-    and the supervisor in charge is told (the service then exits 70)."""
-    from actors import supervision
-    from actors.committer import CommitThread
-
-    exits: list[int] = []
-    sup = supervision.Supervisor(exit=exits.append)
-    previous = supervision.install(sup)
-    try:
-        def apply(work: list[Any]) -> list[Any]:
-            raise SystemExit("escapes")
-
-        thread = CommitThread("store-commit", apply, lambda: None, lambda _r: None).start()
-        thread.submit([])
-        assert poll_until(lambda: exits, timeout=5)
-        assert exits == [70] and sup.dead == ["store-commit"] and not thread.alive()
-    finally:
-        supervision.install(previous)
 
 
 def test_conflicting_payload_is_a_conflict(store: Store, writer: StoreWriter) -> None:

@@ -146,14 +146,11 @@ def test_a_map_at_its_cap_refuses_then_a_restart_with_a_higher_cap_recovers(
         assert client.submit(retail_order("after-cap"))["type"] == "accepted"
 
 
-@pytest.mark.parametrize("inline_max", [0, 64], ids=["commit-thread", "on-the-loop"])
-def test_the_writer_runs_no_effect_of_a_snapshot_until_it_is_durable(
-        tmp_path: Path, inline_max: int) -> None:
+def test_the_writer_runs_no_effect_of_a_snapshot_until_it_is_durable(tmp_path: Path) -> None:
     """The writer alone, on a real full disk: the snapshot's callbacks do not
     run while its commit fails, a domain event in the failed batch gets
     "error", nothing ends the process; once space returns the same snapshot
-    is committed and only then its callbacks run. Both ways a batch commits:
-    on the commit thread, and (a small batch) on the loop."""
+    is committed and only then its callbacks run."""
     from helpers import Probe
     from prometheus_client import CollectorRegistry
 
@@ -168,7 +165,6 @@ def test_the_writer_runs_no_effect_of_a_snapshot_until_it_is_durable(
         writer = StoreWriter.launch(store, Metrics(CollectorRegistry()), fatal=fatal.append)
         try:
             writer.batch_limit = 2  # held writes are retried two per transaction
-            writer.INLINE_MAX = inline_max
             filler = fill(disk)
             ran: list[str] = []
             events: list[str] = []
