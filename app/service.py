@@ -322,7 +322,7 @@ class _RecoveryScan:
 
 # positions in a step record (oms.model.Step.to_record)
 _STATUS, _RETRY_AT, _WAIT, _COMP = 5, 13, 14, 15
-RESUME_CHUNK = 256  # recovered orders resumed per loop turn
+RESUME_CHUNK = 64  # recovered orders resumed per loop turn
 TERMINAL_NAMES = {str(s) for s in TERMINAL}
 
 
