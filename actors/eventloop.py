@@ -60,7 +60,7 @@ import zmq
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_S = 1.0  # the longest a poll waits with nothing due
-TIMERS_PER_TURN = 10_000
+TIMERS_PER_TURN = 64  # each may load an order from the store: a bounded turn
 SLICE_BUDGET = 64  # messages per runnable per round (as the old dispatcher)
 
 

@@ -36,6 +36,15 @@ class SeqPreload(NamedTuple):
     entries: list[tuple[str, str, bool]]
 
 
+class SeqTurns(NamedTuple):
+    """The rest of a preload's turns, handed out ``PRELOAD_CHUNK`` at a time."""
+
+    entries: list[tuple[str, str, bool]]
+
+
+PRELOAD_CHUNK = 256  # turns handed out per message: each may load an order (a bounded turn)
+
+
 class Sequencer(LoopActor):
     thread_name = "sequencer"
 
@@ -47,6 +56,9 @@ class Sequencer(LoopActor):
     def on_receive(self, message: Any) -> None:
         if isinstance(message, SeqPreload):
             self._preload(message.entries)
+            return
+        if isinstance(message, SeqTurns):
+            self._turns(message.entries)
             return
         if not isinstance(message, SeqRequest):
             return
@@ -78,12 +90,24 @@ class Sequencer(LoopActor):
             queue.pop(0)
 
     def _preload(self, entries: list[tuple[str, str, bool]]) -> None:
-        """Recovered orders (key, id, has_turn) in acceptance order; then
-        every queue head gets its turn and the others learn they wait."""
+        """Recovered orders (key, id, has_turn) in acceptance order: the queues
+        at once; then every queue head gets its turn and the others learn they
+        wait, ``PRELOAD_CHUNK`` orders a message (each may load an order from
+        the store), so no loop turn takes them all. A request handled between
+        two chunks finds its queue complete; a head that got its turn from it
+        and again from the preload ignores the second (``on_turn``: stale)."""
+        known: dict[str, set[str]] = defaultdict(set)
         for key, order_id, _turn in entries:
-            if order_id not in self.queues[key]:
-                self.queues[key].append(order_id)
-        for key, order_id, turn in entries:
+            queue, seen = self.queues[key], known[key]
+            if not seen and queue:
+                seen.update(queue)
+            if order_id not in seen:
+                seen.add(order_id)
+                queue.append(order_id)
+        self._turns(entries)
+
+    def _turns(self, entries: list[tuple[str, str, bool]]) -> None:
+        for key, order_id, turn in entries[:PRELOAD_CHUNK]:
             queue = self.queues.get(key)
             if not queue or order_id not in queue:
                 continue  # dropped: finished or gone
@@ -91,6 +115,10 @@ class Sequencer(LoopActor):
                 self._give(key)
             elif not turn:
                 self._deliver(order_id, Turn(go=False))
+        rest = entries[PRELOAD_CHUNK:]
+        if rest:
+            self.actor_ref.tell(SeqTurns(rest))
+            return
         for key in [k for k, q in self.queues.items() if not q]:
             del self.queues[key]
 

@@ -205,6 +205,8 @@ class Service:
                 continue
             self.router.start(order, Resume(), reason="recovery")
             resumed += 1
+            if resumed % RESUME_CHUNK == 0:  # one chunk a loop turn: no turn takes them all
+                self.loop.run_sync(lambda: None)
         systems = frozenset(self.gateways)
         for key, ev in self.store.inbox():
             event = stored_event(ev, systems)  # checked again, as at the edge
@@ -334,6 +336,7 @@ class _RecoveryScan:
 
 # positions in a step record (oms.model.Step.to_record)
 _STATUS, _RETRY_AT, _WAIT, _COMP = 5, 13, 14, 15
+RESUME_CHUNK = 64  # recovered orders resumed per loop turn
 TERMINAL_NAMES = {str(s) for s in TERMINAL}
 
 

@@ -298,3 +298,40 @@ def test_a_failing_post_commit_callback_is_counted_and_the_writer_goes_on(
         assert store.get_order("O000000000002") is not None
     finally:
         writer.actor_ref.stop()
+
+
+# -- the sequencer's preload ------------------------------------------------
+
+def test_the_sequencer_preload_hands_out_turns_in_chunks_and_keeps_the_queues() -> None:
+    """Recovery's preload of 900 telecom orders of three customers: the
+    queues are complete at once, the turns go out ``PRELOAD_CHUNK`` orders
+    a message (no loop turn takes them all); a head that leaves between two
+    chunks passes its turn on, and nothing gives a turn to a non-head."""
+    from actors.sequencer import PRELOAD_CHUNK, SeqRequest, Sequencer
+    from oms.messages import Turn
+
+    turns: list[tuple[str, bool]] = []
+
+    def deliver(order_id: str, msg: Turn) -> bool:
+        turns.append((order_id, msg.go))
+        return True
+
+    seq = Sequencer.launch(deliver)
+    try:
+        entries = [(f"c{n % 3}", f"O{n:012d}", n < 3) for n in range(900)]
+        assert len(entries) > 3 * PRELOAD_CHUNK
+        seq.preload(entries)
+        seq.tell(SeqRequest("c1", "O000000000001", False))  # c1's head ends meanwhile
+        assert poll_until(lambda: len(turns) >= 900, timeout=10)
+        assert seq.actor_ref.ask(SeqRequest("c0", "O000000000000", True), timeout=5) is None
+        queues = seq.actor_ref.proxy().queues.get(timeout=5)
+        assert [len(queues[k]) for k in ("c0", "c1", "c2")] == [300, 299, 300]
+        went = [oid for oid, go in turns if go]
+        assert set(went) == {"O000000000000", "O000000000001", "O000000000002",
+                             "O000000000004"}  # c1's next one, after its head left
+        waited = [oid for oid, go in turns if not go]
+        assert len(waited) == len(set(waited)) == 900 - 3  # each non-head told once
+        assert turns.index(("O000000000004", True)) > turns.index(("O000000000004", False))
+    finally:
+        seq.actor_ref.stop()
+        seq.join(5)
