@@ -51,7 +51,6 @@ MAX_LINES = 400
 LONG_ALLOWED = {
     "actors/router.py": "collab",
     "actors/intake.py": "collab",
-    "shards/front.py": "collab",
 }
 
 

@@ -30,7 +30,7 @@ from oms.config import ConfigError
 from oms.sample import sample_orders
 from oms.sharding import sharded_order_id, vshard_of, vshard_of_order_id
 from shards import manifest as mf
-from shards.front import make_cursor, merge_pages, parse_cursor
+from shards.front_fanout import make_cursor, merge_pages, parse_cursor
 
 TERMINAL = {"completed", "failed", "partial", "cancelled"}
 
