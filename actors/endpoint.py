@@ -11,6 +11,7 @@ touches the socket). A reply to a peer that is gone or whose queue is full
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import zmq
@@ -22,6 +23,26 @@ from oms import codec
 logger = logging.getLogger(__name__)
 
 MAX_SOCKET_MESSAGE = 4 * 1024 * 1024  # larger frames are cut off by ZeroMQ itself
+
+
+def read_requests(sock: zmq.Socket, identity_required: bool, budget: int
+                  ) -> Iterator[tuple[tuple[bytes, ...], bytes, str | None]]:
+    """What a ROUTER has queued, ``budget`` messages at most: (envelope, the
+    payload frame, the sender's CURVE ``User-Id`` or None); a message without
+    a payload frame is skipped (nothing to answer). Also the sharded front's."""
+    for _ in range(budget):
+        try:
+            if identity_required:
+                parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                got = parts[-1].get("User-Id")  # a str: pyzmq types all properties as one
+                user = got if isinstance(got, str) else None
+                frames = [p.bytes for p in parts]
+            else:
+                frames, user = sock.recv_multipart(flags=zmq.NOBLOCK), None
+        except zmq.Again:
+            return
+        if len(frames) >= 2:
+            yield tuple(frames[:-1]), frames[-1], user
 
 
 class SendReply(NamedTuple):
@@ -53,19 +74,9 @@ class RouterEndpoint(LoopActor):
         return [self.sock] if self.sock is not None else []
 
     def on_readable(self, sock: zmq.Socket) -> None:
-        for _ in range(self.read_budget):
-            try:
-                if self.identity_required:
-                    parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-                    got = parts[-1].get("User-Id")  # a str: pyzmq types all properties as one
-                    user = got if isinstance(got, str) else None
-                    frames = [p.bytes for p in parts]
-                else:
-                    frames, user = sock.recv_multipart(flags=zmq.NOBLOCK), None
-            except zmq.Again:
-                return
-            if len(frames) >= 2:  # no payload frame: nothing to answer
-                self.on_frame(tuple(frames[:-1]), frames[-1], user)
+        for envelope, frame, user in read_requests(sock, self.identity_required,
+                                                   self.read_budget):
+            self.on_frame(envelope, frame, user)
 
     def on_frame(self, envelope: tuple[bytes, ...], frame: bytes, user: str | None) -> None:
         raise NotImplementedError

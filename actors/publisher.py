@@ -23,7 +23,8 @@ Subscribers cannot make the service hold memory without bound:
   (``malloc_trim``), at most once a second.
 
 The connections are watched with a ZeroMQ socket monitor read on this
-actor's own thread.
+actor's own thread (``actors.subscribers.SubscriberLimit``, shared with the
+sharded front).
 """
 
 from __future__ import annotations
@@ -31,17 +32,16 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-import socket
 import sys
 import time
 from typing import Any, NamedTuple
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from actors.loop import LoopActor, open_socket
 from actors.metrics import Metrics
 from actors.security import is_operator_name
+from actors.subscribers import SubscriberLimit, bind_watched
 from actors.throttle import LogThrottle
 from oms import codec
 from oms.config import ConfigError
@@ -75,6 +75,26 @@ def _malloc_trim() -> Any:
         return None
 
 
+def subscribe_by_identity(sock: zmq.Socket) -> None:
+    """XPUB with CURVE (XPUB_MANUAL): subscribe each new subscriber to its own
+    ``source_system``'s topic only (an operator: everything), whatever it asked."""
+    for _ in range(1000):
+        try:
+            frame = sock.recv(flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
+        if frame.bytes[:1] != b"\x01":
+            # Unsubscriptions are not honoured: a subscriber keeps its own
+            # topic until it disconnects (ZeroMQ then drops its queue).
+            continue
+        try:
+            user = frame.get("User-Id")
+        except zmq.ZMQError:  # no authenticated peer behind it
+            continue
+        topic = b"" if is_operator_name(user) else topic_of(str(user))
+        sock.setsockopt(zmq.SUBSCRIBE, topic)
+
+
 class Publisher(LoopActor):
     thread_name = "events-pub"
 
@@ -91,10 +111,7 @@ class Publisher(LoopActor):
         self.max_subscribers, self.stall_timeout_s = int(max_subscribers), stall_timeout_s
         self.curve = curve or {}
         self.sock: zmq.Socket | None = None
-        self.monitor: zmq.Socket | None = None
-        self.live: set[int] = set()  # fds of accepted connections
-        self.refused: set[int] = set()  # of those, shut down: waiting for their close
-        self.port: int | None = None
+        self.subscribers: SubscriberLimit | None = None  # made with the socket, on_start
         self._trim = _malloc_trim()
         self._trim_at: float | None = None
         self.log = LogThrottle(logger, every_s=5.0)
@@ -114,89 +131,28 @@ class Publisher(LoopActor):
                                 HEARTBEAT_TIMEOUT=int(self.stall_timeout_s * 1000),
                                 **manual, **self.curve)
         try:  # watched from before the bind: no connection goes uncounted
-            self.monitor = self.sock.get_monitor_socket(
-                zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-            self.sock.bind(self.endpoint)
+            monitor, port = bind_watched(self.sock, self.endpoint)
         except BaseException:
             self.on_stop()
             raise
-        bound = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        if bound.startswith("tcp://"):
-            self.port = int(bound.rsplit(":", 1)[1])
-        self.metrics.subscribers.set(0)
+        self.subscribers = SubscriberLimit(monitor, port, self.max_subscribers,
+                                           self.metrics.subscribers,
+                                           self.metrics.subscribers_refused, self.log)
 
     def sockets(self) -> list[zmq.Socket]:
         # The PUB socket too, though it is never readable: polling it makes
         # ZeroMQ process its commands (a gone subscriber's queue is freed only
         # then), also while no event is being published.
         socks = [self.sock] if self.sock is not None else []
-        return socks + ([self.monitor] if self.monitor is not None else [])
+        return socks + ([self.subscribers.monitor] if self.subscribers is not None else [])
 
     def on_readable(self, sock: zmq.Socket) -> None:
-        if sock is self.monitor:
-            self._on_monitor(sock)
-            return
-        if not self.curve:
-            return
-        for _ in range(1000):
-            try:
-                frame = sock.recv(flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            if frame.bytes[:1] != b"\x01":
-                # Unsubscriptions are not honoured: a subscriber keeps its own
-                # topic until it disconnects (ZeroMQ then drops its queue).
-                continue
-            try:
-                user = frame.get("User-Id")
-            except zmq.ZMQError:  # no authenticated peer behind it
-                continue
-            topic = b"" if is_operator_name(user) else topic_of(str(user))
-            sock.setsockopt(zmq.SUBSCRIBE, topic)
-
-    def _on_monitor(self, monitor: zmq.Socket) -> None:
-        events = []
-        for _ in range(1000):
-            try:
-                events.append(recv_monitor_message(monitor, flags=zmq.NOBLOCK))
-            except zmq.Again:
-                break
-        # a connection closed later in this batch is not shut again (its fd
-        # number may already belong to something else)
-        closes = {e["value"]: i for i, e in enumerate(events)
-                  if e["event"] == zmq.EVENT_DISCONNECTED}
-        for i, ev in enumerate(events):
-            fd = ev["value"]
-            if ev["event"] == zmq.EVENT_ACCEPTED:
-                self.live.add(fd)
-                if (len(self.live - self.refused) > self.max_subscribers
-                        and closes.get(fd, -1) < i):
-                    self._refuse(fd)
-            elif ev["event"] == zmq.EVENT_DISCONNECTED:
-                self.live.discard(fd)
-                self.refused.discard(fd)
+        if self.subscribers is not None and sock is self.subscribers.monitor:
+            if self.subscribers.on_monitor():  # someone left: trim soon
                 self._trim_at = self._trim_at or time.monotonic() + 1.0
-        self.metrics.subscribers.set(len(self.live - self.refused))
-
-    def _refuse(self, fd: int) -> None:
-        """Shut a connection down; ZeroMQ notices and closes it (and its fd)."""
-        self.metrics.subscribers_refused.inc()
-        try:
-            conn = socket.socket(fileno=fd)
-        except OSError:
             return
-        try:
-            # still ours? (the fd number of a connection that closed meanwhile
-            # may have been reused: only a connection to our own port is shut)
-            if self.port is None or conn.getsockname()[1] == self.port:
-                conn.shutdown(socket.SHUT_RDWR)
-                self.refused.add(fd)
-        except (OSError, IndexError, TypeError):
-            pass
-        finally:
-            conn.detach()  # ZeroMQ owns the fd: never close it here
-        self.log.report("refused", "events subscriber refused: %d connected already "
-                         "(max_subscribers)", self.max_subscribers)
+        if self.curve:
+            subscribe_by_identity(sock)
 
     def poll_timeout(self) -> float | None:
         if self._trim_at is None:
@@ -250,9 +206,8 @@ class Publisher(LoopActor):
 
     def on_stop(self) -> None:
         if self.sock is not None:
-            if self.monitor is not None:
-                self.sock.disable_monitor()
-                self.monitor.close(0)
+            if self.subscribers is not None:
+                self.subscribers.close(self.sock)
             self.sock.close()
 
     def publish(self, topic: str, payload: dict[str, Any]) -> None:

@@ -45,13 +45,6 @@ CORE_EXCEPTIONS = {
 
 MAX_LINES = 400
 
-# Modules over MAX_LINES that another helper is splitting, with its name. The
-# list only shrinks: an entry whose module is back under the limit (or gone)
-# fails until it is removed. The lead empties it at the end of the round.
-LONG_ALLOWED = {
-    "shards/front.py": "collab",
-}
-
 
 def modules() -> Iterator[tuple[str, str, ast.Module, str]]:
     """(path relative to the root, package, tree, source) of every module."""
@@ -184,18 +177,10 @@ def test_the_core_check_catches_io() -> None:
 
 
 def test_no_module_over_400_lines() -> None:
-    """Rule (d); LONG_ALLOWED lists the modules being split, and only shrinks."""
-    problems = []
-    sizes = {rel: len(source.splitlines()) for rel, _, _, source in modules()}
-    for rel, size in sorted(sizes.items()):
-        if size > MAX_LINES and rel not in LONG_ALLOWED:
-            problems.append(f"{rel}:{MAX_LINES + 1}: {size} lines: rule (d), at most "
-                            f"{MAX_LINES} lines a module")
-    for rel, owner in sorted(LONG_ALLOWED.items()):
-        if sizes.get(rel, 0) <= MAX_LINES:
-            problems.append(f"{rel}: {sizes.get(rel, 'no such module')} lines: rule (d), "
-                            f"remove it from LONG_ALLOWED in tests/test_layers.py "
-                            f"(split by {owner})")
+    """Rule (d), with no exception."""
+    problems = [f"{rel}:{MAX_LINES + 1}: {len(source.splitlines())} lines: rule (d), at most "
+                f"{MAX_LINES} lines a module"
+                for rel, _, _, source in modules() if len(source.splitlines()) > MAX_LINES]
     assert not problems, "\n".join(problems)
 
 

@@ -30,7 +30,7 @@ from oms.config import ConfigError
 from oms.sample import sample_orders
 from oms.sharding import sharded_order_id, vshard_of, vshard_of_order_id
 from shards import manifest as mf
-from shards.front import make_cursor, merge_pages, parse_cursor
+from shards.front_fanout import make_cursor, merge_pages, parse_cursor
 
 TERMINAL = {"completed", "failed", "partial", "cancelled"}
 
@@ -146,8 +146,17 @@ class Sharded:
                                                      *sim_args], "simulate")
         self.args = self.eps.serve_args(self.data) + [
             "--shards", str(shards), "--shard-base-port", str(self.base), *serve_args]
+        log = tmp_path / "serve.log"  # appended to by each Sharded of a test
+        started = self.ready_lines(log)
         self.svc = procs(self.args, "serve")
-        poll_until((self.data / "front" / "ready").exists, timeout=30)
+        # Ready when the supervisor says so, not at the front's ready file: until
+        # its start is over, a child that exits (a kill -9 of the test) is a
+        # failed start and stops the whole service (acks stalled at ~200).
+        poll_until(lambda: self.ready_lines(log) > started, timeout=30)
+
+    @staticmethod
+    def ready_lines(log: Path) -> int:
+        return log.read_text().count("sharded service ready") if log.exists() else 0
 
     def shard_pid(self, k: int) -> int:
         text = (self.data / f"shard-{k}" / "oms.lock").read_text()

@@ -1,0 +1,64 @@
+"""The front's dedup index (``DATA/front``, docs/scaling.md): one LMDB table,
+``ext_key(source_system, external_id)`` -> the virtual shard the key was
+first submitted to.
+
+The keys met in one poll round are recorded together (``record``) and
+committed synced in one transaction (``commit``, one fsync) before any
+submit of that round is forwarded. The folder is locked while the front
+runs: a second front on it refuses to start.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import time
+from pathlib import Path
+
+import lmdb
+
+from shards.front_config import FrontMetrics
+
+
+class DedupIndex:
+    def __init__(self, folder: Path, metrics: FrontMetrics) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self._lock = open(folder / "front.lock", "a+")  # noqa: SIM115 - held while running
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{folder} is in use by another front") from None
+        self.env = lmdb.open(str(folder), map_size=64 * 1024 * 1024, max_dbs=2, sync=True,
+                             metasync=True)
+        self.db = self.env.open_db(b"ext")
+        self.m = metrics
+        self.batch: dict[bytes, int] = {}  # recorded this round, not committed yet
+
+    def lookup(self, key: bytes) -> int | None:
+        """The key's virtual shard (recorded this round or committed), or None."""
+        known = self.batch.get(key)
+        if known is None:
+            with self.env.begin(db=self.db) as txn:
+                raw = txn.get(key)
+            known = raw[0] if raw else None
+        return known
+
+    def uncommitted(self, key: bytes) -> bool:
+        return key in self.batch
+
+    def record(self, key: bytes, vshard: int) -> None:
+        self.batch[key] = vshard
+
+    def commit(self) -> None:
+        """Commit this round's entries (one fsync)."""
+        if self.batch:
+            started = time.perf_counter()
+            with self.env.begin(write=True, db=self.db) as txn:
+                for key, vshard in self.batch.items():
+                    txn.put(key, bytes([vshard]))
+            self.m.index_commit.observe(time.perf_counter() - started)
+            self.batch.clear()
+
+    def close(self) -> None:
+        self.env.sync(True)
+        self.env.close()
+        self._lock.close()
