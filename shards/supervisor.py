@@ -30,6 +30,7 @@ from shards.manifest import ShardEndpoints
 logger = logging.getLogger("shards.supervisor")
 
 BACKOFF_START_S, BACKOFF_MAX_S, STABLE_S = 0.5, 10.0, 60.0
+USAGE_EXIT = 2  # `oms serve` and the front: bad configuration, port in use, folder locked
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
@@ -160,7 +161,10 @@ class Supervisor:
         return [*self.shards, self.front]
 
     def start(self, timeout: float = 120.0) -> None:
-        """Start every child; raise when one cannot start (exit 2: config, port, lock)."""
+        """Start every child and wait until all are ready. A child that exits
+        with 2 (its configuration, a port in use, a locked folder) cannot
+        start: raise. Any other exit (killed, out of memory, exit 70) is
+        restarted as ``watch`` does, with the same backoff, and waited for."""
         from gateways.client import Client
 
         self.ready_file.unlink(missing_ok=True)
@@ -171,10 +175,11 @@ class Supervisor:
         try:
             while waiting or not self.ready_file.exists():
                 for child in self.children():
-                    code = child.proc.poll() if child.proc else None
-                    if code is not None:
-                        raise ConfigError(f"{child.name} exited with code {code} at start "
-                                          "(its log above says why)")
+                    proc = child.proc if child.restart_at is None else None
+                    if proc is not None and proc.poll() == USAGE_EXIT:
+                        raise ConfigError(f"{child.name} exited with code {USAGE_EXIT} at "
+                                          "start (its log above says why)")
+                    self._check(child, time.monotonic())  # any other exit: restarted
                 for k in list(waiting):
                     try:
                         waiting[k].request({"type": "get_order", "order_id": "-"}, timeout=0.2)

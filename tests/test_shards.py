@@ -370,6 +370,37 @@ def test_kill_9_of_a_shard_and_of_the_front_under_load_loses_nothing(
     assert s.svc.terminate() == 0
 
 
+@pytest.mark.slow
+def test_a_shard_killed_while_the_service_starts_is_restarted_not_a_failed_start(
+        procs: Any, tmp_path: Path) -> None:
+    """Only exit 2 (configuration, port, lock) is a failed start; a shard
+    killed with -9 before the service is ready is restarted, and the
+    service becomes ready and takes orders."""
+    eps, data = Endpoints(), tmp_path / "data"
+    procs(eps.simulate_args() + ["--delivery-s", "0.05"], "simulate")
+    svc = procs(eps.serve_args(data) + ["--shards", "2", "--shard-base-port",
+                                        str(free_block(8))], "serve")
+    lock = data / "shard-0" / "oms.lock"
+
+    def shard_pid() -> int | None:
+        fields = lock.read_text().split() if lock.exists() else []
+        return int(fields[1]) if len(fields) > 1 else None
+
+    os.kill(poll_until(shard_pid, timeout=30), signal.SIGKILL)
+    log = tmp_path / "serve.log"
+    poll_until(lambda: "sharded service ready" in log.read_text(), timeout=60)
+    text = log.read_text()
+    killed = text.index("shard-0 exited with code -9")
+    assert killed < text.index("sharded service ready"), "killed after the start: try again"
+    assert "restarting shard-0" in text
+    with Client(eps.intake, zmq.Context.instance(), timeout=10) as client:
+        reply = client.submit(retail_order("START-KILL-1"))
+        assert reply["type"] == "accepted", reply
+        views = wait_terminal(client, [reply["order_id"]], timeout=40)
+    assert {v["state"] for v in views.values()} == {"completed"}
+    assert svc.terminate() == 0
+
+
 def submit_until_acked(s: Sharded, orders: list[dict[str, Any]], deadline: float,
                        each: Any) -> dict[str, str]:
     """A channel: pipelined submits, the rest resubmitted after an error or no reply."""
