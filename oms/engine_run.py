@@ -214,9 +214,11 @@ class RunMixin(TurnBase):
         kind = "step"
         if rest.endswith(":undo"):
             kind, rest = "comp", rest[:-5]
-        key, _, gen = rest.partition("#")
+        key, mark, gen = rest.rpartition("#")  # an item id may hold "#" too: the last one
+        if not mark or not gen.isdigit():  # ... is the retry generation only if digits follow
+            key, gen = rest, ""
         step = self.order.steps.get(key)
-        if step is None or step.gen != (int(gen) if gen.isdigit() else 0):
+        if step is None or step.gen != (int(gen) if gen else 0):
             return "none", None, -1
         return kind, step, -1
 
