@@ -51,9 +51,12 @@ class OperatorMixin(TurnBase):
             order.failure = dict(order.failure or {}, aborted_by=str(msg.operator)[:MAX_NOTE])
             self.begin_compensation(Target.FAILED)
         elif msg.action == "retry" and fallout.failed_step(order) is None:
-            self.transition_back()  # internal_error: resume from the snapshot
-            self.on_resume()
-            self.advance()
+            if order.seq_key and not order.turn:  # it never had its turn: it waits for it
+                self.transition(Ev.WAIT_TURN)  # (still queued: the sequencer's Turn starts it)
+            else:
+                self.transition_back()  # internal_error: resume from the snapshot
+                self.on_resume()
+                self.advance()
         elif msg.action == "skip" and self.skips_a_wait(msg.step):
             self.skip_wait(msg)
         else:

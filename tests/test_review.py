@@ -26,3 +26,56 @@ def test_an_item_id_with_a_hash_sign_does_not_leave_its_step_waiting_forever(
     views = wait_terminal(client, [reply["order_id"]], timeout=20)
     view = views[reply["order_id"]]
     assert view["state"] == "completed", view
+
+
+class _PoisonPending(frozenset):
+    """Notify states whose check raises for ``pending``: the order's handler
+    raises while it learns it must wait its turn (a bug, as in
+    test_failure_rule's poison order)."""
+
+    def __contains__(self, state: object) -> bool:
+        if state == "pending":
+            raise RuntimeError("poison: the handler fails on the wait for a turn")
+        return frozenset.__contains__(self, state)
+
+
+def test_a_retried_internal_error_hold_waits_for_its_sequencing_turn(
+        make_service: Any, eps: Any, sim_config: Any) -> None:
+    """Two telecom orders of one customer; the first runs (no domain system
+    answers: it stays in flight), the second's handler raises while it is
+    told to wait, so it is held as internal_error without ever having had
+    its turn. An operator's retry must put it back to waiting for the turn,
+    not run it beside the first (orders of one customer run one at a time)."""
+    import dataclasses
+
+    from conftest import SimThread
+    from helpers import poll_until
+
+    from gateways.client import Client
+    from oms.engine import Engine
+
+    svc = make_service(passivate_after_s=0.1)
+    good = svc.octx.engines["telecom"]
+    svc.octx.engines["telecom"] = Engine(dataclasses.replace(
+        good.proc, notify_states=_PoisonPending(good.proc.notify_states)))
+    with Client(eps.intake, timeout=10) as client:
+        first = client.submit(telecom_order("seq-1", ["fiber"], customer="sub-seq"))
+        second = client.submit(telecom_order("seq-2", ["tv"], customer="sub-seq"))
+        a, b = first["order_id"], second["order_id"]
+        poll_until(lambda: client.get(b)["order"].get("state_reason") == "internal_error")
+        svc.octx.engines["telecom"] = good  # the bug is fixed; the held order reloads with it
+        poll_until(lambda: b not in svc.router.live_ids())
+        assert client.get(a)["order"]["state"] == "inProgress"  # still has the turn
+        reply = client.request({"type": "retry_step", "order_id": b, "operator": "ops"})
+        assert reply["type"] == "operator_accepted", reply
+        view = client.get(b)["order"]
+        assert view["state"] == "pending", view["state"]
+        assert {s["status"] for s in view["steps"] if s["name"].startswith("provision")} == {
+            "pending"}, view["steps"]
+        assert client.get(a)["order"]["state"] == "inProgress"
+        sim = SimThread(sim_config)  # the domain systems answer: the first ends, then the second
+        try:
+            views = wait_terminal(client, [a, b], timeout=40)
+        finally:
+            sim.stop()
+        assert views[a]["state"] == views[b]["state"] == "completed"
