@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from pykka import ActorRef
 
 logger = logging.getLogger(__name__)
+_TERMINAL = frozenset(str(s) for s in OrderState if s.terminal)
 
 
 @dataclass
@@ -110,7 +111,8 @@ class OrderRouter:
                     held_since: float | None = None, reason: str | None = None) -> None:
         """Count an unfinished order from its raw snapshot (recovery)."""
         with self._lock:
-            self.states[state] += 1
+            if state not in _TERMINAL:  # only its CRM notice is out: in flight, as live,
+                self.states[state] += 1  # but no state count (state_changed drops it too)
             if state == OrderState.HELD and order_id is not None:
                 self.held_since[order_id] = held_since or time.time()
             if order_id is not None and state == "held" and reason == INTERNAL_ERROR:

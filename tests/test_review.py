@@ -79,3 +79,38 @@ def test_a_retried_internal_error_hold_waits_for_its_sequencing_turn(
         finally:
             sim.stop()
         assert views[a]["state"] == views[b]["state"] == "completed"
+
+
+def test_counts_after_a_restart_with_a_finished_orders_notice_outstanding(
+        make_service: Any, eps: Any, sim_config: Any) -> None:
+    """An order completed, its CRM notice still out (CRM does not answer)
+    when the service stops; after the restart the notice is delivered and
+    the order leaves the active set. ``order_counts`` counts unfinished
+    orders by state: a ``completed`` entry must not stay behind for good."""
+    import dataclasses
+
+    from conftest import SimThread
+    from helpers import poll_until, retail_order
+
+    from gateways.client import Client
+
+    no_crm = dataclasses.replace(sim_config, systems={
+        k: v for k, v in sim_config.systems.items() if k != "crm"})
+    sim = SimThread(no_crm)
+    try:
+        svc = make_service()
+        with Client(eps.intake, timeout=10) as client:
+            oid = client.submit(retail_order("notice-1"))["order_id"]
+            poll_until(lambda: client.get(oid)["order"]["state"] == "completed")
+        svc.stop()
+    finally:
+        sim.stop()
+    sim = SimThread(sim_config)
+    try:
+        svc = make_service()
+        with Client(eps.intake, timeout=10) as client:
+            poll_until(lambda: svc.router.in_flight == 0 and not svc.router.live_ids())
+            counts = client.request({"type": "order_counts"})
+            assert counts["counts"] == {} and counts["in_flight"] == 0, counts
+    finally:
+        sim.stop()
