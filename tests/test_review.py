@@ -114,3 +114,37 @@ def test_counts_after_a_restart_with_a_finished_orders_notice_outstanding(
             assert counts["counts"] == {} and counts["in_flight"] == 0, counts
     finally:
         sim.stop()
+
+
+def test_sighup_with_a_malformed_client_key_keeps_the_service_and_its_keys(
+        procs: Any, tmp_path: Any) -> None:
+    """A ``*.key`` file in the clients folder that is not a key (half copied,
+    empty) when SIGHUP comes: the reload is refused with a log line and the
+    keys in use stay; the service must not stop."""
+    import signal
+
+    from conftest import Endpoints
+    from helpers import poll_until
+    from test_security import opts
+
+    from actors.security import generate
+    from gateways.client import Client
+
+    folder = tmp_path / "keys"
+    generate(folder / "server", ["server"])
+    generate(folder / "own", ["web"])
+    (folder / "clients").mkdir()
+    (folder / "clients" / "web.key").write_text((folder / "own" / "web.key").read_text())
+    eps = Endpoints()
+    svc = procs(eps.serve_args(tmp_path / "data") + [
+        "--curve-server-key", str(folder / "server" / "server.key_secret"),
+        "--curve-clients", str(folder / "clients")], "serve")
+    with Client(eps.intake, curve=opts(folder, "web")) as web:
+        web.wait_ready(30)
+        (folder / "clients" / "broken.key").write_text("")  # an empty file, mid-copy
+        svc.p.send_signal(signal.SIGHUP)
+        poll_until(lambda: svc.p.poll() is not None or b"keys not reloaded"
+                   in svc.log.read_bytes(), timeout=20)
+        assert svc.p.poll() is None, "the service stopped on a SIGHUP"
+        assert web.request({"type": "get_order", "order_id": "x"})["code"] == "not_found"
+    assert svc.terminate() == 0
