@@ -23,7 +23,17 @@ from oms import fallout
 from oms.engine_base import TurnBase
 from oms.messages import Operate, Publish, Reply, Timer
 from oms.model import Step
-from oms.states import Ev, OrderState, Phase, StepStatus, Target, Undo, set_step_status, set_undo
+from oms.states import (
+    Ev,
+    OrderState,
+    Phase,
+    Reason,
+    StepStatus,
+    Target,
+    Undo,
+    set_step_status,
+    set_undo,
+)
 
 S = OrderState
 MAX_NOTE = 1000  # operator names and reasons kept in the history, in characters
@@ -51,17 +61,34 @@ class OperatorMixin(TurnBase):
             order.failure = dict(order.failure or {}, aborted_by=str(msg.operator)[:MAX_NOTE])
             self.begin_compensation(Target.FAILED)
         elif msg.action == "retry" and fallout.failed_step(order) is None:
-            if order.seq_key and not order.turn:  # it never had its turn: it waits for it
-                self.transition(Ev.WAIT_TURN)  # (still queued: the sequencer's Turn starts it)
-            else:
-                self.transition_back()  # internal_error: resume from the snapshot
-                self.on_resume()
-                self.advance()
+            self.retry_internal_error()
         elif msg.action == "skip" and self.skips_a_wait(msg.step):
             self.skip_wait(msg)
         else:
             self.operate_on_failed(msg)
         answer("operator_accepted", state=str(order.state))
+
+    def retry_internal_error(self) -> None:
+        """Resume an ``internal_error`` hold from its last durable snapshot. An
+        order that was in fallout then (its failure, kept as ``previous``,
+        names a failed step or undo) is in that fallout again, for the
+        operator; one that never had its sequencing turn waits for it."""
+        order = self.order
+        previous = (order.failure or {}).get("previous")
+        key = previous.get("step") if isinstance(previous, dict) else None
+        step = order.steps.get(key) if isinstance(key, str) else None
+        if step is not None and (step.comp == Undo.FAILED or (
+                order.phase == Phase.RUN and step.status == StepStatus.FAILED)):
+            order.failure = previous  # the fallout it was in, for the operator again
+            self.set_reason(Reason.FALLOUT)
+            order.history.append({"state": S.HELD.value, "ts": self.now,
+                                  "reason": Reason.FALLOUT.value})
+        elif order.seq_key and not order.turn:  # it never had its turn: it waits for it
+            self.transition(Ev.WAIT_TURN)  # (still queued: the sequencer's Turn starts it)
+        else:
+            self.transition_back()  # resume from the snapshot
+            self.on_resume()
+            self.advance()
 
     def skips_a_wait(self, name: str | None) -> bool:
         step = fallout.skip_target(self.order, name)[0]

@@ -148,3 +148,54 @@ def test_sighup_with_a_malformed_client_key_keeps_the_service_and_its_keys(
         assert svc.p.poll() is None, "the service stopped on a SIGHUP"
         assert web.request({"type": "get_order", "order_id": "x"})["code"] == "not_found"
     assert svc.terminate() == 0
+
+
+class _PoisonState(frozenset):
+    """Notify states whose check raises for one state (a handler bug)."""
+
+    poison = "assessingCancellation"
+
+    def __contains__(self, state: object) -> bool:
+        if state == self.poison:
+            raise RuntimeError(f"poison: the handler fails on {state}")
+        return frozenset.__contains__(self, state)
+
+
+def test_retry_of_an_internal_error_hold_over_fallout_returns_to_the_fallout(
+        make_service: Any, sim: Any, eps: Any, tmp_path: Any) -> None:
+    """An order in fallout (a failed step, hold policy) whose handler then
+    raises (here on a cancel) is held as internal_error with the fallout's
+    failure as ``previous``. Retry resumes it from its last durable snapshot:
+    that is the fallout again (its failed step named, for the operator), not
+    ``inProgress`` with a failed step nothing will ever run again."""
+    import dataclasses
+
+    from helpers import poll_until, retail_order
+    from test_operations import control, hold_policy
+
+    from gateways.client import Client
+    from oms.engine import Engine
+
+    svc = make_service(processes=hold_policy(tmp_path / "procs"), passivate_after_s=0.1)
+    control(eps.systems["billing"], capture_payment=[1.0, "payment_declined"])
+    with Client(eps.intake) as client:
+        oid = client.submit(retail_order("fo-crash"))["order_id"]
+        poll_until(lambda: client.get(oid)["order"].get("state_reason") == "fallout")
+        good = svc.octx.engines["retail"]
+        svc.octx.engines["retail"] = Engine(dataclasses.replace(
+            good.proc, notify_states=_PoisonState(good.proc.notify_states)))
+        poll_until(lambda: oid not in svc.router.live_ids())  # reloads with the bad engine
+        assert client.request({"type": "cancel_order", "order_id": oid})["code"] == "internal"
+        poll_until(lambda: client.get(oid)["order"].get("state_reason") == "internal_error")
+        svc.octx.engines["retail"] = good  # the bug is fixed
+        poll_until(lambda: oid not in svc.router.live_ids())
+        control(eps.systems["billing"], capture_payment=[0])  # and the card works now
+        reply = client.request({"type": "retry_step", "order_id": oid, "operator": "ann"})
+        assert reply["type"] == "operator_accepted", reply
+        view = client.get(oid)["order"]
+        assert (view["state"], view.get("state_reason")) == ("held", "fallout"), (
+            view["state"], [(s["name"], s["status"]) for s in view["steps"]])
+        assert view["failure"]["step"] == "capture_payment"
+        reply = client.request({"type": "retry_step", "order_id": oid, "operator": "ann"})
+        assert reply["type"] == "operator_accepted", reply
+        poll_until(lambda: client.get(oid)["order"]["state"] == "completed")
