@@ -199,3 +199,52 @@ def test_retry_of_an_internal_error_hold_over_fallout_returns_to_the_fallout(
         reply = client.request({"type": "retry_step", "order_id": oid, "operator": "ann"})
         assert reply["type"] == "operator_accepted", reply
         poll_until(lambda: client.get(oid)["order"]["state"] == "completed")
+
+
+class _CountedId(str):
+    """An order id that counts how often it is compared for equality."""
+
+    __slots__ = ()
+    compared = 0
+
+    def __eq__(self, other: object) -> bool:
+        _CountedId.compared += 1
+        return str.__eq__(self, other)
+
+    __hash__ = str.__hash__
+
+
+def test_one_customers_long_queue_costs_the_sequencer_linear_work() -> None:
+    """A channel may queue up to --max-in-flight telecom orders behind one
+    customer id. Each enter, leave and the rebuild at start must not scan
+    the customer's whole queue: 50,000 waiting orders took the event loop
+    (every order, the intake, the writer) 31 s to rebuild at a restart and
+    19 s to enter, quadratic in the queue's length."""
+    import threading
+
+    from actors.sequencer import Sequencer
+
+    n = 4000
+    ids = [_CountedId(f"O{i:012d}") for i in range(1, n + 1)]
+    last = threading.Event()
+
+    def deliver(order_id: str, _turn: Any) -> bool:
+        if order_id is ids[-1]:
+            last.set()
+        return True
+
+    seq = Sequencer.launch(deliver)
+    try:
+        _CountedId.compared = 0
+        seq.preload([("telecom/c1", oid, False) for oid in ids])
+        assert last.wait(60)
+        rebuilt = _CountedId.compared
+        last.clear()
+        _CountedId.compared = 0
+        for oid in ids:
+            seq.request("telecom/c2", oid, True)
+        assert last.wait(60)
+        entered = _CountedId.compared
+    finally:
+        seq.actor_ref.stop()
+    assert rebuilt < 20 * n and entered < 20 * n, (rebuilt, entered)
