@@ -74,7 +74,10 @@ class OperatorMixin(TurnBase):
         names a failed step or undo) is in that fallout again, for the
         operator; one that never had its sequencing turn waits for it."""
         order = self.order
-        previous = (order.failure or {}).get("previous")
+        previous = order.failure
+        while isinstance(previous, dict) and previous.get("step") is None and (
+                previous.get("error") or {}).get("code") == Reason.INTERNAL_ERROR:
+            previous = previous.get("previous")  # held again and again: the one before
         key = previous.get("step") if isinstance(previous, dict) else None
         step = order.steps.get(key) if isinstance(key, str) else None
         if step is not None and (step.comp == Undo.FAILED or (

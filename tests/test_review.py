@@ -248,3 +248,47 @@ def test_one_customers_long_queue_costs_the_sequencer_linear_work() -> None:
     finally:
         seq.actor_ref.stop()
     assert rebuilt < 20 * n and entered < 20 * n, (rebuilt, entered)
+
+
+def test_undos_settling_while_held_as_internal_error_end_the_cancel() -> None:
+    """A cancelled order's handler raised while an undo was out: it is held as
+    internal_error, and the outstanding replies still drive it (as a forward
+    run completes while so held). The last undo's reply must end it
+    ``cancelled``, not raise IllegalTransition (held --cancelled-->), which
+    crashed the order a second time, dropped that reply and left it held."""
+    from helpers import Driver, ok_domain, retail_order
+    from test_engine import RETAIL
+
+    from oms.engine import hold_internal_error
+    from oms.messages import Cancel, CommandResult
+
+    d = Driver(RETAIL, retail_order(), ok_domain({"capture_payment": None,
+                                                 "release_stock": None}))
+    d.start()
+    d.feed(Cancel("changed my mind", reply_to="r"))
+    capture = next(s.command_id for s in d.sent if s.op == "capture_payment")
+    d.feed(CommandResult(capture, True, {"payment_id": "pay-1"}))
+    assert d.order.state == "pendingCancellation"
+    release = next(s.command_id for s in d.sent if s.op == "release_stock")
+    turning = hold_internal_error(d.engine, d.order, "KeyError: 'x'", (), d.now)
+    assert turning.changed and d.order.state == "held"
+    d.feed(CommandResult(release, True, {}))
+    assert (d.order.state, d.order.state_reason) == ("cancelled", "changed my mind")
+
+
+def test_retry_after_repeated_internal_errors_over_fallout_returns_to_the_fallout() -> None:
+    """Held as internal_error twice in a row (each hold keeps the one before
+    as ``previous``): retry still finds the fallout under them."""
+    from test_engine import DECLINED, fallout_driver
+
+    from oms.engine import hold_internal_error
+    from oms.messages import Operate
+
+    d = fallout_driver({"capture_payment": DECLINED})
+    d.start()
+    assert (d.order.state, d.order.state_reason) == ("held", "fallout")
+    for _ in range(2):
+        hold_internal_error(d.engine, d.order, "KeyError: 'x'", (), d.now)
+    d.feed(Operate("retry", None, "ann", "fixed", "r"))
+    assert (d.order.state, d.order.state_reason) == ("held", "fallout")
+    assert d.order.failure is not None and d.order.failure["step"] == "capture_payment"
