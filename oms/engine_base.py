@@ -274,6 +274,9 @@ class TurnBase:
     def on_resume(self) -> None:
         raise NotImplementedError  # oms.engine_run
 
+    def start_run(self) -> None:
+        raise NotImplementedError  # oms.engine_run
+
     def fail(self, failure: dict[str, Any] | None) -> None:
         raise NotImplementedError  # oms.engine_run
 

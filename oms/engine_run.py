@@ -67,6 +67,11 @@ class RunMixin(TurnBase):
             self.begin_compensation(Target.FAILED)  # nothing ran: straight to failed
             return
         self.transition(Ev.START)
+        self.start_run()
+
+    def start_run(self) -> None:
+        """What starting does after the order's move to inProgress (also when an
+        operator resumes an order held before it started)."""
         self.expect("order", self.proc.expected_s)
         for it in self.order.items:
             set_item_state(it, ItemState.IN_PROGRESS)

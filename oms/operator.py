@@ -25,6 +25,7 @@ from oms.messages import Operate, Publish, Reply, Timer
 from oms.model import Step
 from oms.states import (
     Ev,
+    ItemState,
     OrderState,
     Phase,
     Reason,
@@ -89,9 +90,14 @@ class OperatorMixin(TurnBase):
         elif order.seq_key and not order.turn:  # it never had its turn: it waits for it
             self.transition(Ev.WAIT_TURN)  # (still queued: the sequencer's Turn starts it)
         else:
+            began = order.phase != Phase.RUN or not any(
+                it["state"] == ItemState.ACKNOWLEDGED for it in order.items)
             self.transition_back()  # resume from the snapshot
-            self.on_resume()
-            self.advance()
+            if began:
+                self.on_resume()
+                self.advance()
+            else:  # held before it started (its start raised): start it now
+                self.start_run()
 
     def skips_a_wait(self, name: str | None) -> bool:
         step = fallout.skip_target(self.order, name)[0]

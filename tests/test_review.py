@@ -292,3 +292,33 @@ def test_retry_after_repeated_internal_errors_over_fallout_returns_to_the_fallou
     d.feed(Operate("retry", None, "ann", "fixed", "r"))
     assert (d.order.state, d.order.state_reason) == ("held", "fallout")
     assert d.order.failure is not None and d.order.failure["step"] == "capture_payment"
+
+
+def test_retry_of_an_order_whose_start_raised_runs_it_to_its_end(
+        make_service: Any, sim: Any, eps: Any) -> None:
+    """A handler that raised on an order's start (test_failure_rule's poison
+    definition) holds it as internal_error before it began: its items are
+    still ``acknowledged``. After the fix, retry runs it; it must be able to
+    complete (acknowledged -> completed is no item move: completing raised
+    again, dropped the last reply and held it again, for ever)."""
+    import dataclasses
+
+    from helpers import poll_until, retail_order
+
+    from gateways.client import Client, wait_terminal
+    from oms.engine import Engine
+
+    svc = make_service(passivate_after_s=0.1)
+    good = svc.octx.engines["retail"]
+    svc.octx.engines["retail"] = Engine(dataclasses.replace(good.proc, expected_s="soon"))
+    with Client(eps.intake, timeout=10) as client:
+        oid = client.submit(retail_order("start-crash"))["order_id"]
+        poll_until(lambda: client.get(oid)["order"].get("state_reason") == "internal_error")
+        svc.octx.engines["retail"] = good
+        poll_until(lambda: oid not in svc.router.live_ids())
+        reply = client.request({"type": "retry_step", "order_id": oid, "operator": "ann"})
+        assert reply["type"] == "operator_accepted", reply
+        view = wait_terminal(client, [oid], timeout=20)[oid]
+        assert view["state"] == "completed", (view["state"], view.get("state_reason"))
+        assert {it["state"] for it in view["items"]} == {"completed"}
+    assert svc.metrics.order_crashes._value.get() == 1
