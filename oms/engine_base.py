@@ -95,6 +95,7 @@ class TurnBase:
         order = self.order
         old = order.state
         new = states.next_state(old, event)
+        crashed = old == OrderState.HELD and order.state_reason == states.Reason.INTERNAL_ERROR
         reason = None if reason is None else str(reason)
         order.state = new
         states.set_reason(order, reason)
@@ -111,6 +112,8 @@ class TurnBase:
         if reason:
             payload["state_reason"] = reason
         self.emit(Publish(payload))
+        if crashed and new != OrderState.HELD:  # it leaves the internal_error hold: a CRM
+            self.resend_notes()  # note whose reply the crash dropped is sent again
         if new.terminal:
             self.finish_items(new)
             states.set_phase(order, Phase.FINISH)
@@ -124,8 +127,11 @@ class TurnBase:
 
     def set_reason(self, reason: str) -> None:
         """A held order stays held for another reason: ``oms.states.set_reason``."""
+        crashed = self.order.state_reason == states.Reason.INTERNAL_ERROR
         states.set_reason(self.order, reason)
         self.changed = True
+        if crashed and reason != states.Reason.INTERNAL_ERROR:  # as in ``transition``
+            self.resend_notes()
 
     def set_status(self, step: Step, status: StepStatus) -> None:
         set_step_status(step, status)
@@ -275,6 +281,12 @@ class TurnBase:
         raise NotImplementedError  # oms.engine_run
 
     def start_run(self) -> None:
+        raise NotImplementedError  # oms.engine_run
+
+    def resend_in_flight(self) -> None:
+        raise NotImplementedError  # oms.engine_run
+
+    def resend_notes(self) -> None:
         raise NotImplementedError  # oms.engine_run
 
     def fail(self, failure: dict[str, Any] | None) -> None:

@@ -322,3 +322,60 @@ def test_retry_of_an_order_whose_start_raised_runs_it_to_its_end(
         assert view["state"] == "completed", (view["state"], view.get("state_reason"))
         assert {it["state"] for it in view["items"]} == {"completed"}
     assert svc.metrics.order_crashes._value.get() == 1
+
+
+def test_cancel_of_an_internal_error_hold_resends_what_the_crash_dropped(
+        make_service: Any, sim: Any, eps: Any) -> None:
+    """The handler raised on a command's reply (create_invoice's: launching
+    the next step fails under a poison definition), so that reply was dropped
+    and the order held as internal_error with the command still out. A
+    channel's cancel must not wait for that reply for ever (no operator action
+    is possible once it is being cancelled): what was in flight is sent again
+    (same command_id), as retry does. (The poison only hits launching
+    capture_payment, which a cancel skips.)"""
+    import dataclasses
+
+    from helpers import poll_until, retail_order
+
+    from gateways.client import Client, wait_terminal
+    from oms.engine import Engine
+
+    svc = make_service(passivate_after_s=0.1)
+    good = svc.octx.engines["retail"]
+    steps = tuple(dataclasses.replace(s, expected_s="soon") if s.name == "capture_payment"
+                  else s for s in good.proc.steps)
+    svc.octx.engines["retail"] = Engine(dataclasses.replace(good.proc, steps=steps))
+    with Client(eps.intake, timeout=10) as client:
+        oid = client.submit(retail_order("drop-1"))["order_id"]
+        poll_until(lambda: client.get(oid)["order"].get("state_reason") == "internal_error")
+        # (it stays in memory with the poison engine: it awaits create_invoice's reply)
+        running = [s["name"] for s in client.get(oid)["order"]["steps"]
+                   if s["status"] == "running"]
+        assert running == ["create_invoice"], running  # its reply was dropped
+        reply = client.request({"type": "cancel_order", "order_id": oid, "reason": "no"})
+        assert reply["type"] == "cancel_accepted", reply
+        view = wait_terminal(client, [oid], timeout=20)[oid]
+        assert view["state"] == "cancelled"
+
+
+def test_an_internal_error_hold_that_ends_by_itself_resends_its_crm_notes() -> None:
+    """The crash dropped a CRM note's reply; the order, held as internal_error,
+    still had a command out whose reply then completes it with no operator
+    action. The dropped note must be sent again, or it stays ``running`` for
+    ever and the finished order never leaves memory, the active set and the
+    admission count (until a restart)."""
+    from helpers import Driver, ok_domain, retail_order
+    from test_engine import RETAIL
+
+    from oms.engine import hold_internal_error
+    from oms.messages import CommandResult
+
+    d = Driver(RETAIL, retail_order(), ok_domain({"notify": None, "create_shipment": None}))
+    d.start()
+    note = next(s.command_id for s in d.sent if s.op == "notify")  # its reply: dropped
+    shipment = next(s.command_id for s in d.sent if s.op == "create_shipment")
+    hold_internal_error(d.engine, d.order, "KeyError: 'x'", (), d.now)
+    d.feed(CommandResult(shipment, True, {"shipment_id": "s1", "tracking_number": "t"}))
+    d.event("shipment_delivered", {"shipment_id": "s1"})
+    assert d.order.state == "completed"
+    assert [s.command_id for s in d.sent].count(note) == 2  # sent again
