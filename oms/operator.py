@@ -149,8 +149,22 @@ class OperatorMixin(TurnBase):
             step.attempts = 0
             set_step_status(step, StepStatus.PENDING)  # no progress event: launched at once
             self.launch(step, self.sdef(step))
-        self.transition_back()
+        other = self.other_failed_step()
+        if other is not None:  # failed beside it (parallel steps): fallout for that one now
+            order.failure = {"step": other.key, "error": other.error}
+            self.set_reason(Reason.FALLOUT)
+        else:
+            self.transition_back()
         self.advance()
+
+    def other_failed_step(self) -> Step | None:
+        """A step that failed for good while the order was held for another
+        (the order's ``failure`` names one step only)."""
+        partial = self.proc.item_failure == "partial"
+        for step in self.order.steps.values():
+            if step.status == StepStatus.FAILED and not (partial and step.item_id is not None):
+                return step
+        return None
 
     def skip_dependent_waits(self, skipped: Step, operator: str) -> None:
         """Skipping a step also skips the event waits that list it in

@@ -379,3 +379,42 @@ def test_an_internal_error_hold_that_ends_by_itself_resends_its_crm_notes() -> N
     d.event("shipment_delivered", {"shipment_id": "s1"})
     assert d.order.state == "completed"
     assert [s.command_id for s in d.sent].count(note) == 2  # sent again
+
+
+def test_two_failed_items_under_a_hold_policy_are_both_fallout(
+        make_service: Any, sim: Any, eps: Any, tmp_path: Any) -> None:
+    """A per-item process with failure_policy "hold" and item_failure "fail"
+    (the default): two items' steps fail for good, in parallel. The order is
+    held for one; once the operator has dealt with it, it must be held for
+    the other, not go on inProgress with a failed step nothing will run
+    again (the second failure overwrote the first: stuck for good, and out
+    of the fallout list)."""
+    from helpers import poll_until
+    from test_chaos import fast_processes
+    from test_operations import control
+
+    from gateways.client import Client, wait_terminal
+
+    folder = tmp_path / "procs"
+    fast_processes(folder, ("telecom",))
+    path = folder / "telecom.toml"
+    path.write_text(path.read_text().replace('failure_policy = "compensate"',
+                                             'failure_policy = "hold"').replace(
+        'item_failure = "partial"', 'item_failure = "fail"'))
+    make_service(processes=str(folder))
+    control(eps.systems["provisioning"], activate_service=[1.0, "unknown_product"])
+    with Client(eps.intake) as client:
+        oid = client.submit(telecom_order("two-fail", ["a", "b"]))["order_id"]
+        poll_until(lambda: client.get(oid)["order"].get("state_reason") == "fallout" and all(
+            s["status"] == "failed" for s in client.get(oid)["order"]["steps"]
+            if s["name"].startswith("provision")))
+        control(eps.systems["provisioning"], activate_service=[0])
+        first = client.get(oid)["order"]["failure"]["step"]
+        reply = client.request({"type": "retry_step", "order_id": oid, "operator": "ann"})
+        assert reply["type"] == "operator_accepted", reply
+        view = client.get(oid)["order"]  # the retry's answer came after its commit
+        assert (view["state"], view.get("state_reason")) == ("held", "fallout"), view["state"]
+        assert view["failure"]["step"] not in (None, first), view["failure"]
+        reply = client.request({"type": "retry_step", "order_id": oid, "operator": "ann"})
+        assert reply["type"] == "operator_accepted", reply
+        assert wait_terminal(client, [oid], timeout=20)[oid]["state"] == "completed"
