@@ -112,8 +112,8 @@ class TurnBase:
         if reason:
             payload["state_reason"] = reason
         self.emit(Publish(payload))
-        if crashed and new != OrderState.HELD:  # it leaves the internal_error hold: a CRM
-            self.resend_notes()  # note whose reply the crash dropped is sent again
+        if crashed and new != OrderState.HELD:  # it leaves the internal_error hold:
+            self.resend_in_flight()  # a reply the crash dropped would never come
         if new.terminal:
             self.finish_items(new)
             states.set_phase(order, Phase.FINISH)
@@ -131,7 +131,7 @@ class TurnBase:
         states.set_reason(self.order, reason)
         self.changed = True
         if crashed and reason != states.Reason.INTERNAL_ERROR:  # as in ``transition``
-            self.resend_notes()
+            self.resend_in_flight()
 
     def set_status(self, step: Step, status: StepStatus) -> None:
         set_step_status(step, status)
@@ -284,9 +284,6 @@ class TurnBase:
         raise NotImplementedError  # oms.engine_run
 
     def resend_in_flight(self) -> None:
-        raise NotImplementedError  # oms.engine_run
-
-    def resend_notes(self) -> None:
         raise NotImplementedError  # oms.engine_run
 
     def fail(self, failure: dict[str, Any] | None) -> None:

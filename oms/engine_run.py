@@ -91,17 +91,14 @@ class RunMixin(TurnBase):
     def resend_in_flight(self) -> None:
         """Every command, undo and CRM note in flight is sent again (same
         ``command_id``) and every back-off and deadline re-armed: after a
-        restart, or once an ``internal_error`` hold is acted on (the crash may
-        have dropped a reply, which would then never come)."""
+        restart, or when an order leaves an ``internal_error`` hold (the crash
+        may have dropped a reply, which would then never come:
+        ``TurnBase.transition`` and ``set_reason`` call it)."""
         order = self.order
         for step in order.steps.values():
             self.resume_step(step)
         self.rearm_jeopardy()
-        self.resend_notes()
-
-    def resend_notes(self) -> None:
-        """The CRM notes in flight, sent again (or their back-off re-armed)."""
-        for idx, note in enumerate(self.order.notes):
+        for idx, note in enumerate(order.notes):
             if note.status == StepStatus.RUNNING and not self.rearm(
                     note, ("note", idx, note.attempts)):
                 self.send_note(note, idx)

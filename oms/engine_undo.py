@@ -32,8 +32,6 @@ class UndoMixin(TurnBase):
             self.emit(Reply(msg.reply_to, {"type": "cancel_rejected",
                                            "order_id": order.order_id, "reason": problem}))
             return
-        if order.state == S.HELD and order.state_reason == Reason.INTERNAL_ERROR:
-            self.resend_in_flight()  # a reply the crash dropped would never come
         reason = msg.reason[:MAX_REASON] if isinstance(msg.reason, str) else None
         if msg.operator:  # an operator's cancel is in the history like their other actions
             order.history.append({"state": str(order.state), "ts": self.now,

@@ -58,8 +58,6 @@ class OperatorMixin(TurnBase):
                               "operator": str(msg.operator)[:MAX_NOTE],
                               "reason": str(msg.reason or "")[:MAX_NOTE]})
         self.changed = True
-        if order.state == S.HELD and order.state_reason == Reason.INTERNAL_ERROR:
-            self.resend_in_flight()  # a reply the crash dropped would never come
         if msg.action == "abort":
             order.failure = dict(order.failure or {}, aborted_by=str(msg.operator)[:MAX_NOTE])
             self.begin_compensation(Target.FAILED)
@@ -94,7 +92,7 @@ class OperatorMixin(TurnBase):
         else:
             began = order.phase != Phase.RUN or not any(
                 it["state"] == ItemState.ACKNOWLEDGED for it in order.items)
-            self.transition_back()  # resume from the snapshot (in flight: sent again above)
+            self.transition_back()  # resume from the snapshot (what was in flight is sent again)
             if began:
                 self.advance()
             else:  # held before it started (its start raised): start it now
