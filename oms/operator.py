@@ -92,7 +92,11 @@ class OperatorMixin(TurnBase):
         else:
             began = order.phase != Phase.RUN or not any(
                 it["state"] == ItemState.ACKNOWLEDGED for it in order.items)
+            if isinstance(previous, dict):
+                order.failure = previous  # what it fails with, if it is failing
             self.transition_back()  # resume from the snapshot (what was in flight is sent again)
+            if order.phase == Phase.COMPENSATE and order.target == Target.FAILED:
+                self.set_reason(Reason.COMPENSATING)  # as before it was held
             if began:
                 self.advance()
             else:  # held before it started (its start raised): start it now

@@ -418,3 +418,27 @@ def test_two_failed_items_under_a_hold_policy_are_both_fallout(
         reply = client.request({"type": "retry_step", "order_id": oid, "operator": "ann"})
         assert reply["type"] == "operator_accepted", reply
         assert wait_terminal(client, [oid], timeout=20)[oid]["state"] == "completed"
+
+
+def test_an_order_failing_when_its_handler_raised_still_fails_with_its_own_reason() -> None:
+    """Compensating after payment_declined when the handler raised: after the
+    operator's retry the undos finish and the order is ``failed`` with
+    ``state_reason`` ``payment_declined`` (the failure it had), not
+    ``internal_error``, and says ``compensating`` meanwhile."""
+    from helpers import Driver, ok_domain, retail_order
+    from test_engine import DECLINED, RETAIL
+
+    from oms.engine import hold_internal_error
+    from oms.messages import CommandResult, Operate
+
+    d = Driver(RETAIL, retail_order(), ok_domain({"capture_payment": DECLINED,
+                                                 "void_invoice": None}))
+    d.start()
+    assert (d.order.state, d.order.state_reason) == ("inProgress", "compensating")
+    void = next(s.command_id for s in d.sent if s.op == "void_invoice")
+    hold_internal_error(d.engine, d.order, "KeyError: 'x'", (), d.now)
+    d.feed(Operate("retry", None, "ann", "fixed", "r"))
+    assert (d.order.state, d.order.state_reason) == ("inProgress", "compensating")
+    d.feed(CommandResult(void, True, {}))
+    assert (d.order.state, d.order.state_reason) == ("failed", "payment_declined")
+
