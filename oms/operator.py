@@ -89,6 +89,8 @@ class OperatorMixin(TurnBase):
                                   "reason": Reason.FALLOUT.value})
         elif order.seq_key and not order.turn:  # it never had its turn: it waits for it
             self.transition(Ev.WAIT_TURN)  # (still queued: the sequencer's Turn starts it)
+        elif (hold := self.hold_waited_for()) is not None:  # e.g. awaiting_stock: held
+            self.set_reason(hold)  # for it again (its event ends the hold)
         else:
             began = order.phase != Phase.RUN or not any(
                 it["state"] == ItemState.ACKNOWLEDGED for it in order.items)
@@ -101,6 +103,18 @@ class OperatorMixin(TurnBase):
                 self.advance()
             else:  # held before it started (its start raised): start it now
                 self.start_run()
+
+    def hold_waited_for(self) -> str | None:
+        """The reason of a definition's hold that a step of this running order
+        waits in (its command applied, its event awaited), or None."""
+        if self.order.phase != Phase.RUN:
+            return None
+        for step in self.order.steps.values():
+            if step.wait and step.applied and step.status == StepStatus.RUNNING:
+                hold = self.sdef(step).hold
+                if hold is not None:
+                    return hold.reason
+        return None
 
     def skips_a_wait(self, name: str | None) -> bool:
         step = fallout.skip_target(self.order, name)[0]

@@ -442,3 +442,25 @@ def test_an_order_failing_when_its_handler_raised_still_fails_with_its_own_reaso
     d.feed(CommandResult(void, True, {}))
     assert (d.order.state, d.order.state_reason) == ("failed", "payment_declined")
 
+
+
+def test_retry_of_an_internal_error_hold_over_awaiting_stock_keeps_waiting_visibly() -> None:
+    """Held awaiting_stock when the handler raised: after the operator's retry
+    the order is held awaiting_stock again (as in its snapshot), not
+    inProgress while it still waits for stock_reserved; the event then
+    lets it go on."""
+    from helpers import Driver, ok_domain, retail_order
+    from test_engine import BACKORDERED, RETAIL
+
+    from oms.engine import hold_internal_error
+    from oms.messages import Operate
+
+    d = Driver(RETAIL, retail_order(), ok_domain({"reserve_stock": BACKORDERED}))
+    d.start()
+    assert (d.order.state, d.order.state_reason) == ("held", "awaiting_stock")
+    hold_internal_error(d.engine, d.order, "KeyError: 'x'", (), d.now)
+    d.feed(Operate("retry", None, "ann", "fixed", "r"))
+    assert (d.order.state, d.order.state_reason) == ("held", "awaiting_stock")
+    d.event("stock_reserved", {"reservation_id": "r-9"}, system="warehouse")
+    d.event("shipment_delivered", {"shipment_id": "s1"})
+    assert d.order.state == "completed"
