@@ -18,6 +18,7 @@ State changes, each in one place:
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,20 @@ if TYPE_CHECKING:
     from oms.engine import Engine
 
 S = OrderState
+
+
+MAX_KEY_IN_ID = 200
+"""Longest step key a command id carries as it is: a per-item step's key holds
+its item id (up to 1,000 characters), and a reply's ``command_id`` may have
+1,000 at most (contract §3); a longer key is carried as a digest."""
+
+
+def id_key(key: str) -> str:
+    """A step's key as its command ids carry it (``Turning.find`` maps it back)."""
+    if len(key) <= MAX_KEY_IN_ID:
+        return key
+    return "~" + hashlib.blake2b(key.encode("utf-8", "surrogatepass"),
+                                 digest_size=16).hexdigest()
 
 
 def _spread(command_id: str, attempt: int) -> float:
@@ -146,7 +161,7 @@ class TurnBase:
     # -- reading the order -------------------------------------------------
 
     def command_id(self, step: Step) -> str:
-        base = f"{self.order.order_id}:{step.key}"
+        base = f"{self.order.order_id}:{id_key(step.key)}"
         return f"{base}#{step.gen}" if step.gen else base
 
     def item(self, step: Step) -> dict[str, Any] | None:

@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from oms import untrusted
-from oms.engine_base import StepPlan, TurnBase
+from oms.engine_base import StepPlan, TurnBase, id_key
 from oms.errors import INVALID_REPLY, DomainError
 from oms.messages import CommandResult, Sequence, Timer
 from oms.model import Step
@@ -232,6 +232,8 @@ class RunMixin(TurnBase):
         if not mark or not gen.isdigit():  # ... is the retry generation only if digits follow
             key, gen = rest, ""
         step = self.order.steps.get(key)
+        if step is None and key.startswith("~"):  # a long key, carried as a digest (id_key)
+            step = next((s for s in self.order.steps.values() if id_key(s.key) == key), None)
         if step is None or step.gen != (int(gen) if gen else 0):
             return "none", None, -1
         return kind, step, -1

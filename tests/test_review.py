@@ -464,3 +464,22 @@ def test_retry_of_an_internal_error_hold_over_awaiting_stock_keeps_waiting_visib
     d.event("stock_reserved", {"reservation_id": "r-9"}, system="warehouse")
     d.event("shipment_delivered", {"shipment_id": "s1"})
     assert d.order.state == "completed"
+
+
+def test_an_item_id_of_a_thousand_characters_still_gets_its_replies(
+        make_service: Any, sim: Any, eps: Any, tmp_path: Any) -> None:
+    """An item id may have 1,000 characters (the order's string limit); the
+    command id of its per-item step (``O..:provision[<item id>]``) must
+    still fit the 1,000 characters a reply's ``command_id`` may have, or
+    every reply is refused at the edge: the provisioning system applies the
+    command while the service retries it and records the item as failed."""
+    from test_chaos import fast_processes
+
+    from gateways.client import Client, wait_terminal
+
+    make_service(processes=fast_processes(tmp_path / "procs", ("telecom",)))
+    with Client(eps.intake) as client:
+        reply = client.submit(telecom_order("long-item", ["i" * 1000, "short"]))
+        assert reply["type"] == "accepted", reply
+        view = wait_terminal(client, [reply["order_id"]], timeout=40)[reply["order_id"]]
+    assert view["state"] == "completed", [(s["name"][:20], s["status"]) for s in view["steps"]]
