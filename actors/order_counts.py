@@ -19,6 +19,8 @@ from oms.engine import INTERNAL_ERROR
 from oms.model import Order
 from oms.states import OrderState
 
+_TERMINAL = frozenset(str(s) for s in OrderState if s.terminal)
+
 
 class OrderCounts:
     def __init__(self) -> None:
@@ -36,7 +38,8 @@ class OrderCounts:
                     held_since: float | None = None, reason: str | None = None) -> None:
         """Count an unfinished order from its raw snapshot (recovery)."""
         with self._lock:
-            self.states[state] += 1
+            if state not in _TERMINAL:  # only its CRM notice is out: in flight, as live,
+                self.states[state] += 1  # but no state count (state_changed drops it too)
             if state == OrderState.HELD and order_id is not None:
                 self.held_since[order_id] = held_since or time.time()
             if order_id is not None and state == "held" and reason == INTERNAL_ERROR:

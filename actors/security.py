@@ -75,7 +75,10 @@ def load_clients(folder: str | Path) -> dict[bytes, str]:
         raise SecurityError(f"{path}: not a folder of client keys")
     keys = {}
     for file in sorted(path.glob("*.key")):
-        public, _ = zmq.auth.load_certificate(str(file))
+        try:
+            public, _ = zmq.auth.load_certificate(str(file))
+        except (OSError, ValueError) as exc:  # empty, half copied, not a key: say which
+            raise SecurityError(f"{file}: not a client key: {exc}") from None
         keys[public] = file.stem
     if not keys:
         raise SecurityError(f"{path} holds no client keys (*.key): nobody could connect")

@@ -16,7 +16,7 @@ enter that came after the leave never blocks a customer's queue.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from typing import Any, NamedTuple
 
 from actors.loop import LoopActor
@@ -51,7 +51,10 @@ class Sequencer(LoopActor):
     def __init__(self, deliver: Deliver) -> None:
         super().__init__()
         self._deliver = deliver
-        self.queues: dict[str, list[str]] = defaultdict(list)
+        # a queue per key, in acceptance order: an OrderedDict, so that entering,
+        # leaving and finding the head cost the same however long one customer's
+        # queue is (a list made each of them a scan of the whole queue)
+        self.queues: dict[str, OrderedDict[str, None]] = defaultdict(OrderedDict)
 
     def on_receive(self, message: Any) -> None:
         if isinstance(message, SeqPreload):
@@ -65,14 +68,14 @@ class Sequencer(LoopActor):
         queue = self.queues[message.key]
         if message.enter:
             if message.order_id not in queue:
-                queue.append(message.order_id)
-            if queue[0] != message.order_id:
+                queue[message.order_id] = None
+            if next(iter(queue)) != message.order_id:
                 self._deliver(message.order_id, Turn(go=False))
             else:
                 self._give(message.key)
         elif message.order_id in queue:
-            was_first = queue[0] == message.order_id
-            queue.remove(message.order_id)
+            was_first = next(iter(queue)) == message.order_id
+            del queue[message.order_id]
             if was_first:
                 self._give(message.key)
         if not queue:
@@ -83,11 +86,12 @@ class Sequencer(LoopActor):
         take it (finished or unknown) is dropped and the next one asked."""
         queue = self.queues[key]
         while queue:
-            if self._deliver(queue[0], Turn(go=True)) is not False:
+            head = next(iter(queue))
+            if self._deliver(head, Turn(go=True)) is not False:
                 return
             logger.warning("sequencer %s: order %s is finished or gone; the turn passes on",
-                           key, queue[0])
-            queue.pop(0)
+                           key, head)
+            queue.popitem(last=False)
 
     def _preload(self, entries: list[tuple[str, str, bool]]) -> None:
         """Recovered orders (key, id, has_turn) in acceptance order: the queues
@@ -96,14 +100,8 @@ class Sequencer(LoopActor):
         the store), so no loop turn takes them all. A request handled between
         two chunks finds its queue complete; a head that got its turn from it
         and again from the preload ignores the second (``on_turn``: stale)."""
-        known: dict[str, set[str]] = defaultdict(set)
         for key, order_id, _turn in entries:
-            queue, seen = self.queues[key], known[key]
-            if not seen and queue:
-                seen.update(queue)
-            if order_id not in seen:
-                seen.add(order_id)
-                queue.append(order_id)
+            self.queues[key].setdefault(order_id, None)
         self._turns(entries)
 
     def _turns(self, entries: list[tuple[str, str, bool]]) -> None:
@@ -111,7 +109,7 @@ class Sequencer(LoopActor):
             queue = self.queues.get(key)
             if not queue or order_id not in queue:
                 continue  # dropped: finished or gone
-            if queue[0] == order_id:
+            if next(iter(queue)) == order_id:
                 self._give(key)
             elif not turn:
                 self._deliver(order_id, Turn(go=False))

@@ -131,8 +131,12 @@ def hold_internal_error(engine: Engine, order: Order, error: str, dropped: tuple
     it stays the head of its queue until it finishes or is aborted.
     """
     turning = Turning(engine, order, now)
-    if order.state.terminal:  # finished, only notices still out: nothing to hold
-        turning.stale = True
+    if order.state.terminal:  # finished, only notices still out: nothing to hold, but a
+        _fail_dropped_notes(turning, error, dropped)  # notice whose reply or timer was
+        if not turning.changed:  # dropped would stay running for ever: it fails
+            turning.stale = True
+            return turning
+        order.updated_ts, order.version = now, order.version + 1
         return turning
     order.failure = {"step": None, "previous": order.failure,
                      "error": {"code": INTERNAL_ERROR, "message": error[:500],
@@ -147,6 +151,26 @@ def hold_internal_error(engine: Engine, order: Order, error: str, dropped: tuple
     turning.changed = True
     order.updated_ts, order.version = now, order.version + 1
     return turning
+
+
+def _fail_dropped_notes(turning: Turning, error: str, dropped: tuple[Any, ...]) -> None:
+    """A terminal order's CRM notices named by the messages the crash dropped
+    (a reply, a back-off timer) fail: nothing else would ever settle them, and
+    sending them again could raise again, for ever."""
+    notes = turning.order.notes
+    for msg in dropped:
+        idx = -1
+        if isinstance(msg, CommandResult):
+            kind, _note, idx = turning.find(msg.command_id)
+            idx = idx if kind == "note" else -1
+        elif isinstance(msg, TimerFired) and msg.token[0] == "note":
+            idx = msg.token[1]
+        if 0 <= idx < len(notes) and notes[idx].status == StepStatus.RUNNING:
+            note = notes[idx]
+            note.retry_at = None
+            note.error = {"code": INTERNAL_ERROR, "message": error[:500], "retryable": False}
+            set_step_status(note, StepStatus.FAILED)
+            turning.changed = True
 
 
 class Turning(RunMixin, EventMixin, UndoMixin, NoteMixin, OperatorMixin, OrphanMixin):

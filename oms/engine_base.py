@@ -18,6 +18,7 @@ State changes, each in one place:
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,20 @@ if TYPE_CHECKING:
     from oms.engine import Engine
 
 S = OrderState
+
+
+MAX_KEY_IN_ID = 200
+"""Longest step key a command id carries as it is: a per-item step's key holds
+its item id (up to 1,000 characters), and a reply's ``command_id`` may have
+1,000 at most (contract §3); a longer key is carried as a digest."""
+
+
+def id_key(key: str) -> str:
+    """A step's key as its command ids carry it (``Turning.find`` maps it back)."""
+    if len(key) <= MAX_KEY_IN_ID:
+        return key
+    return "~" + hashlib.blake2b(key.encode("utf-8", "surrogatepass"),
+                                 digest_size=16).hexdigest()
 
 
 def _spread(command_id: str, attempt: int) -> float:
@@ -95,6 +110,7 @@ class TurnBase:
         order = self.order
         old = order.state
         new = states.next_state(old, event)
+        crashed = old == OrderState.HELD and order.state_reason == states.Reason.INTERNAL_ERROR
         reason = None if reason is None else str(reason)
         order.state = new
         states.set_reason(order, reason)
@@ -111,6 +127,8 @@ class TurnBase:
         if reason:
             payload["state_reason"] = reason
         self.emit(Publish(payload))
+        if crashed and new != OrderState.HELD:  # it leaves the internal_error hold:
+            self.resend_in_flight()  # a reply the crash dropped would never come
         if new.terminal:
             self.finish_items(new)
             states.set_phase(order, Phase.FINISH)
@@ -124,8 +142,11 @@ class TurnBase:
 
     def set_reason(self, reason: str) -> None:
         """A held order stays held for another reason: ``oms.states.set_reason``."""
+        crashed = self.order.state_reason == states.Reason.INTERNAL_ERROR
         states.set_reason(self.order, reason)
         self.changed = True
+        if crashed and reason != states.Reason.INTERNAL_ERROR:  # as in ``transition``
+            self.resend_in_flight()
 
     def set_status(self, step: Step, status: StepStatus) -> None:
         set_step_status(step, status)
@@ -140,7 +161,7 @@ class TurnBase:
     # -- reading the order -------------------------------------------------
 
     def command_id(self, step: Step) -> str:
-        base = f"{self.order.order_id}:{step.key}"
+        base = f"{self.order.order_id}:{id_key(step.key)}"
         return f"{base}#{step.gen}" if step.gen else base
 
     def item(self, step: Step) -> dict[str, Any] | None:
@@ -272,6 +293,12 @@ class TurnBase:
         raise NotImplementedError  # oms.engine_run
 
     def on_resume(self) -> None:
+        raise NotImplementedError  # oms.engine_run
+
+    def start_run(self) -> None:
+        raise NotImplementedError  # oms.engine_run
+
+    def resend_in_flight(self) -> None:
         raise NotImplementedError  # oms.engine_run
 
     def fail(self, failure: dict[str, Any] | None) -> None:

@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from oms import untrusted
-from oms.engine_base import StepPlan, TurnBase
+from oms.engine_base import StepPlan, TurnBase, id_key
 from oms.errors import INVALID_REPLY, DomainError
 from oms.messages import CommandResult, Sequence, Timer
 from oms.model import Step
@@ -67,6 +67,11 @@ class RunMixin(TurnBase):
             self.begin_compensation(Target.FAILED)  # nothing ran: straight to failed
             return
         self.transition(Ev.START)
+        self.start_run()
+
+    def start_run(self) -> None:
+        """What starting does after the order's move to inProgress (also when an
+        operator resumes an order held before it started)."""
         self.expect("order", self.proc.expected_s)
         for it in self.order.items:
             set_item_state(it, ItemState.IN_PROGRESS)
@@ -81,6 +86,15 @@ class RunMixin(TurnBase):
             if order.state == S.ACKNOWLEDGED:
                 self.begin()
                 return
+        self.resend_in_flight()
+
+    def resend_in_flight(self) -> None:
+        """Every command, undo and CRM note in flight is sent again (same
+        ``command_id``) and every back-off and deadline re-armed: after a
+        restart, or when an order leaves an ``internal_error`` hold (the crash
+        may have dropped a reply, which would then never come:
+        ``TurnBase.transition`` and ``set_reason`` call it)."""
+        order = self.order
         for step in order.steps.values():
             self.resume_step(step)
         self.rearm_jeopardy()
@@ -214,9 +228,13 @@ class RunMixin(TurnBase):
         kind = "step"
         if rest.endswith(":undo"):
             kind, rest = "comp", rest[:-5]
-        key, _, gen = rest.partition("#")
+        key, mark, gen = rest.rpartition("#")  # an item id may hold "#" too: the last one
+        if not mark or not gen.isdigit():  # ... is the retry generation only if digits follow
+            key, gen = rest, ""
         step = self.order.steps.get(key)
-        if step is None or step.gen != (int(gen) if gen.isdigit() else 0):
+        if step is None and key.startswith("~"):  # a long key, carried as a digest (id_key)
+            step = next((s for s in self.order.steps.values() if id_key(s.key) == key), None)
+        if step is None or step.gen != (int(gen) if gen else 0):
             return "none", None, -1
         return kind, step, -1
 

@@ -111,6 +111,8 @@ class UndoMixin(TurnBase):
     def finish_compensation(self) -> None:
         order = self.order
         if order.target == Target.CANCELLED:
+            if order.state == S.HELD:  # every undo settled while held (internal_error)
+                self.transition(Ev.CANCEL_ACCEPT, (order.cancel or {}).get("reason"))
             self.transition(Ev.CANCELLED, order.state_reason)
         else:
             failure = order.failure or {}

@@ -23,7 +23,18 @@ from oms import fallout
 from oms.engine_base import TurnBase
 from oms.messages import Operate, Publish, Reply, Timer
 from oms.model import Step
-from oms.states import Ev, OrderState, Phase, StepStatus, Target, Undo, set_step_status, set_undo
+from oms.states import (
+    Ev,
+    ItemState,
+    OrderState,
+    Phase,
+    Reason,
+    StepStatus,
+    Target,
+    Undo,
+    set_step_status,
+    set_undo,
+)
 
 S = OrderState
 MAX_NOTE = 1000  # operator names and reasons kept in the history, in characters
@@ -51,14 +62,59 @@ class OperatorMixin(TurnBase):
             order.failure = dict(order.failure or {}, aborted_by=str(msg.operator)[:MAX_NOTE])
             self.begin_compensation(Target.FAILED)
         elif msg.action == "retry" and fallout.failed_step(order) is None:
-            self.transition_back()  # internal_error: resume from the snapshot
-            self.on_resume()
-            self.advance()
+            self.retry_internal_error()
         elif msg.action == "skip" and self.skips_a_wait(msg.step):
             self.skip_wait(msg)
         else:
             self.operate_on_failed(msg)
         answer("operator_accepted", state=str(order.state))
+
+    def retry_internal_error(self) -> None:
+        """Resume an ``internal_error`` hold from its last durable snapshot. An
+        order that was in fallout then (its failure, kept as ``previous``,
+        names a failed step or undo) is in that fallout again, for the
+        operator; one that never had its sequencing turn waits for it."""
+        order = self.order
+        previous = order.failure
+        while isinstance(previous, dict) and previous.get("step") is None and (
+                previous.get("error") or {}).get("code") == Reason.INTERNAL_ERROR:
+            previous = previous.get("previous")  # held again and again: the one before
+        key = previous.get("step") if isinstance(previous, dict) else None
+        step = order.steps.get(key) if isinstance(key, str) else None
+        if step is not None and (step.comp == Undo.FAILED or (
+                order.phase == Phase.RUN and step.status == StepStatus.FAILED)):
+            order.failure = previous  # the fallout it was in, for the operator again
+            self.set_reason(Reason.FALLOUT)
+            order.history.append({"state": S.HELD.value, "ts": self.now,
+                                  "reason": Reason.FALLOUT.value})
+        elif order.seq_key and not order.turn:  # it never had its turn: it waits for it
+            self.transition(Ev.WAIT_TURN)  # (still queued: the sequencer's Turn starts it)
+        elif (hold := self.hold_waited_for()) is not None:  # e.g. awaiting_stock: held
+            self.set_reason(hold)  # for it again (its event ends the hold)
+        else:
+            began = order.phase != Phase.RUN or not any(
+                it["state"] == ItemState.ACKNOWLEDGED for it in order.items)
+            if isinstance(previous, dict):
+                order.failure = previous  # what it fails with, if it is failing
+            self.transition_back()  # resume from the snapshot (what was in flight is sent again)
+            if order.phase == Phase.COMPENSATE and order.target == Target.FAILED:
+                self.set_reason(Reason.COMPENSATING)  # as before it was held
+            if began:
+                self.advance()
+            else:  # held before it started (its start raised): start it now
+                self.start_run()
+
+    def hold_waited_for(self) -> str | None:
+        """The reason of a definition's hold that a step of this running order
+        waits in (its command applied, its event awaited), or None."""
+        if self.order.phase != Phase.RUN:
+            return None
+        for step in self.order.steps.values():
+            if step.wait and step.applied and step.status == StepStatus.RUNNING:
+                hold = self.sdef(step).hold
+                if hold is not None:
+                    return hold.reason
+        return None
 
     def skips_a_wait(self, name: str | None) -> bool:
         step = fallout.skip_target(self.order, name)[0]
@@ -109,8 +165,22 @@ class OperatorMixin(TurnBase):
             step.attempts = 0
             set_step_status(step, StepStatus.PENDING)  # no progress event: launched at once
             self.launch(step, self.sdef(step))
-        self.transition_back()
+        other = self.other_failed_step()
+        if other is not None:  # failed beside it (parallel steps): fallout for that one now
+            order.failure = {"step": other.key, "error": other.error}
+            self.set_reason(Reason.FALLOUT)
+        else:
+            self.transition_back()
         self.advance()
+
+    def other_failed_step(self) -> Step | None:
+        """A step that failed for good while the order was held for another
+        (the order's ``failure`` names one step only)."""
+        partial = self.proc.item_failure == "partial"
+        for step in self.order.steps.values():
+            if step.status == StepStatus.FAILED and not (partial and step.item_id is not None):
+                return step
+        return None
 
     def skip_dependent_waits(self, skipped: Step, operator: str) -> None:
         """Skipping a step also skips the event waits that list it in

@@ -80,6 +80,7 @@ TRANSITIONS: dict[tuple[OrderState, Ev], OrderState] = {
     (S.IN_PROGRESS, Ev.FAIL): S.FAILED,
     (S.IN_PROGRESS, Ev.CANCEL): S.ASSESSING_CANCELLATION,
     (S.HELD, Ev.RESUME): S.IN_PROGRESS,
+    (S.HELD, Ev.WAIT_TURN): S.PENDING,  # an internal_error hold retried before its turn came
     (S.HELD, Ev.FAIL): S.FAILED,
     (S.HELD, Ev.CANCEL): S.ASSESSING_CANCELLATION,
     (S.HELD, Ev.CANCEL_ACCEPT): S.PENDING_CANCELLATION,  # a failed undo of a cancel retried
