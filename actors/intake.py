@@ -288,6 +288,9 @@ class Intake(RouterEndpoint):
         if operator is not None and not (isinstance(operator, str) and 1 <= len(operator) <= 64):
             return errors.error_reply(errors.MALFORMED, "operator must be a string of 1 to 64 "
                                       "characters")
+        if operator is not None and not self.is_operator():  # a channel's history is its own
+            return errors.error_reply(errors.UNAUTHORIZED, "only an operator identity may name "
+                                      "an operator")
         reply = self.reply_later(envelope, request_id_of(req))
         if not self.octx.router.deliver(order.order_id, Cancel(reason, reply, operator)):
             return {"type": "cancel_rejected", "order_id": order.order_id,

@@ -109,7 +109,7 @@ def test_counts_after_a_restart_with_a_finished_orders_notice_outstanding(
     try:
         svc = make_service()
         with Client(eps.intake, timeout=10) as client:
-            poll_until(lambda: svc.router.in_flight == 0 and not svc.router.live_ids())
+            poll_until(lambda: svc.router.counts.in_flight == 0 and not svc.router.live_ids())
             counts = client.request({"type": "order_counts"})
             assert counts["counts"] == {} and counts["in_flight"] == 0, counts
     finally:

@@ -98,6 +98,25 @@ def test_allowed_channel_works_on_its_own_orders_only(secure: Any, eps: Any,
         assert operator.request({"type": "order_counts"})["type"] == "order_counts"
 
 
+def test_a_channel_cannot_name_an_operator_in_its_cancel(secure: Any, eps: Any,
+                                                        keys: Path) -> None:
+    """With CURVE on, only an operator identity may record an operator in an
+    order's history; a channel's cancel that names one is refused."""
+    with Client(eps.intake, curve=opts(keys, "web")) as web, \
+            Client(eps.intake, curve=opts(keys, "operator-ann")) as operator:
+        order_id = web.submit(retail_order("sec-op-1"))["order_id"]
+        forged = web.request({"type": "cancel_order", "order_id": order_id,
+                              "operator": "operator-bob"})
+        assert (forged["type"], forged["code"]) == ("error", "unauthorized"), forged
+        assert "operator" not in str(web.get(order_id)["order"]["history"])
+        done = operator.request({"type": "cancel_order", "order_id": order_id,
+                                 "operator": "ann"})
+        assert done["type"] in ("cancel_accepted", "cancel_rejected"), done
+        if done["type"] == "cancel_accepted":
+            history = operator.get(order_id)["order"]["history"]
+            assert any(h.get("operator") == "ann" for h in history), history
+
+
 @pytest.mark.parametrize("name,operator", [
     ("operator", True), ("operator-ann", True), ("operator-console", True),
     ("operator-a-b", True), ("operatorbank", False), ("operators-portal", False),
