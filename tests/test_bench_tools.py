@@ -66,14 +66,23 @@ def result(**over: Any) -> dict[str, Any]:
 
 
 def test_report_says_met_or_not_met_for_each_target() -> None:
-    verdicts = {what: verdict for what, verdict, _ in target_verdicts(result())}
-    assert verdicts == {">= 5,000 orders/s sustained": "met",
-                        ">= 0.25x the baseline": "NOT met"}
-    text = render(result())
-    assert "met           >= 5,000 orders/s sustained (measured 6,000)" in text
-    assert "NOT met       >= 0.25x the baseline (measured 0.2)" in text
+    closed = result(service={"cpu_s": 0.05, "peak_rss_mb": 80.0, "threads": 11},
+                    baseline={"orders_per_s": 30000.0, "finished": 100,
+                              "service": {"cpu_s": 0.01}})
+    verdicts = {what: (verdict, value) for what, verdict, value in target_verdicts(closed)}
+    assert verdicts == {
+        "closed loop: service CPU per order <= 2.5x the baseline's": ("NOT met", 5.0),
+        "closed loop: throughput >= 0.5x the baseline's": ("NOT met", 0.2)}
+    text = render(closed)
+    assert "NOT met       closed loop: throughput >= 0.5x the baseline's (measured 0.2)" in text
     no_base = target_verdicts(result(baseline=None))
-    assert ("NOT" not in no_base[1][1]) and no_base[1][1] == "not measured"
+    assert [v for _, v, _ in no_base] == ["not measured", "not measured"]
+    fast = result(mode="open loop, 500/s", offered_per_s=500.0,
+                  completion_latency_s={"p50": 0.012, "p99": 0.2})
+    assert [(w[-6:], v) for w, v, _ in target_verdicts(fast)] == [
+        (" 30 ms", "met"), ("150 ms", "NOT met")]
+    slow = result(mode="open loop, 300/s", offered_per_s=300.0)
+    assert target_verdicts(slow) == []  # the open-loop targets are at 500/s
     waiting = target_verdicts(result(scenario="waiting", waiting_orders=100_000, rss_mb=420.0,
                                      threads=70, restart_to_accepting_s=1.2))
     assert [v for _, v, _ in waiting] == ["met", "met", "NOT met", "met"]
