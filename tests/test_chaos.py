@@ -3,6 +3,7 @@ applies no domain command twice. Real processes, loopback only, bounded."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import Endpoints, sim_report
+from helpers import poll_until
 
 from bench.faults import sequencing_overlaps
 from gateways.client import Client
@@ -79,16 +81,21 @@ def wait_all_terminal(client: Client, order_ids: list[str],
     """Poll until every order is terminal or ``timeout`` passes; return
     (terminal views, views of the orders still not terminal)."""
     left, done = list(order_ids), {}
-    deadline = time.monotonic() + timeout
-    while True:
-        views = {req["order_id"]: reply.get("order") or {"state": reply.get("code")}
-                 for req, reply in client.pipeline(
-                     {"type": "get_order", "order_id": oid} for oid in left)}
+    views: dict[str, dict] = {}
+
+    def all_terminal() -> bool:
+        nonlocal left
+        views.clear()
+        views.update({req["order_id"]: reply.get("order") or {"state": reply.get("code")}
+                      for req, reply in client.pipeline(
+                          {"type": "get_order", "order_id": oid} for oid in left)})
         done.update({oid: v for oid, v in views.items() if v.get("state") in TERMINAL})
         left = [oid for oid in left if oid not in done]
-        if not left or time.monotonic() > deadline:
-            return done, {oid: views[oid] for oid in left}
-        time.sleep(0.1)  # this loop's poll interval (it returns the stragglers: not poll_until)
+        return not left
+
+    with contextlib.suppress(AssertionError):  # the stragglers are returned, not raised
+        poll_until(all_terminal, timeout=timeout, every=0.1)
+    return done, {oid: views[oid] for oid in left}
 
 
 def stuck_summary(stuck: dict[str, dict]) -> str:
