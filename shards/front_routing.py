@@ -14,6 +14,7 @@ from typing import Any
 
 from oms import codec, errors
 from oms.sharding import vshard_of
+from oms.states import TERMINAL
 from oms.validation import validate_order
 from shards.front_channels import ChannelEdge, gave_up
 from shards.front_config import Envelope, Placement
@@ -26,6 +27,7 @@ logger = logging.getLogger("shards.front")
 
 OPERATOR_ONLY = {"retry_step", "skip_step", "abort_order", "order_counts"}
 BY_ORDER = {"get_order", "cancel_order", "retry_step", "skip_step", "abort_order"}
+TERMINAL_NAMES = {str(state) for state in TERMINAL}
 
 
 class Routing:
@@ -147,7 +149,22 @@ class Routing:
                 edge.answer(env, reply, rid, rtype)
             elif denied := edge.not_own(user, reply):
                 edge.answer(env, denied, rid, rtype)
+            elif names_operator(req, reply):  # the shards run without CURVE: refused here
+                edge.answer(env, errors.error_reply(errors.UNAUTHORIZED, "only an operator "
+                                                    "identity may name an operator"), rid, rtype)
             else:
                 self.links.send(shard, frame, rtype, edge.relay(env, rtype, rid))
 
         self.links.send(shard, codec.pack(ask), "get_order", then)
+
+
+def names_operator(req: dict[str, Any], reply: dict[str, Any]) -> bool:
+    """A channel's cancel that a single node refuses as unauthorized (it names
+    an operator, ``actors.intake.Intake.cancel_order``); what that node answers
+    first (a bad reason or operator, an order already terminal) the shard does."""
+    operator, reason = req.get("operator"), req.get("reason")
+    view = reply.get("order")
+    state = view.get("state") if isinstance(view, dict) else None
+    return (isinstance(operator, str) and 1 <= len(operator) <= 64
+            and (reason is None or isinstance(reason, str))
+            and state not in TERMINAL_NAMES)
