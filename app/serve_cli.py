@@ -113,6 +113,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (StoreLocked, SecurityError) as exc:
         print(f"oms serve: {exc}", file=sys.stderr)
         return 2
+    except TimeoutError:
+        raise  # the loop did not answer in time (recovery's run_sync): a fault, not exit 2
     except OSError as exc:
         print(f"oms serve: cannot start: {exc}", file=sys.stderr)
         return 2

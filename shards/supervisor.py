@@ -187,7 +187,10 @@ class Supervisor:
                     except TimeoutError:
                         pass
                 if time.monotonic() > deadline:
-                    raise ConfigError(f"the shards were not ready within {timeout:g} s")
+                    exits = "; ".join(f"{c.name} exited with {c.exits}" for c in self.children()
+                                      if c.exits)
+                    raise ConfigError(f"the shards were not ready within {timeout:g} s"
+                                      + (f" ({exits})" if exits else ""))
                 if not waiting:
                     time.sleep(0.05)  # the front's ready file: nothing to wait on but the disk
         finally:

@@ -335,3 +335,30 @@ def test_the_sequencer_preload_hands_out_turns_in_chunks_and_keeps_the_queues() 
     finally:
         seq.actor_ref.stop()
         seq.join(5)
+
+
+def test_one_order_whose_turn_cannot_be_delivered_costs_no_other_its_turn() -> None:
+    """A delivery that raises during the preload (a store read error while
+    loading that order) is survived, counted and logged: the rest of its
+    chunk and every later chunk still go out."""
+    from actors.sequencer import PRELOAD_CHUNK, Sequencer
+    from oms.messages import Turn
+
+    turns: list[str] = []
+
+    def deliver(order_id: str, msg: Turn) -> bool:
+        if order_id in ("O000000000005", "O000000000006"):  # a head and a waiter
+            raise OSError("simulated store read error")
+        turns.append(order_id)
+        return True
+
+    seq = Sequencer.launch(deliver)
+    try:
+        entries = [(f"c{n}", f"O{n:012d}", False) for n in range(6)]  # six heads
+        entries += [("c0", f"O{n:012d}", False) for n in range(6, 2 * PRELOAD_CHUNK + 6)]
+        seq.preload(entries)
+        assert poll_until(lambda: len(turns) >= len(entries) - 2, timeout=10)
+        assert "O000000000004" in turns and f"O{2 * PRELOAD_CHUNK + 5:012d}" in turns
+    finally:
+        seq.actor_ref.stop()
+        seq.join(5)
