@@ -208,7 +208,9 @@ class Service:
             if resumed % RESUME_CHUNK == 0:  # one chunk a loop turn: no turn takes them all
                 self.loop.run_sync(lambda: None)
         systems = frozenset(self.gateways)
-        for key, ev in self.store.inbox():
+        for replayed, (key, ev) in enumerate(self.store.inbox(), 1):
+            if replayed % RESUME_CHUNK == 0:  # each may load its order: a chunk a turn too
+                self.loop.run_sync(lambda: None)
             event = stored_event(ev, systems)  # checked again, as at the edge
             if not isinstance(event, str) and key != event_key(ev["order_id"], event.system,
                                                                 event.event_id):
@@ -336,7 +338,7 @@ class _RecoveryScan:
 
 # positions in a step record (oms.model.Step.to_record)
 _STATUS, _RETRY_AT, _WAIT, _COMP = 5, 13, 14, 15
-RESUME_CHUNK = 64  # recovered orders resumed per loop turn
+RESUME_CHUNK = 64  # recovered orders resumed (and stored events replayed) per loop turn
 TERMINAL_NAMES = {str(s) for s in TERMINAL}
 
 
