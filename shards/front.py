@@ -98,8 +98,19 @@ class Front:
                 last_check = now
                 self._housekeeping(now)
 
+    def _check_threads(self) -> None:
+        """The one failure rule, as a single node's readiness: a dead metrics
+        server or CURVE authenticator thread ends the front loudly (70), so
+        the supervisor restarts it, instead of a front that no longer
+        answers scrapes or handshakes."""
+        for name, part in (("metrics http", self.http), ("authenticator", self.security)):
+            if part is not None and not part.alive():
+                logger.critical("the front's %s thread ended; the front exits (restarted)", name)
+                raise SystemExit(70)
+
     def _housekeeping(self, now: float) -> None:
         self.events.check_proxy()
+        self._check_threads()
         self.links.check_health(now)
         self.links.expire(now)
         if self.reload_flag.is_set():

@@ -698,3 +698,40 @@ def test_the_front_takes_at_most_max_subscribers(procs: Any, tmp_path: Path,
         sub.close()
     assert got[0] > 0 and got[1] > 0 and got[2] == 0, got
     assert s.svc.terminate() == 0
+
+
+def test_the_front_exits_70_when_its_metrics_thread_dies(tmp_path: Path) -> None:
+    """The failure rule in the front: a dead metrics-server thread (or CURVE
+    authenticator) ends the front loudly, for the supervisor to restart it,
+    instead of a front that no longer answers scrapes."""
+    import threading
+
+    from bench.ports import free_endpoint
+    from shards.front import open_front
+    from shards.front_config import FrontConfig
+
+    shard = {"intake": free_endpoint(), "events": free_endpoint(),
+             "domain_events": free_endpoint()}
+    cfg = FrontConfig(data=str(tmp_path), intake=free_endpoint(), events=free_endpoint(),
+                      domain_events=free_endpoint(), vshards=4, owner=[0, 0, 0, 0],
+                      shards=[shard], order_types=["retail"], metrics_port=free_port())
+    front = open_front(cfg)
+    exits: list[object] = []
+
+    def run() -> None:
+        try:
+            front.run()
+        except SystemExit as exc:
+            exits.append(exc.code)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        assert front.http is not None and front.http.alive()
+        front.http.stop()  # as if its thread had died
+        thread.join(10)
+        assert exits == [70]
+    finally:
+        front.stop_flag.set()
+        thread.join(10)
+        front.close()
