@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 from oms.engine import Engine, new_order
 from oms.messages import CommandResult, DomainEvent, Send, Sequence, Start, Turn
@@ -132,3 +133,30 @@ class Probe:
 
     def tell(self, message: Any) -> None:
         self.on_tell(message)
+
+
+class CurveKeys(NamedTuple):
+    """Keys made by ``curve_keys``: the folder, the allowed clients' folder."""
+
+    folder: Path
+    allowed: Path
+
+    def opts(self, name: str) -> dict[str, Any]:
+        """A client's CURVE options for the key pair of ``name``."""
+        from actors.security import client_options
+
+        return client_options(str(self.folder / "own" / f"{name}.key_secret"),
+                              str(self.folder / "server" / "server.key"))
+
+
+def curve_keys(folder: Path, names: list[str]) -> CurveKeys:
+    """A server key pair and one per name, each name an allowed client."""
+    from actors.security import generate
+
+    generate(folder / "server", ["server"])
+    generate(folder / "own", names)
+    allowed = folder / "clients"
+    allowed.mkdir()
+    for name in names:
+        (allowed / f"{name}.key").write_text((folder / "own" / f"{name}.key").read_text())
+    return CurveKeys(folder, allowed)

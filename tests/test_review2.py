@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from helpers import retail_order
+from helpers import curve_keys, retail_order
 from test_shards import Sharded
 
 from gateways.client import Client
@@ -20,25 +20,13 @@ def test_sharded_with_curve_a_channel_cannot_name_an_operator_in_its_cancel(
     (unauthorized); behind the sharded front the shards run without CURVE,
     so the front must refuse it itself, or a channel writes any name into
     its order's history as the operator who cancelled it."""
-    from actors.security import client_options, generate
-
-    keys = tmp_path / "keys"
-    generate(keys / "server", ["server"])
-    generate(keys / "own", ["web", "operator-ann", "domains"])
-    allowed = keys / "clients"
-    allowed.mkdir()
-    for name in ("web", "operator-ann", "domains"):
-        (allowed / f"{name}.key").write_text((keys / "own" / f"{name}.key").read_text())
-
-    def opts(name: str) -> dict[str, Any]:
-        return client_options(str(keys / "own" / f"{name}.key_secret"),
-                              str(keys / "server" / "server.key"))
-
+    keys = curve_keys(tmp_path / "keys", ["web", "operator-ann", "domains"])
+    opts = keys.opts
     s = Sharded(procs, tmp_path, sim_args=(
-        "--curve-key", str(keys / "own" / "domains.key_secret"),
-        "--service-key", str(keys / "server" / "server.key"), "--delivery-s", "30"),
-        serve_args=("--curve-server-key", str(keys / "server" / "server.key_secret"),
-                    "--curve-clients", str(allowed)))
+        "--curve-key", str(keys.folder / "own" / "domains.key_secret"),
+        "--service-key", str(keys.folder / "server" / "server.key"), "--delivery-s", "30"),
+        serve_args=("--curve-server-key", str(keys.folder / "server" / "server.key_secret"),
+                    "--curve-clients", str(keys.allowed)))
     with Client(s.eps.intake, curve=opts("web"), timeout=10) as web, \
             Client(s.eps.intake, curve=opts("operator-ann"), timeout=10) as operator:
         web.wait_ready(20)

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import zmq
 from conftest import Endpoints, free_port, sim_report
-from helpers import poll_until, retail_order
+from helpers import curve_keys, poll_until, retail_order
 from test_observability import prom_tools  # noqa: F401 - the fixture
 
 from bench.ports import free_block
@@ -518,25 +518,13 @@ def test_bench_measures_one_process_and_n_shards_in_one_run(tmp_path: Path,
 
 @pytest.mark.slow
 def test_with_curve_the_front_applies_every_identity_rule(procs: Any, tmp_path: Path) -> None:
-    from actors.security import client_options, generate
-
-    keys = tmp_path / "keys"
-    generate(keys / "server", ["server"])
-    generate(keys / "own", ["web", "store", "operator-ann", "domains"])
-    allowed = keys / "clients"
-    allowed.mkdir()
-    for name in ("web", "store", "operator-ann", "domains"):
-        (allowed / f"{name}.key").write_text((keys / "own" / f"{name}.key").read_text())
-
-    def opts(name: str) -> dict[str, Any]:
-        return client_options(str(keys / "own" / f"{name}.key_secret"),
-                              str(keys / "server" / "server.key"))
-
+    keys = curve_keys(tmp_path / "keys", ["web", "store", "operator-ann", "domains"])
+    opts = keys.opts
     s = Sharded(procs, tmp_path, sim_args=(
-        "--curve-key", str(keys / "own" / "domains.key_secret"),
-        "--service-key", str(keys / "server" / "server.key")), serve_args=(
-        "--curve-server-key", str(keys / "server" / "server.key_secret"),
-        "--curve-clients", str(allowed)))
+        "--curve-key", str(keys.folder / "own" / "domains.key_secret"),
+        "--service-key", str(keys.folder / "server" / "server.key")), serve_args=(
+        "--curve-server-key", str(keys.folder / "server" / "server.key_secret"),
+        "--curve-clients", str(keys.allowed)))
     ctx = zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
