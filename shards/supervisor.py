@@ -199,9 +199,13 @@ class Supervisor:
         logger.info("sharded service ready: %d shards behind intake %s, events %s",
                     len(self.shards), self.cfg.intake, self.cfg.events)
 
-    def watch(self) -> None:
-        """Until stopped: restart any child that exits."""
-        while not self.stopping.wait(0.1):
+    def watch(self, stop: threading.Event) -> None:
+        """Until ``stop`` (or ``stopping``) is set: restart any child that
+        exits. Runs on the thread that started the children: a child's
+        ``PR_SET_PDEATHSIG`` follows the thread that forked it, so a child
+        restarted from another thread would get SIGTERM when that thread
+        ended, before the front in the stop order."""
+        while not stop.wait(0.1) and not self.stopping.is_set():
             now = time.monotonic()
             for child in self.children():
                 self._check(child, now)
@@ -220,6 +224,8 @@ class Supervisor:
                 child.backoff = BACKOFF_START_S
             return
         child.exits.append(code)
+        if child is self.front:  # its ready file is the dead front's: not ready until anew
+            self.ready_file.unlink(missing_ok=True)
         child.restarts += 1
         child.restart_at = now + child.backoff
         logger.error("%s exited with code %s; restarting in %.1f s", child.name, code,
@@ -244,13 +250,8 @@ def run_sharded(cfg: Config, config_file: str | None, stop: Any) -> int:
     except ConfigError:
         sup.stop()
         raise
-    watcher = threading.Thread(target=sup.watch, name="supervisor", daemon=True)
-    watcher.start()
     try:
-        while not stop.wait(0.2):
-            if not watcher.is_alive():  # the one failure rule: no dead thread in a live process
-                logger.error("the supervisor thread ended; stopping")
-                return 70
+        sup.watch(stop)  # on this thread, the one that started the children
         logger.info("signal received: stopping the front, then the shards")
     finally:
         sup.stop()
