@@ -103,6 +103,7 @@ class Told(NamedTuple):
     reply_to: Any = None
 
 
+_told = tuple.__new__  # Told(m) without the Python frame of its generated __new__
 _bursts = threading.local()
 
 
@@ -242,7 +243,7 @@ class LoopActor(pykka.Actor):
             while queue and len(batch) < limit:
                 envelope = queue.popleft()
                 if type(envelope.message) is Bundle:
-                    batch.extend(Told(m) for m in envelope.message.messages)
+                    batch.extend([_told(Told, (m, None)) for m in envelope.message.messages])
                 else:
                     batch.append(envelope)
             if batch:
