@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 
 import zmq
 
-from actors.loop import LoopActor, open_socket
+from actors.loop import MORE, NOBLOCK, LoopActor, open_socket, send_frame
 from actors.metrics import Metrics
 from actors.security import is_operator_name
 from actors.subscribers import SubscriberLimit, bind_watched
@@ -50,10 +50,8 @@ from oms.edge import check_number
 logger = logging.getLogger(__name__)
 
 TOPIC_END = b"\x00"
-TOPICS_KEPT = 10_000  # topic frames kept encoded (source systems are few)
-_NOBLOCK = int(zmq.NOBLOCK)  # plain ints: zmq's flags are an enum.Flag, and their ``|``
-_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)  # runs in Python, twice an event
 """Ends every topic; no ``source_system`` contains it."""
+TOPICS_KEPT = 10_000  # topic frames kept encoded (source systems are few)
 
 
 def topic_of(source_system: str) -> bytes:
@@ -201,8 +199,8 @@ class Publisher(LoopActor):
         # frames are encoded first, so nothing can fail between the two sends
         data, sock = codec.pack(payload), self.sock
         assert sock is not None
-        sock.send(topic, _MORE)
-        sock.send(data, _NOBLOCK)
+        send_frame(sock, topic, MORE)
+        send_frame(sock, data, NOBLOCK)
 
     def on_stop(self) -> None:
         if self.sock is not None:

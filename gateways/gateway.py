@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import zmq
 
-from actors.loop import LoopActor, open_socket
+from actors.loop import NOBLOCK, LoopActor, open_socket, send_frame
 from actors.metrics import Metrics
 from actors.ports import Deliver
 from actors.throttle import LogThrottle
@@ -32,7 +32,6 @@ from oms.errors import CIRCUIT_OPEN, INVALID_REPLY, TIMEOUT, UNAVAILABLE, Domain
 from oms.messages import CommandResult, Send
 
 logger = logging.getLogger(__name__)
-_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: zmq's flags are an enum.Flag
 
 
 class SendCommand(NamedTuple):
@@ -133,7 +132,7 @@ class Gateway(LoopActor):
         sock = self.sock
         assert sock is not None
         try:
-            sock.send(codec.pack(payload), _NOBLOCK)
+            send_frame(sock, codec.pack(payload), NOBLOCK)
         except zmq.Again:
             self.metrics.gateway_send_failures.labels(self.system).inc()
             self._outcome(False, now)
@@ -154,7 +153,7 @@ class Gateway(LoopActor):
     def on_readable(self, sock: zmq.Socket) -> None:
         for _ in range(self.read_budget):
             try:
-                frame = sock.recv(_NOBLOCK)
+                frame = sock.recv(NOBLOCK)
             except zmq.Again:
                 return
             self._on_reply(frame)
