@@ -34,6 +34,7 @@ import ctypes.util
 import logging
 import sys
 import time
+from collections import Counter
 from typing import Any, NamedTuple
 
 import zmq
@@ -115,6 +116,7 @@ class Publisher(LoopActor):
         self.log = LogThrottle(logger, every_s=5.0)
         self._topics: dict[str, bytes] = {}  # source_system -> its topic frame
         self._published: dict[str, Any] = {}  # event type -> its counter child
+        self._kinds: list[str] = []  # types published since the last tick: counted there
 
     def on_start(self) -> None:
         # XPUB: with CURVE on, subscriptions come to us (XPUB_MANUAL) and each
@@ -158,6 +160,10 @@ class Publisher(LoopActor):
         return max(0.0, (self._trim_at - time.monotonic()) * 1000)
 
     def on_tick(self) -> None:
+        """After each slice (and read, and when due): count what the slice
+        published, one ``inc`` per event type instead of one per event."""
+        if self._kinds:
+            self._count()
         if self._trim_at is not None and time.monotonic() >= self._trim_at:
             self._trim_at = None
             if self._trim is not None:
@@ -185,11 +191,7 @@ class Publisher(LoopActor):
 
     def _send(self, message: PublishEvent) -> None:
         payload = message.payload
-        kind = payload.get("type", "?")
-        counter = self._published.get(kind)
-        if counter is None:
-            counter = self._published[kind] = self.metrics.published.labels(kind)
-        counter.inc()
+        self._kinds.append(payload.get("type", "?"))
         topic = self._topics.get(message.topic)
         if topic is None:
             if len(self._topics) >= TOPICS_KEPT:
@@ -202,7 +204,17 @@ class Publisher(LoopActor):
         send_frame(sock, topic, MORE)
         send_frame(sock, data, NOBLOCK)
 
+    def _count(self) -> None:
+        kinds, self._kinds = self._kinds, []
+        for kind, n in Counter(kinds).items():
+            counter = self._published.get(kind)
+            if counter is None:
+                counter = self._published[kind] = self.metrics.published.labels(kind)
+            counter.inc(n)
+
     def on_stop(self) -> None:
+        if self._kinds:
+            self._count()
         if self.sock is not None:
             if self.subscribers is not None:
                 self.subscribers.close(self.sock)

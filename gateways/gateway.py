@@ -78,6 +78,7 @@ class Gateway(LoopActor):
         # (``on_tick``): the one field other threads read (the metrics collector)
         self.gauges = GatewayGauges(0, self.breaker.state)
         self._requests = metrics.gateway_requests.labels(system)
+        self._sent = 0  # commands sent since the last tick: counted there, in one inc
         self._latency: dict[tuple[str, str], Any] = {}  # (op, outcome) -> its child
 
     def on_start(self) -> None:
@@ -89,6 +90,9 @@ class Gateway(LoopActor):
                                 MAXMSGSIZE=4 * edge.MAX_REPLY_BYTES, **self.curve)
 
     def on_stop(self) -> None:
+        if self._sent:
+            self._requests.inc(self._sent)
+            self._sent = 0
         if self.sock is not None:
             self.sock.close()
 
@@ -139,7 +143,7 @@ class Gateway(LoopActor):
             error = DomainError(UNAVAILABLE, f"{self.system} send queue is full", True)
             self.deliver(order_id, CommandResult(cmd.command_id, False, None, error))
             return
-        self._requests.inc()
+        self._sent += 1
         if cmd.command_id in self.pending or cmd.command_id in self._unsettled:
             self.metrics.gateway_retries.labels(self.system).inc()
         self._unsettled[cmd.command_id] = None
@@ -241,7 +245,11 @@ class Gateway(LoopActor):
 
     def on_tick(self) -> None:
         """Time out overdue commands; runs after each slice and read too
-        (``LoopActor._activity``), so the gauges are refreshed here."""
+        (``LoopActor._activity``), so the gauges and the requests count are
+        brought up to date here."""
+        if self._sent:
+            self._requests.inc(self._sent)
+            self._sent = 0
         try:
             self._expire(time.monotonic())
         finally:
