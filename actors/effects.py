@@ -20,7 +20,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import pykka
@@ -173,6 +173,20 @@ def run(effect: Any, origin: Origin | None = None, outcome: Any = None) -> None:
     if handler is None:
         raise TypeError(f"unknown effect {effect!r}")
     handler(effect, origin, outcome)
+
+
+def run_all(effects: Iterable[Any], origin: Origin | None) -> tuple[Any, Exception] | None:
+    """Carry out ``effects`` in order, as ``run`` each (one snapshot's or
+    barrier's); the first that raises ends it, returned with its error (the
+    rest are not run). One call for all of them: 25 effects an order."""
+    by_type = _BY_TYPE
+    for effect in effects:
+        try:
+            by_type[type(effect)](effect, origin, None)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller, who logs it
+            known = type(effect) in by_type
+            return effect, exc if known else TypeError(f"unknown effect {effect!r}")
+    return None
 
 
 def _send(fx: Send, origin: Origin | None, _outcome: Any) -> None:
