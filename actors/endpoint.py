@@ -52,6 +52,7 @@ class SendReply(NamedTuple):
 
 class RouterEndpoint(LoopActor):
     label = "endpoint"  # for metrics and logs
+    direct = SendReply  # a few an order, without pykka's envelope handling (LoopActor.on_batch)
 
     def __init__(self, zctx: zmq.Context, endpoint: str, metrics: Metrics,
                  curve: dict[str, Any] | None = None, hwm: int = 10_000) -> None:

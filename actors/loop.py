@@ -13,7 +13,9 @@ Subclasses keep the shape the service's socket owners always had:
 there fails ``launch``: a port in use stops the service at start);
 ``sockets()`` lists those the loop polls for it, ``on_readable(sock)``
 reads a bounded number of frames; ``on_batch`` handles one slice of mail at
-once (the store writer's group commit); ``poll_timeout()`` says in how many
+once (the store writer's group commit; told messages of the ``direct`` type,
+the events, commands and replies, go to ``on_receive`` without pykka's
+envelope handling); ``poll_timeout()`` says in how many
 milliseconds ``on_tick`` is due (it also runs after each slice and read).
 
 ``launch(..., loop=LOOP)`` puts the actor on the service's loop; without
@@ -180,6 +182,7 @@ class LoopActor(pykka.Actor):
     batch_limit: ClassVar[int] = 4096  # messages per slice
     read_budget: ClassVar[int] = 256  # frames a reader takes per turn (bounds a turn)
     turn_end: ClassVar[bool] = False  # run after the other actors of a turn (group commit)
+    direct: ClassVar[type | None] = None  # its many told messages: see ``on_batch``
     _loop: EventLoop  # bound by ``launch``, as pykka's ``start`` binds a thread
     _own_loop: bool
     _tick: TimerHandle | None = None
@@ -257,8 +260,19 @@ class LoopActor(pykka.Actor):
         """Time-driven work; runs after each slice and each read, and when due."""
 
     def on_batch(self, envelopes: list[Any]) -> None:
-        """Handle the messages of one slice (default: one by one)."""
+        """Handle the messages of one slice (default: one by one). A told
+        message of the ``direct`` type goes straight to ``on_receive``, not
+        through pykka's envelope handling (an ask or a stop still does, in
+        order); an error in it is survived, as any told message's."""
+        direct = self.direct
         for envelope in envelopes:
+            message = envelope.message
+            if type(message) is direct and envelope.reply_to is None:
+                try:
+                    self.on_receive(message)
+                except Exception:  # noqa: BLE001 - the failure rule, as a told message
+                    self._loop.survived(self.component, sys.exc_info())
+                continue
             self._handle_envelope(envelope)
             if self.actor_stopped.is_set():
                 return

@@ -32,7 +32,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-import sys
 import time
 from collections import Counter
 from typing import Any, NamedTuple
@@ -96,6 +95,7 @@ def subscribe_by_identity(sock: zmq.Socket) -> None:
 
 class Publisher(LoopActor):
     thread_name = "events-pub"
+    direct = PublishEvent  # 13 an order, without pykka's envelope handling (LoopActor.on_batch)
 
     def __init__(self, ctx: zmq.Context, endpoint: str, metrics: Metrics, *,
                  hwm: int = 1000, curve: dict[str, Any] | None = None,
@@ -168,22 +168,6 @@ class Publisher(LoopActor):
             self._trim_at = None
             if self._trim is not None:
                 self._trim(0)  # a stalled subscriber's queue was freed: give it back
-
-    def on_batch(self, envelopes: list[Any]) -> None:
-        """Events (13 an order) go straight to ``_send``; anything else (an
-        ask, a stop) through pykka's handling, in order."""
-        for envelope in envelopes:
-            message = envelope.message
-            if type(message) is PublishEvent and envelope.reply_to is None:
-                if self.sock is not None:
-                    try:
-                        self._send(message)
-                    except Exception:  # noqa: BLE001 - the failure rule, as a told message
-                        self._loop.survived(self.component, sys.exc_info())
-                continue
-            self._handle_envelope(envelope)
-            if self.actor_stopped.is_set():
-                return
 
     def on_receive(self, message: Any) -> None:
         if isinstance(message, PublishEvent) and self.sock is not None:

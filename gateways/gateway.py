@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import heapq
 import logging
-import sys
 import time
 from collections import OrderedDict
 from typing import Any, NamedTuple
@@ -54,6 +53,8 @@ class _Pending(NamedTuple):
 
 
 class Gateway(LoopActor):
+    direct = SendCommand  # 5 an order, without pykka's envelope handling (LoopActor.on_batch)
+
     def __init__(self, ctx: zmq.Context, system: str, endpoint: str, deliver: Deliver,
                  metrics: Metrics, hwm: int = 100_000, breaker: Breaker | None = None,
                  curve: dict[str, Any] | None = None) -> None:
@@ -102,22 +103,6 @@ class Gateway(LoopActor):
     def send(self, order_id: str, command: Send) -> None:
         """Thread-safe: carry a command to the domain system."""
         self.tell(SendCommand(order_id, command))
-
-    def on_batch(self, envelopes: list[Any]) -> None:
-        """Commands go straight to ``_send``; anything else (an ask, a stop)
-        through pykka's handling, in order."""
-        for envelope in envelopes:
-            message = envelope.message
-            if type(message) is SendCommand and envelope.reply_to is None:
-                if self.sock is not None:
-                    try:
-                        self._send(message)
-                    except Exception:  # noqa: BLE001 - the failure rule, as a told message
-                        self._loop.survived(self.component, sys.exc_info())
-                continue
-            self._handle_envelope(envelope)
-            if self.actor_stopped.is_set():
-                return
 
     def on_receive(self, message: Any) -> None:
         if isinstance(message, SendCommand) and self.sock is not None:
