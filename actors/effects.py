@@ -15,12 +15,11 @@ collaborators that carry them out (its ``OrderContext``).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import pykka
@@ -175,6 +174,20 @@ def run(effect: Any, origin: Origin | None = None, outcome: Any = None) -> None:
     handler(effect, origin, outcome)
 
 
+def run_all(effects: Iterable[Any], origin: Origin | None) -> tuple[Any, Exception] | None:
+    """Carry out ``effects`` in order, as ``run`` each (one snapshot's or
+    barrier's); the first that raises ends it, returned with its error (the
+    rest are not run). One call for all of them: 25 effects an order."""
+    by_type = _BY_TYPE
+    for effect in effects:
+        try:
+            by_type[type(effect)](effect, origin, None)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller, who logs it
+            known = type(effect) in by_type
+            return effect, exc if known else TypeError(f"unknown effect {effect!r}")
+    return None
+
+
 def _send(fx: Send, origin: Origin | None, _outcome: Any) -> None:
     assert origin is not None
     ctx = origin.ctx
@@ -217,8 +230,10 @@ def _sequence(fx: Sequence, origin: Origin | None, _outcome: Any) -> None:
 
 
 def _tell(fx: Tell, _origin: Origin | None, _outcome: Any) -> None:
-    with contextlib.suppress(pykka.ActorDeadError):
+    try:  # not contextlib.suppress: an object per call, twice an order
         fx.ref.tell(fx.message)
+    except pykka.ActorDeadError:
+        pass
 
 
 def _revive(fx: Revive, _origin: Origin | None, _outcome: Any) -> None:

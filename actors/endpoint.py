@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import zmq
 
-from actors.loop import LoopActor, open_socket
+from actors.loop import LoopActor, open_socket, recv_frames, send_frames
 from actors.metrics import Metrics
 from oms import codec
 
@@ -38,7 +38,7 @@ def read_requests(sock: zmq.Socket, identity_required: bool, budget: int
                 user = got if isinstance(got, str) else None
                 frames = [p.bytes for p in parts]
             else:
-                frames, user = sock.recv_multipart(flags=zmq.NOBLOCK), None
+                frames, user = recv_frames(sock), None
         except zmq.Again:
             return
         if len(frames) >= 2:
@@ -52,6 +52,7 @@ class SendReply(NamedTuple):
 
 class RouterEndpoint(LoopActor):
     label = "endpoint"  # for metrics and logs
+    direct = SendReply  # a few an order, without pykka's envelope handling (LoopActor.on_batch)
 
     def __init__(self, zctx: zmq.Context, endpoint: str, metrics: Metrics,
                  curve: dict[str, Any] | None = None, hwm: int = 10_000) -> None:
@@ -90,7 +91,7 @@ class RouterEndpoint(LoopActor):
         if self.sock is None:
             return
         try:
-            self.sock.send_multipart([*envelope, codec.pack(payload)], flags=zmq.NOBLOCK)
+            send_frames(self.sock, [*envelope, codec.pack(payload)])
         except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or its queue full
             self.metrics.reply_failures.labels(self.label).inc()
             logger.warning("%s reply not delivered: %s", self.label, exc)

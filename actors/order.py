@@ -131,14 +131,15 @@ class OrderActor(PooledActor):
         effects: list[Any] = self._effects
         if self._dirty:
             order = self.order
-            if order.finished or not awaiting_reply(order):
+            finished = order.finished
+            if finished or not awaiting_reply(order):
                 # only an order that may rest needs to hear its snapshot is durable
                 # (``_rest``): one that awaits a reply gets this note with a later
                 # snapshot, as a dirty slice is the only way out of awaiting one.
                 # Saves a message and a slice for most snapshots.
                 effects.append(Tell(self.actor_ref, Flushed(order.version)))
             self.ctx.writer.tell(SaveOrder(
-                order.order_id, codec.pack(order.to_record()), not order.finished,
+                order.order_id, codec.pack(order.to_record()), not finished,
                 tuple(self._consumed), tuple(effects), self.origin))
         else:
             self.ctx.writer.tell(Barrier(tuple(effects), self.origin))

@@ -32,13 +32,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-import sys
 import time
+from collections import Counter
 from typing import Any, NamedTuple
 
 import zmq
 
-from actors.loop import LoopActor, open_socket
+from actors.loop import MORE, NOBLOCK, LoopActor, open_socket, send_frame
 from actors.metrics import Metrics
 from actors.security import is_operator_name
 from actors.subscribers import SubscriberLimit, bind_watched
@@ -50,10 +50,8 @@ from oms.edge import check_number
 logger = logging.getLogger(__name__)
 
 TOPIC_END = b"\x00"
-TOPICS_KEPT = 10_000  # topic frames kept encoded (source systems are few)
-_NOBLOCK = int(zmq.NOBLOCK)  # plain ints: zmq's flags are an enum.Flag, and their ``|``
-_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)  # runs in Python, twice an event
 """Ends every topic; no ``source_system`` contains it."""
+TOPICS_KEPT = 10_000  # topic frames kept encoded (source systems are few)
 
 
 def topic_of(source_system: str) -> bytes:
@@ -97,6 +95,7 @@ def subscribe_by_identity(sock: zmq.Socket) -> None:
 
 class Publisher(LoopActor):
     thread_name = "events-pub"
+    direct = PublishEvent  # 13 an order, without pykka's envelope handling (LoopActor.on_batch)
 
     def __init__(self, ctx: zmq.Context, endpoint: str, metrics: Metrics, *,
                  hwm: int = 1000, curve: dict[str, Any] | None = None,
@@ -117,6 +116,7 @@ class Publisher(LoopActor):
         self.log = LogThrottle(logger, every_s=5.0)
         self._topics: dict[str, bytes] = {}  # source_system -> its topic frame
         self._published: dict[str, Any] = {}  # event type -> its counter child
+        self._kinds: list[str] = []  # types published since the last tick: counted there
 
     def on_start(self) -> None:
         # XPUB: with CURVE on, subscriptions come to us (XPUB_MANUAL) and each
@@ -160,26 +160,14 @@ class Publisher(LoopActor):
         return max(0.0, (self._trim_at - time.monotonic()) * 1000)
 
     def on_tick(self) -> None:
+        """After each slice (and read, and when due): count what the slice
+        published, one ``inc`` per event type instead of one per event."""
+        if self._kinds:
+            self._count()
         if self._trim_at is not None and time.monotonic() >= self._trim_at:
             self._trim_at = None
             if self._trim is not None:
                 self._trim(0)  # a stalled subscriber's queue was freed: give it back
-
-    def on_batch(self, envelopes: list[Any]) -> None:
-        """Events (13 an order) go straight to ``_send``; anything else (an
-        ask, a stop) through pykka's handling, in order."""
-        for envelope in envelopes:
-            message = envelope.message
-            if type(message) is PublishEvent and envelope.reply_to is None:
-                if self.sock is not None:
-                    try:
-                        self._send(message)
-                    except Exception:  # noqa: BLE001 - the failure rule, as a told message
-                        self._loop.survived(self.component, sys.exc_info())
-                continue
-            self._handle_envelope(envelope)
-            if self.actor_stopped.is_set():
-                return
 
     def on_receive(self, message: Any) -> None:
         if isinstance(message, PublishEvent) and self.sock is not None:
@@ -187,11 +175,7 @@ class Publisher(LoopActor):
 
     def _send(self, message: PublishEvent) -> None:
         payload = message.payload
-        kind = payload.get("type", "?")
-        counter = self._published.get(kind)
-        if counter is None:
-            counter = self._published[kind] = self.metrics.published.labels(kind)
-        counter.inc()
+        self._kinds.append(payload.get("type", "?"))
         topic = self._topics.get(message.topic)
         if topic is None:
             if len(self._topics) >= TOPICS_KEPT:
@@ -201,10 +185,20 @@ class Publisher(LoopActor):
         # frames are encoded first, so nothing can fail between the two sends
         data, sock = codec.pack(payload), self.sock
         assert sock is not None
-        sock.send(topic, _MORE)
-        sock.send(data, _NOBLOCK)
+        send_frame(sock, topic, MORE)
+        send_frame(sock, data, NOBLOCK)
+
+    def _count(self) -> None:
+        kinds, self._kinds = self._kinds, []
+        for kind, n in Counter(kinds).items():
+            counter = self._published.get(kind)
+            if counter is None:
+                counter = self._published[kind] = self.metrics.published.labels(kind)
+            counter.inc(n)
 
     def on_stop(self) -> None:
+        if self._kinds:
+            self._count()
         if self.sock is not None:
             if self.subscribers is not None:
                 self.subscribers.close(self.sock)

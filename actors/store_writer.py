@@ -280,10 +280,12 @@ class StoreWriter(LoopActor):
                 self._run(msg.answer, None, "error")
             return  # a snapshot that was not stored: its effects must not happen
         if isinstance(msg, SaveOrder | Barrier):
-            order_id = getattr(msg, "order_id", None)
-            for effect in msg.effects:  # in order; after a failure the rest are not run
-                if not self._run(effect, msg.origin, None, order_id):
-                    return
+            failed = effects.run_all(msg.effects, msg.origin)  # after a failure, no more
+            if failed is not None:
+                effect, exc = failed
+                logger.error("post-commit effect %s failed", effects.describe(
+                    effect, msg.origin, getattr(msg, "order_id", None)), exc_info=exc)
+                self.metrics.internal_errors.labels("writer").inc()
         else:
             self._run(msg.answer, None, outcome)
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import heapq
 import logging
-import sys
 import time
 from collections import OrderedDict
 from typing import Any, NamedTuple
 
 import zmq
 
-from actors.loop import LoopActor, open_socket
+from actors.loop import NOBLOCK, LoopActor, open_socket, send_frame
 from actors.metrics import Metrics
 from actors.ports import Deliver
 from actors.throttle import LogThrottle
@@ -32,7 +31,6 @@ from oms.errors import CIRCUIT_OPEN, INVALID_REPLY, TIMEOUT, UNAVAILABLE, Domain
 from oms.messages import CommandResult, Send
 
 logger = logging.getLogger(__name__)
-_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: zmq's flags are an enum.Flag
 
 
 class SendCommand(NamedTuple):
@@ -55,6 +53,8 @@ class _Pending(NamedTuple):
 
 
 class Gateway(LoopActor):
+    direct = SendCommand  # 5 an order, without pykka's envelope handling (LoopActor.on_batch)
+
     def __init__(self, ctx: zmq.Context, system: str, endpoint: str, deliver: Deliver,
                  metrics: Metrics, hwm: int = 100_000, breaker: Breaker | None = None,
                  curve: dict[str, Any] | None = None) -> None:
@@ -79,6 +79,7 @@ class Gateway(LoopActor):
         # (``on_tick``): the one field other threads read (the metrics collector)
         self.gauges = GatewayGauges(0, self.breaker.state)
         self._requests = metrics.gateway_requests.labels(system)
+        self._sent = 0  # commands sent since the last tick: counted there, in one inc
         self._latency: dict[tuple[str, str], Any] = {}  # (op, outcome) -> its child
 
     def on_start(self) -> None:
@@ -90,6 +91,9 @@ class Gateway(LoopActor):
                                 MAXMSGSIZE=4 * edge.MAX_REPLY_BYTES, **self.curve)
 
     def on_stop(self) -> None:
+        if self._sent:
+            self._requests.inc(self._sent)
+            self._sent = 0
         if self.sock is not None:
             self.sock.close()
 
@@ -99,22 +103,6 @@ class Gateway(LoopActor):
     def send(self, order_id: str, command: Send) -> None:
         """Thread-safe: carry a command to the domain system."""
         self.tell(SendCommand(order_id, command))
-
-    def on_batch(self, envelopes: list[Any]) -> None:
-        """Commands go straight to ``_send``; anything else (an ask, a stop)
-        through pykka's handling, in order."""
-        for envelope in envelopes:
-            message = envelope.message
-            if type(message) is SendCommand and envelope.reply_to is None:
-                if self.sock is not None:
-                    try:
-                        self._send(message)
-                    except Exception:  # noqa: BLE001 - the failure rule, as a told message
-                        self._loop.survived(self.component, sys.exc_info())
-                continue
-            self._handle_envelope(envelope)
-            if self.actor_stopped.is_set():
-                return
 
     def on_receive(self, message: Any) -> None:
         if isinstance(message, SendCommand) and self.sock is not None:
@@ -133,14 +121,14 @@ class Gateway(LoopActor):
         sock = self.sock
         assert sock is not None
         try:
-            sock.send(codec.pack(payload), _NOBLOCK)
+            send_frame(sock, codec.pack(payload), NOBLOCK)
         except zmq.Again:
             self.metrics.gateway_send_failures.labels(self.system).inc()
             self._outcome(False, now)
             error = DomainError(UNAVAILABLE, f"{self.system} send queue is full", True)
             self.deliver(order_id, CommandResult(cmd.command_id, False, None, error))
             return
-        self._requests.inc()
+        self._sent += 1
         if cmd.command_id in self.pending or cmd.command_id in self._unsettled:
             self.metrics.gateway_retries.labels(self.system).inc()
         self._unsettled[cmd.command_id] = None
@@ -154,7 +142,7 @@ class Gateway(LoopActor):
     def on_readable(self, sock: zmq.Socket) -> None:
         for _ in range(self.read_budget):
             try:
-                frame = sock.recv(_NOBLOCK)
+                frame = sock.recv(NOBLOCK)
             except zmq.Again:
                 return
             self._on_reply(frame)
@@ -242,7 +230,11 @@ class Gateway(LoopActor):
 
     def on_tick(self) -> None:
         """Time out overdue commands; runs after each slice and read too
-        (``LoopActor._activity``), so the gauges are refreshed here."""
+        (``LoopActor._activity``), so the gauges and the requests count are
+        brought up to date here."""
+        if self._sent:
+            self._requests.inc(self._sent)
+            self._sent = 0
         try:
             self._expire(time.monotonic())
         finally:
