@@ -27,6 +27,7 @@ import pykka
 from pykka import messages as pykka_messages
 
 from actors import supervision
+from actors.flags import Flag
 from actors.inbox import ScheduledInbox
 from actors.loop import LoopFuture, handle_envelope
 
@@ -82,23 +83,6 @@ class Dispatcher:
 PooledInbox = ScheduledInbox  # the loop actors' inbox: queues the actor when mail lands
 
 
-class StopFlag:
-    """``actor_stopped`` for a pooled actor: set and read from its own slice
-    and by ``ActorRef.is_alive``; nobody blocks on it, so it needs no
-    ``threading.Event`` (a Condition and a Lock per actor)."""
-
-    __slots__ = ("_set",)
-
-    def __init__(self) -> None:
-        self._set = False
-
-    def set(self) -> None:
-        self._set = True
-
-    def is_set(self) -> bool:
-        return self._set
-
-
 class PooledActor(pykka.Actor):
     """A pykka actor without a thread of its own. Start it with ``spawn``.
 
@@ -122,7 +106,7 @@ class PooledActor(pykka.Actor):
     def __init__(self, dispatcher: Dispatcher | EventLoop) -> None:
         self.actor_urn = f"urn:oms:{type(self).__name__}:{next(_serial)}"
         self.actor_inbox = self._create_actor_inbox()
-        self.actor_stopped = StopFlag()  # type: ignore[assignment]
+        self.actor_stopped = Flag()  # type: ignore[assignment]
         self._actor_ref = pykka.ActorRef(self)
         self._dispatcher = dispatcher
         self._started = False

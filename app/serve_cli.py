@@ -8,11 +8,11 @@ import json
 import logging
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from actors import logs
+from actors.flags import Flag
 from actors.runtime import tune_gc
 from actors.settings import load_config
 from oms.config import ConfigError, parse_systems
@@ -96,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       domain_server_key=args.domain_server_key, shards=args.shards,
                       shard_base_port=args.shard_base_port)
     logs.setup(cfg.log_level, cfg.log_format)
-    stop, reload = SignalFlag(), SignalFlag()
+    stop, reload = Flag(), Flag()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     if cfg.shards != 1:  # docs/scaling.md
@@ -136,30 +136,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         service.stop()
     return 0
-
-
-class SignalFlag:
-    """Set from a signal handler: no lock (a threading.Event's lock, taken by
-    the handler while the main thread held it in ``wait``, hung a shard on
-    SIGTERM for good)."""
-
-    def __init__(self) -> None:
-        self.value = False
-
-    def set(self) -> None:
-        self.value = True
-
-    def clear(self) -> None:
-        self.value = False
-
-    def is_set(self) -> bool:
-        return self.value
-
-    def wait(self, timeout: float) -> bool:
-        end = time.monotonic() + timeout
-        while not self.value and time.monotonic() < end:
-            time.sleep(min(0.05, max(0.0, end - time.monotonic())))
-        return self.value
 
 
 def cmd_ray(args: argparse.Namespace) -> int:

@@ -35,10 +35,11 @@ from typing import Any
 import zmq
 from prometheus_client import CollectorRegistry, Gauge, process_collector
 
+from actors.flags import Flag
 from actors.http import HttpServer
 from actors.security import ChannelSecurity
 from shards.front_channels import ChannelEdge
-from shards.front_config import FrontConfig, FrontMetrics, Placement, StopFlag, server_socket
+from shards.front_config import FrontConfig, FrontMetrics, Placement, server_socket
 from shards.front_domain import DomainRelay
 from shards.front_events import EventsFanIn
 from shards.front_fanout import FanOut
@@ -59,8 +60,8 @@ class Front:
         self.cfg, self.config_file, self.ctx = cfg, config_file, ctx
         self.index, self.links, self.channels, self.routing = index, links, channels, routing
         self.events, self.domain, self.security, self.http = events, domain, security, http
-        self.stop_flag = StopFlag()
-        self.reload_flag = StopFlag()  # SIGHUP: read the client keys again
+        self.stop_flag = Flag()
+        self.reload_flag = Flag()  # SIGHUP: read the client keys again
         self.config_mtime = os.stat(config_file).st_mtime if config_file else 0.0
         self.poller = zmq.Poller()
         for sock in [channels.sock, domain.sock, *events.sockets(), *links.sockets()]:
@@ -114,7 +115,7 @@ class Front:
         self.links.check_health(now)
         self.links.expire(now)
         if self.reload_flag.is_set():
-            self.reload_flag.value = False
+            self.reload_flag.clear()
             if self.security is not None:
                 try:
                     self.security.reload()

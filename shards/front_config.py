@@ -62,20 +62,6 @@ class Placement:
         return 0 if vshard is None else self.owner[vshard]
 
 
-class StopFlag:
-    """Set from a signal handler: a plain attribute, no lock (a threading.Event
-    set by a second SIGTERM inside the first one's ``set`` deadlocked the front)."""
-
-    def __init__(self) -> None:
-        self.value = False
-
-    def set(self) -> None:
-        self.value = True
-
-    def is_set(self) -> bool:
-        return self.value
-
-
 class FrontMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter("oms_front_requests_total", "Requests relayed by the front, by "

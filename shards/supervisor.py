@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from actors.flags import Flag
 from oms.config import Config, ConfigError
 from shards import manifest as mf
 from shards.manifest import ShardEndpoints
@@ -199,7 +200,7 @@ class Supervisor:
         logger.info("sharded service ready: %d shards behind intake %s, events %s",
                     len(self.shards), self.cfg.intake, self.cfg.events)
 
-    def watch(self, stop: threading.Event) -> None:
+    def watch(self, stop: Flag) -> None:
         """Until ``stop`` (or ``stopping``) is set: restart any child that
         exits. Runs on the thread that started the children: a child's
         ``PR_SET_PDEATHSIG`` follows the thread that forked it, so a child
@@ -243,7 +244,7 @@ class Supervisor:
         logger.info("sharded service stopped")
 
 
-def run_sharded(cfg: Config, config_file: str | None, stop: Any) -> int:
+def run_sharded(cfg: Config, config_file: str | None, stop: Flag) -> int:
     sup = Supervisor(cfg, config_file)
     try:
         sup.start()
