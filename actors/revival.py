@@ -80,14 +80,18 @@ class Revival:
         self.ctx.metrics.order_crashes.inc()
         if isinstance(message, HoldInternalError):  # the hold itself failed: no loop
             logger.critical("order %s could not be held; it stays at its last durable "
-                            "snapshot until its next message", order_id,
+                            "snapshot until its next message (those queued for it are "
+                            "delivered to it again)", order_id,
                             extra={"order_id": order_id})
             with self._stripe(order_id):
                 if self._live.get(order_id) is actor.actor_ref:
                     del self._live[order_id]
                 self.idle.pop(order_id, None)
+                queue = actor.actor_inbox.queue  # not lost: each is handled or refused
+                queued = [e.message for e in queue if not isinstance(e.message, (Flushed, Rest))]
+                queue.clear()
                 actor.stop_now()
-                self._revive(order_id, [], actor.counted_state, spawn=False)
+                self._revive(order_id, queued, actor.counted_state, spawn=False)
             return
         dropped = [message] if message is not None else list(handled)
         replay = list(handled) if message is not None else []

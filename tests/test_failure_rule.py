@@ -411,3 +411,32 @@ def test_an_internal_error_hold_survives_a_restart_without_its_admission_slot(
         assert client.request({"type": "order_counts"})["in_flight"] == 0
         later = client.submit(_telecom("restart-2", "cust-7"))["order_id"]
         poll_until(lambda: client.get(later)["order"]["state"] == "pending")  # turn kept
+
+
+def test_requests_queued_behind_an_order_that_cannot_even_be_held_are_answered(
+        make_service: Any, sim: Any, eps: Any) -> None:
+    """A second fault: the hold of a crashed order raises too (a definition
+    whose ``notify_states`` is no set makes every state change raise). The
+    order stays at its last durable snapshot, and the requests queued for it
+    meanwhile are not lost: each is handled or answered ``internal``."""
+    import dataclasses
+
+    from helpers import retail_order
+
+    from gateways.client import Client, wait_terminal
+    from oms.engine import Engine
+
+    svc = make_service()
+    good = svc.octx.engines["retail"]
+    with Client(eps.intake, timeout=10) as client:
+        svc.octx.engines["retail"] = Engine(dataclasses.replace(good.proc, notify_states=None))
+        order_id = client.submit(retail_order("twice-1"))["order_id"]
+        replies = [reply for _req, reply in client.pipeline(
+            {"type": "cancel_order", "order_id": order_id} for _ in range(8))]
+        svc.octx.engines["retail"] = good
+        assert client.get(order_id)["type"] == "order"  # at its last durable snapshot
+        after = client.submit(retail_order("twice-2"))["order_id"]  # the rest goes on
+        assert wait_terminal(client, [after], timeout=20)[after]["state"] == "completed"
+    assert len(replies) == 8
+    assert {r.get("code") or r["type"] for r in replies} <= {
+        "internal", "cancel_accepted", "cancel_rejected"}, replies
