@@ -70,9 +70,10 @@ class OrderCounts:
                 elif old == OrderState.HELD:
                     self.held_since.pop(order_id, None)
 
-    def recount(self, old: OrderState, new: OrderState) -> None:
+    def recount(self, old: OrderState, new: OrderState, order_id: str | None = None) -> None:
         """Counts back in line after a reload: the lost actor had counted
-        ``old`` (perhaps a state it reached only in memory)."""
+        ``old`` (perhaps a state it reached only in memory), and so had the
+        held orders' ages (else ``oldest_held_s`` would age for ever)."""
         if old == new:
             return
         with self._lock:
@@ -80,6 +81,11 @@ class OrderCounts:
                 self.states[str(old)] -= 1
             if not new.terminal:
                 self.states[str(new)] += 1
+            if order_id is not None:
+                if new == OrderState.HELD:
+                    self.held_since.setdefault(order_id, time.time())
+                elif old == OrderState.HELD:
+                    self.held_since.pop(order_id, None)
 
     def retired(self) -> None:
         """A finished order left memory for good: its admission slot is free."""

@@ -159,7 +159,7 @@ class Revival:
             order = self._load(order_id)
             if order is not None:
                 if counted is not None:
-                    self.counts.recount(counted, order.state)
+                    self.counts.recount(counted, order.state, order_id)
                 self.counts.park(order_id, order.state is OrderState.HELD
                           and order.state_reason == INTERNAL_ERROR)
             if order is not None and not spawn and not messages:

@@ -362,3 +362,20 @@ def test_one_order_whose_turn_cannot_be_delivered_costs_no_other_its_turn() -> N
     finally:
         seq.actor_ref.stop()
         seq.join(5)
+
+
+def test_a_reload_puts_the_held_orders_ages_back_in_line() -> None:
+    """An actor lost while held only in memory (reloaded at its durable,
+    unheld state) leaves no held age behind: ``oldest_held_s`` would grow for
+    ever and fire the held-too-long alert; and the other way round."""
+    from actors.order_counts import OrderCounts
+    from oms.states import OrderState
+
+    counts = OrderCounts()
+    counts.counted_raw("inProgress", "O1")
+    counts.state_changed(OrderState.IN_PROGRESS, OrderState.HELD, "O1")
+    assert counts.oldest_held_age() >= 0 and "O1" in counts.held_since
+    counts.recount(OrderState.HELD, OrderState.IN_PROGRESS, "O1")
+    assert counts.oldest_held_age() == 0 and counts.snapshot(0)["states"] == {"inProgress": 1}
+    counts.recount(OrderState.IN_PROGRESS, OrderState.HELD, "O1")
+    assert "O1" in counts.held_since and counts.snapshot(0)["states"] == {"held": 1}
