@@ -124,24 +124,19 @@ def test_sighup_with_a_malformed_client_key_keeps_the_service_and_its_keys(
     import signal
 
     from conftest import Endpoints
-    from helpers import poll_until
-    from test_security import opts
+    from helpers import curve_keys, poll_until
 
-    from actors.security import generate
     from gateways.client import Client
 
-    folder = tmp_path / "keys"
-    generate(folder / "server", ["server"])
-    generate(folder / "own", ["web"])
-    (folder / "clients").mkdir()
-    (folder / "clients" / "web.key").write_text((folder / "own" / "web.key").read_text())
+    keys = curve_keys(tmp_path / "keys", ["web"])
+    folder = keys.folder
     eps = Endpoints()
     svc = procs(eps.serve_args(tmp_path / "data") + [
         "--curve-server-key", str(folder / "server" / "server.key_secret"),
-        "--curve-clients", str(folder / "clients")], "serve")
-    with Client(eps.intake, curve=opts(folder, "web")) as web:
+        "--curve-clients", str(keys.allowed)], "serve")
+    with Client(eps.intake, curve=keys.opts("web")) as web:
         web.wait_ready(30)
-        (folder / "clients" / "broken.key").write_text("")  # an empty file, mid-copy
+        (keys.allowed / "broken.key").write_text("")  # an empty file, mid-copy
         svc.p.send_signal(signal.SIGHUP)
         poll_until(lambda: svc.p.poll() is not None or b"keys not reloaded"
                    in svc.log.read_bytes(), timeout=20)
