@@ -87,6 +87,22 @@ class Observer(Protocol):
     def observe(self, amount: float) -> None: ...
 
 
+PROFILE_ENV = "OMS_PROFILE"
+"""A performance engineer's switch, off by default: ``OMS_PROFILE=FILE``
+runs the service's loop thread under ``cProfile`` and writes its stats to
+FILE when the loop stops (``pstats`` reads them; docs/performance.md)."""
+
+
+def _profiler(name: str) -> Any:
+    if name != "loop" or not os.environ.get(PROFILE_ENV):
+        return None
+    import cProfile  # only when asked for
+
+    profile = cProfile.Profile()
+    profile.enable()
+    return profile
+
+
 class LoopBlocked(RuntimeError):
     """The loop thread asked to wait for something only the loop can do."""
 
@@ -242,9 +258,13 @@ class EventLoop:
     def _main(self) -> None:
         self._ident = threading.get_ident()
         _on_loop.loop = self
+        profile = _profiler(self.name)
         try:
             while not self._stopping:
                 self._turn()
+            if profile is not None:
+                profile.disable()
+                profile.dump_stats(os.environ[PROFILE_ENV])
         except BaseException:  # noqa: BLE001 - reported: the supervisor ends the process
             self._report_death(sys.exc_info())
             return
