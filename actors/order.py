@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from actors.effects import Origin, Tell
 from actors.pool import PooledActor
 from actors.store_writer import Barrier, SaveOrder
-from oms import codec
+from oms import snapshot
 from oms.engine import INTERNAL_ERROR, Engine, hold_internal_error
 from oms.messages import DomainEvent
 from oms.model import Order
@@ -139,7 +139,7 @@ class OrderActor(PooledActor):
                 # Saves a message and a slice for most snapshots.
                 effects.append(Tell(self.actor_ref, Flushed(order.version)))
             self.ctx.writer.tell(SaveOrder(
-                order.order_id, codec.pack(order.to_record()), not finished,
+                order.order_id, snapshot.encode(order), not finished,
                 tuple(self._consumed), tuple(effects), self.origin))
         else:
             self.ctx.writer.tell(Barrier(tuple(effects), self.origin))

@@ -33,9 +33,8 @@ from actors.effects import Collect, Wake
 from actors.metrics import Metrics
 from actors.ports import Writer
 from actors.store_writer import Barrier, Retire
-from oms import codec
+from oms import snapshot
 from oms.config import Config, ConfigError
-from oms.model import Order
 from storage import archive
 from storage.records import ext_key, record_digest
 from storage.store import Store
@@ -171,8 +170,7 @@ def _archive_record(order_id: str, raw: bytes, ms: int,
     """The archive record of one order, its state and its ext key. An order
     whose record cannot be decoded is archived raw (nothing is dropped)."""
     try:
-        rec = codec.unpack(raw)
-        order = Order.from_record(rec)
+        order = snapshot.decode(raw)
         view: dict[str, Any] = order.view()
         state = str(order.state)
         ext = ext_key(order.source_system, order.external_id)

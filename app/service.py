@@ -196,13 +196,7 @@ class Service:
         for at, order_id, token in scan.jeopardy:
             self.timers.schedule(at, order_id, token)
         resumed = 0
-        for rec in scan.resume:
-            try:
-                order = Order.from_record(rec)
-            except Exception as exc:  # noqa: BLE001 - any undecodable record is skipped, logged and counted
-                logger.error("recovery skips order %s: %s", rec.get("id"), exc)
-                scan.corrupt += 1
-                continue
+        for order in scan.resume:
             self.router.start(order, Resume(), reason="recovery")
             resumed += 1
             if resumed % RESUME_CHUNK == 0:  # one chunk a loop turn: no turn takes them all
@@ -231,25 +225,27 @@ class Service:
         """Pass one: count every unfinished order and collect what to do with
         it; touches no actor, holds no read transaction between chunks."""
         scan = _RecoveryScan()
-        for key, rec in self.store.scan_active():
+        for key, order in self.store.scan_active():
             order_id = key.decode()
-            if isinstance(rec, CorruptRecord) or rec.get("type") not in self.octx.engines:
-                why = rec if isinstance(rec, CorruptRecord) else "unknown order type"
+            if isinstance(order, CorruptRecord) or order.order_type not in self.octx.engines:
+                why = order if isinstance(order, CorruptRecord) else "unknown order type"
                 logger.error("recovery skips order %s: %s", order_id, why,
                              extra={"order_id": order_id})
                 self.metrics.corrupt_records.inc()
                 scan.corrupt += 1
                 continue
-            self.router.counts.counted_raw(rec["state"], order_id, _held_since(rec), rec["reason"])
-            if rec["seq"] and rec["state"] not in TERMINAL_NAMES:
-                scan.seq_entries.append((rec["seq"], order_id, rec["turn"]))
-            if rec["seq"] and not rec["turn"] and rec["state"] in ("acknowledged", "pending"):
+            state = str(order.state)
+            self.router.counts.counted_raw(state, order_id, _held_since(order),
+                                           order.state_reason)
+            if order.seq_key and state not in TERMINAL_NAMES:
+                scan.seq_entries.append((order.seq_key, order_id, order.turn))
+            if order.seq_key and not order.turn and state in ("acknowledged", "pending"):
                 scan.waiting += 1  # the sequencer's rebuild gives it its turn or tells it to wait
-            elif _needs_resume(rec):
-                scan.resume.append(rec)
+            elif _needs_resume(order):
+                scan.resume.append(order)
             else:
                 scan.waiting += 1
-                for jkey, (at, fired) in (rec.get("jep") or {}).items():
+                for jkey, (at, fired) in (order.jeopardy or {}).items():
                     if not fired:  # a passivated order's jeopardy deadline
                         scan.jeopardy.append((at, order_id, ("jeopardy", jkey, 0)))
         return scan
@@ -329,24 +325,22 @@ class Service:
 class _RecoveryScan:
     """What the recovery scan found (see ``Service.recover``)."""
 
-    resume: list[dict[str, Any]] = field(default_factory=list)
+    resume: list[Order] = field(default_factory=list)
     seq_entries: list[tuple[str, str, bool]] = field(default_factory=list)
     jeopardy: list[tuple[float, str, tuple[Any, ...]]] = field(default_factory=list)
     waiting: int = 0
     corrupt: int = 0
 
 
-# positions in a step record (oms.model.Step.to_record)
-_STATUS, _RETRY_AT, _WAIT, _COMP = 5, 13, 14, 15
 RESUME_CHUNK = 64  # recovered orders resumed (and stored events replayed) per loop turn
 TERMINAL_NAMES = {str(s) for s in TERMINAL}
 
 
-def _held_since(rec: dict[str, Any]) -> float | None:
+def _held_since(order: Order) -> float | None:
     """When a stored held order became held: the first of its latest run of
     ``held`` history entries (operator actions while held are entries too)."""
     since = None
-    for entry in reversed(rec.get("hist") or []):
+    for entry in reversed(order.history or []):
         if not isinstance(entry, dict) or entry.get("state") != "held":
             break
         ts = entry.get("ts")
@@ -354,17 +348,18 @@ def _held_since(rec: dict[str, Any]) -> float | None:
     return since
 
 
-def _needs_resume(rec: dict[str, Any]) -> bool:
-    """From the raw snapshot: does this order have anything to re-send or re-arm?
-    (Orders that only wait for an event, stock or their turn stay passivated.)
-    Each step is asked ``oms.outstanding.command_out``, as the engine asks it."""
-    if rec["state"] in ("acknowledged", "pending"):
+def _needs_resume(order: Order) -> bool:
+    """From the stored snapshot: does this order have anything to re-send or
+    re-arm? (Orders that only wait for an event, stock or their turn stay
+    passivated.) Each step is asked ``oms.outstanding.command_out``, as the
+    engine asks it."""
+    if order.state in ("acknowledged", "pending"):
         return True
-    for step in rec["steps"]:
-        if command_out(step[_STATUS], step[_WAIT], step[_RETRY_AT], step[_COMP]) is not None:
+    for step in order.steps.values():
+        if command_out(step.status, step.wait, step.retry_at, step.comp) is not None:
             return True
-    return any(command_out(n[_STATUS], None, n[_RETRY_AT], None) is not None
-               for n in rec["notes"])
+    return any(command_out(n.status, None, n.retry_at, None) is not None
+               for n in order.notes)
 
 
 LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")

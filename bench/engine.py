@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from oms import codec
+from oms import snapshot
 from oms.engine import Engine, new_order
 from oms.messages import CommandResult, DomainEvent, Send, Start
 from oms.process import builtin_processes
@@ -44,7 +44,7 @@ def run_engine(count: int) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 turning = engine.handle(order, msg, 2.0)
                 t1 = time.perf_counter()
-                codec.pack(order.to_record())
+                snapshot.encode(order)
                 encode_s += time.perf_counter() - t1
                 handle_s += t1 - t0
                 handled += 1

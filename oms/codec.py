@@ -82,26 +82,6 @@ def unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
-if msgspec is not None:
-    class _StateOnly(msgspec.Struct):
-        """A snapshot record's ``state`` alone (the decoder skips the rest)."""
-
-        state: str
-
-    _decode_state = msgspec.msgpack.Decoder(_StateOnly).decode
-
-
-def record_state(data: bytes) -> str:
-    """The ``state`` of an encoded snapshot record, without building the rest
-    of it (the retention index needs only that, once an order finishes)."""
-    if msgspec is not None:
-        try:
-            return _decode_state(data).state
-        except Exception:  # noqa: BLE001, S110 - the full decode decides, and raises
-            pass
-    return str(unpack(data)["state"])
-
-
 def decode_map(data: bytes) -> dict[str, Any]:
     """Decode one untrusted frame into a map with string keys.
 

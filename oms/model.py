@@ -1,20 +1,27 @@
 """The order as the service stores it, and the views the contract shows.
 
-An ``Order`` is plain data owned by exactly one order actor at a time. Its
-snapshot record (``to_record``/``from_record``) is what LMDB holds, with a
-format version ``v`` so later releases can read older snapshots.
+An ``Order`` is plain data owned by exactly one order actor at a time. It is
+its own snapshot record: ``Order`` and ``Step`` are ``msgspec.Struct``
+classes that msgspec encodes as msgpack arrays, fields in the order written
+here, and decodes straight back into these classes (``oms.snapshot``, which
+also reads the older map records). So the field order is the record format
+(version ``RECORD_VERSION``, the array's first element): a field is only
+ever added at the end, with a default; anything else is a new version.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from oms.fallout import fallout_view
 from oms.outstanding import delivering_notes
 from oms.states import OrderState, Phase, StepStatus, Target, Undo
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
+"""The snapshot record format: 1, a map with short keys (read, no longer
+written); 2, the ``Order`` as an array, tagged with this number."""
 
 
 def charges(items: list[dict[str, Any]]) -> int:
@@ -30,8 +37,7 @@ class RecordVersionError(ValueError):
     """A snapshot written by a newer, unknown format."""
 
 
-@dataclass(slots=True)
-class Step:
+class Step(msgspec.Struct, array_like=True):
     """One step instance of an order's process.
 
     key: unique within the order: the step name, or ``name[item_id]`` for a
@@ -65,19 +71,6 @@ class Step:
     comp: Undo | None = None
     comp_attempts: int = 0
 
-    def to_record(self) -> list[Any]:
-        return [
-            self.key, self.name, self.system, self.op, self.item_id, str(self.status),
-            self.attempts, self.gen, self.args, self.result, self.error, self.applied,
-            self.done_seq, self.retry_at, self.wait, self.comp, self.comp_attempts,
-        ]
-
-    @classmethod
-    def from_record(cls, rec: list[Any]) -> Step:
-        step = cls(*rec)
-        step.status = StepStatus(step.status)
-        return step
-
     def view(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "name": self.key,
@@ -93,8 +86,7 @@ class Step:
         return out
 
 
-@dataclass(slots=True)
-class Order:
+class Order(msgspec.Struct, array_like=True, tag=RECORD_VERSION, dict=True):
     """An order and its progress through its process.
 
     phase: "run" while the process moves forward, "compensate" while
@@ -124,9 +116,9 @@ class Order:
     state: OrderState = OrderState.ACKNOWLEDGED
     state_reason: str | None = None
     updated_ts: float = 0.0
-    steps: dict[str, Step] = field(default_factory=dict)
-    history: list[dict[str, Any]] = field(default_factory=list)
-    results: dict[str, Any] = field(default_factory=dict)
+    steps: dict[str, Step] = {}
+    history: list[dict[str, Any]] = []
+    results: dict[str, Any] = {}
     summary: dict[str, Any] | None = None
     phase: Phase = Phase.RUN
     target: Target | None = None
@@ -134,13 +126,21 @@ class Order:
     cancel: dict[str, Any] | None = None
     seq_key: str | None = None
     turn: bool = False
-    early_events: list[dict[str, Any]] = field(default_factory=list)
-    notes: list[Step] = field(default_factory=list)
+    early_events: list[dict[str, Any]] = []
+    notes: list[Step] = []
     done_counter: int = 0
     version: int = 0
-    jeopardy: dict[str, Any] = field(default_factory=dict)  # key -> [deadline, fired]
-    plan: Any = field(default=None, repr=False, compare=False)  # not stored: the engine's
-    # view of its (fixed) set of steps, rebuilt after a load (oms.engine_run.StepPlan)
+    jeopardy: dict[str, Any] = {}  # key -> [deadline, fired]
+    # New fields go here, at the end, each with a default (see the module's docstring).
+
+    # Not stored, not compared: the engine's view of its (fixed) set of steps,
+    # rebuilt after a load (oms.engine_run.StepPlan). An attribute of the
+    # instance's ``__dict__`` (``dict=True``), so msgspec never encodes it;
+    # None (this class attribute) until the engine sets it.
+    if TYPE_CHECKING:
+        plan: Any = None
+    else:
+        plan = None
 
     @property
     def customer_id(self) -> str:
@@ -154,40 +154,6 @@ class Order:
     def finished(self) -> bool:
         """Terminal, and no CRM notification still being delivered."""
         return self.state.terminal and not delivering_notes(self)
-
-    def to_record(self) -> dict[str, Any]:
-        return {
-            "v": RECORD_VERSION,
-            "id": self.order_id, "src": self.source_system, "ext": self.external_id,
-            "type": self.order_type, "cust": self.customer, "caddr": self.customer_address,
-            "daddr": self.delivery_address, "cur": self.currency, "items": self.items,
-            "attrs": self.attributes, "cts": self.created_ts, "state": str(self.state),
-            "reason": self.state_reason, "uts": self.updated_ts,
-            "steps": [s.to_record() for s in self.steps.values()],
-            "hist": self.history, "res": self.results, "sum": self.summary,
-            "phase": self.phase, "target": self.target, "fail": self.failure,
-            "cancel": self.cancel, "seq": self.seq_key, "turn": self.turn,
-            "early": self.early_events, "notes": [n.to_record() for n in self.notes],
-            "dc": self.done_counter, "ver": self.version, "jep": self.jeopardy,
-        }
-
-    @classmethod
-    def from_record(cls, rec: dict[str, Any]) -> Order:
-        if rec.get("v") != RECORD_VERSION:
-            raise RecordVersionError(f"unknown snapshot format version {rec.get('v')!r}")
-        steps = [Step.from_record(s) for s in rec["steps"]]
-        return cls(
-            order_id=rec["id"], source_system=rec["src"], external_id=rec["ext"],
-            order_type=rec["type"], customer=rec["cust"], customer_address=rec["caddr"],
-            delivery_address=rec["daddr"], currency=rec["cur"], items=rec["items"],
-            attributes=rec["attrs"], created_ts=rec["cts"], state=OrderState(rec["state"]),
-            state_reason=rec["reason"], updated_ts=rec["uts"],
-            steps={s.key: s for s in steps}, history=rec["hist"], results=rec["res"],
-            summary=rec["sum"], phase=rec["phase"], target=rec["target"],
-            failure=rec["fail"], cancel=rec["cancel"], seq_key=rec["seq"], turn=rec["turn"],
-            early_events=rec["early"], notes=[Step.from_record(n) for n in rec["notes"]],
-            done_counter=rec["dc"], version=rec["ver"], jeopardy=rec.get("jep", {}),
-        )
 
     def summary_view(self) -> dict[str, Any]:
         """The list view: no steps, items or history."""

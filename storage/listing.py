@@ -1,13 +1,12 @@
-"""Listing orders (``list_orders``): newest first, filtered on the raw
-record, in bounded work per call."""
+"""Listing orders (``list_orders``): newest first, filtered on each
+record's head (``oms.snapshot.head``), in bounded work per call."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
-from oms import codec
+from oms import codec, snapshot
 from oms.model import Order
 from storage.records import MAX_ORDER_ID, SCAN_CHUNK, StoreView, ext_key, seek_before
 
@@ -83,27 +82,27 @@ class ListFilter:
     external_id: str | None = None
     created_before: float | None = None
 
-    def matches(self, rec: dict[str, Any]) -> bool:
-        """On the raw record, so only matches are decoded into an Order."""
-        cust = rec.get("cust")
-        return ((self.state is None or rec.get("state") == self.state)
-                and (self.reason is None or rec.get("reason") == self.reason)
-                and (self.source_system is None or rec.get("src") == self.source_system)
-                and (self.external_id is None or rec.get("ext") == self.external_id)
+    def matches(self, head: snapshot.Head) -> bool:
+        """On the record's head, so only matches are decoded into an Order
+        (a version 1 head is unchecked: any field may have any type)."""
+        cust, cts = head.customer, head.created_ts
+        return ((self.state is None or head.state == self.state)
+                and (self.reason is None or head.state_reason == self.reason)
+                and (self.source_system is None or head.source_system == self.source_system)
+                and (self.external_id is None or head.external_id == self.external_id)
                 and (self.customer_id is None
                      or (isinstance(cust, dict) and cust.get("id") == self.customer_id))
                 and (self.created_before is None or (
-                    isinstance(rec.get("cts"), int | float)
-                    and rec["cts"] <= self.created_before)))
+                    isinstance(cts, int | float) and cts <= self.created_before)))
 
 
 def _listed(key: bytes, raw: bytes, flt: ListFilter) -> Order | None:
     """The order if its record matches; an unreadable record is logged, skipped."""
     try:
-        rec = codec.unpack(raw)
-        if not isinstance(rec, dict) or not flt.matches(rec):
+        head = snapshot.head(raw)
+        if not flt.matches(head):
             return None
-        return Order.from_record(rec)
+        return head if isinstance(head, Order) else snapshot.decode(raw)
     except Exception as exc:  # noqa: BLE001 - any decoding problem is reported with its key
         logger.error("list_orders skips record %r: %s: %s", key, type(exc).__name__, exc)
         return None

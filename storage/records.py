@@ -11,7 +11,7 @@ from typing import Any
 
 import lmdb
 
-from oms import codec
+from oms import snapshot
 from oms.model import Order
 
 SCAN_CHUNK = 512  # records per read transaction in long scans
@@ -63,8 +63,9 @@ def format_order_id(seq: int) -> str:
 
 
 def decode_order(key: bytes, raw: bytes) -> Order:
+    """The order in a snapshot record of any version (``oms.snapshot``)."""
     try:
-        return Order.from_record(codec.unpack(raw))
+        return snapshot.decode(raw)
     except Exception as exc:  # noqa: BLE001 - any decoding problem is reported with its key
         raise CorruptRecord(key, f"{type(exc).__name__}: {exc}") from None
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import lmdb
 
-from oms import codec
+from oms import codec, snapshot
 from storage.records import (
     TS_BYTES,
     StoreView,
@@ -31,7 +31,7 @@ class RetentionIndex(StoreView):
     def note_finished(self, txn: lmdb.Transaction[bytes], key: bytes, record: bytes,
                       now: float | None = None) -> None:
         """An order just finished: index it by finish time for retention."""
-        state = codec.record_state(record)
+        state = snapshot.record_state(record)
         ms = int((time.time() if now is None else now) * 1000)
         txn.put(ts_key(ms, key), state.encode(), db=self.db["done"])
         bump(txn, self.db["meta"], b"live:" + state.encode(), 1)
@@ -175,8 +175,8 @@ class RetentionIndex(StoreView):
                 scanned, last = scanned + 1, key
                 if txn.get(key, db=self.db["active"]) is None:
                     try:
-                        rec = codec.unpack(raw)
-                        ms, state = int(float(rec["uts"]) * 1000), str(rec["state"])
+                        head = snapshot.head(raw)
+                        ms, state = int(float(head.updated_ts) * 1000), str(head.state)
                     except Exception:  # noqa: BLE001 - archived raw by the sweep, with why
                         ms, state = 0, "unreadable"
                     if ms < since:

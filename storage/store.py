@@ -2,7 +2,8 @@
 
 Named databases (keys are UTF-8):
 
-- ``orders``: order id -> snapshot record (msgpack, format version ``v``).
+- ``orders``: order id -> snapshot record (msgpack, format version 2 or 1:
+  ``oms.snapshot``, the only code that reads or writes one).
 - ``ext``: ``source_system NUL external_id`` -> [order id, payload digest];
   the idempotency index of ``submit_order``.
 - ``active``: order id -> b"" for every order not yet finished; recovery
@@ -48,7 +49,7 @@ from typing import Any
 
 import lmdb
 
-from oms import codec
+from oms import codec, snapshot
 from oms.model import Order
 from oms.sharding import sharded_order_id
 from storage.listing import OrderListing
@@ -229,8 +230,8 @@ class Store(OrderListing, RetentionIndex):
             return [k.decode() for k in txn.cursor(db=self.db["active"]).iternext(values=False)]
 
     def scan_active(self, chunk: int = SCAN_CHUNK
-                    ) -> Iterator[tuple[bytes, dict[str, Any] | CorruptRecord]]:
-        """Every unfinished order's raw record (or why it is unreadable), in id
+                    ) -> Iterator[tuple[bytes, Order | CorruptRecord]]:
+        """Every unfinished order (or why its record is unreadable), in id
         order. Read in chunks of ``chunk`` orders, each in its own short read
         transaction, and decoded and handed out only after that transaction
         ended: the caller never holds a read slot, so a map growth (which
@@ -251,9 +252,9 @@ class Store(OrderListing, RetentionIndex):
                     yield key, CorruptRecord(key, "listed as active but missing")
                     continue
                 try:
-                    yield key, codec.unpack(raw)
-                except Exception as exc:  # noqa: BLE001 - any decoding problem is reported with its key
-                    yield key, CorruptRecord(key, f"{type(exc).__name__}: {exc}")
+                    yield key, decode_order(key, raw)
+                except CorruptRecord as exc:
+                    yield key, exc
             if not found:
                 return
             after = rows[-1][0]
@@ -331,12 +332,12 @@ class Store(OrderListing, RetentionIndex):
             if known != digest:
                 return Created("conflict", order_id, "")
             rec = txn.get(order_id.encode(), db=self.db["orders"])
-            state = codec.unpack(rec)["state"] if rec else self.archived_state(txn, order_id)
+            state = snapshot.record_state(rec) if rec else self.archived_state(txn, order_id)
             return Created("duplicate", order_id, state)
         order_id = self.next_order_id(txn, vshard)
         order: Order = build(order_id)
         txn.put(key, codec.pack([order_id, digest]), db=self.db["ext"])
-        self.put_order(txn, order_id, codec.pack(order.to_record()), active=True)
+        self.put_order(txn, order_id, snapshot.encode(order), active=True)
         return Created("accepted", order_id, str(order.state), order)
 
     def put_order(self, txn: lmdb.Transaction[bytes], order_id: str, record: bytes,

@@ -18,7 +18,7 @@ from actors.loop import LoopActor, burst
 from actors.metrics import Metrics
 from actors.pool import Dispatcher, PooledActor
 from actors.store_writer import Barrier, CreateOrder, SaveOrder, StoreWriter
-from oms import codec
+from oms import codec, snapshot
 from storage.store import Store, StoreLocked
 
 
@@ -199,7 +199,7 @@ def _record(order_id: str, size: int = 100) -> bytes:
     order = new_order(order_id, normalized(retail_order(ext=order_id)),
                       builtin_processes()["retail"], 1.0)
     order.attributes = {"pad": "x" * size}
-    return codec.pack(order.to_record())
+    return snapshot.encode(order)
 
 
 def test_group_commit_reports_each_waiter_after_durable_write(
@@ -208,9 +208,8 @@ def test_group_commit_reports_each_waiter_after_durable_write(
     n = 500
 
     def build(oid: str) -> Any:
-        from oms.model import Order
 
-        return Order.from_record(codec.unpack(_record(oid)))
+        return snapshot.decode(_record(oid))
 
     for i in range(n):
         ext = f"e{i % 400}"  # 100 repeats of earlier ids, many within one batch
@@ -231,7 +230,7 @@ def test_conflicting_payload_is_a_conflict(store: Store, writer: StoreWriter) ->
     from oms.model import Order
 
     def build(oid: str) -> Order:
-        return Order.from_record(codec.unpack(_record(oid)))
+        return snapshot.decode(_record(oid))
 
     writer.tell(CreateOrder("web", "x", b"one", build, Collect(created)))
     writer.tell(CreateOrder("web", "x", b"two", build, Collect(created)))

@@ -88,12 +88,3 @@ def test_digest_bytes_are_the_reference_canonical_encoding(value: object) -> Non
     """The digest of a stored order must never change: the fast sorted
     encoding is byte for byte msgpack of ``canonical`` (any key types)."""
     assert codec.canonical_bytes(value) == codec.msgpack_pack(codec.canonical(value))
-
-
-def test_record_state_reads_the_state_of_any_snapshot_record() -> None:
-    rec = {"v": 1, "id": "O1", "steps": [["a", 1, None, {"x": b"y"}]], "state": "completed",
-           "hist": [{"state": "acknowledged", "ts": 1.0}], "jep": {}}
-    for data in (codec.pack(rec), msgpack.packb(rec, use_bin_type=True)):
-        assert codec.record_state(data) == "completed" == codec.unpack(data)["state"]
-    with pytest.raises(KeyError):  # no state: as the full decode fails
-        codec.record_state(codec.pack({"v": 1}))

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.service import _needs_resume
+from oms import snapshot
 from oms.engine import Engine, Turning, new_order
 from oms.errors import DomainError
 from oms.messages import (
@@ -392,13 +393,12 @@ def test_timer_for_other_attempt_is_stale() -> None:
 
 @pytest.mark.parametrize("proc_name", ["retail", "telecom"])
 def test_snapshot_round_trip(proc_name: str) -> None:
-    from oms.model import Order
 
     raw = retail_order() if proc_name == "retail" else TELECOM_ORDER
     d = Driver(PROCS[proc_name], raw, ok_domain())
     d.start()
-    again = Order.from_record(d.order.to_record())
-    assert again.to_record() == d.order.to_record()
+    again = snapshot.decode(snapshot.encode(d.order))
+    assert again == d.order and snapshot.encode(again) == snapshot.encode(d.order)
     assert again.view() == d.order.view()
 
 
@@ -551,7 +551,7 @@ def _asked(order: Any) -> dict[str, bool]:
 
     asked = {"in_flight": Turning(Engine(RETAIL), order, 0.0).in_flight(),
              "awaiting_reply": awaiting_reply(order), "finished": order.finished,
-             "needs_resume": _needs_resume(order.to_record())}
+             "needs_resume": _needs_resume(order)}
     out = outstanding(order)  # the same answers, all at once
     assert (out.forward, out.replies) == (asked["in_flight"], asked["awaiting_reply"])
     assert out.notes == (order.state.terminal and not order.finished)

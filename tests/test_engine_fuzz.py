@@ -22,6 +22,7 @@ from typing import Any
 from helpers import normalized, retail_order
 from test_engine import RETAIL, TELECOM, TELECOM_ORDER
 
+from oms import snapshot
 from oms.engine import Engine, hold_internal_error, new_order
 from oms.errors import DomainError
 from oms.messages import (
@@ -118,7 +119,7 @@ class Run:
             elif r < 0.9:
                 self.crash()
             elif r < 0.95:
-                self.order = Order.from_record(self.order.to_record())  # a restart
+                self.order = snapshot.decode(snapshot.encode(self.order))  # a restart
                 self.pending.clear()
                 self.timers.clear()
                 self.feed(Resume())

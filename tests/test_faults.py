@@ -17,6 +17,7 @@ from test_operations import no_restock  # noqa: F401
 
 from gateways.client import Client, wait_terminal
 from oms import codec
+from oms.model import RECORD_VERSION
 from oms.sample import sample_orders
 from storage.store import Store
 
@@ -119,7 +120,8 @@ def test_snapshots_carry_a_format_version(make_service: Any, sim: Any, eps: Any,
         oid = client.submit(retail_order("ver-1"))["order_id"]
     with svc.store.read() as txn:
         record = codec.unpack(txn.get(oid.encode(), db=svc.store.db["orders"]))
-    assert record["v"] == 1
+    assert record[0] == RECORD_VERSION == 2  # oms.snapshot: [version, order_id, ...]
+    assert record[1] == oid
 
 
 def test_breaker_keeps_orders_waiting_through_a_long_outage(procs: Any, tmp_path: Path) -> None:

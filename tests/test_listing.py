@@ -27,8 +27,8 @@ def build(data: Path, count: int) -> list[str]:
     ids = []
     for n in range(count):
         cust = dict(order.customer, id="vip" if n % 100 == 0 else f"c-{n}")
-        ids.append(builder.add(order, ext=f"L-{n}", cust=cust,
-                               src="shop" if n % 7 == 0 else "web"))
+        ids.append(builder.add(order, external_id=f"L-{n}", customer=cust,
+                               source_system="shop" if n % 7 == 0 else "web"))
     builder.close()
     return ids
 

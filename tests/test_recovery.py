@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from conftest import Endpoints
 from helpers import Driver, normalized, ok_domain, poll_until, retail_order
@@ -24,7 +25,7 @@ from test_operations import no_restock  # noqa: F401
 
 from actors.settings import load_processes
 from gateways.client import Client, wait_terminal
-from oms import codec
+from oms import codec, snapshot
 from oms.engine import new_order
 from oms.model import Order
 from oms.process import ProcessDef
@@ -58,12 +59,10 @@ class Builder:
         changed by ``over``; returns the id."""
         self.seq += 1
         oid = format_order_id(self.seq)
-        rec = order.to_record()
-        rec.update(id=oid, **over)
-        ext = rec["ext"]
-        self.txn.put(ext_key(rec["src"], ext), codec.pack([oid, b"x" * 16]),
+        copy = msgspec.structs.replace(order, order_id=oid, **over)
+        self.txn.put(ext_key(copy.source_system, copy.external_id), codec.pack([oid, b"x" * 16]),
                      db=self.store.db["ext"])
-        self.store.put_order(self.txn, oid, codec.pack(rec), active=True)
+        self.store.put_order(self.txn, oid, snapshot.encode(copy), active=True)
         return oid
 
     def close(self) -> None:
@@ -103,9 +102,10 @@ def test_many_passed_deadlines_and_a_full_map_still_restart(procs: Any, tmp_path
     resumed = []
     for n in range(3000):  # passed deadlines interleaved with orders to resume
         if n % 10 == 9:
-            resumed.append(build.add(in_flight, ext=f"fly-{n}"))
+            resumed.append(build.add(in_flight, external_id=f"fly-{n}"))
         else:
-            build.add(waiting, ext=f"wait-{n}", jep=past, attrs={"pad": "x" * 400})
+            build.add(waiting, external_id=f"wait-{n}", jeopardy=past,
+                      attributes={"pad": "x" * 400})
     build.close()
     size = (data / "data.mdb").stat().st_size
     assert size > 2 * MIB  # bigger than the initial map of the restart below
@@ -129,7 +129,7 @@ def test_restart_of_a_store_bigger_than_the_initial_map(tmp_path: Path) -> None:
     build = Builder(data)
     order = waiting_for_delivery(load_processes()["retail"])
     for n in range(1500):
-        build.add(order, ext=f"big-{n}", attrs={"pad": "y" * 2000})
+        build.add(order, external_id=f"big-{n}", attributes={"pad": "y" * 2000})
     build.close()
     size = (data / "data.mdb").stat().st_size
     store = Store(data, map_size=1 * MIB)
@@ -162,14 +162,14 @@ def test_a_queue_head_that_finishes_during_recovery_passes_its_turn_on(
         raw = dict(telecom(0, rng, "web", f"{cust}-"), customer={"id": cust})
         head = driven(tel, raw, "O-head", ok_domain({"create_invoice": None}))
         assert head.state == "inProgress" and head.turn
-        ids.append(build.add(head, ext=f"{cust}-head"))
+        ids.append(build.add(head, external_id=f"{cust}-head"))
         for n in range(3):
             later = new_order("O-later", normalized(dict(raw, external_id=f"{cust}-{n}")), tel,
                               1000.0)
-            ids.append(build.add(later, ext=f"{cust}-{n}"))
+            ids.append(build.add(later, external_id=f"{cust}-{n}"))
     filler = waiting_for_delivery(retail)
     for n in range(20000):
-        build.add(filler, ext=f"fill-{n}")
+        build.add(filler, external_id=f"fill-{n}")
     build.close()
     eps = Endpoints()
     procs(eps.simulate_args() + ["--delivery-s", "3600"], "simulate")

@@ -12,10 +12,9 @@ import pytest
 from helpers import Driver, ok_domain, retail_order
 from test_engine import BACKORDERED, RETAIL, TELECOM, TELECOM_ORDER, _retail_text
 
-from oms import codec
+from oms import snapshot
 from oms.engine import Engine
 from oms.messages import Operate, Publish, Reply, Resume, Start
-from oms.model import Order
 from oms.process import ProcessDef, parse_process
 from oms.states import OrderState, StepStatus
 
@@ -41,7 +40,7 @@ def renamed(proc: ProcessDef, name: str, new: str) -> ProcessDef:
 
 def reload(d: Driver, proc: ProcessDef) -> Driver:
     """The snapshot as stored, now run by ``proc`` (a restart after the change)."""
-    d.order = Order.from_record(codec.unpack(codec.pack(d.order.to_record())))
+    d.order = snapshot.decode(snapshot.encode(d.order))
     d.engine = Engine(proc)
     return d
 

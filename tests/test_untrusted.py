@@ -14,7 +14,7 @@ import pytest
 from helpers import Driver, ok_domain, retail_order
 from test_engine import BACKORDERED, RETAIL, _retail_text
 
-from oms import codec
+from oms import codec, snapshot
 from oms.engine import MAX_EARLY_BYTES, MAX_EARLY_EVENTS, Engine
 from oms.errors import DomainError
 from oms.messages import CommandResult, DomainEvent, Timer
@@ -36,7 +36,7 @@ def _finite_everywhere(value: Any) -> bool:
 
 
 def _stored(d: Driver) -> Any:
-    return codec.unpack(codec.pack(d.order.to_record()))
+    return codec.unpack(snapshot.encode(d.order))
 
 
 # -- a wait or hold names its system (defect 11) ----------------------------
@@ -92,7 +92,7 @@ def test_early_events_are_bounded_by_count_and_bytes() -> None:
     assert 0 < len(kept) <= MAX_EARLY_EVENTS
     assert sum(len(codec.pack(e)) for e in kept) <= MAX_EARLY_BYTES
     assert kept[-1]["data"]["n"] == 39  # the oldest are dropped
-    assert len(codec.pack(d.order.to_record())) < MAX_EARLY_BYTES + 16 * 1024
+    assert len(snapshot.encode(d.order)) < MAX_EARLY_BYTES + 16 * 1024
     for i in range(40):  # many small ones: bounded by count
         d.feed(DomainEvent(f"s{i}", "shipping", "shipment_delivered", {"n": i}))
     assert len(d.order.early_events) == MAX_EARLY_EVENTS
@@ -108,7 +108,7 @@ def test_event_data_over_the_limit_or_with_nan_is_not_kept_but_the_event_counts(
         result = d.order.steps["await_delivery"].result
         assert list(result) == ["dropped"]
         assert _finite_everywhere(_stored(d))
-        assert len(codec.pack(d.order.to_record())) < 32 * 1024
+        assert len(snapshot.encode(d.order)) < 32 * 1024
 
 
 def _nested(depth: int) -> Any:

@@ -205,7 +205,7 @@ def test_orders_at_the_bound_are_accepted_and_always_encode() -> None:
     2^63-1: accepted, and the snapshot and every command encode."""
     from helpers import Driver, ok_domain
 
-    from oms import codec
+    from oms import codec, snapshot
     from oms.process import builtin_processes
 
     per, n = MAX // 1000, 1000
@@ -219,7 +219,7 @@ def test_orders_at_the_bound_are_accepted_and_always_encode() -> None:
             d = Driver(builtin_processes()[name], raw, ok_domain())
             d.start()
             assert d.order.total_minor <= MAX
-            codec.pack(d.order.to_record())
+            snapshot.encode(d.order)
             for cmd in d.sent:
                 codec.pack({"args": cmd.args})
         assert sum(p * q for p, q in lines) <= MAX
@@ -237,7 +237,7 @@ def test_an_order_stored_before_the_bound_fails_cleanly_instead_of_never_encodin
     d.start()
     assert (d.order.state, d.order.state_reason) == (OrderState.FAILED, "amount_out_of_range")
     assert [s.system for s in d.sent] == ["crm"]  # told, nothing else sent
-    from oms import codec
+    from oms import snapshot
 
-    codec.pack(d.order.to_record())
+    snapshot.encode(d.order)
 
