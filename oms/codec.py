@@ -38,8 +38,8 @@ _encode = msgspec.msgpack.Encoder().encode if msgspec is not None else None
 
 
 def pack(obj: Any) -> bytes:
-    """Encode a map (or any msgpack-able value) to bytes: snapshots and
-    every wire payload.
+    """Encode a map (or any msgpack-able value) to bytes: every wire
+    payload and store value (a snapshot record: ``oms.snapshot.encode``).
 
     msgspec's encoder writes the same msgpack as ``msgpack_pack`` (the same
     smallest forms, float64, bin for bytes) at about 40 % of its cost. A

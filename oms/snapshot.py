@@ -19,7 +19,8 @@ read, without building the rest, ``record_state`` the state alone.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, get_type_hints
 
 import msgspec
 
@@ -48,6 +49,15 @@ def decode(raw: bytes) -> Order:
         return _decode(raw)  # version 2, type-checked on the way in
     except msgspec.DecodeError:  # also ValidationError: an older or an odd record
         pass
+    try:
+        old = _decode_v1(raw)  # version 1, type-checked too: half the cost of the below
+    except msgspec.DecodeError:
+        pass
+    else:
+        if old.v == V1:
+            fields = list(msgspec.structs.astuple(old)[1:])  # Order's fields, in its order
+            fields[STEPS] = {s.key: s for s in fields[STEPS]}
+            return Order(*fields)
     rec = codec.unpack(raw)
     if isinstance(rec, dict) and rec.get("v") == V1:
         return _from_v1(rec)
@@ -60,15 +70,49 @@ def decode(raw: bytes) -> Order:
 def _step(rec: list[Any]) -> Step:
     """A step array (both versions): positional, so a shorter array from an
     older release takes the defaults of the fields it did not have."""
+    try:
+        return msgspec.convert(rec, Step)  # checked, in C: 0.3 us, a seventh of the below
+    except msgspec.ValidationError:
+        pass
     got = dict(zip(Step.__struct_fields__, rec, strict=False))
     comp = got.get("comp")
     return Step(**got | {"status": StepStatus(got.get("status", StepStatus.PENDING)),
                          "comp": None if comp is None else Undo(comp)})
 
 
+V1_KEYS = {
+    "order_id": "id", "source_system": "src", "external_id": "ext", "order_type": "type",
+    "customer": "cust", "customer_address": "caddr", "delivery_address": "daddr",
+    "currency": "cur", "items": "items", "attributes": "attrs", "created_ts": "cts",
+    "state": "state", "state_reason": "reason", "updated_ts": "uts", "steps": "steps",
+    "history": "hist", "results": "res", "summary": "sum", "phase": "phase",
+    "target": "target", "failure": "fail", "cancel": "cancel", "seq_key": "seq",
+    "turn": "turn", "early_events": "early", "notes": "notes", "done_counter": "dc",
+    "version": "ver", "jeopardy": "jep",
+}
+"""Version 1: each ``Order`` field's key in the map, besides ``"v": 1``
+(every key is there but ``jep``, which the first version 1 records lack)."""
+STEPS = tuple(V1_KEYS).index("steps")
+
+
+def _v1_struct() -> type[msgspec.Struct]:
+    """The version 1 map as a struct, so msgspec decodes it type-checked, in
+    C, as it does version 2 (its steps a list, not a map)."""
+    hints = get_type_hints(Order)
+    fields: list[Any] = [("v", int)]
+    fields += [(name, list[Step] if name == "steps" else hints[name])
+               for name in V1_KEYS if name != "jeopardy"]
+    fields.append(("jeopardy", dict[str, Any], {}))
+    return msgspec.defstruct("OrderV1", fields, rename=V1_KEYS)
+
+
+_decode_v1: Callable[[bytes], Any] = msgspec.msgpack.Decoder(_v1_struct()).decode
+
+
 def _from_v1(rec: dict[str, Any]) -> Order:
-    """A version 1 map, as ``Order.from_record`` of earlier releases read it
-    (enums are now enums: phase, target and undo were plain strings)."""
+    """A version 1 map that the typed decoder refused, as ``Order.from_record``
+    of earlier releases read it (enums are now enums: phase, target and undo
+    were plain strings)."""
     steps = [_step(s) for s in rec["steps"]]
     target = rec["target"]
     return Order(
