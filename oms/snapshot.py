@@ -91,7 +91,8 @@ V1_KEYS = {
     "version": "ver", "jeopardy": "jep",
 }
 """Version 1: each ``Order`` field's key in the map, besides ``"v": 1``
-(every key is there but ``jep``, which the first version 1 records lack)."""
+(every key is there but ``jep``, which the first version 1 records lack),
+in the order of ``Order``'s fields (``tests/test_record_v2.py`` checks)."""
 STEPS = tuple(V1_KEYS).index("steps")
 
 

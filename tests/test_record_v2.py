@@ -71,6 +71,13 @@ def test_the_head_of_a_version_1_record_is_what_the_record_says() -> None:
                                      rec["uts"])
 
 
+def test_the_version_1_keys_follow_the_orders_fields() -> None:
+    """The typed version 1 decoder hands its fields to ``Order`` by position."""
+    assert tuple(snapshot.V1_KEYS) == Order.__struct_fields__
+    assert set(snapshot.V1_KEYS.values()) | {"v"} == set(codec.unpack(
+        V1["completed"]["record"]))
+
+
 def test_a_version_1_record_from_before_jeopardy_loads() -> None:
     rec = codec.unpack(V1["completed"]["record"])
     del rec["jep"]  # the first version 1 records had no jeopardy deadlines
