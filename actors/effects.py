@@ -24,10 +24,18 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import pykka
 
-from oms.engine import new_order
+from oms.engine import Engine, new_order
 from oms.errors import DomainError
-from oms.messages import CommandResult, DomainEvent, Publish, Reply, Send, Sequence, Timer
-from oms.process import ProcessDef
+from oms.messages import (
+    CommandResult,
+    DomainEvent,
+    Publish,
+    Reply,
+    Send,
+    Sequence,
+    Start,
+    Timer,
+)
 
 if TYPE_CHECKING:
     from actors.ports import OrderContext, Replier
@@ -68,7 +76,8 @@ class Revivable(Protocol):
 class CreateAnswerer(Protocol):
     """The intake, as an ``AnswerCreate`` uses it."""
 
-    def created(self, created: Created, source: str, reply: ReplyTo) -> None: ...
+    def created(self, created: Created, source: str, reply: ReplyTo,
+                started: tuple[Any, ...] | None = None) -> None: ...
 
     def admitted(self) -> None: ...
 
@@ -122,6 +131,7 @@ class AnswerCreate(NamedTuple):
     intake: CreateAnswerer
     source_system: str
     reply: ReplyTo
+    build: NewOrder | None = None  # whose Start effects follow the reply
 
 
 class AnswerEvent(NamedTuple):
@@ -146,15 +156,35 @@ class Collect(NamedTuple):
     into: list[Any]
 
 
-class NewOrder(NamedTuple):
-    """How the writer builds a new order for the id it assigns: data, not a
-    closure (``oms.engine.new_order`` of ``request`` under ``proc``)."""
+class NewOrder:
+    """How the writer builds a new order for the id it assigns, already
+    started: ``oms.engine.new_order`` of ``request``, then the engine's
+    ``Start`` on it in the same transaction, so the order's first snapshot
+    is its started one (before, the order actor ran ``Start`` and saved a
+    second snapshot: one snapshot, one message and one slice an order).
 
-    request: dict[str, Any]
-    proc: ProcessDef
+    started: the Start's effects once built, run after the commit by the
+    create's answer (``AnswerCreate``); None if ``Start`` raised, and the
+    order is stored unstarted: its actor runs ``Start`` as its first message,
+    where the order failure rule holds it (docs/architecture.md).
+    """
+
+    __slots__ = ("engine", "request", "started")
+
+    def __init__(self, request: dict[str, Any], engine: Engine) -> None:
+        self.request = request
+        self.engine = engine
+        self.started: tuple[Any, ...] | None = None
 
     def __call__(self, order_id: str) -> Any:
-        return new_order(order_id, self.request, self.proc, time.time())
+        proc, now = self.engine.proc, time.time()
+        order = new_order(order_id, self.request, proc, now)
+        try:
+            self.started = tuple(self.engine.handle(order, Start(), now).effects)
+        except Exception:  # noqa: BLE001 - the actor runs Start again and holds it
+            self.started = None
+            return new_order(order_id, self.request, proc, now)
+        return order
 
 
 def describe(effect: Any, origin: Origin | None = None, order_id: str | None = None) -> str:
@@ -247,7 +277,8 @@ def _revive(fx: Revive, _origin: Origin | None, _outcome: Any) -> None:
 
 def _answer_create(fx: AnswerCreate, _origin: Origin | None, outcome: Any) -> None:
     try:
-        fx.intake.created(outcome, fx.source_system, fx.reply)
+        fx.intake.created(outcome, fx.source_system, fx.reply,
+                          fx.build.started if fx.build is not None else None)
     finally:
         fx.intake.admitted()
 

@@ -29,6 +29,7 @@ from actors.store_writer import CreateOrder
 from oms import codec, errors
 from oms.messages import Cancel, Operate, Start
 from oms.sharding import vshard_of
+from oms.states import OrderState
 from oms.validation import validate_order
 from storage.store import Created
 
@@ -160,13 +161,13 @@ class Intake(RouterEndpoint):
                 self.metrics.source_label(order["source_system"]), "busy").inc()
             return errors.error_reply(
                 errors.BUSY, f"{self.max_in_flight} orders in flight; retry later")
-        proc = engines[order["order_type"]].proc
+        build = NewOrder(order, engines[order["order_type"]])
         reply = self.reply_later(envelope, request_id_of(req))
-        answer = AnswerCreate(self, order["source_system"], reply)  # after the commit
+        answer = AnswerCreate(self, order["source_system"], reply, build)  # after the commit
         vshards = self.vshards
         vshard = vshard_of(order["customer"]["id"], vshards) if vshards else None
         self.octx.writer.tell(CreateOrder(order["source_system"], order["external_id"],
-                                          codec.digest(order), NewOrder(order, proc), answer,
+                                          codec.digest(order), build, answer,
                                           vshard))
         return None
 
@@ -194,7 +195,10 @@ class Intake(RouterEndpoint):
         return errors.error_reply(errors.UNAVAILABLE, "the order was not taken: the store "
                                   "cannot write right now; retry later")
 
-    def created(self, created: Created, source: str, reply: ReplyTo) -> None:
+    def created(self, created: Created, source: str, reply: ReplyTo,
+                started: tuple[Any, ...] | None = None) -> None:
+        """After the create's commit: the reply, then the new order's actor
+        and its ``Start`` (already run by ``NewOrder`` if ``started``)."""
         if created.kind == "unavailable":
             reply(self.store_unavailable(source))
             return
@@ -209,14 +213,15 @@ class Intake(RouterEndpoint):
                 errors.CONFLICT, f"this source_system and external_id were submitted as "
                 f"{created.order_id} with a different payload"))
             return
-        reply({"type": "accepted", "order_id": created.order_id, "state": created.state,
-               "duplicate": created.kind == "duplicate"})
+        state = created.state if created.order is None else str(OrderState.ACKNOWLEDGED)
+        reply({"type": "accepted", "order_id": created.order_id, "state": state,  # contract:
+               "duplicate": created.kind == "duplicate"})  # a new order is acknowledged
         order = created.order
         if order is not None:
             self.octx.counts.counted(order)
             if order.seq_key:
                 self.octx.sequencer.request(order.seq_key, order.order_id, True)
-            self.octx.router.start(order, Start())
+            self.octx.router.start(order, Start() if started is None else None, started=started)
 
     def is_operator(self) -> bool:
         return not self.identity_required or is_operator_name(self.user)

@@ -75,36 +75,42 @@ class OrderActor(PooledActor):
         return f"OrderActor({self.order.order_id})"
 
     def on_receive(self, message: Any) -> Any:
-        if isinstance(message, Flushed):
+        kind = type(message)  # exact types: all are final NamedTuples
+        if kind is Flushed:
             self._durable = max(self._durable, message.version)
             return None
-        if isinstance(message, Rest):
+        if kind is Rest:
             self._rest(sweep=True)
             return None
-        self._busy()
+        if self.idle_since is not None:
+            self._busy()
         received = message
         order = self.order
-        before, parked = order.state, _parked(order)
-        if isinstance(message, HoldInternalError):
+        before = order.state
+        parked = before == OrderState.HELD and order.state_reason == INTERNAL_ERROR
+        if kind is HoldInternalError:
             for msg in message.dropped:
                 if isinstance(msg, Inbound):  # the event that crashed it: not again
                     self._consumed.append(msg.key)
             turning = hold_internal_error(self.engine, order, message.error, message.dropped,
                                           time.time())
         else:
-            if isinstance(message, Inbound):
+            if kind is Inbound:
                 self._consumed.append(message.key)
                 self._dirty = True
                 message = message.event
             turning = self.engine.handle(order, message, time.time())
         if turning.stale:
             self.ctx.metrics.stale_messages.labels(type(message).__name__).inc()
-        self._dirty |= turning.changed
-        self._effects.extend(turning.effects)
-        if order.state != before:
-            self.ctx.counts.state_changed(before, order.state, order.order_id)
-            self.counted_state = order.state
-        if _parked(order) != parked:
+        if turning.changed:
+            self._dirty = True
+        if turning.effects:
+            self._effects.extend(turning.effects)
+        after = order.state
+        if after != before:
+            self.ctx.counts.state_changed(before, after, order.order_id)
+            self.counted_state = after
+        if (parked or after == OrderState.HELD) and _parked(order) != parked:
             self.ctx.counts.park(order.order_id, not parked)
         self._handled.append(received)
         return None
@@ -137,7 +143,7 @@ class OrderActor(PooledActor):
                 # (``_rest``): one that awaits a reply gets this note with a later
                 # snapshot, as a dirty slice is the only way out of awaiting one.
                 # Saves a message and a slice for most snapshots.
-                effects.append(Tell(self.actor_ref, Flushed(order.version)))
+                effects.append(Tell(self._actor_ref, Flushed(order.version)))
             self.ctx.writer.tell(SaveOrder(
                 order.order_id, snapshot.encode(order), not finished,
                 tuple(self._consumed), tuple(effects), self.origin))

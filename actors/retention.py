@@ -69,10 +69,12 @@ class Retention:
         self.batch = cfg.retention_batch
         self.interval_s = cfg.retention_interval_s
         self._since_ms = int(time.time() * 1000)  # finishes from now on are indexed
+        self._backfill_until: bytes | None = None  # the last order before this start
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="retention", daemon=True)
 
     def start(self) -> None:
+        self._backfill_until = self.store.last_order_key()
         cut = archive.repair(self.store.path, self.store.archive_lengths())
         for what in cut:  # a crash between an archive write and its commit
             logger.warning("archive: cut an uncommitted tail: %s", what)
@@ -113,7 +115,8 @@ class Retention:
         rows = (self.store.finished_before(now - self.retention_s, self.batch)
                 if self.retention_s > 0 else [])
         expired = self.store.expired_before(now - self.dedup_window_s, self.batch)
-        backfill = self.store.backfill_scan(self._since_ms, self.batch)
+        backfill = self.store.backfill_scan(self._since_ms, self.batch,
+                                             self._backfill_until)
         if not rows and not expired and not backfill:
             return 0
         committed = self.store.archive_lengths()

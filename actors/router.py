@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 import pykka
 
+from actors import effects
+from actors.effects import Origin
 from actors.eventloop import EventLoop
 from actors.order import Inbound, OrderActor, Rest
 from actors.order_counts import OrderCounts
@@ -80,14 +82,28 @@ class OrderRouter(Revival):
 
     # -- lifecycle ---------------------------------------------------------
 
-    def start(self, order: Order, first: Any, reason: str = "new") -> None:
-        """Start an actor for an order in hand (just created or recovered)."""
+    def start(self, order: Order, first: Any, reason: str = "new",
+              started: tuple[Any, ...] | None = None) -> None:
+        """Start an actor for an order in hand (just created or recovered)
+        and tell it ``first`` (unless None). ``started``: the effects of the
+        ``Start`` it was created with (``actors.effects.NewOrder``), durable
+        with it: they run now, after the actor exists, as the writer runs a
+        snapshot's."""
         order_id = order.order_id
         with self._stripe(order_id):
             ref = self._live.get(order_id)
             if ref is None and order_id not in self._reviving:
                 ref = self._spawn(order, reason)
-            self._tell(order_id, ref, first)
+            if first is not None:
+                self._tell(order_id, ref, first)
+        if started:
+            origin = Origin(self.ctx, order_id, order.order_type, order.source_system,
+                            order.created_ts)
+            failed = effects.run_all(started, origin)
+            if failed is not None:
+                logger.error("post-commit effect %s failed", effects.describe(failed[0], origin),
+                             exc_info=failed[1])
+                self.ctx.metrics.internal_errors.labels("writer").inc()
 
     def deliver(self, order_id: str, message: Any) -> bool:
         """Hand a message to an order, reactivating it if passivated."""

@@ -51,8 +51,10 @@ def _unknown(raw: dict[str, Any], allowed: set[str], path: str, errs: _Errors) -
 def _string(
     raw: dict[str, Any], key: str, path: str, errs: _Errors, *, required: bool
 ) -> str | None:
-    field = f"{path}.{key}" if path else key
     value = raw.get(key)
+    if type(value) is str and len(value) <= MAX_STR and (not required or value.strip()):
+        return value  # the common case: no field name to format
+    field = f"{path}.{key}" if path else key
     if value is None:
         if required:
             errs.add(field, "required")

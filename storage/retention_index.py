@@ -154,11 +154,21 @@ class RetentionIndex(StoreView):
             txn.delete(exp, db=db["expiry"])
         return moved
 
-    def backfill_scan(self, since_ms: int, limit: int) -> tuple[Any, ...]:
+    def last_order_key(self) -> bytes | None:
+        """The greatest order key in the store now (None if it holds none)."""
+        with self.read() as txn:
+            cur = txn.cursor(db=self.db["orders"])
+            return cur.key() if cur.last() else None
+
+    def backfill_scan(self, since_ms: int, limit: int,
+                      until: bytes | None) -> tuple[Any, ...]:
         """Orders that finished before the finish-time index existed (before
         ``since_ms``, the first start with retention) have no ``done``
         entry: find up to ``limit`` records' worth of them, from where the
-        last scan stopped. () when the scan is over (or was never needed)."""
+        last scan stopped, up to the key ``until`` (``last_order_key`` when
+        this process started: an order created later has always been indexed
+        when it finished, so the scan never chases the orders coming in).
+        () when the scan is over (or was never needed)."""
         with self.read() as txn:
             meta = self.db["meta"]
             at = txn.get(b"backfill_at", db=meta)
@@ -167,11 +177,14 @@ class RetentionIndex(StoreView):
             stored = txn.get(b"backfill_since", db=meta)
             since = int(stored) if stored else since_ms
             cur = txn.cursor(db=self.db["orders"])
-            found_any = cur.set_range(at + b"\x00") if at else cur.first()
+            found_any = until is not None and (cur.set_range(at + b"\x00") if at else cur.first())
             found: list[tuple[bytes, str]] = []
             scanned, last = 0, at or b""
             while found_any and scanned < limit:
                 key, raw = cur.item()
+                if until is None or key > until:
+                    found_any = False
+                    break
                 scanned, last = scanned + 1, key
                 if txn.get(key, db=self.db["active"]) is None:
                     try:
@@ -182,7 +195,7 @@ class RetentionIndex(StoreView):
                     if ms < since:
                         found.append((ts_key(ms, key), state))
                 found_any = cur.next()
-            return (since, last if found_any else b"\xff", found)
+            return (since, last if found_any and last != until else b"\xff", found)
 
     def retention_stats(self, now: float | None = None) -> dict[str, Any]:
         """Read at scrape time: finished orders still live by state, the age

@@ -211,3 +211,43 @@ def test_a_reason_that_is_not_a_string_is_malformed(service: Any, client: Client
     reply = client.request({"type": rtype, "order_id": oid, "reason": {"why": 1}})
     assert (reply["type"], reply["code"]) == ("error", "malformed"), reply
     assert "reason" in reply["message"]
+
+
+def test_a_new_order_is_stored_started_and_answered_acknowledged(
+        service: Any, client: Client) -> None:
+    """The create's transaction holds the order after its ``Start``
+    (``actors.effects.NewOrder``): the first durable snapshot already has
+    the first commands running, with no second snapshot for the start;
+    the reply still says ``acknowledged`` (contract)."""
+    reply = client.submit(retail_order("ext-started"))
+    assert reply["type"] == "accepted" and reply["state"] == "acknowledged"
+    with service.store.read() as txn:  # durable before the reply
+        stored = service.store.load(txn, reply["order_id"])
+    assert stored is not None and stored.version == 1
+    assert str(stored.state) == "inProgress" and stored.history[0]["state"] == "acknowledged"
+    assert str(stored.steps["reserve_stock"].status) == "running"
+    final = wait_terminal(client, [reply["order_id"]], timeout=20)[reply["order_id"]]
+    assert final["state"] == "completed"
+
+
+def test_an_order_whose_start_raises_is_accepted_and_held(
+        make_service: Any, sim: Any, client: Client) -> None:
+    """Poison that validation lets through and the engine's ``Start``
+    raises on: the create stores it unstarted, its actor runs ``Start``,
+    and the order failure rule holds it as fallout; the next order runs."""
+    import dataclasses
+
+    from oms.engine import Engine
+
+    svc = make_service()
+    good = svc.octx.engines["retail"]
+    svc.octx.engines["retail"] = Engine(dataclasses.replace(good.proc, expected_s="soon"))
+    poison = client.submit(retail_order("ext-poison"))
+    assert poison["type"] == "accepted" and poison["state"] == "acknowledged"
+    view = poll_until(lambda: (o := client.get(poison["order_id"])["order"])["state"] == "held"
+                      and o)
+    svc.octx.engines["retail"] = good
+    assert view["state_reason"] == "internal_error"
+    assert view["failure"]["error"]["message"].startswith("TypeError:")
+    after = client.submit(retail_order("ext-after-poison"))["order_id"]
+    assert wait_terminal(client, [after], timeout=20)[after]["state"] == "completed"

@@ -299,3 +299,48 @@ def test_the_retention_alert_fires_when_behind_and_not_otherwise() -> None:
     run = subprocess.run([promtool, "test", "rules", "alerts_retention_test.yml"], cwd=rules,
                          capture_output=True, text=True, timeout=60, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def _finished_record(order_id: str, finished_ts: float) -> bytes:
+    from oms import codec
+    from oms.engine import new_order
+    from oms.process import builtin_processes
+    from oms.states import OrderState
+    from oms.validation import validate_order
+
+    req, problems = validate_order(retail_order(f"ext-{order_id}"), ["retail"])
+    assert req is not None, problems
+    order = new_order(order_id, req, builtin_processes()["retail"], finished_ts)
+    order.state, order.updated_ts = OrderState.COMPLETED, finished_ts
+    return codec.pack(order.to_record())
+
+
+def test_the_backfill_scan_stops_at_the_last_order_of_its_start(tmp_path: Path) -> None:
+    """The scan for orders finished before the index existed covers the
+    orders there were when the process started, never the ones coming in
+    (a fresh store: none at all), however many there are."""
+    store = Store(tmp_path / "data")
+    try:
+        assert store.backfill_scan(0, 10, store.last_order_key()) == (0, b"\xff", [])
+        old = [f"O{n:012d}" for n in range(1, 6)]
+        with store.write() as txn:  # finished, no finish-time entry: an older release's
+            for oid in old:
+                txn.put(oid.encode(), _finished_record(oid, 100.0), db=store.db["orders"])
+        until = store.last_order_key()
+        assert until == old[-1].encode()
+        with store.write() as txn:  # came in after the start: never scanned
+            for n in range(6, 9):
+                oid = f"O{n:012d}"
+                txn.put(oid.encode(), _finished_record(oid, 100.0), db=store.db["orders"])
+        _since, cursor, found = store.backfill_scan(200_000, 100, until)
+        assert cursor == b"\xff" and [k[8:].decode() for k, _ in found] == old
+        assert {state for _, state in found} == {"completed"}
+        cursor, seen = b"", []
+        while cursor != b"\xff":  # in chunks of 2, each recorded as the sweep's commit does
+            _since, cursor, found = store.backfill_scan(200_000, 2, until)
+            seen += [k[8:].decode() for k, _ in found]
+            with store.write() as txn:
+                txn.put(b"backfill_at", cursor, db=store.db["meta"])
+        assert seen == old and store.backfill_scan(200_000, 2, until) == ()
+    finally:
+        store.close()
