@@ -249,7 +249,7 @@ def test_the_store_reads_both_versions_everywhere(tmp_path: Path) -> None:
         txn.abort()
         # the retention index: finished orders indexed by their state, old ones found
         # by the upgrade scan from their record's updated_ts and state
-        _since, _cursor, found = store.backfill_scan(10**15, 100)
+        _since, _cursor, found = store.backfill_scan(10**15, 100, store.last_order_key())
         states = sorted(state for _key, state in found)
         assert states == sorted(2 * ["completed", "cancelled", "partial"])
         assert all(ms // 1000 > 999 for ms in (int.from_bytes(k[:8], "big")

@@ -302,7 +302,7 @@ def test_the_retention_alert_fires_when_behind_and_not_otherwise() -> None:
 
 
 def _finished_record(order_id: str, finished_ts: float) -> bytes:
-    from oms import codec
+    from oms import snapshot
     from oms.engine import new_order
     from oms.process import builtin_processes
     from oms.states import OrderState
@@ -312,7 +312,7 @@ def _finished_record(order_id: str, finished_ts: float) -> bytes:
     assert req is not None, problems
     order = new_order(order_id, req, builtin_processes()["retail"], finished_ts)
     order.state, order.updated_ts = OrderState.COMPLETED, finished_ts
-    return codec.pack(order.to_record())
+    return snapshot.encode(order)
 
 
 def test_the_backfill_scan_stops_at_the_last_order_of_its_start(tmp_path: Path) -> None:
