@@ -28,7 +28,18 @@ from oms.messages import CommandResult, Effect, Publish, Send, Sequence, Timer
 from oms.model import Order, Step
 from oms.outstanding import forward_in_flight
 from oms.process import Action, ProcessDef, RetryPolicy, StepDef
-from oms.states import Ev, OrderState, Phase, StepStatus, set_step_status
+from oms.states import (
+    ORDER_HELD,
+    PHASE_FINISH,
+    REASON_INTERNAL_ERROR,
+    STEP_DONE,
+    STEP_FAILED,
+    STEP_SKIPPED,
+    Ev,
+    OrderState,
+    StepStatus,
+    set_step_status,
+)
 from oms.templates import Template, order_facts
 
 if TYPE_CHECKING:
@@ -51,6 +62,14 @@ def id_key(key: str) -> str:
                                  digest_size=16).hexdigest()
 
 
+def action_of(sdef: StepDef, item: dict[str, Any] | None) -> Action | None:
+    """A step's action under its definition: the definition's, or for a
+    per-item step the one for its item's action (None: nothing to do)."""
+    if sdef.per_item is not None:
+        return sdef.per_item.get(item["action"]) if item else None
+    return sdef.action
+
+
 def _spread(command_id: str, attempt: int) -> float:
     """Deterministic jitter in [0, 1): pure, yet different per command."""
     return zlib.crc32(f"{command_id}/{attempt}".encode()) / 2**32
@@ -71,13 +90,25 @@ class StepPlan:
     def __init__(self, turn: TurnBase) -> None:
         self.facts: dict[str, Any] = {}  # the order's facts that never change (oms.templates)
         self.defs = turn.defs  # the definition this plan was made under
-        self.steps = list(turn.order.steps.values())
+        self.steps = steps = list(turn.order.steps.values())
         groups: dict[str, list[Step]] = {}
-        for step in self.steps:
-            groups.setdefault(step.name, []).append(step)
-        self.orphans = [s for s in self.steps if not turn.defined(s)]
-        self.launch = [(sdef, groups[sdef.name], [s for d in sdef.after for s in groups.get(d, ())])
-                       for sdef in turn.proc.steps if sdef.name in groups]
+        self.orphans: list[Step] = []
+        for step in steps:
+            group = groups.get(step.name)
+            if group is None:
+                groups[step.name] = [step]
+            else:
+                group.append(step)
+            if not turn.defined(step):
+                self.orphans.append(step)
+        self.launch: list[tuple[StepDef, list[Step], list[Step]]] = []
+        for sdef in turn.proc.steps:
+            group = groups.get(sdef.name)
+            if group is not None:
+                deps: list[Step] = []
+                for name in sdef.after:
+                    deps += groups.get(name, ())
+                self.launch.append((sdef, group, deps))
 
 
 class TurnBase:
@@ -110,7 +141,7 @@ class TurnBase:
         order = self.order
         old = order.state
         new = states.next_state(old, event)
-        crashed = old == OrderState.HELD and order.state_reason == states.Reason.INTERNAL_ERROR
+        crashed = old == ORDER_HELD and order.state_reason == REASON_INTERNAL_ERROR
         reason = None if reason is None else str(reason)
         order.state = new
         states.set_reason(order, reason)
@@ -127,11 +158,11 @@ class TurnBase:
         if reason:
             payload["state_reason"] = reason
         self.emit(Publish(payload))
-        if crashed and new != OrderState.HELD:  # it leaves the internal_error hold:
+        if crashed and new != ORDER_HELD:  # it leaves the internal_error hold:
             self.resend_in_flight()  # a reply the crash dropped would never come
-        if new.terminal:
+        if new in states.TERMINAL:
             self.finish_items(new)
-            states.set_phase(order, Phase.FINISH)
+            states.set_phase(order, PHASE_FINISH)
             order.summary = self.summary()
             self.emit(Publish({"type": "order_summary", "order_id": order.order_id,
                                "external_id": order.external_id, "summary": order.summary}))
@@ -142,10 +173,10 @@ class TurnBase:
 
     def set_reason(self, reason: str) -> None:
         """A held order stays held for another reason: ``oms.states.set_reason``."""
-        crashed = self.order.state_reason == states.Reason.INTERNAL_ERROR
+        crashed = self.order.state_reason == REASON_INTERNAL_ERROR
         states.set_reason(self.order, reason)
         self.changed = True
-        if crashed and reason != states.Reason.INTERNAL_ERROR:  # as in ``transition``
+        if crashed and reason != REASON_INTERNAL_ERROR:  # as in ``transition``
             self.resend_in_flight()
 
     def set_status(self, step: Step, status: StepStatus) -> None:
@@ -171,15 +202,12 @@ class TurnBase:
 
     def action(self, step: Step) -> Action | None:
         sdef = self.sdef(step)
-        if sdef.per_item is not None:
-            item = self.item(step)
-            return sdef.per_item.get(item["action"]) if item else None
-        return sdef.action
+        return action_of(sdef, self.item(step)) if sdef.per_item is not None else sdef.action
 
     def fill(self, template: Any, step: Step | None = None) -> Any:
         """A template filled from what it may name (``oms.templates``): only
-        the scopes and the order's facts it names are built (they cost more
-        than the rest), and it is parsed once per engine."""
+        the scopes, the order's facts and the steps' results it names are
+        built, and it is parsed once per engine."""
         parsed = self.templates.get(id(template))
         if parsed is None:
             parsed = self.templates[id(template)] = Template(template)
@@ -188,12 +216,17 @@ class TurnBase:
         if "order" in names:
             scopes["order"] = order_facts(self.order, parsed.facts, self.step_plan().facts)
         if "steps" in names:
-            scopes["steps"] = {k: s.result for k, s in self.order.steps.items()
-                               if s.result is not None}
+            steps, wanted = self.order.steps, parsed.steps
+            scopes["steps"] = {k: s.result for k, s in steps.items() if s.result is not None} if (
+                wanted is None) else {k: s.result for k in wanted
+                                      if (s := steps.get(k)) is not None and s.result is not None}
         if step is not None:
-            scopes["item"] = self.item(step)
-            scopes["result"] = step.result or {}
-            scopes["args"] = step.args or {}
+            if "item" in names:
+                scopes["item"] = self.item(step)
+            if "result" in names:
+                scopes["result"] = step.result or {}
+            if "args" in names:
+                scopes["args"] = step.args or {}
         return parsed.fill(scopes)
 
     def step_plan(self) -> StepPlan:
@@ -208,15 +241,15 @@ class TurnBase:
 
     def settled(self, step: Step) -> bool:
         status = step.status
-        if status is StepStatus.DONE or status is StepStatus.SKIPPED:
+        if status is STEP_DONE or status is STEP_SKIPPED:
             return True
-        return (status is StepStatus.FAILED and self.proc.item_failure == "partial"
+        return (status is STEP_FAILED and self.proc.item_failure == "partial"
                 and step.item_id is not None)
 
     def all_settled(self, steps: list[Step]) -> bool:
         """``settled`` for each of ``steps`` (inlined: it runs for nearly every
         message)."""
-        done, skipped, failed = StepStatus.DONE, StepStatus.SKIPPED, StepStatus.FAILED
+        done, skipped, failed = STEP_DONE, STEP_SKIPPED, STEP_FAILED
         partial = self.proc.item_failure == "partial"
         for step in steps:
             status = step.status

@@ -130,19 +130,26 @@ def template_refs(template: Any) -> frozenset[tuple[str, str | None]]:
 
 class Template:
     """A parsed argument template: the scopes it names, which of the order's
-    facts (None: all of them), and ``fill``, which fills it from scopes as
-    ``resolve`` does, without walking the template again."""
+    facts and which steps' results (None: all of them), and ``fill``, which
+    fills it from scopes as ``resolve`` does, without walking the template
+    again. A template reads no scope it does not name, so only those need
+    building (``oms.engine_base.TurnBase.fill``)."""
 
-    __slots__ = ("facts", "fill", "raw", "scopes")
+    __slots__ = ("facts", "fill", "raw", "scopes", "steps")
 
     def __init__(self, raw: Any) -> None:
         refs = template_refs(raw)
         self.raw = raw  # kept: its id() is the engine's cache key
         self.scopes = frozenset(scope for scope, _ in refs)
-        names = {name for scope, name in refs if scope == "order"}
-        self.facts: frozenset[str] | None = None if None in names else frozenset(
-            n for n in names if n is not None)
+        self.facts = _named(refs, "order")
+        self.steps = _named(refs, "steps")
         self.fill = compile_template(raw)
+
+
+def _named(refs: frozenset[tuple[str, str | None]], scope: str) -> frozenset[str] | None:
+    """The names a template reads under ``scope`` (None: the whole scope)."""
+    names = {name for s, name in refs if s == scope}
+    return None if None in names else frozenset(n for n in names if n is not None)
 
 
 def compile_template(template: Any) -> Callable[[dict[str, Any]], Any]:
