@@ -23,6 +23,7 @@ import zlib
 from typing import TYPE_CHECKING, Any
 
 from oms import states, untrusted
+from oms.engine_plan import StepPlan, action_of
 from oms.errors import CIRCUIT_OPEN, DomainError
 from oms.messages import CommandResult, Effect, Publish, Send, Sequence, Timer
 from oms.model import Order, Step
@@ -40,7 +41,7 @@ from oms.states import (
     StepStatus,
     set_step_status,
 )
-from oms.templates import Template, order_facts
+from oms.templates import Template
 
 if TYPE_CHECKING:
     from oms.engine import Engine
@@ -62,53 +63,9 @@ def id_key(key: str) -> str:
                                  digest_size=16).hexdigest()
 
 
-def action_of(sdef: StepDef, item: dict[str, Any] | None) -> Action | None:
-    """A step's action under its definition: the definition's, or for a
-    per-item step the one for its item's action (None: nothing to do)."""
-    if sdef.per_item is not None:
-        return sdef.per_item.get(item["action"]) if item else None
-    return sdef.action
-
-
 def _spread(command_id: str, attempt: int) -> float:
     """Deterministic jitter in [0, 1): pure, yet different per command."""
     return zlib.crc32(f"{command_id}/{attempt}".encode()) / 2**32
-
-
-class StepPlan:
-    """An order's steps as ``advance`` walks them, built once per order in
-    memory (its set of steps never changes; statuses are read live).
-
-    launch: per step definition, in definition order: its steps and the
-      steps it depends on. orphans: steps the definition no longer has
-      (``oms.orphans``), in order. steps: all of them. facts: the order's
-      facts templates named so far, those that never change.
-    """
-
-    __slots__ = ("defs", "facts", "launch", "orphans", "steps")
-
-    def __init__(self, turn: TurnBase) -> None:
-        self.facts: dict[str, Any] = {}  # the order's facts that never change (oms.templates)
-        self.defs = turn.defs  # the definition this plan was made under
-        self.steps = steps = list(turn.order.steps.values())
-        groups: dict[str, list[Step]] = {}
-        self.orphans: list[Step] = []
-        for step in steps:
-            group = groups.get(step.name)
-            if group is None:
-                groups[step.name] = [step]
-            else:
-                group.append(step)
-            if not turn.defined(step):
-                self.orphans.append(step)
-        self.launch: list[tuple[StepDef, list[Step], list[Step]]] = []
-        for sdef in turn.proc.steps:
-            group = groups.get(sdef.name)
-            if group is not None:
-                deps: list[Step] = []
-                for name in sdef.after:
-                    deps += groups.get(name, ())
-                self.launch.append((sdef, group, deps))
 
 
 class TurnBase:
@@ -145,19 +102,20 @@ class TurnBase:
         reason = None if reason is None else str(reason)
         order.state = new
         states.set_reason(order, reason)
-        entry: dict[str, Any] = {"state": str(new), "ts": self.now}
+        text = str(new)
+        entry: dict[str, Any] = {"state": text, "ts": self.now}
         if reason:
             entry["reason"] = reason
         order.history.append(entry)
         self.changed = True
         payload: dict[str, Any] = {
             "type": "order_state", "order_id": order.order_id,
-            "external_id": order.external_id, "state": str(new),
+            "external_id": order.external_id, "state": text,
             "previous_state": str(old), "ts": self.now,
         }
         if reason:
             payload["state_reason"] = reason
-        self.emit(Publish(payload))
+        self.effects.append(Publish(payload))
         if crashed and new != ORDER_HELD:  # it leaves the internal_error hold:
             self.resend_in_flight()  # a reply the crash dropped would never come
         if new in states.TERMINAL:
@@ -168,7 +126,7 @@ class TurnBase:
                                "external_id": order.external_id, "summary": order.summary}))
             if order.seq_key:  # with or without its turn: a pending order leaves too
                 self.emit(Sequence(order.seq_key, enter=False))
-        if str(new) in self.proc.notify_states:
+        if text in self.proc.notify_states:
             self.notify(new, old)
 
     def set_reason(self, reason: str) -> None:
@@ -192,8 +150,18 @@ class TurnBase:
     # -- reading the order -------------------------------------------------
 
     def command_id(self, step: Step) -> str:
-        base = f"{self.order.order_id}:{id_key(step.key)}"
+        key = step.key
+        base = f"{self.order.order_id}:{key if len(key) <= MAX_KEY_IN_ID else id_key(key)}"
         return f"{base}#{step.gen}" if step.gen else base
+
+    def total_minor(self) -> int:
+        """``order.total_minor``, kept with the order's facts that never change
+        (``StepPlan.facts``: an order's items and their prices are fixed)."""
+        facts = self.step_plan().facts
+        total = facts.get("total_minor")
+        if total is None:
+            total = facts["total_minor"] = self.order.total_minor
+        return total
 
     def item(self, step: Step) -> dict[str, Any] | None:
         if step.item_id is None:
@@ -214,7 +182,7 @@ class TurnBase:
         names = parsed.scopes
         scopes: dict[str, Any] = {}
         if "order" in names:
-            scopes["order"] = order_facts(self.order, parsed.facts, self.step_plan().facts)
+            scopes["order"] = parsed.order_scope(self.order, self.step_plan().facts)
         if "steps" in names:
             steps, wanted = self.order.steps, parsed.steps
             scopes["steps"] = {k: s.result for k, s in steps.items() if s.result is not None} if (
@@ -316,7 +284,7 @@ class TurnBase:
     def send_step(self, step: Step) -> None:
         raise NotImplementedError  # oms.engine_run
 
-    def step_done(self, step: Step) -> None:
+    def step_done(self, step: Step, sdef: StepDef | None = None) -> None:
         raise NotImplementedError  # oms.engine_run
 
     def step_failed(self, step: Step) -> None:

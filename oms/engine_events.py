@@ -41,8 +41,9 @@ class EventMixin(TurnBase):
         data = ev.data if problem is None else {"dropped": problem}
         if problem:
             self.log_event(ev, f"its data is not kept: {problem}")
-        for step in order.steps.values():
-            if self.event_matches(step, ev.name, ev.system):
+        name = ev.name
+        for step in order.steps.values():  # (``step.wait == name``: what matches first checks)
+            if step.wait == name and self.event_matches(step, name, ev.system):
                 self.consume(step, data)
                 self.advance()
                 return

@@ -13,8 +13,9 @@ from oms.states import STEP_DONE, STEP_RUNNING, OrderState, StepStatus
 
 class NoteMixin(TurnBase):
     def notify(self, state: OrderState, previous: OrderState) -> None:
-        self.notify_crm(f"notify:{state}", str(state),
-                        f"Order {self.order.external_id} is {state} (was {previous})")
+        text = str(state)
+        self.notify_crm(f"notify:{text}", text,
+                        f"Order {self.order.external_id} is {text} (was {previous!s})")
 
     def notify_crm(self, key: str, state: str, message: str) -> None:
         order = self.order

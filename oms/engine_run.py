@@ -8,7 +8,8 @@ import logging
 from typing import Any
 
 from oms import untrusted
-from oms.engine_base import StepPlan, TurnBase, action_of, id_key
+from oms.engine_base import TurnBase, id_key
+from oms.engine_plan import StepPlan, action_of
 from oms.errors import INVALID_REPLY, DomainError
 from oms.messages import CommandResult, Sequence, Timer
 from oms.model import Step
@@ -16,6 +17,7 @@ from oms.process import StepDef
 from oms.states import (
     ITEM_COMPLETED,
     ITEM_FAILED,
+    ITEM_IN_PROGRESS,
     ORDER_ACKNOWLEDGED,
     ORDER_HELD,
     ORDER_IN_PROGRESS,
@@ -72,7 +74,7 @@ class RunMixin(TurnBase):
             self.emit(Sequence(order.seq_key or "", enter=False))
 
     def begin(self) -> None:
-        if not 0 <= self.order.total_minor <= MAX_AMOUNT_MINOR:  # accepted before the bound
+        if not 0 <= self.total_minor() <= MAX_AMOUNT_MINOR:  # accepted before the bound
             self.order.failure = {"step": None, "error": {
                 "code": AMOUNT_OUT_OF_RANGE, "retryable": False,
                 "message": f"the order total is outside 0..{MAX_AMOUNT_MINOR} (int64)"}}
@@ -84,9 +86,10 @@ class RunMixin(TurnBase):
     def start_run(self) -> None:
         """What starting does after the order's move to inProgress (also when an
         operator resumes an order held before it started)."""
-        self.expect("order", self.proc.expected_s)
+        if self.proc.expected_s:
+            self.expect("order", self.proc.expected_s)
         for it in self.order.items:
-            set_item_state(it, ItemState.IN_PROGRESS)
+            set_item_state(it, ITEM_IN_PROGRESS)
         self.advance()
 
     def on_resume(self) -> None:
@@ -164,12 +167,16 @@ class RunMixin(TurnBase):
         definition order."""
         pending, done, skipped, failed = STEP_PENDING, STEP_DONE, STEP_SKIPPED, STEP_FAILED
         partial = self.proc.item_failure == "partial"
-        for sdef, group, deps in plan.launch:
-            for step in group:
-                if step.status is pending:
-                    break
+        for sdef, group, deps, single in plan.launch:
+            if single is not None:  # most definitions: one step (not per item)
+                if single.status is not pending:
+                    continue
             else:
-                continue  # nothing of this step waits to run
+                for step in group:
+                    if step.status is pending:
+                        break
+                else:
+                    continue  # nothing of this step waits to run
             for dep in deps:  # ``all_settled(deps)``, inlined
                 status = dep.status
                 if status is done or status is skipped or (
@@ -190,7 +197,8 @@ class RunMixin(TurnBase):
                 step.retry_at = self.now + sdef.wait_timeout_s  # the wait's deadline
                 self.emit(Timer(step.retry_at, ("wait", step.key, 0)))
             return
-        self.expect(step.key, sdef.expected_s)
+        if sdef.expected_s:
+            self.expect(step.key, sdef.expected_s)
         # ``sdef`` is the step's definition (``self.sdef(step)``): its action and
         # timeout are read off it, as ``action`` and ``send_step`` would
         action = sdef.action if sdef.per_item is None else action_of(sdef, self.item(step))
@@ -214,9 +222,10 @@ class RunMixin(TurnBase):
             self.transition(Ev.COMPLETE)
 
     def finish_items(self, state: OrderState) -> None:
+        completed, partial = state == S.COMPLETED, state == S.PARTIAL
         for it in self.order.items:
-            if state == S.COMPLETED or (state == S.PARTIAL and it["state"] != ItemState.FAILED):
-                set_item_state(it, ItemState.COMPLETED)
+            if completed or (partial and it["state"] != ITEM_FAILED):
+                set_item_state(it, ITEM_COMPLETED)
             elif state == S.CANCELLED:
                 set_item_state(it, ItemState.CANCELLED)
             elif state == S.FAILED:
@@ -227,7 +236,7 @@ class RunMixin(TurnBase):
         return {
             "state": str(order.state),
             "completed_ts": self.now,
-            "total_minor": total if 0 <= (total := order.total_minor) <= MAX_AMOUNT_MINOR
+            "total_minor": total if 0 <= (total := self.total_minor()) <= MAX_AMOUNT_MINOR
             else None,
             "currency": order.currency,
             "items": [{"id": it["id"], "state": it["state"]} for it in order.items],
@@ -301,18 +310,22 @@ class RunMixin(TurnBase):
         step.result, step.error, step.applied = data, None, True
         order.done_counter += 1
         step.done_seq = order.done_counter
-        hold = self.sdef(step).hold
+        sdef = self.sdef(step)
+        hold = sdef.hold
         if hold and order.phase == PHASE_RUN and data.get(hold.field) == hold.equals:
             step.wait = hold.until_event
             if not self.take_early_event(step):
                 self.hold(hold.reason)
             return
-        self.step_done(step)
+        self.step_done(step, sdef)
 
-    def step_done(self, step: Step) -> None:
+    def step_done(self, step: Step, sdef: StepDef | None = None) -> None:
+        """Done: its results collected, its item completed with its last step
+        (``sdef``: the step's definition, ``self.sdef(step)``, if at hand)."""
         self.set_status(step, STEP_DONE)
-        sdef = self.sdef(step)
-        item = self.item(step)
+        if sdef is None:
+            sdef = self.sdef(step)
+        item = None if step.item_id is None else self.item(step)
         action = sdef.action if sdef.per_item is None else action_of(sdef, item)
         if action is not None and step.result is not None:
             for key, field in action.collect.items():
