@@ -41,13 +41,15 @@ class StepPlan:
         self.steps = steps = list(turn.order.steps.values())
         groups: dict[str, list[Step]] = {}
         self.orphans: list[Step] = []
+        known = turn.known  # ``turn.defined``'s answers so far, by shape
         for step in steps:
             group = groups.get(step.name)
             if group is None:
                 groups[step.name] = [step]
             else:
                 group.append(step)
-            if not turn.defined(step):
+            if not (known.get((step.name, step.op, step.item_id is None))
+                    or turn.defined(step)):
                 self.orphans.append(step)
         self.launch: list[tuple[StepDef, list[Step], list[Step], Step | None]] = []
         for sdef in turn.proc.steps:

@@ -11,7 +11,7 @@ from oms import untrusted
 from oms.engine_base import TurnBase, id_key
 from oms.engine_plan import StepPlan, action_of
 from oms.errors import INVALID_REPLY, DomainError
-from oms.messages import CommandResult, Sequence, Timer
+from oms.messages import CommandResult, Send, Sequence, Timer
 from oms.model import Step
 from oms.process import StepDef
 from oms.states import (
@@ -206,7 +206,8 @@ class RunMixin(TurnBase):
         args = step.args = self.fill(action.args, step)
         step.attempts = 1
         self.set_status(step, STEP_RUNNING)
-        self.send(step.system, self.command_id(step), step.op, args, sdef.timeout_s)
+        self.effects.append(Send(step.system, self.command_id(step), step.op, args,
+                                 sdef.timeout_s))
 
     def send_step(self, step: Step) -> None:
         sdef = self.sdef(step)
@@ -252,13 +253,14 @@ class RunMixin(TurnBase):
         if command_id[size:size + 1] != ":" or not command_id.startswith(order.order_id):
             return "none", None, -1
         rest = command_id[size + 1:]
-        if rest.startswith("notify:"):
-            idx = int(rest[7:]) if rest[7:].isdigit() else -1
-            ok = 0 <= idx < len(order.notes)
-            return ("note", order.notes[idx], idx) if ok else ("none", None, -1)
         kind = "step"
-        if rest.endswith(":undo"):
-            kind, rest = "comp", rest[:-5]
+        if ":" in rest:  # a note or an undo (a step's own command has none, as a rule)
+            if rest.startswith("notify:"):
+                idx = int(rest[7:]) if rest[7:].isdigit() else -1
+                ok = 0 <= idx < len(order.notes)
+                return ("note", order.notes[idx], idx) if ok else ("none", None, -1)
+            if rest.endswith(":undo"):
+                kind, rest = "comp", rest[:-5]
         key, gen = rest, ""
         if "#" in rest:  # an item id may hold "#" too: the last one is the retry
             key, _, gen = rest.rpartition("#")  # generation only if digits follow it
