@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import normalized
+from helpers import normalized, retail_order
 from test_engine import RETAIL, TELECOM
 from test_engine_fuzz import Run
 
@@ -55,6 +55,7 @@ from oms.messages import (
 from oms.model import Order
 from oms.process import ProcessDef
 from oms.sample import sample_orders
+from oms.templates import Template, order_facts, resolve
 
 
 def plain(value: Any) -> Any:
@@ -232,3 +233,49 @@ SCENARIOS = {
 def test_the_engine_produces_exactly_what_it_did(name: str) -> None:
     assert SCENARIOS[name]() == GOLDEN[name], (
         f"the engine's outputs for {name!r} changed: see this module's docstring")
+
+
+# -- the shortcuts the engine's hot paths take, on hostile values --------------
+
+
+def test_odd_item_ids_name_their_own_step_undo_and_generation() -> None:
+    """``find`` skips the note and undo checks when no colon follows the
+    order id, and the retry generation when no '#' is in the key: item ids
+    holding ':', '#', 'notify:' or ':undo' still name their own step."""
+    items = [{"id": i, "product_id": "fiber", "quantity": 1, "unit_price_minor": 100}
+             for i in ("a:undo", "b#7", "notify:1", "c#x", "~d")]
+    raw = {"source_system": "s", "external_id": "e", "order_type": "telecom",
+           "customer": {"id": "c"}, "items": items,
+           "customer_address": {"line1": "x", "city": "y", "postal_code": "1",
+                                "country": "DE"}}
+    order = new_order("o:1", normalized(raw), TELECOM, 1.0)
+    turning = Engine(TELECOM).handle(order, Start(), 2.0)
+    steps = [s for s in order.steps.values() if s.item_id is not None]
+    assert len(steps) == len(items)
+    for step in steps:
+        cid = turning.command_id(step)
+        assert turning.find(cid) == ("step", step, -1), cid
+        assert turning.find(f"{cid}:undo") == ("comp", step, -1), cid
+        step.gen = 2
+        assert turning.find(cid) == ("none", None, -1), cid  # an earlier generation's
+        assert turning.find(turning.command_id(step)) == ("step", step, -1), cid
+        step.gen = 0
+    assert turning.find("o:1notify:0")[0] == "none"  # the colon after the id is required
+    assert turning.find("o:2:notify:0")[0] == "none"
+
+
+def test_a_template_reads_nothing_of_the_kept_facts_but_what_it_names() -> None:
+    """A template naming only facts that never change gets the order's kept
+    facts as its scope; a name that is no fact stays None, whatever is kept."""
+    order = new_order("o-1", normalized(retail_order()), RETAIL, 1.0)
+    raw = {"cur": "$order.currency", "none": "$order.nope", "deep": "$order.customer.id",
+           "whole": "$order.items.0", "const": 5}
+    template = Template(raw)
+    assert template.fixed
+    kept: dict[str, Any] = {"total_minor": 1, "stock_items": []}
+    scope = template.order_scope(order, kept)
+    expected = resolve(raw, {"order": order_facts(order)})
+    assert template.fill({"order": scope}) == expected
+    assert expected == {"cur": "EUR", "none": None, "deep": "c-1", "whole": None, "const": 5}
+    assert not Template({"done": "$order.completed_items"}).fixed  # it changes: built anew
+    assert not Template({"all": "$order"}).fixed
