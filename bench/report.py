@@ -149,8 +149,13 @@ def render(r: dict[str, Any]) -> str:
     if r["scenario"] == "engine":
         lines += ["", f"engine:       {r['us_per_message']:.1f} us per message (one step "
                       f"result, start or event), {r['us_per_order_engine']:.0f} us per retail "
-                      f"order ({r['messages'] / r['orders']:.0f} messages)",
-                  f"snapshot:     {r['us_per_snapshot_encode']:.1f} us to encode one"]
+                      f"order ({r['messages'] / r['orders']:.0f} messages)"]
+        if "us_per_order_engine_spread" in r:
+            spread = r["us_per_order_engine_spread"]
+            lines.append(f"              per order over {r['rounds']} rounds: min "
+                         f"{spread['min']:.1f} / median {spread['median']:.1f} / max "
+                         f"{spread['max']:.1f} us")
+        lines.append(f"snapshot:     {r['us_per_snapshot_encode']:.1f} us to encode one")
     if r.get("outcomes"):
         lines.append("outcomes:     " + ", ".join(f"{k} {v}" for k, v in
                                                    sorted(r["outcomes"].items())))

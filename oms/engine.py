@@ -52,11 +52,12 @@ __all__ = ["AMOUNT_OUT_OF_RANGE", "INTERNAL_ERROR", "INVALID_REPLY", "MAX_EARLY_
 
 S = OrderState
 INTERNAL_ERROR = Reason.INTERNAL_ERROR.value  # state_reason of an order whose handler raised
+_ACKNOWLEDGED = ItemState.ACKNOWLEDGED.value  # an item's and an order's first state, as stored
 
 
 def new_order(order_id: str, req: dict[str, Any], proc: ProcessDef, now: float) -> Order:
     """The order as acknowledged: its items and its expanded step list."""
-    items = [dict(it, state=ItemState.ACKNOWLEDGED.value) for it in req["items"]]
+    items = [dict(it, state=_ACKNOWLEDGED) for it in req["items"]]
     order = Order(
         order_id=order_id,
         source_system=req["source_system"],
@@ -70,7 +71,7 @@ def new_order(order_id: str, req: dict[str, Any], proc: ProcessDef, now: float) 
         attributes=req["attributes"],
         created_ts=now,
         updated_ts=now,
-        history=[{"state": S.ACKNOWLEDGED.value, "ts": now}],
+        history=[{"state": _ACKNOWLEDGED, "ts": now}],
     )
     for sdef in proc.steps:
         if sdef.per_item is not None:

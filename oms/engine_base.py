@@ -23,13 +23,25 @@ import zlib
 from typing import TYPE_CHECKING, Any
 
 from oms import states, untrusted
+from oms.engine_plan import StepPlan, action_of
 from oms.errors import CIRCUIT_OPEN, DomainError
 from oms.messages import CommandResult, Effect, Publish, Send, Sequence, Timer
 from oms.model import Order, Step
 from oms.outstanding import forward_in_flight
 from oms.process import Action, ProcessDef, RetryPolicy, StepDef
-from oms.states import Ev, OrderState, Phase, StepStatus, set_step_status
-from oms.templates import Template, order_facts
+from oms.states import (
+    ORDER_HELD,
+    PHASE_FINISH,
+    REASON_INTERNAL_ERROR,
+    STEP_DONE,
+    STEP_FAILED,
+    STEP_SKIPPED,
+    Ev,
+    OrderState,
+    StepStatus,
+    set_step_status,
+)
+from oms.templates import Template
 
 if TYPE_CHECKING:
     from oms.engine import Engine
@@ -54,30 +66,6 @@ def id_key(key: str) -> str:
 def _spread(command_id: str, attempt: int) -> float:
     """Deterministic jitter in [0, 1): pure, yet different per command."""
     return zlib.crc32(f"{command_id}/{attempt}".encode()) / 2**32
-
-
-class StepPlan:
-    """An order's steps as ``advance`` walks them, built once per order in
-    memory (its set of steps never changes; statuses are read live).
-
-    launch: per step definition, in definition order: its steps and the
-      steps it depends on. orphans: steps the definition no longer has
-      (``oms.orphans``), in order. steps: all of them. facts: the order's
-      facts templates named so far, those that never change.
-    """
-
-    __slots__ = ("defs", "facts", "launch", "orphans", "steps")
-
-    def __init__(self, turn: TurnBase) -> None:
-        self.facts: dict[str, Any] = {}  # the order's facts that never change (oms.templates)
-        self.defs = turn.defs  # the definition this plan was made under
-        self.steps = list(turn.order.steps.values())
-        groups: dict[str, list[Step]] = {}
-        for step in self.steps:
-            groups.setdefault(step.name, []).append(step)
-        self.orphans = [s for s in self.steps if not turn.defined(s)]
-        self.launch = [(sdef, groups[sdef.name], [s for d in sdef.after for s in groups.get(d, ())])
-                       for sdef in turn.proc.steps if sdef.name in groups]
 
 
 class TurnBase:
@@ -110,42 +98,43 @@ class TurnBase:
         order = self.order
         old = order.state
         new = states.next_state(old, event)
-        crashed = old == OrderState.HELD and order.state_reason == states.Reason.INTERNAL_ERROR
+        crashed = old == ORDER_HELD and order.state_reason == REASON_INTERNAL_ERROR
         reason = None if reason is None else str(reason)
         order.state = new
         states.set_reason(order, reason)
-        entry: dict[str, Any] = {"state": str(new), "ts": self.now}
+        text = str(new)
+        entry: dict[str, Any] = {"state": text, "ts": self.now}
         if reason:
             entry["reason"] = reason
         order.history.append(entry)
         self.changed = True
         payload: dict[str, Any] = {
             "type": "order_state", "order_id": order.order_id,
-            "external_id": order.external_id, "state": str(new),
+            "external_id": order.external_id, "state": text,
             "previous_state": str(old), "ts": self.now,
         }
         if reason:
             payload["state_reason"] = reason
-        self.emit(Publish(payload))
-        if crashed and new != OrderState.HELD:  # it leaves the internal_error hold:
+        self.effects.append(Publish(payload))
+        if crashed and new != ORDER_HELD:  # it leaves the internal_error hold:
             self.resend_in_flight()  # a reply the crash dropped would never come
-        if new.terminal:
+        if new in states.TERMINAL:
             self.finish_items(new)
-            states.set_phase(order, Phase.FINISH)
+            states.set_phase(order, PHASE_FINISH)
             order.summary = self.summary()
             self.emit(Publish({"type": "order_summary", "order_id": order.order_id,
                                "external_id": order.external_id, "summary": order.summary}))
             if order.seq_key:  # with or without its turn: a pending order leaves too
                 self.emit(Sequence(order.seq_key, enter=False))
-        if str(new) in self.proc.notify_states:
+        if text in self.proc.notify_states:
             self.notify(new, old)
 
     def set_reason(self, reason: str) -> None:
         """A held order stays held for another reason: ``oms.states.set_reason``."""
-        crashed = self.order.state_reason == states.Reason.INTERNAL_ERROR
+        crashed = self.order.state_reason == REASON_INTERNAL_ERROR
         states.set_reason(self.order, reason)
         self.changed = True
-        if crashed and reason != states.Reason.INTERNAL_ERROR:  # as in ``transition``
+        if crashed and reason != REASON_INTERNAL_ERROR:  # as in ``transition``
             self.resend_in_flight()
 
     def set_status(self, step: Step, status: StepStatus) -> None:
@@ -161,8 +150,18 @@ class TurnBase:
     # -- reading the order -------------------------------------------------
 
     def command_id(self, step: Step) -> str:
-        base = f"{self.order.order_id}:{id_key(step.key)}"
+        key = step.key
+        base = f"{self.order.order_id}:{key if len(key) <= MAX_KEY_IN_ID else id_key(key)}"
         return f"{base}#{step.gen}" if step.gen else base
+
+    def total_minor(self) -> int:
+        """``order.total_minor``, kept with the order's facts that never change
+        (``StepPlan.facts``: an order's items and their prices are fixed)."""
+        facts = self.step_plan().facts
+        total = facts.get("total_minor")
+        if total is None:
+            total = facts["total_minor"] = self.order.total_minor
+        return total
 
     def item(self, step: Step) -> dict[str, Any] | None:
         if step.item_id is None:
@@ -171,29 +170,31 @@ class TurnBase:
 
     def action(self, step: Step) -> Action | None:
         sdef = self.sdef(step)
-        if sdef.per_item is not None:
-            item = self.item(step)
-            return sdef.per_item.get(item["action"]) if item else None
-        return sdef.action
+        return action_of(sdef, self.item(step)) if sdef.per_item is not None else sdef.action
 
     def fill(self, template: Any, step: Step | None = None) -> Any:
         """A template filled from what it may name (``oms.templates``): only
-        the scopes and the order's facts it names are built (they cost more
-        than the rest), and it is parsed once per engine."""
+        the scopes, the order's facts and the steps' results it names are
+        built, and it is parsed once per engine."""
         parsed = self.templates.get(id(template))
         if parsed is None:
             parsed = self.templates[id(template)] = Template(template)
         names = parsed.scopes
         scopes: dict[str, Any] = {}
         if "order" in names:
-            scopes["order"] = order_facts(self.order, parsed.facts, self.step_plan().facts)
+            scopes["order"] = parsed.order_scope(self.order, self.step_plan().facts)
         if "steps" in names:
-            scopes["steps"] = {k: s.result for k, s in self.order.steps.items()
-                               if s.result is not None}
+            steps, wanted = self.order.steps, parsed.steps
+            scopes["steps"] = {k: s.result for k, s in steps.items() if s.result is not None} if (
+                wanted is None) else {k: s.result for k in wanted
+                                      if (s := steps.get(k)) is not None and s.result is not None}
         if step is not None:
-            scopes["item"] = self.item(step)
-            scopes["result"] = step.result or {}
-            scopes["args"] = step.args or {}
+            if "item" in names:
+                scopes["item"] = self.item(step)
+            if "result" in names:
+                scopes["result"] = step.result or {}
+            if "args" in names:
+                scopes["args"] = step.args or {}
         return parsed.fill(scopes)
 
     def step_plan(self) -> StepPlan:
@@ -208,15 +209,15 @@ class TurnBase:
 
     def settled(self, step: Step) -> bool:
         status = step.status
-        if status is StepStatus.DONE or status is StepStatus.SKIPPED:
+        if status is STEP_DONE or status is STEP_SKIPPED:
             return True
-        return (status is StepStatus.FAILED and self.proc.item_failure == "partial"
+        return (status is STEP_FAILED and self.proc.item_failure == "partial"
                 and step.item_id is not None)
 
     def all_settled(self, steps: list[Step]) -> bool:
         """``settled`` for each of ``steps`` (inlined: it runs for nearly every
         message)."""
-        done, skipped, failed = StepStatus.DONE, StepStatus.SKIPPED, StepStatus.FAILED
+        done, skipped, failed = STEP_DONE, STEP_SKIPPED, STEP_FAILED
         partial = self.proc.item_failure == "partial"
         for step in steps:
             status = step.status
@@ -283,7 +284,7 @@ class TurnBase:
     def send_step(self, step: Step) -> None:
         raise NotImplementedError  # oms.engine_run
 
-    def step_done(self, step: Step) -> None:
+    def step_done(self, step: Step, sdef: StepDef | None = None) -> None:
         raise NotImplementedError  # oms.engine_run
 
     def step_failed(self, step: Step) -> None:

@@ -12,7 +12,16 @@ from oms import untrusted
 from oms.engine_base import TurnBase
 from oms.messages import DomainEvent
 from oms.model import Step
-from oms.states import OPERATOR_HOLDS, Ev, OrderState, Phase, StepStatus, Undo
+from oms.states import (
+    OPERATOR_HOLDS,
+    ORDER_HELD,
+    STEP_RUNNING,
+    Ev,
+    OrderState,
+    Phase,
+    StepStatus,
+    Undo,
+)
 
 logger = logging.getLogger("oms.engine")
 S = OrderState
@@ -32,8 +41,9 @@ class EventMixin(TurnBase):
         data = ev.data if problem is None else {"dropped": problem}
         if problem:
             self.log_event(ev, f"its data is not kept: {problem}")
-        for step in order.steps.values():
-            if self.event_matches(step, ev.name, ev.system):
+        name = ev.name
+        for step in order.steps.values():  # (``step.wait == name``: what matches first checks)
+            if step.wait == name and self.event_matches(step, name, ev.system):
                 self.consume(step, data)
                 self.advance()
                 return
@@ -72,7 +82,7 @@ class EventMixin(TurnBase):
         return (step.wait, step.system) if step.wait else None
 
     def event_matches(self, step: Step, name: str, system: str) -> bool:
-        if step.status != StepStatus.RUNNING or step.wait != name:
+        if step.status != STEP_RUNNING or step.wait != name:
             return False
         source = self.wait_source(step)
         return source is not None and source[1] == system
@@ -109,7 +119,7 @@ class EventMixin(TurnBase):
             step.result, step.applied = data, True
         self.step_done(step)
         holding = any(s.wait and s.applied for s in self.order.steps.values())
-        if (self.order.state == S.HELD and self.order.state_reason not in OPERATOR_HOLDS
+        if (self.order.state == ORDER_HELD and self.order.state_reason not in OPERATOR_HOLDS
                 and not holding):
             self.transition(Ev.RESUME)  # a wait's hold ends with its event
 

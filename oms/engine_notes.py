@@ -8,18 +8,19 @@ from __future__ import annotations
 from oms.engine_base import TurnBase
 from oms.messages import CommandResult
 from oms.model import Step
-from oms.states import OrderState, StepStatus
+from oms.states import STEP_DONE, STEP_RUNNING, OrderState, StepStatus
 
 
 class NoteMixin(TurnBase):
     def notify(self, state: OrderState, previous: OrderState) -> None:
-        self.notify_crm(f"notify:{state}", str(state),
-                        f"Order {self.order.external_id} is {state} (was {previous})")
+        text = str(state)
+        self.notify_crm(f"notify:{text}", text,
+                        f"Order {self.order.external_id} is {text} (was {previous!s})")
 
     def notify_crm(self, key: str, state: str, message: str) -> None:
         order = self.order
         note = Step(key, "notify", self.proc.notify_system, self.proc.notify_op,
-                    status=StepStatus.RUNNING, attempts=1)
+                    status=STEP_RUNNING, attempts=1)
         note.args = {
             "customer_id": order.customer_id, "order_id": order.order_id,
             "external_id": order.external_id, "state": state, "message": message,
@@ -34,7 +35,7 @@ class NoteMixin(TurnBase):
                   self.proc.notify_timeout_s)
 
     def on_note_result(self, note: Step, idx: int, res: CommandResult) -> None:
-        if note.status != StepStatus.RUNNING or (note.retry_at is not None and not res.ok):
+        if note.status != STEP_RUNNING or (note.retry_at is not None and not res.ok):
             self.stale = True
             return
         self.changed = True
@@ -42,7 +43,7 @@ class NoteMixin(TurnBase):
         policy = self.proc.notify_retry
         if res.ok:
             note.result, note.applied = res.data or {}, True
-            self.set_status(note, StepStatus.DONE)
+            self.set_status(note, STEP_DONE)
             return
         if self.retry_later(note, res, policy, "note", idx):
             return

@@ -8,12 +8,26 @@ import logging
 from typing import Any
 
 from oms import untrusted
-from oms.engine_base import StepPlan, TurnBase, id_key
+from oms.engine_base import TurnBase, id_key
+from oms.engine_plan import StepPlan, action_of
 from oms.errors import INVALID_REPLY, DomainError
-from oms.messages import CommandResult, Sequence, Timer
+from oms.messages import CommandResult, Send, Sequence, Timer
 from oms.model import Step
 from oms.process import StepDef
 from oms.states import (
+    ITEM_COMPLETED,
+    ITEM_FAILED,
+    ITEM_IN_PROGRESS,
+    ORDER_ACKNOWLEDGED,
+    ORDER_HELD,
+    ORDER_IN_PROGRESS,
+    PHASE_COMPENSATE,
+    PHASE_RUN,
+    STEP_DONE,
+    STEP_FAILED,
+    STEP_PENDING,
+    STEP_RUNNING,
+    STEP_SKIPPED,
     Ev,
     ItemState,
     OrderState,
@@ -36,7 +50,7 @@ class RunMixin(TurnBase):
 
     def on_start(self) -> None:
         order = self.order
-        if order.state != S.ACKNOWLEDGED:
+        if order.state != ORDER_ACKNOWLEDGED:
             self.stale = True
             return
         if order.seq_key and not order.turn:
@@ -60,7 +74,7 @@ class RunMixin(TurnBase):
             self.emit(Sequence(order.seq_key or "", enter=False))
 
     def begin(self) -> None:
-        if not 0 <= self.order.total_minor <= MAX_AMOUNT_MINOR:  # accepted before the bound
+        if not 0 <= self.total_minor() <= MAX_AMOUNT_MINOR:  # accepted before the bound
             self.order.failure = {"step": None, "error": {
                 "code": AMOUNT_OUT_OF_RANGE, "retryable": False,
                 "message": f"the order total is outside 0..{MAX_AMOUNT_MINOR} (int64)"}}
@@ -72,9 +86,10 @@ class RunMixin(TurnBase):
     def start_run(self) -> None:
         """What starting does after the order's move to inProgress (also when an
         operator resumes an order held before it started)."""
-        self.expect("order", self.proc.expected_s)
+        if self.proc.expected_s:
+            self.expect("order", self.proc.expected_s)
         for it in self.order.items:
-            set_item_state(it, ItemState.IN_PROGRESS)
+            set_item_state(it, ITEM_IN_PROGRESS)
         self.advance()
 
     def on_resume(self) -> None:
@@ -131,53 +146,68 @@ class RunMixin(TurnBase):
         plain loops over the order's ``StepPlan`` (generator expressions cost
         more than the comparisons they wrap)."""
         order = self.order
-        if order.phase == Phase.COMPENSATE:
+        phase = order.phase
+        if phase == PHASE_COMPENSATE:
             self.compensate_next()
             return
-        if order.phase != Phase.RUN or order.state not in (S.IN_PROGRESS, S.HELD):
+        if phase != PHASE_RUN or order.state not in (ORDER_IN_PROGRESS, ORDER_HELD):
             return
         plan = self.step_plan()
-        pending, failed = StepStatus.PENDING, StepStatus.FAILED
+        pending, failed = STEP_PENDING, STEP_FAILED
         for step in plan.orphans:
             if step.status is pending or step.status is failed:
                 self.hold_orphan(step)  # oms.orphans
                 return
         self.launch_ready(plan)
-        if order.phase == Phase.RUN and self.all_settled(plan.steps):
+        if order.phase == PHASE_RUN and self.all_settled(plan.steps):
             self.complete()
 
     def launch_ready(self, plan: StepPlan) -> None:
         """Launch the pending steps whose dependencies are settled, in
         definition order."""
-        pending = StepStatus.PENDING
-        for sdef, group, deps in plan.launch:
-            for step in group:
-                if step.status is pending:
-                    break
+        pending, done, skipped, failed = STEP_PENDING, STEP_DONE, STEP_SKIPPED, STEP_FAILED
+        partial = self.proc.item_failure == "partial"
+        for sdef, group, deps, single in plan.launch:
+            if single is not None:  # most definitions: one step (not per item)
+                if single.status is not pending:
+                    continue
             else:
-                continue  # nothing of this step waits to run
-            if not self.all_settled(deps):
-                continue
-            for step in group:
-                if step.status is pending:
-                    self.launch(step, sdef)
+                for step in group:
+                    if step.status is pending:
+                        break
+                else:
+                    continue  # nothing of this step waits to run
+            for dep in deps:  # ``all_settled(deps)``, inlined
+                status = dep.status
+                if status is done or status is skipped or (
+                        status is failed and partial and dep.item_id is not None):
+                    continue
+                break
+            else:
+                for step in group:
+                    if step.status is pending:
+                        self.launch(step, sdef)
 
     def launch(self, step: Step, sdef: StepDef) -> None:
         if sdef.wait_event is not None:
             self.expect(step.key, sdef.expected_s)
             step.wait = sdef.wait_event
-            self.set_status(step, StepStatus.RUNNING)
+            self.set_status(step, STEP_RUNNING)
             if not self.take_early_event(step) and sdef.wait_timeout_s:
                 step.retry_at = self.now + sdef.wait_timeout_s  # the wait's deadline
                 self.emit(Timer(step.retry_at, ("wait", step.key, 0)))
             return
-        self.expect(step.key, sdef.expected_s)
-        action = self.action(step)
+        if sdef.expected_s:
+            self.expect(step.key, sdef.expected_s)
+        # ``sdef`` is the step's definition (``self.sdef(step)``): its action and
+        # timeout are read off it, as ``action`` and ``send_step`` would
+        action = sdef.action if sdef.per_item is None else action_of(sdef, self.item(step))
         assert action is not None
-        step.args = self.fill(action.args, step)
+        args = step.args = self.fill(action.args, step)
         step.attempts = 1
-        self.set_status(step, StepStatus.RUNNING)
-        self.send_step(step)
+        self.set_status(step, STEP_RUNNING)
+        self.effects.append(Send(step.system, self.command_id(step), step.op, args,
+                                 sdef.timeout_s))
 
     def send_step(self, step: Step) -> None:
         sdef = self.sdef(step)
@@ -185,17 +215,18 @@ class RunMixin(TurnBase):
         self.send(step.system, self.command_id(step), step.op, step.args, sdef.timeout_s)
 
     def complete(self) -> None:
-        if self.order.state == S.HELD:  # every step settled while held (internal_error)
+        if self.order.state == ORDER_HELD:  # every step settled while held (internal_error)
             self.transition(Ev.RESUME)
-        if any(it["state"] == ItemState.FAILED for it in self.order.items):
+        if any(it["state"] == ITEM_FAILED for it in self.order.items):
             self.transition(Ev.PARTIAL)
         else:
             self.transition(Ev.COMPLETE)
 
     def finish_items(self, state: OrderState) -> None:
+        completed, partial = state == S.COMPLETED, state == S.PARTIAL
         for it in self.order.items:
-            if state == S.COMPLETED or (state == S.PARTIAL and it["state"] != ItemState.FAILED):
-                set_item_state(it, ItemState.COMPLETED)
+            if completed or (partial and it["state"] != ITEM_FAILED):
+                set_item_state(it, ITEM_COMPLETED)
             elif state == S.CANCELLED:
                 set_item_state(it, ItemState.CANCELLED)
             elif state == S.FAILED:
@@ -206,7 +237,7 @@ class RunMixin(TurnBase):
         return {
             "state": str(order.state),
             "completed_ts": self.now,
-            "total_minor": total if 0 <= (total := order.total_minor) <= MAX_AMOUNT_MINOR
+            "total_minor": total if 0 <= (total := self.total_minor()) <= MAX_AMOUNT_MINOR
             else None,
             "currency": order.currency,
             "items": [{"id": it["id"], "state": it["state"]} for it in order.items],
@@ -217,23 +248,27 @@ class RunMixin(TurnBase):
 
     def find(self, command_id: str) -> tuple[str, Step | None, int]:
         """Which command an id names: ("step"|"comp"|"note", step, index)."""
-        prefix = f"{self.order.order_id}:"
-        if not command_id.startswith(prefix):
+        order = self.order
+        size = len(order.order_id)  # the id starts with "ORDER:"
+        if command_id[size:size + 1] != ":" or not command_id.startswith(order.order_id):
             return "none", None, -1
-        rest = command_id[len(prefix):]
-        if rest.startswith("notify:"):
-            idx = int(rest[7:]) if rest[7:].isdigit() else -1
-            ok = 0 <= idx < len(self.order.notes)
-            return ("note", self.order.notes[idx], idx) if ok else ("none", None, -1)
+        rest = command_id[size + 1:]
         kind = "step"
-        if rest.endswith(":undo"):
-            kind, rest = "comp", rest[:-5]
-        key, mark, gen = rest.rpartition("#")  # an item id may hold "#" too: the last one
-        if not mark or not gen.isdigit():  # ... is the retry generation only if digits follow
-            key, gen = rest, ""
-        step = self.order.steps.get(key)
+        if ":" in rest:  # a note or an undo (a step's own command has none, as a rule)
+            if rest.startswith("notify:"):
+                idx = int(rest[7:]) if rest[7:].isdigit() else -1
+                ok = 0 <= idx < len(order.notes)
+                return ("note", order.notes[idx], idx) if ok else ("none", None, -1)
+            if rest.endswith(":undo"):
+                kind, rest = "comp", rest[:-5]
+        key, gen = rest, ""
+        if "#" in rest:  # an item id may hold "#" too: the last one is the retry
+            key, _, gen = rest.rpartition("#")  # generation only if digits follow it
+            if not gen.isdigit():
+                key, gen = rest, ""
+        step = order.steps.get(key)
         if step is None and key.startswith("~"):  # a long key, carried as a digest (id_key)
-            step = next((s for s in self.order.steps.values() if id_key(s.key) == key), None)
+            step = next((s for s in order.steps.values() if id_key(s.key) == key), None)
         if step is None or step.gen != (int(gen) if gen else 0):
             return "none", None, -1
         return kind, step, -1
@@ -257,17 +292,16 @@ class RunMixin(TurnBase):
             self.on_step_result(step, res)
 
     def on_step_result(self, step: Step, res: CommandResult) -> None:
-        busy = step.status != StepStatus.RUNNING or step.wait is not None or step.applied
+        busy = step.status != STEP_RUNNING or step.wait is not None or step.applied
         if busy or (step.retry_at is not None and not res.ok):
             self.stale = True
             return
-        sdef = self.sdef(step)
         self.changed = True
         step.retry_at = None
         if res.ok:
             self.applied(step, res.data or {})
         else:
-            if self.retry_later(step, res, sdef.retry, "retry", step.key):
+            if self.retry_later(step, res, self.sdef(step).retry, "retry", step.key):
                 return
             self.set_status(step, StepStatus.FAILED)
             self.step_failed(step)
@@ -278,17 +312,23 @@ class RunMixin(TurnBase):
         step.result, step.error, step.applied = data, None, True
         order.done_counter += 1
         step.done_seq = order.done_counter
-        hold = self.sdef(step).hold
-        if hold and order.phase == Phase.RUN and data.get(hold.field) == hold.equals:
+        sdef = self.sdef(step)
+        hold = sdef.hold
+        if hold and order.phase == PHASE_RUN and data.get(hold.field) == hold.equals:
             step.wait = hold.until_event
             if not self.take_early_event(step):
                 self.hold(hold.reason)
             return
-        self.step_done(step)
+        self.step_done(step, sdef)
 
-    def step_done(self, step: Step) -> None:
-        self.set_status(step, StepStatus.DONE)
-        action = self.action(step)
+    def step_done(self, step: Step, sdef: StepDef | None = None) -> None:
+        """Done: its results collected, its item completed with its last step
+        (``sdef``: the step's definition, ``self.sdef(step)``, if at hand)."""
+        self.set_status(step, STEP_DONE)
+        if sdef is None:
+            sdef = self.sdef(step)
+        item = None if step.item_id is None else self.item(step)
+        action = sdef.action if sdef.per_item is None else action_of(sdef, item)
         if action is not None and step.result is not None:
             for key, field in action.collect.items():
                 value = step.result.get(field)
@@ -296,11 +336,10 @@ class RunMixin(TurnBase):
                     self.order.results.setdefault(key, []).append(value)
                 else:
                     self.order.results[key] = value
-        item = self.item(step)
-        if item is not None and self.order.phase == Phase.RUN:
+        if item is not None and self.order.phase == PHASE_RUN:
             mine = [s for s in self.order.steps.values() if s.item_id == step.item_id]
-            if all(s.status in (StepStatus.DONE, StepStatus.SKIPPED) for s in mine):
-                set_item_state(item, ItemState.COMPLETED)
+            if all(s.status in (STEP_DONE, STEP_SKIPPED) for s in mine):
+                set_item_state(item, ITEM_COMPLETED)
 
     def step_failed(self, step: Step) -> None:
         order = self.order
@@ -321,7 +360,7 @@ class RunMixin(TurnBase):
             self.fail(failure)
 
     def hold(self, reason: str) -> None:
-        if self.order.state == S.HELD:
+        if self.order.state == ORDER_HELD:
             self.set_reason(reason)
         else:
             self.transition(Ev.HOLD, reason)

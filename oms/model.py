@@ -134,7 +134,7 @@ class Order(msgspec.Struct, array_like=True, tag=RECORD_VERSION, dict=True):
     # New fields go here, at the end, each with a default (see the module's docstring).
 
     # Not stored, not compared: the engine's view of its (fixed) set of steps,
-    # rebuilt after a load (oms.engine_run.StepPlan). An attribute of the
+    # rebuilt after a load (oms.engine_plan.StepPlan). An attribute of the
     # instance's ``__dict__`` (``dict=True``), so msgspec never encodes it;
     # None (this class attribute) until the engine sets it.
     if TYPE_CHECKING:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, NamedTuple
 
-from oms.states import StepStatus, Undo
+from oms.states import STEP_RUNNING, UNDO_RUNNING
 
 if TYPE_CHECKING:
     from oms.model import Order
@@ -26,9 +26,9 @@ def command_out(status: str, wait: str | None, retry_at: float | None,
     """What one step (or CRM note) has outstanding, from its stored fields:
     ``(forward, REPLY or TIMER)`` (forward: a forward command, not an undo or
     an event deadline), or None."""
-    if comp == Undo.RUNNING:
+    if comp == UNDO_RUNNING:
         return False, REPLY if retry_at is None else TIMER
-    if status == StepStatus.RUNNING:
+    if status == STEP_RUNNING:
         if wait is None:
             return True, REPLY if retry_at is None else TIMER
         if retry_at is not None:

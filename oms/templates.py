@@ -130,19 +130,40 @@ def template_refs(template: Any) -> frozenset[tuple[str, str | None]]:
 
 class Template:
     """A parsed argument template: the scopes it names, which of the order's
-    facts (None: all of them), and ``fill``, which fills it from scopes as
-    ``resolve`` does, without walking the template again."""
+    facts and which steps' results (None: all of them), and ``fill``, which
+    fills it from scopes as ``resolve`` does, without walking the template
+    again. A template reads no scope it does not name, so only those need
+    building (``oms.engine_base.TurnBase.fill``)."""
 
-    __slots__ = ("facts", "fill", "raw", "scopes")
+    __slots__ = ("facts", "fill", "fixed", "raw", "scopes", "steps")
 
     def __init__(self, raw: Any) -> None:
         refs = template_refs(raw)
         self.raw = raw  # kept: its id() is the engine's cache key
         self.scopes = frozenset(scope for scope, _ in refs)
-        names = {name for scope, name in refs if scope == "order"}
-        self.facts: frozenset[str] | None = None if None in names else frozenset(
-            n for n in names if n is not None)
+        self.facts = _named(refs, "order")
+        self.fixed = self.facts is not None and self.facts.isdisjoint(CHANGING)
+        self.steps = _named(refs, "steps")
         self.fill = compile_template(raw)
+
+    def order_scope(self, order: Order, cache: dict[str, Any]) -> dict[str, Any]:
+        """Its ``order`` scope: the order's kept facts themselves (``cache``, as
+        ``order_facts`` keeps them) when it names only facts that never change,
+        as it reads nothing else of the scope; else ``order_facts``."""
+        if not self.fixed:
+            return order_facts(order, self.facts, cache)
+        for name in self.facts or ():
+            if name not in cache:
+                fact = FACTS.get(name)
+                if fact is not None:
+                    cache[name] = fact(order)
+        return cache
+
+
+def _named(refs: frozenset[tuple[str, str | None]], scope: str) -> frozenset[str] | None:
+    """The names a template reads under ``scope`` (None: the whole scope)."""
+    names = {name for s, name in refs if s == scope}
+    return None if None in names else frozenset(n for n in names if n is not None)
 
 
 def compile_template(template: Any) -> Callable[[dict[str, Any]], Any]:
@@ -169,9 +190,34 @@ def compile_template(template: Any) -> Callable[[dict[str, Any]], Any]:
 
         return ref
     if isinstance(template, dict):
-        items = [(key, compile_template(value)) for key, value in template.items()]
-        return lambda scopes: {key: fill(scopes) for key, fill in items}
+        return _compile_map(template)
     if isinstance(template, list):
         fills = [compile_template(value) for value in template]
         return lambda scopes: [fill(scopes) for fill in fills]
     return lambda _scopes: template
+
+
+def _compile_map(template: dict[str, Any]) -> Callable[[dict[str, Any]], Any]:
+    """A map template: its references (the usual value) are followed in the
+    one function, the rest filled by their own."""
+    entries: list[tuple[Any, str, tuple[str, ...], Callable[[dict[str, Any]], Any] | None]] = []
+    for key, value in template.items():
+        if isinstance(value, str) and value.startswith("$"):
+            first, *rest = value[1:].split(".")
+            entries.append((key, first, tuple(rest), None))
+        else:
+            entries.append((key, "", (), compile_template(value)))
+
+    def fill_map(scopes: dict[str, Any]) -> dict[Any, Any]:
+        out = {}
+        for key, first, rest, fill in entries:
+            if fill is not None:
+                out[key] = fill(scopes)
+                continue
+            value = scopes.get(first)
+            for part in rest:  # as ``ref``: None once the path leaves the maps
+                value = value.get(part) if isinstance(value, dict) else None
+            out[key] = value
+        return out
+
+    return fill_map
