@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 import threading
 import weakref
 from typing import Any
@@ -108,6 +109,60 @@ def test_loop_actor_loses_no_wakeups_under_concurrent_tells() -> None:
         assert actor.actor_ref.ask("count", timeout=5) == actor.target
     finally:
         actor.actor_ref.stop()
+
+
+class Exclusive(PooledActor):
+    """Counts its messages and notes if two workers ever ran it at once."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        super().__init__(dispatcher)
+        self.count, self.running, self.overlaps = 0, False, 0
+        self.reached = threading.Event()
+        self.target = 0
+
+    def on_receive(self, message: Any) -> Any:
+        if message == "count":
+            return self.count
+        if self.running:
+            self.overlaps += 1
+        self.running = True
+        self.count += 1
+        if self.count == self.target:
+            self.reached.set()
+        self.running = False
+        return None
+
+
+def test_a_pooled_actor_runs_on_one_worker_at_a_time_and_loses_no_tells(
+        dispatcher: Dispatcher) -> None:
+    """The inbox's scheduling token (a test-and-set): with two workers and
+    eight threads telling at once, the actor is never queued twice (never
+    run on both workers at once) and no message is left behind when a slice
+    ends as another lands."""
+    actors = [Exclusive(dispatcher) for _ in range(4)]
+    for actor in actors:
+        actor.target = 8 * 5_000
+        actor._start_actor_loop()
+
+    def hammer() -> None:
+        for _ in range(5_000):
+            for actor in actors:
+                actor.actor_ref.tell(1)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch between almost any two bytecodes
+    try:
+        threads = [threading.Thread(target=hammer) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(switch)
+    for actor in actors:
+        assert actor.reached.wait(20), f"only {actor.count} of {actor.target} handled"
+        assert actor.actor_ref.ask("count", timeout=5) == actor.target
+        assert actor.overlaps == 0
 
 
 class Listing(LoopActor):
