@@ -38,6 +38,9 @@ class SendCommand(NamedTuple):
     command: Send
 
 
+_new = tuple.__new__  # _new(SendCommand, (...)): without __new__'s Python frame
+
+
 class GatewayGauges(NamedTuple):
     """What the metrics thread reads of a gateway (``Gateway.gauges``)."""
 
@@ -102,13 +105,18 @@ class Gateway(LoopActor):
 
     def send(self, order_id: str, command: Send) -> None:
         """Thread-safe: carry a command to the domain system."""
-        self.tell(SendCommand(order_id, command))
+        self.tell(_new(SendCommand, (order_id, command)))  # SendCommand(order_id, command)
 
     def on_receive(self, message: Any) -> None:
-        if isinstance(message, SendCommand) and self.sock is not None:
-            self._send(message)
+        if isinstance(message, SendCommand):
+            self.on_direct(message)
 
-    def _send(self, message: SendCommand) -> None:
+    def on_direct(self, message: SendCommand) -> None:
+        """Send one command (5 an order; ``LoopActor.on_batch`` calls this
+        for each told ``SendCommand``)."""
+        sock = self.sock
+        if sock is None:
+            return
         cmd, order_id = message.command, message.order_id
         now = time.monotonic()
         if not self.breaker.allow(now):
@@ -118,8 +126,6 @@ class Gateway(LoopActor):
             return
         payload = {"type": "command", "command_id": cmd.command_id, "order_id": order_id,
                    "op": cmd.op, "args": cmd.args}
-        sock = self.sock
-        assert sock is not None
         try:
             send_frame(sock, codec.pack(payload), NOBLOCK)
         except zmq.Again:
