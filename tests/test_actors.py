@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import sys
 import threading
 import weakref
@@ -12,11 +13,11 @@ from typing import Any
 import pykka
 import pytest
 from helpers import Probe, poll_until
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Histogram
 
 from actors.effects import Collect, Tell, Wake
 from actors.loop import LoopActor, burst
-from actors.metrics import Metrics
+from actors.metrics import LATENCY, Metrics, observe_all
 from actors.pool import Dispatcher, PooledActor
 from actors.store_writer import Barrier, CreateOrder, SaveOrder, StoreWriter
 from oms import codec
@@ -434,3 +435,29 @@ def test_a_reload_puts_the_held_orders_ages_back_in_line() -> None:
     assert counts.oldest_held_age() == 0 and counts.snapshot(0)["states"] == {"inProgress": 1}
     counts.recount(OrderState.IN_PROGRESS, OrderState.HELD, "O1")
     assert "O1" in counts.held_since and counts.snapshot(0)["states"] == {"held": 1}
+
+
+def test_observing_a_batch_gives_the_same_histogram_as_one_by_one() -> None:
+    """``observe_all`` (a gateway's replies of one read) against ``observe``:
+    the same buckets, count and sum, with values on the bounds, below the
+    first, past the last, infinite and NaN."""
+    values = [0.0, -1.0, 0.001, 0.0011, 5, 3600, 3601, 1e300, math.inf, 0.0025, 2.5, 0.0025]
+    for extra in ([], [math.nan]):
+        one, batch = (Histogram("h", "h", ["x"], buckets=LATENCY,
+                                registry=CollectorRegistry()).labels("a") for _ in range(2))
+        for value in values + extra:
+            one.observe(value)
+        observe_all(batch, values + extra)
+        observe_all(batch, [])
+
+        def samples(child: Any) -> list[tuple[str, Any, float]]:
+            return [(s.name, s.labels, s.value) for s in child._child_samples()
+                    if s.name != "_created"]
+
+        got, want = samples(batch), samples(one)
+        assert [g[:2] for g in got] == [w[:2] for w in want]
+        for (name, _, value), (_, _, expected) in zip(got, want, strict=True):
+            if name == "_sum" and extra:
+                assert math.isnan(value)
+            else:
+                assert value == pytest.approx(expected), name
