@@ -180,6 +180,7 @@ class LoopActor(pykka.Actor):
     _tick: TimerHandle | None = None
     _ticks: bool = False
     _readers: tuple[zmq.Socket, ...] = ()
+    _bare: type | None = None  # ``direct``, if its on_batch is LoopActor's (``_attach``)
 
     def __init__(self) -> None:
         super().__init__()
@@ -230,6 +231,8 @@ class LoopActor(pykka.Actor):
         for sock in self._readers:
             self._loop.add_reader(sock, self._readable)
         cls = type(self)
+        if cls.on_batch is LoopActor.on_batch:  # a Bundle's direct messages go in bare
+            self._bare = cls.direct
         self._ticks = (cls.poll_timeout is not LoopActor.poll_timeout
                        or cls.on_tick is not LoopActor.on_tick)
         self.actor_inbox.bind(self, self._loop)
@@ -255,9 +258,17 @@ class LoopActor(pykka.Actor):
         """Handle the messages of one slice (default: one by one). A told
         message of the ``direct`` type goes straight to ``on_direct``, not
         through pykka's envelope handling (an ask or a stop still does, in
-        order); an error in it is survived, as any told message's."""
+        order); an error in it is survived, as any told message's. With this
+        default, a ``Bundle`` of ``direct`` messages comes in bare (no
+        envelope each): an entry of that type is one."""
         direct, on_direct = self.direct, self.on_direct
         for envelope in envelopes:
+            if type(envelope) is direct:  # out of a Bundle: told (see ``_run_slice``)
+                try:
+                    on_direct(envelope)
+                except Exception:  # noqa: BLE001 - the failure rule, as a told message
+                    self._loop.survived(self.component, sys.exc_info())
+                continue
             message = envelope.message
             if type(message) is direct and envelope.reply_to is None:
                 try:
@@ -281,13 +292,17 @@ class LoopActor(pykka.Actor):
         inbox = self.actor_inbox
         if not self.actor_stopped.is_set():
             batch: list[Any] = []
-            queue, limit = inbox.queue, self.batch_limit
+            queue, limit, direct = inbox.queue, self.batch_limit, self._bare
             while queue and len(batch) < limit:
                 envelope = queue.popleft()
-                if type(envelope.message) is Bundle:
-                    batch.extend([told(Told, (m, None)) for m in envelope.message.messages])
-                else:
+                if type(envelope.message) is not Bundle:
                     batch.append(envelope)
+                    continue
+                messages = envelope.message.messages
+                if direct is not None and all(type(m) is direct for m in messages):
+                    batch.extend(messages)  # bare: on_batch knows them by their type
+                else:
+                    batch.extend([told(Told, (m, None)) for m in messages])
             if batch:
                 try:
                     self.on_batch(batch)
