@@ -281,9 +281,8 @@ class LoopActor(pykka.Actor):
                 return
 
     def on_direct(self, message: Any) -> None:
-        """A told message of the ``direct`` type (``on_receive`` unless
-        overridden: the publisher's events and the gateways' commands go
-        straight to their send, one frame fewer each)."""
+        """A told message of the ``direct`` type (``on_receive`` unless overridden:
+        the publisher's events, the gateways' commands go straight to their send)."""
         self.on_receive(message)
 
     # -- running on the loop ------------------------------------------------------
@@ -299,7 +298,7 @@ class LoopActor(pykka.Actor):
                     batch.append(envelope)
                     continue
                 messages = envelope.message.messages
-                if direct is not None and all(type(m) is direct for m in messages):
+                if direct is not None and {*map(type, messages)} == {direct}:  # (no frames)
                     batch.extend(messages)  # bare: on_batch knows them by their type
                 else:
                     batch.extend([told(Told, (m, None)) for m in messages])
