@@ -96,7 +96,7 @@ def recv_frames(sock: zmq.Socket) -> list[bytes]:
 
 
 PYKKA_MESSAGES = (pykka_messages._ActorStop, pykka_messages.ProxyCall,
-                   pykka_messages.ProxyGetAttr, pykka_messages.ProxySetAttr)
+                  pykka_messages.ProxyGetAttr, pykka_messages.ProxySetAttr)
 
 
 def handle_envelope(actor: pykka.Actor, envelope: Any) -> Any:
