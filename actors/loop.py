@@ -43,7 +43,7 @@ from pykka import messages as pykka_messages
 
 from actors import supervision
 from actors.eventloop import EventLoop, LoopBlocked, TimerHandle, current_loop
-from actors.inbox import ScheduledInbox
+from actors.inbox import ScheduledInbox, Told, tell, told
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +95,8 @@ def recv_frames(sock: zmq.Socket) -> list[bytes]:
     return frames
 
 
-_PYKKA_MESSAGES = (pykka_messages._ActorStop, pykka_messages.ProxyCall,
-                   pykka_messages.ProxyGetAttr, pykka_messages.ProxySetAttr)
+PYKKA_MESSAGES = (pykka_messages._ActorStop, pykka_messages.ProxyCall,
+                  pykka_messages.ProxyGetAttr, pykka_messages.ProxySetAttr)
 
 
 def handle_envelope(actor: pykka.Actor, envelope: Any) -> Any:
@@ -109,7 +109,7 @@ def handle_envelope(actor: pykka.Actor, envelope: Any) -> Any:
     ``_handle_receive`` would send it (one type check instead of four)."""
     message = envelope.message
     try:
-        if isinstance(message, _PYKKA_MESSAGES):
+        if isinstance(message, PYKKA_MESSAGES):
             response = actor._handle_receive(message)
         else:
             response = actor.on_receive(message)
@@ -128,14 +128,6 @@ class Bundle(NamedTuple):
     messages: list[Any]
 
 
-class Told(NamedTuple):
-    """A message out of a ``Bundle``, shaped like pykka's envelope."""
-
-    message: Any
-    reply_to: Any = None
-
-
-_told = tuple.__new__  # Told(m) without the Python frame of its generated __new__
 _bursts = threading.local()
 
 
@@ -159,7 +151,7 @@ def burst() -> Iterator[None]:
         _bursts.pending = outer
         for actor, messages in pending.items():
             try:
-                actor.actor_ref.tell(Bundle(messages))
+                tell(actor.actor_ref, Bundle(messages))
             except pykka.ActorDeadError:
                 logger.warning("%d messages for stopped %s dropped", len(messages), actor)
 
@@ -188,6 +180,7 @@ class LoopActor(pykka.Actor):
     _tick: TimerHandle | None = None
     _ticks: bool = False
     _readers: tuple[zmq.Socket, ...] = ()
+    _bare: type | None = None  # ``direct``, if its on_batch is LoopActor's (``_attach``)
 
     def __init__(self) -> None:
         super().__init__()
@@ -238,6 +231,8 @@ class LoopActor(pykka.Actor):
         for sock in self._readers:
             self._loop.add_reader(sock, self._readable)
         cls = type(self)
+        if cls.on_batch is LoopActor.on_batch:  # a Bundle's direct messages go in bare
+            self._bare = cls.direct
         self._ticks = (cls.poll_timeout is not LoopActor.poll_timeout
                        or cls.on_tick is not LoopActor.on_tick)
         self.actor_inbox.bind(self, self._loop)
@@ -261,15 +256,23 @@ class LoopActor(pykka.Actor):
 
     def on_batch(self, envelopes: list[Any]) -> None:
         """Handle the messages of one slice (default: one by one). A told
-        message of the ``direct`` type goes straight to ``on_receive``, not
+        message of the ``direct`` type goes straight to ``on_direct``, not
         through pykka's envelope handling (an ask or a stop still does, in
-        order); an error in it is survived, as any told message's."""
-        direct = self.direct
+        order); an error in it is survived, as any told message's. With this
+        default, a ``Bundle`` of ``direct`` messages comes in bare (no
+        envelope each): an entry of that type is one."""
+        direct, on_direct = self.direct, self.on_direct
         for envelope in envelopes:
+            if type(envelope) is direct:  # out of a Bundle: told (see ``_run_slice``)
+                try:
+                    on_direct(envelope)
+                except Exception:  # noqa: BLE001 - the failure rule, as a told message
+                    self._loop.survived(self.component, sys.exc_info())
+                continue
             message = envelope.message
             if type(message) is direct and envelope.reply_to is None:
                 try:
-                    self.on_receive(message)
+                    on_direct(message)
                 except Exception:  # noqa: BLE001 - the failure rule, as a told message
                     self._loop.survived(self.component, sys.exc_info())
                 continue
@@ -277,19 +280,28 @@ class LoopActor(pykka.Actor):
             if self.actor_stopped.is_set():
                 return
 
+    def on_direct(self, message: Any) -> None:
+        """A told message of the ``direct`` type (``on_receive`` unless overridden:
+        the publisher's events, the gateways' commands go straight to their send)."""
+        self.on_receive(message)
+
     # -- running on the loop ------------------------------------------------------
 
     def _run_slice(self, budget: int) -> None:
         inbox = self.actor_inbox
         if not self.actor_stopped.is_set():
             batch: list[Any] = []
-            queue, limit = inbox.queue, self.batch_limit
+            queue, limit, direct = inbox.queue, self.batch_limit, self._bare
             while queue and len(batch) < limit:
                 envelope = queue.popleft()
-                if type(envelope.message) is Bundle:
-                    batch.extend([_told(Told, (m, None)) for m in envelope.message.messages])
-                else:
+                if type(envelope.message) is not Bundle:
                     batch.append(envelope)
+                    continue
+                messages = envelope.message.messages
+                if direct is not None and {*map(type, messages)} == {direct}:  # (no frames)
+                    batch.extend(messages)  # bare: on_batch knows them by their type
+                else:
+                    batch.extend([told(Told, (m, None)) for m in messages])
             if batch:
                 try:
                     self.on_batch(batch)
@@ -378,7 +390,7 @@ class LoopActor(pykka.Actor):
         """Thread-safe: queue a message for this actor (gathered in a ``burst``)."""
         pending = getattr(_bursts, "pending", None)
         if pending is None:
-            self.actor_ref.tell(message)
+            tell(self.actor_ref, message)
             return
         messages = pending.get(self)
         if messages is None:

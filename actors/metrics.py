@@ -9,7 +9,9 @@ time by ``ServiceCollector``. ``docs/metrics.md`` lists them all.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from bisect import bisect_left
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -179,6 +181,29 @@ def _cache_children(metric: Any) -> None:
         return child
 
     metric.labels = labels
+
+
+def observe_all(child: Any, values: Iterable[float]) -> None:
+    """``child.observe(v)`` for each of ``values`` (a histogram child), in one
+    pass: each value's bucket found by bisection, then the sum and each bucket
+    touched once (two locks, not two frames and two locks per value). A
+    gateway observes its replies' latencies this way once per read (up to
+    256 replies). Uses the child's fields (``_upper_bounds``, ``_buckets``,
+    ``_sum``: prometheus_client's ``Histogram`` since 0.4); without them, one
+    ``observe`` each. A NaN counts in the sum and in no bucket, as with ``observe``."""
+    try:
+        bounds, buckets, total = child._upper_bounds, child._buckets, child._sum
+    except AttributeError:
+        for value in values:
+            child.observe(value)
+        return
+    values = list(values)
+    if not values:
+        return
+    top = bounds[-1]  # +Inf: every number is at most it, a NaN is not
+    total.inc(sum(values))
+    for i, n in Tally(bisect_left(bounds, v) for v in values if v <= top).items():
+        buckets[i].inc(n)
 
 
 class ServiceCollector(Collector):

@@ -29,7 +29,7 @@ from pykka import messages as pykka_messages
 from actors import supervision
 from actors.flags import Flag
 from actors.inbox import ScheduledInbox
-from actors.loop import LoopFuture, handle_envelope
+from actors.loop import PYKKA_MESSAGES, LoopFuture, handle_envelope
 
 if TYPE_CHECKING:
     from actors.eventloop import EventLoop
@@ -93,6 +93,7 @@ class PooledActor(pykka.Actor):
     """
 
     actor_inbox: PooledInbox
+    actor_stopped: Flag  # type: ignore[assignment]  # pykka's is an Event: see __init__
     turn_end = False  # on an EventLoop: runs with the others, not at the turn's end
 
     @staticmethod
@@ -106,7 +107,7 @@ class PooledActor(pykka.Actor):
     def __init__(self, dispatcher: Dispatcher | EventLoop) -> None:
         self.actor_urn = f"urn:oms:{type(self).__name__}:{next(_serial)}"
         self.actor_inbox = self._create_actor_inbox()
-        self.actor_stopped = Flag()  # type: ignore[assignment]
+        self.actor_stopped = Flag()
         self._actor_ref = pykka.ActorRef(self)
         self._dispatcher = dispatcher
         self._started = False
@@ -137,20 +138,28 @@ class PooledActor(pykka.Actor):
         if not self._started:
             self._started = True
             self._actor_loop_setup()
-        inbox = self.actor_inbox
+        inbox, stopped = self.actor_inbox, self.actor_stopped
+        queue = inbox.queue
         for _ in range(budget):
-            if self.actor_stopped.is_set() or not inbox.queue:
+            if stopped.value or not queue:
                 break
-            self._handle_envelope(inbox.queue.popleft())
-        if not self.actor_stopped.is_set():
+            envelope = queue.popleft()
+            message = envelope.message
+            if envelope.reply_to is not None or isinstance(message, PYKKA_MESSAGES):
+                self._handle_envelope(envelope)
+                continue
+            try:  # a told message (10 an order): handle_envelope's path, without its frames
+                self.on_receive(message)
+            except Exception:  # noqa: BLE001 - the failure rule, as handle_envelope's caller
+                self.on_crash(sys.exc_info(), message)
+        if not stopped.value:
             try:
                 self.on_slice_end()
             except Exception:  # noqa: BLE001 - the failure rule: crash this actor only
                 self.on_crash(sys.exc_info(), None)
-        stopped = self.actor_stopped.is_set()
-        if inbox.finish_slice(stopped):
+        if inbox.finish_slice(stopped.value):
             self._dispatcher.schedule(self)
-        elif stopped:
+        elif stopped.value:
             self._actor_loop_teardown()
             inbox.unbind()
 

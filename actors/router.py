@@ -42,6 +42,7 @@ import pykka
 from actors import effects
 from actors.effects import Origin
 from actors.eventloop import EventLoop
+from actors.inbox import tell
 from actors.order import Inbound, OrderActor, Rest
 from actors.order_counts import OrderCounts
 from actors.ports import OrderContext, OrderCore, PartsFactory
@@ -107,7 +108,7 @@ class OrderRouter(Revival):
 
     def deliver(self, order_id: str, message: Any) -> bool:
         """Hand a message to an order, reactivating it if passivated."""
-        with self._stripe(order_id):
+        with self._stripes[hash(order_id) % self.STRIPES]:  # self._stripe(order_id)
             ref = self._live.get(order_id)
             if ref is None and order_id not in self._reviving:
                 order = self._load(order_id)
@@ -129,7 +130,7 @@ class OrderRouter(Revival):
             return
         assert ref is not None
         try:
-            ref.tell(message)
+            tell(ref, message)  # ref.tell(message), without pykka's frames
         except pykka.ActorDeadError:  # never expected: crashed() takes it out first
             logger.error("order %s: its actor was dead but still live; reloading the order "
                          "from its last durable snapshot", order_id, extra={"order_id": order_id})

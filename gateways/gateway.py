@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import sys
 import time
 from collections import OrderedDict
 from typing import Any, NamedTuple
@@ -22,7 +23,7 @@ from typing import Any, NamedTuple
 import zmq
 
 from actors.loop import NOBLOCK, LoopActor, open_socket, send_frame
-from actors.metrics import Metrics
+from actors.metrics import Metrics, observe_all
 from actors.ports import Deliver
 from actors.throttle import LogThrottle
 from gateways.breaker import OPEN, Breaker
@@ -36,6 +37,9 @@ logger = logging.getLogger(__name__)
 class SendCommand(NamedTuple):
     order_id: str
     command: Send
+
+
+_new = tuple.__new__  # _new(SendCommand, (...)): without __new__'s Python frame
 
 
 class GatewayGauges(NamedTuple):
@@ -81,6 +85,8 @@ class Gateway(LoopActor):
         self._requests = metrics.gateway_requests.labels(system)
         self._sent = 0  # commands sent since the last tick: counted there, in one inc
         self._latency: dict[tuple[str, str], Any] = {}  # (op, outcome) -> its child
+        self._latencies: dict[tuple[str, str], list[float]] = {}  # of this read's replies
+        self._results: list[tuple[str, CommandResult]] = []  # ... delivered after it
 
     def on_start(self) -> None:
         # LINGER 0: commands are idempotent and re-sent after a restart
@@ -102,13 +108,18 @@ class Gateway(LoopActor):
 
     def send(self, order_id: str, command: Send) -> None:
         """Thread-safe: carry a command to the domain system."""
-        self.tell(SendCommand(order_id, command))
+        self.tell(_new(SendCommand, (order_id, command)))  # SendCommand(order_id, command)
 
     def on_receive(self, message: Any) -> None:
-        if isinstance(message, SendCommand) and self.sock is not None:
-            self._send(message)
+        if isinstance(message, SendCommand):
+            self.on_direct(message)
 
-    def _send(self, message: SendCommand) -> None:
+    def on_direct(self, message: SendCommand) -> None:
+        """Send one command (5 an order; ``LoopActor.on_batch`` calls this
+        for each told ``SendCommand``)."""
+        sock = self.sock
+        if sock is None:
+            return
         cmd, order_id = message.command, message.order_id
         now = time.monotonic()
         if not self.breaker.allow(now):
@@ -118,8 +129,6 @@ class Gateway(LoopActor):
             return
         payload = {"type": "command", "command_id": cmd.command_id, "order_id": order_id,
                    "op": cmd.op, "args": cmd.args}
-        sock = self.sock
-        assert sock is not None
         try:
             send_frame(sock, codec.pack(payload), NOBLOCK)
         except zmq.Again:
@@ -140,12 +149,17 @@ class Gateway(LoopActor):
         heapq.heappush(self._deadlines, (deadline, cmd.command_id))
 
     def on_readable(self, sock: zmq.Socket) -> None:
-        for _ in range(self.read_budget):
-            try:
-                frame = sock.recv(NOBLOCK)
-            except zmq.Again:
-                return
-            self._on_reply(frame)
+        """Read up to ``read_budget`` replies; then observe their latencies
+        and hand each result to its order, in the order read (``_settle``)."""
+        try:
+            for _ in range(self.read_budget):
+                try:
+                    frame = sock.recv(NOBLOCK)
+                except zmq.Again:
+                    return
+                self._on_reply(frame)
+        finally:
+            self._settle()
 
     def _on_reply(self, frame: bytes) -> None:
         """Check a reply at the edge (``oms.edge``), then hand it to its order.
@@ -204,12 +218,31 @@ class Gateway(LoopActor):
                      CommandResult(command_id or "", False, None, error))
 
     def _finish(self, waiting: _Pending, outcome: str, result: CommandResult) -> None:
+        """A reply matched: its latency and result wait for ``_settle``."""
         key = (waiting.op, outcome)
-        latency = self._latency.get(key)
-        if latency is None:
-            latency = self._latency[key] = self.metrics.step_latency.labels(self.system, *key)
-        latency.observe(time.monotonic() - waiting.sent)
-        self.deliver(waiting.order_id, result)
+        latencies = self._latencies.get(key)
+        if latencies is None:
+            latencies = self._latencies[key] = []
+        latencies.append(time.monotonic() - waiting.sent)
+        self._results.append((waiting.order_id, result))
+
+    def _settle(self) -> None:
+        """After a read: the replies' step latencies into ``oms_step_seconds``,
+        each label set's at once (``observe_all``), then each result to its
+        order. A delivery that fails is survived (logged, counted), the
+        others still go."""
+        observed, self._latencies = self._latencies, {}
+        for key, values in observed.items():
+            child = self._latency.get(key)
+            if child is None:
+                child = self._latency[key] = self.metrics.step_latency.labels(self.system, *key)
+            observe_all(child, values)
+        results, self._results = self._results, []
+        for order_id, result in results:
+            try:
+                self.deliver(order_id, result)
+            except Exception:  # noqa: BLE001 - the failure rule, as a failing read
+                self._loop.survived(self.component, sys.exc_info())
 
     def _outcome(self, ok: bool, now: float) -> None:
         changed = self.breaker.record(ok, now)

@@ -21,7 +21,7 @@ threads, no sockets.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 from oms.errors import CIRCUIT_OPEN, DomainError
 
@@ -40,6 +40,7 @@ MAX_MESSAGE = 1000
 MAX_RETRY_AFTER_S = 3600.0
 """Largest ``retry_after`` a ``circuit_open`` reply may ask for."""
 INT64 = (-(2**63), 2**63 - 1)
+_new = tuple.__new__  # a NamedTuple without the Python frame of its generated __new__
 
 # ``reason`` values (a bounded metric label)
 REASONS = ("undecodable", "too_large", "type", "command_id", "ok", "data", "error", "number",
@@ -139,8 +140,10 @@ def parse_reply(msg: dict[str, Any]) -> Reply | Violation:
     """A decoded reply map, checked: the ``Reply``, or what is wrong with it."""
     if msg.get("type") != "result":
         return Violation("type", f"type must be 'result', got {msg.get('type')!r:.60}")
-    if (problem := _string(msg.get("command_id"), "command_id", MAX_ID)) is not None:
-        return Violation("command_id", problem)
+    command_id = msg.get("command_id")
+    if (type(command_id) is not str or not 0 < len(command_id) <= MAX_ID) and (
+            problem := _string(command_id, "command_id", MAX_ID)) is not None:
+        return Violation("command_id", problem)  # (the common valid id: no call)
     ok = msg.get("ok")
     if not isinstance(ok, bool):
         return Violation("ok", f"ok must be true or false, got {ok!r:.60}")
@@ -156,7 +159,7 @@ def parse_reply(msg: dict[str, Any]) -> Reply | Violation:
             return Violation("number", problem)
     if (problem := check_data(data)) is not None:
         return Violation("data", problem)
-    return Reply(msg["command_id"], ok, cast("dict[str, Any]", data), error)
+    return _new(Reply, (command_id, ok, data, error))  # Reply(...) without its frame
 
 
 def parse_error(raw: Any) -> DomainError | Violation:

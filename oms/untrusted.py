@@ -35,9 +35,12 @@ def _scan(value: Any, depth: int = 0) -> tuple[str | None, int]:
     if isinstance(value, dict):
         size = 5
         for key, sub in value.items():
-            problem, n = _scan(sub, depth + 1)
-            if problem:
-                return problem, 0
+            if type(sub) is str and depth < MAX_DEPTH:  # most values: no call (as above)
+                n = 5 + 4 * len(sub)
+            else:
+                problem, n = _scan(sub, depth + 1)
+                if problem:
+                    return problem, 0
             size += n + (5 + 4 * len(key) if isinstance(key, str) else 9)
         return None, size
     if isinstance(value, list | tuple):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
+import sys
 import threading
 import weakref
 from typing import Any
@@ -11,11 +13,11 @@ from typing import Any
 import pykka
 import pytest
 from helpers import Probe, poll_until
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Histogram
 
 from actors.effects import Collect, Tell, Wake
 from actors.loop import LoopActor, burst
-from actors.metrics import Metrics
+from actors.metrics import LATENCY, Metrics, observe_all
 from actors.pool import Dispatcher, PooledActor
 from actors.store_writer import Barrier, CreateOrder, SaveOrder, StoreWriter
 from oms import codec, snapshot
@@ -108,6 +110,60 @@ def test_loop_actor_loses_no_wakeups_under_concurrent_tells() -> None:
         assert actor.actor_ref.ask("count", timeout=5) == actor.target
     finally:
         actor.actor_ref.stop()
+
+
+class Exclusive(PooledActor):
+    """Counts its messages and notes if two workers ever ran it at once."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        super().__init__(dispatcher)
+        self.count, self.running, self.overlaps = 0, False, 0
+        self.reached = threading.Event()
+        self.target = 0
+
+    def on_receive(self, message: Any) -> Any:
+        if message == "count":
+            return self.count
+        if self.running:
+            self.overlaps += 1
+        self.running = True
+        self.count += 1
+        if self.count == self.target:
+            self.reached.set()
+        self.running = False
+        return None
+
+
+def test_a_pooled_actor_runs_on_one_worker_at_a_time_and_loses_no_tells(
+        dispatcher: Dispatcher) -> None:
+    """The inbox's scheduling token (a test-and-set): with two workers and
+    eight threads telling at once, the actor is never queued twice (never
+    run on both workers at once) and no message is left behind when a slice
+    ends as another lands."""
+    actors = [Exclusive(dispatcher) for _ in range(4)]
+    for actor in actors:
+        actor.target = 8 * 5_000
+        actor._start_actor_loop()
+
+    def hammer() -> None:
+        for _ in range(5_000):
+            for actor in actors:
+                actor.actor_ref.tell(1)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch between almost any two bytecodes
+    try:
+        threads = [threading.Thread(target=hammer) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(switch)
+    for actor in actors:
+        assert actor.reached.wait(20), f"only {actor.count} of {actor.target} handled"
+        assert actor.actor_ref.ask("count", timeout=5) == actor.target
+        assert actor.overlaps == 0
 
 
 class Listing(LoopActor):
@@ -378,3 +434,29 @@ def test_a_reload_puts_the_held_orders_ages_back_in_line() -> None:
     assert counts.oldest_held_age() == 0 and counts.snapshot(0)["states"] == {"inProgress": 1}
     counts.recount(OrderState.IN_PROGRESS, OrderState.HELD, "O1")
     assert "O1" in counts.held_since and counts.snapshot(0)["states"] == {"held": 1}
+
+
+def test_observing_a_batch_gives_the_same_histogram_as_one_by_one() -> None:
+    """``observe_all`` (a gateway's replies of one read) against ``observe``:
+    the same buckets, count and sum, with values on the bounds, below the
+    first, past the last, infinite and NaN."""
+    values = [0.0, -1.0, 0.001, 0.0011, 5, 3600, 3601, 1e300, math.inf, 0.0025, 2.5, 0.0025]
+    for extra in ([], [math.nan]):
+        one, batch = (Histogram("h", "h", ["x"], buckets=LATENCY,
+                                registry=CollectorRegistry()).labels("a") for _ in range(2))
+        for value in values + extra:
+            one.observe(value)
+        observe_all(batch, values + extra)
+        observe_all(batch, [])
+
+        def samples(child: Any) -> list[tuple[str, Any, float]]:
+            return [(s.name, s.labels, s.value) for s in child._child_samples()
+                    if s.name != "_created"]
+
+        got, want = samples(batch), samples(one)
+        assert [g[:2] for g in got] == [w[:2] for w in want]
+        for (name, _, value), (_, _, expected) in zip(got, want, strict=True):
+            if name == "_sum" and extra:
+                assert math.isnan(value)
+            else:
+                assert value == pytest.approx(expected), name

@@ -669,3 +669,35 @@ def test_the_simulators_survive_a_command_they_cannot_handle(sim: Any, eps: Any)
         assert sim.thread.is_alive()
     finally:
         sock.close()
+
+
+def test_a_reply_whose_delivery_fails_costs_no_other_reply(domain: HostileDomain) -> None:
+    """Replies read together are delivered after the read (their latencies
+    observed first): one whose delivery raises is survived, the next still
+    reaches its order."""
+    delivered: queue.Queue[Any] = queue.Queue()
+
+    def deliver(order_id: str, res: CommandResult) -> None:
+        if order_id == "BAD":
+            raise RuntimeError("this order's delivery fails")
+        delivered.put((order_id, res))
+
+    metrics = Metrics(CollectorRegistry())
+    gw = Gateway.launch(zmq.Context.instance(), "billing", domain.endpoint, deliver, metrics,
+                        breaker=Breaker(threshold=1000))
+    try:
+        answers = []
+        for order_id in ("BAD", "O2", "BAD", "O3"):
+            cid = f"{order_id}:{len(answers)}"
+            gw.send(order_id, Send("billing", cid, "create_invoice", {"total_minor": 5}, 10.0))
+            peer, command = domain.command()
+            answers.append((peer, result(command["command_id"], ok=True, data={})))
+        for peer, reply in answers:
+            domain.answer(peer, reply)
+        got = [delivered.get(timeout=5)[0] for _ in range(2)]
+        assert got == ["O2", "O3"]
+        assert sample(metrics, "oms_step_seconds_count", system="billing", op="create_invoice",
+                      outcome="ok") == 4
+    finally:
+        gw.actor_ref.stop(block=True, timeout=5)
+        gw.join(5)
