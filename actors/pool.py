@@ -114,10 +114,13 @@ class PooledActor(pykka.Actor):
         self.actor_inbox.bind(self, dispatcher)
 
     @classmethod
-    def spawn(cls, *args: Any, **kwargs: Any) -> pykka.ActorRef[Any]:
-        """Create and start without registering in pykka's ActorRegistry."""
+    def spawn(cls, *args: Any, idle: bool = False, **kwargs: Any) -> pykka.ActorRef[Any]:
+        """Create and start without registering in pykka's ActorRegistry.
+        ``idle``: no first slice now; the first message schedules it (and
+        ``on_start`` runs then)."""
         actor = cls(*args, **kwargs)
-        actor._start_actor_loop()
+        if not idle:
+            actor._start_actor_loop()
         return actor.actor_ref
 
     def _start_actor_loop(self) -> None:

@@ -49,6 +49,7 @@ from actors.ports import OrderContext, OrderCore, PartsFactory
 from actors.revival import Revival
 from oms.messages import DomainEvent
 from oms.model import Order
+from oms.outstanding import awaiting_reply
 from oms.states import OrderState
 from storage.records import CorruptRecord
 
@@ -94,7 +95,10 @@ class OrderRouter(Revival):
         with self._stripe(order_id):
             ref = self._live.get(order_id)
             if ref is None and order_id not in self._reviving:
-                ref = self._spawn(order, reason)
+                # with nothing to tell and a reply awaited (that, or its timeout, comes
+                # to it), its first slice would find nothing to do: it is not scheduled
+                ref = self._spawn(order, reason,
+                                  idle=first is None and awaiting_reply(order))
             if first is not None:
                 self._tell(order_id, ref, first)
         if started:
@@ -140,9 +144,9 @@ class OrderRouter(Revival):
             dead = ref._actor_weakref()  # the counts show its state
             self._revive(order_id, [message], dead.counted_state if dead else None)
 
-    def _spawn(self, order: Order, reason: str) -> ActorRef[OrderActor]:
+    def _spawn(self, order: Order, reason: str, idle: bool = False) -> ActorRef[OrderActor]:
         engine = self.ctx.engines[order.order_type]
-        ref = OrderActor.spawn(self.ctx, order, engine)
+        ref = OrderActor.spawn(self.ctx, order, engine, idle=idle)
         self._live[order.order_id] = ref
         self.ctx.metrics.activations.labels(reason).inc()
         return ref

@@ -67,6 +67,32 @@ def test_ten_thousand_pooled_actors_share_two_threads(dispatcher: Dispatcher) ->
         not isinstance(r, Recorder) for r in pykka.ActorRegistry.get_all())
 
 
+class Starter(PooledActor):
+    def __init__(self, dispatcher: Dispatcher, log: list[str]) -> None:
+        super().__init__(dispatcher)
+        self.log = log
+
+    def on_start(self) -> None:
+        self.log.append("start")
+
+    def on_receive(self, message: Any) -> Any:
+        self.log.append(message)
+        return list(self.log)
+
+
+def test_an_idle_spawned_actor_runs_nothing_until_its_first_message(
+        dispatcher: Dispatcher) -> None:
+    """``spawn(idle=True)`` (a new order awaiting its first reply): no first
+    slice; the first message schedules it, with ``on_start`` first."""
+    log: list[str] = []
+    ref = Starter.spawn(dispatcher, log, idle=True)
+    other = Starter.spawn(dispatcher, [])  # scheduled at once: the queue has moved past
+    assert other.ask("ping", timeout=5) == ["start", "ping"]
+    assert log == []
+    assert ref.ask("hello", timeout=5) == ["start", "hello"]
+    ref.stop(timeout=5)
+
+
 def test_pooled_actor_ask_and_failure(dispatcher: Dispatcher) -> None:
     Recorder.expect_actors = 1  # type: ignore[attr-defined]
     ref = Recorder.spawn(dispatcher, [], threading.Event(), 99)
