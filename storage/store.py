@@ -337,7 +337,10 @@ class Store(OrderListing, RetentionIndex):
         order_id = self.next_order_id(txn, vshard)
         order: Order = build(order_id)
         txn.put(key, codec.pack([order_id, digest]), db=self.db["ext"])
-        self.put_order(txn, order_id, snapshot.encode(order), active=True)
+        record = snapshot.encode(order)
+        self.put_order(txn, order_id, record, active=True)
+        if order.finished:  # its Start (actors.effects.NewOrder) finished it: as a save would
+            self.put_order(txn, order_id, record, active=False)
         return Created("accepted", order_id, str(order.state), order)
 
     def put_order(self, txn: lmdb.Transaction[bytes], order_id: str, record: bytes,
