@@ -54,3 +54,40 @@ def test_an_order_its_start_finishes_leaves_the_active_index(
     svc.stop()  # a restart: it is not recovered, and holds no admission slot
     again = make_service(processes=str(folder))
     assert again.router.counts.snapshot(0)["in_flight"] == 0
+
+
+def test_a_create_committed_without_its_start_effects_resumes_after_a_restart(
+        tmp_path: Path, make_service: Any, sim: Any, client: Client) -> None:
+    """The crash window that NewOrder opened: the create (with the started
+    order) is durable, then the process dies before the router runs the
+    Start's effects (commands, CRM notice, events, timers). On disk that is
+    exactly what the writer's transaction leaves, so the store is written by
+    the same code path (``actors.effects.NewOrder`` under
+    ``Store.create_order``) and the effects dropped; the service started on
+    it must send the commands and finish the orders."""
+    from helpers import normalized, retail_order
+    from test_processes_e2e import telecom
+
+    from actors.effects import NewOrder
+    from oms import codec
+    from oms.engine import Engine
+    from oms.process import builtin_processes
+    from storage.store import Store
+
+    procs = builtin_processes()
+    store = Store(str(tmp_path / "data"))
+    made = []
+    for raw in (retail_order("lost-1"),
+                telecom("lost-2", "cust-9", [{"id": "a", "product_id": "FIBER", "quantity": 1}])):
+        order = normalized(raw)
+        build = NewOrder(order, Engine(procs[order["order_type"]]))
+        with store.write() as txn:
+            created = store.create_order(txn, order["source_system"], order["external_id"],
+                                         codec.digest(order), build)
+        assert created.kind == "accepted"
+        made.append(created.order_id)
+    assert build.started == ()  # the telecom order waits for its turn
+    store.close()
+    make_service()
+    views = wait_terminal(client, made, timeout=30)
+    assert {v["state"] for v in views.values()} == {"completed"}, views
