@@ -26,7 +26,7 @@ from actors.loop import NOBLOCK, LoopActor, open_socket, send_frame
 from actors.metrics import Metrics, observe_all
 from actors.ports import Deliver
 from actors.throttle import LogThrottle
-from gateways.breaker import OPEN, Breaker
+from gateways.breaker import CLOSED, OPEN, Breaker
 from oms import codec, edge
 from oms.errors import CIRCUIT_OPEN, INVALID_REPLY, TIMEOUT, UNAVAILABLE, DomainError
 from oms.messages import CommandResult, Send
@@ -122,9 +122,10 @@ class Gateway(LoopActor):
             return
         cmd, order_id = message.command, message.order_id
         now = time.monotonic()
-        if not self.breaker.allow(now):
+        breaker = self.breaker
+        if breaker.state != CLOSED and not breaker.allow(now):  # (closed: allowed)
             error = DomainError(CIRCUIT_OPEN, f"{self.system} circuit breaker is open", True)
-            data = {"retry_after": self.breaker.retry_after(now)}
+            data = {"retry_after": breaker.retry_after(now)}
             self.deliver(order_id, CommandResult(cmd.command_id, False, data, error))
             return
         payload = {"type": "command", "command_id": cmd.command_id, "order_id": order_id,
@@ -138,15 +139,19 @@ class Gateway(LoopActor):
             self.deliver(order_id, CommandResult(cmd.command_id, False, None, error))
             return
         self._sent += 1
-        if cmd.command_id in self.pending or cmd.command_id in self._unsettled:
+        command_id, unsettled, pending = cmd.command_id, self._unsettled, self.pending
+        if command_id in unsettled:  # a retry or resend: to the newest end
             self.metrics.gateway_retries.labels(self.system).inc()
-        self._unsettled[cmd.command_id] = None
-        self._unsettled.move_to_end(cmd.command_id)
-        if len(self._unsettled) > UNSETTLED_KEPT:
-            self._unsettled.popitem(last=False)
+            unsettled.move_to_end(command_id)
+        else:
+            if command_id in pending:  # (its id forgotten by now: still a retry)
+                self.metrics.gateway_retries.labels(self.system).inc()
+            unsettled[command_id] = None  # a new key goes to the newest end
+            if len(unsettled) > UNSETTLED_KEPT:
+                unsettled.popitem(last=False)
         deadline = now + cmd.timeout_s
-        self.pending[cmd.command_id] = _Pending(order_id, deadline, now, cmd.op)
-        heapq.heappush(self._deadlines, (deadline, cmd.command_id))
+        pending[command_id] = _new(_Pending, (order_id, deadline, now, cmd.op))
+        heapq.heappush(self._deadlines, (deadline, command_id))
 
     def on_readable(self, sock: zmq.Socket) -> None:
         """Read up to ``read_budget`` replies; then observe their latencies
