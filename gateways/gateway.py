@@ -13,11 +13,10 @@ its command with the retryable ``invalid_reply``.
 
 from __future__ import annotations
 
-import heapq
 import logging
 import sys
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any, NamedTuple
 
 import zmq
@@ -73,7 +72,11 @@ class Gateway(LoopActor):
                         metrics.gateway_retries, metrics.gateway_late,
                         metrics.gateway_send_failures):
             counter.labels(system)  # known label sets start at 0, visible to alerts
-        self._deadlines: list[tuple[float, str]] = []
+        # (deadline, command_id) of each command sent, in send order, one queue per
+        # step timeout: in a queue deadlines never decrease (the send time + one
+        # timeout), so a send appends and the earliest is at its left; an entry
+        # answered or re-sent since is dropped when it gets there
+        self._deadlines: dict[float, deque[tuple[float, str]]] = {}
         # command ids sent and not yet settled (no reply, or a retryable error): a
         # later send of one is a retry or resend (oms_gateway_retries_total)
         self._unsettled: OrderedDict[str, None] = OrderedDict()
@@ -151,7 +154,10 @@ class Gateway(LoopActor):
                 unsettled.popitem(last=False)
         deadline = now + cmd.timeout_s
         pending[command_id] = _new(_Pending, (order_id, deadline, now, cmd.op))
-        heapq.heappush(self._deadlines, (deadline, command_id))
+        queue = self._deadlines.get(cmd.timeout_s)
+        if queue is None:
+            queue = self._deadlines[cmd.timeout_s] = deque()
+        queue.append((deadline, command_id))
 
     def on_readable(self, sock: zmq.Socket) -> None:
         """Read up to ``read_budget`` replies; then observe their latencies
@@ -257,14 +263,18 @@ class Gateway(LoopActor):
                 extra={"system": self.system})
 
     def poll_timeout(self) -> float | None:
-        while self._deadlines:
-            deadline, command_id = self._deadlines[0]
-            waiting = self.pending.get(command_id)
-            if waiting is None or waiting.deadline != deadline:
-                heapq.heappop(self._deadlines)  # answered or re-sent since
-                continue
-            return max(0.0, (deadline - time.monotonic()) * 1000)
-        return None
+        pending, earliest = self.pending, None
+        for queue in self._deadlines.values():
+            while queue:
+                deadline, command_id = queue[0]
+                waiting = pending.get(command_id)
+                if waiting is None or waiting.deadline != deadline:
+                    queue.popleft()  # answered or re-sent since
+                    continue
+                if earliest is None or deadline < earliest:
+                    earliest = deadline
+                break
+        return None if earliest is None else max(0.0, (earliest - time.monotonic()) * 1000)
 
     def on_tick(self) -> None:
         """Time out overdue commands; runs after each slice and read too
@@ -279,22 +289,39 @@ class Gateway(LoopActor):
             self.gauges = GatewayGauges(len(self.pending), self.breaker.state)
 
     def _expire(self, now: float) -> None:
-        while self._deadlines and self._deadlines[0][0] <= now:
-            deadline, command_id = heapq.heappop(self._deadlines)
-            waiting = self.pending.get(command_id)
-            if waiting is None or waiting.deadline != deadline:
-                continue
-            del self.pending[command_id]
-            self.metrics.gateway_timeouts.labels(self.system).inc()
-            self._outcome(False, now)
-            logger.warning("no reply from %s to %s within its timeout", self.system,
-                           waiting.op, extra={"order_id": waiting.order_id,
-                                              "command_id": command_id, "system": self.system})
-            self.metrics.step_latency.labels(self.system, waiting.op, TIMEOUT).observe(
-                now - waiting.sent)
-            error = DomainError(TIMEOUT, f"no reply from {self.system} within the step timeout",
-                                True)
-            self.deliver(waiting.order_id, CommandResult(command_id, False, None, error))
+        due = []
+        for timeout, queue in self._deadlines.items():
+            while queue and queue[0][0] <= now:
+                due.append((*queue.popleft(), timeout))
+        if not due:
+            return
+        due.sort()  # by deadline, then command_id, across the queues
+        done = 0
+        try:
+            for deadline, command_id, _ in due:
+                done += 1
+                self._time_out(deadline, command_id, now)
+        finally:  # a delivery failed (survived by the loop): the rest on the next tick
+            for deadline, command_id, timeout in reversed(due[done:]):
+                self._deadlines[timeout].appendleft((deadline, command_id))
+
+    def _time_out(self, deadline: float, command_id: str, now: float) -> None:
+        """A command's deadline came: a retryable ``timeout``, unless it was
+        answered or re-sent since."""
+        waiting = self.pending.get(command_id)
+        if waiting is None or waiting.deadline != deadline:
+            return
+        del self.pending[command_id]
+        self.metrics.gateway_timeouts.labels(self.system).inc()
+        self._outcome(False, now)
+        logger.warning("no reply from %s to %s within its timeout", self.system,
+                       waiting.op, extra={"order_id": waiting.order_id,
+                                          "command_id": command_id, "system": self.system})
+        self.metrics.step_latency.labels(self.system, waiting.op, TIMEOUT).observe(
+            now - waiting.sent)
+        error = DomainError(TIMEOUT, f"no reply from {self.system} within the step timeout",
+                            True)
+        self.deliver(waiting.order_id, CommandResult(command_id, False, None, error))
 
 
 UNSETTLED_KEPT = 100_000  # command ids remembered for counting retries (bounded memory)
