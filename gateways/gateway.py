@@ -200,17 +200,30 @@ class Gateway(LoopActor):
                 "command_id": parsed.command_id, "system": self.system})
             return
         ok, error = parsed.ok, parsed.error
-        if ok or not (error and error.retryable):
+        now = time.monotonic()
+        if error is None:  # (a success: the common case, checked inline)
             self._unsettled.pop(parsed.command_id, None)  # answered for good: no retry follows
-        self._outcome(ok or not (error and error.retryable), time.monotonic())
-        if error is not None:  # an expected failure: a warning, with its context
-            logger.warning("%s refused %s: %s %s", self.system, waiting.op, error.code,
-                           error.message, extra={"order_id": waiting.order_id,
-                                                 "command_id": parsed.command_id,
-                                                 "system": self.system})
-        outcome = "ok" if error is None else error.code
-        self._finish(waiting, _bounded(outcome),
-                     CommandResult(parsed.command_id, ok, parsed.data, error))
+            breaker = self.breaker
+            if breaker.failures or breaker.state != CLOSED:  # (else no change: skipped)
+                self._outcome(True, now)
+            key = (waiting.op, "ok")  # as _finish
+            latencies = self._latencies.get(key)
+            if latencies is None:
+                latencies = self._latencies[key] = []
+            latencies.append(now - waiting.sent)
+            self._results.append((waiting.order_id, _new(
+                CommandResult, (parsed.command_id, ok, parsed.data, None))))
+            return
+        if not error.retryable:
+            self._unsettled.pop(parsed.command_id, None)  # answered for good: no retry follows
+        self._outcome(not error.retryable, now)
+        # an expected failure: a warning, with its context
+        logger.warning("%s refused %s: %s %s", self.system, waiting.op, error.code,
+                       error.message, extra={"order_id": waiting.order_id,
+                                             "command_id": parsed.command_id,
+                                             "system": self.system})
+        self._finish(waiting, _bounded(error.code),
+                     CommandResult(parsed.command_id, ok, parsed.data, error), now)
 
     def _invalid(self, violation: edge.Violation, command_id: str | None) -> None:
         """A reply that breaks the contract: logged, counted, a retryable error."""
@@ -222,19 +235,21 @@ class Gateway(LoopActor):
                              "order_id": waiting.order_id if waiting else None})
         if waiting is None:
             return
-        self._outcome(False, time.monotonic())
+        now = time.monotonic()
+        self._outcome(False, now)
         error = DomainError(INVALID_REPLY, f"{self.system} broke the contract: "
                             f"{violation.message}", True)
         self._finish(waiting, INVALID_REPLY,
-                     CommandResult(command_id or "", False, None, error))
+                     CommandResult(command_id or "", False, None, error), now)
 
-    def _finish(self, waiting: _Pending, outcome: str, result: CommandResult) -> None:
+    def _finish(self, waiting: _Pending, outcome: str, result: CommandResult,
+                now: float) -> None:
         """A reply matched: its latency and result wait for ``_settle``."""
         key = (waiting.op, outcome)
         latencies = self._latencies.get(key)
         if latencies is None:
             latencies = self._latencies[key] = []
-        latencies.append(time.monotonic() - waiting.sent)
+        latencies.append(now - waiting.sent)
         self._results.append((waiting.order_id, result))
 
     def _settle(self) -> None:
