@@ -13,11 +13,10 @@ its command with the retryable ``invalid_reply``.
 
 from __future__ import annotations
 
-import heapq
 import logging
 import sys
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any, NamedTuple
 
 import zmq
@@ -26,7 +25,7 @@ from actors.loop import NOBLOCK, LoopActor, open_socket, send_frame
 from actors.metrics import Metrics, observe_all
 from actors.ports import Deliver
 from actors.throttle import LogThrottle
-from gateways.breaker import OPEN, Breaker
+from gateways.breaker import CLOSED, OPEN, Breaker
 from oms import codec, edge
 from oms.errors import CIRCUIT_OPEN, INVALID_REPLY, TIMEOUT, UNAVAILABLE, DomainError
 from oms.messages import CommandResult, Send
@@ -73,7 +72,11 @@ class Gateway(LoopActor):
                         metrics.gateway_retries, metrics.gateway_late,
                         metrics.gateway_send_failures):
             counter.labels(system)  # known label sets start at 0, visible to alerts
-        self._deadlines: list[tuple[float, str]] = []
+        # (deadline, command_id) of each command sent, in send order, one queue per
+        # step timeout: in a queue deadlines never decrease (the send time + one
+        # timeout), so a send appends and the earliest is at its left; an entry
+        # answered or re-sent since is dropped when it gets there
+        self._deadlines: dict[float, deque[tuple[float, str]]] = {}
         # command ids sent and not yet settled (no reply, or a retryable error): a
         # later send of one is a retry or resend (oms_gateway_retries_total)
         self._unsettled: OrderedDict[str, None] = OrderedDict()
@@ -122,9 +125,10 @@ class Gateway(LoopActor):
             return
         cmd, order_id = message.command, message.order_id
         now = time.monotonic()
-        if not self.breaker.allow(now):
+        breaker = self.breaker
+        if breaker.state != CLOSED and not breaker.allow(now):  # (closed: allowed)
             error = DomainError(CIRCUIT_OPEN, f"{self.system} circuit breaker is open", True)
-            data = {"retry_after": self.breaker.retry_after(now)}
+            data = {"retry_after": breaker.retry_after(now)}
             self.deliver(order_id, CommandResult(cmd.command_id, False, data, error))
             return
         payload = {"type": "command", "command_id": cmd.command_id, "order_id": order_id,
@@ -138,15 +142,22 @@ class Gateway(LoopActor):
             self.deliver(order_id, CommandResult(cmd.command_id, False, None, error))
             return
         self._sent += 1
-        if cmd.command_id in self.pending or cmd.command_id in self._unsettled:
+        command_id, unsettled, pending = cmd.command_id, self._unsettled, self.pending
+        if command_id in unsettled:  # a retry or resend: to the newest end
             self.metrics.gateway_retries.labels(self.system).inc()
-        self._unsettled[cmd.command_id] = None
-        self._unsettled.move_to_end(cmd.command_id)
-        if len(self._unsettled) > UNSETTLED_KEPT:
-            self._unsettled.popitem(last=False)
+            unsettled.move_to_end(command_id)
+        else:
+            if command_id in pending:  # (its id forgotten by now: still a retry)
+                self.metrics.gateway_retries.labels(self.system).inc()
+            unsettled[command_id] = None  # a new key goes to the newest end
+            if len(unsettled) > UNSETTLED_KEPT:
+                unsettled.popitem(last=False)
         deadline = now + cmd.timeout_s
-        self.pending[cmd.command_id] = _Pending(order_id, deadline, now, cmd.op)
-        heapq.heappush(self._deadlines, (deadline, cmd.command_id))
+        pending[command_id] = _new(_Pending, (order_id, deadline, now, cmd.op))
+        queue = self._deadlines.get(cmd.timeout_s)
+        if queue is None:
+            queue = self._deadlines[cmd.timeout_s] = deque()
+        queue.append((deadline, command_id))
 
     def on_readable(self, sock: zmq.Socket) -> None:
         """Read up to ``read_budget`` replies; then observe their latencies
@@ -189,17 +200,30 @@ class Gateway(LoopActor):
                 "command_id": parsed.command_id, "system": self.system})
             return
         ok, error = parsed.ok, parsed.error
-        if ok or not (error and error.retryable):
+        now = time.monotonic()
+        if error is None:  # (a success: the common case, checked inline)
             self._unsettled.pop(parsed.command_id, None)  # answered for good: no retry follows
-        self._outcome(ok or not (error and error.retryable), time.monotonic())
-        if error is not None:  # an expected failure: a warning, with its context
-            logger.warning("%s refused %s: %s %s", self.system, waiting.op, error.code,
-                           error.message, extra={"order_id": waiting.order_id,
-                                                 "command_id": parsed.command_id,
-                                                 "system": self.system})
-        outcome = "ok" if error is None else error.code
-        self._finish(waiting, _bounded(outcome),
-                     CommandResult(parsed.command_id, ok, parsed.data, error))
+            breaker = self.breaker
+            if breaker.failures or breaker.state != CLOSED:  # (else no change: skipped)
+                self._outcome(True, now)
+            key = (waiting.op, "ok")  # as _finish
+            latencies = self._latencies.get(key)
+            if latencies is None:
+                latencies = self._latencies[key] = []
+            latencies.append(now - waiting.sent)
+            self._results.append((waiting.order_id, _new(
+                CommandResult, (parsed.command_id, ok, parsed.data, None))))
+            return
+        if not error.retryable:
+            self._unsettled.pop(parsed.command_id, None)  # answered for good: no retry follows
+        self._outcome(not error.retryable, now)
+        # an expected failure: a warning, with its context
+        logger.warning("%s refused %s: %s %s", self.system, waiting.op, error.code,
+                       error.message, extra={"order_id": waiting.order_id,
+                                             "command_id": parsed.command_id,
+                                             "system": self.system})
+        self._finish(waiting, _bounded(error.code),
+                     CommandResult(parsed.command_id, ok, parsed.data, error), now)
 
     def _invalid(self, violation: edge.Violation, command_id: str | None) -> None:
         """A reply that breaks the contract: logged, counted, a retryable error."""
@@ -211,19 +235,21 @@ class Gateway(LoopActor):
                              "order_id": waiting.order_id if waiting else None})
         if waiting is None:
             return
-        self._outcome(False, time.monotonic())
+        now = time.monotonic()
+        self._outcome(False, now)
         error = DomainError(INVALID_REPLY, f"{self.system} broke the contract: "
                             f"{violation.message}", True)
         self._finish(waiting, INVALID_REPLY,
-                     CommandResult(command_id or "", False, None, error))
+                     CommandResult(command_id or "", False, None, error), now)
 
-    def _finish(self, waiting: _Pending, outcome: str, result: CommandResult) -> None:
+    def _finish(self, waiting: _Pending, outcome: str, result: CommandResult,
+                now: float) -> None:
         """A reply matched: its latency and result wait for ``_settle``."""
         key = (waiting.op, outcome)
         latencies = self._latencies.get(key)
         if latencies is None:
             latencies = self._latencies[key] = []
-        latencies.append(time.monotonic() - waiting.sent)
+        latencies.append(now - waiting.sent)
         self._results.append((waiting.order_id, result))
 
     def _settle(self) -> None:
@@ -252,14 +278,18 @@ class Gateway(LoopActor):
                 extra={"system": self.system})
 
     def poll_timeout(self) -> float | None:
-        while self._deadlines:
-            deadline, command_id = self._deadlines[0]
-            waiting = self.pending.get(command_id)
-            if waiting is None or waiting.deadline != deadline:
-                heapq.heappop(self._deadlines)  # answered or re-sent since
-                continue
-            return max(0.0, (deadline - time.monotonic()) * 1000)
-        return None
+        pending, earliest = self.pending, None
+        for queue in self._deadlines.values():
+            while queue:
+                deadline, command_id = queue[0]
+                waiting = pending.get(command_id)
+                if waiting is None or waiting.deadline != deadline:
+                    queue.popleft()  # answered or re-sent since
+                    continue
+                if earliest is None or deadline < earliest:
+                    earliest = deadline
+                break
+        return None if earliest is None else max(0.0, (earliest - time.monotonic()) * 1000)
 
     def on_tick(self) -> None:
         """Time out overdue commands; runs after each slice and read too
@@ -274,22 +304,39 @@ class Gateway(LoopActor):
             self.gauges = GatewayGauges(len(self.pending), self.breaker.state)
 
     def _expire(self, now: float) -> None:
-        while self._deadlines and self._deadlines[0][0] <= now:
-            deadline, command_id = heapq.heappop(self._deadlines)
-            waiting = self.pending.get(command_id)
-            if waiting is None or waiting.deadline != deadline:
-                continue
-            del self.pending[command_id]
-            self.metrics.gateway_timeouts.labels(self.system).inc()
-            self._outcome(False, now)
-            logger.warning("no reply from %s to %s within its timeout", self.system,
-                           waiting.op, extra={"order_id": waiting.order_id,
-                                              "command_id": command_id, "system": self.system})
-            self.metrics.step_latency.labels(self.system, waiting.op, TIMEOUT).observe(
-                now - waiting.sent)
-            error = DomainError(TIMEOUT, f"no reply from {self.system} within the step timeout",
-                                True)
-            self.deliver(waiting.order_id, CommandResult(command_id, False, None, error))
+        due = []
+        for timeout, queue in self._deadlines.items():
+            while queue and queue[0][0] <= now:
+                due.append((*queue.popleft(), timeout))
+        if not due:
+            return
+        due.sort()  # by deadline, then command_id, across the queues
+        done = 0
+        try:
+            for deadline, command_id, _ in due:
+                done += 1
+                self._time_out(deadline, command_id, now)
+        finally:  # a delivery failed (survived by the loop): the rest on the next tick
+            for deadline, command_id, timeout in reversed(due[done:]):
+                self._deadlines[timeout].appendleft((deadline, command_id))
+
+    def _time_out(self, deadline: float, command_id: str, now: float) -> None:
+        """A command's deadline came: a retryable ``timeout``, unless it was
+        answered or re-sent since."""
+        waiting = self.pending.get(command_id)
+        if waiting is None or waiting.deadline != deadline:
+            return
+        del self.pending[command_id]
+        self.metrics.gateway_timeouts.labels(self.system).inc()
+        self._outcome(False, now)
+        logger.warning("no reply from %s to %s within its timeout", self.system,
+                       waiting.op, extra={"order_id": waiting.order_id,
+                                          "command_id": command_id, "system": self.system})
+        self.metrics.step_latency.labels(self.system, waiting.op, TIMEOUT).observe(
+            now - waiting.sent)
+        error = DomainError(TIMEOUT, f"no reply from {self.system} within the step timeout",
+                            True)
+        self.deliver(waiting.order_id, CommandResult(command_id, False, None, error))
 
 
 UNSETTLED_KEPT = 100_000  # command ids remembered for counting retries (bounded memory)

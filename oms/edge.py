@@ -157,8 +157,8 @@ def parse_reply(msg: dict[str, Any]) -> Reply | Violation:
                                MAX_RETRY_AFTER_S)
         if problem is not None:
             return Violation("number", problem)
-    if (problem := check_data(data)) is not None:
-        return Violation("data", problem)
+    if (type(data) is not dict or data) and (problem := check_data(data)) is not None:
+        return Violation("data", problem)  # (an empty map, as many replies': no call)
     return _new(Reply, (command_id, ok, data, error))  # Reply(...) without its frame
 
 

@@ -61,6 +61,8 @@ def data_problem(data: Any) -> str | None:
     infinity anywhere, too deep, or over ``MAX_DATA_BYTES`` encoded."""
     if not isinstance(data, dict):
         return f"data must be a map, got {type(data).__name__}"
+    if not data:  # an empty map (as many replies'): fit, no walk
+        return None
     problem, bound = _scan(data)
     if problem:
         return f"data {problem}"

@@ -14,7 +14,7 @@ import pytest
 from helpers import Driver, ok_domain, retail_order
 from test_engine import BACKORDERED, RETAIL, _retail_text
 
-from oms import codec, snapshot
+from oms import codec, edge, snapshot, untrusted
 from oms.engine import MAX_EARLY_BYTES, MAX_EARLY_EVENTS, Engine
 from oms.errors import DomainError
 from oms.messages import CommandResult, DomainEvent, Timer
@@ -149,3 +149,16 @@ def test_retry_after_from_a_breaker_cannot_poison_the_timers(after: Any) -> None
     timers = [fx for fx in d.effects if isinstance(fx, Timer)]
     assert all(math.isfinite(t.at) for t in timers)
     assert _finite_everywhere(_stored(d))
+
+
+def test_an_empty_data_map_is_fit_and_a_missing_or_empty_non_map_is_not() -> None:
+    # the empty map takes a path of its own in both checks
+    assert untrusted.data_problem({}) is None
+    for odd in ([], (), "", 0, None, False):
+        assert untrusted.data_problem(odd) is not None
+    reply = {"type": "result", "command_id": "O1:create_invoice", "ok": True}
+    assert edge.parse_reply({**reply, "data": {}}) == edge.Reply("O1:create_invoice", True, {},
+                                                                 None)
+    for odd in (None, [], "", 0):
+        assert isinstance(edge.parse_reply({**reply, "data": odd}), edge.Violation)
+    assert isinstance(edge.parse_reply(reply), edge.Violation)  # an ok reply without data
