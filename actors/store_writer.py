@@ -199,9 +199,15 @@ class StoreWriter(LoopActor):
             self.metrics.store_failing.set(0)
         self.metrics.commit_latency.observe(time.perf_counter() - started)
         self.metrics.commit_batch.observe(len(work))
+        run_all = effects.run_all
         with burst():  # one Bundle per gateway, publisher and endpoint
             for msg, outcome in zip(work, outcomes, strict=True):
-                self._after(msg, outcome)
+                if outcome is None and type(msg) is SaveOrder:  # stored: its effects
+                    failed = run_all(msg.effects, msg.origin)  # after a failure, no more
+                    if failed is not None:
+                        self._effect_failed(msg, failed)
+                else:
+                    self._after(msg, outcome)
         return True
 
     def _commit(self, work: list[Any]) -> list[Any]:
@@ -248,9 +254,14 @@ class StoreWriter(LoopActor):
         with store.write() as txn:
             if not work:  # a retry with nothing held: a real write, or it proves nothing
                 store.probe(txn)
+            put_order = store.put_order
             for msg in work:
                 try:
-                    outcomes.append(self._apply_one(txn, msg))
+                    if type(msg) is SaveOrder:  # most writes (7.4 an order), inline
+                        put_order(txn, msg.order_id, msg.record, msg.active, msg.consumed)
+                        outcomes.append(None)
+                    else:
+                        outcomes.append(self._apply_one(txn, msg))
                 except lmdb.BadValsizeError as exc:  # this write alone cannot be stored
                     logger.exception("store write failed for %s", type(msg).__name__,
                                      extra={"order_id": getattr(msg, "order_id", None)})
@@ -266,7 +277,7 @@ class StoreWriter(LoopActor):
 
     def _apply_one(self, txn: lmdb.Transaction[bytes], msg: Any) -> Any:
         store = self.store
-        if type(msg) is SaveOrder:  # most writes (7.4 an order)
+        if isinstance(msg, SaveOrder):  # (``_apply`` stores most of them itself)
             store.put_order(txn, msg.order_id, msg.record, msg.active, msg.consumed)
         elif isinstance(msg, CreateOrder):
             return store.create_order(txn, msg.source_system, msg.external_id, msg.digest,
@@ -279,11 +290,6 @@ class StoreWriter(LoopActor):
 
     def _after(self, msg: Any, outcome: Any) -> None:
         """After the commit: the message's effects, or its answer."""
-        if outcome is None and type(msg) is SaveOrder:  # stored: its effects
-            failed = effects.run_all(msg.effects, msg.origin)
-            if failed is not None:
-                self._effect_failed(msg, failed)
-            return
         if isinstance(outcome, Exception):
             if isinstance(msg, CreateOrder):
                 self._run(msg.answer, None, Created("error", "", ""))
