@@ -49,12 +49,13 @@ def authorise(event: edge.Event, user: str | None, systems: frozenset[str]) -> s
     operator's key may push nothing. Without CURVE, the ``system`` must be
     one of the configured domain systems.
     """
-    known = ", ".join(sorted(systems))
     if user is None or user == DOMAINS:
         if event.system in systems:
             return None
+        known = ", ".join(sorted(systems))  # only for the refusal (not per event)
         return f"system {event.system!r:.50} is not a domain system of this service ({known})"
     if user not in systems:
+        known = ", ".join(sorted(systems))
         return f"this key is {user!r}, not a domain system's key ({known}, {DOMAINS})"
     if event.system != user:
         return f"this key is {user!r}; it may not send {event.system!r:.50} events"

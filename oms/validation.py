@@ -43,6 +43,8 @@ class _Errors(list[FieldError]):
 
 
 def _unknown(raw: dict[str, Any], allowed: set[str], path: str, errs: _Errors) -> None:
+    if allowed.issuperset(raw):  # the common case, in C
+        return
     for key in raw:
         if key not in allowed:
             errs.add(f"{path}.{key}" if path else str(key), "unknown field")
@@ -125,6 +127,8 @@ def _address(raw: dict[str, Any], path: str, errs: _Errors) -> dict[str, Any]:
     for key in ("line1", "city", "postal_code", "country"):
         out[key] = _string(raw, key, path, errs, required=True)
     for key in ("line2", "region"):
+        if raw.get(key) is None:  # absent: nothing to check
+            continue
         value = _string(raw, key, path, errs, required=False)
         if value is not None:
             out[key] = value
@@ -137,6 +141,8 @@ def _customer(raw: dict[str, Any], errs: _Errors) -> dict[str, Any]:
     _unknown(raw, _CUSTOMER_FIELDS, "customer", errs)
     out: dict[str, Any] = {"id": _string(raw, "id", "customer", errs, required=True)}
     for key in ("name", "email", "phone"):
+        if raw.get(key) is None:  # absent: nothing to check
+            continue
         value = _string(raw, key, "customer", errs, required=False)
         if value is not None:
             out[key] = value
@@ -162,20 +168,22 @@ def _item(raw: Any, path: str, errs: _Errors) -> dict[str, Any] | None:
         if action in ("add", "modify"):
             errs.add(f"{path}.quantity", f"required for action {action}")
         item["quantity"] = 1
-    elif not _int(quantity) or not 0 < quantity <= MAX_QUANTITY:
+    elif not (type(quantity) is int or _int(quantity)) or not 0 < quantity <= MAX_QUANTITY:
         errs.add(f"{path}.quantity", f"must be an integer from 1 to {MAX_QUANTITY}")
     else:
         item["quantity"] = quantity
     price = raw.get("unit_price_minor")
     if price is not None:
-        if not _int(price) or not 0 <= price <= MAX_AMOUNT_MINOR:
+        if not (type(price) is int or _int(price)) or not 0 <= price <= MAX_AMOUNT_MINOR:
             errs.add(f"{path}.unit_price_minor",
                      f"must be an integer from 0 to {MAX_AMOUNT_MINOR} (2^63-1)")
         else:
             item["unit_price_minor"] = price
-    service_id = _string(raw, "service_id", path, errs, required=action in ("modify", "delete"))
-    if service_id is not None:
-        item["service_id"] = service_id
+    needs_service = action in ("modify", "delete")
+    if needs_service or raw.get("service_id") is not None:
+        service_id = _string(raw, "service_id", path, errs, required=needs_service)
+        if service_id is not None:
+            item["service_id"] = service_id
     item["attributes"] = _attributes(raw, path, errs)
     return item
 

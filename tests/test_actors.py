@@ -381,6 +381,28 @@ def test_a_failing_post_commit_callback_is_counted_and_the_writer_goes_on(
         writer.actor_ref.stop()
 
 
+def test_a_snapshot_that_cannot_be_stored_runs_no_effect(
+        store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    """A snapshot LMDB refuses on its own (a key over 511 bytes) fails alone:
+    its effects never run, the writes around it are stored and theirs run."""
+    metrics = Metrics(CollectorRegistry())
+    writer = StoreWriter.launch(store, metrics)
+    bad, good = threading.Event(), threading.Event()
+    try:
+        with caplog.at_level(logging.ERROR, logger="actors.store_writer"):
+            writer.tell(SaveOrder("O000000000001", _record("O000000000001"), True, (), ()))
+            writer.tell(SaveOrder("O" * 600, _record("O000000000002"), True, (), (Wake(bad),)))
+            writer.tell(SaveOrder("O000000000003", _record("O000000000003"), True, (),
+                                  (Wake(good),)))
+        assert good.wait(5)
+        assert not bad.is_set()
+        assert "store write failed for SaveOrder" in caplog.text
+        assert store.get_order("O000000000001") is not None
+        assert store.get_order("O000000000003") is not None
+    finally:
+        writer.actor_ref.stop()
+
+
 # -- the sequencer's preload ------------------------------------------------
 
 def test_the_sequencer_preload_hands_out_turns_in_chunks_and_keeps_the_queues() -> None:

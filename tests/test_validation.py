@@ -241,3 +241,28 @@ def test_an_order_stored_before_the_bound_fails_cleanly_instead_of_never_encodin
 
     snapshot.encode(d.order)
 
+
+
+def test_optional_fields_absent_none_or_wrong() -> None:
+    """The fast paths for absent optional fields (session 4) keep every rule:
+    None is the same as absent, a wrong value still fails with its path."""
+    raw = retail_order()
+    raw["customer"].update(email=None, phone=None)
+    raw["customer_address"].update(line2=None, region=None)
+    raw["items"][0]["service_id"] = None
+    order, errs = validate_order(raw, TYPES)
+    assert errs == [] and order is not None
+    assert "email" not in order["customer"] and "line2" not in order["customer_address"]
+    assert "service_id" not in order["items"][0]
+    bad = retail_order()
+    bad["customer"]["phone"] = 5
+    bad["customer_address"]["region"] = ""
+    bad["items"][0]["service_id"] = ["x"]
+    bad["items"][0][b"raw"] = 1
+    bad["items"][0]["quantity"] = 1.0
+    assert errors_of(bad) == {
+        "customer.phone": "must be a string, got int",
+        "items[0].service_id": "must be a string, got list",
+        "items[0].b'raw'": "unknown field",
+        "items[0].quantity": "must be an integer from 1 to 1000000000",
+    }
