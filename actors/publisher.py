@@ -35,7 +35,7 @@ import logging
 import sys
 import time
 from collections import Counter
-from typing import Any, NamedTuple
+from typing import Any
 
 import zmq
 
@@ -61,12 +61,10 @@ def topic_of(source_system: str) -> bytes:
     return source_system.encode() + TOPIC_END
 
 
-class PublishEvent(NamedTuple):
-    topic: str
-    payload: dict[str, Any]
-
-
-_new = tuple.__new__  # _new(PublishEvent, (topic, payload)): without __new__'s Python frame
+PublishEvent = tuple
+"""What ``publish`` tells the publisher: a plain ``(topic, payload)`` tuple,
+13 an order (a NamedTuple took 90 ns more to build, even by ``tuple.__new__``).
+Nothing else tells it a tuple."""
 
 
 def _malloc_trim() -> Any:
@@ -178,7 +176,7 @@ class Publisher(LoopActor):
         if isinstance(message, PublishEvent):
             self.on_direct(message)
 
-    def on_direct(self, message: PublishEvent) -> None:
+    def on_direct(self, message: tuple[str, dict[str, Any]]) -> None:
         """Publish one told event (``tell`` outside a burst)."""
         self.on_batch([message])
 
@@ -198,18 +196,18 @@ class Publisher(LoopActor):
             if sock is None:
                 continue
             try:
-                payload = message.payload
-                kinds.append(payload.get("type", "?"))
-                topic = topics.get(message.topic)
+                name, payload = message
+                topic = topics.get(name)
                 if topic is None:
                     if len(topics) >= TOPICS_KEPT:
                         topics.clear()
-                    topic = topics[message.topic] = topic_of(message.topic)
+                    topic = topics[name] = topic_of(name)
                 # two sends (send_multipart's checks cost more); both frames are
                 # encoded first, so nothing can fail between the two sends
                 data = pack(payload)
                 send_frame(sock, topic, MORE)
                 send_frame(sock, data, NOBLOCK)
+                kinds.append(payload.get("type", "?"))  # counted once sent (on_tick)
             except Exception:  # noqa: BLE001 - the failure rule, as a told message
                 self._loop.survived(self.component, sys.exc_info())
 
@@ -231,4 +229,4 @@ class Publisher(LoopActor):
 
     def publish(self, topic: str, payload: dict[str, Any]) -> None:
         """Thread-safe: queue an event for publication."""
-        self.tell(_new(PublishEvent, (topic, payload)))  # PublishEvent(topic, payload)
+        self.tell((topic, payload))  # a PublishEvent
