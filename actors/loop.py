@@ -180,7 +180,7 @@ class LoopActor(pykka.Actor):
     _tick: TimerHandle | None = None
     _ticks: bool = False
     _readers: tuple[zmq.Socket, ...] = ()
-    _bare: type | None = None  # ``direct``, if its on_batch is LoopActor's (``_attach``)
+    _bare: type | None = None  # ``direct``, if on_batch takes it bare (``_attach``)
 
     def __init__(self) -> None:
         super().__init__()
