@@ -204,6 +204,17 @@ def run(effect: Any, origin: Origin | None = None, outcome: Any = None) -> None:
     handler(effect, origin, outcome)
 
 
+def report_failed(failed: tuple[Any, Exception], origin: Origin | None, metrics: Any,
+                  order_id: str | None = None) -> None:
+    """What ``run_all`` returned for an effect that raised: logged with its
+    type and order id, counted as the writer's internal error (the one way
+    a post-commit effect's failure is reported, by the writer and the router)."""
+    effect, exc = failed
+    logger.error("post-commit effect %s failed", describe(effect, origin, order_id),
+                 exc_info=exc)
+    metrics.internal_errors.labels("writer").inc()
+
+
 def run_all(effects: Iterable[Any], origin: Origin | None) -> tuple[Any, Exception] | None:
     """Carry out ``effects`` in order, as ``run`` each (one snapshot's or
     barrier's); the first that raises ends it, returned with its error (the

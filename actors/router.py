@@ -106,9 +106,7 @@ class OrderRouter(Revival):
                             order.created_ts)
             failed = effects.run_all(started, origin)
             if failed is not None:
-                logger.error("post-commit effect %s failed", effects.describe(failed[0], origin),
-                             exc_info=failed[1])
-                self.ctx.metrics.internal_errors.labels("writer").inc()
+                effects.report_failed(failed, origin, self.ctx.metrics)
 
     def deliver(self, order_id: str, message: Any) -> bool:
         """Hand a message to an order, reactivating it if passivated."""

@@ -304,10 +304,7 @@ class StoreWriter(LoopActor):
             self._run(msg.answer, None, outcome)
 
     def _effect_failed(self, msg: SaveOrder | Barrier, failed: tuple[Any, Exception]) -> None:
-        effect, exc = failed
-        logger.error("post-commit effect %s failed", effects.describe(
-            effect, msg.origin, getattr(msg, "order_id", None)), exc_info=exc)
-        self.metrics.internal_errors.labels("writer").inc()
+        effects.report_failed(failed, msg.origin, self.metrics, getattr(msg, "order_id", None))
 
     def _run(self, effect: Any, origin: Origin | None, outcome: Any,
              order_id: str | None = None) -> bool:

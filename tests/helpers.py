@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -160,3 +161,16 @@ def curve_keys(folder: Path, names: list[str]) -> CurveKeys:
     for name in names:
         (allowed / f"{name}.key").write_text((folder / "own" / f"{name}.key").read_text())
     return CurveKeys(folder, allowed)
+
+
+def failing_deliverer(bad: str = "BAD") -> tuple[queue.Queue[Any], Callable[[str, Any], None]]:
+    """A gateway's ``deliver`` that raises for order ``bad`` and queues the
+    others' (order id, result), as a broken order's delivery would."""
+    delivered: queue.Queue[Any] = queue.Queue()
+
+    def deliver(order_id: str, res: Any) -> None:
+        if order_id == bad:
+            raise RuntimeError("this order's delivery fails")
+        delivered.put((order_id, res))
+
+    return delivered, deliver

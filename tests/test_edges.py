@@ -19,7 +19,7 @@ import pytest
 import zmq
 import zmq.auth
 from conftest import SimThread, endpoint
-from helpers import poll_until, retail_order
+from helpers import failing_deliverer, poll_until, retail_order
 from prometheus_client import CollectorRegistry
 
 from actors.metrics import Metrics
@@ -675,12 +675,7 @@ def test_a_reply_whose_delivery_fails_costs_no_other_reply(domain: HostileDomain
     """Replies read together are delivered after the read (their latencies
     observed first): one whose delivery raises is survived, the next still
     reaches its order."""
-    delivered: queue.Queue[Any] = queue.Queue()
-
-    def deliver(order_id: str, res: CommandResult) -> None:
-        if order_id == "BAD":
-            raise RuntimeError("this order's delivery fails")
-        delivered.put((order_id, res))
+    delivered, deliver = failing_deliverer()
 
     metrics = Metrics(CollectorRegistry())
     gw = Gateway.launch(zmq.Context.instance(), "billing", domain.endpoint, deliver, metrics,

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import zmq
+from helpers import failing_deliverer
 from prometheus_client import CollectorRegistry
 from test_edges import HostileDomain, result, sample
 
@@ -93,12 +94,7 @@ def test_a_failing_delivery_of_a_timeout_loses_no_other_timeout(
     """Driven on this thread (not launched), so both deadlines are due at
     one tick: the first delivery raises (the loop survives that), the next
     tick still times out the other command."""
-    delivered: queue.Queue[Any] = queue.Queue()
-
-    def deliver(order_id: str, res: CommandResult) -> None:
-        if order_id == "BAD":
-            raise RuntimeError("this order's delivery fails")
-        delivered.put((order_id, res))
+    delivered, deliver = failing_deliverer()
 
     metrics = Metrics(CollectorRegistry())
     gw = Gateway(zmq.Context.instance(), "billing", domain.endpoint, deliver, metrics)
