@@ -125,16 +125,17 @@ class DomainEvents(RouterEndpoint):
         """Hand an authorised event to the store writer; ack after the commit."""
         order_id = parsed.order_id
         event = DomainEvent(parsed.event_id, parsed.system, parsed.name, parsed.data)
-        answer = AnswerEvent(self, envelope, order_id, event)  # after the commit
+        key = event_key(order_id, event.system, event.event_id)  # hashed once, for both
+        answer = AnswerEvent(self, envelope, order_id, event, key)  # after the commit
         self.octx.writer.tell(RecordEvent(order_id, event.system, event.event_id,
                                           {"event_id": event.event_id, "system": event.system,
                                            "order_id": order_id, "name": event.name,
-                                           "data": event.data}, answer))
+                                           "data": event.data}, answer, key))
 
     def recorded(self, outcome: str, envelope: tuple[bytes, ...], order_id: str,
-                 event: DomainEvent) -> None:
+                 event: DomainEvent, key: bytes) -> None:
         """In the store writer, after the commit (``actors.effects.AnswerEvent``):
-        acknowledge, and hand a newly recorded event to its order."""
+        acknowledge, and hand a newly recorded event (its inbox ``key``) to its order."""
         system = event.system  # a configured system: a bounded label
         self.metrics.domain_events.labels(system, outcome).inc()
         if outcome == "error":
@@ -142,7 +143,6 @@ class DomainEvents(RouterEndpoint):
                 errors.INTERNAL, "the event could not be recorded; send it again"))
             return
         if outcome == "recorded":
-            key = event_key(order_id, event.system, event.event_id)
             self.octx.router.deliver_event(key, order_id, event)
         elif outcome != "duplicate":
             logger.warning("domain event %s for %s order %s acknowledged and ignored",

@@ -86,7 +86,7 @@ class EventAnswerer(Protocol):
     """The domain-events endpoint, as an ``AnswerEvent`` uses it."""
 
     def recorded(self, outcome: str, envelope: tuple[bytes, ...], order_id: str,
-                 event: DomainEvent) -> None: ...
+                 event: DomainEvent, key: bytes) -> None: ...
 
 
 class Tell(NamedTuple):
@@ -142,6 +142,7 @@ class AnswerEvent(NamedTuple):
     envelope: tuple[bytes, ...]
     order_id: str
     event: DomainEvent
+    key: bytes  # its ``storage.records.event_key``: its inbox record
 
 
 class Wake(NamedTuple):
@@ -295,7 +296,7 @@ def _answer_create(fx: AnswerCreate, _origin: Origin | None, outcome: Any) -> No
 
 
 def _answer_event(fx: AnswerEvent, _origin: Origin | None, outcome: Any) -> None:
-    fx.endpoint.recorded(outcome, fx.envelope, fx.order_id, fx.event)
+    fx.endpoint.recorded(outcome, fx.envelope, fx.order_id, fx.event, fx.key)
 
 
 def _wake(fx: Wake, _origin: Origin | None, _outcome: Any) -> None:

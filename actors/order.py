@@ -65,6 +65,11 @@ class OrderActor(PooledActor):
         self._consumed: list[bytes] = []
         self._dirty = False
         self._durable = order.version  # the newest version the store confirmed
+        # whether the write the order was loaded from (or created by) left it in
+        # the store's active set, then whether its last snapshot sent did
+        # (``SaveOrder.listed``): every order is loaded from there (``_load``,
+        # recovery) or created there; a finished one (never loaded) is not
+        self._listed = not order.finished
         self.idle_since: float | None = None  # when it last had nothing to do
         self._handled: list[Any] = []  # this slice's messages, replayed if it crashes
         self.counted_state = order.state  # its state in the router's counts
@@ -146,7 +151,8 @@ class OrderActor(PooledActor):
                 effects.append(Tell(self._actor_ref, Flushed(order.version)))
             self.ctx.writer.tell(SaveOrder(
                 order.order_id, snapshot.encode(order), not finished,
-                tuple(self._consumed), tuple(effects), self.origin))
+                tuple(self._consumed), tuple(effects), self.origin, self._listed))
+            self._listed = not finished
         else:
             self.ctx.writer.tell(Barrier(tuple(effects), self.origin))
         self._effects, self._consumed, self._dirty = [], [], False

@@ -78,6 +78,9 @@ class SaveOrder(NamedTuple):
     consumed: inbox keys of domain events this snapshot has taken in.
     effects: run in order once the snapshot is durable (``actors.effects``).
     origin: whose engine effects they are.
+    listed: the order's previous write left it in the store's ``active``
+      set (its actor's last snapshot was active, or it was loaded from
+      there): an active snapshot then skips that put (``Store.put_order``).
     """
 
     order_id: str
@@ -86,16 +89,20 @@ class SaveOrder(NamedTuple):
     consumed: tuple[bytes, ...]
     effects: tuple[Any, ...]
     origin: Origin | None = None
+    listed: bool = False
 
 
 class RecordEvent(NamedTuple):
-    """Record a domain event once; ``answer`` gets the outcome after the commit."""
+    """Record a domain event once; ``answer`` gets the outcome after the commit.
+    ``key``: its ``storage.records.event_key`` if the sender made it (b"":
+    the store makes it)."""
 
     order_id: str
     system: str
     event_id: str
     event: dict[str, Any]
     answer: Any
+    key: bytes = b""
 
 
 class Barrier(NamedTuple):
@@ -257,33 +264,46 @@ class StoreWriter(LoopActor):
             put_order = store.put_order
             for msg in work:
                 try:
-                    if type(msg) is SaveOrder:  # most writes (7.4 an order), inline
-                        put_order(txn, msg.order_id, msg.record, msg.active, msg.consumed)
+                    if type(msg) is SaveOrder:  # most writes (6.5 an order), inline
+                        put_order(txn, msg.order_id, msg.record, msg.active, msg.consumed,
+                                  msg.listed)
                         outcomes.append(None)
                     else:
                         outcomes.append(self._apply_one(txn, msg))
                 except lmdb.BadValsizeError as exc:  # this write alone cannot be stored
                     logger.exception("store write failed for %s", type(msg).__name__,
                                      extra={"order_id": getattr(msg, "order_id", None)})
+                    self._unlist(msg)
                     outcomes.append(exc)
                 except lmdb.Error:  # the store itself: the whole batch fails
                     raise
                 except Exception as exc:  # one bad write must not fail the batch
                     logger.exception("store write failed for %s", type(msg).__name__,
                                      extra={"order_id": getattr(msg, "order_id", None)})
+                    self._unlist(msg)
                     self.metrics.internal_errors.labels("writer").inc()
                     outcomes.append(exc)
         return outcomes
 
+    def _unlist(self, msg: Any) -> None:
+        """A write failed alone (the rest of its transaction goes on). If it
+        was a snapshot, it may have been the one that put its order in the
+        active set: its order's next snapshots put it there again, whatever
+        their ``listed`` says (``Store.unlisted``)."""
+        if type(msg) is SaveOrder and isinstance(msg.order_id, str):
+            self.store.unlisted.add(msg.order_id.encode(errors="surrogatepass"))
+
     def _apply_one(self, txn: lmdb.Transaction[bytes], msg: Any) -> Any:
         store = self.store
         if isinstance(msg, SaveOrder):  # (``_apply`` stores most of them itself)
-            store.put_order(txn, msg.order_id, msg.record, msg.active, msg.consumed)
+            store.put_order(txn, msg.order_id, msg.record, msg.active, msg.consumed,
+                            msg.listed)
         elif isinstance(msg, CreateOrder):
             return store.create_order(txn, msg.source_system, msg.external_id, msg.digest,
                                       msg.build, msg.vshard)
         elif isinstance(msg, RecordEvent):
-            return store.record_event(txn, msg.order_id, msg.system, msg.event_id, msg.event)
+            return store.record_event(txn, msg.order_id, msg.system, msg.event_id, msg.event,
+                                      msg.key)
         elif isinstance(msg, Retire):
             return store.retire(txn, msg.lengths, msg.orders, msg.expired, msg.backfill)
         return None

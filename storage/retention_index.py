@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 class RetentionIndex(StoreView):
     """Finished orders by finish time, archived orders' markers."""
 
+    unlisted: set[bytes]  # (``Store.unlisted``)
+
     def note_finished(self, txn: lmdb.Transaction[bytes], key: bytes, record: bytes,
                       now: float | None = None) -> None:
         """An order just finished: index it by finish time for retention."""
@@ -123,7 +125,8 @@ class RetentionIndex(StoreView):
                              "version read at its sweep", key.decode(),
                              extra={"order_id": key.decode()})
             txn.delete(key, db=db["orders"])
-            txn.delete(key, db=db["active"])
+            if txn.delete(key, db=db["active"]):  # active again: its actor's next
+                self.unlisted.add(key)  # snapshot must list it again, as it always did
             for name in ("events", "inbox"):
                 delete_prefix(txn.cursor(db=db[name]), key + b"\x00")
             ms = ts_of(done_key)

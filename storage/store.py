@@ -160,6 +160,12 @@ class Store(OrderListing, RetentionIndex):
         )
         self.db = {name: self.env.open_db(name.encode()) for name in _DBS}
         self.gate = _ReadGate()
+        self.unlisted: set[bytes] = set()
+        """Orders whose ``active`` entry may be gone though their last
+        snapshot was active (a snapshot that failed alone, retention's
+        ``retire`` of an order active again): ``put_order`` ignores their
+        callers' ``listed``. Only grows, and only in those rare cases; a
+        failed transaction may leave an id here, which only costs a put."""
         self.epoch = epoch
         if epoch:
             self._take_epoch()
@@ -344,31 +350,41 @@ class Store(OrderListing, RetentionIndex):
         return Created("accepted", order_id, str(order.state), order)
 
     def put_order(self, txn: lmdb.Transaction[bytes], order_id: str, record: bytes,
-                  active: bool, consumed: tuple[bytes, ...] = ()) -> None:
+                  active: bool, consumed: tuple[bytes, ...] = (), listed: bool = False) -> None:
+        """Store a snapshot; ``active`` False once the order is finished.
+        ``listed``: the order's previous write (its last snapshot, or the
+        create or record it was loaded from) left it in ``active``, so an
+        active snapshot need not put it there again (an order's writes are
+        applied in the order they were sent); ``unlisted`` overrides it."""
         key = order_id.encode()
         if not active and txn.get(key, db=self.db["arch"]) is not None:
             return  # archived already: its final view is in the archive
         txn.put(key, record, db=self.db["orders"])
         if active:
-            txn.put(key, b"", db=self.db["active"])
+            if not listed or key in self.unlisted:
+                txn.put(key, b"", db=self.db["active"])
         elif txn.delete(key, db=self.db["active"]):
             self.note_finished(txn, key, record)
         for ev in consumed:
             txn.delete(ev, db=self.db["inbox"])
 
     def record_event(self, txn: lmdb.Transaction[bytes], order_id: str, system: str,
-                     event_id: str, event: dict[str, Any]) -> str:
-        """Record a domain event once: "recorded", "duplicate" or "unknown_order"."""
+                     event_id: str, event: dict[str, Any], key: bytes = b"") -> str:
+        """Record a domain event once: "recorded", "duplicate" (already
+        recorded), "finished_order" or "unknown_order". ``key``: its
+        ``event_key``, if the caller has it already."""
         if not usable_order_id(order_id):
             return "unknown_order"
-        key = event_key(order_id, system, event_id)
-        if txn.get(key, db=self.db["events"]) is not None:
-            return "duplicate"
-        if txn.get(order_id.encode(), db=self.db["active"]) is None:
-            known = txn.get(order_id.encode(), db=self.db["orders"]) is not None or (
-                txn.get(order_id.encode(), db=self.db["arch"]) is not None)
+        key = key or event_key(order_id, system, event_id)
+        oid = order_id.encode()
+        if txn.get(oid, db=self.db["active"]) is None:
+            if txn.get(key, db=self.db["events"]) is not None:
+                return "duplicate"
+            known = txn.get(oid, db=self.db["orders"]) is not None or (
+                txn.get(oid, db=self.db["arch"]) is not None)
             return "finished_order" if known else "unknown_order"
-        txn.put(key, b"", db=self.db["events"])
+        if not txn.put(key, b"", db=self.db["events"], overwrite=False):
+            return "duplicate"  # (the put wrote nothing: a get and a put in one call)
         txn.put(key, codec.pack(event), db=self.db["inbox"])
         return "recorded"
 
