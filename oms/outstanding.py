@@ -86,14 +86,16 @@ def forward_in_flight(order: Order) -> bool:
 
 
 def awaiting_reply(order: Order) -> bool:
-    """``outstanding(order).replies``."""
+    """``outstanding(order).replies``: ``command_out``'s REPLY cases written
+    out (no call and no tuple a step; asked at every snapshot of an order,
+    about 6 times an order), pinned to it by
+    ``tests/test_engine.py::test_awaiting_reply_is_command_outs_reply``."""
     for step in order.steps.values():
-        out = command_out(step.status, step.wait, step.retry_at, step.comp)
-        if out is not None and out[1] == REPLY:
+        if step.retry_at is None and (step.comp == UNDO_RUNNING
+                                      or (step.status == STEP_RUNNING and step.wait is None)):
             return True
-    for note in order.notes:
-        out = command_out(note.status, None, note.retry_at, None)
-        if out is not None and out[1] == REPLY:
+    for note in order.notes:  # noqa: SIM110 - a loop: no generator, as above
+        if note.retry_at is None and note.status == STEP_RUNNING:
             return True
     return False
 

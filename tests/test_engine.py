@@ -573,6 +573,34 @@ def test_outstanding_commands_are_decided_in_one_function() -> None:
     assert command_out("done", None, None, "failed") is None  # fallout: an operator acts
 
 
+def test_awaiting_reply_is_command_outs_reply() -> None:
+    """``awaiting_reply`` writes ``command_out``'s REPLY cases out inline (it
+    is asked at every snapshot): for every step and note it answers as
+    ``command_out`` does, whatever the fields, the enum members or their
+    plain string values (a decoded record may hold either)."""
+    from itertools import product
+    from types import SimpleNamespace
+
+    from oms.states import Undo
+
+    statuses = [*StepStatus, *(s.value for s in StepStatus)]
+    comps = [None, *Undo, *(u.value for u in Undo)]
+    checked = 0
+    for status, wait, retry_at, comp in product(statuses, [None, "shipment_delivered"],
+                                                [None, 5.0], comps):
+        out = command_out(status, wait, retry_at, comp)
+        step = SimpleNamespace(status=status, wait=wait, retry_at=retry_at, comp=comp)
+        idle = SimpleNamespace(status=StepStatus.DONE, wait=None, retry_at=None, comp=None)
+        order = SimpleNamespace(steps={"a": idle, "b": step}, notes=[])
+        assert awaiting_reply(order) == (out is not None and out[1] == REPLY), step  # type: ignore[arg-type]
+        if wait is None and comp is None:  # a CRM note: the same fields, less two
+            note = SimpleNamespace(status=status, retry_at=retry_at)
+            order = SimpleNamespace(steps={"a": idle}, notes=[note])
+            assert awaiting_reply(order) == (out is not None and out[1] == REPLY), note  # type: ignore[arg-type]
+        checked += 1
+    assert checked == len(statuses) * 2 * 2 * len(comps)
+
+
 def test_a_wait_skipped_by_compensation_leaves_nothing_to_resume() -> None:
     """They disagreed: recovery resumed an order for a ``retry_at`` left on a
     wait that compensation had skipped (the others saw nothing outstanding)."""
