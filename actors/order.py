@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from actors.ports import OrderContext
 
 logger = logging.getLogger(__name__)
+_new = tuple.__new__  # _new(SaveOrder, (...)): a NamedTuple without its generated __new__'s
+# frame (every field given: 235 -> 128 ns a SaveOrder, 6.4 an order)
 
 
 class Flushed(NamedTuple):
@@ -68,8 +70,9 @@ class OrderActor(PooledActor):
         # whether the write the order was loaded from (or created by) left it in
         # the store's active set, then whether its last snapshot sent did
         # (``SaveOrder.listed``): every order is loaded from there (``_load``,
-        # recovery) or created there; a finished one (never loaded) is not
-        self._listed = not order.finished
+        # recovery) or created there unless its Start finished it. (A terminal
+        # order still delivering CRM notes is listed too: False only costs a put.)
+        self._listed = not order.state.terminal
         self.idle_since: float | None = None  # when it last had nothing to do
         self._handled: list[Any] = []  # this slice's messages, replayed if it crashes
         self.counted_state = order.state  # its state in the router's counts
@@ -148,10 +151,10 @@ class OrderActor(PooledActor):
                 # (``_rest``): one that awaits a reply gets this note with a later
                 # snapshot, as a dirty slice is the only way out of awaiting one.
                 # Saves a message and a slice for most snapshots.
-                effects.append(Tell(self._actor_ref, Flushed(order.version)))
-            self.ctx.writer.tell(SaveOrder(
+                effects.append(_new(Tell, (self._actor_ref, _new(Flushed, (order.version,)))))
+            self.ctx.writer.tell(_new(SaveOrder, (
                 order.order_id, snapshot.encode(order), not finished,
-                tuple(self._consumed), tuple(effects), self.origin, self._listed))
+                tuple(self._consumed), tuple(effects), self.origin, self._listed)))
             self._listed = not finished
         else:
             self.ctx.writer.tell(Barrier(tuple(effects), self.origin))
