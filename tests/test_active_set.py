@@ -287,3 +287,79 @@ def test_kill_9_between_snapshots_leaves_the_active_set_exact(
     assert len(twice) <= len(retried)
     assert svc.terminate() == 0
     assert crash_image_is_exact(data) == (90, 0)
+
+
+def old_record_event(store: Store, txn: Any, order_id: str, system: str, event_id: str,
+                     event: dict[str, Any]) -> str:
+    """``Store.record_event`` as it was before it put without overwrite (a
+    get, then the active check, then two puts): the reference."""
+    from oms import codec
+    from storage.records import event_key, usable_order_id
+
+    if not usable_order_id(order_id):
+        return "unknown_order"
+    key = event_key(order_id, system, event_id)
+    if txn.get(key, db=store.db["events"]) is not None:
+        return "duplicate"
+    if txn.get(order_id.encode(), db=store.db["active"]) is None:
+        known = txn.get(order_id.encode(), db=store.db["orders"]) is not None or (
+            txn.get(order_id.encode(), db=store.db["arch"]) is not None)
+        return "finished_order" if known else "unknown_order"
+    txn.put(key, b"", db=store.db["events"])
+    txn.put(key, codec.pack(event), db=store.db["inbox"])
+    return "recorded"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_record_event_answers_as_before_in_every_case(tmp_path: Path, seed: int) -> None:
+    """Random domain events (repeated, for active, finished, archived,
+    unknown orders and unusable ids, with the key given or not), orders
+    finishing and retired in between: ``record_event`` gives the outcome
+    the old code gave, in the same store contents."""
+    from storage.records import event_key
+
+    rng = random.Random(seed)
+    runs = {oid: retail_records(oid, seed * 10 + n) for n, oid in enumerate(IDS[:4])}
+    stores = [Store(tmp_path / name, sync=False) for name in ("new", "old")]
+    writers = [StoreWriter(s, Metrics(CollectorRegistry()), fatal=pytest.fail) for s in stores]
+    try:
+        for oid, (steps, _done) in runs.items():
+            for store in stores:
+                created(store, oid, steps[0])
+        seen: list[tuple[str, str, str]] = []
+        outcomes: set[str] = set()
+        for _ in range(200):
+            roll = rng.random()
+            if roll < 0.04:  # an order finishes
+                oid = rng.choice(list(runs))
+                for writer in writers:
+                    writer.commit([SaveOrder(oid, runs[oid][1], False, (), ())])
+                continue
+            if roll < 0.06:  # retention
+                for store, writer in zip(stores, writers, strict=True):
+                    writer.commit([retire_all(store)])
+                continue
+            if seen and roll < 0.35:
+                oid, system, eid = rng.choice(seen)  # a repeat
+            else:
+                oid = rng.choice([*IDS, "", "O" * 65])
+                system, eid = rng.choice(["shipping", "warehouse"]), f"ev-{rng.randrange(99)}"
+                seen.append((oid, system, eid))
+            event = {"event_id": eid, "system": system, "order_id": oid, "name": "n",
+                     "data": {}}
+            key = event_key(oid, system, eid) if oid and rng.random() < 0.5 else b""
+            with stores[0].write() as txn:
+                new = stores[0].record_event(txn, oid, system, eid, event, key)
+            with stores[1].write() as txn:
+                old = old_record_event(stores[1], txn, oid, system, eid, event)
+            assert new == old, (oid, system, eid)
+            outcomes.add(new)
+            assert contents(stores[0]) == contents(stores[1])
+            for name in ("events", "inbox"):
+                with stores[0].read() as a, stores[1].read() as b:
+                    assert dict(a.cursor(db=stores[0].db[name])) == dict(
+                        b.cursor(db=stores[1].db[name]))
+        assert outcomes == {"recorded", "duplicate", "finished_order", "unknown_order"}
+    finally:
+        for store in stores:
+            store.close()
