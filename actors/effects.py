@@ -3,8 +3,9 @@
 Everything that must happen only once a commit made it true is an effect, a
 small typed value: the engine's (``oms.messages``: ``Send``, ``Publish``,
 ``Timer``, ``Reply``, ``Sequence``) and the runtime's below (``Tell`` an
-actor instance a note, ``Revive`` an order after a crash, answer a create
-or a domain event, ``Wake`` or ``Collect`` for a waiter off the loop). The
+actor instance a note, ``Confirm`` a durable snapshot to one without a
+note, ``Revive`` an order after a crash, answer a create or a domain event,
+``Wake`` or ``Collect`` for a waiter off the loop). The
 writer (``actors.store_writer``) hands each to ``run``, the one dispatcher,
 by type, strictly after the commit; a failure is logged with the effect's
 type and order id (``describe``). Tests assert on the effects themselves.
@@ -95,6 +96,22 @@ class Tell(NamedTuple):
 
     ref: Teller
     message: Any
+
+
+class Confirmable(Protocol):
+    """An order actor instance, as a ``Confirm`` uses it."""
+
+    def confirmed(self, version: int) -> None: ...
+
+
+class Confirm(NamedTuple):
+    """Tell an order actor instance that its snapshot ``version`` is durable
+    without a message (``OrderActor.confirmed``): for a waiting order, which
+    has nothing to do then (its idle time already runs; the router's sweep
+    passivates it). It runs on the loop thread, between actors' slices."""
+
+    actor: Confirmable
+    version: int
 
 
 class Revive(NamedTuple):
@@ -278,6 +295,10 @@ def _tell(fx: Tell, _origin: Origin | None, _outcome: Any) -> None:
         pass
 
 
+def _confirm(fx: Confirm, _origin: Origin | None, _outcome: Any) -> None:
+    fx.actor.confirmed(fx.version)
+
+
 def _revive(fx: Revive, _origin: Origin | None, _outcome: Any) -> None:
     try:
         fx.router.revived(fx.order_id, fx.spawn)
@@ -309,6 +330,6 @@ def _collect(fx: Collect, _origin: Origin | None, outcome: Any) -> None:
 
 _BY_TYPE: dict[type, Callable[[Any, Origin | None, Any], None]] = {
     Send: _send, Publish: _publish, Timer: _timer, Reply: _reply, Sequence: _sequence,
-    Tell: _tell, Revive: _revive, AnswerCreate: _answer_create, AnswerEvent: _answer_event,
-    Wake: _wake, Collect: _collect,
+    Tell: _tell, Confirm: _confirm, Revive: _revive, AnswerCreate: _answer_create,
+    AnswerEvent: _answer_event, Wake: _wake, Collect: _collect,
 }

@@ -5,7 +5,8 @@ Per slice of messages it runs the engine for each, then sends one
 ``SaveOrder`` to the store writer with the engine's effects (send, publish,
 arm a timer, reply; data, ``actors.effects``). The writer runs them only
 once the snapshot is durable. When the writer confirms a snapshot and the order is
-waiting (no reply outstanding), the actor passivates: the router drops it
+finished, the actor retires; when it is waiting (no reply outstanding), the
+actor passivates once idle long enough (``_resting``): the router drops it
 and the next message for the order reactivates it from the store.
 """
 
@@ -15,7 +16,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from actors.effects import Origin, Tell
+from actors.effects import Confirm, Origin, Tell
 from actors.pool import PooledActor
 from actors.store_writer import Barrier, SaveOrder
 from oms import snapshot
@@ -151,7 +152,7 @@ class OrderActor(PooledActor):
                 # (``_rest``): one that awaits a reply gets this note with a later
                 # snapshot, as a dirty slice is the only way out of awaiting one.
                 # Saves a message and a slice for most snapshots.
-                effects.append(_new(Tell, (self._actor_ref, _new(Flushed, (order.version,)))))
+                self._resting(effects, finished)
             self.ctx.writer.tell(_new(SaveOrder, (
                 order.order_id, snapshot.encode(order), not finished,
                 tuple(self._consumed), tuple(effects), self.origin, self._listed)))
@@ -159,6 +160,28 @@ class OrderActor(PooledActor):
         else:
             self.ctx.writer.tell(Barrier(tuple(effects), self.origin))
         self._effects, self._consumed, self._dirty = [], [], False
+
+    def _resting(self, effects: list[Any], finished: bool) -> None:
+        """This snapshot lets the order leave memory once it is durable. A
+        finished order retires, and with ``passivate_after_s`` 0 a waiting
+        one passivates, in the slice of the ``Flushed`` note the commit sends.
+        Any other waiting order is marked idle now and only records the
+        commit (``Confirm``: no message, no slice); the router's sweep
+        passivates it later (``Rest``), once its newest snapshot is durable."""
+        order = self.order
+        router = self.ctx.router
+        if finished or router.passivate_after_s <= 0:
+            effects.append(_new(Tell, (self._actor_ref, _new(Flushed, (order.version,)))))
+            return
+        effects.append(_new(Confirm, (self, order.version)))
+        if self.idle_since is None:
+            self.idle_since = time.monotonic()
+            router.idle[order.order_id] = self
+
+    def confirmed(self, version: int) -> None:
+        """The snapshot with this version is durable (``actors.effects.Confirm``,
+        run by the store writer after the commit, on the loop between slices)."""
+        self._durable = max(self._durable, version)
 
     def _busy(self) -> None:
         if self.idle_since is not None:
