@@ -160,6 +160,11 @@ class Store(OrderListing, RetentionIndex):
         )
         self.db = {name: self.env.open_db(name.encode()) for name in _DBS}
         self.gate = _ReadGate()
+        self._seq: tuple[lmdb.Transaction[bytes], int] | None = None
+        """The last order number ``next_order_id`` put, and in which write
+        transaction (kept, so never another's with the same id): a batch of
+        creates reads ``seq`` once. Another transaction reads it again, so an
+        aborted one leaves nothing behind."""
         self.unlisted: set[bytes] = set()
         """Orders whose ``active`` entry may be gone though their last
         snapshot was active (a snapshot that failed alone, retention's
@@ -323,9 +328,14 @@ class Store(OrderListing, RetentionIndex):
     def next_order_id(self, txn: lmdb.Transaction[bytes], vshard: int | None = None) -> str:
         """The next id; a shard (``vshard`` given) ends it with the virtual
         shard (``oms.sharding``, docs/scaling.md)."""
-        raw = txn.get(b"seq", db=self.db["meta"])
-        seq = (int(raw) if raw else 0) + 1
+        last = self._seq
+        if last is not None and last[0] is txn:  # the same transaction put it: no read
+            seq = last[1] + 1
+        else:
+            raw = txn.get(b"seq", db=self.db["meta"])
+            seq = (int(raw) if raw else 0) + 1
         txn.put(b"seq", str(seq).encode(), db=self.db["meta"])
+        self._seq = (txn, seq)
         return format_order_id(seq) if vshard is None else sharded_order_id(seq, vshard)
 
     def create_order(self, txn: lmdb.Transaction[bytes], source_system: str, external_id: str,

@@ -1,9 +1,14 @@
-"""The store's ``active`` set (what recovery reads) when snapshots skip the
-put into it (``SaveOrder.listed``): the store must end exactly as if every
-active snapshot had put it there, whatever happens between the writes.
+"""The store's writes made cheaper, each pinned to what it replaced.
 
-Real LMDB, the real store writer; a crash image of a real service killed
-with SIGKILL in ``test_chaos``-style below.
+- The ``active`` set (what recovery reads) when snapshots skip the put into
+  it (``SaveOrder.listed``): the store must end exactly as if every active
+  snapshot had put it there, whatever happens between the writes; and on
+  the crash images of a real service killed with SIGKILL.
+- ``record_event`` (one put without overwrite instead of a get and a put):
+  the old code's outcomes, in the same store.
+- ``next_order_id`` (reads the counter once a transaction).
+
+Real LMDB, the real store writer, real processes.
 """
 
 from __future__ import annotations
@@ -363,3 +368,29 @@ def test_record_event_answers_as_before_in_every_case(tmp_path: Path, seed: int)
     finally:
         for store in stores:
             store.close()
+
+
+def test_order_numbers_are_read_once_a_transaction_and_never_reused(tmp_path: Path) -> None:
+    """Creates in one transaction take consecutive numbers; an aborted
+    transaction's numbers are given out again (nothing of it was stored);
+    a reopened store goes on from the last committed number."""
+    store = Store(tmp_path / "s", sync=False)
+    try:
+        with store.write() as txn:
+            assert [store.next_order_id(txn) for _ in range(3)] == [
+                "O000000000001", "O000000000002", "O000000000003"]
+        txn = store.write()
+        assert [store.next_order_id(txn) for _ in range(2)] == [
+            "O000000000004", "O000000000005"]
+        txn.abort()  # a failed commit
+        with store.write() as txn:
+            assert store.next_order_id(txn) == "O000000000004"
+            assert store.next_order_id(txn, vshard=7) == "O000000000507"  # a shard's id
+    finally:
+        store.close()
+    store = Store(tmp_path / "s", sync=False)
+    try:
+        with store.write() as txn:
+            assert store.next_order_id(txn) == "O000000000006"
+    finally:
+        store.close()
