@@ -160,17 +160,9 @@ class Store(OrderListing, RetentionIndex):
         )
         self.db = {name: self.env.open_db(name.encode()) for name in _DBS}
         self.gate = _ReadGate()
-        self._seq: tuple[lmdb.Transaction[bytes], int] | None = None
-        """The last order number ``next_order_id`` put, and in which write
-        transaction (kept, so never another's with the same id): a batch of
-        creates reads ``seq`` once. Another transaction reads it again, so an
-        aborted one leaves nothing behind."""
-        self.unlisted: set[bytes] = set()
-        """Orders whose ``active`` entry may be gone though their last
-        snapshot was active (a snapshot that failed alone, retention's
-        ``retire`` of an order active again): ``put_order`` ignores their
-        callers' ``listed``. Only grows, and only in those rare cases; a
-        failed transaction may leave an id here, which only costs a put."""
+        self._seq: tuple[lmdb.Transaction[bytes], int] | None = None  # ``next_order_id``'s
+        # ids whose active entry a failed write or ``retire`` may have dropped (rare; grows only)
+        self.unlisted: set[bytes] = set()  # ``put_order`` then ignores ``listed``
         self.epoch = epoch
         if epoch:
             self._take_epoch()
@@ -328,8 +320,8 @@ class Store(OrderListing, RetentionIndex):
     def next_order_id(self, txn: lmdb.Transaction[bytes], vshard: int | None = None) -> str:
         """The next id; a shard (``vshard`` given) ends it with the virtual
         shard (``oms.sharding``, docs/scaling.md)."""
-        last = self._seq
-        if last is not None and last[0] is txn:  # the same transaction put it: no read
+        last = self._seq  # read once a transaction (kept: never another's with its id)
+        if last is not None and last[0] is txn:
             seq = last[1] + 1
         else:
             raw = txn.get(b"seq", db=self.db["meta"])
@@ -361,11 +353,7 @@ class Store(OrderListing, RetentionIndex):
 
     def put_order(self, txn: lmdb.Transaction[bytes], order_id: str, record: bytes,
                   active: bool, consumed: tuple[bytes, ...] = (), listed: bool = False) -> None:
-        """Store a snapshot; ``active`` False once the order is finished.
-        ``listed``: the order's previous write (its last snapshot, or the
-        create or record it was loaded from) left it in ``active``, so an
-        active snapshot need not put it there again (an order's writes are
-        applied in the order they were sent); ``unlisted`` overrides it."""
+        """``listed``: its previous write left it in ``active``: no put there."""
         key = order_id.encode()
         if not active and txn.get(key, db=self.db["arch"]) is not None:
             return  # archived already: its final view is in the archive
@@ -380,9 +368,7 @@ class Store(OrderListing, RetentionIndex):
 
     def record_event(self, txn: lmdb.Transaction[bytes], order_id: str, system: str,
                      event_id: str, event: dict[str, Any], key: bytes = b"") -> str:
-        """Record a domain event once: "recorded", "duplicate" (already
-        recorded), "finished_order" or "unknown_order". ``key``: its
-        ``event_key``, if the caller has it already."""
+        """Record a domain event once (``key``: its ``event_key``, if known)."""
         if not usable_order_id(order_id):
             return "unknown_order"
         key = key or event_key(order_id, system, event_id)
