@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from actors.effects import Origin, Tell
 from actors.pool import PooledActor
 from actors.store_writer import Barrier, SaveOrder
-from oms import snapshot, snapshot_kept
+from oms import snapshot
 from oms.engine import INTERNAL_ERROR, Engine, hold_internal_error
 from oms.messages import DomainEvent
 from oms.model import Order
@@ -144,10 +144,8 @@ class OrderActor(PooledActor):
                 # snapshot, as a dirty slice is the only way out of awaiting one.
                 # Saves a message and a slice for most snapshots.
                 effects.append(Tell(self._actor_ref, Flushed(order.version)))
-            record = (snapshot_kept.encode(order) if self.engine.keeps_encoded
-                      else snapshot.encode(order))
             self.ctx.writer.tell(SaveOrder(
-                order.order_id, record, not finished,
+                order.order_id, snapshot.encode(order), not finished,
                 tuple(self._consumed), tuple(effects), self.origin))
         else:
             self.ctx.writer.tell(Barrier(tuple(effects), self.origin))

@@ -16,9 +16,6 @@ them and the collector only needs to run rarely, as a safety net.
 from __future__ import annotations
 
 import gc
-import os
-
-from oms import snapshot_kept
 
 GC_THRESHOLDS = (50_000, 20, 100)
 """Young pass every 50,000 allocations; a full pass after 2,000 young passes
@@ -30,22 +27,3 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()  # start-up objects (modules, config, definitions) are never garbage
     gc.set_threshold(*GC_THRESHOLDS)
-
-
-CHECK_SNAPSHOT_ENV = "OMS_CHECK_SNAPSHOT"
-"""A test switch, off by default: ``OMS_CHECK_SNAPSHOT=1`` encodes every
-order snapshot the plain way too and raises if the bytes differ from those
-with kept parts (``oms.snapshot_kept``); any other value but ``0`` is a file
-each difference is also appended to (the test suite sets one, so a
-difference in a service it runs as a subprocess fails the run)."""
-
-
-def check_snapshots() -> None:
-    """Check mode of the kept snapshot parts from the environment; call at start."""
-    setting = os.environ.get(CHECK_SNAPSHOT_ENV)
-    report = None
-    if setting and setting not in ("0", "1"):
-        def report(what: str, path: str = setting) -> None:
-            with open(path, "a", encoding="utf-8") as out:
-                out.write(what + "\n")
-    snapshot_kept.check_from(setting, report)

@@ -24,7 +24,7 @@ from typing import Any
 import zmq
 from prometheus_client import CollectorRegistry, gc_collector, platform_collector, process_collector
 
-from actors import runtime, supervision
+from actors import supervision
 from actors.domain_events import INVALID, DomainEvents, stored_event
 from actors.eventloop import EventLoop
 from actors.http import HttpServer
@@ -83,7 +83,6 @@ class Service:
         from actors.retention import check_settings
 
         check_settings(cfg)  # before anything starts: a bad setting stops it at once
-        runtime.check_snapshots()  # OMS_CHECK_SNAPSHOT: a test switch
         procs = load_processes(cfg.processes)
         missing = sorted({s for p in procs.values() for s in p.systems} - set(cfg.systems))
         if missing:

@@ -43,7 +43,6 @@ from oms.model import Order, Step
 from oms.operator import OperatorMixin
 from oms.orphans import OrphanMixin
 from oms.process import ProcessDef, StepDef
-from oms.snapshot_kept import forget, keepable
 from oms.states import Ev, ItemState, OrderState, Reason, StepStatus, set_step_status
 from oms.templates import Template, lookup
 
@@ -113,7 +112,6 @@ class Engine:
         self.known: dict[tuple[str, str, bool], bool] = {}
         self.sdefs: dict[tuple[str, str, bool], StepDef] = {}
         self.templates: dict[int, Template] = {}
-        self.keeps_encoded = keepable(proc)  # oms.snapshot_kept
 
     def handle(self, order: Order, msg: Any, now: float) -> Turning:
         """Apply one message; the returned ``Turning`` holds the effects."""
@@ -133,7 +131,6 @@ def hold_internal_error(engine: Engine, order: Order, error: str, dropped: tuple
     snapshot), skips or aborts it. A sequencing turn it was given is kept:
     it stays the head of its queue until it finishes or is aborted.
     """
-    forget(order)  # (oms.snapshot_kept)
     turning = Turning(engine, order, now)
     if order.state.terminal:  # finished, only notices still out: nothing to hold, but a
         _fail_dropped_notes(turning, error, dropped)  # notice whose reply or timer was
@@ -193,14 +190,11 @@ class Turning(RunMixin, EventMixin, UndoMixin, NoteMixin, OperatorMixin, OrphanM
         elif kind is Turn:
             self.on_turn(msg.go)
         elif kind is Cancel:
-            forget(self.order)  # these change settled steps (oms.snapshot_kept)
             self.on_cancel(msg)
         elif kind is Operate:
-            forget(self.order)
             self.check_orphans()  # after a definition change (oms.orphans)
             self.on_operate(msg)
         elif kind is Resume:
-            forget(self.order)
             self.check_orphans()
             self.on_resume()
         else:

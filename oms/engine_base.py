@@ -29,7 +29,6 @@ from oms.messages import CommandResult, Effect, Publish, Send, Sequence, Timer
 from oms.model import Order, Step
 from oms.outstanding import forward_in_flight
 from oms.process import Action, ProcessDef, RetryPolicy, StepDef
-from oms.snapshot_kept import settling
 from oms.states import (
     ORDER_HELD,
     PHASE_FINISH,
@@ -141,8 +140,6 @@ class TurnBase:
     def set_status(self, step: Step, status: StepStatus) -> None:
         set_step_status(step, status)
         self.changed = True
-        if status is STEP_DONE or status is STEP_SKIPPED:
-            settling(self.order)  # its snapshot record may be kept (oms.snapshot_kept)
         if step.name == "notify":
             return
         order = self.order

@@ -3,10 +3,8 @@ folders, the real simulators. No mocks of our own components."""
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +16,6 @@ import zmq
 sys.path.insert(0, str(Path(__file__).parent))
 
 import bench.harness
-from actors import runtime
 from app.service import Service
 from bench.ports import free_endpoint, free_port  # noqa: F401 - tests import free_port from here
 from gateways.client import Client
@@ -31,29 +28,6 @@ SYSTEMS = ("warehouse", "billing", "shipping", "crm", "provisioning")
 
 
 endpoint = free_endpoint
-
-# Check mode of the kept snapshot parts (oms.snapshot_kept) for the whole run, in this
-# process and in every service it starts: each snapshot is also encoded the plain way,
-# and a difference is written to this file (and raised), which fails the test below.
-SNAPSHOT_DIFFS = Path(tempfile.mkdtemp(prefix="oms-check-")) / "snapshot-diffs"
-os.environ[runtime.CHECK_SNAPSHOT_ENV] = str(SNAPSHOT_DIFFS)
-runtime.check_snapshots()
-
-
-def _diffs() -> str:
-    return SNAPSHOT_DIFFS.read_text(encoding="utf-8") if SNAPSHOT_DIFFS.exists() else ""
-
-
-@pytest.fixture(autouse=True)
-def _kept_snapshots_match() -> Iterator[None]:
-    """Fail a test in which any snapshot with kept parts differed from the
-    plain one (in-process or in a service subprocess)."""
-    before = len(_diffs())
-    yield
-    runtime.check_snapshots()  # on again, if a test's service or main() reset it
-    new = _diffs()[before:]
-    if new:
-        pytest.fail(f"kept snapshot parts went stale:\n{new}")
 
 
 @pytest.fixture(autouse=True)

@@ -7,10 +7,7 @@ events, operator actions, cancels, restarts (the snapshot reloaded, replies
 in flight lost, ``Resume``) and crashes (``hold_internal_error`` as the
 router calls it, sometimes dropping a reply as a crash on it does). Then the
 domain systems answer everything, events come for every wait, and an
-operator retries (or skips) whatever is held for one. After most messages
-(an order actor's slice may hold several) a snapshot is taken with its
-settled steps kept encoded, which check mode (on for the suite) compares
-with the plain record: kept bytes that went stale raise. The order must end
+operator retries (or skips) whatever is held for one. The order must end
 terminal with its CRM notes settled, and it must never send a forward
 command of a sequenced order without its turn. Seeded: a failure names its
 seed (``run(seed)`` reproduces it).
@@ -25,7 +22,7 @@ from typing import Any
 from helpers import normalized, retail_order
 from test_engine import RETAIL, TELECOM, TELECOM_ORDER
 
-from oms import snapshot, snapshot_kept
+from oms import snapshot
 from oms.engine import Engine, hold_internal_error, new_order
 from oms.errors import DomainError
 from oms.messages import (
@@ -56,7 +53,6 @@ ERRORS = {"retry": DomainError("unavailable", "x", True),
 class Run:
     def __init__(self, seed: int) -> None:
         self.rng = rng = random.Random(seed)
-        self.saves = random.Random(-1 - seed)  # its own: the runs stay as they were
         base = rng.choice([RETAIL, TELECOM])
         self.proc = dataclasses.replace(
             base, failure_policy=rng.choice(["hold", "compensate"]),
@@ -81,20 +77,11 @@ class Run:
 
     def feed(self, msg: Any) -> Any:
         self.now += 0.01
-        turning = self.effects(self.engine.handle(self.order, msg, self.now))
-        self.save()
-        return turning
+        return self.effects(self.engine.handle(self.order, msg, self.now))
 
     def crash(self, dropped: tuple[Any, ...] = ()) -> None:
         self.now += 0.01
         self.effects(hold_internal_error(self.engine, self.order, "X: boom", dropped, self.now))
-        self.save()
-
-    def save(self) -> None:
-        """A snapshot, as the order actor takes one after a slice."""
-        if self.engine.keeps_encoded and self.saves.random() < 0.7:
-            assert snapshot_kept.CHECK is not None  # check mode: stale kept bytes raise
-            snapshot_kept.encode(self.order)
 
     def answer(self, cmd: Send, kind: str) -> CommandResult:
         if kind == "ok":
