@@ -238,8 +238,19 @@ def validate_order(
     """Validate and normalise an order map.
 
     Returns ``(order, [])`` when valid, else ``(None, errors)`` with every
-    error found.
+    error found. A plainly valid order takes the fast path (``valid_order``);
+    anything else, the full walk that names every error.
     """
+    order = valid_order(raw, order_types)
+    if order is not None:
+        return order, []
+    return validate_full(raw, order_types)
+
+
+def validate_full(
+    raw: Any, order_types: Collection[str]
+) -> tuple[dict[str, Any] | None, list[FieldError]]:
+    """``validate_order`` without its fast path: every check, every error."""
     errs = _Errors()
     if not isinstance(raw, dict):
         errs.add("order", "required: a map")
@@ -277,3 +288,145 @@ def validate_order(
     if errs:
         return None, list(errs)
     return order, []
+
+
+# -- the fast path: a valid order, checked in one pass -------------------------
+
+
+def _text(value: Any) -> bool:
+    """A required string as ``_string`` accepts it (exact type: from msgpack)."""
+    return type(value) is str and len(value) <= MAX_STR and bool(value.strip())
+
+
+def _optional(raw: dict[str, Any], keys: tuple[str, ...], out: dict[str, Any]) -> bool:
+    """Copy the optional string fields present; False if one is not fine."""
+    for key in keys:
+        value = raw.get(key)
+        if value is not None:
+            if type(value) is not str or len(value) > MAX_STR:
+                return False
+            out[key] = value
+    return True
+
+
+def _fast_address(raw: Any) -> dict[str, Any] | None:
+    if type(raw) is not dict or not _ADDRESS_FIELDS.issuperset(raw):
+        return None
+    line1, city, postal_code = raw.get("line1"), raw.get("city"), raw.get("postal_code")
+    country = raw.get("country")  # two capitals: a fine string too
+    if not (_text(line1) and _text(city) and _text(postal_code) and type(country) is str
+            and _COUNTRY.fullmatch(country)):
+        return None
+    out = {"line1": line1, "city": city, "postal_code": postal_code, "country": country}
+    if ("line2" in raw or "region" in raw) and not _optional(raw, ("line2", "region"), out):
+        return None
+    return out
+
+
+def _fast_attributes(raw: dict[str, Any]) -> dict[str, Any] | None:
+    value = raw.get("attributes")
+    if value is None:
+        return {}
+    if type(value) is not dict:
+        return None
+    if value:
+        errs: list[FieldError] = []
+        check_free_map(value, "attributes", errs)
+        if errs:
+            return None
+    return value
+
+
+def _fast_item(raw: Any) -> dict[str, Any] | None:
+    if type(raw) is not dict or not _ITEM_FIELDS.issuperset(raw):
+        return None
+    item_id, product_id = raw.get("id"), raw.get("product_id")
+    action = raw.get("action", "add")
+    if not (_text(item_id) and _text(product_id)) or type(action) is not str or (
+            action not in ACTIONS):
+        return None
+    item = {"id": item_id, "product_id": product_id, "action": action}
+    quantity = raw.get("quantity")
+    if quantity is None:
+        if action in ("add", "modify"):
+            return None
+        item["quantity"] = 1
+    elif type(quantity) is int and 0 < quantity <= MAX_QUANTITY:
+        item["quantity"] = quantity
+    else:
+        return None
+    price = raw.get("unit_price_minor")
+    if price is not None:
+        if type(price) is not int or not 0 <= price <= MAX_AMOUNT_MINOR:
+            return None
+        item["unit_price_minor"] = price
+    service_id = raw.get("service_id")
+    if action in ("modify", "delete"):
+        if not _text(service_id):
+            return None
+        item["service_id"] = service_id
+    elif service_id is not None:
+        if type(service_id) is not str or len(service_id) > MAX_STR:
+            return None
+        item["service_id"] = service_id
+    attributes = _fast_attributes(raw) if "attributes" in raw else {}
+    if attributes is None:
+        return None
+    item["attributes"] = attributes
+    return item
+
+
+def _fast_items(raw: Any) -> list[dict[str, Any]] | None:
+    if type(raw) is not list or not 1 <= len(raw) <= MAX_ITEMS:
+        return None
+    items, seen, total = [], set(), 0
+    for entry in raw:
+        item = _fast_item(entry)
+        if item is None or item["id"] in seen:
+            return None
+        seen.add(item["id"])
+        if item["action"] in ("add", "modify"):
+            line = item.get("unit_price_minor", 0) * item["quantity"]
+            total += line
+            if total > MAX_AMOUNT_MINOR:  # (a line over it takes the total over it)
+                return None
+        items.append(item)
+    return items
+
+
+def valid_order(raw: Any, order_types: Collection[str]) -> dict[str, Any] | None:
+    """The order ``validate_full`` returns for ``raw`` if ``raw`` is plainly
+    valid (exact types, as msgpack decodes them), else None: then the full
+    walk decides and names the errors. Its result is the same dict, key for
+    key and in the same order (``tests/test_validation_fast.py``)."""
+    if type(raw) is not dict or not _ORDER_FIELDS.issuperset(raw):
+        return None
+    source: Any = raw.get("source_system")
+    external_id = raw.get("external_id")
+    if not (_text(source) and _text(external_id)) or "\x00" in source:
+        return None
+    order_type = raw.get("order_type", "retail")
+    if type(order_type) is not str or order_type not in order_types:
+        return None
+    customer = raw.get("customer")
+    if type(customer) is not dict or not _CUSTOMER_FIELDS.issuperset(customer):
+        return None
+    out_customer = {"id": customer.get("id")}
+    if not _text(out_customer["id"]) or (len(customer) > 1 and not _optional(
+            customer, ("name", "email", "phone"), out_customer)):
+        return None
+    address = _fast_address(raw.get("customer_address"))
+    delivery = raw.get("delivery_address")
+    delivery = address if delivery is None else _fast_address(delivery)
+    currency = raw.get("currency", "EUR")
+    if address is None or delivery is None or type(currency) is not str or (
+            not _CURRENCY.fullmatch(currency)):
+        return None
+    items = _fast_items(raw.get("items"))
+    attributes = _fast_attributes(raw) if "attributes" in raw else {}
+    if items is None or attributes is None:
+        return None
+    return {"source_system": source, "external_id": external_id, "order_type": order_type,
+            "customer": out_customer, "customer_address": address,
+            "delivery_address": delivery, "currency": currency, "items": items,
+            "attributes": attributes}
