@@ -82,6 +82,9 @@ def unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
+_unpackb = msgpack.unpackb
+
+
 def decode_map(data: bytes) -> dict[str, Any]:
     """Decode one untrusted frame into a map with string keys.
 
@@ -89,20 +92,15 @@ def decode_map(data: bytes) -> dict[str, Any]:
     own stack; ext types and integer keys are refused. Binary (bytes) keys
     get through msgpack's ``strict_map_key``: maps from outside are checked
     for them at the edge (``oms.edge.check_data``, ``oms.validation``).
+
+    The bounds are ``unpackb``'s own defaults, not passed (each keyword
+    costs, eight times an order): ``raw=False``, ``strict_map_key=True``,
+    strings, bins and arrays at most ``len(data)`` long, maps at most
+    ``len(data) // 2`` (``tests/test_codec.py`` holds them to that).
+    ``max_ext_len=0`` refuses every ext with a payload before its hook runs.
     """
-    limit = len(data)
     try:
-        obj = msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            ext_hook=_refuse_ext,
-            max_str_len=limit,
-            max_bin_len=limit,
-            max_array_len=limit,
-            max_map_len=limit // 2,
-            max_ext_len=0,
-        )
+        obj = _unpackb(data, ext_hook=_refuse_ext, max_ext_len=0)
     except DecodeError:
         raise
     except (ValueError, TypeError, msgpack.UnpackException) as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgpack
 import pytest
 from hypothesis import given, settings
@@ -88,3 +90,55 @@ def test_digest_bytes_are_the_reference_canonical_encoding(value: object) -> Non
     """The digest of a stored order must never change: the fast sorted
     encoding is byte for byte msgpack of ``canonical`` (any key types)."""
     assert codec.canonical_bytes(value) == codec.msgpack_pack(codec.canonical(value))
+
+
+def _explicit_bounds(data: bytes) -> Any:
+    """``decode_map`` as it was, every bound spelled out."""
+    limit = len(data)
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=codec._refuse_ext,
+                              max_str_len=limit, max_bin_len=limit, max_array_len=limit,
+                              max_map_len=limit // 2, max_ext_len=0)
+    except codec.DecodeError:
+        raise
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise codec.DecodeError(f"not decodable msgpack: {type(exc).__name__}: {exc}") from None
+    if not isinstance(obj, dict):
+        raise codec.DecodeError(f"payload must be a msgpack map, got {type(obj).__name__}")
+    return obj
+
+
+def _outcome(decode: Any, frame: bytes) -> str:
+    """The map decoded, or the message of the ``DecodeError`` (it is sent
+    back to the client in a ``malformed`` error)."""
+    try:
+        return repr(decode(frame))
+    except codec.DecodeError as exc:
+        return f"DecodeError: {exc}"
+
+
+HEADERS = [b"\xdc", b"\xdd", b"\xde", b"\xdf", b"\xd9", b"\xda", b"\xdb", b"\xc4", b"\xc5",
+           b"\xc6", b"\xc7", b"\xc8", b"\xc9", b"\xd4", b"\xd8"]
+
+
+@pytest.mark.parametrize("header", HEADERS)
+@pytest.mark.parametrize("claimed", [0, 1, 5, 6, 7, 11, 12, 13, 2**16 - 1, 2**32 - 1])
+def test_bounds_are_the_frames_length(header: bytes, claimed: int) -> None:
+    """A header claiming a length about the frame's (or 4 G) fails or
+    decodes exactly as with every bound passed: the bounds are unpackb's
+    defaults (strings, bins, arrays: the frame's length; maps: half)."""
+    width = {b"\xdc": 2, b"\xde": 2, b"\xda": 2, b"\xc5": 2, b"\xc8": 2, b"\xd9": 1,
+             b"\xc4": 1, b"\xc7": 1}.get(header, 4)
+    size = claimed.to_bytes(8, "big")[-width:] if header not in (b"\xd4", b"\xd8") else b""
+    for body in (b"", b"\x00" * 6, b"\xa1a\x01" * 4):
+        frame = header + size + body
+        assert _outcome(codec.decode_map, frame) == _outcome(_explicit_bounds, frame)
+        assert _outcome(codec.decode_map, b"\x81\xa1k" + frame) == _outcome(
+            _explicit_bounds, b"\x81\xa1k" + frame)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=40) | st.builds(lambda h, b: h + b, st.sampled_from(HEADERS),
+                                          st.binary(max_size=30)))
+def test_random_frames_decode_as_with_explicit_bounds(frame: bytes) -> None:
+    assert _outcome(codec.decode_map, frame) == _outcome(_explicit_bounds, frame)
