@@ -124,8 +124,9 @@ def _nested(depth: int) -> Any:
                                   {"deep": _nested(20)},
                                   {"blob": "x" * (MAX_DATA_BYTES + 1)}])
 def test_a_bad_reply_is_a_retryable_error_and_never_state(data: Any) -> None:
-    d = Driver(RETAIL, retail_order(),
-               ok_domain({"create_invoice": CommandResult("", True, data)}))
+    res = CommandResult("", True, data)
+    assert res.data_fit is False  # only a gateway vouches for data (edge.fit_to_keep)
+    d = Driver(RETAIL, retail_order(), ok_domain({"create_invoice": res}))
     d.start()
     step = d.order.steps["create_invoice"]
     assert step.error["code"] == "invalid_reply" and step.error["retryable"]
