@@ -13,6 +13,7 @@ from oms.engine_plan import StepPlan, action_of
 from oms.errors import INVALID_REPLY, DomainError
 from oms.messages import CommandResult, Send, Sequence, Timer
 from oms.model import Step
+from oms.order_rules import MAX_AMOUNT_MINOR
 from oms.process import StepDef
 from oms.states import (
     ITEM_COMPLETED,
@@ -38,7 +39,6 @@ from oms.states import (
     Undo,
     set_item_state,
 )
-from oms.validation import MAX_AMOUNT_MINOR
 
 logger = logging.getLogger("oms.engine")
 S = OrderState

@@ -3,38 +3,32 @@
 ``validate_order`` reports every field error at once, each with a path such
 as ``items[0].quantity``, and returns the order normalised with its defaults
 filled in. Unknown fields are errors too: a typo in a field name must not be
-silently ignored. ``attributes`` maps are free-form but bounded.
+silently ignored. ``attributes`` maps are free-form but bounded. The
+limits and formats are ``oms.order_rules``; a plainly valid order takes the
+fast path (``oms.validation_fast``).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection
 from typing import Any
 
 from oms.errors import FieldError
-
-MAX_STR = 1000
-MAX_ITEMS = 1000
-MAX_ATTR_DEPTH = 8
-MAX_QUANTITY = 1_000_000_000
-MAX_AMOUNT_MINOR = 2**63 - 1
-"""Every amount (a unit price, a line total ``unit_price_minor * quantity``,
-the order total) fits in a signed 64-bit integer: every language's clients
-and the msgpack encoder can carry it, and totals never overflow."""
-ACTIONS = ("add", "modify", "delete", "noChange")
-
-_ORDER_FIELDS = {
-    "source_system", "external_id", "order_type", "customer", "customer_address",
-    "delivery_address", "currency", "items", "attributes",
-}
-_CUSTOMER_FIELDS = {"id", "name", "email", "phone"}
-_ADDRESS_FIELDS = {"line1", "line2", "city", "postal_code", "region", "country"}
-_ITEM_FIELDS = {
-    "id", "action", "product_id", "quantity", "unit_price_minor", "service_id", "attributes",
-}
-_CURRENCY = re.compile(r"[A-Z]{3}")
-_COUNTRY = re.compile(r"[A-Z]{2}")
+from oms.order_rules import (
+    ACTIONS,
+    ADDRESS_FIELDS,
+    COUNTRY,
+    CURRENCY,
+    CUSTOMER_FIELDS,
+    ITEM_FIELDS,
+    MAX_AMOUNT_MINOR,
+    MAX_ITEMS,
+    MAX_QUANTITY,
+    MAX_STR,
+    ORDER_FIELDS,
+    check_free_map,
+)
+from oms.validation_fast import valid_order
 
 
 class _Errors(list[FieldError]):
@@ -77,26 +71,6 @@ def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_free_map(value: Any, field: str, errs: list[FieldError], depth: int = 1) -> None:
-    """Check a free-form ``attributes`` map: depth and string lengths."""
-    if depth > MAX_ATTR_DEPTH:
-        errs.append(FieldError(field, f"nested deeper than {MAX_ATTR_DEPTH} levels"))
-        return
-    if isinstance(value, dict):
-        for key, sub in value.items():
-            if not isinstance(key, str):  # msgpack allows any key; views are JSON
-                errs.append(FieldError(field, "keys must be strings"))
-            elif len(key) > MAX_STR:
-                errs.append(FieldError(field, f"key longer than {MAX_STR} characters"))
-            else:
-                check_free_map(sub, f"{field}.{key}", errs, depth + 1)
-    elif isinstance(value, list):
-        for i, sub in enumerate(value):
-            check_free_map(sub, f"{field}[{i}]", errs, depth + 1)
-    elif isinstance(value, str | bytes) and len(value) > MAX_STR:
-        errs.append(FieldError(field, f"at most {MAX_STR} characters"))
-
-
 def _attributes(raw: dict[str, Any], path: str, errs: _Errors) -> dict[str, Any]:
     field = f"{path}.attributes" if path else "attributes"
     value = raw.get("attributes")
@@ -122,7 +96,7 @@ def _map(raw: dict[str, Any], key: str, errs: _Errors, *, required: bool) -> dic
 
 
 def _address(raw: dict[str, Any], path: str, errs: _Errors) -> dict[str, Any]:
-    _unknown(raw, _ADDRESS_FIELDS, path, errs)
+    _unknown(raw, ADDRESS_FIELDS, path, errs)
     out: dict[str, Any] = {}
     for key in ("line1", "city", "postal_code", "country"):
         out[key] = _string(raw, key, path, errs, required=True)
@@ -132,13 +106,13 @@ def _address(raw: dict[str, Any], path: str, errs: _Errors) -> dict[str, Any]:
         value = _string(raw, key, path, errs, required=False)
         if value is not None:
             out[key] = value
-    if out["country"] is not None and not _COUNTRY.fullmatch(out["country"]):
+    if out["country"] is not None and not COUNTRY.fullmatch(out["country"]):
         errs.add(f"{path}.country", "must be an ISO 3166-1 alpha-2 code such as DE")
     return out
 
 
 def _customer(raw: dict[str, Any], errs: _Errors) -> dict[str, Any]:
-    _unknown(raw, _CUSTOMER_FIELDS, "customer", errs)
+    _unknown(raw, CUSTOMER_FIELDS, "customer", errs)
     out: dict[str, Any] = {"id": _string(raw, "id", "customer", errs, required=True)}
     for key in ("name", "email", "phone"):
         if raw.get(key) is None:  # absent: nothing to check
@@ -153,7 +127,7 @@ def _item(raw: Any, path: str, errs: _Errors) -> dict[str, Any] | None:
     if not isinstance(raw, dict):
         errs.add(path, "must be a map")
         return None
-    _unknown(raw, _ITEM_FIELDS, path, errs)
+    _unknown(raw, ITEM_FIELDS, path, errs)
     item: dict[str, Any] = {
         "id": _string(raw, "id", path, errs, required=True),
         "product_id": _string(raw, "product_id", path, errs, required=True),
@@ -255,7 +229,7 @@ def validate_full(
     if not isinstance(raw, dict):
         errs.add("order", "required: a map")
         return None, errs
-    _unknown(raw, _ORDER_FIELDS, "", errs)
+    _unknown(raw, ORDER_FIELDS, "", errs)
     order: dict[str, Any] = {
         "source_system": _string(raw, "source_system", "", errs, required=True),
         "external_id": _string(raw, "external_id", "", errs, required=True),
@@ -280,7 +254,7 @@ def validate_full(
         else order["customer_address"]
     )
     currency = raw.get("currency", "EUR")
-    if not isinstance(currency, str) or not _CURRENCY.fullmatch(currency):
+    if not isinstance(currency, str) or not CURRENCY.fullmatch(currency):
         errs.add("currency", "must be 3 upper-case letters (ISO 4217), e.g. EUR")
     order["currency"] = currency
     order["items"] = _items(raw.get("items"), errs)
@@ -288,145 +262,3 @@ def validate_full(
     if errs:
         return None, list(errs)
     return order, []
-
-
-# -- the fast path: a valid order, checked in one pass -------------------------
-
-
-def _text(value: Any) -> bool:
-    """A required string as ``_string`` accepts it (exact type: from msgpack)."""
-    return type(value) is str and len(value) <= MAX_STR and bool(value.strip())
-
-
-def _optional(raw: dict[str, Any], keys: tuple[str, ...], out: dict[str, Any]) -> bool:
-    """Copy the optional string fields present; False if one is not fine."""
-    for key in keys:
-        value = raw.get(key)
-        if value is not None:
-            if type(value) is not str or len(value) > MAX_STR:
-                return False
-            out[key] = value
-    return True
-
-
-def _fast_address(raw: Any) -> dict[str, Any] | None:
-    if type(raw) is not dict or not _ADDRESS_FIELDS.issuperset(raw):
-        return None
-    line1, city, postal_code = raw.get("line1"), raw.get("city"), raw.get("postal_code")
-    country = raw.get("country")  # two capitals: a fine string too
-    if not (_text(line1) and _text(city) and _text(postal_code) and type(country) is str
-            and _COUNTRY.fullmatch(country)):
-        return None
-    out = {"line1": line1, "city": city, "postal_code": postal_code, "country": country}
-    if ("line2" in raw or "region" in raw) and not _optional(raw, ("line2", "region"), out):
-        return None
-    return out
-
-
-def _fast_attributes(raw: dict[str, Any]) -> dict[str, Any] | None:
-    value = raw.get("attributes")
-    if value is None:
-        return {}
-    if type(value) is not dict:
-        return None
-    if value:
-        errs: list[FieldError] = []
-        check_free_map(value, "attributes", errs)
-        if errs:
-            return None
-    return value
-
-
-def _fast_item(raw: Any) -> dict[str, Any] | None:
-    if type(raw) is not dict or not _ITEM_FIELDS.issuperset(raw):
-        return None
-    item_id, product_id = raw.get("id"), raw.get("product_id")
-    action = raw.get("action", "add")
-    if not (_text(item_id) and _text(product_id)) or type(action) is not str or (
-            action not in ACTIONS):
-        return None
-    item = {"id": item_id, "product_id": product_id, "action": action}
-    quantity = raw.get("quantity")
-    if quantity is None:
-        if action in ("add", "modify"):
-            return None
-        item["quantity"] = 1
-    elif type(quantity) is int and 0 < quantity <= MAX_QUANTITY:
-        item["quantity"] = quantity
-    else:
-        return None
-    price = raw.get("unit_price_minor")
-    if price is not None:
-        if type(price) is not int or not 0 <= price <= MAX_AMOUNT_MINOR:
-            return None
-        item["unit_price_minor"] = price
-    service_id = raw.get("service_id")
-    if action in ("modify", "delete"):
-        if not _text(service_id):
-            return None
-        item["service_id"] = service_id
-    elif service_id is not None:
-        if type(service_id) is not str or len(service_id) > MAX_STR:
-            return None
-        item["service_id"] = service_id
-    attributes = _fast_attributes(raw) if "attributes" in raw else {}
-    if attributes is None:
-        return None
-    item["attributes"] = attributes
-    return item
-
-
-def _fast_items(raw: Any) -> list[dict[str, Any]] | None:
-    if type(raw) is not list or not 1 <= len(raw) <= MAX_ITEMS:
-        return None
-    items, seen, total = [], set(), 0
-    for entry in raw:
-        item = _fast_item(entry)
-        if item is None or item["id"] in seen:
-            return None
-        seen.add(item["id"])
-        if item["action"] in ("add", "modify"):
-            line = item.get("unit_price_minor", 0) * item["quantity"]
-            total += line
-            if total > MAX_AMOUNT_MINOR:  # (a line over it takes the total over it)
-                return None
-        items.append(item)
-    return items
-
-
-def valid_order(raw: Any, order_types: Collection[str]) -> dict[str, Any] | None:
-    """The order ``validate_full`` returns for ``raw`` if ``raw`` is plainly
-    valid (exact types, as msgpack decodes them), else None: then the full
-    walk decides and names the errors. Its result is the same dict, key for
-    key and in the same order (``tests/test_validation_fast.py``)."""
-    if type(raw) is not dict or not _ORDER_FIELDS.issuperset(raw):
-        return None
-    source: Any = raw.get("source_system")
-    external_id = raw.get("external_id")
-    if not (_text(source) and _text(external_id)) or "\x00" in source:
-        return None
-    order_type = raw.get("order_type", "retail")
-    if type(order_type) is not str or order_type not in order_types:
-        return None
-    customer = raw.get("customer")
-    if type(customer) is not dict or not _CUSTOMER_FIELDS.issuperset(customer):
-        return None
-    out_customer = {"id": customer.get("id")}
-    if not _text(out_customer["id"]) or (len(customer) > 1 and not _optional(
-            customer, ("name", "email", "phone"), out_customer)):
-        return None
-    address = _fast_address(raw.get("customer_address"))
-    delivery = raw.get("delivery_address")
-    delivery = address if delivery is None else _fast_address(delivery)
-    currency = raw.get("currency", "EUR")
-    if address is None or delivery is None or type(currency) is not str or (
-            not _CURRENCY.fullmatch(currency)):
-        return None
-    items = _fast_items(raw.get("items"))
-    attributes = _fast_attributes(raw) if "attributes" in raw else {}
-    if items is None or attributes is None:
-        return None
-    return {"source_system": source, "external_id": external_id, "order_type": order_type,
-            "customer": out_customer, "customer_address": address,
-            "delivery_address": delivery, "currency": currency, "items": items,
-            "attributes": attributes}

@@ -21,8 +21,10 @@ import msgpack
 import pytest
 
 from oms import codec
+from oms.order_rules import ACTIONS, MAX_AMOUNT_MINOR
 from oms.sample import sample_orders
-from oms.validation import ACTIONS, MAX_AMOUNT_MINOR, valid_order, validate_full, validate_order
+from oms.validation import validate_full, validate_order
+from oms.validation_fast import valid_order
 
 TYPES = ("retail", "telecom")
 
