@@ -28,7 +28,7 @@ from oms.order_rules import (
 
 
 def _text(value: Any) -> bool:
-    """A required string as ``_string`` accepts it (exact type: from msgpack)."""
+    """A required string as ``oms.validation._string`` accepts it (exact type)."""
     return type(value) is str and len(value) <= MAX_STR and bool(value.strip())
 
 
