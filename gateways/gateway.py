@@ -211,8 +211,9 @@ class Gateway(LoopActor):
             if latencies is None:
                 latencies = self._latencies[key] = []
             latencies.append(now - waiting.sent)
-            self._results.append((waiting.order_id, _new(
-                CommandResult, (parsed.command_id, ok, parsed.data, None))))
+            fit = len(frame) <= edge.FIT_FRAME_BYTES  # edge.fit_to_keep, without its frame
+            self._results.append((waiting.order_id, _new(CommandResult, (
+                parsed.command_id, ok, parsed.data, None, fit))))
             return
         if not error.retryable:
             self._unsettled.pop(parsed.command_id, None)  # answered for good: no retry follows

@@ -24,6 +24,7 @@ import math
 from typing import Any, NamedTuple
 
 from oms.errors import CIRCUIT_OPEN, DomainError
+from oms.untrusted import MAX_DATA_BYTES
 
 MAX_REPLY_BYTES = 1024 * 1024
 """Largest command reply frame read (1 MiB, as an intake request)."""
@@ -128,6 +129,25 @@ def _string(value: Any, field: str, longest: int, *, empty: bool = False) -> str
         return f"{field} must be a {'' if empty else 'non-empty '}string of at most " \
                f"{longest} characters"
     return None
+
+
+FIT_FRAME_BYTES = MAX_DATA_BYTES // 2
+"""A reply frame up to this size whose ``data`` passed ``check_data`` holds
+data the engine may keep as it is (``fit_to_keep``)."""
+
+
+def fit_to_keep(frame_bytes: int) -> bool:
+    """Whether the ``data`` of a reply of ``frame_bytes`` that ``parse_reply``
+    accepted is fit to keep with an order as it is: what
+    ``oms.untrusted.data_problem`` asks, ``check_data`` asks more strictly (a
+    map, string keys, finite numbers only, 8 levels deep, not 16), except its
+    encoded size (at most ``MAX_DATA_BYTES``). Decoded and encoded again, no
+    value grows by more than 9/5 (a float32 becomes a float64; every other
+    value keeps its size or shrinks to its smallest form), so data from a
+    frame of at most ``FIT_FRAME_BYTES`` is within it. The gateway says so
+    on the ``CommandResult`` (``data_fit``), and the engine checks nothing
+    twice (``tests/test_edges.py`` holds the two checks together)."""
+    return frame_bytes <= FIT_FRAME_BYTES
 
 
 def reply_command_id(msg: dict[str, Any]) -> str | None:

@@ -13,6 +13,7 @@ from oms.engine_plan import StepPlan, action_of
 from oms.errors import INVALID_REPLY, DomainError
 from oms.messages import CommandResult, Send, Sequence, Timer
 from oms.model import Step
+from oms.order_rules import MAX_AMOUNT_MINOR
 from oms.process import StepDef
 from oms.states import (
     ITEM_COMPLETED,
@@ -38,7 +39,6 @@ from oms.states import (
     Undo,
     set_item_state,
 )
-from oms.validation import MAX_AMOUNT_MINOR
 
 logger = logging.getLogger("oms.engine")
 S = OrderState
@@ -278,7 +278,9 @@ class RunMixin(TurnBase):
         if step is None:
             self.stale = True
             return
-        problem = untrusted.data_problem({} if res.data is None else res.data) if res.ok else None
+        problem = None  # (a gateway's checked data: fit, edge.fit_to_keep)
+        if res.ok and not res.data_fit:
+            problem = untrusted.data_problem({} if res.data is None else res.data)
         if problem:  # a contract violation: retried like an outage, never kept
             logger.warning("order %s: reply to %s refused: %s", self.order.order_id,
                            res.command_id, problem, extra={"order_id": self.order.order_id})

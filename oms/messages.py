@@ -36,12 +36,17 @@ class CommandResult(NamedTuple):
     ok: whether the domain system applied it.
     data: the result map when ok.
     error: why not, when not ok.
+    data_fit: True only from a gateway that found ``data`` fit to keep at
+      the edge (``oms.edge.fit_to_keep``): the engine skips its own check
+      of it (``oms.untrusted.data_problem``). From anywhere else, False:
+      the engine checks.
     """
 
     command_id: str
     ok: bool
     data: dict[str, Any] | None = None
     error: DomainError | None = None
+    data_fit: bool = False
 
 
 class DomainEvent(NamedTuple):

@@ -63,6 +63,14 @@ def data_problem(data: Any) -> str | None:
         return f"data must be a map, got {type(data).__name__}"
     if not data:  # an empty map (as many replies'): fit, no walk
         return None
+    bound = 5  # most replies' data: a few strings; their bound without a call (as _scan)
+    for key, sub in data.items():
+        if type(sub) is not str or type(key) is not str:
+            break
+        bound += 10 + 4 * (len(key) + len(sub))
+    else:
+        if bound <= MAX_DATA_BYTES:
+            return None
     problem, bound = _scan(data)
     if problem:
         return f"data {problem}"

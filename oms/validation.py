@@ -3,38 +3,32 @@
 ``validate_order`` reports every field error at once, each with a path such
 as ``items[0].quantity``, and returns the order normalised with its defaults
 filled in. Unknown fields are errors too: a typo in a field name must not be
-silently ignored. ``attributes`` maps are free-form but bounded.
+silently ignored. ``attributes`` maps are free-form but bounded. The
+limits and formats are ``oms.order_rules``; a plainly valid order takes the
+fast path (``oms.validation_fast``).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection
 from typing import Any
 
 from oms.errors import FieldError
-
-MAX_STR = 1000
-MAX_ITEMS = 1000
-MAX_ATTR_DEPTH = 8
-MAX_QUANTITY = 1_000_000_000
-MAX_AMOUNT_MINOR = 2**63 - 1
-"""Every amount (a unit price, a line total ``unit_price_minor * quantity``,
-the order total) fits in a signed 64-bit integer: every language's clients
-and the msgpack encoder can carry it, and totals never overflow."""
-ACTIONS = ("add", "modify", "delete", "noChange")
-
-_ORDER_FIELDS = {
-    "source_system", "external_id", "order_type", "customer", "customer_address",
-    "delivery_address", "currency", "items", "attributes",
-}
-_CUSTOMER_FIELDS = {"id", "name", "email", "phone"}
-_ADDRESS_FIELDS = {"line1", "line2", "city", "postal_code", "region", "country"}
-_ITEM_FIELDS = {
-    "id", "action", "product_id", "quantity", "unit_price_minor", "service_id", "attributes",
-}
-_CURRENCY = re.compile(r"[A-Z]{3}")
-_COUNTRY = re.compile(r"[A-Z]{2}")
+from oms.order_rules import (
+    ACTIONS,
+    ADDRESS_FIELDS,
+    COUNTRY,
+    CURRENCY,
+    CUSTOMER_FIELDS,
+    ITEM_FIELDS,
+    MAX_AMOUNT_MINOR,
+    MAX_ITEMS,
+    MAX_QUANTITY,
+    MAX_STR,
+    ORDER_FIELDS,
+    check_free_map,
+)
+from oms.validation_fast import valid_order
 
 
 class _Errors(list[FieldError]):
@@ -77,26 +71,6 @@ def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_free_map(value: Any, field: str, errs: list[FieldError], depth: int = 1) -> None:
-    """Check a free-form ``attributes`` map: depth and string lengths."""
-    if depth > MAX_ATTR_DEPTH:
-        errs.append(FieldError(field, f"nested deeper than {MAX_ATTR_DEPTH} levels"))
-        return
-    if isinstance(value, dict):
-        for key, sub in value.items():
-            if not isinstance(key, str):  # msgpack allows any key; views are JSON
-                errs.append(FieldError(field, "keys must be strings"))
-            elif len(key) > MAX_STR:
-                errs.append(FieldError(field, f"key longer than {MAX_STR} characters"))
-            else:
-                check_free_map(sub, f"{field}.{key}", errs, depth + 1)
-    elif isinstance(value, list):
-        for i, sub in enumerate(value):
-            check_free_map(sub, f"{field}[{i}]", errs, depth + 1)
-    elif isinstance(value, str | bytes) and len(value) > MAX_STR:
-        errs.append(FieldError(field, f"at most {MAX_STR} characters"))
-
-
 def _attributes(raw: dict[str, Any], path: str, errs: _Errors) -> dict[str, Any]:
     field = f"{path}.attributes" if path else "attributes"
     value = raw.get("attributes")
@@ -122,7 +96,7 @@ def _map(raw: dict[str, Any], key: str, errs: _Errors, *, required: bool) -> dic
 
 
 def _address(raw: dict[str, Any], path: str, errs: _Errors) -> dict[str, Any]:
-    _unknown(raw, _ADDRESS_FIELDS, path, errs)
+    _unknown(raw, ADDRESS_FIELDS, path, errs)
     out: dict[str, Any] = {}
     for key in ("line1", "city", "postal_code", "country"):
         out[key] = _string(raw, key, path, errs, required=True)
@@ -132,13 +106,13 @@ def _address(raw: dict[str, Any], path: str, errs: _Errors) -> dict[str, Any]:
         value = _string(raw, key, path, errs, required=False)
         if value is not None:
             out[key] = value
-    if out["country"] is not None and not _COUNTRY.fullmatch(out["country"]):
+    if out["country"] is not None and not COUNTRY.fullmatch(out["country"]):
         errs.add(f"{path}.country", "must be an ISO 3166-1 alpha-2 code such as DE")
     return out
 
 
 def _customer(raw: dict[str, Any], errs: _Errors) -> dict[str, Any]:
-    _unknown(raw, _CUSTOMER_FIELDS, "customer", errs)
+    _unknown(raw, CUSTOMER_FIELDS, "customer", errs)
     out: dict[str, Any] = {"id": _string(raw, "id", "customer", errs, required=True)}
     for key in ("name", "email", "phone"):
         if raw.get(key) is None:  # absent: nothing to check
@@ -153,7 +127,7 @@ def _item(raw: Any, path: str, errs: _Errors) -> dict[str, Any] | None:
     if not isinstance(raw, dict):
         errs.add(path, "must be a map")
         return None
-    _unknown(raw, _ITEM_FIELDS, path, errs)
+    _unknown(raw, ITEM_FIELDS, path, errs)
     item: dict[str, Any] = {
         "id": _string(raw, "id", path, errs, required=True),
         "product_id": _string(raw, "product_id", path, errs, required=True),
@@ -238,13 +212,24 @@ def validate_order(
     """Validate and normalise an order map.
 
     Returns ``(order, [])`` when valid, else ``(None, errors)`` with every
-    error found.
+    error found. A plainly valid order takes the fast path (``valid_order``);
+    anything else, the full walk that names every error.
     """
+    order = valid_order(raw, order_types)
+    if order is not None:
+        return order, []
+    return validate_full(raw, order_types)
+
+
+def validate_full(
+    raw: Any, order_types: Collection[str]
+) -> tuple[dict[str, Any] | None, list[FieldError]]:
+    """``validate_order`` without its fast path: every check, every error."""
     errs = _Errors()
     if not isinstance(raw, dict):
         errs.add("order", "required: a map")
         return None, errs
-    _unknown(raw, _ORDER_FIELDS, "", errs)
+    _unknown(raw, ORDER_FIELDS, "", errs)
     order: dict[str, Any] = {
         "source_system": _string(raw, "source_system", "", errs, required=True),
         "external_id": _string(raw, "external_id", "", errs, required=True),
@@ -269,7 +254,7 @@ def validate_order(
         else order["customer_address"]
     )
     currency = raw.get("currency", "EUR")
-    if not isinstance(currency, str) or not _CURRENCY.fullmatch(currency):
+    if not isinstance(currency, str) or not CURRENCY.fullmatch(currency):
         errs.add("currency", "must be 3 upper-case letters (ISO 4217), e.g. EUR")
     order["currency"] = currency
     order["items"] = _items(raw.get("items"), errs)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgpack
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from oms import codec
@@ -88,3 +90,118 @@ def test_digest_bytes_are_the_reference_canonical_encoding(value: object) -> Non
     """The digest of a stored order must never change: the fast sorted
     encoding is byte for byte msgpack of ``canonical`` (any key types)."""
     assert codec.canonical_bytes(value) == codec.msgpack_pack(codec.canonical(value))
+
+
+def _explicit_bounds(data: bytes) -> Any:
+    """``decode_map`` as it was: msgpack alone, every bound spelled out."""
+    limit = len(data)
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=codec._refuse_ext,
+                              max_str_len=limit, max_bin_len=limit, max_array_len=limit,
+                              max_map_len=limit // 2, max_ext_len=0)
+    except codec.DecodeError:
+        raise
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise codec.DecodeError(f"not decodable msgpack: {type(exc).__name__}: {exc}") from None
+    if not isinstance(obj, dict):
+        raise codec.DecodeError(f"payload must be a msgpack map, got {type(obj).__name__}")
+    return obj
+
+
+def _outcome(decode: Any, frame: bytes) -> str:
+    """The map decoded, or the message of the ``DecodeError`` (it is sent
+    back to the client in a ``malformed`` error)."""
+    try:
+        return repr(decode(frame))
+    except codec.DecodeError as exc:
+        return f"DecodeError: {exc}"
+
+
+HEADERS = [b"\xdc", b"\xdd", b"\xde", b"\xdf", b"\xd9", b"\xda", b"\xdb", b"\xc4", b"\xc5",
+           b"\xc6", b"\xc7", b"\xc8", b"\xc9", b"\xd4", b"\xd8"]
+
+
+@pytest.mark.parametrize("header", HEADERS)
+@pytest.mark.parametrize("claimed", [0, 1, 5, 6, 7, 11, 12, 13, 2**16 - 1, 2**32 - 1])
+def test_bounds_are_the_frames_length(header: bytes, claimed: int) -> None:
+    """A header claiming a length about the frame's (or 4 G) fails or
+    decodes exactly as with every bound passed: the bounds are unpackb's
+    defaults (strings, bins, arrays: the frame's length; maps: half)."""
+    width = {b"\xdc": 2, b"\xde": 2, b"\xda": 2, b"\xc5": 2, b"\xc8": 2, b"\xd9": 1,
+             b"\xc4": 1, b"\xc7": 1}.get(header, 4)
+    size = claimed.to_bytes(8, "big")[-width:] if header not in (b"\xd4", b"\xd8") else b""
+    for body in (b"", b"\x00" * 6, b"\xa1a\x01" * 4):
+        frame = header + size + body
+        assert _outcome(codec.decode_map, frame) == _outcome(_explicit_bounds, frame)
+        assert _outcome(codec.decode_map, b"\x81\xa1k" + frame) == _outcome(
+            _explicit_bounds, b"\x81\xa1k" + frame)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=40) | st.builds(lambda h, b: h + b, st.sampled_from(HEADERS),
+                                          st.binary(max_size=30)))
+def test_random_frames_decode_as_with_explicit_bounds(frame: bytes) -> None:
+    assert _outcome(codec.decode_map, frame) == _outcome(_explicit_bounds, frame)
+
+
+wire = st.recursive(  # what a client may send: also bin, ext, int keys, float32, deep
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
+    | st.text(max_size=20) | st.binary(max_size=8)
+    | st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=4)),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.text(max_size=6) | st.binary(max_size=3) | st.integers(0, 3), inner, max_size=5),
+    max_leaves=40)
+
+
+@given(st.dictionaries(st.text(max_size=6), wire, max_size=5), st.booleans())
+@settings(max_examples=600, deadline=None)
+def test_decode_map_reads_what_msgpack_alone_reads(value: dict[str, Any], single: bool) -> None:
+    """msgspec's typed read, when it succeeds, gives what msgpack gives from
+    the same bytes (the same values of the same types, keys in the same
+    order); when msgpack refuses a frame, the same error."""
+    try:
+        frame = msgpack.packb(value, use_single_float=single)
+    except OverflowError:  # a float beyond float32
+        assume(False)
+    assert _outcome(codec.decode_map, frame) == _outcome(_explicit_bounds, frame)
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    value: Any = "leaf"
+    for _ in range(depth - 1):
+        value = {"k": [value]} if depth % 2 else {"k": value}
+    return {"top": value}
+
+
+@pytest.mark.parametrize("frame", [
+    b"\x82\xa1a\x01\xa1a\x02",  # a key twice: the last value, in the first place
+    b"\x83\xa1a\x01\xa1b\x02\xa1a\xc3",
+    b"\x81\xa1a\xa3\xed\xa0\x80",  # a surrogate in UTF-8: refused
+    b"\x81\xa1a\xa2\xc0\x80",  # an overlong encoding: refused
+    b"\x81\xa1a\xa4\xf4\x90\x80\x80",  # beyond U+10FFFF: refused
+    b"\x81\xa1a\xd6\xff\x00\x00\x00\x00",  # a timestamp ext: refused
+    b"\x81\xa1a\xc7\x00\x05",  # an empty ext: refused by its hook
+    b"\x81\xa1a\xc7\x00\xff",  # an empty ext of a reserved type
+    b"\x81\xa1a\xca\x7f\xc0\x00\x00",  # float32 NaN
+    b"\x81\xa1a\xcf\xff\xff\xff\xff\xff\xff\xff\xff",  # 2^64 - 1
+    b"\x81\xa1a\xd3\x80\x00\x00\x00\x00\x00\x00\x00",  # -2^63
+    b"\x81\xa1a\xdd\xff\xff\xff\xff",  # an array of 4 G claimed
+    b"\x81\xa1a\xc0\xc0",  # trailing bytes
+    b"\x81\xc4\x01a\x01",  # a bin key: msgpack reads it
+    *(codec.pack(_nested(depth)) for depth in (15, 16, 17, 40)),
+])
+def test_odd_frames_decode_as_with_msgpack_alone(frame: bytes) -> None:
+    assert _outcome(codec.decode_map, frame) == _outcome(_explicit_bounds, frame)
+
+
+def test_plain_frames_take_the_typed_read() -> None:
+    """The bench's frames (an order, a reply) are read by msgspec: the
+    comparisons above are not all msgpack against itself."""
+    order = {"type": "submit_order", "request_id": 7, "order": {
+        "source_system": "web", "items": [{"id": "a", "quantity": 2, "price": 1.5}],
+        "attributes": {"gift": True, "note": None}}}
+    reply = {"type": "result", "command_id": "O1:reserve", "ok": True, "data": {"id": "r-1"}}
+    for value in (order, reply, _nested(16)):
+        assert codec._decode_plain is not None
+        assert codec._decode_plain(codec.pack(value)) == value == codec.decode_map(
+            codec.pack(value))

@@ -15,11 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import zmq
 import zmq.auth
 from conftest import SimThread, endpoint
 from helpers import failing_deliverer, poll_until, retail_order
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from actors.metrics import Metrics
@@ -696,3 +699,77 @@ def test_a_reply_whose_delivery_fails_costs_no_other_reply(domain: HostileDomain
     finally:
         gw.actor_ref.stop(block=True, timeout=5)
         gw.join(5)
+
+
+# -- data the gateway found fit: the engine does not check it twice ---------------
+
+def _float32_reply(cid: str, count: int) -> bytes:
+    """An ok reply whose data grows most when encoded again: float32s (5
+    bytes each in the frame, 9 as the float64 the service keeps)."""
+    return msgpack.packb(result(cid, ok=True, data={"f": [1.5] * count}),
+                         use_single_float=True)
+
+
+def test_data_of_a_small_reply_is_fit_and_of_a_larger_one_the_engine_checks(
+        domain: HostileDomain, gateway: Any) -> None:
+    """The largest frame the gateway vouches for, at the worst growth, still
+    holds data within the engine's limit; one a little larger it does not
+    vouch for, and the engine's own check refuses it (an invalid reply,
+    retried), as before."""
+    from oms import untrusted
+
+    gw, delivered, _ = gateway
+    fits = max(n for n in range(1600, 1700)
+               if len(_float32_reply("O1:create_invoice", n)) <= edge.FIT_FRAME_BYTES)
+    res = roundtrip(domain, gw, delivered, lambda cid: _float32_reply(cid, fits))
+    assert res.ok and res.data_fit
+    assert untrusted.data_problem(res.data) is None  # what the engine would have asked
+    too_big = 1900  # a frame of about 9.5 KiB: 17 KiB as kept
+    res = roundtrip(domain, gw, delivered, lambda cid: _float32_reply(cid, too_big),
+                    cid="O1:create_invoice#1")
+    assert res.ok and not res.data_fit
+    assert "over the" in (untrusted.data_problem(res.data) or "")
+
+
+json_like = st.recursive(  # what check_data lets through, and what it does not
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats()
+    | st.text(max_size=30) | st.integers(2**63, 2**64 - 1),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=5), inner,
+                                                                max_size=5),
+    max_leaves=60)
+
+
+@given(st.dictionaries(st.text(max_size=5), json_like, max_size=6), st.booleans(),
+       st.integers(0, 2000))
+@settings(max_examples=400, deadline=None)
+def test_data_the_gateway_vouches_for_is_data_the_engine_would_keep(
+        data: dict[str, Any], single: bool, pad: int) -> None:
+    """``parse_reply`` accepted it and its frame is at most FIT_FRAME_BYTES:
+    the engine's own check (``untrusted.data_problem``) finds nothing."""
+    from oms import untrusted
+
+    data = {**data, "pad": "p" * pad * 4}  # frames up to about 8 KiB and beyond
+    try:
+        frame = msgpack.packb(result("O1:x", ok=True, data=data), use_single_float=single)
+    except OverflowError:  # a float beyond float32
+        return
+    parsed = edge.parse_reply(codec.decode_map(frame))
+    if isinstance(parsed, edge.Reply) and edge.fit_to_keep(len(frame)):
+        assert untrusted.data_problem(parsed.data) is None
+
+
+@pytest.mark.parametrize("depth", range(1, 26))
+@pytest.mark.parametrize("shape", ["list", "map", "mixed"])
+def test_deep_data_the_gateway_vouches_for_is_data_the_engine_would_keep(
+        depth: int, shape: str) -> None:
+    from oms import untrusted
+
+    value: Any = 1.5
+    for level in range(depth):
+        as_list = shape == "list" or (shape == "mixed" and level % 2)
+        value = [value] if as_list else {"k": value}
+    frame = codec.pack(result("O1:x", ok=True, data={"d": value}))
+    parsed = edge.parse_reply(codec.decode_map(frame))
+    if isinstance(parsed, edge.Reply) and edge.fit_to_keep(len(frame)):
+        assert untrusted.data_problem(parsed.data) is None
+    assert isinstance(parsed, edge.Reply) == (depth < edge.MAX_DEPTH)

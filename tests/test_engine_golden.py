@@ -220,10 +220,10 @@ def fuzz(name: str, seeds: range) -> str:
 
 
 GOLDEN = {
-    "retail": "49897bb13485fc2ef88b25201d39e2d6fbbbd17d12cb3170f4f181aa9b587a42",
-    "telecom": "a6c0bd9e5b503458b5a0b04dc2fee61234a05a0c9138b51118c5bb6c90d2f0a4",
-    "mixed": "52226ba75bde5e226b696ed955eb0226873dc3c6b1860d53cec4254dfcb80deb",
-    "fuzz": "f2006007aa48295a0fd8cbf9156b38540cad1e6b45297959c2bdebbf60c04c20",
+    "retail": "3c58ceb7376f3e0b853cbb268d0b92c0f6e0268a59ebb088657ac6179c0232bf",
+    "telecom": "51923540c652862486726ee7bd80d628a89521ebb39bf086910f6d394a5bcc0c",
+    "mixed": "c4244697f4ff3a35bd5851f3f1f0f48d81c18adef3b736a9d0df709c9e4df519",
+    "fuzz": "772cab403272ba504dc0695f28c8c830ed0e495d4e472513dbee516eb7573fc0",
 }
 
 SCENARIOS = {

@@ -251,3 +251,39 @@ def test_an_order_whose_start_raises_is_accepted_and_held(
     assert view["failure"]["error"]["message"].startswith("TypeError:")
     after = client.submit(retail_order("ext-after-poison"))["order_id"]
     assert wait_terminal(client, [after], timeout=20)[after]["state"] == "completed"
+
+
+def test_generated_orders_get_the_full_walks_answer_over_the_socket(
+        service: Any, client: Client) -> None:
+    """Valid, near-valid and poisoned orders (``test_validation_fast``'s
+    generator) through the real intake: a valid one is accepted (the fast
+    path), any other gets exactly the errors the full walk names."""
+    import random
+
+    from test_validation_fast import bases, mutate
+
+    from oms.validation import validate_full
+
+    rng = random.Random(15)
+    accepted = rejected = 0
+    for i in range(60):
+        for order in bases(rng):
+            for _ in range(rng.choice([0, 1, 2])):
+                mutate(order, rng)
+            ext = order.get("external_id")
+            if isinstance(ext, str) and ext.strip():
+                order["external_id"] = f"fz{i}-{ext}"  # each order its own (no duplicate)
+            try:
+                decoded = msgpack.unpackb(msgpack.packb(order))  # as the intake decodes it
+            except ValueError:  # an int key: a malformed frame (test_bad_frames_...)
+                continue
+            reply = client.submit(order)
+            expected, errs = validate_full(decoded, tuple(service.octx.engines))
+            if expected is None:
+                assert reply == {"type": "rejected", "request_id": reply.get("request_id"),
+                                 "errors": [e.to_wire() for e in errs]}
+                rejected += 1
+            else:
+                assert reply["type"] == "accepted" and reply["duplicate"] is False, reply
+                accepted += 1
+    assert accepted > 20 and rejected > 20

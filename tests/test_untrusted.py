@@ -124,8 +124,9 @@ def _nested(depth: int) -> Any:
                                   {"deep": _nested(20)},
                                   {"blob": "x" * (MAX_DATA_BYTES + 1)}])
 def test_a_bad_reply_is_a_retryable_error_and_never_state(data: Any) -> None:
-    d = Driver(RETAIL, retail_order(),
-               ok_domain({"create_invoice": CommandResult("", True, data)}))
+    res = CommandResult("", True, data)
+    assert res.data_fit is False  # only a gateway vouches for data (edge.fit_to_keep)
+    d = Driver(RETAIL, retail_order(), ok_domain({"create_invoice": res}))
     d.start()
     step = d.order.steps["create_invoice"]
     assert step.error["code"] == "invalid_reply" and step.error["retryable"]
@@ -162,3 +163,42 @@ def test_an_empty_data_map_is_fit_and_a_missing_or_empty_non_map_is_not() -> Non
     for odd in (None, [], "", 0):
         assert isinstance(edge.parse_reply({**reply, "data": odd}), edge.Violation)
     assert isinstance(edge.parse_reply(reply), edge.Violation)  # an ok reply without data
+
+
+def _walked(data: Any) -> str | None:
+    """``data_problem`` as it was, every map walked by ``_scan``."""
+    if not isinstance(data, dict):
+        return f"data must be a map, got {type(data).__name__}"
+    if not data:
+        return None
+    problem, bound = untrusted._scan(data)
+    if problem:
+        return f"data {problem}"
+    if bound <= MAX_DATA_BYTES:
+        return None
+    try:
+        size = len(codec.pack(data))
+    except (TypeError, ValueError, OverflowError) as exc:
+        return f"data cannot be encoded: {exc}"
+    return f"data is {size} bytes, over the {MAX_DATA_BYTES}-byte limit" if (
+        size > MAX_DATA_BYTES) else None
+
+
+def _near_the_limit(n: int) -> list[dict[Any, Any]]:
+    return [{"a": "x" * n}, {"a": "é" * n}, {f"k{i}": "v" * (n // 8) for i in range(8)},
+            {"a": "x" * n, "b": 1}, {"a": "x" * n, b"k": "y"}, {"a": "x" * n, "n": math.nan}]
+
+
+@pytest.mark.parametrize("data", [
+    {"reservation_id": "res-1", "status": "reserved"}, {"a": ""}, {"": "x"}, {1: "x"},
+    {b"k": "v"}, {"a": "b", "c": None}, {"a": "b", "c": math.inf}, {"a": "b", "c": [1.5]},
+    {"a": "b", "c": {"d": "e"}}, {"a": True}, {"a": b"bytes"},
+    *(_near_the_limit(n) for n in (4090, 4094, 4095, 4096, 5000, 9000, 16377, 16378, 16379, 16380,
+                                   16400)),
+])
+def test_data_problem_answers_as_the_walk(data: Any) -> None:
+    """A map of strings takes a path of its own (no walk): same answers, also
+    about the byte limit, where its bound is loose and the encoding decides."""
+    cases = data if isinstance(data, list) else [data]
+    for case in cases:
+        assert untrusted.data_problem(case) == _walked(case)

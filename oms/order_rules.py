@@ -1,0 +1,54 @@
+"""The rules of an order (contract §1, "The order"): its limits, its fields
+and their formats, and the check of its free-form ``attributes`` maps;
+shared by intake validation's full walk (``oms.validation``) and its fast
+path (``oms.validation_fast``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from oms.errors import FieldError
+
+MAX_STR = 1000
+MAX_ITEMS = 1000
+MAX_ATTR_DEPTH = 8
+MAX_QUANTITY = 1_000_000_000
+MAX_AMOUNT_MINOR = 2**63 - 1
+"""Every amount (a unit price, a line total ``unit_price_minor * quantity``,
+the order total) fits in a signed 64-bit integer: every language's clients
+and the msgpack encoder can carry it, and totals never overflow."""
+ACTIONS = ("add", "modify", "delete", "noChange")
+
+ORDER_FIELDS = {
+    "source_system", "external_id", "order_type", "customer", "customer_address",
+    "delivery_address", "currency", "items", "attributes",
+}
+CUSTOMER_FIELDS = {"id", "name", "email", "phone"}
+ADDRESS_FIELDS = {"line1", "line2", "city", "postal_code", "region", "country"}
+ITEM_FIELDS = {
+    "id", "action", "product_id", "quantity", "unit_price_minor", "service_id", "attributes",
+}
+CURRENCY = re.compile(r"[A-Z]{3}")
+COUNTRY = re.compile(r"[A-Z]{2}")
+
+
+def check_free_map(value: Any, field: str, errs: list[FieldError], depth: int = 1) -> None:
+    """Check a free-form ``attributes`` map: depth and string lengths."""
+    if depth > MAX_ATTR_DEPTH:
+        errs.append(FieldError(field, f"nested deeper than {MAX_ATTR_DEPTH} levels"))
+        return
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            if not isinstance(key, str):  # msgpack allows any key; views are JSON
+                errs.append(FieldError(field, "keys must be strings"))
+            elif len(key) > MAX_STR:
+                errs.append(FieldError(field, f"key longer than {MAX_STR} characters"))
+            else:
+                check_free_map(sub, f"{field}.{key}", errs, depth + 1)
+    elif isinstance(value, list):
+        for i, sub in enumerate(value):
+            check_free_map(sub, f"{field}[{i}]", errs, depth + 1)
+    elif isinstance(value, str | bytes) and len(value) > MAX_STR:
+        errs.append(FieldError(field, f"at most {MAX_STR} characters"))
