@@ -129,6 +129,9 @@ class Bundle(NamedTuple):
 
 
 _bursts = threading.local()
+_HELD: list[Any] = []
+"""A burst's mark for an actor it holds: its told messages are handled in place
+(``LoopActor.in_place``), never gathered (the list is never appended to)."""
 
 
 @contextmanager
@@ -140,7 +143,9 @@ def burst() -> Iterator[None]:
     publisher and the endpoints as one ``Bundle`` apiece, so the writer pays
     one tell (and at most one wake-up) per actor instead of one per message.
     Order is kept per actor. A dead actor's bundle is logged and dropped, as
-    its tells would have failed.
+    its tells would have failed. An actor the burst holds (``LoopActor.in_place``:
+    idle, on this loop) has had its messages handled in place; at the end it
+    gets the end of a slice (``on_tick``, then any mail that came meanwhile).
     """
     outer = getattr(_bursts, "pending", None)
     pending: dict[LoopActor, list[Any]] = {}
@@ -150,6 +155,9 @@ def burst() -> Iterator[None]:
     finally:
         _bursts.pending = outer
         for actor, messages in pending.items():
+            if messages is _HELD:
+                actor._end_slice()
+                continue
             try:
                 tell(actor.actor_ref, Bundle(messages))
             except pykka.ActorDeadError:
@@ -307,9 +315,15 @@ class LoopActor(pykka.Actor):
                     self.on_batch(batch)
                 except Exception:  # noqa: BLE001 - an on_batch that lets an error out stops
                     self._handle_failure(*sys.exc_info())
-            self._activity()
+        self._end_slice()
+
+    def _end_slice(self) -> None:
+        """After a slice (or a burst that held the actor): ``on_tick``, then
+        the scheduling token handed back, or the actor queued again if mail
+        came meanwhile, or detached once stopped."""
+        self._activity()
         stopped = self.actor_stopped.is_set()
-        if inbox.finish_slice(stopped):
+        if self.actor_inbox.finish_slice(stopped):
             self._loop.schedule(self)
         elif stopped:
             self._detach()
@@ -385,6 +399,34 @@ class LoopActor(pykka.Actor):
         self._detached.wait(timeout)
         if self._own_loop:
             self._loop.stop(timeout)
+
+    def in_place(self) -> bool:
+        """In a ``burst`` on this actor's loop thread: True if the caller may
+        handle a told message of this actor itself, now, instead of telling it
+        (the gateways' commands and the publisher's events, run by the store
+        writer: no envelope, bundle or slice each). The burst holds the actor
+        as its own slice would, by its scheduling token (``ScheduledInbox``),
+        from the first such message until the burst ends, then ends the slice
+        (``on_tick``; mail that came meanwhile is handled next, in a slice).
+        False (tell it) if the actor is not idle (mail queued or gathered,
+        running, stopped, not started) or lives on another loop: then the
+        messages queue as before, in order. Its handler's errors are the
+        caller's to survive, as a told message's (``_loop.survived``)."""
+        pending = getattr(_bursts, "pending", None)
+        if pending is None:
+            return False
+        mark = pending.get(self)
+        if mark is not None:
+            return mark is _HELD
+        inbox = self.actor_inbox
+        if (self.actor_stopped.is_set() or not inbox.bound() or not self._loop.in_loop()
+                or not inbox.take()):
+            return False
+        if inbox.queue:  # (a put racing the token from another thread): a slice of it
+            self._loop.schedule(self)
+            return False
+        pending[self] = _HELD
+        return True
 
     def tell(self, message: Any) -> None:
         """Thread-safe: queue a message for this actor (gathered in a ``burst``)."""

@@ -199,9 +199,7 @@ class Publisher(LoopActor):
                 name, payload = message
                 topic = topics.get(name)
                 if topic is None:
-                    if len(topics) >= TOPICS_KEPT:
-                        topics.clear()
-                    topic = topics[name] = topic_of(name)
+                    topic = self._topic(name)
                 # two sends (send_multipart's checks cost more); both frames are
                 # encoded first, so nothing can fail between the two sends
                 data = pack(payload)
@@ -228,5 +226,33 @@ class Publisher(LoopActor):
             self.sock.close()
 
     def publish(self, topic: str, payload: dict[str, Any]) -> None:
-        """Thread-safe: queue an event for publication."""
+        """Thread-safe: queue an event for publication. In the store writer's
+        burst on the publisher's loop, published at once while the burst
+        holds the publisher (``LoopActor.in_place``); else told."""
+        if self.in_place():
+            self._publish(topic, payload)
+            return
         self.tell((topic, payload))  # a PublishEvent
+
+    def _publish(self, name: str, payload: dict[str, Any]) -> None:
+        """One event, on the publisher's loop (as ``on_batch`` does each)."""
+        sock = self.sock
+        if sock is None:
+            return
+        try:
+            topic = self._topics.get(name)
+            if topic is None:
+                topic = self._topic(name)
+            data = codec.pack(payload)  # both frames first: nothing fails between the sends
+            send_frame(sock, topic, MORE)
+            send_frame(sock, data, NOBLOCK)
+            self._kinds.append(payload.get("type", "?"))  # counted once sent (on_tick)
+        except Exception:  # noqa: BLE001 - the failure rule, as a told message
+            self._loop.survived(self.component, sys.exc_info())
+
+    def _topic(self, name: str) -> bytes:
+        topics = self._topics
+        if len(topics) >= TOPICS_KEPT:
+            topics.clear()
+        topic = topics[name] = topic_of(name)
+        return topic

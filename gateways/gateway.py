@@ -110,7 +110,15 @@ class Gateway(LoopActor):
         return [self.sock] if self.sock is not None else []
 
     def send(self, order_id: str, command: Send) -> None:
-        """Thread-safe: carry a command to the domain system."""
+        """Thread-safe: carry a command to the domain system. In the store
+        writer's burst on this gateway's loop, sent at once while the burst
+        holds the gateway (``LoopActor.in_place``); else told."""
+        if self.in_place():
+            try:
+                self._send(order_id, command)
+            except Exception:  # noqa: BLE001 - the failure rule, as a told message
+                self._loop.survived(self.component, sys.exc_info())
+            return
         self.tell(_new(SendCommand, (order_id, command)))  # SendCommand(order_id, command)
 
     def on_receive(self, message: Any) -> None:
@@ -118,12 +126,14 @@ class Gateway(LoopActor):
             self.on_direct(message)
 
     def on_direct(self, message: SendCommand) -> None:
-        """Send one command (5 an order; ``LoopActor.on_batch`` calls this
-        for each told ``SendCommand``)."""
+        """A told ``SendCommand`` (``LoopActor.on_batch`` calls this for each)."""
+        self._send(message.order_id, message.command)
+
+    def _send(self, order_id: str, cmd: Send) -> None:
+        """Send one command (6 an order), on this gateway's loop."""
         sock = self.sock
         if sock is None:
             return
-        cmd, order_id = message.command, message.order_id
         now = time.monotonic()
         breaker = self.breaker
         if breaker.state != CLOSED and not breaker.allow(now):  # (closed: allowed)
