@@ -40,7 +40,7 @@ from typing import Any
 import zmq
 
 from actors.loop import MORE, NOBLOCK, LoopActor, open_socket, send_frame
-from actors.metrics import Metrics
+from actors.metrics import Metrics, observe_all
 from actors.security import is_operator_name
 from actors.subscribers import SubscriberLimit, bind_watched
 from actors.throttle import LogThrottle
@@ -120,6 +120,9 @@ class Publisher(LoopActor):
         self._topics: dict[str, bytes] = {}  # source_system -> its topic frame
         self._published: dict[str, Any] = {}  # event type -> its counter child
         self._kinds: list[str] = []  # types published since the last tick: counted there
+        # of the events published in place since the last tick (``publish_counted``):
+        self._transitions: dict[tuple[str, str], int] = {}  # (order type, state) -> count
+        self._completions: dict[tuple[str, str], list[float]] = {}  # ... -> seconds
 
     def on_start(self) -> None:
         # XPUB: with CURVE on, subscriptions come to us (XPUB_MANUAL) and each
@@ -165,7 +168,7 @@ class Publisher(LoopActor):
     def on_tick(self) -> None:
         """After each slice (and read, and when due): count what the slice
         published, one ``inc`` per event type instead of one per event."""
-        if self._kinds:
+        if self._kinds or self._transitions or self._completions:
             self._count()
         if self._trim_at is not None and time.monotonic() >= self._trim_at:
             self._trim_at = None
@@ -216,9 +219,16 @@ class Publisher(LoopActor):
             if counter is None:
                 counter = self._published[kind] = self.metrics.published.labels(kind)
             counter.inc(n)
+        metrics = self.metrics
+        transitions, self._transitions = self._transitions, {}
+        for key, n in transitions.items():
+            metrics.transitions.labels(*key).inc(n)
+        completions, self._completions = self._completions, {}
+        for key, values in completions.items():
+            observe_all(metrics.completion.labels(*key), values)
 
     def on_stop(self) -> None:
-        if self._kinds:
+        if self._kinds or self._transitions or self._completions:
             self._count()
         if self.sock is not None:
             if self.subscribers is not None:
@@ -232,6 +242,36 @@ class Publisher(LoopActor):
         if self.in_place():
             self._publish(topic, payload)
             return
+        self.tell((topic, payload))  # a PublishEvent
+
+    def publish_counted(self, topic: str, payload: dict[str, Any], order_type: str,
+                        created_ts: float) -> None:
+        """Thread-safe: ``publish`` an ``order_state`` (counted in
+        ``oms_order_transitions_total``) or an ``order_summary`` (its
+        acceptance to terminal state in ``oms_order_completion_seconds``).
+        Counted first, whether or not it can be sent, as before; in place
+        (``LoopActor.in_place``) once per label set at the slice's end
+        (``on_tick``: one ``inc``, one ``observe_all``), else at once."""
+        if payload["type"] == "order_state":
+            key = (order_type, payload["state"])
+            if self.in_place():
+                transitions = self._transitions
+                transitions[key] = transitions.get(key, 0) + 1
+                self._publish(topic, payload)
+                return
+            self.metrics.transitions.labels(*key).inc()
+        else:
+            summary = payload["summary"]
+            key, took = (order_type, summary["state"]), max(0.0, summary["completed_ts"]
+                                                            - created_ts)
+            if self.in_place():
+                values = self._completions.get(key)
+                if values is None:
+                    values = self._completions[key] = []
+                values.append(took)
+                self._publish(topic, payload)
+                return
+            self.metrics.completion.labels(*key).observe(took)
         self.tell((topic, payload))  # a PublishEvent
 
     def _publish(self, name: str, payload: dict[str, Any]) -> None:

@@ -215,3 +215,42 @@ def test_a_result_delivered_in_place_reaches_its_order(domain: HostileDomain) ->
         assert res.error is not None and res.error.code == "circuit_open"
     finally:
         stop(gw)
+
+
+def test_state_changes_and_completions_are_counted_in_place_and_from_other_threads(
+        caplog: pytest.LogCaptureFixture) -> None:
+    registry = CollectorRegistry()
+    pub = Publisher.launch(zmq.Context.instance(), endpoint(), Metrics(registry))
+
+    def counted(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, labels) or 0.0
+
+    state = {"type": "order_state", "state": "completed", "previous_state": "inProgress"}
+    summary = {"type": "order_summary", "summary": {"state": "completed", "completed_ts": 12.5}}
+    try:
+        def on_loop() -> tuple[bool, float]:
+            with burst():
+                pub.publish_counted("web", state, "retail", 10.0)
+                pub.publish_counted("web", dict(state, bad=object()), "retail", 10.0)
+                pub.publish_counted("web", summary, "retail", 10.0)
+                pub.publish_counted("web", summary, "retail", 20.0)  # before its start: 0 s
+                held = pub.in_place()
+                return held, counted("oms_order_transitions_total", order_type="retail",
+                                     state="completed")
+
+        with caplog.at_level(logging.ERROR):
+            held, during = pub._loop.run_sync(on_loop)
+        assert held and during == 0  # counted at the slice's end, once per label set
+        labels = {"order_type": "retail", "state": "completed"}
+        assert counted("oms_order_transitions_total", **labels) == 2  # the bad one too
+        assert counted("oms_order_completion_seconds_count", **labels) == 2
+        assert counted("oms_order_completion_seconds_sum", **labels) == 2.5
+        assert counted("oms_order_completion_seconds_bucket", le="0.001", **labels) == 1
+        pub.publish_counted("app", state, "telecom", 0.0)  # another thread: at once
+        pub.publish_counted("app", summary, "telecom", 2.5)
+        other = {"order_type": "telecom", "state": "completed"}
+        assert counted("oms_order_transitions_total", **other) == 1
+        assert counted("oms_order_completion_seconds_sum", **other) == 10.0
+    finally:
+        pub.actor_ref.stop(block=True, timeout=5)
+        pub.join(5)
