@@ -119,6 +119,7 @@ class Publisher(LoopActor):
         self.log = LogThrottle(logger, every_s=5.0)
         self._topics: dict[str, bytes] = {}  # source_system -> its topic frame
         self._published: dict[str, Any] = {}  # event type -> its counter child
+        self._out = bytearray(256)  # each event encoded here, then sent (a copying send)
         self._kinds: list[str] = []  # types published since the last tick: counted there
         # of the events published in place since the last tick (``publish_counted``):
         self._transitions: dict[tuple[str, str], int] = {}  # (order type, state) -> count
@@ -188,7 +189,7 @@ class Publisher(LoopActor):
         ``PublishEvent`` comes in bare (``_bare``); anything else (an ask, a
         stop, an event told alone) goes through ``LoopActor.on_batch``, in
         order. An event that fails is survived, as any told message."""
-        sock, topics, kinds, pack = self.sock, self._topics, self._kinds, codec.pack
+        sock, topics, kinds, out = self.sock, self._topics, self._kinds, self._out
         for message in envelopes:
             if type(message) is not PublishEvent:
                 LoopActor.on_batch(self, [message])
@@ -205,7 +206,7 @@ class Publisher(LoopActor):
                     topic = self._topic(name)
                 # two sends (send_multipart's checks cost more); both frames are
                 # encoded first, so nothing can fail between the two sends
-                data = pack(payload)
+                data = codec.pack_into(payload, out)
                 send_frame(sock, topic, MORE)
                 send_frame(sock, data, NOBLOCK)
                 kinds.append(payload.get("type", "?"))  # counted once sent (on_tick)
@@ -283,7 +284,8 @@ class Publisher(LoopActor):
             topic = self._topics.get(name)
             if topic is None:
                 topic = self._topic(name)
-            data = codec.pack(payload)  # both frames first: nothing fails between the sends
+            data = codec.pack_into(payload, self._out)  # both frames first: nothing fails
+            # between the sends
             send_frame(sock, topic, MORE)
             send_frame(sock, data, NOBLOCK)
             self._kinds.append(payload.get("type", "?"))  # counted once sent (on_tick)

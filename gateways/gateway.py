@@ -82,6 +82,7 @@ class Gateway(LoopActor):
         self._unsettled: OrderedDict[str, None] = OrderedDict()
         self.log = LogThrottle(logger)
         self.sock: zmq.Socket | None = None
+        self._out = bytearray(256)  # each command encoded here, then sent (a copying send)
         # replaced (never changed) on the loop after every slice, read and tick
         # (``on_tick``): the one field other threads read (the metrics collector)
         self.gauges = GatewayGauges(0, self.breaker.state)
@@ -144,7 +145,7 @@ class Gateway(LoopActor):
         payload = {"type": "command", "command_id": cmd.command_id, "order_id": order_id,
                    "op": cmd.op, "args": cmd.args}
         try:
-            send_frame(sock, codec.pack(payload), NOBLOCK)
+            send_frame(sock, codec.pack_into(payload, self._out), NOBLOCK)
         except zmq.Again:
             self.metrics.gateway_send_failures.labels(self.system).inc()
             self._outcome(False, now)
