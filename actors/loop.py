@@ -410,14 +410,18 @@ class LoopActor(pykka.Actor):
         (``on_tick``; mail that came meanwhile is handled next, in a slice).
         False (tell it) if the actor is not idle (mail queued or gathered,
         running, stopped, not started) or lives on another loop: then the
-        messages queue as before, in order. Its handler's errors are the
+        messages queue as before, in order; so do those after mail that
+        reaches a held actor's inbox meanwhile (a nested burst's bundle, a
+        tell, another thread's put), behind it. Its handler's errors are the
         caller's to survive, as a told message's (``_loop.survived``)."""
         pending = getattr(_bursts, "pending", None)
         if pending is None:
             return False
         mark = pending.get(self)
+        if mark is _HELD:  # held: unless mail was queued meanwhile (it goes first)
+            return not self.actor_inbox.queue
         if mark is not None:
-            return mark is _HELD
+            return False
         inbox = self.actor_inbox
         if (self.actor_stopped.is_set() or not inbox.bound() or not self._loop.in_loop()
                 or not inbox.take()):
@@ -437,5 +441,7 @@ class LoopActor(pykka.Actor):
         messages = pending.get(self)
         if messages is None:
             pending[self] = [message]
+        elif messages is _HELD:  # held by this burst: into its inbox, run when it ends
+            tell(self.actor_ref, message)
         else:
             messages.append(message)

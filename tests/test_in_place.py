@@ -254,3 +254,28 @@ def test_state_changes_and_completions_are_counted_in_place_and_from_other_threa
     finally:
         pub.actor_ref.stop(block=True, timeout=5)
         pub.join(5)
+
+
+def test_mail_reaching_a_held_gateway_keeps_program_order(domain: HostileDomain) -> None:
+    """A nested burst's bundle and a plain tell reach the held gateway's inbox;
+    what the outer burst sends after them queues behind them."""
+    delivered: queue.Queue[Any] = queue.Queue()
+    gw, _ = launch(domain, delivered)
+    try:
+        def on_loop() -> list[bool]:
+            held = []
+            with burst():
+                gw.send("1", command("1"))  # in place
+                held.append(gw.in_place())
+                with burst():
+                    gw.send("2", command("2"))  # the outer burst holds it: gathered
+                gw.send("3", command("3"))  # behind 2
+                held.append(gw.in_place())
+                gw.tell(SendCommand("4", command("4")))
+                gw.send("5", command("5"))
+            return held
+
+        assert gw._loop.run_sync(on_loop) == [True, False]
+        assert [domain.command()[1]["order_id"] for _ in range(5)] == ["1", "2", "3", "4", "5"]
+    finally:
+        stop(gw)
