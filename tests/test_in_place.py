@@ -20,6 +20,7 @@ from helpers import poll_until
 from prometheus_client import CollectorRegistry
 from test_edges import HostileDomain, sample
 
+from actors.endpoint import RouterEndpoint
 from actors.eventloop import EventLoop
 from actors.loop import burst
 from actors.metrics import Metrics
@@ -279,3 +280,43 @@ def test_mail_reaching_a_held_gateway_keeps_program_order(domain: HostileDomain)
         assert [domain.command()[1]["order_id"] for _ in range(5)] == ["1", "2", "3", "4", "5"]
     finally:
         stop(gw)
+
+
+class Echo(RouterEndpoint):
+    """A ROUTER endpoint that keeps each request's envelope to answer later."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.envelopes: queue.Queue[tuple[bytes, ...]] = queue.Queue()
+
+    def on_frame(self, envelope: tuple[bytes, ...], frame: bytes, user: str | None) -> None:
+        self.envelopes.put(envelope)
+
+
+def test_replies_in_a_burst_on_the_loop_are_sent_in_place_and_a_bad_one_is_survived(
+        caplog: pytest.LogCaptureFixture) -> None:
+    ep = endpoint()
+    echo = Echo.launch(zmq.Context.instance(), ep, Metrics(CollectorRegistry()))
+    client = zmq.Context.instance().socket(zmq.DEALER)
+    client.setsockopt(zmq.LINGER, 0)
+    client.connect(ep)
+    try:
+        client.send(codec.pack({"type": "ping"}))
+        envelope = echo.envelopes.get(timeout=10)
+
+        def on_loop() -> bool:
+            with burst():
+                echo.reply_to(envelope, {"type": "bad", "x": object()})  # cannot be encoded
+                echo.reply_to(envelope, {"type": "pong", "n": 1})
+                echo.reply_to(envelope, {"type": "pong", "n": 2})
+                return echo.in_place()
+
+        with caplog.at_level(logging.ERROR):
+            assert echo._loop.run_sync(on_loop) is True
+        got = [codec.decode_map(client.recv())["n"] for _ in range(2) if client.poll(5000)]
+        assert got == [1, 2]
+        assert any("unexpected error" in r.getMessage() for r in caplog.records)
+    finally:
+        client.close()
+        echo.actor_ref.stop(block=True, timeout=5)
+        echo.join(5)
