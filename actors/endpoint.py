@@ -17,8 +17,9 @@ from typing import Any, NamedTuple
 
 import zmq
 
-from actors.loop import LoopActor, open_socket, recv_frames, send_frames
+from actors.loop import LoopActor
 from actors.metrics import Metrics
+from actors.sockets import open_socket, recv_frames, send_frames
 from oms import codec
 
 logger = logging.getLogger(__name__)

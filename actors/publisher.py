@@ -39,9 +39,10 @@ from typing import Any
 
 import zmq
 
-from actors.loop import MORE, NOBLOCK, LoopActor, open_socket, send_frame
+from actors.loop import LoopActor
 from actors.metrics import Metrics, observe_all
 from actors.security import is_operator_name
+from actors.sockets import MORE, NOBLOCK, open_socket, send_frame
 from actors.subscribers import SubscriberLimit, bind_watched
 from actors.throttle import LogThrottle
 from oms import codec

@@ -21,9 +21,10 @@ from typing import Any, NamedTuple
 
 import zmq
 
-from actors.loop import NOBLOCK, LoopActor, open_socket, send_frame
+from actors.loop import LoopActor
 from actors.metrics import Metrics, observe_all
 from actors.ports import Deliver
+from actors.sockets import NOBLOCK, open_socket, send_frame
 from actors.throttle import LogThrottle
 from gateways.breaker import CLOSED, OPEN, Breaker
 from oms import codec, edge
