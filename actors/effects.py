@@ -259,19 +259,20 @@ def _send(fx: Send, origin: Origin | None, _outcome: Any) -> None:
 
 
 def _publish(fx: Publish, origin: Origin | None, _outcome: Any) -> None:
-    """Publish, and log and count a state change."""
+    """Publish, and log a state change; the publisher counts it, and an
+    order's completion (``EventSink.publish_counted``)."""
     assert origin is not None
-    ctx, payload, order_id = origin.ctx, fx.payload, origin.order_id
+    payload = fx.payload
     kind = payload["type"]
     if kind == "order_state":
+        order_id = origin.order_id
         logger.info("order %s %s -> %s", order_id, payload["previous_state"],
                     payload["state"], extra={"order_id": order_id})
-        ctx.metrics.transitions.labels(origin.order_type, payload["state"]).inc()
-    elif kind == "order_summary":
-        summary = payload["summary"]
-        ctx.metrics.completion.labels(origin.order_type, summary["state"]).observe(
-            max(0.0, summary["completed_ts"] - origin.created_ts))
-    ctx.publisher.publish(origin.topic, payload)
+    elif kind != "order_summary":  # order_progress: 10 of 13 an order
+        origin.ctx.publisher.publish(origin.topic, payload)
+        return
+    origin.ctx.publisher.publish_counted(origin.topic, payload, origin.order_type,
+                                         origin.created_ts)
 
 
 def _timer(fx: Timer, origin: Origin | None, _outcome: Any) -> None:

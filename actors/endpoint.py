@@ -11,13 +11,15 @@ touches the socket). A reply to a peer that is gone or whose queue is full
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import zmq
 
-from actors.loop import LoopActor, open_socket, recv_frames, send_frames
+from actors.loop import LoopActor
 from actors.metrics import Metrics
+from actors.sockets import open_socket, recv_frames, send_frames
 from oms import codec
 
 logger = logging.getLogger(__name__)
@@ -97,5 +99,14 @@ class RouterEndpoint(LoopActor):
             logger.warning("%s reply not delivered: %s", self.label, exc)
 
     def reply_to(self, envelope: tuple[bytes, ...], payload: dict[str, Any]) -> None:
-        """From any thread: queue a reply to this peer."""
+        """From any thread: queue a reply to this peer. In the store writer's
+        burst on this endpoint's loop, sent at once while the burst holds the
+        endpoint (``LoopActor.in_place``), so a create's reply still leaves
+        before the new order's first commands and events."""
+        if self.in_place():
+            try:
+                self.send_reply(envelope, payload)
+            except Exception:  # noqa: BLE001 - the failure rule, as a told message
+                self._loop.survived(self.component, sys.exc_info())
+            return
         self.tell(SendReply(envelope, payload))

@@ -61,6 +61,15 @@ class ScheduledInbox(DequeInbox):
         if self._token.acquire(False):
             dispatcher.schedule(actor)
 
+    def bound(self) -> bool:
+        """Started and not stopped (bound to its actor and scheduler)."""
+        return self._actor is not None
+
+    def take(self) -> bool:
+        """Take the scheduling token without queueing the actor: the caller
+        runs a slice of it itself and ends it with ``finish_slice``."""
+        return self._token.acquire(False)
+
     def unbind(self) -> None:
         """Forget the actor once it has stopped. The actor and its inbox refer
         to each other; without this the pair (and the order it holds) is

@@ -32,13 +32,12 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar, NamedTuple
 
 import pykka
 import zmq
-import zmq.backend
 from pykka import messages as pykka_messages
 
 from actors import supervision
@@ -46,53 +45,6 @@ from actors.eventloop import EventLoop, LoopBlocked, TimerHandle, current_loop
 from actors.inbox import ScheduledInbox, Told, tell, told
 
 logger = logging.getLogger(__name__)
-
-
-def open_socket(ctx: zmq.Context, kind: int, *, bind: str | None = None,
-                connect: str | None = None, **options: int) -> zmq.Socket:
-    """A socket with options set (``SNDHWM=...``), bound or connected; closed
-    again if that fails, so a failed start leaves nothing open."""
-    sock = ctx.socket(kind)
-    try:
-        for name, value in options.items():
-            sock.setsockopt(getattr(zmq, name), value)
-        if bind:
-            sock.bind(bind)
-        if connect:
-            sock.connect(connect)
-    except BaseException:
-        sock.close(0)
-        raise
-    return sock
-
-
-# pyzmq's ``Socket.send``, ``send_multipart`` and ``recv_multipart`` are Python
-# wrappers (routing ids, groups, type checks, enum flags) around its Cython
-# calls: 0.2 µs a frame sent, 1.4 µs a multipart reply, 0.3 µs a multipart
-# request. The hot paths (13 events, 5 commands and a few requests and replies
-# an order) call the Cython ones directly, with plain int flags.
-NOBLOCK = int(zmq.NOBLOCK)
-MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
-_RCVMORE = int(zmq.RCVMORE)
-send_frame = zmq.backend.Socket.send  # send_frame(sock, frame, NOBLOCK or MORE)
-_recv = zmq.backend.Socket.recv
-_get = zmq.backend.Socket.get
-
-
-def send_frames(sock: zmq.Socket, frames: Sequence[bytes]) -> None:
-    """``sock.send_multipart(frames, flags=zmq.NOBLOCK)``, without its wrapper."""
-    last = len(frames) - 1
-    for i, frame in enumerate(frames):
-        send_frame(sock, frame, MORE if i < last else NOBLOCK)
-
-
-def recv_frames(sock: zmq.Socket) -> list[bytes]:
-    """``sock.recv_multipart(flags=zmq.NOBLOCK)``, without its wrapper
-    (``zmq.Again`` if nothing is queued)."""
-    frames = [_recv(sock, NOBLOCK)]
-    while _get(sock, _RCVMORE):
-        frames.append(_recv(sock, NOBLOCK))
-    return frames
 
 
 PYKKA_MESSAGES = (pykka_messages._ActorStop, pykka_messages.ProxyCall,
@@ -129,6 +81,9 @@ class Bundle(NamedTuple):
 
 
 _bursts = threading.local()
+_HELD: list[Any] = []
+"""A burst's mark for an actor it holds: its told messages are handled in place
+(``LoopActor.in_place``), never gathered (the list is never appended to)."""
 
 
 @contextmanager
@@ -140,7 +95,9 @@ def burst() -> Iterator[None]:
     publisher and the endpoints as one ``Bundle`` apiece, so the writer pays
     one tell (and at most one wake-up) per actor instead of one per message.
     Order is kept per actor. A dead actor's bundle is logged and dropped, as
-    its tells would have failed.
+    its tells would have failed. An actor the burst holds (``LoopActor.in_place``:
+    idle, on this loop) has had its messages handled in place; at the end it
+    gets the end of a slice (``on_tick``, then any mail that came meanwhile).
     """
     outer = getattr(_bursts, "pending", None)
     pending: dict[LoopActor, list[Any]] = {}
@@ -150,6 +107,9 @@ def burst() -> Iterator[None]:
     finally:
         _bursts.pending = outer
         for actor, messages in pending.items():
+            if messages is _HELD:
+                actor._end_slice()
+                continue
             try:
                 tell(actor.actor_ref, Bundle(messages))
             except pykka.ActorDeadError:
@@ -307,9 +267,15 @@ class LoopActor(pykka.Actor):
                     self.on_batch(batch)
                 except Exception:  # noqa: BLE001 - an on_batch that lets an error out stops
                     self._handle_failure(*sys.exc_info())
-            self._activity()
+        self._end_slice()
+
+    def _end_slice(self) -> None:
+        """After a slice (or a burst that held the actor): ``on_tick``, then
+        the scheduling token handed back, or the actor queued again if mail
+        came meanwhile, or detached once stopped."""
+        self._activity()
         stopped = self.actor_stopped.is_set()
-        if inbox.finish_slice(stopped):
+        if self.actor_inbox.finish_slice(stopped):
             self._loop.schedule(self)
         elif stopped:
             self._detach()
@@ -386,6 +352,38 @@ class LoopActor(pykka.Actor):
         if self._own_loop:
             self._loop.stop(timeout)
 
+    def in_place(self) -> bool:
+        """In a ``burst`` on this actor's loop thread: True if the caller may
+        handle a told message of this actor itself, now, instead of telling it
+        (the gateways' commands and the publisher's events, run by the store
+        writer: no envelope, bundle or slice each). The burst holds the actor
+        as its own slice would, by its scheduling token (``ScheduledInbox``),
+        from the first such message until the burst ends, then ends the slice
+        (``on_tick``; mail that came meanwhile is handled next, in a slice).
+        False (tell it) if the actor is not idle (mail queued or gathered,
+        running, stopped, not started) or lives on another loop: then the
+        messages queue as before, in order; so do those after mail that
+        reaches a held actor's inbox meanwhile (a nested burst's bundle, a
+        tell, another thread's put), behind it. Its handler's errors are the
+        caller's to survive, as a told message's (``_loop.survived``)."""
+        pending = getattr(_bursts, "pending", None)
+        if pending is None:
+            return False
+        mark = pending.get(self)
+        if mark is _HELD:  # held: unless mail was queued meanwhile (it goes first)
+            return not self.actor_inbox.queue
+        if mark is not None:
+            return False
+        inbox = self.actor_inbox
+        if (self.actor_stopped.is_set() or not inbox.bound() or not self._loop.in_loop()
+                or not inbox.take()):
+            return False
+        if inbox.queue:  # (a put racing the token from another thread): a slice of it
+            self._loop.schedule(self)
+            return False
+        pending[self] = _HELD
+        return True
+
     def tell(self, message: Any) -> None:
         """Thread-safe: queue a message for this actor (gathered in a ``burst``)."""
         pending = getattr(_bursts, "pending", None)
@@ -395,5 +393,7 @@ class LoopActor(pykka.Actor):
         messages = pending.get(self)
         if messages is None:
             pending[self] = [message]
+        elif messages is _HELD:  # held by this burst: into its inbox, run when it ends
+            tell(self.actor_ref, message)
         else:
             messages.append(message)

@@ -59,6 +59,13 @@ class EventSink(Protocol):
 
     def publish(self, topic: str, payload: dict[str, Any]) -> None: ...
 
+    def publish_counted(self, topic: str, payload: dict[str, Any], order_type: str,
+                        created_ts: float) -> None:
+        """``publish`` an ``order_state`` or ``order_summary`` of an order of
+        ``order_type`` acknowledged at ``created_ts``, and count it in
+        ``oms_order_transitions_total`` or ``oms_order_completion_seconds``."""
+        ...
+
 
 class TimerSink(Protocol):
     """The timers: ``TimerFired(token)`` to the order at wall-clock ``at``."""

@@ -39,9 +39,10 @@ from typing import Any
 
 import zmq
 
-from actors.loop import MORE, NOBLOCK, LoopActor, open_socket, send_frame
-from actors.metrics import Metrics
+from actors.loop import LoopActor
+from actors.metrics import Metrics, observe_all
 from actors.security import is_operator_name
+from actors.sockets import MORE, NOBLOCK, open_socket, send_frame
 from actors.subscribers import SubscriberLimit, bind_watched
 from actors.throttle import LogThrottle
 from oms import codec
@@ -119,7 +120,11 @@ class Publisher(LoopActor):
         self.log = LogThrottle(logger, every_s=5.0)
         self._topics: dict[str, bytes] = {}  # source_system -> its topic frame
         self._published: dict[str, Any] = {}  # event type -> its counter child
+        self._out = bytearray(256)  # each event encoded here, then sent (a copying send)
         self._kinds: list[str] = []  # types published since the last tick: counted there
+        # of the events published in place since the last tick (``publish_counted``):
+        self._transitions: dict[tuple[str, str], int] = {}  # (order type, state) -> count
+        self._completions: dict[tuple[str, str], list[float]] = {}  # ... -> seconds
 
     def on_start(self) -> None:
         # XPUB: with CURVE on, subscriptions come to us (XPUB_MANUAL) and each
@@ -165,7 +170,7 @@ class Publisher(LoopActor):
     def on_tick(self) -> None:
         """After each slice (and read, and when due): count what the slice
         published, one ``inc`` per event type instead of one per event."""
-        if self._kinds:
+        if self._kinds or self._transitions or self._completions:
             self._count()
         if self._trim_at is not None and time.monotonic() >= self._trim_at:
             self._trim_at = None
@@ -185,7 +190,7 @@ class Publisher(LoopActor):
         ``PublishEvent`` comes in bare (``_bare``); anything else (an ask, a
         stop, an event told alone) goes through ``LoopActor.on_batch``, in
         order. An event that fails is survived, as any told message."""
-        sock, topics, kinds, pack = self.sock, self._topics, self._kinds, codec.pack
+        sock, topics, kinds, out = self.sock, self._topics, self._kinds, self._out
         for message in envelopes:
             if type(message) is not PublishEvent:
                 LoopActor.on_batch(self, [message])
@@ -199,12 +204,10 @@ class Publisher(LoopActor):
                 name, payload = message
                 topic = topics.get(name)
                 if topic is None:
-                    if len(topics) >= TOPICS_KEPT:
-                        topics.clear()
-                    topic = topics[name] = topic_of(name)
+                    topic = self._topic(name)
                 # two sends (send_multipart's checks cost more); both frames are
                 # encoded first, so nothing can fail between the two sends
-                data = pack(payload)
+                data = codec.pack_into(payload, out)
                 send_frame(sock, topic, MORE)
                 send_frame(sock, data, NOBLOCK)
                 kinds.append(payload.get("type", "?"))  # counted once sent (on_tick)
@@ -218,9 +221,16 @@ class Publisher(LoopActor):
             if counter is None:
                 counter = self._published[kind] = self.metrics.published.labels(kind)
             counter.inc(n)
+        metrics = self.metrics
+        transitions, self._transitions = self._transitions, {}
+        for key, n in transitions.items():
+            metrics.transitions.labels(*key).inc(n)
+        completions, self._completions = self._completions, {}
+        for key, values in completions.items():
+            observe_all(metrics.completion.labels(*key), values)
 
     def on_stop(self) -> None:
-        if self._kinds:
+        if self._kinds or self._transitions or self._completions:
             self._count()
         if self.sock is not None:
             if self.subscribers is not None:
@@ -228,5 +238,64 @@ class Publisher(LoopActor):
             self.sock.close()
 
     def publish(self, topic: str, payload: dict[str, Any]) -> None:
-        """Thread-safe: queue an event for publication."""
+        """Thread-safe: queue an event for publication. In the store writer's
+        burst on the publisher's loop, published at once while the burst
+        holds the publisher (``LoopActor.in_place``); else told."""
+        if self.in_place():
+            self._publish(topic, payload)
+            return
         self.tell((topic, payload))  # a PublishEvent
+
+    def publish_counted(self, topic: str, payload: dict[str, Any], order_type: str,
+                        created_ts: float) -> None:
+        """Thread-safe: ``publish`` an ``order_state`` (counted in
+        ``oms_order_transitions_total``) or an ``order_summary`` (its
+        acceptance to terminal state in ``oms_order_completion_seconds``).
+        Counted first, whether or not it can be sent, as before; in place
+        (``LoopActor.in_place``) once per label set at the slice's end
+        (``on_tick``: one ``inc``, one ``observe_all``), else at once."""
+        if payload["type"] == "order_state":
+            key = (order_type, payload["state"])
+            if self.in_place():
+                transitions = self._transitions
+                transitions[key] = transitions.get(key, 0) + 1
+                self._publish(topic, payload)
+                return
+            self.metrics.transitions.labels(*key).inc()
+        else:
+            summary = payload["summary"]
+            key, took = (order_type, summary["state"]), max(0.0, summary["completed_ts"]
+                                                            - created_ts)
+            if self.in_place():
+                values = self._completions.get(key)
+                if values is None:
+                    values = self._completions[key] = []
+                values.append(took)
+                self._publish(topic, payload)
+                return
+            self.metrics.completion.labels(*key).observe(took)
+        self.tell((topic, payload))  # a PublishEvent
+
+    def _publish(self, name: str, payload: dict[str, Any]) -> None:
+        """One event, on the publisher's loop (as ``on_batch`` does each)."""
+        sock = self.sock
+        if sock is None:
+            return
+        try:
+            topic = self._topics.get(name)
+            if topic is None:
+                topic = self._topic(name)
+            data = codec.pack_into(payload, self._out)  # both frames first: nothing fails
+            # between the sends
+            send_frame(sock, topic, MORE)
+            send_frame(sock, data, NOBLOCK)
+            self._kinds.append(payload.get("type", "?"))  # counted once sent (on_tick)
+        except Exception:  # noqa: BLE001 - the failure rule, as a told message
+            self._loop.survived(self.component, sys.exc_info())
+
+    def _topic(self, name: str) -> bytes:
+        topics = self._topics
+        if len(topics) >= TOPICS_KEPT:
+            topics.clear()
+        topic = topics[name] = topic_of(name)
+        return topic

@@ -35,8 +35,8 @@ from typing import Any
 import lmdb
 import zmq
 
-from actors.loop import open_socket
 from actors.runtime import tune_gc
+from actors.sockets import open_socket
 from oms import codec
 
 FLOW = [("warehouse", "reserve_stock"), ("billing", "create_invoice"),

@@ -21,9 +21,10 @@ from typing import Any, NamedTuple
 
 import zmq
 
-from actors.loop import NOBLOCK, LoopActor, open_socket, send_frame
+from actors.loop import LoopActor
 from actors.metrics import Metrics, observe_all
 from actors.ports import Deliver
+from actors.sockets import NOBLOCK, open_socket, send_frame
 from actors.throttle import LogThrottle
 from gateways.breaker import CLOSED, OPEN, Breaker
 from oms import codec, edge
@@ -82,6 +83,7 @@ class Gateway(LoopActor):
         self._unsettled: OrderedDict[str, None] = OrderedDict()
         self.log = LogThrottle(logger)
         self.sock: zmq.Socket | None = None
+        self._out = bytearray(256)  # each command encoded here, then sent (a copying send)
         # replaced (never changed) on the loop after every slice, read and tick
         # (``on_tick``): the one field other threads read (the metrics collector)
         self.gauges = GatewayGauges(0, self.breaker.state)
@@ -110,7 +112,15 @@ class Gateway(LoopActor):
         return [self.sock] if self.sock is not None else []
 
     def send(self, order_id: str, command: Send) -> None:
-        """Thread-safe: carry a command to the domain system."""
+        """Thread-safe: carry a command to the domain system. In the store
+        writer's burst on this gateway's loop, sent at once while the burst
+        holds the gateway (``LoopActor.in_place``); else told."""
+        if self.in_place():
+            try:
+                self._send(order_id, command)
+            except Exception:  # noqa: BLE001 - the failure rule, as a told message
+                self._loop.survived(self.component, sys.exc_info())
+            return
         self.tell(_new(SendCommand, (order_id, command)))  # SendCommand(order_id, command)
 
     def on_receive(self, message: Any) -> None:
@@ -118,12 +128,14 @@ class Gateway(LoopActor):
             self.on_direct(message)
 
     def on_direct(self, message: SendCommand) -> None:
-        """Send one command (5 an order; ``LoopActor.on_batch`` calls this
-        for each told ``SendCommand``)."""
+        """A told ``SendCommand`` (``LoopActor.on_batch`` calls this for each)."""
+        self._send(message.order_id, message.command)
+
+    def _send(self, order_id: str, cmd: Send) -> None:
+        """Send one command (6 an order), on this gateway's loop."""
         sock = self.sock
         if sock is None:
             return
-        cmd, order_id = message.command, message.order_id
         now = time.monotonic()
         breaker = self.breaker
         if breaker.state != CLOSED and not breaker.allow(now):  # (closed: allowed)
@@ -134,7 +146,7 @@ class Gateway(LoopActor):
         payload = {"type": "command", "command_id": cmd.command_id, "order_id": order_id,
                    "op": cmd.op, "args": cmd.args}
         try:
-            send_frame(sock, codec.pack(payload), NOBLOCK)
+            send_frame(sock, codec.pack_into(payload, self._out), NOBLOCK)
         except zmq.Again:
             self.metrics.gateway_send_failures.labels(self.system).inc()
             self._outcome(False, now)

@@ -55,6 +55,24 @@ def pack(obj: Any) -> bytes:
     return msgpack_pack(obj)
 
 
+_encode_into = msgspec.msgpack.Encoder().encode_into if msgspec is not None else None
+
+
+def pack_into(obj: Any, buffer: bytearray) -> bytearray:
+    """``pack(obj)`` written into ``buffer`` (resized to fit) and returned:
+    the same bytes, without a new bytes object, for a caller that sends them
+    at once (a copying send) and reuses its buffer (the gateways' commands,
+    the publisher's events: 19 an order). Fails as ``pack`` does."""
+    if _encode_into is not None:
+        try:
+            _encode_into(obj, buffer)
+            return buffer
+        except Exception:  # noqa: BLE001, S110 - msgpack decides, and raises its own error
+            pass
+    buffer[:] = msgpack_pack(obj)
+    return buffer
+
+
 def msgpack_pack(obj: Any) -> bytes:
     """Encode with msgpack's ``Packer``: the reference encoding (``digest``).
 

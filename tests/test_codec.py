@@ -68,6 +68,30 @@ def test_a_value_msgpack_refuses_fails_with_msgpack_error(value: object, error: 
         codec.pack(value)
 
 
+_reused = bytearray(256)
+
+
+@given(values)
+@settings(max_examples=300, deadline=None)
+def test_pack_into_a_reused_buffer_writes_what_pack_writes(value: object) -> None:
+    """The gateways and the publisher encode into one buffer each, reused from
+    a larger message to a smaller one and back: the bytes sent are ``pack``'s."""
+    assert bytes(codec.pack_into(value, _reused)) == codec.pack(value)
+    assert bytes(codec.pack_into({"big": "x" * 1000}, _reused)) == codec.pack({"big": "x" * 1000})
+
+
+@pytest.mark.parametrize(("value", "error"), [
+    ({"a": 2**64}, OverflowError), ({"a": object()}, TypeError), ({1.5: "x"}, None),
+])
+def test_pack_into_fails_as_pack_does(value: object, error: type) -> None:
+    buffer = bytearray(b"before")
+    if error is None:
+        assert bytes(codec.pack_into(value, buffer)) == codec.msgpack_pack(value)
+        return
+    with pytest.raises(error):
+        codec.pack_into(value, buffer)
+
+
 @given(values)
 @settings(max_examples=300, deadline=None)
 def test_fast_decoder_reads_what_msgpack_reads(value: object) -> None:
