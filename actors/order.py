@@ -192,9 +192,16 @@ class OrderActor(PooledActor):
         """Leave memory if everything is durable and nothing is awaited:
         a finished order at once, a waiting one once idle long enough."""
         order = self.order
-        if self._durable != order.version or self.actor_inbox.queue:
-            return
         router = self.ctx.router
+        if self._durable != order.version or self.actor_inbox.queue:
+            if (not sweep and self.idle_since is None and not self.actor_inbox.queue
+                    and router.passivate_after_s > 0 and not order.finished
+                    and not awaiting_reply(order)):
+                # its snapshot only ``Confirm``s its commit (``_resting``): no slice
+                # follows it, so idle from now; the sweep's ``Rest`` waits for it
+                self.idle_since = time.monotonic()
+                router.idle[order.order_id] = self
+            return
         if order.finished:
             router.retire(self)
         elif awaiting_reply(order):
