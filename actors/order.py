@@ -144,7 +144,8 @@ class OrderActor(PooledActor):
             self._rest()
             return
         effects: list[Any] = self._effects
-        if self._dirty:
+        dirty = self._dirty
+        if dirty:
             order = self.order
             finished = order.finished
             if finished or not awaiting_reply(order):
@@ -160,6 +161,8 @@ class OrderActor(PooledActor):
         else:
             self.ctx.writer.tell(Barrier(tuple(effects), self.origin))
         self._effects, self._consumed, self._dirty = [], [], False
+        if not dirty:  # nothing new to make durable (a reply only): it may rest, as
+            self._rest()  # after a slice with nothing to save
 
     def _resting(self, effects: list[Any], finished: bool) -> None:
         """This snapshot lets the order leave memory once it is durable. A

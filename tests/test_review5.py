@@ -19,6 +19,10 @@ def stale(svc: Any) -> float:
         "oms_order_stale_messages_total", {"kind": "TimerFired"}) or 0.0
 
 
+def passivations(svc: Any) -> float:
+    return svc.registry.get_sample_value("oms_order_passivations_total") or 0.0
+
+
 def test_a_waiting_order_that_ignores_a_message_before_its_snapshot_is_durable_still_leaves(
         make_service: Any, sim_config: Any, eps: Any, tmp_path: Path) -> None:
     """A waiting order's snapshot only ``Confirm``s its commit (no note, no
@@ -76,3 +80,29 @@ def test_a_waiting_order_that_ignores_a_message_before_its_snapshot_is_durable_s
             svc.stop()
         finally:
             sim.stop()
+
+
+def test_a_waiting_order_that_only_answers_a_request_leaves_memory_again(
+        make_service: Any, sim_config: Any, eps: Any) -> None:
+    """(Older than session 5, found on the way.) A request that changes
+    nothing but is answered (a cancel refused past the point of no return)
+    wakes a passivated waiting order; its slice ends with a ``Barrier`` (the
+    reply) and no snapshot, so neither ``_rest`` nor a commit marks it idle
+    again: it must still leave memory."""
+    sim_config.latency_ms = 1.0
+    sim_config.delivery_s = 3600.0  # it waits for delivery, past create_shipment
+    sim = SimThread(sim_config)
+    try:
+        svc = make_service(passivate_after_s=0.05)
+        with Client(eps.intake, timeout=30) as client:
+            oid = client.submit(retail_order("wait-cancel"))["order_id"]
+            poll_until(lambda: passivations(svc) == 1, timeout=30)
+            answer = client.cancel(oid, "changed my mind")  # loads it again
+            assert answer["type"] == "cancel_rejected", answer
+            assert svc.registry.get_sample_value(
+                "oms_order_activations_total", {"reason": "message"}) == 1
+            poll_until(lambda: passivations(svc) == 2, timeout=10)
+            assert oid not in svc.router.live_ids()
+        svc.stop()
+    finally:
+        sim.stop()
