@@ -144,7 +144,8 @@ class OrderActor(PooledActor):
             self._rest()
             return
         effects: list[Any] = self._effects
-        if self._dirty:
+        dirty = self._dirty
+        if dirty:
             order = self.order
             finished = order.finished
             if finished or not awaiting_reply(order):
@@ -160,6 +161,8 @@ class OrderActor(PooledActor):
         else:
             self.ctx.writer.tell(Barrier(tuple(effects), self.origin))
         self._effects, self._consumed, self._dirty = [], [], False
+        if not dirty:  # nothing new to make durable (a reply only): it may rest, as
+            self._rest()  # after a slice with nothing to save
 
     def _resting(self, effects: list[Any], finished: bool) -> None:
         """This snapshot lets the order leave memory once it is durable. A
@@ -192,9 +195,16 @@ class OrderActor(PooledActor):
         """Leave memory if everything is durable and nothing is awaited:
         a finished order at once, a waiting one once idle long enough."""
         order = self.order
-        if self._durable != order.version or self.actor_inbox.queue:
-            return
         router = self.ctx.router
+        if self._durable != order.version or self.actor_inbox.queue:
+            if (not sweep and self.idle_since is None and not self.actor_inbox.queue
+                    and router.passivate_after_s > 0 and not order.finished
+                    and not awaiting_reply(order)):
+                # its snapshot only ``Confirm``s its commit (``_resting``): no slice
+                # follows it, so idle from now; the sweep's ``Rest`` waits for it
+                self.idle_since = time.monotonic()
+                router.idle[order.order_id] = self
+            return
         if order.finished:
             router.retire(self)
         elif awaiting_reply(order):
