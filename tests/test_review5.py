@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
 from conftest import SimThread
 from helpers import poll_until, retail_order
-from test_store_full import PAD, commit_errors, fill, tmpfs
+from test_store_full import commit_errors, waiting_order_on_a_full_disk
 
 from gateways.client import Client
 from oms.messages import TimerFired
@@ -33,53 +32,19 @@ def test_a_waiting_order_that_ignores_a_message_before_its_snapshot_is_durable_s
     slice marked it idle and the sweep passivated it; it must still leave
     memory once its snapshot is durable. The snapshot is held by a full disk
     (as in ``test_store_full``) so that the stale timer comes in between."""
-    sim_config.latency_ms = 1500.0  # create_shipment's reply comes after the disk filled
-    sim_config.delivery_s = 3600.0  # then it waits
-    data = tmp_path / "data"
-    with tmpfs(data, 24):
-        sim = SimThread(sim_config)
-        try:
-            svc = make_service(data=str(data / "store"), map_size_mb=64,
-                               passivate_after_s=0.05)
-            reader = svc.store.env.begin()  # no page freed from now on is written again
-            with Client(eps.intake, timeout=30) as client:
-                oid = client.submit(retail_order("wait-stale", attributes={"pad": PAD}))[
-                    "order_id"]
-
-                def step(name: str) -> str:
-                    view = client.get(oid)["order"]  # the durable view
-                    return next(s["status"] for s in view["steps"] if s["name"] == name)
-
-                def in_memory() -> Any:
-                    ref = svc.router._live.get(oid)
-                    actor = ref._actor_weakref() if ref is not None else None
-                    return actor.order if actor is not None else None
-
-                poll_until(lambda: step("create_shipment") == "running", timeout=30)
-                filler = fill(data)
-                crumbs = data / "crumbs"
-                with open(crumbs, "wb", buffering=0) as out, contextlib.suppress(OSError):
-                    while True:
-                        out.write(b"\0" * 4096)
-                try:
-                    poll_until(lambda: in_memory() is not None and in_memory().steps[
-                        "await_delivery"].status == "running", timeout=10)
-                    poll_until(lambda: commit_errors(svc) >= 2, timeout=10)  # held
-                    # create_shipment's retry timer, come after its reply: ignored
-                    before = stale(svc)
-                    assert svc.router.deliver(oid, TimerFired(("retry", "create_shipment", 1)))
-                    poll_until(lambda: stale(svc) > before, timeout=10)
-                    assert step("create_shipment") == "running"  # still held
-                finally:
-                    reader.abort()
-                    filler.unlink()
-                    crumbs.unlink()
-                poll_until(lambda: step("create_shipment") == "done", timeout=10)  # durable
-                poll_until(lambda: svc.router.snapshot()["passivated"] == 1, timeout=10)
-                assert oid not in svc.router.live_ids()
-            svc.stop()
-        finally:
-            sim.stop()
+    with waiting_order_on_a_full_disk(make_service, sim_config, eps, tmp_path,
+                                      "wait-stale") as held:
+        svc, oid = held.svc, held.oid
+        poll_until(lambda: commit_errors(svc) >= 2, timeout=10)  # held
+        # create_shipment's retry timer, come after its reply: ignored
+        before = stale(svc)
+        assert svc.router.deliver(oid, TimerFired(("retry", "create_shipment", 1)))
+        poll_until(lambda: stale(svc) > before, timeout=10)
+        assert held.step("create_shipment") == "running"  # still held
+        held.release()
+        poll_until(lambda: held.step("create_shipment") == "done", timeout=10)  # durable
+        poll_until(lambda: svc.router.snapshot()["passivated"] == 1, timeout=10)
+        assert oid not in svc.router.live_ids()
 
 
 def test_a_waiting_order_that_only_answers_a_request_leaves_memory_again(

@@ -189,15 +189,30 @@ def test_the_writer_runs_no_effect_of_a_snapshot_until_it_is_durable(tmp_path: P
 
 
 
-def test_a_waiting_order_leaves_memory_only_once_its_snapshot_is_durable(
-        make_service: Any, sim_config: Any, eps: Any, tmp_path: Path) -> None:
+class HeldWaitingOrder:
+    """A retail order whose snapshot that makes it wait (for delivery) is
+    held by a full disk: ``step`` reads its durable view, ``in_memory`` its
+    live actor's order (None once it left), ``release`` gives the space back."""
+
+    def __init__(self, svc: Any, client: Client, oid: str, release: Any) -> None:
+        self.svc, self.client, self.oid, self.release = svc, client, oid, release
+
+    def step(self, name: str) -> str:
+        view = self.client.get(self.oid)["order"]  # the durable view
+        return next(s["status"] for s in view["steps"] if s["name"] == name)
+
+    def in_memory(self) -> Any:
+        ref = self.svc.router._live.get(self.oid)
+        actor = ref._actor_weakref() if ref is not None else None
+        return actor.order if actor is not None else None
+
+
+@contextlib.contextmanager
+def waiting_order_on_a_full_disk(make_service: Any, sim_config: Any, eps: Any,
+                                 tmp_path: Path, name: str) -> Iterator[HeldWaitingOrder]:
     """The reply that makes an order wait (for delivery) comes while the
     disk is full, and a reader holds every page freed since the order
-    began, so no commit fits: its snapshot is held; the order is marked idle but not confirmed.
-    Through a second of failed commits and twenty sweeps it stays in memory
-    (leaving would lose the state the store does not have); once space
-    returns the snapshot is committed and it leaves memory, its stored view
-    the newest."""
+    began, so no commit fits: its snapshot is held until ``release``."""
     sim_config.latency_ms = 1500.0  # create_shipment's reply comes after the disk filled
     sim_config.delivery_s = 3600.0  # then it waits
     data = tmp_path / "data"
@@ -208,38 +223,51 @@ def test_a_waiting_order_leaves_memory_only_once_its_snapshot_is_durable(
                                passivate_after_s=0.05)  # the map never fills first
             reader = svc.store.env.begin()  # no page freed from now on is written again
             with Client(eps.intake, timeout=30) as client:
-                oid = client.submit(retail_order("wait-full", attributes={"pad": PAD}))[
-                    "order_id"]
-
-                def step(name: str) -> str:
-                    view = client.get(oid)["order"]  # the durable view
-                    return next(s["status"] for s in view["steps"] if s["name"] == name)
-
-                def in_memory() -> Any:  # the live actor's order (None once it left)
-                    ref = svc.router._live.get(oid)
-                    actor = ref._actor_weakref() if ref is not None else None
-                    return actor.order if actor is not None else None
-
-                poll_until(lambda: step("create_shipment") == "running", timeout=30)
+                oid = client.submit(retail_order(name, attributes={"pad": PAD}))["order_id"]
+                held = HeldWaitingOrder(svc, client, oid, None)
+                poll_until(lambda: held.step("create_shipment") == "running", timeout=30)
                 filler = fill(data)  # so every commit needs pages the disk cannot give
                 crumbs = data / "crumbs"  # and the last pages ``fill``'s chunks left
                 with open(crumbs, "wb", buffering=0) as out, contextlib.suppress(OSError):
                     while True:
                         out.write(b"\0" * 4096)
+                released = []
+
+                def release() -> None:
+                    if not released:
+                        released.append(True)
+                        reader.abort()
+                        filler.unlink()
+                        crumbs.unlink()
+
+                held.release = release
                 try:
-                    poll_until(lambda: in_memory() is not None and in_memory().steps[
+                    poll_until(lambda: held.in_memory() is not None and held.in_memory().steps[
                         "await_delivery"].status == "running", timeout=10)
-                    poll_until(lambda: commit_errors(svc) >= 3, timeout=10)  # a second, held
-                    assert oid in svc.router.live_ids()
-                    assert svc.router.snapshot()["passivated"] == 0
-                    assert step("create_shipment") == "running"  # the store has the old state
+                    yield held
                 finally:
-                    reader.abort()
-                    filler.unlink()
-                    crumbs.unlink()
-                poll_until(lambda: svc.router.snapshot()["passivated"] == 1, timeout=10)
-                assert oid not in svc.router.live_ids()
-                assert (step("create_shipment"), step("await_delivery")) == ("done", "running")
+                    release()
             svc.stop()  # before the tmpfs goes
         finally:
             sim.stop()
+
+
+def test_a_waiting_order_leaves_memory_only_once_its_snapshot_is_durable(
+        make_service: Any, sim_config: Any, eps: Any, tmp_path: Path) -> None:
+    """A waiting order's held snapshot (``waiting_order_on_a_full_disk``):
+    the order is marked idle but not confirmed. Through a second of failed
+    commits and twenty sweeps it stays in memory (leaving would lose the
+    state the store does not have); once space returns the snapshot is
+    committed and it leaves memory, its stored view the newest."""
+    with waiting_order_on_a_full_disk(make_service, sim_config, eps, tmp_path,
+                                      "wait-full") as held:
+        svc, oid = held.svc, held.oid
+        poll_until(lambda: commit_errors(svc) >= 3, timeout=10)  # a second, held
+        assert oid in svc.router.live_ids()
+        assert svc.router.snapshot()["passivated"] == 0
+        assert held.step("create_shipment") == "running"  # the store has the old state
+        held.release()
+        poll_until(lambda: svc.router.snapshot()["passivated"] == 1, timeout=10)
+        assert oid not in svc.router.live_ids()
+        assert (held.step("create_shipment"), held.step("await_delivery")) == (
+            "done", "running")
