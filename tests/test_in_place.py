@@ -19,6 +19,7 @@ from conftest import endpoint
 from helpers import poll_until
 from prometheus_client import CollectorRegistry
 from test_edges import HostileDomain, sample
+from test_publisher_batch import published, received, subscribed_publisher
 
 from actors.endpoint import RouterEndpoint
 from actors.eventloop import EventLoop
@@ -144,22 +145,7 @@ def test_a_command_from_another_thread_is_told(domain: HostileDomain) -> None:
 
 def test_events_in_place_keep_their_order_behind_a_queued_one_and_are_counted(
         caplog: pytest.LogCaptureFixture) -> None:
-    ep, registry = endpoint(), CollectorRegistry()
-    metrics = Metrics(registry)
-    pub = Publisher.launch(zmq.Context.instance(), ep, metrics)
-    sub = zmq.Context.instance().socket(zmq.SUB)
-    sub.setsockopt(zmq.LINGER, 0)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.connect(ep)
-    try:
-        def connected() -> bool:
-            pub.publish("web", {"type": "marker", "n": -1})
-            return bool(sub.poll(50))
-        assert poll_until(connected, timeout=10)
-        pub.actor_ref.ask("barrier", timeout=10)
-        while sub.poll(0):
-            sub.recv_multipart()
-
+    with subscribed_publisher() as (pub, sub, registry):
         def queued_then_held() -> bool:
             pub.publish("web", {"type": "order_state", "n": 1})  # told alone: queued
             with burst():
@@ -177,20 +163,12 @@ def test_events_in_place_keep_their_order_behind_a_queued_one_and_are_counted(
         with caplog.at_level(logging.ERROR):
             assert pub._loop.run_sync(held) is True
         pub.actor_ref.ask("barrier", timeout=10)
-        got = []
-        while len(got) < 4 and sub.poll(5000):
-            topic, raw = sub.recv_multipart()
-            got.append((topic, codec.decode_map(raw)["n"]))
-        assert got == [(b"web\x00", 1), (b"app\x00", 2), (b"web\x00", 3), (b"shop\x00", 4)]
+        assert received(sub, 4) == [(b"web\x00", 1), (b"app\x00", 2), (b"web\x00", 3),
+                                    (b"shop\x00", 4)]
         assert any("unexpected error" in r.getMessage() for r in caplog.records)
-        counted = {s.labels["type"]: s.value for m in registry.collect()
-                   for s in m.samples if s.name == "oms_events_published_total"}
+        counted = published(registry)
         assert counted["order_state"] == 1 and counted["order_progress"] == 2
         assert counted["order_summary"] == 1
-    finally:
-        sub.close()
-        pub.actor_ref.stop(block=True, timeout=5)
-        pub.join(5)
 
 
 def test_a_result_delivered_in_place_reaches_its_order(domain: HostileDomain) -> None:
