@@ -177,9 +177,7 @@ class OrderActor(PooledActor):
             effects.append(_new(Tell, (self._actor_ref, _new(Flushed, (order.version,)))))
             return
         effects.append(_new(Confirm, (self, order.version)))
-        if self.idle_since is None:
-            self.idle_since = time.monotonic()
-            router.idle[order.order_id] = self
+        self._idle()
 
     def confirmed(self, version: int) -> None:
         """The snapshot with this version is durable (``actors.effects.Confirm``,
@@ -202,8 +200,7 @@ class OrderActor(PooledActor):
                     and not awaiting_reply(order)):
                 # its snapshot only ``Confirm``s its commit (``_resting``): no slice
                 # follows it, so idle from now; the sweep's ``Rest`` waits for it
-                self.idle_since = time.monotonic()
-                router.idle[order.order_id] = self
+                self._idle()
             return
         if order.finished:
             router.retire(self)
@@ -212,9 +209,14 @@ class OrderActor(PooledActor):
         elif sweep or router.passivate_after_s <= 0:
             if self.idle_since is not None or router.passivate_after_s <= 0:
                 router.passivate(self)
-        elif self.idle_since is None:
+        else:
+            self._idle()
+
+    def _idle(self) -> None:
+        """Idle from now (for the router's sweep), unless it already is."""
+        if self.idle_since is None:
             self.idle_since = time.monotonic()
-            router.idle[order.order_id] = self
+            self.ctx.router.idle[self.order.order_id] = self
 
 
 def _parked(order: Order) -> bool:
