@@ -210,7 +210,22 @@ def _not_decoded(frame: bytes) -> Any:  # pragma: no cover - without msgspec
     raise ValueError("no msgspec: the full checks decide")
 
 
-decode_success: Callable[[bytes], Any] = _not_decoded
+def _one_step(name: str, fields: list[tuple[str, Any] | tuple[str, Any, Any]]
+              ) -> Callable[[bytes], Any]:
+    """A decoder of a frame into a struct of exactly ``fields``, checked as
+    it is read (an unknown key refuses the frame); without msgspec, one that
+    refuses every frame."""
+    if msgspec is None:  # pragma: no cover - msgspec is a dependency
+        return _not_decoded
+    return msgspec.msgpack.Decoder(msgspec.defstruct(
+        name, fields, forbid_unknown_fields=True, gc=False)).decode
+
+
+_ID = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID)] if msgspec else str
+_DATA = _data_type() if msgspec else Any
+
+decode_success = _one_step("SuccessReply", [
+    ("type", Literal["result"]), ("command_id", _ID), ("ok", bool), ("data", _DATA)])
 """Read a reply frame that is a plain success, checked in C: an object with
 ``command_id`` and ``data``, and ``ok``, which the caller must see is True.
 Only a map of exactly ``type`` ``"result"``, a ``command_id`` that
@@ -218,16 +233,18 @@ Only a map of exactly ``type`` ``"result"``, a ``command_id`` that
 takes, each key once or the last as msgpack reads it (no other key, no bin,
 no ext); anything else raises (any ``Exception``): then ``decode_map`` and
 ``parse_reply`` decide, and name the problem. What it reads is what they
-read from the same frame (``tests/test_edges.py`` compares the two on
+read from the same frame (``tests/test_edge_fast.py`` compares the two on
 generated and hostile frames). The caller checks the frame's size
 (``MAX_REPLY_BYTES``) as for any reply."""
-if msgspec is not None:
-    decode_success = msgspec.msgpack.Decoder(msgspec.defstruct("SuccessReply", [
-        ("type", Literal["result"]),
-        ("command_id", Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID)]),
-        ("ok", bool),
-        ("data", _data_type()),
-    ], forbid_unknown_fields=True, gc=False)).decode
+
+decode_event = _one_step("PlainEvent", [
+    ("type", Literal["event"]), ("event_id", _ID), ("system", _ID), ("order_id", _ID),
+    ("name", _ID), ("data", _DATA, {})])
+"""Read an event frame, checked in C as ``parse_event`` checks the decoded
+map: an object with the ``Event``'s fields. Only a map of exactly those keys
+(``data`` may be left out: an empty map), no other; anything else raises,
+and ``decode_map`` and ``parse_event`` decide (``tests/test_edge_fast.py``).
+The caller checks the frame's size (``MAX_EVENT_BYTES``)."""
 
 
 def parse_error(raw: Any) -> DomainError | Violation:

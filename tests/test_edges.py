@@ -369,7 +369,9 @@ def test_without_curve_only_configured_systems_and_bounded_labels(service: Any,
 
 @pytest.mark.parametrize("case", ["too large", "NaN in data", "huge int", "data a list",
                                   "deep data", "no event_id", "not msgpack", "bytes key",
-                                  "nested bytes key"])
+                                  "nested bytes key", "float 2**63", "event_id too long",
+                                  "data twice, the last NaN", "ext in an unknown field",
+                                  "name not UTF-8"])
 def test_a_bad_event_gets_a_clear_error_and_the_endpoint_carries_on(
         service: Any, eps: Any, case: str) -> None:
     frames: dict[str, Any] = {
@@ -384,11 +386,27 @@ def test_a_bad_event_gets_a_clear_error_and_the_endpoint_carries_on(
         # a msgpack bin key passes strict_map_key; it raised in the check, no reply was sent
         "bytes key": ({**event("O1", "warehouse", "x"), "data": {b"k": 1}}, "malformed"),
         "nested bytes key": (event("O1", "warehouse", "x", v={b"k": 1}), "malformed"),
+        "float 2**63": (event("O1", "warehouse", "x", v=2.0**63), "malformed"),
+        "event_id too long": ({**event("O1", "warehouse", "x"), "event_id": "e" * 1001},
+                              "malformed"),
+        "data twice, the last NaN": (_raw_map(*event("O1", "warehouse", "x").items(),
+                                              ("data", {"v": math.nan})), "malformed"),
+        "ext in an unknown field": (msgpack.packb({**event("O1", "warehouse", "x"),
+                                                   "x": msgpack.ExtType(1, b"")}), "malformed"),
+        "name not UTF-8": (codec.pack({**event("O1", "warehouse", "x"), "name": "\xe9"}).replace(
+            b"\xa2\xc3\xa9", b"\xa2\xc3\x28"), "malformed"),
     }
     frame, code = frames[case]
     pusher = Pusher(eps.domain_events)
     reply = pusher.push(frame)
     assert (reply["type"], reply["code"]) == ("error", code)
+    if code == "malformed":  # the full checks' own words
+        raw = frame if isinstance(frame, bytes) else codec.pack(frame)
+        try:
+            expected = edge.parse_event(codec.decode_map(raw)).message  # type: ignore[union-attr]
+        except codec.DecodeError as exc:
+            expected = str(exc)
+        assert reply["message"] == expected
     assert pusher.push(event("O404", "warehouse", "x"))["type"] == "ack"
     pusher.close()
 

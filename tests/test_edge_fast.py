@@ -1,5 +1,7 @@
 """A plain success reply's one-step read (``edge.decode_success``) against
-the full path (``codec.decode_map`` then ``edge.parse_reply``).
+the full path (``codec.decode_map`` then ``edge.parse_reply``), and a plain
+domain event's (``edge.decode_event``) against ``decode_map`` then
+``edge.parse_event``.
 
 The gateway takes a reply through ``decode_success`` first and, when that
 refuses it (or ``ok`` is not true), through the full path, which names the
@@ -138,18 +140,19 @@ def reply_pairs(rng: random.Random, poison: float) -> Pairs:
     return pairs
 
 
-def frame_of(pairs: Pairs, rng: random.Random, poison: float) -> bytes:
+def frame_of(pairs: Pairs, rng: random.Random, poison: float) -> tuple[bytes, Pairs | None]:
+    """The frame of ``pairs``, and ``pairs`` if it is intact (not truncated,
+    corrupted or followed by more bytes), else None."""
     frame = encode(pairs, rng)
     roll = rng.random()
     if roll < poison / 4 and frame:
-        cut = rng.randrange(len(frame))
-        frame = frame[:cut]  # truncated
-    elif roll < poison / 2 and frame:
-        at = rng.randrange(len(frame))
-        frame = frame[:at] + bytes([rng.randrange(256)]) + frame[at + 1:]  # a byte changed
-    elif roll < poison * 0.6:
-        frame += b"\xc0"  # trailing bytes
-    return frame
+        return frame[:rng.randrange(len(frame))], None  # truncated
+    if roll < poison / 2 and frame:
+        at = rng.randrange(len(frame))  # a byte changed
+        return frame[:at] + bytes([rng.randrange(256)]) + frame[at + 1:], None
+    if roll < poison * 0.6:
+        return frame + b"\xc0", None  # trailing bytes
+    return frame, pairs
 
 
 def full_path(frame: bytes) -> edge.Reply | edge.Violation | None:
@@ -221,8 +224,7 @@ def test_the_one_step_read_takes_only_what_the_full_checks_take(seed: int,
     rng = random.Random(seed * 1000 + int(poison * 10))
     seen = {"fast": 0, "full": 0, "refused": 0}
     for _ in range(3000):
-        pairs = reply_pairs(rng, poison)
-        seen[check(frame_of(pairs, rng, poison), pairs)] += 1
+        seen[check(*frame_of(reply_pairs(rng, poison), rng, poison))] += 1
     fast, refused = MIX[poison]
     assert seen["fast"] >= fast and seen["refused"] >= refused, seen
 
@@ -305,3 +307,96 @@ def test_a_reply_over_the_size_bound_is_left_to_the_full_path() -> None:
                         "data": {"x": "y" * edge.MAX_REPLY_BYTES}})
     assert edge.decode_success(frame).ok is True  # readable, but not taken:
     assert one_step(frame) is None  # the gateway names it too large
+
+
+# -- domain events ------------------------------------------------------------
+
+EVENT_FIELDS = ("event_id", "system", "order_id", "name")
+EVENT_TYPES: list[Any] = ["event", "event", "Event", "result", "", b"event", None, 1]
+
+
+def event_pairs(rng: random.Random, poison: float) -> Pairs:
+    def pick(options: list[Any]) -> Any:
+        return rng.choice(options) if rng.random() < poison else options[0]
+
+    pairs = Pairs([("type", pick(EVENT_TYPES))])
+    for key in EVENT_FIELDS:
+        pairs.append((key, pick([f"{key}-1", *COMMAND_IDS[1:]])))
+    roll = rng.random()
+    if roll < 0.1:
+        pairs.append(("data", deep(rng.randint(1, 12), rng)))
+    elif roll < 0.15 and poison:
+        pairs.append(("data", rng.choice([None, [], "data", 1, b"", msgpack.ExtType(1, b"")])))
+    elif roll < 0.9:  # else no data: an empty map
+        pairs.append(("data", data_map(rng, rng.randint(1, 9), poison)))
+    if rng.random() < poison:
+        pairs.append((rng.choice(["ok", "command_id", *EXTRA]), junk(rng, 2, poison)))
+    if rng.random() < poison / 2:
+        del pairs[rng.randrange(len(pairs))]
+    if rng.random() < poison / 2:
+        pairs.append(rng.choice(pairs[:5] or [("name", "n")])[:1] + (junk(rng, 2, poison),))
+    if rng.random() < poison / 3:
+        pairs.append((rng.choice([b"name", 1, None]), "x"))
+    rng.shuffle(pairs)
+    return pairs
+
+
+def event_outcome(frame: bytes, pairs: Pairs | None) -> str:
+    try:
+        fast = edge.decode_event(frame)
+    except Exception:  # noqa: BLE001 - refused: the full path decides
+        fast = None
+    try:
+        full = edge.parse_event(codec.decode_map(frame))
+    except codec.DecodeError:
+        full = None
+    if fast is not None:
+        assert isinstance(full, edge.Event), (frame, full)
+        assert tuple(getattr(fast, f) for f in EVENT_FIELDS) == full[:4]
+        assert all(type(getattr(fast, f)) is str for f in EVENT_FIELDS)
+        assert exact(full.data) == exact(fast.data) and type(fast.data) is dict, frame
+        return "fast"
+    if pairs is not None and isinstance(full, edge.Event):
+        keys = [k for k, _ in pairs]
+        plain = {"type", *EVENT_FIELDS}
+        if all(isinstance(k, str) for k in keys) and set(keys) in (plain, {*plain, "data"}) and (
+                no_repeats(pairs)):
+            pytest.fail(f"a plain event left to the full path: {frame!r}")
+    return "full" if isinstance(full, edge.Event) else "refused"
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("poison", sorted(MIX))
+def test_the_one_step_event_read_takes_only_what_the_full_checks_take(
+        seed: int, poison: float) -> None:
+    rng = random.Random(seed * 7919 + int(poison * 10))
+    seen = {"fast": 0, "full": 0, "refused": 0}
+    for _ in range(3000):
+        seen[event_outcome(*frame_of(event_pairs(rng, poison), rng, poison))] += 1
+    fast, refused = MIX[poison]
+    assert seen["fast"] >= fast and seen["refused"] >= refused, seen
+
+
+@pytest.mark.parametrize("depth", range(1, 12))
+def test_event_data_nested_to_the_bound_and_beyond(depth: int) -> None:
+    value: Any = "leaf"
+    for level in range(depth - 1):
+        value = [value] if level % 2 else {"k": value}
+    frame = codec.pack({"type": "event", "event_id": "e", "system": "warehouse",
+                        "order_id": "o", "name": "n", "data": {"d": value}})
+    assert event_outcome(frame, None) == ("fast" if depth <= edge.MAX_DEPTH else "refused")
+
+
+@pytest.mark.parametrize("value,taken", BOUNDS, ids=repr)
+def test_event_numbers_at_and_beyond_the_bounds(value: Any, taken: bool) -> None:
+    frame = codec.pack({"type": "event", "event_id": "e", "system": "warehouse",
+                        "order_id": "o", "name": "n", "data": {"l": [value]}})
+    assert event_outcome(frame, None) == ("fast" if taken else "refused")
+
+
+def test_an_event_without_data_has_an_empty_map_of_its_own() -> None:
+    frame = codec.pack({"type": "event", "event_id": "e", "system": "warehouse",
+                        "order_id": "o", "name": "n"})
+    first, second = edge.decode_event(frame), edge.decode_event(frame)
+    assert first.data == {} and first.data is not second.data
+    assert event_outcome(frame, None) == "fast"
