@@ -28,6 +28,7 @@ from actors.sockets import NOBLOCK, open_socket, send_frame
 from actors.throttle import LogThrottle
 from gateways.breaker import CLOSED, OPEN, Breaker
 from oms import codec, edge
+from oms.codec import encode_into
 from oms.edge import FIT_FRAME_BYTES, MAX_REPLY_BYTES, decode_success
 from oms.errors import CIRCUIT_OPEN, INVALID_REPLY, TIMEOUT, UNAVAILABLE, DomainError
 from oms.messages import CommandResult, Send
@@ -146,8 +147,13 @@ class Gateway(LoopActor):
             return
         payload = {"type": "command", "command_id": cmd.command_id, "order_id": order_id,
                    "op": cmd.op, "args": cmd.args}
+        out = self._out
         try:
-            send_frame(sock, codec.pack_into(payload, self._out), NOBLOCK)
+            encode_into(payload, out)
+        except Exception:  # noqa: BLE001 - pack_into decides: the same bytes, or msgpack's error
+            codec.pack_into(payload, out)
+        try:
+            send_frame(sock, out, NOBLOCK)
         except zmq.Again:
             self.metrics.gateway_send_failures.labels(self.system).inc()
             self._outcome(False, now)
