@@ -199,11 +199,13 @@ class Gateway(LoopActor):
         full (``_checked``). A reply that breaks the contract never becomes
         state (``_invalid``).
         """
-        try:
-            fast = decode_success(frame)
-        except Exception:  # noqa: BLE001 - not a plain success: the full checks decide
-            fast = None
-        if fast is not None and fast.ok is True and len(frame) <= MAX_REPLY_BYTES:
+        fast = None
+        if len(frame) <= MAX_REPLY_BYTES:  # (a larger one is refused in full: _checked)
+            try:
+                fast = decode_success(frame)
+            except Exception:  # noqa: BLE001 - not a plain success: the full checks decide
+                fast = None
+        if fast is not None and fast.ok is True:
             command_id, data, error = fast.command_id, fast.data, None
         else:
             parsed = self._checked(frame)
