@@ -46,6 +46,7 @@ from actors.sockets import MORE, NOBLOCK, open_socket, send_frame
 from actors.subscribers import SubscriberLimit, bind_watched
 from actors.throttle import LogThrottle
 from oms import codec
+from oms.codec import encode_into
 from oms.config import ConfigError
 from oms.edge import check_number
 
@@ -285,10 +286,13 @@ class Publisher(LoopActor):
             topic = self._topics.get(name)
             if topic is None:
                 topic = self._topic(name)
-            data = codec.pack_into(payload, self._out)  # both frames first: nothing fails
-            # between the sends
+            out = self._out  # both frames first: nothing fails between the sends
+            try:
+                encode_into(payload, out)
+            except Exception:  # noqa: BLE001 - pack_into decides: the same bytes, or msgpack's error
+                codec.pack_into(payload, out)
             send_frame(sock, topic, MORE)
-            send_frame(sock, data, NOBLOCK)
+            send_frame(sock, out, NOBLOCK)
             self._kinds.append(payload.get("type", "?"))  # counted once sent (on_tick)
         except Exception:  # noqa: BLE001 - the failure rule, as a told message
             self._loop.survived(self.component, sys.exc_info())

@@ -28,6 +28,8 @@ from actors.sockets import NOBLOCK, open_socket, send_frame
 from actors.throttle import LogThrottle
 from gateways.breaker import CLOSED, OPEN, Breaker
 from oms import codec, edge
+from oms.codec import encode_into
+from oms.edge import FIT_FRAME_BYTES, MAX_REPLY_BYTES, decode_success
 from oms.errors import CIRCUIT_OPEN, INVALID_REPLY, TIMEOUT, UNAVAILABLE, DomainError
 from oms.messages import CommandResult, Send
 
@@ -145,8 +147,13 @@ class Gateway(LoopActor):
             return
         payload = {"type": "command", "command_id": cmd.command_id, "order_id": order_id,
                    "op": cmd.op, "args": cmd.args}
+        out = self._out
         try:
-            send_frame(sock, codec.pack_into(payload, self._out), NOBLOCK)
+            encode_into(payload, out)
+        except Exception:  # noqa: BLE001 - pack_into decides: the same bytes, or msgpack's error
+            codec.pack_into(payload, out)
+        try:
+            send_frame(sock, out, NOBLOCK)
         except zmq.Again:
             self.metrics.gateway_send_failures.labels(self.system).inc()
             self._outcome(False, now)
@@ -187,34 +194,33 @@ class Gateway(LoopActor):
     def _on_reply(self, frame: bytes) -> None:
         """Check a reply at the edge (``oms.edge``), then hand it to its order.
 
-        A reply that breaks the contract (undecodable, too large, wrong types,
-        a number out of range) never becomes state: it is logged, counted in
-        ``oms_gateway_invalid_replies_total``, and the waiting command gets a
-        retryable ``invalid_reply`` error. Without a usable ``command_id`` no
-        command can be named; it then ends as a timeout.
+        A plain success (most replies) is read and checked in one step, in C
+        (``edge.decode_success``); any other reply is decoded and checked in
+        full (``_checked``). A reply that breaks the contract never becomes
+        state (``_invalid``).
         """
-        msg: dict[str, Any] = {}
-        try:  # bounded by the frame, itself at most MAXMSGSIZE
-            msg = codec.decode_map(frame)
-            parsed: edge.Reply | edge.Violation = edge.parse_reply(msg)
-        except codec.DecodeError as exc:
-            parsed = edge.Violation("undecodable", str(exc))
-        if len(frame) > edge.MAX_REPLY_BYTES:
-            parsed = edge.Violation(
-                "too_large", f"reply of {len(frame)} bytes; at most {edge.MAX_REPLY_BYTES}")
-        if isinstance(parsed, edge.Violation):
-            self._invalid(parsed, edge.reply_command_id(msg) if msg else None)
-            return
-        waiting = self.pending.pop(parsed.command_id, None)
+        fast = None
+        if len(frame) <= MAX_REPLY_BYTES:  # (a larger one is refused in full: _checked)
+            try:
+                fast = decode_success(frame)
+            except Exception:  # noqa: BLE001 - not a plain success: the full checks decide
+                fast = None
+        if fast is not None and fast.ok is True:
+            command_id, data, error = fast.command_id, fast.data, None
+        else:
+            parsed = self._checked(frame)
+            if parsed is None:
+                return
+            command_id, data, error = parsed.command_id, parsed.data, parsed.error
+        waiting = self.pending.pop(command_id, None)
         if waiting is None:
             self.metrics.gateway_late.labels(self.system).inc()
             logger.debug("late or duplicate reply ignored", extra={
-                "command_id": parsed.command_id, "system": self.system})
+                "command_id": command_id, "system": self.system})
             return
-        ok, error = parsed.ok, parsed.error
         now = time.monotonic()
-        if error is None:  # (a success: the common case, checked inline)
-            self._unsettled.pop(parsed.command_id, None)  # answered for good: no retry follows
+        if error is None:  # (a success: the common case, settled inline)
+            self._unsettled.pop(command_id, None)  # answered for good: no retry follows
             breaker = self.breaker
             if breaker.failures or breaker.state != CLOSED:  # (else no change: skipped)
                 self._outcome(True, now)
@@ -223,20 +229,42 @@ class Gateway(LoopActor):
             if latencies is None:
                 latencies = self._latencies[key] = []
             latencies.append(now - waiting.sent)
-            fit = len(frame) <= edge.FIT_FRAME_BYTES  # edge.fit_to_keep, without its frame
+            fit = len(frame) <= FIT_FRAME_BYTES  # edge.fit_to_keep, without its frame
             self._results.append((waiting.order_id, _new(CommandResult, (
-                parsed.command_id, ok, parsed.data, None, fit))))
+                command_id, True, data, None, fit))))
             return
         if not error.retryable:
-            self._unsettled.pop(parsed.command_id, None)  # answered for good: no retry follows
+            self._unsettled.pop(command_id, None)  # answered for good: no retry follows
         self._outcome(not error.retryable, now)
         # an expected failure: a warning, with its context
         logger.warning("%s refused %s: %s %s", self.system, waiting.op, error.code,
                        error.message, extra={"order_id": waiting.order_id,
-                                             "command_id": parsed.command_id,
+                                             "command_id": command_id,
                                              "system": self.system})
         self._finish(waiting, _bounded(error.code),
-                     CommandResult(parsed.command_id, ok, parsed.data, error), now)
+                     CommandResult(command_id, False, data, error), now)
+
+    def _checked(self, frame: bytes) -> edge.Reply | None:
+        """A reply that is not a plain success, decoded and checked in full
+        (``oms.edge.parse_reply``): the ``Reply``, or None if it breaks the
+        contract. Such a reply (undecodable, too large, wrong types, a number
+        out of range) is logged, counted in
+        ``oms_gateway_invalid_replies_total``, and the waiting command gets a
+        retryable ``invalid_reply`` error. Without a usable ``command_id`` no
+        command can be named; it then ends as a timeout."""
+        msg: dict[str, Any] = {}
+        try:  # bounded by the frame, itself at most MAXMSGSIZE
+            msg = codec.decode_map(frame)
+            parsed: edge.Reply | edge.Violation = edge.parse_reply(msg)
+        except codec.DecodeError as exc:
+            parsed = edge.Violation("undecodable", str(exc))
+        if len(frame) > MAX_REPLY_BYTES:
+            parsed = edge.Violation(
+                "too_large", f"reply of {len(frame)} bytes; at most {MAX_REPLY_BYTES}")
+        if isinstance(parsed, edge.Violation):
+            self._invalid(parsed, edge.reply_command_id(msg) if msg else None)
+            return None
+        return parsed
 
     def _invalid(self, violation: edge.Violation, command_id: str | None) -> None:
         """A reply that breaks the contract: logged, counted, a retryable error."""

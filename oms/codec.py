@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -55,7 +56,17 @@ def pack(obj: Any) -> bytes:
     return msgpack_pack(obj)
 
 
-_encode_into = msgspec.msgpack.Encoder().encode_into if msgspec is not None else None
+def _no_encode_into(obj: Any, buffer: bytearray) -> None:  # pragma: no cover - no msgspec
+    raise TypeError("msgspec is not installed")
+
+
+encode_into: Callable[[Any, bytearray], None] = (
+    msgspec.msgpack.Encoder().encode_into if msgspec is not None else _no_encode_into)
+"""msgspec's ``encode_into`` itself, the first try of ``pack_into``: for a
+hot caller (the publisher's events, the gateways' commands: 19 an order)
+that calls it inline and, if it raises, ``pack_into``, which decides (the
+same bytes, or msgpack's own error), without a Python frame for the common
+case."""
 
 
 def pack_into(obj: Any, buffer: bytearray) -> bytearray:
@@ -63,12 +74,11 @@ def pack_into(obj: Any, buffer: bytearray) -> bytearray:
     the same bytes, without a new bytes object, for a caller that sends them
     at once (a copying send) and reuses its buffer (the gateways' commands,
     the publisher's events: 19 an order). Fails as ``pack`` does."""
-    if _encode_into is not None:
-        try:
-            _encode_into(obj, buffer)
-            return buffer
-        except Exception:  # noqa: BLE001, S110 - msgpack decides, and raises its own error
-            pass
+    try:
+        encode_into(obj, buffer)
+        return buffer
+    except Exception:  # noqa: BLE001, S110 - msgpack decides, and raises its own error
+        pass
     buffer[:] = msgpack_pack(obj)
     return buffer
 

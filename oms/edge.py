@@ -21,10 +21,16 @@ threads, no sockets.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, NamedTuple
 
 from oms.errors import CIRCUIT_OPEN, DomainError
 from oms.untrusted import MAX_DATA_BYTES
+
+try:  # the success replies' checks in C (``decode_success``)
+    import msgspec
+except ImportError:  # pragma: no cover - msgspec is a dependency; the full checks decide
+    msgspec = None  # type: ignore[assignment]
 
 MAX_REPLY_BYTES = 1024 * 1024
 """Largest command reply frame read (1 MiB, as an intake request)."""
@@ -180,6 +186,65 @@ def parse_reply(msg: dict[str, Any]) -> Reply | Violation:
     if (type(data) is not dict or data) and (problem := check_data(data)) is not None:
         return Violation("data", problem)  # (an empty map, as many replies': no call)
     return _new(Reply, (command_id, ok, data, error))  # Reply(...) without its frame
+
+
+def _data_type() -> Any:
+    """The ``data`` maps ``check_data`` accepts, as a type msgspec checks
+    while it decodes: string keys; nil, bool, str, ints within ``INT64``,
+    floats within it too (so finite: NaN fails both bounds), and lists and
+    string-keyed maps of those, ``MAX_DEPTH`` levels with the map itself.
+    Built at run time (a type checker sees ``Any``)."""
+    low, high = INT64
+    # the largest float <= 2**63 - 1 (check_number compares a float with the int
+    # bound exactly; msgspec's float bound is a float: 2**63 itself, rounded)
+    top = math.ldexp(1.0, 63) - 1024.0
+    scalar: Any = (None | bool | Annotated[int, msgspec.Meta(ge=low, le=high)]
+                   | Annotated[float, msgspec.Meta(ge=float(low), le=top)] | str)
+    value = scalar
+    for _ in range(MAX_DEPTH - 1):
+        value = scalar | list.__class_getitem__(value) | dict.__class_getitem__((str, value))
+    return dict.__class_getitem__((str, value))
+
+
+def _not_decoded(frame: bytes) -> Any:  # pragma: no cover - without msgspec
+    raise ValueError("no msgspec: the full checks decide")
+
+
+def _one_step(name: str, fields: list[tuple[str, Any] | tuple[str, Any, Any]]
+              ) -> Callable[[bytes], Any]:
+    """A decoder of a frame into a struct of exactly ``fields``, checked as
+    it is read (an unknown key refuses the frame); without msgspec, one that
+    refuses every frame."""
+    if msgspec is None:  # pragma: no cover - msgspec is a dependency
+        return _not_decoded
+    return msgspec.msgpack.Decoder(msgspec.defstruct(
+        name, fields, forbid_unknown_fields=True, gc=False)).decode
+
+
+_ID = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID)] if msgspec else str
+_DATA = _data_type() if msgspec else Any
+
+decode_success = _one_step("SuccessReply", [
+    ("type", Literal["result"]), ("command_id", _ID), ("ok", bool), ("data", _DATA)])
+"""Read a reply frame that is a plain success, checked in C: an object with
+``command_id`` and ``data``, and ``ok``, which the caller must see is True.
+Only a map of exactly ``type`` ``"result"``, a ``command_id`` that
+``parse_reply`` takes, a bool ``ok`` and a ``data`` map that ``check_data``
+takes, each key once or the last as msgpack reads it (no other key, no bin,
+no ext); anything else raises (any ``Exception``): then ``decode_map`` and
+``parse_reply`` decide, and name the problem. What it reads is what they
+read from the same frame (``tests/test_edge_fast.py`` compares the two on
+generated and hostile frames). The caller checks the frame's size
+(``MAX_REPLY_BYTES``) as for any reply."""
+
+decode_event = _one_step("PlainEvent", [
+    ("type", Literal["event"]), ("event_id", _ID), ("system", _ID), ("order_id", _ID),
+    ("name", _ID), ("data", _DATA, {})])
+"""Read an event frame, checked in C as ``parse_event`` checks the decoded
+map: an object with the ``Event``'s fields. Only a map of exactly those keys
+(``data`` may be left out: an empty map), no other; anything else raises,
+and ``decode_map`` and ``parse_event`` decide (``tests/test_edge_fast.py``).
+The caller checks the frame's size (``MAX_EVENT_BYTES``)."""
 
 
 def parse_error(raw: Any) -> DomainError | Violation:

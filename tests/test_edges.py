@@ -173,7 +173,23 @@ MALFORMED_REPLIES = {
         "code": "out_of_stock", "message": "m"}), "error"),
     "too large": (lambda c: result(c, ok=True, data={"x": "y" * (edge.MAX_REPLY_BYTES + 1)}),
                   "too_large"),
+    "float 2**63 in data": (lambda c: result(c, ok=True, data={"f": 2.0**63}), "data"),
+    "float32 infinity in data": (lambda c: msgpack.packb(result(
+        c, ok=True, data={"f": [math.inf]}), use_single_float=True), "data"),
+    "ok twice, the last false": (lambda c: _raw_map(
+        ("type", "result"), ("command_id", c), ("ok", True), ("data", {}), ("ok", False)),
+        "error"),
+    "data twice, the last NaN": (lambda c: _raw_map(
+        ("type", "result"), ("command_id", c), ("ok", True), ("data", {}),
+        ("data", {"n": math.nan})), "data"),
 }
+
+
+def _raw_map(*pairs: tuple[str, Any]) -> bytes:
+    """A reply map with its keys as given, repeated ones too (msgpack keeps
+    the last value)."""
+    return bytes([0x80 | len(pairs)]) + b"".join(codec.pack(k) + codec.pack(v)
+                                                  for k, v in pairs)
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED_REPLIES))
@@ -190,10 +206,14 @@ def test_a_malformed_reply_is_a_retryable_contract_violation(
                   outcome="invalid_reply") == 1
 
 
-@pytest.mark.parametrize("reply", [b"\xc1garbage", codec.pack([1, 2]),
-                                   codec.pack({"type": "result", "ok": True, "data": {}}),
-                                   codec.pack({"type": "result", "command_id": 5, "ok": True})],
-                         ids=["undecodable", "not a map", "no command_id", "command_id int"])
+@pytest.mark.parametrize("reply", [
+    b"\xc1garbage", codec.pack([1, 2]), codec.pack({"type": "result", "ok": True, "data": {}}),
+    codec.pack({"type": "result", "command_id": 5, "ok": True}),
+    msgpack.packb({**result("O1:create_invoice", ok=True, data={}), "x": msgpack.ExtType(1, b"")}),
+    codec.pack(result("O1:create_invoice", ok=True, data={}))[:-1] + b"\x81\xa1x\xa2\xff\xfe",
+    codec.pack(result("x" * (edge.MAX_ID + 1), ok=True, data={}))],
+    ids=["undecodable", "not a map", "no command_id", "command_id int", "ext unknown field",
+         "not UTF-8 in data", "command_id too long"])
 def test_a_reply_naming_no_command_is_counted_and_the_command_times_out(
         domain: HostileDomain, gateway: Any, reply: bytes) -> None:
     gw, delivered, metrics = gateway
@@ -202,6 +222,24 @@ def test_a_reply_naming_no_command_is_counted_and_the_command_times_out(
     total = sum(s.value for s in metrics.gateway_invalid_replies.collect()[0].samples
                 if s.name.endswith("_total"))
     assert total == 1
+
+
+@pytest.mark.parametrize("reply", [
+    lambda c: {**result(c, ok=True, data={"invoice_id": "i-1"}), "x": b"\x00"},
+    lambda c: {**result(c, ok=True, data={"invoice_id": "i-1"}), "error": None},
+    lambda c: _raw_map(("type", "result"), ("command_id", c), ("ok", True),
+                       ("data", {"n": math.nan}), ("data", {"invoice_id": "i-1"})),
+    lambda c: _raw_map(("type", "result"), ("command_id", c), ("ok", False), ("ok", True),
+                       ("data", {"invoice_id": "i-1"}))],
+    ids=["bin unknown field", "error with ok", "data twice, the last fine", "ok twice"])
+def test_a_good_reply_the_one_step_read_leaves_to_the_full_checks_reaches_its_order(
+        domain: HostileDomain, gateway: Any, reply: Any) -> None:
+    """``edge.decode_success`` takes only plain successes; a good reply it
+    leaves (an unknown field, a key twice) is read in full, as before."""
+    gw, delivered, _ = gateway
+    res = roundtrip(domain, gw, delivered, reply)
+    assert (res.ok, res.data, res.error, res.data_fit) == (True, {"invoice_id": "i-1"}, None,
+                                                           True)
 
 
 def test_a_good_failure_reply_keeps_its_code(domain: HostileDomain, gateway: Any) -> None:
@@ -331,7 +369,9 @@ def test_without_curve_only_configured_systems_and_bounded_labels(service: Any,
 
 @pytest.mark.parametrize("case", ["too large", "NaN in data", "huge int", "data a list",
                                   "deep data", "no event_id", "not msgpack", "bytes key",
-                                  "nested bytes key"])
+                                  "nested bytes key", "float 2**63", "event_id too long",
+                                  "data twice, the last NaN", "ext in an unknown field",
+                                  "name not UTF-8"])
 def test_a_bad_event_gets_a_clear_error_and_the_endpoint_carries_on(
         service: Any, eps: Any, case: str) -> None:
     frames: dict[str, Any] = {
@@ -346,11 +386,27 @@ def test_a_bad_event_gets_a_clear_error_and_the_endpoint_carries_on(
         # a msgpack bin key passes strict_map_key; it raised in the check, no reply was sent
         "bytes key": ({**event("O1", "warehouse", "x"), "data": {b"k": 1}}, "malformed"),
         "nested bytes key": (event("O1", "warehouse", "x", v={b"k": 1}), "malformed"),
+        "float 2**63": (event("O1", "warehouse", "x", v=2.0**63), "malformed"),
+        "event_id too long": ({**event("O1", "warehouse", "x"), "event_id": "e" * 1001},
+                              "malformed"),
+        "data twice, the last NaN": (_raw_map(*event("O1", "warehouse", "x").items(),
+                                              ("data", {"v": math.nan})), "malformed"),
+        "ext in an unknown field": (msgpack.packb({**event("O1", "warehouse", "x"),
+                                                   "x": msgpack.ExtType(1, b"")}), "malformed"),
+        "name not UTF-8": (codec.pack({**event("O1", "warehouse", "x"), "name": "\xe9"}).replace(
+            b"\xa2\xc3\xa9", b"\xa2\xc3\x28"), "malformed"),
     }
     frame, code = frames[case]
     pusher = Pusher(eps.domain_events)
     reply = pusher.push(frame)
     assert (reply["type"], reply["code"]) == ("error", code)
+    if code == "malformed":  # the full checks' own words
+        raw = frame if isinstance(frame, bytes) else codec.pack(frame)
+        try:
+            expected = edge.parse_event(codec.decode_map(raw)).message  # type: ignore[union-attr]
+        except codec.DecodeError as exc:
+            expected = str(exc)
+        assert reply["message"] == expected
     assert pusher.push(event("O404", "warehouse", "x"))["type"] == "ack"
     pusher.close()
 

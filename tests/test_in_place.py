@@ -7,6 +7,7 @@ still queue as before: mail queued ahead, a stopped actor, another thread."""
 
 from __future__ import annotations
 
+import enum
 import logging
 import queue
 import time
@@ -298,3 +299,40 @@ def test_replies_in_a_burst_on_the_loop_are_sent_in_place_and_a_bad_one_is_survi
         client.close()
         echo.actor_ref.stop(block=True, timeout=5)
         echo.join(5)
+
+
+def test_a_value_only_msgpack_writes_goes_out_in_place_as_msgpack_writes_it(
+        domain: HostileDomain) -> None:
+    """The publisher and the gateways encode in place with msgspec's
+    ``encode_into`` inline; a value it refuses (an int subclass: an
+    ``IntEnum``) goes to ``codec.pack_into``, which writes msgpack's bytes,
+    and the next message is whole (the shared buffer is rewritten)."""
+    level = enum.IntEnum("Level", "LOW HIGH").HIGH
+    delivered: queue.Queue[Any] = queue.Queue()
+    gw, _ = launch(domain, delivered)
+    try:
+        def send() -> bool:
+            with burst():
+                gw.send("E", command("E", level=level))
+                gw.send("F", command("F"))
+                return gw.in_place()
+
+        assert gw._loop.run_sync(send) is True
+        _, first = domain.sock.recv_multipart()
+        assert codec.decode_map(first)["args"] == {"level": 2}
+        assert domain.command()[1]["order_id"] == "F"
+    finally:
+        stop(gw)
+    with subscribed_publisher() as (pub, sub, _):
+        def publish() -> bool:
+            with burst():
+                pub.publish("web", {"type": "order_progress", "x": level})
+                pub.publish("web", {"type": "order_progress", "n": 1})
+                return pub.in_place()
+
+        assert pub._loop.run_sync(publish) is True
+        assert sub.poll(5000)
+        topic, raw = sub.recv_multipart()
+        assert (topic, raw) == (b"web\x00", codec.msgpack_pack({"type": "order_progress",
+                                                                "x": level}))
+        assert received(sub, 1) == [(b"web\x00", 1)]
