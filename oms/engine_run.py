@@ -42,10 +42,13 @@ from oms.states import (
 
 logger = logging.getLogger("oms.engine")
 S = OrderState
+_new = tuple.__new__  # _new(Send, (...)): as ``oms.engine_base._new``
 AMOUNT_OUT_OF_RANGE = "amount_out_of_range"
 
 
 class RunMixin(TurnBase):
+    __slots__ = ()  # as ``TurnBase``
+
     # -- lifecycle ---------------------------------------------------------
 
     def on_start(self) -> None:
@@ -152,7 +155,9 @@ class RunMixin(TurnBase):
             return
         if phase != PHASE_RUN or order.state not in (ORDER_IN_PROGRESS, ORDER_HELD):
             return
-        plan = self.step_plan()
+        plan = order.plan  # ``self.step_plan()``, inlined
+        if plan is None or plan.defs is not self.defs:
+            plan = self.step_plan()
         pending, failed = STEP_PENDING, STEP_FAILED
         for step in plan.orphans:
             if step.status is pending or step.status is failed:
@@ -206,8 +211,8 @@ class RunMixin(TurnBase):
         args = step.args = self.fill(action.args, step)
         step.attempts = 1
         self.set_status(step, STEP_RUNNING)
-        self.effects.append(Send(step.system, self.command_id(step), step.op, args,
-                                 sdef.timeout_s))
+        self.effects.append(_new(Send, (step.system, self.command_id(step), step.op, args,
+                                        sdef.timeout_s)))
 
     def send_step(self, step: Step) -> None:
         sdef = self.sdef(step)
@@ -217,10 +222,11 @@ class RunMixin(TurnBase):
     def complete(self) -> None:
         if self.order.state == ORDER_HELD:  # every step settled while held (internal_error)
             self.transition(Ev.RESUME)
-        if any(it["state"] == ITEM_FAILED for it in self.order.items):
-            self.transition(Ev.PARTIAL)
-        else:
-            self.transition(Ev.COMPLETE)
+        for it in self.order.items:  # (a loop: a generator costs more than it checks)
+            if it["state"] == ITEM_FAILED:
+                self.transition(Ev.PARTIAL)
+                return
+        self.transition(Ev.COMPLETE)
 
     def finish_items(self, state: OrderState) -> None:
         completed, partial = state == S.COMPLETED, state == S.PARTIAL

@@ -705,9 +705,11 @@ _values = st.recursive(st.one_of(st.integers(), st.text(max_size=4), st.none()),
 def test_a_parsed_template_fills_exactly_as_resolve_does(template: Any,
                                                          scopes: dict[str, Any]) -> None:
 
-    assert compile_template(template)(scopes) == resolve(template, scopes)
+    expected = resolve(template, scopes)
+    assert compile_template(template)(scopes) == expected
+    assert repr(compile_template(template)(scopes)) == repr(expected)  # keys in the same order
     parsed = Template(template)
-    assert parsed.fill(scopes) == resolve(template, scopes)
+    assert parsed.fill(scopes) == expected
 
 
 def test_only_the_facts_a_template_names_are_built_and_they_are_the_full_facts() -> None:
