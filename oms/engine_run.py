@@ -280,17 +280,20 @@ class RunMixin(TurnBase):
         return kind, step, -1
 
     def on_result(self, res: CommandResult) -> None:
-        kind, step, idx = self.find(res.command_id)
+        # the reply's fields read once (a NamedTuple's field is a descriptor
+        # that Python 3.11 does not specialise: unpacking is cheaper)
+        command_id, ok, data, _error, data_fit = res
+        kind, step, idx = self.find(command_id)
         if step is None:
             self.stale = True
             return
-        problem = None  # (a gateway's checked data: fit, edge.fit_to_keep)
-        if res.ok and not res.data_fit:
-            problem = untrusted.data_problem({} if res.data is None else res.data)
+        # (a gateway's checked data is fit: edge.fit_to_keep)
+        problem = untrusted.data_problem({} if data is None else data) if (
+            ok and not data_fit) else None
         if problem:  # a contract violation: retried like an outage, never kept
             logger.warning("order %s: reply to %s refused: %s", self.order.order_id,
-                           res.command_id, problem, extra={"order_id": self.order.order_id})
-            res = CommandResult(res.command_id, False, None,
+                           command_id, problem, extra={"order_id": self.order.order_id})
+            res = CommandResult(command_id, False, None,
                                 DomainError(INVALID_REPLY, f"the reply's {problem}", True))
         if kind == "note":
             self.on_note_result(step, idx, res)
@@ -300,14 +303,16 @@ class RunMixin(TurnBase):
             self.on_step_result(step, res)
 
     def on_step_result(self, step: Step, res: CommandResult) -> None:
+        _command_id, ok, data, _error, _data_fit = res  # read once, as in ``on_result``
         busy = step.status != STEP_RUNNING or step.wait is not None or step.applied
-        if busy or (step.retry_at is not None and not res.ok):
+        if busy or (step.retry_at is not None and not ok):
             self.stale = True
             return
         self.changed = True
-        step.retry_at = None
-        if res.ok:
-            self.applied(step, res.data or {})
+        if step.retry_at is not None:  # (a msgspec Struct's field is dear to write)
+            step.retry_at = None
+        if ok:
+            self.applied(step, data or {})
         else:
             if self.retry_later(step, res, self.sdef(step).retry, "retry", step.key):
                 return
@@ -337,13 +342,15 @@ class RunMixin(TurnBase):
             sdef = self.sdef(step)
         item = None if step.item_id is None else self.item(step)
         action = sdef.action if sdef.per_item is None else action_of(sdef, item)
-        if action is not None and step.result is not None:
+        result = step.result
+        if action is not None and result is not None:
+            results, per_item = self.order.results, step.item_id is not None
             for key, field in action.collect.items():
-                value = step.result.get(field)
-                if step.item_id is not None:
-                    self.order.results.setdefault(key, []).append(value)
+                value = result.get(field)
+                if per_item:
+                    results.setdefault(key, []).append(value)
                 else:
-                    self.order.results[key] = value
+                    results[key] = value
         if item is not None and self.order.phase == PHASE_RUN:
             mine = [s for s in self.order.steps.values() if s.item_id == step.item_id]
             if all(s.status in (STEP_DONE, STEP_SKIPPED) for s in mine):

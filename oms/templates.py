@@ -20,9 +20,10 @@ def _item_view(it: dict[str, Any]) -> dict[str, Any]:
         "id": it["id"], "action": it["action"], "product_id": it["product_id"],
         "quantity": it.get("quantity", 1),
     }
-    for key in ("unit_price_minor", "service_id"):
-        if key in it:
-            out[key] = it[key]
+    if "unit_price_minor" in it:  # (written out: a loop over the two keys costs more)
+        out["unit_price_minor"] = it["unit_price_minor"]
+    if "service_id" in it:
+        out["service_id"] = it["service_id"]
     if it.get("attributes"):
         out["attributes"] = it["attributes"]
     return out
@@ -156,7 +157,10 @@ class Template:
         as it reads nothing else of the scope; else ``order_facts``."""
         if not self.fixed:
             return order_facts(order, self.facts, cache)
-        for name in self.facts or ():
+        facts = self.facts or frozenset()
+        if cache.keys() >= facts:  # all kept already (the usual case): one C-level check
+            return cache
+        for name in facts:
             if name not in cache:
                 fact = FACTS.get(name)
                 if fact is not None:
