@@ -177,6 +177,8 @@ def _fail_dropped_notes(turning: Turning, error: str, dropped: tuple[Any, ...]) 
 class Turning(RunMixin, EventMixin, UndoMixin, NoteMixin, OperatorMixin, OrphanMixin):
     """One message's worth of work on one order (see ``TurnBase``)."""
 
+    __slots__ = ()  # as ``TurnBase``
+
     def handle(self, msg: Any) -> None:
         kind = type(msg)  # exact types (messages are final NamedTuples), most frequent first
         if kind is CommandResult:

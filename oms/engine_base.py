@@ -47,6 +47,10 @@ if TYPE_CHECKING:
     from oms.engine import Engine
 
 S = OrderState
+_new = tuple.__new__
+"""``_new(Publish, (payload,))``: an effect without the Python frame of its
+NamedTuple's generated ``__new__`` (which does only this; ``oms.edge`` and
+``actors`` do the same), about 200 ns less each, some 20 effects an order."""
 
 
 MAX_KEY_IN_ID = 200
@@ -74,7 +78,14 @@ class TurnBase:
     effects: what to do once the new snapshot is durable.
     changed: whether the order changed (and so must be persisted).
     stale: the message matched nothing (a late or duplicate reply).
+
+    Slotted, as each part (mixin) and ``Turning`` are (``__slots__ = ()``):
+    one is made per message, and a slotted object is made and read faster
+    than one with a ``__dict__`` (about 300 ns less a message).
     """
+
+    __slots__ = ("changed", "defs", "effects", "known", "now", "order", "proc", "sdefs",
+                 "stale", "templates")
 
     def __init__(self, engine: Engine, order: Order, now: float) -> None:
         self.proc: ProcessDef = engine.proc
@@ -115,15 +126,16 @@ class TurnBase:
         }
         if reason:
             payload["state_reason"] = reason
-        self.effects.append(Publish(payload))
+        self.effects.append(_new(Publish, (payload,)))
         if crashed and new != ORDER_HELD:  # it leaves the internal_error hold:
             self.resend_in_flight()  # a reply the crash dropped would never come
         if new in states.TERMINAL:
             self.finish_items(new)
             states.set_phase(order, PHASE_FINISH)
             order.summary = self.summary()
-            self.emit(Publish({"type": "order_summary", "order_id": order.order_id,
-                               "external_id": order.external_id, "summary": order.summary}))
+            self.effects.append(_new(Publish, ({
+                "type": "order_summary", "order_id": order.order_id,
+                "external_id": order.external_id, "summary": order.summary},)))
             if order.seq_key:  # with or without its turn: a pending order leaves too
                 self.emit(Sequence(order.seq_key, enter=False))
         if text in self.proc.notify_states:
@@ -143,9 +155,10 @@ class TurnBase:
         if step.name == "notify":
             return
         order = self.order
-        self.effects.append(Publish({"type": "order_progress", "order_id": order.order_id,
-                                     "external_id": order.external_id, "step": step.key,
-                                     "status": str(status), "ts": self.now}))
+        self.effects.append(_new(Publish, ({
+            "type": "order_progress", "order_id": order.order_id,
+            "external_id": order.external_id, "step": step.key, "status": str(status),
+            "ts": self.now},)))
 
     # -- reading the order -------------------------------------------------
 
@@ -179,16 +192,20 @@ class TurnBase:
         parsed = self.templates.get(id(template))
         if parsed is None:
             parsed = self.templates[id(template)] = Template(template)
-        names = parsed.scopes
         scopes: dict[str, Any] = {}
-        if "order" in names:
-            scopes["order"] = parsed.order_scope(self.order, self.step_plan().facts)
-        if "steps" in names:
+        if parsed.names_order:
+            order = self.order
+            plan = order.plan  # ``self.step_plan()``, inlined
+            if plan is None or plan.defs is not self.defs:
+                plan = self.step_plan()
+            scopes["order"] = parsed.order_scope(order, plan.facts)
+        if parsed.names_steps:
             steps, wanted = self.order.steps, parsed.steps
             scopes["steps"] = {k: s.result for k, s in steps.items() if s.result is not None} if (
                 wanted is None) else {k: s.result for k in wanted
                                       if (s := steps.get(k)) is not None and s.result is not None}
-        if step is not None:
+        if step is not None and parsed.names_own:
+            names = parsed.scopes
             if "item" in names:
                 scopes["item"] = self.item(step)
             if "result" in names:
@@ -237,7 +254,7 @@ class TurnBase:
 
     def send(self, system: str, command_id: str, op: str, args: dict[str, Any],
              timeout: float) -> None:
-        self.effects.append(Send(system, command_id, op, args, timeout))
+        self.effects.append(_new(Send, (system, command_id, op, args, timeout)))
 
     def retry_later(self, step: Step, res: CommandResult, policy: RetryPolicy, kind: str,
                     ref: Any) -> bool:

@@ -30,6 +30,8 @@ MAX_EARLY_BYTES = 64 * 1024  # early events kept per order, encoded
 
 
 class EventMixin(TurnBase):
+    __slots__ = ()  # as ``TurnBase``
+
     # -- domain events -----------------------------------------------------
 
     def on_event(self, ev: DomainEvent) -> None:
@@ -118,9 +120,9 @@ class EventMixin(TurnBase):
         if not step.applied:  # a wait step: the event is its result
             step.result, step.applied = data, True
         self.step_done(step)
-        holding = any(s.wait and s.applied for s in self.order.steps.values())
-        if (self.order.state == ORDER_HELD and self.order.state_reason not in OPERATOR_HOLDS
-                and not holding):
+        order = self.order
+        if order.state == ORDER_HELD and order.state_reason not in OPERATOR_HOLDS and not any(
+                s.wait and s.applied for s in order.steps.values()):  # no other hold
             self.transition(Ev.RESUME)  # a wait's hold ends with its event
 
     # -- timers ------------------------------------------------------------

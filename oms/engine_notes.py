@@ -6,12 +6,16 @@ process's ``notify_retry``. A mixin of ``oms.engine.Turning`` (see
 from __future__ import annotations
 
 from oms.engine_base import TurnBase
-from oms.messages import CommandResult
+from oms.messages import CommandResult, Send
 from oms.model import Step
 from oms.states import STEP_DONE, STEP_RUNNING, OrderState, StepStatus
 
+_new = tuple.__new__  # _new(Send, (...)): as ``oms.engine_base._new``
+
 
 class NoteMixin(TurnBase):
+    __slots__ = ()  # as ``TurnBase``
+
     def notify(self, state: OrderState, previous: OrderState) -> None:
         text = str(state)
         self.notify_crm(f"notify:{text}", text,
@@ -31,8 +35,8 @@ class NoteMixin(TurnBase):
 
     def send_note(self, note: Step, idx: int) -> None:
         assert note.args is not None
-        self.send(note.system, f"{self.order.order_id}:notify:{idx}", note.op, note.args,
-                  self.proc.notify_timeout_s)
+        self.effects.append(_new(Send, (note.system, f"{self.order.order_id}:notify:{idx}",
+                                        note.op, note.args, self.proc.notify_timeout_s)))
 
     def on_note_result(self, note: Step, idx: int, res: CommandResult) -> None:
         if note.status != STEP_RUNNING or (note.retry_at is not None and not res.ok):

@@ -34,28 +34,30 @@ class StepPlan:
     """
 
     __slots__ = ("defs", "facts", "launch", "orphans", "steps")
+    orphans: list[Step]
+    launch: list[tuple[StepDef, list[Step], list[Step], Step | None]]
 
     def __init__(self, turn: TurnBase) -> None:
         self.facts: dict[str, Any] = {}  # the order's facts that never change (oms.templates)
         self.defs = turn.defs  # the definition this plan was made under
         self.steps = steps = list(turn.order.steps.values())
         groups: dict[str, list[Step]] = {}
-        self.orphans: list[Step] = []
+        self.orphans = orphans = []
         known = turn.known  # ``turn.defined``'s answers so far, by shape
         for step in steps:
-            group = groups.get(step.name)
+            name = step.name
+            group = groups.get(name)
             if group is None:
-                groups[step.name] = [step]
+                groups[name] = [step]
             else:
                 group.append(step)
-            if not (known.get((step.name, step.op, step.item_id is None))
-                    or turn.defined(step)):
-                self.orphans.append(step)
-        self.launch: list[tuple[StepDef, list[Step], list[Step], Step | None]] = []
+            if not (known.get((name, step.op, step.item_id is None)) or turn.defined(step)):
+                orphans.append(step)
+        self.launch = launch = []
         for sdef in turn.proc.steps:
             group = groups.get(sdef.name)
             if group is not None:
                 deps: list[Step] = []
                 for name in sdef.after:
                     deps += groups.get(name, ())
-                self.launch.append((sdef, group, deps, group[0] if len(group) == 1 else None))
+                launch.append((sdef, group, deps, group[0] if len(group) == 1 else None))

@@ -42,10 +42,13 @@ from oms.states import (
 
 logger = logging.getLogger("oms.engine")
 S = OrderState
+_new = tuple.__new__  # _new(Send, (...)): as ``oms.engine_base._new``
 AMOUNT_OUT_OF_RANGE = "amount_out_of_range"
 
 
 class RunMixin(TurnBase):
+    __slots__ = ()  # as ``TurnBase``
+
     # -- lifecycle ---------------------------------------------------------
 
     def on_start(self) -> None:
@@ -152,7 +155,9 @@ class RunMixin(TurnBase):
             return
         if phase != PHASE_RUN or order.state not in (ORDER_IN_PROGRESS, ORDER_HELD):
             return
-        plan = self.step_plan()
+        plan = order.plan  # ``self.step_plan()``, inlined
+        if plan is None or plan.defs is not self.defs:
+            plan = self.step_plan()
         pending, failed = STEP_PENDING, STEP_FAILED
         for step in plan.orphans:
             if step.status is pending or step.status is failed:
@@ -206,8 +211,8 @@ class RunMixin(TurnBase):
         args = step.args = self.fill(action.args, step)
         step.attempts = 1
         self.set_status(step, STEP_RUNNING)
-        self.effects.append(Send(step.system, self.command_id(step), step.op, args,
-                                 sdef.timeout_s))
+        self.effects.append(_new(Send, (step.system, self.command_id(step), step.op, args,
+                                        sdef.timeout_s)))
 
     def send_step(self, step: Step) -> None:
         sdef = self.sdef(step)
@@ -217,10 +222,11 @@ class RunMixin(TurnBase):
     def complete(self) -> None:
         if self.order.state == ORDER_HELD:  # every step settled while held (internal_error)
             self.transition(Ev.RESUME)
-        if any(it["state"] == ITEM_FAILED for it in self.order.items):
-            self.transition(Ev.PARTIAL)
-        else:
-            self.transition(Ev.COMPLETE)
+        for it in self.order.items:  # (a loop: a generator costs more than it checks)
+            if it["state"] == ITEM_FAILED:
+                self.transition(Ev.PARTIAL)
+                return
+        self.transition(Ev.COMPLETE)
 
     def finish_items(self, state: OrderState) -> None:
         completed, partial = state == S.COMPLETED, state == S.PARTIAL
@@ -274,17 +280,20 @@ class RunMixin(TurnBase):
         return kind, step, -1
 
     def on_result(self, res: CommandResult) -> None:
-        kind, step, idx = self.find(res.command_id)
+        # the reply's fields read once (a NamedTuple's field is a descriptor
+        # that Python 3.11 does not specialise: unpacking is cheaper)
+        command_id, ok, data, _error, data_fit = res
+        kind, step, idx = self.find(command_id)
         if step is None:
             self.stale = True
             return
-        problem = None  # (a gateway's checked data: fit, edge.fit_to_keep)
-        if res.ok and not res.data_fit:
-            problem = untrusted.data_problem({} if res.data is None else res.data)
+        # (a gateway's checked data is fit: edge.fit_to_keep)
+        problem = untrusted.data_problem({} if data is None else data) if (
+            ok and not data_fit) else None
         if problem:  # a contract violation: retried like an outage, never kept
             logger.warning("order %s: reply to %s refused: %s", self.order.order_id,
-                           res.command_id, problem, extra={"order_id": self.order.order_id})
-            res = CommandResult(res.command_id, False, None,
+                           command_id, problem, extra={"order_id": self.order.order_id})
+            res = CommandResult(command_id, False, None,
                                 DomainError(INVALID_REPLY, f"the reply's {problem}", True))
         if kind == "note":
             self.on_note_result(step, idx, res)
@@ -294,14 +303,16 @@ class RunMixin(TurnBase):
             self.on_step_result(step, res)
 
     def on_step_result(self, step: Step, res: CommandResult) -> None:
+        _command_id, ok, data, _error, _data_fit = res  # read once, as in ``on_result``
         busy = step.status != STEP_RUNNING or step.wait is not None or step.applied
-        if busy or (step.retry_at is not None and not res.ok):
+        if busy or (step.retry_at is not None and not ok):
             self.stale = True
             return
         self.changed = True
-        step.retry_at = None
-        if res.ok:
-            self.applied(step, res.data or {})
+        if step.retry_at is not None:  # (a msgspec Struct's field is dear to write)
+            step.retry_at = None
+        if ok:
+            self.applied(step, data or {})
         else:
             if self.retry_later(step, res, self.sdef(step).retry, "retry", step.key):
                 return
@@ -331,13 +342,15 @@ class RunMixin(TurnBase):
             sdef = self.sdef(step)
         item = None if step.item_id is None else self.item(step)
         action = sdef.action if sdef.per_item is None else action_of(sdef, item)
-        if action is not None and step.result is not None:
+        result = step.result
+        if action is not None and result is not None:
+            results, per_item = self.order.results, step.item_id is not None
             for key, field in action.collect.items():
-                value = step.result.get(field)
-                if step.item_id is not None:
-                    self.order.results.setdefault(key, []).append(value)
+                value = result.get(field)
+                if per_item:
+                    results.setdefault(key, []).append(value)
                 else:
-                    self.order.results[key] = value
+                    results[key] = value
         if item is not None and self.order.phase == PHASE_RUN:
             mine = [s for s in self.order.steps.values() if s.item_id == step.item_id]
             if all(s.status in (STEP_DONE, STEP_SKIPPED) for s in mine):

@@ -25,6 +25,8 @@ MAX_REASON = 1000  # a cancel reason kept in the order, in characters
 
 
 class UndoMixin(TurnBase):
+    __slots__ = ()  # as ``TurnBase``
+
     def on_cancel(self, msg: Cancel) -> None:
         order = self.order
         problem = fallout.cancel_problem(order, self.proc.point_of_no_return)

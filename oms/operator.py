@@ -41,6 +41,8 @@ MAX_NOTE = 1000  # operator names and reasons kept in the history, in characters
 
 
 class OperatorMixin(TurnBase):
+    __slots__ = ()  # as ``TurnBase``
+
     # -- operator actions --------------------------------------------------
 
     def on_operate(self, msg: Operate) -> None:

@@ -48,6 +48,8 @@ def defined_in(sdef: StepDef | None, step: Step) -> bool:
 
 
 class OrphanMixin(TurnBase):
+    __slots__ = ()  # as ``TurnBase``
+
     def defined(self, step: Step) -> bool:
         key = (step.name, step.op, step.item_id is None)
         known = self.known.get(key)

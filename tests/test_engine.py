@@ -705,9 +705,11 @@ _values = st.recursive(st.one_of(st.integers(), st.text(max_size=4), st.none()),
 def test_a_parsed_template_fills_exactly_as_resolve_does(template: Any,
                                                          scopes: dict[str, Any]) -> None:
 
-    assert compile_template(template)(scopes) == resolve(template, scopes)
+    expected = resolve(template, scopes)
+    assert compile_template(template)(scopes) == expected
+    assert repr(compile_template(template)(scopes)) == repr(expected)  # keys in the same order
     parsed = Template(template)
-    assert parsed.fill(scopes) == resolve(template, scopes)
+    assert parsed.fill(scopes) == expected
 
 
 def test_only_the_facts_a_template_names_are_built_and_they_are_the_full_facts() -> None:
@@ -742,3 +744,61 @@ def test_the_facts_kept_for_an_order_are_only_those_that_never_change() -> None:
     assert [it["id"] for it in later["completed_items"]] == [order.items[0]["id"]]
     assert later["completed_total_minor"] == 2 * 1000
     assert later == {k: v for k, v in order_facts(order).items() if k in names}
+
+
+# -- the per-message path (session 6): what its cuts touch ---------------------
+
+
+def test_an_ok_reply_while_backing_off_is_applied_and_ends_the_back_off() -> None:
+    """``on_step_result`` clears ``retry_at`` only when set: a success that
+    comes while the step backs off (the first send's reply, late) is applied,
+    its back-off over; a failure then is stale."""
+    order = new_order("o-1", normalized(retail_order()), RETAIL, 1.0)
+    engine = Engine(RETAIL)
+    engine.handle(order, Start(), 2.0)
+    engine.handle(order, UNAVAILABLE._replace(command_id="o-1:reserve_stock"), 3.0)
+    assert order.steps["reserve_stock"].retry_at is not None
+    late_failure = engine.handle(order, UNAVAILABLE._replace(command_id="o-1:reserve_stock"), 3.1)
+    assert late_failure.stale and not late_failure.changed
+    turning = engine.handle(order, CommandResult("o-1:reserve_stock", True,
+                                                 {"reservation_id": "r"}), 3.2)
+    step = order.steps["reserve_stock"]
+    assert not turning.stale and step.retry_at is None and step.status == StepStatus.DONE
+    assert [fx.op for fx in turning.effects if isinstance(fx, Send)] == ["create_invoice"]
+    again = engine.handle(order, CommandResult("o-1:reserve_stock", True, {}), 3.3)
+    assert again.stale and not again.changed and again.effects == []
+
+
+@pytest.mark.parametrize("command_id", [
+    "", ":", "o-1", "o-1:", "o-1::", "o-10:reserve_stock", "o-:reserve_stock",
+    "o-1:reserve_stock#", "o-1:reserve_stock#1", "o-1:reserve_stock#x", "o-1:reserve_stock:undo",
+    "o-1:notify:", "o-1:notify:9", "o-1:notify:-1", "o-1:notify:0x", "o-1:~" + "0" * 32,
+    "o-1:reserve_stock\x00", "O-1:reserve_stock"])
+def test_a_malformed_or_unknown_reply_id_is_stale_with_any_data(command_id: str) -> None:
+    order = new_order("o-1", normalized(retail_order()), RETAIL, 1.0)
+    engine = Engine(RETAIL)
+    engine.handle(order, Start(), 2.0)
+    before = snapshot.encode(order)
+    for data in (None, {}, {"reservation_id": float("nan")}):
+        turning = engine.handle(order, CommandResult(command_id, True, data), 3.0)
+        assert turning.stale and not turning.changed and turning.effects == []
+    assert snapshot.encode(order) == before
+
+
+@pytest.mark.parametrize("key", ["}; import os; x = {", "a\nb", "'", '"', "\\", "k0", "v0",
+                                 "scopes", "_isinstance", "return", "", " ", "$order.id"])
+def test_a_map_template_keeps_any_key_and_path_as_data(key: str) -> None:
+    """A map template is a generated function (``oms.templates._compile_map``):
+    keys and path names are bound names, never source text."""
+    template = {key: f"$order.{key}", "x": "$order", key + "!": [f"${key}", key]}
+    scopes: dict[str, Any] = {"order": {key: 1, "id": 2}, key: {"a": 3}}
+    filled = compile_template(template)(scopes)
+    assert repr(filled) == repr(resolve(template, scopes))
+    if "." not in key:  # (a dot in a key is a path in a reference)
+        assert filled[key] == 1 and filled[key + "!"] == [{"a": 3}, key]
+
+
+def test_a_map_template_of_many_keys_fills_as_resolve_does() -> None:
+    template = {f"k{n}": f"$order.f{n % 7}.x" if n % 3 else n for n in range(3000)}
+    scopes = {"order": {f"f{n}": {"x": n} if n % 2 else n for n in range(7)}}
+    assert repr(compile_template(template)(scopes)) == repr(resolve(template, scopes))
