@@ -346,7 +346,9 @@ class Store(OrderListing, RetentionIndex):
         order: Order = build(order_id)
         txn.put(key, codec.pack([order_id, digest]), db=self.db["ext"])
         record = snapshot.encode(order)
-        self.put_order(txn, order_id, record, active=True)
+        oid = order_id.encode()  # ``put_order`` of an active record, unlisted: both puts
+        txn.put(oid, record, db=self.db["orders"])
+        txn.put(oid, b"", db=self.db["active"])
         if order.finished:  # its Start (actors.effects.NewOrder) finished it: as a save would
             self.put_order(txn, order_id, record, active=False)
         return Created("accepted", order_id, str(order.state), order)

@@ -28,7 +28,8 @@ from test_store_writes import contents, recovered, retail_records, retire_all
 from actors.effects import Tell
 from actors.metrics import Metrics
 from actors.store_writer import SaveOrder, StoreWriter
-from oms import snapshot
+from oms import codec, snapshot
+from storage.records import ext_key, record_digest
 from storage.store import MIB, Store
 
 # ids that are prefixes of one another, one of ours, and two that are not
@@ -259,3 +260,49 @@ def test_kill_9_in_the_middle_of_commits_loses_nothing_and_applies_nothing_twice
         assert image in (expected(acked, steps, done, 40), later), kill
         if image == later:
             acked += 1  # committed, not yet acknowledged: the next start goes on from it
+
+
+def test_a_create_stores_what_put_order_stored(tmp_path: Path) -> None:
+    """``create_order`` puts a new order's record and its ``active`` entry
+    itself: the store ends as with ``put_order`` (the order finished by its
+    start too: then also indexed as finished), for new orders, a repeat
+    and a conflict, with ids from the same counter."""
+    import msgspec
+
+    steps, done = retail_records(PREFIXES[0], 3)
+    stores = [Store(tmp_path / name, sync=False) for name in ("create", "reference")]
+
+    def build(record: bytes) -> Any:
+        return lambda oid: msgspec.structs.replace(snapshot.decode(record), order_id=oid)
+
+    try:
+        creates = [("a", steps[0]), ("b", done), ("a", steps[0]), ("a", steps[1]), ("c", steps[2])]
+        got = []
+        with stores[0].write() as txn:
+            for ext, record in creates:
+                digest = record_digest(record) if ext != "a" else b"d" * 16
+                created = stores[0].create_order(txn, "web", ext, digest, build(record))
+                got.append((created.kind, created.order_id, created.state))
+        assert [kind for kind, _, _ in got] == [
+            "accepted", "accepted", "duplicate", "duplicate", "accepted"]
+        with stores[1].write() as txn:  # the same through ``put_order``
+            for (kind, order_id, _), (ext, record) in zip(got, creates, strict=True):
+                if kind != "accepted":
+                    continue
+                assert stores[1].next_order_id(txn) == order_id
+                order = build(record)(order_id)
+                digest = record_digest(record) if ext != "a" else b"d" * 16
+                txn.put(ext_key("web", ext), codec.pack([order_id, digest]),
+                        db=stores[1].db["ext"])
+                stores[1].put_order(txn, order_id, snapshot.encode(order), active=True)
+                if order.finished:
+                    stores[1].put_order(txn, order_id, snapshot.encode(order), active=False)
+        assert contents(stores[0]) == contents(stores[1])
+        for name in ("ext",):
+            with stores[0].read() as a, stores[1].read() as b:
+                assert dict(a.cursor(db=stores[0].db[name])) == dict(
+                    b.cursor(db=stores[1].db[name]))
+        assert recovered(stores[0]) == [b"O000000000001", b"O000000000003"]
+    finally:
+        for store in stores:
+            store.close()
