@@ -262,14 +262,17 @@ class StoreWriter(LoopActor):
             if not work:  # a retry with nothing held: a real write, or it proves nothing
                 store.probe(txn)
             put_order, put = store.put_order, txn.put
-            orders, unlisted = store.db["orders"], store.unlisted
+            orders, inbox, unlisted = store.db["orders"], store.db["inbox"], store.unlisted
             for msg in work:
                 try:
                     if type(msg) is SaveOrder:  # most writes (7.3 an order), inline
-                        if msg.listed and msg.active and not msg.consumed and not unlisted:
-                            # 5.5 an order: all ``put_order`` would do for it (its order
-                            # listed, nothing consumed, no order unlisted), without the call
+                        if msg.listed and msg.active and not unlisted:
+                            # 5 to 6.5 an order: all ``put_order`` would do for it (its
+                            # order listed, no order unlisted), without the call
                             put(msg.order_id.encode(), msg.record, db=orders)
+                            if msg.consumed:
+                                for ev in msg.consumed:
+                                    txn.delete(ev, db=inbox)
                         else:
                             put_order(txn, msg.order_id, msg.record, msg.active, msg.consumed,
                                       msg.listed)

@@ -356,9 +356,9 @@ class Store(OrderListing, RetentionIndex):
     def put_order(self, txn: lmdb.Transaction[bytes], order_id: str, record: bytes,
                   active: bool, consumed: tuple[bytes, ...] = (), listed: bool = False) -> None:
         """``listed``: its previous write left it in ``active``: no put there.
-        (``StoreWriter._apply`` does an active, listed snapshot that consumes
-        nothing itself, while ``unlisted`` is empty: the one put into
-        ``orders``; keep the two alike, ``tests/test_store_writes6.py``.)"""
+        (``StoreWriter._apply`` does an active, listed snapshot itself while
+        ``unlisted`` is empty: the put into ``orders``, the inbox deletes;
+        keep the two alike, ``tests/test_store_writes6.py``.)"""
         key = order_id.encode()
         if not active and txn.get(key, db=self.db["arch"]) is not None:
             return  # archived already: its final view is in the archive

@@ -1,7 +1,8 @@
-"""The store writer's inline put of a plain snapshot (session 6): a snapshot
-of an order already listed, with nothing consumed, is one put into
-``orders`` in ``StoreWriter._apply`` instead of a call of
-``Store.put_order``. Pinned to ``put_order`` (random batches with poison
+"""The store writer's inline put of a plain snapshot (session 6): an active
+snapshot of an order already listed is one put into ``orders`` (and the
+deletes of the inbox entries it consumed) in ``StoreWriter._apply`` instead
+of a call of ``Store.put_order``; and ``Store.create_order`` puts a new
+order's record and active entry itself. Pinned to ``put_order`` (random batches with poison
 writes, ids that are prefixes of others, the same order twice in a batch,
 retention between), on a full map, and on the crash images of a real writer
 process killed with SIGKILL in the middle of its commits.
@@ -112,7 +113,7 @@ def test_a_plain_snapshot_stores_what_put_order_stored(tmp_path: Path, seed: int
                 tag = f"{oid!r}-{len(ran[0])}-{rng.random()}"
                 msg = SaveOrder(oid, record, active, consumed,
                                 (Tell(Probe(ran[0].append), tag),), None, listed[oid])
-                plain += active and listed[oid] and not consumed and not stores[0].unlisted
+                plain += active and listed[oid] and not stores[0].unlisted
                 listed[oid] = active
                 batch.append(msg)
             writer.commit([retire_all(stores[0]) if m is None else m for m in batch])
