@@ -268,7 +268,8 @@ class StoreWriter(LoopActor):
                     if type(msg) is SaveOrder:  # most writes (7.3 an order), inline
                         if msg.listed and msg.active and not unlisted:
                             # 5 to 6.5 an order: all ``put_order`` would do for it (its
-                            # order listed, no order unlisted), without the call
+                            # order listed, no order unlisted), without the call; keep
+                            # the two alike (tests/test_store_writes6.py)
                             put(msg.order_id.encode(), msg.record, db=orders)
                             if msg.consumed:
                                 for ev in msg.consumed:

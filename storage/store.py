@@ -346,19 +346,14 @@ class Store(OrderListing, RetentionIndex):
         order: Order = build(order_id)
         txn.put(key, codec.pack([order_id, digest]), db=self.db["ext"])
         record = snapshot.encode(order)
-        oid = order_id.encode()  # ``put_order`` of an active record, unlisted: both puts
-        txn.put(oid, record, db=self.db["orders"])
-        txn.put(oid, b"", db=self.db["active"])
+        self.put_order(txn, order_id, record, active=True)
         if order.finished:  # its Start (actors.effects.NewOrder) finished it: as a save would
             self.put_order(txn, order_id, record, active=False)
         return Created("accepted", order_id, str(order.state), order)
 
     def put_order(self, txn: lmdb.Transaction[bytes], order_id: str, record: bytes,
                   active: bool, consumed: tuple[bytes, ...] = (), listed: bool = False) -> None:
-        """``listed``: its previous write left it in ``active``: no put there.
-        (``StoreWriter._apply`` does an active, listed snapshot itself while
-        ``unlisted`` is empty: the put into ``orders``, the inbox deletes;
-        keep the two alike, ``tests/test_store_writes6.py``.)"""
+        """``listed``: its previous write left it in ``active``: no put there."""
         key = order_id.encode()
         if not active and txn.get(key, db=self.db["arch"]) is not None:
             return  # archived already: its final view is in the archive

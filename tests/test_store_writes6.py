@@ -1,8 +1,7 @@
 """The store writer's inline put of a plain snapshot (session 6): an active
 snapshot of an order already listed is one put into ``orders`` (and the
 deletes of the inbox entries it consumed) in ``StoreWriter._apply`` instead
-of a call of ``Store.put_order``; and ``Store.create_order`` puts a new
-order's record and active entry itself. Pinned to ``put_order`` (random batches with poison
+of a call of ``Store.put_order``. Pinned to ``put_order`` (random batches with poison
 writes, ids that are prefixes of others, the same order twice in a batch,
 retention between), on a full map, and on the crash images of a real writer
 process killed with SIGKILL in the middle of its commits.
@@ -264,10 +263,10 @@ def test_kill_9_in_the_middle_of_commits_loses_nothing_and_applies_nothing_twice
 
 
 def test_a_create_stores_what_put_order_stored(tmp_path: Path) -> None:
-    """``create_order`` puts a new order's record and its ``active`` entry
-    itself: the store ends as with ``put_order`` (the order finished by its
-    start too: then also indexed as finished), for new orders, a repeat
-    and a conflict, with ids from the same counter."""
+    """``create_order`` leaves the store as ``put_order`` of the new order's
+    record would (the order finished by its start too: then also indexed as
+    finished), for new orders, a repeat and a conflict, with ids from the
+    same counter: the reference for any shortcut in it."""
     import msgspec
 
     steps, done = retail_records(PREFIXES[0], 3)
