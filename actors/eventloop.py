@@ -25,6 +25,15 @@ A turn of the loop, bounded in every step:
    effects: command sends, event publications, replies);
 8. observe the turn's duration (``oms_loop_turn_seconds``).
 
+Held runnables: a runnable that took mail *in place* (an idle order actor
+handed a reply, an event or a note by the code that delivers it on the loop
+thread: ``actors.pool.PooledActor.hold``) is *held* (``hold``) until the end
+of the phase it was held in: steps 2 to 4 together, then each round (5, 6,
+7). Then its slice ends as a slice does (``_end_held``): where it would have
+run, in the round after, it only has its slice's end left. Ending held
+slices is the runtime's own work: an error escaping it is fatal, as a
+``_run_slice``'s.
+
 Failure rule (docs/architecture.md, "Failure rule"): a callback that raises
 (a reader, a timer, a call) is reported to the supervisor as ``survived``
 (logged with its traceback, counted) and the loop goes on. A runnable whose
@@ -75,6 +84,13 @@ class Runnable(Protocol):
     def _run_slice(self, budget: int) -> None: ...
 
 
+class Holdable(Protocol):
+    """A runnable that can take mail in place (``EventLoop.hold``)."""
+
+    def _end_held(self) -> None:
+        """End the slice it was held for."""
+
+
 class Supervision(Protocol):
     """Where the loop reports failures (``actors.supervision.Supervisor``)."""
 
@@ -101,6 +117,14 @@ def _profiler(name: str) -> Any:
     profile = cProfile.Profile()
     profile.enable()
     return profile
+
+
+class Broken(BaseException):
+    """The runtime's own contract broke inside a callback (an order actor's
+    failure handling raised while it ran in place): not an error the caller
+    may survive. A ``BaseException``, so no ``except Exception`` of a reader,
+    timer or actor on the way holds it; the loop reports its death, as for a
+    ``_run_slice`` that raises."""
 
 
 class LoopBlocked(RuntimeError):
@@ -149,6 +173,7 @@ class EventLoop:
         self._calls: deque[Callable[[], None]] = deque()  # call_soon, any thread
         self._runq: deque[Runnable] = deque()
         self._late: deque[Runnable] = deque()
+        self._held: list[Holdable] = []  # held in this phase: their slices end at its end
         self._timers: list[tuple[float, int, TimerHandle]] = []
         self._seq = itertools.count()
         self._stopping = False
@@ -187,6 +212,18 @@ class EventLoop:
         else:
             self._incoming.append(runnable)
             self._wake()
+
+    def hold(self, runnable: Holdable, token: threading.Lock) -> bool:
+        """On the loop thread: take ``runnable``'s scheduling ``token``
+        (``acquire(False)``, as its inbox does to queue it) and, if that
+        worked, note it as held: it takes mail in place, and its
+        ``_end_held`` runs at the end of the phase (see the module
+        docstring). False, nothing taken, on any other thread or if the
+        token is taken (the runnable is queued, running or held)."""
+        if threading.get_ident() != self._ident or not token.acquire(False):
+            return False
+        self._held.append(runnable)
+        return True
 
     def call_soon(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` on the loop, in the next turn (thread-safe)."""
@@ -281,6 +318,8 @@ class EventLoop:
             if reader is not None:
                 self._guard(reader, sock)
         self._fire_timers()
+        if self._held:
+            self._end_held()
         self._round()
         if self._late:
             self._round(self._late)
@@ -339,6 +378,16 @@ class EventLoop:
         budget = self.throughput
         for _ in range(len(queue)):
             queue.popleft()._run_slice(budget)  # raising here is fatal (see above)
+        if self._held:
+            self._end_held()
+
+    def _end_held(self) -> None:
+        """The end of a phase: the slices of the runnables held in it end, in
+        the order they were held (what they hold meanwhile ends after them)."""
+        while self._held:
+            held, self._held = self._held, []
+            for runnable in held:
+                runnable._end_held()  # raising here is fatal (see above)
 
     def _guard(self, callback: Callable[..., Any], *args: Any) -> None:
         try:
