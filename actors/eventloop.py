@@ -30,9 +30,11 @@ handed a reply, an event or a note by the code that delivers it on the loop
 thread: ``actors.pool.PooledActor.hold``) is *held* (``hold``) until the end
 of the phase it was held in: steps 2 to 4 together, then each round (5, 6,
 7). Then its slice ends as a slice does (``_end_held``): where it would have
-run, in the round after, it only has its slice's end left. Ending held
-slices is the runtime's own work: an error escaping it is fatal, as a
-``_run_slice``'s.
+run, in the round after, it only has its slice's end left. The ends of a
+phase run inside ``around_held`` (``actors.loop.burst`` on a loop with loop
+actors: an order's save reaches the store writer in one ``Bundle`` with the
+phase's others). Ending held slices is the runtime's own work: an error
+escaping it is fatal, as a ``_run_slice``'s.
 
 Failure rule (docs/architecture.md, "Failure rule"): a callback that raises
 (a reader, a timer, a call) is reported to the supervisor as ``survived``
@@ -155,6 +157,10 @@ def current_loop() -> EventLoop | None:
 
 class EventLoop:
     """One thread polling sockets and running actors; see the module docstring."""
+
+    around_held: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+    """What the ends of a phase's held slices run in (``_end_held``):
+    ``actors.loop.burst`` once a loop actor runs on this loop (``LoopActor._attach``)."""
 
     def __init__(self, name: str = "loop", *, supervisor: Supervision | None = None,
                  turn_seconds: Observer | None = None, budget: int = SLICE_BUDGET,
@@ -384,10 +390,11 @@ class EventLoop:
     def _end_held(self) -> None:
         """The end of a phase: the slices of the runnables held in it end, in
         the order they were held (what they hold meanwhile ends after them)."""
-        while self._held:
-            held, self._held = self._held, []
-            for runnable in held:
-                runnable._end_held()  # raising here is fatal (see above)
+        with self.around_held():
+            while self._held:
+                held, self._held = self._held, []
+                for runnable in held:
+                    runnable._end_held()  # raising here is fatal (see above)
 
     def _guard(self, callback: Callable[..., Any], *args: Any) -> None:
         try:
