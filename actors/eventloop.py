@@ -25,16 +25,10 @@ A turn of the loop, bounded in every step:
    effects: command sends, event publications, replies);
 8. observe the turn's duration (``oms_loop_turn_seconds``).
 
-Held runnables: a runnable that took mail *in place* (an idle order actor
-handed a reply, an event or a note by the code that delivers it on the loop
-thread: ``actors.pool.PooledActor.hold``) is *held* (``hold``) until the end
-of the phase it was held in: steps 2 to 4 together, then each round (5, 6,
-7). Then its slice ends as a slice does (``_end_held``): where it would have
-run, in the round after, it only has its slice's end left. The ends of a
-phase run inside ``around_held`` (``actors.loop.burst`` on a loop with loop
-actors: an order's save reaches the store writer in one ``Bundle`` with the
-phase's others). Ending held slices is the runtime's own work: an error
-escaping it is fatal, as a ``_run_slice``'s.
+Held runnables (``hold``): an idle order actor that took mail in place
+(``actors.pool.PooledActor.hold``) has its slice ended at the end of the
+phase (steps 2 to 4, then each round), in ``around_held`` (``actors.loop.burst``:
+the saves go to the store writer as one bundle); an error there is fatal.
 
 Failure rule (docs/architecture.md, "Failure rule"): a callback that raises
 (a reader, a timer, a call) is reported to the supervisor as ``survived``
@@ -86,13 +80,6 @@ class Runnable(Protocol):
     def _run_slice(self, budget: int) -> None: ...
 
 
-class Holdable(Protocol):
-    """A runnable that can take mail in place (``EventLoop.hold``)."""
-
-    def _end_held(self) -> None:
-        """End the slice it was held for."""
-
-
 class Supervision(Protocol):
     """Where the loop reports failures (``actors.supervision.Supervisor``)."""
 
@@ -119,14 +106,6 @@ def _profiler(name: str) -> Any:
     profile = cProfile.Profile()
     profile.enable()
     return profile
-
-
-class Broken(BaseException):
-    """The runtime's own contract broke inside a callback (an order actor's
-    failure handling raised while it ran in place): not an error the caller
-    may survive. A ``BaseException``, so no ``except Exception`` of a reader,
-    timer or actor on the way holds it; the loop reports its death, as for a
-    ``_run_slice`` that raises."""
 
 
 class LoopBlocked(RuntimeError):
@@ -159,8 +138,6 @@ class EventLoop:
     """One thread polling sockets and running actors; see the module docstring."""
 
     around_held: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
-    """What the ends of a phase's held slices run in (``_end_held``):
-    ``actors.loop.burst`` once a loop actor runs on this loop (``LoopActor._attach``)."""
 
     def __init__(self, name: str = "loop", *, supervisor: Supervision | None = None,
                  turn_seconds: Observer | None = None, budget: int = SLICE_BUDGET,
@@ -179,7 +156,7 @@ class EventLoop:
         self._calls: deque[Callable[[], None]] = deque()  # call_soon, any thread
         self._runq: deque[Runnable] = deque()
         self._late: deque[Runnable] = deque()
-        self._held: list[Holdable] = []  # held in this phase: their slices end at its end
+        self._held: list[Any] = []  # held in this phase: their slices end at its end
         self._timers: list[tuple[float, int, TimerHandle]] = []
         self._seq = itertools.count()
         self._stopping = False
@@ -219,13 +196,9 @@ class EventLoop:
             self._incoming.append(runnable)
             self._wake()
 
-    def hold(self, runnable: Holdable, token: threading.Lock) -> bool:
-        """On the loop thread: take ``runnable``'s scheduling ``token``
-        (``acquire(False)``, as its inbox does to queue it) and, if that
-        worked, note it as held: it takes mail in place, and its
-        ``_end_held`` runs at the end of the phase (see the module
-        docstring). False, nothing taken, on any other thread or if the
-        token is taken (the runnable is queued, running or held)."""
+    def hold(self, runnable: Any, token: threading.Lock) -> bool:
+        """On the loop thread, take ``runnable``'s scheduling ``token``; its
+        ``_end_held()`` runs at the phase's end. False if that cannot be."""
         if threading.get_ident() != self._ident or not token.acquire(False):
             return False
         self._held.append(runnable)
@@ -388,8 +361,7 @@ class EventLoop:
             self._end_held()
 
     def _end_held(self) -> None:
-        """The end of a phase: the slices of the runnables held in it end, in
-        the order they were held (what they hold meanwhile ends after them)."""
+        """The end of a phase: the held slices end, in the order held."""
         with self.around_held():
             while self._held:
                 held, self._held = self._held, []

@@ -388,10 +388,8 @@ class LoopActor(pykka.Actor):
     def tell(self, message: Any) -> None:
         """Thread-safe: queue a message for this actor (gathered in a ``burst``)."""
         pending = getattr(_bursts, "pending", None)
-        if pending is None:  # ``tell(self.actor_ref, message)`` without its frame (8 an order)
-            if self.actor_stopped.is_set():
-                raise pykka.ActorDeadError(f"{self.actor_ref} not found")
-            self.actor_inbox.put(told(Told, (message, None)))
+        if pending is None:
+            tell(self.actor_ref, message)
             return
         messages = pending.get(self)
         if messages is None:

@@ -10,6 +10,8 @@ worker threads, as Akka's dispatchers do). A worker runs one actor for up to
 persists once for the whole slice), then moves on.
 
 An actor runs on at most one worker at a time, so its state needs no lock.
+Pooled actors are not put in pykka's ``ActorRegistry`` (its unregister is a
+list removal, O(n)); ``actors.router.OrderRouter`` indexes them instead.
 
 On an ``EventLoop``, an idle actor can also take a told message *in place*:
 the code that delivers it on the loop thread (a gateway's read, the store
@@ -20,10 +22,7 @@ or slice of its own. The loop ends the held slice at the end of its phase
 (``EventLoop.hold``): ``on_slice_end`` (an order actor's one save for all it
 took), then any mail queued meanwhile runs in a slice of its own, as after
 any slice. A message for an actor with mail queued, running (its handler or
-its slice), stopped, not started or on another thread is told, behind the
-mail before it.
-Pooled actors are not put in pykka's ``ActorRegistry`` (its unregister is a
-list removal, O(n)); ``actors.router.OrderRouter`` indexes them instead.
+its slice), stopped or on another thread is told, behind the mail before it.
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ import pykka
 from pykka import messages as pykka_messages
 
 from actors import supervision
-from actors.eventloop import Broken
 from actors.flags import Flag
 from actors.inbox import ScheduledInbox
 from actors.loop import PYKKA_MESSAGES, LoopFuture, handle_envelope
@@ -98,6 +96,13 @@ class Dispatcher:
 
 
 PooledInbox = ScheduledInbox  # the loop actors' inbox: queues the actor when mail lands
+
+
+class Broken(BaseException):
+    """The failure handling of an order's handler run in place raised: the
+    runtime's contract broke, not an error its caller may survive (a
+    ``BaseException``: no ``except Exception`` of a reader, timer or actor on
+    the way holds it). The loop reports its death, as for a slice that raises."""
 
 _FREE, _HELD, _RUNNING = 0, 1, 2
 """``PooledActor._holding``: not held by its loop; held (``hold``), between
@@ -210,12 +215,12 @@ class PooledActor(pykka.Actor):
         """True if the caller, on this actor's loop thread, may hand it a
         told message in place now (``run_held``): it is idle (not stopped,
         nothing queued, not scheduled or running; one spawned idle starts
-        now, as its first slice would) and its
-        scheduling token is now taken for a held slice that the loop ends at
-        the end of this phase (``_end_held``), or it is held already and
-        nothing was queued since (queued mail goes first). Else False: tell
-        it, and the message queues behind what is there (a handler that
-        delivers to its own actor, too)."""
+        now, as its first slice would) and its scheduling token is now taken
+        for a held slice that the loop ends at the end of this phase
+        (``_end_held``), or it is held already and nothing was queued since
+        (queued mail goes first). Else False: tell it, and the message
+        queues behind what is there (a handler that delivers to its own
+        actor, too)."""
         holding = self._holding
         if holding:
             return (holding == _HELD and not self.actor_inbox.queue
@@ -237,7 +242,7 @@ class PooledActor(pykka.Actor):
         """Handle a told ``message`` in place, after ``hold`` said yes. A
         handler's error follows the actor's failure rule (``on_crash``),
         never the caller's; if that rule itself fails, the runtime is
-        broken (``eventloop.Broken``: the loop ends, as when a slice raises)."""
+        broken (``Broken``: the loop ends, as when a slice raises)."""
         self._holding = _RUNNING
         try:
             self.on_receive(message)
