@@ -25,6 +25,11 @@ A turn of the loop, bounded in every step:
    effects: command sends, event publications, replies);
 8. observe the turn's duration (``oms_loop_turn_seconds``).
 
+Held runnables (``hold``): an idle order actor that took mail in place
+(``actors.pool.PooledActor.hold``) has its slice ended at the end of the
+phase (steps 2 to 4, then each round), in ``around_held`` (``actors.loop.burst``:
+the saves go to the store writer as one bundle); an error there is fatal.
+
 Failure rule (docs/architecture.md, "Failure rule"): a callback that raises
 (a reader, a timer, a call) is reported to the supervisor as ``survived``
 (logged with its traceback, counted) and the loop goes on. A runnable whose
@@ -132,6 +137,8 @@ def current_loop() -> EventLoop | None:
 class EventLoop:
     """One thread polling sockets and running actors; see the module docstring."""
 
+    around_held: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+
     def __init__(self, name: str = "loop", *, supervisor: Supervision | None = None,
                  turn_seconds: Observer | None = None, budget: int = SLICE_BUDGET,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -149,6 +156,7 @@ class EventLoop:
         self._calls: deque[Callable[[], None]] = deque()  # call_soon, any thread
         self._runq: deque[Runnable] = deque()
         self._late: deque[Runnable] = deque()
+        self._held: list[Any] = []  # held in this phase: their slices end at its end
         self._timers: list[tuple[float, int, TimerHandle]] = []
         self._seq = itertools.count()
         self._stopping = False
@@ -187,6 +195,14 @@ class EventLoop:
         else:
             self._incoming.append(runnable)
             self._wake()
+
+    def hold(self, runnable: Any, token: threading.Lock) -> bool:
+        """On the loop thread, take ``runnable``'s scheduling ``token``; its
+        ``_end_held()`` runs at the phase's end. False if that cannot be."""
+        if threading.get_ident() != self._ident or not token.acquire(False):
+            return False
+        self._held.append(runnable)
+        return True
 
     def call_soon(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` on the loop, in the next turn (thread-safe)."""
@@ -281,6 +297,8 @@ class EventLoop:
             if reader is not None:
                 self._guard(reader, sock)
         self._fire_timers()
+        if self._held:
+            self._end_held()
         self._round()
         if self._late:
             self._round(self._late)
@@ -339,6 +357,16 @@ class EventLoop:
         budget = self.throughput
         for _ in range(len(queue)):
             queue.popleft()._run_slice(budget)  # raising here is fatal (see above)
+        if self._held:
+            self._end_held()
+
+    def _end_held(self) -> None:
+        """The end of a phase: the held slices end, in the order held."""
+        with self.around_held():
+            while self._held:
+                held, self._held = self._held, []
+                for runnable in held:
+                    runnable._end_held()  # raising here is fatal (see above)
 
     def _guard(self, callback: Callable[..., Any], *args: Any) -> None:
         try:

@@ -42,11 +42,11 @@ class ScheduledInbox(DequeInbox):
     lock held around the append.
     """
 
-    __slots__ = ("_actor", "_dispatcher", "_token")
+    __slots__ = ("_actor", "_dispatcher", "token")
 
     def __init__(self) -> None:
         super().__init__()
-        self._token = threading.Lock()  # held while the actor is scheduled or running
+        self.token = threading.Lock()  # held while the actor is scheduled, running or held
         self._actor: Any = None
         self._dispatcher: Any = None
 
@@ -58,7 +58,7 @@ class ScheduledInbox(DequeInbox):
         actor, dispatcher = self._actor, self._dispatcher
         if actor is None or dispatcher is None:
             return  # not started yet (``start`` schedules it), or stopped
-        if self._token.acquire(False):
+        if self.token.acquire(False):
             dispatcher.schedule(actor)
 
     def bound(self) -> bool:
@@ -68,7 +68,7 @@ class ScheduledInbox(DequeInbox):
     def take(self) -> bool:
         """Take the scheduling token without queueing the actor: the caller
         runs a slice of it itself and ends it with ``finish_slice``."""
-        return self._token.acquire(False)
+        return self.token.acquire(False)
 
     def unbind(self) -> None:
         """Forget the actor once it has stopped. The actor and its inbox refer
@@ -79,7 +79,7 @@ class ScheduledInbox(DequeInbox):
 
     def start(self) -> None:
         """Schedule the first slice."""
-        if not self._token.acquire(False):
+        if not self.token.acquire(False):
             return
         assert self._dispatcher is not None and self._actor is not None
         self._dispatcher.schedule(self._actor)
@@ -92,8 +92,8 @@ class ScheduledInbox(DequeInbox):
         queue = self.queue
         if queue and not stopped:
             return True
-        self._token.release()
-        return bool(queue) and not stopped and self._token.acquire(False)
+        self.token.release()
+        return bool(queue) and not stopped and self.token.acquire(False)
 
 
 class Told(NamedTuple):

@@ -195,6 +195,7 @@ class LoopActor(pykka.Actor):
             self._bare = cls.direct
         self._ticks = (cls.poll_timeout is not LoopActor.poll_timeout
                        or cls.on_tick is not LoopActor.on_tick)
+        self._loop.around_held = burst  # the saves of the order slices it ends, gathered
         self.actor_inbox.bind(self, self._loop)
         self.actor_inbox.start()  # one first slice: mail told before now, a first tick
 

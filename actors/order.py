@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from actors.effects import Confirm, Origin, Tell
+from actors.inbox import tell
 from actors.pool import PooledActor
 from actors.store_writer import Barrier, SaveOrder
 from oms import snapshot
@@ -174,10 +175,20 @@ class OrderActor(PooledActor):
         order = self.order
         router = self.ctx.router
         if finished or router.passivate_after_s <= 0:
-            effects.append(_new(Tell, (self._actor_ref, _new(Flushed, (order.version,)))))
+            effects.append(_new(Tell, (self, _new(Flushed, (order.version,)))))
             return
         effects.append(_new(Confirm, (self, order.version)))
         self._idle()
+
+    def tell(self, message: Any) -> None:
+        """A note for this actor instance (``Tell(self, Flushed)``, run by the
+        store writer after the commit): handled in place if the actor is
+        idle on this loop (``PooledActor.hold``), else told (pykka's
+        ``ActorDeadError`` once it has stopped: it no longer needs it)."""
+        if self.hold():
+            self.run_held(message)
+        else:
+            tell(self._actor_ref, message)
 
     def confirmed(self, version: int) -> None:
         """The snapshot with this version is durable (``actors.effects.Confirm``,

@@ -12,6 +12,17 @@ persists once for the whole slice), then moves on.
 An actor runs on at most one worker at a time, so its state needs no lock.
 Pooled actors are not put in pykka's ``ActorRegistry`` (its unregister is a
 list removal, O(n)); ``actors.router.OrderRouter`` indexes them instead.
+
+On an ``EventLoop``, an idle actor can also take a told message *in place*:
+the code that delivers it on the loop thread (a gateway's read, the store
+writer's post-commit effects, a timer) calls ``hold``, which takes the
+actor's scheduling token as a slice would, and, if it got it, ``run_held``
+with the message: the handler runs at once, with no inbox put, scheduling
+or slice of its own. The loop ends the held slice at the end of its phase
+(``EventLoop.hold``): ``on_slice_end`` (an order actor's one save for all it
+took), then any mail queued meanwhile runs in a slice of its own, as after
+any slice. A message for an actor with mail queued, running (its handler or
+its slice), stopped or on another thread is told, behind the mail before it.
 """
 
 from __future__ import annotations
@@ -68,6 +79,10 @@ class Dispatcher:
     def alive(self) -> bool:
         return all(thread.is_alive() for thread in self._threads)
 
+    def hold(self, actor: PooledActor, token: threading.Lock) -> bool:
+        """Never: a worker thread takes no message in place (``PooledActor.hold``)."""
+        return False
+
     def backlog(self) -> int:
         """Actors waiting for a worker (read at scrape time)."""
         return self._ready.qsize()
@@ -83,6 +98,17 @@ class Dispatcher:
 PooledInbox = ScheduledInbox  # the loop actors' inbox: queues the actor when mail lands
 
 
+class Broken(BaseException):
+    """The failure handling of an order's handler run in place raised: the
+    runtime's contract broke, not an error its caller may survive (a
+    ``BaseException``: no ``except Exception`` of a reader, timer or actor on
+    the way holds it). The loop reports its death, as for a slice that raises."""
+
+_FREE, _HELD, _RUNNING = 0, 1, 2
+"""``PooledActor._holding``: not held by its loop; held (``hold``), between
+messages taken in place; running a handler in place (``run_held``)."""
+
+
 class PooledActor(pykka.Actor):
     """A pykka actor without a thread of its own. Start it with ``spawn``.
 
@@ -95,6 +121,7 @@ class PooledActor(pykka.Actor):
     actor_inbox: PooledInbox
     actor_stopped: Flag  # type: ignore[assignment]  # pykka's is an Event: see __init__
     turn_end = False  # on an EventLoop: runs with the others, not at the turn's end
+    _holding = _FREE  # see ``hold``
 
     @staticmethod
     def _create_actor_inbox() -> PooledInbox:
@@ -155,7 +182,7 @@ class PooledActor(pykka.Actor):
                 self.on_receive(message)
             except Exception:  # noqa: BLE001 - the failure rule, as handle_envelope's caller
                 self.on_crash(sys.exc_info(), message)
-        if not stopped.value:
+        if not stopped.value:  # ``_end_slice``, without its frame
             try:
                 self.on_slice_end()
             except Exception:  # noqa: BLE001 - the failure rule: crash this actor only
@@ -165,6 +192,69 @@ class PooledActor(pykka.Actor):
         elif stopped.value:
             self._actor_loop_teardown()
             inbox.unbind()
+
+    def _end_slice(self) -> None:
+        """After a slice, or a hold (``_end_held``): ``on_slice_end``, then the
+        scheduling token handed back, or the actor queued again if mail came
+        meanwhile, or left behind once stopped."""
+        self._holding = _FREE
+        stopped = self.actor_stopped
+        if not stopped.value:
+            try:
+                self.on_slice_end()
+            except Exception:  # noqa: BLE001 - the failure rule: crash this actor only
+                self.on_crash(sys.exc_info(), None)
+        inbox = self.actor_inbox
+        if inbox.finish_slice(stopped.value):
+            self._dispatcher.schedule(self)
+        elif stopped.value:
+            self._actor_loop_teardown()
+            inbox.unbind()
+
+    def hold(self) -> bool:
+        """True if the caller, on this actor's loop thread, may hand it a
+        told message in place now (``run_held``): it is idle (not stopped,
+        nothing queued, not scheduled or running; one spawned idle starts
+        now, as its first slice would) and its scheduling token is now taken
+        for a held slice that the loop ends at the end of this phase
+        (``_end_held``), or it is held already and nothing was queued since
+        (queued mail goes first). Else False: tell it, and the message
+        queues behind what is there (a handler that delivers to its own
+        actor, too)."""
+        holding = self._holding
+        if holding:
+            return (holding == _HELD and not self.actor_inbox.queue
+                    and not self.actor_stopped.value)
+        inbox = self.actor_inbox
+        if (self.actor_stopped.value or inbox.queue
+                or not self._dispatcher.hold(self, inbox.token)):
+            return False
+        self._holding = _HELD
+        if inbox.queue:  # a put from another thread raced for the token: it goes first
+            return False  # (the held slice's end finds it and schedules a slice)
+        if not self._started:  # (spawned idle) its first slice's start, as ``_run_slice``
+            self._started = True
+            self._actor_loop_setup()
+            return not self.actor_stopped.value  # stopped: told, it refuses the message
+        return True
+
+    def run_held(self, message: Any) -> None:
+        """Handle a told ``message`` in place, after ``hold`` said yes. A
+        handler's error follows the actor's failure rule (``on_crash``),
+        never the caller's; if that rule itself fails, the runtime is
+        broken (``Broken``: the loop ends, as when a slice raises)."""
+        self._holding = _RUNNING
+        try:
+            self.on_receive(message)
+        except Exception:  # noqa: BLE001 - the failure rule, as in a slice
+            try:
+                self.on_crash(sys.exc_info(), message)
+            except Exception as exc:  # not the caller's to survive: fatal
+                raise Broken(f"{self} failed handling a crash") from exc
+        finally:
+            self._holding = _HELD
+
+    _end_held = _end_slice  # the end of the phase it was held in (``EventLoop.hold``)
 
     def _handle_envelope(self, envelope: Any) -> None:
         exc_info = handle_envelope(self, envelope)

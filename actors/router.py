@@ -2,8 +2,9 @@
 
 ``deliver(order_id, message)`` is how anything reaches an order: the gateway
 with a reply, the domain-events endpoint with an event, the timer service,
-the intake with a cancel. A live actor gets the message at once; a
-passivated order is loaded from its snapshot and a new actor started. A
+the intake with a cancel. A live actor gets the message at once (an idle
+one, on the loop thread, handles it in place: ``actors.pool.PooledActor.hold``);
+a passivated order is loaded from its snapshot and a new actor started. A
 finished order (not in the ``active`` index) takes no more messages.
 
 Locks are striped by order id: delivering to, activating or passivating one
@@ -99,8 +100,9 @@ class OrderRouter(Revival):
                 # to it), its first slice would find nothing to do: it is not scheduled
                 ref = self._spawn(order, reason,
                                   idle=first is None and awaiting_reply(order))
-            if first is not None:
-                self._tell(order_id, ref, first)
+            held = self._tell(order_id, ref, first) if first is not None else None
+        if held is not None:
+            held.run_held(first)
         if started:
             origin = Origin(self.ctx, order_id, order.order_type, order.source_system,
                             order.created_ts)
@@ -118,19 +120,28 @@ class OrderRouter(Revival):
                     self.ctx.metrics.stale_messages.labels("finished_order").inc()
                     return False
                 ref = self._spawn(order, "message")
-            self._tell(order_id, ref, message)
-            return True
+            held = self._tell(order_id, ref, message)
+        if held is not None:  # handled in place, outside the stripe (a crash takes it)
+            held.run_held(message)
+        return True
 
     def deliver_event(self, key: bytes, order_id: str, event: DomainEvent) -> bool:
         return self.deliver(order_id, Inbound(key, event))
 
-    def _tell(self, order_id: str, ref: ActorRef[OrderActor] | None, message: Any) -> None:
-        """The one place a message enters an order actor (stripe held)."""
+    def _tell(self, order_id: str, ref: ActorRef[OrderActor] | None,
+              message: Any) -> OrderActor | None:
+        """The one place a message enters an order actor (stripe held). An
+        idle actor on this loop thread is held for it instead (``PooledActor.hold``)
+        and returned: the caller hands it the message once the stripe is
+        released (``run_held``), as its slice would, with no put or slice."""
         reviving = self._reviving.get(order_id)
         if reviving is not None:
             reviving.append(message)
-            return
+            return None
         assert ref is not None
+        actor = ref._actor_weakref()
+        if actor is not None and actor.hold():
+            return actor
         try:
             tell(ref, message)  # ref.tell(message), without pykka's frames
         except pykka.ActorDeadError:  # never expected: crashed() takes it out first
@@ -141,6 +152,7 @@ class OrderRouter(Revival):
             self.idle.pop(order_id, None)
             dead = ref._actor_weakref()  # the counts show its state
             self._revive(order_id, [message], dead.counted_state if dead else None)
+        return None
 
     def _spawn(self, order: Order, reason: str, idle: bool = False) -> ActorRef[OrderActor]:
         engine = self.ctx.engines[order.order_type]
