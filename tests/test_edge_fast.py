@@ -221,10 +221,18 @@ MIX = {0.0: (2000, 0), 0.1: (500, 500), 0.3: (100, 1500), 0.9: (0, 2500)}
 @pytest.mark.parametrize("poison", sorted(MIX))
 def test_the_one_step_read_takes_only_what_the_full_checks_take(seed: int,
                                                                  poison: float) -> None:
-    rng = random.Random(seed * 1000 + int(poison * 10))
+    takes_only_what_the_full_checks_take(check, reply_pairs, seed * 1000, poison)
+
+
+def takes_only_what_the_full_checks_take(outcome: Any, pairs: Any, seed: int,
+                                         poison: float) -> None:
+    """3,000 generated frames (``pairs``, then ``frame_of``) through ``outcome``
+    (which compares the one-step read with the full path): at least the
+    mix's share of them read in one step, and of them refused."""
+    rng = random.Random(seed + int(poison * 10))
     seen = {"fast": 0, "full": 0, "refused": 0}
     for _ in range(3000):
-        seen[check(*frame_of(reply_pairs(rng, poison), rng, poison))] += 1
+        seen[outcome(*frame_of(pairs(rng, poison), rng, poison))] += 1
     fast, refused = MIX[poison]
     assert seen["fast"] >= fast and seen["refused"] >= refused, seen
 
@@ -369,12 +377,7 @@ def event_outcome(frame: bytes, pairs: Pairs | None) -> str:
 @pytest.mark.parametrize("poison", sorted(MIX))
 def test_the_one_step_event_read_takes_only_what_the_full_checks_take(
         seed: int, poison: float) -> None:
-    rng = random.Random(seed * 7919 + int(poison * 10))
-    seen = {"fast": 0, "full": 0, "refused": 0}
-    for _ in range(3000):
-        seen[event_outcome(*frame_of(event_pairs(rng, poison), rng, poison))] += 1
-    fast, refused = MIX[poison]
-    assert seen["fast"] >= fast and seen["refused"] >= refused, seen
+    takes_only_what_the_full_checks_take(event_outcome, event_pairs, seed * 7919, poison)
 
 
 @pytest.mark.parametrize("depth", range(1, 12))
