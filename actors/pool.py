@@ -182,16 +182,7 @@ class PooledActor(pykka.Actor):
                 self.on_receive(message)
             except Exception:  # noqa: BLE001 - the failure rule, as handle_envelope's caller
                 self.on_crash(sys.exc_info(), message)
-        if not stopped.value:  # ``_end_slice``, without its frame
-            try:
-                self.on_slice_end()
-            except Exception:  # noqa: BLE001 - the failure rule: crash this actor only
-                self.on_crash(sys.exc_info(), None)
-        if inbox.finish_slice(stopped.value):
-            self._dispatcher.schedule(self)
-        elif stopped.value:
-            self._actor_loop_teardown()
-            inbox.unbind()
+        self._end_slice()  # (an order's messages mostly come in place now: ``run_held``)
 
     def _end_slice(self) -> None:
         """After a slice, or a hold (``_end_held``): ``on_slice_end``, then the
