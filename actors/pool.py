@@ -83,6 +83,10 @@ class Dispatcher:
         """Never: a worker thread takes no message in place (``PooledActor.hold``)."""
         return False
 
+    def in_loop(self) -> bool:
+        """Never: no actor of a worker pool is held (``PooledActor.hold``)."""
+        return False
+
     def backlog(self) -> int:
         """Actors waiting for a worker (read at scrape time)."""
         return self._ready.qsize()
@@ -213,9 +217,9 @@ class PooledActor(pykka.Actor):
         queues behind what is there (a handler that delivers to its own
         actor, too)."""
         holding = self._holding
-        if holding:
+        if holding:  # held by its loop: only for that loop's thread (another thread tells)
             return (holding == _HELD and not self.actor_inbox.queue
-                    and not self.actor_stopped.value)
+                    and not self.actor_stopped.value and self._dispatcher.in_loop())
         inbox = self.actor_inbox
         if (self.actor_stopped.value or inbox.queue
                 or not self._dispatcher.hold(self, inbox.token)):
