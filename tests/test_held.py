@@ -76,6 +76,24 @@ def held_for_stock(svc: Any, client: Client, ext: str) -> str:
     return oid
 
 
+def held_by_its_crash(client: Client, caplog: pytest.LogCaptureFixture, ext: str
+                      ) -> tuple[str, tuple[str, str]]:
+    """A retail order submitted, then held as ``internal_error`` by its
+    handler's crash: its id, and where it crashed (``crashed_in``)."""
+    oid: str = client.submit(retail_order(ext))["order_id"]
+    view = poll_until(lambda: (o := client.get(oid)["order"]).get(
+        "state_reason") == "internal_error" and o)
+    assert view["state"] == "held"
+    return oid, crashed_in(caplog, oid)
+
+
+def completes_after(svc: Any, client: Client, good: Any, ext: str) -> None:
+    """With the good engine back, a new retail order completes."""
+    svc.octx.engines["retail"] = good
+    after = client.submit(retail_order(ext))["order_id"]
+    assert wait_terminal(client, [after], timeout=20)[after]["state"] == "completed"
+
+
 def test_a_crash_on_a_reply_taken_in_place_holds_the_order_and_spares_the_gateway(
         make_service: Any, sim: Any, eps: Endpoints,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -87,16 +105,11 @@ def test_a_crash_on_a_reply_taken_in_place_holds_the_order_and_spares_the_gatewa
     control(eps.systems["billing"], capture_payment=[1.0, "payment_declined"])
     good = poisoned(svc, "failed")
     with Client(eps.intake, timeout=10) as client, caplog.at_level(logging.ERROR):
-        oid = client.submit(retail_order("held-crash-reply"))["order_id"]
-        view = poll_until(lambda: (o := client.get(oid)["order"]).get(
-            "state_reason") == "internal_error" and o)
-        assert view["state"] == "held"
-        assert crashed_in(caplog, oid) == ("CommandResult", "run_held")  # in the read
+        _oid, where = held_by_its_crash(client, caplog, "held-crash-reply")
+        assert where == ("CommandResult", "run_held")  # in the read
         assert svc.metrics.order_crashes._value.get() == 1
-        svc.octx.engines["retail"] = good
         control(eps.systems["billing"], capture_payment=[0])
-        after = client.submit(retail_order("held-crash-after"))["order_id"]
-        assert wait_terminal(client, [after], timeout=20)[after]["state"] == "completed"
+        completes_after(svc, client, good, "held-crash-after")
     assert svc.dead_components() == [] and svc.is_ready()
 
 
@@ -110,14 +123,9 @@ def test_a_crash_on_an_event_taken_in_place_holds_the_order_and_the_event_is_ack
     svc = make_service()
     good = poisoned(svc, "completed")
     with Client(eps.intake, timeout=10) as client, caplog.at_level(logging.ERROR):
-        oid = client.submit(retail_order("held-crash-event"))["order_id"]
-        view = poll_until(lambda: (o := client.get(oid)["order"]).get(
-            "state_reason") == "internal_error" and o)
-        assert view["state"] == "held"
-        assert crashed_in(caplog, oid) == ("Inbound", "run_held")  # after the commit
-        svc.octx.engines["retail"] = good
-        after = client.submit(retail_order("held-crash-event-after"))["order_id"]
-        assert wait_terminal(client, [after], timeout=20)[after]["state"] == "completed"
+        _oid, where = held_by_its_crash(client, caplog, "held-crash-event")
+        assert where == ("Inbound", "run_held")  # after the commit
+        completes_after(svc, client, good, "held-crash-event-after")
     assert svc.metrics.order_crashes._value.get() == 1
     assert svc.dead_components() == [] and svc.is_ready()
 
