@@ -261,22 +261,12 @@ class StoreWriter(LoopActor):
         with store.write() as txn:
             if not work:  # a retry with nothing held: a real write, or it proves nothing
                 store.probe(txn)
-            put_order, put = store.put_order, txn.put
-            orders, inbox, unlisted = store.db["orders"], store.db["inbox"], store.unlisted
+            put_order = store.put_order
             for msg in work:
                 try:
                     if type(msg) is SaveOrder:  # most writes (7.3 an order), inline
-                        if msg.listed and msg.active and not unlisted:
-                            # 5 to 6.5 an order: all ``put_order`` would do for it (its
-                            # order listed, no order unlisted), without the call; keep
-                            # the two alike (tests/test_store_writes6.py)
-                            put(msg.order_id.encode(), msg.record, db=orders)
-                            if msg.consumed:
-                                for ev in msg.consumed:
-                                    txn.delete(ev, db=inbox)
-                        else:
-                            put_order(txn, msg.order_id, msg.record, msg.active, msg.consumed,
-                                      msg.listed)
+                        put_order(txn, msg.order_id, msg.record, msg.active, msg.consumed,
+                                  msg.listed)
                         outcomes.append(None)
                     else:
                         outcomes.append(self._apply_one(txn, msg))

@@ -1,7 +1,7 @@
-"""The store writer's inline put of a plain snapshot (session 6): an active
-snapshot of an order already listed is one put into ``orders`` (and the
-deletes of the inbox entries it consumed) in ``StoreWriter._apply`` instead
-of a call of ``Store.put_order``. Pinned to ``put_order`` (random batches with poison
+"""The store writer's snapshots (session 6): what ``StoreWriter._apply``
+stores for a snapshot (an inline put of a plain one was built, then
+reverted for ``Store.put_order``'s own call) is what ``put_order`` stores
+in a bare transaction. Pinned (random batches with poison
 writes, ids that are prefixes of others, the same order twice in a batch,
 retention between), on a full map, and on the crash images of a real writer
 process killed with SIGKILL in the middle of its commits.
