@@ -5,11 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import msgpack
+import msgspec
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from oms import codec
+from oms.order_rules import MAX_ATTR_DEPTH
+from oms.sample import sample_orders
+from oms.validation import validate_order
 
 
 def test_round_trip_map() -> None:
@@ -225,7 +229,37 @@ def test_plain_frames_take_the_typed_read() -> None:
         "source_system": "web", "items": [{"id": "a", "quantity": 2, "price": 1.5}],
         "attributes": {"gift": True, "note": None}}}
     reply = {"type": "result", "command_id": "O1:reserve", "ok": True, "data": {"id": "r-1"}}
-    for value in (order, reply, _nested(16)):
+    for value in (order, reply, _nested(codec.PLAIN_DEPTH)):
         assert codec._decode_plain is not None
         assert codec._decode_plain(codec.pack(value)) == value == codec.decode_map(
             codec.pack(value))
+
+
+def _deep_order(levels: int) -> dict[str, Any]:
+    """A submit_order whose item ``attributes`` nest ``levels`` deep (the
+    innermost an empty map)."""
+    attrs: Any = {}
+    for n in range(levels - 2):
+        attrs = {"k": attrs} if n % 2 else [attrs]
+    order = next(iter(sample_orders(1, seed=3)))
+    order["items"][0]["attributes"] = {"top": attrs}
+    return {"type": "submit_order", "request_id": 1, "order": order}
+
+
+def test_the_deepest_order_validation_accepts_takes_the_typed_read() -> None:
+    """``PLAIN_DEPTH`` is as deep as intake needs and no deeper (msgspec's
+    decoder costs double for each level more at every process's start):
+    the most deeply nested order that validation accepts is read by
+    msgspec; one level more is read by msgpack, to the same result."""
+    req = _deep_order(MAX_ATTR_DEPTH)
+    order, problems = validate_order(req["order"], ["retail"])
+    assert order is not None, problems
+    too_deep, problems = validate_order(_deep_order(MAX_ATTR_DEPTH + 1)["order"], ["retail"])
+    assert too_deep is None and "nested deeper" in problems[0].message
+    frame = codec.pack(req)
+    assert codec._decode_plain is not None
+    assert codec._decode_plain(frame) == req == codec.decode_map(frame)
+    deeper = {"wrap": req}
+    with pytest.raises(msgspec.ValidationError):  # too deep for its type
+        codec._decode_plain(codec.pack(deeper))
+    assert codec.decode_map(codec.pack(deeper)) == deeper
