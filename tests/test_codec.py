@@ -216,7 +216,7 @@ def _nested(depth: int) -> dict[str, Any]:
     b"\x81\xa1a\xdd\xff\xff\xff\xff",  # an array of 4 G claimed
     b"\x81\xa1a\xc0\xc0",  # trailing bytes
     b"\x81\xc4\x01a\x01",  # a bin key: msgpack reads it
-    *(codec.pack(_nested(depth)) for depth in (15, 16, 17, 40)),
+    *(codec.pack(_nested(depth)) for depth in (11, 12, 13, 15, 16, 17, 40)),
 ])
 def test_odd_frames_decode_as_with_msgpack_alone(frame: bytes) -> None:
     assert _outcome(codec.decode_map, frame) == _outcome(_explicit_bounds, frame)
