@@ -146,9 +146,9 @@ class OrderActor(PooledActor):
         if self._dirty:
             order = self.order
             effects = self._effects
-            now = standing(order)  # finished, awaiting a reply, or neither: asked once
-            finished = now == FINISHED
-            if now:  # (not AWAITING)
+            stands = standing(order)  # finished, awaiting a reply, or neither: asked once
+            finished = stands == FINISHED
+            if stands:  # (not AWAITING)
                 # only an order that may rest needs to hear its snapshot is durable
                 # (``_rest``): one that awaits a reply gets this note with a later
                 # snapshot, as a dirty slice is the only way out of awaiting one.
@@ -219,10 +219,10 @@ class OrderActor(PooledActor):
                 # follows it, so idle from now; the sweep's ``Rest`` waits for it
                 self._idle()
             return
-        now = standing(order)
-        if now == FINISHED:
+        stands = standing(order)
+        if stands == FINISHED:
             router.retire(self)
-        elif now == AWAITING:
+        elif stands == AWAITING:
             return
         elif sweep or router.passivate_after_s <= 0:
             if self.idle_since is not None or router.passivate_after_s <= 0:

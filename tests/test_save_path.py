@@ -19,16 +19,23 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import Endpoints
+from conftest import SYSTEMS, Endpoints
 from helpers import poll_until, retail_order
 
 from actors.eventloop import EventLoop
 from actors.pool import PooledActor
 from gateways.client import Client, wait_terminal
 from oms.engine import Engine, Turning
-from oms.messages import CommandResult
 from oms.model import Order
-from oms.outstanding import AWAITING, FINISHED, WAITING, awaiting_reply, standing
+from oms.outstanding import (
+    AWAITING,
+    FINISHED,
+    WAITING,
+    awaiting_reply,
+    delivering_notes,
+    outstanding,
+    standing,
+)
 from oms.states import OrderState, StepStatus, Undo
 
 STATES = [OrderState.IN_PROGRESS, OrderState.HELD, OrderState.COMPLETED, OrderState.FAILED,
@@ -64,6 +71,13 @@ def test_standing_agrees_for_every_pair_of_notes_terminal_or_not() -> None:
     for state, first, second, step in product(STATES, notes, notes, (running, done)):
         order = SimpleNamespace(state=state, steps={"a": step}, notes=[first, second])
         assert standing(order) == _expected(order), (state, first, second, step)  # type: ignore[arg-type]
+
+
+def test_delivering_notes_is_command_outs_notes() -> None:
+    for status, retry_at in product(STATUSES, [None, 5.0]):
+        note = SimpleNamespace(status=status, retry_at=retry_at)
+        order = SimpleNamespace(steps={}, notes=[note])
+        assert delivering_notes(order) == outstanding(order).notes, note  # type: ignore[arg-type]
 
 
 def test_finished_takes_a_plain_string_state() -> None:
@@ -174,18 +188,21 @@ def test_puts_from_other_threads_racing_held_slices_lose_nothing(loop: EventLoop
 
 
 class _Unsavable(Engine):
-    """The retail engine, but the order it hands back after its second
-    command result holds a value the snapshot encoder refuses: the actor's
-    save raises in ``on_slice_end`` (a bug that corrupts the order)."""
+    """The retail engine, but an order whose handled message completed its
+    ``create_invoice`` step (and so started ``capture_payment``) holds, the
+    first time, a value the snapshot encoder refuses: the actor's save raises
+    in ``on_slice_end`` (a bug that corrupts the order)."""
 
-    results = 0
+    def __init__(self, proc: Any) -> None:
+        super().__init__(proc)
+        self.poisoned: set[str] = set()
 
     def handle(self, order: Order, msg: Any, now: float) -> Turning:
         turning = super().handle(order, msg, now)
-        if isinstance(msg, CommandResult):
-            self.results += 1
-            if self.results == 2:
-                order.attributes["poison"] = object()
+        if (order.steps["create_invoice"].status == StepStatus.DONE
+                and order.order_id not in self.poisoned):
+            self.poisoned.add(order.order_id)
+            order.attributes["poison"] = object()
         return turning
 
 
@@ -204,16 +221,15 @@ def test_a_save_that_raises_holds_the_order_and_sends_nothing_it_decided(
         svc.octx.engines["retail"] = good
         assert view["state"] == "held"
         assert view["failure"]["error"]["message"].startswith("TypeError")
-        steps = [(s["name"], s["status"]) for s in view["steps"]]
+        steps = {s["name"]: s["status"] for s in view["steps"]}
         # the reply lost with the unsaved slice leaves its step running as
-        # durable; the step that slice started was never sent
-        lost = next(i for i, (_name, status) in enumerate(steps) if status == "running")
-        assert all(status == "done" for _name, status in steps[:lost]), steps
-        later = steps[lost + 1][0]
-        assert steps[lost + 1][1] == "pending", steps
-        sent = {**sim.report("warehouse", order_id=oid)["order"],
-                **sim.report("billing", order_id=oid)["order"]}
-        assert steps[lost][0] in sent and later not in sent, (steps, sent)
+        # durable; the command that slice decided was never sent
+        assert (steps["reserve_stock"], steps["create_invoice"], steps["capture_payment"]) == (
+            "done", "running", "pending"), steps
+        sent: dict[str, Any] = {}
+        for system in SYSTEMS:
+            sent |= sim.report(system, order_id=oid)["order"]
+        assert "create_invoice" in sent and "capture_payment" not in sent, sent
         after = client.submit(retail_order("unsavable-2"))["order_id"]
         assert wait_terminal(client, [after], timeout=20)[after]["state"] == "completed"
     assert svc.metrics.order_crashes._value.get() == 1
