@@ -24,13 +24,15 @@ from oms import snapshot
 from oms.engine import INTERNAL_ERROR, Engine, hold_internal_error
 from oms.messages import DomainEvent
 from oms.model import Order
-from oms.outstanding import awaiting_reply
+from oms.outstanding import AWAITING, FINISHED, WAITING, standing
 from oms.states import OrderState
 
 if TYPE_CHECKING:
     from actors.ports import OrderContext
 
 logger = logging.getLogger(__name__)
+_HELD = OrderState.HELD
+_now = time.time
 _new = tuple.__new__  # _new(SaveOrder, (...)): a NamedTuple without its generated __new__'s
 # frame (every field given: 235 -> 128 ns a SaveOrder, 6.4 an order)
 
@@ -97,7 +99,7 @@ class OrderActor(PooledActor):
         received = message
         order = self.order
         before = order.state
-        parked = before == OrderState.HELD and order.state_reason == INTERNAL_ERROR
+        parked = before == _HELD and order.state_reason == INTERNAL_ERROR
         if kind is HoldInternalError:
             for msg in message.dropped:
                 if isinstance(msg, Inbound):  # the event that crashed it: not again
@@ -109,18 +111,19 @@ class OrderActor(PooledActor):
                 self._consumed.append(message.key)
                 self._dirty = True
                 message = message.event
-            turning = self.engine.handle(order, message, time.time())
+            turning = self.engine.handle(order, message, _now())
         if turning.stale:
             self.ctx.metrics.stale_messages.labels(type(message).__name__).inc()
         if turning.changed:
             self._dirty = True
-        if turning.effects:
-            self._effects.extend(turning.effects)
+        effects = turning.effects
+        if effects:
+            self._effects.extend(effects)
         after = order.state
-        if after != before:
+        if after is not before and after != before:  # (the same member: most messages)
             self.ctx.counts.state_changed(before, after, order.order_id)
             self.counted_state = after
-        if (parked or after == OrderState.HELD) and _parked(order) != parked:
+        if (parked or after == _HELD) and _parked(order) != parked:
             self.ctx.counts.park(order.order_id, not parked)
         self._handled.append(received)
         return None
@@ -137,33 +140,36 @@ class OrderActor(PooledActor):
         self._handled = []
 
     def on_slice_end(self) -> None:
-        self._save()
-        self._handled.clear()  # the snapshot handed to the writer carries them now
-
-    def _save(self) -> None:
-        if not self._dirty and not self._effects:
-            self._rest()
-            return
-        effects: list[Any] = self._effects
-        dirty = self._dirty
-        if dirty:
+        """The slice's one save: its snapshot, if it changed the order, with
+        its effects, to the writer (``SaveOrder``); else its effects alone,
+        to run after what is queued before them (``Barrier``), or nothing."""
+        if self._dirty:
             order = self.order
-            finished = order.finished
-            if finished or not awaiting_reply(order):
+            effects = self._effects
+            stands = standing(order)  # finished, awaiting a reply, or neither: asked once
+            finished = stands == FINISHED
+            if stands:  # (not AWAITING)
                 # only an order that may rest needs to hear its snapshot is durable
                 # (``_rest``): one that awaits a reply gets this note with a later
                 # snapshot, as a dirty slice is the only way out of awaiting one.
                 # Saves a message and a slice for most snapshots.
                 self._resting(effects, finished)
+            consumed = self._consumed
             self.ctx.writer.tell(_new(SaveOrder, (
                 order.order_id, snapshot.encode(order), not finished,
-                tuple(self._consumed), tuple(effects), self.origin, self._listed)))
+                tuple(consumed) if consumed else (), tuple(effects), self.origin, self._listed)))
             self._listed = not finished
+            self._effects = []
+            if consumed:  # (one domain event an order: most slices took none)
+                self._consumed = []
+            self._dirty = False
+        elif self._effects:  # nothing new to make durable (a reply only)
+            self.ctx.writer.tell(Barrier(tuple(self._effects), self.origin))
+            self._effects, self._consumed = [], []
+            self._rest()  # it may rest, as after a slice with nothing to save
         else:
-            self.ctx.writer.tell(Barrier(tuple(effects), self.origin))
-        self._effects, self._consumed, self._dirty = [], [], False
-        if not dirty:  # nothing new to make durable (a reply only): it may rest, as
-            self._rest()  # after a slice with nothing to save
+            self._rest()
+        self._handled.clear()  # the snapshot handed to the writer carries them now
 
     def _resting(self, effects: list[Any], finished: bool) -> None:
         """This snapshot lets the order leave memory once it is durable. A
@@ -205,17 +211,18 @@ class OrderActor(PooledActor):
         a finished order at once, a waiting one once idle long enough."""
         order = self.order
         router = self.ctx.router
-        if self._durable != order.version or self.actor_inbox.queue:
-            if (not sweep and self.idle_since is None and not self.actor_inbox.queue
-                    and router.passivate_after_s > 0 and not order.finished
-                    and not awaiting_reply(order)):
+        queued = self.actor_inbox.queue
+        if self._durable != order.version or queued:
+            if (not sweep and self.idle_since is None and not queued
+                    and router.passivate_after_s > 0 and standing(order) == WAITING):
                 # its snapshot only ``Confirm``s its commit (``_resting``): no slice
                 # follows it, so idle from now; the sweep's ``Rest`` waits for it
                 self._idle()
             return
-        if order.finished:
+        stands = standing(order)
+        if stands == FINISHED:
             router.retire(self)
-        elif awaiting_reply(order):
+        elif stands == AWAITING:
             return
         elif sweep or router.passivate_after_s <= 0:
             if self.idle_since is not None or router.passivate_after_s <= 0:

@@ -17,7 +17,7 @@ import msgspec
 
 from oms.fallout import fallout_view
 from oms.outstanding import delivering_notes
-from oms.states import OrderState, Phase, StepStatus, Target, Undo
+from oms.states import TERMINAL, OrderState, Phase, StepStatus, Target, Undo
 
 RECORD_VERSION = 2
 """The snapshot record format: 1, a map with short keys (read, no longer
@@ -153,7 +153,7 @@ class Order(msgspec.Struct, array_like=True, tag=RECORD_VERSION, dict=True):
     @property
     def finished(self) -> bool:
         """Terminal, and no CRM notification still being delivered."""
-        return self.state.terminal and not delivering_notes(self)
+        return self.state in TERMINAL and not delivering_notes(self)  # (no enum property)
 
     def summary_view(self) -> dict[str, Any]:
         """The list view: no steps, items or history."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, NamedTuple
 
-from oms.states import STEP_RUNNING, UNDO_RUNNING
+from oms.states import STEP_RUNNING, TERMINAL, UNDO_RUNNING
 
 if TYPE_CHECKING:
     from oms.model import Order
@@ -89,20 +89,49 @@ def awaiting_reply(order: Order) -> bool:
     """``outstanding(order).replies``: ``command_out``'s REPLY cases written
     out (no call and no tuple a step; asked at every snapshot of an order,
     about 6 times an order), pinned to it by
-    ``tests/test_engine.py::test_awaiting_reply_is_command_outs_reply``."""
+    ``tests/test_engine.py::test_awaiting_reply_is_command_outs_reply``.
+    Most steps are done or pending: the status decides first, and ``comp``
+    is compared only when set (``None == member`` is two failed compares)."""
     for step in order.steps.values():
-        if step.retry_at is None and (step.comp == UNDO_RUNNING
-                                      or (step.status == STEP_RUNNING and step.wait is None)):
+        if step.status == STEP_RUNNING and step.wait is None and step.retry_at is None:
+            return True
+        comp = step.comp
+        if comp is not None and comp == UNDO_RUNNING and step.retry_at is None:
             return True
     for note in order.notes:  # noqa: SIM110 - a loop: no generator, as above
-        if note.retry_at is None and note.status == STEP_RUNNING:
+        if note.status == STEP_RUNNING and note.retry_at is None:
             return True
     return False
 
 
 def delivering_notes(order: Order) -> bool:
-    """``outstanding(order).notes``."""
-    for note in order.notes:
-        if command_out(note.status, None, note.retry_at, None) is not None:
+    """``outstanding(order).notes``: ``command_out`` of a note (no wait, no
+    ``comp``) is not None exactly when it runs, at a gateway or backing off."""
+    for note in order.notes:  # noqa: SIM110 - a loop: no generator (``Order.finished``)
+        if note.status == STEP_RUNNING:
             return True
     return False
+
+
+AWAITING, WAITING, FINISHED = 0, 1, 2
+"""``standing``: a reply is awaited (the order stays in memory for it); nothing
+is awaited, but the order is not finished (it may rest: passivate); finished
+(it retires)."""
+
+
+def standing(order: Order) -> int:
+    """``FINISHED`` if ``order.finished``, else ``AWAITING`` if
+    ``awaiting_reply(order)``, else ``WAITING``: what the order actor asks at
+    every snapshot, in one call. A terminal order's notes decide alone
+    unless one is backing off (its steps then decide, as they may)."""
+    if order.state not in TERMINAL:
+        return AWAITING if awaiting_reply(order) else WAITING
+    delivering = False
+    for note in order.notes:
+        if note.status == STEP_RUNNING:
+            if note.retry_at is None:
+                return AWAITING
+            delivering = True
+    if not delivering:
+        return FINISHED
+    return AWAITING if awaiting_reply(order) else WAITING
