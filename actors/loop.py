@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar, NamedTuple
@@ -80,10 +81,14 @@ class Bundle(NamedTuple):
     messages: list[Any]
 
 
-_bursts = threading.local()
-_HELD: list[Any] = []
+bursts = threading.local()
+"""This thread's innermost ``burst``: ``pending``, its map of actor -> gathered
+messages (or ``HELD``); no attribute outside a burst (read with ``getattr``)."""
+HELD: list[Any] = []
 """A burst's mark for an actor it holds: its told messages are handled in place
 (``LoopActor.in_place``), never gathered (the list is never appended to)."""
+FREE: Any = object()
+"""``LoopActor.held_by`` of an actor no burst holds (never a burst's map)."""
 
 
 @contextmanager
@@ -99,15 +104,16 @@ def burst() -> Iterator[None]:
     idle, on this loop) has had its messages handled in place; at the end it
     gets the end of a slice (``on_tick``, then any mail that came meanwhile).
     """
-    outer = getattr(_bursts, "pending", None)
+    outer = getattr(bursts, "pending", None)
     pending: dict[LoopActor, list[Any]] = {}
-    _bursts.pending = pending
+    bursts.pending = pending
     try:
         yield
     finally:
-        _bursts.pending = outer
+        bursts.pending = outer
         for actor, messages in pending.items():
-            if messages is _HELD:
+            if messages is HELD:
+                actor.held_by = FREE
                 actor._end_slice()
                 continue
             try:
@@ -141,9 +147,16 @@ class LoopActor(pykka.Actor):
     _ticks: bool = False
     _readers: tuple[zmq.Socket, ...] = ()
     _bare: type | None = None  # ``direct``, if on_batch takes it bare (``_attach``)
+    # In slots, not the instance dict: past 30 attributes CPython 3.11 gives up its
+    # shared-key dict, and every attribute and method lookup on the actor gets slower.
+    __slots__ = ("held_by", "mail")
+    held_by: Any  # the burst's map that holds it (``in_place``), else ``FREE``
+    mail: deque[Any]  # its inbox's deque (never replaced)
 
     def __init__(self) -> None:
         super().__init__()
+        self.held_by = FREE
+        self.mail = self.actor_inbox.queue
         self._supervisor = supervision.current()  # told when it stops while the service runs
         self._detached = threading.Event()  # set once it has left its loop
 
@@ -367,13 +380,10 @@ class LoopActor(pykka.Actor):
         reaches a held actor's inbox meanwhile (a nested burst's bundle, a
         tell, another thread's put), behind it. Its handler's errors are the
         caller's to survive, as a told message's (``_loop.survived``)."""
-        pending = getattr(_bursts, "pending", None)
-        if pending is None:
-            return False
-        mark = pending.get(self)
-        if mark is _HELD:  # held: unless mail was queued meanwhile (it goes first)
-            return not self.actor_inbox.queue
-        if mark is not None:
+        pending = getattr(bursts, "pending", None)
+        if pending is self.held_by:  # held by this burst: unless mail was queued meanwhile
+            return not self.mail  # (it goes first)
+        if pending is None or self in pending:  # (gathered: it goes first)
             return False
         inbox = self.actor_inbox
         if (self.actor_stopped.is_set() or not inbox.bound() or not self._loop.in_loop()
@@ -382,19 +392,20 @@ class LoopActor(pykka.Actor):
         if inbox.queue:  # (a put racing the token from another thread): a slice of it
             self._loop.schedule(self)
             return False
-        pending[self] = _HELD
+        pending[self] = HELD
+        self.held_by = pending
         return True
 
     def tell(self, message: Any) -> None:
         """Thread-safe: queue a message for this actor (gathered in a ``burst``)."""
-        pending = getattr(_bursts, "pending", None)
+        pending = getattr(bursts, "pending", None)
         if pending is None:
             tell(self.actor_ref, message)
             return
         messages = pending.get(self)
         if messages is None:
             pending[self] = [message]
-        elif messages is _HELD:  # held by this burst: into its inbox, run when it ends
+        elif messages is HELD:  # held by this burst: into its inbox, run when it ends
             tell(self.actor_ref, message)
         else:
             messages.append(message)
