@@ -101,6 +101,11 @@ class Publisher(LoopActor):
     thread_name = "events-pub"
     direct = PublishEvent  # 13 an order, without pykka's envelope handling (LoopActor.on_batch)
     _bare = PublishEvent  # a Bundle's events come into on_batch bare (its own loop)
+    # its fields in slots, as the gateway's: the instance dict stays under CPython
+    # 3.11's 30 shared keys (past them every self.x lookup is unspecialized)
+    __slots__ = ("_completions", "_kinds", "_out", "_published", "_topics", "_transitions",
+                 "_trim", "_trim_at", "ctx", "curve", "endpoint", "hwm", "log",
+                 "max_subscribers", "metrics", "sock", "stall_timeout_s", "subscribers")
 
     def __init__(self, ctx: zmq.Context, endpoint: str, metrics: Metrics, *,
                  hwm: int = 1000, curve: dict[str, Any] | None = None,
