@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar, NamedTuple
@@ -81,14 +80,11 @@ class Bundle(NamedTuple):
     messages: list[Any]
 
 
-bursts = threading.local()
-"""This thread's innermost ``burst``: ``pending``, its map of actor -> gathered
-messages (or ``HELD``); no attribute outside a burst (read with ``getattr``)."""
+bursts = threading.local()  # .pending: this thread's innermost burst's map, if any
 HELD: list[Any] = []
 """A burst's mark for an actor it holds: its told messages are handled in place
 (``LoopActor.in_place``), never gathered (the list is never appended to)."""
-FREE: Any = object()
-"""``LoopActor.held_by`` of an actor no burst holds (never a burst's map)."""
+FREE: Any = object()  # ``LoopActor.held_by`` of an actor no burst holds
 
 
 @contextmanager
@@ -147,16 +143,12 @@ class LoopActor(pykka.Actor):
     _ticks: bool = False
     _readers: tuple[zmq.Socket, ...] = ()
     _bare: type | None = None  # ``direct``, if on_batch takes it bare (``_attach``)
-    # In slots, not the instance dict: past 30 attributes CPython 3.11 gives up its
-    # shared-key dict, and every attribute and method lookup on the actor gets slower.
-    __slots__ = ("held_by", "mail")
-    held_by: Any  # the burst's map that holds it (``in_place``), else ``FREE``
-    mail: deque[Any]  # its inbox's deque (never replaced)
+    __slots__ = ("held_by", "mail")  # not in the dict: past 30 keys, lookups are slower
 
     def __init__(self) -> None:
         super().__init__()
-        self.held_by = FREE
-        self.mail = self.actor_inbox.queue
+        self.held_by = FREE  # the burst's map that holds it (``in_place``)
+        self.mail = self.actor_inbox.queue  # its inbox's deque (never replaced)
         self._supervisor = supervision.current()  # told when it stops while the service runs
         self._detached = threading.Event()  # set once it has left its loop
 
@@ -368,18 +360,15 @@ class LoopActor(pykka.Actor):
 
     def in_place(self) -> bool:
         """In a ``burst`` on this actor's loop thread: True if the caller may
-        handle a told message of this actor itself, now, instead of telling it
-        (the gateways' commands and the publisher's events, run by the store
-        writer: no envelope, bundle or slice each). The burst holds the actor
-        as its own slice would, by its scheduling token (``ScheduledInbox``),
-        from the first such message until the burst ends, then ends the slice
-        (``on_tick``; mail that came meanwhile is handled next, in a slice).
-        False (tell it) if the actor is not idle (mail queued or gathered,
-        running, stopped, not started) or lives on another loop: then the
-        messages queue as before, in order; so do those after mail that
-        reaches a held actor's inbox meanwhile (a nested burst's bundle, a
-        tell, another thread's put), behind it. Its handler's errors are the
-        caller's to survive, as a told message's (``_loop.survived``)."""
+        handle a told message of this actor itself, now (the writer's commands
+        and events). The burst holds the actor by its scheduling token, as its
+        own slice would, from the first such message (decided once:
+        ``held_by``) until the burst ends, then ends the slice (``on_tick``;
+        mail that came meanwhile next). False (tell it) if the actor is not
+        idle (mail queued or gathered, running, stopped) or on another loop,
+        and for what follows mail reaching a held actor's inbox (a nested
+        burst's bundle, a tell, another thread's put). Its handler's errors
+        are the caller's to survive, as a told message's (``survived``)."""
         pending = getattr(bursts, "pending", None)
         if pending is self.held_by:  # held by this burst: unless mail was queued meanwhile
             return not self.mail  # (it goes first)

@@ -60,11 +60,7 @@ class _Pending(NamedTuple):
 
 
 class _Command(msgspec.Struct, tag_field="type", tag="command", gc=False):
-    """A command as the contract sends it (§3): encoded as the map
-    ``{"type": "command", "command_id", "order_id", "op", "args"}``, in that
-    order, the same bytes as that dict, at less cost (6 an order)."""
-
-    command_id: str
+    command_id: str  # a command (contract §3): the same bytes as its map, at less cost
     order_id: str
     op: str
     args: Any
@@ -72,8 +68,6 @@ class _Command(msgspec.Struct, tag_field="type", tag="command", gc=False):
 
 class Gateway(LoopActor):
     direct = SendCommand  # 5 an order, without pykka's envelope handling (LoopActor.on_batch)
-    # its fields in slots: with pykka's and LoopActor's, the instance dict held 33,
-    # past CPython 3.11's 30 shared keys, and every self.x lookup was unspecialized
     __slots__ = ("_deadlines", "_latencies", "_latency", "_out", "_requests", "_results",
                  "_sent", "_unsettled", "breaker", "ctx", "curve", "deliver", "endpoint",
                  "gauges", "hwm", "log", "metrics", "pending", "sock", "system")
@@ -131,9 +125,8 @@ class Gateway(LoopActor):
         return [self.sock] if self.sock is not None else []
 
     def send(self, order_id: str, command: Send) -> None:
-        """Thread-safe: carry a command to the domain system. In the store
-        writer's burst on this gateway's loop, sent at once while the burst
-        holds the gateway (``LoopActor.in_place``); else told."""
+        """Thread-safe: carry a command to the domain system. In the store writer's
+        burst, sent at once while it holds the gateway (``in_place``); else told."""
         if (getattr(bursts, "pending", None) is self.held_by and not self.mail) or self.in_place():
             try:
                 self._send(order_id, command)
@@ -163,9 +156,8 @@ class Gateway(LoopActor):
             data = {"retry_after": breaker.retry_after(now)}
             self.deliver(order_id, CommandResult(command_id, False, data, error))
             return
-        out = self._out
         try:
-            encode_into(_Command(command_id, order_id, op, args), out)
+            encode_into(_Command(command_id, order_id, op, args), out := self._out)
         except Exception:  # noqa: BLE001 - pack_into decides: the same bytes, or msgpack's error
             codec.pack_into({"type": "command", "command_id": command_id, "order_id": order_id,
                              "op": op, "args": args}, out)
