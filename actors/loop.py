@@ -80,10 +80,11 @@ class Bundle(NamedTuple):
     messages: list[Any]
 
 
-_bursts = threading.local()
-_HELD: list[Any] = []
+bursts = threading.local()  # .pending: this thread's innermost burst's map, if any
+HELD: list[Any] = []
 """A burst's mark for an actor it holds: its told messages are handled in place
 (``LoopActor.in_place``), never gathered (the list is never appended to)."""
+FREE: Any = object()  # ``LoopActor.held_by`` of an actor no burst holds
 
 
 @contextmanager
@@ -99,15 +100,16 @@ def burst() -> Iterator[None]:
     idle, on this loop) has had its messages handled in place; at the end it
     gets the end of a slice (``on_tick``, then any mail that came meanwhile).
     """
-    outer = getattr(_bursts, "pending", None)
+    outer = getattr(bursts, "pending", None)
     pending: dict[LoopActor, list[Any]] = {}
-    _bursts.pending = pending
+    bursts.pending = pending
     try:
         yield
     finally:
-        _bursts.pending = outer
+        bursts.pending = outer
         for actor, messages in pending.items():
-            if messages is _HELD:
+            if messages is HELD:
+                actor.held_by = FREE
                 actor._end_slice()
                 continue
             try:
@@ -141,9 +143,12 @@ class LoopActor(pykka.Actor):
     _ticks: bool = False
     _readers: tuple[zmq.Socket, ...] = ()
     _bare: type | None = None  # ``direct``, if on_batch takes it bare (``_attach``)
+    __slots__ = ("held_by", "mail")  # not in the dict: past 30 keys, lookups are slower
 
     def __init__(self) -> None:
         super().__init__()
+        self.held_by = FREE  # the burst's map that holds it (``in_place``)
+        self.mail = self.actor_inbox.queue  # its inbox's deque (never replaced)
         self._supervisor = supervision.current()  # told when it stops while the service runs
         self._detached = threading.Event()  # set once it has left its loop
 
@@ -355,25 +360,19 @@ class LoopActor(pykka.Actor):
 
     def in_place(self) -> bool:
         """In a ``burst`` on this actor's loop thread: True if the caller may
-        handle a told message of this actor itself, now, instead of telling it
-        (the gateways' commands and the publisher's events, run by the store
-        writer: no envelope, bundle or slice each). The burst holds the actor
-        as its own slice would, by its scheduling token (``ScheduledInbox``),
-        from the first such message until the burst ends, then ends the slice
-        (``on_tick``; mail that came meanwhile is handled next, in a slice).
-        False (tell it) if the actor is not idle (mail queued or gathered,
-        running, stopped, not started) or lives on another loop: then the
-        messages queue as before, in order; so do those after mail that
-        reaches a held actor's inbox meanwhile (a nested burst's bundle, a
-        tell, another thread's put), behind it. Its handler's errors are the
-        caller's to survive, as a told message's (``_loop.survived``)."""
-        pending = getattr(_bursts, "pending", None)
-        if pending is None:
-            return False
-        mark = pending.get(self)
-        if mark is _HELD:  # held: unless mail was queued meanwhile (it goes first)
-            return not self.actor_inbox.queue
-        if mark is not None:
+        handle a told message of this actor itself, now (the writer's commands
+        and events). The burst holds the actor by its scheduling token, as its
+        own slice would, from the first such message (decided once:
+        ``held_by``) until the burst ends, then ends the slice (``on_tick``;
+        mail that came meanwhile next). False (tell it) if the actor is not
+        idle (mail queued or gathered, running, stopped) or on another loop,
+        and for what follows mail reaching a held actor's inbox (a nested
+        burst's bundle, a tell, another thread's put). Its handler's errors
+        are the caller's to survive, as a told message's (``survived``)."""
+        pending = getattr(bursts, "pending", None)
+        if pending is self.held_by:  # held by this burst: unless mail was queued meanwhile
+            return not self.mail  # (it goes first)
+        if pending is None or self in pending:  # (gathered: it goes first)
             return False
         inbox = self.actor_inbox
         if (self.actor_stopped.is_set() or not inbox.bound() or not self._loop.in_loop()
@@ -382,19 +381,20 @@ class LoopActor(pykka.Actor):
         if inbox.queue:  # (a put racing the token from another thread): a slice of it
             self._loop.schedule(self)
             return False
-        pending[self] = _HELD
+        pending[self] = HELD
+        self.held_by = pending
         return True
 
     def tell(self, message: Any) -> None:
         """Thread-safe: queue a message for this actor (gathered in a ``burst``)."""
-        pending = getattr(_bursts, "pending", None)
+        pending = getattr(bursts, "pending", None)
         if pending is None:
             tell(self.actor_ref, message)
             return
         messages = pending.get(self)
         if messages is None:
             pending[self] = [message]
-        elif messages is _HELD:  # held by this burst: into its inbox, run when it ends
+        elif messages is HELD:  # held by this burst: into its inbox, run when it ends
             tell(self.actor_ref, message)
         else:
             messages.append(message)

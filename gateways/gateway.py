@@ -19,9 +19,10 @@ import time
 from collections import OrderedDict, deque
 from typing import Any, NamedTuple
 
+import msgspec
 import zmq
 
-from actors.loop import LoopActor
+from actors.loop import LoopActor, bursts
 from actors.metrics import Metrics, observe_all
 from actors.ports import Deliver
 from actors.sockets import NOBLOCK, open_socket, send_frame
@@ -58,8 +59,18 @@ class _Pending(NamedTuple):
     op: str
 
 
+class _Command(msgspec.Struct, tag_field="type", tag="command", gc=False):
+    command_id: str  # a command (contract §3): the same bytes as its map, at less cost
+    order_id: str
+    op: str
+    args: Any
+
+
 class Gateway(LoopActor):
     direct = SendCommand  # 5 an order, without pykka's envelope handling (LoopActor.on_batch)
+    __slots__ = ("_deadlines", "_latencies", "_latency", "_out", "_requests", "_results",
+                 "_sent", "_unsettled", "breaker", "ctx", "curve", "deliver", "endpoint",
+                 "gauges", "hwm", "log", "metrics", "pending", "sock", "system")
 
     def __init__(self, ctx: zmq.Context, system: str, endpoint: str, deliver: Deliver,
                  metrics: Metrics, hwm: int = 100_000, breaker: Breaker | None = None,
@@ -114,10 +125,9 @@ class Gateway(LoopActor):
         return [self.sock] if self.sock is not None else []
 
     def send(self, order_id: str, command: Send) -> None:
-        """Thread-safe: carry a command to the domain system. In the store
-        writer's burst on this gateway's loop, sent at once while the burst
-        holds the gateway (``LoopActor.in_place``); else told."""
-        if self.in_place():
+        """Thread-safe: carry a command to the domain system. In the store writer's
+        burst, sent at once while it holds the gateway (``in_place``); else told."""
+        if (getattr(bursts, "pending", None) is self.held_by and not self.mail) or self.in_place():
             try:
                 self._send(order_id, command)
             except Exception:  # noqa: BLE001 - the failure rule, as a told message
@@ -140,28 +150,27 @@ class Gateway(LoopActor):
             return
         now = time.monotonic()
         breaker = self.breaker
+        _, command_id, op, args, timeout_s = cmd
         if breaker.state != CLOSED and not breaker.allow(now):  # (closed: allowed)
             error = DomainError(CIRCUIT_OPEN, f"{self.system} circuit breaker is open", True)
             data = {"retry_after": breaker.retry_after(now)}
-            self.deliver(order_id, CommandResult(cmd.command_id, False, data, error))
+            self.deliver(order_id, CommandResult(command_id, False, data, error))
             return
-        payload = {"type": "command", "command_id": cmd.command_id, "order_id": order_id,
-                   "op": cmd.op, "args": cmd.args}
-        out = self._out
         try:
-            encode_into(payload, out)
+            encode_into(_Command(command_id, order_id, op, args), out := self._out)
         except Exception:  # noqa: BLE001 - pack_into decides: the same bytes, or msgpack's error
-            codec.pack_into(payload, out)
+            codec.pack_into({"type": "command", "command_id": command_id, "order_id": order_id,
+                             "op": op, "args": args}, out)
         try:
             send_frame(sock, out, NOBLOCK)
         except zmq.Again:
             self.metrics.gateway_send_failures.labels(self.system).inc()
             self._outcome(False, now)
             error = DomainError(UNAVAILABLE, f"{self.system} send queue is full", True)
-            self.deliver(order_id, CommandResult(cmd.command_id, False, None, error))
+            self.deliver(order_id, CommandResult(command_id, False, None, error))
             return
         self._sent += 1
-        command_id, unsettled, pending = cmd.command_id, self._unsettled, self.pending
+        unsettled, pending = self._unsettled, self.pending
         if command_id in unsettled:  # a retry or resend: to the newest end
             self.metrics.gateway_retries.labels(self.system).inc()
             unsettled.move_to_end(command_id)
@@ -171,11 +180,11 @@ class Gateway(LoopActor):
             unsettled[command_id] = None  # a new key goes to the newest end
             if len(unsettled) > UNSETTLED_KEPT:
                 unsettled.popitem(last=False)
-        deadline = now + cmd.timeout_s
-        pending[command_id] = _new(_Pending, (order_id, deadline, now, cmd.op))
-        queue = self._deadlines.get(cmd.timeout_s)
+        deadline = now + timeout_s
+        pending[command_id] = _new(_Pending, (order_id, deadline, now, op))
+        queue = self._deadlines.get(timeout_s)
         if queue is None:
-            queue = self._deadlines[cmd.timeout_s] = deque()
+            queue = self._deadlines[timeout_s] = deque()
         queue.append((deadline, command_id))
 
     def on_readable(self, sock: zmq.Socket) -> None:

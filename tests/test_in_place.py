@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import logging
 import queue
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from test_edges import HostileDomain, sample
 from test_publisher_batch import published, received, subscribed_publisher
 
+import actors.loop as loop_module
 from actors.endpoint import RouterEndpoint
 from actors.eventloop import EventLoop
 from actors.loop import burst
@@ -336,3 +338,81 @@ def test_a_value_only_msgpack_writes_goes_out_in_place_as_msgpack_writes_it(
         assert (topic, raw) == (b"web\x00", codec.msgpack_pack({"type": "order_progress",
                                                                 "x": level}))
         assert received(sub, 1) == [(b"web\x00", 1)]
+
+
+def test_a_command_goes_out_as_the_contract_map_whatever_its_args(domain: HostileDomain) -> None:
+    """The gateway encodes a tagged struct, not the dict: the frame is the
+    bytes of ``codec.pack`` of the contract's map, for any args; one whose
+    value no encoder takes (an int past 64 bits) is survived as before and
+    the next command is whole."""
+    delivered: queue.Queue[Any] = queue.Queue()
+    gw, _ = launch(domain, delivered)
+    odd: list[dict[str, Any]] = [{}, {"n": -(2**63)}, {"u": "Zürich 東京", "b": b"\x00\xff"},
+                                 {"deep": [{"a": [1.5, None, True]}]}, {"big": 2**64 - 1}]
+    try:
+        def send() -> bool:
+            with burst():
+                for i, args in enumerate(odd):
+                    gw.send(f"O{i}", command(f"O{i}", **args) if args else
+                            Send("billing", f"O{i}:step", "create_invoice", {}, 30.0))
+                gw.send("BAD", command("BAD", n=2**64))  # msgpack refuses it too
+                gw.send("NEXT", command("NEXT"))
+                return gw.in_place()
+
+        assert gw._loop.run_sync(send) is True
+        for i, args in enumerate(odd):
+            _, frame = domain.sock.recv_multipart()
+            assert frame == codec.pack({"type": "command", "command_id": f"O{i}:step",
+                                        "order_id": f"O{i}", "op": "create_invoice",
+                                        "args": args})
+        assert domain.command()[1]["order_id"] == "NEXT"
+        assert "BAD:step" not in gw.pending
+    finally:
+        stop(gw)
+
+
+def test_a_burst_lets_go_of_what_it_held_even_when_it_fails(domain: HostileDomain) -> None:
+    """``in_place`` decides once per burst (``held_by``): after the burst, even
+    one left by an error, the gateway is free again, and a later burst (or
+    another thread while one holds it) decides afresh."""
+    delivered: queue.Queue[Any] = queue.Queue()
+    gw, _ = launch(domain, delivered)
+    try:
+        def failing() -> None:
+            with burst():
+                gw.send("A", command("A"))
+                raise RuntimeError("the writer's own bug")
+
+        with pytest.raises(RuntimeError):
+            gw._loop.run_sync(failing)
+
+        def again() -> list[bool]:
+            free = gw.held_by is loop_module.FREE
+            with burst():
+                first = gw.in_place()
+                other: queue.Queue[bool] = queue.Queue()
+                thread = threading.Thread(target=lambda: other.put(gw.in_place()))
+                thread.start()
+                thread.join(10)
+                gw.send("B", command("B"))
+            return [free, first, other.get(timeout=10), gw.held_by is loop_module.FREE]
+
+        assert gw._loop.run_sync(again) == [True, True, False, True]
+        assert [domain.command()[1]["order_id"] for _ in range(2)] == ["A", "B"]
+    finally:
+        stop(gw)
+
+
+def test_the_hot_actors_keep_their_instance_dict_small(domain: HostileDomain) -> None:
+    """Past 30 instance attributes CPython 3.11 gives up an object's shared-key
+    dict and every attribute and method lookup on it gets slower: the gateway
+    and the publisher keep their own fields in slots."""
+    delivered: queue.Queue[Any] = queue.Queue()
+    gw, _ = launch(domain, delivered)
+    try:
+        gw._loop.run_sync(lambda: gw.send("A", command("A")))
+        assert len(vars(gw)) <= 20
+    finally:
+        stop(gw)
+    with subscribed_publisher() as (pub, _sub, _):
+        assert len(vars(pub)) <= 20
