@@ -164,7 +164,7 @@ class RunMixin(TurnBase):
                 self.hold_orphan(step)  # oms.orphans
                 return
         self.launch_ready(plan)
-        if order.phase == PHASE_RUN and self.all_settled(plan.steps):
+        if order.phase == PHASE_RUN and self.all_settled(plan.last_first):
             self.complete()
 
     def launch_ready(self, plan: StepPlan) -> None:
