@@ -224,14 +224,18 @@ def _compile_map(template: dict[str, Any]) -> Callable[[dict[str, Any]], Any]:
         if isinstance(value, str) and value.startswith("$"):
             first, *rest = value[1:].split(".")
             var = scope_vars.get(first)
-            if var is None:  # a scope is read once (``scopes`` does not change meanwhile)
-                var = scope_vars[first] = f"s{len(scope_vars)}"
-                namespace[f"n{var}"] = first
+            if var is None:  # a scope is read once (``scopes`` does not change meanwhile),
+                var = scope_vars[first] = f"s{len(scope_vars)}"  # and whether it is a map
+                namespace[f"n{var}"] = first  # is asked once: d{var}, None if it is not
                 lines.append(f"    {var} = scopes.get(n{var})")
-            lines.append(f"    v{i} = {var}")
+                lines.append(f"    d{var} = {var} if _isinstance({var}, _dict) else None")
+            if not rest:
+                lines.append(f"    v{i} = {var}")
             for j, part in enumerate(rest):  # as ``ref``: None once the path leaves the maps
                 namespace[f"p{i}_{j}"] = part
-                lines.append(f"    v{i} = v{i}.get(p{i}_{j}) if _isinstance(v{i}, _dict) else None")
+                lines.append(f"    v{i} = d{var}.get(p{i}_{j}) if d{var} is not None else None"
+                             if j == 0 else
+                             f"    v{i} = v{i}.get(p{i}_{j}) if _isinstance(v{i}, _dict) else None")
         else:
             namespace[f"f{i}"] = compile_template(value)
             lines.append(f"    v{i} = f{i}(scopes)")
