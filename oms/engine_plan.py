@@ -31,8 +31,9 @@ class StepPlan:
       orphans: steps the definition no longer has (``oms.orphans``), in
       order. last_first: all of them, last first (``advance`` asks whether all
       are settled: a later step settles later, as a rule, so the answer "no"
-      comes after one step, not after all the settled ones). facts: the order's facts named so far (by
-      templates, ``TurnBase.total_minor``), those that never change.
+      comes after one step, not after all the settled ones). facts: the
+      order's facts named so far (by templates, ``TurnBase.total_minor``),
+      those that never change.
     """
 
     __slots__ = ("defs", "facts", "last_first", "launch", "orphans")
