@@ -262,7 +262,8 @@ class RunMixin(TurnBase):
         kind = "step"
         if ":" in rest:  # a note or an undo (a step's own command has none, as a rule)
             if rest.startswith("notify:"):
-                idx = int(rest[7:]) if rest[7:].isdigit() else -1
+                number = rest[7:]
+                idx = int(number) if number.isdigit() else -1
                 ok = 0 <= idx < len(order.notes)
                 return ("note", order.notes[idx], idx) if ok else ("none", None, -1)
             if rest.endswith(":undo"):
