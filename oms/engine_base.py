@@ -198,12 +198,21 @@ class TurnBase:
             plan = order.plan  # ``self.step_plan()``, inlined
             if plan is None or plan.defs is not self.defs:
                 plan = self.step_plan()
-            scopes["order"] = parsed.order_scope(order, plan.facts)
+            facts = plan.facts
+            # ``parsed.order_scope``'s usual case, inlined: only facts that never
+            # change, all kept already (a C-level check); the scope is the kept facts
+            scopes["order"] = facts if parsed.fixed and facts.keys() >= parsed.fixed_facts else (
+                parsed.order_scope(order, facts))
         if parsed.names_steps:
             steps, wanted = self.order.steps, parsed.steps
-            scopes["steps"] = {k: s.result for k, s in steps.items() if s.result is not None} if (
-                wanted is None) else {k: s.result for k in wanted
-                                      if (s := steps.get(k)) is not None and s.result is not None}
+            if wanted is None:
+                scopes["steps"] = {k: s.result for k, s in steps.items() if s.result is not None}
+            else:  # (a loop: a comprehension is a call of its own)
+                results = scopes["steps"] = {}
+                for k in wanted:
+                    s = steps.get(k)
+                    if s is not None and s.result is not None:
+                        results[k] = s.result
         if step is not None and parsed.names_own:
             names = parsed.scopes
             if "item" in names:

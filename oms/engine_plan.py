@@ -29,18 +29,22 @@ class StepPlan:
     launch: per step definition, in definition order: its steps, the steps
       it depends on, and its one step if it has only one (else None).
       orphans: steps the definition no longer has (``oms.orphans``), in
-      order. steps: all of them. facts: the order's facts named so far (by
-      templates, ``TurnBase.total_minor``), those that never change.
+      order. last_first: all of them, last first (``advance`` asks whether all
+      are settled: a later step settles later, as a rule, so the answer "no"
+      comes after one step, not after all the settled ones). facts: the
+      order's facts named so far (by templates, ``TurnBase.total_minor``),
+      those that never change.
     """
 
-    __slots__ = ("defs", "facts", "launch", "orphans", "steps")
+    __slots__ = ("defs", "facts", "last_first", "launch", "orphans")
     orphans: list[Step]
     launch: list[tuple[StepDef, list[Step], list[Step], Step | None]]
 
     def __init__(self, turn: TurnBase) -> None:
         self.facts: dict[str, Any] = {}  # the order's facts that never change (oms.templates)
         self.defs = turn.defs  # the definition this plan was made under
-        self.steps = steps = list(turn.order.steps.values())
+        steps = turn.order.steps.values()
+        self.last_first = list(reversed(steps))
         groups: dict[str, list[Step]] = {}
         self.orphans = orphans = []
         known = turn.known  # ``turn.defined``'s answers so far, by shape
@@ -57,7 +61,11 @@ class StepPlan:
         for sdef in turn.proc.steps:
             group = groups.get(sdef.name)
             if group is not None:
-                deps: list[Step] = []
-                for name in sdef.after:
-                    deps += groups.get(name, ())
+                after = sdef.after
+                if len(after) == 1:  # most definitions: its one dependency's steps, as they are
+                    deps = groups.get(after[0]) or []  # (lists only read once built)
+                else:
+                    deps = []
+                    for name in after:
+                        deps += groups.get(name, ())
                 launch.append((sdef, group, deps, group[0] if len(group) == 1 else None))

@@ -164,7 +164,7 @@ class RunMixin(TurnBase):
                 self.hold_orphan(step)  # oms.orphans
                 return
         self.launch_ready(plan)
-        if order.phase == PHASE_RUN and self.all_settled(plan.steps):
+        if order.phase == PHASE_RUN and self.all_settled(plan.last_first):
             self.complete()
 
     def launch_ready(self, plan: StepPlan) -> None:
@@ -262,7 +262,8 @@ class RunMixin(TurnBase):
         kind = "step"
         if ":" in rest:  # a note or an undo (a step's own command has none, as a rule)
             if rest.startswith("notify:"):
-                idx = int(rest[7:]) if rest[7:].isdigit() else -1
+                number = rest[7:]
+                idx = int(number) if number.isdigit() else -1
                 ok = 0 <= idx < len(order.notes)
                 return ("note", order.notes[idx], idx) if ok else ("none", None, -1)
             if rest.endswith(":undo"):

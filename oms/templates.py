@@ -136,8 +136,8 @@ class Template:
     again. A template reads no scope it does not name, so only those need
     building (``oms.engine_base.TurnBase.fill``)."""
 
-    __slots__ = ("facts", "fill", "fixed", "names_order", "names_own", "names_steps", "raw",
-                 "scopes", "steps")
+    __slots__ = ("facts", "fill", "fixed", "fixed_facts", "names_order", "names_own",
+                 "names_steps", "raw", "scopes", "steps")
 
     def __init__(self, raw: Any) -> None:
         refs = template_refs(raw)
@@ -148,6 +148,9 @@ class Template:
         self.names_own = not self.scopes.isdisjoint(("item", "result", "args"))  # a step's own
         self.facts = _named(refs, "order")
         self.fixed = self.facts is not None and self.facts.isdisjoint(CHANGING)
+        # the facts it names when they never change (else none): ``order_scope``'s
+        # usual case is ``fixed and cache.keys() >= fixed_facts``
+        self.fixed_facts = self.facts if self.fixed and self.facts is not None else frozenset()
         self.steps = _named(refs, "steps")
         self.fill = compile_template(raw)
 
@@ -221,14 +224,18 @@ def _compile_map(template: dict[str, Any]) -> Callable[[dict[str, Any]], Any]:
         if isinstance(value, str) and value.startswith("$"):
             first, *rest = value[1:].split(".")
             var = scope_vars.get(first)
-            if var is None:  # a scope is read once (``scopes`` does not change meanwhile)
-                var = scope_vars[first] = f"s{len(scope_vars)}"
-                namespace[f"n{var}"] = first
+            if var is None:  # a scope is read once (``scopes`` does not change meanwhile),
+                var = scope_vars[first] = f"s{len(scope_vars)}"  # and whether it is a map
+                namespace[f"n{var}"] = first  # is asked once: d{var}, None if it is not
                 lines.append(f"    {var} = scopes.get(n{var})")
-            lines.append(f"    v{i} = {var}")
+                lines.append(f"    d{var} = {var} if _isinstance({var}, _dict) else None")
+            if not rest:
+                lines.append(f"    v{i} = {var}")
             for j, part in enumerate(rest):  # as ``ref``: None once the path leaves the maps
                 namespace[f"p{i}_{j}"] = part
-                lines.append(f"    v{i} = v{i}.get(p{i}_{j}) if _isinstance(v{i}, _dict) else None")
+                lines.append(f"    v{i} = d{var}.get(p{i}_{j}) if d{var} is not None else None"
+                             if j == 0 else
+                             f"    v{i} = v{i}.get(p{i}_{j}) if _isinstance(v{i}, _dict) else None")
         else:
             namespace[f"f{i}"] = compile_template(value)
             lines.append(f"    v{i} = f{i}(scopes)")
