@@ -200,11 +200,7 @@ class PooledActor(pykka.Actor):
             except Exception:  # noqa: BLE001 - the failure rule: crash this actor only
                 self.on_crash(sys.exc_info(), None)
         inbox = self.actor_inbox
-        if not inbox.queue and not stopped.value:  # the usual end: nothing came meanwhile;
-            inbox.token.release()  # ``finish_slice``'s path for it, written out (7 an order)
-            if inbox.queue and inbox.token.acquire(False):  # a put raced the release
-                self._dispatcher.schedule(self)
-        elif inbox.finish_slice(stopped.value):
+        if inbox.finish_slice(stopped.value):
             self._dispatcher.schedule(self)
         elif stopped.value:
             self._actor_loop_teardown()

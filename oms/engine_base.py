@@ -198,11 +198,7 @@ class TurnBase:
             plan = order.plan  # ``self.step_plan()``, inlined
             if plan is None or plan.defs is not self.defs:
                 plan = self.step_plan()
-            facts = plan.facts
-            # ``parsed.order_scope``'s usual case, inlined: only facts that never
-            # change, all kept already (a C-level check); the scope is the kept facts
-            scopes["order"] = facts if parsed.fixed and facts.keys() >= parsed.fixed_facts else (
-                parsed.order_scope(order, facts))
+            scopes["order"] = parsed.order_scope(order, plan.facts)
         if parsed.names_steps:
             steps, wanted = self.order.steps, parsed.steps
             if wanted is None:

@@ -136,8 +136,8 @@ class Template:
     again. A template reads no scope it does not name, so only those need
     building (``oms.engine_base.TurnBase.fill``)."""
 
-    __slots__ = ("facts", "fill", "fixed", "fixed_facts", "names_order", "names_own",
-                 "names_steps", "raw", "scopes", "steps")
+    __slots__ = ("facts", "fill", "fixed", "names_order", "names_own", "names_steps", "raw",
+                 "scopes", "steps")
 
     def __init__(self, raw: Any) -> None:
         refs = template_refs(raw)
@@ -148,9 +148,6 @@ class Template:
         self.names_own = not self.scopes.isdisjoint(("item", "result", "args"))  # a step's own
         self.facts = _named(refs, "order")
         self.fixed = self.facts is not None and self.facts.isdisjoint(CHANGING)
-        # the facts it names when they never change (else none): ``order_scope``'s
-        # usual case is ``fixed and cache.keys() >= fixed_facts``
-        self.fixed_facts = self.facts if self.fixed and self.facts is not None else frozenset()
         self.steps = _named(refs, "steps")
         self.fill = compile_template(raw)
 

@@ -4,10 +4,9 @@
 ``Order.finished`` and ``awaiting_reply`` for at every snapshot: it must
 agree with them for every field a step or note can hold (enum members or
 their plain strings, as a decoded record may hold either), terminal or not.
-``PooledActor._end_slice`` hands the scheduling token back itself when
-nothing came meanwhile: mail queued during a slice's end, mail put from
-other threads at any moment, and a stop during the slice still behave as
-``ScheduledInbox.finish_slice`` says. And a save that raises (a snapshot
+At a held slice's end (``PooledActor._end_slice``), mail queued during
+it, mail put from other threads at any moment, and a stop during the
+slice behave as ``ScheduledInbox.finish_slice`` says. And a save that raises (a snapshot
 the encoder refuses) follows the order failure rule, over a real service.
 """
 
