@@ -31,7 +31,7 @@ from typing import Any
 from actors.runtime import tune_gc
 from bench.harness import Harness, ProcessDied, loop_turns, turn_quantiles
 from bench.load import LoadGen, Run, percentiles
-from bench.report import write_reports
+from bench.report import write_reports, write_summary
 from oms.sample import sample_orders
 
 
@@ -73,6 +73,10 @@ def add_parser(sub: Any) -> None:
                         "(0: never; default 45)")
     p.add_argument("--outage-s", type=float, default=8.0, metavar="S",
                    help="--faults: how long each domain-system fault lasts (default 8)")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="run the scenario N times, each with a fresh service (and baseline), "
+                        "and report each figure's and target's min / median / max: a target "
+                        "is met when its median is (one run's figure moves with the host)")
     p.add_argument("--smoke", action="store_true", help="tiny run that checks the bench works")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -102,6 +106,13 @@ SIM_ARGS = {
 
 def run_bench(args: argparse.Namespace) -> int:
     tune_gc()  # the load generator is a busy process too (see actors.runtime)
+    if args.repeat < 1:
+        raise SystemExit("oms bench: --repeat needs N >= 1")
+    if args.repeat > 1 and (args.faults or args.intake or args.shards
+                            or args.scenario == "engine"):
+        raise SystemExit("oms bench: --repeat needs its own service and a load scenario "
+                         "(not --faults, --intake, --shards or --scenario engine, which "
+                         "repeats itself)")
     if getattr(args, "shards", None):
         if args.shards < 2:
             print("oms bench: --shards needs N >= 2 (1 is always measured too)")
@@ -112,10 +123,26 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.smoke:
         args.orders, args.window, args.duration = min(args.orders, 300), 64, 2.0
         args.give_up = min(args.give_up, 30.0)
-    config = {k: v for k, v in vars(args).items() if k not in ("func",)}
     if args.faults and (args.scenario != "soak" or args.intake):
         raise SystemExit("oms bench: --faults needs --scenario soak and its own service "
                          "(not --intake)")
+    if args.repeat == 1:
+        return 1 if run_once(args)[1] else 0
+    results, failures = [], 0
+    for n in range(1, args.repeat + 1):
+        print(f"-- run {n} of {args.repeat}", flush=True)
+        result, failed = run_once(args, f"-run{n}")
+        results.append(result)
+        failures += failed
+        print(flush=True)
+    print(write_summary(results, Path(args.out)))
+    return 1 if failures else 0
+
+
+def run_once(args: argparse.Namespace, suffix: str = "") -> tuple[dict[str, Any], bool]:
+    """One run of the scenario (its own service, simulators and baseline):
+    its result, and whether it failed. Its reports are written and printed."""
+    config = {k: v for k, v in vars(args).items() if k not in ("func",)}
     workdir = Path(tempfile.mkdtemp(prefix="oms-bench-"))
     result: dict[str, Any] = {"scenario": args.scenario, "config": config,
                               "machine": machine(), "started": time.time()}
@@ -166,13 +193,13 @@ def run_bench(args: argparse.Namespace) -> int:
         if failed:
             result["logs"] = keep_logs(workdir, Path(args.out))
         shutil.rmtree(workdir, ignore_errors=True)
-    text = write_reports(result, Path(args.out))
+    text = write_reports(result, Path(args.out), suffix)
     print(text)
     if result.get("store_size"):
         from bench.storesize import render as render_store
 
         print(render_store(result["store_size"]))
-    return 1 if failed else 0
+    return result, failed
 
 
 def keep_logs(workdir: Path, out: Path) -> str:

@@ -5,6 +5,7 @@ latency over time and its distribution (when matplotlib is installed:
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections import Counter
 from pathlib import Path
@@ -241,10 +242,10 @@ def _cpu_lines(r: dict[str, Any]) -> list[str]:
     return out
 
 
-def write_reports(result: dict[str, Any], out: Path) -> str:
+def write_reports(result: dict[str, Any], out: Path, suffix: str = "") -> str:
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = out / f"{result['scenario']}-{stamp}"
+    base = out / f"{result['scenario']}-{stamp}{suffix}"
     text = render(result)
     base.with_suffix(".txt").write_text(text + "\n")
     slim = {k: v for k, v in result.items() if k != "timeline"}
@@ -253,6 +254,93 @@ def write_reports(result: dict[str, Any], out: Path) -> str:
     return text + f"\n\nreports: {base}.txt, {base}.json" + (f", {png}" if png else
                                                             " (no PNG: pip install "
                                                             "-e '.[bench]' for one)")
+
+
+# -- several runs (``oms bench --repeat N``) -----------------------------------
+
+FIGURES: list[tuple[str, Any, float]] = [
+    # (what, how to read it off one run, the factor it is shown with)
+    ("orders/s", lambda r: r.get("orders_per_s"), 1),
+    ("service CPU per order (us)", _cpu_per_order, 1e6),
+    ("baseline loop CPU per order (us)", lambda r: _cpu_per_order(r.get("baseline")), 1e6),
+    ("service CPU / baseline's", _cpu_ratio, 1),
+    ("throughput / baseline's", _ratio, 1),
+    ("completion p50 (ms)", lambda r: _get(r, "completion_latency_s", "p50"), 1e3),
+    ("completion p99 (ms)", lambda r: _get(r, "completion_latency_s", "p99"), 1e3),
+]
+
+
+def _spread(values: list[float]) -> dict[str, Any]:
+    ordered = sorted(values)
+    return {"runs": values, "min": ordered[0], "median": statistics.median(ordered),
+            "max": ordered[-1]}
+
+
+def summarize_runs(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs of one scenario: each figure's and each target's values,
+    min / median / max; a target's verdict is its median's. A run that did
+    not produce a figure (a failed run, a baseline not asked for) is left out
+    of it: ``runs`` says how many did."""
+    figures: dict[str, Any] = {}
+    for what, read, factor in FIGURES:
+        values = []
+        for r in results:
+            try:
+                value = read(r)
+            except (TypeError, ZeroDivisionError):
+                value = None
+            if isinstance(value, int | float) and not isinstance(value, bool) and value:
+                values.append(value * factor)
+        if values:
+            figures[what] = _spread(values)
+    targets: list[dict[str, Any]] = []
+    for what, _, op, bound in TARGETS.get(results[0].get("scenario", ""), []):
+        values = [value for r in results for w, _, value in target_verdicts(r)
+                  if w == what and value is not None]
+        if not values:
+            if any(w == what for r in results for w, _, _ in target_verdicts(r)):
+                targets.append({"target": what, "verdict": "not measured"})
+            continue
+        spread = _spread(values)
+        ok = {">=": spread["median"] >= bound, "<": spread["median"] < bound,
+              "<=": spread["median"] <= bound}[op]
+        met = sum({">=": v >= bound, "<": v < bound, "<=": v <= bound}[op] for v in values)
+        targets.append({"target": what, "verdict": "met" if ok else "NOT met",
+                        "runs_met": met, **spread})
+    failed = sum(bool(r.get("error") or r.get("unfinished")) for r in results)
+    return {"scenario": results[0].get("scenario"), "mode": results[0].get("mode", ""),
+            "runs": len(results), "failed_runs": failed, "machine": results[0].get("machine"),
+            "figures": figures, "targets": targets}
+
+
+def render_summary(s: dict[str, Any]) -> str:
+    lines = [f"oms bench — scenario {s['scenario']} ({s['mode']}): {s['runs']} runs, "
+             f"min / median / max", ""]
+    for what, f in s["figures"].items():
+        fmt = "{:,.2f}" if f["max"] < 10 else "{:,.0f}"
+        lines.append(f"  {what:<34} {fmt.format(f['min'])} / {fmt.format(f['median'])} / "
+                     f"{fmt.format(f['max'])}" + (f"  ({len(f['runs'])} runs)"
+                                                   if len(f["runs"]) != s["runs"] else ""))
+    if s["failed_runs"]:
+        lines += ["", f"FAILED:       {s['failed_runs']} of {s['runs']} runs (see their reports)"]
+    if s["targets"]:
+        lines += ["", "targets (by the median):"]
+        for t in s["targets"]:
+            figure = "" if "median" not in t else (
+                f" (median {t['median']:,.3g}; met in {t['runs_met']} of {len(t['runs'])} runs)")
+            lines.append(f"  {t['verdict']:<13} {t['target']}{figure}")
+    return "\n".join(lines)
+
+
+def write_summary(results: list[dict[str, Any]], out: Path) -> str:
+    """The summary of ``oms bench --repeat N``, as text and JSON."""
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize_runs(results)
+    base = out / f"{summary['scenario']}-{time.strftime('%Y%m%d-%H%M%S')}-summary"
+    text = render_summary(summary)
+    base.with_suffix(".txt").write_text(text + "\n")
+    base.with_suffix(".json").write_text(json.dumps(summary, indent=2, default=str))
+    return text + f"\n\nsummary: {base}.txt, {base}.json"
 
 
 def _plot(result: dict[str, Any], path: Path) -> Path | None:

@@ -127,6 +127,36 @@ def test_fault_soak_needs_its_own_soak_service() -> None:
     assert result.returncode != 0 and "--faults needs --scenario soak" in result.stderr
 
 
+def test_repeat_runs_each_with_its_own_service_and_summarizes(tmp_path: Path) -> None:
+    """``--repeat 2``: two runs, each its own report (not overwritten within
+    a second), and a summary with each figure's min / median / max and each
+    target's verdict by its median."""
+    out = tmp_path / "reports"
+    result = subprocess.run([sys.executable, "-m", "app.cli", "bench", "--smoke", "--quiet",
+                             "--scenario", "intake", "--repeat", "2", "--out", str(out)],
+                            capture_output=True, text=True, timeout=180, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs = sorted(out.glob("*-run?.json"))
+    assert [p.name[-10:] for p in runs] == ["-run1.json", "-run2.json"]
+    assert all(json.loads(p.read_text())["accepted"] == 300 for p in runs)
+    (summary,) = out.glob("*-summary.json")
+    s = json.loads(summary.read_text())
+    assert s["runs"] == 2 and s["failed_runs"] == 0
+    assert len(s["figures"]["orders/s"]["runs"]) == 2
+    (target,) = s["targets"]
+    assert target["target"].startswith(">= 7,590 orders/s") and len(target["runs"]) == 2
+    assert "-- run 2 of 2" in result.stdout and "targets (by the median):" in result.stdout
+
+
+@pytest.mark.parametrize("args", [["--repeat", "0"], ["--repeat", "2", "--scenario", "engine"],
+                                  ["--repeat", "2", "--scenario", "soak", "--faults"],
+                                  ["--repeat", "2", "--intake", "tcp://127.0.0.1:9"]])
+def test_repeat_is_refused_where_it_cannot_work(args: list[str]) -> None:
+    result = subprocess.run([sys.executable, "-m", "app.cli", "bench", *args],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode != 0 and "--repeat needs" in result.stderr
+
+
 def test_sequencing_check_finds_overlapping_and_reordered_orders() -> None:
     def view(start: float | None, end: float, state: str = "completed") -> dict:
         hist = [{"state": "acknowledged", "ts": 0.0}]

@@ -10,7 +10,9 @@ import subprocess
 import sys
 from typing import Any
 
-from bench.report import render, target_verdicts
+import pytest
+
+from bench.report import render, render_summary, summarize_runs, target_verdicts
 
 PICK = ("from bench.ports import free_port\n"
         "ports = []\n"
@@ -86,6 +88,34 @@ def test_report_says_met_or_not_met_for_each_target() -> None:
     waiting = target_verdicts(result(scenario="waiting", waiting_orders=100_000, rss_mb=420.0,
                                      threads=70, restart_to_accepting_s=1.2))
     assert [v for _, v, _ in waiting] == ["met", "met", "NOT met", "met"]
+
+
+def test_repeated_runs_are_judged_by_their_median() -> None:
+    """Three closed-loop runs: CPU ratios 2.0, 2.4 and 3.0 (median 2.4: met,
+    in 2 of 3 runs); a fourth run that failed before it measured anything is
+    left out of every figure, and counted as failed."""
+    def closed(cpu_s: float, base_cpu_s: float) -> dict[str, Any]:
+        return result(service={"cpu_s": cpu_s}, orders_per_s=6000.0,
+                      baseline={"orders_per_s": 10000.0, "finished": 100,
+                                "service": {"cpu_s": base_cpu_s}})
+    runs = [closed(0.02, 0.01), closed(0.024, 0.01), closed(0.03, 0.01),
+            result(error="the service died", finished=0, orders_per_s=0.0, baseline=None)]
+    s = summarize_runs(runs)
+    assert s["runs"] == 4 and s["failed_runs"] == 1
+    ratio = s["figures"]["service CPU / baseline's"]
+    assert [ratio["min"], ratio["median"], ratio["max"]] == pytest.approx([2.0, 2.4, 3.0])
+    assert s["figures"]["service CPU per order (us)"]["runs"] == pytest.approx([200, 240, 300])
+    cpu, thr = s["targets"]
+    assert (cpu["verdict"], cpu["runs_met"], thr["verdict"], thr["runs_met"]) == (
+        "met", 2, "met", 3)
+    assert (cpu["median"], thr["median"]) == pytest.approx((2.4, 0.6))
+    text = render_summary(s)
+    assert "service CPU / baseline's           2.00 / 2.40 / 3.00  (3 runs)" in text
+    assert "FAILED:       1 of 4 runs" in text
+    assert "met           closed loop: service CPU per order <= 2.5x the baseline's " \
+        "(median 2.4; met in 2 of 3 runs)" in text
+    worse = summarize_runs([closed(0.03, 0.01), closed(0.026, 0.01), closed(0.02, 0.01)])
+    assert worse["targets"][0]["verdict"] == "NOT met"  # median 2.6, though one run met it
 
 
 def test_progress_writes_no_carriage_returns_when_not_a_terminal() -> None:
