@@ -34,10 +34,8 @@ def open_socket(ctx: zmq.Context, kind: int, *, bind: str | None = None,
 # an order) call the Cython ones directly, with plain int flags.
 NOBLOCK = int(zmq.NOBLOCK)
 MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
-_RCVMORE = int(zmq.RCVMORE)
 send_frame = zmq.backend.Socket.send  # send_frame(sock, frame, NOBLOCK or MORE)
 _recv = zmq.backend.Socket.recv
-_get = zmq.backend.Socket.get
 
 
 def send_frames(sock: zmq.Socket, frames: Sequence[bytes]) -> None:
@@ -49,8 +47,13 @@ def send_frames(sock: zmq.Socket, frames: Sequence[bytes]) -> None:
 
 def recv_frames(sock: zmq.Socket) -> list[bytes]:
     """``sock.recv_multipart(flags=zmq.NOBLOCK)``, without its wrapper
-    (``zmq.Again`` if nothing is queued)."""
-    frames = [_recv(sock, NOBLOCK)]
-    while _get(sock, _RCVMORE):
-        frames.append(_recv(sock, NOBLOCK))
+    (``zmq.Again`` if nothing is queued). Each frame is received as a
+    ``Frame`` (``copy=False``), whose ``more`` pyzmq reads in C: asking the
+    socket (``get(RCVMORE)``) converts the option to its enum in Python first,
+    0.6 µs a frame, more than the ``Frame`` and its copy cost together."""
+    frame = _recv(sock, NOBLOCK, False)
+    frames = [frame.bytes]
+    while frame.more:
+        frame = _recv(sock, NOBLOCK, False)
+        frames.append(frame.bytes)
     return frames
