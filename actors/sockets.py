@@ -3,10 +3,12 @@ and pyzmq's Cython send and receive called directly on the hot paths."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 import zmq
 import zmq.backend
+
+Buffer = bytes | bytearray  # a frame to send (a copying send)
 
 
 def open_socket(ctx: zmq.Context, kind: int, *, bind: str | None = None,
@@ -38,11 +40,12 @@ send_frame = zmq.backend.Socket.send  # send_frame(sock, frame, NOBLOCK or MORE)
 _recv = zmq.backend.Socket.recv
 
 
-def send_frames(sock: zmq.Socket, frames: Sequence[bytes]) -> None:
-    """``sock.send_multipart(frames, flags=zmq.NOBLOCK)``, without its wrapper."""
-    last = len(frames) - 1
-    for i, frame in enumerate(frames):
-        send_frame(sock, frame, MORE if i < last else NOBLOCK)
+def send_frames(sock: zmq.Socket, head: Iterable[Buffer], last: Buffer) -> None:
+    """``sock.send_multipart([*head, last], flags=zmq.NOBLOCK)``, without its
+    wrapper (nor the list): a reply's envelope, then its payload."""
+    for frame in head:
+        send_frame(sock, frame, MORE)
+    send_frame(sock, last, NOBLOCK)
 
 
 def recv_frames(sock: zmq.Socket) -> list[bytes]:

@@ -4,11 +4,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from enum import IntEnum
 
 import pytest
 import zmq
+from prometheus_client import CollectorRegistry
 
+from actors.endpoint import RouterEndpoint, read_requests
+from actors.metrics import Metrics
 from actors.sockets import recv_frames, send_frames
+from oms import codec
 
 
 @pytest.fixture
@@ -68,6 +73,67 @@ def test_send_frames_then_recv_frames_round_trip(
     envelope, payload = recv_frames(router)
     assert payload == b"request"
     for reply in ([b"one"], [b"", b"two"], [b"3", b"", b"three"]):
-        send_frames(router, [envelope, *reply])
+        send_frames(router, [envelope, *reply[:-1]], reply[-1])
         _wait(dealer)
         assert dealer.recv_multipart() == reply
+
+
+@pytest.fixture
+def endpoint(pair: tuple[zmq.Socket, zmq.Socket]) -> RouterEndpoint:
+    """A ``RouterEndpoint`` on the pair's ROUTER (ROUTER_MANDATORY, as its own),
+    driven from this thread, its socket's only one."""
+    router, _ = pair
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    ep = RouterEndpoint(zmq.Context.instance(), "tcp://127.0.0.1:0",
+                        Metrics(CollectorRegistry()))
+    ep.sock = router
+    return ep
+
+
+def _request(pair: tuple[zmq.Socket, zmq.Socket], payload: bytes) -> tuple[bytes, ...]:
+    router, dealer = pair
+    dealer.send(payload)
+    _wait(router)
+    [(envelope, frame, user)] = read_requests(router, False, 1)
+    assert (frame, user) == (payload, None)
+    return envelope
+
+
+class Level(IntEnum):
+    HIGH = 3
+
+
+def test_send_reply_encodes_as_pack_and_a_refused_payload_sends_nothing(
+        endpoint: RouterEndpoint, pair: tuple[zmq.Socket, zmq.Socket]) -> None:
+    """Each reply is the bytes ``codec.pack`` writes (also a value only msgpack
+    encodes, and a shorter reply after a longer one: the reused buffer is cut
+    to each); a payload neither encodes raises before any frame leaves, and
+    the next reply is whole."""
+    _, dealer = pair
+    envelope = _request(pair, b"request")
+    replies = [{"type": "ack", "data": "x" * 5000}, {"type": "ack"}, {"level": Level.HIGH},
+               {"request_id": 7, "nested": {"a": [1, 2.5, None, True]}}]
+    for payload in replies:
+        endpoint.send_reply(envelope, payload)
+        _wait(dealer)
+        assert dealer.recv_multipart() == [codec.pack(payload)]
+    with pytest.raises(TypeError):
+        endpoint.send_reply(envelope, {"bad": object()})
+    endpoint.send_reply(envelope, {"type": "ack"})
+    _wait(dealer)
+    assert dealer.recv_multipart() == [codec.pack({"type": "ack"})]
+
+
+def test_send_reply_to_a_gone_peer_is_counted_not_raised(
+        endpoint: RouterEndpoint, pair: tuple[zmq.Socket, zmq.Socket]) -> None:
+    """ROUTER_MANDATORY: a reply to an unknown routing id fails on its first
+    frame; it is counted in ``oms_reply_failures_total``, and the next reply
+    to a known peer still arrives whole."""
+    _, dealer = pair
+    envelope = _request(pair, b"request")
+    endpoint.send_reply((b"\x00gone",), {"type": "ack"})
+    failures = endpoint.metrics.reply_failures.labels("endpoint")._value.get()
+    assert failures == 1
+    endpoint.send_reply(envelope, {"type": "ack", "n": 2})
+    _wait(dealer)
+    assert dealer.recv_multipart() == [codec.pack({"type": "ack", "n": 2})]
