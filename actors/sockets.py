@@ -37,7 +37,9 @@ def open_socket(ctx: zmq.Context, kind: int, *, bind: str | None = None,
 NOBLOCK = int(zmq.NOBLOCK)
 MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 send_frame = zmq.backend.Socket.send  # send_frame(sock, frame, NOBLOCK or MORE)
-_recv = zmq.backend.Socket.recv
+# recv_frame(sock, NOBLOCK): one frame, as bytes (the gateways' replies, 6 an order):
+# ``sock.recv`` is found past pyzmq's ``__getattr__`` on each call (not specialised)
+recv_frame = _recv = zmq.backend.Socket.recv
 
 
 def send_frames(sock: zmq.Socket, head: Iterable[Buffer], last: Buffer) -> None:
