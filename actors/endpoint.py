@@ -19,7 +19,7 @@ import zmq
 
 from actors.loop import LoopActor
 from actors.metrics import Metrics
-from actors.sockets import open_socket, recv_frames, send_frames
+from actors.sockets import open_socket, recv_frames, recv_parts, send_frames
 from oms import codec
 from oms.codec import encode_into
 
@@ -36,7 +36,7 @@ def read_requests(sock: zmq.Socket, identity_required: bool, budget: int
     for _ in range(budget):
         try:
             if identity_required:
-                parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                parts = recv_parts(sock)
                 got = parts[-1].get("User-Id")  # a str: pyzmq types all properties as one
                 user = got if isinstance(got, str) else None
                 frames = [p.bytes for p in parts]

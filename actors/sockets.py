@@ -50,6 +50,17 @@ def send_frames(sock: zmq.Socket, head: Iterable[Buffer], last: Buffer) -> None:
     send_frame(sock, last, NOBLOCK)
 
 
+def recv_parts(sock: zmq.Socket) -> list[zmq.Frame]:
+    """``sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)``, without its
+    wrapper: the frames as pyzmq ``Frame`` objects, for their properties
+    (a CURVE peer's ``User-Id``). 1.7 µs a 2-frame request, not 3.7 µs
+    (the wrapper asks ``get(RCVMORE)`` a frame; see ``recv_frames``)."""
+    parts = [_recv(sock, NOBLOCK, False)]
+    while parts[-1].more:
+        parts.append(_recv(sock, NOBLOCK, False))
+    return parts
+
+
 def recv_frames(sock: zmq.Socket) -> list[bytes]:
     """``sock.recv_multipart(flags=zmq.NOBLOCK)``, without its wrapper
     (``zmq.Again`` if nothing is queued). Each frame is received as a

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from actors.endpoint import RouterEndpoint, read_requests
 from actors.metrics import Metrics
-from actors.sockets import recv_frames, send_frames
+from actors.sockets import recv_frames, recv_parts, send_frames
 from oms import codec
 
 
@@ -137,3 +137,22 @@ def test_send_reply_to_a_gone_peer_is_counted_not_raised(
     endpoint.send_reply(envelope, {"type": "ack", "n": 2})
     _wait(dealer)
     assert dealer.recv_multipart() == [codec.pack({"type": "ack", "n": 2})]
+
+
+@pytest.mark.parametrize("frames", [[b"x"], [b"", b"y" * 70_000], [b"a", b"", b"b", b"c"]])
+def test_recv_parts_reads_frames_as_recv_multipart_does(
+        pair: tuple[zmq.Socket, zmq.Socket], frames: list[bytes]) -> None:
+    """``recv_parts`` (the CURVE path's read, for the ``User-Id`` property)
+    gives the frames ``recv_multipart(copy=False)`` gives, each message alone."""
+    router, dealer = pair
+    for _ in range(2):
+        dealer.send_multipart(frames)
+    _wait(router)
+    mine = recv_parts(router)
+    _wait(router)
+    theirs = router.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+    assert [p.bytes for p in mine] == [p.bytes for p in theirs]
+    assert mine[-1].more is False and all(p.more for p in mine[:-1])
+    assert [p.bytes for p in mine][1:] == frames
+    with pytest.raises(zmq.Again):
+        recv_parts(router)
