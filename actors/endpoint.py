@@ -19,8 +19,9 @@ import zmq
 
 from actors.loop import LoopActor
 from actors.metrics import Metrics
-from actors.sockets import open_socket, recv_frames, send_frames
+from actors.sockets import open_socket, recv_frames, recv_parts, send_frames
 from oms import codec
+from oms.codec import encode_into
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def read_requests(sock: zmq.Socket, identity_required: bool, budget: int
     for _ in range(budget):
         try:
             if identity_required:
-                parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                parts = recv_parts(sock)
                 got = parts[-1].get("User-Id")  # a str: pyzmq types all properties as one
                 user = got if isinstance(got, str) else None
                 frames = [p.bytes for p in parts]
@@ -44,7 +45,8 @@ def read_requests(sock: zmq.Socket, identity_required: bool, budget: int
         except zmq.Again:
             return
         if len(frames) >= 2:
-            yield tuple(frames[:-1]), frames[-1], user
+            payload = frames.pop()
+            yield tuple(frames), payload, user
 
 
 class SendReply(NamedTuple):
@@ -63,6 +65,7 @@ class RouterEndpoint(LoopActor):
         self.curve = curve or {}
         self.identity_required = bool(curve)
         self.sock: zmq.Socket | None = None
+        self._out = bytearray(256)  # each reply encoded here, then sent (a copying send)
 
     def on_start(self) -> None:
         self.sock = open_socket(self.zctx, zmq.ROUTER, bind=self.endpoint, ROUTER_MANDATORY=1,
@@ -89,11 +92,18 @@ class RouterEndpoint(LoopActor):
             self.send_reply(message.envelope, message.payload)
 
     def send_reply(self, envelope: tuple[bytes, ...], payload: dict[str, Any]) -> None:
-        """From this actor's own thread."""
-        if self.sock is None:
+        """From this actor's own thread: the payload is encoded first, so
+        nothing fails between the envelope's sends and its own."""
+        sock = self.sock
+        if sock is None:
             return
+        out = self._out
         try:
-            send_frames(self.sock, [*envelope, codec.pack(payload)])
+            encode_into(payload, out)
+        except Exception:  # noqa: BLE001 - pack_into decides: the same bytes, or msgpack's error
+            codec.pack_into(payload, out)
+        try:
+            send_frames(sock, envelope, out)
         except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or its queue full
             self.metrics.reply_failures.labels(self.label).inc()
             logger.warning("%s reply not delivered: %s", self.label, exc)

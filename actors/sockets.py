@@ -3,10 +3,12 @@ and pyzmq's Cython send and receive called directly on the hot paths."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 import zmq
 import zmq.backend
+
+Buffer = bytes | bytearray  # a frame to send (a copying send)
 
 
 def open_socket(ctx: zmq.Context, kind: int, *, bind: str | None = None,
@@ -34,23 +36,40 @@ def open_socket(ctx: zmq.Context, kind: int, *, bind: str | None = None,
 # an order) call the Cython ones directly, with plain int flags.
 NOBLOCK = int(zmq.NOBLOCK)
 MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
-_RCVMORE = int(zmq.RCVMORE)
 send_frame = zmq.backend.Socket.send  # send_frame(sock, frame, NOBLOCK or MORE)
-_recv = zmq.backend.Socket.recv
-_get = zmq.backend.Socket.get
+# recv_frame(sock, NOBLOCK): one frame, as bytes (the gateways' replies, 6 an order):
+# ``sock.recv`` is found past pyzmq's ``__getattr__`` on each call (not specialised)
+recv_frame = _recv = zmq.backend.Socket.recv
 
 
-def send_frames(sock: zmq.Socket, frames: Sequence[bytes]) -> None:
-    """``sock.send_multipart(frames, flags=zmq.NOBLOCK)``, without its wrapper."""
-    last = len(frames) - 1
-    for i, frame in enumerate(frames):
-        send_frame(sock, frame, MORE if i < last else NOBLOCK)
+def send_frames(sock: zmq.Socket, head: Iterable[Buffer], last: Buffer) -> None:
+    """``sock.send_multipart([*head, last], flags=zmq.NOBLOCK)``, without its
+    wrapper (nor the list): a reply's envelope, then its payload."""
+    for frame in head:
+        send_frame(sock, frame, MORE)
+    send_frame(sock, last, NOBLOCK)
+
+
+def recv_parts(sock: zmq.Socket) -> list[zmq.Frame]:
+    """``sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)``, without its
+    wrapper: the frames as pyzmq ``Frame`` objects, for their properties
+    (a CURVE peer's ``User-Id``). 1.7 µs a 2-frame request, not 3.7 µs
+    (the wrapper asks ``get(RCVMORE)`` a frame; see ``recv_frames``)."""
+    parts = [_recv(sock, NOBLOCK, False)]
+    while parts[-1].more:
+        parts.append(_recv(sock, NOBLOCK, False))
+    return parts
 
 
 def recv_frames(sock: zmq.Socket) -> list[bytes]:
     """``sock.recv_multipart(flags=zmq.NOBLOCK)``, without its wrapper
-    (``zmq.Again`` if nothing is queued)."""
-    frames = [_recv(sock, NOBLOCK)]
-    while _get(sock, _RCVMORE):
-        frames.append(_recv(sock, NOBLOCK))
+    (``zmq.Again`` if nothing is queued). Each frame is received as a
+    ``Frame`` (``copy=False``), whose ``more`` pyzmq reads in C: asking the
+    socket (``get(RCVMORE)``) converts the option to its enum in Python first,
+    0.6 µs a frame, more than the ``Frame`` and its copy cost together."""
+    frame = _recv(sock, NOBLOCK, False)
+    frames = [frame.bytes]
+    while frame.more:
+        frame = _recv(sock, NOBLOCK, False)
+        frames.append(frame.bytes)
     return frames

@@ -25,7 +25,7 @@ import zmq
 from actors.loop import LoopActor, bursts
 from actors.metrics import Metrics, observe_all
 from actors.ports import Deliver
-from actors.sockets import NOBLOCK, open_socket, send_frame
+from actors.sockets import NOBLOCK, open_socket, recv_frame, send_frame
 from actors.throttle import LogThrottle
 from gateways.breaker import CLOSED, OPEN, Breaker
 from oms import codec, edge
@@ -193,7 +193,7 @@ class Gateway(LoopActor):
         try:
             for _ in range(self.read_budget):
                 try:
-                    frame = sock.recv(NOBLOCK)
+                    frame = recv_frame(sock, NOBLOCK)
                 except zmq.Again:
                     return
                 self._on_reply(frame)

@@ -1,0 +1,158 @@
+"""The sockets' hot-path helpers (``actors.sockets``) against pyzmq's own
+``send_multipart`` / ``recv_multipart``: real sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from enum import IntEnum
+
+import pytest
+import zmq
+from prometheus_client import CollectorRegistry
+
+from actors.endpoint import RouterEndpoint, read_requests
+from actors.metrics import Metrics
+from actors.sockets import recv_frames, recv_parts, send_frames
+from oms import codec
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[zmq.Socket, zmq.Socket]]:
+    """A DEALER connected to a ROUTER, the connection up."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.linger = 0
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    dealer.send(b"hello")
+    assert router.poll(5000)
+    router.recv_multipart()
+    yield router, dealer
+    dealer.close()
+    router.close()
+    ctx.term()
+
+
+def _wait(sock: zmq.Socket) -> None:
+    assert sock.poll(5000), "nothing arrived within 5 s"
+
+
+@pytest.mark.parametrize("frames", [
+    [b"x"],
+    [b""],
+    [b"", b""],
+    [b"a", b"", b"b"],
+    [b"\x00" * 10, b"y" * 70_000],  # beyond pyzmq's copy threshold (65,536 bytes)
+    [bytes([i]) for i in range(40)],
+])
+def test_recv_frames_reads_each_message_whole_and_alone(
+        pair: tuple[zmq.Socket, zmq.Socket], frames: list[bytes]) -> None:
+    """Whatever a peer sends (empty frames, a large one, many), the ROUTER
+    reads its envelope and frames, then the next message separately, as
+    ``recv_multipart`` does; an empty queue is ``zmq.Again``."""
+    router, dealer = pair
+    dealer.send_multipart(frames)
+    dealer.send_multipart([b"next"])
+    _wait(router)
+    first = recv_frames(router)
+    assert first[1:] == frames and len(first[0]) > 0  # the peer's routing id first
+    _wait(router)
+    assert recv_frames(router) == [first[0], b"next"]
+    with pytest.raises(zmq.Again):
+        recv_frames(router)
+
+
+def test_send_frames_then_recv_frames_round_trip(
+        pair: tuple[zmq.Socket, zmq.Socket]) -> None:
+    """A reply through ``send_frames`` reaches the peer as one message, in order."""
+    router, dealer = pair
+    dealer.send(b"request")
+    _wait(router)
+    envelope, payload = recv_frames(router)
+    assert payload == b"request"
+    for reply in ([b"one"], [b"", b"two"], [b"3", b"", b"three"]):
+        send_frames(router, [envelope, *reply[:-1]], reply[-1])
+        _wait(dealer)
+        assert dealer.recv_multipart() == reply
+
+
+@pytest.fixture
+def endpoint(pair: tuple[zmq.Socket, zmq.Socket]) -> RouterEndpoint:
+    """A ``RouterEndpoint`` on the pair's ROUTER (ROUTER_MANDATORY, as its own),
+    driven from this thread, its socket's only one."""
+    router, _ = pair
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    ep = RouterEndpoint(zmq.Context.instance(), "tcp://127.0.0.1:0",
+                        Metrics(CollectorRegistry()))
+    ep.sock = router
+    return ep
+
+
+def _request(pair: tuple[zmq.Socket, zmq.Socket], payload: bytes) -> tuple[bytes, ...]:
+    router, dealer = pair
+    dealer.send(payload)
+    _wait(router)
+    [(envelope, frame, user)] = read_requests(router, False, 1)
+    assert (frame, user) == (payload, None)
+    return envelope
+
+
+class Level(IntEnum):
+    HIGH = 3
+
+
+def test_send_reply_encodes_as_pack_and_a_refused_payload_sends_nothing(
+        endpoint: RouterEndpoint, pair: tuple[zmq.Socket, zmq.Socket]) -> None:
+    """Each reply is the bytes ``codec.pack`` writes (also a value only msgpack
+    encodes, and a shorter reply after a longer one: the reused buffer is cut
+    to each); a payload neither encodes raises before any frame leaves, and
+    the next reply is whole."""
+    _, dealer = pair
+    envelope = _request(pair, b"request")
+    replies = [{"type": "ack", "data": "x" * 5000}, {"type": "ack"}, {"level": Level.HIGH},
+               {"request_id": 7, "nested": {"a": [1, 2.5, None, True]}}]
+    for payload in replies:
+        endpoint.send_reply(envelope, payload)
+        _wait(dealer)
+        assert dealer.recv_multipart() == [codec.pack(payload)]
+    with pytest.raises(TypeError):
+        endpoint.send_reply(envelope, {"bad": object()})
+    endpoint.send_reply(envelope, {"type": "ack"})
+    _wait(dealer)
+    assert dealer.recv_multipart() == [codec.pack({"type": "ack"})]
+
+
+def test_send_reply_to_a_gone_peer_is_counted_not_raised(
+        endpoint: RouterEndpoint, pair: tuple[zmq.Socket, zmq.Socket]) -> None:
+    """ROUTER_MANDATORY: a reply to an unknown routing id fails on its first
+    frame; it is counted in ``oms_reply_failures_total``, and the next reply
+    to a known peer still arrives whole."""
+    _, dealer = pair
+    envelope = _request(pair, b"request")
+    endpoint.send_reply((b"\x00gone",), {"type": "ack"})
+    failures = endpoint.metrics.reply_failures.labels("endpoint")._value.get()
+    assert failures == 1
+    endpoint.send_reply(envelope, {"type": "ack", "n": 2})
+    _wait(dealer)
+    assert dealer.recv_multipart() == [codec.pack({"type": "ack", "n": 2})]
+
+
+@pytest.mark.parametrize("frames", [[b"x"], [b"", b"y" * 70_000], [b"a", b"", b"b", b"c"]])
+def test_recv_parts_reads_frames_as_recv_multipart_does(
+        pair: tuple[zmq.Socket, zmq.Socket], frames: list[bytes]) -> None:
+    """``recv_parts`` (the CURVE path's read, for the ``User-Id`` property)
+    gives the frames ``recv_multipart(copy=False)`` gives, each message alone."""
+    router, dealer = pair
+    for _ in range(2):
+        dealer.send_multipart(frames)
+    _wait(router)
+    mine = recv_parts(router)
+    _wait(router)
+    theirs = router.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+    assert [p.bytes for p in mine] == [p.bytes for p in theirs]
+    assert mine[-1].more is False and all(p.more for p in mine[:-1])
+    assert [p.bytes for p in mine][1:] == frames
+    with pytest.raises(zmq.Again):
+        recv_parts(router)
