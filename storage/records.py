@@ -91,6 +91,30 @@ def bump(txn: lmdb.Transaction[bytes], db: Any, key: bytes, by: int) -> None:
     txn.put(key, str((int(raw) if raw else 0) + by).encode(), db=db)
 
 
+class Tally:
+    """Counter deltas of one write transaction, put once at its end
+    (``Store.write``) rather than a get and a put for every bump: the
+    ``live:<state>`` counters move once an order."""
+
+    __slots__ = ("deltas", "txn")
+
+    def __init__(self) -> None:
+        self.txn: lmdb.Transaction[bytes] | None = None  # whose deltas these are
+        self.deltas: dict[bytes, int] = {}
+
+    def add(self, txn: lmdb.Transaction[bytes], key: bytes, by: int) -> None:
+        if self.txn is not txn:  # (an aborted transaction's deltas are dropped)
+            self.txn, self.deltas = txn, {}
+        self.deltas[key] = self.deltas.get(key, 0) + by
+
+    def settle(self, txn: lmdb.Transaction[bytes], db: Any) -> None:
+        """Put ``txn``'s deltas (its last step before the commit)."""
+        if self.txn is txn:
+            for key, by in self.deltas.items():
+                bump(txn, db, key, by)
+        self.txn, self.deltas = None, {}
+
+
 def delete_prefix(cur: lmdb.Cursor[bytes], prefix: bytes) -> None:
     found = cur.set_range(prefix)
     while found and cur.key().startswith(prefix):

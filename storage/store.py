@@ -56,6 +56,7 @@ from storage.listing import OrderListing
 from storage.records import (
     SCAN_CHUNK,
     CorruptRecord,
+    Tally,
     decode_order,
     event_key,
     ext_key,
@@ -161,6 +162,7 @@ class Store(OrderListing, RetentionIndex):
         self.db = {name: self.env.open_db(name.encode()) for name in _DBS}
         self.gate = _ReadGate()
         self._seq: tuple[lmdb.Transaction[bytes], int] | None = None  # ``next_order_id``'s
+        self.tally = Tally()  # counter bumps of the open write transaction
         # ids whose active entry a failed write or ``retire`` may have dropped (rare; grows only)
         self.unlisted: set[bytes] = set()  # ``put_order`` then ignores ``listed``
         self.epoch = epoch
@@ -287,7 +289,10 @@ class Store(OrderListing, RetentionIndex):
 
     # -- writing (the store writer only) -----------------------------------
 
-    def write(self) -> lmdb.Transaction[bytes]:
+    @contextlib.contextmanager
+    def write(self) -> Iterator[lmdb.Transaction[bytes]]:
+        """A write transaction, committed when the ``with`` ends, after the
+        numbers it kept to put once (``_settle``); aborted if it raises."""
         txn = self.env.begin(write=True)
         if self.epoch and int(txn.get(b"epoch", b"0", db=self.db["meta"])) > self.epoch:
             txn.abort()  # a newer copy runs on this data: never write, go down loudly
@@ -295,7 +300,18 @@ class Store(OrderListing, RetentionIndex):
                             "%s; exiting without writing", self.epoch, self.path)
             logging.shutdown()
             os._exit(FENCED_EXIT)
-        return txn
+        with txn:
+            yield txn
+            self._settle(txn)
+
+    def _settle(self, txn: lmdb.Transaction[bytes]) -> None:
+        """Put what ``txn`` kept to put once: the last order number it gave
+        out (``next_order_id``) and its counter bumps (``tally``)."""
+        meta = self.db["meta"]
+        last = self._seq
+        if last is not None and last[0] is txn:
+            txn.put(b"seq", str(last[1]).encode(), db=meta)
+        self.tally.settle(txn, meta)
 
     def grow(self) -> int:
         """Double the map (up to ``max_map_size``); waits until no reader is
@@ -319,14 +335,14 @@ class Store(OrderListing, RetentionIndex):
 
     def next_order_id(self, txn: lmdb.Transaction[bytes], vshard: int | None = None) -> str:
         """The next id; a shard (``vshard`` given) ends it with the virtual
-        shard (``oms.sharding``, docs/scaling.md)."""
-        last = self._seq  # read once a transaction (kept: never another's with its id)
+        shard (``oms.sharding``, docs/scaling.md). The number is read once a
+        transaction and put once, at its end (``write``)."""
+        last = self._seq  # (kept: never another transaction with its id)
         if last is not None and last[0] is txn:
             seq = last[1] + 1
         else:
             raw = txn.get(b"seq", db=self.db["meta"])
             seq = (int(raw) if raw else 0) + 1
-        txn.put(b"seq", str(seq).encode(), db=self.db["meta"])
         self._seq = (txn, seq)
         return format_order_id(seq) if vshard is None else sharded_order_id(seq, vshard)
 
