@@ -20,7 +20,12 @@ from typing import Any
 
 import msgspec
 import pytest
+from helpers import poll_until
+from prometheus_client import CollectorRegistry
 
+from actors.effects import Collect
+from actors.metrics import Metrics
+from actors.store_writer import CreateOrder, StoreWriter
 from oms import snapshot
 from oms.engine import new_order
 from oms.model import Order, OrderState
@@ -187,3 +192,31 @@ def test_kill_9_between_commits_leaves_the_counters_exact(tmp_path: Path,
         finally:
             store.close()
         start = stored  # the child numbers its external ids from there on
+
+
+def test_the_writer_growing_the_map_mid_batch_gives_each_number_once(tmp_path: Path) -> None:
+    """The real store writer, a 1 MiB map that must grow inside batches of
+    creates (a transaction aborted at a put, or at its end where the number
+    and counters are put, is tried again whole): every create gets its own
+    number, ``seq`` is the last, and the counters match the finished ones."""
+    store = Store(tmp_path / "data", map_size=1 << 20)
+    writer = StoreWriter.launch(store, Metrics(CollectorRegistry()))
+    try:
+        order = msgspec.structs.replace(an_order(), attributes={"pad": "x" * 20_000})
+        created: list[Any] = []
+        n = 150
+
+        def build(state: OrderState) -> Any:
+            return lambda oid: msgspec.structs.replace(order, order_id=oid, state=state)
+
+        for i in range(n):  # a third of them finished by their Start, as NewOrder may
+            state = OrderState.COMPLETED if i % 3 == 0 else order.state
+            writer.tell(CreateOrder("web", f"g{i}", b"d" * 16, build(state), Collect(created)))
+        assert poll_until(lambda: len(created) == n, timeout=30)
+        assert [c.order_id for c in created] == [f"O{k:012d}" for k in range(1, n + 1)]
+        assert writer.metrics.store_grows._value.get() >= 1
+        assert meta_counts(store) == done_by_state(store) == {
+            b"seq": str(n).encode(), b"live:completed": str(n // 3).encode()}
+    finally:
+        writer.actor_ref.stop()
+        store.close()
