@@ -161,8 +161,7 @@ class Store(OrderListing, RetentionIndex):
         )
         self.db = {name: self.env.open_db(name.encode()) for name in _DBS}
         self.gate = _ReadGate()
-        self._seq: tuple[lmdb.Transaction[bytes], int] | None = None  # ``next_order_id``'s
-        self.tally = Tally()  # counter bumps of the open write transaction
+        self.tally = Tally()  # what the open write transaction puts at its end
         # ids whose active entry a failed write or ``retire`` may have dropped (rare; grows only)
         self.unlisted: set[bytes] = set()  # ``put_order`` then ignores ``listed``
         self.epoch = epoch
@@ -292,7 +291,7 @@ class Store(OrderListing, RetentionIndex):
     @contextlib.contextmanager
     def write(self) -> Iterator[lmdb.Transaction[bytes]]:
         """A write transaction, committed when the ``with`` ends, after the
-        numbers it kept to put once (``_settle``); aborted if it raises."""
+        numbers it kept to put once (``tally``); aborted if it raises."""
         txn = self.env.begin(write=True)
         if self.epoch and int(txn.get(b"epoch", b"0", db=self.db["meta"])) > self.epoch:
             txn.abort()  # a newer copy runs on this data: never write, go down loudly
@@ -302,16 +301,7 @@ class Store(OrderListing, RetentionIndex):
             os._exit(FENCED_EXIT)
         with txn:
             yield txn
-            self._settle(txn)
-
-    def _settle(self, txn: lmdb.Transaction[bytes]) -> None:
-        """Put what ``txn`` kept to put once: the last order number it gave
-        out (``next_order_id``) and its counter bumps (``tally``)."""
-        meta = self.db["meta"]
-        last = self._seq
-        if last is not None and last[0] is txn:
-            txn.put(b"seq", str(last[1]).encode(), db=meta)
-        self.tally.settle(txn, meta)
+            self.tally.settle(txn, self.db["meta"])
 
     def grow(self) -> int:
         """Double the map (up to ``max_map_size``); waits until no reader is
@@ -335,15 +325,8 @@ class Store(OrderListing, RetentionIndex):
 
     def next_order_id(self, txn: lmdb.Transaction[bytes], vshard: int | None = None) -> str:
         """The next id; a shard (``vshard`` given) ends it with the virtual
-        shard (``oms.sharding``, docs/scaling.md). The number is read once a
-        transaction and put once, at its end (``write``)."""
-        last = self._seq  # (kept: never another transaction with its id)
-        if last is not None and last[0] is txn:
-            seq = last[1] + 1
-        else:
-            raw = txn.get(b"seq", db=self.db["meta"])
-            seq = (int(raw) if raw else 0) + 1
-        self._seq = (txn, seq)
+        shard (``oms.sharding``, docs/scaling.md); its number, ``Tally.next_seq``."""
+        seq = self.tally.next_seq(txn, self.db["meta"])
         return format_order_id(seq) if vshard is None else sharded_order_id(seq, vshard)
 
     def create_order(self, txn: lmdb.Transaction[bytes], source_system: str, external_id: str,
