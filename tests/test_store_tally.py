@@ -220,3 +220,30 @@ def test_the_writer_growing_the_map_mid_batch_gives_each_number_once(tmp_path: P
     finally:
         writer.actor_ref.stop()
         store.close()
+
+
+def test_a_create_whose_build_raises_keeps_its_number_used(tmp_path: Path) -> None:
+    """A create that fails alone (its build raises: the writer answers it
+    with an error and commits the rest) used its number, as when ``seq``
+    was put before the build: the next create takes the one after."""
+    store = Store(tmp_path / "data", sync=False)
+    writer = StoreWriter.launch(store, Metrics(CollectorRegistry()))
+    try:
+        order = an_order()
+        created: list[Any] = []
+
+        def good(oid: str) -> Order:
+            return msgspec.structs.replace(order, order_id=oid)
+
+        def broken(_oid: str) -> Order:
+            raise ValueError("poison: the build fails")
+
+        for ext, build in (("p1", good), ("p2", broken), ("p3", good)):
+            writer.tell(CreateOrder("web", ext, b"d" * 16, build, Collect(created)))
+        assert poll_until(lambda: len(created) == 3, timeout=10)
+        assert [(c.kind, c.order_id) for c in created] == [
+            ("accepted", "O000000000001"), ("error", ""), ("accepted", "O000000000003")]
+        assert meta_counts(store) == {b"seq": b"3"}
+    finally:
+        writer.actor_ref.stop()
+        store.close()
