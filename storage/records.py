@@ -91,6 +91,48 @@ def bump(txn: lmdb.Transaction[bytes], db: Any, key: bytes, by: int) -> None:
     txn.put(key, str((int(raw) if raw else 0) + by).encode(), db=db)
 
 
+class Tally:
+    """What one write transaction puts once, at its end (``Store.write``),
+    rather than at every change: the last order number it gave out
+    (``Store.next_order_id``: a put an order) and its counter deltas (the
+    ``live:<state>`` counters: a get and a put an order). Kept for the open
+    transaction only: another one starts from what is stored."""
+
+    __slots__ = ("deltas", "seq", "txn")
+
+    def __init__(self) -> None:
+        self.txn: lmdb.Transaction[bytes] | None = None  # whose numbers these are
+        self.seq = 0  # the last order number it gave out; 0: none yet
+        self.deltas: dict[bytes, int] = {}
+
+    def of(self, txn: lmdb.Transaction[bytes]) -> Tally:
+        """This tally, for ``txn`` (an aborted transaction's is dropped)."""
+        if self.txn is not txn:
+            self.txn, self.seq, self.deltas = txn, 0, {}
+        return self
+
+    def next_seq(self, txn: lmdb.Transaction[bytes], meta: Any) -> int:
+        """The next order number: read once a transaction, put at its end."""
+        if not self.of(txn).seq:
+            raw = txn.get(b"seq", db=meta)
+            self.seq = int(raw) if raw else 0
+        self.seq += 1
+        return self.seq
+
+    def add(self, txn: lmdb.Transaction[bytes], key: bytes, by: int) -> None:
+        deltas = self.of(txn).deltas
+        deltas[key] = deltas.get(key, 0) + by
+
+    def settle(self, txn: lmdb.Transaction[bytes], meta: Any) -> None:
+        """Put ``txn``'s numbers into ``meta`` (its last step before the commit)."""
+        if self.txn is txn:
+            if self.seq:
+                txn.put(b"seq", str(self.seq).encode(), db=meta)
+            for key, by in self.deltas.items():
+                bump(txn, meta, key, by)
+        self.txn, self.seq, self.deltas = None, 0, {}
+
+
 def delete_prefix(cur: lmdb.Cursor[bytes], prefix: bytes) -> None:
     found = cur.set_range(prefix)
     while found and cur.key().startswith(prefix):

@@ -14,6 +14,7 @@ from oms import codec, snapshot
 from storage.records import (
     TS_BYTES,
     StoreView,
+    Tally,
     bump,
     delete_prefix,
     record_digest,
@@ -29,6 +30,7 @@ class RetentionIndex(StoreView):
     """Finished orders by finish time, archived orders' markers."""
 
     unlisted: set[bytes]  # (``Store.unlisted``)
+    tally: Tally  # (``Store.tally``)
 
     def note_finished(self, txn: lmdb.Transaction[bytes], key: bytes, record: bytes,
                       now: float | None = None) -> None:
@@ -36,7 +38,7 @@ class RetentionIndex(StoreView):
         state = snapshot.record_state(record)
         ms = int((time.time() if now is None else now) * 1000)
         txn.put(ts_key(ms, key), state.encode(), db=self.db["done"])
-        bump(txn, self.db["meta"], b"live:" + state.encode(), 1)
+        self.tally.add(txn, b"live:" + state.encode(), 1)  # put at the commit
 
     def archived_state(self, txn: lmdb.Transaction[bytes], order_id: str) -> str:
         marker = self.archive_marker(txn, order_id)

@@ -56,6 +56,7 @@ from storage.listing import OrderListing
 from storage.records import (
     SCAN_CHUNK,
     CorruptRecord,
+    Tally,
     decode_order,
     event_key,
     ext_key,
@@ -160,7 +161,7 @@ class Store(OrderListing, RetentionIndex):
         )
         self.db = {name: self.env.open_db(name.encode()) for name in _DBS}
         self.gate = _ReadGate()
-        self._seq: tuple[lmdb.Transaction[bytes], int] | None = None  # ``next_order_id``'s
+        self.tally = Tally()  # what the open write transaction puts at its end
         # ids whose active entry a failed write or ``retire`` may have dropped (rare; grows only)
         self.unlisted: set[bytes] = set()  # ``put_order`` then ignores ``listed``
         self.epoch = epoch
@@ -287,7 +288,10 @@ class Store(OrderListing, RetentionIndex):
 
     # -- writing (the store writer only) -----------------------------------
 
-    def write(self) -> lmdb.Transaction[bytes]:
+    @contextlib.contextmanager
+    def write(self) -> Iterator[lmdb.Transaction[bytes]]:
+        """A write transaction, committed when the ``with`` ends, after the
+        numbers it kept to put once (``tally``); aborted if it raises."""
         txn = self.env.begin(write=True)
         if self.epoch and int(txn.get(b"epoch", b"0", db=self.db["meta"])) > self.epoch:
             txn.abort()  # a newer copy runs on this data: never write, go down loudly
@@ -295,7 +299,9 @@ class Store(OrderListing, RetentionIndex):
                             "%s; exiting without writing", self.epoch, self.path)
             logging.shutdown()
             os._exit(FENCED_EXIT)
-        return txn
+        with txn:
+            yield txn
+            self.tally.settle(txn, self.db["meta"])
 
     def grow(self) -> int:
         """Double the map (up to ``max_map_size``); waits until no reader is
@@ -319,15 +325,8 @@ class Store(OrderListing, RetentionIndex):
 
     def next_order_id(self, txn: lmdb.Transaction[bytes], vshard: int | None = None) -> str:
         """The next id; a shard (``vshard`` given) ends it with the virtual
-        shard (``oms.sharding``, docs/scaling.md)."""
-        last = self._seq  # read once a transaction (kept: never another's with its id)
-        if last is not None and last[0] is txn:
-            seq = last[1] + 1
-        else:
-            raw = txn.get(b"seq", db=self.db["meta"])
-            seq = (int(raw) if raw else 0) + 1
-        txn.put(b"seq", str(seq).encode(), db=self.db["meta"])
-        self._seq = (txn, seq)
+        shard (``oms.sharding``, docs/scaling.md); its number, ``Tally.next_seq``."""
+        seq = self.tally.next_seq(txn, self.db["meta"])
         return format_order_id(seq) if vshard is None else sharded_order_id(seq, vshard)
 
     def create_order(self, txn: lmdb.Transaction[bytes], source_system: str, external_id: str,

@@ -210,7 +210,12 @@ def _store_with_v1_and_v2(data: Path) -> tuple[Store, dict[str, bytes]]:
     under the next ids; the unfinished ones active."""
     store = Store(data, map_size=16 * MIB)
     records: dict[str, bytes] = {}
-    txn = store.write()
+    with store.write() as txn:
+        _put_v1_and_v2(store, txn, records)
+    return store, records
+
+
+def _put_v1_and_v2(store: Store, txn: Any, records: dict[str, bytes]) -> None:
     for n, entry in enumerate(V1.values()):
         order = snapshot.decode(entry["record"])
         copy = msgspec.structs.replace(order, order_id=f"O{n + 101:012d}",
@@ -222,8 +227,6 @@ def _store_with_v1_and_v2(data: Path) -> tuple[Store, dict[str, bytes]]:
             store.put_order(txn, oid, raw, active=not entry["finished"])
             records[oid] = raw
     txn.put(b"seq", b"200", db=store.db["meta"])
-    txn.commit()
-    return store, records
 
 
 def test_the_store_reads_both_versions_everywhere(tmp_path: Path) -> None:
@@ -242,11 +245,10 @@ def test_the_store_reads_both_versions_everywhere(tmp_path: Path) -> None:
                                    10, None)
         assert [o.order_id for o in one] == ["O000000000001"]
         # a resubmission of a stored order is a duplicate with its state, either version
-        txn = store.write()
-        for ext in ("v1-cancel", "v1-cancel-v2"):
-            dup = store.create_order(txn, "web", ext, b"x" * 16, None)
-            assert (dup.kind, dup.state) == ("duplicate", "cancelled")
-        txn.abort()
+        with store.read() as txn:
+            for ext in ("v1-cancel", "v1-cancel-v2"):
+                dup = store.create_order(txn, "web", ext, b"x" * 16, None)
+                assert (dup.kind, dup.state) == ("duplicate", "cancelled")
         # the retention index: finished orders indexed by their state, old ones found
         # by the upgrade scan from their record's updated_ts and state
         _since, _cursor, found = store.backfill_scan(10**15, 100, store.last_order_key())

@@ -12,6 +12,7 @@ store API (thousands of orders in a second, in states a crash leaves).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from importlib import resources
 from pathlib import Path
@@ -51,7 +52,8 @@ class Builder:
 
     def __init__(self, data: Path) -> None:
         self.store = Store(data, map_size=256 * MIB)
-        self.txn = self.store.write()
+        self.writing = contextlib.ExitStack()
+        self.txn = self.writing.enter_context(self.store.write())
         self.seq = 0
 
     def add(self, order: Order, **over: Any) -> str:
@@ -67,7 +69,7 @@ class Builder:
 
     def close(self) -> None:
         self.txn.put(b"seq", str(self.seq).encode(), db=self.store.db["meta"])
-        self.txn.commit()
+        self.writing.close()  # commits
         self.store.close()
 
 
