@@ -63,8 +63,6 @@ from typing import Any, Protocol
 import zmq
 
 logger = logging.getLogger(__name__)
-_get_ident = threading.get_ident  # (a module name: one lookup less in ``hold``, ``schedule``,
-# ``in_loop`` and ``call_soon``, several times a message)
 
 IDLE_POLL_S = 1.0  # the longest a poll waits with nothing due
 TIMERS_PER_TURN = 64  # each may load an order from the store: a bounded turn
@@ -175,7 +173,7 @@ class EventLoop:
         return self._thread.is_alive()
 
     def in_loop(self) -> bool:
-        return _get_ident() == self._ident
+        return threading.get_ident() == self._ident
 
     def stop(self, timeout: float = 10.0) -> None:
         """End the loop after its current turn and wait for its thread
@@ -192,7 +190,7 @@ class EventLoop:
     def schedule(self, runnable: Runnable) -> None:
         """Queue ``runnable`` to run (its inbox has mail). The caller makes
         sure a runnable is queued at most once at a time (its inbox's flag)."""
-        if _get_ident() == self._ident:
+        if threading.get_ident() == self._ident:
             (self._late if runnable.turn_end else self._runq).append(runnable)
         else:
             self._incoming.append(runnable)
@@ -201,7 +199,7 @@ class EventLoop:
     def hold(self, runnable: Any, token: threading.Lock) -> bool:
         """On the loop thread, take ``runnable``'s scheduling ``token``; its
         ``_end_held()`` runs at the phase's end. False if that cannot be."""
-        if _get_ident() != self._ident or not token.acquire(False):
+        if threading.get_ident() != self._ident or not token.acquire(False):
             return False
         self._held.append(runnable)
         return True
@@ -209,7 +207,7 @@ class EventLoop:
     def call_soon(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` on the loop, in the next turn (thread-safe)."""
         self._calls.append(callback)
-        if _get_ident() != self._ident:
+        if threading.get_ident() != self._ident:
             self._wake()
 
     def run_sync(self, callback: Callable[[], Any], timeout: float = 30.0) -> Any:
