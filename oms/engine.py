@@ -114,9 +114,34 @@ class Engine:
         self.templates: dict[int, Template] = {}
 
     def handle(self, order: Order, msg: Any, now: float) -> Turning:
-        """Apply one message; the returned ``Turning`` holds the effects."""
+        """Apply one message; the returned ``Turning`` holds the effects.
+        (The dispatch is here, not in a method of the ``Turning``: one frame
+        less a message.)"""
         turning = Turning(self, order, now)
-        turning.handle(msg)
+        kind = type(msg)  # exact types (messages are final NamedTuples), most frequent first
+        if kind is CommandResult:
+            turning.on_result(msg)
+        elif kind is TimerFired:
+            turning.on_timer(msg.token)
+        elif kind is DomainEvent:
+            turning.on_event(msg)
+        elif kind is Start:
+            turning.on_start()
+        elif kind is Turn:
+            turning.on_turn(msg.go)
+        elif kind is Cancel:
+            turning.on_cancel(msg)
+        elif kind is Operate:
+            turning.check_orphans()  # after a definition change (oms.orphans)
+            turning.on_operate(msg)
+        elif kind is Resume:
+            turning.check_orphans()
+            turning.on_resume()
+        else:
+            raise TypeError(f"an order cannot handle {kind.__name__}")
+        if turning.changed:
+            order.updated_ts = now
+            order.version += 1
         return turning
 
 
@@ -178,29 +203,3 @@ class Turning(RunMixin, EventMixin, UndoMixin, NoteMixin, OperatorMixin, OrphanM
     """One message's worth of work on one order (see ``TurnBase``)."""
 
     __slots__ = ()  # as ``TurnBase``
-
-    def handle(self, msg: Any) -> None:
-        kind = type(msg)  # exact types (messages are final NamedTuples), most frequent first
-        if kind is CommandResult:
-            self.on_result(msg)
-        elif kind is TimerFired:
-            self.on_timer(msg.token)
-        elif kind is DomainEvent:
-            self.on_event(msg)
-        elif kind is Start:
-            self.on_start()
-        elif kind is Turn:
-            self.on_turn(msg.go)
-        elif kind is Cancel:
-            self.on_cancel(msg)
-        elif kind is Operate:
-            self.check_orphans()  # after a definition change (oms.orphans)
-            self.on_operate(msg)
-        elif kind is Resume:
-            self.check_orphans()
-            self.on_resume()
-        else:
-            raise TypeError(f"an order cannot handle {kind.__name__}")
-        if self.changed:
-            self.order.updated_ts = self.now
-            self.order.version += 1

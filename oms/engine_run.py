@@ -189,6 +189,9 @@ class RunMixin(TurnBase):
                     continue
                 break
             else:
+                if single is not None:  # (pending: seen above)
+                    self.launch(single, sdef)
+                    continue
                 for step in group:
                     if step.status is pending:
                         self.launch(step, sdef)
