@@ -216,7 +216,7 @@ class TurnBase:
             if "result" in names:
                 scopes["result"] = step.result or {}
             if "args" in names:
-                scopes["args"] = step.args or {}
+                scopes["args"] = step.arguments() or {}
         return parsed.fill(scopes)
 
     def step_plan(self) -> StepPlan:
@@ -363,7 +363,7 @@ class TurnBase:
     def notify_crm(self, key: str, state: str, message: str) -> None:
         raise NotImplementedError  # oms.engine_notes
 
-    def send_note(self, note: Step, idx: int) -> None:
+    def send_note(self, note: Step, idx: int, args: dict[str, Any] | None = None) -> None:
         raise NotImplementedError  # oms.engine_notes
 
     def expect(self, key: str, expected_s: float | None) -> None:

@@ -5,9 +5,11 @@ process's ``notify_retry``. A mixin of ``oms.engine.Turning`` (see
 
 from __future__ import annotations
 
+from typing import Any
+
 from oms.engine_base import TurnBase
 from oms.messages import CommandResult, Send
-from oms.model import Step
+from oms.model import Step, kept
 from oms.states import STEP_DONE, STEP_RUNNING, OrderState, StepStatus
 
 _new = tuple.__new__  # _new(Send, (...)): as ``oms.engine_base._new``
@@ -23,20 +25,24 @@ class NoteMixin(TurnBase):
 
     def notify_crm(self, key: str, state: str, message: str) -> None:
         order = self.order
-        note = Step(key, "notify", self.proc.notify_system, self.proc.notify_op,
-                    status=STEP_RUNNING, attempts=1)
-        note.args = {
+        args = {
             "customer_id": order.customer_id, "order_id": order.order_id,
             "external_id": order.external_id, "state": state, "message": message,
         }
+        note = Step(key, "notify", self.proc.notify_system, self.proc.notify_op,
+                    status=STEP_RUNNING, attempts=1, args=kept(args))
         self.changed = True
         order.notes.append(note)
-        self.send_note(note, len(order.notes) - 1)
+        self.send_note(note, len(order.notes) - 1, args)
 
-    def send_note(self, note: Step, idx: int) -> None:
-        assert note.args is not None
+    def send_note(self, note: Step, idx: int, args: dict[str, Any] | None = None) -> None:
+        """Send (or resend) a CRM note: ``args`` its map if at hand, else read
+        from the note."""
+        if args is None:
+            args = note.arguments()
+            assert args is not None
         self.effects.append(_new(Send, (note.system, f"{self.order.order_id}:notify:{idx}",
-                                        note.op, note.args, self.proc.notify_timeout_s)))
+                                        note.op, args, self.proc.notify_timeout_s)))
 
     def on_note_result(self, note: Step, idx: int, res: CommandResult) -> None:
         if note.status != STEP_RUNNING or (note.retry_at is not None and not res.ok):

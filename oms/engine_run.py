@@ -12,7 +12,7 @@ from oms.engine_base import TurnBase, id_key
 from oms.engine_plan import StepPlan, action_of
 from oms.errors import INVALID_REPLY, DomainError
 from oms.messages import CommandResult, Send, Sequence, Timer
-from oms.model import Step
+from oms.model import Step, kept
 from oms.order_rules import MAX_AMOUNT_MINOR
 from oms.process import StepDef
 from oms.states import (
@@ -211,7 +211,8 @@ class RunMixin(TurnBase):
         # timeout are read off it, as ``action`` and ``send_step`` would
         action = sdef.action if sdef.per_item is None else action_of(sdef, self.item(step))
         assert action is not None
-        args = step.args = self.fill(action.args, step)
+        args = self.fill(action.args, step)
+        step.args = kept(args)  # (each snapshot copies its bytes)
         step.attempts = 1
         self.set_status(step, STEP_RUNNING)
         self.effects.append(_new(Send, (step.system, self.command_id(step), step.op, args,
@@ -219,8 +220,9 @@ class RunMixin(TurnBase):
 
     def send_step(self, step: Step) -> None:
         sdef = self.sdef(step)
-        assert step.args is not None
-        self.send(step.system, self.command_id(step), step.op, step.args, sdef.timeout_s)
+        args = step.arguments()
+        assert args is not None
+        self.send(step.system, self.command_id(step), step.op, args, sdef.timeout_s)
 
     def complete(self) -> None:
         if self.order.state == ORDER_HELD:  # every step settled while held (internal_error)

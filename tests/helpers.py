@@ -38,6 +38,19 @@ def normalized(raw: dict[str, Any], types: tuple[str, ...] = ("retail", "telecom
     return order
 
 
+def thawed(order: Order) -> Order:
+    """A copy of ``order`` with its steps' and notes' arguments as maps: in
+    memory a launched step keeps them encoded (``oms.model.kept``), a
+    decoded record has maps; compare orders with ``thawed(a) == b``."""
+    import msgspec
+
+    def thaw(step: Any) -> Any:
+        return msgspec.structs.replace(step, args=step.arguments())
+
+    return msgspec.structs.replace(order, steps={k: thaw(s) for k, s in order.steps.items()},
+                                   notes=[thaw(n) for n in order.notes])
+
+
 Domain = Callable[[Send], CommandResult | None]
 
 

@@ -33,6 +33,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from helpers import normalized, retail_order
 from test_engine import RETAIL, TELECOM
@@ -75,6 +76,8 @@ def plain(value: Any) -> Any:
         return [plain(v) for v in value]
     if isinstance(value, DomainError):
         return ["err", plain(value.to_wire())]
+    if isinstance(value, msgspec.Raw):  # a step's kept arguments: the map they encode
+        return plain(msgspec.msgpack.decode(value))
     struct_fields = getattr(type(value), "__struct_fields__", None)  # Order, Step (msgspec)
     if struct_fields is not None:
         return [type(value).__name__, [[name, plain(getattr(value, name))]
