@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from oms import snapshot
 from oms.model import Order
 
 SCAN_CHUNK = 512  # records per read transaction in long scans
+
+logger = logging.getLogger(__name__)
 
 
 class StoreView:
@@ -129,7 +132,12 @@ class Tally:
             if self.seq:
                 txn.put(b"seq", str(self.seq).encode(), db=meta)
             for key, by in self.deltas.items():
-                bump(txn, meta, key, by)
+                try:
+                    bump(txn, meta, key, by)
+                except ValueError:  # damaged: counted again from here, not the batch failed
+                    logger.error("counter %r held %r, not a number: set to this commit's %d",
+                                 key, txn.get(key, db=meta), by)
+                    txn.put(key, str(by).encode(), db=meta)
         self.txn, self.seq, self.deltas = None, 0, {}
 
 

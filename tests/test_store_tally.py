@@ -247,3 +247,34 @@ def test_a_create_whose_build_raises_keeps_its_number_used(tmp_path: Path) -> No
     finally:
         writer.actor_ref.stop()
         store.close()
+
+
+def test_a_damaged_counter_is_counted_again_not_the_writer_failed(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A ``live:<state>`` counter that is not a number (a damaged store):
+    the batch still commits, the writer goes on, the counter restarts from
+    that commit's count and the log says so. (Put at the commit, it must not
+    fail the batch: a writer that went down on it would go down again after
+    each restart, at the first order that finishes.)"""
+    store = Store(tmp_path / "data", sync=False)
+    with store.write() as txn:
+        txn.put(b"live:completed", b"not-a-number", db=store.db["meta"])
+    fatal: list[str] = []
+    writer = StoreWriter.launch(store, Metrics(CollectorRegistry()), fatal=fatal.append)
+    try:
+        order = an_order()
+        created: list[Any] = []
+
+        def build(state: OrderState) -> Any:
+            return lambda oid: msgspec.structs.replace(order, order_id=oid, state=state)
+
+        writer.tell(CreateOrder("web", "plain", b"d" * 16, build(order.state), Collect(created)))
+        writer.tell(CreateOrder("web", "done", b"d" * 16, build(OrderState.COMPLETED),
+                                Collect(created)))
+        assert poll_until(lambda: len(created) == 2, timeout=10)
+        assert fatal == [] and [c.kind for c in created] == ["accepted", "accepted"]
+        assert meta_counts(store)[b"live:completed"] == b"1"
+        assert "b'live:completed' held b'not-a-number', not a number" in caplog.text
+    finally:
+        writer.actor_ref.stop()
+        store.close()
