@@ -31,7 +31,7 @@ from typing import Any
 from actors.runtime import tune_gc
 from bench.harness import Harness, ProcessDied, loop_turns, turn_quantiles
 from bench.load import LoadGen, Run, percentiles
-from bench.report import write_reports, write_summary
+from bench.report import failed_run, write_reports, write_summary
 from oms.sample import sample_orders
 
 
@@ -185,13 +185,9 @@ def run_once(args: argparse.Namespace, suffix: str = "") -> tuple[dict[str, Any]
     finally:
         if harness is not None:
             result.update(harness.stop())
-        faults = result.get("faults") or {}
-        failed = bool(result.get("error") or result.get("unfinished")
-                      or (result.get("baseline") or {}).get("unfinished")
-                      or faults.get("applied_twice") or faults.get("retail_once_ops_over_once")
-                      or faults.get("sequencing_overlaps"))
+        failed = failed_run(result)
         if failed:
-            result["logs"] = keep_logs(workdir, Path(args.out))
+            result["logs"] = keep_logs(workdir, Path(args.out), suffix)
         shutil.rmtree(workdir, ignore_errors=True)
     text = write_reports(result, Path(args.out), suffix)
     print(text)
@@ -202,9 +198,9 @@ def run_once(args: argparse.Namespace, suffix: str = "") -> tuple[dict[str, Any]
     return result, failed
 
 
-def keep_logs(workdir: Path, out: Path) -> str:
+def keep_logs(workdir: Path, out: Path, suffix: str = "") -> str:
     """A failed run's process logs, kept next to its reports."""
-    dest = out / f"logs-{time.strftime('%Y%m%d-%H%M%S')}"
+    dest = out / f"logs-{time.strftime('%Y%m%d-%H%M%S')}{suffix}"
     dest.mkdir(parents=True, exist_ok=True)
     for log in workdir.glob("*.log"):
         shutil.copy(log, dest / log.name)

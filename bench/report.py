@@ -8,6 +8,7 @@ import json
 import statistics
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,9 +89,22 @@ def target_verdicts(r: dict[str, Any]) -> list[tuple[str, str, Any]]:
             if value is not False:  # False: the run was of another mode
                 out.append((what, "not measured", None))
             continue
-        ok = {">=": value >= bound, "<": value < bound, "<=": value <= bound}[op]
-        out.append((what, "met" if ok else "NOT met", value))
+        out.append((what, "met" if _holds(value, op, bound) else "NOT met", value))
     return out
+
+
+def _holds(value: float, op: str, bound: float) -> bool:
+    return {">=": value >= bound, "<": value < bound, "<=": value <= bound}[op]
+
+
+def failed_run(r: dict[str, Any]) -> bool:
+    """A run that failed (its exit code is 1): an error, orders left
+    unfinished (its own or its baseline's), or a fault soak's broken promise."""
+    faults = r.get("faults") or {}
+    return bool(r.get("error") or r.get("unfinished")
+                or (r.get("baseline") or {}).get("unfinished")
+                or faults.get("applied_twice") or faults.get("retail_once_ops_over_once")
+                or faults.get("sequencing_overlaps"))
 
 
 def _target_lines(r: dict[str, Any]) -> list[str]:
@@ -258,7 +272,7 @@ def write_reports(result: dict[str, Any], out: Path, suffix: str = "") -> str:
 
 # -- several runs (``oms bench --repeat N``) -----------------------------------
 
-FIGURES: list[tuple[str, Any, float]] = [
+FIGURES: list[tuple[str, Callable[[dict[str, Any]], Any], float]] = [
     # (what, how to read it off one run, the factor it is shown with)
     ("orders/s", lambda r: r.get("orders_per_s"), 1),
     ("service CPU per order (us)", _cpu_per_order, 1e6),
@@ -278,13 +292,15 @@ def _spread(values: list[float]) -> dict[str, Any]:
 
 def summarize_runs(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Several runs of one scenario: each figure's and each target's values,
-    min / median / max; a target's verdict is its median's. A run that did
-    not produce a figure (a failed run, a baseline not asked for) is left out
-    of it: ``runs`` says how many did."""
+    min / median / max; a target's verdict is its median's. A failed run
+    (``failed_run``) is left out of every figure and verdict, and counted;
+    a run that did not produce a figure (a baseline not asked for) is left
+    out of that one: each figure's ``runs`` says how many gave it."""
+    good = [r for r in results if not failed_run(r)]
     figures: dict[str, Any] = {}
     for what, read, factor in FIGURES:
         values = []
-        for r in results:
+        for r in good:
             try:
                 value = read(r)
             except (TypeError, ZeroDivisionError):
@@ -295,22 +311,19 @@ def summarize_runs(results: list[dict[str, Any]]) -> dict[str, Any]:
             figures[what] = _spread(values)
     targets: list[dict[str, Any]] = []
     for what, _, op, bound in TARGETS.get(results[0].get("scenario", ""), []):
-        values = [value for r in results for w, _, value in target_verdicts(r)
+        values = [value for r in good for w, _, value in target_verdicts(r)
                   if w == what and value is not None]
         if not values:
             if any(w == what for r in results for w, _, _ in target_verdicts(r)):
                 targets.append({"target": what, "verdict": "not measured"})
             continue
         spread = _spread(values)
-        ok = {">=": spread["median"] >= bound, "<": spread["median"] < bound,
-              "<=": spread["median"] <= bound}[op]
-        met = sum({">=": v >= bound, "<": v < bound, "<=": v <= bound}[op] for v in values)
-        targets.append({"target": what, "verdict": "met" if ok else "NOT met",
-                        "runs_met": met, **spread})
-    failed = sum(bool(r.get("error") or r.get("unfinished")) for r in results)
+        met = sum(_holds(v, op, bound) for v in values)
+        targets.append({"target": what, "runs_met": met, **spread,
+                        "verdict": "met" if _holds(spread["median"], op, bound) else "NOT met"})
     return {"scenario": results[0].get("scenario"), "mode": results[0].get("mode", ""),
-            "runs": len(results), "failed_runs": failed, "machine": results[0].get("machine"),
-            "figures": figures, "targets": targets}
+            "runs": len(results), "failed_runs": len(results) - len(good),
+            "machine": results[0].get("machine"), "figures": figures, "targets": targets}
 
 
 def render_summary(s: dict[str, Any]) -> str:
@@ -322,7 +335,8 @@ def render_summary(s: dict[str, Any]) -> str:
                      f"{fmt.format(f['max'])}" + (f"  ({len(f['runs'])} runs)"
                                                    if len(f["runs"]) != s["runs"] else ""))
     if s["failed_runs"]:
-        lines += ["", f"FAILED:       {s['failed_runs']} of {s['runs']} runs (see their reports)"]
+        lines += ["", f"FAILED:       {s['failed_runs']} of {s['runs']} runs, left out of every "
+                      "figure and verdict (see their reports)"]
     if s["targets"]:
         lines += ["", "targets (by the median):"]
         for t in s["targets"]:

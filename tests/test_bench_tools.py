@@ -118,6 +118,27 @@ def test_repeated_runs_are_judged_by_their_median() -> None:
     assert worse["targets"][0]["verdict"] == "NOT met"  # median 2.6, though one run met it
 
 
+def test_a_failed_run_is_left_out_of_every_figure_and_verdict() -> None:
+    """A run whose own or baseline's orders did not all finish failed (its
+    exit code is 1): its figures, which would move the medians (a baseline's
+    CPU over 300 of 10,000 orders, a service's over the orders it finished),
+    decide nothing."""
+    def run(cpu: float, base_cpu: float, base_finished: int = 100, **extra: Any) -> Any:
+        return result(service={"cpu_s": cpu}, orders_per_s=6000.0, **extra,
+                      baseline={"orders_per_s": 10000.0, "finished": base_finished,
+                                "service": {"cpu_s": base_cpu}, **extra.pop("base", {})})
+    good = run(0.05, 0.0175)  # CPU ratio 2.86: NOT met
+    broken_base = run(0.05, 0.0002, base_finished=3)
+    broken_base["baseline"]["unfinished"] = {"B1": "inProgress"}
+    unfinished = run(0.01, 0.0175, unfinished={"O1": "inProgress"})
+    s = summarize_runs([good, broken_base, unfinished, unfinished])
+    assert s["failed_runs"] == 3
+    cpu = s["targets"][0]
+    assert (cpu["verdict"], len(cpu["runs"])) == ("NOT met", 1)
+    assert all(len(f["runs"]) == 1 for f in s["figures"].values())
+    assert "FAILED:       3 of 4 runs, left out of every figure and verdict" in render_summary(s)
+
+
 def test_progress_writes_no_carriage_returns_when_not_a_terminal() -> None:
     code = ("from bench.load import Progress\n"
             "p = Progress(1000, 'orders', False)\n"
