@@ -37,9 +37,10 @@ def open_socket(ctx: zmq.Context, kind: int, *, bind: str | None = None,
 NOBLOCK = int(zmq.NOBLOCK)
 MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 send_frame = zmq.backend.Socket.send  # send_frame(sock, frame, NOBLOCK or MORE)
-# recv_frame(sock, NOBLOCK): one frame, as bytes (the gateways' replies, 6 an order):
-# ``sock.recv`` is found past pyzmq's ``__getattr__`` on each call (not specialised)
-recv_frame = _recv = zmq.backend.Socket.recv
+# recv_frame(sock, NOBLOCK): one frame, as bytes (the gateways' replies, 6 an order), or
+# recv_frame(sock, NOBLOCK, False): as a ``Frame``; ``sock.recv`` is found past pyzmq's
+# ``__getattr__`` on each call (not specialised)
+recv_frame = zmq.backend.Socket.recv
 
 
 def send_frames(sock: zmq.Socket, head: Iterable[Buffer], last: Buffer) -> None:
@@ -55,9 +56,9 @@ def recv_parts(sock: zmq.Socket) -> list[zmq.Frame]:
     wrapper: the frames as pyzmq ``Frame`` objects, for their properties
     (a CURVE peer's ``User-Id``). 1.7 µs a 2-frame request, not 3.7 µs
     (the wrapper asks ``get(RCVMORE)`` a frame; see ``recv_frames``)."""
-    parts = [_recv(sock, NOBLOCK, False)]
+    parts = [recv_frame(sock, NOBLOCK, False)]
     while parts[-1].more:
-        parts.append(_recv(sock, NOBLOCK, False))
+        parts.append(recv_frame(sock, NOBLOCK, False))
     return parts
 
 
@@ -67,9 +68,9 @@ def recv_frames(sock: zmq.Socket) -> list[bytes]:
     ``Frame`` (``copy=False``), whose ``more`` pyzmq reads in C: asking the
     socket (``get(RCVMORE)``) converts the option to its enum in Python first,
     0.6 µs a frame, more than the ``Frame`` and its copy cost together."""
-    frame = _recv(sock, NOBLOCK, False)
+    frame = recv_frame(sock, NOBLOCK, False)
     frames = [frame.bytes]
     while frame.more:
-        frame = _recv(sock, NOBLOCK, False)
+        frame = recv_frame(sock, NOBLOCK, False)
         frames.append(frame.bytes)
     return frames

@@ -106,3 +106,28 @@ def test_kept_arguments_read_back_to_their_keys_types() -> None:
     args = {1: "int key", "list": [1, 2.5, None, True], "map": {"x": b"\x00"}}
     step = Step("k", "k", "s", "op", args=kept(args))  # type: ignore[arg-type]
     assert step.arguments() == args
+
+
+ALLOWED_ARGS_READS = {("oms/model.py", "self.args"),  # ``Step.arguments`` itself
+                      ("oms/engine_run.py", "action.args"),  # a definition's template
+                      ("console/app.py", "request.args")}  # the console's query string
+
+
+def test_no_code_reads_a_steps_args_but_through_arguments() -> None:
+    """A step's ``args`` has two shapes (``Raw`` once launched in this
+    process, a map when decoded from a record): a new ``step.args[...]``
+    would pass the restart paths and fail live. So every read of an
+    attribute named ``args`` in the service's code is one of these."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    reads = set()
+    for pkg in ("oms", "actors", "gateways", "storage", "app", "console", "shards", "bench"):
+        for path in (root / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (isinstance(node, ast.Attribute) and node.attr == "args"
+                        and isinstance(node.ctx, ast.Load)):
+                    reads.add((str(path.relative_to(root)), ast.unparse(node)))
+    assert reads <= ALLOWED_ARGS_READS, (
+        f"read a step's arguments with Step.arguments(), not .args: {reads - ALLOWED_ARGS_READS}")
