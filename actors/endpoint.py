@@ -21,7 +21,6 @@ from actors.loop import LoopActor
 from actors.metrics import Metrics
 from actors.sockets import open_socket, recv_frames, recv_parts, send_frames
 from oms import codec
-from oms.codec import encode_into
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +96,7 @@ class RouterEndpoint(LoopActor):
         sock = self.sock
         if sock is None:
             return
-        out = self._out
-        try:
-            encode_into(payload, out)
-        except Exception:  # noqa: BLE001 - pack_into decides: the same bytes, or msgpack's error
-            codec.pack_into(payload, out)
+        out = codec.pack_into(payload, self._out)  # (2 an order: no inline first try)
         try:
             send_frames(sock, envelope, out)
         except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or its queue full
