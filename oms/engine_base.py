@@ -113,7 +113,7 @@ class TurnBase:
         reason = None if reason is None else str(reason)
         order.state = new
         states.set_reason(order, reason)
-        text = str(new)
+        text = new._value_  # its plain string, shared (``str(new)`` makes a copy each time)
         entry: dict[str, Any] = {"state": text, "ts": self.now}
         if reason:
             entry["reason"] = reason
@@ -157,8 +157,8 @@ class TurnBase:
         order = self.order
         self.effects.append(_new(Publish, ({
             "type": "order_progress", "order_id": order.order_id,
-            "external_id": order.external_id, "step": step.key, "status": str(status),
-            "ts": self.now},)))
+            "external_id": order.external_id, "step": step.key, "status": status._value_,
+            "ts": self.now},)))  # (``_value_``: the member's own plain string, not a copy)
 
     # -- reading the order -------------------------------------------------
 

@@ -19,7 +19,7 @@ class NoteMixin(TurnBase):
     __slots__ = ()  # as ``TurnBase``
 
     def notify(self, state: OrderState, previous: OrderState) -> None:
-        text = str(state)
+        text = state._value_
         self.notify_crm(f"notify:{text}", text,
                         f"Order {self.order.external_id} is {text} (was {previous!s})")
 

@@ -172,7 +172,7 @@ def set_item_state(item: dict[str, Any], state: ItemState) -> None:
         return
     if (old, state) not in ITEM_MOVES:
         raise IllegalTransition(f"item {item.get('id')}: {old} -> {state} (not allowed)")
-    item["state"] = str(state)
+    item["state"] = state._value_  # the member's plain string (``str`` would copy it)
 
 
 class Undo(StrEnum):
