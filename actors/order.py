@@ -155,16 +155,18 @@ class OrderActor(PooledActor):
                 # Saves a message and a slice for most snapshots.
                 self._resting(effects, finished)
             consumed = self._consumed
+            # the slice's lists themselves, handed over (the actor starts new ones):
+            # a copy of each was one more object a save, made and freed for nothing
             self.ctx.writer.tell(_new(SaveOrder, (
                 order.order_id, snapshot.encode(order), not finished,
-                tuple(consumed) if consumed else (), tuple(effects), self.origin, self._listed)))
+                consumed if consumed else (), effects, self.origin, self._listed)))
             self._listed = not finished
             self._effects = []
             if consumed:  # (one domain event an order: most slices took none)
                 self._consumed = []
             self._dirty = False
         elif self._effects:  # nothing new to make durable (a reply only)
-            self.ctx.writer.tell(Barrier(tuple(self._effects), self.origin))
+            self.ctx.writer.tell(Barrier(self._effects, self.origin))  # handed over, as a save's
             self._effects, self._consumed = [], []
             self._rest()  # it may rest, as after a slice with nothing to save
         else:

@@ -77,6 +77,8 @@ class SaveOrder(NamedTuple):
     active: False once the order is finished (drops it from recovery).
     consumed: inbox keys of domain events this snapshot has taken in.
     effects: run in order once the snapshot is durable (``actors.effects``).
+    (The order actor hands over its slice's lists of both, and never
+    touches them again: no copy a save.)
     origin: whose engine effects they are.
     listed: the order's previous write left it in the store's ``active``
       set (its actor's last snapshot was active, or it was loaded from
@@ -86,8 +88,8 @@ class SaveOrder(NamedTuple):
     order_id: str
     record: bytes
     active: bool
-    consumed: tuple[bytes, ...]
-    effects: tuple[Any, ...]
+    consumed: tuple[bytes, ...] | list[bytes]
+    effects: tuple[Any, ...] | list[Any]
     origin: Origin | None = None
     listed: bool = False
 
@@ -108,7 +110,7 @@ class RecordEvent(NamedTuple):
 class Barrier(NamedTuple):
     """Runs ``effects`` after everything queued before it is durable."""
 
-    effects: tuple[Any, ...]
+    effects: tuple[Any, ...] | list[Any]
     origin: Origin | None = None
 
 

@@ -351,7 +351,8 @@ class Store(OrderListing, RetentionIndex):
         return Created("accepted", order_id, str(order.state), order)
 
     def put_order(self, txn: lmdb.Transaction[bytes], order_id: str, record: bytes,
-                  active: bool, consumed: tuple[bytes, ...] = (), listed: bool = False) -> None:
+                  active: bool, consumed: tuple[bytes, ...] | list[bytes] = (),
+                  listed: bool = False) -> None:
         """``listed``: its previous write left it in ``active``: no put there."""
         key = order_id.encode()
         if not active and txn.get(key, db=self.db["arch"]) is not None:
