@@ -142,7 +142,7 @@ class LoopActor(pykka.Actor):
     _tick: TimerHandle | None = None
     _ticks: bool = False
     _readers: tuple[zmq.Socket, ...] = ()
-    _bare: type | None = None  # ``direct``, if on_batch takes it bare (``_attach``)
+    _bare: frozenset[type] | None = None  # types on_batch takes bare: {``direct``} (``_attach``)
     __slots__ = ("held_by", "mail")  # not in the dict: past 30 keys, lookups are slower
 
     def __init__(self) -> None:
@@ -196,8 +196,8 @@ class LoopActor(pykka.Actor):
         for sock in self._readers:
             self._loop.add_reader(sock, self._readable)
         cls = type(self)
-        if cls.on_batch is LoopActor.on_batch:  # a Bundle's direct messages go in bare
-            self._bare = cls.direct
+        if cls.on_batch is LoopActor.on_batch and cls.direct is not None:
+            self._bare = frozenset((cls.direct,))  # a Bundle's direct messages go in bare
         self._ticks = (cls.poll_timeout is not LoopActor.poll_timeout
                        or cls.on_tick is not LoopActor.on_tick)
         self._loop.around_held = burst  # the saves of the order slices it ends, gathered
@@ -257,14 +257,14 @@ class LoopActor(pykka.Actor):
         inbox = self.actor_inbox
         if not self.actor_stopped.is_set():
             batch: list[Any] = []
-            queue, limit, direct = inbox.queue, self.batch_limit, self._bare
+            queue, limit, bare = inbox.queue, self.batch_limit, self._bare
             while queue and len(batch) < limit:
                 envelope = queue.popleft()
                 if type(envelope.message) is not Bundle:
                     batch.append(envelope)
                     continue
                 messages = envelope.message.messages
-                if direct is not None and {*map(type, messages)} == {direct}:  # (no frames)
+                if bare is not None and {*map(type, messages)} <= bare:  # (no frames)
                     batch.extend(messages)  # bare: on_batch knows them by their type
                 else:
                     batch.extend([told(Told, (m, None)) for m in messages])

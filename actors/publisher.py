@@ -100,7 +100,7 @@ def subscribe_by_identity(sock: zmq.Socket) -> None:
 class Publisher(LoopActor):
     thread_name = "events-pub"
     direct = PublishEvent  # 13 an order, without pykka's envelope handling (LoopActor.on_batch)
-    _bare = PublishEvent  # a Bundle's events come into on_batch bare (its own loop)
+    _bare = frozenset((PublishEvent,))  # a Bundle's events come into on_batch bare (its own loop)
     # its fields in slots, as the gateway's: the instance dict stays under CPython
     # 3.11's 30 shared keys (past them every self.x lookup is unspecialized)
     __slots__ = ("_completions", "_kinds", "_out", "_published", "_topics", "_transitions",

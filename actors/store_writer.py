@@ -126,9 +126,16 @@ class Retire(NamedTuple):
     backfill: tuple[Any, ...] = ()
 
 
+_WRITES = frozenset((SaveOrder, CreateOrder, RecordEvent, Barrier, Retire))
+"""Exact types: the messages are NamedTuples, never subclassed."""
+
+
 class StoreWriter(LoopActor):
     thread_name = "store-writer"
     turn_end = True  # on the loop: once per turn, after the actors (one group commit)
+    # a Bundle of writes (the saves an event loop phase's order slices gathered,
+    # 7.3 an order) comes into on_batch bare, not each wrapped in a ``Told``
+    _bare = _WRITES
 
     def __init__(self, store: Store, metrics: Metrics,
                  fatal: Callable[[str], None] = exit_process) -> None:
@@ -153,7 +160,9 @@ class StoreWriter(LoopActor):
         others: list[Any] = []
         writes = _WRITES
         for e in envelopes:  # one pass: 20 writes an order come through here
-            if type(e.message) in writes:
+            if type(e) in writes:  # bare, out of a Bundle (``_bare``)
+                work.append(e)
+            elif type(e.message) in writes:
                 work.append(e.message)
             else:
                 others.append(e)
@@ -340,7 +349,3 @@ class StoreWriter(LoopActor):
             self.metrics.internal_errors.labels("writer").inc()
             return False
         return True
-
-
-_WRITES = frozenset((SaveOrder, CreateOrder, RecordEvent, Barrier, Retire))
-"""Exact types: the messages are NamedTuples, never subclassed."""
