@@ -106,19 +106,19 @@ class OrderActor(PooledActor):
                     self._consumed.append(msg.key)
             turning = hold_internal_error(self.engine, order, message.error, message.dropped,
                                           time.time())
+            self._effects.extend(turning.effects)
         else:
             if kind is Inbound:
                 self._consumed.append(message.key)
                 self._dirty = True
                 message = message.event
-            turning = self.engine.handle(order, message, _now())
+            # its effects appended to the slice's list itself (a crash drops the
+            # actor and that list with it: ``OrderRouter.crashed``)
+            turning = self.engine.handle(order, message, _now(), self._effects)
         if turning.stale:
             self.ctx.metrics.stale_messages.labels(type(message).__name__).inc()
         if turning.changed:
             self._dirty = True
-        effects = turning.effects
-        if effects:
-            self._effects.extend(effects)
         after = order.state
         if after is not before and after != before:  # (the same member: most messages)
             self.ctx.counts.state_changed(before, after, order.order_id)

@@ -113,11 +113,14 @@ class Engine:
         self.sdefs: dict[tuple[str, str, bool], StepDef] = {}
         self.templates: dict[int, Template] = {}
 
-    def handle(self, order: Order, msg: Any, now: float) -> Turning:
+    def handle(self, order: Order, msg: Any, now: float,
+               effects: list[Any] | None = None) -> Turning:
         """Apply one message; the returned ``Turning`` holds the effects.
         (The dispatch is here, not in a method of the ``Turning``: one frame
-        less a message.)"""
-        turning = Turning(self, order, now)
+        less a message.) ``effects``: a list to append them to (the order
+        actor's for its slice: no list of its own a message), which is then
+        the ``Turning``'s ``effects``; if it raises, some may be in it."""
+        turning = Turning(self, order, now, effects)
         kind = type(msg)  # exact types (messages are final NamedTuples), most frequent first
         if kind is CommandResult:
             turning.on_result(msg)

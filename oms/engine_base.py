@@ -87,7 +87,8 @@ class TurnBase:
     __slots__ = ("changed", "defs", "effects", "known", "now", "order", "proc", "sdefs",
                  "stale", "templates")
 
-    def __init__(self, engine: Engine, order: Order, now: float) -> None:
+    def __init__(self, engine: Engine, order: Order, now: float,
+                 effects: list[Effect] | None = None) -> None:
         self.proc: ProcessDef = engine.proc
         self.defs: dict[str, StepDef] = engine.defs
         self.known: dict[tuple[str, str, bool], bool] = engine.known
@@ -95,7 +96,7 @@ class TurnBase:
         self.templates = engine.templates
         self.order = order
         self.now = now
-        self.effects: list[Effect] = []
+        self.effects: list[Effect] = [] if effects is None else effects
         self.changed = False
         self.stale = False
 

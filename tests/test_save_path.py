@@ -196,8 +196,9 @@ class _Unsavable(Engine):
         super().__init__(proc)
         self.poisoned: set[str] = set()
 
-    def handle(self, order: Order, msg: Any, now: float) -> Turning:
-        turning = super().handle(order, msg, now)
+    def handle(self, order: Order, msg: Any, now: float,
+               effects: list[Any] | None = None) -> Turning:
+        turning = super().handle(order, msg, now, effects)
         if (order.steps["create_invoice"].status == StepStatus.DONE
                 and order.order_id not in self.poisoned):
             self.poisoned.add(order.order_id)
