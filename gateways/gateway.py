@@ -150,14 +150,16 @@ class Gateway(LoopActor):
             return
         now = time.monotonic()
         breaker = self.breaker
-        _, command_id, op, args, timeout_s = cmd
+        _, command_id, op, args, timeout_s, raw = cmd
         if breaker.state != CLOSED and not breaker.allow(now):  # (closed: allowed)
             error = DomainError(CIRCUIT_OPEN, f"{self.system} circuit breaker is open", True)
             data = {"retry_after": breaker.retry_after(now)}
             self.deliver(order_id, CommandResult(command_id, False, data, error))
             return
         try:
-            encode_into(_Command(command_id, order_id, op, args), out := self._out)
+            # the step's kept bytes if the engine passed them (``Send.raw``): a copy
+            encode_into(_Command(command_id, order_id, op, args if raw is None else raw),
+                        out := self._out)
         except Exception:  # noqa: BLE001 - pack_into decides: the same bytes, or msgpack's error
             codec.pack_into({"type": "command", "command_id": command_id, "order_id": order_id,
                              "op": op, "args": args}, out)

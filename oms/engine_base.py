@@ -22,6 +22,8 @@ import hashlib
 import zlib
 from typing import TYPE_CHECKING, Any
 
+from msgspec import Raw
+
 from oms import states, untrusted
 from oms.engine_plan import StepPlan, action_of
 from oms.errors import CIRCUIT_OPEN, DomainError
@@ -259,8 +261,9 @@ class TurnBase:
     # -- commands and retries ----------------------------------------------
 
     def send(self, system: str, command_id: str, op: str, args: dict[str, Any],
-             timeout: float) -> None:
-        self.effects.append(_new(Send, (system, command_id, op, args, timeout)))
+             timeout: float, raw: Raw | None = None) -> None:
+        """``raw``: a step's kept arguments (``Step.kept_args``), if any."""
+        self.effects.append(_new(Send, (system, command_id, op, args, timeout, raw)))
 
     def retry_later(self, step: Step, res: CommandResult, policy: RetryPolicy, kind: str,
                     ref: Any) -> bool:

@@ -42,7 +42,8 @@ class NoteMixin(TurnBase):
             args = note.arguments()
             assert args is not None
         self.effects.append(_new(Send, (note.system, f"{self.order.order_id}:notify:{idx}",
-                                        note.op, args, self.proc.notify_timeout_s)))
+                                        note.op, args, self.proc.notify_timeout_s,
+                                        note.kept_args())))
 
     def on_note_result(self, note: Step, idx: int, res: CommandResult) -> None:
         if note.status != STEP_RUNNING or (note.retry_at is not None and not res.ok):

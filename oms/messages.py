@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import msgspec
+
 from oms.errors import DomainError
 
 # --- messages to an order -------------------------------------------------
@@ -100,13 +102,18 @@ class Operate(NamedTuple):
 
 
 class Send(NamedTuple):
-    """Send a command to a domain system (after the intent is persisted)."""
+    """Send a command to a domain system (after the intent is persisted).
+
+    raw: ``args`` as the step keeps them (``oms.model.kept``: their msgpack
+    bytes), when the engine has them: the gateway sends these bytes instead
+    of encoding the map again (the same bytes, by construction)."""
 
     system: str
     command_id: str
     op: str
     args: dict[str, Any]
     timeout_s: float
+    raw: msgspec.Raw | None = None
 
 
 class Publish(NamedTuple):

@@ -92,6 +92,12 @@ class Step(msgspec.Struct, array_like=True):
     comp: Undo | None = None
     comp_attempts: int = 0
 
+    def kept_args(self) -> msgspec.Raw | None:
+        """The command's arguments as kept bytes (``kept``), if they are: what
+        the gateway sends as they are (``oms.messages.Send.raw``)."""
+        args = self.args
+        return args if type(args) is msgspec.Raw else None
+
     def arguments(self) -> dict[str, Any] | None:
         """The command's arguments as a map (a resend, an undo's ``$args``)."""
         args = self.args
