@@ -156,10 +156,8 @@ class Gateway(LoopActor):
             data = {"retry_after": breaker.retry_after(now)}
             self.deliver(order_id, CommandResult(command_id, False, data, error))
             return
-        try:
-            # the step's kept bytes if the engine passed them (``Send.raw``): a copy
-            encode_into(_Command(command_id, order_id, op, args if raw is None else raw),
-                        out := self._out)
+        try:  # the step's kept bytes (``Send.raw``), if the engine passed them: a copy
+            encode_into(_Command(command_id, order_id, op, raw or args), out := self._out)
         except Exception:  # noqa: BLE001 - pack_into decides: the same bytes, or msgpack's error
             codec.pack_into({"type": "command", "command_id": command_id, "order_id": order_id,
                              "op": op, "args": args}, out)

@@ -19,7 +19,6 @@ read, without building the rest, ``record_state`` the state alone.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any, get_type_hints
 
@@ -33,31 +32,26 @@ V1 = 1
 
 _decode = msgspec.msgpack.Decoder(Order).decode
 
+encode: Callable[[Order], bytes] = msgspec.msgpack.Encoder().encode
+"""``encode(order)``: the order's snapshot record (version 2). The encoder's
+own method, called with no Python function around it."""
+
 _encode_into = msgspec.msgpack.Encoder().encode_into
 KEPT_BUFFER = 64 * 1024
-"""A thread's encoding buffer past this size (an order of many items) is not kept."""
+"""``encode_in``: a buffer grown past this (an order of many items) is let go."""
 
 
-class _Buffer(threading.local):
-    """One encoding buffer per thread (the loop's, a tool's): never shared."""
-
-    def __init__(self) -> None:
-        self.buf = bytearray(4096)
-
-
-_buffer = _Buffer()
-
-
-def encode(order: Order) -> bytes:
-    """The order's snapshot record (version 2), 7 an order. Encoded into this
-    thread's buffer, then copied out: msgspec's own ``encode`` grows a new
-    buffer from 32 bytes for each 1.6 KB record (about 0.2 µs more a save,
-    ``docs/performance.md``, session 9)."""
-    buf = _buffer.buf
+def encode_in(order: Order, buf: bytearray) -> bytes:
+    """``encode(order)``'s bytes, written into ``buf`` (the caller's own, reused:
+    the order actors' save, 7 an order) and copied out. msgspec's ``encode``
+    grows a new buffer from 32 bytes for each 1.6 KB record: about 0.2 µs
+    more a save (``docs/performance.md``, session 9). Returns the record;
+    ``buf`` keeps its capacity, up to ``KEPT_BUFFER`` (past it, it is emptied)."""
     _encode_into(order, buf)
     out = bytes(buf)
     if len(out) > KEPT_BUFFER:
-        _buffer.buf = bytearray(4096)
+        del buf[:]
+        buf.extend(bytes(4096))
     return out
 
 

@@ -1,6 +1,7 @@
-"""``oms.snapshot.encode`` writes each record into its thread's own buffer
-and copies it out: the bytes are msgspec's own ``encode``'s, whatever the
-size, after a failure, and with several threads encoding at once."""
+"""``oms.snapshot.encode_in`` writes a record into a buffer its caller
+reuses (the order actors' saves: their thread's, ``actors.order``) and
+copies it out: the bytes are ``encode``'s, whatever the size, after a
+failure, and with several threads encoding at once."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from helpers import normalized, retail_order
 from test_engine import RETAIL
 
+from actors.order import _records
 from oms import snapshot
 from oms.engine import new_order
 from oms.model import Order
@@ -29,35 +31,36 @@ def _order(oid: str = "o-1", items: int = 2, note: str = "") -> Order:
 
 
 def test_a_record_is_msgspecs_own_bytes_and_decodes_back() -> None:
-    order = _order()
-    record = snapshot.encode(order)
+    order, buf = _order(), bytearray(16)
+    record = snapshot.encode_in(order, buf)
     assert type(record) is bytes
-    assert record == plain(order)
-    assert snapshot.encode(snapshot.decode(record)) == record
+    assert record == plain(order) == snapshot.encode(order)
+    assert snapshot.encode_in(snapshot.decode(record), buf) == record
 
 
 def test_a_small_record_after_a_large_one_carries_nothing_of_it() -> None:
-    large, small = _order("big", items=20, note="x" * 9000), _order("small")
-    big = snapshot.encode(large)
-    assert snapshot.encode(small) == plain(small)
-    assert len(snapshot.encode(small)) < len(big)
+    large, small, buf = _order("big", items=20, note="x" * 9000), _order("small"), bytearray()
+    big = snapshot.encode_in(large, buf)
+    assert snapshot.encode_in(small, buf) == plain(small)
+    assert len(snapshot.encode_in(small, buf)) < len(big)
 
 
-def test_a_record_past_the_kept_size_is_whole_and_the_buffer_is_not_kept() -> None:
-    huge = _order("huge", items=5, note="y" * (snapshot.KEPT_BUFFER + 10))
-    record = snapshot.encode(huge)
+def test_a_record_past_the_kept_size_is_whole_and_the_buffer_let_go() -> None:
+    huge, buf = _order("huge", items=5, note="y" * (snapshot.KEPT_BUFFER + 10)), bytearray()
+    record = snapshot.encode_in(huge, buf)
     assert record == plain(huge) and len(record) > snapshot.KEPT_BUFFER
-    assert len(snapshot._buffer.buf) <= 4096  # a fresh one for the next record
-    assert snapshot.encode(_order()) == plain(_order())
+    assert len(buf) <= 4096  # not kept at that size
+    assert snapshot.encode_in(_order(), buf) == plain(_order())
 
 
 def test_an_order_that_cannot_be_encoded_raises_and_the_next_is_whole() -> None:
-    bad = _order("bad")
+    bad, buf = _order("bad"), bytearray()
+    snapshot.encode_in(_order("first", items=9), buf)
     bad.attributes = {"when": object()}  # poison: validation never lets it in
     with pytest.raises(TypeError):
-        snapshot.encode(bad)
+        snapshot.encode_in(bad, buf)
     good = _order("good", items=3)
-    assert snapshot.encode(good) == plain(good)
+    assert snapshot.encode_in(good, buf) == plain(good)
 
 
 def test_threads_encoding_at_once_each_get_their_own_records() -> None:
@@ -66,11 +69,16 @@ def test_threads_encoding_at_once_each_get_their_own_records() -> None:
     start = threading.Barrier(4)
     wrong: list[Any] = []
 
+    buffers: list[int] = []
+    mine = _records.buf  # the main thread's, alive throughout
+
     def work(offset: int) -> None:
+        buf = _records.buf  # this thread's own (the order actors' saves use it)
+        buffers.append(id(buf))
         start.wait()
         for _ in range(200):
             for n in range(offset, len(orders), 4):
-                if snapshot.encode(orders[n]) != want[n]:
+                if snapshot.encode_in(orders[n], buf) != want[n]:
                     wrong.append(n)
 
     threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
@@ -79,3 +87,4 @@ def test_threads_encoding_at_once_each_get_their_own_records() -> None:
     for t in threads:
         t.join()
     assert wrong == []
+    assert len(set(buffers)) == 4 and id(mine) not in buffers
