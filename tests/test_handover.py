@@ -18,12 +18,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from conftest import SYSTEMS, Endpoints
+from conftest import Endpoints
 from helpers import Driver, Probe, ok_domain, poll_until, retail_order
+from test_save_path import held_and_unsent
 
 from actors.effects import Collect, Tell
 from actors.loop import burst
-from gateways.client import Client, wait_terminal
 from oms import snapshot
 from oms.engine import Engine, Turning
 from oms.errors import DomainError
@@ -79,27 +79,8 @@ def test_a_handler_that_raises_after_deciding_sends_nothing_it_decided(
     """The order failure rule holds with the effects already in the slice's
     list: the order is reloaded and held as ``internal_error``, and the
     command the crashed message decided never goes out; others complete."""
-    svc = make_service()
-    good = svc.octx.engines["retail"]
-    with Client(eps.intake, timeout=10) as client:
-        svc.octx.engines["retail"] = _RaisesAfterDeciding(good.proc)
-        oid = client.submit(retail_order("raises-after-1"))["order_id"]
-        view = poll_until(lambda: (o := client.get(oid)["order"]).get(
-            "state_reason") == "internal_error" and o)
-        svc.octx.engines["retail"] = good
-        assert view["state"] == "held"
-        assert view["failure"]["error"]["message"].startswith("RuntimeError")
-        steps = {s["name"]: s["status"] for s in view["steps"]}
-        assert (steps["reserve_stock"], steps["create_invoice"], steps["capture_payment"]) == (
-            "done", "running", "pending"), steps
-        sent: dict[str, Any] = {}
-        for system in SYSTEMS:
-            sent |= sim.report(system, order_id=oid)["order"]
-        assert "create_invoice" in sent and "capture_payment" not in sent, sent
-        after = client.submit(retail_order("raises-after-2"))["order_id"]
-        assert wait_terminal(client, [after], timeout=20)[after]["state"] == "completed"
-    assert svc.metrics.order_crashes._value.get() == 1
-    assert svc.dead_components() == [] and svc.is_ready()
+    held_and_unsent(make_service(), sim, eps, _RaisesAfterDeciding, "raises-after",
+                    "RuntimeError")
 
 
 # -- a bundle of writes, bare or mixed, through the real writer and LMDB ----------------------

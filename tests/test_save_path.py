@@ -211,18 +211,25 @@ def test_a_save_that_raises_holds_the_order_and_sends_nothing_it_decided(
     """The failure rule: the order is reloaded from its last durable snapshot
     and held as ``internal_error``; the command its unsaved slice decided
     never went out (persist before send); other orders complete."""
-    svc = make_service()
+    held_and_unsent(make_service(), sim, eps, _Unsavable, "unsavable", "TypeError")
+
+
+def held_and_unsent(svc: Any, sim: Any, eps: Endpoints, engine: type, ext: str,
+                    error: str) -> None:
+    """An order whose engine is ``engine`` (failing in its second slice) is
+    held as ``internal_error`` with its first step done and the second's
+    command sent but not the third's, and the next order completes."""
     good = svc.octx.engines["retail"]
     with Client(eps.intake, timeout=10) as client:
-        svc.octx.engines["retail"] = _Unsavable(good.proc)
-        oid = client.submit(retail_order("unsavable-1"))["order_id"]
+        svc.octx.engines["retail"] = engine(good.proc)
+        oid = client.submit(retail_order(f"{ext}-1"))["order_id"]
         view = poll_until(lambda: (o := client.get(oid)["order"]).get(
             "state_reason") == "internal_error" and o)
         svc.octx.engines["retail"] = good
         assert view["state"] == "held"
-        assert view["failure"]["error"]["message"].startswith("TypeError")
+        assert view["failure"]["error"]["message"].startswith(error)
         steps = {s["name"]: s["status"] for s in view["steps"]}
-        # the reply lost with the unsaved slice leaves its step running as
+        # the reply lost with the failed slice leaves its step running as
         # durable; the command that slice decided was never sent
         assert (steps["reserve_stock"], steps["create_invoice"], steps["capture_payment"]) == (
             "done", "running", "pending"), steps
@@ -230,7 +237,7 @@ def test_a_save_that_raises_holds_the_order_and_sends_nothing_it_decided(
         for system in SYSTEMS:
             sent |= sim.report(system, order_id=oid)["order"]
         assert "create_invoice" in sent and "capture_payment" not in sent, sent
-        after = client.submit(retail_order("unsavable-2"))["order_id"]
+        after = client.submit(retail_order(f"{ext}-2"))["order_id"]
         assert wait_terminal(client, [after], timeout=20)[after]["state"] == "completed"
     assert svc.metrics.order_crashes._value.get() == 1
     assert svc.dead_components() == [] and svc.is_ready()
