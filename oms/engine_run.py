@@ -7,8 +7,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from msgspec import Raw
-
 from oms import untrusted
 from oms.engine_base import TurnBase, id_key
 from oms.engine_plan import StepPlan, action_of
@@ -214,11 +212,11 @@ class RunMixin(TurnBase):
         action = sdef.action if sdef.per_item is None else action_of(sdef, self.item(step))
         assert action is not None
         args = self.fill(action.args, step)
-        step.args = raw = kept(args)  # (each snapshot copies its bytes, as the gateway does)
+        step.args = kept(args)  # (each snapshot copies its bytes, and the gateway sends them)
         step.attempts = 1
         self.set_status(step, STEP_RUNNING)
         self.effects.append(_new(Send, (step.system, self.command_id(step), step.op, args,
-                                        sdef.timeout_s, raw if type(raw) is Raw else None)))
+                                        sdef.timeout_s, step.kept_args())))
 
     def send_step(self, step: Step) -> None:
         sdef = self.sdef(step)
