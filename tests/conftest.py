@@ -176,3 +176,37 @@ def procs(tmp_path: Path) -> Iterator[Any]:
     yield start
     for proc in started:
         proc.kill()
+
+
+class CommandSink:
+    """A domain system's ROUTER that reads the frames a gateway sends it."""
+
+    def __init__(self) -> None:
+        self.endpoint = endpoint()
+        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(self.endpoint)
+
+    def frame(self) -> bytes:
+        assert self.sock.poll(5000), "the gateway sent no command"
+        _, frame = self.sock.recv_multipart()
+        return bytes(frame)
+
+
+@pytest.fixture
+def wired() -> Iterator[tuple[Any, CommandSink]]:
+    """A real ``Gateway`` wired to a ``CommandSink``."""
+    from prometheus_client import CollectorRegistry
+
+    from actors.metrics import Metrics
+    from gateways.breaker import Breaker
+    from gateways.gateway import Gateway
+
+    sink = CommandSink()
+    gw = Gateway.launch(zmq.Context.instance(), "billing", sink.endpoint,
+                        lambda order_id, res: None, Metrics(CollectorRegistry()),
+                        breaker=Breaker(threshold=1000))
+    yield gw, sink
+    gw.actor_ref.stop(block=True, timeout=5)
+    gw.join(5)
+    sink.sock.close()

@@ -6,20 +6,11 @@ from a record, an undo) the map is encoded as before."""
 
 from __future__ import annotations
 
-import queue
-from collections.abc import Iterator
-from typing import Any
-
 import msgspec
-import pytest
-import zmq
-from conftest import endpoint
+from conftest import CommandSink
 from helpers import Driver, normalized, ok_domain, retail_order
-from prometheus_client import CollectorRegistry
 from test_engine import RETAIL
 
-from actors.metrics import Metrics
-from gateways.breaker import Breaker
 from gateways.gateway import Gateway
 from oms import snapshot
 from oms.engine import Engine, new_order
@@ -30,33 +21,7 @@ ARGS = {"items": [{"product_id": "p-1", "quantity": 2}], "total_minor": 2**40,
         "note": "ü ✓", "delivery_address": {"line1": "1 Main St", "city": "Berlin"}}
 
 
-class Domain:
-    def __init__(self) -> None:
-        self.endpoint = endpoint()
-        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(self.endpoint)
-
-    def frame(self) -> bytes:
-        assert self.sock.poll(5000), "the gateway sent no command"
-        _, frame = self.sock.recv_multipart()
-        return frame
-
-
-@pytest.fixture
-def wired() -> Iterator[tuple[Gateway, Domain]]:
-    domain = Domain()
-    delivered: queue.Queue[Any] = queue.Queue()
-    gw = Gateway.launch(zmq.Context.instance(), "billing", domain.endpoint,
-                        lambda order_id, res: delivered.put((order_id, res)),
-                        Metrics(CollectorRegistry()), breaker=Breaker(threshold=1000))
-    yield gw, domain
-    gw.actor_ref.stop(block=True, timeout=5)
-    gw.join(5)
-    domain.sock.close()
-
-
-def test_kept_bytes_go_out_exactly_as_the_map_would(wired: tuple[Gateway, Domain]) -> None:
+def test_kept_bytes_go_out_exactly_as_the_map_would(wired: tuple[Gateway, CommandSink]) -> None:
     gw, domain = wired
     raw = msgspec.Raw(msgspec.msgpack.encode(ARGS))
     gw.send("O1", Send("billing", "O1:a", "create_invoice", ARGS, 10.0, raw))
