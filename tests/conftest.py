@@ -187,10 +187,17 @@ class CommandSink:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(self.endpoint)
 
-    def frame(self) -> bytes:
+    def received(self) -> tuple[bytes, bytes]:
+        """The next command: its sender's identity and its frame."""
         assert self.sock.poll(5000), "the gateway sent no command"
-        _, frame = self.sock.recv_multipart()
-        return bytes(frame)
+        peer, frame = self.sock.recv_multipart()
+        return peer, bytes(frame)
+
+    def frame(self) -> bytes:
+        return self.received()[1]
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 @pytest.fixture
@@ -209,4 +216,4 @@ def wired() -> Iterator[tuple[Any, CommandSink]]:
     yield gw, sink
     gw.actor_ref.stop(block=True, timeout=5)
     gw.join(5)
-    sink.sock.close()
+    sink.close()

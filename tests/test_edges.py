@@ -19,7 +19,7 @@ import msgpack
 import pytest
 import zmq
 import zmq.auth
-from conftest import SimThread, endpoint
+from conftest import CommandSink, SimThread, endpoint
 from helpers import failing_deliverer, poll_until, retail_order
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -42,26 +42,16 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
     return value or 0.0
 
 
-class HostileDomain:
+class HostileDomain(CommandSink):
     """A domain system's ROUTER that answers whatever the test tells it to."""
 
-    def __init__(self) -> None:
-        self.endpoint = endpoint()
-        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(self.endpoint)
-
     def command(self) -> tuple[bytes, dict[str, Any]]:
-        assert self.sock.poll(5000), "the gateway sent no command"
-        peer, frame = self.sock.recv_multipart()
+        peer, frame = self.received()
         return peer, codec.decode_map(frame)
 
     def answer(self, peer: bytes, reply: Any) -> None:
         self.sock.send_multipart([peer, reply if isinstance(reply, bytes) else
                                   codec.pack(reply)])
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture

@@ -21,11 +21,9 @@ from typing import Any
 import msgspec
 from conftest import CommandSink
 from helpers import Probe, normalized, ok_domain, poll_until, retail_order
-from prometheus_client import CollectorRegistry
 
 from actors.effects import Tell
 from actors.loop import burst
-from actors.metrics import Metrics
 from actors.order import _records
 from gateways.gateway import Gateway, _Command
 from oms import snapshot
@@ -231,44 +229,33 @@ def test_held_writes_after_failed_commits_run_their_handed_over_effects_once(
     while a real full disk refuses every commit: held, nothing runs; once
     space returns, each record is stored byte for byte and each list's
     effects run once, in the order told; the lists are not changed."""
-    from test_store_full import fill, tmpfs
+    from test_store_full import full_disk_writer
 
-    from actors.store_writer import Barrier, SaveOrder, StoreWriter
-    from storage.store import MIB, Store
+    from actors.store_writer import Barrier, SaveOrder
 
-    with tmpfs(tmp_path / "disk", 8) as disk:
-        store = Store(disk / "store", map_size=MIB)
-        fatal: list[str] = []
-        writer = StoreWriter.launch(store, Metrics(CollectorRegistry()), fatal=fatal.append)
-        try:
-            writer.batch_limit = 2  # held writes retried two per transaction
-            filler = fill(disk)
-            ran: list[str] = []
-            record = b"r" * 300_000
-            ids = [f"O0000000000{n}" for n in range(31, 35)]
-            lists: list[list[Any]] = []
-            with burst():
-                for n, oid in enumerate(ids):
-                    fx = [Tell(Probe(lambda _m, o=oid: ran.append(o)), "saved")]
-                    lists.append(fx)
-                    writer.tell(SaveOrder(oid, record, True, [], fx, None, False))
-                    if n == 1:
-                        bfx = [Tell(Probe(lambda _m: ran.append("barrier")), "b")]
-                        lists.append(bfx)
-                        writer.tell(Barrier(bfx))
-            before = [list(x) for x in lists]
-            poll_until(lambda: not writer.healthy, timeout=10)
-            assert ran == [] and fatal == []
-            filler.unlink()
-            poll_until(lambda: writer.healthy and len(ran) >= 5, timeout=15)
-            assert ran == [ids[0], ids[1], "barrier", ids[2], ids[3]]
-            assert [list(x) for x in lists] == before
-            with store.read() as txn:
-                assert all(txn.get(o.encode(), db=store.db["orders"]) == record for o in ids)
-        finally:
-            writer.actor_ref.stop(block=True, timeout=10)
-            writer.join(5)
-            store.close()
+    with full_disk_writer(tmp_path) as (store, writer, filler, fatal):
+        ran: list[str] = []
+        record = b"r" * 300_000
+        ids = [f"O0000000000{n}" for n in range(31, 35)]
+        lists: list[list[Any]] = []
+        with burst():
+            for n, oid in enumerate(ids):
+                fx = [Tell(Probe(lambda _m, o=oid: ran.append(o)), "saved")]
+                lists.append(fx)
+                writer.tell(SaveOrder(oid, record, True, [], fx, None, False))
+                if n == 1:
+                    bfx = [Tell(Probe(lambda _m: ran.append("barrier")), "b")]
+                    lists.append(bfx)
+                    writer.tell(Barrier(bfx))
+        before = [list(x) for x in lists]
+        poll_until(lambda: not writer.healthy, timeout=10)
+        assert ran == [] and fatal == []
+        filler.unlink()
+        poll_until(lambda: writer.healthy and len(ran) >= 5, timeout=15)
+        assert ran == [ids[0], ids[1], "barrier", ids[2], ids[3]]
+        assert [list(x) for x in lists] == before
+        with store.read() as txn:
+            assert all(txn.get(o.encode(), db=store.db["orders"]) == record for o in ids)
 
 
 def test_every_command_of_whole_telecom_and_retail_orders_goes_out_as_before(

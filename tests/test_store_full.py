@@ -152,11 +152,38 @@ def test_the_writer_runs_no_effect_of_a_snapshot_until_it_is_durable(tmp_path: P
     "error", nothing ends the process; once space returns the same snapshot
     is committed and only then its callbacks run."""
     from helpers import Probe
-    from prometheus_client import CollectorRegistry
 
     from actors.effects import Collect, Tell
+    from actors.store_writer import RecordEvent, SaveOrder
+
+    with full_disk_writer(tmp_path) as (store, writer, filler, fatal):
+        ran: list[str] = []
+        events: list[str] = []
+        record = b"r" * 300_000  # needs fresh pages
+        ids = [f"O00000000000{n}" for n in range(1, 6)]
+        for oid in ids:
+            writer.tell(SaveOrder(oid, record, True, (),
+                                  (Tell(Probe(lambda _m, o=oid: ran.append(o)), "saved"),)))
+        writer.tell(RecordEvent(ids[0], "shipping", "ev-1", {}, Collect(events)))
+        poll_until(lambda: not writer.healthy and events, timeout=10)
+        assert ran == [] and events == ["error"] and fatal == []
+        assert store.get_order(ids[0]) is None  # nothing stored
+        filler.unlink()
+        poll_until(lambda: writer.healthy and len(ran) == 5, timeout=10)
+        assert ran == ids and fatal == []  # in order, each after its commit
+        with store.read() as txn:
+            assert all(txn.get(o.encode(), db=store.db["orders"]) == record for o in ids)
+
+
+@contextlib.contextmanager
+def full_disk_writer(tmp_path: Path) -> Iterator[tuple[Any, Any, Path, list[str]]]:
+    """A real ``StoreWriter`` on a store in an 8 MB tmpfs that ``filler``
+    (unlink it to free the space) has filled: (store, writer, filler, the
+    writer's fatal reports). Held writes are retried two per transaction."""
+    from prometheus_client import CollectorRegistry
+
     from actors.metrics import Metrics
-    from actors.store_writer import RecordEvent, SaveOrder, StoreWriter
+    from actors.store_writer import StoreWriter
     from storage.store import MIB, Store
 
     with tmpfs(tmp_path / "disk", 8) as disk:
@@ -164,29 +191,12 @@ def test_the_writer_runs_no_effect_of_a_snapshot_until_it_is_durable(tmp_path: P
         fatal: list[str] = []
         writer = StoreWriter.launch(store, Metrics(CollectorRegistry()), fatal=fatal.append)
         try:
-            writer.batch_limit = 2  # held writes are retried two per transaction
-            filler = fill(disk)
-            ran: list[str] = []
-            events: list[str] = []
-            record = b"r" * 300_000  # needs fresh pages
-            ids = [f"O00000000000{n}" for n in range(1, 6)]
-            for oid in ids:
-                writer.tell(SaveOrder(oid, record, True, (),
-                                      (Tell(Probe(lambda _m, o=oid: ran.append(o)), "saved"),)))
-            writer.tell(RecordEvent(ids[0], "shipping", "ev-1", {}, Collect(events)))
-            poll_until(lambda: not writer.healthy and events, timeout=10)
-            assert ran == [] and events == ["error"] and fatal == []
-            assert store.get_order(ids[0]) is None  # nothing stored
-            filler.unlink()
-            poll_until(lambda: writer.healthy and len(ran) == 5, timeout=10)
-            assert ran == ids and fatal == []  # in order, each after its commit
-            with store.read() as txn:
-                assert all(txn.get(o.encode(), db=store.db["orders"]) == record for o in ids)
+            writer.batch_limit = 2
+            yield store, writer, fill(disk), fatal
         finally:
             writer.actor_ref.stop(block=True, timeout=10)
             writer.join(5)
             store.close()
-
 
 
 class HeldWaitingOrder:
