@@ -170,7 +170,8 @@ class OrderActor(PooledActor):
             # a copy of each was one more object a save, made and freed for nothing
             self.ctx.writer.tell(_new(SaveOrder, (
                 order.order_id, snapshot.encode_in(order, _records.buf), not finished,
-                consumed if consumed else (), effects, self.origin, self._listed)))
+                consumed if consumed else (), effects, self.origin, self._listed,
+                order.state._value_ if finished else None)))  # (its plain string)
             self._listed = not finished
             self._effects = []
             if consumed:  # (one domain event an order: most slices took none)

@@ -83,6 +83,8 @@ class SaveOrder(NamedTuple):
     listed: the order's previous write left it in the store's ``active``
       set (its actor's last snapshot was active, or it was loaded from
       there): an active snapshot then skips that put (``Store.put_order``).
+    state: a finished order's state, as its record holds it, for the
+      retention index (``Store.put_order``): None, read from the record.
     """
 
     order_id: str
@@ -92,6 +94,7 @@ class SaveOrder(NamedTuple):
     effects: tuple[Any, ...] | list[Any]
     origin: Origin | None = None
     listed: bool = False
+    state: str | None = None
 
 
 class RecordEvent(NamedTuple):
@@ -277,7 +280,7 @@ class StoreWriter(LoopActor):
                 try:
                     if type(msg) is SaveOrder:  # most writes (7.3 an order), inline
                         put_order(txn, msg.order_id, msg.record, msg.active, msg.consumed,
-                                  msg.listed)
+                                  msg.listed, msg.state)
                         outcomes.append(None)
                     else:
                         outcomes.append(self._apply_one(txn, msg))
@@ -308,7 +311,7 @@ class StoreWriter(LoopActor):
         store = self.store
         if isinstance(msg, SaveOrder):  # (``_apply`` stores most of them itself)
             store.put_order(txn, msg.order_id, msg.record, msg.active, msg.consumed,
-                            msg.listed)
+                            msg.listed, msg.state)
         elif isinstance(msg, CreateOrder):
             return store.create_order(txn, msg.source_system, msg.external_id, msg.digest,
                                       msg.build, msg.vshard)

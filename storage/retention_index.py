@@ -33,9 +33,12 @@ class RetentionIndex(StoreView):
     tally: Tally  # (``Store.tally``)
 
     def note_finished(self, txn: lmdb.Transaction[bytes], key: bytes, record: bytes,
-                      now: float | None = None) -> None:
-        """An order just finished: index it by finish time for retention."""
-        state = snapshot.record_state(record)
+                      now: float | None = None, state: str | None = None) -> None:
+        """An order just finished: index it by finish time for retention.
+        ``state``: the record's state, if the caller has it (a save from an
+        order actor): reading it back out of a 2 KB record is some 2.3 us."""
+        if state is None:
+            state = snapshot.record_state(record)
         ms = int((time.time() if now is None else now) * 1000)
         txn.put(ts_key(ms, key), state.encode(), db=self.db["done"])
         self.tally.add(txn, b"live:" + state.encode(), 1)  # put at the commit

@@ -347,13 +347,15 @@ class Store(OrderListing, RetentionIndex):
         record = snapshot.encode(order)
         self.put_order(txn, order_id, record, active=True)
         if order.finished:  # its Start (actors.effects.NewOrder) finished it: as a save would
-            self.put_order(txn, order_id, record, active=False)
+            self.put_order(txn, order_id, record, active=False, state=order.state._value_)
         return Created("accepted", order_id, str(order.state), order)
 
     def put_order(self, txn: lmdb.Transaction[bytes], order_id: str, record: bytes,
                   active: bool, consumed: tuple[bytes, ...] | list[bytes] = (),
-                  listed: bool = False) -> None:
-        """``listed``: its previous write left it in ``active``: no put there."""
+                  listed: bool = False, state: str | None = None) -> None:
+        """``listed``: its previous write left it in ``active``: no put there.
+        ``state``: a finished order's state (the record's), if the caller has
+        it at hand: else ``note_finished`` reads it out of the record."""
         key = order_id.encode()
         if not active and txn.get(key, db=self.db["arch"]) is not None:
             return  # archived already: its final view is in the archive
@@ -362,7 +364,7 @@ class Store(OrderListing, RetentionIndex):
             if not listed or key in self.unlisted:
                 txn.put(key, b"", db=self.db["active"])
         elif txn.delete(key, db=self.db["active"]):
-            self.note_finished(txn, key, record)
+            self.note_finished(txn, key, record, state=state)
         for ev in consumed:
             txn.delete(ev, db=self.db["inbox"])
 

@@ -18,9 +18,11 @@ from helpers import poll_until, retail_order
 
 from actors.settings import load_config
 from gateways.client import wait_terminal
+from oms import snapshot
 from oms.config import Config, ConfigError
 from oms.sample import sample_orders
 from storage import archive
+from storage.records import TS_BYTES
 from storage.store import Store
 
 TERMINAL = {"completed", "failed", "partial", "cancelled"}
@@ -279,6 +281,42 @@ def test_retention_0_keeps_finished_orders_live(make_service: Any, sim: Any,
     assert stats["archived_total"] == 0 and stats["oldest_finished_age_s"] > 0
     assert not archive.files(svc.store.path)
     assert all("archived" not in client.get(i)["order"] for i in ids.values())
+
+
+def test_a_finished_order_is_indexed_under_its_records_state(make_service: Any,
+                                                            eps: Endpoints,
+                                                            client: Any) -> None:
+    """A finished order's save carries its state for the retention index
+    (``SaveOrder.state``), not read back out of the record: completed,
+    failed (a payment refused for good) and cancelled orders through the
+    real service; each index entry holds its stored record's state, and the
+    live counters count them so."""
+    from conftest import SimThread
+
+    from gateways.sim_domain import SimConfig
+
+    sim = SimThread(SimConfig(systems=dict(eps.systems), service_events=eps.domain_events,
+                              delivery_s=0.5, seed=5,
+                              fail={"capture_payment": (0.4, "card_declined")}))
+    try:
+        svc = make_service(retention_s=0, retention_interval_s=0.02)
+        ids = _submit_all(client, [retail_order(f"state-{i}") for i in range(12)])
+        for order_id in list(ids.values())[:3]:  # waiting for delivery, or already failed
+            client.cancel(order_id)
+        finals = wait_terminal(client, ids.values(), timeout=20)
+        states = {final["state"] for final in finals.values()}
+        assert {"completed", "failed", "cancelled"} <= states, states
+        poll_until(lambda: sum(svc.store.retention_stats()["finished_live"].values()) == 12)
+        with svc.store.read() as txn:
+            indexed = {bytes(k[TS_BYTES:]).decode(): bytes(v).decode()
+                       for k, v in txn.cursor(db=svc.store.db["done"])}
+            stored = {i: snapshot.record_state(txn.get(i.encode(), db=svc.store.db["orders"]))
+                      for i in ids.values()}
+        assert indexed == stored == {i: finals[i]["state"] for i in ids.values()}
+        assert svc.store.retention_stats()["finished_live"] == dict(
+            collections.Counter(stored.values()))
+    finally:
+        sim.stop()
 
 
 def test_oms_serve_refuses_a_negative_retention(tmp_path: Path) -> None:

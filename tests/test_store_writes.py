@@ -7,6 +7,8 @@
 - ``record_event`` (one put without overwrite instead of a get and a put):
   the old code's outcomes, in the same store.
 - ``next_order_id`` (reads the counter once a transaction).
+- A finished order's state for the retention index, carried by its save
+  (``SaveOrder.state``) instead of read back out of the record.
 
 Real LMDB, the real store writer, real processes.
 """
@@ -99,8 +101,9 @@ def test_listed_snapshots_leave_the_store_as_if_each_had_listed_its_order(
     fail alone (a bad record: nothing written; a bad inbox key: after the
     puts) and retention retiring every finished order, some of them active
     again meanwhile. One store gets ``listed`` as the order actor sets it
-    (its last snapshot sent was active, whether or not it was stored); the
-    other never skips. After every commit both hold the same orders, the
+    (its last snapshot sent was active, whether or not it was stored) and a
+    finished snapshot's state with it; the other never skips and reads the
+    state from the record. After every commit both hold the same orders, the
     same active set (what recovery resumes), index and counters. (The
     finish-time index reads a clock that both stores see alike: an order
     finished twice in one millisecond has one entry.)"""
@@ -135,12 +138,16 @@ def test_listed_snapshots_leave_the_store_as_if_each_had_listed_its_order(
                     record = 1234  # fails alone before anything of it is written
                 elif fault < 0.12:
                     consumed = (b"",)  # fails alone after its puts (an empty key)
-                batch.append(SaveOrder(oid, record, active, consumed, (), None, listed[oid]))
+                # a finished save carries its state, as the actor sends it (the
+                # other store reads it back out of the record: ``keep`` below)
+                state = None if active or record == 1234 else snapshot.record_state(record)
+                batch.append(SaveOrder(oid, record, active, consumed, (), None, listed[oid],
+                                       state))
                 skipped += active and listed[oid]
                 listed[oid] = active  # the actor does not learn of a failure
             for store, writer, keep in zip(stores, writers, (True, False), strict=True):
-                work = [retire_all(store) if m is None else m if keep else m._replace(listed=False)
-                        for m in batch]
+                work = [retire_all(store) if m is None else m if keep
+                        else m._replace(listed=False, state=None) for m in batch]
                 writer.commit(work)
                 assert writer.healthy
             assert contents(stores[0]) == contents(stores[1])
