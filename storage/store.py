@@ -319,8 +319,7 @@ class Store(OrderListing, RetentionIndex):
         return new
 
     def probe(self, txn: lmdb.Transaction[bytes]) -> None:
-        """A small real write (an empty commit writes nothing), to learn
-        whether the store can write again."""
+        """A small real write (an empty commit writes nothing): can it write again?"""
         txn.put(b"probe", str(time.time()).encode(), db=self.db["meta"])
 
     def next_order_id(self, txn: lmdb.Transaction[bytes], vshard: int | None = None) -> str:
@@ -354,8 +353,7 @@ class Store(OrderListing, RetentionIndex):
                   active: bool, consumed: tuple[bytes, ...] | list[bytes] = (),
                   listed: bool = False, state: str | None = None) -> None:
         """``listed``: its previous write left it in ``active``: no put there.
-        ``state``: a finished order's state (the record's), if the caller has
-        it at hand: else ``note_finished`` reads it out of the record."""
+        ``state``: a finished order's state, if at hand (``note_finished``)."""
         key = order_id.encode()
         if not active and txn.get(key, db=self.db["arch"]) is not None:
             return  # archived already: its final view is in the archive
