@@ -11,6 +11,7 @@ that notify CRM. ``docs/processes.md`` is the reference for the format.
 from __future__ import annotations
 
 import difflib
+import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -295,6 +296,13 @@ def _check_graph(c: Checker, steps: list[StepDef]) -> None:
         c.bad("steps", f"dependency cycle among: {', '.join(cycle)}")
 
 
+STEP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
+STEP_NAME_RULE = ("a step name is 1 to 64 letters, digits, '_' or '-', not starting with a digit "
+                  "or '-': it is part of the step's command ids (':' '#' '~' '[' would be read "
+                  "back as another step, an undo, a retry or a CRM note, so its replies would "
+                  "never reach it) and of `$steps.NAME` references ('.')")
+
+
 def parse_process(text: str, source: str) -> ProcessDef:
     """Parse and validate one definition; raises ``ProcessError``."""
     c = Checker(source)
@@ -321,6 +329,8 @@ def parse_process(text: str, source: str) -> ProcessDef:
     names = set(sraw)
     steps = []
     for name, body in sraw.items():
+        if not STEP_NAME.fullmatch(name):
+            c.bad(f"steps.{name}", STEP_NAME_RULE)
         if isinstance(body, dict):
             steps.append(_step(c, name, body, defaults, names))
         else:
