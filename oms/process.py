@@ -11,15 +11,14 @@ that notify CRM. ``docs/processes.md`` is the reference for the format.
 from __future__ import annotations
 
 import difflib
-import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from oms.process_check import Checker
-from oms.states import OrderState
+from oms.process_check import STEP_NAME, STEP_NAME_RULE, Checker
+from oms.states import OrderState, Reason
 
 
 class ProcessError(ValueError):
@@ -42,7 +41,9 @@ class RetryPolicy:
 
     def delay(self, attempt: int, spread: float) -> float:
         """Delay before attempt ``attempt + 1``; ``spread`` is in [0, 1)."""
-        raw = min(self.cap_s, self.base_s * (2 ** max(0, attempt - 1)))
+        # a float power, n at most 1,000: an int one raised OverflowError in the
+        # product past attempt 1,025; this one is at worst inf (min: the cap)
+        raw = min(self.cap_s, self.base_s * 2.0 ** min(max(0, attempt - 1), 1000))
         return raw * (1 - self.jitter) + raw * self.jitter * spread
 
 
@@ -257,7 +258,7 @@ def _step(
         wait_event, wait_system = wraw.get("name"), wraw.get("system")
         if "timeout_s" in wraw:
             wait_timeout = c.number(wraw, "timeout_s", f"{where}.wait_event", 0.0) or None
-        if not isinstance(wait_event, str):
+        if not isinstance(wait_event, str) or not wait_event:
             c.bad(f"{where}.wait_event.name", "required: the domain event's name")
         if not isinstance(wait_system, str) or not wait_system:
             c.bad(f"{where}.wait_event.system",
@@ -270,6 +271,13 @@ def _step(
         system = hraw.get("system")
         if system is not None and (not isinstance(system, str) or not system):
             c.bad(f"{where}.hold_when.system", "must be a domain system's name")
+        for key in ("field", "until_event", "reason"):
+            value = hraw.get(key)
+            if key not in missing and not (isinstance(value, str) and value):
+                c.bad(f"{where}.hold_when.{key}", "must be a non-empty string")
+        if hraw.get("reason") in _OWN_REASONS:  # the service's own: it would pose as one
+            c.bad(f"{where}.hold_when.reason", "is one of the service's own state_reason "
+                  f"values ({', '.join(sorted(_OWN_REASONS))}): pick another name")
         if missing:
             c.bad(f"{where}.hold_when", f"missing {', '.join(missing)}")
         else:
@@ -296,13 +304,9 @@ def _check_graph(c: Checker, steps: list[StepDef]) -> None:
         c.bad("steps", f"dependency cycle among: {', '.join(cycle)}")
 
 
-STEP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
-STEP_NAME_RULE = ("a step name is 1 to 64 letters, digits, '_' or '-', not starting with a digit "
-                  "or '-': it is part of the step's command ids (':' '#' '~' '[' would be read "
-                  "back as another step, an undo, a retry or a CRM note, so its replies would "
-                  "never reach it) and of `$steps.NAME` references ('.')")
-
-
+_OWN_REASONS = frozenset(r.value for r in Reason)
+"""The ``state_reason`` values the engine gives itself (``fallout``,
+``internal_error``, ...): a definition's hold reason must not be one."""
 def parse_process(text: str, source: str) -> ProcessDef:
     """Parse and validate one definition; raises ``ProcessError``."""
     c = Checker(source)

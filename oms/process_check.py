@@ -5,7 +5,21 @@ for a misspelt key or choice."""
 from __future__ import annotations
 
 import difflib
+import math
+import re
 from typing import Any
+
+MAX_DURATION_S = 366 * 86400.0
+"""The longest duration a definition may give (a timeout, a back-off, an
+expected time): the timers refuse a deadline further out as bad and fire
+it after a second instead (``actors.timers``), which would fail a wait at
+once."""
+
+STEP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
+STEP_NAME_RULE = ("a step name is 1 to 64 letters, digits, '_' or '-', not starting with a digit "
+                  "or '-': it is part of the step's command ids (':' '#' '~' '[' would be read "
+                  "back as another step, an undo, a retry or a CRM note, so its replies would "
+                  "never reach it) and of `$steps.NAME` references ('.')")
 
 
 class Checker:
@@ -33,9 +47,14 @@ class Checker:
         return value
 
     def number(self, raw: dict[str, Any], key: str, where: str, default: float) -> float:
+        """A duration in seconds: 0 to ``MAX_DURATION_S`` (366 days)."""
         value = raw.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             self.bad(f"{where}.{key}", "must be a number >= 0")
+            return default
+        if not math.isfinite(value) or value > MAX_DURATION_S:
+            self.bad(f"{where}.{key}", f"must be at most {MAX_DURATION_S:.0f} seconds (366 "
+                     "days): a timer further out would fire at once")
             return default
         return float(value)
 
