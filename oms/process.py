@@ -111,12 +111,18 @@ class ProcessDef:
 
     @property
     def systems(self) -> set[str]:
+        """Every system it sends to or waits for an event from (an event
+        only a configured system may push: one from any other never comes)."""
         out = {self.notify_system} if self.notify_states else set()
         for s in self.steps:
             if s.action:
                 out.add(s.action.system)
             for a in (s.per_item or {}).values():
                 out.add(a.system)
+            if s.wait_system:
+                out.add(s.wait_system)
+            if s.hold is not None and s.hold.system:
+                out.add(s.hold.system)
         return out
 
 

@@ -193,3 +193,23 @@ def test_retries_past_attempt_1025_back_off_at_the_cap_not_raise() -> None:
     assert (step.attempts, str(step.status), str(driver.order.state)) == (1100, "failed", "failed")
     policy = proc.step("ship").retry
     assert policy.delay(5000, 0.5) == policy.delay(10, 0.5)  # the cap, as at attempt 10
+
+
+# -- 4. a wait for an event from a system the service does not know ------------------------
+
+
+@pytest.mark.parametrize("old, new", [
+    (WAIT, WAIT.replace('"shipping"', '"shiping"')),
+    ('until_event = "stock_reserved"', 'until_event = "stock_reserved", system = "stockroom"'),
+])
+def test_a_wait_for_an_unconfigured_systems_event_stops_the_start(
+        make_service: Any, tmp_path: Path, old: str, new: str) -> None:
+    """Before: the service started; such an event is refused at the domain
+    events endpoint (only configured systems may push one), so every order
+    waited for it forever. Now the start fails as for a step's command to
+    a system with no endpoint."""
+    from oms.config import ConfigError
+
+    folder = _retail_with(old, new, tmp_path / "p")
+    with pytest.raises(ConfigError, match=r"no endpoint for domain system\(s\): (shiping|stockroom)"):
+        make_service(processes=folder)
