@@ -207,8 +207,8 @@ def _action(
         c.keys(craw, {"op", "args"}, f"{where}.compensate")
         cargs = c.table(craw, "args", f"{where}.compensate")
         _check_refs(c, cargs, f"{where}.compensate.args", scopes | {"result", "args"}, names)
-        if not isinstance(craw.get("op"), str):
-            c.bad(f"{where}.compensate.op", "required")
+        if not isinstance(craw.get("op"), str) or not craw["op"]:
+            c.bad(f"{where}.compensate.op", "required: the operation that undoes it")
         else:
             comp = (craw["op"], cargs)
     collect_raw = raw.get("collect", [])

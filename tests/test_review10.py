@@ -146,7 +146,8 @@ def test_a_wait_longer_than_a_timer_takes_is_refused_not_failed_at_once(
     with pytest.raises(ProcessError, match=r"await_delivery\.wait_event\.timeout_s: must be "
                                            r"at most 31622400 seconds"):
         make_service(processes=folder)
-    for key in ("timeout_s = inf", "timeout_s = nan", "expected_s = 31622401"):
+    for key in ("timeout_s = inf", "timeout_s = nan", "expected_s = 31622401",
+                "retry = { backoff_cap_s = 1e308 }"):
         text = _one_step("ship").replace('op = "create_invoice"', f'op = "x"\n{key}')
         with pytest.raises(ProcessError, match="at most 31622400"):
             parse_process(text, "odd.toml")
@@ -213,3 +214,12 @@ def test_a_wait_for_an_unconfigured_systems_event_stops_the_start(
     folder = _retail_with(old, new, tmp_path / "p")
     with pytest.raises(ConfigError, match=r"domain system\(s\): (shiping|stockroom)"):
         make_service(processes=folder)
+
+
+def test_an_undo_with_an_empty_op_is_refused_at_load() -> None:
+    """Before: accepted; the undo went out as op "" (refused by any domain
+    system), so every compensation of that step ended in fallout."""
+    text = _one_step("ship").replace('op = "create_invoice"',
+                                     'op = "create_invoice"\ncompensate = { op = "" }')
+    with pytest.raises(ProcessError, match=r"steps\.ship\.compensate\.op: required"):
+        parse_process(text, "odd.toml")
