@@ -32,7 +32,8 @@ UNDO = {"reserve_stock": "release_stock", "create_invoice": "void_invoice",
 
 class Meddler(threading.Thread):
     """While the service is killed and restarted: cancels orders in progress
-    or waiting for their turn, aborts held ones (awaiting stock), each once;
+    or waiting for their turn, aborts held ones (awaiting stock) and half the
+    running or waiting telecom ones, each once;
     a request the kill cut off is simply lost (its order is asked no more)."""
 
     def __init__(self, intake: str, order_ids: list[str], seed: int) -> None:
@@ -58,10 +59,12 @@ class Meddler(threading.Thread):
             return
         view = client.get(oid).get("order") or {}
         state, reason = view.get("state"), view.get("state_reason")
-        if state in ("inProgress", "pending") and reason != "compensating":
+        if state in ("inProgress", "pending") and reason != "compensating" and (
+                view.get("order_type") != "telecom" or self.rng.random() < 0.5):
             self.asked[oid] = "cancel"
             reply = client.cancel(oid, "review10")
-        elif state == "held":
+        elif state == "held" or (state in ("inProgress", "pending")
+                                 and reason != "compensating"):  # telecom: abort half
             self.asked[oid] = "abort"
             reply = client.request({"type": "abort_order", "order_id": oid,
                                     "operator": "rev10", "reason": "review10"})
