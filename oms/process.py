@@ -111,8 +111,7 @@ class ProcessDef:
 
     @property
     def systems(self) -> set[str]:
-        """Every system it sends to or waits for an event from (an event
-        only a configured system may push: one from any other never comes)."""
+        """Every system it sends to or waits for an event from (configured: none else's comes)."""
         out = {self.notify_system} if self.notify_states else set()
         for s in self.steps:
             if s.action:
@@ -239,7 +238,7 @@ def _step(
             tip = f" (did you mean {hint[0]!r}?)" if hint else ""
             c.bad(f"{where}.after", f"unknown step {dep!r}{tip}")
     retry = _retry(c, c.table(raw, "retry", where), f"{where}.retry", defaults["retry"])
-    timeout = c.number(raw, "timeout_s", where, defaults["timeout_s"])
+    timeout = c.number(raw, "timeout_s", where, defaults["timeout_s"], positive=True)
     expected = c.number(raw, "expected_s", where, 0.0) if "expected_s" in raw else None
     action = per_item = wait_event = wait_system = hold = wait_timeout = None
     scopes = {"order", "steps"}
@@ -330,7 +329,7 @@ def parse_process(text: str, source: str) -> ProcessDef:
     draw = c.table(raw, "defaults", "")
     c.keys(draw, {"timeout_s", "retry"}, "defaults")
     defaults: dict[str, Any] = {
-        "timeout_s": c.number(draw, "timeout_s", "defaults", 5.0),
+        "timeout_s": c.number(draw, "timeout_s", "defaults", 5.0, positive=True),
         "retry": _retry(c, c.table(draw, "retry", "defaults"), "defaults.retry", RetryPolicy()),
     }
     sraw = c.table(raw, "steps", "")
@@ -380,7 +379,8 @@ def parse_process(text: str, source: str) -> ProcessDef:
             c, c.table(notify, "retry", "process.notify"), "process.notify.retry",
             defaults["retry"],
         ),
-        notify_timeout_s=c.number(notify, "timeout_s", "process.notify", defaults["timeout_s"]),
+        notify_timeout_s=c.number(notify, "timeout_s", "process.notify", defaults["timeout_s"],
+                                  positive=True),
         expected_s=(c.number(proc, "expected_s", "process", 0.0) or None)
         if "expected_s" in proc else None,
         source=source,

@@ -46,11 +46,15 @@ class Checker:
             return {}
         return value
 
-    def number(self, raw: dict[str, Any], key: str, where: str, default: float) -> float:
-        """A duration in seconds: 0 to ``MAX_DURATION_S`` (366 days)."""
+    def number(self, raw: dict[str, Any], key: str, where: str, default: float,
+               positive: bool = False) -> float:
+        """A duration in seconds: 0 (``positive``: above 0) to ``MAX_DURATION_S``
+        (366 days)."""
         value = raw.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            self.bad(f"{where}.{key}", "must be a number >= 0")
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 or (
+                positive and value == 0):
+            self.bad(f"{where}.{key}", "must be a number > 0" if positive else
+                     "must be a number >= 0")
             return default
         if not math.isfinite(value) or value > MAX_DURATION_S:
             self.bad(f"{where}.{key}", f"must be at most {MAX_DURATION_S:.0f} seconds (366 "

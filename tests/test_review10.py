@@ -223,3 +223,19 @@ def test_an_undo_with_an_empty_op_is_refused_at_load() -> None:
                                      'op = "create_invoice"\ncompensate = { op = "" }')
     with pytest.raises(ProcessError, match=r"steps\.ship\.compensate\.op: required"):
         parse_process(text, "odd.toml")
+
+
+@pytest.mark.parametrize("old, new, where", [
+    ("timeout_s = 5.0", "timeout_s = 0", "defaults.timeout_s"),
+    ('collect = ["reservation_id"]', 'collect = ["reservation_id"]\ntimeout_s = 0',
+     "steps.reserve_stock.timeout_s"),
+    ('op = "notify", ', 'op = "notify", timeout_s = 0, ', "process.notify.timeout_s"),
+])
+def test_a_command_timeout_of_0_is_refused_at_load(make_service: Any, tmp_path: Path,
+                                                    old: str, new: str, where: str) -> None:
+    """Before: accepted; each command timed out as it was sent, five in a row
+    opened the system's circuit breaker, and each probe timed out too: every
+    order using that system (of any type) stayed ``inProgress`` for good."""
+    folder = _retail_with(old, new, tmp_path / "p")
+    with pytest.raises(ProcessError, match=rf"{where}: must be a number > 0"):
+        make_service(processes=folder)
