@@ -15,11 +15,11 @@ expected time): the timers refuse a deadline further out as bad and fire
 it after a second instead (``actors.timers``), which would fail a wait at
 once."""
 
-STEP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
-STEP_NAME_RULE = ("a step name is 1 to 64 letters, digits, '_' or '-', not starting with a digit "
-                  "or '-': it is part of the step's command ids (':' '#' '~' '[' would be read "
-                  "back as another step, an undo, a retry or a CRM note, so its replies would "
-                  "never reach it) and of `$steps.NAME` references ('.')")
+STEP_NAME = re.compile(r"(?!~)[^:#\[\]]{1,200}")
+STEP_NAME_RULE = ("a step name is 1 to 200 characters, none of ':' '#' '[' ']', not starting "
+                  "with '~': it is part of the step's command ids, which read those back as "
+                  "an undo, a CRM note, a retry, an item or a long key's digest (its replies "
+                  "would never reach it)")
 
 
 class Checker:

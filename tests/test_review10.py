@@ -40,8 +40,8 @@ args = {{ total = "$order.total_minor" }}
 
 # "ship#1" reads back as step "ship", generation 1; "ship:undo" as the undo of
 # "ship"; "notify:0" as CRM note 0; "a[i1]" is the key of item i1's step "a";
-# "~x" a long key's digest; "a.b" cannot be named in ``$steps.a.b.FIELD``.
-ODD_NAMES = ["ship#1", "ship:undo", "notify:0", "a[i1]", "~x", "a.b", "", "x" * 65]
+# "~x" a long key's digest.
+ODD_NAMES = ["ship#1", "ship:undo", "notify:0", "a[i1]", "x]", "~x", "", "x" * 201]
 
 
 @pytest.mark.parametrize("name", ODD_NAMES)
@@ -49,11 +49,12 @@ def test_a_step_name_its_command_ids_cannot_carry_is_refused_at_load(name: str) 
     """Before: accepted; the order's step sent its command and every reply
     to it (and its timeout) was read as another command's, stale: the
     order stayed ``inProgress`` forever, its step ``running``."""
-    with pytest.raises(ProcessError, match="step name is 1 to 64"):
+    with pytest.raises(ProcessError, match="step name is 1 to 200"):
         parse_process(_one_step(name), "odd.toml")
 
 
-@pytest.mark.parametrize("name", ["ship", "Ship_2", "_x", "a-b", "x" * 64])
+@pytest.mark.parametrize("name", ["ship", "Ship_2", "a-b", "ship.v2", "réserve 1", "x~",
+                                  "x" * 200])
 def test_plain_step_names_still_load_and_their_replies_reach_them(name: str) -> None:
     proc = parse_process(_one_step(name), "odd.toml")
     driver = Driver(proc, retail_order(), ok_domain())
