@@ -240,3 +240,15 @@ def test_a_command_timeout_of_0_is_refused_at_load(make_service: Any, tmp_path: 
     folder = _retail_with(old, new, tmp_path / "p")
     with pytest.raises(ProcessError, match=rf"{where}: must be a number > 0"):
         make_service(processes=folder)
+
+
+def test_two_files_defining_one_order_type_stop_the_start(make_service: Any,
+                                                          tmp_path: Path) -> None:
+    """Before: the file sorted last won, silently (a ``retail-v2.toml`` beside
+    ``retail.toml`` was never used)."""
+    folder = tmp_path / "p"
+    folder.mkdir()
+    for name in ("retail.toml", "retail-v2.toml"):
+        (folder / name).write_text(_one_step("ship"))
+    with pytest.raises(ProcessError, match=r"'retail' is defined in .*retail-v2\.toml too"):
+        make_service(processes=str(folder))
