@@ -17,8 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from oms.process_check import STEP_NAME, STEP_NAME_RULE, Checker
-from oms.states import OrderState, Reason
+from oms.process_check import OWN_REASONS, STEP_NAME, STEP_NAME_RULE, Checker
+from oms.states import OrderState
 
 
 class ProcessError(ValueError):
@@ -280,9 +280,9 @@ def _step(
             value = hraw.get(key)
             if key not in missing and not (isinstance(value, str) and value):
                 c.bad(f"{where}.hold_when.{key}", "must be a non-empty string")
-        if hraw.get("reason") in _OWN_REASONS:  # the service's own: it would pose as one
+        if hraw.get("reason") in OWN_REASONS:  # the service's own: it would pose as one
             c.bad(f"{where}.hold_when.reason", "is one of the service's own state_reason "
-                  f"values ({', '.join(sorted(_OWN_REASONS))}): pick another name")
+                  f"values ({', '.join(sorted(OWN_REASONS))}): pick another name")
         if missing:
             c.bad(f"{where}.hold_when", f"missing {', '.join(missing)}")
         else:
@@ -309,9 +309,6 @@ def _check_graph(c: Checker, steps: list[StepDef]) -> None:
         c.bad("steps", f"dependency cycle among: {', '.join(cycle)}")
 
 
-_OWN_REASONS = frozenset(r.value for r in Reason)
-"""The ``state_reason`` values the engine gives itself (``fallout``,
-``internal_error``, ...): a definition's hold reason must not be one."""
 def parse_process(text: str, source: str) -> ProcessDef:
     """Parse and validate one definition; raises ``ProcessError``."""
     c = Checker(source)

@@ -9,6 +9,8 @@ import math
 import re
 from typing import Any
 
+from oms.states import Reason
+
 MAX_DURATION_S = 366 * 86400.0
 """The longest duration a definition may give (a timeout, a back-off, an
 expected time): the timers refuse a deadline further out as bad and fire
@@ -20,6 +22,10 @@ STEP_NAME_RULE = ("a step name is 1 to 200 characters, none of ':' '#' '[' ']', 
                   "with '~': it is part of the step's command ids, which read those back as "
                   "an undo, a CRM note, a retry, an item or a long key's digest (its replies "
                   "would never reach it)")
+
+OWN_REASONS = frozenset(r.value for r in Reason)
+"""The ``state_reason`` values the engine gives itself (``fallout``,
+``internal_error``, ...): a definition's hold reason must not be one."""
 
 
 class Checker:
