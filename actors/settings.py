@@ -45,12 +45,17 @@ def load_processes(directory: str | Path | None = None) -> dict[str, ProcessDef]
     if not path.is_dir():
         raise ProcessError([f"{path}: not a directory"])
     problems = []
+    defined: dict[str, Path] = {}  # order_type -> its file: two files may not both define one
     for file in sorted(path.glob("*.toml")):
         try:
             proc = parse_process(file.read_text(encoding="utf-8"), str(file))
         except ProcessError as exc:
             problems.extend(exc.problems)
         else:
+            if proc.order_type in defined:  # (else the later file would win, silently)
+                problems.append(f"{file}: process.order_type: {proc.order_type!r} is defined "
+                                f"in {defined[proc.order_type]} too")
+            defined.setdefault(proc.order_type, file)
             procs[proc.order_type] = proc
     if problems:
         raise ProcessError(problems)

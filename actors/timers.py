@@ -31,11 +31,14 @@ from actors.eventloop import EventLoop
 from actors.metrics import Metrics
 from actors.ports import Deliver
 from oms.messages import TimerFired
+from oms.process_check import MAX_DURATION_S
 
 logger = logging.getLogger(__name__)
 
 BAD_DEADLINE_DELAY_S = 1.0
-MAX_DELAY_S = 366 * 86400.0  # further out than this is a bad deadline too
+# further out than this is a bad deadline too: a definition's durations are at most
+# MAX_DURATION_S (``oms.process_check``); the day more is for rounding and clock steps
+MAX_DELAY_S = MAX_DURATION_S + 86400.0
 
 
 class TimerService:

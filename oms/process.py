@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from oms.process_check import Checker
+from oms.process_check import OWN_REASONS, STEP_NAME, STEP_NAME_RULE, Checker
 from oms.states import OrderState
 
 
@@ -41,7 +41,9 @@ class RetryPolicy:
 
     def delay(self, attempt: int, spread: float) -> float:
         """Delay before attempt ``attempt + 1``; ``spread`` is in [0, 1)."""
-        raw = min(self.cap_s, self.base_s * (2 ** max(0, attempt - 1)))
+        # a float power, n at most 1,000: an int one raised OverflowError in the
+        # product past attempt 1,025; this one is at worst inf (min: the cap)
+        raw = min(self.cap_s, self.base_s * 2.0 ** min(max(0, attempt - 1), 1000))
         return raw * (1 - self.jitter) + raw * self.jitter * spread
 
 
@@ -109,12 +111,17 @@ class ProcessDef:
 
     @property
     def systems(self) -> set[str]:
+        """Every system it sends to or waits for an event from (configured: none else's comes)."""
         out = {self.notify_system} if self.notify_states else set()
         for s in self.steps:
             if s.action:
                 out.add(s.action.system)
             for a in (s.per_item or {}).values():
                 out.add(a.system)
+            if s.wait_system:
+                out.add(s.wait_system)
+            if s.hold is not None and s.hold.system:
+                out.add(s.hold.system)
         return out
 
 
@@ -199,8 +206,8 @@ def _action(
         c.keys(craw, {"op", "args"}, f"{where}.compensate")
         cargs = c.table(craw, "args", f"{where}.compensate")
         _check_refs(c, cargs, f"{where}.compensate.args", scopes | {"result", "args"}, names)
-        if not isinstance(craw.get("op"), str):
-            c.bad(f"{where}.compensate.op", "required")
+        if not isinstance(craw.get("op"), str) or not craw["op"]:
+            c.bad(f"{where}.compensate.op", "required: the operation that undoes it")
         else:
             comp = (craw["op"], cargs)
     collect_raw = raw.get("collect", [])
@@ -231,7 +238,7 @@ def _step(
             tip = f" (did you mean {hint[0]!r}?)" if hint else ""
             c.bad(f"{where}.after", f"unknown step {dep!r}{tip}")
     retry = _retry(c, c.table(raw, "retry", where), f"{where}.retry", defaults["retry"])
-    timeout = c.number(raw, "timeout_s", where, defaults["timeout_s"])
+    timeout = c.number(raw, "timeout_s", where, defaults["timeout_s"], positive=True)
     expected = c.number(raw, "expected_s", where, 0.0) if "expected_s" in raw else None
     action = per_item = wait_event = wait_system = hold = wait_timeout = None
     scopes = {"order", "steps"}
@@ -256,7 +263,7 @@ def _step(
         wait_event, wait_system = wraw.get("name"), wraw.get("system")
         if "timeout_s" in wraw:
             wait_timeout = c.number(wraw, "timeout_s", f"{where}.wait_event", 0.0) or None
-        if not isinstance(wait_event, str):
+        if not isinstance(wait_event, str) or not wait_event:
             c.bad(f"{where}.wait_event.name", "required: the domain event's name")
         if not isinstance(wait_system, str) or not wait_system:
             c.bad(f"{where}.wait_event.system",
@@ -269,6 +276,13 @@ def _step(
         system = hraw.get("system")
         if system is not None and (not isinstance(system, str) or not system):
             c.bad(f"{where}.hold_when.system", "must be a domain system's name")
+        for key in ("field", "until_event", "reason"):
+            value = hraw.get(key)
+            if key not in missing and not (isinstance(value, str) and value):
+                c.bad(f"{where}.hold_when.{key}", "must be a non-empty string")
+        if hraw.get("reason") in OWN_REASONS:  # the service's own: it would pose as one
+            c.bad(f"{where}.hold_when.reason", "is one of the service's own state_reason "
+                  f"values ({', '.join(sorted(OWN_REASONS))}): pick another name")
         if missing:
             c.bad(f"{where}.hold_when", f"missing {', '.join(missing)}")
         else:
@@ -312,7 +326,7 @@ def parse_process(text: str, source: str) -> ProcessDef:
     draw = c.table(raw, "defaults", "")
     c.keys(draw, {"timeout_s", "retry"}, "defaults")
     defaults: dict[str, Any] = {
-        "timeout_s": c.number(draw, "timeout_s", "defaults", 5.0),
+        "timeout_s": c.number(draw, "timeout_s", "defaults", 5.0, positive=True),
         "retry": _retry(c, c.table(draw, "retry", "defaults"), "defaults.retry", RetryPolicy()),
     }
     sraw = c.table(raw, "steps", "")
@@ -321,6 +335,8 @@ def parse_process(text: str, source: str) -> ProcessDef:
     names = set(sraw)
     steps = []
     for name, body in sraw.items():
+        if not STEP_NAME.fullmatch(name):
+            c.bad(f"steps.{name}", STEP_NAME_RULE)
         if isinstance(body, dict):
             steps.append(_step(c, name, body, defaults, names))
         else:
@@ -360,7 +376,8 @@ def parse_process(text: str, source: str) -> ProcessDef:
             c, c.table(notify, "retry", "process.notify"), "process.notify.retry",
             defaults["retry"],
         ),
-        notify_timeout_s=c.number(notify, "timeout_s", "process.notify", defaults["timeout_s"]),
+        notify_timeout_s=c.number(notify, "timeout_s", "process.notify", defaults["timeout_s"],
+                                  positive=True),
         expected_s=(c.number(proc, "expected_s", "process", 0.0) or None)
         if "expected_s" in proc else None,
         source=source,

@@ -5,7 +5,27 @@ for a misspelt key or choice."""
 from __future__ import annotations
 
 import difflib
+import math
+import re
 from typing import Any
+
+from oms.states import Reason
+
+MAX_DURATION_S = 366 * 86400.0
+"""The longest duration a definition may give (a timeout, a back-off, an
+expected time): the timers refuse a deadline further out as bad and fire
+it after a second instead (``actors.timers``), which would fail a wait at
+once."""
+
+STEP_NAME = re.compile(r"(?!~)[^:#\[\]]{1,200}")
+STEP_NAME_RULE = ("a step name is 1 to 200 characters, none of ':' '#' '[' ']', not starting "
+                  "with '~': it is part of the step's command ids, which read those back as "
+                  "an undo, a CRM note, a retry, an item or a long key's digest (its replies "
+                  "would never reach it)")
+
+OWN_REASONS = frozenset(r.value for r in Reason)
+"""The ``state_reason`` values the engine gives itself (``fallout``,
+``internal_error``, ...): a definition's hold reason must not be one."""
 
 
 class Checker:
@@ -32,10 +52,19 @@ class Checker:
             return {}
         return value
 
-    def number(self, raw: dict[str, Any], key: str, where: str, default: float) -> float:
+    def number(self, raw: dict[str, Any], key: str, where: str, default: float,
+               positive: bool = False) -> float:
+        """A duration in seconds: 0 (``positive``: above 0) to ``MAX_DURATION_S``
+        (366 days)."""
         value = raw.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            self.bad(f"{where}.{key}", "must be a number >= 0")
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 or (
+                positive and value == 0):
+            self.bad(f"{where}.{key}", "must be a number > 0" if positive else
+                     "must be a number >= 0")
+            return default
+        if not math.isfinite(value) or value > MAX_DURATION_S:
+            self.bad(f"{where}.{key}", f"must be at most {MAX_DURATION_S:.0f} seconds (366 "
+                     "days): a timer further out would fire at once")
             return default
         return float(value)
 
