@@ -6,6 +6,7 @@ path (``oms.validation_fast``).
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -35,7 +36,11 @@ COUNTRY = re.compile(r"[A-Z]{2}")
 
 
 def check_free_map(value: Any, field: str, errs: list[FieldError], depth: int = 1) -> None:
-    """Check a free-form ``attributes`` map: depth and string lengths."""
+    """Check a free-form ``attributes`` map: depth, string lengths, and only
+    what a domain system's ``data`` may hold (contract §3: no binary, numbers
+    finite and within signed 64 bits, as ``oms.edge``). Attributes go out in commands
+    and may come back in replies, which are refused (``invalid_reply``) for
+    anything else: one order's odd value must not fail later orders."""
     if depth > MAX_ATTR_DEPTH:
         errs.append(FieldError(field, f"nested deeper than {MAX_ATTR_DEPTH} levels"))
         return
@@ -50,5 +55,12 @@ def check_free_map(value: Any, field: str, errs: list[FieldError], depth: int = 
     elif isinstance(value, list):
         for i, sub in enumerate(value):
             check_free_map(sub, f"{field}[{i}]", errs, depth + 1)
-    elif isinstance(value, str | bytes) and len(value) > MAX_STR:
-        errs.append(FieldError(field, f"at most {MAX_STR} characters"))
+    elif isinstance(value, str):
+        if len(value) > MAX_STR:
+            errs.append(FieldError(field, f"at most {MAX_STR} characters"))
+    elif isinstance(value, bytes):
+        errs.append(FieldError(field, "binary values are not allowed"))
+    elif isinstance(value, float) and not math.isfinite(value):
+        errs.append(FieldError(field, "must be a finite number"))
+    elif isinstance(value, int | float) and not -2**63 <= value <= 2**63 - 1:
+        errs.append(FieldError(field, "numbers must be within signed 64 bits"))

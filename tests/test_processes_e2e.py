@@ -132,3 +132,36 @@ def test_cancelled_or_aborted_pending_orders_free_the_queue_at_once(
     assert views[ids[2]]["state_reason"] == "aborted"
     for oid in ids[1:3]:
         assert "inProgress" not in [h["state"] for h in views[oid]["history"]]
+
+
+def test_an_attribute_a_reply_could_not_carry_back_is_refused_and_the_bounds_go_round(
+        service: Any, client: Client, sim: Any) -> None:
+    """Item attributes go to provisioning and come back in a later modify's
+    reply (the reference simulator answers ``previous_attributes``). NaN,
+    binary or a number past signed 64 bits would make every later modify
+    of that service fail as ``invalid_reply``: they are refused at intake,
+    with the field, and the service answers the next order. Values at the
+    bounds go out and come back: the modifies complete."""
+    def add(ext: str, attributes: dict[str, Any]) -> dict[str, Any]:
+        return telecom(ext, "sub-attrs", [{"id": "fiber", "product_id": "FIBER", "quantity": 1,
+                                           "attributes": attributes}])
+
+    for value, message in ((float("nan"), "must be a finite number"),
+                           (b"\x00", "binary values are not allowed"),
+                           (2**64 - 1, "numbers must be within signed 64 bits"),
+                           (1.5e300, "numbers must be within signed 64 bits")):
+        reply = client.submit(add(f"attr-bad-{value!r:.8}", {"x": [value]}))
+        assert reply["type"] == "rejected", reply
+        assert reply["errors"] == [{"field": "items[0].attributes.x[0]", "message": message}]
+    bounds = {"max": 2**63 - 1, "min": -2**63, "f": 9.2e18, "g": -0.5, "s": "x" * 1000}
+    first = client.submit(add("attr-ok", bounds))["order_id"]
+    view = wait_terminal(client, [first], timeout=20)[first]
+    assert view["state"] == "completed", view
+    service_id = view["summary"]["results"]["service_ids"][0]
+    ids = []
+    for n in range(2):
+        modify = [{"id": "fiber", "action": "modify", "product_id": "FIBER", "quantity": 1,
+                   "service_id": service_id, "attributes": dict(bounds, n=n)}]
+        ids.append(client.submit(telecom(f"attr-mod-{n}", "sub-attrs", modify))["order_id"])
+        done = wait_terminal(client, ids[-1:], timeout=20)[ids[-1]]
+        assert done["state"] == "completed", done

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import pytest
@@ -109,6 +110,30 @@ def test_attributes_keys_must_be_strings() -> None:
     for attributes in ({b"k": 1}, {1: "v"}, {"n": {b"k": "v"}}, {"l": [{None: 1}]}):
         errs = errors_of(retail_order(attributes=attributes))
         assert any("keys must be strings" in m for m in errs.values()), attributes
+
+
+def test_attributes_hold_only_what_a_domain_reply_may_carry_back() -> None:
+    """Attributes go out in commands and may come back in replies and
+    events, whose ``data`` may not hold binary, NaN, infinity or an integer
+    outside signed 64 bits (``invalid_reply``): such a value is refused at
+    intake, on the order and on an item, with its path, so one order cannot
+    fail the later orders a domain system echoes it to. The bounds pass."""
+    bad = {"bin": b"x", "nan": math.nan, "inf": math.inf, "ninf": -math.inf,
+           "big": 2**63, "small": -2**63 - 1, "huge": 1e19, "deep": [{"x": b""}]}
+    errs = errors_of(retail_order(attributes=bad))
+    assert errs == {"attributes.bin": "binary values are not allowed",
+                    "attributes.nan": "must be a finite number",
+                    "attributes.inf": "must be a finite number",
+                    "attributes.ninf": "must be a finite number",
+                    "attributes.big": "numbers must be within signed 64 bits",
+                    "attributes.small": "numbers must be within signed 64 bits",
+                    "attributes.huge": "numbers must be within signed 64 bits",
+                    "attributes.deep[0].x": "binary values are not allowed"}, errs
+    item = dict(retail_order()["items"][0], attributes={"n": math.nan})
+    assert errors_of(retail_order(items=[item])) == {
+        "items[0].attributes.n": "must be a finite number"}
+    edge = {"max": 2**63 - 1, "min": -2**63, "f": -9.2e18, "t": True, "none": None, "s": "x"}
+    assert errors_of(retail_order(attributes=edge)) == {}
 
 
 def test_reply_and_event_data_keys_must_be_strings() -> None:

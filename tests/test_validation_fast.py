@@ -173,6 +173,10 @@ def test_fast_path_answers_as_the_full_walk(seed: int) -> None:
     {**next(sample_orders(1)), "attributes": {"a": {"b": {"c": {"d": {"e": {"f": {"g": {
         "h": 1}}}}}}}}},
     {**next(sample_orders(1)), "attributes": {b"k": 1}},
+    {**next(sample_orders(1)), "attributes": {"k": b"v"}},
+    {**next(sample_orders(1)), "attributes": {"k": [1, float("nan")]}},
+    {**next(sample_orders(1)), "attributes": {"k": 2**63, "j": -2**63 - 1}},
+    {**next(sample_orders(1)), "attributes": {"k": 2**63 - 1, "j": -2**63, "f": 1.5e300}},
     {**next(sample_orders(1)), "customer_address": {"line1": "x", "city": "y",
                                                     "postal_code": "z", "country": "D E"}},
 ])
