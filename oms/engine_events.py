@@ -29,6 +29,27 @@ MAX_EARLY_EVENTS = 16
 MAX_EARLY_BYTES = 64 * 1024  # early events kept per order, encoded
 
 
+def named_by(waiting: list[Step], data: dict[str, Any]) -> Step:
+    """Of several steps waiting for one event (a per-item step's holds), the
+    one the event's ``data`` names: a value it shares under the same key with
+    that step's reply and with no other waiting step's (a back-ordered
+    reply's ``reservation_id``); else, none or several named, the first."""
+    named = None
+    for step in waiting:
+        result = step.result or {}
+        for key, value in result.items():
+            if key in data and data[key] == value and not any(
+                    other is not step and (other.result or {}).get(key) == value
+                    for other in waiting):
+                break
+        else:
+            continue
+        if named is not None:
+            return waiting[0]
+        named = step
+    return waiting[0] if named is None else named
+
+
 class EventMixin(TurnBase):
     __slots__ = ()  # as ``TurnBase``
 
@@ -44,11 +65,12 @@ class EventMixin(TurnBase):
         if problem:
             self.log_event(ev, f"its data is not kept: {problem}")
         name = ev.name
-        for step in order.steps.values():  # (``step.wait == name``: what matches first checks)
-            if step.wait == name and self.event_matches(step, name, ev.system):
-                self.consume(step, data)
-                self.advance()
-                return
+        waiting = [step for step in order.steps.values()  # (``step.wait``: checked first)
+                   if step.wait == name and self.event_matches(step, name, ev.system)]
+        if waiting:
+            self.consume(waiting[0] if len(waiting) == 1 else named_by(waiting, data), data)
+            self.advance()
+            return
         refused = self.event_refusal(ev.name, ev.system)
         if refused:
             self.stale = True
