@@ -8,7 +8,7 @@ import json
 import sys
 from typing import Any
 
-from storage.archive import PREFIX, SUFFIX, files, iter_file
+from storage.archive import PREFIX, SUFFIX, ArchiveDamaged, files, iter_file
 
 
 def add_parser(sub: Any) -> None:
@@ -38,38 +38,66 @@ def cmd_archive(args: argparse.Namespace) -> int:
             row: dict[str, Any] = {"file": str(path), "day": path.name[len(PREFIX):-len(SUFFIX)],
                    "bytes": path.stat().st_size}
             if args.count:
-                row["orders"] = sum(1 for _ in iter_file(path))
+                row["orders"], cut = _count(path)
+                if cut is not None:
+                    row["damaged_at"] = cut.offset
+                    print(f"oms archive list: {cut}", file=sys.stderr)
             rows.append(row)
         if args.json:
             print(json.dumps(rows))
         else:
             for r in rows:
                 n = f"{r['orders']:>9} orders  " if args.count else ""
-                print(f"{r['day']}  {n}{r['bytes']:>12} bytes  {r['file']}")
+                cut = f"  DAMAGED from byte {r['damaged_at']}" if "damaged_at" in r else ""
+                print(f"{r['day']}  {n}{r['bytes']:>12} bytes  {r['file']}{cut}")
             total = f", {sum(r['orders'] for r in rows)} orders" if args.count else ""
             print(f"{len(rows)} files, {sum(r['bytes'] for r in rows)} bytes{total}")
-        return 0
+        return 1 if any("damaged_at" in r for r in rows) else 0
     if not args.order_id and not (args.source and args.external_id):
         print("oms archive find: give ORDER_ID, or --source and --external-id",
               file=sys.stderr)
         return 2
+    damaged: list[str] = []
     for path in reversed(files(data)):
-        for rec in iter_file(path):
-            view = rec["order"]
-            if (view.get("order_id") == args.order_id if args.order_id else (
-                    view.get("source_system") == args.source
-                    and view.get("external_id") == args.external_id)):
-                if args.json:
-                    print(json.dumps(dict(rec, file=str(path)), default=repr))
-                else:
-                    from app.orders_cli import render_order
-
-                    print(f"archived in {path.name}, finished "
-                          f"{_when(rec['finished_ts'])}, archived {_when(rec['archived_ts'])}")
-                    print(render_order(view))
-                return 0
-    print("no such order in the archive", file=sys.stderr)
+        try:
+            for rec in iter_file(path):
+                if _matches(rec["order"], args):
+                    _show(rec, path, args.json)
+                    return 0
+        except ArchiveDamaged as exc:  # the orders past the damage cannot be searched
+            print(f"oms archive find: {exc}", file=sys.stderr)
+            damaged.append(path.name)
+    more = f" (not searched past the damage in {', '.join(damaged)})" if damaged else ""
+    print(f"no such order in the archive{more}", file=sys.stderr)
     return 1
+
+
+def _count(path: Any) -> tuple[int, ArchiveDamaged | None]:
+    n = 0
+    try:
+        for _ in iter_file(path):
+            n += 1
+    except ArchiveDamaged as exc:
+        return n, exc
+    return n, None
+
+
+def _matches(view: dict[str, Any], args: argparse.Namespace) -> bool:
+    if args.order_id:
+        return bool(view.get("order_id") == args.order_id)
+    return bool(view.get("source_system") == args.source
+                and view.get("external_id") == args.external_id)
+
+
+def _show(rec: dict[str, Any], path: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(dict(rec, file=str(path)), default=repr))
+        return
+    from app.orders_cli import render_order
+
+    print(f"archived in {path.name}, finished "
+          f"{_when(rec['finished_ts'])}, archived {_when(rec['archived_ts'])}")
+    print(render_order(rec["order"]))
 
 
 def _when(ts: float) -> str:

@@ -1,0 +1,91 @@
+"""Hostile review 10 (c): the archive damaged by hand, the operator CLI on
+it, the sharded front under faults, CURVE key folders. Real files, real
+processes, loopback only, bounded."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from storage import archive
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _view(order_id: str, ext: str) -> dict[str, Any]:
+    return {"order_id": order_id, "order_type": "retail", "state": "completed",
+            "source_system": "web", "external_id": ext, "customer": {"id": "c1"},
+            "items": [], "steps": [], "history": []}
+
+
+def _write_day(data: Path, day: str, batches: list[list[str]]) -> Path:
+    """An archive file of ``day`` with one member per batch of order ids."""
+    path = archive.file_for(data, day)
+    members = [archive.encode_records([
+        {"order": _view(oid, f"ext-{oid}"), "finished_ts": 1.0e9, "archived_ts": 1.1e9}
+        for oid in batch]) for batch in batches]
+    archive.append(path, 0, members)
+    return path
+
+
+def _oms(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_a_damaged_archive_file_does_not_hide_the_other_files_from_the_cli(
+        tmp_path: Path, damage: str) -> None:
+    """Before: `oms archive find` read the files newest first with
+    ``gzip.open(...).read()``; one file cut short or damaged by hand (a
+    copy that stopped, a bad disk block) raised EOFError / BadGzipFile /
+    zlib.error out of the CLI as a traceback, so no older file was searched
+    and `oms archive list --count` died the same way."""
+    data = tmp_path / "data"
+    _write_day(data, "2026-01-01", [["O000000000001"]])
+    newer = _write_day(data, "2026-01-02", [["O000000000002"], ["O000000000003"]])
+    raw = bytearray(newer.read_bytes())
+    first = len(archive.encode_records([{"order": _view("O000000000002", "ext-O000000000002"),
+                                         "finished_ts": 1.0e9, "archived_ts": 1.1e9}]))
+    if damage == "truncated":
+        del raw[-10:]
+    else:
+        for at in range(first + 12, first + 40):  # the second member's deflate data
+            raw[at] ^= 0x5A
+    newer.write_bytes(bytes(raw))
+    for oid in ("O000000000001", "O000000000002"):  # older file; before the damage
+        found = _oms("archive", "--data", str(data), "find", oid, "--json")
+        assert found.returncode == 0, found.stderr
+        assert "Traceback" not in found.stderr
+        assert json.loads(found.stdout)["order"]["order_id"] == oid
+    assert "orders-2026-01-02.gz" in _oms("archive", "--data", str(data), "find",
+                                          "O000000000001").stderr
+    lost = _oms("archive", "--data", str(data), "find", "O000000000003")
+    assert lost.returncode == 1 and "Traceback" not in lost.stderr
+    assert "not searched past the damage in orders-2026-01-02.gz" in lost.stderr
+    listed = _oms("archive", "--data", str(data), "list", "--count", "--json")
+    assert listed.returncode == 1 and "Traceback" not in listed.stderr  # a script notices
+    rows = {r["day"]: r for r in json.loads(listed.stdout)}
+    assert rows["2026-01-01"]["orders"] == 1 and "damaged_at" not in rows["2026-01-01"]
+    assert rows["2026-01-02"]["orders"] == 1 and rows["2026-01-02"]["damaged_at"] == first
+
+
+def test_a_damaged_member_is_an_archive_error_for_the_service_lookup(tmp_path: Path) -> None:
+    """The service's get_order of an archived order reads one member
+    (``find_in_member``); a damaged one raised ``zlib.error``, which
+    ``actors.lookup.find_archived`` does not catch (it names OSError,
+    ValueError, KeyError): now it is ``ArchiveDamaged``, a ValueError."""
+    path = _write_day(tmp_path, "2026-01-01", [["O000000000001", "O000000000002"]])
+    raw = bytearray(path.read_bytes())
+    for at in range(12, 30):
+        raw[at] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="unreadable from byte 0"):
+        archive.find_in_member(path, 0, "O000000000002")
+    with pytest.raises(archive.ArchiveDamaged):
+        list(archive.iter_file(path))
