@@ -48,8 +48,8 @@ def cmd_archive(args: argparse.Namespace) -> int:
         else:
             for r in rows:
                 n = f"{r['orders']:>9} orders  " if args.count else ""
-                cut = f"  DAMAGED from byte {r['damaged_at']}" if "damaged_at" in r else ""
-                print(f"{r['day']}  {n}{r['bytes']:>12} bytes  {r['file']}{cut}")
+                note = f"  DAMAGED from byte {r['damaged_at']}" if "damaged_at" in r else ""
+                print(f"{r['day']}  {n}{r['bytes']:>12} bytes  {r['file']}{note}")
             total = f", {sum(r['orders'] for r in rows)} orders" if args.count else ""
             print(f"{len(rows)} files, {sum(r['bytes'] for r in rows)} bytes{total}")
         return 1 if any("damaged_at" in r for r in rows) else 0
