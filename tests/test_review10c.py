@@ -5,13 +5,18 @@ processes, loopback only, bounded."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Endpoints
+from helpers import curve_keys, poll_until
 
+from actors.security import SecurityError
+from gateways.client import Client
 from storage import archive
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,3 +94,30 @@ def test_a_damaged_member_is_an_archive_error_for_the_service_lookup(tmp_path: P
         archive.find_in_member(path, 0, "O000000000002")
     with pytest.raises(archive.ArchiveDamaged):
         list(archive.iter_file(path))
+
+
+@pytest.mark.slow
+def test_one_public_key_under_two_names_is_refused_not_resolved_by_sort_order(
+        procs: Any, tmp_path: Path, make_service: Any) -> None:
+    """Before: ``load_clients`` mapped each public key to the name of the
+    LAST file holding it, in sorted order. A channel's key copied by mistake
+    as ``operator.key`` (sorted after ``aaa.key``) made that channel an
+    operator on the next SIGHUP, silently. Now the folder is refused: at
+    start (exit 2 / SecurityError) and on SIGHUP (the keys in force stay)."""
+    keys = curve_keys(tmp_path / "keys", ["aaa"])
+    secret = str(keys.folder / "server" / "server.key_secret")
+    eps = Endpoints()
+    svc = procs(eps.serve_args(tmp_path / "data") + [
+        "--curve-server-key", secret, "--curve-clients", str(keys.allowed)], "serve")
+    with Client(eps.intake, curve=keys.opts("aaa")) as aaa:
+        aaa.wait_ready(30)
+        assert aaa.request({"type": "order_counts"})["code"] == "unauthorized"
+    (keys.allowed / "operator.key").write_text((keys.allowed / "aaa.key").read_text())
+    svc.p.send_signal(signal.SIGHUP)
+    log = tmp_path / "serve.log"
+    poll_until(lambda: "keys not reloaded" in log.read_text(), timeout=20)
+    assert "hold the same public key" in log.read_text()
+    with Client(eps.intake, curve=keys.opts("aaa")) as again:  # a new connection
+        assert again.request({"type": "order_counts"})["code"] == "unauthorized"
+    with pytest.raises(SecurityError, match="same public key"):
+        make_service(curve_server_key=secret, curve_clients=str(keys.allowed))
