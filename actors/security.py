@@ -74,7 +74,7 @@ def load_clients(folder: str | Path) -> dict[bytes, str]:
     path = Path(folder)
     if not path.is_dir():
         raise SecurityError(f"{path}: not a folder of client keys")
-    keys = {}
+    keys: dict[bytes, str] = {}
     for file in sorted(path.glob("*.key")):
         try:
             public, _ = zmq.auth.load_certificate(str(file))
