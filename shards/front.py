@@ -196,7 +196,7 @@ def open_front(cfg: FrontConfig, config_file: str | None = None) -> Front:
     routing = Routing(channels, links, index, placement, FanOut(channels, links), engine_types)
     domain = DomainRelay(domain_sock, links, placement, identity_required,
                          frozenset(cfg.systems))
-    Gauge("oms_ready", "1 when every shard answers the front (the front's /readyz)",
+    Gauge("oms_ready", "1 when every shard answers the front and can write (the front's /readyz)",
           registry=registry).set_function(lambda: float(links.ready()))
     http = (HttpServer(cfg.metrics_host, cfg.metrics_port, registry, links.ready)
             if cfg.metrics_port else None)

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Endpoints
-from helpers import curve_keys, poll_until
+from conftest import Endpoints, free_port
+from helpers import curve_keys, poll_until, retail_order
+from test_shards import Sharded
+from test_store_full import readyz, submit_until_refused
 
 from actors.security import SecurityError
 from gateways.client import Client
@@ -121,3 +123,23 @@ def test_one_public_key_under_two_names_is_refused_not_resolved_by_sort_order(
         assert again.request({"type": "order_counts"})["code"] == "unauthorized"
     with pytest.raises(SecurityError, match="same public key"):
         make_service(curve_server_key=secret, curve_clients=str(keys.allowed))
+
+
+@pytest.mark.slow
+def test_the_fronts_readyz_says_not_ready_while_a_shard_cannot_write(
+        procs: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    """docs/protocol.md: while the store cannot write, `unavailable` answers
+    and "/readyz says not ready while it lasts". Behind the front, the
+    front's /readyz is the service's; before, it said ready whenever every
+    shard answered its ping (a `get_order`), so a shard whose store could not
+    write kept the front ready while every order routed to it was refused."""
+    monkeypatch.setenv("OMS_MAP_SIZE_MB", "1")  # every shard's map capped at 2 MB
+    monkeypatch.setenv("OMS_MAX_MAP_SIZE_MB", "2")
+    port = free_port()
+    s = Sharded(procs, tmp_path, serve_args=("--metrics-port", str(port)))
+    poll_until(lambda: readyz(port) == 200, timeout=30)
+    with s.client(timeout=20) as client:  # one customer: one shard fills
+        _accepted, refused = submit_until_refused(client, "CAP-")
+        assert refused and {r["code"] for r in refused} == {"unavailable"}
+        poll_until(lambda: readyz(port) == 503, timeout=15)
+        assert client.submit(retail_order("cap-again"))["code"] == "unavailable"
