@@ -321,6 +321,10 @@ def _valid_id(order_id: str) -> bool:
 
 
 def _local(target: str) -> bool:
+    r"""A path on this console. Browsers read ``/\host`` as ``//host`` and drop
+    tabs and newlines anywhere (``/<TAB>/host``): such a target is not local."""
+    if any(c == "\\" or ord(c) < 0x21 or ord(c) == 0x7F for c in target):
+        return False
     parts = urlsplit(target)
     return bool(target) and target.startswith("/") and not target.startswith("//") and not (
         parts.scheme or parts.netloc)

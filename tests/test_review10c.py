@@ -143,3 +143,18 @@ def test_the_fronts_readyz_says_not_ready_while_a_shard_cannot_write(
         assert refused and {r["code"] for r in refused} == {"unavailable"}
         poll_until(lambda: readyz(port) == 503, timeout=15)
         assert client.submit(retail_order("cap-again"))["code"] == "unavailable"
+
+
+def test_the_consoles_login_sends_nobody_to_another_host() -> None:
+    r"""Before: ``next=/\evil.example`` after a login passed the "local
+    path" check (it starts with one slash, urlsplit sees no host) and the
+    console redirected there; browsers read a backslash as a slash and
+    drop tabs and newlines, so the operator landed on //evil.example."""
+    pytest.importorskip("flask")
+    from console.app import _local
+
+    for hostile in ("/\\evil.example/", "/\\\\evil.example", "/\t/evil.example",
+                    "/\n/evil.example", "\\/evil.example", "/ /evil.example"):
+        assert not _local(hostile), hostile
+    for fine in ("/", "/search?go=1", "/orders/O000000000001", "/search?q=a%20b"):
+        assert _local(fine), fine
