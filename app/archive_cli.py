@@ -97,6 +97,11 @@ def _show(rec: dict[str, Any], path: Any, as_json: bool) -> None:
 
     print(f"archived in {path.name}, finished "
           f"{_when(rec['finished_ts'])}, archived {_when(rec['archived_ts'])}")
+    if "unreadable" in rec:  # retention keeps a record it could not decode, as raw bytes
+        print(f"{rec['order'].get('order_id')}: its record could not be decoded when it was "
+              f"archived ({rec['unreadable']}); its {len(rec.get('raw') or b'')} raw bytes "
+              "are kept in the archive (--json shows them)")
+        return
     print(render_order(rec["order"]))
 
 

@@ -158,3 +158,20 @@ def test_the_consoles_login_sends_nobody_to_another_host() -> None:
         assert not _local(hostile), hostile
     for fine in ("/", "/search?go=1", "/orders/O000000000001", "/search?q=a%20b"):
         assert _local(fine), fine
+
+
+def test_archive_find_shows_an_order_archived_unreadable(tmp_path: Path) -> None:
+    """Retention archives an order whose record it cannot decode as raw
+    bytes ("nothing is dropped"); `oms archive find ID` then rendered its
+    view ``{order_id}`` as a full order and died with KeyError."""
+    from actors.retention import _archive_record
+
+    rec, state, _ = _archive_record("O000000000007", b"\xc1 not a snapshot", 1_700_000_000_000,
+                                    1.8e9)
+    assert state == "unreadable"
+    archive.append(archive.file_for(tmp_path, "2023-11-14"), 0, [archive.encode_records([rec])])
+    found = _oms("archive", "--data", str(tmp_path), "find", "O000000000007")
+    assert found.returncode == 0, found.stderr
+    assert "could not be decoded" in found.stdout and "Traceback" not in found.stderr
+    as_json = _oms("archive", "--data", str(tmp_path), "find", "O000000000007", "--json")
+    assert as_json.returncode == 0 and "unreadable" in json.loads(as_json.stdout)
