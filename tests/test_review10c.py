@@ -175,3 +175,48 @@ def test_archive_find_shows_an_order_archived_unreadable(tmp_path: Path) -> None
     assert "could not be decoded" in found.stdout and "Traceback" not in found.stderr
     as_json = _oms("archive", "--data", str(tmp_path), "find", "O000000000007", "--json")
     assert as_json.returncode == 0 and "unreadable" in json.loads(as_json.stdout)
+
+
+def _fill_front_index(folder: Path) -> int:
+    """The front's dedup index as after about half a million orders: its
+    LMDB at the 64 MiB it was opened with, full. How many keys it holds."""
+    import lmdb
+
+    from storage.records import ext_key
+
+    folder.mkdir(parents=True)
+    env = lmdb.open(str(folder), map_size=64 * 1024 * 1024, max_dbs=2, sync=False,
+                    metasync=False)
+    db, n = env.open_db(b"ext"), 0
+    for batch in (20_000, 500, 20, 1):  # to the last key that fits
+        try:
+            while True:
+                with env.begin(write=True, db=db) as txn:
+                    for k in range(n, n + batch):
+                        txn.put(ext_key("web", f"old-{k}"), bytes([k % 64]))
+                n += batch
+        except lmdb.MapFullError:
+            pass  # that transaction was aborted: smaller batches
+    env.sync(True)
+    env.close()
+    return n
+
+
+@pytest.mark.slow
+def test_the_front_takes_orders_after_its_first_64_mib(procs: Any, tmp_path: Path) -> None:
+    """Before: the front opened its dedup index with a fixed 64 MiB map and
+    keeps every key for good (about 50 bytes each); at about 1.3 million orders
+    the commit raised MapFullError out of the front's loop, so the front
+    died at each round with a new submit, was restarted, and died again:
+    the sharded service took no new order, ever. Now the map doubles."""
+    held = _fill_front_index(tmp_path / "data" / "front")
+    assert held > 1_000_000
+    s = Sharded(procs, tmp_path)
+    with s.client(timeout=30) as client:
+        replies = [r for _q, r in client.pipeline(
+            {"type": "submit_order", "order": retail_order(f"new-{n}", customer={"id": f"c{n}"})}
+            for n in range(1500))]
+        assert {r["type"] for r in replies} == {"accepted"}
+        old = client.request({"type": "get_order", "source_system": "web",
+                              "external_id": "old-1"})
+        assert old["code"] == "not_found"  # known to the index, never created: harmless
