@@ -220,3 +220,18 @@ def test_the_front_takes_orders_after_its_first_64_mib(procs: Any, tmp_path: Pat
         old = client.request({"type": "get_order", "source_system": "web",
                               "external_id": "old-1"})
         assert old["code"] == "not_found"  # known to the index, never created: harmless
+
+
+def test_archive_find_does_not_let_an_order_drive_the_terminal(tmp_path: Path) -> None:
+    """`oms orders` and `oms order show` print channel text through
+    ``app.cli.Printable`` (control characters as ``\\xNN``); `oms archive
+    find` printed the archived view raw, so an external id or a reason
+    holding ``ESC [2J`` or an OSC title sequence reached the terminal."""
+    view = dict(_view("O000000000009", "evil\x1b[2J\x1b]0;owned\x07"),
+                state_reason="x\x1b[31mred")
+    rec = {"order": view, "finished_ts": 1.0e9, "archived_ts": 1.1e9}
+    archive.append(archive.file_for(tmp_path, "2026-01-03"), 0, [archive.encode_records([rec])])
+    found = _oms("archive", "--data", str(tmp_path), "find", "O000000000009")
+    assert found.returncode == 0, found.stderr
+    assert "\x1b" not in found.stdout and "\x07" not in found.stdout
+    assert "\\x1b[2J" in found.stdout
