@@ -6,6 +6,7 @@ import argparse
 import datetime as dt
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from storage.archive import PREFIX, SUFFIX, ArchiveDamaged, files, iter_file
@@ -13,8 +14,9 @@ from storage.archive import PREFIX, SUFFIX, ArchiveDamaged, files, iter_file
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("archive", help="archived (retired) orders: list files, find an order",
-                       description="Reads the archive files in the data folder directly; "
-                       "works with the service running or stopped.")
+                       description="Reads the archive files in the data folder directly "
+                       "(of a sharded folder: every shard's); works with the service "
+                       "running or stopped.")
     p.add_argument("--data", help="data folder (env OMS_DATA; default ./oms-data)")
     asub = p.add_subparsers(dest="action", required=True)
     ls = asub.add_parser("list", help="archive files: day and size (and orders, --count)")
@@ -34,7 +36,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
     data = load_config(None, data=args.data).data
     if args.action == "list":
         rows = []
-        for path in files(data):
+        for path in _all_files(data):
             row: dict[str, Any] = {"file": str(path), "day": path.name[len(PREFIX):-len(SUFFIX)],
                    "bytes": path.stat().st_size}
             if args.count:
@@ -58,7 +60,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     damaged: list[str] = []
-    for path in reversed(files(data)):
+    for path in reversed(_all_files(data)):
         try:
             for rec in iter_file(path):
                 if _matches(rec["order"], args):
@@ -70,6 +72,17 @@ def cmd_archive(args: argparse.Namespace) -> int:
     more = f" (not searched past the damage in {', '.join(damaged)})" if damaged else ""
     print(f"no such order in the archive{more}", file=sys.stderr)
     return 1
+
+
+def _all_files(data: str) -> list[Path]:
+    """The archive files of the folder, oldest day first; of a sharded
+    folder (``oms serve --shards N``), those of every shard's folder."""
+    from shards import manifest as mf
+
+    roots = [Path(data)]
+    if (roots[0] / mf.FILE).exists():
+        roots = [p for p in sorted(roots[0].glob("shard-*")) if p.is_dir()]
+    return sorted((p for root in roots for p in files(root)), key=lambda p: (p.name, str(p)))
 
 
 def _count(path: Any) -> tuple[int, ArchiveDamaged | None]:

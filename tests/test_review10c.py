@@ -235,3 +235,22 @@ def test_archive_find_does_not_let_an_order_drive_the_terminal(tmp_path: Path) -
     assert found.returncode == 0, found.stderr
     assert "\x1b" not in found.stdout and "\x07" not in found.stdout
     assert "\\x1b[2J" in found.stdout
+
+
+def test_archive_find_on_a_sharded_folder_looks_in_every_shard(tmp_path: Path) -> None:
+    """Each shard archives into its own ``DATA/shard-K/archive``; `oms
+    archive --data DATA find` looked only in ``DATA/archive`` and answered
+    "no such order in the archive" for every archived order of a sharded
+    service, and `list` showed no file."""
+    from shards import manifest as mf
+
+    data = tmp_path / "data"
+    mf.open_or_create(data, 2)
+    _write_day(mf.shard_folder(data, 0), "2026-01-01", [["O000000000100"]])
+    _write_day(mf.shard_folder(data, 1), "2026-01-01", [["O000000000201"]])
+    for oid in ("O000000000100", "O000000000201"):
+        found = _oms("archive", "--data", str(data), "find", oid, "--json")
+        assert found.returncode == 0, found.stderr
+        assert json.loads(found.stdout)["order"]["order_id"] == oid
+    listed = _oms("archive", "--data", str(data), "list", "--count", "--json")
+    assert sum(r["orders"] for r in json.loads(listed.stdout)) == 2
