@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from storage.archive import PREFIX, SUFFIX, ArchiveDamaged, files, iter_file
+from storage.archive import PREFIX, SUFFIX, ArchiveDamaged, files, folder, iter_file
 
 
 def add_parser(sub: Any) -> None:
@@ -37,8 +37,8 @@ def cmd_archive(args: argparse.Namespace) -> int:
     if args.action == "list":
         rows = []
         for path in _all_files(data):
-            row: dict[str, Any] = {"file": str(path), "day": path.name[len(PREFIX):-len(SUFFIX)],
-                   "bytes": path.stat().st_size}
+            row: dict[str, Any] = {"file": str(path), "bytes": path.stat().st_size,
+                                   "day": path.name[len(PREFIX):len(PREFIX) + 10]}
             if args.count:
                 row["orders"], cut = _count(path)
                 if cut is not None:
@@ -82,7 +82,9 @@ def _all_files(data: str) -> list[Path]:
     roots = [Path(data)]
     if (roots[0] / mf.FILE).exists():
         roots = [p for p in sorted(roots[0].glob("shard-*")) if p.is_dir()]
-    return sorted((p for root in roots for p in files(root)), key=lambda p: (p.name, str(p)))
+    found = [p for root in roots for p in files(root)]
+    found += [p for root in roots for p in folder(root).glob(f"{PREFIX}*{SUFFIX}.set-aside-*")]
+    return sorted(found, key=lambda p: (p.name, str(p)))
 
 
 def _count(path: Any) -> tuple[int, ArchiveDamaged | None]:

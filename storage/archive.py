@@ -24,8 +24,9 @@ from __future__ import annotations
 import datetime as dt
 import os
 import struct
+import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -102,15 +103,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def repair(data: str | Path, committed: dict[str, int]) -> list[str]:
-    """Cut every archive file to its committed length (a file with none
-    recorded is an uncommitted first write: emptied). Returns what was cut."""
+def repair(data: str | Path, committed: dict[str, int],
+           live: Callable[[list[str]], bool] | None = None) -> list[str]:
+    """Cut every archive file to its committed length. A file with none
+    recorded is an uncommitted first write, emptied, when ``live`` says every
+    order it holds is still in the live store (they are archived again);
+    otherwise this store never wrote it (a store deleted or replaced while
+    its archive stayed) and its orders exist nowhere else: it is set aside
+    (renamed ``...gz.set-aside-<time>``), whole. Returns what was done."""
     cut = []
     for path in sorted(folder(data).glob(f"{PREFIX}*{SUFFIX}")):
         day = path.name[len(PREFIX):-len(SUFFIX)]
         keep = committed.get(day, 0)
         size = path.stat().st_size
-        if size > keep:
+        if day not in committed and size > 0 and live is not None and not live(_ids(path)):
+            aside = path.with_name(f"{path.name}.set-aside-{int(time.time())}")
+            path.rename(aside)
+            _fsync_dir(path.parent)
+            cut.append(f"{path.name}: no committed length in this store; {size} bytes set "
+                       f"aside as {aside.name}")
+        elif size > keep:
             with open(path, "r+b") as f:
                 f.truncate(keep)
                 os.fsync(f.fileno())
@@ -146,6 +158,17 @@ def _member(f: BinaryIO, path: Path, offset: int) -> tuple[list[dict[str, Any]],
     if not all(isinstance(r, dict) and isinstance(r.get("order"), dict) for r in records):
         raise ArchiveDamaged(path, offset, "not an archive record")
     return records, pos - len(d.unused_data)
+
+
+def _ids(path: Path) -> list[str]:
+    """The order ids of a file's readable records."""
+    ids: list[str] = []
+    try:
+        for rec in iter_file(path):
+            ids.append(str(rec["order"].get("order_id")))
+    except ArchiveDamaged:
+        pass  # a torn write: what was readable
+    return ids
 
 
 def read_member(path: Path, offset: int) -> list[dict[str, Any]]:

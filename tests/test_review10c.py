@@ -254,3 +254,24 @@ def test_archive_find_on_a_sharded_folder_looks_in_every_shard(tmp_path: Path) -
         assert json.loads(found.stdout)["order"]["order_id"] == oid
     listed = _oms("archive", "--data", str(data), "list", "--count", "--json")
     assert sum(r["orders"] for r in json.loads(listed.stdout)) == 2
+
+
+def test_a_new_store_does_not_empty_the_archive_it_finds(make_service: Any,
+                                                         tmp_path: Path) -> None:
+    """Before: at start, retention cut every archive file to the length its
+    store had committed, and a file with none recorded to zero bytes. A
+    store deleted or replaced (a corrupt data.mdb removed, a store restored
+    elsewhere) while DATA/archive stayed had every archive file emptied at
+    the next start: the only copy of those finished orders, destroyed. Now
+    such a file is set aside, whole."""
+    data = tmp_path / "data"
+    path = _write_day(data, "2025-12-01", [["O000000000001", "O000000000002"]])
+    size = path.stat().st_size
+    make_service(data=str(data))
+    kept = [p for p in archive.folder(data).iterdir() if p.name.startswith(path.name)]
+    assert [p.stat().st_size for p in kept] == [size]
+    records = list(archive.iter_file(kept[0]))
+    assert [r["order"]["order_id"] for r in records] == ["O000000000001", "O000000000002"]
+    listed = _oms("archive", "--data", str(data), "list", "--count", "--json")
+    assert [(r["day"], r["orders"]) for r in json.loads(listed.stdout)] == [("2025-12-01", 2)]
+    assert _oms("archive", "--data", str(data), "find", "O000000000002").returncode == 0
