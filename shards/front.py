@@ -119,8 +119,10 @@ class Front:
             if self.security is not None:
                 try:
                     self.security.reload()
+                    self.links.m.keys_reload_failed.set(0)
                 except Exception as exc:  # noqa: BLE001 - a bad folder: keep the keys we have
                     logger.error("client keys not reloaded: %s", exc)
+                    self.links.m.keys_reload_failed.set(1)
         if self.config_file:
             self._reread_config(self.config_file)
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from conftest import Endpoints, free_port
 from helpers import curve_keys, poll_until, retail_order
-from test_shards import Sharded
+from test_shards import Sharded, front_metric
 from test_store_full import readyz, submit_until_refused
 
 from actors.security import SecurityError
@@ -108,9 +108,10 @@ def test_one_public_key_under_two_names_is_refused_not_resolved_by_sort_order(
     start (exit 2 / SecurityError) and on SIGHUP (the keys in force stay)."""
     keys = curve_keys(tmp_path / "keys", ["aaa"])
     secret = str(keys.folder / "server" / "server.key_secret")
-    eps = Endpoints()
+    eps, port = Endpoints(), free_port()
     svc = procs(eps.serve_args(tmp_path / "data") + [
-        "--curve-server-key", secret, "--curve-clients", str(keys.allowed)], "serve")
+        "--curve-server-key", secret, "--curve-clients", str(keys.allowed),
+        "--metrics-port", str(port)], "serve")
     with Client(eps.intake, curve=keys.opts("aaa")) as aaa:
         aaa.wait_ready(30)
         assert aaa.request({"type": "order_counts"})["code"] == "unauthorized"
@@ -119,6 +120,7 @@ def test_one_public_key_under_two_names_is_refused_not_resolved_by_sort_order(
     log = tmp_path / "serve.log"
     poll_until(lambda: "keys not reloaded" in log.read_text(), timeout=20)
     assert "hold the same public key" in log.read_text()
+    assert front_metric(port, "oms_client_keys_reload_failed") == 1  # not only a log line
     with Client(eps.intake, curve=keys.opts("aaa")) as again:  # a new connection
         assert again.request({"type": "order_counts"})["code"] == "unauthorized"
     with pytest.raises(SecurityError, match="same public key"):
