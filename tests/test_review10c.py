@@ -277,3 +277,29 @@ def test_a_new_store_does_not_empty_the_archive_it_finds(make_service: Any,
     listed = _oms("archive", "--data", str(data), "list", "--count", "--json")
     assert [(r["day"], r["orders"]) for r in json.loads(listed.stdout)] == [("2025-12-01", 2)]
     assert _oms("archive", "--data", str(data), "find", "O000000000002").returncode == 0
+
+
+@pytest.mark.slow
+def test_the_fronts_readyz_follows_a_hung_shard_and_fan_outs_answer(
+        procs: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    """SIGSTOP a shard (hung, connections open): the front's /readyz turns
+    503 and `list_orders` / `order_counts`, which ask every shard, answer
+    `internal` in bounded time (never silence); after SIGCONT all is back."""
+    import os
+
+    monkeypatch.setenv("OMS_FRONT_GIVE_UP_S", "2")
+    port = free_port()
+    s = Sharded(procs, tmp_path, serve_args=("--metrics-port", str(port)))
+    poll_until(lambda: readyz(port) == 200, timeout=30)
+    with s.client(timeout=20) as client:
+        os.kill(s.shard_pid(1), signal.SIGSTOP)
+        try:
+            poll_until(lambda: readyz(port) == 503, timeout=20)
+            for req in ({"type": "list_orders"}, {"type": "order_counts"}):
+                reply = client.request(req)
+                assert reply["type"] == "error" and reply["code"] == "internal", reply
+        finally:
+            os.kill(s.shard_pid(1), signal.SIGCONT)
+        poll_until(lambda: readyz(port) == 200, timeout=20)
+        counts = client.request({"type": "order_counts"})
+        assert counts["type"] == "order_counts" and counts["writable"] is True
