@@ -332,7 +332,7 @@ class Intake(RouterEndpoint):
     def order_counts(self, envelope: tuple[bytes, ...], req: dict[str, Any]) -> Any:
         snap = self.octx.router.snapshot()
         return {"type": "order_counts", "counts": snap["states"], "in_flight": snap["in_flight"],
-                "live_actors": snap["live"]}
+                "live_actors": snap["live"], "writable": self.octx.writer.healthy}
 
     def list_orders(self, envelope: tuple[bytes, ...], req: dict[str, Any]) -> Any:
         """Validated here; read by the lister thread, which replies: a long

@@ -113,6 +113,10 @@ class Metrics:
             registry=r)
         self.recovered_orders = Gauge(
             "oms_recovered_orders", "Orders resumed by the last start", registry=r)
+        self.keys_reload_failed = Gauge(
+            "oms_client_keys_reload_failed", "1 when the last SIGHUP's client keys folder was "
+            "refused (the keys in force are the ones before it); 0 after one that loaded",
+            registry=r)
         self.internal_errors = Counter(
             "oms_internal_errors", "Unexpected errors caught while handling one message "
             "(logged with a traceback; the component carried on)", ["component"], registry=r)

@@ -36,7 +36,7 @@ from actors.store_writer import Barrier, Retire
 from oms import snapshot
 from oms.config import Config, ConfigError
 from storage import archive
-from storage.records import ext_key, record_digest
+from storage.records import CorruptRecord, ext_key, record_digest
 from storage.store import Store
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class Retention:
 
     def start(self) -> None:
         self._backfill_until = self.store.last_order_key()
-        cut = archive.repair(self.store.path, self.store.archive_lengths())
+        cut = archive.repair(self.store.path, self.store.archive_lengths(), self._all_live)
         for what in cut:  # a crash between an archive write and its commit
             logger.warning("archive: cut an uncommitted tail: %s", what)
         self._thread.start()  # with retention_s 0 it still ends dedup windows that run out
@@ -85,6 +85,17 @@ class Retention:
                         self.interval_s)
         else:
             logger.info("retention off (retention_s 0): finished orders stay in the live store")
+
+    def _all_live(self, order_ids: list[str]) -> bool:
+        """Every one of these orders is in the live store (``archive.repair``)."""
+        with self.store.read() as txn:
+            for order_id in order_ids:
+                try:
+                    if self.store.load(txn, order_id) is None:
+                        return False
+                except CorruptRecord:
+                    pass  # its record is there, unreadable: still live
+        return True
 
     def stop(self) -> None:
         self._stop.set()

@@ -69,16 +69,20 @@ def read_public(file: str | Path) -> bytes:
 
 
 def load_clients(folder: str | Path) -> dict[bytes, str]:
-    """Public key (Z85) -> name, for every ``*.key`` in the folder."""
+    """Public key (Z85) -> name, for every ``*.key`` in the folder; one
+    public key under two names is refused (``SecurityError``)."""
     path = Path(folder)
     if not path.is_dir():
         raise SecurityError(f"{path}: not a folder of client keys")
-    keys = {}
+    keys: dict[bytes, str] = {}
     for file in sorted(path.glob("*.key")):
         try:
             public, _ = zmq.auth.load_certificate(str(file))
         except (OSError, ValueError) as exc:  # empty, half copied, not a key: say which
             raise SecurityError(f"{file}: not a client key: {exc}") from None
+        if public in keys:  # which name would it be? The sort order must not decide
+            raise SecurityError(f"{file} and {keys[public]}.key hold the same public key: "
+                                "one key is one identity")
         keys[public] = file.stem
     if not keys:
         raise SecurityError(f"{path} holds no client keys (*.key): nobody could connect")

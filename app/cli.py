@@ -48,12 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 CLIENT_COMMANDS = {"submit", "status", "orders", "order", "fallout"}
+PRINTS_ORDERS = CLIENT_COMMANDS | {"archive"}  # text from channels reaches the terminal
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     name = f"oms {args.command}" + (f" {args.action}" if getattr(args, "action", None) else "")
-    if args.command not in CLIENT_COMMANDS:
+    if args.command not in PRINTS_ORDERS:
         return _run(args, name)
     out, err = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = Printable(out), Printable(err)  # text from channels and domains

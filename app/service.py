@@ -178,7 +178,12 @@ class Service:
     def reload_keys(self) -> None:
         """SIGHUP: read the allowed client keys again."""
         if self.security is not None:
-            self.security.reload()
+            try:
+                self.security.reload()
+            except SecurityError:
+                self.metrics.keys_reload_failed.set(1)
+                raise
+            self.metrics.keys_reload_failed.set(0)
 
     def recover(self) -> None:
         """Resume every unfinished order from its last persisted snapshot.

@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 STATES = [str(s) for s in OrderState]
 ORDER_ID = re.compile(r"[A-Za-z0-9._:-]{1,100}")
 FIELD_MAX = 200
+CURSOR_MAX = 8000  # a sharded front's list_orders cursor (shards.front_fanout.parse_cursor)
 REASON_MAX = 500
 
 
@@ -171,7 +172,7 @@ def create_app(settings: Settings, backend: Backend, feed: EventFeed | None) -> 
     def search() -> Any:
         filters = {k: _field(k) for k in ("order_id", "external_id", "source_system",
                                           "customer_id", "state", "state_reason")}
-        after = _field("after")
+        after = _field("after", CURSOR_MAX)
         if filters["state"] and filters["state"] not in STATES:
             abort(400, f"Unknown state {filters['state']!r}; one of {', '.join(STATES)}.")
         if filters["order_id"]:
@@ -309,10 +310,10 @@ def _may_act(settings: Settings, user: User | None) -> bool:
     return settings.can_login and user is not None and user.may_act
 
 
-def _field(name: str) -> str:
+def _field(name: str, most: int = FIELD_MAX) -> str:
     value = request.args.get(name, "").strip()
-    if len(value) > FIELD_MAX:
-        abort(400, f"{name} is too long (at most {FIELD_MAX} characters).")
+    if len(value) > most:
+        abort(400, f"{name} is too long (at most {most} characters).")
     return value
 
 
@@ -321,6 +322,10 @@ def _valid_id(order_id: str) -> bool:
 
 
 def _local(target: str) -> bool:
+    r"""A path on this console. Browsers read ``/\host`` as ``//host`` and drop
+    tabs and newlines anywhere (``/<TAB>/host``): such a target is not local."""
+    if any(c == "\\" or ord(c) < 0x21 or ord(c) == 0x7F for c in target):
+        return False
     parts = urlsplit(target)
     return bool(target) and target.startswith("/") and not target.startswith("//") and not (
         parts.scheme or parts.netloc)

@@ -130,25 +130,26 @@ class Backend:
         Every filter is sent to the service; the rows are checked here as
         well, so a service that does not know a filter yet (customer_id and
         external_id are newer) gives fewer rows per request, never wrong ones.
+        Each request asks for no more rows than the page still needs, so a
+        page ends where a service's page ends and the cursor is always the
+        service's own ``next`` (behind the sharded front an opaque string; an
+        order id there is ``malformed``).
         """
-        req: dict[str, Any] = {"type": "list_orders", "limit": size,
+        req: dict[str, Any] = {"type": "list_orders",
                                **{k: v for k, v in filters.items() if k in FILTERS and v}}
         rows: list[dict[str, Any]] = []
         scanned = 0
         cursor = after
         for _ in range(MAX_REQUESTS):
+            req["limit"] = size - len(rows)
             if cursor:
                 req["after"] = cursor
             page = self._checked(req, "orders")
             orders, nxt = page.get("orders") or [], page.get("next")
-            for order in orders:
-                scanned += 1
-                cursor = str(order.get("order_id"))
-                if matches(order, filters):
-                    rows.append(order)
-                    if len(rows) == size:
-                        return rows, (cursor if nxt is not None or order is not orders[-1]
-                                      else None)
+            scanned += len(orders)
+            rows += [order for order in orders if matches(order, filters)][:size - len(rows)]
+            if len(rows) == size:
+                return rows, (str(nxt) if nxt is not None else None)
             if nxt is None:
                 return rows, None
             cursor = str(nxt)  # a page may be short, even empty, and still have a next

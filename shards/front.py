@@ -119,8 +119,10 @@ class Front:
             if self.security is not None:
                 try:
                     self.security.reload()
+                    self.links.m.keys_reload_failed.set(0)
                 except Exception as exc:  # noqa: BLE001 - a bad folder: keep the keys we have
                     logger.error("client keys not reloaded: %s", exc)
+                    self.links.m.keys_reload_failed.set(1)
         if self.config_file:
             self._reread_config(self.config_file)
 
@@ -196,7 +198,7 @@ def open_front(cfg: FrontConfig, config_file: str | None = None) -> Front:
     routing = Routing(channels, links, index, placement, FanOut(channels, links), engine_types)
     domain = DomainRelay(domain_sock, links, placement, identity_required,
                          frozenset(cfg.systems))
-    Gauge("oms_ready", "1 when every shard answers the front (the front's /readyz)",
+    Gauge("oms_ready", "1 when every shard answers the front and can write (the front's /readyz)",
           registry=registry).set_function(lambda: float(links.ready()))
     http = (HttpServer(cfg.metrics_host, cfg.metrics_port, registry, links.ready)
             if cfg.metrics_port else None)

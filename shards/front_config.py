@@ -73,6 +73,9 @@ class FrontMetrics:
                                registry=registry)
         self.shard_up = Gauge("oms_front_shard_up", "1 when the shard answers the front's pings",
                               ["to_shard"], registry=registry)
+        self.keys_reload_failed = Gauge("oms_client_keys_reload_failed", "1 when the last "
+                                        "SIGHUP's client keys folder was refused",
+                                        registry=registry)
         self.pending = Gauge("oms_front_pending_requests", "Requests waiting for a shard",
                              registry=registry)
         self.index_commit = Histogram("oms_front_index_commit_seconds", "Dedup index group "

@@ -144,4 +144,5 @@ def sum_counts(replies: list[dict[str, Any]]) -> dict[str, Any]:
             counts[state] = counts.get(state, 0) + int(n)
     return {"type": "order_counts", "counts": counts,
             "in_flight": sum(int(r.get("in_flight") or 0) for r in replies),
-            "live_actors": sum(int(r.get("live_actors") or 0) for r in replies)}
+            "live_actors": sum(int(r.get("live_actors") or 0) for r in replies),
+            "writable": all(r.get("writable") is not False for r in replies)}

@@ -75,7 +75,9 @@ class ShardLink:
         self.domain_events = endpoints["domain_events"]
         self.last_answer = 0.0
         self.ping_sent: float | None = None
+        self.last_ping = 0.0
         self.up = False
+        self.writable = True  # its store can write (its pong's ``writable``)
         # requests in flight on a connection that dropped: re-sent (or answered
         # "outcome unknown") once the connection is back
         self.lost: dict[str, set[bytes]] = {"req": set(), "dom": set()}
@@ -133,7 +135,9 @@ class ShardLinks:
         self.deferred: list[Pending] = []
 
     def ready(self) -> bool:
-        return all(link.up for link in self.links)
+        """Every shard answers and its store can write (a shard's own
+        /readyz: ``unavailable`` makes the service not ready)."""
+        return all(link.up and link.writable for link in self.links)
 
     def sockets(self) -> list[zmq.Socket]:
         return [s for link in self.links for s in link.sockets()]
@@ -212,22 +216,30 @@ class ShardLinks:
 
     def check_health(self, now: float) -> None:
         for link in self.links:
-            if link.ping_sent is None and now - link.last_answer >= PING_S:
+            # pinged busy or not: the pong says whether its store can write
+            if link.ping_sent is None and now - link.last_ping >= PING_S:
                 self._ping(link, now)
-            elif link.ping_sent is not None and now - link.ping_sent > DOWN_AFTER_S and link.up:
+            elif (link.ping_sent is not None and now - link.ping_sent > DOWN_AFTER_S
+                  and now - link.last_answer > DOWN_AFTER_S and link.up):
                 link.up = False
                 self.m.shard_up.labels(str(link.k)).set(0)
                 logger.warning("shard %d does not answer: marked down", link.k)
 
     def _ping(self, link: ShardLink, now: float) -> None:
-        link.ping_sent = now
+        link.ping_sent = link.last_ping = now
 
         def pong(reply: dict[str, Any] | None, raw: bytes | None) -> None:
             link.ping_sent = None
             if reply is not None and not link.up:
                 self._mark_up(link)
+            writable = reply is None or reply.get("writable") is not False
+            if writable != link.writable:
+                link.writable = writable
+                log = logger.info if writable else logger.warning
+                log("shard %d: its store %s", link.k, "can write again" if writable
+                    else "cannot write: not ready")
 
-        self.send(link.k, codec.pack({"type": "get_order", "order_id": "-"}), "ping",
+        self.send(link.k, codec.pack({"type": "order_counts"}), "ping",
                   pong, deadline_s=DOWN_AFTER_S * 4)
 
     def _mark_up(self, link: ShardLink) -> None:

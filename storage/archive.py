@@ -22,13 +22,13 @@ This module does file I/O only; it never opens LMDB.
 from __future__ import annotations
 
 import datetime as dt
-import gzip
 import os
 import struct
+import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from oms import codec
 
@@ -103,15 +103,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def repair(data: str | Path, committed: dict[str, int]) -> list[str]:
-    """Cut every archive file to its committed length (a file with none
-    recorded is an uncommitted first write: emptied). Returns what was cut."""
+def repair(data: str | Path, committed: dict[str, int],
+           live: Callable[[list[str]], bool] | None = None) -> list[str]:
+    """Cut every archive file to its committed length. A file with none
+    recorded is an uncommitted first write, emptied, when ``live`` says every
+    order it holds is still in the live store (they are archived again);
+    otherwise this store never wrote it (a store deleted or replaced while
+    its archive stayed) and its orders exist nowhere else: it is set aside
+    (renamed ``...gz.set-aside-<time>``), whole. Returns what was done."""
     cut = []
     for path in sorted(folder(data).glob(f"{PREFIX}*{SUFFIX}")):
         day = path.name[len(PREFIX):-len(SUFFIX)]
         keep = committed.get(day, 0)
         size = path.stat().st_size
-        if size > keep:
+        if day not in committed and size > 0 and live is not None and not live(_ids(path)):
+            aside = path.with_name(f"{path.name}.set-aside-{int(time.time())}")
+            path.rename(aside)
+            _fsync_dir(path.parent)
+            cut.append(f"{path.name}: no committed length in this store; {size} bytes set "
+                       f"aside as {aside.name}")
+        elif size > keep:
             with open(path, "r+b") as f:
                 f.truncate(keep)
                 os.fsync(f.fileno())
@@ -119,18 +130,52 @@ def repair(data: str | Path, committed: dict[str, int]) -> list[str]:
     return cut
 
 
-def read_member(path: Path, offset: int) -> list[dict[str, Any]]:
-    """The records of the one member starting at ``offset``."""
+class ArchiveDamaged(ValueError):
+    """An archive file cannot be read from ``offset`` on (damaged or cut
+    short by hand): the records before it were read."""
+
+    def __init__(self, path: Path, offset: int, reason: object) -> None:
+        super().__init__(f"{path.name}: unreadable from byte {offset}: {reason}")
+        self.path, self.offset = path, offset
+
+
+def _member(f: BinaryIO, path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
+    """The records of the member starting at ``offset``, and where it ends."""
     d = zlib.decompressobj(31)
-    out = []
-    with open(path, "rb") as f:
-        f.seek(offset)
+    out, pos = [], offset
+    f.seek(offset)
+    try:
         while not d.eof:
             chunk = f.read(64 * 1024)
             if not chunk:
-                raise ValueError(f"{path.name}: member at {offset} is cut short")
+                raise ArchiveDamaged(path, offset, "the member is cut short")
             out.append(d.decompress(chunk))
-    return list(decode_records(b"".join(out)))
+            pos += len(chunk)
+        records = list(decode_records(b"".join(out)))
+    except (zlib.error, ValueError, TypeError) as exc:  # msgpack's errors are ValueErrors
+        raise exc if isinstance(exc, ArchiveDamaged) else ArchiveDamaged(path, offset, exc) \
+            from None
+    if not all(isinstance(r, dict) and isinstance(r.get("order"), dict) for r in records):
+        raise ArchiveDamaged(path, offset, "not an archive record")
+    return records, pos - len(d.unused_data)
+
+
+def _ids(path: Path) -> list[str]:
+    """The order ids of a file's readable records."""
+    ids: list[str] = []
+    try:
+        for rec in iter_file(path):
+            ids.append(str(rec["order"].get("order_id")))
+    except ArchiveDamaged:
+        pass  # a torn write: what was readable
+    return ids
+
+
+def read_member(path: Path, offset: int) -> list[dict[str, Any]]:
+    """The records of the one member starting at ``offset``
+    (``ArchiveDamaged`` when it cannot be read)."""
+    with open(path, "rb") as f:
+        return _member(f, path, offset)[0]
 
 
 def find_in_member(path: Path, offset: int, order_id: str) -> dict[str, Any] | None:
@@ -141,8 +186,13 @@ def find_in_member(path: Path, offset: int, order_id: str) -> dict[str, Any] | N
 
 
 def iter_file(path: Path) -> Iterator[dict[str, Any]]:
-    with gzip.open(path, "rb") as f:
-        yield from decode_records(f.read())
+    """Every record of a file, member by member; ``ArchiveDamaged`` at the
+    first member that cannot be read (after yielding those before it)."""
+    with open(path, "rb") as f:
+        size, offset = os.fstat(f.fileno()).st_size, 0
+        while offset < size:
+            records, offset = _member(f, path, offset)
+            yield from records
 
 
 def files(data: str | Path) -> list[Path]:
