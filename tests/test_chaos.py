@@ -40,6 +40,19 @@ def fast_processes(folder: Path, names: tuple[str, ...] = ("retail", "telecom"))
     return str(folder)
 
 
+def chaos_service(procs: Any, eps: Any, tmp_path: Path) -> Any:
+    """``start_service`` for a ``Killer``: each call starts the service (the
+    shipped definitions, ``fast_processes``) on the same data folder, as a
+    supervisor restarts it; its log is ``serve-N``."""
+    processes = fast_processes(tmp_path / "procs")
+    runs = iter(range(100))
+
+    def start_service() -> Any:
+        return procs(eps.serve_args(tmp_path / "data") + ["--processes", processes],
+                     f"serve-{next(runs)}")
+    return start_service
+
+
 class Killer(threading.Thread):
     """Kills the service with SIGKILL at random moments and restarts it."""
 
@@ -130,13 +143,7 @@ def test_kill_9_loses_nothing_and_applies_nothing_twice(procs: Any, tmp_path: Pa
         "--fail", "create_invoice=0.05:unavailable", "--fail", "capture_payment=0.03:unavailable",
         "--fail", "create_shipment=0.05:unavailable",
         "--fail", "activate_service=0.03:unavailable"], "simulate")
-    processes = fast_processes(tmp_path / "procs")
-    runs = iter(range(100))
-
-    def start_service() -> Any:
-        return procs(eps.serve_args(tmp_path / "data") + ["--processes", processes],
-                     f"serve-{next(runs)}")
-
+    start_service = chaos_service(procs, eps, tmp_path)
     orders = chaos_orders(1500, customers=6, seed=21)
     telecom = [o["external_id"] for o in orders if o["order_type"] == "telecom"]
     assert len(telecom) >= 0.3 * len(orders)

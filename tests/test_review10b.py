@@ -16,7 +16,7 @@ from conftest import Endpoints, sim_report
 from test_chaos import (
     Killer,
     chaos_orders,
-    fast_processes,
+    chaos_service,
     stuck_summary,
     submit_until_acked,
     wait_all_terminal,
@@ -89,15 +89,9 @@ def test_kill_9_during_cancels_aborts_and_compensation_undoes_each_step_once(
         "--latency-ms", "20", "--fail", "capture_payment=0.08:payment_declined",
         "--fail", "refund_payment=0.05:unavailable",
         "--fail", "activate_service=0.03:unavailable"], "simulate")
-    processes = fast_processes(tmp_path / "procs")
-    runs = iter(range(100))
-
-    def start_service() -> Any:
-        return procs(eps.serve_args(tmp_path / "data") + ["--processes", processes],
-                     f"serve-{next(runs)}")
-
     orders = chaos_orders(600, customers=4, seed=33)
-    killer = Killer(start_service, kills=5, seed=11)  # (its first start, before the orders)
+    # (the Killer's first start: before the orders)
+    killer = Killer(chaos_service(procs, eps, tmp_path), kills=5, seed=11)
     acked = submit_until_acked(eps, orders, time.monotonic() + 60)
     assert len(acked) == len(orders)
     meddler = Meddler(eps.intake, list(acked.values()), seed=3)
