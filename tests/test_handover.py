@@ -20,7 +20,7 @@ from typing import Any
 
 from conftest import Endpoints
 from helpers import Driver, Probe, ok_domain, poll_until, retail_order
-from test_save_path import held_and_unsent
+from test_save_path import OnceInvoiced, held_and_unsent
 
 from actors.effects import Collect, Tell
 from actors.loop import burst
@@ -30,7 +30,6 @@ from oms.errors import DomainError
 from oms.messages import CommandResult, Publish, Send, Start
 from oms.model import Order
 from oms.process import builtin_processes
-from oms.states import StepStatus
 
 # -- the engine appends to the list it is given ---------------------------------------
 
@@ -53,25 +52,15 @@ def test_the_engine_appends_to_the_list_it_is_given_and_keeps_what_was_there() -
 # -- a handler that raises after its engine decided, in a real service -------------------
 
 
-class _RaisesAfterDeciding(Engine):
-    """The retail engine, but the message that completes an order's
-    ``create_invoice`` raises, the first time, *after* the engine appended
-    its effects (the ``capture_payment`` command) to the actor's list."""
+class _RaisesAfterDeciding(OnceInvoiced):
+    """The message that completes an order's ``create_invoice`` raises *after*
+    the engine appended its effects (the ``capture_payment`` command) to the
+    actor's list."""
 
-    def __init__(self, proc: Any) -> None:
-        super().__init__(proc)
-        self.raised: set[str] = set()
-
-    def handle(self, order: Order, msg: Any, now: float,
-               effects: list[Any] | None = None) -> Turning:
-        turning = super().handle(order, msg, now, effects)
-        if (order.steps["create_invoice"].status == StepStatus.DONE
-                and order.order_id not in self.raised):
-            self.raised.add(order.order_id)
-            assert any(isinstance(fx, Send) and fx.op == "capture_payment"
-                       for fx in turning.effects)  # decided, in the actor's list
-            raise RuntimeError("a bug after the engine decided")
-        return turning
+    def misbehave(self, order: Order, turning: Turning) -> None:
+        assert any(isinstance(fx, Send) and fx.op == "capture_payment"
+                   for fx in turning.effects)  # decided, in the actor's list
+        raise RuntimeError("a bug after the engine decided")
 
 
 def test_a_handler_that_raises_after_deciding_sends_nothing_it_decided(

@@ -186,24 +186,34 @@ def test_puts_from_other_threads_racing_held_slices_lose_nothing(loop: EventLoop
 # -- a save that raises, in a real service -------------------------------------------
 
 
-class _Unsavable(Engine):
-    """The retail engine, but an order whose handled message completed its
-    ``create_invoice`` step (and so started ``capture_payment``) holds, the
-    first time, a value the snapshot encoder refuses: the actor's save raises
-    in ``on_slice_end`` (a bug that corrupts the order)."""
+class OnceInvoiced(Engine):
+    """The retail engine, but once an order's handled message completed its
+    ``create_invoice`` step (and so started ``capture_payment``), the first
+    time only, ``misbehave`` runs on the order and the message's turning."""
 
     def __init__(self, proc: Any) -> None:
         super().__init__(proc)
-        self.poisoned: set[str] = set()
+        self.done_with: set[str] = set()
 
     def handle(self, order: Order, msg: Any, now: float,
                effects: list[Any] | None = None) -> Turning:
         turning = super().handle(order, msg, now, effects)
         if (order.steps["create_invoice"].status == StepStatus.DONE
-                and order.order_id not in self.poisoned):
-            self.poisoned.add(order.order_id)
-            order.attributes["poison"] = object()
+                and order.order_id not in self.done_with):
+            self.done_with.add(order.order_id)
+            self.misbehave(order, turning)
         return turning
+
+    def misbehave(self, order: Order, turning: Turning) -> None:
+        raise NotImplementedError
+
+
+class _Unsavable(OnceInvoiced):
+    """The order holds a value the snapshot encoder refuses: the actor's save
+    raises in ``on_slice_end`` (a bug that corrupts the order)."""
+
+    def misbehave(self, order: Order, turning: Turning) -> None:
+        order.attributes["poison"] = object()
 
 
 def test_a_save_that_raises_holds_the_order_and_sends_nothing_it_decided(
