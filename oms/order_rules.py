@@ -10,6 +10,7 @@ import math
 import re
 from typing import Any
 
+from oms.edge import INT64
 from oms.errors import FieldError
 
 MAX_STR = 1000
@@ -62,5 +63,5 @@ def check_free_map(value: Any, field: str, errs: list[FieldError], depth: int = 
         errs.append(FieldError(field, "binary values are not allowed"))
     elif isinstance(value, float) and not math.isfinite(value):
         errs.append(FieldError(field, "must be a finite number"))
-    elif isinstance(value, int | float) and not -2**63 <= value <= 2**63 - 1:
+    elif isinstance(value, int | float) and not INT64[0] <= value <= INT64[1]:
         errs.append(FieldError(field, "numbers must be within signed 64 bits"))
