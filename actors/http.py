@@ -9,12 +9,15 @@ threads). One thread accepts connections and watches them in a selector;
 a connection goes to one of ``WORKERS`` worker threads only once it has
 bytes to read. An idle connection costs a file descriptor, not a thread,
 and is closed after ``IDLE_TIMEOUT_S``; past ``MAX_CONNECTIONS`` waiting
-connections the oldest is closed. A worker reads a request with a socket
-timeout (``READ_TIMEOUT_S``), so a client that stops half-way frees it.
+connections the oldest is closed. A worker reads a request within one
+deadline (``REQUEST_DEADLINE_S`` for all of it, ``READ_TIMEOUT_S`` for each
+read), so neither a client that stops half-way nor one that sends a byte
+now and then holds it longer; its answer is sent within ``READ_TIMEOUT_S``.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import queue
 import selectors
@@ -34,11 +37,41 @@ logger = logging.getLogger(__name__)
 WORKERS = 4
 IDLE_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 5.0
+REQUEST_DEADLINE_S = 10.0
 MAX_CONNECTIONS = 256
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A connection's reads, all of them within one deadline: a client
+    that trickles a byte at a time (each read well inside the socket
+    timeout) still frees its worker once the deadline passes."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self._sock, self._deadline = sock, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request was not read within its deadline")
+        self._sock.settimeout(min(left, READ_TIMEOUT_S))
+        try:
+            return self._sock.recv_into(buffer)
+        finally:
+            self._sock.settimeout(READ_TIMEOUT_S)  # the answer's own bound
 
 
 class _Quiet(WSGIRequestHandler):
     timeout = READ_TIMEOUT_S
+
+    def setup(self) -> None:
+        super().setup()
+        deadline = getattr(self.server, "request_deadline_s", REQUEST_DEADLINE_S)
+        self.rfile = io.BufferedReader(
+            _DeadlineReader(self.connection, time.monotonic() + deadline))
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
         """Scrapes are not worth a log line each."""
@@ -73,6 +106,7 @@ class PooledWSGIServer(WSGIServer):
     """A WSGI server with a fixed pool of workers (see the module docstring)."""
 
     request_queue_size = 1024  # the listen backlog (the kernel caps it)
+    request_deadline_s = REQUEST_DEADLINE_S  # to read one request, whole
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -149,12 +183,14 @@ class PooledWSGIServer(WSGIServer):
 
 class HttpServer:
     def __init__(self, host: str, port: int, registry: CollectorRegistry,
-                 ready: Callable[[], bool], dead: Callable[[], list[str]] = list) -> None:
+                 ready: Callable[[], bool], dead: Callable[[], list[str]] = list,
+                 request_deadline_s: float = REQUEST_DEADLINE_S) -> None:
         """``ready`` and ``dead`` are called from the server's threads: they
         must read only what is safe from any thread (``app.service``)."""
         self.server: PooledWSGIServer = make_server(
             host, port, health_app(registry, ready, dead), PooledWSGIServer,
             handler_class=_Quiet)
+        self.server.request_deadline_s = request_deadline_s
         self.thread = threading.Thread(
             target=supervision.guarded("metrics-http", self.server.serve), name="metrics-http",
             daemon=True)

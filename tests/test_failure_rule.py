@@ -141,6 +141,52 @@ def test_idle_connections_do_not_make_threads_and_metrics_still_answer() -> None
         server.stop()
 
 
+def test_clients_that_trickle_bytes_do_not_hold_the_workers() -> None:
+    """Each of more clients than workers sends its request a byte at a
+    time, each byte well inside the per-read timeout, and never ends it:
+    once the request deadline passes they are let go, and /readyz answers
+    (before, a trickling client kept its worker for as long as it went on,
+    and four of them starved every scrape and readiness probe)."""
+    import socket
+    import urllib.request
+
+    from conftest import free_port
+
+    from actors.http import WORKERS, HttpServer
+
+    registry = CollectorRegistry()
+    Metrics(registry)
+    port = free_port()
+    server = HttpServer("127.0.0.1", port, registry, lambda: True, request_deadline_s=1.0)
+    stop = threading.Event()
+    closed: list[int] = []
+
+    def trickle() -> None:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        try:
+            for byte in b"GET /metrics HTTP/1.1\r\nX-Slow: " + b"a" * 10_000:
+                sock.sendall(bytes([byte]))
+                if stop.wait(0.2):  # the hostile client's pace, not a synchronisation
+                    return
+        except OSError:  # the server let it go
+            closed.append(1)
+        finally:
+            sock.close()
+
+    slow = [threading.Thread(target=trickle, daemon=True) for _ in range(WORKERS + 2)]
+    try:
+        for thread in slow:
+            thread.start()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=30) as resp:
+            assert resp.read() == b"ready\n"
+        assert server.alive()
+    finally:
+        stop.set()
+        for thread in slow:
+            thread.join(10)
+        server.stop()
+
+
 # -- CURVE off on a non-loopback address (defect 20) -------------------------
 
 def test_a_warning_when_listening_beyond_loopback_without_curve(
