@@ -161,3 +161,23 @@ def test_the_sharded_front_on_a_full_disk_refuses_submits_and_keeps_running(
         log = (tmp_path / "serve.log").read_text()
         assert "front exited" not in log
         assert s.svc.terminate() == 0  # before the tmpfs goes
+
+
+def test_an_event_timeout_names_the_event_that_did_not_come() -> None:
+    """The failure an operator reads in the fallout block said ``no None
+    event in time``: the step's ``wait`` was cleared before the message was
+    written."""
+    from helpers import Driver, ok_domain
+    from test_engine import _retail_text
+
+    from oms.process import parse_process
+
+    text = _retail_text().replace(
+        'wait_event = { name = "shipment_delivered", system = "shipping" }',
+        'wait_event = { name = "shipment_delivered", system = "shipping", timeout_s = 30 }')
+    d = Driver(parse_process(text, "retail-wait.toml"), retail_order(), ok_domain())
+    d.start()
+    d.fire_timers()
+    error = d.order.steps["await_delivery"].error
+    assert error["code"] == "event_timeout"
+    assert error["message"] == "no shipment_delivered event in time", error
