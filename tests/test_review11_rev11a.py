@@ -181,3 +181,40 @@ def test_an_event_timeout_names_the_event_that_did_not_come() -> None:
     error = d.order.steps["await_delivery"].error
     assert error["code"] == "event_timeout"
     assert error["message"] == "no shipment_delivered event in time", error
+
+
+def test_a_channel_subscribed_before_a_shard_moved_still_gets_every_shards_events(
+        procs: Any, tmp_path: Path) -> None:
+    """With CURVE off the front's events go through ``zmq.proxy`` (an XSUB
+    connected to every shard, the front's XPUB); subscriptions travel
+    upstream once, when a channel subscribes. When a shard moved (Ray
+    rewrites ``front.json``), the front restarted the proxy with a new XSUB
+    that had none of them: every channel already subscribed got no event
+    from any shard again until it reconnected."""
+    import json
+
+    import zmq
+    from test_shards import wait_subscribed
+
+    s = Sharded(procs, tmp_path)
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"moved\x00")
+    sub.connect(s.eps.events)
+    try:
+        with s.client(timeout=10) as client:
+            wait_subscribed(client, sub, s.data, "moved")
+            front_file = s.data / "front.json"
+            cfg = json.loads(front_file.read_text())
+            shard = cfg["shards"][1]  # the same shard, under another name: a move
+            for key in ("intake", "events", "domain_events"):
+                shard[key] = shard[key].replace("127.0.0.1", "localhost")
+            front_file.write_text(json.dumps(cfg))
+            poll_until(lambda: "shard 1 moved" in (tmp_path / "serve.log").read_text(),
+                       timeout=15)
+            while sub.poll(200):
+                sub.recv_multipart()  # what was on its way before the move
+            wait_subscribed(client, sub, s.data, "moved")  # events from both shards again
+    finally:
+        sub.close(0)
+    assert s.svc.terminate() == 0
