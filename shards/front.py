@@ -229,7 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"oms front: cannot start: {exc}", file=sys.stderr)
         return 2
     ready = Path(cfg.data) / "front" / "ready"
-    ready.write_text(f"pid {os.getpid()}\n")  # the supervisor waits for it
+    try:
+        ready.write_text(f"pid {os.getpid()}\n")  # the supervisor's start waits for it
+    except OSError as exc:  # a full disk: serve anyway (reads; submits answered unavailable)
+        logger.error("front ready file not written (a starting supervisor waits for it): %s",
+                     exc)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: front.stop_flag.set())
     signal.signal(signal.SIGHUP, lambda *_: front.reload_flag.set())

@@ -12,7 +12,7 @@ round: those submits are answered ``unavailable`` and never forwarded
 (``shards.front_routing.Routing.end_round``), and the index is not
 ``writable`` (the front's /readyz says not ready) until a write succeeds
 again: the next round's commit, or ``probe``, tried every ``PROBE_S``
-meanwhile. An LMDB panic is raised: the front exits and is restarted.
+meanwhile (and once at start). An LMDB panic is raised: the front exits and is restarted.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ class DedupIndex:
         self.batch: dict[bytes, int] = {}  # recorded this round, not committed yet
         self.writable = True  # the last write succeeded
         self._tried = 0.0  # when the last write was tried (``probe``)
+        self._write(_put_delete)  # a front (re)started on a full disk starts not ready
 
     def lookup(self, key: bytes) -> int | None:
         """The key's virtual shard (recorded this round or committed), or None."""
@@ -87,10 +88,7 @@ class DedupIndex:
         """While the index cannot write: a write that keeps nothing, at most
         every ``PROBE_S``, so /readyz follows the disk without a submit."""
         if not self.writable and now - self._tried >= PROBE_S:
-            def put_delete(txn: lmdb.Transaction) -> None:
-                txn.put(PROBE_KEY, b"")
-                txn.delete(PROBE_KEY)
-            self._write(put_delete)
+            self._write(_put_delete)
 
     def _write(self, fill: Callable[[lmdb.Transaction], None]) -> bool:
         self._tried = time.monotonic()
@@ -121,3 +119,9 @@ class DedupIndex:
         self.env.sync(True)
         self.env.close()
         self._lock.close()
+
+
+def _put_delete(txn: lmdb.Transaction) -> None:
+    """A write that keeps nothing (``DedupIndex.probe``)."""
+    txn.put(PROBE_KEY, b"")
+    txn.delete(PROBE_KEY)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import threading
 import time
 from collections import Counter
@@ -140,7 +141,9 @@ def test_the_sharded_front_on_a_full_disk_refuses_submits_and_keeps_running(
     the front held got no reply at all, and /readyz stopped answering. Now
     a submit the index cannot record is answered ``unavailable`` (nothing
     taken, as a single node answers), reads still work, /readyz says not
-    ready, and it takes orders again once space returns."""
+    ready, and it takes orders again once space returns. A front restarted
+    meanwhile (kill -9) serves too: before, it exited at start, unable to
+    write its ready file, again and again until space returned."""
     port = free_port()
     with tmpfs(tmp_path / "data", 24) as data:
         s = Sharded(procs, tmp_path, serve_args=("--metrics-port", str(port)))
@@ -154,12 +157,19 @@ def test_the_sharded_front_on_a_full_disk_refuses_submits_and_keeps_running(
                 assert (reply["type"], reply.get("code")) == ("error", "unavailable"), reply
             assert client.get(first["order_id"])["type"] == "order"
             poll_until(lambda: readyz(port) == 503, timeout=15)
+            os.kill(int((s.data / "front" / "ready").read_text().split()[1]), signal.SIGKILL)
+            client.wait_ready(30)  # restarted by the supervisor, on the full disk
+            assert client.get(first["order_id"])["type"] == "order"
+            reply = client.submit(retail_order("while-full-0", customer={"id": "c0"}))
+            assert (reply["type"], reply.get("code")) == ("error", "unavailable"), reply
+            poll_until(lambda: readyz(port) == 503, timeout=15)
             filler.unlink()  # space returns
             poll_until(lambda: readyz(port) == 200, timeout=30)
             again = client.submit(retail_order("while-full-0", customer={"id": "c0"}))
             assert again["type"] == "accepted" and not again.get("duplicate"), again
         log = (tmp_path / "serve.log").read_text()
-        assert "front exited" not in log
+        assert "front exited with code -9" in log
+        assert "front exited with code 1" not in log
         assert s.svc.terminate() == 0  # before the tmpfs goes
 
 
