@@ -69,7 +69,7 @@ class Routing:
         elif rtype == "list_orders":
             self.fanout.list_orders(env, req, rid, user)
         elif rtype == "order_counts":
-            self.fanout.order_counts(env, rid)
+            self.fanout.order_counts(env, rid, self.index.writable)
         else:  # unknown type: shard 0 answers it with the list of known types
             self.links.send(0, frame, "raw", edge.relay(env, "unknown", rid))
 

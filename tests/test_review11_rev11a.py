@@ -157,6 +157,7 @@ def test_the_sharded_front_on_a_full_disk_refuses_submits_and_keeps_running(
                 assert (reply["type"], reply.get("code")) == ("error", "unavailable"), reply
             assert client.get(first["order_id"])["type"] == "order"
             poll_until(lambda: readyz(port) == 503, timeout=15)
+            assert client.request({"type": "order_counts"})["writable"] is False
             os.kill(int((s.data / "front" / "ready").read_text().split()[1]), signal.SIGKILL)
             client.wait_ready(30)  # restarted by the supervisor, on the full disk
             assert client.get(first["order_id"])["type"] == "order"
@@ -167,6 +168,7 @@ def test_the_sharded_front_on_a_full_disk_refuses_submits_and_keeps_running(
             poll_until(lambda: readyz(port) == 200, timeout=30)
             again = client.submit(retail_order("while-full-0", customer={"id": "c0"}))
             assert again["type"] == "accepted" and not again.get("duplicate"), again
+            assert client.request({"type": "order_counts"})["writable"] is True
         log = (tmp_path / "serve.log").read_text()
         assert "front exited with code -9" in log
         assert "front exited with code 1" not in log
