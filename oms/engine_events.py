@@ -163,9 +163,9 @@ class EventMixin(TurnBase):
                 return
         step = self.order.steps.get(ref)
         if kind == "wait" and step is not None and step.wait and step.retry_at is not None:
-            step.wait, step.retry_at = None, None
             step.error = {"code": "event_timeout", "retryable": False,
                           "message": f"no {step.wait} event in time"}
+            step.wait, step.retry_at = None, None
             self.set_status(step, StepStatus.FAILED)
             self.step_failed(step)
             self.advance()

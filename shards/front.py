@@ -93,8 +93,7 @@ class Front:
             if events.proxy is None and ready.get(events.pub):
                 events.on_subscriptions()
             # this round's dedup index entries (one fsync), then what waited for them
-            self.index.commit()
-            links.flush_deferred()
+            self.routing.end_round()
             if now - last_check >= 0.05:
                 last_check = now
                 self._housekeeping(now)
@@ -112,6 +111,7 @@ class Front:
     def _housekeeping(self, now: float) -> None:
         self.events.check_proxy()
         self._check_threads()
+        self.index.probe(now)
         self.links.check_health(now)
         self.links.expire(now)
         if self.reload_flag.is_set():
@@ -198,9 +198,14 @@ def open_front(cfg: FrontConfig, config_file: str | None = None) -> Front:
     routing = Routing(channels, links, index, placement, FanOut(channels, links), engine_types)
     domain = DomainRelay(domain_sock, links, placement, identity_required,
                          frozenset(cfg.systems))
-    Gauge("oms_ready", "1 when every shard answers the front and can write (the front's /readyz)",
-          registry=registry).set_function(lambda: float(links.ready()))
-    http = (HttpServer(cfg.metrics_host, cfg.metrics_port, registry, links.ready)
+
+    def ready() -> bool:
+        return links.ready() and index.writable
+
+    Gauge("oms_ready", "1 when every shard answers the front and can write, and so can the "
+          "front's dedup index (the front's /readyz)",
+          registry=registry).set_function(lambda: float(ready()))
+    http = (HttpServer(cfg.metrics_host, cfg.metrics_port, registry, ready)
             if cfg.metrics_port else None)
     front = Front(cfg, config_file, ctx, index, links, channels, routing, events, domain,
                   security, http)
@@ -224,7 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"oms front: cannot start: {exc}", file=sys.stderr)
         return 2
     ready = Path(cfg.data) / "front" / "ready"
-    ready.write_text(f"pid {os.getpid()}\n")  # the supervisor waits for it
+    try:
+        ready.write_text(f"pid {os.getpid()}\n")  # the supervisor's start waits for it
+    except OSError as exc:  # a full disk: serve anyway (reads; submits answered unavailable)
+        logger.error("front ready file not written (a starting supervisor waits for it): %s",
+                     exc)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: front.stop_flag.set())
     signal.signal(signal.SIGHUP, lambda *_: front.reload_flag.set())

@@ -82,7 +82,7 @@ class EventsFanIn:
 
     def close(self) -> None:
         if self.proxy is not None:
-            self.proxy.stop()
+            self.proxy.close()
         self.subscribers.close(self.pub)
         self.pub.close(0)
 
@@ -91,27 +91,43 @@ class EventsProxy:
     """CURVE off: the shards' events reach the subscribers through
     ``zmq.proxy`` (XSUB connected to every shard, the front's XPUB), in a
     thread of its own that runs in C without the GIL. Subscriptions travel
-    upstream, so each shard sends only what someone subscribed to."""
+    upstream, so each shard sends only what someone subscribed to.
+
+    The XSUB lives as long as the front: when a shard moves, the proxy is
+    stopped, the XSUB connected to the new place and the proxy started
+    again. The XSUB keeps every subscription that went through it and sends
+    them to each publisher it connects to; a new XSUB would have none, and
+    every channel already subscribed would get no event again (the XPUB
+    passes a subscription upstream once, when the channel subscribes)."""
 
     _ids = itertools.count(1)
 
     def __init__(self, ctx: zmq.Context, pub: zmq.Socket, endpoints: list[str]) -> None:
         self.ctx, self.pub = ctx, pub
         self.thread: threading.Thread | None = None
+        self.xsub = ctx.socket(zmq.XSUB)
+        for name, value in (("LINGER", 0), ("RCVHWM", 100_000), ("RECONNECT_IVL", 100),
+                            ("RECONNECT_IVL_MAX", 1000)):
+            self.xsub.setsockopt(getattr(zmq, name), value)
+        self.endpoints: list[str] = []
         self.start(endpoints)
 
     def start(self, endpoints: list[str]) -> None:
+        """Connect the XSUB to ``endpoints`` (only while no proxy runs: a
+        socket is used by one thread at a time), then run the proxy."""
+        for endpoint in self.endpoints:
+            if endpoint not in endpoints:
+                self.xsub.disconnect(endpoint)
+        for endpoint in endpoints:
+            if endpoint not in self.endpoints:
+                self.xsub.connect(endpoint)
+        self.endpoints = list(endpoints)
         address = f"inproc://events-proxy-{next(self._ids)}"
         self.control = self.ctx.socket(zmq.PAIR)
         self.control.bind(address)
-        xsub = self.ctx.socket(zmq.XSUB)
-        for name, value in (("LINGER", 0), ("RCVHWM", 100_000), ("RECONNECT_IVL", 100),
-                            ("RECONNECT_IVL_MAX", 1000)):
-            xsub.setsockopt(getattr(zmq, name), value)
-        for endpoint in endpoints:
-            xsub.connect(endpoint)
         peer = self.ctx.socket(zmq.PAIR)
         peer.connect(address)
+        xsub = self.xsub
 
         def run() -> None:
             try:
@@ -119,19 +135,28 @@ class EventsProxy:
             except zmq.ZMQError as exc:  # the context ended under it
                 logger.info("events proxy ended: %s", exc)
             finally:
-                xsub.close(0)
                 peer.close(0)
 
         self.thread = threading.Thread(target=run, name="events-proxy", daemon=True)
         self.thread.start()
 
-    def stop(self) -> None:
-        if self.thread is not None:
+    def stop(self) -> bool:
+        """End the proxy thread (the XSUB, with its subscriptions, stays);
+        False if it did not end in time."""
+        thread, self.thread = self.thread, None
+        if thread is not None:
             self.control.send(b"TERMINATE")
-            self.thread.join(5)
+            thread.join(5)
             self.control.close(0)
-            self.thread = None
+            return not thread.is_alive()
+        return True
 
     def restart(self, endpoints: list[str]) -> None:
-        self.stop()
+        if not self.stop():  # it may still use the XSUB: the front exits (restarted)
+            logger.critical("the events proxy did not stop; the front exits (restarted)")
+            raise SystemExit(70)
         self.start(endpoints)
+
+    def close(self) -> None:
+        self.stop()
+        self.xsub.close(0)

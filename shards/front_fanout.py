@@ -61,7 +61,9 @@ class FanOut:
                 sub["after"] = cursors[k]
             self.links.send(k, codec.pack(sub), "list_orders", collect(k))
 
-    def order_counts(self, env: Envelope, rid: Any) -> None:
+    def order_counts(self, env: Envelope, rid: Any, index_writable: bool = True) -> None:
+        """Every shard's counts, summed; ``writable`` only if the front's dedup
+        index can write too (else submits are answered ``unavailable``)."""
         replies: dict[int, dict[str, Any]] = {}
         shards = len(self.links.links)
 
@@ -69,8 +71,10 @@ class FanOut:
             def on_reply(reply: dict[str, Any] | None, raw: bytes | None) -> None:
                 replies[k] = reply if reply is not None else gave_up("order_counts")
                 if len(replies) == shards:
-                    self.edge.answer(env, sum_counts(list(replies.values())), rid,
-                                     "order_counts")
+                    summed = sum_counts(list(replies.values()))
+                    if not index_writable and summed.get("type") == "order_counts":
+                        summed["writable"] = False
+                    self.edge.answer(env, summed, rid, "order_counts")
             return on_reply
 
         for k in range(shards):

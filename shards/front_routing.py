@@ -20,7 +20,7 @@ from shards.front_channels import ChannelEdge, gave_up
 from shards.front_config import Envelope, Placement
 from shards.front_fanout import FanOut
 from shards.front_index import DedupIndex
-from shards.front_links import ShardLinks
+from shards.front_links import Pending, ShardLinks
 from storage.records import ext_key
 
 logger = logging.getLogger("shards.front")
@@ -35,6 +35,8 @@ class Routing:
                  placement: Placement, fanout: FanOut, engine_types: list[str]) -> None:
         self.edge, self.links, self.index = edge, links, index
         self.placement, self.fanout, self.engine_types = placement, fanout, engine_types
+        # this round's submits that wait for the dedup index's commit (``end_round``)
+        self.waiting: list[tuple[Pending, Envelope, Any]] = []
 
     def from_channels(self) -> None:
         for env, frame, user in self.edge.requests():
@@ -67,7 +69,7 @@ class Routing:
         elif rtype == "list_orders":
             self.fanout.list_orders(env, req, rid, user)
         elif rtype == "order_counts":
-            self.fanout.order_counts(env, rid)
+            self.fanout.order_counts(env, rid, self.index.writable)
         else:  # unknown type: shard 0 answers it with the list of known types
             self.links.send(0, frame, "raw", edge.relay(env, "unknown", rid))
 
@@ -91,8 +93,27 @@ class Routing:
         later = known is None or self.index.uncommitted(key)
         if known is None:
             self.index.record(key, vshard)
-        self.links.send(self.placement.process_of_vshard(vshard), frame, "submit_order",
-                        self.edge.relay(env, "submit_order", rid), later=later)
+        sent = self.links.send(self.placement.process_of_vshard(vshard), frame, "submit_order",
+                               self.edge.relay(env, "submit_order", rid), later=later)
+        if later:
+            self.waiting.append((sent, env, rid))
+
+    def end_round(self) -> None:
+        """Commit this round's dedup index entries (one fsync), then send what
+        waited for them (``ShardLinks.flush_deferred``). If the index cannot
+        write, each submit that waited for it is answered ``unavailable``
+        (nothing taken, as a single node whose store cannot write) and is
+        never forwarded: a shard may not create an order the index does not
+        know (a later submit of its key with another customer would create
+        it twice)."""
+        waiting, self.waiting = self.waiting, []
+        if not self.index.commit():
+            for sent, env, rid in waiting:
+                if self.links.pending.pop(sent.tag, None) is not None:
+                    self.edge.answer(env, errors.error_reply(
+                        errors.UNAVAILABLE, "the order was not taken: the front's dedup "
+                        "index cannot write right now; retry later"), rid, "submit_order")
+        self.links.flush_deferred()
 
     def _conflict(self, env: Envelope, order: dict[str, Any], vshard: int, rid: Any) -> None:
         """The key is known in another virtual shard: the customer changed."""
