@@ -111,13 +111,15 @@ def unpack(data: bytes) -> Any:
 
 
 _unpackb = msgpack.unpackb
-PLAIN_DEPTH = 12
+PLAIN_DEPTH = 11
 """Nesting of the frames ``decode_map`` reads with msgspec's typed decoder
-(deeper ones are read by msgpack): an item's ``attributes`` nest at most 8
-levels below the request's 4 (request, order, items, item), a reply's
-``data`` at most 8 below its 2. No deeper: msgspec builds the decoder's
-type in time and memory that double with each level (12: about 20 ms;
-16 took 0.45 s of every process's start, the CLI's included)."""
+(deeper ones are read by msgpack): an item's ``attributes`` hold maps and
+lists 7 levels deep at most (their values may be at level 8,
+``oms.order_rules.check_free_map``) below the request's 4 (request, order,
+items, item), a reply's ``data`` at most 8 below its 2. No deeper: msgspec
+builds the decoder's type in time and memory that double with each level
+(12: about 20 ms; 16 took 0.45 s of every process's start, the CLI's
+included)."""
 
 
 def _plain_map(depth: int) -> Any:

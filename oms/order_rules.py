@@ -10,12 +10,18 @@ import math
 import re
 from typing import Any
 
+from oms import codec
 from oms.edge import INT64
 from oms.errors import FieldError
 
 MAX_STR = 1000
 MAX_ITEMS = 1000
 MAX_ATTR_DEPTH = 8
+MAX_ATTR_BYTES = 12 * 1024
+"""Largest ``attributes`` map, encoded (``oms.codec``). A reply carries it
+back (provisioning's ``previous_attributes``; a deactivate's ``attributes``
+beside a ``product_id`` of up to ``MAX_STR`` characters) in a ``data`` of at
+most 16 KiB (``oms.untrusted.MAX_DATA_BYTES``): 4 KiB is left for the rest."""
 MAX_QUANTITY = 1_000_000_000
 MAX_AMOUNT_MINOR = 2**63 - 1
 """Every amount (a unit price, a line total ``unit_price_minor * quantity``,
@@ -36,13 +42,25 @@ CURRENCY = re.compile(r"[A-Z]{3}")
 COUNTRY = re.compile(r"[A-Z]{2}")
 
 
+def check_attributes(value: dict[str, Any], field: str, errs: list[FieldError]) -> None:
+    """Check a free-form ``attributes`` map: ``check_free_map``, then its
+    encoded size (``MAX_ATTR_BYTES``)."""
+    before = len(errs)
+    check_free_map(value, field, errs)
+    if len(errs) == before and len(codec.pack(value)) > MAX_ATTR_BYTES:
+        errs.append(FieldError(field, f"at most {MAX_ATTR_BYTES} bytes once encoded"))
+
+
 def check_free_map(value: Any, field: str, errs: list[FieldError], depth: int = 1) -> None:
     """Check a free-form ``attributes`` map: depth, string lengths, and only
     what a domain system's ``data`` may hold (contract §3: no binary, numbers
     finite and within signed 64 bits, as ``oms.edge``). Attributes go out in commands
     and may come back in replies, which are refused (``invalid_reply``) for
-    anything else: one order's odd value must not fail later orders."""
-    if depth > MAX_ATTR_DEPTH:
+    anything else: one order's odd value must not fail later orders. A reply
+    carries them one level down in its ``data`` (8 levels of maps and lists):
+    a value may be at level ``MAX_ATTR_DEPTH``, a map or list (even empty)
+    only above it."""
+    if depth > MAX_ATTR_DEPTH or (depth == MAX_ATTR_DEPTH and isinstance(value, dict | list)):
         errs.append(FieldError(field, f"nested deeper than {MAX_ATTR_DEPTH} levels"))
         return
     if isinstance(value, dict):

@@ -26,7 +26,7 @@ from oms.order_rules import (
     MAX_QUANTITY,
     MAX_STR,
     ORDER_FIELDS,
-    check_free_map,
+    check_attributes,
 )
 from oms.validation_fast import valid_order
 
@@ -79,7 +79,7 @@ def _attributes(raw: dict[str, Any], path: str, errs: _Errors) -> dict[str, Any]
     if not isinstance(value, dict):
         errs.add(field, "must be a map")
         return {}
-    check_free_map(value, field, errs)
+    check_attributes(value, field, errs)
     return value
 
 

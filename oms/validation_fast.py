@@ -23,7 +23,7 @@ from oms.order_rules import (
     MAX_QUANTITY,
     MAX_STR,
     ORDER_FIELDS,
-    check_free_map,
+    check_attributes,
 )
 
 
@@ -65,7 +65,7 @@ def _fast_attributes(raw: dict[str, Any]) -> dict[str, Any] | None:
         return None
     if value:
         errs: list[FieldError] = []
-        check_free_map(value, "attributes", errs)
+        check_attributes(value, "attributes", errs)
         if errs:
             return None
     return value

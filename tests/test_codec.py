@@ -195,9 +195,10 @@ def test_decode_map_reads_what_msgpack_alone_reads(value: dict[str, Any], single
 
 
 def _nested(depth: int) -> dict[str, Any]:
+    """Maps and lists ``depth`` levels deep (a map on top), a string inside."""
     value: Any = "leaf"
-    for _ in range(depth - 1):
-        value = {"k": [value]} if depth % 2 else {"k": value}
+    for n in range(depth - 1):
+        value = [value] if n % 2 else {"k": value}
     return {"top": value}
 
 
@@ -236,9 +237,10 @@ def test_plain_frames_take_the_typed_read() -> None:
 
 
 def _deep_order(levels: int) -> dict[str, Any]:
-    """A submit_order whose item ``attributes`` nest ``levels`` deep (the
-    innermost an empty map)."""
-    attrs: Any = {}
+    """A submit_order whose item ``attributes`` nest ``levels`` deep, counting
+    their values (the innermost a number: a map or list, even empty, may
+    only be a level above it)."""
+    attrs: Any = 1
     for n in range(levels - 2):
         attrs = {"k": attrs} if n % 2 else [attrs]
     order = next(iter(sample_orders(1, seed=3)))

@@ -1,0 +1,100 @@
+"""Hostile review 11 (b): the wire contract read by a client written from
+docs/protocol.md alone; each finding a failing test first (real sockets,
+real LMDB, the reference simulators; no mocks, no sleeps)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from helpers import retail_order
+from test_processes_e2e import telecom
+from test_validation import errors_of
+
+from gateways.client import Client, wait_terminal
+from oms import codec
+from oms.order_rules import MAX_ATTR_BYTES
+
+# -- attributes a domain reply cannot carry back (contract §1 rules, 1.4) ------------------
+
+
+def _nested(maps: int, leaf: Any) -> dict[str, Any]:
+    """``maps`` nested maps, the innermost ``{"x": leaf}``: ``leaf`` is at
+    level ``maps + 1`` of an attributes map so made."""
+    value: dict[str, Any] = {"x": leaf}
+    for n in range(maps - 1):
+        value = {f"n{n}": value}
+    return value
+
+
+def _sized(size: int) -> dict[str, Any]:
+    """An attributes map whose encoding (``oms.codec``) is exactly ``size`` bytes."""
+    attributes = {f"k{i:02d}": "v" * 900 for i in range(size // 910)}
+    attributes["pad"] = ""
+    attributes["pad"] = "p" * (size - len(codec.pack(attributes)))
+    grown = len(codec.pack(attributes))
+    if grown != size:  # the string's header grew: give the difference back
+        attributes["pad"] = "p" * (len(attributes["pad"]) - (grown - size))
+    assert len(codec.pack(attributes)) == size
+    return attributes
+
+
+def test_an_empty_map_or_list_at_the_eighth_level_is_refused() -> None:
+    """A reply carries an item's attributes back one level down (provisioning's
+    ``previous_attributes``, a deactivate's ``attributes``), and a reply's
+    ``data`` may nest 8 levels. The intake counted only the values it found:
+    an EMPTY map or list at the attributes' eighth level passed, and its echo
+    was 9 levels deep: ``invalid_reply`` for every later modify of the
+    service."""
+    for inner in ({}, []):
+        deep = _nested(7, inner)
+        errs = errors_of(retail_order(attributes=deep))
+        assert list(errs.values()) == ["nested deeper than 8 levels"], (inner, errs)
+    assert errors_of(retail_order(attributes=_nested(7, 1))) == {}
+    assert errors_of(retail_order(attributes=_nested(6, {}))) == {}
+
+
+def test_attributes_larger_than_a_reply_may_carry_back_are_refused() -> None:
+    """A success reply's ``data`` is at most 16 KiB encoded; the intake took
+    attributes of any size up to the 1 MiB frame, and the echo of one over
+    16 KiB failed every later modify of that service as ``invalid_reply``."""
+    assert errors_of(retail_order(attributes=_sized(MAX_ATTR_BYTES))) == {}
+    errs = errors_of(retail_order(attributes=_sized(MAX_ATTR_BYTES + 1)))
+    assert errs == {"attributes": f"at most {MAX_ATTR_BYTES} bytes once encoded"}, errs
+    item = dict(retail_order()["items"][0], attributes=_sized(MAX_ATTR_BYTES + 1))
+    assert errors_of(retail_order(items=[item])) == {
+        "items[0].attributes": f"at most {MAX_ATTR_BYTES} bytes once encoded"}
+
+
+def test_the_largest_and_deepest_attributes_taken_come_back_in_replies(
+        service: Any, client: Client, sim: Any) -> None:
+    """Over the wire: attributes at both bounds at once go to provisioning
+    and come back in a modify's reply and a delete's reply (with the longest
+    product id): both orders complete; one byte or one level more is
+    ``rejected`` with the field, and the service answers the next order."""
+    product = "P" * 1000
+    attributes = _sized(MAX_ATTR_BYTES - 200)
+    attributes["deep"] = _nested(5, [1])  # levels: attributes 1, maps 2-6, list 7, 1 at 8
+    attributes["pad"] = "p" * (len(attributes["pad"]) + MAX_ATTR_BYTES
+                               - len(codec.pack(attributes)))
+    assert len(codec.pack(attributes)) == MAX_ATTR_BYTES
+
+    def item(**fields: Any) -> dict[str, Any]:
+        return dict({"id": "line", "product_id": product, "quantity": 1}, **fields)
+
+    for bad in (dict(attributes, pad=attributes["pad"] + "p"),
+                dict(attributes, deep=_nested(5, [[]]))):
+        reply = client.submit(telecom("attr-over", "sub-echo", [item(attributes=bad)]))
+        assert reply["type"] == "rejected", reply
+        assert [e["field"] for e in reply["errors"]] in (
+            ["items[0].attributes"], ["items[0].attributes.deep.n3.n2.n1.n0.x[0]"]), reply
+    first = client.submit(telecom("attr-add", "sub-echo", [item(attributes=attributes)]))
+    view = wait_terminal(client, [first["order_id"]], timeout=20)[first["order_id"]]
+    assert view["state"] == "completed", view
+    service_id = view["summary"]["results"]["service_ids"][0]
+    for ext, fields in (("attr-mod", {"action": "modify", "attributes": attributes}),
+                        ("attr-del", {"action": "delete"})):
+        reply = client.submit(telecom(ext, "sub-echo", [item(service_id=service_id, **fields)]))
+        assert reply["type"] == "accepted", reply
+        oid = reply["order_id"]
+        done = wait_terminal(client, [oid], timeout=20)[oid]
+        assert done["state"] == "completed", (ext, done.get("state_reason"), done["steps"])
