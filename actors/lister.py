@@ -21,7 +21,9 @@ from storage.records import usable_order_id
 logger = logging.getLogger(__name__)
 
 _STATES = {str(s) for s in OrderState}
-_CURSOR = re.compile(r"O[0-9]{12,40}")  # an order id, as storage.records.format_order_id makes
+_CURSOR = re.compile(r"O[0-9]{12,40}")
+"""An order id, as ``storage.records.format_order_id`` makes (12 digits, more
+once there are 10**12 orders): what the contract says a one-node cursor is."""
 
 
 def list_request(req: dict[str, Any], operator: bool, user: str | None,

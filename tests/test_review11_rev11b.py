@@ -4,6 +4,7 @@ real LMDB, the reference simulators; no mocks, no sleeps)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from helpers import retail_order
@@ -98,3 +99,27 @@ def test_the_largest_and_deepest_attributes_taken_come_back_in_replies(
         oid = reply["order_id"]
         done = wait_terminal(client, [oid], timeout=20)[oid]
         assert done["state"] == "completed", (ext, done.get("state_reason"), done["steps"])
+
+
+# -- list_orders' cursor as the contract writes it ----------------------------------------
+
+
+def test_a_cursor_is_o_and_12_to_40_digits_as_the_contract_says(
+        service: Any, client: Client) -> None:
+    """§1 "Listing orders" said a one-node ``after`` is "``O`` followed by
+    digits, at most 64 characters"; the service takes ``O`` and 12 to 40
+    digits (``O1`` is ``malformed``, tests/test_listing.py): the page now
+    says so. Both ends of the range list the orders below them."""
+    ids = [client.submit(retail_order(f"cur-{n}"))["order_id"] for n in range(2)]
+    for after in ("O" + "9" * 12, "O" + "9" * 40, ids[1]):
+        reply = client.request({"type": "list_orders", "after": after})
+        assert reply["type"] == "orders", (after, reply)
+        listed = [o["order_id"] for o in reply["orders"]]
+        assert listed == [i for i in reversed(ids) if i < after], (after, listed)
+    for after in ("O" + "9" * 11, "O" + "9" * 41, "O1", "O", "o" + "1" * 12,
+                  "O" + "\u0661" * 12):
+        reply = client.request({"type": "list_orders", "after": after})
+        assert (reply["type"], reply.get("code")) == ("error", "malformed"), (after, reply)
+    contract = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    assert "`O` followed by 12 to 40 digits" in contract
+    assert "at most 64 characters: ids below it" not in contract
