@@ -278,24 +278,23 @@ class Intake(RouterEndpoint):
         if isinstance(req.get("source_system"), str) and (
                 denied := self.denied(req["source_system"])):
             return denied
+        reason, operator = req.get("reason"), req.get("operator")
+        if reason is not None and not isinstance(reason, str):
+            return errors.error_reply(errors.MALFORMED, "reason must be a string")
+        if operator is not None and not (isinstance(operator, str) and 1 <= len(operator) <= 64):
+            return errors.error_reply(errors.MALFORMED, "operator must be a string of 1 to 64 "
+                                      "characters")  # (in every state of the order, as operate)
+        if operator is not None and not self.is_operator():  # a channel's history is its own
+            return errors.error_reply(errors.UNAUTHORIZED, "only an operator identity may name "
+                                      "an operator")
         order, err = find_order(self.octx.store, req)  # by order_id, or source_system + external_id
         if err:
             return self.archived_cancel(req, err)
         if denied := self.denied(order.source_system):
             return denied
-        reason = req.get("reason")
-        if reason is not None and not isinstance(reason, str):
-            return errors.error_reply(errors.MALFORMED, "reason must be a string")
         if order.state.terminal:
             return {"type": "cancel_rejected", "order_id": order.order_id,
                     "reason": f"order is already {order.state}"}
-        operator = req.get("operator")
-        if operator is not None and not (isinstance(operator, str) and 1 <= len(operator) <= 64):
-            return errors.error_reply(errors.MALFORMED, "operator must be a string of 1 to 64 "
-                                      "characters")
-        if operator is not None and not self.is_operator():  # a channel's history is its own
-            return errors.error_reply(errors.UNAUTHORIZED, "only an operator identity may name "
-                                      "an operator")
         reply = self.reply_later(envelope, request_id_of(req))
         if not self.octx.router.deliver(order.order_id, Cancel(reason, reply, operator)):
             return {"type": "cancel_rejected", "order_id": order.order_id,

@@ -7,8 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from helpers import retail_order
 from test_processes_e2e import telecom
+from test_security import keys, opts, secure  # noqa: F401 - fixtures (keys: tmp_path/keys)
 from test_validation import errors_of
 
 from gateways.client import Client, wait_terminal
@@ -123,3 +125,40 @@ def test_a_cursor_is_o_and_12_to_40_digits_as_the_contract_says(
     contract = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
     assert "`O` followed by 12 to 40 digits" in contract
     assert "at most 64 characters: ids below it" not in contract
+
+
+# -- cancel_order's operator: checked whatever the order's state ---------------------------
+
+
+def test_a_bad_operator_in_a_cancel_is_malformed_also_for_a_finished_order(
+        service: Any, client: Client, sim: Any) -> None:
+    """§1: a bad ``operator`` is ``malformed``. ``cancel_order`` checked it
+    only for an unfinished order: for a finished (or archived) one it
+    answered ``cancel_rejected``, so the same request got two answers by
+    the order's state (``retry_step`` and the others check it first)."""
+    order_id = client.submit(retail_order("op-done"))["order_id"]
+    assert wait_terminal(client, [order_id], timeout=20)[order_id]["state"] == "completed"
+    for operator in ("", "x" * 65, 5):
+        reply = client.request({"type": "cancel_order", "order_id": order_id,
+                                "operator": operator})
+        assert (reply["type"], reply.get("code")) == ("error", "malformed"), (operator, reply)
+    fine = client.request({"type": "cancel_order", "order_id": order_id, "operator": "ann"})
+    assert fine["type"] == "cancel_rejected", fine
+
+
+@pytest.mark.usefixtures("secure")
+def test_with_curve_a_channels_cancel_naming_an_operator_is_unauthorized_in_every_state(
+        eps: Any, tmp_path: Path) -> None:
+    """§1 "Cancelling" and §6: with CURVE on, a channel's cancel with
+    ``operator`` is ``error`` ``unauthorized``. For a finished order it was
+    ``cancel_rejected``: a channel could probe with a forged operator name
+    and be answered as if it were allowed to."""
+    with Client(eps.intake, curve=opts(tmp_path / "keys", "web")) as web:
+        order_id = web.submit(retail_order("sec-op-done"))["order_id"]
+        assert wait_terminal(web, [order_id], timeout=20)[order_id]["state"] == "completed"
+        for req in ({"order_id": order_id}, {"source_system": "web",
+                                             "external_id": "sec-op-done"}):
+            forged = web.request({"type": "cancel_order", "operator": "operator-bob", **req})
+            assert (forged["type"], forged.get("code")) == ("error", "unauthorized"), forged
+        plain = web.request({"type": "cancel_order", "order_id": order_id})
+        assert plain["type"] == "cancel_rejected", plain
