@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 STATES = [str(s) for s in OrderState]
 ORDER_ID = re.compile(r"[A-Za-z0-9._:-]{1,100}")
+NOT_AN_ORDER_ID = "That is not an order id (letters, digits and . _ : - only)."
 FIELD_MAX = 200
 CURSOR_MAX = 8000  # a sharded front's list_orders cursor (shards.front_fanout.parse_cursor)
 REASON_MAX = 500
@@ -175,7 +176,9 @@ def create_app(settings: Settings, backend: Backend, feed: EventFeed | None) -> 
         after = _field("after", CURSOR_MAX)
         if filters["state"] and filters["state"] not in STATES:
             abort(400, f"Unknown state {filters['state']!r}; one of {', '.join(STATES)}.")
-        if filters["order_id"]:
+        if filters["order_id"]:  # checked as on its page: no redirect to what was typed
+            if not _valid_id(filters["order_id"]):
+                abort(400, NOT_AN_ORDER_ID)
             return redirect(url_for("order_page", order_id=filters["order_id"]))
         if filters["external_id"] and filters["source_system"]:
             view = backend.find_external(filters["source_system"], filters["external_id"])
@@ -333,7 +336,7 @@ def _local(target: str) -> bool:
 
 def _order_or_404(backend: Backend, order_id: str) -> dict[str, Any]:
     if not _valid_id(order_id):
-        abort(400, "That is not an order id (letters, digits and . _ : - only).")
+        abort(400, NOT_AN_ORDER_ID)
     view = backend.get_order(order_id)
     if view is None:
         abort(404, f"There is no order {order_id}. Search by external id or customer "

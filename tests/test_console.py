@@ -239,6 +239,19 @@ def test_unknown_order_bad_input_and_unknown_pages_get_a_clear_page(stack: Stack
     assert status == 200 and "<b>bold</b>" not in body and "&lt;b&gt;bold" in body
 
 
+def test_a_search_by_a_malformed_order_id_is_a_clear_page_not_a_redirect(
+        stack: Stack) -> None:
+    """docs/console.md: a malformed order id gets a page that says so (400).
+    The search by order id redirected to ``/orders/<what was typed>``
+    unchecked: ``../../healthz`` sent the browser to ``/healthz`` (any path
+    of the console: a crafted link); ``/orders/<id>`` itself answers 400."""
+    web = Web(stack.url)
+    for typed in ("../../healthz", "..%2F..%2Fevents", "a/b", "%3Cscript%3E", "9" * 150):
+        status, body, headers = web.call(f"/search?order_id={typed}")
+        assert status == 400, (typed, status, headers.get("Location"))
+        assert "not an order id" in text_of(body), typed
+
+
 def test_search_by_external_and_customer_id_newest_first(stack: Stack) -> None:
     ids = [stack.client.submit(retail_order(f"srch-{i}", customer={"id": "cust-srch"}))[
         "order_id"] for i in range(3)]
