@@ -310,7 +310,10 @@ class Intake(RouterEndpoint):
         operator = operator or self.user or "anonymous"  # CURVE: the key's name
         if step is not None and not isinstance(step, str):
             return errors.error_reply(errors.MALFORMED, "step must be a string")
-        order, err = find_order(self.octx.store, {"order_id": req.get("order_id")})
+        if not isinstance(req.get("order_id"), str):  # (§5: by order_id only)
+            return errors.error_reply(errors.MALFORMED, "order_id (a string) is required: "
+                                      "an operator request names the order by its id")
+        order, err = find_order(self.octx.store, {"order_id": req["order_id"]})
         if err:
             return err
         reason = req.get("reason")

@@ -39,8 +39,8 @@ def list_request(req: dict[str, Any], operator: bool, user: str | None,
     flt = ListFilter()
     for name, value in texts.items():
         if value is not None and (not isinstance(value, str) or len(value) > 1000):
-            return flt, 0, None, errors.error_reply(errors.MALFORMED,
-                                                    f"{name} must be a string")
+            return flt, 0, None, errors.error_reply(
+                errors.MALFORMED, f"{name} must be a string of at most 1000 characters")
     if min_age is not None and (isinstance(min_age, bool) or not isinstance(
             min_age, int | float) or not math.isfinite(min_age) or min_age < 0):
         return flt, 0, None, errors.error_reply(

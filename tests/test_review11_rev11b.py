@@ -162,3 +162,23 @@ def test_with_curve_a_channels_cancel_naming_an_operator_is_unauthorized_in_ever
             assert (forged["type"], forged.get("code")) == ("error", "unauthorized"), forged
         plain = web.request({"type": "cancel_order", "order_id": order_id})
         assert plain["type"] == "cancel_rejected", plain
+
+
+# -- error messages that send the client the wrong way -------------------------------------
+
+
+def test_malformed_messages_say_what_the_contract_asks(service: Any, client: Client) -> None:
+    """A ``malformed`` reply's message is what a client author reads to fix
+    the request. An operator request without ``order_id`` was told "give
+    order_id, or source_system and external_id", which §5 does not offer
+    (giving both is ``malformed`` again); a ``list_orders`` filter string over
+    1,000 characters was told it "must be a string"."""
+    for action in ("retry_step", "skip_step", "abort_order"):
+        reply = client.request({"type": action, "source_system": "web",
+                                "external_id": "x"})
+        assert reply.get("code") == "malformed", reply
+        assert "source_system" not in reply["message"] and "order_id" in reply["message"]
+    for name in ("state_reason", "customer_id", "external_id"):
+        reply = client.request({"type": "list_orders", name: "x" * 1001})
+        assert reply.get("code") == "malformed", reply
+        assert "1000 characters" in reply["message"], reply
