@@ -34,6 +34,10 @@ def cmd_archive(args: argparse.Namespace) -> int:
     from actors.settings import load_config
 
     data = load_config(None, data=args.data).data
+    if not _is_data_folder(Path(data)):  # not "0 files": the archive was never looked at
+        print(f"oms archive: {data} is not an oms data folder (no data.mdb, shards manifest "
+              "or archive in it); give it with --data or OMS_DATA", file=sys.stderr)
+        return 2
     if args.action == "list":
         rows = []
         for path in _all_files(data):
@@ -72,6 +76,15 @@ def cmd_archive(args: argparse.Namespace) -> int:
     more = f" (not searched past the damage in {', '.join(damaged)})" if damaged else ""
     print(f"no such order in the archive{more}", file=sys.stderr)
     return 1
+
+
+def _is_data_folder(data: Path) -> bool:
+    """A folder ``oms serve`` wrote: its store, a sharded folder's manifest,
+    or an archive (kept when the store was moved away)."""
+    from shards import manifest as mf
+
+    return data.is_dir() and any((data / name).exists()
+                                 for name in ("data.mdb", mf.FILE, folder(data).name))
 
 
 def _all_files(data: str) -> list[Path]:

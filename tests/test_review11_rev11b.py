@@ -182,3 +182,34 @@ def test_malformed_messages_say_what_the_contract_asks(service: Any, client: Cli
         reply = client.request({"type": "list_orders", name: "x" * 1001})
         assert reply.get("code") == "malformed", reply
         assert "1000 characters" in reply["message"], reply
+
+
+# -- oms archive on a folder that is no data folder ---------------------------------------
+
+
+def test_oms_archive_on_a_folder_that_is_no_data_folder_says_so(
+        tmp_path: Path, capsys: Any) -> None:
+    """``oms archive`` reads the data folder directly, by default
+    ``./oms-data``. Run from the wrong directory, or with a mistyped
+    ``--data``, it answered "0 files" (exit 0) and "no such order in the
+    archive": an operator was told an order is not archived when the
+    archive was never looked at. Now a clear error, exit 2; a real data
+    folder with nothing archived yet still lists 0 files."""
+    from app.cli import main
+
+    for wrong in (tmp_path / "nope", tmp_path / "file", tmp_path / "empty"):
+        if wrong.name == "file":
+            wrong.write_text("x")
+        elif wrong.name == "empty":
+            wrong.mkdir()
+        for args in (["list"], ["find", "O000000000001"]):
+            assert main(["archive", "--data", str(wrong), *args]) == 2, (wrong, args)
+            err = capsys.readouterr().err
+            assert f"{wrong} is not an oms data folder" in err, err
+    real = tmp_path / "data"
+    real.mkdir()
+    (real / "data.mdb").write_bytes(b"")
+    assert main(["archive", "--data", str(real), "list"]) == 0
+    assert "0 files" in capsys.readouterr().out
+    assert main(["archive", "--data", str(real), "find", "O000000000001"]) == 1
+    assert "no such order in the archive" in capsys.readouterr().err
