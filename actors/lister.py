@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from oms import errors
+from oms.order_rules import given
 from oms.states import OrderState
 from storage.listing import ListFilter
 from storage.records import usable_order_id
@@ -33,7 +34,7 @@ def list_request(req: dict[str, Any], operator: bool, user: str | None,
     A channel (not ``operator``) sees only its own source system, ``user``;
     ``denied`` says why it may not name another."""
     state, source = req.get("state"), req.get("source_system")
-    limit, after = req.get("limit", 100), req.get("after")
+    limit, after = given(req, "limit", 100), req.get("after")
     min_age = req.get("min_age_s")
     texts = {name: req.get(name) for name in ("state_reason", "customer_id", "external_id")}
     flt = ListFilter()

@@ -42,6 +42,13 @@ CURRENCY = re.compile(r"[A-Z]{3}")
 COUNTRY = re.compile(r"[A-Z]{2}")
 
 
+def given(raw: dict[str, Any], key: str, default: Any) -> Any:
+    """``raw[key]``, or ``default`` when it is left out or nil (contract
+    "Encoding": an optional field sent as nil is the same as one left out)."""
+    value = raw.get(key)
+    return default if value is None else value
+
+
 def check_attributes(value: dict[str, Any], field: str, errs: list[FieldError]) -> None:
     """Check a free-form ``attributes`` map: ``check_free_map``, then its
     encoded size (``MAX_ATTR_BYTES``)."""

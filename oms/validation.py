@@ -27,6 +27,7 @@ from oms.order_rules import (
     MAX_STR,
     ORDER_FIELDS,
     check_attributes,
+    given,
 )
 from oms.validation_fast import valid_order
 
@@ -132,7 +133,7 @@ def _item(raw: Any, path: str, errs: _Errors) -> dict[str, Any] | None:
         "id": _string(raw, "id", path, errs, required=True),
         "product_id": _string(raw, "product_id", path, errs, required=True),
     }
-    action = raw.get("action", "add")
+    action = given(raw, "action", "add")
     if action not in ACTIONS:
         errs.add(f"{path}.action", f"must be one of {', '.join(ACTIONS)}")
         action = "add"
@@ -236,7 +237,7 @@ def validate_full(
     }
     if "\x00" in (order["source_system"] or ""):  # it ends the events topic (publisher)
         errs.add("source_system", "must not contain the NUL character")
-    order_type = raw.get("order_type", "retail")
+    order_type = given(raw, "order_type", "retail")
     if not isinstance(order_type, str) or order_type not in order_types:
         known = ", ".join(sorted(order_types))
         errs.add("order_type", f"unknown order type {order_type!r:.100}; known: {known}")
@@ -253,7 +254,7 @@ def validate_full(
         if delivery is not None
         else order["customer_address"]
     )
-    currency = raw.get("currency", "EUR")
+    currency = given(raw, "currency", "EUR")
     if not isinstance(currency, str) or not CURRENCY.fullmatch(currency):
         errs.add("currency", "must be 3 upper-case letters (ISO 4217), e.g. EUR")
     order["currency"] = currency

@@ -24,6 +24,7 @@ from oms.order_rules import (
     MAX_STR,
     ORDER_FIELDS,
     check_attributes,
+    given,
 )
 
 
@@ -75,7 +76,7 @@ def _fast_item(raw: Any) -> dict[str, Any] | None:
     if type(raw) is not dict or not ITEM_FIELDS.issuperset(raw):
         return None
     item_id, product_id = raw.get("id"), raw.get("product_id")
-    action = raw.get("action", "add")
+    action = given(raw, "action", "add")
     if not (_text(item_id) and _text(product_id)) or type(action) is not str or (
             action not in ACTIONS):
         return None
@@ -139,7 +140,7 @@ def valid_order(raw: Any, order_types: Collection[str]) -> dict[str, Any] | None
     external_id = raw.get("external_id")
     if not (_text(source) and _text(external_id)) or "\x00" in source:
         return None
-    order_type = raw.get("order_type", "retail")
+    order_type = given(raw, "order_type", "retail")
     if type(order_type) is not str or order_type not in order_types:
         return None
     customer = raw.get("customer")
@@ -152,7 +153,7 @@ def valid_order(raw: Any, order_types: Collection[str]) -> dict[str, Any] | None
     address = _fast_address(raw.get("customer_address"))
     delivery = raw.get("delivery_address")
     delivery = address if delivery is None else _fast_address(delivery)
-    currency = raw.get("currency", "EUR")
+    currency = given(raw, "currency", "EUR")
     if address is None or delivery is None or type(currency) is not str or (
             not CURRENCY.fullmatch(currency)):
         return None

@@ -9,6 +9,7 @@ import base64
 from typing import Any
 
 from oms import codec, errors
+from oms.order_rules import given
 from shards.front_channels import ChannelEdge, gave_up
 from shards.front_config import Envelope
 from shards.front_links import OnReply, ShardLinks
@@ -40,7 +41,7 @@ class FanOut:
                     "next"), rid, "list_orders")
                 return
             cursors = parsed
-        limit = req.get("limit", 100)
+        limit = given(req, "limit", 100)  # as a shard reads it (nil: the default)
         base = {k: v for k, v in req.items() if k not in ("request_id", "after")}
         pages: dict[int, dict[str, Any]] = {}
         asked = list(cursors)

@@ -11,6 +11,7 @@ import pytest
 from helpers import retail_order
 from test_processes_e2e import telecom
 from test_security import keys, opts, secure  # noqa: F401 - fixtures (keys: tmp_path/keys)
+from test_shards import Sharded
 from test_validation import errors_of
 
 from gateways.client import Client, wait_terminal
@@ -213,3 +214,42 @@ def test_oms_archive_on_a_folder_that_is_no_data_folder_says_so(
     assert "0 files" in capsys.readouterr().out
     assert main(["archive", "--data", str(real), "find", "O000000000001"]) == 1
     assert "no such order in the archive" in capsys.readouterr().err
+
+
+# -- nil for an optional field ------------------------------------------------------------
+
+
+def test_an_optional_request_field_sent_as_nil_is_the_same_as_left_out(
+        service: Any, client: Client) -> None:
+    """Clients in other languages often write an absent optional field as
+    nil. The intake took nil as "left out" for most optional fields
+    (``delivery_address``, ``attributes``, ``customer.name``, ``reason``,
+    ``operator``, ``after``...) but refused it for the ones with a default:
+    ``order_type`` ("unknown order type None"), ``currency``, an item's
+    ``action`` and ``list_orders``' ``limit``. Now the default applies, and
+    the order is the same payload as one that leaves them out."""
+    order = retail_order("nil-1")
+    accepted = client.submit(order)
+    assert accepted["type"] == "accepted", accepted
+    nils = dict(retail_order("nil-1"), order_type=None, currency=None,
+                items=[dict(i, action=None) for i in order["items"]])
+    again = client.submit(nils)
+    assert (again["type"], again.get("order_id"), again.get("duplicate")) == (
+        "accepted", accepted["order_id"], True), again
+    listed = client.request({"type": "list_orders", "limit": None})
+    assert listed["type"] == "orders" and listed["orders"], listed
+
+
+@pytest.mark.slow
+def test_behind_the_sharded_front_a_nil_limit_is_the_default_too(
+        procs: Any, tmp_path: Path) -> None:
+    """The front merges the shards' pages up to ``limit``: it must read a
+    nil ``limit`` as the shards do (100), not compare a page with nil."""
+    s = Sharded(procs, tmp_path)
+    with s.client(timeout=30) as client:
+        ids = {client.submit(retail_order(f"nil-front-{n}", customer={"id": f"c-{n}"}))[
+            "order_id"] for n in range(4)}
+        listed = client.request({"type": "list_orders", "limit": None})
+        assert listed["type"] == "orders", listed
+        assert {o["order_id"] for o in listed["orders"]} == ids and listed["next"] is None
+        assert client.request({"type": "order_counts"})["type"] == "order_counts"
