@@ -97,6 +97,9 @@ def health_app(registry: CollectorRegistry, ready: Callable[[], bool],
             if down:
                 return [f"not ready: dead: {', '.join(down)}\n".encode()]
             return [b"not ready\n"]
+        if path != "/metrics":  # (prometheus_client serves its page at any path)
+            start("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found: this port serves /metrics, /readyz and /healthz\n"]
         return metrics(environ, start)
 
     return app

@@ -253,3 +253,32 @@ def test_behind_the_sharded_front_a_nil_limit_is_the_default_too(
         assert listed["type"] == "orders", listed
         assert {o["order_id"] for o in listed["orders"]} == ids and listed["next"] is None
         assert client.request({"type": "order_counts"})["type"] == "order_counts"
+
+
+# -- the metrics port serves what docs/metrics.md and docs/operations.md name ---------------
+
+
+def test_the_metrics_port_answers_404_outside_its_three_paths() -> None:
+    """``/metrics``, ``/readyz`` and ``/healthz`` are documented; every other
+    path (``/``, ``/nope``, ``/metrics/../etc/passwd``) was answered 200 with
+    the metrics, so a typo in a probe's path (``/ready``) looked healthy."""
+    from prometheus_client import CollectorRegistry, Counter
+
+    from actors.http import health_app
+
+    registry = CollectorRegistry()
+    Counter("oms_probe_total", "a probe", registry=registry).inc()
+    app = health_app(registry, ready=lambda: True)
+
+    def get(path: str) -> tuple[str, bytes]:
+        status: list[str] = []
+        body = b"".join(app({"PATH_INFO": path, "REQUEST_METHOD": "GET", "QUERY_STRING": ""},
+                            lambda s, headers: status.append(s)))
+        return status[0], body
+
+    assert get("/metrics")[0].startswith("200") and b"oms_probe_total" in get("/metrics")[1]
+    assert get("/readyz") == ("200 OK", b"ready\n") and get("/healthz") == ("200 OK", b"ok\n")
+    for path in ("/", "/nope", "/ready", "/metrics/../etc/passwd", "/metricsx"):
+        status, body = get(path)
+        assert status.startswith("404") and b"oms_probe_total" not in body, (path, status)
+        assert b"/metrics" in body, body
