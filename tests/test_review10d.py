@@ -42,14 +42,17 @@ def test_the_console_pages_through_every_order_of_a_sharded_service(
             {"type": "submit_order", "order": retail_order(f"pg-{n}", customer={"id": f"c{n}"})}
             for n in range(130))}
     assert len(ids) == 130
-    _console, url = start_console(tmp_path, s.eps)
-    seen: list[str] = []
-    page, pages = "/search?go=1", 0
-    while page and pages < 10:
-        status, body = _get(url + page)
-        assert status == 200, re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", body))[:400]
-        seen += list(dict.fromkeys(re.findall(r"/orders/(O\d{12})", body)))
-        nxt = re.search(r'id="next-page" href="([^"]+)"', body)
-        page, pages = html.unescape(nxt.group(1)) if nxt else "", pages + 1
-    assert len(seen) == len(set(seen)), "an order was shown twice"
-    assert set(seen) == ids, f"{len(ids - set(seen))} orders never shown"
+    console, url = start_console(tmp_path, s.eps)  # not one of procs: stopped here
+    try:
+        seen: list[str] = []
+        page, pages = "/search?go=1", 0
+        while page and pages < 10:
+            status, body = _get(url + page)
+            assert status == 200, re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", body))[:400]
+            seen += list(dict.fromkeys(re.findall(r"/orders/(O\d{12})", body)))
+            nxt = re.search(r'id="next-page" href="([^"]+)"', body)
+            page, pages = html.unescape(nxt.group(1)) if nxt else "", pages + 1
+        assert len(seen) == len(set(seen)), "an order was shown twice"
+        assert set(seen) == ids, f"{len(ids - set(seen))} orders never shown"
+    finally:
+        assert console.stop(10) == 0, console.tail()
