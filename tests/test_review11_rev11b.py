@@ -282,3 +282,24 @@ def test_the_metrics_port_answers_404_outside_its_three_paths() -> None:
         status, body = get(path)
         assert status.startswith("404") and b"oms_probe_total" not in body, (path, status)
         assert b"/metrics" in body, body
+
+
+def test_a_key_given_twice_counts_its_last_value(service: Any, eps: Any) -> None:
+    """The encoding section now says what a map holding a key twice means
+    (written down, not changed): the last value counts, here over a raw
+    DEALER, whichever decoder reads the frame."""
+    import zmq
+
+    frame = (b"\x83\xa4type\xa9get_order\xa4type\xacorder_counts"
+             b"\xaarequest_id\xa3dup")
+    ctx = zmq.Context.instance()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(eps.intake)
+    try:
+        dealer.send(frame)
+        assert dealer.poll(10_000), "no reply"
+        reply = codec.unpack(dealer.recv())
+    finally:
+        dealer.close()
+    assert reply["type"] == "order_counts" and reply["request_id"] == "dup", reply
