@@ -114,7 +114,9 @@ class Intake(RouterEndpoint):
                 request_id = request_id_of(req)
                 rtype = kind if isinstance(kind := req.get("type"), str) else "?"
                 handler = self.handlers.get(rtype)
-                if handler is not None and self.is_domain_system():
+                if handler is None:
+                    rtype = "unknown"  # (a metric label: never the sender's text)
+                if self.is_domain_system():  # every request, a known type or not (§6)
                     reply = self.denied("")
                 elif handler is not None and rtype in OPERATOR_ONLY and not self.is_operator():
                     reply = errors.error_reply(errors.UNAUTHORIZED,
@@ -123,7 +125,6 @@ class Intake(RouterEndpoint):
                     reply = errors.error_reply(
                         errors.UNKNOWN_TYPE, f"unknown request type {req.get('type')!r:.100}; "
                         f"known: {', '.join(self.handlers)}")
-                    rtype = "unknown"
                 else:
                     reply = handler(envelope, req)
         except codec.DecodeError as exc:

@@ -192,7 +192,8 @@ def test_a_domain_system_key_is_not_a_channel(secure: Any, eps: Any, keys: Path,
         theirs = web.submit(retail_order("dom-2"))["order_id"]
         for req in ({"type": "get_order", "order_id": theirs},
                     {"type": "cancel_order", "order_id": theirs},
-                    {"type": "list_orders"}, {"type": "list_orders", "source_system": who}):
+                    {"type": "list_orders"}, {"type": "list_orders", "source_system": who},
+                    {"type": "no_such_request"}, {"type": 7}, {}):  # any request (§6)
             assert domain.request(req)["code"] == "unauthorized", req
         assert web.get(theirs)["type"] == "order"  # the channel itself still works
 
