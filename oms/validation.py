@@ -108,7 +108,8 @@ def _address(raw: dict[str, Any], path: str, errs: _Errors) -> dict[str, Any]:
         if value is not None:
             out[key] = value
     if out["country"] is not None and not COUNTRY.fullmatch(out["country"]):
-        errs.add(f"{path}.country", "must be an ISO 3166-1 alpha-2 code such as DE")
+        errs.add(f"{path}.country",
+                 "must be two upper-case letters (an ISO 3166-1 alpha-2 code such as DE)")
     return out
 
 
