@@ -1,0 +1,74 @@
+"""Hostile review 11 (c): bounded loop turns for background jobs over many
+orders (the passivation sweep, retention), with the real service, its real
+loop and LMDB, and the real simulators on loopback."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import pytest
+from helpers import poll_until, retail_order
+
+from actors import router as router_module
+from gateways.client import Client
+
+
+class TurnProbe:
+    """Samples a value once per loop turn (a call that queues itself again
+    for the next turn) until stopped."""
+
+    def __init__(self, loop: Any, sample: Any) -> None:
+        self.loop, self.sample = loop, sample
+        self.values: list[Any] = []
+        self.stopped = False
+
+    def start(self) -> None:
+        self.loop.call_soon(self._tick)
+
+    def _tick(self) -> None:
+        self.values.append(self.sample())
+        if not self.stopped:
+            self.loop.call_soon(self._tick)
+
+
+@pytest.fixture
+def long_delivery(sim_config: Any) -> Any:
+    sim_config.delivery_s = 3600.0  # retail orders wait for shipment_delivered
+    return sim_config
+
+
+def test_the_passivation_sweep_rests_idle_orders_a_bounded_chunk_a_turn(
+        long_delivery: Any, sim: Any, make_service: Any, eps: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Orders that went idle together do not all leave memory in one loop
+    turn: the sweep nudges at most ``SWEEP_CHUNK`` of them a turn and goes on
+    in the next (it used to tell every due actor ``Rest`` at once, so one
+    turn ran a slice for each: 16,000 idle orders took one turn of 0.1 to
+    0.25 s, and the turn grew with the number of waiting orders)."""
+    monkeypatch.setattr(router_module, "SWEEP_CHUNK", 16)
+    svc = make_service(passivate_after_s=1.0)
+    with Client(eps.intake, timeout=10) as c:
+        for _req, rep in c.pipeline({"type": "submit_order", "order": retail_order(f"sw-{n}")}
+                                   for n in range(120)):
+            assert rep["type"] == "accepted", rep
+    router = svc.router
+    # every order reaches its wait for delivery (shipped) and is still in memory
+    assert poll_until(lambda: len(router.idle) == 120, 20), len(router.idle)
+    probe = TurnProbe(svc.loop, lambda: router.snapshot()["live"])
+    probe.start()
+    try:
+        assert poll_until(lambda: router.snapshot()["live"] == 0, 20)
+        assert poll_until(lambda: len(probe.values) > 2 and probe.values[-1] == 0, 5)
+    finally:
+        probe.stopped = True
+    drops = [a - b for a, b in zip(probe.values, probe.values[1:], strict=False) if a > b]
+    assert sum(drops) == 120, probe.values
+    assert max(drops) <= 16, drops  # a chunk a turn
+    assert len(drops) >= 120 // 16
+    assert router.snapshot()["passivated"] == 120
+    assert svc.supervisor.dead == [] and svc.is_ready()
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
