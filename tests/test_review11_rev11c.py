@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import poll_until, retail_order
 
+from actors import retention as retention_module
 from actors import router as router_module
 from actors import runtime
-from gateways.client import Client
+from gateways.client import Client, wait_terminal
+from storage import archive
 
 
 class TurnProbe:
@@ -104,6 +108,31 @@ def test_a_middle_collection_pass_examines_a_bounded_number_of_objects() -> None
     assert kept == 100_000
     young = runtime.GC_THRESHOLDS[0]
     assert 0 < largest <= 5 * young, largest  # never twenty young passes' worth
+
+
+def test_a_large_retention_batch_is_retired_in_parts_of_bounded_size(
+        make_service: Any, sim: Any, eps: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store writer deletes a retention batch in one transaction, on the
+    loop: a batch of 10,000 (the largest ``retention_batch``) made loop turns
+    of 0.1 to 0.25 s. A batch is archived and committed in parts of at most
+    ``RETIRE_PART`` orders, and still moves every order exactly once."""
+    monkeypatch.setattr(retention_module, "RETIRE_PART", 8)
+    svc = make_service(retention_s=1000.0, retention_interval_s=3600.0, retention_batch=30)
+    with Client(eps.intake, timeout=10) as c:
+        ids = [rep["order_id"] for _r, rep in c.pipeline(
+            {"type": "submit_order", "order": retail_order(f"rp-{n}")} for n in range(40))]
+        wait_terminal(c, ids, timeout=30)
+        commits = svc.registry.get_sample_value("oms_retention_batch_seconds_count")
+        assert svc.retention.sweep(now=time.time() + 2000) == 30  # one batch
+        assert svc.registry.get_sample_value(
+            "oms_retention_batch_seconds_count") == commits + 4  # 8 + 8 + 8 + 6
+        assert svc.retention.sweep(now=time.time() + 2000) == 10
+        assert svc.retention.sweep(now=time.time() + 2000) == 0
+        views = [c.get(i) for i in ids]
+    assert all(v["type"] == "order" and v["order"]["archived"] for v in views)
+    seen = Counter(r["order"]["order_id"] for p in archive.files(svc.store.path)
+                   for r in archive.iter_file(p))
+    assert set(seen) == set(ids) and set(seen.values()) == {1}
 
 
 if __name__ == "__main__":
