@@ -28,7 +28,8 @@ before (CPython also waits until a quarter of the old objects are new)."""
 
 
 def tune_gc() -> None:
-    """Collect less often; call once, after start-up."""
+    """Collect less often; call once, after start-up (``oms serve``: before
+    the service starts, so that recovery runs under these thresholds)."""
     gc.collect()
     gc.freeze()  # start-up objects (modules, config, definitions) are never garbage
     gc.set_threshold(*GC_THRESHOLDS)

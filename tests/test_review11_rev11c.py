@@ -7,16 +7,19 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Endpoints
 from helpers import poll_until, retail_order
 
 from actors import retention as retention_module
 from actors import router as router_module
 from actors import runtime
+from bench.ports import free_port
 from gateways.client import Client, wait_terminal
 from storage import archive
 
@@ -133,6 +136,44 @@ def test_a_large_retention_batch_is_retired_in_parts_of_bounded_size(
     seen = Counter(r["order"]["order_id"] for p in archive.files(svc.store.path)
                    for r in archive.iter_file(p))
     assert set(seen) == set(ids) and set(seen.values()) == {1}
+
+
+def _metric(port: int, sample: str) -> float:
+    """One sample of the service's /metrics, by its name and labels as printed."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    for line in text.decode().splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == sample:
+            return float(value)
+    raise AssertionError(f"no {sample} in /metrics")
+
+
+def test_recovery_runs_under_the_services_collector_thresholds(procs: Any,
+                                                                tmp_path: Path) -> None:
+    """Recovery runs while the loop serves (resumed orders send, replies and
+    events come in), with every resumed order in memory. It ran before
+    ``tune_gc``, under CPython's default thresholds: full collections every
+    few tens of thousands of allocations, each over every recovered order,
+    stopping the loop (30,000 orders: some 2,000 passes, full ones of 0.1 to
+    0.55 s, loop turns of up to 1 s). The service's thresholds apply from
+    before its start."""
+    eps = Endpoints()  # no domain system answers: every order keeps a command out
+    args = eps.serve_args(tmp_path / "data")
+    port = free_port()
+    args[args.index("--metrics-port") + 1] = str(port)
+    svc = procs(args, "serve-0")
+    with Client(eps.intake, timeout=10) as c:
+        c.wait_ready(30)
+        for _r, rep in c.pipeline({"type": "submit_order", "order": retail_order(f"gc-{n}")}
+                                  for n in range(3000)):
+            assert rep["type"] == "accepted", rep
+    svc.kill()
+    procs(args, "serve-1")
+    with Client(eps.intake, timeout=10) as c:
+        c.wait_ready(60)
+    assert _metric(port, "oms_recovered_orders") == 3000
+    full = _metric(port, 'python_gc_collections_total{generation="2"}')
+    assert full == 1, full  # tune_gc's own collect only; none over the recovered orders
 
 
 if __name__ == "__main__":
