@@ -100,7 +100,7 @@ class OrderCounts:
 
     def oldest_held_age(self) -> float:
         """Seconds since the longest-held unfinished order became held; 0 if none.
-        Read at scrape time: one pass over the held orders only."""
+        Read at scrape time: the top of ``_oldest``, no pass over the held orders."""
         with self._lock:
             return _age(self._oldest_since())
 
