@@ -10,6 +10,7 @@ of them touches an actor.
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time
 from collections import Counter
@@ -28,6 +29,11 @@ class OrderCounts:
         self.in_flight = 0  # unfinished orders that hold an admission slot
         self.states: Counter[str] = Counter()
         self.held_since: dict[str, float] = {}  # held orders: when they became held (wall)
+        # (time, order id) of held orders, oldest first: the oldest without a pass
+        # over them all; an entry whose order was let go (or held again) since is
+        # dropped when it reaches the top, and all are rebuilt once they are
+        # more than twice the held orders (``_held``)
+        self._oldest: list[tuple[float, str]] = []
         self.parked: set[str] = set()  # held as internal_error: no admission slot
 
     def counted(self, order: Order) -> None:
@@ -41,7 +47,7 @@ class OrderCounts:
             if state not in _TERMINAL:  # only its CRM notice is out: in flight, as live,
                 self.states[state] += 1  # but no state count (state_changed drops it too)
             if state == OrderState.HELD and order_id is not None:
-                self.held_since[order_id] = held_since or time.time()
+                self._held(order_id, held_since or time.time())
             if order_id is not None and state == "held" and reason == INTERNAL_ERROR:
                 self.parked.add(order_id)  # held for an internal error: no admission slot
             else:
@@ -66,7 +72,7 @@ class OrderCounts:
                 self.states[str(new)] += 1
             if order_id is not None:
                 if new == OrderState.HELD:
-                    self.held_since[order_id] = time.time()
+                    self._held(order_id, time.time())
                 elif old == OrderState.HELD:
                     self.held_since.pop(order_id, None)
 
@@ -82,8 +88,8 @@ class OrderCounts:
             if not new.terminal:
                 self.states[str(new)] += 1
             if order_id is not None:
-                if new == OrderState.HELD:
-                    self.held_since.setdefault(order_id, time.time())
+                if new == OrderState.HELD and order_id not in self.held_since:
+                    self._held(order_id, time.time())
                 elif old == OrderState.HELD:
                     self.held_since.pop(order_id, None)
 
@@ -94,9 +100,9 @@ class OrderCounts:
 
     def oldest_held_age(self) -> float:
         """Seconds since the longest-held unfinished order became held; 0 if none.
-        Read at scrape time: one pass over the held orders only."""
+        Read at scrape time: the top of ``_oldest``, no pass over the held orders."""
         with self._lock:
-            return _age(min(self.held_since.values(), default=None))
+            return _age(self._oldest_since())
 
     def snapshot(self, live: int) -> dict[str, Any]:
         """The counts, with ``live`` order actors (the router's live set)."""
@@ -106,8 +112,27 @@ class OrderCounts:
                 "passivated": max(0, self.in_flight - live),
                 "in_flight": self.in_flight,
                 "states": {k: v for k, v in self.states.items() if v > 0},
-                "oldest_held_s": _age(min(self.held_since.values(), default=None)),
+                "oldest_held_s": _age(self._oldest_since()),
             }
+
+    def _held(self, order_id: str, since: float) -> None:
+        """(Lock held.) The order is held since ``since``."""
+        self.held_since[order_id] = since
+        heapq.heappush(self._oldest, (since, order_id))
+        if len(self._oldest) > 2 * len(self.held_since) + 1024:  # let-go ones piled up
+            self._oldest = [(t, o) for o, t in self.held_since.items()]
+            heapq.heapify(self._oldest)
+
+    def _oldest_since(self) -> float | None:
+        """(Lock held.) When the longest-held order became held; None if none
+        is: the top of ``_oldest``, once the entries of orders let go are off it."""
+        oldest, held = self._oldest, self.held_since
+        while oldest:
+            since, order_id = oldest[0]
+            if held.get(order_id) == since:
+                return since
+            heapq.heappop(oldest)
+        return None
 
 
 def _age(since: float | None) -> float:

@@ -42,6 +42,7 @@ from storage.store import Store
 logger = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 30.0
+RETIRE_PART = 512  # orders the writer retires in one commit (one loop turn) at most
 
 
 def check_settings(cfg: Config) -> None:
@@ -120,16 +121,33 @@ class Retention:
             os._exit(70)
 
     def sweep(self, now: float | None = None) -> int:
-        """One batch. Returns how many orders left the live store."""
+        """One batch (``retention_batch`` orders at most), handed to the
+        writer in parts of at most ``RETIRE_PART``, each archived and
+        committed before the next is read: the writer deletes a part in one
+        loop turn, so a turn never grows with the batch. Returns how many
+        orders left the live store."""
         now = time.time() if now is None else now
+        moved, left = 0, self.batch
+        while left > 0:
+            part = min(left, RETIRE_PART)
+            done = self._part(now, part)
+            if done is None:
+                break  # nothing (more) to do
+            moved += done
+            left -= part
+        return moved
+
+    def _part(self, now: float, limit: int) -> int | None:
+        """Up to ``limit`` orders (and expired dedup entries, and backfilled
+        index entries) archived and retired in one commit; None if there was
+        nothing to do."""
         started = time.perf_counter()
-        rows = (self.store.finished_before(now - self.retention_s, self.batch)
+        rows = (self.store.finished_before(now - self.retention_s, limit)
                 if self.retention_s > 0 else [])
-        expired = self.store.expired_before(now - self.dedup_window_s, self.batch)
-        backfill = self.store.backfill_scan(self._since_ms, self.batch,
-                                             self._backfill_until)
+        expired = self.store.expired_before(now - self.dedup_window_s, limit)
+        backfill = self.store.backfill_scan(self._since_ms, limit, self._backfill_until)
         if not rows and not expired and not backfill:
-            return 0
+            return None
         committed = self.store.archive_lengths()
         by_day: dict[str, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
         entries: list[list[Any]] = []
@@ -161,7 +179,7 @@ class Retention:
             self.metrics.retention_batch_seconds.observe(time.perf_counter() - started)
             return outcome
         if outcome == "stopping":
-            return 0  # the writer still commits it (or not) before it stops; either is safe
+            return None  # the writer still commits it (or not) before it stops; either is safe
         raise RuntimeError(f"retention batch not committed: {outcome}")
 
     def _commit(self, lengths: dict[str, tuple[int, int]], entries: list[Any],

@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 import pykka
@@ -59,6 +60,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+SWEEP_CHUNK = 512  # idle actors the passivation sweep nudges per loop turn at most
+
 
 class OrderRouter(Revival):
     STRIPES = 64
@@ -70,6 +73,7 @@ class OrderRouter(Revival):
         self.counts = OrderCounts()
         self.passivate_after_s = passivate_after_s
         self.idle: dict[str, OrderActor] = {}  # single dict ops are atomic under the GIL
+        self._nudged: set[str] = set()  # told to rest in this pass of the sweep
         self._reviving: dict[str, list[Any]] = {}  # messages for orders being reloaded
         self._counted: dict[str, OrderState | None] = {}  # ... the state counts show
         self._stopped = threading.Event()
@@ -202,23 +206,48 @@ class OrderRouter(Revival):
             self.counts.retired()
 
     def _sweep(self) -> None:
-        """Nudge actors idle over ``passivate_after_s``; a loop timer, every half of it."""
+        """Nudge actors idle over ``passivate_after_s``; a loop timer, every
+        half of it. A bounded chunk a turn: while more may be due, the sweep
+        goes on in the next turn (a call), not in this one."""
         if self._stopped.is_set():
             return
+        more = False
         try:
-            self._sweep_once()
+            more = self._sweep_once()
         finally:
-            self._loop.call_later(max(0.05, self.passivate_after_s / 2), self._sweep)
+            if more:
+                self._loop.call_soon(self._sweep)
+            else:
+                self._nudged.clear()
+                self._loop.call_later(max(0.05, self.passivate_after_s / 2), self._sweep)
 
-    def _sweep_once(self) -> None:
-        now = time.monotonic()
-        for actor in list(self.idle.copy().values()):
+    def _sweep_once(self) -> bool:
+        """Tell at most ``SWEEP_CHUNK`` actors idle over ``passivate_after_s``
+        to ``Rest``; True if more may be due. ``idle`` is in the order its
+        actors went idle (each is put in when it goes idle and taken out when
+        it stops being so), so the due ones are at its front and the first
+        one not due ends the pass: the work is what is due, never a walk of
+        every idle actor. Those nudged in this pass that stay idle (their
+        newest snapshot not yet durable) are at the front too: they are
+        passed over (``_nudged``), and nudged again in the next pass."""
+        now, nudged = time.monotonic(), self._nudged
+        told = 0
+        for actor in list(islice(self.idle.values(), len(nudged) + SWEEP_CHUNK)):
+            order_id = actor.order.order_id
+            if order_id in nudged:
+                continue
             since = actor.idle_since
-            if since is not None and now - since >= self.passivate_after_s:
-                try:
-                    actor.actor_ref.tell(Rest())
-                except Exception:  # noqa: BLE001 - stopped meanwhile
-                    self.idle.pop(actor.order.order_id, None)
+            if since is not None and now - since < self.passivate_after_s:
+                return False  # the rest went idle later still
+            if told == SWEEP_CHUNK:
+                return True
+            nudged.add(order_id)
+            told += 1
+            try:
+                actor.actor_ref.tell(Rest())
+            except Exception:  # noqa: BLE001 - stopped meanwhile
+                self.idle.pop(order_id, None)
+        return told == SWEEP_CHUNK
 
     def alive(self) -> bool:
         return self._loop.alive()  # the sweep runs on the loop

@@ -108,6 +108,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           "--shards N on it (N as in the file)")
     signal.signal(signal.SIGHUP, lambda *_: reload.set())
     service = Service(cfg)
+    tune_gc()  # before start: recovery runs under these thresholds (see actors.runtime)
     try:
         service.start()
     except (StoreLocked, SecurityError) as exc:
@@ -123,7 +124,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"oms serve: cannot open an endpoint: {exc}", file=sys.stderr)
             return 2
         raise
-    tune_gc()
     try:
         while not stop.wait(0.2):
             if reload.is_set():
