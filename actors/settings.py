@@ -26,7 +26,7 @@ def load_config(file: str | None = None, env: Mapping[str, str] | None = None,
     if file:
         try:
             sources.append((tomllib.loads(Path(file).read_text(encoding="utf-8")), file))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"config file {file}: {exc}") from None
     sources.append((from_environment(os.environ if env is None else env), "environment"))
     sources.append(({k: v for k, v in flags.items() if v is not None}, "flags"))

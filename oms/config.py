@@ -142,6 +142,9 @@ def parse_systems(value: Any, origin: str) -> dict[str, str]:
     """``{"name": "ep"}``, ``["name=ep", ...]`` or ``"name=ep,name=ep"``."""
     if isinstance(value, dict):
         return {str(k): str(v) for k, v in value.items()}
+    if not isinstance(value, str | list | tuple):
+        raise ConfigError(f"{origin}: systems must be a table, a list or text of "
+                          f"NAME=ENDPOINT, got {value!r:.40}")
     items = value.split(",") if isinstance(value, str) else list(value)
     out = {}
     for item in items:
