@@ -51,6 +51,8 @@ def load_processes(directory: str | Path | None = None) -> dict[str, ProcessDef]
             proc = parse_process(file.read_text(encoding="utf-8"), str(file))
         except ProcessError as exc:
             problems.extend(exc.problems)
+        except (OSError, UnicodeDecodeError) as exc:  # unreadable, a folder, not UTF-8
+            problems.append(f"{file}: cannot read: {exc}")
         else:
             if proc.order_type in defined:  # (else the later file would win, silently)
                 problems.append(f"{file}: process.order_type: {proc.order_type!r} is defined "
