@@ -99,14 +99,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop, reload = Flag(), Flag()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    # SIGHUP's default action ends the process: sharded, it would end every child too
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())
     if cfg.shards != 1:  # docs/scaling.md
         from shards.supervisor import run_sharded
 
-        return run_sharded(cfg, args.config, stop)
+        return run_sharded(cfg, args.config, stop, reload)
     if not cfg.vshards and (Path(cfg.data) / "shards.json").exists():
         raise ConfigError(f"{cfg.data} holds a sharded service (shards.json): run oms serve "
                           "--shards N on it (N as in the file)")
-    signal.signal(signal.SIGHUP, lambda *_: reload.set())
     service = Service(cfg)
     tune_gc()  # before start: recovery runs under these thresholds (see actors.runtime)
     try:

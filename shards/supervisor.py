@@ -200,16 +200,29 @@ class Supervisor:
         logger.info("sharded service ready: %d shards behind intake %s, events %s",
                     len(self.shards), self.cfg.intake, self.cfg.events)
 
-    def watch(self, stop: Flag) -> None:
+    def watch(self, stop: Flag, reload: Flag | None = None) -> None:
         """Until ``stop`` (or ``stopping``) is set: restart any child that
-        exits. Runs on the thread that started the children: a child's
-        ``PR_SET_PDEATHSIG`` follows the thread that forked it, so a child
-        restarted from another thread would get SIGTERM when that thread
-        ended, before the front in the stop order."""
+        exits, and pass a ``reload`` (SIGHUP) on to the front, which holds
+        the client keys. Runs on the thread that started the children: a
+        child's ``PR_SET_PDEATHSIG`` follows the thread that forked it, so a
+        child restarted from another thread would get SIGTERM when that
+        thread ended, before the front in the stop order."""
         while not stop.wait(0.1) and not self.stopping.is_set():
+            if reload is not None and reload.is_set():
+                reload.clear()
+                self.forward_reload()
             now = time.monotonic()
             for child in self.children():
                 self._check(child, now)
+
+    def forward_reload(self) -> None:
+        """SIGHUP to the front (the shards run without CURVE: nothing to read again)."""
+        proc = self.front.proc
+        if proc is not None and proc.poll() is None:
+            logger.info("SIGHUP: passed on to the front (client keys read again)")
+            proc.send_signal(signal.SIGHUP)
+        else:  # restarting: it reads the keys as it starts
+            logger.warning("SIGHUP: the front is not running; it reads the keys when it starts")
 
     def _check(self, child: Child, now: float) -> None:
         if child.proc is None:
@@ -244,7 +257,8 @@ class Supervisor:
         logger.info("sharded service stopped")
 
 
-def run_sharded(cfg: Config, config_file: str | None, stop: Flag) -> int:
+def run_sharded(cfg: Config, config_file: str | None, stop: Flag,
+                reload: Flag | None = None) -> int:
     sup = Supervisor(cfg, config_file)
     try:
         sup.start()
@@ -252,7 +266,7 @@ def run_sharded(cfg: Config, config_file: str | None, stop: Flag) -> int:
         sup.stop()
         raise
     try:
-        sup.watch(stop)  # on this thread, the one that started the children
+        sup.watch(stop, reload)  # on this thread, the one that started the children
         logger.info("signal received: stopping the front, then the shards")
     finally:
         sup.stop()

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
+import zmq
+from helpers import curve_keys, poll_until
 
 from app.cli import main
+from gateways.client import Client
 
 
 @pytest.mark.parametrize("text", [
@@ -38,3 +43,39 @@ def test_an_unreadable_process_definition_is_one_line_and_exit_2(
                  "--metrics-port", "0"]) == 2
     err = capsys.readouterr().err
     assert "oms serve: " in err and "bad.toml" in err and "Traceback" not in err, err
+
+
+def _get_order(intake: str, curve: dict[str, Any]) -> dict[str, Any] | None:
+    """A fresh connection (one refused at the handshake is not retried)."""
+    with Client(intake, zmq.Context.instance(), curve=curve, timeout=0.5) as client:
+        try:
+            return client.request({"type": "get_order", "order_id": "x"})
+        except TimeoutError:
+            return None
+
+
+@pytest.mark.slow
+def test_sighup_to_a_sharded_service_reloads_the_keys_and_stops_nothing(
+        procs: Any, tmp_path: Path) -> None:
+    """docs/scaling.md: the front's client keys are "reloaded on SIGHUP". The
+    operator signals the `oms serve --shards N` process, the one they
+    started; it had no SIGHUP handler, so the default action ended it and,
+    through the parent-death signal, the front and every shard."""
+    from test_shards import Sharded
+
+    keys = curve_keys(tmp_path / "keys", ["web", "late"])
+    (keys.allowed / "late.key").unlink()
+    s = Sharded(procs, tmp_path, serve_args=(
+        "--curve-server-key", str(keys.folder / "server" / "server.key_secret"),
+        "--curve-clients", str(keys.allowed)))
+    assert poll_until(lambda: _get_order(s.eps.intake, keys.opts("web")), timeout=20,
+                      every=0.1)["code"] == "not_found"
+    assert _get_order(s.eps.intake, keys.opts("late")) is None
+    (keys.allowed / "late.key").write_text((keys.folder / "own" / "late.key").read_text())
+    for _ in range(5):  # a burst, as a config-management run may send
+        s.svc.p.send_signal(signal.SIGHUP)
+    reply = poll_until(lambda: _get_order(s.eps.intake, keys.opts("late")), timeout=20,
+                       every=0.1)
+    assert reply["code"] == "not_found"
+    assert s.svc.p.poll() is None
+    assert s.svc.terminate() == 0
