@@ -21,6 +21,7 @@ from functools import partial
 from types import MappingProxyType
 from typing import Any
 
+import lmdb
 import zmq
 from prometheus_client import CollectorRegistry, gc_collector, platform_collector, process_collector
 
@@ -111,9 +112,12 @@ class Service:
                                                 cfg.domain_server_key)
         if self.security is None:
             _warn_if_exposed(cfg)
-        self.store = Store(cfg.data, map_size=cfg.map_size_mb * 1024 * 1024,
-                           max_map_size=cfg.max_map_size_mb * 1024 * 1024,
-                           epoch=cfg.epoch)  # epoch: fencing of a shard on Ray
+        try:
+            self.store = Store(cfg.data, map_size=cfg.map_size_mb * 1024 * 1024,
+                               max_map_size=cfg.max_map_size_mb * 1024 * 1024,
+                               epoch=cfg.epoch)  # epoch: fencing of a shard on Ray
+        except lmdb.Error as exc:  # not an LMDB store: a restart cannot help (exit 2)
+            raise ConfigError(f"data folder {cfg.data} cannot be opened: {exc}") from None
         self._stops.append(("store", self.store.close))
         self.writer = StoreWriter.launch(self.store, self.metrics, loop=loop)
         self._stops.append(("store writer", lambda: _stop_actor(self.writer)))

@@ -79,3 +79,18 @@ def test_sighup_to_a_sharded_service_reloads_the_keys_and_stops_nothing(
     assert reply["code"] == "not_found"
     assert s.svc.p.poll() is None
     assert s.svc.terminate() == 0
+
+
+@pytest.mark.parametrize("make", ["garbage", "a_folder"])
+def test_a_data_folder_that_is_not_a_store_is_one_line_and_exit_2(
+        tmp_path: Path, make: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Was an ``lmdb.InvalidError`` (or ``lmdb.Error``) traceback and exit 1."""
+    data = tmp_path / "d"
+    data.mkdir()
+    if make == "garbage":
+        (data / "data.mdb").write_bytes(b"not lmdb " * 10_000)
+    else:
+        (data / "data.mdb").mkdir()
+    assert main(["serve", "--data", str(data), "--metrics-port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"oms serve: data folder {data}" in err and "Traceback" not in err, err
