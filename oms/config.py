@@ -102,6 +102,8 @@ class Config:
             if str(getattr(self, name)).lower() not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)} "
                                   f"(got {getattr(self, name)!r:.40})")
+        if not self.data.strip():  # Path("") is the working directory (/ under systemd)
+            raise ConfigError("data must name a folder (got an empty value)")
         for name, (low, high) in BOUNDS.items():
             value = getattr(self, name)
             if not math.isfinite(value) or not low <= value <= high:
@@ -119,8 +121,10 @@ class Config:
                 setattr(self, name, {**self.systems, **parse_systems(value, origin)})
             elif isinstance(current, int | float) and not isinstance(current, bool):
                 setattr(self, name, parse_number(value, type(current), origin, key))
-            else:
-                setattr(self, name, None if value is None else str(value))
+            else:  # "" for an optional path is unset (OMS_PROCESSES=), never "." by accident
+                text = None if value is None else str(value)
+                setattr(self, name, None if text == "" and known[name].default is None
+                        else text)
 
 
 def parse_number(value: Any, kind: type, origin: str, key: str) -> int | float:

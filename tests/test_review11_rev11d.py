@@ -94,3 +94,27 @@ def test_a_data_folder_that_is_not_a_store_is_one_line_and_exit_2(
     assert main(["serve", "--data", str(data), "--metrics-port", "0"]) == 2
     err = capsys.readouterr().err
     assert f"oms serve: data folder {data}" in err and "Traceback" not in err, err
+
+
+def test_an_empty_data_setting_is_refused_not_the_working_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``OMS_DATA=$UNSET oms serve``: ``Path("")`` is ``.``, so the store was
+    opened in the working directory (``/`` under systemd) instead of the
+    default or an error; a later start with the folder set finds no orders."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMS_DATA", "")
+    assert main(["serve", "--metrics-port", "0"]) == 2
+    assert "data" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_processes_setting_is_no_folder_not_the_working_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the empty CURVE settings (the shard supervisor's way to turn them off)."""
+    from actors.settings import load_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "stray.toml").write_text("not a process")
+    cfg = load_config(None, env={"OMS_PROCESSES": ""})
+    assert cfg.processes is None
