@@ -180,7 +180,10 @@ class Service:
         return writer is not None and writer.writable.is_set()
 
     def reload_keys(self) -> None:
-        """SIGHUP: read the allowed client keys again."""
+        """SIGHUP: read the allowed client keys again (only those: say so)."""
+        logger.info("SIGHUP: %s; process definitions are read at start only (restart to "
+                    "use changed ones)", "CURVE is off, no client keys to read"
+                    if self.security is None else "reading the client keys again")
         if self.security is not None:
             try:
                 self.security.reload()

@@ -118,3 +118,14 @@ def test_an_empty_processes_setting_is_no_folder_not_the_working_directory(
     (tmp_path / "stray.toml").write_text("not a process")
     cfg = load_config(None, env={"OMS_PROCESSES": ""})
     assert cfg.processes is None
+
+
+def test_sighup_says_process_definitions_are_not_reloaded(
+        make_service: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """An operator who edits a definition and sends SIGHUP got silence (CURVE
+    off: no line at all), as if the new definition were in force."""
+    svc = make_service()
+    with caplog.at_level("INFO", logger="app.service"):
+        svc.reload_keys()  # what cmd_serve runs on SIGHUP
+    assert any("process definitions are read at start only" in r.getMessage()
+               for r in caplog.records)
