@@ -190,9 +190,12 @@ class HttpServer:
                  request_deadline_s: float = REQUEST_DEADLINE_S) -> None:
         """``ready`` and ``dead`` are called from the server's threads: they
         must read only what is safe from any thread (``app.service``)."""
-        self.server: PooledWSGIServer = make_server(
-            host, port, health_app(registry, ready, dead), PooledWSGIServer,
-            handler_class=_Quiet)
+        try:
+            self.server: PooledWSGIServer = make_server(
+                host, port, health_app(registry, ready, dead), PooledWSGIServer,
+                handler_class=_Quiet)
+        except OSError as exc:  # say which port: the service binds four endpoints
+            raise OSError(exc.errno, f"metrics port {host}:{port}: {exc.strerror}") from None
         self.server.request_deadline_s = request_deadline_s
         self.thread = threading.Thread(
             target=supervision.guarded("metrics-http", self.server.serve), name="metrics-http",

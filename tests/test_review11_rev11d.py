@@ -129,3 +129,20 @@ def test_sighup_says_process_definitions_are_not_reloaded(
         svc.reload_keys()  # what cmd_serve runs on SIGHUP
     assert any("process definitions are read at start only" in r.getMessage()
                for r in caplog.records)
+
+
+def test_a_metrics_port_in_use_is_named_in_the_refusal(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Was "cannot start: [Errno 98] Address already in use": which of the
+    four endpoints? (The ZeroMQ ones name their address already.)"""
+    import socket
+
+    from conftest import free_port
+
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        assert main(["serve", "--data", str(tmp_path / "d"), "--metrics-port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"metrics port 127.0.0.1:{port}" in err and "Traceback" not in err, err
