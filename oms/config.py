@@ -102,6 +102,7 @@ class Config:
             if str(getattr(self, name)).lower() not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)} "
                                   f"(got {getattr(self, name)!r:.40})")
+            setattr(self, name, str(getattr(self, name)).lower())  # "JSON" is json, not text
         if not self.data.strip():  # Path("") is the working directory (/ under systemd)
             raise ConfigError("data must name a folder (got an empty value)")
         for name, (low, high) in BOUNDS.items():

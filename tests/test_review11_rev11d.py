@@ -146,3 +146,12 @@ def test_a_metrics_port_in_use_is_named_in_the_refusal(
         assert main(["serve", "--data", str(tmp_path / "d"), "--metrics-port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"metrics port 127.0.0.1:{port}" in err and "Traceback" not in err, err
+
+
+def test_log_format_in_capitals_is_json_not_silently_text() -> None:
+    """``OMS_LOG_FORMAT=JSON`` passed the check (case-blind) but
+    ``actors.logs.setup`` compares ``== "json"``: the logs came out as text."""
+    from actors.settings import load_config
+
+    cfg = load_config(None, env={"OMS_LOG_FORMAT": "JSON", "OMS_LOG_LEVEL": "Warning"})
+    assert (cfg.log_format, cfg.log_level) == ("json", "warning")
