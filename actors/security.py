@@ -75,7 +75,7 @@ def load_clients(folder: str | Path) -> dict[bytes, str]:
     if not path.is_dir():
         raise SecurityError(f"{path}: not a folder of client keys")
     keys: dict[bytes, str] = {}
-    for file in sorted(path.glob("*.key")):
+    for file in sorted(f for f in path.glob("*.key") if not f.name.startswith(".")):
         try:
             public, _ = zmq.auth.load_certificate(str(file))
         except (OSError, ValueError) as exc:  # empty, half copied, not a key: say which
@@ -150,7 +150,7 @@ class ChannelSecurity:
         self.auth.names = names
         try:
             self.auth.start()
-            self.auth.configure_curve(domain="*", location=clients)
+            self.allow(names)
         except Exception as exc:
             raise SecurityError(f"the ZAP authenticator cannot run: {exc}") from exc
         if not self.auth.is_alive():
@@ -165,10 +165,17 @@ class ChannelSecurity:
     def reload(self) -> int:
         """Read the clients folder again (SIGHUP); returns how many keys."""
         names = load_clients(self.clients_dir)
-        self.auth.names = names
-        self.auth.configure_curve(domain="*", location=self.clients_dir)
+        self.allow(names)
         logger.info("client keys reloaded: %d allowed", len(names))
         return len(names)
+
+    def allow(self, names: dict[bytes, str]) -> None:
+        """The keys just read and checked are the ones in force: not pyzmq's
+        ``configure_curve``, which reads the folder a second time (hidden
+        files skipped, a failure only logged, the folder maybe changed)."""
+        self.auth.names = names
+        self.auth.allow_any = False
+        self.auth.certs["*"] = dict.fromkeys(names, True)  # one assignment: atomic for ZAP
 
     def alive(self) -> bool:
         """The ZAP thread runs (readiness: see ``Service.dead_components``)."""
