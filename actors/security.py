@@ -76,6 +76,8 @@ def load_clients(folder: str | Path) -> dict[bytes, str]:
         raise SecurityError(f"{path}: not a folder of client keys")
     keys: dict[bytes, str] = {}
     for file in sorted(f for f in path.glob("*.key") if not f.name.startswith(".")):
+        if not file.is_file():  # a FIFO would block the reload (and SIGTERM) forever
+            raise SecurityError(f"{file}: not a client key: not a regular file")
         try:
             public, _ = zmq.auth.load_certificate(str(file))
         except (OSError, ValueError) as exc:  # empty, half copied, not a key: say which

@@ -181,3 +181,35 @@ def test_the_keys_in_force_are_the_keys_read_once(tmp_path: Path) -> None:
     finally:
         sec.stop()
         ctx.destroy(linger=0)
+
+
+def test_a_fifo_in_the_keys_folder_is_refused_not_a_hang(tmp_path: Path) -> None:
+    """Opening a FIFO named ``x.key`` blocks until a writer comes: SIGHUP's
+    reload runs on the main thread, the one that also waits for SIGTERM, so
+    the service could then only be stopped with kill -9."""
+    import os
+    import threading
+
+    from actors.security import SecurityError, load_clients
+
+    keys = curve_keys(tmp_path / "keys", ["web"])
+    fifo = keys.allowed / "pipe.key"
+    os.mkfifo(fifo)
+    outcome: list[BaseException | None] = []
+
+    def read() -> None:
+        try:
+            load_clients(keys.allowed)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+            outcome.append(exc)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(10)
+    if thread.is_alive():  # let the blocked open return before failing
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        thread.join(10)
+        raise AssertionError("load_clients blocked on a FIFO")
+    assert isinstance(outcome[0], SecurityError) and "pipe.key" in str(outcome[0])
