@@ -122,8 +122,10 @@ class Config:
                 setattr(self, name, {**self.systems, **parse_systems(value, origin)})
             elif isinstance(current, int | float) and not isinstance(current, bool):
                 setattr(self, name, parse_number(value, type(current), origin, key))
+            elif value is not None and not isinstance(value, str):  # data = [1]: no "[1]" folder
+                raise ConfigError(f"{origin}: {key} must be text, got {value!r:.40}")
             else:  # "" for an optional path is unset (OMS_PROCESSES=), never "." by accident
-                text = None if value is None else str(value)
+                text = value
                 setattr(self, name, None if text == "" and known[name].default is None
                         else text)
 

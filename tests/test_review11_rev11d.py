@@ -213,3 +213,18 @@ def test_a_fifo_in_the_keys_folder_is_refused_not_a_hang(tmp_path: Path) -> None
         thread.join(10)
         raise AssertionError("load_clients blocked on a FIFO")
     assert isinstance(outcome[0], SecurityError) and "pipe.key" in str(outcome[0])
+
+
+@pytest.mark.parametrize("text", ['data = ["a", "b"]\n', "data = {x = 1}\n", "data = 5\n",
+                                  'metrics_host = ["0.0.0.0"]\n'])
+def test_a_text_setting_of_another_toml_type_is_refused(
+        tmp_path: Path, text: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``data = ["a", "b"]`` opened a store in a folder named "['a', 'b']"."""
+    from actors.settings import load_config
+    from oms.config import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "oms.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match="must be text"):
+        load_config(str(cfg), env={})
