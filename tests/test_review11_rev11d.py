@@ -30,18 +30,28 @@ def test_a_hostile_config_file_is_one_line_and_exit_2(tmp_path: Path, text: byte
     assert not (tmp_path / "d").exists()  # refused before anything started
 
 
+def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """``oms serve`` refused at start (exit 2): what it said on stderr."""
+    assert main(["serve", *argv]) == 2
+    return capsys.readouterr().err
+
+
+def _unreadable(path: Path, make: str, garbage: bytes) -> None:
+    """``path`` made a folder (``make`` "a_folder") or a file of ``garbage``."""
+    if make == "a_folder":
+        path.mkdir()
+    else:
+        path.write_bytes(garbage)
+
+
 @pytest.mark.parametrize("make", ["not_utf8", "a_folder"])
 def test_an_unreadable_process_definition_is_one_line_and_exit_2(
         tmp_path: Path, make: str, capsys: pytest.CaptureFixture[str]) -> None:
     procs = tmp_path / "procs"
     procs.mkdir()
-    if make == "not_utf8":
-        (procs / "bad.toml").write_bytes(b"\xff\xfe = 1\n")  # was a UnicodeDecodeError traceback
-    else:
-        (procs / "bad.toml").mkdir()
-    assert main(["serve", "--processes", str(procs), "--data", str(tmp_path / "d"),
-                 "--metrics-port", "0"]) == 2
-    err = capsys.readouterr().err
+    _unreadable(procs / "bad.toml", make, b"\xff\xfe = 1\n")  # was a UnicodeDecodeError traceback
+    err = _refused(["--processes", str(procs), "--data", str(tmp_path / "d"),
+                    "--metrics-port", "0"], capsys)
     assert "oms serve: " in err and "bad.toml" in err and "Traceback" not in err, err
 
 
@@ -87,12 +97,8 @@ def test_a_data_folder_that_is_not_a_store_is_one_line_and_exit_2(
     """Was an ``lmdb.InvalidError`` (or ``lmdb.Error``) traceback and exit 1."""
     data = tmp_path / "d"
     data.mkdir()
-    if make == "garbage":
-        (data / "data.mdb").write_bytes(b"not lmdb " * 10_000)
-    else:
-        (data / "data.mdb").mkdir()
-    assert main(["serve", "--data", str(data), "--metrics-port", "0"]) == 2
-    err = capsys.readouterr().err
+    _unreadable(data / "data.mdb", make, b"not lmdb " * 10_000)
+    err = _refused(["--data", str(data), "--metrics-port", "0"], capsys)
     assert f"oms serve: data folder {data}" in err and "Traceback" not in err, err
 
 
