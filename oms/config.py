@@ -125,9 +125,8 @@ class Config:
             elif value is not None and not isinstance(value, str):  # data = [1]: no "[1]" folder
                 raise ConfigError(f"{origin}: {key} must be text, got {value!r:.40}")
             else:  # "" for an optional path is unset (OMS_PROCESSES=), never "." by accident
-                text = value
-                setattr(self, name, None if text == "" and known[name].default is None
-                        else text)
+                setattr(self, name, None if value == "" and known[name].default is None
+                        else value)
 
 
 def parse_number(value: Any, kind: type, origin: str, key: str) -> int | float:
