@@ -280,7 +280,8 @@ def _step(
             value = hraw.get(key)
             if key not in missing and not (isinstance(value, str) and value):
                 c.bad(f"{where}.hold_when.{key}", "must be a non-empty string")
-        if hraw.get("reason") in OWN_REASONS:  # the service's own: it would pose as one
+        reason = hraw.get("reason")  # (a list or table: unhashable, not a set member)
+        if isinstance(reason, str) and reason in OWN_REASONS:  # it would pose as one
             c.bad(f"{where}.hold_when.reason", "is one of the service's own state_reason "
                   f"values ({', '.join(sorted(OWN_REASONS))}): pick another name")
         if missing:

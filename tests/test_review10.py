@@ -101,6 +101,9 @@ HOLD = 'field = "status", equals = "backordered", until_event = "stock_reserved"
     (f'{{ {HOLD}, reason = "compensating" }}', "reason"),
     (f'{{ {HOLD}, reason = "" }}', "reason"),
     (f'{{ {HOLD}, reason = 5 }}', "reason"),
+    # an array or a table: the check against the service's own reasons raised TypeError
+    (f'{{ {HOLD}, reason = ["r"] }}', "reason"),
+    (f'{{ {HOLD}, reason = {{ a = 1 }} }}', "reason"),
     # a list as the field: every order of the type raised (internal_error)
     ('{ field = ["status"], equals = "backordered", reason = "r", until_event = "e" }', "field"),
     # an event name no event can carry: held until an operator skips it
