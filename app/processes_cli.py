@@ -34,6 +34,11 @@ def cmd_processes(args: argparse.Namespace) -> int:
     return 0
 
 
+def naming(match: str | None) -> str:
+    """How a hold's event must name the held step (``oms.holds``)."""
+    return f" with the same {match} (or none)" if match else ""
+
+
 def render_process(proc: Any) -> str:
     lines = [f"{proc.order_type}: {proc.description}",
              f"  failure policy: {proc.failure_policy}; item failure: {proc.item_failure}; "
@@ -55,7 +60,8 @@ def render_process(proc: Any) -> str:
             comp = f", undo {a.compensate[0]}" if a.compensate else ""
             what = f"{a.system}.{a.op}{comp}"
         hold = (f"; hold '{step.hold.reason}' while {step.hold.field} == {step.hold.equals!r}"
-                f" until {step.hold.until_event}, without a time limit") if step.hold else ""
+                f" until {step.hold.until_event}{naming(step.hold.match)}, without a time "
+                "limit") if step.hold else ""
         lines.append(f"  [{step.name}] {what}{hold}")
         if step.wait_event:
             limit = (f"gives up after {step.wait_timeout_s:g} s" if step.wait_timeout_s

@@ -10,6 +10,7 @@ from typing import Any
 
 from oms import untrusted
 from oms.engine_base import TurnBase
+from oms.holds import early_taken, released
 from oms.messages import DomainEvent
 from oms.model import Step
 from oms.states import (
@@ -29,27 +30,6 @@ MAX_EARLY_EVENTS = 16
 MAX_EARLY_BYTES = 64 * 1024  # early events kept per order, encoded
 
 
-def named_by(waiting: list[Step], data: dict[str, Any]) -> Step:
-    """Of several steps waiting for one event (a per-item step's holds), the
-    one the event's ``data`` names: a value it shares under the same key with
-    that step's reply and with no other waiting step's (a back-ordered
-    reply's ``reservation_id``); else, none or several named, the first."""
-    named = None
-    for step in waiting:
-        result = step.result or {}
-        for key, value in result.items():
-            if key in data and data[key] == value and not any(
-                    other is not step and (other.result or {}).get(key) == value
-                    for other in waiting):
-                break
-        else:
-            continue
-        if named is not None:
-            return waiting[0]
-        named = step
-    return waiting[0] if named is None else named
-
-
 class EventMixin(TurnBase):
     __slots__ = ()  # as ``TurnBase``
 
@@ -57,25 +37,32 @@ class EventMixin(TurnBase):
 
     def on_event(self, ev: DomainEvent) -> None:
         """Apply an event to the step that waits for it from its sender
-        (``ev.system``, the domain system the endpoint authenticated), keep
-        it bounded if a step will wait for it later, else ignore it."""
+        (``ev.system``, the domain system the endpoint authenticated) and
+        that it may release (``oms.holds``), keep it bounded if a step will
+        wait for it later, else ignore it."""
         order = self.order
         problem = untrusted.data_problem(ev.data)
         data = ev.data if problem is None else {"dropped": problem}
         if problem:
             self.log_event(ev, f"its data is not kept: {problem}")
         name = ev.name
-        waiting = [step for step in order.steps.values()  # (``step.wait``: checked first)
+        waiting = [(step, self.hold_match(step))  # (``step.wait``: checked first)
+                   for step in order.steps.values()
                    if step.wait == name and self.event_matches(step, name, ev.system)]
         if waiting:
-            self.consume(waiting[0] if len(waiting) == 1 else named_by(waiting, data), data)
-            self.advance()
-            return
+            step = released(waiting, data)
+            if step is not None:
+                self.consume(step, data)
+                self.advance()
+                return
         refused = self.event_refusal(ev.name, ev.system)
         if refused:
             self.stale = True
             self.log_event(ev, f"ignored: {refused}")
             return
+        if waiting:  # each waiting step's reply has another value under its match
+            self.log_event(ev, "kept early: its data names none of the steps waiting for "
+                           "it (a hold_when's match)")
         early = order.early_events
         early.append({"system": ev.system, "name": ev.name, "data": data})
         sizes = [untrusted.size_of(e) for e in early]
@@ -128,13 +115,24 @@ class EventMixin(TurnBase):
             return f"{name} is awaited from {', '.join(sorted(senders))}, not from {system}"
         return f"no step of this order waits for {name}"
 
+    def hold_match(self, step: Step) -> str | None:
+        """The ``match`` of the definition's hold a step waits in, if any."""
+        if step.applied and self.defined(step):  # (a wait_event step is not, as it waits)
+            hold = self.defs[step.name].hold
+            if hold is not None and hold.until_event == step.wait:
+                return hold.match
+        return None
+
     def take_early_event(self, step: Step) -> bool:
-        for i, ev in enumerate(self.order.early_events):
-            if self.event_matches(step, ev["name"], ev["system"]):
-                del self.order.early_events[i]
-                self.consume(step, ev["data"])
-                return True
-        return False
+        """A kept event consumed as the step begins to wait (``oms.holds``)."""
+        early = self.order.early_events
+        fits = [(i, ev["data"]) for i, ev in enumerate(early)
+                if self.event_matches(step, ev["name"], ev["system"])]
+        i = early_taken(step, self.hold_match(step), fits) if fits else None
+        if i is None:
+            return False
+        self.consume(step, early.pop(i)["data"])
+        return True
 
     def consume(self, step: Step, data: dict[str, Any]) -> None:
         step.wait, step.retry_at = None, None

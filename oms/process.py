@@ -17,7 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from oms.process_check import OWN_REASONS, STEP_NAME, STEP_NAME_RULE, Checker
+from oms.holds import Hold, parse_hold
+from oms.process_check import STEP_NAME, STEP_NAME_RULE, Checker
 from oms.states import OrderState
 
 
@@ -56,19 +57,6 @@ class Action:
     args: dict[str, Any]
     compensate: tuple[str, dict[str, Any]] | None = None
     collect: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class Hold:
-    """Hold the order when a step's result has ``field == equals``, until
-    the domain event ``until_event`` arrives from ``system`` (default: the
-    system the step's command went to)."""
-
-    field: str
-    equals: Any
-    reason: str
-    until_event: str
-    system: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,26 +257,7 @@ def _step(
             c.bad(f"{where}.wait_event.system",
                   "required: the domain system the event must come from")
     if "hold_when" in raw:
-        hraw = c.table(raw, "hold_when", where)
-        c.keys(hraw, {"field", "equals", "reason", "until_event", "system"},
-               f"{where}.hold_when")
-        missing = [k for k in ("field", "equals", "reason", "until_event") if k not in hraw]
-        system = hraw.get("system")
-        if system is not None and (not isinstance(system, str) or not system):
-            c.bad(f"{where}.hold_when.system", "must be a domain system's name")
-        for key in ("field", "until_event", "reason"):
-            value = hraw.get(key)
-            if key not in missing and not (isinstance(value, str) and value):
-                c.bad(f"{where}.hold_when.{key}", "must be a non-empty string")
-        reason = hraw.get("reason")  # (a list or table: unhashable, not a set member)
-        if isinstance(reason, str) and reason in OWN_REASONS:  # it would pose as one
-            c.bad(f"{where}.hold_when.reason", "is one of the service's own state_reason "
-                  f"values ({', '.join(sorted(OWN_REASONS))}): pick another name")
-        if missing:
-            c.bad(f"{where}.hold_when", f"missing {', '.join(missing)}")
-        else:
-            hold = Hold(hraw["field"], hraw["equals"], hraw["reason"], hraw["until_event"],
-                        system if isinstance(system, str) else None)
+        hold = parse_hold(c, c.table(raw, "hold_when", where), f"{where}.hold_when")
     return StepDef(
         name, tuple(after), action, per_item, wait_event, wait_system, wait_timeout, timeout,
         retry, hold,

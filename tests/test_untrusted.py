@@ -68,9 +68,10 @@ def test_a_wait_must_name_its_system_and_a_hold_may_name_another() -> None:
     text = _retail_text()
     with pytest.raises(ProcessError, match=r"await_delivery\.wait_event\.system: required"):
         parse_process(text.replace(', system = "shipping" }', " }"), "nosys.toml")
-    text = text.replace('until_event = "stock_reserved" }',
-                        'until_event = "stock_reserved", system = "supplier" }')
-    proc = parse_process(text, "supplier.toml")
+    hold = 'match = "reservation_id" }'
+    assert hold in text
+    proc = parse_process(text.replace(hold, hold[:-1] + ', system = "supplier" }'),
+                         "supplier.toml")
     assert proc.step("reserve_stock").hold.system == "supplier"
     d = Driver(proc, retail_order(), ok_domain({"reserve_stock": BACKORDERED}))
     d.start()
