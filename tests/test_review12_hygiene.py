@@ -13,6 +13,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -124,3 +128,43 @@ def test_the_sharded_front_answers_odd_frames_and_its_shards_still_serve(
         _check_shapes(s.eps.domain_events, EVENT, "ack")
         view = client.get(accepted["order_id"])
         assert view["order"]["order_id"] == accepted["order_id"]
+
+
+# -- 2. the CLI's --json -------------------------------------------------------------
+
+
+def _oms(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True,
+                          text=True, timeout=60, env=dict(os.environ), check=False)
+
+
+def test_cli_json_carries_no_request_id(service: Any, eps: Any, client: Client,
+                                        tmp_path: Path) -> None:
+    oid = client.submit(retail_order("cli-json-1"))["order_id"]
+    for argv in (["order", "show", oid], ["status", oid],
+                 ["order", "show", "--source-system", "web", "--external-id", "cli-json-1"]):
+        shown = _oms(*argv, "--intake", eps.intake, "--timeout", "20", "--json")
+        assert shown.returncode == 0, shown
+        out = json.loads(shown.stdout)
+        assert "request_id" not in out and "type" not in out  # the view itself
+        assert out["order_id"] == oid and {"state", "steps", "history"} <= set(out)
+    missing = _oms("order", "show", "O999999999999", "--intake", eps.intake, "--json")
+    assert missing.returncode == 1
+    assert json.loads(missing.stdout) == {"type": "error", "code": "not_found",
+                                          "message": "no order 'O999999999999'"}
+    for argv, kind in ((["order", "retry", oid], "operator_rejected"),
+                       (["order", "skip", oid], "operator_rejected"),
+                       (["order", "abort", oid], "operator_rejected"),
+                       (["order", "cancel", "O999999999999"], "error")):
+        done = _oms(*argv, "--intake", eps.intake, "--timeout", "20", "--json")
+        out = json.loads(done.stdout)
+        assert out["type"] == kind and "request_id" not in out, done
+    order = tmp_path / "order.json"
+    order.write_text(json.dumps(retail_order("cli-json-2")))
+    sent = _oms("submit", str(order), "--intake", eps.intake, "--timeout", "20", "--json")
+    line = json.loads(sent.stdout)
+    assert line["external_id"] == "cli-json-2" and line["reply"]["type"] == "accepted"
+    assert "request_id" not in line["reply"]
+    for argv in (["orders"], ["fallout", "list"]):
+        listed = _oms(*argv, "--intake", eps.intake, "--timeout", "20", "--json")
+        assert listed.returncode == 0 and "request_id" not in listed.stdout, listed
