@@ -17,12 +17,15 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 import zmq
+from conftest import free_port
 from helpers import retail_order
+from prometheus_client.parser import text_string_to_metric_families
 from test_shards import Sharded
 
 from actors.endpoint import FRONT_TAG_BYTES, read_requests
@@ -168,3 +171,39 @@ def test_cli_json_carries_no_request_id(service: Any, eps: Any, client: Client,
     for argv in (["orders"], ["fallout", "list"]):
         listed = _oms(*argv, "--intake", eps.intake, "--timeout", "20", "--json")
         assert listed.returncode == 0 and "request_id" not in listed.stdout, listed
+
+
+# -- 3. metric labels from what clients send --------------------------------------------
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=15) as resp:
+        return resp.read().decode()
+
+
+def test_source_system_labels_are_printable_and_bounded(make_service: Any, sim: Any,
+                                                        client: Client) -> None:
+    port = free_port()
+    make_service(metrics_port=port)
+    hostile = ["a\x00b", "x\ry", "\x1b[2J", "tab\there", "nl\nx", "\u2028z", "\x7f",
+               "ok\x85", "bidi\u202e", "", "x" * 65]
+    floods = [f"bad\x01{n}" for n in range(300)] + [f"chan-{n}" for n in range(300)]
+    reqs = [{"type": "submit_order", "order": {"source_system": s}}
+            for s in [*hostile, 'q"\\', 7, ["web"], {"a": 1}, *floods]]
+    replies = [reply for _, reply in client.pipeline(reqs, timeout=60)]
+    assert len(replies) == len(reqs) and {r["type"] for r in replies} == {"rejected"}
+    assert client.submit(retail_order("metrics-1", source_system="web\n"))["type"] == "accepted"
+    text = _scrape(port)
+    samples = [s for fam in text_string_to_metric_families(text) for s in fam.samples]
+    for sample in samples:  # no label anywhere carries a control character
+        for value in sample.labels.values():
+            assert value.isprintable(), (sample.name, value)
+    received: dict[str, float] = {}
+    for sample in samples:
+        if sample.name == "oms_orders_received_total":
+            source = sample.labels["source_system"]
+            received[source] = received.get(source, 0) + sample.value
+    assert received["invalid"] == len(hostile) + 3 + 300 + 1  # the three non-strings, web\n
+    assert received['q"\\'] == 1  # printable: kept, and escaped by the text format
+    assert received["other"] == 300 - 99  # 100 distinct values at most, then one bucket
+    assert len(received) == 1 + 1 + 99 + 1  # invalid, q"\, chan-0..98, other
