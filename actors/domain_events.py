@@ -24,7 +24,7 @@ from typing import Any
 import zmq
 
 from actors.effects import AnswerEvent
-from actors.endpoint import RouterEndpoint
+from actors.endpoint import BAD_ENVELOPE, RouterEndpoint
 from actors.ports import OrderContext
 from actors.security import DOMAINS
 from actors.store_writer import RecordEvent
@@ -89,14 +89,18 @@ class DomainEvents(RouterEndpoint):
 
     def __init__(self, zctx: zmq.Context, endpoint: str, octx: OrderContext,
                  curve: dict[str, Any] | None = None, *,
-                 systems: Iterable[str] | None = None, hwm: int = 10_000) -> None:
-        super().__init__(zctx, endpoint, octx.metrics, curve, hwm)
+                 systems: Iterable[str] | None = None, hwm: int = 10_000,
+                 tagged: bool = False) -> None:
+        super().__init__(zctx, endpoint, octx.metrics, curve, hwm, tagged)
         self.octx = octx
         self.systems = frozenset(octx.gateways if systems is None else systems)
         self.log = LogThrottle(logger)
 
     def on_frame(self, envelope: tuple[bytes, ...], frame: bytes, user: str | None) -> None:
         self.on_event(envelope, frame, user)
+
+    def on_bad_envelope(self, envelope: tuple[bytes, ...], user: str | None) -> None:
+        self.refuse(envelope, INVALID, errors.MALFORMED, BAD_ENVELOPE)
 
     def refuse(self, envelope: tuple[bytes, ...], label: str, code: str, message: str) -> None:
         """An error reply (never an ack): the event is not recorded."""

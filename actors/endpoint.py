@@ -1,11 +1,15 @@
 """A ROUTER server endpoint owned by one loop actor: the intake and the
 domain-events endpoint are both one.
 
-It receives ``[envelope..., payload]`` (with the CURVE ``User-Id`` of the
-sender when CURVE is on), hands each request to ``on_frame``, and sends
-replies queued from any thread with ``reply_to`` (only this actor's thread
-touches the socket). A reply to a peer that is gone or whose queue is full
-(``ROUTER_MANDATORY``) is counted and logged, never raised.
+It receives ``[routing id, payload]`` (a DEALER) or ``[routing id, b"",
+payload]`` (a REQ socket, or a DEALER that sends its empty delimiter), with
+the CURVE ``User-Id`` of the sender when CURVE is on, hands each request to
+``on_frame``, and sends replies queued from any thread with ``reply_to``
+(only this actor's thread touches the socket). Any other shape goes to
+``on_bad_envelope``: a ``malformed`` reply that carries back no frame of the
+sender's but its routing id and an empty delimiter (``read_requests``). A
+reply to a peer that is gone or whose queue is full (``ROUTER_MANDATORY``)
+is counted and logged, never raised.
 """
 
 from __future__ import annotations
@@ -20,18 +24,35 @@ import zmq
 from actors.loop import LoopActor
 from actors.metrics import Metrics
 from actors.sockets import open_socket, recv_frames, recv_parts, send_frames
-from oms import codec
+from oms import codec, errors
 
 logger = logging.getLogger(__name__)
 
 MAX_SOCKET_MESSAGE = 4 * 1024 * 1024  # larger frames are cut off by ZeroMQ itself
+FRONT_TAG_BYTES = 8
+"""The tag the sharded front puts before each request to a shard
+(``shards.front_links``): a shard's endpoints take and echo it (``tagged``)."""
+BAD_ENVELOPE = ("a request is one frame: a DEALER sends [payload] or [empty frame, payload], "
+                "a REQ socket one frame; this message had more")
+"""The ``malformed`` reply's message for a message of another shape."""
 
 
-def read_requests(sock: zmq.Socket, identity_required: bool, budget: int
-                  ) -> Iterator[tuple[tuple[bytes, ...], bytes, str | None]]:
-    """What a ROUTER has queued, ``budget`` messages at most: (envelope, the
-    payload frame, the sender's CURVE ``User-Id`` or None); a message without
-    a payload frame is skipped (nothing to answer). Also the sharded front's."""
+def read_requests(sock: zmq.Socket, identity_required: bool, budget: int,
+                  tagged: bool = False
+                  ) -> Iterator[tuple[tuple[bytes, ...], bytes | None, str | None]]:
+    """What a ROUTER has queued, ``budget`` messages at most: (the reply's
+    envelope, the payload frame, the sender's CURVE ``User-Id`` or None).
+    Also the sharded front's.
+
+    The envelope is the routing id, then the empty delimiter a REQ socket
+    needs back when the request had one: ``[id, payload]`` and ``[id, b"",
+    payload]`` are requests (with ``tagged``, a shard behind the front, also
+    ``[id, tag, payload]`` with the front's 8-byte tag). Any other shape
+    (more frames, a non-empty frame before the payload) has None for its
+    payload, to be answered ``malformed``: its envelope is the routing id and,
+    when its first frame was empty, ``b""`` (so a REQ peer still reads the
+    reply), never a frame the sender chose."""
+    second_sizes = (0, FRONT_TAG_BYTES) if tagged else (0,)
     for _ in range(budget):
         try:
             if identity_required:
@@ -43,9 +64,13 @@ def read_requests(sock: zmq.Socket, identity_required: bool, budget: int
                 frames, user = recv_frames(sock), None
         except zmq.Again:
             return
-        if len(frames) >= 2:
-            payload = frames.pop()
-            yield tuple(frames), payload, user
+        n = len(frames)  # (a ROUTER's message has the routing id and a frame at least)
+        if n == 2:
+            yield (frames[0],), frames[1], user
+        elif n == 3 and len(frames[1]) in second_sizes:
+            yield (frames[0], frames[1]), frames[2], user
+        elif n > 2:
+            yield ((frames[0], b"") if not frames[1] else (frames[0],)), None, user
 
 
 class SendReply(NamedTuple):
@@ -58,8 +83,12 @@ class RouterEndpoint(LoopActor):
     direct = SendReply  # a few an order, without pykka's envelope handling (LoopActor.on_batch)
 
     def __init__(self, zctx: zmq.Context, endpoint: str, metrics: Metrics,
-                 curve: dict[str, Any] | None = None, hwm: int = 10_000) -> None:
+                 curve: dict[str, Any] | None = None, hwm: int = 10_000,
+                 tagged: bool = False) -> None:
+        """``tagged``: a shard's endpoint, which the sharded front sends its
+        requests with a tag frame before each (``read_requests``)."""
         super().__init__()
+        self.tagged = tagged
         self.zctx, self.endpoint, self.metrics, self.hwm = zctx, endpoint, metrics, hwm
         self.curve = curve or {}
         self.identity_required = bool(curve)
@@ -80,11 +109,19 @@ class RouterEndpoint(LoopActor):
 
     def on_readable(self, sock: zmq.Socket) -> None:
         for envelope, frame, user in read_requests(sock, self.identity_required,
-                                                   self.read_budget):
-            self.on_frame(envelope, frame, user)
+                                                   self.read_budget, self.tagged):
+            if frame is None:
+                self.on_bad_envelope(envelope, user)
+            else:
+                self.on_frame(envelope, frame, user)
 
     def on_frame(self, envelope: tuple[bytes, ...], frame: bytes, user: str | None) -> None:
         raise NotImplementedError
+
+    def on_bad_envelope(self, envelope: tuple[bytes, ...], user: str | None) -> None:
+        """A message that is not one request frame (``read_requests``): a
+        ``malformed`` reply (a subclass also counts it)."""
+        self.send_reply(envelope, errors.error_reply(errors.MALFORMED, BAD_ENVELOPE))
 
     def on_receive(self, message: Any) -> None:
         if isinstance(message, SendReply):

@@ -1,9 +1,11 @@
 """The channel intake endpoint (contract §1): a ROUTER socket, one thread.
 
-Serves DEALER clients (``[identity, payload]``) and REQ clients
-(``[identity, b"", payload]``): a reply goes back with every frame before the
-payload unchanged. Every request gets exactly one reply, and no request can
-take the endpoint down: anything unexpected becomes an ``internal`` error.
+Serves DEALER clients (``[identity, payload]``, or ``[identity, b"",
+payload]`` with an empty delimiter) and REQ clients (``[identity, b"",
+payload]``): a reply goes back with that envelope. A message of any other
+shape is answered ``malformed`` without its frames (``actors.endpoint``).
+Every request gets exactly one reply, and no request can take the endpoint
+down: anything unexpected becomes an ``internal`` error.
 
 ``submit_order`` is answered only after the store writer has committed the
 order (the writer calls back, and the reply is queued to this actor, the
@@ -20,7 +22,7 @@ from typing import Any
 import zmq
 
 from actors.effects import AnswerCreate, NewOrder, ReplyTo
-from actors.endpoint import RouterEndpoint
+from actors.endpoint import BAD_ENVELOPE, RouterEndpoint
 from actors.lister import Lister, list_request
 from actors.lookup import find_archived, find_order, request_id_of
 from actors.ports import OrderContext
@@ -47,7 +49,7 @@ class Intake(RouterEndpoint):
                  vshards: int = 0) -> None:
         """``vshards``: in a shard process (docs/scaling.md), how many virtual
         shards order ids are spread over (0: not sharded)."""
-        super().__init__(zctx, endpoint, octx.metrics, curve, hwm)
+        super().__init__(zctx, endpoint, octx.metrics, curve, hwm, tagged=vshards > 0)
         self.octx = octx
         self.vshards = vshards
         self.max_in_flight = max_in_flight
@@ -134,6 +136,14 @@ class Intake(RouterEndpoint):
             reply = errors.error_reply(errors.INTERNAL, "internal error; see the service log")
         if reply is None:
             return  # answered later, after a commit or by the order
+        self.answer(envelope, reply, rtype, request_id)
+
+    def on_bad_envelope(self, envelope: tuple[bytes, ...], user: str | None) -> None:
+        self.answer(envelope, errors.error_reply(errors.MALFORMED, BAD_ENVELOPE), "?", None)
+
+    def answer(self, envelope: tuple[bytes, ...], reply: dict[str, Any], rtype: str,
+               request_id: Any) -> None:
+        """Send a reply made at once, counted by request type and reply."""
         self.metrics.requests.labels(rtype, reply["type"]).inc()
         if reply["type"] == "error":
             self.metrics.intake_errors.labels(reply["code"]).inc()

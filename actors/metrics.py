@@ -149,8 +149,11 @@ class BoundedLabel:
     Each new value is a new time series in every scrape, for good. With CURVE
     on, only listed channels get in; without it any client may name any
     source system. So the first ``limit`` distinct values are kept as they
-    are and later ones count as ``other``; values that are not short strings
-    count as ``invalid``.
+    are and later ones count as ``other``; values that are not short
+    printable strings count as ``invalid``: no control character (NUL, a
+    line break, an escape sequence) or other unprintable one (a line
+    separator, an unassigned code point) reaches the exposition text, where
+    the Prometheus format escapes only ``\\``, ``"`` and a newline.
     """
 
     def __init__(self, limit: int) -> None:
@@ -158,10 +161,12 @@ class BoundedLabel:
         self._seen: set[str] = set()
 
     def __call__(self, value: object) -> str:
-        if not isinstance(value, str) or not value or len(value) > 64:
+        if not isinstance(value, str):  # (a list or a map is not even hashable)
             return "invalid"
-        if value in self._seen:
+        if value in self._seen:  # (checked when first seen)
             return value
+        if not 0 < len(value) <= 64 or not value.isprintable():
+            return "invalid"
         if len(self._seen) >= self.limit:
             return "other"
         self._seen.add(value)  # two threads may race past the limit by one: harmless

@@ -121,6 +121,15 @@ def process_age() -> float:
         return 0.0
 
 
+def as_json(reply: dict[str, Any]) -> dict[str, Any]:
+    """What ``--json`` prints of a reply (docs/operations.md): an ``order``
+    reply's order view itself; any other reply as the contract gives it,
+    without ``request_id`` (this client's own, for matching the reply)."""
+    if reply.get("type") == "order" and isinstance(reply.get("order"), dict):
+        return reply["order"]
+    return {key: value for key, value in reply.items() if key != "request_id"}
+
+
 class CommandError(Exception):
     """A command that cannot go on: one line for the person, exit code 2."""
 
@@ -256,7 +265,7 @@ def cmd_order(args: argparse.Namespace) -> int:
             reply = client.request(req)
     ok = reply["type"] in ("order", "operator_accepted", "cancel_accepted")
     if args.json:
-        print(json.dumps(reply, indent=2))
+        print(json.dumps(as_json(reply), indent=2))
     elif reply["type"] == "order":
         print(render_order(reply["order"]))
     elif reply["type"] == "operator_accepted":

@@ -74,6 +74,7 @@ def read_orders(file: str) -> list[Any]:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from app.opscli import as_json
     from oms.sample import sample_orders
 
     check_count("--sample", args.sample, 1, 1_000_000)
@@ -92,7 +93,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         for req, reply in client.pipeline(reqs):
             ext = req["order"].get("external_id")
             if args.json:
-                print(json.dumps({"external_id": ext, "reply": reply}))
+                print(json.dumps({"external_id": ext, "reply": as_json(reply)}))
             elif reply["type"] == "accepted":
                 dup = " (duplicate)" if reply.get("duplicate") else ""
                 print(f"{ext}: accepted as {reply['order_id']}{dup}")
@@ -103,10 +104,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from app.opscli import as_json
+
     with _client(args) as client:
         reply = client.get(args.order_id)
     if args.json:
-        print(json.dumps(reply, indent=2))
+        print(json.dumps(as_json(reply), indent=2))
         return 0 if reply["type"] == "order" else 1
     if reply["type"] != "order":
         print(f"{reply.get('code')}: {reply.get('message')}", file=sys.stderr)

@@ -133,7 +133,8 @@ class Service:
         self.octx = self.router.ctx
         octx = self.octx
         self.domain_events = DomainEvents.launch(self.zctx, cfg.domain_events, octx,
-                                                 curve=channel_curve, loop=loop)
+                                                 curve=channel_curve, tagged=cfg.vshards > 0,
+                                                 loop=loop)
         self._stops.append(("domain events", lambda: _stop_actor(self.domain_events)))
         self.registry.register(ServiceCollector(self.snapshot))
         for collector in (process_collector.ProcessCollector, platform_collector.PlatformCollector,

@@ -39,7 +39,7 @@ class ChannelEdge:
                  metrics: FrontMetrics) -> None:
         self.sock, self.identity_required, self.m = sock, identity_required, metrics
 
-    def requests(self) -> Iterator[tuple[Envelope, bytes, str | None]]:
+    def requests(self) -> Iterator[tuple[Envelope, bytes | None, str | None]]:
         return read_requests(self.sock, self.identity_required, 1000)
 
     # -- replies ----------------------------------------------------------------

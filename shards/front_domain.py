@@ -13,7 +13,7 @@ from typing import Any
 import zmq
 
 from actors.domain_events import authorise
-from actors.endpoint import read_requests
+from actors.endpoint import BAD_ENVELOPE, read_requests
 from oms import codec, edge, errors
 from shards.front_config import Envelope, Placement
 from shards.front_links import ShardLinks
@@ -29,6 +29,10 @@ class DomainRelay:
 
     def from_domains(self) -> None:
         for env, frame, user in read_requests(self.sock, self.identity_required, 1000):
+            if frame is None:  # not one event frame: refused as one node refuses it
+                self._answer(env, codec.pack(errors.error_reply(errors.MALFORMED,
+                                                                BAD_ENVELOPE)))
+                continue
             shard = 0  # too large, malformed: shard 0 answers as one node would
             parsed: Any = None
             if len(frame) <= edge.MAX_EVENT_BYTES:

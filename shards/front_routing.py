@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from actors.endpoint import BAD_ENVELOPE
 from oms import codec, errors
 from oms.sharding import vshard_of
 from oms.states import TERMINAL
@@ -41,6 +42,10 @@ class Routing:
     def from_channels(self) -> None:
         for env, frame, user in self.edge.requests():
             try:
+                if frame is None:  # not one request frame (actors.endpoint.read_requests)
+                    self.edge.answer(env, errors.error_reply(errors.MALFORMED, BAD_ENVELOPE),
+                                     None, "?")
+                    continue
                 self.on_request(env, frame, user)
             except Exception:
                 logger.exception("front failed on a request")
