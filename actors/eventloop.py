@@ -118,9 +118,7 @@ class TimerHandle:
     __slots__ = ("callback", "cancelled", "deadline")
 
     def __init__(self, deadline: float, callback: Callable[[], None]) -> None:
-        self.deadline = deadline
-        self.callback = callback
-        self.cancelled = False
+        self.deadline, self.callback, self.cancelled = deadline, callback, False
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -159,6 +157,7 @@ class EventLoop:
         self._held: list[Any] = []  # held in this phase: their slices end at its end
         self._timers: list[tuple[float, int, TimerHandle]] = []
         self._seq = itertools.count()
+        self.turns = 0  # turns begun: how an actor with a budget a turn knows a new turn
         self._stopping = False
         self._ident: int | None = None
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
@@ -291,6 +290,7 @@ class EventLoop:
     def _turn(self) -> None:
         ready = self._poll(self._poll_timeout_ms())
         started = time.perf_counter()
+        self.turns += 1
         self._take_in()
         for sock, _event in ready:
             reader = self._readers.get(sock)
@@ -389,10 +389,9 @@ class EventLoop:
             logger.critical("event loop %s died", self.name, exc_info=exc_info)
 
     def _finish(self) -> None:
-        """After the last turn: calls queued meanwhile still run (a waiter
-        of ``run_sync`` is answered). The wake-up fd stays open until the
-        loop is freed: another thread may still raise it, and a closed fd
-        number can be reused by the next file opened."""
+        """After the last turn: calls queued meanwhile still run (a waiter of ``run_sync``
+        is answered). The wake-up fd stays open until the loop is freed: another thread
+        may still raise it, and a closed fd number can be reused by the next file opened."""
         self._take_in()
 
     def __del__(self) -> None:
