@@ -3,6 +3,8 @@ folders, the real simulators. No mocks of our own components."""
 
 from __future__ import annotations
 
+import os
+import random
 import signal
 import sys
 import threading
@@ -16,6 +18,7 @@ import zmq
 sys.path.insert(0, str(Path(__file__).parent))
 
 import bench.harness
+import bench.ports
 from app.service import Service
 from bench.ports import free_endpoint, free_port  # noqa: F401 - tests import free_port from here
 from gateways.client import Client
@@ -25,6 +28,25 @@ from oms import codec
 from oms.config import Config
 
 SYSTEMS = ("warehouse", "billing", "shipping", "crm", "provisioning")
+
+
+def _ports_of_this_worker() -> None:
+    """Under pytest-xdist (``-n 2``, set in pyproject.toml) each worker takes
+    its own slice of the port range (``OMS_TEST_PORTS``, or the default), so
+    the two never hand out the same port; the services, simulators and
+    benches a test starts inherit the slice through the environment."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get(
+        "PYTEST_XDIST_WORKER_COUNT", "")
+    if not worker.startswith("gw") or not count.isdigit() or int(count) < 2:
+        return
+    size = (bench.ports.HIGH - bench.ports.LOW + 1) // int(count)
+    low = bench.ports.LOW + int(worker[2:]) * size
+    bench.ports.LOW, bench.ports.HIGH = low, low + size - 1
+    bench.ports._sweep = bench.ports._Sweep(random.Random().randint(low, low + size - 1))
+    os.environ[bench.ports.ENV] = f"{low}-{low + size - 1}"
+
+
+_ports_of_this_worker()
 
 
 endpoint = free_endpoint
