@@ -26,6 +26,7 @@ from zmq.auth.thread import AuthenticationThread, ThreadAuthenticator
 from zmq.utils import z85
 
 from actors import supervision
+from storage import files
 
 logger = logging.getLogger(__name__)
 
@@ -49,23 +50,41 @@ class SecurityError(RuntimeError):
     """Security is asked for but cannot be set up safely."""
 
 
+def _key_file(path: Path, what: str) -> None:
+    """Refuse a key path that is missing or not a regular file: a FIFO would
+    block the start (and SIGTERM) until something writes to it."""
+    try:
+        files.check_regular(path)
+    except FileNotFoundError:
+        raise SecurityError(f"{path}: no such {what}") from None
+    except OSError as exc:
+        raise SecurityError(f"{path}: not a {what}: {exc}") from None
+
+
+def _certificate(path: Path) -> tuple[bytes, bytes | None]:
+    try:
+        return zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as exc:  # unreadable, empty, not a key: say which
+        raise SecurityError(f"{path}: not a key: {exc}") from None
+
+
 def read_keypair(secret_file: str | Path) -> tuple[bytes, bytes]:
     """(public, secret) from a ``.key_secret`` file that only its owner may read."""
     path = Path(secret_file)
-    if not path.is_file():
-        raise SecurityError(f"{path}: no such secret key file")
+    _key_file(path, "secret key file")
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         raise SecurityError(f"{path} is readable by others (mode {mode:o}); chmod 600 it")
-    public, secret = zmq.auth.load_certificate(str(path))
+    public, secret = _certificate(path)
     if not secret:
         raise SecurityError(f"{path} holds no secret key")
     return public, secret
 
 
 def read_public(file: str | Path) -> bytes:
-    public, _ = zmq.auth.load_certificate(str(file))
-    return public
+    path = Path(file)
+    _key_file(path, "public key file")
+    return _certificate(path)[0]
 
 
 def load_clients(folder: str | Path) -> dict[bytes, str]:
@@ -76,11 +95,10 @@ def load_clients(folder: str | Path) -> dict[bytes, str]:
         raise SecurityError(f"{path}: not a folder of client keys")
     keys: dict[bytes, str] = {}
     for file in sorted(f for f in path.glob("*.key") if not f.name.startswith(".")):
-        if not file.is_file():  # a FIFO would block the reload (and SIGTERM) forever
-            raise SecurityError(f"{file}: not a client key: not a regular file")
-        try:
+        try:  # a FIFO would block the reload (and SIGTERM) forever
+            files.check_regular(file)
             public, _ = zmq.auth.load_certificate(str(file))
-        except (OSError, ValueError) as exc:  # empty, half copied, not a key: say which
+        except (OSError, ValueError) as exc:  # a FIFO, empty, half copied, not a key: say which
             raise SecurityError(f"{file}: not a client key: {exc}") from None
         if public in keys:  # which name would it be? The sort order must not decide
             raise SecurityError(f"{file} and {keys[public]}.key hold the same public key: "

@@ -16,6 +16,7 @@ from typing import Any
 
 from oms.config import Config, ConfigError, from_environment
 from oms.process import ProcessDef, ProcessError, builtin_processes, parse_process
+from storage import files
 
 
 def load_config(file: str | None = None, env: Mapping[str, str] | None = None,
@@ -25,7 +26,7 @@ def load_config(file: str | None = None, env: Mapping[str, str] | None = None,
     sources: list[tuple[Mapping[str, Any], str]] = []
     if file:
         try:
-            sources.append((tomllib.loads(Path(file).read_text(encoding="utf-8")), file))
+            sources.append((tomllib.loads(files.read_text(file)), file))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"config file {file}: {exc}") from None
     sources.append((from_environment(os.environ if env is None else env), "environment"))
@@ -48,10 +49,10 @@ def load_processes(directory: str | Path | None = None) -> dict[str, ProcessDef]
     defined: dict[str, Path] = {}  # order_type -> its file: two files may not both define one
     for file in sorted(path.glob("*.toml")):
         try:
-            proc = parse_process(file.read_text(encoding="utf-8"), str(file))
+            proc = parse_process(files.read_text(file), str(file))
         except ProcessError as exc:
             problems.extend(exc.problems)
-        except (OSError, UnicodeDecodeError) as exc:  # unreadable, a folder, not UTF-8
+        except (OSError, UnicodeDecodeError) as exc:  # unreadable, a folder, a FIFO, not UTF-8
             problems.append(f"{file}: cannot read: {exc}")
         else:
             if proc.order_type in defined:  # (else the later file would win, silently)

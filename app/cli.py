@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
-import re
 import sys
+
+from actors import signals
+
+if sys.argv[1:2] == ["serve"]:  # before anything else: a SIGHUP now must not end it
+    signals.guard()
+
+import argparse  # after the guard: these imports take a good part of a second
+import re
 from typing import Any
 
 from app import orders_cli, processes_cli, serve_cli, simulate_cli

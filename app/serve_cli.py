@@ -4,15 +4,14 @@ or shards) and move virtual shards."""
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-from actors import logs
-from actors.flags import Flag
+from actors import logs, signals
 from actors.runtime import tune_gc
 from actors.settings import load_config
 from oms.config import ConfigError, parse_systems
@@ -82,6 +81,7 @@ def add_parsers(sub: Any) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from actors.security import SecurityError
+    from app.recovery import Interrupted
     from app.service import Service
     from storage.store import StoreLocked
 
@@ -96,11 +96,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       domain_server_key=args.domain_server_key, shards=args.shards,
                       shard_base_port=args.shard_base_port)
     logs.setup(cfg.log_level, cfg.log_format)
-    stop, reload = Flag(), Flag()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    # SIGHUP's default action ends the process: sharded, it would end every child too
-    signal.signal(signal.SIGHUP, lambda *_: reload.set())
+    stop, reload = signals.guard()  # installed before the imports already (app.cli)
+    if stop.is_set():
+        logger.info("signal received while starting: not started")
+        return 0
     if cfg.shards != 1:  # docs/scaling.md
         from shards.supervisor import run_sharded
 
@@ -108,10 +107,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not cfg.vshards and (Path(cfg.data) / "shards.json").exists():
         raise ConfigError(f"{cfg.data} holds a sharded service (shards.json): run oms serve "
                           "--shards N on it (N as in the file)")
-    service = Service(cfg)
+    service = Service(cfg, stop_requested=stop.is_set)
     tune_gc()  # before start: recovery runs under these thresholds (see actors.runtime)
     try:
         service.start()
+    except Interrupted as exc:  # SIGTERM during recovery: stopped, the intake never opened
+        logger.info("signal received while starting: %s; stopped before the intake opened "
+                    "(the next start recovers every unfinished order)", exc)
+        return _exit_quickly(0)
     except (StoreLocked, SecurityError) as exc:
         print(f"oms serve: {exc}", file=sys.stderr)
         return 2
@@ -125,6 +128,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"oms serve: cannot open an endpoint: {exc}", file=sys.stderr)
             return 2
         raise
+    if reload.is_set():
+        logger.info("SIGHUP while starting: applied now that the service is ready")
     try:
         while not stop.wait(0.2):
             if reload.is_set():
@@ -136,7 +141,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logger.info("signal received: draining and stopping")
     finally:
         service.stop()
-    return 0
+    return _exit_quickly(0)
+
+
+def _exit_quickly(code: int) -> int:
+    """Everything is committed and closed: keep the interpreter's exit from
+    passing over every order still in memory (its collections at exit took
+    6 s for 30,000 recovered orders, after "service stopped")."""
+    gc.freeze()
+    return code
 
 
 def cmd_ray(args: argparse.Namespace) -> int:

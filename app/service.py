@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from types import MappingProxyType
 from typing import Any
@@ -26,7 +24,7 @@ import zmq
 from prometheus_client import CollectorRegistry, gc_collector, platform_collector, process_collector
 
 from actors import supervision
-from actors.domain_events import INVALID, DomainEvents, stored_event
+from actors.domain_events import DomainEvents
 from actors.eventloop import EventLoop
 from actors.http import HttpServer
 from actors.intake import Intake
@@ -39,15 +37,11 @@ from actors.sequencer import Sequencer
 from actors.settings import load_processes
 from actors.store_writer import StoreWriter
 from actors.timers import TimerService
+from app import recovery
 from gateways.breaker import LEVEL, Breaker
 from gateways.gateway import Gateway
 from oms.config import Config, ConfigError
 from oms.engine import Engine
-from oms.messages import Resume
-from oms.model import Order
-from oms.outstanding import command_out
-from oms.states import TERMINAL
-from storage.records import CorruptRecord, event_key
 from storage.store import Store
 
 logger = logging.getLogger(__name__)
@@ -55,9 +49,10 @@ logger = logging.getLogger(__name__)
 
 class Service:
     def __init__(self, config: Config, registry: CollectorRegistry | None = None,
-                 exit: Callable[[int], None] | None = supervision.hard_exit  # noqa: A002
-                 ) -> None:
+                 exit: Callable[[int], None] | None = supervision.hard_exit,  # noqa: A002
+                 stop_requested: Callable[[], bool] = lambda: False) -> None:
         self.config = config
+        self.stop_requested = stop_requested  # asked during the start (SIGTERM): app.recovery
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
         # a component that dies ends the process with ``exit(70)`` (actors.supervision)
@@ -194,74 +189,9 @@ class Service:
             self.metrics.keys_reload_failed.set(0)
 
     def recover(self) -> None:
-        """Resume every unfinished order from its last persisted snapshot.
-
-        Two passes. The scan (chunked short reads, ``Store.scan_active``)
-        only counts and collects; then the sequencer's rebuild is queued
-        before any order is resumed or any jeopardy timer armed (the
-        sequencer handles its messages in order), so an order that finishes
-        early always finds its queue and its "turn done" reaches the next
-        order of its customer."""
-        started = time.monotonic()
-        scan = self._scan_for_recovery()
-        if scan.seq_entries:  # queued before any order below can give a turn back
-            self.sequencer.preload(scan.seq_entries)
-        for at, order_id, token in scan.jeopardy:
-            self.timers.schedule(at, order_id, token)
-        resumed = 0
-        for order in scan.resume:
-            self.router.start(order, Resume(), reason="recovery")
-            resumed += 1
-            if resumed % RESUME_CHUNK == 0:  # one chunk a loop turn: no turn takes them all
-                self.loop.run_sync(lambda: None)
-        systems = frozenset(self.gateways)
-        for replayed, (key, ev) in enumerate(self.store.inbox(), 1):
-            if replayed % RESUME_CHUNK == 0:  # each may load its order: a chunk a turn too
-                self.loop.run_sync(lambda: None)
-            event = stored_event(ev, systems)  # checked again, as at the edge
-            if not isinstance(event, str) and key != event_key(ev["order_id"], event.system,
-                                                                event.event_id):
-                event = "its key is not its order's, system's and event id's"
-            if isinstance(event, str):
-                logger.error("recovery does not replay stored domain event %r: %s",
-                             key[:200], event)
-                self.metrics.domain_events.labels(INVALID, "refused_at_recovery").inc()
-                continue
-            self.router.deliver_event(key, ev["order_id"], event)
-        elapsed = time.monotonic() - started
-        self.metrics.recovery_seconds.set(elapsed)
-        self.metrics.recovered_orders.set(resumed + scan.waiting)
-        logger.info("recovery: %d orders resumed, %d waiting (passivated), %d unreadable, "
-                    "in %.3f s", resumed, scan.waiting, scan.corrupt, elapsed)
-
-    def _scan_for_recovery(self) -> _RecoveryScan:
-        """Pass one: count every unfinished order and collect what to do with
-        it; touches no actor, holds no read transaction between chunks."""
-        scan = _RecoveryScan()
-        for key, order in self.store.scan_active():
-            order_id = key.decode()
-            if isinstance(order, CorruptRecord) or order.order_type not in self.octx.engines:
-                why = order if isinstance(order, CorruptRecord) else "unknown order type"
-                logger.error("recovery skips order %s: %s", order_id, why,
-                             extra={"order_id": order_id})
-                self.metrics.corrupt_records.inc()
-                scan.corrupt += 1
-                continue
-            state = str(order.state)
-            self.router.counts.counted_raw(state, order_id, _held_since(order),
-                                           order.state_reason)
-            if order.seq_key and state not in TERMINAL_NAMES:
-                scan.seq_entries.append((order.seq_key, order_id, order.turn))
-            if order.seq_key and not order.turn and state in ("acknowledged", "pending"):
-                scan.waiting += 1  # the sequencer's rebuild gives it its turn or tells it to wait
-            elif _needs_resume(order):
-                scan.resume.append(order)
-            else:
-                scan.waiting += 1
-                for jkey, (at, fired) in (order.jeopardy or {}).items():
-                    if not fired:  # a passivated order's jeopardy deadline
-                        scan.jeopardy.append((at, order_id, ("jeopardy", jkey, 0)))
-        return scan
+        """Every unfinished order back under management (``app.recovery``);
+        ``Interrupted`` if a stop is asked for meanwhile."""
+        recovery.recover(self, self.stop_requested)
 
     def dead_components(self) -> list[str]:
         """Components whose thread has ended (readiness: none may be). Called
@@ -332,47 +262,6 @@ class Service:
                 logger.exception("stopping %s failed", name)
         supervision.install(self._outer_supervisor)
         logger.info("service stopped")
-
-
-@dataclass
-class _RecoveryScan:
-    """What the recovery scan found (see ``Service.recover``)."""
-
-    resume: list[Order] = field(default_factory=list)
-    seq_entries: list[tuple[str, str, bool]] = field(default_factory=list)
-    jeopardy: list[tuple[float, str, tuple[Any, ...]]] = field(default_factory=list)
-    waiting: int = 0
-    corrupt: int = 0
-
-
-RESUME_CHUNK = 64  # recovered orders resumed (and stored events replayed) per loop turn
-TERMINAL_NAMES = {str(s) for s in TERMINAL}
-
-
-def _held_since(order: Order) -> float | None:
-    """When a stored held order became held: the first of its latest run of
-    ``held`` history entries (operator actions while held are entries too)."""
-    since = None
-    for entry in reversed(order.history or []):
-        if not isinstance(entry, dict) or entry.get("state") != "held":
-            break
-        ts = entry.get("ts")
-        since = ts if isinstance(ts, int | float) else since
-    return since
-
-
-def _needs_resume(order: Order) -> bool:
-    """From the stored snapshot: does this order have anything to re-send or
-    re-arm? (Orders that only wait for an event, stock or their turn stay
-    passivated.) Each step is asked ``oms.outstanding.command_out``, as the
-    engine asks it."""
-    if order.state in ("acknowledged", "pending"):
-        return True
-    for step in order.steps.values():
-        if command_out(step.status, step.wait, step.retry_at, step.comp) is not None:
-            return True
-    return any(command_out(n.status, None, n.retry_at, None) is not None
-               for n in order.notes)
 
 
 LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")

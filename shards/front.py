@@ -35,6 +35,7 @@ from typing import Any
 import zmq
 from prometheus_client import CollectorRegistry, Gauge, process_collector
 
+from actors import signals
 from actors.flags import Flag
 from actors.http import HttpServer
 from actors.security import ChannelSecurity
@@ -237,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: front.stop_flag.set())
     signal.signal(signal.SIGHUP, lambda *_: front.reload_flag.set())
+    signals.unblock_hup()  # the supervisor starts it with SIGHUP held back until now
     try:
         front.run()
     finally:

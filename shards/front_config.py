@@ -14,6 +14,7 @@ import zmq
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from oms.sharding import vshard_of_order_id
+from storage import files
 
 
 @dataclass
@@ -40,7 +41,7 @@ class FrontConfig:
 
     @classmethod
     def read(cls, file: str | Path) -> FrontConfig:
-        raw = json.loads(Path(file).read_text(encoding="utf-8"))
+        raw = json.loads(files.read_text(file))
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in raw.items() if k in known})
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from oms.config import ConfigError
 from oms.sharding import DEFAULT_VSHARDS, MAX_VSHARDS
+from storage import files
 
 FILE = "shards.json"
 
@@ -59,7 +60,7 @@ def load(data: str | Path) -> Manifest | None:
     if not file.exists():
         return None
     try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
+        raw = json.loads(files.read_text(file))  # a FIFO: refused, not waited on
         m = Manifest(int(raw["vshards"]), int(raw["processes"]), [int(p) for p in raw["owner"]],
                      [int(e) for e in raw.get("epochs") or [0] * int(raw["processes"])],
                      float(raw.get("created", 0.0)))

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from actors import signals
 from actors.flags import Flag
 from oms.config import Config, ConfigError
 from shards import manifest as mf
@@ -34,12 +35,16 @@ BACKOFF_START_S, BACKOFF_MAX_S, STABLE_S = 0.5, 10.0, 60.0
 USAGE_EXIT = 2  # `oms serve` and the front: bad configuration, port in use, folder locked
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+def _in_child() -> None:  # pragma: no cover - runs in the child, before exec
+    """SIGTERM when this process dies; SIGHUP held back (pending, not lost)
+    until the child has its handler (``actors.signals``): Python's default
+    action for it would end a child that is still starting."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+    signals.block_hup()
 
 
 @dataclass
@@ -55,7 +60,7 @@ class Child:
     exits: list[int] = field(default_factory=list)
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, env=self.env, preexec_fn=_die_with_parent)  # noqa: PLW1509
+        self.proc = subprocess.Popen(self.argv, env=self.env, preexec_fn=_in_child)  # noqa: PLW1509
         self.started = time.monotonic()
         self.restart_at = None
 
@@ -161,8 +166,9 @@ class Supervisor:
     def children(self) -> list[Child]:
         return [*self.shards, self.front]
 
-    def start(self, timeout: float = 120.0) -> None:
-        """Start every child and wait until all are ready. A child that exits
+    def start(self, timeout: float = 120.0, stop: Flag | None = None) -> bool:
+        """Start every child and wait until all are ready (True), or until
+        ``stop`` is set (False: SIGTERM while starting). A child that exits
         with 2 (its configuration, a port in use, a locked folder) cannot
         start: raise. Any other exit (killed, out of memory, exit 70) is
         restarted as ``watch`` does, with the same backoff, and waited for."""
@@ -175,6 +181,8 @@ class Supervisor:
         waiting = {k: Client(ep.intake, timeout=1.0) for k, ep in enumerate(self.endpoints)}
         try:
             while waiting or not self.ready_file.exists():
+                if stop is not None and stop.is_set():
+                    return False
                 for child in self.children():
                     proc = child.proc if child.restart_at is None else None
                     if proc is not None and proc.poll() == USAGE_EXIT:
@@ -199,6 +207,7 @@ class Supervisor:
                 client.close()
         logger.info("sharded service ready: %d shards behind intake %s, events %s",
                     len(self.shards), self.cfg.intake, self.cfg.events)
+        return True
 
     def watch(self, stop: Flag, reload: Flag | None = None) -> None:
         """Until ``stop`` (or ``stopping``) is set: restart any child that
@@ -261,10 +270,14 @@ def run_sharded(cfg: Config, config_file: str | None, stop: Flag,
                 reload: Flag | None = None) -> int:
     sup = Supervisor(cfg, config_file)
     try:
-        sup.start()
+        started = sup.start(stop=stop)
     except ConfigError:
         sup.stop()
         raise
+    if not started:
+        logger.info("signal received while starting: stopping the front, then the shards")
+        sup.stop()
+        return 0
     try:
         sup.watch(stop, reload)  # on this thread, the one that started the children
         logger.info("signal received: stopping the front, then the shards")

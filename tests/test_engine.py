@@ -9,7 +9,7 @@ from helpers import Driver, normalized, ok_domain, retail_order, thawed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.service import _needs_resume
+from app.recovery import needs_resume
 from oms import codec, snapshot
 from oms.engine import Engine, Turning, new_order
 from oms.errors import DomainError
@@ -551,7 +551,7 @@ def _asked(order: Any) -> dict[str, bool]:
 
     asked = {"in_flight": Turning(Engine(RETAIL), order, 0.0).in_flight(),
              "awaiting_reply": awaiting_reply(order), "finished": order.finished,
-             "needs_resume": _needs_resume(order)}
+             "needs_resume": needs_resume(order)}
     out = outstanding(order)  # the same answers, all at once
     assert (out.forward, out.replies) == (asked["in_flight"], asked["awaiting_reply"])
     assert out.notes == (order.state.terminal and not order.finished)

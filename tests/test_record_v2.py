@@ -17,7 +17,7 @@ import pytest
 from helpers import Driver, ok_domain, retail_order, thawed
 from test_engine import RETAIL
 
-from app.service import _needs_resume
+from app.recovery import needs_resume
 from oms import codec, snapshot
 from oms.engine import Engine
 from oms.messages import CommandResult, DomainEvent
@@ -45,7 +45,7 @@ def test_a_version_1_record_loads_as_the_release_that_wrote_it_saw_it(name: str)
     assert _wire(order.view()) == entry["view"]
     assert str(order.state) == entry["state"]
     assert order.finished == entry["finished"]
-    assert _needs_resume(order) == entry["needs_resume"]
+    assert needs_resume(order) == entry["needs_resume"]
     assert snapshot.record_state(raw) == entry["state"]
     assert decode_order(b"k", raw) == order
     assert snapshot._from_v1(codec.unpack(raw)) == order  # the unchecked reading agrees

@@ -8,7 +8,7 @@ release (it needs ``Order.to_record``)::
 
 Each entry: the record's bytes as that release stored them
 (``codec.pack(order.to_record())``) and what that release said of the order
-(its ``get_order`` view, ``finished``, recovery's ``_needs_resume``).
+(its ``get_order`` view, ``finished``, recovery's ``needs_resume``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from test_engine import (
     operate,
 )
 
-from app.service import _needs_resume
+from app.recovery import needs_resume
 from oms import codec
 from oms.engine import new_order
 from oms.messages import Cancel, CommandResult
@@ -109,7 +109,7 @@ def main(out: str) -> None:
         rec = order.to_record()
         entries[make.__name__] = {
             "record": codec.pack(rec), "view": order.view(), "state": str(order.state),
-            "finished": order.finished, "needs_resume": _needs_resume(rec)}
+            "finished": order.finished, "needs_resume": needs_resume(rec)}
     with open(out, "wb") as f:
         f.write(msgpack.packb(entries, use_bin_type=True))
 

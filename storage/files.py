@@ -1,0 +1,68 @@
+"""Files whose path a user gave (a ``--config`` file, a process definition,
+a CURVE key, a data folder's manifest), read at start: regular files only.
+
+``open()`` of a FIFO waits until a writer opens the other end, and the
+main thread with it: the start never ends, and SIGTERM does not end it
+either (its handler only sets a flag, and the interrupted ``open`` is
+retried, PEP 475). So a FIFO, a socket or a device given where a file
+belongs is refused with an ``OSError`` that says what it is, which every
+caller already reports as a bad setting (``oms serve`` exits 2).
+
+``read_text`` opens with ``O_NONBLOCK`` (no wait on a FIFO) and checks the
+open descriptor with ``fstat``, so nothing can be swapped in between;
+``check_regular`` is for a library that opens the file itself
+(``zmq.auth.load_certificate``).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import IO, Any
+
+KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+         (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+class NotRegularFile(OSError):
+    """A path given for a file names a FIFO, a folder, a socket or a device."""
+
+
+def _refuse(mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in KINDS if test(mode)), "not a file")
+        raise NotRegularFile(f"not a regular file: {kind}")
+
+
+def check_regular(path: str | Path) -> None:
+    """Raise ``NotRegularFile`` unless ``path`` is a regular file (after
+    symbolic links); ``FileNotFoundError`` if there is nothing there."""
+    _refuse(os.stat(path).st_mode)
+
+
+def _open(path: str | Path, mode: str) -> IO[Any]:
+    """``path`` opened for reading, if it is a regular file; never waits for
+    a FIFO's writer (``O_NONBLOCK``, then back to blocking: a regular file
+    ignores it anyway)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        _refuse(os.fstat(fd).st_mode)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, mode, encoding="utf-8" if "b" not in mode else None)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """The whole of a regular file."""
+    with _open(path, "rb") as file:
+        return file.read()
+
+
+def read_text(path: str | Path) -> str:
+    """The whole of a regular file as UTF-8 text, as ``Path.read_text``
+    reads it (universal newlines; ``UnicodeDecodeError`` if not UTF-8)."""
+    with _open(path, "r") as file:
+        return file.read()
