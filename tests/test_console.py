@@ -576,11 +576,13 @@ def test_browser_operator_finds_a_failed_order_and_retries_it(stack: Stack, brow
 
     # the order page: its steps, why it is held, what can be done
     wait_for(browser, lambda: present(browser, "steps") and refreshed(browser))
-    steps = {li.get_attribute("data-step"): li.text
-             for li in browser.find_elements(By.CSS_SELECTOR, "#steps li.step")}
+    # read in one script: the live page may replace the list between two reads
+    steps = dict(browser.execute_script(
+        "return Array.from(document.querySelectorAll('#steps li.step'))"
+        ".map(li => [li.getAttribute('data-step'), li.innerText]);"))
     assert {"reserve_stock", "create_invoice", "capture_payment"} <= set(steps)
     assert "failed" in steps["capture_payment"] and "done" in steps["reserve_stock"]
-    assert "payment_declined" in by_id(browser, "failure").text
+    wait_for(browser, lambda: "payment_declined" in by_id(browser, "failure").text)
     assert not present(browser, "do-retry")  # not logged in: no action forms
     by_id(browser, "actions").find_element(By.PARTIAL_LINK_TEXT, "Log in").click()
     wait_for(browser, lambda: present(browser, "login-button"))
