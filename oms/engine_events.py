@@ -10,7 +10,7 @@ from typing import Any
 
 from oms import untrusted
 from oms.engine_base import TurnBase
-from oms.holds import early_taken, released
+from oms.holds import dropped_data, early_taken, released
 from oms.messages import DomainEvent
 from oms.model import Step
 from oms.states import (
@@ -42,7 +42,9 @@ class EventMixin(TurnBase):
         wait for it later, else ignore it."""
         order = self.order
         problem = untrusted.data_problem(ev.data)
-        data = ev.data if problem is None else {"dropped": problem}
+        data = ev.data if problem is None else dropped_data(ev.data, problem, {
+            d.hold.match for d in self.defs.values()
+            if d.hold is not None and d.hold.match and d.hold.until_event == ev.name})
         if problem:
             self.log_event(ev, f"its data is not kept: {problem}")
         name = ev.name
