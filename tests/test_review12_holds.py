@@ -15,6 +15,7 @@ the last test over the wire, through the real endpoint and store.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from test_item_holds import MATCHED, held, kit_order, push, replied_by_hand, rep
 from gateways.client import Client, wait_terminal
 from gateways.sim_domain import SimConfig
 from oms import codec, snapshot
+from oms.engine import MAX_EARLY_EVENTS
 from oms.holds import same
 from oms.messages import CommandResult
 from oms.untrusted import MAX_DATA_BYTES
@@ -107,6 +109,23 @@ def sim_config(eps: Any) -> SimConfig:
     sends ``stock_reserved`` itself (as ``test_item_holds``)."""
     return SimConfig(systems=dict(eps.systems), service_events=eps.domain_events,
                      stock_of={"p-a": 0, "p-b": 0}, restock_s=3600.0, seed=1)
+
+
+def test_a_flood_of_events_naming_no_hold_logs_one_line_each(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Past 16 kept events each new one drops the oldest: one warning an
+    event that says both (it was two: a flood of 3,000 over the wire logged
+    5,984 lines), the kept ones bounded."""
+    d = replied_by_hand("a", "b")
+    reply(d, "a")
+    n = MAX_EARLY_EVENTS + 10
+    with caplog.at_level(logging.WARNING, logger="oms.engine"):
+        for i in range(n):
+            d.event("stock_reserved", {"reservation_id": f"r-zzz{i}"}, system="warehouse")
+    lines = [r.getMessage() for r in caplog.records if r.name == "oms.engine"]
+    assert len(lines) == n and all("names none of the steps waiting" in line for line in lines)
+    assert sum("1 oldest early event(s) dropped" in line for line in lines) == 10
+    assert len(d.order.early_events) == MAX_EARLY_EVENTS and held(d, "a", "b") == ["a", "b"]
 
 
 def test_over_the_wire_a_large_event_releases_its_own_item(
