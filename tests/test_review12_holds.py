@@ -10,16 +10,20 @@ sloppy warehouse's ``stock_reserved``.
   Now the value under the holds' ``match`` is kept beside ``dropped``.
 
 The real engine, driven as the order actor drives it (``helpers.Driver``);
-the last test over the wire, through the real endpoint and store.
+the wire tests through the real endpoint and store, the last one across a kill -9
+of the service with an event kept early.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
+from conftest import Endpoints
 from helpers import poll_until
 from test_item_holds import MATCHED, held, kit_order, push, replied_by_hand, reply
 
@@ -148,3 +152,73 @@ def test_over_the_wire_a_large_event_releases_its_own_item(
     assert steps()["reserve[a]"]["status"] == "running"
     push(eps.domain_events, oid, rid["a"])
     assert wait_terminal(client, [oid], timeout=30)[oid]["state"] == "completed"
+
+
+# -- kill -9 with an event kept early -------------------------------------------------
+
+
+class Warehouse:
+    """The warehouse by hand: it answers a ``reserve_stock`` (first sent or
+    re-sent after the service's restart) only when the test says so,
+    back-ordered with ``r-<item>``."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a killed peer raises
+        self.sock.bind(endpoint)
+
+    def answer(self, item: str, timeout: float = 30.0) -> None:
+        """Wait for item's command (each other one read is dropped) and
+        answer it; one still queued from the killed service is skipped."""
+        deadline = time.monotonic() + timeout
+        while self.sock.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+            peer, frame = self.sock.recv_multipart()
+            cmd = codec.decode_map(frame)
+            if not cmd["command_id"].endswith(f"[{item}]"):
+                continue
+            try:
+                self.sock.send_multipart([peer, codec.pack({
+                    "type": "result", "command_id": cmd["command_id"], "ok": True,
+                    "data": {"reservation_id": f"r-{item}", "status": "backordered"}})])
+            except zmq.ZMQError:  # (EHOSTUNREACH: its sender is gone)
+                continue
+            return
+        raise AssertionError(f"no reserve_stock for item {item}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.slow
+def test_an_event_kept_early_survives_kill_9_and_goes_to_its_item(
+        procs: Any, tmp_path: Path) -> None:
+    eps = Endpoints()
+    folder = tmp_path / "procs"
+    folder.mkdir()
+    (folder / "kit.toml").write_text(MATCHED)
+    others = ",".join(s for s in eps.systems if s != "warehouse")
+    procs(eps.simulate_args() + ["--only", others], "simulate")
+    warehouse = Warehouse(eps.systems["warehouse"])
+    serve = eps.serve_args(tmp_path / "data") + ["--processes", str(folder)]
+    svc = procs(serve, "serve")
+    try:
+        with Client(eps.intake, timeout=20) as client:
+            client.wait_ready(30)
+            oid = client.submit(kit_order("a", "b"))["order_id"]
+            warehouse.answer("a")
+            poll_until(lambda: client.get(oid)["order"]["state"] == "held", timeout=30)
+            push(eps.domain_events, oid, "r-b")  # before b's reply: kept early (acked)
+            svc.kill()
+            procs(serve, "serve-again")
+            client.wait_ready(30)
+            warehouse.answer("b")  # the command re-sent after the restart: b's hold
+            # takes its kept event at once; a's hold still waits
+            poll_until(lambda: {s["name"]: s["status"] for s in client.get(oid)["order"][
+                "steps"]}["reserve[b]"] == "done", timeout=30)
+            view = client.get(oid)["order"]
+            assert (view["state"], view["state_reason"]) == ("held", "awaiting_stock")
+            push(eps.domain_events, oid, "r-a")
+            assert wait_terminal(client, [oid], timeout=30)[oid]["state"] == "completed"
+    finally:
+        warehouse.close()
