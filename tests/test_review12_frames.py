@@ -1,19 +1,27 @@
 """Session 12 review of the ROUTER framing rule (``actors.endpoint.read_requests``)
 with CURVE on: the intake and the domain-events endpoint read each message
-with its ``User-Id`` (``recv_parts``), a path ``test_review12_hygiene``
+with its ``User-Id``, a path ``test_review12_hygiene``
 does not take. Every odd shape is answered ``malformed`` with none of the
 sender's frames, and an authenticated client's one-frame and REQ requests
-are still served as its identity allows."""
+are still served as its identity allows. A message of very many frames
+is read a bounded chunk a loop turn (``DRAIN_PER_READ``): one message of a
+million frames held the service's one loop for seconds."""
 
 from __future__ import annotations
 
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 import zmq
+from conftest import Endpoints, free_port
+from prometheus_client.parser import text_string_to_metric_families
 from test_review12_hygiene import EVENT, GET, SHAPES
 from test_security import keys, opts, secure  # noqa: F401 - fixtures
 
+from actors.endpoint import DRAIN_PER_READ, RequestReader
+from gateways.client import Client
 from oms import codec
 
 
@@ -55,3 +63,76 @@ def test_with_curve_odd_frames_are_malformed_and_authenticated_ones_served(
     refused = exchange(eps.domain_events, zmq.DEALER, [b"", codec.pack(
         {**event, "event_id": "e-2", "system": "billing"})], opts(keys, "warehouse"))
     assert refused[0] == b"" and codec.decode_map(refused[1])["code"] == "unauthorized"
+
+
+# -- a message of very many frames ----------------------------------------------------
+
+
+def test_a_message_of_many_frames_is_read_a_bounded_chunk_a_call() -> None:
+    """Past its fourth frame a message's frames are discarded, at most
+    ``DRAIN_PER_READ`` a call, the socket still readable between calls; the
+    message is answered once, and the next message read whole afterwards."""
+    ctx = zmq.Context.instance()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    try:
+        for sock in (router, dealer):
+            sock.setsockopt(zmq.LINGER, 0)
+        dealer.connect(f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}")
+        n = 3 * DRAIN_PER_READ + 10
+        dealer.send_multipart([b""] * n + [b"P"])
+        dealer.send_multipart([b"", b"next"])
+        assert router.poll(10_000)
+        reader = RequestReader(router, False)
+        reads: list[list[Any]] = []
+        while not any(frame == b"next" for read in reads for _, frame, _ in read):
+            assert router.poll(0), "readable while frames are left"
+            reads.append(list(reader.read(100)))
+            assert len(reads) <= 5
+        [(first, none, _)] = reads[0]
+        assert none is None and first[1:] == (b"",)  # malformed, answered with the delimiter
+        assert reads[1:-1] == [[], []] and reads[-1] == [((first[0], b""), b"next", None)]
+    finally:
+        router.close()
+        dealer.close()
+
+
+def metric(port: int, sample: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name + str(sorted(s.labels.items())) == sample:
+                return float(s.value)
+    raise AssertionError(f"no sample {sample}")
+
+
+@pytest.mark.slow
+def test_a_million_frames_never_hold_the_service_loop_a_second(
+        procs: Any, tmp_path: Path) -> None:
+    """A client's one message of a million empty frames (2 MB on the wire)
+    held the service's one loop for some 6 s here (each frame kept as
+    bytes): every order, gateway and request waited. Now no loop turn lasts
+    a second (``oms_loop_turn_seconds``, the service in its own process: a
+    sender in the same process would share its GIL); the message is
+    answered ``malformed`` once, and the client served after it."""
+    eps, port = Endpoints(), free_port()
+    procs(eps.serve_args(tmp_path / "data") + ["--metrics-port", str(port)], "serve")
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.connect(eps.intake)
+    try:
+        with Client(eps.intake, timeout=20) as client:
+            client.wait_ready(30)
+            sock.send_multipart([b""] * 1_000_000 + [GET])
+            sock.send(GET)
+            replies = []
+            for _ in range(2):
+                assert sock.poll(120_000), "no reply"
+                replies.append(sock.recv_multipart())
+            assert replies[0][0] == b"" and codec.decode_map(replies[0][-1])["code"] == "malformed"
+            assert codec.decode_map(replies[1][0])["code"] == "not_found"
+            assert client.get("O999999999999")["code"] == "not_found"
+    finally:
+        sock.close()
+    turns = metric(port, "oms_loop_turn_seconds_count[]")
+    assert turns > 1 and metric(port, "oms_loop_turn_seconds_bucket[('le', '1.0')]") == turns
