@@ -95,12 +95,11 @@ class RequestReader:
                 yield (frames[0],), frames[1], user
             elif n == 3 and len(frames[1]) in second_sizes:
                 yield (frames[0], frames[1]), frames[2], user
-            else:
+            else:  # (draining is marked first: a read left at this yield goes on with it)
+                self._draining = part.more
                 yield ((frames[0], b"") if not frames[1] else (frames[0],)), None, user
-                if part.more:
-                    self._draining = True
-                    if not self._drain():
-                        return
+                if self._draining and not self._drain():
+                    return
 
     def _drain(self) -> bool:
         """Discard up to ``DRAIN_PER_READ`` frames of the message being

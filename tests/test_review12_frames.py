@@ -136,3 +136,29 @@ def test_a_million_frames_never_hold_the_service_loop_a_second(
         sock.close()
     turns = metric(port, "oms_loop_turn_seconds_count[]")
     assert turns > 1 and metric(port, "oms_loop_turn_seconds_bucket[('le', '1.0')]") == turns
+
+
+def test_a_read_left_at_a_long_message_goes_on_with_its_rest_next_time() -> None:
+    """The endpoint stops reading if handling a message raises (the loop
+    survives it): the rest of a long message is still discarded by the next
+    read, never taken for a new message (its next frame as a routing id)."""
+    ctx = zmq.Context.instance()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    try:
+        for sock in (router, dealer):
+            sock.setsockopt(zmq.LINGER, 0)
+        dealer.connect(f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}")
+        dealer.send_multipart([b"x", b"y", b"z", b"forged-id", b"forged-request"])
+        dealer.send(b"next")
+        assert router.poll(10_000)
+        reader = RequestReader(router, False)
+        reading = reader.read(10)
+        _, frame, _ = next(reading)
+        assert frame is None
+        reading.close()  # (as a raise in its handler leaves it)
+        assert router.poll(10_000)
+        [((peer,), frame, _)] = list(reader.read(10))
+        assert frame == b"next" and peer != b"forged-id"
+    finally:
+        router.close()
+        dealer.close()
