@@ -567,11 +567,15 @@ def test_browser_operator_finds_a_failed_order_and_retries_it(stack: Stack, brow
 
     # the order page: its steps, why it is held, what can be done
     wait_for(browser, lambda: present(browser, "steps") and refreshed(browser))
-    steps = {li.get_attribute("data-step"): li.text
-             for li in browser.find_elements(By.CSS_SELECTOR, "#steps li.step")}
+
+    def step_texts() -> dict[str, str]:  # (read again if a live refresh replaced the list)
+        return {li.get_attribute("data-step"): li.text
+                for li in browser.find_elements(By.CSS_SELECTOR, "#steps li.step")}
+
+    steps = wait_for(browser, step_texts)
     assert {"reserve_stock", "create_invoice", "capture_payment"} <= set(steps)
     assert "failed" in steps["capture_payment"] and "done" in steps["reserve_stock"]
-    assert "payment_declined" in by_id(browser, "failure").text
+    wait_for(browser, lambda: "payment_declined" in by_id(browser, "failure").text)
     assert not present(browser, "do-retry")  # not logged in: no action forms
     by_id(browser, "actions").find_element(By.PARTIAL_LINK_TEXT, "Log in").click()
     wait_for(browser, lambda: present(browser, "login-button"))
@@ -589,7 +593,7 @@ def test_browser_operator_finds_a_failed_order_and_retries_it(stack: Stack, brow
     wait_for(browser, lambda: "retry accepted" in browser.find_element(
         By.CSS_SELECTOR, ".flash").text)
     wait_for(browser, lambda: by_id(browser, "order-state").text == "completed", timeout=20)
-    history = by_id(browser, "history").text
+    history = wait_for(browser, lambda: by_id(browser, "history").text)
     assert "operator ann asked to retry: card limit raised by the customer" in history
     assert stack.client.get(oid)["order"]["state"] == "completed"
     browser.execute_script("document.getElementById('summary').scrollIntoView();")
