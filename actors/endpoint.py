@@ -7,7 +7,7 @@ the CURVE ``User-Id`` of the sender when CURVE is on, hands each request to
 ``on_frame``, and sends replies queued from any thread with ``reply_to``
 (only this actor's thread touches the socket). Any other shape goes to
 ``on_bad_envelope``: a ``malformed`` reply that carries back no frame of the
-sender's but its routing id and an empty delimiter (``read_requests``). A
+sender's but its routing id and an empty delimiter (``RequestReader``). A
 reply to a peer that is gone or whose queue is full (``ROUTER_MANDATORY``)
 is counted and logged, never raised.
 """
@@ -23,7 +23,7 @@ import zmq
 
 from actors.loop import LoopActor
 from actors.metrics import Metrics
-from actors.sockets import open_socket, recv_frames, recv_parts, send_frames
+from actors.sockets import NOBLOCK, open_socket, recv_frame, send_frames
 from oms import codec, errors
 
 logger = logging.getLogger(__name__)
@@ -37,40 +37,80 @@ BAD_ENVELOPE = ("a request is one frame: a DEALER sends [payload] or [empty fram
 """The ``malformed`` reply's message for a message of another shape."""
 
 
-def read_requests(sock: zmq.Socket, identity_required: bool, budget: int,
-                  tagged: bool = False
-                  ) -> Iterator[tuple[tuple[bytes, ...], bytes | None, str | None]]:
-    """What a ROUTER has queued, ``budget`` messages at most: (the reply's
-    envelope, the payload frame, the sender's CURVE ``User-Id`` or None).
-    Also the sharded front's.
+Request = tuple[tuple[bytes, ...], bytes | None, str | None]
+"""(the reply's envelope, the payload frame or None, the sender's ``User-Id``)."""
+DRAIN_PER_READ = 4096
+"""Frames of one message past its fourth (the most a request has, and one
+to know it has more) a ``read`` discards, then the next read goes on: some
+1.3 us a frame here, so one message of a million empty frames (2 MB sent)
+no longer holds the loop for seconds (it held it 6 s, each frame kept)."""
 
-    The envelope is the routing id, then the empty delimiter a REQ socket
-    needs back when the request had one: ``[id, payload]`` and ``[id, b"",
-    payload]`` are requests (with ``tagged``, a shard behind the front, also
-    ``[id, tag, payload]`` with the front's 8-byte tag). Any other shape
-    (more frames, a non-empty frame before the payload) has None for its
-    payload, to be answered ``malformed``: its envelope is the routing id and,
-    when its first frame was empty, ``b""`` (so a REQ peer still reads the
-    reply), never a frame the sender chose."""
-    second_sizes = (0, FRONT_TAG_BYTES) if tagged else (0,)
-    for _ in range(budget):
-        try:
-            if identity_required:
-                parts = recv_parts(sock)
-                got = parts[-1].get("User-Id")  # a str: pyzmq types all properties as one
-                user = got if isinstance(got, str) else None
-                frames = [p.bytes for p in parts]
-            else:
-                frames, user = recv_frames(sock), None
-        except zmq.Again:
+
+class RequestReader:
+    """Reads what a ROUTER has queued (also the sharded front's two): one
+    reader a socket, for the part of a message it has not read yet."""
+
+    __slots__ = ("_draining", "identity_required", "second_sizes", "sock")
+
+    def __init__(self, sock: zmq.Socket, identity_required: bool,
+                 tagged: bool = False) -> None:
+        self.sock, self.identity_required = sock, identity_required
+        self.second_sizes = (0, FRONT_TAG_BYTES) if tagged else (0,)
+        self._draining = False  # in a message of too many frames, its rest not yet read
+
+    def read(self, budget: int) -> Iterator[Request]:
+        """``budget`` messages at most: (the reply's envelope, the payload
+        frame, the sender's CURVE ``User-Id`` or None).
+
+        The envelope is the routing id, then the empty delimiter a REQ socket
+        needs back when the request had one: ``[id, payload]`` and ``[id, b"",
+        payload]`` are requests (with ``tagged``, a shard behind the front,
+        also ``[id, tag, payload]`` with the front's 8-byte tag). Any other
+        shape (more frames, a non-empty frame before the payload) has None
+        for its payload, to be answered ``malformed``: its envelope is the
+        routing id and, when its first frame was empty, ``b""`` (so a REQ
+        peer still reads the reply), never a frame the sender chose. Past its
+        fourth frame a message's frames are not kept, and at most
+        ``DRAIN_PER_READ`` of them are read a call (the socket stays
+        readable: the next call goes on)."""
+        if self._draining and not self._drain():
             return
-        n = len(frames)  # (a ROUTER's message has the routing id and a frame at least)
-        if n == 2:
-            yield (frames[0],), frames[1], user
-        elif n == 3 and len(frames[1]) in second_sizes:
-            yield (frames[0], frames[1]), frames[2], user
-        elif n > 2:
-            yield ((frames[0], b"") if not frames[1] else (frames[0],)), None, user
+        sock, second_sizes = self.sock, self.second_sizes
+        for _ in range(budget):
+            try:
+                part = recv_frame(sock, NOBLOCK, False)
+            except zmq.Again:
+                return
+            parts = [part]
+            while part.more and len(parts) < 4:
+                part = recv_frame(sock, NOBLOCK, False)
+                parts.append(part)
+            user = None
+            if self.identity_required:
+                got = part.get("User-Id")  # a str: pyzmq types all properties as one
+                user = got if isinstance(got, str) else None
+            frames = [p.bytes for p in parts[:3]]
+            n = len(parts)  # (a ROUTER's message has the routing id and a frame at least)
+            if n == 2:
+                yield (frames[0],), frames[1], user
+            elif n == 3 and len(frames[1]) in second_sizes:
+                yield (frames[0], frames[1]), frames[2], user
+            else:  # (draining is marked first: a read left at this yield goes on with it)
+                self._draining = part.more
+                yield ((frames[0], b"") if not frames[1] else (frames[0],)), None, user
+                if self._draining and not self._drain():
+                    return
+
+    def _drain(self) -> bool:
+        """Discard up to ``DRAIN_PER_READ`` frames of the message being
+        read; True once its last is read. (A message's frames are all
+        queued once its first is: no wait.)"""
+        sock = self.sock
+        for _ in range(DRAIN_PER_READ):
+            if not recv_frame(sock, NOBLOCK, False).more:
+                self._draining = False
+                return True
+        return False
 
 
 class SendReply(NamedTuple):
@@ -86,19 +126,21 @@ class RouterEndpoint(LoopActor):
                  curve: dict[str, Any] | None = None, hwm: int = 10_000,
                  tagged: bool = False) -> None:
         """``tagged``: a shard's endpoint, which the sharded front sends its
-        requests with a tag frame before each (``read_requests``)."""
+        requests with a tag frame before each (``RequestReader``)."""
         super().__init__()
         self.tagged = tagged
         self.zctx, self.endpoint, self.metrics, self.hwm = zctx, endpoint, metrics, hwm
         self.curve = curve or {}
         self.identity_required = bool(curve)
         self.sock: zmq.Socket | None = None
+        self.reader: RequestReader | None = None  # the socket's, once it is open
         self._out = bytearray(256)  # each reply encoded here, then sent (a copying send)
 
     def on_start(self) -> None:
         self.sock = open_socket(self.zctx, zmq.ROUTER, bind=self.endpoint, ROUTER_MANDATORY=1,
                                 SNDHWM=self.hwm, RCVHWM=self.hwm, LINGER=1000,
                                 MAXMSGSIZE=MAX_SOCKET_MESSAGE, **self.curve)
+        self.reader = RequestReader(self.sock, self.identity_required, self.tagged)
 
     def on_stop(self) -> None:
         if self.sock is not None:
@@ -108,8 +150,8 @@ class RouterEndpoint(LoopActor):
         return [self.sock] if self.sock is not None else []
 
     def on_readable(self, sock: zmq.Socket) -> None:
-        for envelope, frame, user in read_requests(sock, self.identity_required,
-                                                   self.read_budget, self.tagged):
+        assert self.reader is not None and self.reader.sock is sock  # (its one socket)
+        for envelope, frame, user in self.reader.read(self.read_budget):
             if frame is None:
                 self.on_bad_envelope(envelope, user)
             else:
@@ -119,7 +161,7 @@ class RouterEndpoint(LoopActor):
         raise NotImplementedError
 
     def on_bad_envelope(self, envelope: tuple[bytes, ...], user: str | None) -> None:
-        """A message that is not one request frame (``read_requests``): a
+        """A message that is not one request frame (``RequestReader``): a
         ``malformed`` reply (a subclass also counts it)."""
         self.send_reply(envelope, errors.error_reply(errors.MALFORMED, BAD_ENVELOPE))
 

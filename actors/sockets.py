@@ -38,8 +38,11 @@ NOBLOCK = int(zmq.NOBLOCK)
 MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 send_frame = zmq.backend.Socket.send  # send_frame(sock, frame, NOBLOCK or MORE)
 # recv_frame(sock, NOBLOCK): one frame, as bytes (the gateways' replies, 6 an order), or
-# recv_frame(sock, NOBLOCK, False): as a ``Frame``; ``sock.recv`` is found past pyzmq's
-# ``__getattr__`` on each call (not specialised)
+# recv_frame(sock, NOBLOCK, False): as a ``Frame``, whose ``more`` pyzmq reads in C (asking
+# the socket, ``get(RCVMORE)``, costs 0.6 us a frame in Python: more than the ``Frame``
+# and its copy together), and its properties (a CURVE peer's ``User-Id``); the ROUTER
+# endpoints' read (``actors.endpoint.RequestReader``); ``sock.recv`` is found past
+# pyzmq's ``__getattr__`` on each call (not specialised)
 recv_frame = zmq.backend.Socket.recv
 
 
@@ -49,28 +52,3 @@ def send_frames(sock: zmq.Socket, head: Iterable[Buffer], last: Buffer) -> None:
     for frame in head:
         send_frame(sock, frame, MORE)
     send_frame(sock, last, NOBLOCK)
-
-
-def recv_parts(sock: zmq.Socket) -> list[zmq.Frame]:
-    """``sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)``, without its
-    wrapper: the frames as pyzmq ``Frame`` objects, for their properties
-    (a CURVE peer's ``User-Id``). 1.7 µs a 2-frame request, not 3.7 µs
-    (the wrapper asks ``get(RCVMORE)`` a frame; see ``recv_frames``)."""
-    parts = [recv_frame(sock, NOBLOCK, False)]
-    while parts[-1].more:
-        parts.append(recv_frame(sock, NOBLOCK, False))
-    return parts
-
-
-def recv_frames(sock: zmq.Socket) -> list[bytes]:
-    """``sock.recv_multipart(flags=zmq.NOBLOCK)``, without its wrapper
-    (``zmq.Again`` if nothing is queued). Each frame is received as a
-    ``Frame`` (``copy=False``), whose ``more`` pyzmq reads in C: asking the
-    socket (``get(RCVMORE)``) converts the option to its enum in Python first,
-    0.6 µs a frame, more than the ``Frame`` and its copy cost together."""
-    frame = recv_frame(sock, NOBLOCK, False)
-    frames = [frame.bytes]
-    while frame.more:
-        frame = recv_frame(sock, NOBLOCK, False)
-        frames.append(frame.bytes)
-    return frames

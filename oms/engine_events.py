@@ -10,7 +10,7 @@ from typing import Any
 
 from oms import untrusted
 from oms.engine_base import TurnBase
-from oms.holds import early_taken, released
+from oms.holds import dropped_data, early_taken, released
 from oms.messages import DomainEvent
 from oms.model import Step
 from oms.states import (
@@ -42,7 +42,9 @@ class EventMixin(TurnBase):
         wait for it later, else ignore it."""
         order = self.order
         problem = untrusted.data_problem(ev.data)
-        data = ev.data if problem is None else {"dropped": problem}
+        data = ev.data if problem is None else dropped_data(ev.data, problem, {
+            d.hold.match for d in self.defs.values()
+            if d.hold is not None and d.hold.match and d.hold.until_event == ev.name})
         if problem:
             self.log_event(ev, f"its data is not kept: {problem}")
         name = ev.name
@@ -60,9 +62,6 @@ class EventMixin(TurnBase):
             self.stale = True
             self.log_event(ev, f"ignored: {refused}")
             return
-        if waiting:  # each waiting step's reply has another value under its match
-            self.log_event(ev, "kept early: its data names none of the steps waiting for "
-                           "it (a hold_when's match)")
         early = order.early_events
         early.append({"system": ev.system, "name": ev.name, "data": data})
         sizes = [untrusted.size_of(e) for e in early]
@@ -71,10 +70,15 @@ class EventMixin(TurnBase):
             early.pop(0)
             sizes.pop(0)
             dropped += 1
-        if dropped:
-            self.log_event(ev, f"kept early; the {dropped} oldest early event(s) dropped "
-                           f"(at most {MAX_EARLY_EVENTS} and {MAX_EARLY_BYTES} bytes are kept)")
         self.changed = True
+        if not (waiting or dropped):
+            return
+        what = ("kept early: its data names none of the steps waiting for it (a hold_when's "
+                "match)") if waiting else "kept early"  # (each waiting: another value)
+        if dropped:  # one line an event, however many reasons (a flood logs one a event)
+            what += (f"; the {dropped} oldest early event(s) dropped (at most "
+                     f"{MAX_EARLY_EVENTS} and {MAX_EARLY_BYTES} bytes are kept)")
+        self.log_event(ev, what)
 
     def log_event(self, ev: DomainEvent, what: str) -> None:
         order_id = self.order.order_id

@@ -12,7 +12,10 @@ before the reply of the step it is meant for. The rule (``docs/processes.md``,
   no value there. It may release a step it names or, naming nobody, any; an
   event naming another value (another item's, one whose reply has not come
   yet, an unknown one) releases none: it is kept early and taken by the step
-  whose reply carries that value when that reply comes.
+  whose reply carries that value when that reply comes. A value names a
+  step only if it is the same value of the same wire type (``same``: true
+  is not 1, 1.0 is not 1), and an event whose ``data`` is too large to
+  keep still names the step it named (``dropped_data``).
 - Without ``match`` (as before it existed): the event releases the held
   step whose reply it names by any shared key and value no other waiting
   step has (``named_by``), else the first waiting one; an early event goes
@@ -24,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from oms import untrusted
 from oms.model import Step
 from oms.process_check import OWN_REASONS, Checker
 
@@ -78,7 +82,36 @@ def may_release(step: Step, data: dict[str, Any], match: str | None) -> bool:
     if match is None:
         return True
     value = data.get(match)
-    return value is None or value == (step.result or {}).get(match)
+    return value is None or same(value, (step.result or {}).get(match))
+
+
+def same(a: Any, b: Any) -> bool:
+    """Whether two decoded values are the same msgpack value: equal and of
+    the same type all the way down (Python's ``==`` takes true for 1 and
+    1.0 for 1, which the wire tells apart). An array is a list or a tuple."""
+    if isinstance(a, list | tuple):
+        return isinstance(b, list | tuple) and len(a) == len(b) and all(
+            same(x, y) for x, y in zip(a, b, strict=True))
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(v, b[k]) for k, v in a.items())
+    return bool(a == b)
+
+
+def dropped_data(data: Any, problem: str, matches: set[str]) -> dict[str, Any]:
+    """What is kept of an event's ``data`` that may not be kept whole
+    (``problem``: over 16 KiB, too deep...): ``{dropped: problem}``, with
+    its value under each of ``matches`` (the ``match`` of the holds that
+    may wait for it) that may be kept alone, so the event still names the
+    step it named rather than none (which would release any)."""
+    kept: dict[str, Any] = {"dropped": problem}
+    if isinstance(data, dict):
+        for field in sorted(matches - {"dropped"}):
+            value = data.get(field)
+            if value is not None and untrusted.data_problem({field: value}) is None:
+                kept[field] = value
+    return kept
 
 
 def names(data: dict[str, Any], match: str | None) -> bool:
@@ -95,8 +128,8 @@ def named_by(waiting: list[Step], data: dict[str, Any]) -> Step:
     for step in waiting:
         result = step.result or {}
         for key, value in result.items():
-            if key in data and data[key] == value and not any(
-                    other is not step and (other.result or {}).get(key) == value
+            if key in data and same(data[key], value) and not any(
+                    other is not step and same((other.result or {}).get(key), value)
                     for other in waiting):
                 break
         else:

@@ -12,7 +12,7 @@ from typing import Any
 
 import zmq
 
-from actors.endpoint import read_requests
+from actors.endpoint import RequestReader
 from actors.security import is_operator_name
 from oms import codec, errors
 from shards.front_config import Envelope, FrontMetrics
@@ -38,9 +38,10 @@ class ChannelEdge:
     def __init__(self, sock: zmq.Socket, identity_required: bool,
                  metrics: FrontMetrics) -> None:
         self.sock, self.identity_required, self.m = sock, identity_required, metrics
+        self.reader = RequestReader(sock, identity_required)
 
     def requests(self) -> Iterator[tuple[Envelope, bytes | None, str | None]]:
-        return read_requests(self.sock, self.identity_required, 1000)
+        return self.reader.read(1000)
 
     # -- replies ----------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """The front's settings (``DATA/front.json``), its metrics, the placement of
 virtual shards it routes by, its stop flags, and the socket helper
 every endpoint of the front uses (its ROUTERs are read with
-``actors.endpoint.read_requests``, as the single node's)."""
+``actors.endpoint.RequestReader``, as the single node's)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from typing import Any
 import zmq
 
 from actors.domain_events import authorise
-from actors.endpoint import BAD_ENVELOPE, read_requests
+from actors.endpoint import BAD_ENVELOPE, RequestReader
 from oms import codec, edge, errors
 from shards.front_config import Envelope, Placement
 from shards.front_links import ShardLinks
@@ -26,9 +26,10 @@ class DomainRelay:
                  identity_required: bool, systems: frozenset[str]) -> None:
         self.sock, self.links, self.placement = sock, links, placement
         self.identity_required, self.systems = identity_required, systems
+        self.reader = RequestReader(sock, identity_required)
 
     def from_domains(self) -> None:
-        for env, frame, user in read_requests(self.sock, self.identity_required, 1000):
+        for env, frame, user in self.reader.read(1000):
             if frame is None:  # not one event frame: refused as one node refuses it
                 self._answer(env, codec.pack(errors.error_reply(errors.MALFORMED,
                                                                 BAD_ENVELOPE)))

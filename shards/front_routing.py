@@ -42,7 +42,7 @@ class Routing:
     def from_channels(self) -> None:
         for env, frame, user in self.edge.requests():
             try:
-                if frame is None:  # not one request frame (actors.endpoint.read_requests)
+                if frame is None:  # not one request frame (actors.endpoint.RequestReader)
                     self.edge.answer(env, errors.error_reply(errors.MALFORMED, BAD_ENVELOPE),
                                      None, "?")
                     continue

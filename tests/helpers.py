@@ -51,6 +51,38 @@ def thawed(order: Order) -> Order:
                                    notes=[thaw(n) for n in order.notes])
 
 
+def debian_tools(tools: tuple[str, ...], packages: tuple[str, ...]) -> dict[str, str | None]:
+    """The path of each of ``tools`` (None if missing), after installing
+    Debian's ``packages`` if one is missing and this runs as root with
+    apt-get (as CI does). The suite's two pytest-xdist workers may both get
+    here at once (``test_console``'s chromium, ``test_observability``'s and
+    ``test_retention``'s prometheus): apt-get fails at once while another
+    holds dpkg's lock, and its test would be skipped, so installs take
+    turns on one lock file, and each looks again once it has the lock."""
+    import fcntl
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    found = {tool: shutil.which(tool) for tool in tools}
+    if all(found.values()) or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return found
+    with (Path(tempfile.gettempdir()) / "oms-tests-apt.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # (released as the file closes)
+        found = {tool: shutil.which(tool) for tool in tools}  # the other worker's install
+        if not all(found.values()):
+            env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+            wait = ["-o", "DPkg::Lock::Timeout=300"]  # (dpkg's lock, if another apt holds it)
+            subprocess.run(["apt-get", *wait, "update", "-q"], env=env, check=False,
+                           capture_output=True, timeout=600)
+            subprocess.run(["apt-get", *wait, "install", "-y", "-q",
+                            "--no-install-recommends", *packages], env=env, check=False,
+                           capture_output=True, timeout=900)
+            found = {tool: shutil.which(tool) for tool in tools}
+    return found
+
+
 Domain = Callable[[Send], CommandResult | None]
 
 

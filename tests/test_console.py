@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 from conftest import Endpoints, Proc, SimThread, free_port
-from helpers import poll_until, retail_order
+from helpers import debian_tools, poll_until, retail_order
 from test_operations import control, hold_policy
 from test_security import keys, opts, secure  # noqa: F401 - fixtures
 
@@ -475,16 +475,7 @@ def test_event_feed_remembers_jeopardy_until_the_order_ends() -> None:
 
 @pytest.fixture(scope="module")
 def chrome() -> dict[str, str]:
-    bins = {"chromium": shutil.which("chromium"), "chromedriver": shutil.which("chromedriver")}
-    if not all(bins.values()) and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["apt-get", "update", "-q"], env=env, check=False, capture_output=True,
-                       timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends",
-                        "chromium", "chromium-driver"], env=env, check=False,
-                       capture_output=True, timeout=900)
-        bins = {"chromium": shutil.which("chromium"),
-                "chromedriver": shutil.which("chromedriver")}
+    bins = debian_tools(("chromium", "chromedriver"), ("chromium", "chromium-driver"))
     if not all(bins.values()):
         pytest.skip("Debian's chromium and chromium-driver are not installed and cannot be here")
     pytest.importorskip("selenium", reason="selenium (the test extra) is not installed")
@@ -600,7 +591,7 @@ def test_browser_operator_finds_a_failed_order_and_retries_it(stack: Stack, brow
     wait_for(browser, lambda: "retry accepted" in browser.find_element(
         By.CSS_SELECTOR, ".flash").text)
     wait_for(browser, lambda: by_id(browser, "order-state").text == "completed", timeout=20)
-    history = by_id(browser, "history").text
+    history = wait_for(browser, lambda: by_id(browser, "history").text)
     assert "operator ann asked to retry: card limit raised by the customer" in history
     assert stack.client.get(oid)["order"]["state"] == "completed"
     browser.execute_script("document.getElementById('summary').scrollIntoView();")

@@ -290,15 +290,16 @@ def sim_config(eps: Any) -> SimConfig:
                      stock_of={"p-a": 0, "p-b": 0}, restock_s=3600.0, seed=1)
 
 
-def push(ep: str, order_id: str, reservation_id: str) -> None:
-    """One ``stock_reserved`` from the warehouse, as a DEALER pushes it (acked)."""
+def push(ep: str, order_id: str, reservation_id: str, **more: Any) -> None:
+    """One ``stock_reserved`` from the warehouse, as a DEALER pushes it (acked);
+    ``more``: more of its ``data``."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(ep)
     try:
         ev = {"type": "event", "event_id": f"ev-{reservation_id}", "system": "warehouse",
               "order_id": order_id, "name": "stock_reserved",
-              "data": {"reservation_id": reservation_id}}
+              "data": {"reservation_id": reservation_id, **more}}
         sock.send(codec.pack(ev))
         assert sock.poll(10_000), "no answer to a domain event"
         assert codec.decode_map(sock.recv()) == {"type": "ack", "event_id": ev["event_id"]}

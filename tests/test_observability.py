@@ -6,9 +6,7 @@ may, else these tests are skipped with the reason)."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import urllib.parse
 import urllib.request
@@ -17,7 +15,7 @@ from typing import Any
 
 import pytest
 from conftest import Endpoints, free_port
-from helpers import poll_until
+from helpers import debian_tools, poll_until
 
 from app.cli import main
 from gateways.client import Client, wait_terminal
@@ -29,15 +27,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="session")
 def prom_tools() -> dict[str, str]:
-    if (not (shutil.which("promtool") and shutil.which("prometheus"))
-            and os.geteuid() == 0 and shutil.which("apt-get")):
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["apt-get", "update", "-q"], env=env, check=False,
-                       capture_output=True, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends",
-                        "prometheus"], env=env, check=False, capture_output=True,
-                       timeout=900)
-    tools = {t: shutil.which(t) for t in ("promtool", "prometheus")}
+    tools = debian_tools(("promtool", "prometheus"), ("prometheus",))
     if not all(tools.values()):
         pytest.skip("Debian's prometheus package is not installed and cannot be here")
     return tools  # type: ignore[return-value]

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import Endpoints
-from helpers import poll_until, retail_order
+from helpers import debian_tools, poll_until, retail_order
 
 from actors.settings import load_config
 from gateways.client import wait_terminal
@@ -328,11 +328,9 @@ def test_oms_serve_refuses_a_negative_retention(tmp_path: Path) -> None:
 
 
 def test_the_retention_alert_fires_when_behind_and_not_otherwise() -> None:
-    import shutil
-
-    promtool = shutil.which("promtool")
+    promtool = debian_tools(("promtool",), ("prometheus",))["promtool"]
     if promtool is None:
-        pytest.skip("promtool is not installed (tests/test_observability.py installs it)")
+        pytest.skip("Debian's prometheus package (promtool) is not installed and cannot be here")
     rules = Path(__file__).resolve().parent.parent / "deploy" / "prometheus"
     run = subprocess.run([promtool, "test", "rules", "alerts_retention_test.yml"], cwd=rules,
                          capture_output=True, text=True, timeout=60, check=False)

@@ -28,7 +28,7 @@ from helpers import retail_order
 from prometheus_client.parser import text_string_to_metric_families
 from test_shards import Sharded
 
-from actors.endpoint import FRONT_TAG_BYTES, read_requests
+from actors.endpoint import FRONT_TAG_BYTES, RequestReader
 from gateways.client import Client
 from oms import codec
 
@@ -96,7 +96,7 @@ def test_odd_frames_are_malformed_and_never_echoed_by_the_intake_and_domain_even
 
 
 def test_only_a_shard_takes_the_front_tag() -> None:
-    """``read_requests`` itself: ``[tag, payload]`` is a request only with
+    """``RequestReader`` itself: ``[tag, payload]`` is a request only with
     ``tagged`` (a shard behind the front), and only with an 8-byte tag."""
     ctx = zmq.Context.instance()
     router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
@@ -111,7 +111,7 @@ def test_only_a_shard_takes_the_front_tag() -> None:
                                         (True, [tag, b"", b"P"], None)):
             dealer.send_multipart(frames)
             assert router.poll(10_000)
-            [(envelope, frame, user)] = list(read_requests(router, False, 1, tagged))
+            [(envelope, frame, user)] = list(RequestReader(router, False, tagged).read(1))
             assert frame == payload and user is None
             assert envelope[1:] == ((tag,) if payload else ())
     finally:

@@ -10,9 +10,9 @@ import pytest
 import zmq
 from prometheus_client import CollectorRegistry
 
-from actors.endpoint import RouterEndpoint, read_requests
+from actors.endpoint import RequestReader, RouterEndpoint
 from actors.metrics import Metrics
-from actors.sockets import recv_frames, recv_parts, send_frames
+from actors.sockets import send_frames
 from oms import codec
 
 
@@ -47,33 +47,34 @@ def _wait(sock: zmq.Socket) -> None:
     [b"\x00" * 10, b"y" * 70_000],  # beyond pyzmq's copy threshold (65,536 bytes)
     [bytes([i]) for i in range(40)],
 ])
-def test_recv_frames_reads_each_message_whole_and_alone(
+def test_the_reader_reads_each_message_whole_and_alone(
         pair: tuple[zmq.Socket, zmq.Socket], frames: list[bytes]) -> None:
-    """Whatever a peer sends (empty frames, a large one, many), the ROUTER
-    reads its envelope and frames, then the next message separately, as
-    ``recv_multipart`` does; an empty queue is ``zmq.Again``."""
+    """Whatever a peer sends (empty frames, a large one, many), the reader
+    takes that message (a request or not) and then the next one separately;
+    an empty queue ends the read."""
     router, dealer = pair
     dealer.send_multipart(frames)
     dealer.send_multipart([b"next"])
     _wait(router)
-    first = recv_frames(router)
-    assert first[1:] == frames and len(first[0]) > 0  # the peer's routing id first
+    reader = RequestReader(router, False)
+    [(envelope, frame, _)] = reader.read(1)
+    assert len(envelope[0]) > 0  # the peer's routing id first
+    assert frame == (frames[-1] if len(frames) == 1 or (len(frames) == 2 and not frames[0])
+                     else None)
     _wait(router)
-    assert recv_frames(router) == [first[0], b"next"]
-    with pytest.raises(zmq.Again):
-        recv_frames(router)
+    assert list(reader.read(5)) == [((envelope[0],), b"next", None)]
 
 
-def test_send_frames_then_recv_frames_round_trip(
+def test_send_frames_then_a_reply_reaches_the_peer_in_order(
         pair: tuple[zmq.Socket, zmq.Socket]) -> None:
     """A reply through ``send_frames`` reaches the peer as one message, in order."""
     router, dealer = pair
     dealer.send(b"request")
     _wait(router)
-    envelope, payload = recv_frames(router)
+    [((peer,), payload, _)] = RequestReader(router, False).read(1)
     assert payload == b"request"
     for reply in ([b"one"], [b"", b"two"], [b"3", b"", b"three"]):
-        send_frames(router, [envelope, *reply[:-1]], reply[-1])
+        send_frames(router, [peer, *reply[:-1]], reply[-1])
         _wait(dealer)
         assert dealer.recv_multipart() == reply
 
@@ -94,7 +95,7 @@ def _request(pair: tuple[zmq.Socket, zmq.Socket], payload: bytes) -> tuple[bytes
     router, dealer = pair
     dealer.send(payload)
     _wait(router)
-    [(envelope, frame, user)] = read_requests(router, False, 1)
+    [(envelope, frame, user)] = RequestReader(router, False).read(1)
     assert (frame, user) == (payload, None)
     return envelope
 
@@ -137,22 +138,3 @@ def test_send_reply_to_a_gone_peer_is_counted_not_raised(
     endpoint.send_reply(envelope, {"type": "ack", "n": 2})
     _wait(dealer)
     assert dealer.recv_multipart() == [codec.pack({"type": "ack", "n": 2})]
-
-
-@pytest.mark.parametrize("frames", [[b"x"], [b"", b"y" * 70_000], [b"a", b"", b"b", b"c"]])
-def test_recv_parts_reads_frames_as_recv_multipart_does(
-        pair: tuple[zmq.Socket, zmq.Socket], frames: list[bytes]) -> None:
-    """``recv_parts`` (the CURVE path's read, for the ``User-Id`` property)
-    gives the frames ``recv_multipart(copy=False)`` gives, each message alone."""
-    router, dealer = pair
-    for _ in range(2):
-        dealer.send_multipart(frames)
-    _wait(router)
-    mine = recv_parts(router)
-    _wait(router)
-    theirs = router.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-    assert [p.bytes for p in mine] == [p.bytes for p in theirs]
-    assert mine[-1].more is False and all(p.more for p in mine[:-1])
-    assert [p.bytes for p in mine][1:] == frames
-    with pytest.raises(zmq.Again):
-        recv_parts(router)
