@@ -23,6 +23,7 @@ as the order actor drives it; the last test over the wire.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -307,8 +308,11 @@ def push(ep: str, order_id: str, reservation_id: str, **more: Any) -> None:
         sock.close()
 
 
-def test_over_the_wire_each_items_event_releases_only_that_item(
-        tmp_path: Path, make_service: Any, sim: Any, eps: Any, client: Client) -> None:
+def both_backordered(tmp_path: Path, make_service: Any, client: Client) -> tuple[
+        str, Callable[[], dict[str, dict[str, Any]]], dict[str, str]]:
+    """A service on the kit process (``MATCHED``) and a kit order of items
+    a and b, both back-ordered: its id, its steps (read now), each item's
+    reservation id."""
     folder = tmp_path / "procs"
     folder.mkdir()
     (folder / "kit.toml").write_text(MATCHED)
@@ -321,7 +325,12 @@ def test_over_the_wire_each_items_event_releases_only_that_item(
     waiting = poll_until(lambda: all(  # both back-ordered, each with its own reservation
         steps()[f"reserve[{i}]"].get("result", {}).get("status") == "backordered"
         for i in "ab") and steps(), timeout=30)
-    rid = {i: waiting[f"reserve[{i}]"]["result"]["reservation_id"] for i in "ab"}
+    return oid, steps, {i: waiting[f"reserve[{i}]"]["result"]["reservation_id"] for i in "ab"}
+
+
+def test_over_the_wire_each_items_event_releases_only_that_item(
+        tmp_path: Path, make_service: Any, sim: Any, eps: Any, client: Client) -> None:
+    oid, steps, rid = both_backordered(tmp_path, make_service, client)
     assert rid["a"] != rid["b"]
     push(eps.domain_events, oid, "res-unknown")  # names no item: kept, releases none
     push(eps.domain_events, oid, rid["b"])

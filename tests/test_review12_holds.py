@@ -25,7 +25,7 @@ import pytest
 import zmq
 from conftest import Endpoints
 from helpers import poll_until
-from test_item_holds import MATCHED, held, kit_order, push, replied_by_hand, reply
+from test_item_holds import MATCHED, both_backordered, held, kit_order, push, replied_by_hand, reply
 
 from gateways.client import Client, wait_terminal
 from gateways.sim_domain import SimConfig
@@ -134,19 +134,7 @@ def test_a_flood_of_events_naming_no_hold_logs_one_line_each(
 
 def test_over_the_wire_a_large_event_releases_its_own_item(
         tmp_path: Path, make_service: Any, sim: Any, eps: Any, client: Client) -> None:
-    folder = tmp_path / "procs"
-    folder.mkdir()
-    (folder / "kit.toml").write_text(MATCHED)
-    make_service(processes=str(folder))
-    oid = client.submit(kit_order("a", "b"))["order_id"]
-
-    def steps() -> dict[str, dict[str, Any]]:
-        return {s["name"]: s for s in client.get(oid)["order"]["steps"]}
-
-    waiting = poll_until(lambda: all(
-        steps()[f"reserve[{i}]"].get("result", {}).get("status") == "backordered"
-        for i in "ab") and steps(), timeout=30)
-    rid = {i: waiting[f"reserve[{i}]"]["result"]["reservation_id"] for i in "ab"}
+    oid, steps, rid = both_backordered(tmp_path, make_service, client)
     push(eps.domain_events, oid, rid["b"], manifest="y" * 30_000)  # (under the 64 KiB frame)
     poll_until(lambda: steps()["reserve[b]"]["status"] == "done", timeout=30)
     assert steps()["reserve[a]"]["status"] == "running"

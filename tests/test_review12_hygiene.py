@@ -51,9 +51,14 @@ SHAPES: list[tuple[list[bytes], list[bytes], bool]] = [
 ]
 
 
-def _exchange(endpoint: str, kind: int, frames: list[bytes]) -> list[bytes]:
+def _exchange(endpoint: str, kind: int, frames: list[bytes],
+              curve: dict[str, Any] | None = None) -> list[bytes]:
+    """Send one message on a new socket of ``kind`` (CURVE options
+    ``curve``, if any) and return the reply's frames."""
     sock = zmq.Context.instance().socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
+    for name, value in (curve or {}).items():
+        sock.setsockopt(getattr(zmq, name), value)
     sock.connect(endpoint)
     try:
         sock.send_multipart(frames)
