@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import IO, Any
 
 KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
@@ -41,28 +40,18 @@ def check_regular(path: str | Path) -> None:
     _refuse(os.stat(path).st_mode)
 
 
-def _open(path: str | Path, mode: str) -> IO[Any]:
-    """``path`` opened for reading, if it is a regular file; never waits for
-    a FIFO's writer (``O_NONBLOCK``, then back to blocking: a regular file
-    ignores it anyway)."""
+def read_text(path: str | Path) -> str:
+    """The whole of a regular file as UTF-8 text, as ``Path.read_text``
+    reads it (universal newlines; ``UnicodeDecodeError`` if not UTF-8).
+    Never waits for a FIFO's writer (``O_NONBLOCK``, then back to blocking:
+    a regular file ignores it anyway)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         _refuse(os.fstat(fd).st_mode)
         os.set_blocking(fd, True)
-        return os.fdopen(fd, mode, encoding="utf-8" if "b" not in mode else None)
+        file = os.fdopen(fd, "r", encoding="utf-8")
     except BaseException:
         os.close(fd)
         raise
-
-
-def read_bytes(path: str | Path) -> bytes:
-    """The whole of a regular file."""
-    with _open(path, "rb") as file:
-        return file.read()
-
-
-def read_text(path: str | Path) -> str:
-    """The whole of a regular file as UTF-8 text, as ``Path.read_text``
-    reads it (universal newlines; ``UnicodeDecodeError`` if not UTF-8)."""
-    with _open(path, "r") as file:
+    with file:
         return file.read()
