@@ -83,6 +83,16 @@ def test_report_says_met_or_not_met_for_each_target() -> None:
                   completion_latency_s={"p50": 0.012, "p99": 0.2})
     assert [(w[-6:], v) for w, v, _ in target_verdicts(fast)] == [
         (" 30 ms", "met"), ("150 ms", "NOT met")]
+    assert "NOT met       open loop at >= 500/s: completion p99 <= 150 ms " \
+        "(measured 200.0 ms)" in render(fast)  # in the target's unit, not seconds
+    opened = summarize_runs([fast, fast, result(scenario="retail", mode="open loop, 500/s",
+                                                offered_per_s=500.0,
+                                                completion_latency_s={"p50": 0.0165,
+                                                                      "p99": 0.02})])
+    assert "completion p50 <= 30 ms (median 12.0 ms; met in 3 of 3 runs)" in \
+        render_summary(opened)
+    intake = summarize_runs([result(scenario="intake", orders_per_s=15_799.0)])
+    assert "(median 15,799; met in 1 of 1 runs)" in render_summary(intake)
     slow = result(mode="open loop, 300/s", offered_per_s=300.0)
     assert target_verdicts(slow) == []  # the open-loop targets are at 500/s
     waiting = target_verdicts(result(scenario="waiting", waiting_orders=100_000, rss_mb=420.0,
