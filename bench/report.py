@@ -351,7 +351,8 @@ def render_summary(s: dict[str, Any]) -> str:
         lines += ["", "targets (by the median):"]
         for t in s["targets"]:
             figure = "" if "median" not in t else (
-                f" (median {_figure(t['target'], t['median'])}; met in {t['runs_met']} of {len(t['runs'])} runs)")
+                f" (median {_figure(t['target'], t['median'])}; "
+                f"met in {t['runs_met']} of {len(t['runs'])} runs)")
             lines.append(f"  {t['verdict']:<13} {t['target']}{figure}")
     return "\n".join(lines)
 

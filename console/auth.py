@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
 import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+
+from storage import files
 
 ROLES = ("operator", "viewer")
 NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
@@ -64,7 +65,7 @@ def load_users(file: str | Path) -> dict[str, User]:
     path = Path(file)
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
-        text = path.read_text(encoding="utf-8")
+        text = files.read_text(path)  # a FIFO: refused, not waited on
     except OSError as exc:
         raise CredentialsError(f"{path}: {exc.strerror or exc}") from None
     if mode & 0o077:
@@ -99,13 +100,8 @@ def set_user(file: str | Path, name: str, role: str, password: str) -> None:
     if not 8 <= len(password) <= MAX_PASSWORD:
         raise CredentialsError(f"a password is 8 to {MAX_PASSWORD} characters")
     path = Path(file)
-    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else [
+    lines = files.read_text(path).splitlines() if path.exists() else [
         "# oms console users: name:role:scrypt hash (oms console passwd FILE NAME)"]
     lines = [ln for ln in lines if ln.partition(":")[0].strip() != name]
     lines.append(f"{name}:{role}:{hash_password(password)}")
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        out.write("\n".join(lines) + "\n")
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    files.write_atomically(path, "\n".join(lines) + "\n", mode=0o600)

@@ -4,7 +4,6 @@ each shard process lives (its folder and loopback endpoints)."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,15 +75,11 @@ def load(data: str | Path) -> Manifest | None:
 
 
 def save(data: str | Path, manifest: Manifest) -> None:
-    """Atomically (write a temporary file, fsync, rename)."""
+    """Atomically (``storage.files.write_atomically``: a new temporary
+    file, fsync, rename, the folder synced)."""
     file = path(data)
     file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as out:
-        json.dump(manifest.to_json(), out, indent=1)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, file)
+    files.write_atomically(file, json.dumps(manifest.to_json(), indent=1))
 
 
 def open_or_create(data: str | Path, processes: int,

@@ -28,6 +28,7 @@ from actors.flags import Flag
 from oms.config import Config, ConfigError
 from shards import manifest as mf
 from shards.manifest import ShardEndpoints
+from storage import files
 
 logger = logging.getLogger("shards.supervisor")
 
@@ -123,9 +124,7 @@ def front_config(cfg: Config, manifest: mf.Manifest,
 
 
 def write_json(file: Path, value: Any) -> None:
-    tmp = file.with_suffix(file.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1), encoding="utf-8")
-    os.replace(tmp, file)
+    files.write_atomically(file, json.dumps(value, indent=1))
 
 
 def targets(cfg: Config, shards: list[ShardEndpoints]) -> list[dict[str, Any]]:

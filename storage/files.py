@@ -11,7 +11,9 @@ caller already reports as a bad setting (``oms serve`` exits 2).
 ``read_text`` opens with ``O_NONBLOCK`` (no wait on a FIFO) and checks the
 open descriptor with ``fstat``, so nothing can be swapped in between;
 ``check_regular`` is for a library that opens the file itself
-(``zmq.auth.load_certificate``).
+(``zmq.auth.load_certificate``). ``write_atomically`` is how the project
+writes such a file (the front's settings, the shards' manifest, the
+console's users): never through whatever a stale ``.tmp`` path holds.
 """
 
 from __future__ import annotations
@@ -55,3 +57,34 @@ def read_text(path: str | Path) -> str:
         raise
     with file:
         return file.read()
+
+
+def write_atomically(path: str | Path, text: str, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``text`` (UTF-8) all at once: written to
+    ``path.tmp``, synced, renamed over ``path``, the folder synced. Whatever
+    lies at ``path.tmp`` (a crashed writer's leftover, a FIFO, a symbolic
+    link someone put there) is removed first and the file is created anew
+    (``O_EXCL | O_NOFOLLOW``): never a write that waits for a FIFO's reader,
+    never one that follows a link elsewhere. ``mode`` is the new file's."""
+    file = Path(path)
+    tmp = file.with_name(file.name + ".tmp")
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 mode)
+    try:
+        os.fchmod(fd, mode)  # whatever the umask
+        with os.fdopen(fd, "w", encoding="utf-8", closefd=False) as out:
+            out.write(text)
+            out.flush()
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, file)
+    folder = os.open(file.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
