@@ -52,8 +52,9 @@ def add_parsers(sub: Any) -> None:
     serve.add_argument("--log-format", choices=["json", "text"])
     serve.add_argument("--shards", type=int, help="shard processes behind one front "
                        "(env OMS_SHARDS; default 1: one process, no front; docs/scaling.md)")
-    serve.add_argument("--shard-base-port", type=int, help="shard K listens on 127.0.0.1, "
-                       "ports BASE+4K to BASE+4K+3 (default 5600)")
+    serve.add_argument("--shard-base-port", type=int, help="shard K serves its metrics on "
+                       "127.0.0.1 port BASE+4K+3 (default 5600; its other endpoints are "
+                       "Unix sockets in DATA/run)")
 
     rayp = sub.add_parser("ray", help="shards on a Ray cluster: up, status, down "
                           "(pip install 'oms[ray]'; docs/scaling.md)")

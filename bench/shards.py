@@ -125,7 +125,7 @@ def _parts_cpu(data: Path, shards: int) -> dict[str, float]:
 
 
 def _wait_front_ready(data: Path, timeout: float = 60.0) -> None:
-    """Each shard answers its own intake (loopback ports from the manifest's base)."""
+    """Each shard answers its own intake (its Unix socket, named in ``front.json``)."""
     from gateways.client import Client
 
     cfg = json.loads((data / "front.json").read_text())

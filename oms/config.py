@@ -81,7 +81,7 @@ class Config:
     retention_interval_s: float = 0.25
     # sharding (docs/scaling.md): processes behind one front; 1 = one process, no front
     shards: int = 1
-    shard_base_port: int = 5600  # shard K binds 127.0.0.1:BASE+4K .. BASE+4K+3
+    shard_base_port: int = 5600  # shard K's metrics on 127.0.0.1:BASE+4K+3 (Ray: all 4)
     vshards: int = 0  # set for a shard process by its supervisor: give out sharded ids
     epoch: int = 0  # set for a shard process on Ray: its fencing epoch (0 = no fencing)
 

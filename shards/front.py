@@ -5,7 +5,8 @@ One thread polls every socket (``Front.run``). It routes each request to the
 shard that owns it and relays the shard's reply unchanged, republishes every
 shard's events, and forwards domain events to the owning shard, whose
 ``ack`` it relays. With CURVE on it applies the identity rules itself (the
-shards listen on loopback for the front alone). Who owns which socket:
+shards listen for the front alone, on Unix sockets only the service's user
+reaches: ``shards.rundir``). Who owns which socket:
 
 - the channel intake ROUTER: ``shards.front_channels.ChannelEdge`` (replies,
   identity rules); each request is routed by ``shards.front_routing``, and

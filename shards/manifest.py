@@ -1,5 +1,5 @@
 """The manifest of a sharded data folder (``DATA/shards.json``) and where
-each shard process lives (its folder and loopback endpoints)."""
+each shard process lives (its folder and its endpoints)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 from oms.config import ConfigError
 from oms.sharding import DEFAULT_VSHARDS, MAX_VSHARDS
+from shards import rundir
 from storage import files
 
 FILE = "shards.json"
@@ -107,7 +108,8 @@ def shard_folder(data: str | Path, k: int) -> Path:
 
 @dataclass(frozen=True)
 class ShardEndpoints:
-    """Where shard K listens (loopback, from the base port)."""
+    """Where shard K listens: its intake, events and domain-events endpoints
+    and its metrics port (on 127.0.0.1)."""
 
     intake: str
     events: str
@@ -115,7 +117,17 @@ class ShardEndpoints:
     metrics_port: int
 
     @classmethod
+    def private(cls, folder: Path, base_port: int, k: int) -> ShardEndpoints:
+        """``oms serve --shards N``: Unix sockets in the private ``folder``
+        (``shards.rundir``); metrics on port BASE+4K+3."""
+        intake, events, domain = (f"ipc://{rundir.socket_path(folder, k, name)}"
+                                  for name in rundir.NAMES)
+        return cls(intake, events, domain, base_port + 4 * k + 3)
+
+    @classmethod
     def local(cls, base_port: int, k: int, host: str = "127.0.0.1") -> ShardEndpoints:
+        """On Ray (shards on other machines): TCP on the node's address,
+        ports BASE+4K .. BASE+4K+3."""
         port = base_port + 4 * k
         return cls(f"tcp://{host}:{port}", f"tcp://{host}:{port + 1}",
                    f"tcp://{host}:{port + 2}", port + 3)

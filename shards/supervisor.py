@@ -1,7 +1,10 @@
 """``oms serve --shards N``: N shard processes and the front, kept running.
 
-Each shard is a full ``oms serve`` on ``DATA/shard-K`` with loopback
-endpoints; the front (``shards.front``) owns the configured endpoints. A
+Each shard is a full ``oms serve`` on ``DATA/shard-K`` whose intake, events
+and domain-events endpoints are Unix sockets in a folder only this user may
+enter (``shards.rundir``), its metrics on a loopback port; the front
+(``shards.front``) owns the configured endpoints. One supervisor a data
+folder (``DATA/supervisor.lock``). A
 child that exits is started again (backoff 0.5 s doubling to 10 s, back to
 0.5 s after a minute up). SIGTERM/SIGINT stop the front first (no new
 work), then the shards, which drain as a single service does. Children get
@@ -10,7 +13,9 @@ SIGTERM if this process dies (Linux parent-death signal).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import json
 import logging
 import os
@@ -28,6 +33,7 @@ from actors.flags import Flag
 from oms.config import Config, ConfigError
 from shards import manifest as mf
 from shards.manifest import ShardEndpoints
+from shards.rundir import open_run_dir
 from storage import files
 
 logger = logging.getLogger("shards.supervisor")
@@ -138,6 +144,27 @@ def targets(cfg: Config, shards: list[ShardEndpoints]) -> list[dict[str, Any]]:
     return out
 
 
+def take_lock(data: Path) -> Any:
+    """``DATA/supervisor.lock``, held while this supervisor runs: a second
+    one on the same folder would rewrite ``front.json`` under the running
+    front (and its shards and front would exit 2 on their own locks)."""
+    data.mkdir(parents=True, exist_ok=True)
+    handle = open(data / "supervisor.lock", "a+")  # noqa: SIM115 - held until stop
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(f"data folder {data} is in use by {owner} (oms serve --shards); "
+                          "stop that service or pass another --data folder") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
 class Supervisor:
     def __init__(self, cfg: Config, config_file: str | None = None) -> None:
         if cfg.domain_server_key:
@@ -147,20 +174,27 @@ class Supervisor:
             raise ConfigError("CURVE needs both --curve-server-key and --curve-clients")
         self.cfg = cfg
         self.data = Path(cfg.data)
-        self.manifest = mf.open_or_create(self.data, cfg.shards)
-        self.endpoints = [ShardEndpoints.local(cfg.shard_base_port, k)
-                          for k in range(cfg.shards)]
-        self.shards = [Child(f"shard-{k}", shard_argv(cfg, k, ep, config_file), child_env(
-            {"OMS_VSHARDS": str(self.manifest.vshards), "OMS_LOG_SHARD": str(k)}))
-                       for k, ep in enumerate(self.endpoints)]
-        self.front_file = self.data / "front.json"
-        write_json(self.front_file, front_config(cfg, self.manifest, self.endpoints))
-        self.ready_file = self.data / "front" / "ready"
-        self.front = Child("front", [sys.executable, "-m", "shards.front",
-                                     str(self.front_file)], child_env({"OMS_LOG_SHARD": "front"}))
-        self.targets_file = self.data / "prometheus-targets.json"
-        write_json(self.targets_file, targets(cfg, self.endpoints))
-        self.stopping = threading.Event()
+        with contextlib.ExitStack() as undo:  # a failed start leaves nothing held
+            self.lock = take_lock(self.data)
+            undo.callback(self.lock.close)
+            self.manifest = mf.open_or_create(self.data, cfg.shards)
+            self.run_dir = open_run_dir(self.data, cfg.shards)
+            undo.callback(self.run_dir.remove)
+            self.endpoints = [ShardEndpoints.private(self.run_dir.path, cfg.shard_base_port, k)
+                              for k in range(cfg.shards)]
+            self.shards = [Child(f"shard-{k}", shard_argv(cfg, k, ep, config_file), child_env(
+                {"OMS_VSHARDS": str(self.manifest.vshards), "OMS_LOG_SHARD": str(k)}))
+                           for k, ep in enumerate(self.endpoints)]
+            self.front_file = self.data / "front.json"
+            write_json(self.front_file, front_config(cfg, self.manifest, self.endpoints))
+            self.ready_file = self.data / "front" / "ready"
+            self.front = Child("front", [sys.executable, "-m", "shards.front",
+                                         str(self.front_file)],
+                               child_env({"OMS_LOG_SHARD": "front"}))
+            self.targets_file = self.data / "prometheus-targets.json"
+            write_json(self.targets_file, targets(cfg, self.endpoints))
+            self.stopping = threading.Event()
+            undo.pop_all()  # held until ``stop``
 
     def children(self) -> list[Child]:
         return [*self.shards, self.front]
@@ -262,6 +296,8 @@ class Supervisor:
                 child.proc.send_signal(signal.SIGTERM)
         for child in self.shards:
             child.stop(60.0)
+        self.run_dir.remove()
+        self.lock.close()
         logger.info("sharded service stopped")
 
 

@@ -138,9 +138,9 @@ def test_a_plain_serve_refuses_a_sharded_folder(tmp_path: Path, capsys: Any) -> 
 
 class Sharded:
     def __init__(self, procs: Any, tmp_path: Path, shards: int = 2, sim_args: tuple = (),
-                 serve_args: tuple = ()) -> None:
+                 serve_args: tuple = (), data: Path | None = None) -> None:
         self.eps = Endpoints()
-        self.data = tmp_path / "data"
+        self.data = data or tmp_path / "data"
         self.base = free_block(4 * shards)
         self.sim = procs(self.eps.simulate_args() + ["--delivery-s", "0.05", "--seed", "3",
                                                      *sim_args], "simulate")
@@ -364,6 +364,8 @@ def test_kill_9_of_a_shard_and_of_the_front_under_load_loses_nothing(
         assert_sequenced([views[i] for i in mine])
     log = s.svc.log.read_text()
     assert "shard-0 exited with code -9" in log and "restarting shard-0" in log
+    # the front's socket monitor saw its Unix socket connection drop (re-sent on its return)
+    assert "connection to shard 0 (req) lost" in log
     assert "front exited with code -9" in log and "restarting front" in log
     print(f"\nshards: shard 0 killed after 150 acks, the front after 350; {len(acked)} "
           f"orders acknowledged and terminal in {time.monotonic() - started:.1f} s")

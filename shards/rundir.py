@@ -1,0 +1,106 @@
+"""The private folder of the shards' sockets (docs/scaling.md, "Shape").
+
+Each shard binds its intake, events and domain-events endpoints as Unix
+sockets (ZeroMQ ``ipc://``) in one folder that only the service's user may
+enter (mode 0700, owned by that user, not a symbolic link): the front and
+processes of that user (who can read the data folder anyway) reach them, no
+other user of the host does. ``DATA/run`` normally; when its sockets' paths
+would not fit a Unix socket address (107 bytes), a new folder from
+``tempfile.mkdtemp`` (0700, in ``TMPDIR`` or /tmp), removed at stop.
+
+A socket file left by a shard (killed with -9, or stopped: libzmq 4.3 does
+not remove it when it closes) does not stop the next start: ZeroMQ removes
+the file at that path before it binds, which a shard does only once it holds
+its data folder's lock (no live shard's socket is ever taken over). Never
+the abstract namespace (``ipc://@...``): it has no file permissions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import stat
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+from oms.config import ConfigError
+
+logger = logging.getLogger("shards.supervisor")
+
+PATH_MAX = int(getattr(zmq, "IPC_PATH_MAX_LEN", 0) or 107)  # sun_path, less its NUL
+NAMES = ("intake", "events", "domain")
+
+
+def socket_path(folder: Path, k: int, name: str) -> Path:
+    """Shard K's socket ``name`` (intake, events or domain) in ``folder``."""
+    return folder / f"{k}.{name}"
+
+
+def fits(folder: Path, shards: int) -> bool:
+    """Every shard's socket path in ``folder`` fits a Unix socket address."""
+    longest = max(len(os.fsencode(socket_path(folder, shards - 1, n))) for n in NAMES)
+    return longest <= PATH_MAX
+
+
+def check_private(folder: Path) -> None:
+    """``folder`` is a real folder (not a symbolic link), owned by this
+    user, that nobody else may enter: or a ``ConfigError`` says what to do."""
+    try:
+        st = os.lstat(folder)
+    except OSError as exc:
+        raise ConfigError(f"the shards' socket folder {folder}: {exc}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise ConfigError(f"the shards' socket folder {folder} is a symbolic link: remove it "
+                          "(the service makes the folder itself, mode 0700)")
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"the shards' socket folder {folder} is not a folder: remove it")
+    if st.st_uid != os.geteuid():
+        raise ConfigError(f"the shards' socket folder {folder} belongs to user id {st.st_uid}, "
+                          f"not to this service's ({os.geteuid()}): remove it")
+    if st.st_mode & 0o077:
+        raise ConfigError(f"the shards' socket folder {folder} has mode "
+                          f"{stat.S_IMODE(st.st_mode):04o}: other users could reach the "
+                          f"shards; chmod 700 {folder} (or remove it)")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Where the shards' sockets are; ``temporary``: made by ``mkdtemp``."""
+
+    path: Path
+    temporary: bool
+
+    def remove(self) -> None:
+        """At stop: a temporary folder goes (``DATA/run`` stays)."""
+        if self.temporary:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def open_run_dir(data: Path, shards: int) -> RunDir:
+    """``DATA/run``, made 0700 if missing and checked; a private temporary
+    folder when ``DATA``'s path is too long for the sockets' addresses."""
+    folder = data.absolute() / "run"
+    if fits(folder, shards):
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            pass  # checked below, as found (never chmod-ed or followed)
+        except OSError as exc:
+            raise ConfigError(f"the shards' socket folder {folder}: {exc}") from None
+        check_private(folder)
+        return RunDir(folder, temporary=False)
+    made = Path(tempfile.mkdtemp(prefix="oms-run-"))
+    if not fits(made, shards):
+        shutil.rmtree(made, ignore_errors=True)
+        raise ConfigError(f"the shards' socket paths would be longer than {PATH_MAX} bytes "
+                          f"both in {folder} and in {made.parent}: use a shorter --data "
+                          "path (or TMPDIR)")
+    check_private(made)
+    logger.warning("the data folder's path is too long for the shards' sockets (at most %d "
+                   "bytes): they are in %s instead (mode 0700, removed at stop)", PATH_MAX,
+                   made)
+    return RunDir(made, temporary=True)
