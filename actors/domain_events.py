@@ -105,7 +105,8 @@ class DomainEvents(RouterEndpoint):
     def refuse(self, envelope: tuple[bytes, ...], label: str, code: str, message: str) -> None:
         """An error reply (never an ack): the event is not recorded."""
         self.metrics.domain_events.labels(label, code).inc()
-        self.log.report(code, "domain event refused (%s): %s", code, message)
+        self.log.report(code, "domain event refused (%s): %s", code, message,
+                        summary=f"domain events refused ({code})")
         self.send_reply(envelope, errors.error_reply(code, message))
 
     def on_event(self, envelope: tuple[bytes, ...], frame: bytes,
