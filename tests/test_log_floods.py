@@ -3,7 +3,8 @@ with nothing lost: a real gateway whose real ZeroMQ domain peer never
 answers times out hundreds of commands at once and logs ten lines and one
 summary with the exact count, while every order still gets its timeout and
 the metric counts every one; business refusals are ``info``, others
-``warning``.
+``warning``; a domain system replaying events for unknown orders to a real
+service gets every event acknowledged and ten lines and a summary.
 
 The throttles' clocks are moved by hand (the summaries' counts are exact);
 the loops and sockets are real."""
@@ -22,7 +23,7 @@ import pytest
 import zmq
 from helpers import poll_until
 from prometheus_client import CollectorRegistry
-from test_edges import HostileDomain, result, sample
+from test_edges import HostileDomain, Pusher, event, result, sample
 
 from actors.eventloop import EventLoop
 from actors.loop import burst
@@ -222,3 +223,31 @@ def test_a_gateway_stopping_logs_the_count_it_held(
     assert summaries(caplog, "gateways.gateway", "timeouts from billing to create_invoice"
                      ) == [15]
 
+
+def test_events_replayed_for_unknown_orders_are_all_acked_and_logged_bounded(
+        service: Any, eps: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A domain system replays 300 events for orders this service does not
+    have (a backlog after a restore): each is acknowledged and counted; the
+    log has ten lines (with their event and order ids) and one summary of
+    290, which leaves at the endpoint's tick once its window has ended."""
+    caplog.set_level(logging.INFO, logger="actors.domain_events")
+    clock = service.domain_events.log.clock = Clock()
+    pusher = Pusher(eps.domain_events)
+    try:
+        n = 300
+        sent = [event(f"GONE-{i}", "warehouse", "stock_reserved") for i in range(n)]
+        for ev in sent:
+            assert pusher.push(ev) == {"type": "ack", "event_id": ev["event_id"]}
+    finally:
+        pusher.close()
+    assert service.metrics.registry.get_sample_value(
+        "oms_domain_events_total", {"system": "warehouse", "outcome": "unknown_order"}) == n
+    lines = records(caplog, "actors.domain_events", "acknowledged and ignored")
+    assert [(r.event_id, r.order_id, r.system) for r in lines] == [  # type: ignore[attr-defined]
+        (ev["event_id"], ev["order_id"], "warehouse") for ev in sent[:10]]
+    assert lines[0].getMessage() == (f"domain event {sent[0]['event_id']} for unknown order "
+                                     "GONE-0 acknowledged and ignored")
+    clock.now += 1.0
+    what = "events from warehouse for unknown orders acknowledged and ignored"
+    poll_until(lambda: summaries(caplog, "actors.domain_events", what), timeout=10)
+    assert summaries(caplog, "actors.domain_events", what) == [n - 10]
