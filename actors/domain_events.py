@@ -4,20 +4,21 @@ A ROUTER socket. Each ``event`` is recorded by the store writer (once per
 ``event_id``), and only after that commit is ``{type: ack, event_id}`` sent
 and the event handed to its order. A repeated ``event_id`` is acknowledged
 and ignored. An event for an order that does not exist, or is already
-finished, is acknowledged too (so the domain system stops resending it) and
-counted; ``docs/operations.md`` says so.
+finished, is acknowledged too (so the domain system stops resending it),
+counted and logged; ``docs/operations.md`` says so.
 
 Before anything is recorded, each event is checked at the edge
 (``oms.edge``: at most 64 KiB, the contract's fields and types, finite
 numbers) and its sender authorised (``authorise``: only domain systems, each
 for its own events). A refused event gets an ``error`` reply, is counted
 under the ``system`` label ``invalid`` (so no sender can add time series)
-and logged (at most once a second per code, with how many were not logged).
+and logged. Both kinds of line are bounded (``RouterEndpoint.log``, an
+``actors.throttle.LogThrottle``): the first 10 a second per code (or per
+outcome and system), then one line a second with how many were not logged.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -28,12 +29,9 @@ from actors.endpoint import BAD_ENVELOPE, RouterEndpoint
 from actors.ports import OrderContext
 from actors.security import DOMAINS
 from actors.store_writer import RecordEvent
-from actors.throttle import LogThrottle
 from oms import codec, edge, errors
 from oms.messages import DomainEvent
 from storage.records import event_key
-
-logger = logging.getLogger(__name__)
 
 _new = tuple.__new__  # a NamedTuple without the Python frame of its generated __new__
 
@@ -94,7 +92,6 @@ class DomainEvents(RouterEndpoint):
         super().__init__(zctx, endpoint, octx.metrics, curve, hwm, tagged)
         self.octx = octx
         self.systems = frozenset(octx.gateways if systems is None else systems)
-        self.log = LogThrottle(logger)
 
     def on_frame(self, envelope: tuple[bytes, ...], frame: bytes, user: str | None) -> None:
         self.on_event(envelope, frame, user)
@@ -105,7 +102,8 @@ class DomainEvents(RouterEndpoint):
     def refuse(self, envelope: tuple[bytes, ...], label: str, code: str, message: str) -> None:
         """An error reply (never an ack): the event is not recorded."""
         self.metrics.domain_events.labels(label, code).inc()
-        self.log.report(code, "domain event refused (%s): %s", code, message)
+        self.log.report(code, "domain event refused (%s): %s", code, message,
+                        summary=f"domain events refused ({code})")
         self.send_reply(envelope, errors.error_reply(code, message))
 
     def on_event(self, envelope: tuple[bytes, ...], frame: bytes,
@@ -159,7 +157,11 @@ class DomainEvents(RouterEndpoint):
             return
         if outcome == "recorded":
             self.octx.router.deliver_event(key, order_id, event)
-        elif outcome != "duplicate":
-            logger.warning("domain event %s for %s order %s acknowledged and ignored",
-                           event.event_id, outcome.replace("_", " "), order_id)
+        elif outcome != "duplicate":  # (a replayed backlog: thousands, hence the throttle)
+            what = outcome.replace("_", " ")
+            self.log.report((outcome, system), "domain event %s for %s %s acknowledged and "
+                            "ignored", event.event_id, what, order_id,
+                            summary=f"events from {system} for {what}s acknowledged and ignored",
+                            extra={"order_id": order_id, "event_id": event.event_id,
+                                   "system": system})
         self.reply_to(envelope, {"type": "ack", "event_id": event.event_id})

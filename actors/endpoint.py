@@ -9,13 +9,17 @@ the CURVE ``User-Id`` of the sender when CURVE is on, hands each request to
 ``on_bad_envelope``: a ``malformed`` reply that carries back no frame of the
 sender's but its routing id and an empty delimiter (``RequestReader``). A
 reply to a peer that is gone or whose queue is full (``ROUTER_MANDATORY``)
-is counted and logged, never raised.
+is counted and logged, never raised: a client gone with thousands of
+replies due would be thousands of lines, so the endpoint's lines go through
+a ``LogThrottle`` (``self.log``; a summary of those held back leaves at a
+tick, ``on_tick``).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -24,9 +28,8 @@ import zmq
 from actors.loop import LoopActor
 from actors.metrics import Metrics
 from actors.sockets import NOBLOCK, open_socket, recv_frame, send_frames
+from actors.throttle import LogThrottle
 from oms import codec, errors
-
-logger = logging.getLogger(__name__)
 
 MAX_SOCKET_MESSAGE = 4 * 1024 * 1024  # larger frames are cut off by ZeroMQ itself
 FRONT_TAG_BYTES = 8
@@ -135,6 +138,8 @@ class RouterEndpoint(LoopActor):
         self.sock: zmq.Socket | None = None
         self.reader: RequestReader | None = None  # the socket's, once it is open
         self._out = bytearray(256)  # each reply encoded here, then sent (a copying send)
+        # lines that may come in floods: the first 10 a second of a kind, then a count
+        self.log = LogThrottle(logging.getLogger(type(self).__module__), burst=10)
 
     def on_start(self) -> None:
         self.sock = open_socket(self.zctx, zmq.ROUTER, bind=self.endpoint, ROUTER_MANDATORY=1,
@@ -143,6 +148,7 @@ class RouterEndpoint(LoopActor):
         self.reader = RequestReader(self.sock, self.identity_required, self.tagged)
 
     def on_stop(self) -> None:
+        self.log.flush(ending=True)  # the counts of lines held back: not lost
         if self.sock is not None:
             self.sock.close()
 
@@ -159,6 +165,16 @@ class RouterEndpoint(LoopActor):
 
     def on_frame(self, envelope: tuple[bytes, ...], frame: bytes, user: str | None) -> None:
         raise NotImplementedError
+
+    def poll_timeout(self) -> float | None:
+        """Milliseconds until the log's next summary is due, or None."""
+        due = self.log.due
+        return None if due is None else max(0.0, (due - time.monotonic()) * 1000)
+
+    def on_tick(self) -> None:
+        """The log's summaries of the windows that ended (``LogThrottle``)."""
+        if self.log.due is not None:
+            self.log.flush()
 
     def on_bad_envelope(self, envelope: tuple[bytes, ...], user: str | None) -> None:
         """A message that is not one request frame (``RequestReader``): a
@@ -180,7 +196,9 @@ class RouterEndpoint(LoopActor):
             send_frames(sock, envelope, out)
         except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or its queue full
             self.metrics.reply_failures.labels(self.label).inc()
-            logger.warning("%s reply not delivered: %s", self.label, exc)
+            self.log.report(("undelivered", exc.errno), "%s reply not delivered: %s",
+                            self.label, exc, summary=f"{self.label} replies not delivered "
+                            f"({exc.strerror})")
 
     def reply_to(self, envelope: tuple[bytes, ...], payload: dict[str, Any]) -> None:
         """From any thread: queue a reply to this peer. In the store writer's

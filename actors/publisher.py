@@ -169,9 +169,11 @@ class Publisher(LoopActor):
             subscribe_by_identity(sock)
 
     def poll_timeout(self) -> float | None:
-        if self._trim_at is None:
-            return None
-        return max(0.0, (self._trim_at - time.monotonic()) * 1000)
+        """Milliseconds until the trim or the log's next summary is due, or None."""
+        due = self.log.due
+        if self._trim_at is not None and (due is None or self._trim_at < due):
+            due = self._trim_at
+        return None if due is None else max(0.0, (due - time.monotonic()) * 1000)
 
     def on_tick(self) -> None:
         """After each slice (and read, and when due): count what the slice
@@ -182,6 +184,8 @@ class Publisher(LoopActor):
             self._trim_at = None
             if self._trim is not None:
                 self._trim(0)  # a stalled subscriber's queue was freed: give it back
+        if self.log.due is not None:
+            self.log.flush()  # the count of refusals not logged (``LogThrottle``)
 
     def on_receive(self, message: Any) -> None:
         if isinstance(message, PublishEvent):
@@ -236,6 +240,7 @@ class Publisher(LoopActor):
             observe_all(metrics.completion.labels(*key), values)
 
     def on_stop(self) -> None:
+        self.log.flush(ending=True)
         if self._kinds or self._transitions or self._completions:
             self._count()
         if self.sock is not None:

@@ -90,7 +90,8 @@ class SubscriberLimit:
         finally:
             conn.detach()  # ZeroMQ owns the fd: never close it here
         self.log.report("refused", "events subscriber refused: %d connected already "
-                        "(max_subscribers)", self.limit)
+                        "(max_subscribers)", self.limit,
+                        summary="events subscribers refused (max_subscribers)")
 
     def close(self, sock: zmq.Socket) -> None:
         """Stop watching ``sock`` (the socket this monitor watches)."""

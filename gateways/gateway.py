@@ -26,9 +26,9 @@ from actors.loop import LoopActor, bursts
 from actors.metrics import Metrics, observe_all
 from actors.ports import Deliver
 from actors.sockets import NOBLOCK, open_socket, recv_frame, send_frame
-from actors.throttle import LogThrottle
 from gateways.breaker import CLOSED, OPEN, Breaker
 from gateways.deadlines import Deadlines
+from gateways.gateway_log import GatewayLog
 from oms import codec, edge
 from oms.codec import encode_into
 from oms.edge import FIT_FRAME_BYTES, MAX_REPLY_BYTES, decode_success
@@ -93,7 +93,7 @@ class Gateway(LoopActor):
         # command ids sent and not yet settled (no reply, or a retryable error): a
         # later send of one is a retry or resend (oms_gateway_retries_total)
         self._unsettled: OrderedDict[str, None] = OrderedDict()
-        self.log = LogThrottle(logger)
+        self.log = GatewayLog(logger, system)  # bounded per kind and op, counts kept
         self.sock: zmq.Socket | None = None
         self._out = bytearray(256)  # each command encoded here, then sent (a copying send)
         # replaced (never changed) on the loop after every slice, read and tick
@@ -114,6 +114,7 @@ class Gateway(LoopActor):
                                 MAXMSGSIZE=4 * edge.MAX_REPLY_BYTES, **self.curve)
 
     def on_stop(self) -> None:
+        self.log.flush(ending=True)  # the counts of lines held back: not lost
         if self._sent:
             self._requests.inc(self._sent)
             self._sent = 0
@@ -241,13 +242,9 @@ class Gateway(LoopActor):
         if not error.retryable:
             self._unsettled.pop(command_id, None)  # answered for good: no retry follows
         self._outcome(not error.retryable, now)
-        # an expected failure: a warning, with its context
-        logger.warning("%s refused %s: %s %s", self.system, waiting.op, error.code,
-                       error.message, extra={"order_id": waiting.order_id,
-                                             "command_id": command_id,
-                                             "system": self.system})
-        self._finish(waiting, _bounded(error.code),
-                     CommandResult(command_id, False, data, error), now)
+        outcome = _bounded(error.code)  # logged (bounded: gateways.gateway_log), then settled
+        self.log.refused(waiting.op, outcome, error, waiting.order_id, command_id)
+        self._finish(waiting, outcome, CommandResult(command_id, False, data, error), now)
 
     def _checked(self, frame: bytes) -> edge.Reply | None:
         """A reply that is not a plain success, decoded and checked in full
@@ -275,10 +272,8 @@ class Gateway(LoopActor):
         """A reply that breaks the contract: logged, counted, a retryable error."""
         self.metrics.gateway_invalid_replies.labels(self.system, violation.reason).inc()
         waiting = self.pending.pop(command_id, None) if command_id else None
-        self.log.report(violation.reason, "%s sent a reply that breaks the contract (%s): %s",
-                         self.system, violation.reason, violation.message, extra={
-                             "system": self.system, "command_id": command_id,
-                             "order_id": waiting.order_id if waiting else None})
+        self.log.broke_contract(violation.reason, violation.message,
+                                waiting.order_id if waiting else None, command_id)
         if waiting is None:
             return
         now = time.monotonic()
@@ -325,14 +320,18 @@ class Gateway(LoopActor):
 
     def poll_timeout(self) -> float | None:
         """Milliseconds until the earliest deadline; 0 while due ones wait (past a
-        turn's budget), or past ``EXPIRE_PER_TURN`` stale ones: the next turn goes on."""
+        turn's budget), or past ``EXPIRE_PER_TURN`` stale ones: the next turn goes on.
+        Or sooner, the log's next summary (``LogThrottle.due``), if one is held."""
         earliest = self._deadlines.earliest(EXPIRE_PER_TURN)
+        due = self.log.due
+        if due is not None and (earliest is None or due < earliest):
+            earliest = due
         return None if earliest is None else max(0.0, (earliest - time.monotonic()) * 1000)
 
     def on_tick(self) -> None:
         """Time out overdue commands; runs after each slice and read too
         (``LoopActor._activity``), so the gauges and the requests count are
-        brought up to date here."""
+        brought up to date here, and the log's summaries of ended windows leave."""
         if self._sent:
             self._requests.inc(self._sent)
             self._sent = 0
@@ -340,6 +339,8 @@ class Gateway(LoopActor):
             self._expire(time.monotonic(), self._loop.turns)
         finally:
             self.gauges = GatewayGauges(len(self.pending), self.breaker.state)
+            if self.log.due is not None:
+                self.log.flush()
 
     def _expire(self, now: float, turn: int) -> None:
         """Time out the commands due by ``now``, earliest first, at most
@@ -365,9 +366,7 @@ class Gateway(LoopActor):
         del self.pending[command_id]
         self.metrics.gateway_timeouts.labels(self.system).inc()
         self._outcome(False, now)
-        logger.warning("no reply from %s to %s within its timeout", self.system,
-                       waiting.op, extra={"order_id": waiting.order_id,
-                                          "command_id": command_id, "system": self.system})
+        self.log.timed_out(waiting.op, waiting.order_id, command_id)
         self.metrics.step_latency.labels(self.system, waiting.op, TIMEOUT).observe(
             now - waiting.sent)
         error = DomainError(TIMEOUT, f"no reply from {self.system} within the step timeout",
@@ -376,8 +375,10 @@ class Gateway(LoopActor):
 
 
 # deadlines a gateway takes a loop turn at most: as many as its reader takes replies
-# (``read_budget``); each timeout also logs a warning (some 60 us of CPU here, its order's
-# engine not counted): 256 are some 15 ms (512 were 36 ms, 20,000 at once 1.2 s)
+# (``read_budget``). Measured when each timeout logged a warning (some 60 us of CPU here,
+# most of it the warning, its order's engine not counted): 256 were some 15 ms (512 were
+# 36 ms, 20,000 at once 1.2 s). Now at most ``gateway_log.BURST`` a second per op are
+# logged, the rest only counted (``GatewayLog``): a turn costs less (not measured again)
 EXPIRE_PER_TURN = 256
 UNSETTLED_KEPT = 100_000  # command ids remembered for counting retries (bounded memory)
 

@@ -65,6 +65,8 @@ class Front:
         self.stop_flag = Flag()
         self.reload_flag = Flag()  # SIGHUP: read the client keys again
         self.config_mtime = os.stat(config_file).st_mtime if config_file else 0.0
+        # lines that may come in floods (``LogThrottle``): summaries leave at housekeeping
+        self.logs = (links.log, channels.log, domain.log, events.subscribers.log)
         self.poller = zmq.Poller()
         for sock in [channels.sock, domain.sock, *events.sockets(), *links.sockets()]:
             self.poller.register(sock, zmq.POLLIN)
@@ -116,6 +118,8 @@ class Front:
         self.index.probe(now)
         self.links.check_health(now)
         self.links.expire(now)
+        for log in self.logs:
+            log.flush()
         if self.reload_flag.is_set():
             self.reload_flag.clear()
             if self.security is not None:
@@ -154,6 +158,8 @@ class Front:
                 self.events.proxy.restart([lk.events for lk in self.links.links])
 
     def close(self) -> None:
+        for log in self.logs:
+            log.flush(ending=True)
         if self.http is not None:
             self.http.stop()
         self.events.close()

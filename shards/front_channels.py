@@ -14,6 +14,7 @@ import zmq
 
 from actors.endpoint import RequestReader
 from actors.security import is_operator_name
+from actors.throttle import LogThrottle
 from oms import codec, errors
 from shards.front_config import Envelope, FrontMetrics
 from shards.front_links import RESEND_IDEMPOTENT, OnReply
@@ -39,6 +40,7 @@ class ChannelEdge:
                  metrics: FrontMetrics) -> None:
         self.sock, self.identity_required, self.m = sock, identity_required, metrics
         self.reader = RequestReader(sock, identity_required)
+        self.log = LogThrottle(logger, burst=10)  # flushed by the front's housekeeping
 
     def requests(self) -> Iterator[tuple[Envelope, bytes | None, str | None]]:
         return self.reader.read(1000)
@@ -55,8 +57,9 @@ class ChannelEdge:
     def _send(self, env: Envelope, frame: bytes) -> None:
         try:
             self.sock.send_multipart([*env, frame], flags=zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            logger.warning("front reply not delivered: %s", exc)
+        except zmq.ZMQError as exc:  # a channel gone with its replies due: a flood
+            self.log.report(exc.errno, "front reply not delivered: %s", exc,
+                            summary=f"front replies not delivered ({exc.strerror})")
 
     def relay(self, env: Envelope, rtype: str, request_id: Any = None,
               check: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None

@@ -14,6 +14,7 @@ import zmq
 
 from actors.domain_events import authorise
 from actors.endpoint import BAD_ENVELOPE, RequestReader
+from actors.throttle import LogThrottle
 from oms import codec, edge, errors
 from shards.front_config import Envelope, Placement
 from shards.front_links import ShardLinks
@@ -27,6 +28,7 @@ class DomainRelay:
         self.sock, self.links, self.placement = sock, links, placement
         self.identity_required, self.systems = identity_required, systems
         self.reader = RequestReader(sock, identity_required)
+        self.log = LogThrottle(logger, burst=10)  # flushed by the front's housekeeping
 
     def from_domains(self) -> None:
         for env, frame, user in self.reader.read(1000):
@@ -61,5 +63,6 @@ class DomainRelay:
     def _answer(self, env: Envelope, frame: bytes) -> None:
         try:
             self.sock.send_multipart([*env, frame], flags=zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            logger.warning("domain event answer not delivered: %s", exc)
+        except zmq.ZMQError as exc:  # a domain system gone with its answers due: a flood
+            self.log.report(exc.errno, "domain event answer not delivered: %s", exc,
+                            summary=f"domain event answers not delivered ({exc.strerror})")

@@ -22,6 +22,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from actors.throttle import LogThrottle
 from oms import codec, errors
 from shards.front_config import FrontMetrics
 
@@ -133,6 +134,7 @@ class ShardLinks:
         self.timeouts: list[tuple[float, bytes]] = []
         # sent after this round's dedup index commit (``flush_deferred``)
         self.deferred: list[Pending] = []
+        self.log = LogThrottle(logger, burst=10)  # flushed by the front's housekeeping
 
     def ready(self) -> bool:
         """Every shard answers and its store can write (a shard's own
@@ -167,7 +169,8 @@ class ShardLinks:
         try:
             sock.send_multipart([p.tag, p.frame], flags=zmq.NOBLOCK)
         except zmq.Again:  # its queue is full: the shard is far behind; the deadline answers
-            logger.warning("queue to shard %d full", p.shard)
+            self.log.report(p.shard, "queue to shard %d full", p.shard,
+                            summary=f"requests not queued to shard {p.shard} (queue full)")
 
     def flush_deferred(self) -> None:
         """Send what waited for the dedup index's commit, in arrival order."""

@@ -673,8 +673,8 @@ def test_a_flood_of_bad_input_logs_a_line_not_a_flood(caplog: pytest.LogCaptureF
     throttle = LogThrottle(logging.getLogger("edges-test"), every_s=60)
     with caplog.at_level(logging.WARNING, logger="edges-test"):
         for i in range(10_000):
-            throttle.report("malformed", "bad event %d", i)
-        throttle.report("too_large", "big event")
+            throttle.report("malformed", "bad event %d", i, summary="bad events")
+        throttle.report("too_large", "big event", summary="big events")
     assert [r.getMessage() for r in caplog.records] == ["bad event 0", "big event"]
 
 
