@@ -277,7 +277,7 @@ class Intake(RouterEndpoint):
             "type": "order", "order": dict(view, archived=True)}
 
     def archived_cancel(self, req: dict[str, Any], err: dict[str, Any]) -> dict[str, Any]:
-        found = find_archived(self.octx.store, {"order_id": req.get("order_id")}, err)
+        found = find_archived(self.octx.store, req, err)  # by order_id, or by external id
         if found.get("type") == "error":
             return found
         view = found["order"]
