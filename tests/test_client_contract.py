@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import zmq
 from conftest import SimThread
 from helpers import poll_until, retail_order
+from test_operations import control
 
 from gateways.client import Client, wait_terminal
+from oms import codec
 
 
 def _no_rid(reply: dict[str, Any]) -> dict[str, Any]:
@@ -82,5 +85,70 @@ def test_a_resubmission_while_the_store_cannot_write_is_a_duplicate_not_unavaila
                     break
             assert reply["code"] == "unavailable", reply
             _taken_then_refused(client, "unavailable")
+    finally:
+        thread.stop()
+
+
+def _subscribed(eps: Any, client: Client, topic: bytes) -> zmq.Socket:
+    """A SUB socket that is known to receive: a probe order's event came."""
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, topic)
+    sub.connect(eps.events)
+    probe = client.submit(retail_order("probe"))["order_id"]
+    poll_until(lambda: sub.poll(100) and codec.decode_map(
+        sub.recv_multipart()[1]).get("order_id") == probe)
+    return sub
+
+
+def test_an_order_whose_failed_undo_is_retried_or_skipped_fails_with_its_reason(
+        make_service: Any, sim_config: Any, eps: Any) -> None:
+    """§1 states: `failed` has `state_reason` the failing error code; the
+    view's `failure` is the step that failed, kept once terminal; an order
+    undoing its steps is `inProgress`/`compensating`. When an undo failed
+    for good (held/fallout) and an operator retried or skipped it, the order
+    ended `failed` with no `state_reason` and no `failure`, and went back to
+    `inProgress` without `compensating`. The failed undo's `failure` keeps
+    what it undoes as `previous`, and the order fails with it."""
+    sim_config.fail = {"capture_payment": (1.0, "payment_declined"),
+                       "void_invoice": (1.0, "void_refused")}
+    thread = SimThread(sim_config)
+    try:
+        make_service()
+        with Client(eps.intake, timeout=30) as client:
+            sub = _subscribed(eps, client, b"web\x00")
+            ids = {action: client.submit(retail_order(f"undo-{action}"))["order_id"]
+                   for action in ("retry", "skip")}
+            declined = {"step": "capture_payment", "error": {
+                "code": "payment_declined", "message": "simulated payment_declined",
+                "retryable": False}}
+            for oid in ids.values():
+                view = poll_until(lambda oid=oid: (v := client.get(oid)["order"]).get(
+                    "state_reason") == "fallout" and v)
+                assert view["failure"]["compensation"] is True
+                assert view["failure"]["step"] == "create_invoice"
+                assert view["failure"]["previous"] == declined
+            control(eps.systems["billing"], void_invoice=[0])  # the undo works now
+            for action, oid in ids.items():
+                reply = client.request({"type": f"{action}_step", "order_id": oid})
+                assert reply["type"] == "operator_accepted", reply
+            for view in wait_terminal(client, ids.values(), timeout=20).values():
+                assert (view["state"], view["state_reason"]) == ("failed", "payment_declined")
+                assert view["failure"] == declined
+                resumed = [h for h in view["history"] if h["state"] == "inProgress"][-1]
+                assert resumed.get("reason") == "compensating", view["history"]
+            events: list[dict[str, Any]] = []
+
+            def resumed_events() -> bool:
+                while sub.poll(10):
+                    events.append(codec.decode_map(sub.recv_multipart()[1]))
+                return {e["order_id"] for e in events if e["type"] == "order_state"
+                        and e["previous_state"] == "held" and e["state"] == "inProgress"
+                        } == set(ids.values())
+            poll_until(resumed_events)
+            for event in events:
+                if event["type"] == "order_state" and event["previous_state"] == "held":
+                    assert event["state_reason"] == "compensating", event
+            sub.close()
     finally:
         thread.stop()
