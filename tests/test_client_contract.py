@@ -152,3 +152,26 @@ def test_an_order_whose_failed_undo_is_retried_or_skipped_fails_with_its_reason(
             sub.close()
     finally:
         thread.stop()
+
+
+def test_an_order_aborted_with_no_failed_step_has_a_failure_of_the_documented_shape(
+        make_service: Any, sim_config: Any, eps: Any) -> None:
+    """§1: `failure` is {`step`, `error`, `compensation`?, `aborted_by`?}.
+    An order aborted while it waited (for stock, here) had no failed step,
+    and its `failure` was {`aborted_by`} alone: a client reading
+    `failure.step` found no key. Both are there, nil."""
+    sim_config.restock_s = 3600.0
+    thread = SimThread(sim_config)
+    try:
+        make_service()
+        with Client(eps.intake, timeout=30) as client:
+            oid = client.submit(retail_order("abort-wait", items=[
+                {"id": "a", "product_id": "SKU-901", "quantity": 10**9}]))["order_id"]
+            poll_until(lambda: client.get(oid)["order"].get("state_reason") == "awaiting_stock")
+            reply = client.request({"type": "abort_order", "order_id": oid, "operator": "ann"})
+            assert reply["type"] == "operator_accepted", reply
+            view = wait_terminal(client, [oid], timeout=20)[oid]
+            assert (view["state"], view["state_reason"]) == ("failed", "aborted")
+            assert view["failure"] == {"step": None, "error": None, "aborted_by": "ann"}
+    finally:
+        thread.stop()
