@@ -175,3 +175,32 @@ def test_an_order_aborted_with_no_failed_step_has_a_failure_of_the_documented_sh
             assert view["failure"] == {"step": None, "error": None, "aborted_by": "ann"}
     finally:
         thread.stop()
+
+
+def test_what_the_page_writes_down_for_sloppy_clients(service: Any, client: Client) -> None:
+    """Behaviour a client team could not read off the page before 1.4's
+    notes: wrong types inside `order` are `rejected` with the field (the
+    `malformed` row named "a field of the wrong type"), a field the page
+    does not list is ignored outside `order`, a `delete` item's quantity is
+    1 (shown, and compared on resubmission), a wait step's `op`."""
+    for bad in ("2", 2.0, True):
+        reply = client.submit(retail_order("typed", items=[
+            {"id": "a", "product_id": "p", "quantity": bad}]))
+        assert reply["type"] == "rejected" and [e["field"] for e in reply["errors"]] == [
+            "items[0].quantity"], reply
+    reply = client.request({"type": "submit_order", "order": None})
+    assert reply["type"] == "rejected" and reply["errors"][0]["field"] == "order"
+    listing = client.request({"type": "list_orders", "limt": 1, "colour": "red"})
+    assert listing["type"] == "orders"
+    telecom = retail_order("del", order_type="telecom", items=[
+        {"id": "d", "action": "delete", "service_id": "svc-x", "product_id": "TV"}])
+    oid = client.request({"type": "submit_order", "order": telecom, "colour": 1})["order_id"]
+    assert client.get(oid)["order"]["items"][0]["quantity"] == 1
+    one = dict(telecom, items=[dict(telecom["items"][0], quantity=1)])
+    assert client.submit(one)["duplicate"] is True
+    two = dict(telecom, items=[dict(telecom["items"][0], quantity=2)])
+    assert client.submit(two)["code"] == "conflict"
+    retail = client.submit(retail_order("waits"))["order_id"]
+    view = wait_terminal(client, [retail], timeout=20)[retail]
+    assert {s["name"]: s["op"] for s in view["steps"]}["await_delivery"] == (
+        "await:shipment_delivered")
