@@ -204,3 +204,19 @@ def test_what_the_page_writes_down_for_sloppy_clients(service: Any, client: Clie
     view = wait_terminal(client, [retail], timeout=20)[retail]
     assert {s["name"]: s["op"] for s in view["steps"]}["await_delivery"] == (
         "await:shipment_delivered")
+
+
+def test_which_replies_carry_the_request_id(make_service: Any, client: Client) -> None:
+    """§1: a string or integer `request_id` comes back, nothing else does;
+    a reply to a message the service could not read has none."""
+    make_service()
+    for rid, echoed in (("r", True), (-(2**63), True), (2**64 - 1, True), (True, False),
+                        (1.5, False), (None, False), ([1], False), (b"r", False)):
+        frame = codec.pack({"type": "order_counts", "request_id": rid})
+        reply = client.send_raw(frame)
+        assert reply["type"] == "order_counts"
+        assert ("request_id" in reply) == echoed and reply.get("request_id", rid) == rid
+    assert "request_id" not in client.send_raw(b"\xc1")  # not msgpack
+    big = codec.pack({"type": "order_counts", "request_id": "r", "pad": "x" * (1 << 20)})
+    assert client.send_raw(big)["code"] == "too_large"
+    assert "request_id" not in client.send_raw(big)
