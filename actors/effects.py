@@ -41,7 +41,7 @@ from oms.messages import (
 if TYPE_CHECKING:
     from actors.ports import OrderContext, Replier
     from actors.supervision import Supervisor
-    from storage.store import Created
+    from storage.records import Created
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import zmq
 from actors.effects import AnswerCreate, NewOrder, ReplyTo
 from actors.endpoint import BAD_ENVELOPE, RouterEndpoint
 from actors.lister import Lister, list_request
-from actors.lookup import find_archived, find_order, request_id_of
+from actors.lookup import find_archived, find_order, find_submitted, request_id_of
 from actors.ports import OrderContext
 from actors.security import DOMAINS, is_operator_name
 from actors.store_writer import CreateOrder
@@ -33,7 +33,7 @@ from oms.messages import Cancel, Operate, Start
 from oms.sharding import vshard_of
 from oms.states import OrderState
 from oms.validation import validate_order
-from storage.store import Created
+from storage.records import Created
 
 logger = logging.getLogger(__name__)
 
@@ -165,9 +165,13 @@ class Intake(RouterEndpoint):
         denied = self.denied(order["source_system"])
         if denied:
             return denied
-        if not self.octx.writer.healthy:
-            return self.store_unavailable(order["source_system"])
-        if not self.admit():
+        digest = codec.digest(order)
+        if not self.octx.writer.healthy or not self.admit():  # nothing new can be taken:
+            known = find_submitted(self.octx.store, order, digest)  # a resubmission is
+            if known is not None:  # answered as ever (`busy` would say it was not taken)
+                return self.created_reply(known, order["source_system"])
+            if not self.octx.writer.healthy:
+                return self.store_unavailable(order["source_system"])
             self.metrics.orders_received.labels(
                 self.metrics.source_label(order["source_system"]), "busy").inc()
             return errors.error_reply(
@@ -178,8 +182,7 @@ class Intake(RouterEndpoint):
         vshards = self.vshards
         vshard = vshard_of(order["customer"]["id"], vshards) if vshards else None
         self.octx.writer.tell(CreateOrder(order["source_system"], order["external_id"],
-                                          codec.digest(order), build, answer,
-                                          vshard))
+                                          digest, build, answer, vshard))
         return None
 
     def admit(self) -> bool:
@@ -217,22 +220,25 @@ class Intake(RouterEndpoint):
             reply(errors.error_reply(errors.INTERNAL, "the order could not be stored; "
                                      "see the service log"))
             return
-        self.metrics.orders_received.labels(self.metrics.source_label(source),
-                                            created.kind).inc()
-        if created.kind == "conflict":
-            reply(errors.error_reply(
-                errors.CONFLICT, f"this source_system and external_id were submitted as "
-                f"{created.order_id} with a different payload"))
-            return
-        state = created.state if created.order is None else str(OrderState.ACKNOWLEDGED)
-        reply({"type": "accepted", "order_id": created.order_id, "state": state,  # contract:
-               "duplicate": created.kind == "duplicate"})  # a new order is acknowledged
+        reply(self.created_reply(created, source))
         order = created.order
         if order is not None:
             self.octx.counts.counted(order)
             if order.seq_key:
                 self.octx.sequencer.request(order.seq_key, order.order_id, True)
             self.octx.router.start(order, Start() if started is None else None, started=started)
+
+    def created_reply(self, created: Created, source: str) -> dict[str, Any]:
+        """``accepted`` (new or ``duplicate``) or ``conflict``, counted."""
+        self.metrics.orders_received.labels(self.metrics.source_label(source),
+                                            created.kind).inc()
+        if created.kind == "conflict":
+            return errors.error_reply(
+                errors.CONFLICT, f"this source_system and external_id were submitted as "
+                f"{created.order_id} with a different payload")
+        state = created.state if created.order is None else str(OrderState.ACKNOWLEDGED)
+        return {"type": "accepted", "order_id": created.order_id, "state": state,  # contract:
+                "duplicate": created.kind == "duplicate"}  # a new order is acknowledged
 
     def is_operator(self) -> bool:
         return not self.identity_required or is_operator_name(self.user)
@@ -277,7 +283,7 @@ class Intake(RouterEndpoint):
             "type": "order", "order": dict(view, archived=True)}
 
     def archived_cancel(self, req: dict[str, Any], err: dict[str, Any]) -> dict[str, Any]:
-        found = find_archived(self.octx.store, {"order_id": req.get("order_id")}, err)
+        found = find_archived(self.octx.store, req, err)  # by order_id, or by external id
         if found.get("type") == "error":
             return found
         view = found["order"]

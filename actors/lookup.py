@@ -11,7 +11,7 @@ from typing import Any
 
 from oms import errors
 from storage import archive
-from storage.records import CorruptRecord
+from storage.records import CorruptRecord, Created, ext_key
 from storage.store import Store
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,20 @@ def find_archived(store: Store, req: dict[str, Any], err: dict[str, Any]) -> dic
     if rec is None or "unreadable" in rec:
         return errors.error_reply(errors.INTERNAL, "archived order record is unreadable")
     return rec
+
+
+def find_submitted(store: Store, order: dict[str, Any], digest: bytes) -> Created | None:
+    """An earlier submit of this order's external id (``duplicate`` or
+    ``conflict``), or None: how a resubmission is answered when no new
+    order could be taken now (admission limit, store cannot write), since
+    it asks for nothing new. None too when the store cannot be read."""
+    try:
+        with store.read() as txn:
+            return store.known_create(txn, ext_key(order["source_system"],
+                                                   order["external_id"]), digest)
+    except Exception:  # then the refusal it would have had is the answer
+        logger.exception("the idempotency index could not be read")
+        return None
 
 
 def request_id_of(req: dict[str, Any]) -> str | int | None:

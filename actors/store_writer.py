@@ -40,7 +40,8 @@ from actors import effects
 from actors.effects import NewOrder, Origin
 from actors.loop import LoopActor, burst
 from actors.metrics import Metrics
-from storage.store import Created, Store, StoreFull
+from storage.records import Created
+from storage.store import Store, StoreFull
 
 logger = logging.getLogger(__name__)
 

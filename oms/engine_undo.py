@@ -107,7 +107,9 @@ class UndoMixin(TurnBase):
         if self.retry_later(step, res, policy, "comp", step.key):
             return
         set_undo(step, Undo.FAILED)
-        self.order.failure = {"step": step.key, "error": step.error, "compensation": True}
+        order = self.order  # ``previous``: what is being undone, its failure again once
+        order.failure = {"step": step.key, "error": step.error, "compensation": True,
+                         "previous": fallout.undone(order.failure)}  # this one is settled
         self.hold(Reason.FALLOUT)
 
     def finish_compensation(self) -> None:

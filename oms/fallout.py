@@ -29,6 +29,18 @@ def failed_step(order: Any) -> Any:
     return order.steps.get(key) if isinstance(key, str) else None
 
 
+def undone(failure: Any) -> Any:
+    """The failure an order's compensation undoes (a failed step, an abort),
+    or None (a cancel), below any failed undo or ``internal_error`` hold
+    recorded over it since (each keeps it as ``previous``); an aborted one
+    is what it undoes, whatever the abort was of."""
+    while isinstance(failure, dict) and "aborted_by" not in failure and (
+            failure.get("compensation") or (failure.get("step") is None and (
+                failure.get("error") or {}).get("code") == Reason.INTERNAL_ERROR)):
+        failure = failure.get("previous")
+    return failure
+
+
 def waiting_steps(order: Any) -> list[Any]:
     """Steps waiting for a domain event (a wait step or a hold)."""
     return [s for s in order.steps.values() if s.status == StepStatus.RUNNING and s.wait]

@@ -225,8 +225,20 @@ class Order(msgspec.Struct, array_like=True, tag=RECORD_VERSION, dict=True):
         out["steps"] = [s.view() for s in self.steps.values()] + [n.view() for n in self.notes]
         out["history"] = self.history
         if self.failure is not None:
-            out["failure"] = self.failure
+            out["failure"] = failure_view(self.failure)
         block = fallout_view(self, point_of_no_return)
         if block is not None:
             out["fallout"] = block
         return out
+
+
+def failure_view(failure: Any) -> Any:
+    """An order's ``failure`` as §1 gives it: always a ``step`` and an
+    ``error`` (nil for an order aborted with no failed step, whose record
+    holds ``aborted_by`` alone), so is each ``previous``."""
+    if not isinstance(failure, dict):
+        return failure
+    out = {"step": None, "error": None, **failure}
+    if isinstance(failure.get("previous"), dict):
+        out["previous"] = failure_view(failure["previous"])
+    return out

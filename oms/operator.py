@@ -99,8 +99,6 @@ class OperatorMixin(TurnBase):
             if isinstance(previous, dict):
                 order.failure = previous  # what it fails with, if it is failing
             self.transition_back()  # resume from the snapshot (what was in flight is sent again)
-            if order.phase == Phase.COMPENSATE and order.target == Target.FAILED:
-                self.set_reason(Reason.COMPENSATING)  # as before it was held
             if began:
                 self.advance()
             else:  # held before it started (its start raised): start it now
@@ -145,9 +143,9 @@ class OperatorMixin(TurnBase):
         assert order.failure is not None  # operate_problem checked it
         step: Step = order.steps[order.failure["step"]]
         compensation = bool(order.failure.get("compensation"))
-        order.failure = None
+        order.failure = order.failure.get("previous") if compensation else None
         step.error = None
-        if compensation:  # a compensation failed for good
+        if compensation:  # a compensation failed for good (its order fails as it was failing)
             step.gen += 1
             set_undo(step, Undo.DONE if msg.action == "skip" else Undo.RUNNING)
             if msg.action == "skip":
@@ -209,6 +207,8 @@ class OperatorMixin(TurnBase):
             return
         if order.phase == Phase.COMPENSATE and order.target == Target.CANCELLED:
             self.transition(Ev.CANCEL_ACCEPT, (order.cancel or {}).get("reason"))
+        elif order.phase == Phase.COMPENSATE:  # undoing, then failed
+            self.transition(Ev.RESUME, Reason.COMPENSATING)
         else:
             self.transition(Ev.RESUME)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -164,3 +165,15 @@ def seek_after(cur: lmdb.Cursor[bytes], after: bytes | None) -> bool:
     if found and cur.key() == after:
         found = cur.next()
     return found
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    """Outcome of ``create_order``. kind: accepted | duplicate | conflict; the
+    store writer adds unavailable (the commit failed: nothing was stored) and
+    error (this one write failed)."""
+
+    kind: str
+    order_id: str
+    state: str
+    order: Order | None = None

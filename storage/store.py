@@ -43,7 +43,6 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +55,7 @@ from storage.listing import OrderListing
 from storage.records import (
     SCAN_CHUNK,
     CorruptRecord,
+    Created,
     Tally,
     decode_order,
     event_key,
@@ -130,18 +130,6 @@ class _ReadGate:
             with self._cond:
                 self._exclusive = False
                 self._cond.notify_all()
-
-
-@dataclass(frozen=True, slots=True)
-class Created:
-    """Outcome of ``create_order``. kind: accepted | duplicate | conflict; the
-    store writer adds unavailable (the commit failed: nothing was stored) and
-    error (this one write failed)."""
-
-    kind: str
-    order_id: str
-    state: str
-    order: Order | None = None
 
 
 class Store(OrderListing, RetentionIndex):
@@ -328,18 +316,26 @@ class Store(OrderListing, RetentionIndex):
         seq = self.tally.next_seq(txn, self.db["meta"])
         return format_order_id(seq) if vshard is None else sharded_order_id(seq, vshard)
 
+    def known_create(self, txn: lmdb.Transaction[bytes], key: bytes,
+                     digest: bytes) -> Created | None:
+        """A create of an external id already taken: ``duplicate`` (the same
+        payload) or ``conflict``; None for a new one."""
+        raw = txn.get(key, db=self.db["ext"])
+        if raw is None:
+            return None
+        order_id, known = codec.unpack(raw)
+        if known != digest:
+            return Created("conflict", order_id, "")
+        rec = txn.get(order_id.encode(), db=self.db["orders"])
+        state = snapshot.record_state(rec) if rec else self.archived_state(txn, order_id)
+        return Created("duplicate", order_id, state)
+
     def create_order(self, txn: lmdb.Transaction[bytes], source_system: str, external_id: str,
                      digest: bytes, build: Any, vshard: int | None = None) -> Created:
         """Idempotent create: ``build(order_id)`` makes the order if it is new."""
         key = ext_key(source_system, external_id)
-        raw = txn.get(key, db=self.db["ext"])
-        if raw is not None:
-            order_id, known = codec.unpack(raw)
-            if known != digest:
-                return Created("conflict", order_id, "")
-            rec = txn.get(order_id.encode(), db=self.db["orders"])
-            state = snapshot.record_state(rec) if rec else self.archived_state(txn, order_id)
-            return Created("duplicate", order_id, state)
+        if (known := self.known_create(txn, key, digest)) is not None:
+            return known
         order_id = self.next_order_id(txn, vshard)
         order: Order = build(order_id)
         txn.put(key, codec.pack([order_id, digest]), db=self.db["ext"])

@@ -226,10 +226,10 @@ def fuzz(name: str, seeds: range) -> str:
 
 
 GOLDEN = {
-    "retail": "3c58ceb7376f3e0b853cbb268d0b92c0f6e0268a59ebb088657ac6179c0232bf",
-    "telecom": "51923540c652862486726ee7bd80d628a89521ebb39bf086910f6d394a5bcc0c",
-    "mixed": "c4244697f4ff3a35bd5851f3f1f0f48d81c18adef3b736a9d0df709c9e4df519",
-    "fuzz": "772cab403272ba504dc0695f28c8c830ed0e495d4e472513dbee516eb7573fc0",
+    "retail": "db21a197f3626a14c612a1f868ff32e9ae79ee0a2c0d7de6ca8e6a048c57cd80",
+    "telecom": "3aeed7e198807bf515f5fc2b82ce860bb1842702493aa0dd2ce59051f730ed70",
+    "mixed": "599f46f12f7f59fc3700d9fb0b361beebf7db0c0c7afac90250ab350becaa76f",
+    "fuzz": "b5cbf4065a8b721840258b256a86dc5b47ec3044130bcfb90e92c41386b23c02",
 }
 
 SCENARIOS = {

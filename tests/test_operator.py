@@ -205,7 +205,8 @@ def test_abort_of_a_compensation_fallout_says_what_to_do_instead() -> None:
     assert reply["type"] == "operator_rejected"
     assert "retry the undo" in reply["reason"] and "skip it" in reply["reason"]
     d.feed(Operate("skip", None, "ann", "voided by hand", "r"))
-    assert d.order.state == S.FAILED
+    assert (d.order.state, d.order.state_reason) == (S.FAILED, "payment_declined")
+    assert d.order.failure["step"] == "capture_payment"  # what failed, not the undo
     assert d.order.steps["create_invoice"].status == StepStatus.COMPENSATED
 
 

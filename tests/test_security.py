@@ -195,6 +195,7 @@ def test_a_domain_system_key_is_not_a_channel(secure: Any, eps: Any, keys: Path,
                     {"type": "list_orders"}, {"type": "list_orders", "source_system": who},
                     {"type": "no_such_request"}, {"type": 7}, {}):  # any request (§6)
             assert domain.request(req)["code"] == "unauthorized", req
+        assert domain.send_raw(b"\xc1")["code"] == "malformed"  # not read: as anyone's
         assert web.get(theirs)["type"] == "order"  # the channel itself still works
 
 
