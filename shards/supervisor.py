@@ -282,11 +282,16 @@ class Supervisor:
 
 def run_sharded(cfg: Config, config_file: str | None, stop: Flag,
                 reload: Flag | None = None) -> int:
-    sup = Supervisor(cfg, config_file)
+    try:  # a lock or settings path that is no file, a full disk: exit 2, as ``oms serve``
+        sup = Supervisor(cfg, config_file)
+    except OSError as exc:
+        raise ConfigError(f"cannot start: {exc}") from None
     try:
         started = sup.start(stop=stop)
-    except ConfigError:
+    except BaseException as exc:  # whatever it is, no child is left running
         sup.stop()
+        if isinstance(exc, OSError):
+            raise ConfigError(f"cannot start: {exc}") from None
         raise
     if not started:
         logger.info("signal received while starting: stopping the front, then the shards")
