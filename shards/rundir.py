@@ -8,6 +8,12 @@ other user of the host does. ``DATA/run`` normally; when its sockets' paths
 would not fit a Unix socket address (107 bytes), a new folder from
 ``tempfile.mkdtemp`` (0700, in ``TMPDIR`` or /tmp), removed at stop.
 
+The check holds until the shards bind (seconds later) and after, when one
+restarts, only if no other user can swap the folder: so every folder above
+it belongs to root or this user and no one else may write to it (unless it
+is sticky, as /tmp is: then no one else may rename what is ours), and the
+path is taken with its links resolved, once, at start.
+
 A socket file left by a shard (killed with -9, or stopped: libzmq 4.3 does
 not remove it when it closes) does not stop the next start: ZeroMQ removes
 the file at that path before it binds, which a shard does only once it holds
@@ -67,6 +73,24 @@ def check_private(folder: Path) -> None:
                           f"shards; chmod 700 {folder} (or remove it)")
 
 
+def check_above(folder: Path) -> None:
+    """No other user may rename ``folder`` or any folder above it (a real
+    path, without links): or a ``ConfigError`` says which and what to do."""
+    for above in folder.parents:
+        st = os.stat(above)
+        why = ""
+        if st.st_uid not in (0, os.geteuid()):
+            why = f"{above} belongs to user id {st.st_uid}"
+        elif st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            why = (f"{above} has mode {stat.S_IMODE(st.st_mode):04o}: other users may "
+                   "write to it")
+        if why:
+            raise ConfigError(f"{why}, and so swap the shards' socket folder {folder} for "
+                              "one of their own after it was checked: use a data folder "
+                              "(and TMPDIR) under folders that only root or this service's "
+                              f"user may change (or chmod go-w {above})")
+
+
 @dataclass(frozen=True)
 class RunDir:
     """Where the shards' sockets are; ``temporary``: made by ``mkdtemp``."""
@@ -83,8 +107,10 @@ class RunDir:
 def open_run_dir(data: Path, shards: int) -> RunDir:
     """``DATA/run``, made 0700 if missing and checked; a private temporary
     folder when ``DATA``'s path is too long for the sockets' addresses."""
-    folder = data.absolute() / "run"
+    data.mkdir(parents=True, exist_ok=True)
+    folder = Path(os.path.realpath(data)) / "run"
     if fits(folder, shards):
+        check_above(folder)
         try:
             folder.mkdir(mode=0o700)
         except FileExistsError:
@@ -93,12 +119,13 @@ def open_run_dir(data: Path, shards: int) -> RunDir:
             raise ConfigError(f"the shards' socket folder {folder}: {exc}") from None
         check_private(folder)
         return RunDir(folder, temporary=False)
-    made = Path(tempfile.mkdtemp(prefix="oms-run-"))
-    if not fits(made, shards):
-        shutil.rmtree(made, ignore_errors=True)
+    tmp = Path(os.path.realpath(tempfile.gettempdir()))
+    if not fits(tmp / "oms-run-XXXXXXXX", shards):  # the length of mkdtemp's names
         raise ConfigError(f"the shards' socket paths would be longer than {PATH_MAX} bytes "
-                          f"both in {folder} and in {made.parent}: use a shorter --data "
+                          f"both in {folder} and in {tmp}: use a shorter --data "
                           "path (or TMPDIR)")
+    check_above(tmp / "oms-run-XXXXXXXX")
+    made = Path(tempfile.mkdtemp(prefix="oms-run-", dir=tmp))
     check_private(made)
     logger.warning("the data folder's path is too long for the shards' sockets (at most %d "
                    "bytes): they are in %s instead (mode 0700, removed at stop)", PATH_MAX,
