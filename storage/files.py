@@ -59,13 +59,15 @@ def read_text(path: str | Path) -> str:
         return file.read()
 
 
-def write_atomically(path: str | Path, text: str, mode: int = 0o644) -> None:
+def write_atomically(path: str | Path, text: str, mode: int | None = None) -> None:
     """Replace ``path`` with ``text`` (UTF-8) all at once: written to
     ``path.tmp``, synced, renamed over ``path``, the folder synced. Whatever
     lies at ``path.tmp`` (a crashed writer's leftover, a FIFO, a symbolic
     link someone put there) is removed first and the file is created anew
     (``O_EXCL | O_NOFOLLOW``): never a write that waits for a FIFO's reader,
-    never one that follows a link elsewhere. ``mode`` is the new file's."""
+    never one that follows a link elsewhere. ``mode``: the new file's,
+    whatever the umask (a secret's 0600); without it, 0666 less the umask,
+    as any file the service makes (its LMDB files next to it)."""
     file = Path(path)
     tmp = file.with_name(file.name + ".tmp")
     try:
@@ -73,9 +75,10 @@ def write_atomically(path: str | Path, text: str, mode: int = 0o644) -> None:
     except FileNotFoundError:
         pass
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 mode)
+                 0o666 if mode is None else mode)
     try:
-        os.fchmod(fd, mode)  # whatever the umask
+        if mode is not None:
+            os.fchmod(fd, mode)  # whatever the umask
         with os.fdopen(fd, "w", encoding="utf-8", closefd=False) as out:
             out.write(text)
             out.flush()
