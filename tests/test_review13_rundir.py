@@ -170,3 +170,30 @@ def test_a_temporary_folder_in_a_folder_others_may_write_to_is_refused(
     err = refused(tmp_path / ("d" * 120), env={"TMPDIR": str(open_tmp)})
     assert f"{open_tmp}" in err and "other users may write to it" in err, err
     assert list(open_tmp.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_data_folder_that_takes_no_unix_socket_uses_a_temporary_folder(
+        procs: Any, tmp_path: Path) -> None:
+    """A filesystem without Unix sockets (SMB, vfat, some FUSE mounts: bind
+    gives EPERM or EOPNOTSUPP) served the shards' TCP ports before; an
+    immutable DATA/run (chattr +i: EPERM to any bind in it, even root's)
+    stands in for one here. The shards' sockets go to a private temporary
+    folder, as for a path too long, instead of every shard exiting 2."""
+    run = tmp_path / "data" / "run"
+    run.mkdir(parents=True, mode=0o700)
+    if subprocess.run(["chattr", "+i", str(run)], capture_output=True,
+                      check=False).returncode != 0:
+        pytest.skip("chattr +i is not allowed here")
+    try:
+        s = Sharded(procs, tmp_path)
+        front = (s.data / "front.json").read_text()
+        assert f"ipc://{run}/" not in front and "oms-run-" in front
+        assert "takes no Unix socket" in s.svc.log.read_text()
+        with s.client(timeout=10) as client:
+            client.wait_ready(20)
+            reply = client.submit(retail_order("nosock-1"))
+            assert reply["type"] == "accepted", reply
+        assert s.svc.terminate() == 0
+    finally:
+        subprocess.run(["chattr", "-i", str(run)], check=True)
