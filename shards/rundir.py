@@ -6,7 +6,9 @@ enter (mode 0700, owned by that user, not a symbolic link): the front and
 processes of that user (who can read the data folder anyway) reach them, no
 other user of the host does. ``DATA/run`` normally; when its sockets' paths
 would not fit a Unix socket address (107 bytes), a new folder from
-``tempfile.mkdtemp`` (0700, in ``TMPDIR`` or /tmp), removed at stop.
+``tempfile.mkdtemp`` (0700, in ``TMPDIR`` or /tmp), removed at stop; and so
+when ``DATA``'s filesystem takes no Unix socket (SMB, vfat, some FUSE
+mounts), found by binding one there at start.
 
 The check holds until the shards bind (seconds later) and after, when one
 restarts, only if no other user can swap the folder: so every folder above
@@ -26,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import stat
 import tempfile
 from dataclasses import dataclass
@@ -118,16 +121,35 @@ def open_run_dir(data: Path, shards: int) -> RunDir:
         except OSError as exc:
             raise ConfigError(f"the shards' socket folder {folder}: {exc}") from None
         check_private(folder)
-        return RunDir(folder, temporary=False)
+        refused = takes_no_socket(folder)
+        if not refused:
+            return RunDir(folder, temporary=False)
+        why = f"the data folder's filesystem takes no Unix socket ({refused})"
+        fix = "use a shorter TMPDIR, or a data folder on a local filesystem"
+    else:
+        why = (f"the data folder's path is too long for the shards' sockets (at most "
+               f"{PATH_MAX} bytes)")
+        fix = "use a shorter --data path (or TMPDIR)"
     tmp = Path(os.path.realpath(tempfile.gettempdir()))
     if not fits(tmp / "oms-run-XXXXXXXX", shards):  # the length of mkdtemp's names
-        raise ConfigError(f"the shards' socket paths would be longer than {PATH_MAX} bytes "
-                          f"both in {folder} and in {tmp}: use a shorter --data "
-                          "path (or TMPDIR)")
+        raise ConfigError(f"{why}; in {tmp} their paths would be longer than {PATH_MAX} "
+                          f"bytes as well: {fix}")
     check_above(tmp / "oms-run-XXXXXXXX")
     made = Path(tempfile.mkdtemp(prefix="oms-run-", dir=tmp))
     check_private(made)
-    logger.warning("the data folder's path is too long for the shards' sockets (at most %d "
-                   "bytes): they are in %s instead (mode 0700, removed at stop)", PATH_MAX,
-                   made)
+    logger.warning("%s: they are in %s instead (mode 0700, removed at stop)", why, made)
     return RunDir(made, temporary=True)
+
+
+def takes_no_socket(folder: Path) -> str:
+    """Why a Unix socket cannot be bound in ``folder`` ("" if it can): a
+    probe, bound and removed at once."""
+    probe = folder / ".probe"  # no longer than "1.domain": it fits where they do
+    with socket.socket(socket.AF_UNIX) as sock:
+        try:
+            probe.unlink(missing_ok=True)  # one a supervisor killed with -9 left
+            sock.bind(str(probe))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    probe.unlink(missing_ok=True)
+    return ""
