@@ -26,12 +26,13 @@ from shards import rundir
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def refused(data: Path, env: dict[str, str] | None = None) -> str:
-    """``oms serve --shards 2`` on ``data`` (a process of its own, on ports of
-    this test's range): exits 2 at once; its message. A start that is not
-    refused is stopped at the deadline and fails the test."""
+def refused(data: Path, env: dict[str, str] | None = None, shards: int = 2) -> str:
+    """``oms serve --shards 2`` (or ``shards``) on ``data`` (a process of its
+    own, on ports of this test's range): exits 2 at once; its message. A
+    start that is not refused is stopped at the deadline and fails the test."""
     eps = [free_endpoint() for _ in range(3)]
-    argv = [sys.executable, "-m", "app.cli", "serve", "--shards", "2", "--data", str(data),
+    argv = [sys.executable, "-m", "app.cli", "serve", "--shards", str(shards), "--data",
+            str(data),
             "--intake", eps[0], "--events", eps[1], "--domain-events", eps[2],
             "--metrics-port", "0", "--shard-base-port", str(free_block(8))]
     with subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -197,3 +198,33 @@ def test_a_data_folder_that_takes_no_unix_socket_uses_a_temporary_folder(
         assert s.svc.terminate() == 0
     finally:
         subprocess.run(["chattr", "-i", str(run)], check=True)
+
+
+# -- lock files: whoever may write to their folder cannot make the service
+#    truncate another file through them -------------------------------------
+
+
+@pytest.mark.parametrize("lock", ["supervisor.lock", "shard-0/oms.lock", "oms.lock"])
+@pytest.mark.parametrize("kind", ["symlink", "hardlink"])
+def test_a_lock_file_that_names_another_file_is_refused_and_that_file_kept(
+        tmp_path: Path, lock: str, kind: str) -> None:
+    """A lock is opened for writing (and truncated) by a service that often
+    runs as root: a link planted at its path (by a user who could write to
+    the data folder, before the start refused that folder, or to a shard's
+    folder) made it overwrite the file it names, /etc/passwd as well as
+    this ``victim``. Refused instead: exit 2, the file as it was."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    data = tmp_path / "data"
+    (data / lock).parent.mkdir(parents=True, exist_ok=True)
+    if kind == "symlink":
+        (data / lock).symlink_to(victim)
+    else:
+        os.link(victim, data / lock)
+    if lock.startswith("shard-0"):  # a shard's own lock: its start fails, so does the service's
+        err = refused(data)
+        assert "shard-0 exited with code 2" in err, err
+    else:
+        err = refused(data, shards=2 if lock == "supervisor.lock" else 1)
+    assert "cannot start" in err and lock.rsplit("/", 1)[-1] in err, err
+    assert victim.read_text() == "precious\n"
