@@ -115,10 +115,7 @@ def take_lock(data: Path, holder: str) -> Any:
     own locks being free whenever the shards are between a crash and their
     restart. The open file is returned: the lock lasts until it is closed."""
     data.mkdir(parents=True, exist_ok=True)
-    try:
-        handle = open(data / LOCK, "a+")  # noqa: SIM115 - held until closed
-    except OSError as exc:  # a folder; a FIFO (it cannot seek to its end)
-        raise OSError(f"{data / LOCK}: {exc.strerror or exc}") from None
+    handle = files.open_lock(data / LOCK)  # held until closed
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -52,6 +52,7 @@ import lmdb
 from oms import codec, snapshot
 from oms.model import Order
 from oms.sharding import sharded_order_id
+from storage import files
 from storage.listing import OrderListing
 from storage.records import (
     SCAN_CHUNK,
@@ -181,7 +182,7 @@ class Store(OrderListing, RetentionIndex):
             txn.put(b"epoch", str(self.epoch).encode(), db=self.db["meta"])
 
     def _take_lock(self) -> Any:
-        handle = open(self.path / "oms.lock", "a+")  # noqa: SIM115 - held until close
+        handle = files.open_lock(self.path / "oms.lock")  # held until close
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
