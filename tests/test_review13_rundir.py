@@ -142,14 +142,19 @@ def test_a_data_folder_others_may_write_to_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a folder to another user")
-def test_a_data_folder_of_another_user_is_refused(tmp_path: Path) -> None:
-    """E.g. a data folder in /tmp that another user made first."""
-    data = tmp_path / "data"
-    data.mkdir(mode=0o755)
+@pytest.mark.parametrize("deep", [False, True])
+def test_a_data_folder_of_another_user_is_refused(tmp_path: Path, deep: bool) -> None:
+    """E.g. a data folder in /tmp that another user made first. Refused
+    before anything is written in it, and with a path too long for the
+    sockets as well (they would be in /tmp): that user could replace
+    ``front.json`` (read again at each restart of the front) with one
+    without CURVE keys, or its shard folders."""
+    data = tmp_path / ("long-" * 18 if deep else "") / "data"
+    data.mkdir(mode=0o755, parents=True)
     os.chown(data, NOBODY, NOBODY)
     err = refused(data)
     assert f"{data} belongs to user id {NOBODY}" in err, err
-    assert not (data / "run").exists()
+    assert sorted(data.iterdir()) == []
 
 
 def test_a_link_in_the_data_path_is_resolved_once_at_start(tmp_path: Path) -> None:
