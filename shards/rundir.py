@@ -107,13 +107,22 @@ class RunDir:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
+def check_data(data: Path) -> Path:
+    """``DATA`` (made if missing) and every folder above it: no other user
+    may change them (``check_above``), whether the sockets go there or not
+    (``front.json``, read again at each start of the front, lies there);
+    its real path."""
+    data.mkdir(parents=True, exist_ok=True)
+    real = Path(os.path.realpath(data))
+    check_above(real / "run")
+    return real
+
+
 def open_run_dir(data: Path, shards: int) -> RunDir:
     """``DATA/run``, made 0700 if missing and checked; a private temporary
     folder when ``DATA``'s path is too long for the sockets' addresses."""
-    data.mkdir(parents=True, exist_ok=True)
-    folder = Path(os.path.realpath(data)) / "run"
+    folder = check_data(data) / "run"
     if fits(folder, shards):
-        check_above(folder)
         try:
             folder.mkdir(mode=0o700)
         except FileExistsError:

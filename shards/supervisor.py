@@ -32,8 +32,8 @@ from actors import signals
 from actors.flags import Flag
 from oms.config import Config, ConfigError
 from shards import manifest as mf
+from shards import rundir
 from shards.manifest import ShardEndpoints
-from shards.rundir import open_run_dir
 from storage import files
 
 logger = logging.getLogger("shards.supervisor")
@@ -153,11 +153,12 @@ class Supervisor:
             raise ConfigError("CURVE needs both --curve-server-key and --curve-clients")
         self.cfg = cfg
         self.data = Path(cfg.data)
+        rundir.check_data(self.data)  # before anything is written in it
         with contextlib.ExitStack() as undo:  # a failed start leaves nothing held
             self.lock = mf.take_lock(self.data, "oms serve --shards")
             undo.callback(self.lock.close)
             self.manifest = mf.open_or_create(self.data, cfg.shards)
-            self.run_dir = open_run_dir(self.data, cfg.shards)
+            self.run_dir = rundir.open_run_dir(self.data, cfg.shards)
             undo.callback(self.run_dir.remove)
             self.endpoints = [ShardEndpoints.private(self.run_dir.path, cfg.shard_base_port, k)
                               for k in range(cfg.shards)]
