@@ -189,10 +189,8 @@ class Store(OrderListing, RetentionIndex):
             handle.seek(0)
             owner = handle.read().strip() or "another process"
             handle.close()
-            raise StoreLocked(
-                f"data folder {self.path} is in use by {owner}; "
-                "stop that service or pass another --data folder"
-            ) from None
+            raise StoreLocked(f"data folder {self.path} is in use by {owner}; stop that "
+                              "service or pass another --data folder") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}\n")
