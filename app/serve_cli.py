@@ -175,6 +175,8 @@ def cmd_shards(args: argparse.Namespace) -> int:
                else reshard.move(args.data, args.processes))
     except StoreLocked as exc:
         raise ConfigError(f"{exc} (stop the service before moving virtual shards)") from None
+    except OSError as exc:  # e.g. DATA/supervisor.lock a folder
+        raise ConfigError(str(exc)) from None
     print(json.dumps(out, indent=1))
     return 0
 

@@ -1,9 +1,12 @@
-"""The manifest of a sharded data folder (``DATA/shards.json``) and where
-each shard process lives (its folder and its endpoints)."""
+"""The manifest of a sharded data folder (``DATA/shards.json``), where
+each shard process lives (its folder and its endpoints), and the folder's
+lock (``DATA/supervisor.lock``)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +18,7 @@ from shards import rundir
 from storage import files
 
 FILE = "shards.json"
+LOCK = "supervisor.lock"
 
 
 @dataclass
@@ -100,6 +104,31 @@ def open_or_create(data: str | Path, processes: int,
                           f"run with --shards {m.processes}, or move virtual shards first "
                           f"(oms shards move --data {folder} --processes {processes})")
     return m
+
+
+def take_lock(data: Path, holder: str) -> Any:
+    """``DATA/supervisor.lock``, held by whoever may change what the running
+    front was told (``front.json``, the manifest): the supervisor while it
+    runs (``holder`` "oms serve --shards"), or ``oms shards move``. A second
+    supervisor would rewrite ``front.json`` under the running front; a move
+    while the supervisor runs would move records under it, the shards'
+    own locks being free whenever the shards are between a crash and their
+    restart. The open file is returned: the lock lasts until it is closed."""
+    data.mkdir(parents=True, exist_ok=True)
+    handle = files.open_lock(data / LOCK)  # held until closed
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(f"data folder {data} is in use by {owner}; stop the service (or "
+                          "let the move end) first, or pass another --data folder") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} ({holder})\n")
+    handle.flush()
+    return handle
 
 
 def shard_folder(data: str | Path, k: int) -> Path:

@@ -77,10 +77,18 @@ def _seq(store: Store) -> int:
 
 
 def move(data: str | Path, processes: int) -> dict[str, Any]:
-    """Rebalance onto ``processes``; returns what moved. The service must be stopped
-    (each shard folder's lock is taken)."""
+    """Rebalance onto ``processes``; returns what moved. The service must be
+    stopped: the folder's lock (a running supervisor holds it, even while
+    its shards are down) and each shard folder's are taken."""
+    if mf.load(data) is None:
+        raise ConfigError(f"{data} is not a sharded data folder (no {mf.FILE})")
+    with mf.take_lock(Path(data), "oms shards move"):
+        return _move(data, processes)
+
+
+def _move(data: str | Path, processes: int) -> dict[str, Any]:
     m = mf.load(data)
-    if m is None:
+    if m is None:  # removed since: nothing to move
         raise ConfigError(f"{data} is not a sharded data folder (no {mf.FILE})")
     if processes < 2:
         raise ConfigError("a sharded folder needs at least 2 processes (its ids carry their "

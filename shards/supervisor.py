@@ -4,18 +4,18 @@ Each shard is a full ``oms serve`` on ``DATA/shard-K`` whose intake, events
 and domain-events endpoints are Unix sockets in a folder only this user may
 enter (``shards.rundir``), its metrics on a loopback port; the front
 (``shards.front``) owns the configured endpoints. One supervisor a data
-folder (``DATA/supervisor.lock``). A
-child that exits is started again (backoff 0.5 s doubling to 10 s, back to
-0.5 s after a minute up). SIGTERM/SIGINT stop the front first (no new
-work), then the shards, which drain as a single service does. Children get
-SIGTERM if this process dies (Linux parent-death signal).
+folder, and no ``oms shards move`` while it runs (``DATA/supervisor.lock``,
+``shards.manifest.take_lock``). A child that exits is started again
+(backoff 0.5 s doubling to 10 s, back to 0.5 s after a minute up).
+SIGTERM/SIGINT stop the front first (no new work), then the shards, which
+drain as a single service does. Children get SIGTERM if this process dies
+(Linux parent-death signal).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import json
 import logging
 import os
@@ -32,8 +32,8 @@ from actors import signals
 from actors.flags import Flag
 from oms.config import Config, ConfigError
 from shards import manifest as mf
+from shards import rundir
 from shards.manifest import ShardEndpoints
-from shards.rundir import open_run_dir
 from storage import files
 
 logger = logging.getLogger("shards.supervisor")
@@ -144,27 +144,6 @@ def targets(cfg: Config, shards: list[ShardEndpoints]) -> list[dict[str, Any]]:
     return out
 
 
-def take_lock(data: Path) -> Any:
-    """``DATA/supervisor.lock``, held while this supervisor runs: a second
-    one on the same folder would rewrite ``front.json`` under the running
-    front (and its shards and front would exit 2 on their own locks)."""
-    data.mkdir(parents=True, exist_ok=True)
-    handle = open(data / "supervisor.lock", "a+")  # noqa: SIM115 - held until stop
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        owner = handle.read().strip() or "another process"
-        handle.close()
-        raise ConfigError(f"data folder {data} is in use by {owner} (oms serve --shards); "
-                          "stop that service or pass another --data folder") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}\n")
-    handle.flush()
-    return handle
-
-
 class Supervisor:
     def __init__(self, cfg: Config, config_file: str | None = None) -> None:
         if cfg.domain_server_key:
@@ -174,11 +153,12 @@ class Supervisor:
             raise ConfigError("CURVE needs both --curve-server-key and --curve-clients")
         self.cfg = cfg
         self.data = Path(cfg.data)
+        rundir.check_data(self.data)  # before anything is written in it
         with contextlib.ExitStack() as undo:  # a failed start leaves nothing held
-            self.lock = take_lock(self.data)
+            self.lock = mf.take_lock(self.data, "oms serve --shards")
             undo.callback(self.lock.close)
             self.manifest = mf.open_or_create(self.data, cfg.shards)
-            self.run_dir = open_run_dir(self.data, cfg.shards)
+            self.run_dir = rundir.open_run_dir(self.data, cfg.shards)
             undo.callback(self.run_dir.remove)
             self.endpoints = [ShardEndpoints.private(self.run_dir.path, cfg.shard_base_port, k)
                               for k in range(cfg.shards)]
@@ -303,11 +283,16 @@ class Supervisor:
 
 def run_sharded(cfg: Config, config_file: str | None, stop: Flag,
                 reload: Flag | None = None) -> int:
-    sup = Supervisor(cfg, config_file)
+    try:  # a lock or settings path that is no file, a full disk: exit 2, as ``oms serve``
+        sup = Supervisor(cfg, config_file)
+    except OSError as exc:
+        raise ConfigError(f"cannot start: {exc}") from None
     try:
         started = sup.start(stop=stop)
-    except ConfigError:
+    except BaseException as exc:  # whatever it is, no child is left running
         sup.stop()
+        if isinstance(exc, OSError):
+            raise ConfigError(f"cannot start: {exc}") from None
         raise
     if not started:
         logger.info("signal received while starting: stopping the front, then the shards")

@@ -14,13 +14,17 @@ open descriptor with ``fstat``, so nothing can be swapped in between;
 (``zmq.auth.load_certificate``). ``write_atomically`` is how the project
 writes such a file (the front's settings, the shards' manifest, the
 console's users): never through whatever a stale ``.tmp`` path holds.
+``open_lock`` opens a lock file (``oms.lock``, ``supervisor.lock``), which
+is truncated and written: never through a link to another file.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
+from typing import IO
 
 KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
@@ -59,13 +63,15 @@ def read_text(path: str | Path) -> str:
         return file.read()
 
 
-def write_atomically(path: str | Path, text: str, mode: int = 0o644) -> None:
+def write_atomically(path: str | Path, text: str, mode: int | None = None) -> None:
     """Replace ``path`` with ``text`` (UTF-8) all at once: written to
     ``path.tmp``, synced, renamed over ``path``, the folder synced. Whatever
     lies at ``path.tmp`` (a crashed writer's leftover, a FIFO, a symbolic
     link someone put there) is removed first and the file is created anew
     (``O_EXCL | O_NOFOLLOW``): never a write that waits for a FIFO's reader,
-    never one that follows a link elsewhere. ``mode`` is the new file's."""
+    never one that follows a link elsewhere. ``mode``: the new file's,
+    whatever the umask (a secret's 0600); without it, 0666 less the umask,
+    as any file the service makes (its LMDB files next to it)."""
     file = Path(path)
     tmp = file.with_name(file.name + ".tmp")
     try:
@@ -73,9 +79,10 @@ def write_atomically(path: str | Path, text: str, mode: int = 0o644) -> None:
     except FileNotFoundError:
         pass
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 mode)
+                 0o666 if mode is None else mode)
     try:
-        os.fchmod(fd, mode)  # whatever the umask
+        if mode is not None:
+            os.fchmod(fd, mode)  # whatever the umask
         with os.fdopen(fd, "w", encoding="utf-8", closefd=False) as out:
             out.write(text)
             out.flush()
@@ -88,3 +95,32 @@ def write_atomically(path: str | Path, text: str, mode: int = 0o644) -> None:
         os.fsync(folder)
     finally:
         os.close(folder)
+
+
+def open_lock(path: str | Path) -> IO[str]:
+    """``path`` opened to read and write (made if missing, 0666 less the
+    umask), to hold an ``flock`` on and write its holder's pid in. Refused
+    (``NotRegularFile``) if it is a symbolic link, a FIFO, a folder, a
+    device, or a file with other names (a hard link): whoever may write to
+    its folder must not make the service, often root, truncate the file
+    such a link names (``/etc/passwd``)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotRegularFile(f"{path}: a symbolic link; remove it") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((name for test, name in KINDS if test(st.st_mode)), "not a file")
+            raise NotRegularFile(f"{path}: not a regular file: {kind}; remove it")
+        if st.st_nlink != 1:
+            raise NotRegularFile(f"{path}: a file with {st.st_nlink} names (hard links); "
+                                 "remove it")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "r+", encoding="utf-8")
+    except BaseException:
+        os.close(fd)
+        raise

@@ -51,6 +51,7 @@ import lmdb
 from oms import codec, snapshot
 from oms.model import Order
 from oms.sharding import sharded_order_id
+from storage import files
 from storage.listing import OrderListing
 from storage.records import (
     SCAN_CHUNK,
@@ -169,17 +170,15 @@ class Store(OrderListing, RetentionIndex):
             txn.put(b"epoch", str(self.epoch).encode(), db=self.db["meta"])
 
     def _take_lock(self) -> Any:
-        handle = open(self.path / "oms.lock", "a+")  # noqa: SIM115 - held until close
+        handle = files.open_lock(self.path / "oms.lock")  # held until close
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             owner = handle.read().strip() or "another process"
             handle.close()
-            raise StoreLocked(
-                f"data folder {self.path} is in use by {owner}; "
-                "stop that service or pass another --data folder"
-            ) from None
+            raise StoreLocked(f"data folder {self.path} is in use by {owner}; stop that "
+                              "service or pass another --data folder") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}\n")

@@ -60,3 +60,20 @@ def test_a_fifo_as_the_console_users_file_is_refused(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr
     assert "not a regular file: a FIFO" in done.stderr
     assert stat.S_ISFIFO(fifo.stat().st_mode)  # left as it was
+
+
+def test_the_umask_applies_unless_a_mode_is_asked_for(tmp_path: Path) -> None:
+    """An operator's umask (027 on a hardened host) keeps the service's own
+    files from other users, as it does the LMDB files next to them; a mode
+    asked for (the console's users file, 0600) holds whatever the umask."""
+    old = os.umask(0o027)
+    try:
+        write_json(tmp_path / "front.json", {"shards": 2})
+        mf.save(tmp_path, mf.open_or_create(tmp_path, 2))
+        os.umask(0)
+        files.write_atomically(tmp_path / "users", "u\n", mode=0o600)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "front.json").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "shards.json").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "users").stat().st_mode) == 0o600

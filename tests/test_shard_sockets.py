@@ -170,7 +170,7 @@ def test_a_data_path_too_long_for_the_sockets_uses_a_private_temporary_folder(
     assert "too long for the shards' sockets" in s.svc.log.read_text()
     # a second supervisor on the folder is refused before it rewrites front.json
     # (its temporary folder would have moved the running front's connections)
-    assert main(["serve", "--data", str(data), "--shards", "2", "--metrics-port", "0"]) == 2
+    assert main(serve_argv(data)) == 2
     assert json.loads((data / "front.json").read_text()) == front
     with s.client(timeout=10) as client:
         client.wait_ready(20)
@@ -180,11 +180,22 @@ def test_a_data_path_too_long_for_the_sockets_uses_a_private_temporary_folder(
     assert not where.exists()  # removed at stop
 
 
+def serve_argv(data: Path) -> list[str]:
+    """``oms serve --shards 2`` on ``data``, on ports of this test's range: a
+    start that should have been refused must not take the default ports
+    (another service on the host may be using them)."""
+    from bench.ports import free_block, free_endpoint
+
+    return ["serve", "--data", str(data), "--shards", "2", "--intake", free_endpoint(),
+            "--events", free_endpoint(), "--domain-events", free_endpoint(),
+            "--metrics-port", "0", "--shard-base-port", str(free_block(8))]
+
+
 def refused(data: Path, capsys: Any) -> str:
     """``oms serve --shards 2`` on ``data``: exit 2; its message."""
     from app.cli import main
 
-    assert main(["serve", "--data", str(data), "--shards", "2", "--metrics-port", "0"]) == 2
+    assert main(serve_argv(data)) == 2
     return capsys.readouterr().err
 
 
