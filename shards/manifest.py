@@ -4,9 +4,7 @@ lock (``DATA/supervisor.lock``)."""
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,20 +113,11 @@ def take_lock(data: Path, holder: str) -> Any:
     own locks being free whenever the shards are between a crash and their
     restart. The open file is returned: the lock lasts until it is closed."""
     data.mkdir(parents=True, exist_ok=True)
-    handle = files.open_lock(data / LOCK)  # held until closed
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        owner = handle.read().strip() or "another process"
-        handle.close()
-        raise ConfigError(f"data folder {data} is in use by {owner}; stop the service (or "
-                          "let the move end) first, or pass another --data folder") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} ({holder})\n")
-    handle.flush()
-    return handle
+        return files.take_lock(data / LOCK, holder)
+    except files.Held as held:
+        raise ConfigError(f"data folder {data} is in use by {held.owner}; stop the service "
+                          "(or let the move end) first, or pass another --data folder") from None
 
 
 def shard_folder(data: str | Path, k: int) -> Path:

@@ -21,6 +21,7 @@ is truncated and written: never through a link to another file.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 from pathlib import Path
@@ -124,3 +125,30 @@ def open_lock(path: str | Path) -> IO[str]:
     except BaseException:
         os.close(fd)
         raise
+
+
+class Held(Exception):
+    """A lock another process holds; ``owner`` is the line it wrote in."""
+
+    def __init__(self, owner: str) -> None:
+        super().__init__(owner)
+        self.owner = owner
+
+
+def take_lock(path: str | Path, holder: str) -> IO[str]:
+    """``open_lock`` and an exclusive ``flock`` at once, or ``Held`` naming
+    the process that has it; the holder's line (``pid N`` and ``holder``)
+    written in. The lock lasts until the returned file is closed."""
+    handle = open_lock(path)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise Held(owner) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}{f' ({holder})' if holder else ''}\n")
+    handle.flush()
+    return handle

@@ -37,7 +37,6 @@ For retention (``actors.retention``, ``storage.archive``) also:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import threading
@@ -170,20 +169,11 @@ class Store(OrderListing, RetentionIndex):
             txn.put(b"epoch", str(self.epoch).encode(), db=self.db["meta"])
 
     def _take_lock(self) -> Any:
-        handle = files.open_lock(self.path / "oms.lock")  # held until close
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            owner = handle.read().strip() or "another process"
-            handle.close()
-            raise StoreLocked(f"data folder {self.path} is in use by {owner}; stop that "
+            return files.take_lock(self.path / "oms.lock", "")  # held until close
+        except files.Held as held:
+            raise StoreLocked(f"data folder {self.path} is in use by {held.owner}; stop that "
                               "service or pass another --data folder") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}\n")
-        handle.flush()
-        return handle
 
     def close(self) -> None:
         self.env.sync(True)
