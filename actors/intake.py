@@ -112,7 +112,7 @@ class Intake(RouterEndpoint):
                     errors.TOO_LARGE, f"frame is {len(frame)} bytes; the limit is "
                     f"{codec.MAX_FRAME_BYTES}")
             else:
-                req = codec.decode_map(frame)
+                req = codec.decode_request(frame)
                 request_id = request_id_of(req)
                 rtype = kind if isinstance(kind := req.get("type"), str) else "?"
                 handler = self.handlers.get(rtype)

@@ -17,7 +17,7 @@ import zmq
 
 from gateways.client import Client
 from oms import codec
-from oms.config import Config
+from oms.config import Config, check_utf8_path
 from oms.sample import sample_orders
 from oms.states import TERMINAL
 
@@ -58,6 +58,7 @@ def _report(cfg: Config) -> dict[str, Any]:
 
 
 def run_demo(count: int, folder: str, timeout: float) -> int:
+    check_utf8_path(folder, "--data")  # the service it starts refuses one
     base = Path(folder)
     if base.exists():
         if not (base / MARKER).exists():

@@ -14,7 +14,7 @@ from typing import Any
 from actors import logs, signals
 from actors.runtime import tune_gc
 from actors.settings import load_config
-from oms.config import ConfigError, parse_systems
+from oms.config import ConfigError, check_utf8_path, parse_systems
 
 logger = logging.getLogger("oms")
 
@@ -170,6 +170,7 @@ def cmd_shards(args: argparse.Namespace) -> int:
     from shards import reshard
     from storage.store import StoreLocked
 
+    check_utf8_path(args.data, "--data")
     try:
         out = (reshard.show(args.data) if args.action == "show"
                else reshard.move(args.data, args.processes))

@@ -8,11 +8,15 @@ secret keys. ``oms console passwd FILE NAME`` adds or replaces a user.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
+import os
 import re
 import secrets
 import stat
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,8 +95,10 @@ def authenticate(users: dict[str, User], name: str, password: str) -> User | Non
     return user if ok and user is not None else None
 
 
-def set_user(file: str | Path, name: str, role: str, password: str) -> None:
-    """Add or replace one user; the file is written 0600."""
+def set_user(file: str | Path, name: str, role: str, password: str,
+             waiting: Callable[[str], None] = lambda _: None) -> None:
+    """Add or replace one user; the file is written 0600. Another update in
+    progress (another process) is waited for: ``waiting`` is told whom."""
     if not NAME.fullmatch(name):
         raise CredentialsError("a name is 1 to 64 letters, digits or . _ @ -")
     if role not in ROLES:
@@ -100,8 +106,30 @@ def set_user(file: str | Path, name: str, role: str, password: str) -> None:
     if not 8 <= len(password) <= MAX_PASSWORD:
         raise CredentialsError(f"a password is 8 to {MAX_PASSWORD} characters")
     path = Path(file)
-    lines = files.read_text(path).splitlines() if path.exists() else [
-        "# oms console users: name:role:scrypt hash (oms console passwd FILE NAME)"]
-    lines = [ln for ln in lines if ln.partition(":")[0].strip() != name]
-    lines.append(f"{name}:{role}:{hash_password(password)}")
-    files.write_atomically(path, "\n".join(lines) + "\n", mode=0o600)
+    line = f"{name}:{role}:{hash_password(password)}"  # the slow part, before the lock
+    with update_lock(path, waiting):  # two runs at once: each reads the other's line
+        lines = files.read_text(path).splitlines() if path.exists() else [
+            "# oms console users: name:role:scrypt hash (oms console passwd FILE NAME)"]
+        lines = [ln for ln in lines if ln.partition(":")[0].strip() != name]
+        lines.append(line)
+        files.write_atomically(path, "\n".join(lines) + "\n", mode=0o600)
+
+
+@contextmanager
+def update_lock(path: Path, waiting: Callable[[str], None]) -> Iterator[None]:
+    """An ``flock`` on ``PATH.lock`` (never followed if a link,
+    ``files.open_lock``), held while the file is read, changed and written:
+    updates from other processes wait their turn (``waiting`` told first)."""
+    lock = path.with_name(path.name + ".lock")
+    with files.open_lock(lock) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = handle.read(80).strip() or "another process"
+            waiting(f"{lock} ({holder})")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} (oms console passwd)\n")
+        handle.flush()
+        yield

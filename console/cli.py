@@ -129,7 +129,8 @@ def _passwd(args: argparse.Namespace) -> int:
             print("oms console passwd: the passwords differ", file=sys.stderr)
             return 2
     try:
-        set_user(args.file, args.name, args.role, password)
+        set_user(args.file, args.name, args.role, password, waiting=lambda holder: print(
+            f"oms console passwd: waiting for {holder} ...", file=sys.stderr, flush=True))
     except (CredentialsError, OSError) as exc:
         print(f"oms console passwd: {exc}", file=sys.stderr)
         return 2

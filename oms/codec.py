@@ -143,8 +143,9 @@ def decode_map(data: bytes) -> dict[str, Any]:
 
     Lengths are bounded by the frame size; nesting is bounded by msgpack's
     own stack; ext types and integer keys are refused. Binary (bytes) keys
-    get through msgpack's ``strict_map_key``: maps from outside are checked
-    for them at the edge (``oms.edge.check_data``, ``oms.validation``).
+    get through msgpack's ``strict_map_key``: a client's request is read by
+    ``decode_request``, which refuses them; a domain system's maps are
+    checked at the edge (``oms.edge.check_data``).
 
     Most frames are read by msgspec, typed as a map of plain values (nil,
     bool, int, float, str, arrays and str-keyed maps, ``PLAIN_DEPTH``
@@ -173,6 +174,42 @@ def decode_map(data: bytes) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise DecodeError(f"payload must be a msgpack map, got {type(obj).__name__}")
     return obj
+
+
+def decode_request(data: bytes) -> dict[str, Any]:
+    """``decode_map`` for a client's request (the intake, the front): a
+    binary (bin) map key anywhere is a ``DecodeError`` too, as the contract
+    says keys are strings ("Encoding and transport"): 1.4 took them, ignored
+    one at the top and named one in an ``order`` as ``b'colour'``. Only a
+    frame msgspec's typed read refuses (it takes no bin) is walked."""
+    if _decode_plain is not None:
+        try:
+            return _decode_plain(data)
+        except Exception:  # noqa: BLE001, S110 - msgpack decides, and names the error
+            pass
+    obj = decode_map(data)
+    path = binary_key_path(obj)
+    if path is not None:
+        raise DecodeError(f"map keys must be strings, not binary (bin): {path[:200]}")
+    return obj
+
+
+def binary_key_path(obj: Any) -> str | None:
+    """Where the first binary map key lies in ``obj`` (``order.items[0].x``,
+    the bytes shown as UTF-8 with ``\\xNN`` escapes), or None. Iterative:
+    msgpack nests deeper than Python recurses."""
+    todo: list[tuple[str, Any]] = [("", obj)]
+    while todo:
+        path, value = todo.pop()
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                if isinstance(key, bytes):
+                    name = key.decode("utf-8", "backslashreplace")
+                    return f"{path}.{name}" if path else name
+                todo.append((f"{path}.{key}" if path else str(key), inner))
+        elif isinstance(value, list):
+            todo.extend((f"{path}[{k}]", inner) for k, inner in enumerate(value))
+    return None
 
 
 def canonical(obj: Any) -> Any:

@@ -10,6 +10,7 @@ setting.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -105,6 +106,7 @@ class Config:
             setattr(self, name, str(getattr(self, name)).lower())  # "JSON" is json, not text
         if not self.data.strip():  # Path("") is the working directory (/ under systemd)
             raise ConfigError("data must name a folder (got an empty value)")
+        check_utf8_path(self.data, "data")
         for name, (low, high) in BOUNDS.items():
             value = getattr(self, name)
             if not math.isfinite(value) or not low <= value <= high:
@@ -127,6 +129,18 @@ class Config:
             else:  # "" for an optional path is unset (OMS_PROCESSES=), never "." by accident
                 setattr(self, name, None if value == "" and known[name].default is None
                         else value)
+
+
+def check_utf8_path(path: str, name: str) -> None:
+    """A folder name that is not valid UTF-8 (``b'/srv/x\\xff'``, which Python
+    carries as a lone surrogate) is refused: LMDB and ZeroMQ's socket paths
+    take UTF-8 only, and would fail with a traceback part way through the start."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise ConfigError(f"{name} must be a UTF-8 path (got {shown}: bytes that are "
+                          "not UTF-8 cannot name an LMDB store or a socket)") from None
 
 
 def parse_number(value: Any, kind: type, origin: str, key: str) -> int | float:

@@ -55,7 +55,7 @@ class Routing:
     def on_request(self, env: Envelope, frame: bytes, user: str | None) -> None:
         edge = self.edge
         try:
-            req = codec.decode_map(frame) if len(frame) <= codec.MAX_FRAME_BYTES else None
+            req = codec.decode_request(frame) if len(frame) <= codec.MAX_FRAME_BYTES else None
         except codec.DecodeError:
             req = None
         if req is None:  # shard 0 gives exactly a single node's answer (too_large, malformed)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import zmq
 
-from oms.config import ConfigError
+from oms.config import ConfigError, check_utf8_path
 
 logger = logging.getLogger("shards.supervisor")
 
@@ -114,6 +114,7 @@ def check_data(data: Path) -> Path:
     its real path."""
     data.mkdir(parents=True, exist_ok=True)
     real = Path(os.path.realpath(data))
+    check_utf8_path(str(real), "the data folder's real path")  # a link to b'/x\xff'
     check_above(real / "run")
     return real
 
