@@ -119,6 +119,17 @@ def sim_report(ep: str, **req: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
+def domain() -> Iterator[Any]:
+    """A domain system that answers only what a test tells it to
+    (``test_edges.HostileDomain``), closed after the test."""
+    from test_edges import HostileDomain
+
+    d = HostileDomain()
+    yield d
+    d.close()
+
+
+@pytest.fixture
 def eps() -> Endpoints:
     return Endpoints()
 

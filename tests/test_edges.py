@@ -55,13 +55,6 @@ class HostileDomain(CommandSink):
 
 
 @pytest.fixture
-def domain() -> Iterator[HostileDomain]:
-    d = HostileDomain()
-    yield d
-    d.close()
-
-
-@pytest.fixture
 def gateway(domain: HostileDomain) -> Iterator[tuple[Gateway, queue.Queue[Any], Metrics]]:
     delivered: queue.Queue[Any] = queue.Queue()
     metrics = Metrics(CollectorRegistry())

@@ -10,7 +10,6 @@ from __future__ import annotations
 import queue
 import time
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,13 +24,6 @@ from actors.metrics import Metrics
 from gateways.breaker import Breaker
 from gateways.gateway import EXPIRE_PER_TURN, Gateway, SendCommand
 from oms.messages import CommandResult, Send
-
-
-@pytest.fixture
-def domain() -> Iterator[HostileDomain]:
-    d = HostileDomain()
-    yield d
-    d.close()
 
 
 def launch(domain: HostileDomain, delivered: queue.Queue[Any],

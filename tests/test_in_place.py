@@ -12,7 +12,6 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -33,13 +32,6 @@ from gateways.breaker import Breaker
 from gateways.gateway import Gateway, SendCommand
 from oms import codec
 from oms.messages import CommandResult, Send
-
-
-@pytest.fixture
-def domain() -> Iterator[HostileDomain]:
-    d = HostileDomain()
-    yield d
-    d.close()
 
 
 def command(order_id: str, timeout_s: float = 30.0, **args: Any) -> Send:

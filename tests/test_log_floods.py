@@ -46,13 +46,6 @@ class Clock:
 
 
 @pytest.fixture
-def domain() -> Iterator[HostileDomain]:
-    d = HostileDomain()
-    yield d
-    d.close()
-
-
-@pytest.fixture
 def loop() -> Iterator[EventLoop]:
     lp = EventLoop("loop").start()
     yield lp

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterator
 
-import pytest
 import zmq
 from prometheus_client import CollectorRegistry
 from test_edges import HostileDomain, result
@@ -20,13 +18,6 @@ from actors.metrics import Metrics
 from gateways.breaker import Breaker
 from gateways.gateway import EXPIRE_PER_TURN, Gateway, SendCommand
 from oms.messages import CommandResult, Send
-
-
-@pytest.fixture
-def domain() -> Iterator[HostileDomain]:
-    d = HostileDomain()
-    yield d
-    d.close()
 
 
 def driven(domain: HostileDomain, delivered: list[tuple[str, str]]) -> Gateway:
