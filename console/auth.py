@@ -8,10 +8,8 @@ secret keys. ``oms console passwd FILE NAME`` adds or replaces a user.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import hmac
-import os
 import re
 import secrets
 import stat
@@ -118,18 +116,9 @@ def set_user(file: str | Path, name: str, role: str, password: str,
 @contextmanager
 def update_lock(path: Path, waiting: Callable[[str], None]) -> Iterator[None]:
     """An ``flock`` on ``PATH.lock`` (never followed if a link,
-    ``files.open_lock``), held while the file is read, changed and written:
+    ``files.take_lock``), held while the file is read, changed and written:
     updates from other processes wait their turn (``waiting`` told first)."""
     lock = path.with_name(path.name + ".lock")
-    with files.open_lock(lock) as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = handle.read(80).strip() or "another process"
-            waiting(f"{lock} ({holder})")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} (oms console passwd)\n")
-        handle.flush()
+    with files.take_lock(lock, "oms console passwd",
+                         wait=lambda holder: waiting(f"{lock} ({holder})")):
         yield

@@ -165,6 +165,11 @@ def decode_map(data: bytes) -> dict[str, Any]:
             return _decode_plain(data)
         except Exception:  # noqa: BLE001, S110 - msgpack decides, and names the error
             pass
+    return _decode_msgpack(data)
+
+
+def _decode_msgpack(data: bytes) -> dict[str, Any]:
+    """``decode_map``'s msgpack read: what msgspec's typed read refused."""
     try:
         obj = _unpackb(data, ext_hook=_refuse_ext, max_ext_len=0)
     except DecodeError:
@@ -187,7 +192,7 @@ def decode_request(data: bytes) -> dict[str, Any]:
             return _decode_plain(data)
         except Exception:  # noqa: BLE001, S110 - msgpack decides, and names the error
             pass
-    obj = decode_map(data)
+    obj = _decode_msgpack(data)
     path = binary_key_path(obj)
     if path is not None:
         raise DecodeError(f"map keys must be strings, not binary (bin): {path[:200]}")

@@ -24,6 +24,7 @@ import errno
 import fcntl
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -135,18 +136,27 @@ class Held(Exception):
         self.owner = owner
 
 
-def take_lock(path: str | Path, holder: str) -> IO[str]:
-    """``open_lock`` and an exclusive ``flock`` at once, or ``Held`` naming
-    the process that has it; the holder's line (``pid N`` and ``holder``)
-    written in. The lock lasts until the returned file is closed."""
+def take_lock(path: str | Path, holder: str,
+              wait: Callable[[str], None] | None = None) -> IO[str]:
+    """``open_lock`` and an exclusive ``flock``; the holder's line (``pid N``
+    and ``holder``) written in. If another process has it: ``Held`` naming
+    that process, or, given ``wait``, ``wait`` is told its name and the lock
+    waited for. The lock lasts until the returned file is closed."""
     handle = open_lock(path)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
-        owner = handle.read().strip() or "another process"
-        handle.close()
-        raise Held(owner) from None
+        owner = handle.read(200).strip() or "another process"
+        if wait is None:
+            handle.close()
+            raise Held(owner) from None
+        wait(owner)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except BaseException:
+            handle.close()
+            raise
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()}{f' ({holder})' if holder else ''}\n")
